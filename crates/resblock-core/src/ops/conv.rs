@@ -1,0 +1,71 @@
+//! 2-D convolution whose backward pass is right for every input shape.
+//!
+//! Candle 0.11's `conv2d` backward computes the input gradient with a transposed convolution
+//! whose `output_padding` it derives from the height alone and applies to the width too.
+//! When `(H + 2p - d(k-1) - 1) mod s` differs from the same expression for the width (e.g. an
+//! 8x7 input with stride 2), the gradient comes out the wrong size and backward fails.
+//! [`conv2d`] detects that case and pads explicitly and crops to an exact fit, so both
+//! residues are zero and Candle's backward is right; the numbers are unchanged. Other shapes
+//! go straight to Candle.
+
+use candle_core::Tensor;
+
+use crate::error::{Error, Result};
+
+/// Convolution of an (N, C_in, H, W) input with a (C_out, C_in/groups, kh, kw) kernel, with
+/// the same padding, stride and dilation in both dims (as PyTorch's `F.conv2d` with ints).
+///
+/// # Shapes
+/// - input: (N, C_in, H, W)
+/// - kernel: (C_out, C_in / groups, kh, kw)
+/// - output: (N, C_out, H_out, W_out), H_out = floor((H + 2p - d(kh-1) - 1) / s) + 1
+///
+/// # Errors
+/// Mismatched channels or a kernel larger than the padded input.
+pub fn conv2d(
+    x: &Tensor,
+    kernel: &Tensor,
+    padding: usize,
+    stride: usize,
+    dilation: usize,
+    groups: usize,
+) -> Result<Tensor> {
+    let (_, c_in, h, w) = x.dims4().map_err(|_| Error::Shape {
+        op: "conv2d",
+        expected: "a 4-D (N, C, H, W) input".into(),
+        got: x.dims().to_vec(),
+    })?;
+    let (_, c_k, kh, kw) = kernel.dims4()?;
+    if groups == 0 || c_in != c_k * groups {
+        return Err(Error::Shape {
+            op: "conv2d",
+            expected: format!(
+                "{} input channels ({c_k} per group x {groups} groups)",
+                c_k * groups
+            ),
+            got: x.dims().to_vec(),
+        });
+    }
+    let span = |size: usize, k: usize| -> Result<usize> {
+        let eff = dilation * (k - 1) + 1;
+        (size + 2 * padding)
+            .checked_sub(eff)
+            .ok_or_else(|| Error::Shape {
+                op: "conv2d",
+                expected: format!("a padded input of at least {eff} in each spatial dim"),
+                got: x.dims().to_vec(),
+            })
+    };
+    let (rh, rw) = (span(h, kh)? % stride, span(w, kw)? % stride);
+    if rh == rw {
+        return Ok(x.conv2d(kernel, padding, stride, dilation, groups)?);
+    }
+    // Pad explicitly, drop the trailing rows/cols no window reaches, convolve unpadded.
+    let xp = x
+        .pad_with_zeros(2, padding, padding)?
+        .pad_with_zeros(3, padding, padding)?;
+    let xp = xp
+        .narrow(2, 0, h + 2 * padding - rh)?
+        .narrow(3, 0, w + 2 * padding - rw)?;
+    Ok(xp.conv2d(kernel, 0, stride, dilation, groups)?)
+}

@@ -1,0 +1,325 @@
+//! 2-D max pooling with any kernel, stride, padding and dilation, with a backward pass.
+//!
+//! Candle's `max_pool2d_with_stride` has no padding and refuses to backpropagate when the
+//! kernel differs from the stride, so torchvision's stem pooling (3x3, stride 2, padding 1)
+//! cannot be trained with it. On the CPU this module runs its own kernel (a custom op whose
+//! backward is a second custom op, both parallel over the N*C planes); on other devices it
+//! falls back to a composition of Candle ops (pad with -inf, gather the k*k strided window
+//! views, max over them) whose backward Candle derives itself.
+
+use candle_core::{
+    backend::BackendStorage, CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor, WithDType,
+};
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+
+/// Geometry of a 2-D pooling window, each pair as (height, width).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pool2dConfig {
+    /// Window size.
+    pub kernel: (usize, usize),
+    /// Step between windows.
+    pub stride: (usize, usize),
+    /// Implicit -inf padding on each side.
+    pub padding: (usize, usize),
+    /// Spacing between window taps.
+    pub dilation: (usize, usize),
+}
+
+impl Pool2dConfig {
+    /// A square window `k` with stride `s` and padding `p`, no dilation (PyTorch's
+    /// `nn.MaxPool2d(k, s, p)`).
+    pub fn new(kernel: usize, stride: usize, padding: usize) -> Self {
+        Self {
+            kernel: (kernel, kernel),
+            stride: (stride, stride),
+            padding: (padding, padding),
+            dilation: (1, 1),
+        }
+    }
+
+    fn out_dim(size: usize, k: usize, s: usize, p: usize, d: usize) -> Option<usize> {
+        let eff = d * (k - 1) + 1;
+        let padded = size + 2 * p;
+        (padded >= eff).then(|| (padded - eff) / s + 1)
+    }
+
+    /// Output (height, width) for an input of (h, w) (PyTorch's floor mode).
+    ///
+    /// # Errors
+    /// Zero kernel/stride/dilation, padding over half the kernel (PyTorch's rule) or a window
+    /// larger than the padded input.
+    pub fn output_size(&self, h: usize, w: usize) -> Result<(usize, usize)> {
+        let (kh, kw) = self.kernel;
+        let (sh, sw) = self.stride;
+        let (ph, pw) = self.padding;
+        let (dh, dw) = self.dilation;
+        if kh == 0 || kw == 0 || sh == 0 || sw == 0 || dh == 0 || dw == 0 {
+            return Err(Error::config(format!(
+                "max_pool2d: kernel, stride and dilation must be positive, got {self:?}"
+            )));
+        }
+        if 2 * ph > kh || 2 * pw > kw {
+            return Err(Error::config(format!(
+                "max_pool2d: padding {:?} must be at most half the kernel {:?}",
+                self.padding, self.kernel
+            )));
+        }
+        match (
+            Self::out_dim(h, kh, sh, ph, dh),
+            Self::out_dim(w, kw, sw, pw, dw),
+        ) {
+            (Some(oh), Some(ow)) => Ok((oh, ow)),
+            _ => Err(Error::Shape {
+                op: "max_pool2d",
+                expected: format!("a padded input at least as large as the window {self:?}"),
+                got: vec![h, w],
+            }),
+        }
+    }
+}
+
+/// Max pooling over the last two dims of an (N, C, H, W) tensor.
+///
+/// # Shapes
+/// - input: (N, C, H, W)
+/// - output: (N, C, H_out, W_out), H_out = floor((H + 2p - d(k-1) - 1) / s) + 1
+///
+/// Matches `torch.nn.functional.max_pool2d` (floor mode): padding acts as -inf, the
+/// gradient of each window goes to its first maximum, NaN propagates.
+///
+/// # Errors
+/// A non-4-D input or a window that does not fit (see [`Pool2dConfig::output_size`]).
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use resblock_core::ops::{max_pool2d, Pool2dConfig};
+/// let x = Tensor::arange(0f32, 16., &Device::Cpu)?.reshape((1, 1, 4, 4))?;
+/// let y = max_pool2d(&x, Pool2dConfig::new(3, 2, 1))?;
+/// assert_eq!(y.flatten_all()?.to_vec1::<f32>()?, [5., 7., 13., 15.]);
+/// # Ok::<(), resblock_core::Error>(())
+/// ```
+pub fn max_pool2d(x: &Tensor, cfg: Pool2dConfig) -> Result<Tensor> {
+    let (_, _, h, w) = x.dims4().map_err(|_| Error::Shape {
+        op: "max_pool2d",
+        expected: "a 4-D (N, C, H, W) input".into(),
+        got: x.dims().to_vec(),
+    })?;
+    cfg.output_size(h, w)?;
+    if x.device().is_cpu() {
+        Ok(x.contiguous()?.apply_op1(MaxPool2d(cfg))?)
+    } else {
+        max_pool2d_generic(x, cfg)
+    }
+}
+
+/// The device-generic path of [`max_pool2d`], used off the CPU: pad with -inf, take the k*k
+/// strided window views, max over them. Candle differentiates this itself; unlike PyTorch,
+/// tied maxima share the gradient.
+///
+/// # Errors
+/// As [`max_pool2d`].
+pub fn max_pool2d_generic(x: &Tensor, cfg: Pool2dConfig) -> Result<Tensor> {
+    let (n, c, h, w) = x.dims4()?;
+    let (oh, ow) = cfg.output_size(h, w)?;
+    let (ph, pw) = cfg.padding;
+    let neg = |hh: usize, ww: usize| -> candle_core::Result<Tensor> {
+        Tensor::full(f32::NEG_INFINITY, (n, c, hh, ww), x.device())?.to_dtype(x.dtype())
+    };
+    let mut xp = x.clone();
+    if ph > 0 {
+        xp = Tensor::cat(&[&neg(ph, w)?, &xp, &neg(ph, w)?], 2)?;
+    }
+    if pw > 0 {
+        let hh = h + 2 * ph;
+        xp = Tensor::cat(&[&neg(hh, pw)?, &xp, &neg(hh, pw)?], 3)?;
+    }
+    let mut views = Vec::with_capacity(cfg.kernel.0 * cfg.kernel.1);
+    for i in 0..cfg.kernel.0 {
+        for j in 0..cfg.kernel.1 {
+            let r0 = i * cfg.dilation.0;
+            let c0 = j * cfg.dilation.1;
+            let v = xp.narrow(2, r0, (oh - 1) * cfg.stride.0 + 1)?.narrow(
+                3,
+                c0,
+                (ow - 1) * cfg.stride.1 + 1,
+            )?;
+            views.push(super::subsample2d(&v, cfg.stride.0, cfg.stride.1)?);
+        }
+    }
+    Ok(Tensor::stack(&views, 0)?.max(0)?)
+}
+
+struct MaxPool2d(Pool2dConfig);
+
+/// For every output cell of one plane, the flat input index of its (first) maximum, or
+/// `usize::MAX` when the window holds only padding.
+fn plane_argmax<T: WithDType>(
+    plane: &[T],
+    h: usize,
+    w: usize,
+    cfg: &Pool2dConfig,
+    oh: usize,
+    ow: usize,
+    mut emit: impl FnMut(usize, usize),
+) {
+    let (kh, kw) = cfg.kernel;
+    let (sh, sw) = cfg.stride;
+    let (ph, pw) = cfg.padding;
+    let (dh, dw) = cfg.dilation;
+    for oy in 0..oh {
+        for ox in 0..ow {
+            let mut best = usize::MAX;
+            let mut best_v = T::zero();
+            for ky in 0..kh {
+                let y = (oy * sh + ky * dh) as isize - ph as isize;
+                if y < 0 || y >= h as isize {
+                    continue;
+                }
+                for kx in 0..kw {
+                    let x = (ox * sw + kx * dw) as isize - pw as isize;
+                    if x < 0 || x >= w as isize {
+                        continue;
+                    }
+                    let idx = y as usize * w + x as usize;
+                    let v = plane[idx];
+                    // As PyTorch: strictly greater keeps the first maximum; NaN wins.
+                    #[allow(clippy::eq_op)]
+                    let is_nan = v != v;
+                    if best == usize::MAX || v > best_v || is_nan {
+                        best = idx;
+                        best_v = v;
+                        if is_nan {
+                            break;
+                        }
+                    }
+                }
+            }
+            emit(oy * ow + ox, best);
+        }
+    }
+}
+
+fn pool_fwd<T: WithDType + Send + Sync>(
+    src: &[T],
+    n_planes: usize,
+    h: usize,
+    w: usize,
+    cfg: &Pool2dConfig,
+) -> Result<(Vec<T>, usize, usize)> {
+    let (oh, ow) = cfg.output_size(h, w)?;
+    let mut out = vec![T::zero(); n_planes * oh * ow];
+    out.par_chunks_mut(oh * ow)
+        .zip(src.par_chunks(h * w))
+        .for_each(|(dst, plane)| {
+            plane_argmax(plane, h, w, cfg, oh, ow, |o, i| {
+                dst[o] = if i == usize::MAX {
+                    T::from_f64(f64::NEG_INFINITY)
+                } else {
+                    plane[i]
+                };
+            })
+        });
+    Ok((out, oh, ow))
+}
+
+fn pool_bwd<T: WithDType + Send + Sync>(
+    src: &[T],
+    grad: &[T],
+    n_planes: usize,
+    h: usize,
+    w: usize,
+    cfg: &Pool2dConfig,
+) -> Result<Vec<T>> {
+    let (oh, ow) = cfg.output_size(h, w)?;
+    let mut dx = vec![T::zero(); n_planes * h * w];
+    dx.par_chunks_mut(h * w)
+        .zip(src.par_chunks(h * w))
+        .zip(grad.par_chunks(oh * ow))
+        .for_each(|((dst, plane), g)| {
+            plane_argmax(plane, h, w, cfg, oh, ow, |o, i| {
+                if i != usize::MAX {
+                    dst[i] += g[o];
+                }
+            })
+        });
+    Ok(dx)
+}
+
+fn contiguous<'a, T>(s: &'a [T], l: &Layout) -> candle_core::Result<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&s[a..b]),
+        None => candle_core::bail!("max_pool2d: expected a contiguous tensor"),
+    }
+}
+
+impl CustomOp1 for MaxPool2d {
+    fn name(&self) -> &'static str {
+        "resblock-max-pool2d"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (n, c, h, w) = l.shape().dims4()?;
+        let (storage, oh, ow) = match s {
+            CpuStorage::F32(v) => {
+                let (o, oh, ow) = pool_fwd(contiguous(v, l)?, n * c, h, w, &self.0)?;
+                (CpuStorage::F32(o), oh, ow)
+            }
+            CpuStorage::F64(v) => {
+                let (o, oh, ow) = pool_fwd(contiguous(v, l)?, n * c, h, w, &self.0)?;
+                (CpuStorage::F64(o), oh, ow)
+            }
+            other => candle_core::bail!("max_pool2d: unsupported dtype {:?}", other.dtype()),
+        };
+        Ok((storage, Shape::from((n, c, oh, ow))))
+    }
+
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let g = grad.contiguous()?;
+        Ok(Some(arg.apply_op2_no_bwd(&g, &MaxPool2dBackward(self.0))?))
+    }
+}
+
+struct MaxPool2dBackward(Pool2dConfig);
+
+impl CustomOp2 for MaxPool2dBackward {
+    fn name(&self) -> &'static str {
+        "resblock-max-pool2d-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (n, c, h, w) = l1.shape().dims4()?;
+        let dx = match (s1, s2) {
+            (CpuStorage::F32(x), CpuStorage::F32(g)) => CpuStorage::F32(pool_bwd(
+                contiguous(x, l1)?,
+                contiguous(g, l2)?,
+                n * c,
+                h,
+                w,
+                &self.0,
+            )?),
+            (CpuStorage::F64(x), CpuStorage::F64(g)) => CpuStorage::F64(pool_bwd(
+                contiguous(x, l1)?,
+                contiguous(g, l2)?,
+                n * c,
+                h,
+                w,
+                &self.0,
+            )?),
+            _ => candle_core::bail!("max_pool2d backward: unsupported dtype"),
+        };
+        Ok((dx, l1.shape().clone()))
+    }
+}

@@ -1,0 +1,14 @@
+//! Tensor ops that ResNets need and Candle 0.11 lacks or gets wrong, each with a backward.
+//!
+//! - [`max_pool2d`]: padding, kernel != stride, dilation; trainable (Candle's is not).
+//! - [`conv2d`]: Candle's conv with a backward that is right for non-square inputs whose
+//!   height and width leave different remainders under the stride.
+//! - [`subsample2d`]: strided slicing `x[:, :, ::s, ::s]`.
+
+mod conv;
+mod max_pool;
+mod subsample;
+
+pub use conv::conv2d;
+pub use max_pool::{max_pool2d, max_pool2d_generic, Pool2dConfig};
+pub use subsample::subsample2d;

@@ -1,0 +1,248 @@
+//! The residual combinator: `post(shortcut(x) + scale * g(x))`.
+
+use std::sync::Arc;
+
+use candle_core::{Module, ModuleT, Tensor};
+use candle_nn::{Init, VarBuilder};
+
+use crate::drop_path::DropPath;
+use crate::error::{Error, Result};
+use crate::layers::{sum_sq, Activation, BatchNorm};
+use crate::probe::{ProbeReading, ResidualProbe};
+use crate::rng::RngHandle;
+use crate::shortcut::Shortcut;
+
+/// How the residual branch is scaled so that a block can start as (or near) the identity.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub enum ResidualScale {
+    /// No scaling.
+    #[default]
+    None,
+    /// The branch's last affine layer starts at zero (the last norm's gamma in convolutional
+    /// blocks, the last linear layer in MLP blocks): the block is exactly the identity at
+    /// init (Goyal et al. 2017, torchvision's `zero_init_residual`). Applied by the block
+    /// constructor; no scaling at run time.
+    ZeroInit,
+    /// A learnable scalar `alpha`, initialised to 0, multiplies the branch (ReZero,
+    /// Bachlechner et al. 2020).
+    ReZero,
+    /// A fixed factor multiplies the branch.
+    Fixed(f64),
+}
+
+/// The normalisation of a pre-activation stage.
+#[derive(Debug, Clone)]
+pub enum Norm {
+    /// Batch norm over channels.
+    Batch(BatchNorm),
+    /// Layer norm over the last dim.
+    Layer(crate::layers::LayerNorm),
+}
+
+/// A stage applied to the input before the residual branch: norm then activation
+/// (pre-activation blocks, He et al. 2016b; pre-norm MLP blocks).
+#[derive(Debug, Clone)]
+pub struct PreActivation {
+    /// The normalisation.
+    pub norm: Norm,
+    /// The activation after it, if any.
+    pub activation: Option<Activation>,
+}
+
+impl ModuleT for PreActivation {
+    fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        let y = match &self.norm {
+            Norm::Batch(bn) => bn.forward_t(x, train)?,
+            Norm::Layer(ln) => ln.forward(x)?,
+        };
+        match self.activation {
+            Some(a) => a.forward(&y),
+            None => Ok(y),
+        }
+    }
+}
+
+/// A residual block around any branch `G`:
+///
+/// ```text
+/// a = pre(x)                      (or x when there is no pre-activation stage)
+/// r = drop_path(scale * g(a))
+/// y = post(shortcut(s) + r)       s = a if the shortcut reads the pre-activated input, else x
+/// ```
+///
+/// With [`Shortcut::Removed`] the block is plain: `y = post(r)`.
+///
+/// ```
+/// use candle_core::{DType, Device, ModuleT, Tensor};
+/// use candle_nn::{VarBuilder, VarMap};
+/// use resblock_core::{linear, Residual, Shortcut};
+///
+/// let varmap = VarMap::new();
+/// let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+/// // The article's block: out = Linear(x) + x.
+/// let block = Residual::new(linear(10, 10, vb.pp("linear"))?, Shortcut::Identity);
+/// let x = Tensor::ones((4, 10), DType::F32, &Device::Cpu)?;
+/// assert_eq!(block.forward_t(&x, false)?.dims(), [4, 10]);
+/// # Ok::<(), resblock_core::Error>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct Residual<G> {
+    pre: Option<PreActivation>,
+    shortcut_reads_pre: bool,
+    branch: G,
+    shortcut: Shortcut,
+    alpha: Option<Tensor>,
+    fixed_scale: Option<f64>,
+    drop_path: Option<DropPath>,
+    post: Option<Activation>,
+    probe: Arc<ResidualProbe>,
+}
+
+impl<G> Residual<G> {
+    /// `shortcut(x) + g(x)`, no pre-activation, scaling, drop-path or post-activation.
+    pub fn new(branch: G, shortcut: Shortcut) -> Self {
+        Self {
+            pre: None,
+            shortcut_reads_pre: false,
+            branch,
+            shortcut,
+            alpha: None,
+            fixed_scale: None,
+            drop_path: None,
+            post: None,
+            probe: Arc::default(),
+        }
+    }
+
+    /// Applies `activation` after the sum (the article's CNN block uses ReLU).
+    pub fn with_post(mut self, activation: Activation) -> Self {
+        self.post = Some(activation);
+        self
+    }
+
+    /// Puts a pre-activation stage before the branch. When `shortcut_reads_pre` the shortcut
+    /// is applied to the pre-activated input (as pre-activation ResNets do for projection
+    /// shortcuts), otherwise to the raw input.
+    pub fn with_pre(mut self, pre: PreActivation, shortcut_reads_pre: bool) -> Self {
+        self.pre = Some(pre);
+        self.shortcut_reads_pre = shortcut_reads_pre;
+        self
+    }
+
+    /// Adds drop-path with probability `p` (no-op for `p == 0`).
+    ///
+    /// # Errors
+    /// `p` outside [0, 1].
+    pub fn with_drop_path(mut self, p: f64, rng: &RngHandle) -> Result<Self> {
+        self.drop_path = if p > 0. {
+            Some(DropPath::new(p, rng.clone())?)
+        } else if p == 0. {
+            None
+        } else {
+            return Err(Error::config(format!(
+                "drop-path probability must be in [0, 1], got {p}"
+            )));
+        };
+        Ok(self)
+    }
+
+    /// Applies the run-time part of `scale`: ReZero creates the scalar `alpha` (shape (1,),
+    /// zero) under `vb`; `Fixed` multiplies by a constant; `None` and `ZeroInit` (which the
+    /// block constructor applies to its weights) do nothing here.
+    ///
+    /// # Errors
+    /// A variable of another shape under `vb`.
+    pub fn with_scale(mut self, scale: ResidualScale, vb: VarBuilder<'_>) -> Result<Self> {
+        match scale {
+            ResidualScale::None | ResidualScale::ZeroInit => {}
+            ResidualScale::ReZero => {
+                self.alpha = Some(vb.get_with_hints(1, "alpha", Init::Const(0.))?);
+            }
+            ResidualScale::Fixed(s) => self.fixed_scale = Some(s),
+        }
+        Ok(self)
+    }
+
+    /// The residual branch.
+    pub fn branch(&self) -> &G {
+        &self.branch
+    }
+    /// The shortcut.
+    pub fn shortcut(&self) -> &Shortcut {
+        &self.shortcut
+    }
+    /// The pre-activation stage, if any.
+    pub fn pre(&self) -> Option<&PreActivation> {
+        self.pre.as_ref()
+    }
+    /// The post-activation, if any.
+    pub fn post(&self) -> Option<Activation> {
+        self.post
+    }
+    /// The ReZero scalar, if any.
+    pub fn alpha(&self) -> Option<&Tensor> {
+        self.alpha.as_ref()
+    }
+    /// This block's probe (see [`crate::probe`]).
+    pub fn probe(&self) -> &ResidualProbe {
+        &self.probe
+    }
+}
+
+impl<G: ModuleT> Residual<G> {
+    /// The scaled branch output `scale * g(pre(x))` and the shortcut's input.
+    fn residual(&self, x: &Tensor, train: bool) -> candle_core::Result<(Tensor, Tensor)> {
+        let a = match &self.pre {
+            Some(p) => p.forward_t(x, train)?,
+            None => x.clone(),
+        };
+        let mut r = self.branch.forward_t(&a, train)?;
+        if let Some(alpha) = &self.alpha {
+            r = r.broadcast_mul(alpha)?;
+        }
+        if let Some(s) = self.fixed_scale {
+            r = (r * s)?;
+        }
+        let s_in = if self.shortcut_reads_pre {
+            a
+        } else {
+            x.clone()
+        };
+        Ok((r, s_in))
+    }
+}
+
+impl<G: ModuleT> ModuleT for Residual<G> {
+    /// # Shapes
+    /// Whatever the branch maps; the shortcut must produce the same shape.
+    fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        let (r, s_in) = self.residual(x, train)?;
+        if self.probe.is_enabled() {
+            self.probe.record(ProbeReading {
+                residual_norm: sum_sq(&r)?.sqrt(),
+                input_norm: sum_sq(x)?.sqrt(),
+            });
+        }
+        let r = match &self.drop_path {
+            Some(d) => d.forward_t(&r, train)?,
+            None => r,
+        };
+        let y = match self.shortcut.apply(&s_in, train)? {
+            Some(s) => {
+                if s.dims() != r.dims() {
+                    candle_core::bail!(
+                        "residual block: shortcut gives shape {:?} but the branch gives {:?}",
+                        s.dims(),
+                        r.dims()
+                    );
+                }
+                (s + r)?
+            }
+            None => r,
+        };
+        match self.post {
+            Some(a) => a.forward(&y),
+            None => Ok(y),
+        }
+    }
+}
