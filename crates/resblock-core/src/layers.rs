@@ -112,6 +112,8 @@ pub enum ConvInit {
     TorchDefault,
     /// torchvision's ResNet init: `kaiming_normal_(mode="fan_out", nonlinearity="relu")`.
     KaimingNormalFanOut,
+    /// All zeros (the last layer of a residual branch that must start as nothing).
+    Zeros,
 }
 
 /// Configuration of a [`Conv2d`]: PyTorch's `nn.Conv2d` arguments besides the channels and
@@ -231,6 +233,7 @@ pub fn conv2d(
             fan: candle_nn::init::FanInOut::FanOut,
             non_linearity: candle_nn::init::NonLinearity::ReLU,
         },
+        ConvInit::Zeros => Init::Const(0.),
     };
     let weight = vb.get_with_hints((out_c, in_c / cfg.groups, kernel, kernel), "weight", w_init)?;
     let bias = if cfg.bias {

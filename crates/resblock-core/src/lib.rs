@@ -43,7 +43,7 @@ pub mod residual;
 pub mod rng;
 pub mod shortcut;
 
-pub use device::{best_device, parse_device};
+pub use device::{best_device, configure_threads, parse_device};
 pub use drop_path::DropPath;
 pub use error::{Error, Result};
 pub use init::{init_tensor, seeded_var_builder};
