@@ -1,1 +1,35 @@
-//! placeholder
+//! Training for resblock models.
+//!
+//! Today: [`optim::Adam`] (Adam/AdamW with PyTorch's exact update and inspectable state)
+//! behind the [`optim::Optimizer`] trait, and [`loss::mse`]. The article's toy program
+//! (`toy-residual` in resblock-examples) trains on these and matches PyTorch's per-epoch
+//! losses.
+//!
+//! ```
+//! use candle_core::{DType, Device, ModuleT};
+//! use candle_nn::VarMap;
+//! use resblock_core::{mlp_block, seeded_var_builder, MlpBlockConfig, RngHandle};
+//! use resblock_train::{loss::mse, optim::{Adam, AdamConfig, Optimizer}};
+//!
+//! let rng = RngHandle::seed_from_u64(0);
+//! let varmap = VarMap::new();
+//! let vb = seeded_var_builder(&varmap, &rng, DType::F32, &Device::Cpu);
+//! let block = mlp_block(10, 10, MlpBlockConfig::article(), &rng, vb)?;
+//! let x = rng.normal_tensor((100, 10), 0., 1., DType::F32, &Device::Cpu)?;
+//! let y = rng.normal_tensor((100, 10), 0., 1., DType::F32, &Device::Cpu)?;
+//! let mut opt = Adam::new(varmap.all_vars(), AdamConfig { lr: 0.01, ..Default::default() })?;
+//! let first = mse(&block.forward_t(&x, true)?, &y)?.to_scalar::<f32>()?;
+//! for _ in 0..50 {
+//!     let loss = mse(&block.forward_t(&x, true)?, &y)?;
+//!     opt.backward_step(&loss)?;
+//! }
+//! assert!(mse(&block.forward_t(&x, true)?, &y)?.to_scalar::<f32>()? < first);
+//! # Ok::<(), resblock_train::Error>(())
+//! ```
+#![warn(missing_docs)]
+
+pub mod error;
+pub mod loss;
+pub mod optim;
+
+pub use error::{Error, Result};
