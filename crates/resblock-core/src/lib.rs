@@ -38,6 +38,7 @@ pub mod init;
 pub mod layers;
 pub mod mlp;
 pub mod ops;
+pub mod params;
 pub mod probe;
 pub mod residual;
 pub mod rng;
