@@ -1,7 +1,7 @@
 //! The ResNet family on [`resblock_core`], with torchvision's parameter names.
 //!
 //! This crate holds the convolutional blocks and (as they land) the network builders and
-//! weight I/O. Today: [`basic_block`], the two-3x3-convolution block of ResNet-18/34 and the
+//! weight I/O. Today: [`basic_block()`], the two-3x3-convolution block of ResNet-18/34 and the
 //! CIFAR ResNets, which is also the article's CNN block (conv-BN-ReLU-conv-BN, identity or
 //! projection shortcut, ReLU after the sum), in post- and pre-activation order.
 //!
