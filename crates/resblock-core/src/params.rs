@@ -1,6 +1,11 @@
-//! Counting and classifying the variables of a `VarMap`.
+//! Counting and classifying the variables of a model.
 
-use candle_nn::VarMap;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::{Init, VarBuilder, VarMap};
 
 /// Whether a variable name is a buffer rather than a trainable parameter (batch-norm running
 /// statistics and batch counter, as PyTorch's `register_buffer`).
@@ -36,4 +41,82 @@ pub fn count_parameters(varmap: &VarMap, prefix: &str) -> usize {
         })
         .map(|(_, v)| v.elem_count())
         .sum()
+}
+
+/// The variables a model asks for, by name: shape and dtype, without their values.
+#[derive(Debug, Clone, Default)]
+pub struct ShapeRecorder(Arc<Mutex<BTreeMap<String, (Vec<usize>, DType)>>>);
+
+impl ShapeRecorder {
+    /// Every recorded variable: name -> shape.
+    pub fn shapes(&self) -> BTreeMap<String, Vec<usize>> {
+        let m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        m.iter().map(|(k, (s, _))| (k.clone(), s.clone())).collect()
+    }
+
+    /// Trainable scalars (buffers excluded, see [`is_buffer`]).
+    pub fn count_parameters(&self) -> usize {
+        let m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        m.iter()
+            .filter(|(k, _)| !is_buffer(k))
+            .map(|(_, (s, _))| s.iter().product::<usize>())
+            .sum()
+    }
+}
+
+impl SimpleBackend for ShapeRecorder {
+    fn get(
+        &self,
+        shape: Shape,
+        name: &str,
+        _init: Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name.to_string(), (shape.dims().to_vec(), dtype));
+        Tensor::zeros((), dtype, dev)?.broadcast_as(shape)
+    }
+
+    fn get_unchecked(
+        &self,
+        name: &str,
+        _dtype: DType,
+        _dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        candle_core::bail!("shape-only var builder: {name} has no value")
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(name)
+    }
+}
+
+/// A `VarBuilder` that only records the names and shapes asked for, allocating nothing
+/// (each tensor is a broadcast zero): for counting the parameters of large models or
+/// listing their `state_dict` keys. The built model is not meant to run.
+///
+/// ```
+/// use candle_core::{DType, Device};
+/// let (vb, rec) = resblock_core::params::shape_only_var_builder(DType::F32, &Device::Cpu);
+/// resblock_core::linear(1000, 1000, vb.pp("fc"))?;
+/// assert_eq!(rec.count_parameters(), 1_001_000);
+/// assert_eq!(rec.shapes()["fc.weight"], [1000, 1000]);
+/// # Ok::<(), resblock_core::Error>(())
+/// ```
+pub fn shape_only_var_builder(
+    dtype: DType,
+    device: &Device,
+) -> (VarBuilder<'static>, ShapeRecorder) {
+    let rec = ShapeRecorder::default();
+    let backend: Box<dyn SimpleBackend> = Box::new(rec.clone());
+    (
+        VarBuilder::from_backend(backend, dtype, device.clone()),
+        rec,
+    )
 }

@@ -30,6 +30,16 @@ pub enum Shortcut {
         /// Zero channels after the input's.
         back: usize,
     },
+    /// ResNet-D's "avg-down" shortcut: average pooling with `stride` (ceil mode, padding not
+    /// counted), then a 1x1 convolution and batch norm (timm's `downsample.1`/`.2`).
+    AvgDown {
+        /// Pooling window and step (1: no pooling).
+        stride: usize,
+        /// The 1x1 convolution (`downsample.1`).
+        conv: Conv2d,
+        /// The batch norm (`downsample.2`).
+        norm: Option<BatchNorm>,
+    },
     /// A linear map, for residual MLP blocks that change width.
     Linear(candle_nn::Linear),
     /// No shortcut at all: the block is a plain (non-residual) stack. Used for the "plain"
@@ -121,6 +131,37 @@ impl Shortcut {
         Ok(Self::Projection { conv, norm })
     }
 
+    /// ResNet-D's avg-down shortcut: `AvgPool(stride)` (`downsample.0`, no parameters),
+    /// 1x1 conv (`downsample.1`), batch norm (`downsample.2`) when `cfg.norm`.
+    ///
+    /// # Errors
+    /// Zero channels or stride, or variables of other shapes under `vb`.
+    pub fn avg_down(
+        in_c: usize,
+        out_c: usize,
+        stride: usize,
+        cfg: ProjectionConfig,
+        vb: VarBuilder<'_>,
+    ) -> Result<Self> {
+        if in_c == 0 || out_c == 0 || stride == 0 {
+            return Err(Error::config(
+                "avg-down shortcut: channels and stride must be positive",
+            ));
+        }
+        let conv_cfg = Conv2dConfig {
+            bias: false,
+            init: cfg.init,
+            ..Default::default()
+        };
+        let conv = conv2d(in_c, out_c, 1, conv_cfg, vb.pp("1"))?;
+        let norm = if cfg.norm {
+            Some(batch_norm(out_c, cfg.norm_config, vb.pp("2"))?)
+        } else {
+            None
+        };
+        Ok(Self::AvgDown { stride, conv, norm })
+    }
+
     /// The option-A shortcut from `in_c` to `out_c >= in_c` channels; the extra channels are
     /// split as PyTorch's `F.pad(..., (0, 0, 0, 0, p, p))` with `p = (out_c - in_c) / 2`
     /// (an odd remainder goes after).
@@ -174,9 +215,25 @@ impl Shortcut {
         Ok(Self::Linear(crate::layers::linear(in_dim, out_dim, vb)?))
     }
 
+    /// A short human-readable name of the kind of shortcut.
+    pub fn describe(&self) -> &'static str {
+        match self {
+            Self::Identity => "identity",
+            Self::Projection { norm: Some(_), .. } => "projection (1x1 conv + BN)",
+            Self::Projection { norm: None, .. } => "projection (1x1 conv)",
+            Self::ZeroPad { .. } => "zero-pad (option A)",
+            Self::AvgDown { .. } => "avg-down (avg pool + 1x1 conv + BN)",
+            Self::Linear(_) => "linear",
+            Self::Removed => "none",
+        }
+    }
+
     /// Whether the shortcut has trainable parameters.
     pub fn has_parameters(&self) -> bool {
-        matches!(self, Self::Projection { .. } | Self::Linear(_))
+        matches!(
+            self,
+            Self::Projection { .. } | Self::AvgDown { .. } | Self::Linear(_)
+        )
     }
 
     /// The shortcut's output, or `None` for [`Shortcut::Removed`].
@@ -202,8 +259,34 @@ impl Shortcut {
                 front,
                 back,
             } => crate::ops::subsample2d(x, *stride, *stride)?.pad_with_zeros(1, *front, *back)?,
+            Self::AvgDown { stride, conv, norm } => {
+                let y = conv.forward(&avg_pool_ceil(x, *stride)?)?;
+                match norm {
+                    Some(n) => n.forward_t(&y, train)?,
+                    None => y,
+                }
+            }
             Self::Linear(l) => l.forward(x)?,
             Self::Removed => return Ok(None),
         }))
     }
+}
+
+/// `F.avg_pool2d(x, s, s, ceil_mode=True, count_include_pad=False)`: windows that overhang
+/// the edge average only the pixels inside.
+fn avg_pool_ceil(x: &Tensor, s: usize) -> Result<Tensor> {
+    if s == 1 {
+        return Ok(x.clone());
+    }
+    let (_, _, h, w) = x.dims4()?;
+    let (ph, pw) = ((s - h % s) % s, (s - w % s) % s);
+    if ph == 0 && pw == 0 {
+        return Ok(x.avg_pool2d(s)?);
+    }
+    let xp = x.pad_with_zeros(2, 0, ph)?.pad_with_zeros(3, 0, pw)?;
+    let ones = Tensor::ones((1, 1, h, w), x.dtype(), x.device())?
+        .pad_with_zeros(2, 0, ph)?
+        .pad_with_zeros(3, 0, pw)?;
+    let counts = ones.avg_pool2d(s)?;
+    Ok(xp.avg_pool2d(s)?.broadcast_div(&counts)?)
 }

@@ -106,22 +106,16 @@ fn shortcut_policies_pick_he_et_al_options() -> Result<()> {
     let (rng, varmap) = setup(4);
     let vb = seeded_var_builder(&varmap, &rng, DType::F32, &Device::Cpu);
     let p = ProjectionConfig::default();
-    let kind = |s: &Shortcut| match s {
-        Shortcut::Identity => "identity",
-        Shortcut::Projection { .. } => "projection",
-        Shortcut::ZeroPad { .. } => "zero-pad",
-        Shortcut::Linear(_) => "linear",
-        Shortcut::Removed => "removed",
-    };
     let pick = |pol: ShortcutPolicy, i, o, s, n: &str| -> Result<&'static str> {
-        Ok(kind(&Shortcut::for_conv_block(pol, i, o, s, p, vb.pp(n))?))
+        Ok(Shortcut::for_conv_block(pol, i, o, s, p, vb.pp(n))?.describe())
     };
+    let proj = "projection (1x1 conv + BN)";
     assert_eq!(pick("A".parse()?, 16, 16, 1, "a1")?, "identity");
-    assert_eq!(pick("A".parse()?, 16, 32, 2, "a2")?, "zero-pad");
+    assert_eq!(pick("A".parse()?, 16, 32, 2, "a2")?, "zero-pad (option A)");
     assert_eq!(pick("B".parse()?, 16, 16, 1, "b1")?, "identity");
-    assert_eq!(pick("B".parse()?, 16, 32, 2, "b2")?, "projection");
-    assert_eq!(pick("C".parse()?, 16, 16, 1, "c1")?, "projection");
-    assert_eq!(pick("none".parse()?, 16, 32, 2, "n")?, "removed");
+    assert_eq!(pick("B".parse()?, 16, 32, 2, "b2")?, proj);
+    assert_eq!(pick("C".parse()?, 16, 16, 1, "c1")?, proj);
+    assert_eq!(pick("none".parse()?, 16, 32, 2, "n")?, "none");
     assert!("D".parse::<ShortcutPolicy>().is_err());
     assert!(Shortcut::zero_pad(8, 4, 2).is_err());
     Ok(())

@@ -130,6 +130,35 @@ pub fn basic_block(
     rng: &RngHandle,
     vb: VarBuilder<'_>,
 ) -> Result<BasicBlock> {
+    let projection = ProjectionConfig {
+        norm: !cfg.pre_activation,
+        norm_config: cfg.norm,
+        init: cfg.conv_init,
+    };
+    let shortcut = Shortcut::for_conv_block(
+        cfg.shortcut,
+        in_c,
+        out_c,
+        cfg.stride,
+        projection,
+        vb.pp("downsample"),
+    )?;
+    basic_block_with_shortcut(in_c, out_c, shortcut, cfg, rng, vb)
+}
+
+/// [`basic_block`] with a shortcut built by the caller (`cfg.shortcut` is ignored): the
+/// ResNet builder uses this for avg-down shortcuts.
+///
+/// # Errors
+/// As [`basic_block`].
+pub fn basic_block_with_shortcut(
+    in_c: usize,
+    out_c: usize,
+    shortcut: Shortcut,
+    cfg: BasicBlockConfig,
+    rng: &RngHandle,
+    vb: VarBuilder<'_>,
+) -> Result<BasicBlock> {
     if in_c == 0 || out_c == 0 || cfg.stride == 0 || cfg.dilation == 0 {
         return Err(Error::config(format!(
             "basic block {}: channels, stride and dilation must be positive ({in_c}->{out_c}, {cfg:?})",
@@ -161,19 +190,6 @@ pub fn basic_block(
         };
         Ok(batch_norm(c, ncfg, vb.pp(name))?)
     };
-    let projection = ProjectionConfig {
-        norm: !cfg.pre_activation,
-        norm_config: cfg.norm,
-        init: cfg.conv_init,
-    };
-    let shortcut = Shortcut::for_conv_block(
-        cfg.shortcut,
-        in_c,
-        out_c,
-        cfg.stride,
-        projection,
-        vb.pp("downsample"),
-    )?;
     let block = if cfg.pre_activation {
         let pre = PreActivation {
             norm: Norm::Batch(bn(in_c, false, "bn1")?),

@@ -1,9 +1,12 @@
 //! The ResNet family on [`resblock_core`], with torchvision's parameter names.
 //!
-//! This crate holds the convolutional blocks and (as they land) the network builders and
-//! weight I/O. Today: [`basic_block()`], the two-3x3-convolution block of ResNet-18/34 and the
-//! CIFAR ResNets, which is also the article's CNN block (conv-BN-ReLU-conv-BN, identity or
-//! projection shortcut, ReLU after the sum), in post- and pre-activation order.
+//! - [`basic_block()`] and [`bottleneck()`]: the two block types (post- or pre-activation,
+//!   any shortcut, zero-init, drop-path, groups/width for ResNeXt and Wide ResNet, dilation).
+//!   The basic block is also the article's CNN block (conv-BN-ReLU-conv-BN, identity or
+//!   projection shortcut, ReLU after the sum).
+//! - [`resnet()`] with [`ResNetConfig`]: one builder for torchvision's ResNets, ResNeXts and
+//!   Wide ResNets, the CIFAR ResNets (options A/B/C), pre-activation ResNets, WRN-28-10,
+//!   ResNet-D and the plain twins; [`ResNetConfig::preset`] by name.
 //!
 //! ```
 //! use candle_core::{DType, Device, ModuleT, Tensor};
@@ -25,7 +28,15 @@
 #![warn(missing_docs)]
 
 pub mod basic_block;
+pub mod bottleneck;
 pub mod error;
+pub mod resnet;
 
-pub use basic_block::{basic_block, BasicBlock, BasicBlockConfig, BasicBranch};
+pub use basic_block::{
+    basic_block, basic_block_with_shortcut, BasicBlock, BasicBlockConfig, BasicBranch,
+};
+pub use bottleneck::{
+    bottleneck, Bottleneck, BottleneckBranch, BottleneckConfig, BOTTLENECK_EXPANSION,
+};
 pub use error::{Error, Result};
+pub use resnet::{resnet, Block, BlockType, ResNet, ResNetConfig, StemType};

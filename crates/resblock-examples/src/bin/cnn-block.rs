@@ -15,11 +15,11 @@ use candle_core::{DType, Device, ModuleT, Tensor};
 use candle_nn::VarMap;
 use clap::Parser;
 use resblock_core::params::count_parameters;
-use resblock_core::{configure_threads, seeded_var_builder, ResidualScale, RngHandle, Shortcut};
+use resblock_core::{configure_threads, seeded_var_builder, ResidualScale, RngHandle};
 use resblock_examples::positive_f64;
 use resblock_train::loss::mse;
 use resblock_train::optim::{Adam, AdamConfig, Optimizer};
-use resblock_vision::{basic_block, BasicBlock, BasicBlockConfig};
+use resblock_vision::{basic_block, BasicBlockConfig};
 
 /// Build, inspect and train the article's CNN residual block.
 #[derive(Debug, Parser)]
@@ -52,16 +52,6 @@ struct Args {
     /// CPU threads (default: all cores).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     threads: Option<u64>,
-}
-
-fn shortcut_name(b: &BasicBlock) -> &'static str {
-    match b.shortcut() {
-        Shortcut::Identity => "identity",
-        Shortcut::Projection { .. } => "projection (1x1 conv + BN)",
-        Shortcut::ZeroPad { .. } => "zero-pad",
-        Shortcut::Linear(_) => "linear",
-        Shortcut::Removed => "none",
-    }
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
@@ -106,7 +96,7 @@ fn main() -> Result<()> {
         let y = block.forward_t(&x, false)?;
         println!(
             "{name}: shortcut {}, output {:?}, {} parameters",
-            shortcut_name(block),
+            block.shortcut().describe(),
             y.dims(),
             count_parameters(&varmap, name)
         );

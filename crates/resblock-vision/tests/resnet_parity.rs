@@ -1,0 +1,89 @@
+//! Eval logits, train-mode logits and gradients against torchvision with identical
+//! (hash-generated) weights; fixtures from tests/fixtures/make_resnet_fixtures.py.
+
+mod common;
+
+use anyhow::Result;
+use candle_core::{ModuleT, Var};
+use candle_nn::VarMap;
+use common::{assert_close, fixture, get, hash_var_builder};
+use resblock_core::RngHandle;
+use resblock_vision::{resnet, ResNetConfig};
+
+fn eval_logits_match(name: &str, input: &str) -> Result<()> {
+    let f = fixture("resnet_parity.safetensors")?;
+    let varmap = VarMap::new();
+    let net = resnet(
+        &ResNetConfig::preset(name)?,
+        &RngHandle::seed_from_u64(0),
+        hash_var_builder(&varmap),
+    )?;
+    let y = net.forward_t(get(&f, input)?, false)?;
+    assert_close(name, &y, get(&f, &format!("{name}.logits_eval"))?, 1e-4)
+}
+
+#[test]
+fn resnet18_eval() -> Result<()> {
+    eval_logits_match("resnet18", "input.imagenet")
+}
+
+#[test]
+fn resnet50_eval() -> Result<()> {
+    eval_logits_match("resnet50", "input.imagenet")
+}
+
+#[test]
+fn resnext50_32x4d_eval() -> Result<()> {
+    eval_logits_match("resnext50_32x4d", "input.imagenet")
+}
+
+#[test]
+fn wide_resnet50_2_eval() -> Result<()> {
+    eval_logits_match("wide_resnet50_2", "input.imagenet")
+}
+
+#[test]
+fn cifar_resnet20_eval() -> Result<()> {
+    eval_logits_match("resnet20", "input.cifar")
+}
+
+#[test]
+fn resnet18_train_mode_logits_gradients_and_running_stats() -> Result<()> {
+    let f = fixture("resnet_parity.safetensors")?;
+    let varmap = VarMap::new();
+    let net = resnet(
+        &ResNetConfig::preset("resnet18")?,
+        &RngHandle::seed_from_u64(0),
+        hash_var_builder(&varmap),
+    )?;
+    let y = net.forward_t(get(&f, "input.imagenet")?, true)?;
+    assert_close("train logits", &y, get(&f, "resnet18.logits_train")?, 1e-3)?;
+    let grads = (&y * get(&f, "resnet18.r")?)?.sum_all()?.backward()?;
+    let data = varmap.data().lock().expect("lock");
+    let var = |k: &str| -> Var { data[k].clone() };
+    let g_conv1 = grads
+        .get(var("conv1.weight").as_tensor())
+        .expect("conv1 grad");
+    assert_close(
+        "grad conv1.weight",
+        g_conv1,
+        get(&f, "resnet18.grad.conv1.weight")?,
+        1e-3,
+    )?;
+    let g_fc = grads
+        .get(var("fc.weight").as_tensor())
+        .expect("fc grad")
+        .narrow(0, 0, 16)?;
+    assert_close(
+        "grad fc.weight",
+        &g_fc,
+        get(&f, "resnet18.grad.fc.weight[:16]")?,
+        1e-3,
+    )?;
+    assert_close(
+        "bn1.running_mean",
+        var("bn1.running_mean").as_tensor(),
+        get(&f, "resnet18.after.bn1.running_mean")?,
+        1e-4,
+    )
+}
