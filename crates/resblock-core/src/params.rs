@@ -45,7 +45,10 @@ pub fn count_parameters(varmap: &VarMap, prefix: &str) -> usize {
 
 /// The variables a model asks for, by name: shape and dtype, without their values.
 #[derive(Debug, Clone, Default)]
-pub struct ShapeRecorder(Arc<Mutex<BTreeMap<String, (Vec<usize>, DType)>>>);
+pub struct ShapeRecorder(Arc<Mutex<BTreeMap<String, VarInfo>>>);
+
+/// Shape and dtype of a recorded variable.
+type VarInfo = (Vec<usize>, DType);
 
 impl ShapeRecorder {
     /// Every recorded variable: name -> shape.
