@@ -175,6 +175,41 @@ impl Conv2d {
     }
 }
 
+impl Conv2d {
+    /// This convolution followed by `bn` in eval mode, as one convolution with a bias:
+    /// `W' = W * gamma / sigma`, `b' = (b - mean) * gamma / sigma + beta`. The result holds
+    /// plain tensors (no variables), for inference.
+    ///
+    /// # Errors
+    /// A norm whose channels differ from the convolution's outputs.
+    pub fn fold_batch_norm(&self, bn: &BatchNorm) -> Result<Conv2d> {
+        let (scale, shift) = bn.eval_scale_shift()?;
+        let c_out = self.weight.dim(0)?;
+        if scale.dim(0)? != c_out {
+            return Err(Error::config(format!(
+                "cannot fold a {}-channel batch norm into a {c_out}-channel convolution",
+                scale.dim(0)?
+            )));
+        }
+        let w = self
+            .weight
+            .detach()
+            .broadcast_mul(&scale.reshape((c_out, 1, 1, 1))?)?;
+        let b = match &self.bias {
+            Some(b) => ((b.detach() * &scale)? + &shift)?,
+            None => shift,
+        };
+        Ok(Conv2d {
+            weight: w,
+            bias: Some(b),
+            cfg: Conv2dConfig {
+                bias: true,
+                ..self.cfg
+            },
+        })
+    }
+}
+
 impl Module for Conv2d {
     /// # Shapes
     /// - input: (N, C_in, H, W); output: (N, C_out, H_out, W_out)
@@ -391,8 +426,18 @@ impl ModuleT for BatchNorm {
         let w = self.weight.reshape(bshape.as_slice())?;
         let b = self.bias.reshape(bshape.as_slice())?;
         if !train {
-            let mean = self.running_mean.as_tensor().reshape(bshape.as_slice())?;
-            let var = self.running_var.as_tensor().reshape(bshape.as_slice())?;
+            // Detached: the running statistics are variables (train mode updates them) but
+            // must not make eval-mode forwards record a backprop graph.
+            let mean = self
+                .running_mean
+                .as_tensor()
+                .detach()
+                .reshape(bshape.as_slice())?;
+            let var = self
+                .running_var
+                .as_tensor()
+                .detach()
+                .reshape(bshape.as_slice())?;
             let inv = (var + self.cfg.eps)?.sqrt()?.recip()?;
             let scale = (w * inv)?;
             return x

@@ -163,6 +163,22 @@ impl<G> Residual<G> {
         Ok(self)
     }
 
+    /// The same block with another branch and shortcut, keeping the pre-activation, scaling,
+    /// drop-path, post-activation and probe settings (used to swap in folded layers).
+    pub fn replace_parts<H>(self, branch: H, shortcut: Shortcut) -> Residual<H> {
+        Residual {
+            pre: self.pre,
+            shortcut_reads_pre: self.shortcut_reads_pre,
+            branch,
+            shortcut,
+            alpha: self.alpha,
+            fixed_scale: self.fixed_scale,
+            drop_path: self.drop_path,
+            post: self.post,
+            probe: Arc::default(),
+        }
+    }
+
     /// The residual branch.
     pub fn branch(&self) -> &G {
         &self.branch

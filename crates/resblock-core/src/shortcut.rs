@@ -228,6 +228,33 @@ impl Shortcut {
         }
     }
 
+    /// The shortcut with each conv + batch-norm pair folded into one convolution (eval mode
+    /// only; see [`Conv2d::fold_batch_norm`]).
+    ///
+    /// # Errors
+    /// Mismatched channels.
+    pub fn folded(&self) -> Result<Self> {
+        Ok(match self {
+            Self::Projection {
+                conv,
+                norm: Some(n),
+            } => Self::Projection {
+                conv: conv.fold_batch_norm(n)?,
+                norm: None,
+            },
+            Self::AvgDown {
+                stride,
+                conv,
+                norm: Some(n),
+            } => Self::AvgDown {
+                stride: *stride,
+                conv: conv.fold_batch_norm(n)?,
+                norm: None,
+            },
+            other => other.clone(),
+        })
+    }
+
     /// Whether the shortcut has trainable parameters.
     pub fn has_parameters(&self) -> bool {
         matches!(

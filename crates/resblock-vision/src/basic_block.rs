@@ -55,7 +55,7 @@ impl Default for BasicBlockConfig {
 #[derive(Debug, Clone)]
 pub struct BasicBranch {
     conv1: Conv2d,
-    bn_mid: BatchNorm,
+    bn_mid: Option<BatchNorm>,
     conv2: Conv2d,
     bn_last: Option<BatchNorm>,
 }
@@ -69,9 +69,32 @@ impl BasicBranch {
     pub fn conv2(&self) -> &Conv2d {
         &self.conv2
     }
-    /// The norm between the convolutions (`bn1`, or `bn2` in pre-activation blocks).
-    pub fn mid_norm(&self) -> &BatchNorm {
-        &self.bn_mid
+    /// The norm between the convolutions (`bn1`, or `bn2` in pre-activation blocks); `None`
+    /// once folded into `conv1`.
+    pub fn mid_norm(&self) -> Option<&BatchNorm> {
+        self.bn_mid.as_ref()
+    }
+
+    /// The branch with every conv + BN pair folded (eval only). In pre-activation blocks the
+    /// norm between the convolutions follows `conv1` and folds too.
+    ///
+    /// # Errors
+    /// Mismatched channels.
+    pub fn folded(&self) -> Result<Self> {
+        let conv1 = match &self.bn_mid {
+            Some(bn) => self.conv1.fold_batch_norm(bn)?,
+            None => self.conv1.clone(),
+        };
+        let conv2 = match &self.bn_last {
+            Some(bn) => self.conv2.fold_batch_norm(bn)?,
+            None => self.conv2.clone(),
+        };
+        Ok(Self {
+            conv1,
+            bn_mid: None,
+            conv2,
+            bn_last: None,
+        })
     }
     /// The norm after `conv2` (`bn2`), absent in pre-activation blocks.
     pub fn last_norm(&self) -> Option<&BatchNorm> {
@@ -83,8 +106,11 @@ impl ModuleT for BasicBranch {
     /// # Shapes
     /// - input: (N, C_in, H, W); output: (N, C_out, ceil(H/s), ceil(W/s))
     fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        let y = self.conv1.forward(x)?;
-        let y = self.bn_mid.forward_t(&y, train)?.relu()?;
+        let mut y = self.conv1.forward(x)?;
+        if let Some(bn) = &self.bn_mid {
+            y = bn.forward_t(&y, train)?;
+        }
+        let y = y.relu()?;
         let y = self.conv2.forward(&y)?;
         match &self.bn_last {
             Some(bn) => bn.forward_t(&y, train),
@@ -197,7 +223,7 @@ pub fn basic_block_with_shortcut(
         };
         let branch = BasicBranch {
             conv1: conv(in_c, out_c, cfg.stride, false, "conv1")?,
-            bn_mid: bn(out_c, false, "bn2")?,
+            bn_mid: Some(bn(out_c, false, "bn2")?),
             conv2: conv(out_c, out_c, 1, zero_init, "conv2")?,
             bn_last: None,
         };
@@ -206,7 +232,7 @@ pub fn basic_block_with_shortcut(
     } else {
         let branch = BasicBranch {
             conv1: conv(in_c, out_c, cfg.stride, false, "conv1")?,
-            bn_mid: bn(out_c, false, "bn1")?,
+            bn_mid: Some(bn(out_c, false, "bn1")?),
             conv2: conv(out_c, out_c, 1, false, "conv2")?,
             bn_last: Some(bn(out_c, zero_init, "bn2")?),
         };

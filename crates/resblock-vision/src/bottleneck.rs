@@ -59,9 +59,9 @@ pub const BOTTLENECK_EXPANSION: usize = 4;
 #[derive(Debug, Clone)]
 pub struct BottleneckBranch {
     conv1: Conv2d,
-    bn_a: BatchNorm,
+    bn_a: Option<BatchNorm>,
     conv2: Conv2d,
-    bn_b: BatchNorm,
+    bn_b: Option<BatchNorm>,
     conv3: Conv2d,
     bn_last: Option<BatchNorm>,
 }
@@ -71,11 +71,33 @@ impl BottleneckBranch {
     pub fn convs(&self) -> [&Conv2d; 3] {
         [&self.conv1, &self.conv2, &self.conv3]
     }
-    /// The batch norms in order of application inside the branch.
+    /// The batch norms in order of application inside the branch (none once folded).
     pub fn norms(&self) -> Vec<&BatchNorm> {
-        let mut v = vec![&self.bn_a, &self.bn_b];
-        v.extend(self.bn_last.as_ref());
-        v
+        [&self.bn_a, &self.bn_b, &self.bn_last]
+            .into_iter()
+            .filter_map(Option::as_ref)
+            .collect()
+    }
+
+    /// The branch with every conv + BN pair folded (eval only).
+    ///
+    /// # Errors
+    /// Mismatched channels.
+    pub fn folded(&self) -> Result<Self> {
+        let fold = |c: &Conv2d, bn: &Option<BatchNorm>| -> Result<Conv2d> {
+            Ok(match bn {
+                Some(bn) => c.fold_batch_norm(bn)?,
+                None => c.clone(),
+            })
+        };
+        Ok(Self {
+            conv1: fold(&self.conv1, &self.bn_a)?,
+            bn_a: None,
+            conv2: fold(&self.conv2, &self.bn_b)?,
+            bn_b: None,
+            conv3: fold(&self.conv3, &self.bn_last)?,
+            bn_last: None,
+        })
     }
 }
 
@@ -83,14 +105,12 @@ impl ModuleT for BottleneckBranch {
     /// # Shapes
     /// - input: (N, C_in, H, W); output: (N, 4 * planes, ceil(H/s), ceil(W/s))
     fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        let y = self
-            .bn_a
-            .forward_t(&self.conv1.forward(x)?, train)?
-            .relu()?;
-        let y = self
-            .bn_b
-            .forward_t(&self.conv2.forward(&y)?, train)?
-            .relu()?;
+        let norm = |bn: &Option<BatchNorm>, y: Tensor| match bn {
+            Some(bn) => bn.forward_t(&y, train),
+            None => Ok(y),
+        };
+        let y = norm(&self.bn_a, self.conv1.forward(x)?)?.relu()?;
+        let y = norm(&self.bn_b, self.conv2.forward(&y)?)?.relu()?;
         let y = self.conv3.forward(&y)?;
         match &self.bn_last {
             Some(bn) => bn.forward_t(&y, train),
@@ -161,9 +181,9 @@ pub fn bottleneck(
         };
         let branch = BottleneckBranch {
             conv1,
-            bn_a: bn(width, false, "bn2")?,
+            bn_a: Some(bn(width, false, "bn2")?),
             conv2,
-            bn_b: bn(width, false, "bn3")?,
+            bn_b: Some(bn(width, false, "bn3")?),
             conv3: conv(width, out_c, 1, 1, 1, 1, zero, "conv3")?,
             bn_last: None,
         };
@@ -172,9 +192,9 @@ pub fn bottleneck(
     } else {
         let branch = BottleneckBranch {
             conv1,
-            bn_a: bn(width, false, "bn1")?,
+            bn_a: Some(bn(width, false, "bn1")?),
             conv2,
-            bn_b: bn(width, false, "bn2")?,
+            bn_b: Some(bn(width, false, "bn2")?),
             conv3: conv(width, out_c, 1, 1, 1, 1, false, "conv3")?,
             bn_last: Some(bn(out_c, zero, "bn3")?),
         };

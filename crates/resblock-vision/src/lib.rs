@@ -7,6 +7,8 @@
 //! - [`resnet()`] with [`ResNetConfig`]: one builder for torchvision's ResNets, ResNeXts and
 //!   Wide ResNets, the CIFAR ResNets (options A/B/C), pre-activation ResNets, WRN-28-10,
 //!   ResNet-D and the plain twins; [`ResNetConfig::preset`] by name.
+//! - [`weights`]: strict loading of torchvision `.pth` / `.safetensors` weights and saving
+//!   in torchvision's naming.
 //!
 //! ```
 //! use candle_core::{DType, Device, ModuleT, Tensor};
@@ -31,6 +33,7 @@ pub mod basic_block;
 pub mod bottleneck;
 pub mod error;
 pub mod resnet;
+pub mod weights;
 
 pub use basic_block::{
     basic_block, basic_block_with_shortcut, BasicBlock, BasicBlockConfig, BasicBranch,

@@ -593,6 +593,57 @@ impl ResNet {
         &self.cfg
     }
 
+    /// An inference copy with every convolution + batch norm pair folded into one
+    /// convolution (stem, blocks, projection shortcuts). Its eval-mode outputs equal this
+    /// network's; it must not be trained (the folded weights are plain tensors). Norms that
+    /// precede a convolution (pre-activation) stay as they are.
+    ///
+    /// # Errors
+    /// Only on tensor errors.
+    pub fn folded(&self) -> Result<ResNet> {
+        let mut stem = Vec::with_capacity(self.stem.len());
+        let mut i = 0;
+        while i < self.stem.len() {
+            match (&self.stem[i], self.stem.get(i + 1)) {
+                (StemLayer::Conv(c), Some(StemLayer::Norm(bn))) => {
+                    stem.push(StemLayer::Conv(c.fold_batch_norm(bn)?));
+                    i += 2;
+                }
+                (layer, _) => {
+                    stem.push(layer.clone());
+                    i += 1;
+                }
+            }
+        }
+        let stages = self
+            .stages
+            .iter()
+            .map(|st| {
+                st.iter()
+                    .map(|b| {
+                        Ok(match b {
+                            Block::Basic(b) => Block::Basic(
+                                b.clone()
+                                    .replace_parts(b.branch().folded()?, b.shortcut().folded()?),
+                            ),
+                            Block::Bottleneck(b) => Block::Bottleneck(
+                                b.clone()
+                                    .replace_parts(b.branch().folded()?, b.shortcut().folded()?),
+                            ),
+                        })
+                    })
+                    .collect::<Result<Vec<_>>>()
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(ResNet {
+            cfg: self.cfg.clone(),
+            stem,
+            stages,
+            final_norm: self.final_norm.clone(),
+            fc: self.fc.clone(),
+        })
+    }
+
     /// The stages' blocks.
     pub fn stages(&self) -> &[Vec<Block>] {
         &self.stages

@@ -87,3 +87,40 @@ fn resnet18_train_mode_logits_gradients_and_running_stats() -> Result<()> {
         1e-4,
     )
 }
+
+/// Folded (conv + BN merged) networks give the unfolded eval outputs.
+#[test]
+fn folded_networks_match_unfolded() -> Result<()> {
+    let f = fixture("resnet_parity.safetensors")?;
+    for (name, input) in [
+        ("resnet18", "input.imagenet"),
+        ("resnet50d", "input.imagenet"),
+        ("resnet20", "input.cifar"),
+        ("preact_resnet110", "input.cifar"),
+    ] {
+        let varmap = VarMap::new();
+        let net = resnet(
+            &ResNetConfig::preset(name)?,
+            &RngHandle::seed_from_u64(0),
+            hash_var_builder(&varmap),
+        )?;
+        let x = get(&f, input)?;
+        let folded = net.folded()?;
+        let y = net.forward_t(x, false)?;
+        assert_close(
+            &format!("{name} folded"),
+            &folded.forward_t(x, false)?,
+            &y,
+            1e-4,
+        )?;
+        if name == "resnet18" {
+            assert_close(
+                "folded vs torchvision",
+                &folded.forward_t(x, false)?,
+                get(&f, "resnet18.logits_eval")?,
+                1e-4,
+            )?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,221 @@
+//! Reading and writing weights in PyTorch's formats, with torchvision's names.
+//!
+//! - [`read_state_dict`]: a `.safetensors` file or a PyTorch `.pth`/`.pt` file (a
+//!   `torch.save`d state_dict, optionally under `state_dict`/`model`, optionally with
+//!   DataParallel's `module.` prefix).
+//! - [`load_into_varmap`]: strict loading into a model's `VarMap` (for training or
+//!   fine-tuning); [`load_resnet`]: a ResNet with plain (non-variable) tensors for
+//!   inference, so nothing records a backprop graph.
+//! - [`save_varmap`]: a `.safetensors` file that `torchvision`'s `load_state_dict` takes
+//!   strictly (including `num_batches_tracked` as int64), written atomically.
+//!
+//! Strictness follows `load_state_dict(strict=True)`: missing and unexpected keys are an
+//! error listing them, a shape mismatch names the key and both shapes. The one exception is
+//! `num_batches_tracked`, which older checkpoints (torchvision's own ImageNet weights) lack:
+//! a missing counter is taken as 0.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use resblock_core::params::shape_only_var_builder;
+use resblock_core::RngHandle;
+
+use crate::error::{Error, Result};
+use crate::resnet::{resnet, ResNet, ResNetConfig};
+
+fn format_err(path: &Path, e: impl std::fmt::Display) -> Error {
+    Error::WeightsFormat {
+        path: path.display().to_string(),
+        msg: e.to_string(),
+    }
+}
+
+/// Reads every tensor of a weight file, by key.
+///
+/// # Errors
+/// A missing, unreadable, corrupt or truncated file, or an unknown extension.
+pub fn read_state_dict(path: &Path) -> Result<BTreeMap<String, Tensor>> {
+    if !path.is_file() {
+        return Err(Error::Io {
+            path: path.display().to_string(),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
+        });
+    }
+    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+    let entries: Vec<(String, Tensor)> = match ext {
+        "safetensors" => candle_core::safetensors::load(path, &Device::Cpu)
+            .map_err(|e| format_err(path, e))?
+            .into_iter()
+            .collect(),
+        "pth" | "pt" | "bin" => {
+            let mut found = candle_core::pickle::read_all(path).map_err(|e| format_err(path, e))?;
+            for key in ["state_dict", "model"] {
+                if !found.is_empty() {
+                    break;
+                }
+                found = candle_core::pickle::read_all_with_key(path, Some(key)).unwrap_or_default();
+            }
+            found
+        }
+        _ => {
+            return Err(format_err(
+                path,
+                "unknown extension: expected .safetensors, .pth or .pt",
+            ))
+        }
+    };
+    if entries.is_empty() {
+        return Err(format_err(path, "no tensors found"));
+    }
+    let strip = entries.iter().all(|(k, _)| k.starts_with("module."));
+    Ok(entries
+        .into_iter()
+        .map(|(k, t)| {
+            let k = if strip {
+                k["module.".len()..].to_string()
+            } else {
+                k
+            };
+            (k, t)
+        })
+        .collect())
+}
+
+/// Checks a state_dict against the expected keys and shapes, strictly (see the module docs).
+///
+/// # Errors
+/// [`Error::KeyMismatch`] or [`Error::ShapeMismatch`], naming `path`.
+pub fn check_state_dict(
+    expected: &BTreeMap<String, Vec<usize>>,
+    found: &BTreeMap<String, Tensor>,
+    path: &Path,
+) -> Result<()> {
+    let optional = |k: &str| k.ends_with("num_batches_tracked");
+    let missing: Vec<String> = expected
+        .keys()
+        .filter(|k| !found.contains_key(*k) && !optional(k))
+        .cloned()
+        .collect();
+    let unexpected: Vec<String> = found
+        .keys()
+        .filter(|k| !expected.contains_key(*k))
+        .cloned()
+        .collect();
+    if !missing.is_empty() || !unexpected.is_empty() {
+        return Err(Error::KeyMismatch {
+            path: path.display().to_string(),
+            missing,
+            unexpected,
+        });
+    }
+    for (k, shape) in expected {
+        if let Some(t) = found.get(k) {
+            // PyTorch stores the scalar counter as shape []; accept [1] too.
+            let ok = t.dims() == shape.as_slice() || (optional(k) && t.elem_count() == 1);
+            if !ok {
+                return Err(Error::ShapeMismatch {
+                    path: path.display().to_string(),
+                    key: k.clone(),
+                    file: t.dims().to_vec(),
+                    model: shape.clone(),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+fn varmap_shapes(varmap: &VarMap) -> BTreeMap<String, Vec<usize>> {
+    let data = varmap.data().lock().unwrap_or_else(|e| e.into_inner());
+    data.iter()
+        .map(|(k, v)| (k.clone(), v.dims().to_vec()))
+        .collect()
+}
+
+/// Loads a weight file into the variables of `varmap` (a model built on it), strictly.
+/// Nothing is changed unless the whole file fits.
+///
+/// # Errors
+/// As [`read_state_dict`] and [`check_state_dict`].
+pub fn load_into_varmap(varmap: &VarMap, path: &Path) -> Result<()> {
+    let found = read_state_dict(path)?;
+    check_state_dict(&varmap_shapes(varmap), &found, path)?;
+    let data = varmap.data().lock().unwrap_or_else(|e| e.into_inner());
+    for (k, var) in data.iter() {
+        if let Some(t) = found.get(k) {
+            let t = t
+                .reshape(var.shape())?
+                .to_dtype(var.dtype())?
+                .to_device(var.device())?;
+            var.set(&t)?;
+        }
+    }
+    Ok(())
+}
+
+/// Builds `cfg`'s ResNet from a weight file for inference: plain tensors (no variables, so
+/// no backprop graph is recorded), strict key and shape checks.
+///
+/// # Errors
+/// As [`read_state_dict`] and [`check_state_dict`] (e.g. the file is for another
+/// architecture), or a configuration error.
+pub fn load_resnet(cfg: &ResNetConfig, path: &Path, device: &Device) -> Result<ResNet> {
+    let found = read_state_dict(path)?;
+    let (vb, rec) = shape_only_var_builder(DType::F32, device);
+    resnet(cfg, &RngHandle::seed_from_u64(0), vb)?;
+    let expected = rec.shapes();
+    check_state_dict(&expected, &found, path)?;
+    let mut tensors: HashMap<String, Tensor> = HashMap::with_capacity(expected.len());
+    for (k, shape) in &expected {
+        let t = match found.get(k) {
+            Some(t) if k.ends_with("num_batches_tracked") => t.reshape(())?.to_dtype(DType::I64)?,
+            Some(t) => t.to_dtype(DType::F32)?,
+            None => Tensor::zeros(shape.as_slice(), DType::I64, &Device::Cpu)?,
+        };
+        tensors.insert(k.clone(), t.to_device(device)?);
+    }
+    let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
+    resnet(cfg, &RngHandle::seed_from_u64(0), vb)
+}
+
+/// Writes every variable of `varmap` to a `.safetensors` file under its name (torchvision's
+/// state_dict names for our models; `num_batches_tracked` as int64). The file is written to
+/// a temporary name, synced and renamed, so an existing file is never left half-written.
+///
+/// # Errors
+/// An unwritable destination.
+pub fn save_varmap(varmap: &VarMap, path: &Path) -> Result<()> {
+    let tensors: HashMap<String, Tensor> = {
+        let data = varmap.data().lock().unwrap_or_else(|e| e.into_inner());
+        data.iter()
+            .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
+            .collect()
+    };
+    save_tensors(&tensors, path)
+}
+
+/// Writes named tensors to `path` as safetensors, atomically (temp file, fsync, rename).
+///
+/// # Errors
+/// An unwritable destination.
+pub fn save_tensors(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
+    let io = |e: std::io::Error| Error::Io {
+        path: path.display().to_string(),
+        source: e,
+    };
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("weights");
+    let tmp = path.with_file_name(format!(".{name}.tmp{}", std::process::id()));
+    candle_core::safetensors::save(tensors, &tmp).map_err(|e| format_err(&tmp, e))?;
+    std::fs::File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        io(e)
+    })
+}
