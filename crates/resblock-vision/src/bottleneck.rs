@@ -71,6 +71,15 @@ impl BottleneckBranch {
     pub fn convs(&self) -> [&Conv2d; 3] {
         [&self.conv1, &self.conv2, &self.conv3]
     }
+    /// The norms after conv1, conv2 and conv3 (`None` where absent or folded).
+    pub fn norms_by_conv(&self) -> [Option<&BatchNorm>; 3] {
+        [
+            self.bn_a.as_ref(),
+            self.bn_b.as_ref(),
+            self.bn_last.as_ref(),
+        ]
+    }
+
     /// The batch norms in order of application inside the branch (none once folded).
     pub fn norms(&self) -> Vec<&BatchNorm> {
         [&self.bn_a, &self.bn_b, &self.bn_last]

@@ -33,6 +33,7 @@ pub mod basic_block;
 pub mod bottleneck;
 pub mod error;
 pub mod resnet;
+pub mod summary;
 pub mod weights;
 
 pub use basic_block::{
@@ -43,3 +44,4 @@ pub use bottleneck::{
 };
 pub use error::{Error, Result};
 pub use resnet::{resnet, Block, BlockType, ResNet, ResNetConfig, StemType};
+pub use summary::{Summary, SummaryRow};

@@ -375,7 +375,7 @@ impl ModuleT for Block {
 
 /// A stem layer (see [`StemType`]).
 #[derive(Debug, Clone)]
-enum StemLayer {
+pub(crate) enum StemLayer {
     Conv(Conv2d),
     Norm(BatchNorm),
     Relu,
@@ -642,6 +642,19 @@ impl ResNet {
             final_norm: self.final_norm.clone(),
             fc: self.fc.clone(),
         })
+    }
+
+    pub(crate) fn stem_layers(&self) -> &[StemLayer] {
+        &self.stem
+    }
+
+    pub(crate) fn final_norm(&self) -> Option<&BatchNorm> {
+        self.final_norm.as_ref()
+    }
+
+    /// The classifier, if any.
+    pub fn fc(&self) -> Option<&candle_nn::Linear> {
+        self.fc.as_ref()
     }
 
     /// The stages' blocks.

@@ -104,3 +104,56 @@ fn unknown_or_bad_configurations_are_errors() {
     let (vb, _) = shape_only_var_builder(DType::F32, &Device::Cpu);
     assert!(resnet(&cfg, &RngHandle::seed_from_u64(0), vb).is_err());
 }
+
+/// Totals as torchvision publishes them (weights meta `_ops`, conv + linear multiply-adds at
+/// 224x224, measured with forward hooks in make_resnet_fixtures' environment: resnet18
+/// 1,814,073,344; resnet50 4,089,184,256; resnext50_32x4d 4,230,479,872; wide_resnet50_2
+/// 11,398,021,120), and every row with parameters names real state_dict entries.
+#[test]
+fn summaries_match_torchvision_totals() -> Result<()> {
+    for (name, macs) in [
+        ("resnet18", 1_814_073_344u64),
+        ("resnet50", 4_089_184_256),
+        ("resnext50_32x4d", 4_230_479_872),
+        ("wide_resnet50_2", 11_398_021_120),
+    ] {
+        let (vb, rec) = shape_only_var_builder(DType::F32, &Device::Cpu);
+        let net = resnet(
+            &ResNetConfig::preset(name)?,
+            &RngHandle::seed_from_u64(0),
+            vb,
+        )?;
+        let s = net.summary(224, 224)?;
+        assert_eq!(s.total_macs(), macs, "{name}");
+        assert_eq!(s.total_params(), rec.count_parameters(), "{name}");
+        let shapes = rec.shapes();
+        for r in s.rows.iter().filter(|r| r.params > 0) {
+            assert!(
+                shapes.contains_key(&format!("{}.weight", r.name)),
+                "{name}: row {} has no weight",
+                r.name
+            );
+        }
+        assert_eq!(s.rows.last().map(|r| r.output.clone()), Some(vec![1000]));
+    }
+    // ResNet-D, pre-activation and CIFAR nets summarise too, parameters adding up.
+    for name in ["resnet50d", "preact_resnet164", "resnet20", "wrn28_10"] {
+        let (vb, rec) = shape_only_var_builder(DType::F32, &Device::Cpu);
+        let net = resnet(
+            &ResNetConfig::preset(name)?,
+            &RngHandle::seed_from_u64(0),
+            vb,
+        )?;
+        let s = net.summary(32, 32)?;
+        assert_eq!(s.total_params(), rec.count_parameters(), "{name}");
+        let shapes = rec.shapes();
+        for r in s.rows.iter().filter(|r| r.params > 0) {
+            assert!(
+                shapes.contains_key(&format!("{}.weight", r.name)),
+                "{name}: row {} has no weight",
+                r.name
+            );
+        }
+    }
+    Ok(())
+}
