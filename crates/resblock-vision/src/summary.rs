@@ -203,11 +203,15 @@ impl ResNet {
             match l {
                 StemLayer::Conv(c) => w.shape = w.conv(name("conv1"), c, w.shape)?,
                 StemLayer::Norm(n) => w.bn(name("bn1"), n, w.shape),
-                StemLayer::Relu => w.other("relu", "ReLU", &w.shape.to_vec()),
+                StemLayer::Relu => {
+                    let s = w.shape;
+                    w.other("relu", "ReLU", &s);
+                }
                 StemLayer::MaxPool => {
                     let s = w.shape;
                     w.shape = [s[0], (s[1] + 2 - 3) / 2 + 1, (s[2] + 2 - 3) / 2 + 1];
-                    w.other("maxpool", "MaxPool2d", &w.shape.to_vec());
+                    let s = w.shape;
+                    w.other("maxpool", "MaxPool2d", &s);
                 }
             }
         }
