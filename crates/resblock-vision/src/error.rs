@@ -34,6 +34,15 @@ pub enum Error {
         msg: String,
     },
 
+    /// An image could not be read or decoded.
+    #[error("{path}: cannot read image: {msg}")]
+    Image {
+        /// The file.
+        path: String,
+        /// What went wrong.
+        msg: String,
+    },
+
     /// The weight file's keys are not the model's (strict loading, as PyTorch's
     /// `load_state_dict(strict=True)`).
     #[error("{path}: the weights do not fit this architecture: {} missing key(s){}, {} unexpected key(s){}",

@@ -32,6 +32,7 @@
 pub mod basic_block;
 pub mod bottleneck;
 pub mod error;
+pub mod imagenet;
 pub mod resnet;
 pub mod summary;
 pub mod weights;

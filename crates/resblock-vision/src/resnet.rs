@@ -218,7 +218,7 @@ impl ResNetConfig {
     ];
 
     /// A named preset with its default classes (1000 ImageNet, 10 CIFAR). `plainN` is the
-    /// shortcut-free twin of `resnetN`.
+    /// shortcut-free twin of `resnetN`; `resnetN` for any other N = 6n + 2 is a CIFAR ResNet.
     ///
     /// # Errors
     /// An unknown name (the message lists the known ones).
@@ -270,11 +270,12 @@ impl ResNetConfig {
                         ..base
                     });
                 }
+                // Any other depth 6n + 2 is a CIFAR ResNet (resnet8, resnet14, ...).
                 match name
                     .strip_prefix("resnet")
                     .and_then(|d| d.parse::<usize>().ok())
                 {
-                    Some(d @ (20 | 32 | 44 | 56 | 110 | 1202)) => Self::cifar(d)?,
+                    Some(d) if d >= 8 && (d - 2) % 6 == 0 => Self::cifar(d)?,
                     _ => return Err(unknown_preset(name)),
                 }
             }
