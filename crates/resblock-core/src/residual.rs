@@ -195,6 +195,10 @@ impl<G> Residual<G> {
     pub fn post(&self) -> Option<Activation> {
         self.post
     }
+    /// The drop-path, if any.
+    pub fn drop_path(&self) -> Option<&DropPath> {
+        self.drop_path.as_ref()
+    }
     /// The ReZero scalar, if any.
     pub fn alpha(&self) -> Option<&Tensor> {
         self.alpha.as_ref()

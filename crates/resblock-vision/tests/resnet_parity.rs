@@ -124,3 +124,9 @@ fn folded_networks_match_unfolded() -> Result<()> {
     }
     Ok(())
 }
+
+/// ResNet-D (deep stem, avg-down shortcuts) against timm's resnet50d.
+#[test]
+fn resnet50d_eval_matches_timm() -> Result<()> {
+    eval_logits_match("resnet50d", "input.imagenet")
+}
