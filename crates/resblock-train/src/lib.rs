@@ -31,5 +31,6 @@
 pub mod error;
 pub mod loss;
 pub mod optim;
+pub mod schedule;
 
 pub use error::{Error, Result};

@@ -1,6 +1,6 @@
 //! Loss functions.
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor, D};
 
 use crate::error::{Error, Result};
 
@@ -30,4 +30,57 @@ pub fn mse(prediction: &Tensor, target: &Tensor) -> Result<Tensor> {
         });
     }
     Ok((prediction - target)?.sqr()?.mean_all()?)
+}
+
+/// Cross-entropy of logits against integer class targets, averaged over the batch, with
+/// label smoothing as PyTorch's `F.cross_entropy(logits, targets, label_smoothing=eps)`:
+/// `(1 - eps) * nll + eps * mean over classes of -log p`.
+///
+/// # Shapes
+/// - logits: (N, C); targets: (N) of u32/i64 class indices; output: a scalar
+///
+/// # Errors
+/// Mismatched batch sizes, a smoothing outside [0, 1], or a target out of range.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// let logits = Tensor::new(&[[2f32, 0., 0.], [0., 0., 0.]], &Device::Cpu)?;
+/// let targets = Tensor::new(&[0u32, 2], &Device::Cpu)?;
+/// let l = resblock_train::loss::cross_entropy(&logits, &targets, 0.)?.to_scalar::<f32>()?;
+/// let p0 = (2f32.exp() / (2f32.exp() + 2.)).ln();
+/// assert!((l - (-(p0) + 3f32.ln()) / 2.).abs() < 1e-6);
+/// # Ok::<(), resblock_train::Error>(())
+/// ```
+pub fn cross_entropy(logits: &Tensor, targets: &Tensor, label_smoothing: f64) -> Result<Tensor> {
+    let (n, c) = logits.dims2()?;
+    if targets.dims() != [n] {
+        return Err(Error::ShapeMismatch {
+            op: "cross_entropy (logits vs targets)",
+            a: logits.dims().to_vec(),
+            b: targets.dims().to_vec(),
+        });
+    }
+    if !(0. ..=1.).contains(&label_smoothing) {
+        return Err(Error::config(format!(
+            "label smoothing must be in [0, 1], got {label_smoothing}"
+        )));
+    }
+    let t = targets.to_dtype(DType::U32)?;
+    let max_t = t.max(0)?.to_scalar::<u32>()? as usize;
+    if max_t >= c {
+        return Err(Error::config(format!(
+            "target class {max_t} is out of range for {c} classes"
+        )));
+    }
+    let log_p = candle_nn::ops::log_softmax(logits, D::Minus1)?;
+    let nll = log_p
+        .gather(&t.unsqueeze(1)?, 1)?
+        .squeeze(1)?
+        .neg()?
+        .mean_all()?;
+    if label_smoothing == 0. {
+        return Ok(nll);
+    }
+    let smooth = log_p.mean(D::Minus1)?.neg()?.mean_all()?;
+    Ok(((nll * (1. - label_smoothing))? + (smooth * label_smoothing)?)?)
 }

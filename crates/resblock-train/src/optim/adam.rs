@@ -1,9 +1,11 @@
 //! Adam and AdamW (`torch.optim.Adam` / `torch.optim.AdamW`).
 
 use candle_core::backprop::GradStore;
-use candle_core::{Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 
-use super::Optimizer;
+use super::{
+    check_no_unexpected, flatten_groups, take_state, Optimizer, OptimizerState, ParamGroup,
+};
 use crate::error::{Error, Result};
 
 /// Hyper-parameters of [`Adam`]; the default is `torch.optim.Adam`'s.
@@ -15,7 +17,7 @@ pub struct AdamConfig {
     pub betas: (f64, f64),
     /// Added to the denominator.
     pub eps: f64,
-    /// Weight decay (L2 coupled into the gradient for Adam, decoupled for AdamW).
+    /// Weight decay for [`Adam::new`] (groups carry their own).
     pub weight_decay: f64,
     /// Decoupled weight decay (AdamW, Loshchilov & Hutter): `p *= 1 - lr * wd` before the
     /// update, instead of adding `wd * p` to the gradient.
@@ -62,8 +64,7 @@ impl AdamConfig {
     }
 }
 
-/// The per-parameter state of [`Adam`], as PyTorch keeps it (`step`, `exp_avg`,
-/// `exp_avg_sq`).
+/// The per-parameter state of [`Adam`], as PyTorch keeps it.
 #[derive(Debug, Clone)]
 pub struct AdamParamState {
     /// Updates applied to this parameter so far.
@@ -72,6 +73,14 @@ pub struct AdamParamState {
     pub exp_avg: Tensor,
     /// Second moment (running average of the squared gradient).
     pub exp_avg_sq: Tensor,
+}
+
+#[derive(Debug)]
+struct AdamParam {
+    name: String,
+    var: Var,
+    weight_decay: f64,
+    state: AdamParamState,
 }
 
 /// Adam / AdamW with PyTorch's update:
@@ -83,20 +92,19 @@ pub struct AdamParamState {
 /// ```
 #[derive(Debug)]
 pub struct Adam {
-    vars: Vec<Var>,
-    state: Vec<AdamParamState>,
+    params: Vec<AdamParam>,
     cfg: AdamConfig,
 }
 
 impl Adam {
-    /// An optimizer over the float variables in `vars` (integer buffers such as
-    /// `num_batches_tracked` are skipped).
+    /// An optimizer over the float variables in `vars`, all with `cfg.weight_decay`
+    /// (integer buffers such as `num_batches_tracked` are skipped).
     ///
     /// # Errors
     /// Hyper-parameters out of range.
     ///
     /// ```
-    /// use candle_core::{DType, Device, Tensor, Var};
+    /// use candle_core::{Device, Var};
     /// use resblock_train::optim::{Adam, AdamConfig, Optimizer};
     /// let w = Var::new(&[1f32, -2.], &Device::Cpu)?;
     /// let mut opt = Adam::new(vec![w.clone()], AdamConfig { lr: 0.1, ..Default::default() })?;
@@ -107,19 +115,43 @@ impl Adam {
     /// # Ok::<(), resblock_train::Error>(())
     /// ```
     pub fn new(vars: Vec<Var>, cfg: AdamConfig) -> Result<Self> {
+        let group = ParamGroup {
+            params: vars
+                .into_iter()
+                .enumerate()
+                .map(|(i, v)| (format!("param{i}"), v))
+                .collect(),
+            weight_decay: cfg.weight_decay,
+        };
+        Self::with_groups(vec![group], cfg)
+    }
+
+    /// An optimizer over parameter groups (each with its own weight decay; see
+    /// [`super::param_groups`]).
+    ///
+    /// # Errors
+    /// Hyper-parameters out of range.
+    pub fn with_groups(groups: Vec<ParamGroup>, cfg: AdamConfig) -> Result<Self> {
         cfg.validate()?;
-        let vars: Vec<Var> = vars.into_iter().filter(|v| v.dtype().is_float()).collect();
-        let state = vars
-            .iter()
-            .map(|v| {
-                Ok(AdamParamState {
-                    step: 0,
-                    exp_avg: v.as_tensor().zeros_like()?,
-                    exp_avg_sq: v.as_tensor().zeros_like()?,
+        if groups.iter().any(|g| !(g.weight_decay >= 0.)) {
+            return Err(Error::config("Adam weight decay must be >= 0"));
+        }
+        let params = flatten_groups(groups)
+            .into_iter()
+            .map(|(name, var, weight_decay)| {
+                Ok(AdamParam {
+                    state: AdamParamState {
+                        step: 0,
+                        exp_avg: var.as_tensor().zeros_like()?,
+                        exp_avg_sq: var.as_tensor().zeros_like()?,
+                    },
+                    name,
+                    var,
+                    weight_decay,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(Self { vars, state, cfg })
+        Ok(Self { params, cfg })
     }
 
     /// The hyper-parameters.
@@ -127,41 +159,12 @@ impl Adam {
         &self.cfg
     }
 
-    /// The optimized variables, in the order of [`Adam::state`].
-    pub fn vars(&self) -> &[Var] {
-        &self.vars
-    }
-
-    /// The per-parameter state, in the order of [`Adam::vars`].
-    pub fn state(&self) -> &[AdamParamState] {
-        &self.state
-    }
-
-    /// Replaces the state (restoring a checkpoint).
-    ///
-    /// # Errors
-    /// A state of the wrong length or whose tensors do not match the variables' shapes.
-    pub fn set_state(&mut self, state: Vec<AdamParamState>) -> Result<()> {
-        if state.len() != self.vars.len() {
-            return Err(Error::config(format!(
-                "Adam state has {} entries for {} parameters",
-                state.len(),
-                self.vars.len()
-            )));
-        }
-        for (v, s) in self.vars.iter().zip(&state) {
-            for t in [&s.exp_avg, &s.exp_avg_sq] {
-                if t.dims() != v.dims() {
-                    return Err(Error::ShapeMismatch {
-                        op: "Adam::set_state",
-                        a: v.dims().to_vec(),
-                        b: t.dims().to_vec(),
-                    });
-                }
-            }
-        }
-        self.state = state;
-        Ok(())
+    /// Each parameter's name and state.
+    pub fn param_states(&self) -> Vec<(&str, &AdamParamState)> {
+        self.params
+            .iter()
+            .map(|p| (p.name.as_str(), &p.state))
+            .collect()
     }
 }
 
@@ -171,24 +174,26 @@ impl Optimizer for Adam {
             lr,
             betas: (b1, b2),
             eps,
-            weight_decay: wd,
             decoupled,
+            ..
         } = self.cfg;
-        for (var, st) in self.vars.iter().zip(self.state.iter_mut()) {
-            let Some(grad) = grads.get(var.as_tensor()) else {
+        for p in &mut self.params {
+            let Some(grad) = grads.get(p.var.as_tensor()) else {
                 continue;
             };
-            let p = var.as_tensor().detach();
+            let wd = p.weight_decay;
+            let st = &mut p.state;
+            let w = p.var.as_tensor().detach();
             let grad = grad.detach();
             st.step += 1;
             let t = st.step as i32;
-            let (p, grad) = if wd == 0. {
-                (p, grad)
+            let (w, grad) = if wd == 0. {
+                (w, grad)
             } else if decoupled {
-                ((p * (1. - lr * wd))?, grad)
+                ((w * (1. - lr * wd))?, grad)
             } else {
-                let g = (&grad + (&p * wd)?)?;
-                (p, g)
+                let g = (&grad + (&w * wd)?)?;
+                (w, g)
             };
             st.exp_avg = ((&st.exp_avg * b1)? + (&grad * (1. - b1))?)?;
             st.exp_avg_sq = ((&st.exp_avg_sq * b2)? + (grad.sqr()? * (1. - b2))?)?;
@@ -196,7 +201,7 @@ impl Optimizer for Adam {
             let bc2_sqrt = (1. - b2.powi(t)).sqrt();
             let denom = ((st.exp_avg_sq.sqrt()? / bc2_sqrt)? + eps)?;
             let update = ((&st.exp_avg / denom)? * (lr / bc1))?;
-            var.set(&(p - update)?)?;
+            p.var.set(&(w - update)?)?;
         }
         Ok(())
     }
@@ -207,5 +212,65 @@ impl Optimizer for Adam {
 
     fn set_learning_rate(&mut self, lr: f64) {
         self.cfg.lr = lr;
+    }
+
+    fn params(&self) -> Vec<&Var> {
+        self.params.iter().map(|p| &p.var).collect()
+    }
+
+    fn state(&self) -> OptimizerState {
+        let mut s = OptimizerState::new();
+        for p in self.params.iter().filter(|p| p.state.step > 0) {
+            s.insert(format!("{}.exp_avg", p.name), p.state.exp_avg.clone());
+            s.insert(format!("{}.exp_avg_sq", p.name), p.state.exp_avg_sq.clone());
+            // Exact for any realistic count (< 2^53).
+            if let Ok(t) = Tensor::new(p.state.step as f64, p.state.exp_avg.device()) {
+                s.insert(format!("{}.step", p.name), t);
+            }
+        }
+        s
+    }
+
+    fn load_state(&mut self, state: &OptimizerState) -> Result<()> {
+        check_no_unexpected(
+            state,
+            self.params.iter().map(|p| p.name.as_str()),
+            &["exp_avg", "exp_avg_sq", "step"],
+        )?;
+        let mut restored = Vec::with_capacity(self.params.len());
+        for p in &self.params {
+            let key = |f: &str| format!("{}.{f}", p.name);
+            restored.push(if state.contains_key(&key("step")) {
+                let step = take_state(state, &key("step"), &[])?
+                    .to_dtype(DType::F64)?
+                    .to_scalar::<f64>()?;
+                Some(AdamParamState {
+                    step: step as u64,
+                    exp_avg: take_state(state, &key("exp_avg"), p.var.dims())?,
+                    exp_avg_sq: take_state(state, &key("exp_avg_sq"), p.var.dims())?,
+                })
+            } else {
+                None
+            });
+        }
+        for (p, r) in self.params.iter_mut().zip(restored) {
+            p.state = match r {
+                Some(s) => s,
+                None => AdamParamState {
+                    step: 0,
+                    exp_avg: p.var.as_tensor().zeros_like()?,
+                    exp_avg_sq: p.var.as_tensor().zeros_like()?,
+                },
+            };
+        }
+        Ok(())
+    }
+
+    fn name(&self) -> &'static str {
+        if self.cfg.decoupled {
+            "adamw"
+        } else {
+            "adam"
+        }
     }
 }
