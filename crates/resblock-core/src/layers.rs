@@ -453,19 +453,36 @@ impl ModuleT for BatchNorm {
                 x.dims()
             );
         }
-        let mean = x.mean_keepdim(dims.as_slice())?;
+        // The batch statistics are reduced in f64: Candle sums sequentially, and an f32 sum
+        // over N*H*W values loses enough precision to make training drift away from
+        // PyTorch's within a few steps. The normalisation itself runs in the input's dtype.
+        let x64 = x.to_dtype(DType::F64)?;
+        let mean64 = x64.mean_keepdim(dims.as_slice())?;
+        let var64 = x64
+            .broadcast_sub(&mean64)?
+            .sqr()?
+            .mean_keepdim(dims.as_slice())?;
+        let mean = mean64.to_dtype(x.dtype())?;
+        let inv = (&var64 + self.cfg.eps)?
+            .sqrt()?
+            .recip()?
+            .to_dtype(x.dtype())?;
         let xc = x.broadcast_sub(&mean)?;
-        let var = xc.sqr()?.mean_keepdim(dims.as_slice())?;
-        let inv = (&var + self.cfg.eps)?.sqrt()?.recip()?;
         let y = xc
             .broadcast_mul(&inv.broadcast_mul(&w)?)?
             .broadcast_add(&b)?;
         // Running statistics, outside the autograd graph.
         let m = self.cfg.momentum;
-        let batch_mean = mean.detach().flatten_all()?;
-        let unbiased = (var.detach().flatten_all()? * (count as f64 / (count as f64 - 1.)))?;
-        let rm = ((self.running_mean.as_tensor() * (1. - m))? + (batch_mean * m)?)?;
-        let rv = ((self.running_var.as_tensor() * (1. - m))? + (unbiased * m)?)?;
+        let batch_mean = mean64.detach().flatten_all()?;
+        let unbiased = (var64.detach().flatten_all()? * (count as f64 / (count as f64 - 1.)))?;
+        let old_mean = self
+            .running_mean
+            .as_tensor()
+            .detach()
+            .to_dtype(DType::F64)?;
+        let old_var = self.running_var.as_tensor().detach().to_dtype(DType::F64)?;
+        let rm = ((old_mean * (1. - m))? + (batch_mean * m)?)?;
+        let rv = ((old_var * (1. - m))? + (unbiased * m)?)?;
         self.running_mean
             .set(&rm.to_dtype(self.running_mean.dtype())?)?;
         self.running_var

@@ -43,6 +43,7 @@ pub mod probe;
 pub mod residual;
 pub mod rng;
 pub mod shortcut;
+pub mod testing;
 
 pub use device::{best_device, configure_threads, parse_device};
 pub use drop_path::DropPath;

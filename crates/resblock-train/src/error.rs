@@ -26,6 +26,16 @@ pub enum Error {
         value: f64,
     },
 
+    /// A checkpoint (or another output file) could not be read or written, or does not fit
+    /// the model/optimizer being restored.
+    #[error("{path}: {msg}")]
+    Checkpoint {
+        /// The file.
+        path: String,
+        /// What went wrong (naming the key where one is at fault).
+        msg: String,
+    },
+
     /// Two tensors that must agree in shape do not.
     #[error("{op}: shapes {a:?} and {b:?} do not match")]
     ShapeMismatch {

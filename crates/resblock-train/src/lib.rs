@@ -28,9 +28,17 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod checkpoint;
+pub mod clip;
+pub mod data;
 pub mod error;
 pub mod loss;
+pub mod metrics;
 pub mod optim;
+pub mod plot;
 pub mod schedule;
+pub mod trainer;
 
+pub use data::{Batch, BatchSource, FixedBatches};
 pub use error::{Error, Result};
+pub use trainer::{EpochRecord, LossKind, Trainer, TrainerConfig};

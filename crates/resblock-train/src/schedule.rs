@@ -7,6 +7,16 @@ use std::f64::consts::PI;
 
 use crate::error::{Error, Result};
 
+/// `v >= 0` and not NaN.
+pub(crate) fn is_non_negative(v: f64) -> bool {
+    v >= 0.
+}
+
+/// `v > 0` and not NaN.
+pub(crate) fn is_positive(v: f64) -> bool {
+    v > 0.
+}
+
 /// The shape of a schedule after any warmup.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Schedule {
@@ -81,14 +91,16 @@ impl LrSchedule {
             return bad("the learning rate must be finite and > 0");
         }
         match &schedule {
-            Schedule::Step { step_size, gamma } if *step_size == 0 || !(*gamma > 0.) => {
+            Schedule::Step { step_size, gamma } if *step_size == 0 || !is_positive(*gamma) => {
                 return bad("step needs step_size > 0 and gamma > 0")
             }
-            Schedule::MultiStep { gamma, .. } if !(*gamma > 0.) => return bad("gamma must be > 0"),
+            Schedule::MultiStep { gamma, .. } if !is_positive(*gamma) => {
+                return bad("gamma must be > 0")
+            }
             Schedule::Cosine {
                 total_steps,
                 min_lr,
-            } if *total_steps == 0 || !(*min_lr >= 0.) => {
+            } if *total_steps == 0 || !is_non_negative(*min_lr) => {
                 return bad("cosine needs total_steps > 0 and min_lr >= 0")
             }
             Schedule::OneCycle {
@@ -96,10 +108,11 @@ impl LrSchedule {
                 pct_start,
                 div_factor,
                 final_div_factor,
-            } if *total_steps < 2
-                || !(*pct_start > 0. && *pct_start < 1.)
-                || !(*div_factor > 0.)
-                || !(*final_div_factor > 0.) =>
+            } if !(*total_steps >= 2
+                && is_positive(*pct_start)
+                && *pct_start < 1.
+                && is_positive(*div_factor)
+                && is_positive(*final_div_factor)) =>
             {
                 return bad(
                     "one-cycle needs total_steps >= 2, pct_start in (0, 1) and positive factors",
@@ -108,7 +121,7 @@ impl LrSchedule {
             _ => {}
         }
         if let Some(w) = warmup {
-            if !(w.start_factor > 0. && w.start_factor <= 1.) {
+            if !(is_positive(w.start_factor) && w.start_factor <= 1.) {
                 return bad("warmup start_factor must be in (0, 1]");
             }
         }

@@ -133,7 +133,10 @@ impl Adam {
     /// Hyper-parameters out of range.
     pub fn with_groups(groups: Vec<ParamGroup>, cfg: AdamConfig) -> Result<Self> {
         cfg.validate()?;
-        if groups.iter().any(|g| !(g.weight_decay >= 0.)) {
+        if groups
+            .iter()
+            .any(|g| !crate::schedule::is_non_negative(g.weight_decay))
+        {
             return Err(Error::config("Adam weight decay must be >= 0"));
         }
         let params = flatten_groups(groups)

@@ -83,7 +83,10 @@ impl Sgd {
                 "SGD needs lr >= 0, momentum >= 0, and Nesterov only with momentum > 0 and dampening 0; got {cfg:?}"
             )));
         }
-        if groups.iter().any(|g| !(g.weight_decay >= 0.)) {
+        if groups
+            .iter()
+            .any(|g| !crate::schedule::is_non_negative(g.weight_decay))
+        {
             return Err(Error::config("SGD weight decay must be >= 0"));
         }
         let params = flatten_groups(groups)
