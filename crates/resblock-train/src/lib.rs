@@ -1,9 +1,15 @@
-//! Training for resblock models.
+//! Training for resblock models: an engine that matches PyTorch step for step.
 //!
-//! Today: [`optim::Adam`] (Adam/AdamW with PyTorch's exact update and inspectable state)
-//! behind the [`optim::Optimizer`] trait, and [`loss::mse`]. The article's toy program
-//! (`toy-residual` in resblock-examples) trains on these and matches PyTorch's per-epoch
-//! losses.
+//! - [`optim`]: SGD (momentum, dampening, Nesterov, coupled decay), Adam and AdamW with
+//!   PyTorch's exact update rules, parameter groups ([`optim::param_groups`] excludes norms
+//!   and biases from weight decay), state that checkpoints can save.
+//! - [`schedule`]: constant, step, multistep, cosine and one-cycle schedules stepped per
+//!   iteration, with composable linear warmup.
+//! - [`loss`]: MSE, cross-entropy with label smoothing; [`metrics`]: loss, top-k accuracy
+//!   and a [`metrics::Metric`] trait for your own.
+//! - [`Trainer`]: train/eval modes, global-norm clipping, non-finite loss/gradient stop,
+//!   atomic checkpoints with optimizer and RNG state (resuming is bit-identical on the
+//!   CPU), `metrics.jsonl`, PNG curves and a progress bar.
 //!
 //! ```
 //! use candle_core::{DType, Device, ModuleT};

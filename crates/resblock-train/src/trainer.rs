@@ -94,6 +94,8 @@ pub struct EpochRecord {
     pub test_acc: f64,
     /// Wall time of the epoch (training and evaluation).
     pub seconds: f64,
+    /// Training throughput (samples per second over the training part of the epoch).
+    pub images_per_sec: f64,
 }
 
 /// Trains a model whose variables live in a `VarMap`.
@@ -114,6 +116,7 @@ pub struct Trainer<'m, M: ModuleT> {
     step: u64,
     history: Vec<EpochRecord>,
     step_losses: Vec<f64>,
+    last_epoch_samples: usize,
 }
 
 impl<'m, M: ModuleT> Trainer<'m, M> {
@@ -136,6 +139,7 @@ impl<'m, M: ModuleT> Trainer<'m, M> {
             step: 0,
             history: Vec::new(),
             step_losses: Vec::new(),
+            last_epoch_samples: 0,
         }
     }
 
@@ -246,6 +250,7 @@ impl<'m, M: ModuleT> Trainer<'m, M> {
         if let Some(b) = bar {
             b.finish_and_clear();
         }
+        self.last_epoch_samples = count;
         let acc = if self.is_classification() && count > 0 {
             hits as f64 / count as f64
         } else {
@@ -338,6 +343,8 @@ impl<'m, M: ModuleT> Trainer<'m, M> {
         while self.epoch < self.cfg.epochs {
             let start = Instant::now();
             let (train_loss, train_acc) = self.train_epoch(train)?;
+            let train_secs = start.elapsed().as_secs_f64();
+            let samples = self.last_epoch_samples;
             let (test_loss, test_acc) = match test.as_deref_mut() {
                 Some(t) => self.evaluate(t)?,
                 None => (f64::NAN, f64::NAN),
@@ -351,6 +358,7 @@ impl<'m, M: ModuleT> Trainer<'m, M> {
                 test_loss,
                 test_acc,
                 seconds: start.elapsed().as_secs_f64(),
+                images_per_sec: samples as f64 / train_secs.max(1e-9),
             };
             if self.cfg.progress {
                 println!("{}", format_record(&rec, self.cfg.epochs));
@@ -495,6 +503,7 @@ fn record_json(r: &EpochRecord) -> String {
         "test_loss": num(r.test_loss),
         "test_acc": num(r.test_acc),
         "seconds": num(r.seconds),
+        "images_per_sec": num(r.images_per_sec),
     })
     .to_string()
 }
@@ -519,6 +528,7 @@ fn parse_history(h: &str) -> std::result::Result<Vec<EpochRecord>, serde_json::E
             test_loss: f(v, "test_loss"),
             test_acc: f(v, "test_acc"),
             seconds: f(v, "seconds"),
+            images_per_sec: f(v, "images_per_sec"),
         })
         .collect())
 }
@@ -538,6 +548,9 @@ pub fn format_record(r: &EpochRecord, epochs: usize) -> String {
     if r.test_acc.is_finite() {
         s.push_str(&format!(" acc {:.2}%", 100. * r.test_acc));
     }
-    s.push_str(&format!(" | {:.1}s", r.seconds));
+    s.push_str(&format!(
+        " | {:.0} img/s | {:.1}s",
+        r.images_per_sec, r.seconds
+    ));
     s
 }

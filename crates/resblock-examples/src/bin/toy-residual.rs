@@ -12,8 +12,9 @@ use candle_nn::VarMap;
 use clap::Parser;
 use resblock_core::{configure_threads, mlp_block, seeded_var_builder, MlpBlockConfig, RngHandle};
 use resblock_examples::{format_matrix, positive_f64};
-use resblock_train::loss::mse;
-use resblock_train::optim::{Adam, AdamConfig, Optimizer};
+use resblock_train::optim::{Adam, AdamConfig};
+use resblock_train::schedule::{LrSchedule, Schedule};
+use resblock_train::{Batch, Error as TrainError, LossKind, Trainer, TrainerConfig};
 
 /// Fit the article's Linear(10,10) residual block to random data with MSE + Adam.
 #[derive(Debug, Parser)]
@@ -56,24 +57,37 @@ fn main() -> Result<()> {
     let inputs = rng.normal_tensor((n, d), 0., 1., DType::F32, &dev)?;
     let targets = rng.normal_tensor((n, d), 0., 1., DType::F32, &dev)?;
 
+    // The training engine: Adam with a constant rate, full-batch MSE, one step per epoch.
     let cfg = AdamConfig {
         lr: args.lr,
         ..Default::default()
     };
-    let mut opt = Adam::new(varmap.all_vars(), cfg)?;
+    let opt = Adam::new(varmap.all_vars(), cfg)?;
+    let schedule = LrSchedule::new(args.lr, Schedule::Constant, None)?;
+    let tcfg = TrainerConfig {
+        epochs: args.epochs as usize,
+        loss: LossKind::Mse,
+        ..Default::default()
+    };
+    let mut trainer = Trainer::new(&model, &varmap, Box::new(opt), schedule, tcfg);
+    let batch = Batch {
+        inputs: inputs.clone(),
+        targets,
+    };
     for epoch in 1..=args.epochs {
-        let loss = mse(&model.forward_t(&inputs, true)?, &targets)?;
         // The article prints the loss of the forward pass that the step then uses.
-        let value = loss.to_scalar::<f32>()?;
-        if !value.is_finite() {
-            bail!(
-                "the loss became {value} at epoch {epoch}: try a smaller --lr (now {})",
-                args.lr
-            );
-        }
-        opt.backward_step(&loss)?;
+        let loss = match trainer.train_step(&batch) {
+            Ok((loss, _)) => loss,
+            Err(TrainError::NonFinite { value, .. }) => {
+                bail!(
+                    "the loss became {value} at epoch {epoch}: try a smaller --lr (now {})",
+                    args.lr
+                )
+            }
+            Err(e) => return Err(e.into()),
+        };
         if epoch % args.log_every == 0 {
-            println!("Epoch [{epoch}/{}], Loss: {value:.4}", args.epochs);
+            println!("Epoch [{epoch}/{}], Loss: {:.4}", args.epochs, loss as f32);
         }
     }
 
