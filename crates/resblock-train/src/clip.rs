@@ -1,6 +1,8 @@
 //! Global-norm gradient clipping (`torch.nn.utils.clip_grad_norm_`).
 
 use candle_core::backprop::GradStore;
+#[cfg(test)]
+use candle_core::Tensor;
 use candle_core::{DType, Var};
 
 use crate::error::Result;
@@ -51,4 +53,36 @@ pub fn grad_norm(grads: &GradStore, params: &[&Var]) -> Result<f64> {
         }
     }
     Ok(sum_sq.sqrt())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn clips_to_the_global_norm_like_pytorch() -> Result<()> {
+        let a = Var::new(&[3f64, 0.], &Device::Cpu)?;
+        let b = Var::new(&[4f64], &Device::Cpu)?;
+        // Gradients (3, 0) and (4): global norm 5.
+        let loss = ((a.as_tensor() * Tensor::new(&[1f64, 0.], &Device::Cpu)?)?.sum_all()? * 3.)?
+            .add(&(b.as_tensor().sum_all()? * 4.)?)?;
+        let mut grads = loss.backward()?;
+        let norm = clip_grad_norm(&mut grads, &[&a, &b], 1.0)?;
+        assert!((norm - 5.).abs() < 1e-12);
+        let ga = grads.get(a.as_tensor()).expect("ga").to_vec1::<f64>()?;
+        let gb = grads.get(b.as_tensor()).expect("gb").to_vec1::<f64>()?;
+        let coef = 1. / (5. + 1e-6);
+        assert!(
+            (ga[0] - 3. * coef).abs() < 1e-12 && ga[1] == 0. && (gb[0] - 4. * coef).abs() < 1e-12
+        );
+        // Below the limit nothing changes.
+        let mut grads = loss.backward()?;
+        assert!((clip_grad_norm(&mut grads, &[&a, &b], 10.)? - 5.).abs() < 1e-12);
+        assert_eq!(
+            grads.get(b.as_tensor()).expect("gb").to_vec1::<f64>()?,
+            [4.]
+        );
+        Ok(())
+    }
 }

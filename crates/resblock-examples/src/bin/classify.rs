@@ -52,7 +52,7 @@ struct Args {
     /// How many classes to print per image.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
     top: u64,
-    /// Device: cpu, cuda[:N], metal[:N] or auto.
+    /// Device: `cpu`, `cuda`, `cuda:N`, `metal`, `metal:N` or `auto`.
     #[arg(long, default_value = "cpu")]
     device: String,
     /// CPU threads (default: all cores).
