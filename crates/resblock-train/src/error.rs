@@ -36,6 +36,15 @@ pub enum Error {
         msg: String,
     },
 
+    /// A data file or folder is missing, malformed or inconsistent.
+    #[error("{path}: {msg}")]
+    Data {
+        /// The file or folder.
+        path: String,
+        /// What is wrong with it.
+        msg: String,
+    },
+
     /// Two tensors that must agree in shape do not.
     #[error("{op}: shapes {a:?} and {b:?} do not match")]
     ShapeMismatch {

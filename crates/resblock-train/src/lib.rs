@@ -45,6 +45,6 @@ pub mod plot;
 pub mod schedule;
 pub mod trainer;
 
-pub use data::{Batch, BatchSource, FixedBatches};
+pub use data::{Batch, BatchSource, DataLoader, Dataset, FixedBatches, ImageDataset, Transform};
 pub use error::{Error, Result};
 pub use trainer::{EpochRecord, LossKind, Trainer, TrainerConfig};

@@ -1,0 +1,380 @@
+//! Train a residual network on image data: the project's main job.
+//!
+//! With no arguments it trains a CIFAR-style ResNet-20 on the bundled MNIST-10k digits
+//! (`data/mnist-10k`, verified against its checksums) and prints the test accuracy:
+//!
+//! ```text
+//! cargo run --release -p resblock-examples --bin train
+//! cargo run --release -p resblock-examples --bin train -- --data cifar10:DIR --arch resnet56 --epochs 180
+//! cargo run --release -p resblock-examples --bin train -- --data folder:DIR --image-size 64 --arch resnet18
+//! ```
+//!
+//! Outputs go to `--out` (default `runs/<arch>`): `checkpoint.safetensors` after every epoch
+//! (resume with `--resume DIR`), `metrics.jsonl`, `loss.png`, `accuracy.png` and the final
+//! weights `model.safetensors` in torchvision's naming.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use candle_core::DType;
+use candle_nn::VarMap;
+use clap::{Parser, ValueEnum};
+use resblock_core::{configure_threads, parse_device, seeded_var_builder, RngHandle};
+use resblock_examples::positive_f64;
+use resblock_train::data::{
+    read_cifar, read_image_folder, read_mnist, verify_sha256sums, CifarKind,
+};
+use resblock_train::optim::{param_groups, Adam, AdamConfig, Optimizer, Sgd, SgdConfig};
+use resblock_train::schedule::{LrSchedule, Schedule, Warmup};
+use resblock_train::{
+    DataLoader, Dataset, ImageDataset, LossKind, Trainer, TrainerConfig, Transform,
+};
+use resblock_vision::weights::{load_into_varmap, save_varmap};
+use resblock_vision::{resnet, ResNetConfig};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum OptimizerKind {
+    Sgd,
+    Adam,
+    Adamw,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ScheduleKind {
+    Constant,
+    Step,
+    Multistep,
+    Cosine,
+    Onecycle,
+}
+
+/// Train a ResNet (any resblock-vision preset) on MNIST, CIFAR or an image folder.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Architecture: any resblock-vision preset (resnet20, resnet56, plain20, resnet18, wrn28_10, ...).
+    #[arg(long, default_value = "resnet20")]
+    arch: String,
+    /// Data: `mnist-10k` (bundled), `mnist:DIR`, `cifar10:DIR`, `cifar100:DIR`, or `folder:DIR`
+    /// with DIR/train/<class>/*.png|jpg and DIR/test (or DIR/val).
+    #[arg(long, default_value = "mnist-10k")]
+    data: String,
+    /// Resize folder images to SIZE x SIZE (needed when their sizes differ).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    image_size: Option<u64>,
+    /// Training epochs.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    epochs: u64,
+    /// Batch size.
+    #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u64).range(1..=65536))]
+    batch_size: u64,
+    /// Optimizer.
+    #[arg(long, value_enum, default_value = "sgd")]
+    optimizer: OptimizerKind,
+    /// Learning rate (the maximum for one-cycle).
+    #[arg(long, default_value_t = 0.1, value_parser = positive_f64)]
+    lr: f64,
+    /// SGD momentum (Nesterov unless --no-nesterov).
+    #[arg(long, default_value_t = 0.9)]
+    momentum: f64,
+    /// Plain instead of Nesterov momentum.
+    #[arg(long)]
+    no_nesterov: bool,
+    /// Weight decay (not applied to norms and biases).
+    #[arg(long, default_value_t = 5e-4)]
+    weight_decay: f64,
+    /// Learning-rate schedule, stepped per iteration.
+    #[arg(long, value_enum, default_value = "onecycle")]
+    schedule: ScheduleKind,
+    /// Linear warmup epochs before the schedule.
+    #[arg(long, default_value_t = 0.)]
+    warmup_epochs: f64,
+    /// Label smoothing of the cross-entropy.
+    #[arg(long, default_value_t = 0.)]
+    label_smoothing: f64,
+    /// Augment the training data (random shifts; plus flips for CIFAR and folders).
+    #[arg(long, overrides_with = "no_augment")]
+    augment: bool,
+    /// Do not augment.
+    #[arg(long)]
+    no_augment: bool,
+    /// Keep the training order fixed.
+    #[arg(long)]
+    no_shuffle: bool,
+    /// Seed of the weights, the data order and the augmentation.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Start from these weights (.pth or .safetensors, torchvision naming, strict).
+    #[arg(long)]
+    init_weights: Option<PathBuf>,
+    /// Output directory (default runs/<arch>).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Resume the run in DIR from its checkpoint (writes there unless --out is given).
+    #[arg(long)]
+    resume: Option<PathBuf>,
+    /// CPU threads (default: all cores).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    threads: Option<u64>,
+    /// Background threads that prepare batches.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=64))]
+    workers: u64,
+    /// Device: `cpu`, `cuda`, `cuda:N`, `metal`, `metal:N` or `auto`.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+/// The bundled MNIST-10k, beside the workspace root.
+fn bundled_mnist() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/mnist-10k")
+}
+
+/// (train, test, dataset kind) for `--data`.
+fn load_data(
+    spec: &str,
+    image_size: Option<usize>,
+) -> Result<(ImageDataset, ImageDataset, &'static str)> {
+    let (kind, dir) = match spec.split_once(':') {
+        Some((k, d)) => (k, PathBuf::from(d)),
+        None => (spec, PathBuf::new()),
+    };
+    Ok(match kind {
+        "mnist-10k" => {
+            let dir = bundled_mnist();
+            verify_sha256sums(&dir).context("checking the bundled MNIST-10k")?;
+            let (a, b) = read_mnist(&dir)?;
+            (a, b, "mnist")
+        }
+        "mnist" => {
+            let (a, b) = read_mnist(&dir)?;
+            (a, b, "mnist")
+        }
+        "cifar10" | "cifar100" => {
+            let k = if kind == "cifar10" { CifarKind::Cifar10 } else { CifarKind::Cifar100 };
+            let (a, b) = read_cifar(&dir, k)?;
+            (a, b, "cifar")
+        }
+        "folder" => {
+            let train = read_image_folder(&dir.join("train"), image_size, None)?;
+            let test_dir = ["test", "val"].iter().map(|s| dir.join(s)).find(|p| p.is_dir());
+            let Some(test_dir) = test_dir else {
+                bail!("{}: needs a test/ or val/ folder beside train/", dir.display());
+            };
+            let test = read_image_folder(&test_dir, image_size, Some(&train.class_names))?;
+            if test.shape() != train.shape() {
+                bail!(
+                    "{}: test images are {:?} but training images are {:?}: pass --image-size",
+                    test_dir.display(),
+                    test.shape(),
+                    train.shape()
+                );
+            }
+            (train, test, "folder")
+        }
+        _ => bail!("unknown --data {spec:?}: expected mnist-10k, mnist:DIR, cifar10:DIR, cifar100:DIR or folder:DIR"),
+    })
+}
+
+/// Per-channel mean and standard deviation of a dataset's pixels in [0, 1].
+fn channel_stats(ds: &ImageDataset) -> (Vec<f32>, Vec<f32>) {
+    let per = ds.height * ds.width;
+    let mut sum = vec![0f64; ds.channels];
+    let mut sq = vec![0f64; ds.channels];
+    for img in ds.pixels.chunks_exact(ds.channels * per) {
+        for c in 0..ds.channels {
+            for &p in &img[c * per..(c + 1) * per] {
+                let v = f64::from(p) / 255.;
+                sum[c] += v;
+                sq[c] += v * v;
+            }
+        }
+    }
+    let n = (ds.labels.len() * per) as f64;
+    let mean: Vec<f64> = sum.iter().map(|s| s / n).collect();
+    let std = sq
+        .iter()
+        .zip(&mean)
+        .map(|(q, m)| ((q / n - m * m).max(1e-12)).sqrt() as f32)
+        .collect();
+    (mean.into_iter().map(|m| m as f32).collect(), std)
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    configure_threads(args.threads.map(|n| n as usize));
+    let device = parse_device(&args.device)?;
+    for (name, v) in [
+        ("--momentum", args.momentum),
+        ("--weight-decay", args.weight_decay),
+        ("--warmup-epochs", args.warmup_epochs),
+    ] {
+        if !(v.is_finite() && v >= 0.) {
+            bail!("{name} must be a finite number >= 0, got {v}");
+        }
+    }
+    if !(0. ..1.).contains(&args.label_smoothing) {
+        bail!(
+            "--label-smoothing must be in [0, 1), got {}",
+            args.label_smoothing
+        );
+    }
+
+    let (train, test, kind) = load_data(&args.data, args.image_size.map(|s| s as usize))?;
+    let (c, h, w) = train.shape();
+    println!(
+        "data {}: {} training and {} test images, {c}x{h}x{w}, {} classes",
+        args.data,
+        train.len(),
+        test.len(),
+        train.num_classes
+    );
+    let (mean, std) = channel_stats(&train);
+    let normalize = Transform::Normalize { mean, std };
+    let augment = !args.no_augment;
+    let mut train_tf = Vec::new();
+    if augment {
+        let pad = match kind {
+            "mnist" => 2,
+            _ => (h / 8).max(1),
+        };
+        train_tf.push(Transform::RandomCrop {
+            size: h.min(w),
+            padding: pad,
+        });
+        if kind != "mnist" {
+            train_tf.push(Transform::RandomHorizontalFlip { p: 0.5 });
+        }
+        if h != w {
+            bail!("augmentation crops squares: {h}x{w} images need --image-size or --no-augment");
+        }
+    }
+    train_tf.push(normalize.clone());
+
+    let mut cfg = ResNetConfig::preset(&args.arch)?;
+    cfg.in_channels = c;
+    cfg.num_classes = train.num_classes;
+    let rng = RngHandle::seed_from_u64(args.seed);
+    let varmap = VarMap::new();
+    let model = resnet(
+        &cfg,
+        &rng,
+        seeded_var_builder(&varmap, &rng, DType::F32, &device),
+    )?;
+    if let Some(wpath) = &args.init_weights {
+        load_into_varmap(&varmap, wpath)?;
+        println!("initial weights from {}", wpath.display());
+    }
+
+    let workers = args.workers as usize;
+    let mut train_loader = DataLoader::new(Arc::new(train), args.batch_size as usize)?
+        .transforms(train_tf)
+        .seed(args.seed)
+        .workers(workers)
+        .device(device.clone());
+    if !args.no_shuffle {
+        train_loader = train_loader.shuffle(args.seed);
+    }
+    let mut test_loader = DataLoader::new(Arc::new(test), args.batch_size as usize)?
+        .transforms(vec![normalize])
+        .workers(workers)
+        .device(device.clone());
+
+    let steps_per_epoch = resblock_train::BatchSource::num_batches(&train_loader) as u64;
+    let total = steps_per_epoch * args.epochs;
+    let warmup_steps = (args.warmup_epochs * steps_per_epoch as f64).round() as u64;
+    let after = total.saturating_sub(warmup_steps).max(2);
+    let schedule = match args.schedule {
+        ScheduleKind::Constant => Schedule::Constant,
+        ScheduleKind::Step => Schedule::Step {
+            step_size: (after / 3).max(1),
+            gamma: 0.1,
+        },
+        ScheduleKind::Multistep => Schedule::MultiStep {
+            milestones: vec![after / 2, after * 3 / 4],
+            gamma: 0.1,
+        },
+        ScheduleKind::Cosine => Schedule::Cosine {
+            total_steps: after,
+            min_lr: 0.,
+        },
+        ScheduleKind::Onecycle => Schedule::OneCycle {
+            total_steps: after,
+            pct_start: 0.3,
+            div_factor: 25.,
+            final_div_factor: 1e4,
+        },
+    };
+    let warmup = (warmup_steps > 0).then_some(Warmup {
+        steps: warmup_steps,
+        start_factor: 0.1,
+    });
+    let schedule = LrSchedule::new(args.lr, schedule, warmup)?;
+    let no_decay = true;
+    let optimizer: Box<dyn Optimizer> = match args.optimizer {
+        OptimizerKind::Sgd => Box::new(Sgd::new(
+            param_groups(&varmap, args.weight_decay, no_decay),
+            SgdConfig {
+                lr: args.lr,
+                momentum: args.momentum,
+                dampening: 0.,
+                nesterov: !args.no_nesterov && args.momentum > 0.,
+            },
+        )?),
+        OptimizerKind::Adam | OptimizerKind::Adamw => Box::new(Adam::with_groups(
+            param_groups(&varmap, args.weight_decay, no_decay),
+            AdamConfig {
+                lr: args.lr,
+                weight_decay: args.weight_decay,
+                decoupled: args.optimizer == OptimizerKind::Adamw,
+                ..Default::default()
+            },
+        )?),
+    };
+
+    let out = args
+        .out
+        .clone()
+        .or_else(|| args.resume.clone())
+        .unwrap_or_else(|| PathBuf::from("runs").join(&args.arch));
+    let tcfg = TrainerConfig {
+        epochs: args.epochs as usize,
+        loss: LossKind::CrossEntropy {
+            label_smoothing: args.label_smoothing,
+        },
+        grad_clip: None,
+        out_dir: Some(out.clone()),
+        progress: true,
+    };
+    let mut trainer = Trainer::new(&model, &varmap, optimizer, schedule, tcfg).with_rng(rng);
+    if let Some(dir) = &args.resume {
+        let ck = dir.join("checkpoint.safetensors");
+        trainer.resume(&ck)?;
+        println!("resumed {} at epoch {}", ck.display(), trainer.epoch());
+    }
+    println!(
+        "training {} ({} parameters) for {} epochs, {} steps per epoch; writing to {}",
+        args.arch,
+        resblock_core::params::count_parameters(&varmap, ""),
+        args.epochs,
+        steps_per_epoch,
+        out.display()
+    );
+    let start = std::time::Instant::now();
+    let history = trainer
+        .fit(&mut train_loader, Some(&mut test_loader))?
+        .to_vec();
+    save_varmap(&varmap, &out.join("model.safetensors"))?;
+    let Some(last) = history.last() else {
+        bail!("no epoch was trained");
+    };
+    println!(
+        "test accuracy: {:.2}% (test loss {:.4}) after {} epochs; {:.1} s of training in this run; weights in {}",
+        100. * last.test_acc,
+        last.test_loss,
+        last.epoch,
+        start.elapsed().as_secs_f64(),
+        out.join("model.safetensors").display()
+    );
+    Ok(())
+}

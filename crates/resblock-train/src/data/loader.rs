@@ -1,0 +1,234 @@
+//! Batching with seeded shuffling and augmentation on background threads.
+
+use std::collections::BTreeMap;
+use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use candle_core::{Device, Tensor};
+use resblock_core::RngHandle;
+
+use super::{Batch, BatchSource, Dataset, Transform};
+use crate::error::{Error, Result};
+
+/// Mixes (seed, a, b) into one 64-bit seed (splitmix64 steps).
+fn mix(seed: u64, a: u64, b: u64) -> u64 {
+    let step = |mut z: u64| {
+        z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    };
+    step(step(step(seed) ^ a) ^ b)
+}
+
+/// Loads batches from a [`Dataset`]: the order of epoch `e` is a permutation seeded by
+/// (seed, e); sample `i` of epoch `e` is augmented with a stream seeded by (seed, e, i); batches
+/// are assembled by `workers` threads ahead of the training loop and delivered in order.
+pub struct DataLoader {
+    dataset: Arc<dyn Dataset>,
+    transforms: Arc<Vec<Transform>>,
+    batch_size: usize,
+    shuffle: bool,
+    drop_last: bool,
+    seed: u64,
+    workers: usize,
+    device: Device,
+}
+
+impl DataLoader {
+    /// A loader over `dataset` with batches of `batch_size`.
+    ///
+    /// # Errors
+    /// A zero batch size or an empty dataset.
+    pub fn new(dataset: Arc<dyn Dataset>, batch_size: usize) -> Result<Self> {
+        if batch_size == 0 || dataset.is_empty() {
+            return Err(Error::config(format!(
+                "data loader needs a batch size > 0 and samples (batch size {batch_size}, {} samples)",
+                dataset.len()
+            )));
+        }
+        Ok(Self {
+            dataset,
+            transforms: Arc::new(Vec::new()),
+            batch_size,
+            shuffle: false,
+            drop_last: false,
+            seed: 0,
+            workers: 2,
+            device: Device::Cpu,
+        })
+    }
+    /// Shuffles each epoch with this seed.
+    pub fn shuffle(mut self, seed: u64) -> Self {
+        self.shuffle = true;
+        self.seed = seed;
+        self
+    }
+    /// Seed of the augmentation streams (set by [`DataLoader::shuffle`] too).
+    pub fn seed(mut self, seed: u64) -> Self {
+        self.seed = seed;
+        self
+    }
+    /// Drops the last incomplete batch.
+    pub fn drop_last(mut self, yes: bool) -> Self {
+        self.drop_last = yes;
+        self
+    }
+    /// The per-sample transforms, in order.
+    pub fn transforms(mut self, t: Vec<Transform>) -> Self {
+        self.transforms = Arc::new(t);
+        self
+    }
+    /// Background threads (at least 1).
+    pub fn workers(mut self, n: usize) -> Self {
+        self.workers = n.max(1);
+        self
+    }
+    /// The device batches are moved to.
+    pub fn device(mut self, d: Device) -> Self {
+        self.device = d;
+        self
+    }
+
+    /// The sample order of `epoch`.
+    pub fn order(&self, epoch: usize) -> Vec<usize> {
+        let mut idx: Vec<usize> = (0..self.dataset.len()).collect();
+        if self.shuffle {
+            RngHandle::seed_from_u64(mix(self.seed, epoch as u64, 0x5348_5546)).shuffle(&mut idx);
+        }
+        idx
+    }
+}
+
+fn make_batch(
+    ds: &dyn Dataset,
+    transforms: &[Transform],
+    idx: &[usize],
+    seed: u64,
+    epoch: usize,
+) -> Result<Batch> {
+    let (c, h0, w0) = ds.shape();
+    let mut pixels = Vec::new();
+    let mut labels = Vec::with_capacity(idx.len());
+    let mut out_hw = (h0, w0);
+    for &i in idx {
+        let (mut x, label) = ds.get(i)?;
+        let rng = RngHandle::seed_from_u64(mix(seed, epoch as u64, i as u64 + 1));
+        let (mut h, mut w) = (h0, w0);
+        for t in transforms {
+            (h, w) = t.apply(&mut x, c, h, w, &rng)?;
+        }
+        out_hw = (h, w);
+        pixels.extend_from_slice(&x);
+        labels.push(label);
+    }
+    let n = labels.len();
+    Ok(Batch {
+        inputs: Tensor::from_vec(pixels, (n, c, out_hw.0, out_hw.1), &Device::Cpu)?,
+        targets: Tensor::from_vec(labels, n, &Device::Cpu)?,
+    })
+}
+
+/// Delivers the workers' batches in order.
+struct InOrder {
+    rx: Receiver<(usize, Result<Batch>)>,
+    pending: BTreeMap<usize, Result<Batch>>,
+    next: usize,
+    total: usize,
+    device: Device,
+    handles: Vec<JoinHandle<()>>,
+}
+
+impl Iterator for InOrder {
+    type Item = Result<Batch>;
+    fn next(&mut self) -> Option<Result<Batch>> {
+        if self.next >= self.total {
+            return None;
+        }
+        loop {
+            if let Some(b) = self.pending.remove(&self.next) {
+                self.next += 1;
+                return Some(b.and_then(|b| {
+                    Ok(Batch {
+                        inputs: b.inputs.to_device(&self.device)?,
+                        targets: b.targets.to_device(&self.device)?,
+                    })
+                }));
+            }
+            match self.rx.recv() {
+                Ok((i, b)) => {
+                    self.pending.insert(i, b);
+                }
+                Err(_) => {
+                    self.next = self.total;
+                    return Some(Err(Error::config(
+                        "a data loader worker stopped unexpectedly",
+                    )));
+                }
+            }
+        }
+    }
+}
+
+impl Drop for InOrder {
+    fn drop(&mut self) {
+        // Unblock workers waiting to send, then wait for them.
+        while self.rx.try_recv().is_ok() {}
+        let handles = std::mem::take(&mut self.handles);
+        drop(std::mem::replace(&mut self.rx, sync_channel(1).1));
+        for h in handles {
+            let _ = h.join();
+        }
+    }
+}
+
+impl BatchSource for DataLoader {
+    fn num_batches(&self) -> usize {
+        let n = self.dataset.len();
+        if self.drop_last {
+            n / self.batch_size
+        } else {
+            n.div_ceil(self.batch_size)
+        }
+    }
+
+    fn epoch(&mut self, epoch: usize) -> Result<Box<dyn Iterator<Item = Result<Batch>> + '_>> {
+        let order = self.order(epoch);
+        let chunks: Vec<Vec<usize>> = order
+            .chunks(self.batch_size)
+            .filter(|c| !self.drop_last || c.len() == self.batch_size)
+            .map(<[usize]>::to_vec)
+            .collect();
+        let total = chunks.len();
+        let chunks = Arc::new(chunks);
+        let (tx, rx) = sync_channel(2 * self.workers);
+        let handles = (0..self.workers)
+            .map(|w| {
+                let (tx, chunks, ds, tf) = (
+                    tx.clone(),
+                    chunks.clone(),
+                    self.dataset.clone(),
+                    self.transforms.clone(),
+                );
+                let (seed, workers) = (self.seed, self.workers);
+                std::thread::spawn(move || {
+                    for i in (w..chunks.len()).step_by(workers) {
+                        let b = make_batch(ds.as_ref(), &tf, &chunks[i], seed, epoch);
+                        if tx.send((i, b)).is_err() {
+                            return;
+                        }
+                    }
+                })
+            })
+            .collect();
+        Ok(Box::new(InOrder {
+            rx,
+            pending: BTreeMap::new(),
+            next: 0,
+            total,
+            device: self.device.clone(),
+            handles,
+        }))
+    }
+}

@@ -1,0 +1,118 @@
+//! Data: datasets, transforms, a multi-threaded loader, and readers for MNIST (IDX),
+//! CIFAR-10/100 (binary) and image folders.
+//!
+//! A [`Dataset`] holds decoded images as `u8` CHW buffers with a class label. The
+//! [`DataLoader`] shuffles with a permutation that depends only on (seed, epoch), applies a
+//! [`Transform`] pipeline whose randomness depends only on (seed, epoch, sample index), and
+//! assembles batches on background worker threads, in order: a resumed run sees exactly the
+//! batches of an uninterrupted one.
+
+mod cifar;
+mod folder;
+mod idx;
+mod loader;
+mod source;
+mod transform;
+
+pub use cifar::{read_cifar, CifarKind};
+pub use folder::read_image_folder;
+pub use idx::{read_idx_images, read_idx_labels, read_mnist, verify_sha256sums};
+pub use loader::DataLoader;
+pub use source::{Batch, BatchSource, FixedBatches};
+pub use transform::Transform;
+
+use crate::error::{Error, Result};
+
+/// Images of one size with class labels, decoded into memory.
+#[derive(Debug, Clone)]
+pub struct ImageDataset {
+    /// Pixel data, `len * channels * height * width` bytes, CHW per image.
+    pub pixels: Vec<u8>,
+    /// One label per image.
+    pub labels: Vec<u32>,
+    /// Channels (1 grayscale, 3 RGB).
+    pub channels: usize,
+    /// Height.
+    pub height: usize,
+    /// Width.
+    pub width: usize,
+    /// Number of classes (labels are below it).
+    pub num_classes: usize,
+    /// Class names, if the format has them (image folders).
+    pub class_names: Vec<String>,
+}
+
+/// A dataset of labelled images.
+pub trait Dataset: Send + Sync {
+    /// Number of samples.
+    fn len(&self) -> usize;
+    /// Whether there are no samples.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// (channels, height, width) of every sample.
+    fn shape(&self) -> (usize, usize, usize);
+    /// Number of classes.
+    fn num_classes(&self) -> usize;
+    /// Sample `i`: pixels scaled to [0, 1] (CHW) and its label.
+    ///
+    /// # Errors
+    /// An index out of range.
+    fn get(&self, i: usize) -> Result<(Vec<f32>, u32)>;
+}
+
+impl ImageDataset {
+    /// Checks that the buffers agree and every label is in range.
+    ///
+    /// # Errors
+    /// Inconsistent sizes or a label out of range, naming `what` (the source file or folder).
+    pub fn validate(&self, what: &str) -> Result<()> {
+        let per = self.channels * self.height * self.width;
+        if per == 0 || self.pixels.len() != per * self.labels.len() {
+            return Err(Error::config(format!(
+                "{what}: {} pixel bytes for {} labels of {}x{}x{}",
+                self.pixels.len(),
+                self.labels.len(),
+                self.channels,
+                self.height,
+                self.width
+            )));
+        }
+        if let Some((i, l)) = self
+            .labels
+            .iter()
+            .enumerate()
+            .find(|(_, &l)| l as usize >= self.num_classes)
+        {
+            return Err(Error::config(format!(
+                "{what}: label {l} of sample {i} is out of range for {} classes",
+                self.num_classes
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl Dataset for ImageDataset {
+    fn len(&self) -> usize {
+        self.labels.len()
+    }
+    fn shape(&self) -> (usize, usize, usize) {
+        (self.channels, self.height, self.width)
+    }
+    fn num_classes(&self) -> usize {
+        self.num_classes
+    }
+    fn get(&self, i: usize) -> Result<(Vec<f32>, u32)> {
+        let per = self.channels * self.height * self.width;
+        let label = *self
+            .labels
+            .get(i)
+            .ok_or_else(|| Error::config(format!("sample {i} out of range ({})", self.len())))?;
+        let px = self.pixels[i * per..(i + 1) * per]
+            .iter()
+            .map(|&b| f32::from(b) / 255.)
+            .collect();
+        Ok((px, label))
+    }
+}
