@@ -61,6 +61,9 @@ pub struct TrainerConfig {
     pub out_dir: Option<PathBuf>,
     /// Show progress (a bar on a terminal, one line per epoch otherwise).
     pub progress: bool,
+    /// Stop once this many epochs are complete, as if interrupted (the schedule still spans
+    /// `epochs`); a later run resumes from the checkpoint.
+    pub stop_after: Option<usize>,
 }
 
 impl Default for TrainerConfig {
@@ -73,6 +76,7 @@ impl Default for TrainerConfig {
             grad_clip: None,
             out_dir: None,
             progress: false,
+            stop_after: None,
         }
     }
 }
@@ -340,7 +344,11 @@ impl<'m, M: ModuleT> Trainer<'m, M> {
                 msg: e.to_string(),
             })?;
         }
-        while self.epoch < self.cfg.epochs {
+        let last = self
+            .cfg
+            .stop_after
+            .map_or(self.cfg.epochs, |s| s.min(self.cfg.epochs));
+        while self.epoch < last {
             let start = Instant::now();
             let (train_loss, train_acc) = self.train_epoch(train)?;
             let train_secs = start.elapsed().as_secs_f64();

@@ -118,7 +118,7 @@ fn mnist_errors_name_the_file() -> Result<()> {
 
     std::fs::write(
         dir.join("train-images-idx3-ubyte"),
-        gz(&idx_images(3, 4, 3, 0x803))[..20].to_vec(),
+        &gz(&idx_images(3, 4, 3, 0x803))[..20],
     )?;
     assert!(read_mnist(&dir).is_err());
     let err = read_mnist(&scratch("mnist-empty"))

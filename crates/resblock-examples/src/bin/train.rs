@@ -111,9 +111,14 @@ struct Args {
     /// Output directory (default runs/<arch>).
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Resume the run in DIR from its checkpoint (writes there unless --out is given).
+    /// Resume the run in DIR from its checkpoint (writes there unless --out is given). Use
+    /// the same flags as the interrupted run.
     #[arg(long)]
     resume: Option<PathBuf>,
+    /// Stop after this many epochs are complete, as if interrupted (the schedule still spans
+    /// --epochs); continue later with --resume.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    stop_after: Option<u64>,
     /// CPU threads (default: all cores).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     threads: Option<u64>,
@@ -345,6 +350,7 @@ fn main() -> Result<()> {
         grad_clip: None,
         out_dir: Some(out.clone()),
         progress: true,
+        stop_after: args.stop_after.map(|e| e as usize),
     };
     let mut trainer = Trainer::new(&model, &varmap, optimizer, schedule, tcfg).with_rng(rng);
     if let Some(dir) = &args.resume {
@@ -368,6 +374,14 @@ fn main() -> Result<()> {
     let Some(last) = history.last() else {
         bail!("no epoch was trained");
     };
+    if last.epoch < args.epochs as usize {
+        println!(
+            "stopped after epoch {} of {}: continue with --resume {}",
+            last.epoch,
+            args.epochs,
+            out.display()
+        );
+    }
     println!(
         "test accuracy: {:.2}% (test loss {:.4}) after {} epochs; {:.1} s of training in this run; weights in {}",
         100. * last.test_acc,

@@ -1,0 +1,207 @@
+//! The `train` binary end to end on a tiny image folder: it learns, writes its outputs,
+//! resumes to the same weights, and rejects bad input cleanly.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use resblock_vision::weights::read_state_dict;
+
+const TRAIN: &str = env!("CARGO_BIN_EXE_train");
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join("train-cli")
+        .join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("scratch");
+    dir
+}
+
+/// Two classes of 8x8 grayscale PNGs: dark and bright, with a little texture.
+fn folder(root: &Path) -> PathBuf {
+    for (split, n) in [("train", 12u32), ("test", 4)] {
+        for (class, base) in [("dark", 40u8), ("bright", 200u8)] {
+            let dir = root.join(split).join(class);
+            std::fs::create_dir_all(&dir).expect("mkdir");
+            for i in 0..n {
+                let img = image::GrayImage::from_fn(8, 8, |x, y| {
+                    image::Luma([base.wrapping_add(((x * 7 + y * 3 + i) % 20) as u8)])
+                });
+                img.save(dir.join(format!("{i}.png"))).expect("png");
+            }
+        }
+    }
+    root.to_path_buf()
+}
+
+fn run(args: &[&str]) -> Output {
+    Command::new(TRAIN)
+        .args(args)
+        .env("RAYON_NUM_THREADS", "2")
+        .output()
+        .expect("train starts")
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8")
+}
+
+fn common(data: &Path, out: &Path, epochs: &str) -> Vec<String> {
+    [
+        "--arch",
+        "resnet8",
+        "--data",
+        &format!("folder:{}", s(data)),
+        "--epochs",
+        epochs,
+        "--batch-size",
+        "8",
+        "--lr",
+        "0.05",
+        "--schedule",
+        "cosine",
+        "--out",
+        s(out),
+        "--seed",
+        "3",
+    ]
+    .iter()
+    .map(|x| x.to_string())
+    .collect()
+}
+
+#[test]
+fn trains_on_a_folder_writes_outputs_and_resumes_identically() {
+    let data = folder(&scratch("data"));
+    let out_a = scratch("a");
+    let args: Vec<String> = common(&data, &out_a, "3");
+    let a = run(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let stdout = String::from_utf8_lossy(&a.stdout);
+    assert!(
+        a.status.success(),
+        "{}{}",
+        stdout,
+        String::from_utf8_lossy(&a.stderr)
+    );
+    let acc: f64 = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("test accuracy: "))
+        .and_then(|r| r.split('%').next())
+        .and_then(|v| v.parse().ok())
+        .expect("a test accuracy line");
+    assert!(
+        acc >= 75.,
+        "dark vs bright should be learnt: {acc}%\n{stdout}"
+    );
+    for f in [
+        "checkpoint.safetensors",
+        "metrics.jsonl",
+        "loss.png",
+        "accuracy.png",
+        "model.safetensors",
+    ] {
+        assert!(out_a.join(f).is_file(), "{f} missing");
+    }
+    assert_eq!(
+        std::fs::read_to_string(out_a.join("metrics.jsonl"))
+            .expect("metrics")
+            .lines()
+            .count(),
+        3
+    );
+
+    // Interrupted after epoch 1, then resumed to 3: the same final weights as the straight run.
+    let out_b = scratch("b");
+    let mut first: Vec<String> = common(&data, &out_b, "3");
+    first.extend(["--stop-after".to_string(), "1".to_string()]);
+    assert!(run(&first.iter().map(String::as_str).collect::<Vec<_>>())
+        .status
+        .success());
+    let mut again: Vec<String> = common(&data, &out_b, "3");
+    again.extend(["--resume".to_string(), s(&out_b).to_string()]);
+    let b = run(&again.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(b.status.success(), "{}", String::from_utf8_lossy(&b.stderr));
+    assert!(String::from_utf8_lossy(&b.stdout).contains("resumed"));
+    let wa = read_state_dict(&out_a.join("model.safetensors")).expect("a");
+    let wb = read_state_dict(&out_b.join("model.safetensors")).expect("b");
+    assert_eq!(wa.keys().collect::<Vec<_>>(), wb.keys().collect::<Vec<_>>());
+    for (k, t) in &wa {
+        let x = t
+            .flatten_all()
+            .expect("flat")
+            .to_dtype(candle_core::DType::F64)
+            .expect("f64")
+            .to_vec1::<f64>()
+            .expect("vec");
+        let y = wb[k]
+            .flatten_all()
+            .expect("flat")
+            .to_dtype(candle_core::DType::F64)
+            .expect("f64")
+            .to_vec1::<f64>()
+            .expect("vec");
+        assert_eq!(x, y, "{k}");
+    }
+}
+
+fn assert_fails(out: &Output, needle: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "succeeded: {err}");
+    assert!(!err.contains("panicked"), "panicked: {err}");
+    assert!(err.contains(needle), "expected {needle:?} in {err}");
+}
+
+#[test]
+fn bad_input_fails_cleanly() {
+    let data = folder(&scratch("bad-data"));
+    let out = scratch("bad-out");
+    assert_fails(&run(&["--data", "imagenet:/nowhere"]), "unknown --data");
+    assert_fails(
+        &run(&["--data", "mnist:/nonexistent-dir"]),
+        "put MNIST's files",
+    );
+    assert_fails(&run(&["--lr", "0"]), "--lr");
+    assert_fails(&run(&["--label-smoothing", "1.5"]), "--label-smoothing");
+    assert_fails(&run(&["--arch", "resnet19"]), "known: resnet18");
+    assert_fails(&run(&["--optimizer", "lbfgs"]), "lbfgs");
+    assert_fails(
+        &run(&[
+            "--resume",
+            s(&scratch("no-run")),
+            "--data",
+            &format!("folder:{}", s(&data)),
+            "--arch",
+            "resnet8",
+        ]),
+        "checkpoint.safetensors",
+    );
+    // Mixed image sizes without --image-size name the odd file.
+    image::GrayImage::new(5, 5)
+        .save(data.join("train/dark/odd.png"))
+        .expect("png");
+    assert_fails(
+        &run(&[
+            "--data",
+            &format!("folder:{}", s(&data)),
+            "--arch",
+            "resnet8",
+            "--out",
+            s(&out),
+        ]),
+        "odd.png",
+    );
+    // An empty class folder.
+    std::fs::remove_file(data.join("train/dark/odd.png")).expect("rm");
+    std::fs::create_dir_all(data.join("train/empty")).expect("mkdir");
+    assert_fails(
+        &run(&[
+            "--data",
+            &format!("folder:{}", s(&data)),
+            "--arch",
+            "resnet8",
+            "--out",
+            s(&out),
+        ]),
+        "empty",
+    );
+}
