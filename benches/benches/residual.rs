@@ -82,9 +82,64 @@ fn cnn_block_step(c: &mut Criterion) {
     });
 }
 
+/// One SGD step (forward, backward, update) of CIFAR ResNet-20 at batch 128, 32x32: the
+/// figure the Performance issue compares with PyTorch.
+fn resnet20_train_step(c: &mut Criterion) {
+    use resblock_train::optim::{param_groups, Sgd, SgdConfig};
+    use resblock_train::schedule::{LrSchedule, Schedule};
+    use resblock_train::{Batch, LossKind, Trainer, TrainerConfig};
+    use resblock_vision::{resnet, ResNetConfig};
+    configure_threads(None);
+    let rng = RngHandle::seed_from_u64(0);
+    let varmap = VarMap::new();
+    let cfg = ResNetConfig::preset("resnet20").expect("preset");
+    let net = resnet(
+        &cfg,
+        &rng,
+        seeded_var_builder(&varmap, &rng, DType::F32, &Device::Cpu),
+    )
+    .expect("net");
+    let sgd = Sgd::new(
+        param_groups(&varmap, 5e-4, true),
+        SgdConfig {
+            lr: 0.1,
+            momentum: 0.9,
+            dampening: 0.,
+            nesterov: true,
+        },
+    )
+    .expect("sgd");
+    let schedule = LrSchedule::new(0.1, Schedule::Constant, None).expect("schedule");
+    let mut trainer = Trainer::new(
+        &net,
+        &varmap,
+        Box::new(sgd),
+        schedule,
+        TrainerConfig {
+            loss: LossKind::CrossEntropy {
+                label_smoothing: 0.,
+            },
+            ..Default::default()
+        },
+    );
+    let batch = Batch {
+        inputs: rng
+            .normal_tensor((128, 3, 32, 32), 0., 1., DType::F32, &Device::Cpu)
+            .expect("x"),
+        targets: candle_core::Tensor::new(
+            (0..128u32).map(|i| i % 10).collect::<Vec<_>>(),
+            &Device::Cpu,
+        )
+        .expect("y"),
+    };
+    c.bench_function("cpu/resnet20/train_step/bs128", |b| {
+        b.iter(|| trainer.train_step(&batch).expect("step"))
+    });
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(10);
-    targets = toy_program, mlp_fwd_bwd, cnn_block_step
+    targets = toy_program, mlp_fwd_bwd, cnn_block_step, resnet20_train_step
 }
 criterion_main!(benches);

@@ -544,7 +544,7 @@ fn parse_history(h: &str) -> std::result::Result<Vec<EpochRecord>, serde_json::E
 /// One human-readable line per epoch.
 pub fn format_record(r: &EpochRecord, epochs: usize) -> String {
     let mut s = format!(
-        "epoch {}/{epochs}: lr {:.5} train loss {:.4}",
+        "epoch {}/{epochs}: lr {:.3e} train loss {:.4}",
         r.epoch, r.lr, r.train_loss
     );
     if r.train_acc.is_finite() {
