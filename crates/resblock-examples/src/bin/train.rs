@@ -57,7 +57,7 @@ struct Args {
     #[arg(long, default_value = "resnet20")]
     arch: String,
     /// Data: `mnist-10k` (bundled), `mnist:DIR`, `cifar10:DIR`, `cifar100:DIR`, or `folder:DIR`
-    /// with DIR/train/<class>/*.png|jpg and DIR/test (or DIR/val).
+    /// with `DIR/train/<class>/*.png` (or `.jpg`) and `DIR/test` (or `DIR/val`).
     #[arg(long, default_value = "mnist-10k")]
     data: String,
     /// Resize folder images to SIZE x SIZE (needed when their sizes differ).
@@ -108,7 +108,7 @@ struct Args {
     /// Start from these weights (.pth or .safetensors, torchvision naming, strict).
     #[arg(long)]
     init_weights: Option<PathBuf>,
-    /// Output directory (default runs/<arch>).
+    /// Output directory (default `runs/<arch>`).
     #[arg(long)]
     out: Option<PathBuf>,
     /// Resume the run in DIR from its checkpoint (writes there unless --out is given). Use
