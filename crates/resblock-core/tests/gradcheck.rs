@@ -6,7 +6,7 @@ use anyhow::Result;
 use candle_core::{DType, Device, ModuleT, Tensor, Var};
 use candle_nn::VarMap;
 use common::{assert_close, autograd, numeric_grad};
-use resblock_core::ops::{conv2d, max_pool2d, max_pool2d_generic, Pool2dConfig};
+use resblock_core::ops::{conv2d, conv2d_gemm, max_pool2d, max_pool2d_generic, Pool2dConfig};
 use resblock_core::{
     mlp_block, seeded_var_builder, Activation, BatchNormConfig, ConvInit, MlpBlockConfig,
     ProjectionConfig, Residual, ResidualScale, RngHandle, Shortcut,
@@ -56,7 +56,20 @@ fn conv_backward_matches_finite_differences_on_8x7_stride_2() -> Result<()> {
     let f = |t: &Tensor| -> Result<Tensor> { Ok((conv2d(t, &w, 1, 2, 1, 1)? * &r)?.sum_all()?) };
     let analytic = autograd(&f, &x)?;
     let numeric = numeric_grad(&|t| Ok(f(t)?.to_scalar::<f64>()?), &x, 1e-6)?;
-    assert_close("conv dx", &analytic, &numeric, 1e-6)
+    assert_close("conv dx", &analytic, &numeric, 1e-6)?;
+    // The GEMM-backward convolution, also with dilation and groups.
+    let w2 = randn(&rng, &[4, 1, 3, 3])?;
+    let r2 = randn(&rng, &[1, 4, 3, 3])?;
+    let g =
+        |t: &Tensor| -> Result<Tensor> { Ok((conv2d_gemm(t, &w2, 1, 2, 2, 2)? * &r2)?.sum_all()?) };
+    let analytic = autograd(&g, &x)?;
+    let numeric = numeric_grad(&|t| Ok(g(t)?.to_scalar::<f64>()?), &x, 1e-6)?;
+    assert_close("gemm conv dx", &analytic, &numeric, 1e-6)?;
+    let gw =
+        |t: &Tensor| -> Result<Tensor> { Ok((conv2d_gemm(&x, t, 1, 2, 2, 2)? * &r2)?.sum_all()?) };
+    let analytic = autograd(&gw, &w2)?;
+    let numeric = numeric_grad(&|t| Ok(gw(t)?.to_scalar::<f64>()?), &w2, 1e-6)?;
+    assert_close("gemm conv dw", &analytic, &numeric, 1e-6)
 }
 
 /// The gradient of a residual block's output w.r.t. its input and a parameter, against

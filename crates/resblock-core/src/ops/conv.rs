@@ -30,6 +30,65 @@ pub fn conv2d(
     dilation: usize,
     groups: usize,
 ) -> Result<Tensor> {
+    conv2d_candle(x, kernel, padding, stride, dilation, groups)
+}
+
+/// [`conv2d`] whose backward runs as GEMMs over the unfolded input on the CPU (f32/f64):
+/// `dW = dY^T . cols`, `dX = col2im(dY . W)`, instead of Candle's transposed-convolution loop
+/// (see `conv_gemm.rs`). Exact in f64 (tested against PyTorch and finite differences); in
+/// f32 its summation order differs from Candle's and PyTorch's. Not yet the default: the
+/// Performance issue benchmarks it against PyTorch before switching. Other devices and
+/// dtypes fall back to [`conv2d`].
+///
+/// # Shapes
+/// As [`conv2d`].
+///
+/// # Errors
+/// As [`conv2d`].
+pub fn conv2d_gemm(
+    x: &Tensor,
+    kernel: &Tensor,
+    padding: usize,
+    stride: usize,
+    dilation: usize,
+    groups: usize,
+) -> Result<Tensor> {
+    let cpu_float = x.device().is_cpu()
+        && kernel.device().is_cpu()
+        && matches!(x.dtype(), candle_core::DType::F32 | candle_core::DType::F64)
+        && x.dtype() == kernel.dtype();
+    if cpu_float && x.rank() == 4 && kernel.rank() == 4 && groups > 0 && stride > 0 && dilation > 0
+    {
+        let (_, c_in, _, _) = x.dims4()?;
+        let (_, c_k, _, _) = kernel.dims4()?;
+        if c_in == c_k * groups {
+            let geom = super::conv_gemm::ConvGeom {
+                padding,
+                stride,
+                dilation,
+                groups,
+            };
+            return Ok(x
+                .contiguous()?
+                .apply_op2(&kernel.contiguous()?, super::conv_gemm::GemmConv2d(geom))?);
+        }
+    }
+    conv2d_candle(x, kernel, padding, stride, dilation, groups)
+}
+
+/// [`conv2d`] through Candle's own conv (and its backward, with the non-square workaround):
+/// used off the CPU, and as the forward of the GEMM-backward op.
+///
+/// # Errors
+/// Mismatched channels or a kernel larger than the padded input.
+pub fn conv2d_candle(
+    x: &Tensor,
+    kernel: &Tensor,
+    padding: usize,
+    stride: usize,
+    dilation: usize,
+    groups: usize,
+) -> Result<Tensor> {
     let (_, c_in, h, w) = x.dims4().map_err(|_| Error::Shape {
         op: "conv2d",
         expected: "a 4-D (N, C, H, W) input".into(),
