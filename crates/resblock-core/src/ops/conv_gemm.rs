@@ -171,10 +171,7 @@ fn backward<T: WithDType>(
 pub(crate) struct GemmConv2d(pub ConvGeom);
 
 fn slice<'a, T>(s: &'a [T], l: &Layout) -> candle_core::Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&s[a..b]),
-        None => candle_core::bail!("conv2d: expected contiguous inputs"),
-    }
+    super::contiguous_slice(s, l, "conv2d")
 }
 
 impl CustomOp2 for GemmConv2d {

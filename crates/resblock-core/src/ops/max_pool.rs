@@ -248,10 +248,7 @@ fn pool_bwd<T: WithDType + Send + Sync>(
 }
 
 fn contiguous<'a, T>(s: &'a [T], l: &Layout) -> candle_core::Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&s[a..b]),
-        None => candle_core::bail!("max_pool2d: expected a contiguous tensor"),
-    }
+    super::contiguous_slice(s, l, "max_pool2d")
 }
 
 impl CustomOp1 for MaxPool2d {

@@ -15,3 +15,16 @@ mod subsample;
 pub use conv::{conv2d, conv2d_candle, conv2d_gemm};
 pub use max_pool::{max_pool2d, max_pool2d_generic, Pool2dConfig};
 pub use subsample::subsample2d;
+
+/// The contiguous slice of a CPU buffer that a layout covers (custom ops' inputs are made
+/// contiguous before the op).
+pub(crate) fn contiguous_slice<'a, T>(
+    s: &'a [T],
+    l: &candle_core::Layout,
+    op: &str,
+) -> candle_core::Result<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&s[a..b]),
+        None => candle_core::bail!("{op}: expected a contiguous tensor"),
+    }
+}
