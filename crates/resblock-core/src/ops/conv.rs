@@ -12,27 +12,6 @@ use candle_core::Tensor;
 
 use crate::error::{Error, Result};
 
-/// Convolution of an (N, C_in, H, W) input with a (C_out, C_in/groups, kh, kw) kernel, with
-/// the same padding, stride and dilation in both dims (as PyTorch's `F.conv2d` with ints).
-///
-/// # Shapes
-/// - input: (N, C_in, H, W)
-/// - kernel: (C_out, C_in / groups, kh, kw)
-/// - output: (N, C_out, H_out, W_out), H_out = floor((H + 2p - d(kh-1) - 1) / s) + 1
-///
-/// # Errors
-/// Mismatched channels or a kernel larger than the padded input.
-pub fn conv2d(
-    x: &Tensor,
-    kernel: &Tensor,
-    padding: usize,
-    stride: usize,
-    dilation: usize,
-    groups: usize,
-) -> Result<Tensor> {
-    conv2d_candle(x, kernel, padding, stride, dilation, groups)
-}
-
 /// [`conv2d`] whose backward runs as GEMMs over the unfolded input on the CPU (f32/f64):
 /// `dW = dY^T . cols`, `dX = col2im(dY . W)`, instead of Candle's transposed-convolution loop
 /// (see `conv_gemm.rs`). Exact in f64 (tested against PyTorch and finite differences); in
@@ -73,15 +52,20 @@ pub fn conv2d_gemm(
                 .apply_op2(&kernel.contiguous()?, super::conv_gemm::GemmConv2d(geom))?);
         }
     }
-    conv2d_candle(x, kernel, padding, stride, dilation, groups)
+    conv2d(x, kernel, padding, stride, dilation, groups)
 }
 
-/// [`conv2d`] through Candle's own conv (and its backward, with the non-square workaround):
-/// used off the CPU, and as the forward of the GEMM-backward op.
+/// Convolution of an (N, C_in, H, W) input with a (C_out, C_in/groups, kh, kw) kernel, with
+/// the same padding, stride and dilation in both dims (as PyTorch's `F.conv2d` with ints).
+///
+/// # Shapes
+/// - input: (N, C_in, H, W)
+/// - kernel: (C_out, C_in / groups, kh, kw)
+/// - output: (N, C_out, H_out, W_out), H_out = floor((H + 2p - d(kh-1) - 1) / s) + 1
 ///
 /// # Errors
 /// Mismatched channels or a kernel larger than the padded input.
-pub fn conv2d_candle(
+pub fn conv2d(
     x: &Tensor,
     kernel: &Tensor,
     padding: usize,

@@ -199,7 +199,7 @@ impl CustomOp2 for GemmConv2d {
             ),
             _ => candle_core::bail!("conv2d: unsupported dtypes"),
         };
-        let y = super::conv::conv2d_candle(&x, &w, g.padding, g.stride, g.dilation, g.groups)
+        let y = super::conv::conv2d(&x, &w, g.padding, g.stride, g.dilation, g.groups)
             .map_err(candle_core::Error::from)?;
         let shape = y.shape().clone();
         let storage = match y.dtype() {

@@ -12,7 +12,7 @@ mod conv_gemm;
 mod max_pool;
 mod subsample;
 
-pub use conv::{conv2d, conv2d_candle, conv2d_gemm};
+pub use conv::{conv2d, conv2d_gemm};
 pub use max_pool::{max_pool2d, max_pool2d_generic, Pool2dConfig};
 pub use subsample::subsample2d;
 
