@@ -74,14 +74,16 @@ fn check(f: &HashMap<String, Tensor>, losses: &[f64], varmap: &VarMap, tol: f64)
     Ok(())
 }
 
-#[test]
-fn resnet20_sgd_nesterov_multistep_matches_pytorch() -> Result<()> {
-    let f = fixture("engine_resnet20.safetensors")?;
+/// The fixture's resnet20 run in `dtype`: hash weights, SGD Nesterov (lr 0.02, momentum 0.9,
+/// weight decay 5e-4 except on 1-D parameters), MultiStep [8, 14], label smoothing 0.1, 5
+/// epochs of the 4 fixed batches. Returns the step losses and the VarMap.
+fn run_resnet20(f: &HashMap<String, Tensor>, dtype: DType) -> Result<(Vec<f64>, VarMap)> {
     let varmap = VarMap::new();
+    let vb = resblock_core::testing::hash_var_builder_with_dtype(&varmap, dtype);
     let model = resnet(
         &ResNetConfig::preset("resnet20")?,
         &RngHandle::seed_from_u64(0),
-        hash_var_builder(&varmap),
+        vb,
     )?;
     let sgd = Sgd::new(
         param_groups(&varmap, 5e-4, true),
@@ -108,8 +110,19 @@ fn resnet20_sgd_nesterov_multistep_matches_pytorch() -> Result<()> {
         ..Default::default()
     };
     let mut trainer = Trainer::new(&model, &varmap, Box::new(sgd), schedule, cfg);
-    trainer.fit(&mut batches(&f)?, None)?;
+    let mut data = batches(f)?;
+    for b in &mut data.0 {
+        b.inputs = b.inputs.to_dtype(dtype)?;
+    }
+    trainer.fit(&mut data, None)?;
     let losses = trainer.step_losses().to_vec();
+    Ok((losses, varmap))
+}
+
+#[test]
+fn resnet20_sgd_nesterov_multistep_matches_pytorch() -> Result<()> {
+    let f = fixture("engine_resnet20.safetensors")?;
+    let (losses, varmap) = run_resnet20(&f, DType::F32)?;
     check(&f, &losses, &varmap, 1e-4)
 }
 
@@ -167,44 +180,11 @@ fn residual_mlp_adamw_cosine_warmup_matches_pytorch() -> Result<()> {
 #[test]
 fn resnet20_sgd_f64_matches_pytorch_closely() -> Result<()> {
     let f = fixture("engine_resnet20.safetensors")?;
-    let f64s = fixture("engine_resnet20_f64.safetensors")?;
-    let varmap = VarMap::new();
-    let vb = resblock_core::testing::hash_var_builder_with_dtype(&varmap, DType::F64);
-    let model = resnet(
-        &ResNetConfig::preset("resnet20")?,
-        &RngHandle::seed_from_u64(0),
-        vb,
-    )?;
-    let sgd = Sgd::new(
-        param_groups(&varmap, 5e-4, true),
-        SgdConfig {
-            lr: 0.02,
-            momentum: 0.9,
-            dampening: 0.,
-            nesterov: true,
-        },
-    )?;
-    let schedule = LrSchedule::new(
-        0.02,
-        Schedule::MultiStep {
-            milestones: vec![8, 14],
-            gamma: 0.1,
-        },
-        None,
-    )?;
-    let cfg = TrainerConfig {
-        epochs: 5,
-        loss: LossKind::CrossEntropy {
-            label_smoothing: 0.1,
-        },
-        ..Default::default()
-    };
-    let mut trainer = Trainer::new(&model, &varmap, Box::new(sgd), schedule, cfg);
-    let mut data = batches(&f)?;
-    for b in &mut data.0 {
-        b.inputs = b.inputs.to_dtype(DType::F64)?;
-    }
-    trainer.fit(&mut data, None)?;
-    let losses = trainer.step_losses().to_vec();
-    check(&f64s, &losses, &varmap, 1e-9)
+    let (losses, varmap) = run_resnet20(&f, DType::F64)?;
+    check(
+        &fixture("engine_resnet20_f64.safetensors")?,
+        &losses,
+        &varmap,
+        1e-9,
+    )
 }
