@@ -422,6 +422,24 @@ impl ModuleT for BatchNorm {
     /// # Shapes
     /// - input: (N, C, ...); output: same
     fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        self.run(x, train, false)
+    }
+}
+
+impl BatchNorm {
+    /// `relu(self.forward_t(x, train))`, fused into one kernel in training (see
+    /// [`crate::ops::batch_norm_train`]).
+    ///
+    /// # Shapes
+    /// - input: (N, C, ...); output: same
+    ///
+    /// # Errors
+    /// As [`ModuleT::forward_t`].
+    pub fn forward_relu_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        self.run(x, train, true)
+    }
+
+    fn run(&self, x: &Tensor, train: bool, relu: bool) -> candle_core::Result<Tensor> {
         let bshape = self.check(x)?;
         let w = self.weight.reshape(bshape.as_slice())?;
         let b = self.bias.reshape(bshape.as_slice())?;
@@ -440,41 +458,23 @@ impl ModuleT for BatchNorm {
                 .reshape(bshape.as_slice())?;
             let inv = (var + self.cfg.eps)?.sqrt()?.recip()?;
             let scale = (w * inv)?;
-            return x
+            let y = x
                 .broadcast_sub(&mean)?
                 .broadcast_mul(&scale)?
-                .broadcast_add(&b);
+                .broadcast_add(&b)?;
+            return if relu { y.relu() } else { Ok(y) };
         }
-        let dims: Vec<usize> = (0..x.rank()).filter(|&d| d != 1).collect();
-        let count = x.elem_count() / bshape[1];
-        if count < 2 {
-            candle_core::bail!(
-                "batch_norm: training needs more than one value per channel, got shape {:?}",
-                x.dims()
-            );
-        }
-        // The batch statistics are reduced in f64: Candle sums sequentially, and an f32 sum
-        // over N*H*W values loses enough precision to make training drift away from
-        // PyTorch's within a few steps. The normalisation itself runs in the input's dtype.
-        let x64 = x.to_dtype(DType::F64)?;
-        let mean64 = x64.mean_keepdim(dims.as_slice())?;
-        let var64 = x64
-            .broadcast_sub(&mean64)?
-            .sqr()?
-            .mean_keepdim(dims.as_slice())?;
-        let mean = mean64.to_dtype(x.dtype())?;
-        let inv = (&var64 + self.cfg.eps)?
-            .sqrt()?
-            .recip()?
-            .to_dtype(x.dtype())?;
-        let xc = x.broadcast_sub(&mean)?;
-        let y = xc
-            .broadcast_mul(&inv.broadcast_mul(&w)?)?
-            .broadcast_add(&b)?;
+        let (y, stats) =
+            crate::ops::batch_norm_train(x, &self.weight, &self.bias, self.cfg.eps, relu)
+                .map_err(candle_core::Error::wrap)?;
+        let count = stats.count;
+        let dev = x.device();
+        let mean64 = Tensor::new(stats.mean.as_slice(), dev)?;
+        let var64 = Tensor::new(stats.var.as_slice(), dev)?;
         // Running statistics, outside the autograd graph.
         let m = self.cfg.momentum;
-        let batch_mean = mean64.detach().flatten_all()?;
-        let unbiased = (var64.detach().flatten_all()? * (count as f64 / (count as f64 - 1.)))?;
+        let batch_mean = mean64;
+        let unbiased = (var64 * (count as f64 / (count as f64 - 1.)))?;
         let old_mean = self
             .running_mean
             .as_tensor()

@@ -6,7 +6,9 @@ use anyhow::Result;
 use candle_core::{DType, Device, ModuleT, Tensor, Var};
 use candle_nn::VarMap;
 use common::{assert_close, autograd, numeric_grad};
-use resblock_core::ops::{conv2d, conv2d_gemm, max_pool2d, max_pool2d_generic, Pool2dConfig};
+use resblock_core::ops::{
+    conv2d_candle, conv2d_native, max_pool2d, max_pool2d_generic, Pool2dConfig,
+};
 use resblock_core::{
     mlp_block, seeded_var_builder, Activation, BatchNormConfig, ConvInit, MlpBlockConfig,
     ProjectionConfig, Residual, ResidualScale, RngHandle, Shortcut,
@@ -53,23 +55,26 @@ fn conv_backward_matches_finite_differences_on_8x7_stride_2() -> Result<()> {
     let x = randn(&rng, &[1, 2, 8, 7])?;
     let w = randn(&rng, &[3, 2, 3, 3])?;
     let r = randn(&rng, &[1, 3, 4, 4])?;
-    let f = |t: &Tensor| -> Result<Tensor> { Ok((conv2d(t, &w, 1, 2, 1, 1)? * &r)?.sum_all()?) };
+    let f =
+        |t: &Tensor| -> Result<Tensor> { Ok((conv2d_candle(t, &w, 1, 2, 1, 1)? * &r)?.sum_all()?) };
     let analytic = autograd(&f, &x)?;
     let numeric = numeric_grad(&|t| Ok(f(t)?.to_scalar::<f64>()?), &x, 1e-6)?;
     assert_close("conv dx", &analytic, &numeric, 1e-6)?;
-    // The GEMM-backward convolution, also with dilation and groups.
+    // Our native convolution, also with dilation and groups.
     let w2 = randn(&rng, &[4, 1, 3, 3])?;
     let r2 = randn(&rng, &[1, 4, 3, 3])?;
-    let g =
-        |t: &Tensor| -> Result<Tensor> { Ok((conv2d_gemm(t, &w2, 1, 2, 2, 2)? * &r2)?.sum_all()?) };
+    let g = |t: &Tensor| -> Result<Tensor> {
+        Ok((conv2d_native(t, &w2, 1, 2, 2, 2)? * &r2)?.sum_all()?)
+    };
     let analytic = autograd(&g, &x)?;
     let numeric = numeric_grad(&|t| Ok(g(t)?.to_scalar::<f64>()?), &x, 1e-6)?;
-    assert_close("gemm conv dx", &analytic, &numeric, 1e-6)?;
-    let gw =
-        |t: &Tensor| -> Result<Tensor> { Ok((conv2d_gemm(&x, t, 1, 2, 2, 2)? * &r2)?.sum_all()?) };
+    assert_close("native conv dx", &analytic, &numeric, 1e-6)?;
+    let gw = |t: &Tensor| -> Result<Tensor> {
+        Ok((conv2d_native(&x, t, 1, 2, 2, 2)? * &r2)?.sum_all()?)
+    };
     let analytic = autograd(&gw, &w2)?;
     let numeric = numeric_grad(&|t| Ok(gw(t)?.to_scalar::<f64>()?), &w2, 1e-6)?;
-    assert_close("gemm conv dw", &analytic, &numeric, 1e-6)
+    assert_close("native conv dw", &analytic, &numeric, 1e-6)
 }
 
 /// The gradient of a residual block's output w.r.t. its input and a parameter, against
@@ -157,4 +162,104 @@ fn mlp_block_gradients_match_finite_differences() -> Result<()> {
     let analytic = autograd(&f, &x)?;
     let numeric = numeric_grad(&|t| Ok(f(t)?.to_scalar::<f64>()?), &x, 1e-6)?;
     assert_close("mlp dx", &analytic, &numeric, 1e-6)
+}
+
+/// Our convolution against Candle's (f64, forward and both gradients) over every path of its
+/// input gradient: 1x1 direct, stride-1 flipped kernel (with dilation, groups, padding 0
+/// and 2), strided scatter, a non-square kernel, and batch 1 (GEMM-parallel rather than
+/// image-parallel).
+#[test]
+fn native_conv_agrees_with_candle_on_every_path() -> Result<()> {
+    let rng = RngHandle::seed_from_u64(11);
+    // (n, c_in, c_out, h, w, kh, kw, padding, stride, dilation, groups)
+    let cases = [
+        (2, 4, 6, 5, 7, 1, 1, 0, 1, 1, 1),
+        (2, 4, 6, 5, 7, 1, 1, 0, 2, 1, 2),
+        (3, 4, 6, 6, 5, 3, 3, 1, 1, 1, 1),
+        (2, 4, 6, 6, 5, 3, 3, 0, 1, 1, 2),
+        (2, 4, 4, 9, 8, 3, 3, 2, 1, 2, 4),
+        (2, 4, 6, 8, 7, 3, 3, 1, 2, 1, 1),
+        (2, 2, 3, 7, 9, 3, 2, 1, 1, 1, 1),
+        (1, 3, 5, 11, 10, 5, 5, 2, 1, 1, 1),
+        (1, 3, 5, 11, 10, 7, 7, 3, 2, 1, 1),
+    ];
+    for (n, ci, co, h, w, kh, kw, p, s, d, g) in cases {
+        let name = format!("n{n} {ci}->{co} {h}x{w} k{kh}x{kw} p{p} s{s} d{d} g{g}");
+        let x = randn(&rng, &[n, ci, h, w])?;
+        let k = randn(&rng, &[co, ci / g, kh, kw])?;
+        let ya = conv2d_native(&x, &k, p, s, d, g)?;
+        let yb = conv2d_candle(&x, &k, p, s, d, g)?;
+        assert_close(&format!("{name} y"), &ya, &yb, 1e-12)?;
+        let r = randn(&rng, ya.dims())?;
+        type Conv =
+            fn(&Tensor, &Tensor, usize, usize, usize, usize) -> resblock_core::Result<Tensor>;
+        let grads = |conv: Conv| -> Result<(Tensor, Tensor)> {
+            let (xv, kv) = (Var::from_tensor(&x)?, Var::from_tensor(&k)?);
+            let gs = (conv(xv.as_tensor(), kv.as_tensor(), p, s, d, g)? * &r)?
+                .sum_all()?
+                .backward()?;
+            let get = |v: &Var| gs.get(v).cloned().ok_or_else(|| anyhow::anyhow!("no grad"));
+            Ok((get(&xv)?, get(&kv)?))
+        };
+        let (dxa, dka) = grads(conv2d_native)?;
+        let (dxb, dkb) = grads(conv2d_candle)?;
+        assert_close(&format!("{name} dx"), &dxa, &dxb, 1e-12)?;
+        assert_close(&format!("{name} dw"), &dka, &dkb, 1e-12)?;
+    }
+    Ok(())
+}
+
+/// The BatchNorm kernel (with and without the fused ReLU) against the same maths from
+/// Candle ops: output, statistics and all three gradients, in f64.
+#[test]
+fn native_batch_norm_agrees_with_candle_ops() -> Result<()> {
+    use resblock_core::ops::{batch_norm_train, batch_norm_train_candle};
+    let rng = RngHandle::seed_from_u64(12);
+    for (shape, relu) in [
+        (vec![4, 3, 5, 6], false),
+        (vec![4, 3, 5, 6], true),
+        (vec![6, 5], true),
+    ] {
+        let x = (randn(&rng, &shape)? * 3.)?.affine(1., 2.)?;
+        let c = shape[1];
+        let gamma = randn(&rng, &[c])?;
+        let beta = randn(&rng, &[c])?;
+        let r = randn(&rng, &shape)?;
+        type Bn = fn(
+            &Tensor,
+            &Tensor,
+            &Tensor,
+            f64,
+            bool,
+        ) -> resblock_core::Result<(Tensor, resblock_core::ops::BatchStats)>;
+        let run = |bn: Bn| -> Result<(Tensor, Vec<f64>, Vec<Tensor>)> {
+            let vars = [&x, &gamma, &beta].map(|t| Var::from_tensor(t).expect("var"));
+            let (y, stats) = bn(
+                vars[0].as_tensor(),
+                vars[1].as_tensor(),
+                vars[2].as_tensor(),
+                1e-5,
+                relu,
+            )?;
+            let gs = (&y * &r)?.sum_all()?.backward()?;
+            let grads = vars
+                .iter()
+                .map(|v| gs.get(v).cloned().ok_or_else(|| anyhow::anyhow!("no grad")))
+                .collect::<Result<Vec<_>>>()?;
+            Ok((y, [stats.mean, stats.var].concat(), grads))
+        };
+        let (ya, sa, ga) = run(batch_norm_train)?;
+        let (yb, sb, gb) = run(batch_norm_train_candle)?;
+        let name = format!("bn {shape:?} relu {relu}");
+        assert_close(&format!("{name} y"), &ya, &yb, 1e-12)?;
+        let (sa, sb) = (
+            Tensor::new(sa, &Device::Cpu)?,
+            Tensor::new(sb, &Device::Cpu)?,
+        );
+        assert_close(&format!("{name} stats"), &sa, &sb, 1e-12)?;
+        for (i, (a, b)) in ga.iter().zip(&gb).enumerate() {
+            assert_close(&format!("{name} grad {i}"), a, b, 1e-10)?;
+        }
+    }
+    Ok(())
 }

@@ -6,7 +6,7 @@ use anyhow::Result;
 use candle_core::{DType, Device, ModuleT, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use common::{assert_close, autograd, fixture, get};
-use resblock_core::ops::{conv2d, conv2d_gemm, max_pool2d, Pool2dConfig};
+use resblock_core::ops::{conv2d_candle, conv2d_native, max_pool2d, Pool2dConfig};
 use resblock_core::{batch_norm, Shortcut};
 
 #[test]
@@ -61,7 +61,10 @@ fn conv_gradients_match_pytorch_on_non_square_strided_inputs() -> Result<()> {
         let (x, w, r) = (k("x")?, k("w")?, k("r")?);
         type Conv =
             fn(&Tensor, &Tensor, usize, usize, usize, usize) -> resblock_core::Result<Tensor>;
-        for (which, conv) in [("candle", conv2d as Conv), ("gemm", conv2d_gemm as Conv)] {
+        for (which, conv) in [
+            ("candle", conv2d_candle as Conv),
+            ("native", conv2d_native as Conv),
+        ] {
             let y = conv(x, w, p, s, 1, g)?;
             assert_close(&format!("conv {which} {name} y"), &y, k("y")?, 1e-5)?;
             let dx = autograd(&|t| Ok((conv(t, w, p, s, 1, g)? * r)?.sum_all()?), x)?;

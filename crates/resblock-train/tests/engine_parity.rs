@@ -2,8 +2,8 @@
 //! tests/fixtures/make_fixtures.py): every step's loss within 1e-4 relative, and the final
 //! weights within 1e-4 relative (||ours - theirs|| / ||theirs|| per tensor). In float64 the
 //! same resnet20 run agrees to 1e-9 (measured ~1e-15), which pins the update rules
-//! themselves; in float32 the remaining differences are summation order (measured: losses
-//! within 3e-5 over 20 steps).
+//! themselves; in float32 the remaining differences are summation order, and the resnet20
+//! run is held to PyTorch's float64 trajectory (see that test for why).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -119,11 +119,31 @@ fn run_resnet20(f: &HashMap<String, Tensor>, dtype: DType) -> Result<(Vec<f64>, 
     Ok((losses, varmap))
 }
 
+/// The f32 run against PyTorch's float64 run of the same problem (the exact trajectory),
+/// and against PyTorch's float32 run within its own rounding spread.
+///
+/// PyTorch's f32 losses themselves leave its f64 ones by up to 2.8e-4 relative at steps
+/// 9-20 of this run (a 20-step f32 trajectory amplifies summation-order differences), so a
+/// fixed 1e-4 bound against PyTorch-f32 only holds for an implementation that happens to sum
+/// in PyTorch's order. Ours is held to 1e-4 of the exact trajectory, and to PyTorch-f32
+/// within 1e-4 plus PyTorch-f32's own distance from exact at that step.
 #[test]
 fn resnet20_sgd_nesterov_multistep_matches_pytorch() -> Result<()> {
-    let f = fixture("engine_resnet20.safetensors")?;
-    let (losses, varmap) = run_resnet20(&f, DType::F32)?;
-    check(&f, &losses, &varmap, 1e-4)
+    let f32_ref = fixture("engine_resnet20.safetensors")?;
+    let f64_ref = fixture("engine_resnet20_f64.safetensors")?;
+    let (losses, varmap) = run_resnet20(&f32_ref, DType::F32)?;
+    check(&f64_ref, &losses, &varmap, 1e-4)?;
+    let torch32 = f32_ref["losses"].to_vec1::<f64>()?;
+    let torch64 = f64_ref["losses"].to_vec1::<f64>()?;
+    for (i, ((a, b), e)) in losses.iter().zip(&torch32).zip(&torch64).enumerate() {
+        let spread = (b - e).abs();
+        anyhow::ensure!(
+            (a - b).abs() <= 1e-4 * b.abs() + spread,
+            "step {}: loss {a} vs PyTorch-f32 {b} (PyTorch-f64 {e})",
+            i + 1
+        );
+    }
+    Ok(())
 }
 
 #[test]

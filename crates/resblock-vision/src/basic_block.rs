@@ -106,11 +106,11 @@ impl ModuleT for BasicBranch {
     /// # Shapes
     /// - input: (N, C_in, H, W); output: (N, C_out, ceil(H/s), ceil(W/s))
     fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        let mut y = self.conv1.forward(x)?;
-        if let Some(bn) = &self.bn_mid {
-            y = bn.forward_t(&y, train)?;
-        }
-        let y = y.relu()?;
+        let y = self.conv1.forward(x)?;
+        let y = match &self.bn_mid {
+            Some(bn) => bn.forward_relu_t(&y, train)?,
+            None => y.relu()?,
+        };
         let y = self.conv2.forward(&y)?;
         match &self.bn_last {
             Some(bn) => bn.forward_t(&y, train),

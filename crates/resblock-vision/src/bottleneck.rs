@@ -114,12 +114,12 @@ impl ModuleT for BottleneckBranch {
     /// # Shapes
     /// - input: (N, C_in, H, W); output: (N, 4 * planes, ceil(H/s), ceil(W/s))
     fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        let norm = |bn: &Option<BatchNorm>, y: Tensor| match bn {
-            Some(bn) => bn.forward_t(&y, train),
-            None => Ok(y),
+        let norm_relu = |bn: &Option<BatchNorm>, y: Tensor| match bn {
+            Some(bn) => bn.forward_relu_t(&y, train),
+            None => y.relu(),
         };
-        let y = norm(&self.bn_a, self.conv1.forward(x)?)?.relu()?;
-        let y = norm(&self.bn_b, self.conv2.forward(&y)?)?.relu()?;
+        let y = norm_relu(&self.bn_a, self.conv1.forward(x)?)?;
+        let y = norm_relu(&self.bn_b, self.conv2.forward(&y)?)?;
         let y = self.conv3.forward(&y)?;
         match &self.bn_last {
             Some(bn) => bn.forward_t(&y, train),

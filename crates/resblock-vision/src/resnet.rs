@@ -665,9 +665,15 @@ impl ResNet {
 
     fn run_stem(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         let mut h = x.clone();
-        for l in &self.stem {
+        let mut layers = self.stem.iter().peekable();
+        while let Some(l) = layers.next() {
             h = match l {
                 StemLayer::Conv(c) => c.forward(&h)?,
+                // A norm followed by a ReLU runs as one fused kernel.
+                StemLayer::Norm(n) if matches!(layers.peek(), Some(StemLayer::Relu)) => {
+                    layers.next();
+                    n.forward_relu_t(&h, train)?
+                }
                 StemLayer::Norm(n) => n.forward_t(&h, train)?,
                 StemLayer::Relu => h.relu()?,
                 StemLayer::MaxPool => max_pool2d(&h, Pool2dConfig::new(3, 2, 1))?,
@@ -706,7 +712,7 @@ impl ResNet {
             .pop()
             .ok_or_else(|| Error::config("a ResNet needs at least one stage"))?;
         let h = match &self.final_norm {
-            Some(n) => n.forward_t(&last, train)?.relu()?,
+            Some(n) => n.forward_relu_t(&last, train)?,
             None => last,
         };
         Ok(h.mean((2, 3))?)

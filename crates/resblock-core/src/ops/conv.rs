@@ -1,10 +1,11 @@
-//! 2-D convolution whose backward pass is right for every input shape.
+//! 2-D convolution: our CPU kernel, or Candle's with a backward that is right for every
+//! input shape.
 //!
 //! Candle 0.11's `conv2d` backward computes the input gradient with a transposed convolution
 //! whose `output_padding` it derives from the height alone and applies to the width too.
 //! When `(H + 2p - d(k-1) - 1) mod s` differs from the same expression for the width (e.g. an
 //! 8x7 input with stride 2), the gradient comes out the wrong size and backward fails.
-//! [`conv2d`] detects that case and pads explicitly and crops to an exact fit, so both
+//! [`conv2d_candle`] detects that case and pads explicitly and crops to an exact fit, so both
 //! residues are zero and Candle's backward is right; the numbers are unchanged. Other shapes
 //! go straight to Candle.
 
@@ -12,19 +13,44 @@ use candle_core::Tensor;
 
 use crate::error::{Error, Result};
 
-/// [`conv2d`] whose backward runs as GEMMs over the unfolded input on the CPU (f32/f64):
-/// `dW = dY^T . cols`, `dX = col2im(dY . W)`, instead of Candle's transposed-convolution loop
-/// (see `conv_gemm.rs`). Exact in f64 (tested against PyTorch and finite differences); in
-/// f32 its summation order differs from Candle's and PyTorch's. Not yet the default: the
-/// Performance issue benchmarks it against PyTorch before switching. Other devices and
-/// dtypes fall back to [`conv2d`].
+/// Convolution of an (N, C_in, H, W) input with a (C_out, C_in/groups, kh, kw) kernel, with
+/// the same padding, stride and dilation in both dims (as PyTorch's `F.conv2d` with ints).
+///
+/// On the CPU in f32/f64 this runs our kernel ([`conv2d_native`]) unless
+/// [`super::set_kernels`] chose Candle's; elsewhere it is [`conv2d_candle`].
+///
+/// # Shapes
+/// - input: (N, C_in, H, W)
+/// - kernel: (C_out, C_in / groups, kh, kw)
+/// - output: (N, C_out, H_out, W_out), H_out = floor((H + 2p - d(kh-1) - 1) / s) + 1
+///
+/// # Errors
+/// Mismatched channels or a kernel larger than the padded input.
+pub fn conv2d(
+    x: &Tensor,
+    kernel: &Tensor,
+    padding: usize,
+    stride: usize,
+    dilation: usize,
+    groups: usize,
+) -> Result<Tensor> {
+    match super::kernels() {
+        super::Kernels::Native => conv2d_native(x, kernel, padding, stride, dilation, groups),
+        super::Kernels::Candle => conv2d_candle(x, kernel, padding, stride, dilation, groups),
+    }
+}
+
+/// [`conv2d`] on our CPU kernel (see `conv_cpu.rs`): forward, input gradient and weight
+/// gradient all as GEMMs over one image's unfolded input at a time, images in parallel,
+/// grouped convolutions in one pass, the weight gradient summed in f64. Other devices and
+/// dtypes fall back to [`conv2d_candle`].
 ///
 /// # Shapes
 /// As [`conv2d`].
 ///
 /// # Errors
 /// As [`conv2d`].
-pub fn conv2d_gemm(
+pub fn conv2d_native(
     x: &Tensor,
     kernel: &Tensor,
     padding: usize,
@@ -38,10 +64,11 @@ pub fn conv2d_gemm(
         && x.dtype() == kernel.dtype();
     if cpu_float && x.rank() == 4 && kernel.rank() == 4 && groups > 0 && stride > 0 && dilation > 0
     {
-        let (_, c_in, _, _) = x.dims4()?;
-        let (_, c_k, _, _) = kernel.dims4()?;
-        if c_in == c_k * groups {
-            let geom = super::conv_gemm::ConvGeom {
+        let (_, c_in, h, w) = x.dims4()?;
+        let (_, c_k, kh, kw) = kernel.dims4()?;
+        let fits = |size: usize, k: usize| size + 2 * padding > dilation * (k - 1);
+        if c_in == c_k * groups && fits(h, kh) && fits(w, kw) {
+            let geom = super::conv_cpu::ConvGeom {
                 padding,
                 stride,
                 dilation,
@@ -49,23 +76,22 @@ pub fn conv2d_gemm(
             };
             return Ok(x
                 .contiguous()?
-                .apply_op2(&kernel.contiguous()?, super::conv_gemm::GemmConv2d(geom))?);
+                .apply_op2(&kernel.contiguous()?, super::conv_cpu::NativeConv2d(geom))?);
         }
     }
-    conv2d(x, kernel, padding, stride, dilation, groups)
+    // Candle's path reports shape errors in our words.
+    conv2d_candle(x, kernel, padding, stride, dilation, groups)
 }
 
-/// Convolution of an (N, C_in, H, W) input with a (C_out, C_in/groups, kh, kw) kernel, with
-/// the same padding, stride and dilation in both dims (as PyTorch's `F.conv2d` with ints).
+/// [`conv2d`] on Candle's own kernels (any device), with a backward that is right for every
+/// input shape (see the module docs).
 ///
 /// # Shapes
-/// - input: (N, C_in, H, W)
-/// - kernel: (C_out, C_in / groups, kh, kw)
-/// - output: (N, C_out, H_out, W_out), H_out = floor((H + 2p - d(kh-1) - 1) / s) + 1
+/// As [`conv2d`].
 ///
 /// # Errors
-/// Mismatched channels or a kernel larger than the padded input.
-pub fn conv2d(
+/// As [`conv2d`].
+pub fn conv2d_candle(
     x: &Tensor,
     kernel: &Tensor,
     padding: usize,

@@ -1,20 +1,68 @@
 //! Tensor ops that ResNets need and Candle 0.11 lacks or gets wrong, each with a backward.
 //!
 //! - [`max_pool2d`]: padding, kernel != stride, dilation; trainable (Candle's is not).
-//! - [`conv2d`]: Candle's conv with a backward that is right for non-square inputs whose
-//!   height and width leave different remainders under the stride.
-//! - [`conv2d_gemm`]: the same convolution with a GEMM backward (im2col / col2im), not yet
-//!   the default.
+//! - [`conv2d`]: our CPU convolution ([`conv2d_native`]: forward and both gradients as
+//!   GEMMs) or Candle's ([`conv2d_candle`], with a backward that is right for non-square
+//!   inputs whose height and width leave different remainders under the stride).
+//! - [`batch_norm_train`]: training-mode batch normalisation (optionally fused with ReLU)
+//!   as one multithreaded op with its own backward, statistics in f64.
+//!
+//! [`set_kernels`] switches every op with two implementations between ours (the default) and
+//! Candle's plain path, for comparison and for benchmarks; so does the environment variable
+//! `RESBLOCK_KERNELS=candle`.
 //! - [`subsample2d`]: strided slicing `x[:, :, ::s, ::s]`.
 
+mod batch_norm;
 mod conv;
-mod conv_gemm;
+mod conv_cpu;
 mod max_pool;
 mod subsample;
 
-pub use conv::{conv2d, conv2d_gemm};
+pub use batch_norm::{batch_norm_train, batch_norm_train_candle, BatchStats};
+pub use conv::{conv2d, conv2d_candle, conv2d_native};
 pub use max_pool::{max_pool2d, max_pool2d_generic, Pool2dConfig};
 pub use subsample::subsample2d;
+
+use std::sync::atomic::{AtomicU8, Ordering};
+
+/// Which implementation the ops with two use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernels {
+    /// Ours on the CPU (f32/f64), Candle's elsewhere. The default.
+    Native,
+    /// Candle's everywhere.
+    Candle,
+}
+
+static KERNELS: AtomicU8 = AtomicU8::new(0);
+
+/// Chooses the implementation for the whole process (takes effect for ops built afterwards).
+pub fn set_kernels(k: Kernels) {
+    KERNELS.store(
+        match k {
+            Kernels::Native => 1,
+            Kernels::Candle => 2,
+        },
+        Ordering::Relaxed,
+    );
+}
+
+/// The implementation in use: [`set_kernels`]'s choice, else `RESBLOCK_KERNELS=candle` from
+/// the environment, else [`Kernels::Native`].
+pub fn kernels() -> Kernels {
+    match KERNELS.load(Ordering::Relaxed) {
+        1 => Kernels::Native,
+        2 => Kernels::Candle,
+        _ => {
+            let k = match std::env::var("RESBLOCK_KERNELS") {
+                Ok(v) if v.eq_ignore_ascii_case("candle") => Kernels::Candle,
+                _ => Kernels::Native,
+            };
+            set_kernels(k);
+            k
+        }
+    }
+}
 
 /// The contiguous slice of a CPU buffer that a layout covers (custom ops' inputs are made
 /// contiguous before the op).
@@ -26,5 +74,23 @@ pub(crate) fn contiguous_slice<'a, T>(
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&s[a..b]),
         None => candle_core::bail!("{op}: expected a contiguous tensor"),
+    }
+}
+
+/// Runs `f` on the contiguous CPU data of `t` (copied first only if `t` is not contiguous),
+/// without copying it out: custom ops' backward passes read their saved inputs this way.
+pub(crate) fn with_cpu_slice<T: candle_core::WithDType, R>(
+    t: &candle_core::Tensor,
+    op: &str,
+    f: impl FnOnce(&[T]) -> R,
+) -> candle_core::Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        candle_core::Storage::Cpu(cpu) => {
+            let all = cpu.as_slice::<T>()?;
+            Ok(f(contiguous_slice(all, layout, op)?))
+        }
+        _ => candle_core::bail!("{op}: the native kernel runs on the CPU only"),
     }
 }

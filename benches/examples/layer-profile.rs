@@ -1,0 +1,87 @@
+//! Times single layers at CIFAR ResNet shapes (batch 128): convolution forward and forward +
+//! backward, BatchNorm(+ReLU) training forward and forward + backward, with our kernels and
+//! Candle's.
+//! `cargo run --release -p resblock-benches --example layer-profile -- [native|candle|both] [conv|bn]`.
+
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor, Var};
+use resblock_core::ops::{batch_norm_train, conv2d, set_kernels, Kernels};
+use resblock_core::{configure_threads, RngHandle};
+
+fn time<R>(reps: usize, mut f: impl FnMut() -> anyhow::Result<R>) -> anyhow::Result<f64> {
+    f()?;
+    let t = Instant::now();
+    for _ in 0..reps {
+        f()?;
+    }
+    Ok(1e3 * t.elapsed().as_secs_f64() / reps as f64)
+}
+
+fn main() -> anyhow::Result<()> {
+    configure_threads(None);
+    let kernels = match std::env::args().nth(1).as_deref() {
+        Some("native") => vec![Kernels::Native],
+        Some("candle") => vec![Kernels::Candle],
+        _ => vec![Kernels::Native, Kernels::Candle],
+    };
+    let only = std::env::args().nth(2).unwrap_or_default();
+    let rng = RngHandle::seed_from_u64(0);
+    let dev = Device::Cpu;
+    let n = 128;
+    // (cin, cout, size, stride)
+    for (ci, co, hw, s) in [
+        (16, 16, 32, 1),
+        (16, 32, 32, 2),
+        (32, 32, 16, 1),
+        (64, 64, 8, 1),
+    ] {
+        if !only.is_empty() && only != "conv" {
+            break;
+        }
+        let x = Var::from_tensor(&rng.normal_tensor((n, ci, hw, hw), 0., 1., DType::F32, &dev)?)?;
+        let w = Var::from_tensor(&rng.normal_tensor((co, ci, 3, 3), 0., 0.1, DType::F32, &dev)?)?;
+        let oh = (hw - 1) / s + 1;
+        let r = rng.normal_tensor((n, co, oh, oh), 0., 1., DType::F32, &dev)?;
+        let flop = 2. * (n * co * oh * oh * ci * 9) as f64;
+        for k in kernels.iter().copied() {
+            set_kernels(k);
+            let f = time(5, || Ok(conv2d(&x, &w, 1, s, 1, 1)?))?;
+            let fb = time(3, || {
+                Ok((conv2d(&x, &w, 1, s, 1, 1)? * &r)?.sum_all()?.backward()?)
+            })?;
+            println!(
+                "{k:?} conv {ci}->{co} {hw}x{hw} s{s}: fwd {f:.1} ms ({:.1} GFLOP/s), fwd+bwd {fb:.1} ms ({:.1} GFLOP/s)",
+                flop / f / 1e6,
+                3. * flop / fb / 1e6
+            );
+        }
+    }
+    for (c, hw) in [(16, 32), (64, 8)] {
+        if !only.is_empty() && only != "bn" {
+            break;
+        }
+        let x = Var::from_tensor(&rng.normal_tensor((n, c, hw, hw), 0., 1., DType::F32, &dev)?)?;
+        let g = Var::from_tensor(&Tensor::ones(c, DType::F32, &dev)?)?;
+        let b = Var::from_tensor(&Tensor::zeros(c, DType::F32, &dev)?)?;
+        let r = rng.normal_tensor((n, c, hw, hw), 0., 1., DType::F32, &dev)?;
+        for k in kernels.iter().copied() {
+            set_kernels(k);
+            let f = time(5, || Ok(batch_norm_train(&x, &g, &b, 1e-5, true)?))?;
+            let fb = time(3, || {
+                Ok((batch_norm_train(&x, &g, &b, 1e-5, true)?.0 * &r)?
+                    .sum_all()?
+                    .backward()?)
+            })?;
+            let base = time(3, || Ok((x.as_tensor() * &r)?.sum_all()?.backward()?))?;
+            println!(
+                "{k:?} bn+relu {c}x{hw}x{hw}: fwd {f:.1} ms, fwd+bwd {fb:.1} ms (of which the test loss {base:.1} ms)"
+            );
+        }
+    }
+    let x = rng.normal_tensor((n, 16, 32, 32), 0., 1., DType::F32, &dev)?;
+    let y = rng.normal_tensor((n, 16, 32, 32), 0., 1., DType::F32, &dev)?;
+    println!("candle add 16x32x32: {:.1} ms", time(5, || Ok((&x + &y)?))?);
+    println!("candle relu 16x32x32: {:.1} ms", time(5, || Ok(x.relu()?))?);
+    Ok(())
+}

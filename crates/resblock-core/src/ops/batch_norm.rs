@@ -1,0 +1,381 @@
+//! Training-mode batch normalisation as one op with its own backward.
+//!
+//! Built from Candle ops, a training BatchNorm is a dozen single-threaded passes over the
+//! activation (and needs an f64 copy of it: Candle sums sequentially, and f32 sums over
+//! N*H*W values drift from PyTorch's within a few steps). Here the forward is two parallel
+//! passes (per-channel statistics in f64, then normalise-scale-shift, optionally with the
+//! ReLU fused), and the backward two more (per-channel sums of `dy` and `dy * x_hat` in f64,
+//! then `dx = gamma / sigma * (dy - mean(dy) - x_hat * mean(dy * x_hat))`), with `dy` masked by
+//! the output's sign when the ReLU is fused.
+
+use std::sync::{Arc, OnceLock};
+
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor, WithDType};
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+
+/// The batch statistics of one training-mode forward, per channel, in f64.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BatchStats {
+    /// The mean over every dim but the channel dim.
+    pub mean: Vec<f64>,
+    /// The biased variance (divided by the count).
+    pub var: Vec<f64>,
+    /// Values per channel (N * H * W).
+    pub count: usize,
+}
+
+/// Batch normalisation in training mode: normalises `x` (N, C, ...) with its own batch
+/// statistics, scales by `weight` and shifts by `bias` (both (C)), and applies a ReLU when
+/// `relu` is set. Returns the output and the statistics (for the running averages). The
+/// gradient reaches `x`, `weight` and `bias`.
+///
+/// Runs our multithreaded kernel on the CPU in f32/f64 unless [`super::set_kernels`] chose
+/// Candle's; elsewhere it is [`batch_norm_train_candle`].
+///
+/// # Errors
+/// A rank below 2, a weight or bias whose length is not C, fewer than two values per channel.
+pub fn batch_norm_train(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+    relu: bool,
+) -> Result<(Tensor, BatchStats)> {
+    let (c, count) = check(x, weight, bias)?;
+    let native = super::kernels() == super::Kernels::Native
+        && x.device().is_cpu()
+        && matches!(x.dtype(), DType::F32 | DType::F64)
+        && weight.dtype() == x.dtype()
+        && bias.dtype() == x.dtype();
+    if !native {
+        return batch_norm_train_candle(x, weight, bias, eps, relu);
+    }
+    let stats = Arc::new(OnceLock::new());
+    let op = NativeBatchNorm {
+        channels: c,
+        eps,
+        relu,
+        stats: stats.clone(),
+    };
+    let y = x
+        .contiguous()?
+        .apply_op3(&weight.contiguous()?, &bias.contiguous()?, op)?;
+    let (mean, inv_std) = stats
+        .get()
+        .ok_or_else(|| Error::config("batch_norm: the kernel did not record its statistics"))?;
+    let var = inv_std.iter().map(|s| 1. / (s * s) - eps).collect();
+    Ok((
+        y,
+        BatchStats {
+            mean: mean.clone(),
+            var,
+            count,
+        },
+    ))
+}
+
+/// [`batch_norm_train`] from Candle ops (any device): statistics reduced in f64, the
+/// normalisation in the input's dtype.
+///
+/// # Errors
+/// As [`batch_norm_train`].
+pub fn batch_norm_train_candle(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+    relu: bool,
+) -> Result<(Tensor, BatchStats)> {
+    let (c, count) = check(x, weight, bias)?;
+    let mut bshape = vec![1; x.rank()];
+    bshape[1] = c;
+    let dims: Vec<usize> = (0..x.rank()).filter(|&d| d != 1).collect();
+    let x64 = x.to_dtype(DType::F64)?;
+    let mean64 = x64.mean_keepdim(dims.as_slice())?;
+    let var64 = x64
+        .broadcast_sub(&mean64)?
+        .sqr()?
+        .mean_keepdim(dims.as_slice())?;
+    let mean = mean64.to_dtype(x.dtype())?;
+    let inv = (&var64 + eps)?.sqrt()?.recip()?.to_dtype(x.dtype())?;
+    let w = weight.reshape(bshape.as_slice())?;
+    let b = bias.reshape(bshape.as_slice())?;
+    let y = x
+        .broadcast_sub(&mean)?
+        .broadcast_mul(&inv.broadcast_mul(&w)?)?
+        .broadcast_add(&b)?;
+    let y = if relu { y.relu()? } else { y };
+    let stats = BatchStats {
+        mean: mean64.detach().flatten_all()?.to_vec1()?,
+        var: var64.detach().flatten_all()?.to_vec1()?,
+        count,
+    };
+    Ok((y, stats))
+}
+
+/// (channels, values per channel), after checking the shapes.
+fn check(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<(usize, usize)> {
+    if x.rank() < 2 {
+        return Err(Error::Shape {
+            op: "batch_norm",
+            expected: "an (N, C, ...) input".into(),
+            got: x.dims().to_vec(),
+        });
+    }
+    let c = x.dim(1)?;
+    for (name, t) in [("weight", weight), ("bias", bias)] {
+        if t.dims() != [c] {
+            return Err(Error::Shape {
+                op: "batch_norm",
+                expected: format!("a {name} of shape [{c}]"),
+                got: t.dims().to_vec(),
+            });
+        }
+    }
+    let count = x.elem_count() / c.max(1);
+    if count < 2 {
+        return Err(Error::Shape {
+            op: "batch_norm",
+            expected: "more than one value per channel in training".into(),
+            got: x.dims().to_vec(),
+        });
+    }
+    Ok((c, count))
+}
+
+/// Per-channel mean and 1/sqrt(var + eps), f64.
+type Stats = (Vec<f64>, Vec<f64>);
+
+struct NativeBatchNorm {
+    channels: usize,
+    eps: f64,
+    relu: bool,
+    /// Written by the forward, read by the caller (running statistics) and the backward.
+    stats: Arc<OnceLock<Stats>>,
+}
+
+/// Runs `f(channel)` for every channel in parallel, collecting the results in order.
+fn per_channel<R: Send>(c: usize, f: impl Fn(usize) -> R + Sync + Send) -> Vec<R> {
+    (0..c).into_par_iter().map(f).collect()
+}
+
+/// `f(plane)` summed in f64 over the N planes of channel `ci` (each `s` values long).
+fn channel_sum<T: WithDType>(
+    x: &[T],
+    (c, s): (usize, usize),
+    ci: usize,
+    f: impl Fn(&[T], usize) -> f64,
+) -> f64 {
+    x.chunks(c * s)
+        .map(|img| f(&img[ci * s..(ci + 1) * s], ci))
+        .sum()
+}
+
+fn forward<T: WithDType>(
+    x: &[T],
+    w: &[T],
+    b: &[T],
+    (c, s): (usize, usize),
+    eps: f64,
+    relu: bool,
+) -> (Vec<T>, Stats) {
+    let m = (x.len() / c) as f64;
+    let mean = per_channel(c, |ci| {
+        channel_sum(x, (c, s), ci, |p, _| p.iter().map(|v| v.to_f64()).sum()) / m
+    });
+    let inv_std = per_channel(c, |ci| {
+        let mu = mean[ci];
+        let var = channel_sum(x, (c, s), ci, |p, _| {
+            p.iter().map(|v| (v.to_f64() - mu).powi(2)).sum()
+        }) / m;
+        1. / (var + eps).sqrt()
+    });
+    // As PyTorch: (x - mean) * (inv_std * weight) + bias, in the input's dtype.
+    let coef: Vec<(T, T, T)> = (0..c)
+        .map(|ci| {
+            let inv = T::from_f64(inv_std[ci]);
+            (T::from_f64(mean[ci]), inv * w[ci], b[ci])
+        })
+        .collect();
+    let mut y = vec![T::zero(); x.len()];
+    y.par_chunks_mut(s)
+        .zip(x.par_chunks(s))
+        .enumerate()
+        .for_each(|(i, (yp, xp))| {
+            let (mu, scale, shift) = coef[i % c];
+            for (o, v) in yp.iter_mut().zip(xp) {
+                let r = (*v - mu) * scale + shift;
+                *o = if relu && r < T::zero() { T::zero() } else { r };
+            }
+        });
+    (y, (mean, inv_std))
+}
+
+/// (dx, dweight, dbias).
+#[allow(clippy::too_many_arguments)]
+fn backward<T: WithDType>(
+    x: &[T],
+    w: &[T],
+    y: &[T],
+    dy: &[T],
+    (c, s): (usize, usize),
+    (mean, inv_std): &Stats,
+    relu: bool,
+) -> (Vec<T>, Vec<T>, Vec<T>) {
+    let m = (x.len() / c) as f64;
+    let zero = T::zero();
+    // The upstream gradient, masked by the fused ReLU.
+    let grad = |k: usize| {
+        if relu && y[k] <= zero {
+            0.
+        } else {
+            dy[k].to_f64()
+        }
+    };
+    let sums: Vec<(f64, f64)> = per_channel(c, |ci| {
+        let (mu, inv) = (mean[ci], inv_std[ci]);
+        x.chunks(c * s)
+            .enumerate()
+            .map(|(ni, img)| {
+                let base = ni * c * s + ci * s;
+                let plane = &img[ci * s..(ci + 1) * s];
+                let (mut sd, mut sdx) = (0f64, 0f64);
+                for (j, v) in plane.iter().enumerate() {
+                    let g = grad(base + j);
+                    sd += g;
+                    sdx += g * (v.to_f64() - mu) * inv;
+                }
+                (sd, sdx)
+            })
+            .fold((0., 0.), |a, b| (a.0 + b.0, a.1 + b.1))
+    });
+    let coef: Vec<(T, T, T, T)> = (0..c)
+        .map(|ci| {
+            let (sd, sdx) = sums[ci];
+            let a = w[ci].to_f64() * inv_std[ci];
+            (
+                T::from_f64(mean[ci]),
+                T::from_f64(a),
+                T::from_f64(sd / m),
+                T::from_f64(inv_std[ci] * sdx / m),
+            )
+        })
+        .collect();
+    let mut dx = vec![T::zero(); x.len()];
+    dx.par_chunks_mut(s).enumerate().for_each(|(i, dxp)| {
+        let (mu, a, mdy, k) = coef[i % c];
+        let base = i * s;
+        for (j, o) in dxp.iter_mut().enumerate() {
+            let g = if relu && y[base + j] <= zero {
+                zero
+            } else {
+                dy[base + j]
+            };
+            *o = a * (g - mdy - (x[base + j] - mu) * k);
+        }
+    });
+    let dw = sums.iter().map(|p| T::from_f64(p.1)).collect();
+    let db = sums.iter().map(|p| T::from_f64(p.0)).collect();
+    (dx, dw, db)
+}
+
+fn slice<'a, T>(s: &'a [T], l: &Layout) -> candle_core::Result<&'a [T]> {
+    super::contiguous_slice(s, l, "batch_norm")
+}
+
+impl CustomOp3 for NativeBatchNorm {
+    fn name(&self) -> &'static str {
+        "resblock-batch-norm-train"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let dims = (self.channels, l1.dims()[2..].iter().product());
+        let (out, stats) = match (s1, s2, s3) {
+            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => {
+                let (y, st) = forward(
+                    slice(x, l1)?,
+                    slice(w, l2)?,
+                    slice(b, l3)?,
+                    dims,
+                    self.eps,
+                    self.relu,
+                );
+                (CpuStorage::F32(y), st)
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(b)) => {
+                let (y, st) = forward(
+                    slice(x, l1)?,
+                    slice(w, l2)?,
+                    slice(b, l3)?,
+                    dims,
+                    self.eps,
+                    self.relu,
+                );
+                (CpuStorage::F64(y), st)
+            }
+            _ => candle_core::bail!("batch_norm: the native kernel takes f32 or f64 of one dtype"),
+        };
+        if self.stats.set(stats).is_err() {
+            candle_core::bail!("batch_norm: a kernel instance ran twice");
+        }
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        y: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let Some(stats) = self.stats.get() else {
+            candle_core::bail!("batch_norm: backward before forward")
+        };
+        let (dx, dw, db) = match x.dtype() {
+            DType::F32 => self.bwd_typed::<f32>(x, w, y, dy, stats)?,
+            DType::F64 => self.bwd_typed::<f64>(x, w, y, dy, stats)?,
+            dt => candle_core::bail!("batch_norm: the native kernel has no {dt:?} backward"),
+        };
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+impl NativeBatchNorm {
+    fn bwd_typed<T: WithDType>(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        y: &Tensor,
+        dy: &Tensor,
+        stats: &Stats,
+    ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+        use super::with_cpu_slice as with;
+        let dims = (self.channels, x.dims()[2..].iter().product());
+        let (dx, dw, db) = with(x, "batch_norm", |xs: &[T]| {
+            with(w, "batch_norm", |ws: &[T]| {
+                with(y, "batch_norm", |ys: &[T]| {
+                    with(dy, "batch_norm", |dys: &[T]| {
+                        backward(xs, ws, ys, dys, dims, stats, self.relu)
+                    })
+                })
+            })
+        })????;
+        let dev = x.device();
+        Ok((
+            Tensor::from_vec(dx, x.shape(), dev)?,
+            Tensor::from_vec(dw, w.shape(), dev)?,
+            Tensor::from_vec(db, w.shape(), dev)?,
+        ))
+    }
+}

@@ -1,0 +1,576 @@
+//! Our CPU convolution: forward, input gradient and weight gradient as GEMMs, one image at a
+//! time.
+//!
+//! Candle's CPU conv runs at about a quarter of GEMM speed forward, and its backward computes
+//! the input gradient with a direct transposed-convolution loop (4-13x slower than the
+//! forward). Here all three products are GEMMs (the `gemm` crate, the kernel Candle's own
+//! matmul uses) over one image's unfolded input `cols` (K x P; rows `[c, ky, kx]`, columns
+//! `[oy, ox]`; K = C/groups * kh * kw per group, P = Hout * Wout), per group g:
+//!
+//! - forward:         `Y_n[g] = W[g] . cols_n[g]`                 (og x K) . (K x P)
+//! - weight gradient: `dW[g] += dY_n[g] . cols_n[g]^T`            (og x P) . (P x K)
+//! - input gradient:  `dcols_n[g] = W[g]^T . dY_n[g]`, then col2im (K x og) . (og x P)
+//!
+//! Images run in parallel (one rayon task each, single-threaded GEMMs), so `cols` is one
+//! image's worth (it stays in L2 for CIFAR shapes) and no full-batch im2col is ever built.
+//! With fewer images than threads (batch-1 inference) the GEMMs themselves run in parallel.
+//! 1x1 stride-1 unpadded convolutions use the input as `cols` directly. Groups are the
+//! row blocks of the same `cols` (its rows are channel-major), so a grouped convolution is
+//! one pass. The weight gradient sums each image's product in f64: the reduction over the
+//! batch is the long one, and f32 partial sums drift from PyTorch's in training.
+//! See `../shared/notes/cpu-training-kernels.md`.
+
+use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor, WithDType};
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+/// Geometry of one convolution (same padding/stride/dilation in both dims).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ConvGeom {
+    pub padding: usize,
+    pub stride: usize,
+    pub dilation: usize,
+    pub groups: usize,
+}
+
+/// Sizes of one convolution call.
+#[derive(Debug, Clone, Copy)]
+struct Dims {
+    n: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    cout: usize,
+    kh: usize,
+    kw: usize,
+    oh: usize,
+    ow: usize,
+}
+
+impl Dims {
+    fn new(g: &ConvGeom, x: &[usize], k: &[usize]) -> candle_core::Result<Dims> {
+        if x.len() != 4 || k.len() != 4 || k[1] * g.groups != x[1] {
+            candle_core::bail!(
+                "conv2d: input {x:?} does not fit kernel {k:?}, groups {}",
+                g.groups
+            )
+        }
+        let out = |size: usize, k: usize| -> candle_core::Result<usize> {
+            let eff = g.dilation * (k - 1) + 1;
+            match (size + 2 * g.padding).checked_sub(eff) {
+                Some(v) => Ok(v / g.stride + 1),
+                None => candle_core::bail!("conv2d: kernel larger than the padded input"),
+            }
+        };
+        Ok(Dims {
+            n: x[0],
+            c: x[1],
+            h: x[2],
+            w: x[3],
+            cout: k[0],
+            kh: k[2],
+            kw: k[3],
+            oh: out(x[2], k[2])?,
+            ow: out(x[3], k[3])?,
+        })
+    }
+    /// Output pixels per image.
+    fn p(&self) -> usize {
+        self.oh * self.ow
+    }
+    /// Rows of `cols` (all groups).
+    fn k_all(&self) -> usize {
+        self.c * self.kh * self.kw
+    }
+    fn chw(&self) -> usize {
+        self.c * self.h * self.w
+    }
+    /// Whether `cols` is the input itself (1x1, stride 1, no padding).
+    fn direct(&self, g: &ConvGeom) -> bool {
+        self.kh == 1 && self.kw == 1 && g.stride == 1 && g.padding == 0
+    }
+}
+
+/// `dst (m x n, row-major) = [dst +] a (m x k) . b (k x n)`, `a` and `b` given by row and
+/// column strides into their slices.
+#[allow(clippy::too_many_arguments)]
+fn gemm_into<T: WithDType>(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [T],
+    accumulate: bool,
+    a: &[T],
+    (a_rs, a_cs): (usize, usize),
+    b: &[T],
+    (b_rs, b_cs): (usize, usize),
+    par: Parallelism,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    let last = |rows: usize, cols: usize, rs: usize, cs: usize| (rows - 1) * rs + (cols - 1) * cs;
+    assert!(dst.len() >= m * n, "gemm: destination too small");
+    if k == 0 {
+        if !accumulate {
+            dst[..m * n].fill(T::zero());
+        }
+        return;
+    }
+    assert!(a.len() > last(m, k, a_rs, a_cs), "gemm: lhs out of bounds");
+    assert!(b.len() > last(k, n, b_rs, b_cs), "gemm: rhs out of bounds");
+    // SAFETY: every index the GEMM touches is in bounds (checked above), `dst` does not alias
+    // `a` or `b` (a `&mut` and two `&`), and T is f32 or f64 (the callers' dtype match).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.as_ptr(),
+            a_cs as isize,
+            a_rs as isize,
+            b.as_ptr(),
+            b_cs as isize,
+            b_rs as isize,
+            T::one(),
+            T::one(),
+            false,
+            false,
+            false,
+            par,
+        )
+    }
+}
+
+/// Output columns `ox` whose input column `ox * s + off` lies in `0..w`.
+fn valid_range(ow: usize, w: usize, s: usize, off: isize) -> (usize, usize) {
+    let lo = if off >= 0 {
+        0
+    } else {
+        ((-off) as usize).div_ceil(s)
+    };
+    let hi = if (w as isize) <= off {
+        0
+    } else {
+        ((w as isize - off) as usize).div_ceil(s).min(ow)
+    };
+    (lo.min(hi), hi)
+}
+
+/// One image's `cols` (rows `[c, ky, kx]`, columns `[oy, ox]`).
+fn im2col<T: WithDType>(img: &[T], d: &Dims, g: &ConvGeom, cols: &mut [T]) {
+    let (p, s) = (d.p(), g.stride);
+    let mut r = 0;
+    for ci in 0..d.c {
+        let plane = &img[ci * d.h * d.w..(ci + 1) * d.h * d.w];
+        for ky in 0..d.kh {
+            for kx in 0..d.kw {
+                let row = &mut cols[r * p..(r + 1) * p];
+                r += 1;
+                let off_x = (kx * g.dilation) as isize - g.padding as isize;
+                let (lo, hi) = valid_range(d.ow, d.w, s, off_x);
+                for oy in 0..d.oh {
+                    let out = &mut row[oy * d.ow..(oy + 1) * d.ow];
+                    let iy = (oy * s + ky * g.dilation) as isize - g.padding as isize;
+                    if iy < 0 || iy >= d.h as isize || lo >= hi {
+                        out.fill(T::zero());
+                        continue;
+                    }
+                    let src = &plane[iy as usize * d.w..(iy as usize + 1) * d.w];
+                    out[..lo].fill(T::zero());
+                    out[hi..].fill(T::zero());
+                    let start = (lo as isize * s as isize + off_x) as usize;
+                    if s == 1 {
+                        out[lo..hi].copy_from_slice(&src[start..start + hi - lo]);
+                    } else {
+                        for (o, v) in out[lo..hi].iter_mut().zip(src[start..].iter().step_by(s)) {
+                            *o = *v;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Scatter-adds one image's patch gradients `dcols` back into `dx` (zeroed first).
+fn col2im<T: WithDType>(dcols: &[T], d: &Dims, g: &ConvGeom, dx: &mut [T]) {
+    let (p, s) = (d.p(), g.stride);
+    dx.fill(T::zero());
+    let mut r = 0;
+    for ci in 0..d.c {
+        let plane = &mut dx[ci * d.h * d.w..(ci + 1) * d.h * d.w];
+        for ky in 0..d.kh {
+            for kx in 0..d.kw {
+                let row = &dcols[r * p..(r + 1) * p];
+                r += 1;
+                let off_x = (kx * g.dilation) as isize - g.padding as isize;
+                let (lo, hi) = valid_range(d.ow, d.w, s, off_x);
+                if lo >= hi {
+                    continue;
+                }
+                for oy in 0..d.oh {
+                    let iy = (oy * s + ky * g.dilation) as isize - g.padding as isize;
+                    if iy < 0 || iy >= d.h as isize {
+                        continue;
+                    }
+                    let dst = &mut plane[iy as usize * d.w..(iy as usize + 1) * d.w];
+                    let src = &row[oy * d.ow + lo..oy * d.ow + hi];
+                    let start = (lo as isize * s as isize + off_x) as usize;
+                    if s == 1 {
+                        for (o, v) in dst[start..start + hi - lo].iter_mut().zip(src) {
+                            *o += *v;
+                        }
+                    } else {
+                        for (o, v) in dst[start..].iter_mut().step_by(s).zip(src) {
+                            *o += *v;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// How to split the work: images in parallel, or (with fewer images than threads) the
+/// GEMMs.
+fn gemm_parallelism(n: usize) -> (bool, Parallelism) {
+    let threads = rayon::current_num_threads();
+    if n >= threads || threads == 1 {
+        (true, Parallelism::None)
+    } else {
+        (false, Parallelism::Rayon(threads))
+    }
+}
+
+/// Runs `f(scratch, image index, chunk)` over `out`'s per-image chunks, in parallel or not;
+/// each worker reuses one scratch value made by `init`.
+fn for_each_image<T: Send, S>(
+    out: &mut [T],
+    chunk: usize,
+    parallel: bool,
+    init: impl Fn() -> S + Sync + Send,
+    f: impl Fn(&mut S, usize, &mut [T]) + Sync + Send,
+) {
+    if parallel {
+        out.par_chunks_mut(chunk)
+            .enumerate()
+            .for_each_init(&init, |s, (i, c)| f(s, i, c));
+    } else {
+        let mut s = init();
+        out.chunks_mut(chunk)
+            .enumerate()
+            .for_each(|(i, c)| f(&mut s, i, c));
+    }
+}
+
+/// `y_n = W . cols(x_n)` for one image, per group; `buf` is scratch for `cols`.
+fn forward_image<T: WithDType>(
+    img: &[T],
+    w: &[T],
+    d: &Dims,
+    g: &ConvGeom,
+    buf: &mut Vec<T>,
+    y_n: &mut [T],
+    par: Parallelism,
+) {
+    let (p, kg, og) = (d.p(), d.k_all() / g.groups, d.cout / g.groups);
+    let cols: &[T] = if d.direct(g) {
+        img
+    } else {
+        buf.resize(d.k_all() * p, T::zero());
+        im2col(img, d, g, buf);
+        buf
+    };
+    for gi in 0..g.groups {
+        gemm_into(
+            (og, p, kg),
+            &mut y_n[gi * og * p..(gi + 1) * og * p],
+            false,
+            &w[gi * og * kg..],
+            (kg, 1),
+            &cols[gi * kg * p..],
+            (p, 1),
+            par,
+        );
+    }
+}
+
+fn forward<T: WithDType>(x: &[T], w: &[T], d: &Dims, g: &ConvGeom) -> Vec<T> {
+    let (parallel, par) = gemm_parallelism(d.n);
+    let mut y = vec![T::zero(); d.n * d.cout * d.p()];
+    for_each_image(
+        &mut y,
+        d.cout * d.p(),
+        parallel,
+        Vec::new,
+        |buf, ni, y_n| {
+            let img = &x[ni * d.chw()..(ni + 1) * d.chw()];
+            forward_image(img, w, d, g, buf, y_n, par);
+        },
+    );
+    y
+}
+
+/// How the input gradient of a convolution is computed.
+enum InputGrad<T> {
+    /// 1x1 stride 1 unpadded: `dx = W^T . dY`, no unfolding.
+    Direct,
+    /// Stride 1 (square kernel, padding at most the dilated kernel's reach): a forward
+    /// convolution of `dY` with the flipped, transposed kernel, so the GEMM's inner dimension
+    /// is `C_out * kh * kw` rather than `C_out`, and there is no scatter.
+    Flipped {
+        /// The flipped kernel, (C_in, C_out/groups, kh, kw).
+        w: Vec<T>,
+        /// The geometry of that convolution, over dY's dims.
+        dims: Dims,
+        geom: ConvGeom,
+    },
+    /// Otherwise `dcols = W^T . dY`, then col2im.
+    Scatter,
+}
+
+impl<T: WithDType> InputGrad<T> {
+    fn new(w: &[T], d: &Dims, g: &ConvGeom) -> InputGrad<T> {
+        if d.direct(g) {
+            return InputGrad::Direct;
+        }
+        let reach = g.dilation * (d.kh - 1);
+        if g.stride != 1 || d.kh != d.kw || g.padding > reach {
+            return InputGrad::Scatter;
+        }
+        let (cg, og, kk) = (d.c / g.groups, d.cout / g.groups, d.kh * d.kw);
+        let mut wf = vec![T::zero(); d.c * og * kk];
+        for gi in 0..g.groups {
+            for o in 0..og {
+                for ci in 0..cg {
+                    let src = &w[((gi * og + o) * cg + ci) * kk..][..kk];
+                    let dst = &mut wf[((gi * cg + ci) * og + o) * kk..][..kk];
+                    for (j, v) in dst.iter_mut().enumerate() {
+                        *v = src[kk - 1 - j];
+                    }
+                }
+            }
+        }
+        InputGrad::Flipped {
+            w: wf,
+            dims: Dims {
+                n: d.n,
+                c: d.cout,
+                h: d.oh,
+                w: d.ow,
+                cout: d.c,
+                kh: d.kh,
+                kw: d.kw,
+                oh: d.h,
+                ow: d.w,
+            },
+            geom: ConvGeom {
+                padding: reach - g.padding,
+                ..*g
+            },
+        }
+    }
+}
+
+/// Scratch buffers of one backward worker.
+struct Scratch<T> {
+    cols: Vec<T>,
+    dcols: Vec<T>,
+    dw_n: Vec<T>,
+    /// The weight gradient summed over this worker's images, in f64.
+    acc: Vec<f64>,
+}
+
+/// (dx, dw) for the upstream gradient `dy`.
+fn backward<T: WithDType>(x: &[T], w: &[T], dy: &[T], d: &Dims, g: &ConvGeom) -> (Vec<T>, Vec<T>) {
+    let (p, kg, og) = (d.p(), d.k_all() / g.groups, d.cout / g.groups);
+    let (parallel, par) = gemm_parallelism(d.n);
+    let wlen = d.cout * kg;
+    let input_grad = InputGrad::new(w, d, g);
+    let mut dx = vec![T::zero(); d.n * d.chw()];
+    let image = |s: &mut Scratch<T>, ni: usize, dx_n: &mut [T]| {
+        let img = &x[ni * d.chw()..(ni + 1) * d.chw()];
+        let dy_n = &dy[ni * d.cout * p..(ni + 1) * d.cout * p];
+        let cols: &[T] = if d.direct(g) {
+            img
+        } else {
+            s.cols.resize(d.k_all() * p, T::zero());
+            im2col(img, d, g, &mut s.cols);
+            &s.cols
+        };
+        s.dw_n.resize(wlen, T::zero());
+        for gi in 0..g.groups {
+            gemm_into(
+                (og, kg, p),
+                &mut s.dw_n[gi * og * kg..(gi + 1) * og * kg],
+                false,
+                &dy_n[gi * og * p..],
+                (p, 1),
+                &cols[gi * kg * p..],
+                (1, p),
+                par,
+            );
+        }
+        for (a, v) in s.acc.iter_mut().zip(&s.dw_n) {
+            *a += v.to_f64();
+        }
+        match &input_grad {
+            InputGrad::Flipped { w, dims, geom } => {
+                forward_image(dy_n, w, dims, geom, &mut s.dcols, dx_n, par);
+            }
+            InputGrad::Direct | InputGrad::Scatter => {
+                let direct = matches!(input_grad, InputGrad::Direct);
+                if !direct {
+                    s.dcols.resize(d.k_all() * p, T::zero());
+                }
+                let dcols: &mut [T] = if direct { dx_n } else { &mut s.dcols };
+                for gi in 0..g.groups {
+                    gemm_into(
+                        (kg, p, og),
+                        &mut dcols[gi * kg * p..(gi + 1) * kg * p],
+                        false,
+                        &w[gi * og * kg..],
+                        (1, kg),
+                        &dy_n[gi * og * p..],
+                        (p, 1),
+                        par,
+                    );
+                }
+                if !direct {
+                    col2im(&s.dcols, d, g, dx_n);
+                }
+            }
+        }
+    };
+    let scratch = || Scratch {
+        cols: Vec::new(),
+        dcols: Vec::new(),
+        dw_n: Vec::new(),
+        acc: vec![0f64; wlen],
+    };
+    let dw64: Vec<f64> = if parallel {
+        dx.par_chunks_mut(d.chw())
+            .enumerate()
+            .fold(scratch, |mut s, (ni, dx_n)| {
+                image(&mut s, ni, dx_n);
+                s
+            })
+            .map(|s| s.acc)
+            .reduce(
+                || vec![0f64; wlen],
+                |mut a, b| {
+                    a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
+                    a
+                },
+            )
+    } else {
+        let mut s = scratch();
+        for (ni, dx_n) in dx.chunks_mut(d.chw()).enumerate() {
+            image(&mut s, ni, dx_n);
+        }
+        s.acc
+    };
+    (dx, dw64.into_iter().map(T::from_f64).collect())
+}
+
+fn backward_tensors<T: WithDType>(
+    x: &Tensor,
+    w: &Tensor,
+    dy: &Tensor,
+    d: &Dims,
+    g: &ConvGeom,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    use super::with_cpu_slice as with;
+    let (dx, dw) = with(x, "conv2d", |x: &[T]| {
+        with(w, "conv2d", |w: &[T]| {
+            with(dy, "conv2d", |dy: &[T]| backward(x, w, dy, d, g))
+        })
+    })???;
+    let dev = x.device();
+    Ok((
+        Tensor::from_vec(dx, x.shape(), dev)?,
+        Tensor::from_vec(dw, w.shape(), dev)?,
+    ))
+}
+
+/// The convolution as a custom op with its own backward (CPU, f32/f64).
+pub(crate) struct NativeConv2d(pub ConvGeom);
+
+fn slice<'a, T>(s: &'a [T], l: &Layout) -> candle_core::Result<&'a [T]> {
+    super::contiguous_slice(s, l, "conv2d")
+}
+
+impl CustomOp2 for NativeConv2d {
+    fn name(&self) -> &'static str {
+        "resblock-conv2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let g = &self.0;
+        let d = Dims::new(g, l1.dims(), l2.dims())?;
+        let shape = Shape::from((d.n, d.cout, d.oh, d.ow));
+        let out = match (s1, s2) {
+            (CpuStorage::F32(a), CpuStorage::F32(b)) => {
+                CpuStorage::F32(forward(slice(a, l1)?, slice(b, l2)?, &d, g))
+            }
+            (CpuStorage::F64(a), CpuStorage::F64(b)) => {
+                CpuStorage::F64(forward(slice(a, l1)?, slice(b, l2)?, &d, g))
+            }
+            _ => candle_core::bail!("conv2d: the native kernel takes f32 or f64 of one dtype"),
+        };
+        Ok((out, shape))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = &self.0;
+        let d = Dims::new(g, x.dims(), w.dims())?;
+        let (dx, dw) = match x.dtype() {
+            candle_core::DType::F32 => backward_tensors::<f32>(x, w, dy, &d, g)?,
+            candle_core::DType::F64 => backward_tensors::<f64>(x, w, dy, &d, g)?,
+            dt => candle_core::bail!("conv2d: the native kernel has no {dt:?} backward"),
+        };
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::valid_range;
+
+    #[test]
+    fn valid_range_covers_exactly_the_in_bounds_columns() {
+        for w in 1..9usize {
+            for s in 1..4usize {
+                for off in -4isize..6 {
+                    for ow in 0..10usize {
+                        let (lo, hi) = valid_range(ow, w, s, off);
+                        for ox in 0..ow {
+                            let ix = ox as isize * s as isize + off;
+                            let inside = ix >= 0 && ix < w as isize;
+                            assert_eq!(
+                                inside,
+                                ox >= lo && ox < hi,
+                                "w {w} s {s} off {off} ox {ox}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
