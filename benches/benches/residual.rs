@@ -1,5 +1,6 @@
 //! Residual primitives on the CPU: the article's toy program, a residual MLP block forward +
-//! backward, and the article's CNN block training step.
+//! backward, and the article's CNN block forward + backward. (Whole ResNets: `resnet.rs`;
+//! single kernels: `kernels.rs`.)
 
 use candle_core::{DType, Device, ModuleT};
 use candle_nn::VarMap;
@@ -51,6 +52,12 @@ fn mlp_fwd_bwd(c: &mut Criterion) {
     let x = rng
         .normal_tensor((128, 256), 0., 1., DType::F32, &Device::Cpu)
         .expect("x");
+    // LayerNorm, 256 -> 1024 -> 256: forward 2 * 128 * 2 * 256 * 1024, backward twice that.
+    resblock_benches::record(
+        "cpu/residual_mlp_block/fwd_bwd/w256_h1024_bs128",
+        Some(128.),
+        Some(3. * 2. * 128. * 2. * 256. * 1024.),
+    );
     c.bench_function("cpu/residual_mlp_block/fwd_bwd/w256_h1024_bs128", |b| {
         b.iter(|| -> candle_core::Result<()> {
             let y = block.forward_t(&x, true)?;
@@ -73,6 +80,15 @@ fn cnn_block_step(c: &mut Criterion) {
     let x = rng
         .uniform_tensor((32, 16, 32, 32), 0., 1., DType::F32, &Device::Cpu)
         .expect("x");
+    // Two 3x3 convolutions and a 1x1 projection at 16x16 output, forward + backward.
+    let flop = resblock_benches::conv3x3_flop(32, 16, 32, 32, 2)
+        + resblock_benches::conv3x3_flop(32, 32, 32, 16, 1)
+        + 2. * (32 * 32 * 16 * 16 * 16) as f64;
+    resblock_benches::record(
+        "cpu/basic_block_16_32_s2/fwd_bwd/bs32_32x32",
+        Some(32.),
+        Some(3. * flop),
+    );
     c.bench_function("cpu/basic_block_16_32_s2/fwd_bwd/bs32_32x32", |b| {
         b.iter(|| -> candle_core::Result<()> {
             let y = block.forward_t(&x, true)?;
@@ -82,64 +98,9 @@ fn cnn_block_step(c: &mut Criterion) {
     });
 }
 
-/// One SGD step (forward, backward, update) of CIFAR ResNet-20 at batch 128, 32x32: the
-/// figure the Performance issue compares with PyTorch.
-fn resnet20_train_step(c: &mut Criterion) {
-    use resblock_train::optim::{param_groups, Sgd, SgdConfig};
-    use resblock_train::schedule::{LrSchedule, Schedule};
-    use resblock_train::{Batch, LossKind, Trainer, TrainerConfig};
-    use resblock_vision::{resnet, ResNetConfig};
-    configure_threads(None);
-    let rng = RngHandle::seed_from_u64(0);
-    let varmap = VarMap::new();
-    let cfg = ResNetConfig::preset("resnet20").expect("preset");
-    let net = resnet(
-        &cfg,
-        &rng,
-        seeded_var_builder(&varmap, &rng, DType::F32, &Device::Cpu),
-    )
-    .expect("net");
-    let sgd = Sgd::new(
-        param_groups(&varmap, 5e-4, true),
-        SgdConfig {
-            lr: 0.1,
-            momentum: 0.9,
-            dampening: 0.,
-            nesterov: true,
-        },
-    )
-    .expect("sgd");
-    let schedule = LrSchedule::new(0.1, Schedule::Constant, None).expect("schedule");
-    let mut trainer = Trainer::new(
-        &net,
-        &varmap,
-        Box::new(sgd),
-        schedule,
-        TrainerConfig {
-            loss: LossKind::CrossEntropy {
-                label_smoothing: 0.,
-            },
-            ..Default::default()
-        },
-    );
-    let batch = Batch {
-        inputs: rng
-            .normal_tensor((128, 3, 32, 32), 0., 1., DType::F32, &Device::Cpu)
-            .expect("x"),
-        targets: candle_core::Tensor::new(
-            (0..128u32).map(|i| i % 10).collect::<Vec<_>>(),
-            &Device::Cpu,
-        )
-        .expect("y"),
-    };
-    c.bench_function("cpu/resnet20/train_step/bs128", |b| {
-        b.iter(|| trainer.train_step(&batch).expect("step"))
-    });
-}
-
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(10);
-    targets = toy_program, mlp_fwd_bwd, cnn_block_step, resnet20_train_step
+    targets = toy_program, mlp_fwd_bwd, cnn_block_step
 }
 criterion_main!(benches);

@@ -2,9 +2,14 @@
 //!
 //! - `ci`: exactly what CI runs, cheapest first: fmt --check, clippy -D warnings, the
 //!   workspace tests (doc tests included), rustdoc with warnings denied.
-//! - `bench [criterion filter]`: runs the criterion benchmarks and writes
-//!   `docs/benchmarks.md` from criterion's estimates.
+//! - `bench [--compare-torch] [criterion filter]`: runs the criterion benchmarks
+//!   (`benches/benches/*.rs`) and writes `docs/benchmarks.md`: mean time, images/s, GFLOP/s
+//!   and the share of the GEMM peak measured in the same run (`cpu/gemm/f32_1024`). With
+//!   `--compare-torch` it then runs `benches/torch_bench.py` (PyTorch eager, same shapes,
+//!   same thread count) and adds PyTorch's time and the ratio (PyTorch time / ours: above 1
+//!   means resblock is faster).
 
+use std::collections::HashMap;
 use std::env;
 use std::fmt::Write as _;
 use std::fs;
@@ -19,7 +24,7 @@ fn main() -> Result<()> {
         Some("ci") => ci(),
         Some("bench") => bench(&args[1..]),
         Some("help" | "--help" | "-h") | None => {
-            println!("usage: cargo xtask <ci | bench [filter]>");
+            println!("usage: cargo xtask <ci | bench [--compare-torch] [filter]>");
             Ok(())
         }
         Some(other) => bail!("unknown xtask command {other:?}: expected ci or bench"),
@@ -81,19 +86,39 @@ fn ci() -> Result<()> {
     Ok(())
 }
 
-fn bench(filter: &[String]) -> Result<()> {
+fn bench(args: &[String]) -> Result<()> {
+    let compare = args.iter().any(|a| a == "--compare-torch");
+    let filter: Vec<&String> = args.iter().filter(|a| *a != "--compare-torch").collect();
+    if filter.len() > 1 {
+        bail!("bench takes at most one filter, got {filter:?}");
+    }
+    let target = root().join("target");
+    let meta = target.join("bench-meta.jsonl");
+    let _ = fs::remove_file(&meta);
     let mut cmd = cargo();
-    cmd.args([
-        "bench",
-        "-p",
-        "resblock-benches",
-        "--bench",
-        "residual",
-        "--",
-    ]);
-    cmd.args(filter);
+    cmd.args(["bench", "-p", "resblock-benches", "--benches", "--"]);
+    cmd.args(&filter);
     run("criterion benchmarks", cmd)?;
-    let table = table_from_criterion(&root().join("target/criterion"))?;
+    let torch = if compare {
+        let out = target.join("torch-bench.json");
+        let mut py = Command::new(env::var("PYTHON").unwrap_or_else(|_| "python3".into()));
+        py.arg(root().join("benches/torch_bench.py"))
+            .arg("--out")
+            .arg(&out);
+        if let Some(f) = filter.first() {
+            py.args(["--filter", f.as_str()]);
+        }
+        run("PyTorch benchmarks (benches/torch_bench.py)", py)?;
+        let text =
+            fs::read_to_string(&out).with_context(|| format!("reading {}", out.display()))?;
+        Some(
+            serde_json::from_str::<serde_json::Value>(&text)
+                .with_context(|| format!("parsing {}", out.display()))?,
+        )
+    } else {
+        None
+    };
+    let table = table(&target.join("criterion"), &meta, torch.as_ref())?;
     let out = root().join("docs/benchmarks.md");
     let tmp = out.with_extension("md.tmp");
     fs::write(&tmp, table).with_context(|| format!("writing {}", tmp.display()))?;
@@ -102,12 +127,21 @@ fn bench(filter: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// Reads `mean.point_estimate` (ns) from every `<id>/new/estimates.json` under `dir`.
-fn table_from_criterion(dir: &Path) -> Result<String> {
-    let mut rows = Vec::new();
-    collect(dir, dir, &mut rows)?;
-    rows.sort_by(|a, b| a.0.cmp(&b.0));
-    let machine = fs::read_to_string("/proc/cpuinfo")
+/// (images, flop) per iteration for each benchmark id, from the benches' records.
+fn read_meta(path: &Path) -> HashMap<String, (Option<f64>, Option<f64>)> {
+    let mut m = HashMap::new();
+    for line in fs::read_to_string(path).unwrap_or_default().lines() {
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(line) {
+            if let Some(id) = v["id"].as_str() {
+                m.insert(id.to_string(), (v["images"].as_f64(), v["flop"].as_f64()));
+            }
+        }
+    }
+    m
+}
+
+fn machine() -> String {
+    fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|s| {
             s.lines()
@@ -115,23 +149,77 @@ fn table_from_criterion(dir: &Path) -> Result<String> {
                 .and_then(|l| l.split(':').nth(1))
                 .map(|m| m.trim().to_string())
         })
-        .unwrap_or_else(|| "unknown CPU".into());
+        .unwrap_or_else(|| "unknown CPU".into())
+}
+
+/// The Markdown table from criterion's means, the benches' metadata and PyTorch's times.
+fn table(dir: &Path, meta: &Path, torch: Option<&serde_json::Value>) -> Result<String> {
+    let mut rows = Vec::new();
+    collect(dir, dir, &mut rows)?;
+    rows.sort_by(|a, b| a.0.cmp(&b.0));
+    let meta = read_meta(meta);
+    let gflops = |id: &str, ns: f64| meta.get(id).and_then(|m| m.1).map(|f| f / ns);
+    let peak = rows
+        .iter()
+        .find(|(id, _)| id == "cpu/gemm/f32_1024")
+        .and_then(|(id, ns)| gflops(id, *ns));
     let threads = env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "all".into());
     let mut s = String::new();
     writeln!(s, "# Benchmarks\n")?;
     writeln!(
         s,
-        "Written by `cargo xtask bench` from criterion's estimates (mean)."
+        "Written by `cargo xtask bench{}` from criterion's estimates (mean time per iteration).",
+        if torch.is_some() {
+            " --compare-torch"
+        } else {
+            ""
+        }
     )?;
     writeln!(
         s,
-        "Machine: {machine}, {} logical CPUs, RAYON_NUM_THREADS={threads}.\n",
+        "Machine: {}, {} logical CPUs, RAYON_NUM_THREADS={threads}.",
+        machine(),
         std::thread::available_parallelism().map_or(0, |n| n.get())
     )?;
-    writeln!(s, "| benchmark | mean time |")?;
-    writeln!(s, "|---|---|")?;
-    for (id, ns) in rows {
-        writeln!(s, "| `{id}` | {} |", human(ns))?;
+    if let Some(t) = torch {
+        writeln!(
+            s,
+            "PyTorch {} eager, {} threads, timed by `benches/torch_bench.py` in the same run. \
+             Ratio = PyTorch's time / ours (above 1: resblock is faster).",
+            t["_meta"]["torch"].as_str().unwrap_or("?"),
+            t["_meta"]["threads"].as_u64().unwrap_or(0)
+        )?;
+    }
+    writeln!(
+        s,
+        "GFLOP/s counts a multiply-add as two; % peak is against `cpu/gemm/f32_1024` measured \
+         in the same run. Folded ResNets have BatchNorm folded into the convolutions \
+         (PyTorch eager has no such mode, so both rows compare with the same PyTorch model).\n"
+    )?;
+    let mut head = "| benchmark | time | images/s | GFLOP/s | % GEMM peak |".to_string();
+    let mut rule = "|---|---|---|---|---|".to_string();
+    if torch.is_some() {
+        head.push_str(" PyTorch | ratio |");
+        rule.push_str("---|---|");
+    }
+    writeln!(s, "{head}\n{rule}")?;
+    for (id, ns) in &rows {
+        let (images, _) = meta.get(id).copied().unwrap_or((None, None));
+        let ips = images.map_or("".into(), |n| format!("{:.1}", n / (ns * 1e-9)));
+        let g = gflops(id, *ns);
+        let gs = g.map_or("".into(), |g| format!("{g:.1}"));
+        let pct = match (g, peak) {
+            (Some(g), Some(p)) => format!("{:.0}%", 100. * g / p),
+            _ => "".into(),
+        };
+        write!(s, "| `{id}` | {} | {ips} | {gs} | {pct} |", human(*ns))?;
+        if let Some(t) = torch {
+            match t[id.as_str()].as_f64() {
+                Some(sec) => write!(s, " {} | {:.2}x |", human(sec * 1e9), sec * 1e9 / ns)?,
+                None => write!(s, " | |")?,
+            }
+        }
+        writeln!(s)?;
     }
     Ok(s)
 }

@@ -205,3 +205,25 @@ fn bad_input_fails_cleanly() {
         "empty",
     );
 }
+
+#[test]
+fn download_without_network_fails_with_where_to_put_the_files() {
+    // A port nothing listens on stands in for a machine without network.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("port")
+        .port();
+    let dir = scratch("offline-mnist");
+    let out = Command::new(TRAIN)
+        .args(["--data", &format!("mnist:{}", s(&dir)), "--download"])
+        .env("RESBLOCK_DATA_MIRROR", format!("http://127.0.0.1:{port}/"))
+        .output()
+        .expect("run train");
+    assert_fails(&out, "without network");
+    assert_fails(&out, "t10k-labels-idx1-ubyte.gz");
+    assert_fails(&out, s(&dir));
+    assert_fails(
+        &run(&["--data", "folder:/somewhere", "--download"]),
+        "--download fetches",
+    );
+}

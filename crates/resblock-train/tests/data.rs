@@ -354,3 +354,199 @@ fn loader_is_seeded_ordered_and_complete() -> Result<()> {
     assert_eq!(first.targets.dims(), [5]);
     Ok(())
 }
+
+#[test]
+fn resize_matches_pytorch_bilinear() -> Result<()> {
+    let path =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/transforms.safetensors");
+    let f = candle_core::safetensors::load(&path, &candle_core::Device::Cpu)?;
+    let x = f["x"].flatten_all()?.to_vec1::<f32>()?;
+    let rng = resblock_core::RngHandle::seed_from_u64(0);
+    for (h, w) in [(3, 4), (8, 11), (5, 7), (1, 1), (10, 3)] {
+        let want = f[&format!("resize_{h}x{w}")]
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let mut y = x.clone();
+        let hw = Transform::Resize {
+            height: h,
+            width: w,
+        }
+        .apply(&mut y, 2, 5, 7, &rng)?;
+        assert_eq!(hw, (h, w));
+        assert_eq!(y.len(), want.len());
+        let err = y
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(err < 1e-6, "resize to {h}x{w}: max error {err}");
+    }
+    let err = Transform::Resize {
+        height: 0,
+        width: 3,
+    }
+    .apply(&mut x.clone(), 2, 5, 7, &rng)
+    .expect_err("empty");
+    assert!(err.to_string().contains("0x3"), "{err}");
+    Ok(())
+}
+
+/// A one-thread HTTP/1.1 server on 127.0.0.1 serving `files` by name (404 otherwise) until
+/// the test ends. Returns its base URL.
+#[cfg(feature = "download")]
+fn serve(files: Vec<(String, Vec<u8>)>) -> String {
+    use std::io::{BufRead, BufReader};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let base = format!("http://{}/", listener.local_addr().expect("addr"));
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+            let mut request = String::new();
+            if reader.read_line(&mut request).is_err() {
+                continue;
+            }
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).map_or(true, |n| n == 0) || line == "\r\n" {
+                    break;
+                }
+            }
+            let path = request.split_whitespace().nth(1).unwrap_or("/");
+            let name = path.trim_start_matches('/');
+            let reply = match files.iter().find(|(n, _)| n == name) {
+                Some((_, body)) => {
+                    let head = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                        body.len()
+                    );
+                    [head.into_bytes(), body.clone()].concat()
+                }
+                None => b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                    .to_vec(),
+            };
+            let _ = stream.write_all(&reply);
+        }
+    });
+    base
+}
+
+#[cfg(feature = "download")]
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+#[cfg(feature = "download")]
+#[test]
+fn download_verifies_and_unpacks_mnist_and_cifar() -> Result<()> {
+    use resblock_train::data::{download, RemoteDataset, RemoteFile, Unpack};
+    // MNIST: four generated .gz files, served and checked against their real digests.
+    let src = scratch("download-src");
+    write_mnist(&src, true, &[1, 2, 3]);
+    let mut served = Vec::new();
+    let mut ds = RemoteDataset::mnist();
+    for f in &mut ds.files {
+        let bytes = std::fs::read(src.join(&f.name))?;
+        f.sha256 = sha256_hex(&bytes);
+        served.push((f.name.clone(), bytes));
+    }
+    let base = serve(served.clone());
+    let dir = scratch("download-mnist");
+    download(&ds, &dir, Some(&base))?;
+    let (train, test) = read_mnist(&dir)?;
+    assert_eq!(
+        (train.len(), test.len(), train.labels.clone()),
+        (3, 2, vec![1, 2, 3])
+    );
+    for (name, bytes) in &served {
+        assert_eq!(&std::fs::read(dir.join(name))?, bytes, "{name}");
+    }
+
+    // A wrong digest is refused, naming the file and both digests; nothing is left under
+    // the real name, and a good file already there is kept.
+    let mut bad = ds.clone();
+    bad.files[1].sha256 = "0".repeat(64);
+    let dir2 = scratch("download-bad");
+    let err = download(&bad, &dir2, Some(&base))
+        .expect_err("digest")
+        .to_string();
+    assert!(
+        err.contains("train-labels-idx1-ubyte.gz") && err.contains(&"0".repeat(64)),
+        "{err}"
+    );
+    assert!(!dir2.join("train-labels-idx1-ubyte.gz").exists());
+    assert!(dir2.join("train-images-idx3-ubyte.gz").is_file());
+
+    // CIFAR-10: a generated cifar-10-binary.tar.gz is unpacked and readable.
+    let mut tarball = tar::Builder::new(flate2::write::GzEncoder::new(
+        Vec::new(),
+        flate2::Compression::fast(),
+    ));
+    let mut add = |name: &str, bytes: Vec<u8>| {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(bytes.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        tarball
+            .append_data(
+                &mut h,
+                format!("cifar-10-batches-bin/{name}"),
+                bytes.as_slice(),
+            )
+            .expect("tar");
+    };
+    for i in 1..=5 {
+        add(&format!("data_batch_{i}.bin"), cifar_records(1, 1, i as u8));
+    }
+    add("test_batch.bin", cifar_records(2, 1, 7));
+    let tgz = tarball.into_inner()?.finish()?;
+    let cifar = RemoteDataset {
+        files: vec![RemoteFile {
+            sha256: sha256_hex(&tgz),
+            ..RemoteDataset::cifar10().files[0].clone()
+        }],
+        ..RemoteDataset::cifar10()
+    };
+    assert_eq!(cifar.files[0].unpack, Unpack::TarGz);
+    let base = serve(vec![("cifar-10-binary.tar.gz".into(), tgz)]);
+    let dir = scratch("download-cifar");
+    download(&cifar, &dir, Some(&base))?;
+    let (train, test) = read_cifar(&dir, CifarKind::Cifar10)?;
+    assert_eq!(
+        (train.len(), test.len(), test.labels.clone()),
+        (5, 2, vec![7, 7])
+    );
+    // Present data is not fetched again (the server is no longer asked).
+    download(&cifar, &dir, Some("http://127.0.0.1:9/"))?;
+    Ok(())
+}
+
+#[cfg(feature = "download")]
+#[test]
+fn download_without_network_says_where_to_put_the_files() -> Result<()> {
+    use resblock_train::data::{download, RemoteDataset};
+    // A port nothing listens on: connection refused, as without network.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let dir = scratch("download-offline");
+    let err = download(
+        &RemoteDataset::mnist(),
+        &dir,
+        Some(&format!("http://127.0.0.1:{port}")),
+    )
+    .expect_err("offline")
+    .to_string();
+    assert!(err.contains("without network"), "{err}");
+    assert!(err.contains("train-images-idx3-ubyte.gz"), "{err}");
+    assert!(err.contains(&dir.display().to_string()), "{err}");
+    assert!(
+        std::fs::read_dir(&dir)?.next().is_none(),
+        "no partial files left"
+    );
+    Ok(())
+}

@@ -161,16 +161,33 @@ fn per_channel<R: Send>(c: usize, f: impl Fn(usize) -> R + Sync + Send) -> Vec<R
     (0..c).into_par_iter().map(f).collect()
 }
 
-/// `f(plane)` summed in f64 over the N planes of channel `ci` (each `s` values long).
-fn channel_sum<T: WithDType>(
-    x: &[T],
-    (c, s): (usize, usize),
-    ci: usize,
-    f: impl Fn(&[T], usize) -> f64,
-) -> f64 {
-    x.chunks(c * s)
-        .map(|img| f(&img[ci * s..(ci + 1) * s], ci))
-        .sum()
+/// Independent f64 accumulators per plane (lets the compiler vectorise the f32 -> f64 sums).
+const LANES: usize = 8;
+
+/// `sum(x)` and `sum((x - mu)^2)` of one plane, in f64.
+fn plane_moments<T: WithDType>(p: &[T], mu: f64) -> (f64, f64) {
+    let (mut s, mut q) = ([0f64; LANES], [0f64; LANES]);
+    let chunks = p.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for ch in chunks {
+        for l in 0..LANES {
+            let v = ch[l].to_f64();
+            s[l] += v;
+            q[l] += (v - mu) * (v - mu);
+        }
+    }
+    let (mut s1, mut q1) = (s.iter().sum::<f64>(), q.iter().sum::<f64>());
+    for v in rest {
+        let v = v.to_f64();
+        s1 += v;
+        q1 += (v - mu) * (v - mu);
+    }
+    (s1, q1)
+}
+
+/// The N planes (each `s` values) of channel `ci` in an (N, C, S) buffer.
+fn planes<T>(x: &[T], (c, s): (usize, usize), ci: usize) -> impl Iterator<Item = &[T]> {
+    x.chunks(c * s).map(move |img| &img[ci * s..(ci + 1) * s])
 }
 
 fn forward<T: WithDType>(
@@ -182,16 +199,14 @@ fn forward<T: WithDType>(
     relu: bool,
 ) -> (Vec<T>, Stats) {
     let m = (x.len() / c) as f64;
-    let mean = per_channel(c, |ci| {
-        channel_sum(x, (c, s), ci, |p, _| p.iter().map(|v| v.to_f64()).sum()) / m
+    // Two passes in f64: the mean, then the squared deviations from it.
+    let stats: Vec<(f64, f64)> = per_channel(c, |ci| {
+        let sum: f64 = planes(x, (c, s), ci).map(|p| plane_moments(p, 0.).0).sum();
+        let mu = sum / m;
+        let sq: f64 = planes(x, (c, s), ci).map(|p| plane_moments(p, mu).1).sum();
+        (mu, 1. / (sq / m + eps).sqrt())
     });
-    let inv_std = per_channel(c, |ci| {
-        let mu = mean[ci];
-        let var = channel_sum(x, (c, s), ci, |p, _| {
-            p.iter().map(|v| (v.to_f64() - mu).powi(2)).sum()
-        }) / m;
-        1. / (var + eps).sqrt()
-    });
+    let (mean, inv_std): (Vec<f64>, Vec<f64>) = stats.into_iter().unzip();
     // As PyTorch: (x - mean) * (inv_std * weight) + bias, in the input's dtype.
     let coef: Vec<(T, T, T)> = (0..c)
         .map(|ci| {
@@ -205,12 +220,39 @@ fn forward<T: WithDType>(
         .enumerate()
         .for_each(|(i, (yp, xp))| {
             let (mu, scale, shift) = coef[i % c];
+            let zero = T::zero();
             for (o, v) in yp.iter_mut().zip(xp) {
                 let r = (*v - mu) * scale + shift;
-                *o = if relu && r < T::zero() { T::zero() } else { r };
+                *o = if relu && r < zero { zero } else { r };
             }
         });
     (y, (mean, inv_std))
+}
+
+/// `sum(g)` and `sum(g * (x - mu))` of one plane, g = dy masked by the fused ReLU, in f64.
+fn plane_grad_sums<T: WithDType>(x: &[T], y: &[T], dy: &[T], mu: f64, relu: bool) -> (f64, f64) {
+    let zero = T::zero();
+    let grad = |yv: T, g: T| if relu && yv <= zero { 0. } else { g.to_f64() };
+    let (mut sd, mut sdx) = ([0f64; LANES], [0f64; LANES]);
+    let n = x.len() / LANES * LANES;
+    for ((xc, yc), gc) in x[..n]
+        .chunks_exact(LANES)
+        .zip(y[..n].chunks_exact(LANES))
+        .zip(dy[..n].chunks_exact(LANES))
+    {
+        for l in 0..LANES {
+            let g = grad(yc[l], gc[l]);
+            sd[l] += g;
+            sdx[l] += g * (xc[l].to_f64() - mu);
+        }
+    }
+    let (mut a, mut b) = (sd.iter().sum::<f64>(), sdx.iter().sum::<f64>());
+    for j in n..x.len() {
+        let g = grad(y[j], dy[j]);
+        a += g;
+        b += g * (x[j].to_f64() - mu);
+    }
+    (a, b)
 }
 
 /// (dx, dweight, dbias).
@@ -226,30 +268,19 @@ fn backward<T: WithDType>(
 ) -> (Vec<T>, Vec<T>, Vec<T>) {
     let m = (x.len() / c) as f64;
     let zero = T::zero();
-    // The upstream gradient, masked by the fused ReLU.
-    let grad = |k: usize| {
-        if relu && y[k] <= zero {
-            0.
-        } else {
-            dy[k].to_f64()
-        }
-    };
+    // Per channel: sum(dy) and sum(dy * x_hat).
     let sums: Vec<(f64, f64)> = per_channel(c, |ci| {
-        let (mu, inv) = (mean[ci], inv_std[ci]);
-        x.chunks(c * s)
-            .enumerate()
-            .map(|(ni, img)| {
-                let base = ni * c * s + ci * s;
-                let plane = &img[ci * s..(ci + 1) * s];
-                let (mut sd, mut sdx) = (0f64, 0f64);
-                for (j, v) in plane.iter().enumerate() {
-                    let g = grad(base + j);
-                    sd += g;
-                    sdx += g * (v.to_f64() - mu) * inv;
-                }
-                (sd, sdx)
-            })
-            .fold((0., 0.), |a, b| (a.0 + b.0, a.1 + b.1))
+        let (mut sd, mut sdx) = (0f64, 0f64);
+        for ((xp, yp), gp) in
+            planes(x, (c, s), ci)
+                .zip(planes(y, (c, s), ci))
+                .zip(planes(dy, (c, s), ci))
+        {
+            let (a, b) = plane_grad_sums(xp, yp, gp, mean[ci], relu);
+            sd += a;
+            sdx += b;
+        }
+        (sd, sdx * inv_std[ci])
     });
     let coef: Vec<(T, T, T, T)> = (0..c)
         .map(|ci| {
@@ -264,18 +295,17 @@ fn backward<T: WithDType>(
         })
         .collect();
     let mut dx = vec![T::zero(); x.len()];
-    dx.par_chunks_mut(s).enumerate().for_each(|(i, dxp)| {
-        let (mu, a, mdy, k) = coef[i % c];
-        let base = i * s;
-        for (j, o) in dxp.iter_mut().enumerate() {
-            let g = if relu && y[base + j] <= zero {
-                zero
-            } else {
-                dy[base + j]
-            };
-            *o = a * (g - mdy - (x[base + j] - mu) * k);
-        }
-    });
+    dx.par_chunks_mut(s)
+        .zip(x.par_chunks(s))
+        .zip(y.par_chunks(s).zip(dy.par_chunks(s)))
+        .enumerate()
+        .for_each(|(i, ((dxp, xp), (yp, gp)))| {
+            let (mu, a, mdy, k) = coef[i % c];
+            for (((o, xv), yv), gv) in dxp.iter_mut().zip(xp).zip(yp).zip(gp) {
+                let g = if relu && *yv <= zero { zero } else { *gv };
+                *o = a * (g - mdy - (*xv - mu) * k);
+            }
+        });
     let dw = sums.iter().map(|p| T::from_f64(p.1)).collect();
     let db = sums.iter().map(|p| T::from_f64(p.0)).collect();
     (dx, dw, db)

@@ -23,7 +23,8 @@ use clap::{Parser, ValueEnum};
 use resblock_core::{configure_threads, parse_device, seeded_var_builder, RngHandle};
 use resblock_examples::positive_f64;
 use resblock_train::data::{
-    read_cifar, read_image_folder, read_mnist, verify_sha256sums, CifarKind,
+    download, read_cifar, read_image_folder, read_mnist, verify_sha256sums, CifarKind,
+    RemoteDataset,
 };
 use resblock_train::optim::{param_groups, Adam, AdamConfig, Optimizer, Sgd, SgdConfig};
 use resblock_train::schedule::{LrSchedule, Schedule, Warmup};
@@ -60,9 +61,15 @@ struct Args {
     /// with `DIR/train/<class>/*.png` (or `.jpg`) and `DIR/test` (or `DIR/val`).
     #[arg(long, default_value = "mnist-10k")]
     data: String,
-    /// Resize folder images to SIZE x SIZE (needed when their sizes differ).
+    /// Resize images to SIZE x SIZE: folder images as they are read (needed when their sizes
+    /// differ), other datasets by a bilinear `Resize` transform before augmentation.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=4096))]
     image_size: Option<u64>,
+    /// Fetch `mnist:DIR`, `cifar10:DIR` or `cifar100:DIR` into DIR from the official
+    /// locations if it is not there yet (SHA-256 verified, CIFAR unpacked). The environment
+    /// variable RESBLOCK_DATA_MIRROR=URL replaces the official base URL.
+    #[arg(long)]
+    download: bool,
     /// Training epochs.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
     epochs: u64,
@@ -139,11 +146,24 @@ fn bundled_mnist() -> PathBuf {
 fn load_data(
     spec: &str,
     image_size: Option<usize>,
+    fetch: bool,
 ) -> Result<(ImageDataset, ImageDataset, &'static str)> {
     let (kind, dir) = match spec.split_once(':') {
         Some((k, d)) => (k, PathBuf::from(d)),
         None => (spec, PathBuf::new()),
     };
+    if fetch {
+        if !matches!(kind, "mnist" | "cifar10" | "cifar100") {
+            bail!("--download fetches mnist:DIR, cifar10:DIR or cifar100:DIR, not {spec:?}");
+        }
+        let ds = RemoteDataset::by_name(kind)?;
+        if !ds.is_present(&dir) {
+            println!("downloading {kind} into {}", dir.display());
+        }
+        let mirror = std::env::var("RESBLOCK_DATA_MIRROR").ok();
+        download(&ds, &dir, mirror.as_deref())
+            .with_context(|| format!("--download {kind} into {}", dir.display()))?;
+    }
     Ok(match kind {
         "mnist-10k" => {
             let dir = bundled_mnist();
@@ -225,8 +245,24 @@ fn main() -> Result<()> {
         );
     }
 
-    let (train, test, kind) = load_data(&args.data, args.image_size.map(|s| s as usize))?;
+    let image_size = args.image_size.map(|s| s as usize);
+    let (train, test, kind) = load_data(&args.data, image_size, args.download)?;
     let (c, h, w) = train.shape();
+    // Folders are resized as they are read; other datasets by a transform, first.
+    let resize = match image_size {
+        Some(s) if kind != "folder" && (s, s) != (h, w) => vec![Transform::Resize {
+            height: s,
+            width: s,
+        }],
+        _ => Vec::new(),
+    };
+    let (h, w) = match image_size {
+        Some(s) if !resize.is_empty() => {
+            println!("resizing to {s}x{s}");
+            (s, s)
+        }
+        _ => (h, w),
+    };
     println!(
         "data {}: {} training and {} test images, {c}x{h}x{w}, {} classes",
         args.data,
@@ -237,7 +273,7 @@ fn main() -> Result<()> {
     let (mean, std) = channel_stats(&train);
     let normalize = Transform::Normalize { mean, std };
     let augment = !args.no_augment;
-    let mut train_tf = Vec::new();
+    let mut train_tf = resize.clone();
     if augment {
         let pad = match kind {
             "mnist" => 2,
@@ -281,7 +317,7 @@ fn main() -> Result<()> {
         train_loader = train_loader.shuffle(args.seed);
     }
     let mut test_loader = DataLoader::new(Arc::new(test), args.batch_size as usize)?
-        .transforms(vec![normalize])
+        .transforms([resize, vec![normalize]].concat())
         .workers(workers)
         .device(device.clone());
 

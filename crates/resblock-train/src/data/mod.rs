@@ -8,6 +8,8 @@
 //! batches of an uninterrupted one.
 
 mod cifar;
+#[cfg(feature = "download")]
+mod download;
 mod folder;
 mod idx;
 mod loader;
@@ -15,6 +17,8 @@ mod source;
 mod transform;
 
 pub use cifar::{read_cifar, CifarKind};
+#[cfg(feature = "download")]
+pub use download::{download, sha256_file, RemoteDataset, RemoteFile, Unpack};
 pub use folder::read_image_folder;
 pub use idx::{read_idx_images, read_idx_labels, read_mnist, verify_sha256sums};
 pub use loader::DataLoader;

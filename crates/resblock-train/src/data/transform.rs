@@ -28,13 +28,49 @@ pub enum Transform {
         /// Probability.
         p: f64,
     },
+    /// Bilinear resize to `height` x `width`: PyTorch's
+    /// `F.interpolate(x, (height, width), mode="bilinear", align_corners=False)` (no
+    /// antialiasing, so prefer it for modest scale changes).
+    Resize {
+        /// Output height.
+        height: usize,
+        /// Output width.
+        width: usize,
+    },
+}
+
+/// Source index and weight of the upper neighbour for output index `i` when resizing
+/// `inp` samples to `out` (half-pixel centres, clamped at the low edge, as PyTorch).
+fn source(i: usize, inp: usize, out: usize) -> (usize, usize, f32) {
+    let scale = inp as f32 / out as f32;
+    let src = (scale * (i as f32 + 0.5) - 0.5).max(0.);
+    let i0 = (src as usize).min(inp - 1);
+    let i1 = if i0 + 1 < inp { i0 + 1 } else { i0 };
+    (i0, i1, src - i0 as f32)
+}
+
+fn resize(x: &[f32], c: usize, (h, w): (usize, usize), (oh, ow): (usize, usize)) -> Vec<f32> {
+    let rows: Vec<_> = (0..oh).map(|y| source(y, h, oh)).collect();
+    let cols: Vec<_> = (0..ow).map(|x| source(x, w, ow)).collect();
+    let mut out = Vec::with_capacity(c * oh * ow);
+    for plane in x.chunks_exact(h * w).take(c) {
+        for &(y0, y1, ly) in &rows {
+            for &(x0, x1, lx) in &cols {
+                let top = plane[y0 * w + x0] * (1. - lx) + plane[y0 * w + x1] * lx;
+                let bottom = plane[y1 * w + x0] * (1. - lx) + plane[y1 * w + x1] * lx;
+                out.push(top * (1. - ly) + bottom * ly);
+            }
+        }
+    }
+    out
 }
 
 impl Transform {
     /// Applies the transform to a (c, h, w) image; returns the new (h, w).
     ///
     /// # Errors
-    /// A crop larger than the padded image, or a normalisation with the wrong channel count.
+    /// A crop larger than the padded image, a normalisation with the wrong channel count, or
+    /// a resize to or from an empty image.
     pub fn apply(
         &self,
         x: &mut Vec<f32>,
@@ -89,6 +125,17 @@ impl Transform {
                 }
                 *x = out;
                 Ok((*size, *size))
+            }
+            Self::Resize { height, width } => {
+                if *height == 0 || *width == 0 || h == 0 || w == 0 {
+                    return Err(Error::config(format!(
+                        "cannot resize a {h}x{w} image to {height}x{width}"
+                    )));
+                }
+                if (*height, *width) != (h, w) {
+                    *x = resize(x, c, (h, w), (*height, *width));
+                }
+                Ok((*height, *width))
             }
             Self::RandomHorizontalFlip { p } => {
                 if rng.uniform() < *p {

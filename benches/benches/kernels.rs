@@ -1,0 +1,93 @@
+//! Single kernels on the CPU: the GEMM peak (Candle's matmul, the `gemm` crate), 3x3
+//! convolutions at ResNet shapes (forward; backward = input and weight gradient, which our
+//! kernel computes in one pass) and BatchNorm + ReLU training forward + backward.
+//! PyTorch's side: `benches/torch_bench.py`.
+
+use candle_core::{DType, Device, Tensor, Var};
+use criterion::{criterion_group, criterion_main, Criterion};
+use resblock_benches::{conv3x3_flop, record};
+use resblock_core::ops::{batch_norm_train, conv2d};
+use resblock_core::{configure_threads, RngHandle};
+
+fn randn(shape: &[usize], std: f64) -> Tensor {
+    RngHandle::seed_from_u64(shape.iter().product::<usize>() as u64)
+        .normal_tensor(shape, 0., std, DType::F32, &Device::Cpu)
+        .expect("randn")
+}
+
+fn gemm(c: &mut Criterion) {
+    configure_threads(None);
+    let a = randn(&[1024, 1024], 1.);
+    record("cpu/gemm/f32_1024", None, Some(2. * 1024f64.powi(3)));
+    c.bench_function("cpu/gemm/f32_1024", |bch| {
+        bch.iter(|| a.matmul(&a).expect("matmul"))
+    });
+}
+
+/// (name, batch, c_in, c_out, size, stride): as in torch_bench.py.
+const CONVS: [(&str, usize, usize, usize, usize, usize); 4] = [
+    ("c16_32x32_bs128", 128, 16, 16, 32, 1),
+    ("c64_56x56_bs8", 8, 64, 64, 56, 1),
+    ("c128_56x56_s2_bs8", 8, 64, 128, 56, 2),
+    ("c256_14x14_bs8", 8, 256, 256, 14, 1),
+];
+
+fn convs(c: &mut Criterion) {
+    configure_threads(None);
+    for (name, n, ci, co, hw, s) in CONVS {
+        let x = Var::from_tensor(&randn(&[n, ci, hw, hw], 1.)).expect("x");
+        let w = Var::from_tensor(&randn(&[co, ci, 3, 3], 0.1)).expect("w");
+        let flop = conv3x3_flop(n, ci, co, hw, s);
+        let (xp, wp) = (x.as_tensor().detach(), w.as_tensor().detach());
+        let id = format!("cpu/conv3x3/{name}/fwd");
+        record(&id, Some(n as f64), Some(flop));
+        c.bench_function(&id, |b| {
+            b.iter(|| conv2d(&xp, &wp, 1, s, 1, 1).expect("conv"))
+        });
+        // The backward alone: one forward builds the graph; each iteration backpropagates
+        // an upstream gradient through it.
+        let y = conv2d(x.as_tensor(), w.as_tensor(), 1, s, 1, 1).expect("conv");
+        let r = randn(y.dims(), 1.);
+        let loss = (&y * &r).expect("mul").sum_all().expect("sum");
+        let id = format!("cpu/conv3x3/{name}/bwd_data_and_weight");
+        record(&id, Some(n as f64), Some(2. * flop));
+        c.bench_function(&id, |b| b.iter(|| loss.backward().expect("backward")));
+    }
+}
+
+fn batch_norm(c: &mut Criterion) {
+    configure_threads(None);
+    for (name, n, ch, hw) in [
+        ("c16_32x32_bs128", 128, 16, 32),
+        ("c64_56x56_bs8", 8, 64, 56),
+    ] {
+        let x = Var::from_tensor(&randn(&[n, ch, hw, hw], 1.)).expect("x");
+        let g =
+            Var::from_tensor(&Tensor::ones(ch, DType::F32, &Device::Cpu).expect("g")).expect("g");
+        let b =
+            Var::from_tensor(&Tensor::zeros(ch, DType::F32, &Device::Cpu).expect("b")).expect("b");
+        let r = randn(&[n, ch, hw, hw], 1.);
+        let id = format!("cpu/batch_norm_relu/{name}/train_fwd_bwd");
+        record(&id, Some(n as f64), None);
+        c.bench_function(&id, |bch| {
+            bch.iter(|| {
+                let (y, _) =
+                    batch_norm_train(x.as_tensor(), g.as_tensor(), b.as_tensor(), 1e-5, true)
+                        .expect("bn");
+                (y * &r)
+                    .expect("mul")
+                    .sum_all()
+                    .expect("sum")
+                    .backward()
+                    .expect("backward")
+            })
+        });
+    }
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().sample_size(10);
+    targets = gemm, convs, batch_norm
+}
+criterion_main!(benches);

@@ -1,0 +1,225 @@
+"""PyTorch's side of `cargo xtask bench --compare-torch`.
+
+Times the same workloads as benches/benches/*.rs (same ids, shapes, batch sizes, models and
+optimizer settings) with PyTorch eager on the CPU, with as many threads as resblock uses
+(RAYON_NUM_THREADS, else all cores), and writes {id: mean seconds per iteration} as JSON.
+
+    python3 benches/torch_bench.py --out target/torch-bench.json [--filter SUBSTRING]
+
+Needs torch and torchvision (pip install torch torchvision); the CIFAR ResNets come from
+crates/resblock-vision/tests/fixtures/make_resnet_fixtures.py (the same definitions the
+parity fixtures use).
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision.models as tvm
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "../crates/resblock-vision/tests/fixtures"))
+from make_resnet_fixtures import cifar  # noqa: E402
+
+BENCHES = {}
+
+
+def bench(name):
+    def reg(f):
+        BENCHES[name] = f
+        return f
+
+    return reg
+
+
+def measure(step, min_time=3.0, min_iters=5, warmup=2):
+    """Mean seconds per call of step() over at least min_iters calls and min_time seconds."""
+    for _ in range(warmup):
+        step()
+    n, start = 0, time.perf_counter()
+    while n < min_iters or time.perf_counter() - start < min_time:
+        step()
+        n += 1
+    return (time.perf_counter() - start) / n
+
+
+@bench("cpu/gemm/f32_1024")
+def gemm():
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    return measure(lambda: a @ b)
+
+
+@bench("cpu/toy_residual/1000_epochs")
+def toy():
+    # The article's program: a Linear(10, 10) residual block fitted to random data with MSE
+    # and Adam (lr 0.01), 1000 epochs of full-batch steps on 100 samples.
+    def run():
+        torch.manual_seed(42)
+        lin = nn.Linear(10, 10)
+        x, y = torch.randn(100, 10), torch.randn(100, 10)
+        opt = torch.optim.Adam(lin.parameters(), lr=0.01)
+        for _ in range(1000):
+            opt.zero_grad()
+            loss = F.mse_loss(lin(x) + x, y)
+            loss.backward()
+            opt.step()
+
+    return measure(run, min_time=3.0, min_iters=3)
+
+
+@bench("cpu/residual_mlp_block/fwd_bwd/w256_h1024_bs128")
+def mlp():
+    ln, fc1, fc2 = nn.LayerNorm(256), nn.Linear(256, 1024), nn.Linear(1024, 256)
+    x = torch.randn(128, 256)
+
+    def step():
+        y = x + fc2(F.gelu(fc1(ln(x))))
+        y.pow(2).mean().backward()
+
+    return measure(step)
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.down = nn.Sequential(
+            nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
+        )
+
+    def forward(self, x):
+        h = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(h)) + self.down(x))
+
+
+@bench("cpu/basic_block_16_32_s2/fwd_bwd/bs32_32x32")
+def basic_block():
+    block = BasicBlock(16, 32, 2).train()
+    x = torch.rand(32, 16, 32, 32)
+    return measure(lambda: block(x).pow(2).mean().backward())
+
+
+def train_step(depth):
+    torch.manual_seed(0)
+    net = cifar(depth).train()
+    decay = [p for p in net.parameters() if p.ndim > 1]
+    no_decay = [p for p in net.parameters() if p.ndim <= 1]
+    opt = torch.optim.SGD(
+        [{"params": decay, "weight_decay": 5e-4}, {"params": no_decay, "weight_decay": 0}],
+        lr=0.1,
+        momentum=0.9,
+        nesterov=True,
+    )
+    x = torch.randn(128, 3, 32, 32)
+    y = torch.arange(128) % 10
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(net(x), y).backward()
+        opt.step()
+
+    return measure(step, min_time=5.0)
+
+
+@bench("cpu/resnet20/train_step/bs128")
+def resnet20():
+    return train_step(20)
+
+
+@bench("cpu/resnet56/train_step/bs128")
+def resnet56():
+    return train_step(56)
+
+
+def infer(arch, batch):
+    net = getattr(tvm, arch)().eval()
+    x = torch.randn(batch, 3, 224, 224)
+
+    def step():
+        with torch.inference_mode():
+            net(x)
+
+    return measure(step, min_time=5.0)
+
+
+# PyTorch eager has no folded variant: both of ours are compared with the same eager model.
+for _arch in ["resnet18", "resnet50"]:
+    for _bs in [1, 8]:
+        for _suffix in ["", "_folded"]:
+            bench(f"cpu/{_arch}/infer/bs{_bs}{_suffix}")(
+                lambda a=_arch, b=_bs: infer(a, b)
+            )
+
+# Single 3x3 convolutions (padding 1) at ResNet shapes: (name, batch, c_in, c_out, size, stride).
+CONVS = [
+    ("c16_32x32_bs128", 128, 16, 16, 32, 1),
+    ("c64_56x56_bs8", 8, 64, 64, 56, 1),
+    ("c128_56x56_s2_bs8", 8, 64, 128, 56, 2),
+    ("c256_14x14_bs8", 8, 256, 256, 14, 1),
+]
+
+
+def conv_fwd(n, ci, co, hw, s):
+    x, w = torch.randn(n, ci, hw, hw), torch.randn(co, ci, 3, 3)
+    with torch.no_grad():
+        return measure(lambda: F.conv2d(x, w, padding=1, stride=s))
+
+
+def conv_bwd(n, ci, co, hw, s):
+    x = torch.randn(n, ci, hw, hw, requires_grad=True)
+    w = torch.randn(co, ci, 3, 3, requires_grad=True)
+    y = F.conv2d(x, w, padding=1, stride=s)
+    r = torch.randn_like(y)
+    # The backward alone: both gradients, as our conv's backward computes them together.
+    return measure(lambda: torch.autograd.grad(y, (x, w), r, retain_graph=True))
+
+
+for _name, _n, _ci, _co, _hw, _s in CONVS:
+    bench(f"cpu/conv3x3/{_name}/fwd")(lambda a=(_n, _ci, _co, _hw, _s): conv_fwd(*a))
+    bench(f"cpu/conv3x3/{_name}/bwd_data_and_weight")(
+        lambda a=(_n, _ci, _co, _hw, _s): conv_bwd(*a)
+    )
+
+BNS = [("c16_32x32_bs128", 128, 16, 32), ("c64_56x56_bs8", 8, 64, 56)]
+
+
+def bn_train(n, c, hw):
+    bn = nn.BatchNorm2d(c).train()
+    x = torch.randn(n, c, hw, hw, requires_grad=True)
+    r = torch.randn(n, c, hw, hw)
+    return measure(lambda: (F.relu(bn(x)) * r).sum().backward())
+
+
+for _name, _n, _c, _hw in BNS:
+    bench(f"cpu/batch_norm_relu/{_name}/train_fwd_bwd")(lambda a=(_n, _c, _hw): bn_train(*a))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--filter", default="")
+    args = ap.parse_args()
+    threads = int(os.environ.get("RAYON_NUM_THREADS") or os.cpu_count())
+    torch.set_num_threads(threads)
+    results = {}
+    for name, f in BENCHES.items():
+        if args.filter in name:
+            results[name] = f()
+            print(f"torch {name}: {results[name] * 1e3:.3f} ms", file=sys.stderr)
+    results["_meta"] = {"torch": torch.__version__, "threads": threads}
+    tmp = args.out + ".tmp"
+    with open(tmp, "w") as fh:
+        json.dump(results, fh, indent=1)
+    os.replace(tmp, args.out)
+
+
+if __name__ == "__main__":
+    main()
