@@ -214,12 +214,36 @@ impl Module for Conv2d {
     /// # Shapes
     /// - input: (N, C_in, H, W); output: (N, C_out, H_out, W_out)
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.run(x, false)
+    }
+}
+
+impl Conv2d {
+    /// `relu(self.forward(x))`, with the bias and the ReLU fused into the convolution's
+    /// output pass on our CPU kernel (see [`crate::ops::conv2d_fused`]).
+    ///
+    /// # Shapes
+    /// - input: (N, C_in, H, W); output: (N, C_out, H_out, W_out)
+    ///
+    /// # Errors
+    /// As [`Module::forward`].
+    pub fn forward_relu(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.run(x, true)
+    }
+
+    fn run(&self, x: &Tensor, relu: bool) -> candle_core::Result<Tensor> {
         let c = &self.cfg;
-        let y = crate::ops::conv2d(x, &self.weight, c.padding, c.stride, c.dilation, c.groups)?;
-        match &self.bias {
-            None => Ok(y),
-            Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?),
-        }
+        crate::ops::conv2d_fused(
+            x,
+            &self.weight,
+            self.bias.as_ref(),
+            relu,
+            c.padding,
+            c.stride,
+            c.dilation,
+            c.groups,
+        )
+        .map_err(candle_core::Error::wrap)
     }
 }
 

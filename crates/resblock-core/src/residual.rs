@@ -256,6 +256,10 @@ impl<G: ModuleT> ModuleT for Residual<G> {
                         r.dims()
                     );
                 }
+                if self.post == Some(Activation::Relu) {
+                    // The usual post-activation block end, as one fused op.
+                    return crate::ops::add_relu(&s, &r).map_err(candle_core::Error::wrap);
+                }
                 (s + r)?
             }
             None => r,

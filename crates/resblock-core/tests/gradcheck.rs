@@ -263,3 +263,93 @@ fn native_batch_norm_agrees_with_candle_ops() -> Result<()> {
     }
     Ok(())
 }
+
+/// The fused conv (+ bias, + ReLU) against the same maths from separate Candle ops, with
+/// gradients for input, kernel and bias (f64).
+#[test]
+fn fused_conv_bias_relu_agrees_with_separate_ops() -> Result<()> {
+    use resblock_core::ops::{conv2d_fused, set_kernels, Kernels};
+    let rng = RngHandle::seed_from_u64(13);
+    let x = randn(&rng, &[2, 4, 7, 6])?;
+    let k = randn(&rng, &[6, 2, 3, 3])?;
+    let b = randn(&rng, &[6])?;
+    let r = randn(&rng, &[2, 6, 4, 3])?;
+    for (bias, relu) in [(true, true), (true, false), (false, true)] {
+        let run = |native: bool| -> Result<Vec<Tensor>> {
+            let vars = [&x, &k, &b].map(|t| Var::from_tensor(t).expect("var"));
+            let bt = bias.then(|| vars[2].as_tensor());
+            let y = if native {
+                conv2d_fused(
+                    vars[0].as_tensor(),
+                    vars[1].as_tensor(),
+                    bt,
+                    relu,
+                    1,
+                    2,
+                    1,
+                    2,
+                )?
+            } else {
+                let y = conv2d_candle(vars[0].as_tensor(), vars[1].as_tensor(), 1, 2, 1, 2)?;
+                let y = match bt {
+                    Some(b) => y.broadcast_add(&b.reshape((1, 6, 1, 1))?)?,
+                    None => y,
+                };
+                if relu {
+                    y.relu()?
+                } else {
+                    y
+                }
+            };
+            let gs = (&y * &r)?.sum_all()?.backward()?;
+            let mut out = vec![y];
+            for v in &vars[..if bias { 3 } else { 2 }] {
+                out.push(
+                    gs.get(v)
+                        .cloned()
+                        .ok_or_else(|| anyhow::anyhow!("no grad"))?,
+                );
+            }
+            Ok(out)
+        };
+        set_kernels(Kernels::Native);
+        let a = run(true)?;
+        let c = run(false)?;
+        for (i, (p, q)) in a.iter().zip(&c).enumerate() {
+            assert_close(
+                &format!("bias {bias} relu {relu} output/grad {i}"),
+                p,
+                q,
+                1e-12,
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// `add_relu` against `(a + b).relu()` from Candle ops: output and both gradients (f64).
+#[test]
+fn add_relu_agrees_with_separate_ops() -> Result<()> {
+    use resblock_core::ops::add_relu;
+    let rng = RngHandle::seed_from_u64(14);
+    let (a, b, r) = (
+        randn(&rng, &[3, 4, 5, 6])?,
+        randn(&rng, &[3, 4, 5, 6])?,
+        randn(&rng, &[3, 4, 5, 6])?,
+    );
+    let run = |fused: bool| -> Result<Vec<Tensor>> {
+        let (va, vb) = (Var::from_tensor(&a)?, Var::from_tensor(&b)?);
+        let y = if fused {
+            add_relu(va.as_tensor(), vb.as_tensor())?
+        } else {
+            (va.as_tensor() + vb.as_tensor())?.relu()?
+        };
+        let gs = (&y * &r)?.sum_all()?.backward()?;
+        let get = |v: &Var| gs.get(v).cloned().ok_or_else(|| anyhow::anyhow!("no grad"));
+        Ok(vec![y.clone(), get(&va)?, get(&vb)?])
+    };
+    for (i, (p, q)) in run(true)?.iter().zip(&run(false)?).enumerate() {
+        assert_close(&format!("add_relu output/grad {i}"), p, q, 0.)?;
+    }
+    Ok(())
+}

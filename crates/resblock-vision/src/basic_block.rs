@@ -106,10 +106,9 @@ impl ModuleT for BasicBranch {
     /// # Shapes
     /// - input: (N, C_in, H, W); output: (N, C_out, ceil(H/s), ceil(W/s))
     fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        let y = self.conv1.forward(x)?;
         let y = match &self.bn_mid {
-            Some(bn) => bn.forward_relu_t(&y, train)?,
-            None => y.relu()?,
+            Some(bn) => bn.forward_relu_t(&self.conv1.forward(x)?, train)?,
+            None => self.conv1.forward_relu(x)?,
         };
         let y = self.conv2.forward(&y)?;
         match &self.bn_last {

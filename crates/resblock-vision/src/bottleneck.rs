@@ -114,12 +114,12 @@ impl ModuleT for BottleneckBranch {
     /// # Shapes
     /// - input: (N, C_in, H, W); output: (N, 4 * planes, ceil(H/s), ceil(W/s))
     fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        let norm_relu = |bn: &Option<BatchNorm>, y: Tensor| match bn {
-            Some(bn) => bn.forward_relu_t(&y, train),
-            None => y.relu(),
+        let conv_norm_relu = |conv: &Conv2d, bn: &Option<BatchNorm>, x: &Tensor| match bn {
+            Some(bn) => bn.forward_relu_t(&conv.forward(x)?, train),
+            None => conv.forward_relu(x),
         };
-        let y = norm_relu(&self.bn_a, self.conv1.forward(x)?)?;
-        let y = norm_relu(&self.bn_b, self.conv2.forward(&y)?)?;
+        let y = conv_norm_relu(&self.conv1, &self.bn_a, x)?;
+        let y = conv_norm_relu(&self.conv2, &self.bn_b, &y)?;
         let y = self.conv3.forward(&y)?;
         match &self.bn_last {
             Some(bn) => bn.forward_t(&y, train),

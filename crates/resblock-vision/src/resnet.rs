@@ -668,8 +668,12 @@ impl ResNet {
         let mut layers = self.stem.iter().peekable();
         while let Some(l) = layers.next() {
             h = match l {
+                // A conv (folded: no norm) or a norm followed by a ReLU runs fused.
+                StemLayer::Conv(c) if matches!(layers.peek(), Some(StemLayer::Relu)) => {
+                    layers.next();
+                    c.forward_relu(&h)?
+                }
                 StemLayer::Conv(c) => c.forward(&h)?,
-                // A norm followed by a ReLU runs as one fused kernel.
                 StemLayer::Norm(n) if matches!(layers.peek(), Some(StemLayer::Relu)) => {
                     layers.next();
                     n.forward_relu_t(&h, train)?

@@ -11,6 +11,8 @@
 
 use candle_core::Tensor;
 
+use super::conv_cpu::{ConvGeom, NativeConv2d, NativeConv2dBias};
+
 use crate::error::{Error, Result};
 
 /// Convolution of an (N, C_in, H, W) input with a (C_out, C_in/groups, kh, kw) kernel, with
@@ -58,29 +60,82 @@ pub fn conv2d_native(
     dilation: usize,
     groups: usize,
 ) -> Result<Tensor> {
-    let cpu_float = x.device().is_cpu()
-        && kernel.device().is_cpu()
-        && matches!(x.dtype(), candle_core::DType::F32 | candle_core::DType::F64)
-        && x.dtype() == kernel.dtype();
-    if cpu_float && x.rank() == 4 && kernel.rank() == 4 && groups > 0 && stride > 0 && dilation > 0
-    {
-        let (_, c_in, h, w) = x.dims4()?;
-        let (_, c_k, kh, kw) = kernel.dims4()?;
-        let fits = |size: usize, k: usize| size + 2 * padding > dilation * (k - 1);
-        if c_in == c_k * groups && fits(h, kh) && fits(w, kw) {
-            let geom = super::conv_cpu::ConvGeom {
-                padding,
-                stride,
-                dilation,
-                groups,
-            };
-            return Ok(x
-                .contiguous()?
-                .apply_op2(&kernel.contiguous()?, super::conv_cpu::NativeConv2d(geom))?);
-        }
+    let geom = ConvGeom {
+        padding,
+        stride,
+        dilation,
+        groups,
+    };
+    if native_fits(x, kernel, None, &geom)? {
+        return Ok(x
+            .contiguous()?
+            .apply_op2(&kernel.contiguous()?, NativeConv2d { geom, relu: false })?);
     }
     // Candle's path reports shape errors in our words.
     conv2d_candle(x, kernel, padding, stride, dilation, groups)
+}
+
+/// `relu?(conv2d(x, kernel) + bias?)`: with our kernel the bias and the ReLU are applied to
+/// each image's output while it is still in cache (one pass instead of three), with a
+/// backward for all of them. Falls back to [`conv2d_candle`] and Candle ops where
+/// [`conv2d`] would.
+///
+/// # Shapes
+/// As [`conv2d`]; `bias`: (C_out).
+///
+/// # Errors
+/// As [`conv2d`], or a bias of the wrong length.
+#[allow(clippy::too_many_arguments)]
+pub fn conv2d_fused(
+    x: &Tensor,
+    kernel: &Tensor,
+    bias: Option<&Tensor>,
+    relu: bool,
+    padding: usize,
+    stride: usize,
+    dilation: usize,
+    groups: usize,
+) -> Result<Tensor> {
+    let geom = ConvGeom {
+        padding,
+        stride,
+        dilation,
+        groups,
+    };
+    if super::kernels() == super::Kernels::Native && native_fits(x, kernel, bias, &geom)? {
+        let (x, k) = (x.contiguous()?, kernel.contiguous()?);
+        return Ok(match bias {
+            None => x.apply_op2(&k, NativeConv2d { geom, relu })?,
+            Some(b) => x.apply_op3(&k, &b.contiguous()?, NativeConv2dBias { geom, relu })?,
+        });
+    }
+    let y = conv2d(x, kernel, padding, stride, dilation, groups)?;
+    let y = match bias {
+        Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?)?,
+        None => y,
+    };
+    Ok(if relu { y.relu()? } else { y })
+}
+
+/// Whether our CPU kernel takes these tensors (otherwise Candle's path, which also reports
+/// shape errors).
+fn native_fits(x: &Tensor, kernel: &Tensor, bias: Option<&Tensor>, g: &ConvGeom) -> Result<bool> {
+    let same = |t: &Tensor| t.device().is_cpu() && t.dtype() == x.dtype();
+    let cpu_float = x.device().is_cpu()
+        && matches!(x.dtype(), candle_core::DType::F32 | candle_core::DType::F64)
+        && same(kernel)
+        && bias.is_none_or(same);
+    if !(cpu_float && x.rank() == 4 && kernel.rank() == 4) {
+        return Ok(false);
+    }
+    if g.groups == 0 || g.stride == 0 || g.dilation == 0 {
+        return Ok(false);
+    }
+    let (_, c_in, h, w) = x.dims4()?;
+    let (c_out, c_k, kh, kw) = kernel.dims4()?;
+    let fits = |size: usize, k: usize| size + 2 * g.padding > g.dilation * (k - 1);
+    let bias_ok = bias.is_none_or(|b| b.dims() == [c_out]);
+    Ok(c_in == c_k * g.groups && fits(h, kh) && fits(w, kw) && bias_ok)
 }
 
 /// [`conv2d`] on Candle's own kernels (any device), with a backward that is right for every

@@ -20,7 +20,7 @@
 //! batch is the long one, and f32 partial sums drift from PyTorch's in training.
 //! See `../shared/notes/cpu-training-kernels.md`.
 
-use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor, WithDType};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor, WithDType};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
@@ -159,35 +159,49 @@ fn valid_range(ow: usize, w: usize, s: usize, off: isize) -> (usize, usize) {
     (lo.min(hi), hi)
 }
 
-/// One image's `cols` (rows `[c, ky, kx]`, columns `[oy, ox]`).
-fn im2col<T: WithDType>(img: &[T], d: &Dims, g: &ConvGeom, cols: &mut [T]) {
+/// One image's `cols` (rows `[c, ky, kx]`, columns `[oy, ox]`); the channels in parallel
+/// when `parallel` (a single image: nothing else runs in parallel then).
+fn im2col<T: WithDType>(img: &[T], d: &Dims, g: &ConvGeom, cols: &mut [T], parallel: bool) {
+    let rows = d.kh * d.kw * d.p();
+    let plane = d.h * d.w;
+    let cols = &mut cols[..d.c * rows];
+    if parallel {
+        cols.par_chunks_mut(rows)
+            .zip(img.par_chunks(plane))
+            .for_each(|(r, p)| im2col_channel(p, d, g, r));
+    } else {
+        cols.chunks_mut(rows)
+            .zip(img.chunks(plane))
+            .for_each(|(r, p)| im2col_channel(p, d, g, r));
+    }
+}
+
+/// The `kh * kw` rows of `cols` that one input channel's `plane` gives.
+fn im2col_channel<T: WithDType>(plane: &[T], d: &Dims, g: &ConvGeom, rows: &mut [T]) {
     let (p, s) = (d.p(), g.stride);
     let mut r = 0;
-    for ci in 0..d.c {
-        let plane = &img[ci * d.h * d.w..(ci + 1) * d.h * d.w];
-        for ky in 0..d.kh {
-            for kx in 0..d.kw {
-                let row = &mut cols[r * p..(r + 1) * p];
-                r += 1;
-                let off_x = (kx * g.dilation) as isize - g.padding as isize;
-                let (lo, hi) = valid_range(d.ow, d.w, s, off_x);
-                for oy in 0..d.oh {
-                    let out = &mut row[oy * d.ow..(oy + 1) * d.ow];
-                    let iy = (oy * s + ky * g.dilation) as isize - g.padding as isize;
-                    if iy < 0 || iy >= d.h as isize || lo >= hi {
-                        out.fill(T::zero());
-                        continue;
-                    }
-                    let src = &plane[iy as usize * d.w..(iy as usize + 1) * d.w];
-                    out[..lo].fill(T::zero());
-                    out[hi..].fill(T::zero());
-                    let start = (lo as isize * s as isize + off_x) as usize;
-                    if s == 1 {
-                        out[lo..hi].copy_from_slice(&src[start..start + hi - lo]);
-                    } else {
-                        for (o, v) in out[lo..hi].iter_mut().zip(src[start..].iter().step_by(s)) {
-                            *o = *v;
-                        }
+    for ky in 0..d.kh {
+        for kx in 0..d.kw {
+            let row = &mut rows[r * p..(r + 1) * p];
+            r += 1;
+            let off_x = (kx * g.dilation) as isize - g.padding as isize;
+            let (lo, hi) = valid_range(d.ow, d.w, s, off_x);
+            for oy in 0..d.oh {
+                let out = &mut row[oy * d.ow..(oy + 1) * d.ow];
+                let iy = (oy * s + ky * g.dilation) as isize - g.padding as isize;
+                if iy < 0 || iy >= d.h as isize || lo >= hi {
+                    out.fill(T::zero());
+                    continue;
+                }
+                let src = &plane[iy as usize * d.w..(iy as usize + 1) * d.w];
+                out[..lo].fill(T::zero());
+                out[hi..].fill(T::zero());
+                let start = (lo as isize * s as isize + off_x) as usize;
+                if s == 1 {
+                    out[lo..hi].copy_from_slice(&src[start..start + hi - lo]);
+                } else {
+                    for (o, v) in out[lo..hi].iter_mut().zip(src[start..].iter().step_by(s)) {
+                        *o = *v;
                     }
                 }
             }
@@ -281,7 +295,7 @@ fn forward_image<T: WithDType>(
         img
     } else {
         buf.resize(d.k_all() * p, T::zero());
-        im2col(img, d, g, buf);
+        im2col(img, d, g, buf, !matches!(par, Parallelism::None));
         buf
     };
     for gi in 0..g.groups {
@@ -298,19 +312,31 @@ fn forward_image<T: WithDType>(
     }
 }
 
-fn forward<T: WithDType>(x: &[T], w: &[T], d: &Dims, g: &ConvGeom) -> Vec<T> {
+fn forward<T: WithDType>(
+    x: &[T],
+    w: &[T],
+    (bias, relu): (Option<&[T]>, bool),
+    d: &Dims,
+    g: &ConvGeom,
+) -> Vec<T> {
     let (parallel, par) = gemm_parallelism(d.n);
-    let mut y = vec![T::zero(); d.n * d.cout * d.p()];
-    for_each_image(
-        &mut y,
-        d.cout * d.p(),
-        parallel,
-        Vec::new,
-        |buf, ni, y_n| {
-            let img = &x[ni * d.chw()..(ni + 1) * d.chw()];
-            forward_image(img, w, d, g, buf, y_n, par);
-        },
-    );
+    let p = d.p();
+    let mut y = vec![T::zero(); d.n * d.cout * p];
+    for_each_image(&mut y, d.cout * p, parallel, Vec::new, |buf, ni, y_n| {
+        let img = &x[ni * d.chw()..(ni + 1) * d.chw()];
+        forward_image(img, w, d, g, buf, y_n, par);
+        // The epilogue, while the image's output is in cache.
+        if bias.is_some() || relu {
+            let zero = T::zero();
+            for (o, plane) in y_n.chunks_mut(p).enumerate() {
+                let b = bias.map_or(zero, |b| b[o]);
+                for v in plane {
+                    let r = *v + b;
+                    *v = if relu && r < zero { zero } else { r };
+                }
+            }
+        }
+    });
     y
 }
 
@@ -398,7 +424,7 @@ fn backward<T: WithDType>(x: &[T], w: &[T], dy: &[T], d: &Dims, g: &ConvGeom) ->
             img
         } else {
             s.cols.resize(d.k_all() * p, T::zero());
-            im2col(img, d, g, &mut s.cols);
+            im2col(img, d, g, &mut s.cols, !matches!(par, Parallelism::None));
             &s.cols
         };
         s.dw_n.resize(wlen, T::zero());
@@ -496,11 +522,140 @@ fn backward_tensors<T: WithDType>(
     ))
 }
 
-/// The convolution as a custom op with its own backward (CPU, f32/f64).
-pub(crate) struct NativeConv2d(pub ConvGeom);
+/// `dy` masked where a fused ReLU's output `y` is not positive.
+fn relu_mask<T: WithDType>(y: &Tensor, dy: &Tensor) -> candle_core::Result<Tensor> {
+    use super::with_cpu_slice as with;
+    let zero = T::zero();
+    let g = with(y, "conv2d", |y: &[T]| {
+        with(dy, "conv2d", |dy: &[T]| {
+            y.par_iter()
+                .zip(dy.par_iter())
+                .map(|(y, g)| if *y > zero { *g } else { zero })
+                .collect::<Vec<T>>()
+        })
+    })??;
+    Tensor::from_vec(g, y.shape(), y.device())
+}
+
+/// Per-channel sums of `dy` (N, C, H, W), f64 accumulated: a bias gradient.
+fn channel_sums<T: WithDType>(dy: &Tensor) -> candle_core::Result<Tensor> {
+    let (n, c, h, w) = dy.dims4()?;
+    let sums = super::with_cpu_slice(dy, "conv2d", |g: &[T]| {
+        (0..c)
+            .into_par_iter()
+            .map(|ci| {
+                let s: f64 = (0..n)
+                    .map(|ni| {
+                        let plane = &g[(ni * c + ci) * h * w..(ni * c + ci + 1) * h * w];
+                        plane.iter().map(|v| v.to_f64()).sum::<f64>()
+                    })
+                    .sum();
+                T::from_f64(s)
+            })
+            .collect::<Vec<T>>()
+    })?;
+    Tensor::from_vec(sums, c, dy.device())
+}
+
+/// The convolution (optionally + bias, optionally followed by a ReLU) as a custom op with its
+/// own backward (CPU, f32/f64): `NativeConv2d` takes (x, w), `NativeConv2dBias` (x, w, b).
+pub(crate) struct NativeConv2d {
+    pub geom: ConvGeom,
+    pub relu: bool,
+}
+
+/// See [`NativeConv2d`].
+pub(crate) struct NativeConv2dBias {
+    pub geom: ConvGeom,
+    pub relu: bool,
+}
 
 fn slice<'a, T>(s: &'a [T], l: &Layout) -> candle_core::Result<&'a [T]> {
     super::contiguous_slice(s, l, "conv2d")
+}
+
+/// The forward on CPU storages, with an optional bias.
+fn cpu_forward(
+    (s1, l1): (&CpuStorage, &Layout),
+    (s2, l2): (&CpuStorage, &Layout),
+    bias: Option<(&CpuStorage, &Layout)>,
+    relu: bool,
+    g: &ConvGeom,
+) -> candle_core::Result<(CpuStorage, Shape)> {
+    let d = Dims::new(g, l1.dims(), l2.dims())?;
+    if let Some((_, lb)) = bias {
+        if lb.dims() != [d.cout] {
+            candle_core::bail!(
+                "conv2d: bias {:?} for {} output channels",
+                lb.dims(),
+                d.cout
+            )
+        }
+    }
+    let shape = Shape::from((d.n, d.cout, d.oh, d.ow));
+    let out = match (s1, s2, bias.map(|b| b.0)) {
+        (CpuStorage::F32(a), CpuStorage::F32(b), None) => {
+            CpuStorage::F32(forward(slice(a, l1)?, slice(b, l2)?, (None, relu), &d, g))
+        }
+        (CpuStorage::F64(a), CpuStorage::F64(b), None) => {
+            CpuStorage::F64(forward(slice(a, l1)?, slice(b, l2)?, (None, relu), &d, g))
+        }
+        (CpuStorage::F32(a), CpuStorage::F32(b), Some(CpuStorage::F32(c))) => {
+            let c = slice(c, bias.map(|b| b.1).expect("bias layout"))?;
+            CpuStorage::F32(forward(
+                slice(a, l1)?,
+                slice(b, l2)?,
+                (Some(c), relu),
+                &d,
+                g,
+            ))
+        }
+        (CpuStorage::F64(a), CpuStorage::F64(b), Some(CpuStorage::F64(c))) => {
+            let c = slice(c, bias.map(|b| b.1).expect("bias layout"))?;
+            CpuStorage::F64(forward(
+                slice(a, l1)?,
+                slice(b, l2)?,
+                (Some(c), relu),
+                &d,
+                g,
+            ))
+        }
+        _ => candle_core::bail!("conv2d: the native kernel takes f32 or f64 of one dtype"),
+    };
+    Ok((out, shape))
+}
+
+/// (dx, dw, db) for the upstream gradient `dy` of `y`.
+fn cpu_backward(
+    x: &Tensor,
+    w: &Tensor,
+    y: &Tensor,
+    dy: &Tensor,
+    relu: bool,
+    g: &ConvGeom,
+) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+    let d = Dims::new(g, x.dims(), w.dims())?;
+    match x.dtype() {
+        candle_core::DType::F32 => {
+            let dy = if relu {
+                relu_mask::<f32>(y, dy)?
+            } else {
+                dy.clone()
+            };
+            let (dx, dw) = backward_tensors::<f32>(x, w, &dy, &d, g)?;
+            Ok((dx, dw, channel_sums::<f32>(&dy)?))
+        }
+        candle_core::DType::F64 => {
+            let dy = if relu {
+                relu_mask::<f64>(y, dy)?
+            } else {
+                dy.clone()
+            };
+            let (dx, dw) = backward_tensors::<f64>(x, w, &dy, &d, g)?;
+            Ok((dx, dw, channel_sums::<f64>(&dy)?))
+        }
+        dt => candle_core::bail!("conv2d: the native kernel has no {dt:?} backward"),
+    }
 }
 
 impl CustomOp2 for NativeConv2d {
@@ -515,36 +670,58 @@ impl CustomOp2 for NativeConv2d {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let g = &self.0;
-        let d = Dims::new(g, l1.dims(), l2.dims())?;
-        let shape = Shape::from((d.n, d.cout, d.oh, d.ow));
-        let out = match (s1, s2) {
-            (CpuStorage::F32(a), CpuStorage::F32(b)) => {
-                CpuStorage::F32(forward(slice(a, l1)?, slice(b, l2)?, &d, g))
-            }
-            (CpuStorage::F64(a), CpuStorage::F64(b)) => {
-                CpuStorage::F64(forward(slice(a, l1)?, slice(b, l2)?, &d, g))
-            }
-            _ => candle_core::bail!("conv2d: the native kernel takes f32 or f64 of one dtype"),
-        };
-        Ok((out, shape))
+        cpu_forward((s1, l1), (s2, l2), None, self.relu, &self.geom)
     }
 
     fn bwd(
         &self,
         x: &Tensor,
         w: &Tensor,
-        _y: &Tensor,
+        y: &Tensor,
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let g = &self.0;
-        let d = Dims::new(g, x.dims(), w.dims())?;
-        let (dx, dw) = match x.dtype() {
-            candle_core::DType::F32 => backward_tensors::<f32>(x, w, dy, &d, g)?,
-            candle_core::DType::F64 => backward_tensors::<f64>(x, w, dy, &d, g)?,
-            dt => candle_core::bail!("conv2d: the native kernel has no {dt:?} backward"),
-        };
+        if !self.relu {
+            // No bias gradient to form: skip cpu_backward's channel sums.
+            let d = Dims::new(&self.geom, x.dims(), w.dims())?;
+            let (dx, dw) = match x.dtype() {
+                candle_core::DType::F32 => backward_tensors::<f32>(x, w, dy, &d, &self.geom)?,
+                candle_core::DType::F64 => backward_tensors::<f64>(x, w, dy, &d, &self.geom)?,
+                dt => candle_core::bail!("conv2d: the native kernel has no {dt:?} backward"),
+            };
+            return Ok((Some(dx), Some(dw)));
+        }
+        let (dx, dw, _) = cpu_backward(x, w, y, dy, self.relu, &self.geom)?;
         Ok((Some(dx), Some(dw)))
+    }
+}
+
+impl CustomOp3 for NativeConv2dBias {
+    fn name(&self) -> &'static str {
+        "resblock-conv2d-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        cpu_forward((s1, l1), (s2, l2), Some((s3, l3)), self.relu, &self.geom)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        y: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw, db) = cpu_backward(x, w, y, dy, self.relu, &self.geom)?;
+        Ok((Some(dx), Some(dw), Some(db)))
     }
 }
 

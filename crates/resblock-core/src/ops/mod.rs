@@ -6,20 +6,25 @@
 //!   inputs whose height and width leave different remainders under the stride).
 //! - [`batch_norm_train`]: training-mode batch normalisation (optionally fused with ReLU)
 //!   as one multithreaded op with its own backward, statistics in f64.
+//! - [`add_relu`]: `relu(a + b)`, the end of a post-activation residual block, as one op.
+//! - [`conv2d_fused`]: convolution + bias (+ ReLU) with the epilogue fused (inference on
+//!   folded networks, biased convolutions).
 //!
 //! [`set_kernels`] switches every op with two implementations between ours (the default) and
 //! Candle's plain path, for comparison and for benchmarks; so does the environment variable
 //! `RESBLOCK_KERNELS=candle`.
 //! - [`subsample2d`]: strided slicing `x[:, :, ::s, ::s]`.
 
+mod add_relu;
 mod batch_norm;
 mod conv;
 mod conv_cpu;
 mod max_pool;
 mod subsample;
 
+pub use add_relu::add_relu;
 pub use batch_norm::{batch_norm_train, batch_norm_train_candle, BatchStats};
-pub use conv::{conv2d, conv2d_candle, conv2d_native};
+pub use conv::{conv2d, conv2d_candle, conv2d_fused, conv2d_native};
 pub use max_pool::{max_pool2d, max_pool2d_generic, Pool2dConfig};
 pub use subsample::subsample2d;
 

@@ -1,0 +1,110 @@
+//! `relu(a + b)` as one multithreaded op: the end of every post-activation residual block.
+//!
+//! As two Candle ops it is two passes over the activation forward, and backward two more
+//! plus a gradient accumulation per input; here it is one pass each way, the backward
+//! handing the same masked gradient to both inputs.
+
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor, WithDType};
+use rayon::prelude::*;
+
+use crate::error::Result;
+
+/// `relu(a + b)` for tensors of one shape, with its backward. Our kernel on the CPU in
+/// f32/f64 (unless [`super::set_kernels`] chose Candle's), Candle ops elsewhere.
+///
+/// # Errors
+/// Different shapes or dtypes.
+pub fn add_relu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let native = super::kernels() == super::Kernels::Native
+        && a.device().is_cpu()
+        && b.device().is_cpu()
+        && matches!(a.dtype(), DType::F32 | DType::F64)
+        && a.dtype() == b.dtype()
+        && a.dims() == b.dims();
+    if native {
+        return Ok(a.contiguous()?.apply_op2(&b.contiguous()?, AddRelu)?);
+    }
+    Ok((a + b)?.relu()?)
+}
+
+struct AddRelu;
+
+/// Elements per parallel task.
+const CHUNK: usize = 1 << 15;
+
+fn fwd<T: WithDType>(a: &[T], b: &[T]) -> Vec<T> {
+    let zero = T::zero();
+    let mut y = vec![zero; a.len()];
+    y.par_chunks_mut(CHUNK)
+        .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
+        .for_each(|(y, (a, b))| {
+            for ((o, a), b) in y.iter_mut().zip(a).zip(b) {
+                let s = *a + *b;
+                *o = if s > zero { s } else { zero };
+            }
+        });
+    y
+}
+
+fn bwd_typed<T: WithDType>(y: &Tensor, dy: &Tensor) -> candle_core::Result<Tensor> {
+    use super::with_cpu_slice as with;
+    let zero = T::zero();
+    let g = with(y, "add_relu", |y: &[T]| {
+        with(dy, "add_relu", |dy: &[T]| {
+            let mut g = vec![zero; y.len()];
+            g.par_chunks_mut(CHUNK)
+                .zip(y.par_chunks(CHUNK).zip(dy.par_chunks(CHUNK)))
+                .for_each(|(g, (y, dy))| {
+                    for ((o, y), d) in g.iter_mut().zip(y).zip(dy) {
+                        *o = if *y > zero { *d } else { zero };
+                    }
+                });
+            g
+        })
+    })??;
+    Tensor::from_vec(g, y.shape(), y.device())
+}
+
+fn slice<'a, T>(s: &'a [T], l: &Layout) -> candle_core::Result<&'a [T]> {
+    super::contiguous_slice(s, l, "add_relu")
+}
+
+impl CustomOp2 for AddRelu {
+    fn name(&self) -> &'static str {
+        "resblock-add-relu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let out = match (s1, s2) {
+            (CpuStorage::F32(a), CpuStorage::F32(b)) => {
+                CpuStorage::F32(fwd(slice(a, l1)?, slice(b, l2)?))
+            }
+            (CpuStorage::F64(a), CpuStorage::F64(b)) => {
+                CpuStorage::F64(fwd(slice(a, l1)?, slice(b, l2)?))
+            }
+            _ => candle_core::bail!("add_relu: the native kernel takes f32 or f64 of one dtype"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _a: &Tensor,
+        _b: &Tensor,
+        y: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = match y.dtype() {
+            DType::F32 => bwd_typed::<f32>(y, dy)?,
+            DType::F64 => bwd_typed::<f64>(y, dy)?,
+            dt => candle_core::bail!("add_relu: the native kernel has no {dt:?} backward"),
+        };
+        Ok((Some(g.clone()), Some(g)))
+    }
+}
