@@ -233,12 +233,12 @@ fn collect(base: &Path, dir: &Path, rows: &mut Vec<(String, f64)>) -> Result<()>
         if p.is_dir() {
             let est = p.join("new/estimates.json");
             if est.is_file() {
-                let json = fs::read_to_string(&est)?;
-                let id = fs::read_to_string(p.join("new/benchmark.json"))
-                    .ok()
-                    .and_then(|b| json_str(&b, "full_id"))
+                let id = read_json(&p.join("new/benchmark.json"))
+                    .and_then(|b| b["full_id"].as_str().map(String::from))
                     .unwrap_or_else(|| p.strip_prefix(base).unwrap_or(&p).display().to_string());
-                if let Some(ns) = mean_ns(&json) {
+                // `mean.point_estimate` is in nanoseconds.
+                if let Some(ns) = read_json(&est).and_then(|e| e["mean"]["point_estimate"].as_f64())
+                {
                     rows.push((id, ns));
                 }
             } else {
@@ -249,22 +249,8 @@ fn collect(base: &Path, dir: &Path, rows: &mut Vec<(String, f64)>) -> Result<()>
     Ok(())
 }
 
-/// `{"mean":{...,"point_estimate":X,...}}` -> X, without a JSON dependency.
-fn mean_ns(json: &str) -> Option<f64> {
-    let at = json.find("\"mean\"")?;
-    let rest = &json[at..];
-    let p = rest.find("\"point_estimate\":")? + "\"point_estimate\":".len();
-    let num: String = rest[p..]
-        .chars()
-        .take_while(|c| c.is_ascii_digit() || matches!(c, '.' | 'e' | 'E' | '-' | '+'))
-        .collect();
-    num.parse().ok()
-}
-
-fn json_str(json: &str, key: &str) -> Option<String> {
-    let k = format!("\"{key}\":\"");
-    let at = json.find(&k)? + k.len();
-    Some(json[at..].split('"').next()?.to_string())
+fn read_json(path: &Path) -> Option<serde_json::Value> {
+    serde_json::from_str(&fs::read_to_string(path).ok()?).ok()
 }
 
 fn human(ns: f64) -> String {

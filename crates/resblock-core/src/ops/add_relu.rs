@@ -46,25 +46,6 @@ fn fwd<T: WithDType>(a: &[T], b: &[T]) -> Vec<T> {
     y
 }
 
-fn bwd_typed<T: WithDType>(y: &Tensor, dy: &Tensor) -> candle_core::Result<Tensor> {
-    use super::with_cpu_slice as with;
-    let zero = T::zero();
-    let g = with(y, "add_relu", |y: &[T]| {
-        with(dy, "add_relu", |dy: &[T]| {
-            let mut g = vec![zero; y.len()];
-            g.par_chunks_mut(CHUNK)
-                .zip(y.par_chunks(CHUNK).zip(dy.par_chunks(CHUNK)))
-                .for_each(|(g, (y, dy))| {
-                    for ((o, y), d) in g.iter_mut().zip(y).zip(dy) {
-                        *o = if *y > zero { *d } else { zero };
-                    }
-                });
-            g
-        })
-    })??;
-    Tensor::from_vec(g, y.shape(), y.device())
-}
-
 fn slice<'a, T>(s: &'a [T], l: &Layout) -> candle_core::Result<&'a [T]> {
     super::contiguous_slice(s, l, "add_relu")
 }
@@ -101,8 +82,8 @@ impl CustomOp2 for AddRelu {
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let g = match y.dtype() {
-            DType::F32 => bwd_typed::<f32>(y, dy)?,
-            DType::F64 => bwd_typed::<f64>(y, dy)?,
+            DType::F32 => super::relu_mask::<f32>(y, dy, "add_relu")?,
+            DType::F64 => super::relu_mask::<f64>(y, dy, "add_relu")?,
             dt => candle_core::bail!("add_relu: the native kernel has no {dt:?} backward"),
         };
         Ok((Some(g.clone()), Some(g)))

@@ -62,15 +62,14 @@ pub fn batch_norm_train(
     let y = x
         .contiguous()?
         .apply_op3(&weight.contiguous()?, &bias.contiguous()?, op)?;
-    let (mean, inv_std) = stats
+    let (mean, var) = stats
         .get()
         .ok_or_else(|| Error::config("batch_norm: the kernel did not record its statistics"))?;
-    let var = inv_std.iter().map(|s| 1. / (s * s) - eps).collect();
     Ok((
         y,
         BatchStats {
             mean: mean.clone(),
-            var,
+            var: var.clone(),
             count,
         },
     ))
@@ -145,8 +144,13 @@ fn check(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<(usize, usize)> {
     Ok((c, count))
 }
 
-/// Per-channel mean and 1/sqrt(var + eps), f64.
+/// Per-channel mean and biased variance, f64.
 type Stats = (Vec<f64>, Vec<f64>);
+
+/// 1 / sqrt(var + eps) per channel.
+fn inv_std(var: &[f64], eps: f64) -> Vec<f64> {
+    var.iter().map(|v| 1. / (v + eps).sqrt()).collect()
+}
 
 struct NativeBatchNorm {
     channels: usize,
@@ -204,9 +208,10 @@ fn forward<T: WithDType>(
         let sum: f64 = planes(x, (c, s), ci).map(|p| plane_moments(p, 0.).0).sum();
         let mu = sum / m;
         let sq: f64 = planes(x, (c, s), ci).map(|p| plane_moments(p, mu).1).sum();
-        (mu, 1. / (sq / m + eps).sqrt())
+        (mu, sq / m)
     });
-    let (mean, inv_std): (Vec<f64>, Vec<f64>) = stats.into_iter().unzip();
+    let (mean, var): (Vec<f64>, Vec<f64>) = stats.into_iter().unzip();
+    let inv_std = inv_std(&var, eps);
     // As PyTorch: (x - mean) * (inv_std * weight) + bias, in the input's dtype.
     let coef: Vec<(T, T, T)> = (0..c)
         .map(|ci| {
@@ -226,7 +231,7 @@ fn forward<T: WithDType>(
                 *o = if relu && r < zero { zero } else { r };
             }
         });
-    (y, (mean, inv_std))
+    (y, (mean, var))
 }
 
 /// `sum(g)` and `sum(g * (x - mu))` of one plane, g = dy masked by the fused ReLU, in f64.
@@ -263,10 +268,11 @@ fn backward<T: WithDType>(
     y: &[T],
     dy: &[T],
     (c, s): (usize, usize),
-    (mean, inv_std): &Stats,
-    relu: bool,
+    (mean, var): &Stats,
+    (eps, relu): (f64, bool),
 ) -> (Vec<T>, Vec<T>, Vec<T>) {
     let m = (x.len() / c) as f64;
+    let inv_std = inv_std(var, eps);
     let zero = T::zero();
     // Per channel: sum(dy) and sum(dy * x_hat).
     let sums: Vec<(f64, f64)> = per_channel(c, |ci| {
@@ -396,7 +402,7 @@ impl NativeBatchNorm {
             with(w, "batch_norm", |ws: &[T]| {
                 with(y, "batch_norm", |ys: &[T]| {
                     with(dy, "batch_norm", |dys: &[T]| {
-                        backward(xs, ws, ys, dys, dims, stats, self.relu)
+                        backward(xs, ws, ys, dys, dims, stats, (self.eps, self.relu))
                     })
                 })
             })

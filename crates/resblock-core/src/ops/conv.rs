@@ -66,13 +66,11 @@ pub fn conv2d_native(
         dilation,
         groups,
     };
-    if native_fits(x, kernel, None, &geom)? {
-        return Ok(x
-            .contiguous()?
-            .apply_op2(&kernel.contiguous()?, NativeConv2d { geom, relu: false })?);
+    match try_native(x, kernel, None, false, geom)? {
+        Some(y) => Ok(y),
+        // Candle's path reports shape errors in our words.
+        None => conv2d_candle(x, kernel, padding, stride, dilation, groups),
     }
-    // Candle's path reports shape errors in our words.
-    conv2d_candle(x, kernel, padding, stride, dilation, groups)
 }
 
 /// `relu?(conv2d(x, kernel) + bias?)`: with our kernel the bias and the ReLU are applied to
@@ -102,19 +100,35 @@ pub fn conv2d_fused(
         dilation,
         groups,
     };
-    if super::kernels() == super::Kernels::Native && native_fits(x, kernel, bias, &geom)? {
-        let (x, k) = (x.contiguous()?, kernel.contiguous()?);
-        return Ok(match bias {
-            None => x.apply_op2(&k, NativeConv2d { geom, relu })?,
-            Some(b) => x.apply_op3(&k, &b.contiguous()?, NativeConv2dBias { geom, relu })?,
-        });
+    if super::kernels() == super::Kernels::Native {
+        if let Some(y) = try_native(x, kernel, bias, relu, geom)? {
+            return Ok(y);
+        }
     }
-    let y = conv2d(x, kernel, padding, stride, dilation, groups)?;
+    let y = conv2d_candle(x, kernel, padding, stride, dilation, groups)?;
     let y = match bias {
         Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?)?,
         None => y,
     };
     Ok(if relu { y.relu()? } else { y })
+}
+
+/// `relu?(conv(x, kernel) + bias?)` on our CPU kernel, or `None` where it does not apply.
+fn try_native(
+    x: &Tensor,
+    kernel: &Tensor,
+    bias: Option<&Tensor>,
+    relu: bool,
+    geom: ConvGeom,
+) -> Result<Option<Tensor>> {
+    if !native_fits(x, kernel, bias, &geom)? {
+        return Ok(None);
+    }
+    let (x, k) = (x.contiguous()?, kernel.contiguous()?);
+    Ok(Some(match bias {
+        None => x.apply_op2(&k, NativeConv2d { geom, relu })?,
+        Some(b) => x.apply_op3(&k, &b.contiguous()?, NativeConv2dBias { geom, relu })?,
+    }))
 }
 
 /// Whether our CPU kernel takes these tensors (otherwise Candle's path, which also reports

@@ -522,21 +522,6 @@ fn backward_tensors<T: WithDType>(
     ))
 }
 
-/// `dy` masked where a fused ReLU's output `y` is not positive.
-fn relu_mask<T: WithDType>(y: &Tensor, dy: &Tensor) -> candle_core::Result<Tensor> {
-    use super::with_cpu_slice as with;
-    let zero = T::zero();
-    let g = with(y, "conv2d", |y: &[T]| {
-        with(dy, "conv2d", |dy: &[T]| {
-            y.par_iter()
-                .zip(dy.par_iter())
-                .map(|(y, g)| if *y > zero { *g } else { zero })
-                .collect::<Vec<T>>()
-        })
-    })??;
-    Tensor::from_vec(g, y.shape(), y.device())
-}
-
 /// Per-channel sums of `dy` (N, C, H, W), f64 accumulated: a bias gradient.
 fn channel_sums<T: WithDType>(dy: &Tensor) -> candle_core::Result<Tensor> {
     let (n, c, h, w) = dy.dims4()?;
@@ -625,37 +610,43 @@ fn cpu_forward(
     Ok((out, shape))
 }
 
-/// (dx, dw, db) for the upstream gradient `dy` of `y`.
+/// (dx, dw, db if `with_bias`) for the upstream gradient `dy` of `y`.
 fn cpu_backward(
     x: &Tensor,
     w: &Tensor,
     y: &Tensor,
     dy: &Tensor,
-    relu: bool,
+    (relu, with_bias): (bool, bool),
     g: &ConvGeom,
-) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
-    let d = Dims::new(g, x.dims(), w.dims())?;
+) -> candle_core::Result<(Tensor, Tensor, Option<Tensor>)> {
     match x.dtype() {
-        candle_core::DType::F32 => {
-            let dy = if relu {
-                relu_mask::<f32>(y, dy)?
-            } else {
-                dy.clone()
-            };
-            let (dx, dw) = backward_tensors::<f32>(x, w, &dy, &d, g)?;
-            Ok((dx, dw, channel_sums::<f32>(&dy)?))
-        }
-        candle_core::DType::F64 => {
-            let dy = if relu {
-                relu_mask::<f64>(y, dy)?
-            } else {
-                dy.clone()
-            };
-            let (dx, dw) = backward_tensors::<f64>(x, w, &dy, &d, g)?;
-            Ok((dx, dw, channel_sums::<f64>(&dy)?))
-        }
+        candle_core::DType::F32 => backward_typed::<f32>(x, w, y, dy, (relu, with_bias), g),
+        candle_core::DType::F64 => backward_typed::<f64>(x, w, y, dy, (relu, with_bias), g),
         dt => candle_core::bail!("conv2d: the native kernel has no {dt:?} backward"),
     }
+}
+
+fn backward_typed<T: WithDType>(
+    x: &Tensor,
+    w: &Tensor,
+    y: &Tensor,
+    dy: &Tensor,
+    (relu, with_bias): (bool, bool),
+    g: &ConvGeom,
+) -> candle_core::Result<(Tensor, Tensor, Option<Tensor>)> {
+    let d = Dims::new(g, x.dims(), w.dims())?;
+    let dy = if relu {
+        super::relu_mask::<T>(y, dy, "conv2d")?
+    } else {
+        dy.clone()
+    };
+    let (dx, dw) = backward_tensors::<T>(x, w, &dy, &d, g)?;
+    let db = if with_bias {
+        Some(channel_sums::<T>(&dy)?)
+    } else {
+        None
+    };
+    Ok((dx, dw, db))
 }
 
 impl CustomOp2 for NativeConv2d {
@@ -680,17 +671,7 @@ impl CustomOp2 for NativeConv2d {
         y: &Tensor,
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        if !self.relu {
-            // No bias gradient to form: skip cpu_backward's channel sums.
-            let d = Dims::new(&self.geom, x.dims(), w.dims())?;
-            let (dx, dw) = match x.dtype() {
-                candle_core::DType::F32 => backward_tensors::<f32>(x, w, dy, &d, &self.geom)?,
-                candle_core::DType::F64 => backward_tensors::<f64>(x, w, dy, &d, &self.geom)?,
-                dt => candle_core::bail!("conv2d: the native kernel has no {dt:?} backward"),
-            };
-            return Ok((Some(dx), Some(dw)));
-        }
-        let (dx, dw, _) = cpu_backward(x, w, y, dy, self.relu, &self.geom)?;
+        let (dx, dw, _) = cpu_backward(x, w, y, dy, (self.relu, false), &self.geom)?;
         Ok((Some(dx), Some(dw)))
     }
 }
@@ -720,8 +701,8 @@ impl CustomOp3 for NativeConv2dBias {
         y: &Tensor,
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw, db) = cpu_backward(x, w, y, dy, self.relu, &self.geom)?;
-        Ok((Some(dx), Some(dw), Some(db)))
+        let (dx, dw, db) = cpu_backward(x, w, y, dy, (self.relu, true), &self.geom)?;
+        Ok((Some(dx), Some(dw), db))
     }
 }
 

@@ -99,3 +99,23 @@ pub(crate) fn with_cpu_slice<T: candle_core::WithDType, R>(
         _ => candle_core::bail!("{op}: the native kernel runs on the CPU only"),
     }
 }
+
+/// `dy` where a ReLU's output `y` is positive, zero elsewhere: the gradient through a fused
+/// ReLU (CPU, f32/f64).
+pub(crate) fn relu_mask<T: candle_core::WithDType>(
+    y: &candle_core::Tensor,
+    dy: &candle_core::Tensor,
+    op: &str,
+) -> candle_core::Result<candle_core::Tensor> {
+    use rayon::prelude::*;
+    let zero = T::zero();
+    let g = with_cpu_slice(y, op, |y: &[T]| {
+        with_cpu_slice(dy, op, |dy: &[T]| {
+            y.par_iter()
+                .zip(dy.par_iter())
+                .map(|(y, g)| if *y > zero { *g } else { zero })
+                .collect::<Vec<T>>()
+        })
+    })??;
+    candle_core::Tensor::from_vec(g, y.shape(), y.device())
+}
