@@ -3,7 +3,8 @@
 //! weights within 1e-4 relative (||ours - theirs|| / ||theirs|| per tensor). In float64 the
 //! same resnet20 run agrees to 1e-9 (measured ~1e-15), which pins the update rules
 //! themselves; in float32 the remaining differences are summation order, and the resnet20
-//! run is held to PyTorch's float64 trajectory (see that test for why).
+//! run is held to both of PyTorch's trajectories within PyTorch's own f32 spread (see that
+//! test for why).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -48,6 +49,11 @@ fn check(f: &HashMap<String, Tensor>, losses: &[f64], varmap: &VarMap, tol: f64)
             i + 1
         );
     }
+    check_weights(f, varmap, tol)
+}
+
+/// Every final weight within `tol` relative (||ours - theirs|| / ||theirs||).
+fn check_weights(f: &HashMap<String, Tensor>, varmap: &VarMap, tol: f64) -> Result<()> {
     let data = varmap.data().lock().expect("lock");
     for (k, theirs) in f
         .iter()
@@ -119,31 +125,46 @@ fn run_resnet20(f: &HashMap<String, Tensor>, dtype: DType) -> Result<(Vec<f64>, 
     Ok((losses, varmap))
 }
 
-/// The f32 run against PyTorch's float64 run of the same problem (the exact trajectory),
-/// and against PyTorch's float32 run within its own rounding spread.
+/// The f32 run against PyTorch's float64 run of the same problem (the exact trajectory) and
+/// its float32 run, allowing at each step the rounding spread PyTorch's own f32 run shows.
 ///
-/// PyTorch's f32 losses themselves leave its f64 ones by up to 2.8e-4 relative at steps
-/// 9-20 of this run (a 20-step f32 trajectory amplifies summation-order differences), so a
-/// fixed 1e-4 bound against PyTorch-f32 only holds for an implementation that happens to sum
-/// in PyTorch's order. Ours is held to 1e-4 of the exact trajectory, and to PyTorch-f32
-/// within 1e-4 plus PyTorch-f32's own distance from exact at that step.
+/// PyTorch's f32 losses leave its f64 ones by up to 2.8e-4 relative at steps 9-20 of this run:
+/// a 20-step f32 trajectory amplifies summation-order differences, and this one passes a
+/// sensitive point at step 8-9. A fixed 1e-4 bound against either reference therefore only
+/// holds for an implementation that happens to round like that reference. The direct
+/// convolution kernels (`ops::conv_cpu::direct`) round like PyTorch's f32 run (within 3e-5 of
+/// it at every step) and so leave f64 by as much as PyTorch-f32 does; the GEMM path
+/// (`RESBLOCK_DIRECT_CONV=0`) stays within 6e-6 of f64 and leaves PyTorch-f32 by its spread.
+/// So each step's loss must be within 1e-4 plus PyTorch-f32's distance from f64 at that step
+/// of both references.
 #[test]
 fn resnet20_sgd_nesterov_multistep_matches_pytorch() -> Result<()> {
     let f32_ref = fixture("engine_resnet20.safetensors")?;
     let f64_ref = fixture("engine_resnet20_f64.safetensors")?;
     let (losses, varmap) = run_resnet20(&f32_ref, DType::F32)?;
-    check(&f64_ref, &losses, &varmap, 1e-4)?;
     let torch32 = f32_ref["losses"].to_vec1::<f64>()?;
     let torch64 = f64_ref["losses"].to_vec1::<f64>()?;
+    assert_eq!(losses.len(), torch64.len());
     for (i, ((a, b), e)) in losses.iter().zip(&torch32).zip(&torch64).enumerate() {
         let spread = (b - e).abs();
-        anyhow::ensure!(
-            (a - b).abs() <= 1e-4 * b.abs() + spread,
-            "step {}: loss {a} vs PyTorch-f32 {b} (PyTorch-f64 {e})",
-            i + 1
-        );
+        for (reference, r) in [("PyTorch-f64", e), ("PyTorch-f32", b)] {
+            anyhow::ensure!(
+                (a - r).abs() <= 1e-4 * r.abs() + spread,
+                "step {}: loss {a} vs {reference} {r} (PyTorch's f32-f64 spread {spread:e})",
+                i + 1
+            );
+        }
     }
-    Ok(())
+    // The final weights: within 1e-4 of one of PyTorch's two runs (the direct kernels end
+    // within 1e-4 of PyTorch-f32's, the GEMM path within 1e-4 of PyTorch-f64's; each is
+    // 1-4e-4 from the other run's, as those runs are from each other).
+    match (
+        check_weights(&f32_ref, &varmap, 1e-4),
+        check_weights(&f64_ref, &varmap, 1e-4),
+    ) {
+        (Err(a), Err(b)) => anyhow::bail!("final weights: vs PyTorch-f32 {a}; vs PyTorch-f64 {b}"),
+        _ => Ok(()),
+    }
 }
 
 #[test]

@@ -24,6 +24,8 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor, WithD
 use gemm::Parallelism;
 use rayon::prelude::*;
 
+mod direct;
+
 /// Geometry of one convolution (same padding/stride/dilation in both dims).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct ConvGeom {
@@ -367,21 +369,8 @@ impl<T: WithDType> InputGrad<T> {
         if g.stride != 1 || d.kh != d.kw || g.padding > reach {
             return InputGrad::Scatter;
         }
-        let (cg, og, kk) = (d.c / g.groups, d.cout / g.groups, d.kh * d.kw);
-        let mut wf = vec![T::zero(); d.c * og * kk];
-        for gi in 0..g.groups {
-            for o in 0..og {
-                for ci in 0..cg {
-                    let src = &w[((gi * og + o) * cg + ci) * kk..][..kk];
-                    let dst = &mut wf[((gi * cg + ci) * og + o) * kk..][..kk];
-                    for (j, v) in dst.iter_mut().enumerate() {
-                        *v = src[kk - 1 - j];
-                    }
-                }
-            }
-        }
         InputGrad::Flipped {
-            w: wf,
+            w: flip_kernel(w, d, g),
             dims: Dims {
                 n: d.n,
                 c: d.cout,
@@ -399,6 +388,25 @@ impl<T: WithDType> InputGrad<T> {
             },
         }
     }
+}
+
+/// The kernel `(C_out, C_in/groups, kh, kw)` flipped in both spatial dims and transposed
+/// per group to `(C_in, C_out/groups, kh, kw)`: the kernel of the stride-1 input gradient.
+fn flip_kernel<T: WithDType>(w: &[T], d: &Dims, g: &ConvGeom) -> Vec<T> {
+    let (cg, og, kk) = (d.c / g.groups, d.cout / g.groups, d.kh * d.kw);
+    let mut wf = vec![T::zero(); d.c * og * kk];
+    for gi in 0..g.groups {
+        for o in 0..og {
+            for ci in 0..cg {
+                let src = &w[((gi * og + o) * cg + ci) * kk..][..kk];
+                let dst = &mut wf[((gi * cg + ci) * og + o) * kk..][..kk];
+                for (j, v) in dst.iter_mut().enumerate() {
+                    *v = src[kk - 1 - j];
+                }
+            }
+        }
+    }
+    wf
 }
 
 /// Scratch buffers of one backward worker.
@@ -522,6 +530,172 @@ fn backward_tensors<T: WithDType>(
     ))
 }
 
+/// Whether the direct kernels may be used (`RESBLOCK_DIRECT_CONV=0` turns them off, for
+/// comparison with the GEMM path).
+fn direct_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("RESBLOCK_DIRECT_CONV").map_or(true, |v| v != "0"))
+}
+
+/// The direct forward plan when it applies: f32 (the caller's), stride 1, no dilation, one
+/// group, and not a 1x1 unpadded convolution (that one is a plain GEMM already).
+fn direct_plan(d: &Dims, g: &ConvGeom) -> Option<direct::Plan> {
+    if !direct_enabled() || g.stride != 1 || g.dilation != 1 || g.groups != 1 || d.direct(g) {
+        return None;
+    }
+    direct::Plan::new(
+        (d.c, d.h, d.w),
+        d.cout,
+        (d.kh, d.kw),
+        (g.padding, g.padding),
+    )
+}
+
+/// The direct plans of the backward: the forward's (weight gradient) and the input
+/// gradient's (`dY` padded by `k - 1 - padding`, flipped kernel), when both apply.
+fn direct_backward_plans(d: &Dims, g: &ConvGeom) -> Option<(direct::Plan, direct::Plan)> {
+    let fwd = direct_plan(d, g)?;
+    let pad_y = (d.kh - 1).checked_sub(g.padding)?;
+    let pad_x = (d.kw - 1).checked_sub(g.padding)?;
+    let back = direct::Plan::new((d.cout, d.oh, d.ow), d.c, (d.kh, d.kw), (pad_y, pad_x))?;
+    (back.oh == d.h && back.ow == d.w).then_some((fwd, back))
+}
+
+/// The f32 forward: direct when it applies, per-image GEMMs otherwise.
+fn forward_f32(
+    x: &[f32],
+    w: &[f32],
+    (bias, relu): (Option<&[f32]>, bool),
+    d: &Dims,
+    g: &ConvGeom,
+) -> Vec<f32> {
+    match direct_plan(d, g) {
+        Some(plan) => forward_direct(&plan, x, w, (bias, relu), d),
+        None => forward(x, w, (bias, relu), d, g),
+    }
+}
+
+fn forward_direct(
+    plan: &direct::Plan,
+    x: &[f32],
+    w: &[f32],
+    (bias, relu): (Option<&[f32]>, bool),
+    d: &Dims,
+) -> Vec<f32> {
+    let (parallel, _) = gemm_parallelism(d.n);
+    let wk = plan.pack_weights(w);
+    let mut y = vec![0f32; d.n * d.cout * d.p()];
+    let scratch = || (Vec::new(), Vec::new());
+    for_each_image(
+        &mut y,
+        d.cout * d.p(),
+        parallel,
+        scratch,
+        |(xp, flat), ni, y_n| {
+            plan.pad(&x[ni * d.chw()..(ni + 1) * d.chw()], xp);
+            plan.forward(xp, &wk, flat, !parallel);
+            plan.unflatten(flat, y_n, bias, relu);
+        },
+    );
+    y
+}
+
+/// Scratch buffers of one direct backward worker.
+struct DirectScratch {
+    xp: Vec<f32>,
+    dyf: Vec<f32>,
+    dyp: Vec<f32>,
+    flat: Vec<f32>,
+    dw_n: Vec<f32>,
+    acc: Vec<f64>,
+}
+
+/// (dx, dw) by the direct kernels.
+fn backward_direct(
+    (fwd, back): &(direct::Plan, direct::Plan),
+    x: &[f32],
+    w: &[f32],
+    dy: &[f32],
+    d: &Dims,
+    g: &ConvGeom,
+) -> (Vec<f32>, Vec<f32>) {
+    let (parallel, _) = gemm_parallelism(d.n);
+    let wlen = w.len();
+    let wfk = back.pack_weights(&flip_kernel(w, d, g));
+    let ylen = d.cout * d.p();
+    let mut dx = vec![0f32; d.n * d.chw()];
+    let image = |s: &mut DirectScratch, ni: usize, dx_n: &mut [f32]| {
+        let dy_n = &dy[ni * ylen..(ni + 1) * ylen];
+        fwd.pad(&x[ni * d.chw()..(ni + 1) * d.chw()], &mut s.xp);
+        fwd.flatten(dy_n, &mut s.dyf);
+        s.dw_n.resize(wlen, 0.0);
+        fwd.weight_grad(&s.xp, &s.dyf, &mut s.dw_n);
+        for (a, v) in s.acc.iter_mut().zip(&s.dw_n) {
+            *a += f64::from(*v);
+        }
+        back.pad(dy_n, &mut s.dyp);
+        back.forward(&s.dyp, &wfk, &mut s.flat, !parallel);
+        back.unflatten(&s.flat, dx_n, None, false);
+    };
+    let scratch = || DirectScratch {
+        xp: Vec::new(),
+        dyf: Vec::new(),
+        dyp: Vec::new(),
+        flat: Vec::new(),
+        dw_n: Vec::new(),
+        acc: vec![0f64; wlen],
+    };
+    let dw64: Vec<f64> = if parallel {
+        dx.par_chunks_mut(d.chw())
+            .enumerate()
+            .fold(scratch, |mut s, (ni, dx_n)| {
+                image(&mut s, ni, dx_n);
+                s
+            })
+            .map(|s| s.acc)
+            .reduce(
+                || vec![0f64; wlen],
+                |mut a, b| {
+                    a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
+                    a
+                },
+            )
+    } else {
+        let mut s = scratch();
+        for (ni, dx_n) in dx.chunks_mut(d.chw()).enumerate() {
+            image(&mut s, ni, dx_n);
+        }
+        s.acc
+    };
+    (dx, dw64.into_iter().map(|v| v as f32).collect())
+}
+
+/// The f32 backward: direct when it applies, per-image GEMMs otherwise.
+fn backward_tensors_f32(
+    x: &Tensor,
+    w: &Tensor,
+    dy: &Tensor,
+    d: &Dims,
+    g: &ConvGeom,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    let Some(plans) = direct_backward_plans(d, g) else {
+        return backward_tensors::<f32>(x, w, dy, d, g);
+    };
+    use super::with_cpu_slice as with;
+    let (dx, dw) = with(x, "conv2d", |x: &[f32]| {
+        with(w, "conv2d", |w: &[f32]| {
+            with(dy, "conv2d", |dy: &[f32]| {
+                backward_direct(&plans, x, w, dy, d, g)
+            })
+        })
+    })???;
+    let dev = x.device();
+    Ok((
+        Tensor::from_vec(dx, x.shape(), dev)?,
+        Tensor::from_vec(dw, w.shape(), dev)?,
+    ))
+}
+
 /// Per-channel sums of `dy` (N, C, H, W), f64 accumulated: a bias gradient.
 fn channel_sums<T: WithDType>(dy: &Tensor) -> candle_core::Result<Tensor> {
     let (n, c, h, w) = dy.dims4()?;
@@ -579,15 +753,19 @@ fn cpu_forward(
     }
     let shape = Shape::from((d.n, d.cout, d.oh, d.ow));
     let out = match (s1, s2, bias.map(|b| b.0)) {
-        (CpuStorage::F32(a), CpuStorage::F32(b), None) => {
-            CpuStorage::F32(forward(slice(a, l1)?, slice(b, l2)?, (None, relu), &d, g))
-        }
+        (CpuStorage::F32(a), CpuStorage::F32(b), None) => CpuStorage::F32(forward_f32(
+            slice(a, l1)?,
+            slice(b, l2)?,
+            (None, relu),
+            &d,
+            g,
+        )),
         (CpuStorage::F64(a), CpuStorage::F64(b), None) => {
             CpuStorage::F64(forward(slice(a, l1)?, slice(b, l2)?, (None, relu), &d, g))
         }
         (CpuStorage::F32(a), CpuStorage::F32(b), Some(CpuStorage::F32(c))) => {
             let c = slice(c, bias.map(|b| b.1).expect("bias layout"))?;
-            CpuStorage::F32(forward(
+            CpuStorage::F32(forward_f32(
                 slice(a, l1)?,
                 slice(b, l2)?,
                 (Some(c), relu),
@@ -640,7 +818,11 @@ fn backward_typed<T: WithDType>(
     } else {
         dy.clone()
     };
-    let (dx, dw) = backward_tensors::<T>(x, w, &dy, &d, g)?;
+    let (dx, dw) = if T::DTYPE == candle_core::DType::F32 {
+        backward_tensors_f32(x, w, &dy, &d, g)?
+    } else {
+        backward_tensors::<T>(x, w, &dy, &d, g)?
+    };
     let db = if with_bias {
         Some(channel_sums::<T>(&dy)?)
     } else {
@@ -708,7 +890,93 @@ impl CustomOp3 for NativeConv2dBias {
 
 #[cfg(test)]
 mod tests {
-    use super::valid_range;
+    use super::*;
+
+    /// Deterministic values in [-1, 1).
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn to64(v: &[f32]) -> Vec<f64> {
+        v.iter().map(|v| f64::from(*v)).collect()
+    }
+
+    /// Largest |a - b| relative to the largest |b| (at least 1).
+    fn rel_err(a: &[f32], b: &[f64]) -> f64 {
+        assert_eq!(a.len(), b.len());
+        let scale = b.iter().fold(1f64, |m, v| m.max(v.abs()));
+        a.iter()
+            .zip(b)
+            .map(|(a, b)| (f64::from(*a) - b).abs())
+            .fold(0., f64::max)
+            / scale
+    }
+
+    /// The direct f32 kernels against the f64 GEMM path: forward (with bias and ReLU), the
+    /// input gradient and the weight gradient, over tails of every tile size, paddings below,
+    /// at and above `k / 2`, non-square kernels, and a batch of 1 (parallel channel blocks)
+    /// and of 3 (parallel images).
+    #[test]
+    fn direct_kernels_match_the_gemm_path() {
+        let shapes = [
+            // (n, c, h, w, cout, kh, kw, padding)
+            (3, 16, 8, 8, 16, 3, 3, 1),
+            (1, 3, 7, 9, 5, 3, 3, 1),
+            (3, 5, 9, 6, 7, 3, 3, 0),
+            (2, 4, 6, 11, 9, 5, 3, 1),
+            (1, 3, 10, 10, 6, 7, 7, 3),
+            (3, 2, 5, 5, 3, 1, 1, 1),
+            (2, 6, 13, 5, 4, 3, 3, 2),
+        ];
+        for (i, &(n, c, h, w, cout, kh, kw, padding)) in shapes.iter().enumerate() {
+            let g = ConvGeom {
+                padding,
+                stride: 1,
+                dilation: 1,
+                groups: 1,
+            };
+            let d = Dims::new(&g, &[n, c, h, w], &[cout, c, kh, kw]).expect("valid test shape");
+            let Some(plan) = direct_plan(&d, &g) else {
+                // No AVX2/FMA (or the kernels are switched off): nothing to compare.
+                return;
+            };
+            let x = values(n * c * h * w, 1 + i as u64);
+            let k = values(cout * c * kh * kw, 100 + i as u64);
+            let b = values(cout, 200 + i as u64);
+            let dy = values(n * cout * d.p(), 300 + i as u64);
+            let (x64, k64, b64, dy64) = (to64(&x), to64(&k), to64(&b), to64(&dy));
+            for (bias, relu) in [(false, false), (true, true), (false, true)] {
+                let want = forward(&x64, &k64, (bias.then_some(&b64[..]), relu), &d, &g);
+                let got = forward_direct(&plan, &x, &k, (bias.then_some(&b[..]), relu), &d);
+                let e = rel_err(&got, &want);
+                assert!(
+                    e < 1e-5,
+                    "shape {i} bias {bias} relu {relu}: forward off by {e}"
+                );
+            }
+            // The input gradient's plan exists exactly when the padding is below the kernel.
+            let plans = direct_backward_plans(&d, &g);
+            assert_eq!(plans.is_some(), padding < kh.min(kw), "shape {i}");
+            let Some(plans) = plans else { continue };
+            let (dx64, dw64) = backward(&x64, &k64, &dy64, &d, &g);
+            let (dx, dw) = backward_direct(&plans, &x, &k, &dy, &d, &g);
+            let (ex, ew) = (rel_err(&dx, &dx64), rel_err(&dw, &dw64));
+            assert!(
+                ex < 1e-5 && ew < 1e-5,
+                "shape {i}: dx off by {ex}, dw by {ew}"
+            );
+        }
+    }
 
     #[test]
     fn valid_range_covers_exactly_the_in_bounds_columns() {

@@ -1,0 +1,417 @@
+//! Direct stride-1 convolution for f32 on x86-64 with AVX2 and FMA: no `im2col`, no GEMM
+//! packing.
+//!
+//! The per-image GEMMs of the parent module spend as much time unfolding the input (`im2col`
+//! writes `kh * kw` copies of it) and packing operands as multiplying, and at the 16- and
+//! 32-channel layers of CIFAR ResNets their M = C_out is too small for the GEMM crate's
+//! micro-kernels to pay back that cost. Here a convolution reads a zero-padded copy of each
+//! input plane directly.
+//!
+//! The trick that makes every row width and padding one code path: with the input planes
+//! padded to width `wp`, output pixel `(oy, ox)` at the *flattened* index `q = oy * wp + ox`
+//! reads input `q + ky * wp + kx` for tap `(ky, kx)`. So one output plane is a 1-D correlation
+//! of the flattened padded plane with `kh * kw` fixed offsets, computed over all
+//! `q < oh * wp` (the columns `ox >= ow` are junk and dropped when the result is copied out).
+//!
+//! - Forward (and the input gradient, which for stride 1 is the forward convolution of the
+//!   padded `dY` with the flipped, transposed kernel): a micro-tile holds `CB` output channels
+//!   by `TQ` flattened pixels in 12 AVX registers; each step loads `QV` vectors of one input
+//!   plane at one tap offset, broadcasts `CB` weights and does `CB * QV` FMAs.
+//! - Weight gradient: `dW[co, ci, tap] = sum_q dY[co, q] * x[ci, q + offset(tap)]` with `dY`
+//!   flattened the same way and zero in the junk columns; a micro-tile holds `CB` output
+//!   channels by `TB` taps as vector partial sums over `q`.
+//!
+//! Each image is summed in f32 (as the GEMM path does) and the caller adds images in f64.
+
+use rayon::prelude::*;
+
+/// Output channels per micro-tile.
+const CB: usize = 4;
+/// f32 lanes of one AVX register.
+const LANES: usize = 8;
+/// Vectors per micro-tile along the flattened pixels (forward).
+const QV: usize = 2;
+/// Flattened pixels per forward micro-tile.
+const TQ: usize = LANES * QV;
+/// Taps per weight-gradient micro-tile.
+const TB: usize = 3;
+/// Forward micro-tiles per cache block: the loop over output-channel blocks runs inside a
+/// block of this many tiles, so the input rows the block reads stay in cache.
+const TILES_PER_BLOCK: usize = 8;
+
+/// Whether this CPU can run the kernels (checked once).
+fn cpu_supported() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *OK.get_or_init(|| {
+            std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// The geometry of one stride-1, undilated, ungrouped convolution in the flattened form.
+#[derive(Debug, Clone)]
+pub(super) struct Plan {
+    /// Input channels, height, width.
+    c: usize,
+    h: usize,
+    w: usize,
+    /// Output channels, and that rounded up to a multiple of `CB`.
+    cout: usize,
+    cout_r: usize,
+    kh: usize,
+    kw: usize,
+    pad_y: usize,
+    pad_x: usize,
+    pub(super) oh: usize,
+    pub(super) ow: usize,
+    /// Padded input width.
+    wp: usize,
+    /// Flattened output length: `oh * wp` rounded up to a multiple of `TQ`.
+    qlen: usize,
+    /// Stride between padded input planes: `qlen` plus the largest tap offset, so every read
+    /// of a tile stays inside its plane.
+    ps: usize,
+    /// `ky * wp + kx` for every tap, row-major.
+    taps: Vec<usize>,
+}
+
+impl Plan {
+    /// The plan for input `(c, h, w)`, `cout` outputs, a `kh x kw` kernel and the given
+    /// zero padding, or `None` when the CPU lacks AVX2/FMA or the output is empty.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn new(
+        (c, h, w): (usize, usize, usize),
+        cout: usize,
+        (kh, kw): (usize, usize),
+        (pad_y, pad_x): (usize, usize),
+    ) -> Option<Plan> {
+        if !cpu_supported() || c == 0 || cout == 0 || kh == 0 || kw == 0 {
+            return None;
+        }
+        let (hp, wp) = (h + 2 * pad_y, w + 2 * pad_x);
+        if hp < kh || wp < kw {
+            return None;
+        }
+        let (oh, ow) = (hp - kh + 1, wp - kw + 1);
+        let qlen = (oh * wp).div_ceil(TQ) * TQ;
+        let taps: Vec<usize> = (0..kh)
+            .flat_map(|ky| (0..kw).map(move |kx| ky * wp + kx))
+            .collect();
+        let max_tap = (kh - 1) * wp + kw - 1;
+        Some(Plan {
+            c,
+            h,
+            w,
+            cout,
+            cout_r: cout.div_ceil(CB) * CB,
+            kh,
+            kw,
+            pad_y,
+            pad_x,
+            oh,
+            ow,
+            wp,
+            qlen,
+            ps: (qlen + max_tap).div_ceil(LANES) * LANES,
+            taps,
+        })
+    }
+
+    /// Length of a padded image (`c` planes of `ps`).
+    fn padded_len(&self) -> usize {
+        self.c * self.ps
+    }
+
+    /// Length of a flattened output (`cout_r` rows of `qlen`).
+    fn flat_len(&self) -> usize {
+        self.cout_r * self.qlen
+    }
+
+    /// Copies one image `(c, h, w)` into `dst` as zero-padded planes of stride `ps`.
+    pub(super) fn pad(&self, img: &[f32], dst: &mut Vec<f32>) {
+        assert_eq!(
+            img.len(),
+            self.c * self.h * self.w,
+            "direct conv: image size"
+        );
+        dst.clear();
+        dst.resize(self.padded_len(), 0.0);
+        for (plane, src) in dst
+            .chunks_exact_mut(self.ps)
+            .zip(img.chunks_exact(self.h * self.w))
+        {
+            for (y, row) in src.chunks_exact(self.w).enumerate() {
+                let at = (y + self.pad_y) * self.wp + self.pad_x;
+                plane[at..at + self.w].copy_from_slice(row);
+            }
+        }
+    }
+
+    /// The weights `(cout, c, kh, kw)` repacked as `[cout block][ci][tap][CB]`, zero for the
+    /// output channels past `cout`.
+    pub(super) fn pack_weights(&self, w: &[f32]) -> Vec<f32> {
+        let nt = self.kh * self.kw;
+        assert_eq!(w.len(), self.cout * self.c * nt, "direct conv: weight size");
+        let mut out = vec![0f32; self.cout_r * self.c * nt];
+        for co in 0..self.cout {
+            let (blk, j) = (co / CB, co % CB);
+            for ci in 0..self.c {
+                for t in 0..nt {
+                    out[((blk * self.c + ci) * nt + t) * CB + j] = w[(co * self.c + ci) * nt + t];
+                }
+            }
+        }
+        out
+    }
+
+    /// The flattened output `(cout_r, qlen)` of one padded image `xp` (from [`Plan::pad`])
+    /// with packed weights `wk`. With `parallel`, the output-channel blocks run in parallel
+    /// (for a batch smaller than the thread count).
+    pub(super) fn forward(&self, xp: &[f32], wk: &[f32], out: &mut Vec<f32>, parallel: bool) {
+        assert_eq!(
+            xp.len(),
+            self.padded_len(),
+            "direct conv: padded input size"
+        );
+        assert_eq!(
+            wk.len(),
+            self.cout_r * self.c * self.taps.len(),
+            "direct conv: packed weight size"
+        );
+        out.resize(self.flat_len(), 0.0);
+        let wblk = self.c * self.taps.len() * CB;
+        let tiles = self.qlen / TQ;
+        if parallel {
+            out.par_chunks_mut(CB * self.qlen)
+                .zip(wk.par_chunks(wblk))
+                .for_each(|(o, wb)| {
+                    for t in 0..tiles {
+                        self.fwd_tile(xp, wb, t * TQ, o);
+                    }
+                });
+        } else {
+            for t0 in (0..tiles).step_by(TILES_PER_BLOCK) {
+                for (o, wb) in out.chunks_mut(CB * self.qlen).zip(wk.chunks(wblk)) {
+                    for t in t0..(t0 + TILES_PER_BLOCK).min(tiles) {
+                        self.fwd_tile(xp, wb, t * TQ, o);
+                    }
+                }
+            }
+        }
+    }
+
+    /// One micro-tile: `CB` output rows of `o` (stride `qlen`) at `q0..q0 + TQ`.
+    fn fwd_tile(&self, xp: &[f32], wb: &[f32], q0: usize, o: &mut [f32]) {
+        let max_tap = self.taps.last().copied().unwrap_or(0);
+        // The bounds the kernel relies on.
+        assert!(q0 + TQ <= self.qlen && self.qlen + max_tap <= self.ps);
+        assert!(xp.len() >= self.c * self.ps && wb.len() >= self.c * self.taps.len() * CB);
+        assert!(o.len() >= (CB - 1) * self.qlen + q0 + TQ);
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the CPU has AVX2 and FMA (`Plan::new` checked), and every pointer the kernel
+        // forms is in bounds: input reads reach `(c - 1) * ps + q0 + max_tap + TQ <= c * ps`,
+        // weight reads `c * taps * CB`, output writes `(CB - 1) * qlen + q0 + TQ` (asserted).
+        unsafe {
+            x86::fwd_tile(
+                xp.as_ptr().add(q0),
+                self.ps,
+                &self.taps,
+                self.c,
+                wb.as_ptr(),
+                o.as_mut_ptr().add(q0),
+                self.qlen,
+            )
+        }
+    }
+
+    /// Copies the valid columns of a flattened output into `dst` `(cout, oh, ow)`, adding
+    /// `bias` and applying a ReLU when asked.
+    pub(super) fn unflatten(
+        &self,
+        flat: &[f32],
+        dst: &mut [f32],
+        bias: Option<&[f32]>,
+        relu: bool,
+    ) {
+        let plane = self.oh * self.ow;
+        assert_eq!(dst.len(), self.cout * plane, "direct conv: output size");
+        for (co, out) in dst.chunks_exact_mut(plane).enumerate() {
+            let src = &flat[co * self.qlen..];
+            let b = bias.map_or(0.0, |b| b[co]);
+            for (oy, row) in out.chunks_exact_mut(self.ow).enumerate() {
+                let s = &src[oy * self.wp..oy * self.wp + self.ow];
+                if bias.is_none() && !relu {
+                    row.copy_from_slice(s);
+                } else {
+                    for (d, v) in row.iter_mut().zip(s) {
+                        let r = v + b;
+                        *d = if relu && r < 0.0 { 0.0 } else { r };
+                    }
+                }
+            }
+        }
+    }
+
+    /// The output gradient `(cout, oh, ow)` of one image in the flattened layout
+    /// `(cout_r, qlen)`, zero in the junk columns, the tail and the padding rows.
+    pub(super) fn flatten(&self, dy: &[f32], dst: &mut Vec<f32>) {
+        let plane = self.oh * self.ow;
+        assert_eq!(dy.len(), self.cout * plane, "direct conv: gradient size");
+        dst.clear();
+        dst.resize(self.flat_len(), 0.0);
+        for (row, src) in dst.chunks_exact_mut(self.qlen).zip(dy.chunks_exact(plane)) {
+            for (oy, s) in src.chunks_exact(self.ow).enumerate() {
+                row[oy * self.wp..oy * self.wp + self.ow].copy_from_slice(s);
+            }
+        }
+    }
+
+    /// One image's weight gradient `(cout, c, kh, kw)` into `dw`, from its padded input `xp`
+    /// and flattened output gradient `dyf` (from [`Plan::flatten`]).
+    pub(super) fn weight_grad(&self, xp: &[f32], dyf: &[f32], dw: &mut [f32]) {
+        let nt = self.taps.len();
+        assert_eq!(
+            xp.len(),
+            self.padded_len(),
+            "direct conv: padded input size"
+        );
+        assert_eq!(
+            dyf.len(),
+            self.flat_len(),
+            "direct conv: flattened gradient size"
+        );
+        assert_eq!(
+            dw.len(),
+            self.cout * self.c * nt,
+            "direct conv: weight gradient size"
+        );
+        let max_tap = self.taps.last().copied().unwrap_or(0);
+        assert!(self.qlen % LANES == 0 && self.qlen + max_tap <= self.ps);
+        for blk in 0..self.cout_r / CB {
+            let dyb = &dyf[blk * CB * self.qlen..(blk + 1) * CB * self.qlen];
+            for ci in 0..self.c {
+                let plane = &xp[ci * self.ps..(ci + 1) * self.ps];
+                for t0 in (0..nt).step_by(TB) {
+                    let n = TB.min(nt - t0);
+                    // Missing taps of the last block repeat the first; their sums are dropped.
+                    let offs: [usize; TB] = std::array::from_fn(|i| self.taps[t0 + i.min(n - 1)]);
+                    let mut sums = [[0f32; TB]; CB];
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: AVX2 and FMA are present (`Plan::new`); reads of `plane` reach
+                    // `max_tap + qlen <= ps` and of `dyb` `CB * qlen` (asserted above).
+                    unsafe {
+                        x86::wgrad_tile(plane.as_ptr(), offs, dyb.as_ptr(), self.qlen, &mut sums)
+                    };
+                    for (j, s) in sums.iter().enumerate() {
+                        let co = blk * CB + j;
+                        if co < self.cout {
+                            let at = (co * self.c + ci) * nt + t0;
+                            dw[at..at + n].copy_from_slice(&s[..n]);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{CB, LANES, QV, TB};
+    use std::arch::x86_64::*;
+
+    /// `out[j * qlen + 0..TQ] = sum_ci sum_tap w[ci, tap, j] * x[ci * ps + taps[tap] + 0..TQ]`.
+    ///
+    /// # Safety
+    /// AVX2 and FMA must be available; `x` must be readable for
+    /// `(c - 1) * ps + max(taps) + TQ` floats, `w` for `c * taps.len() * CB`, and `out`
+    /// writable for `(CB - 1) * qlen + TQ`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn fwd_tile(
+        x: *const f32,
+        ps: usize,
+        taps: &[usize],
+        c: usize,
+        w: *const f32,
+        out: *mut f32,
+        qlen: usize,
+    ) {
+        // SAFETY: the caller's contract covers every pointer formed here. (No closures: they
+        // would not inherit the target features.)
+        unsafe {
+            let mut acc = [[_mm256_setzero_ps(); QV]; CB];
+            let mut xv = [_mm256_setzero_ps(); QV];
+            let mut wp = w;
+            for ci in 0..c {
+                let xc = x.add(ci * ps);
+                for &off in taps {
+                    let p = xc.add(off);
+                    for (v, xv) in xv.iter_mut().enumerate() {
+                        *xv = _mm256_loadu_ps(p.add(v * LANES));
+                    }
+                    for (j, row) in acc.iter_mut().enumerate() {
+                        let b = _mm256_broadcast_ss(&*wp.add(j));
+                        for (a, xv) in row.iter_mut().zip(&xv) {
+                            *a = _mm256_fmadd_ps(*xv, b, *a);
+                        }
+                    }
+                    wp = wp.add(CB);
+                }
+            }
+            for (j, row) in acc.iter().enumerate() {
+                for (v, a) in row.iter().enumerate() {
+                    _mm256_storeu_ps(out.add(j * qlen + v * LANES), *a);
+                }
+            }
+        }
+    }
+
+    /// `sums[j][t] = sum_{q < qlen} dy[j * qlen + q] * x[offs[t] + q]`.
+    ///
+    /// # Safety
+    /// AVX2 and FMA must be available, `qlen` a multiple of 8, `x` readable for
+    /// `max(offs) + qlen` floats and `dy` for `CB * qlen`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn wgrad_tile(
+        x: *const f32,
+        offs: [usize; TB],
+        dy: *const f32,
+        qlen: usize,
+        sums: &mut [[f32; TB]; CB],
+    ) {
+        // SAFETY: the caller's contract covers every pointer formed here.
+        unsafe {
+            let mut acc = [[_mm256_setzero_ps(); TB]; CB];
+            let mut xv = [_mm256_setzero_ps(); TB];
+            let mut q = 0;
+            while q < qlen {
+                for (v, off) in xv.iter_mut().zip(offs) {
+                    *v = _mm256_loadu_ps(x.add(off + q));
+                }
+                for (j, row) in acc.iter_mut().enumerate() {
+                    let d = _mm256_loadu_ps(dy.add(j * qlen + q));
+                    for (a, xv) in row.iter_mut().zip(&xv) {
+                        *a = _mm256_fmadd_ps(*xv, d, *a);
+                    }
+                }
+                q += LANES;
+            }
+            for (s, a) in sums.iter_mut().zip(&acc) {
+                for (s, a) in s.iter_mut().zip(a) {
+                    let hi = _mm256_extractf128_ps(*a, 1);
+                    let v = _mm_add_ps(_mm256_castps256_ps128(*a), hi);
+                    let v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+                    let v = _mm_add_ss(v, _mm_movehdup_ps(v));
+                    *s = _mm_cvtss_f32(v);
+                }
+            }
+        }
+    }
+}
