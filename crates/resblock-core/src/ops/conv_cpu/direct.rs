@@ -135,14 +135,20 @@ impl Plan {
     }
 
     /// Copies one image `(c, h, w)` into `dst` as zero-padded planes of stride `ps`.
+    ///
+    /// `dst` must be empty or have been filled by this plan before: only the interior is
+    /// written, so the zero border of the first call is kept for the next images (zeroing
+    /// the whole buffer per image was the largest memset of a training step).
     pub(super) fn pad(&self, img: &[f32], dst: &mut Vec<f32>) {
         assert_eq!(
             img.len(),
             self.c * self.h * self.w,
             "direct conv: image size"
         );
-        dst.clear();
-        dst.resize(self.padded_len(), 0.0);
+        if dst.len() != self.padded_len() {
+            dst.clear();
+            dst.resize(self.padded_len(), 0.0);
+        }
         for (plane, src) in dst
             .chunks_exact_mut(self.ps)
             .zip(img.chunks_exact(self.h * self.w))
@@ -260,12 +266,15 @@ impl Plan {
     }
 
     /// The output gradient `(cout, oh, ow)` of one image in the flattened layout
-    /// `(cout_r, qlen)`, zero in the junk columns, the tail and the padding rows.
+    /// `(cout_r, qlen)`, zero in the junk columns, the tail and the padding rows. As with
+    /// [`Plan::pad`], `dst` must be empty or filled by this plan before.
     pub(super) fn flatten(&self, dy: &[f32], dst: &mut Vec<f32>) {
         let plane = self.oh * self.ow;
         assert_eq!(dy.len(), self.cout * plane, "direct conv: gradient size");
-        dst.clear();
-        dst.resize(self.flat_len(), 0.0);
+        if dst.len() != self.flat_len() {
+            dst.clear();
+            dst.resize(self.flat_len(), 0.0);
+        }
         for (row, src) in dst.chunks_exact_mut(self.qlen).zip(dy.chunks_exact(plane)) {
             for (oy, s) in src.chunks_exact(self.ow).enumerate() {
                 row[oy * self.wp..oy * self.wp + self.ow].copy_from_slice(s);
