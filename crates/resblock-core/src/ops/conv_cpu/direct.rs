@@ -85,7 +85,6 @@ pub(super) struct Plan {
 impl Plan {
     /// The plan for input `(c, h, w)`, `cout` outputs, a `kh x kw` kernel and the given
     /// zero padding, or `None` when the CPU lacks AVX2/FMA or the output is empty.
-    #[allow(clippy::too_many_arguments)]
     pub(super) fn new(
         (c, h, w): (usize, usize, usize),
         cout: usize,
