@@ -282,6 +282,42 @@ fn for_each_image<T: Send, S>(
     }
 }
 
+/// Runs `image(scratch, acc, image index, chunk)` over `out`'s per-image chunks, in parallel
+/// or not, each worker adding into its own f64 accumulator of `acc_len`; returns their sum
+/// (the backward's weight gradient, summed over the batch in f64).
+fn for_each_image_summed<T: Send, S: Send>(
+    out: &mut [T],
+    chunk: usize,
+    parallel: bool,
+    acc_len: usize,
+    init: impl Fn() -> S + Sync + Send,
+    image: impl Fn(&mut S, &mut [f64], usize, &mut [T]) + Sync + Send,
+) -> Vec<f64> {
+    let worker = || (init(), vec![0f64; acc_len]);
+    if parallel {
+        out.par_chunks_mut(chunk)
+            .enumerate()
+            .fold(worker, |(mut s, mut acc), (i, c)| {
+                image(&mut s, &mut acc, i, c);
+                (s, acc)
+            })
+            .map(|(_, acc)| acc)
+            .reduce(
+                || vec![0f64; acc_len],
+                |mut a, b| {
+                    a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
+                    a
+                },
+            )
+    } else {
+        let (mut s, mut acc) = worker();
+        for (i, c) in out.chunks_mut(chunk).enumerate() {
+            image(&mut s, &mut acc, i, c);
+        }
+        acc
+    }
+}
+
 /// `y_n = W . cols(x_n)` for one image, per group; `buf` is scratch for `cols`.
 fn forward_image<T: WithDType>(
     img: &[T],
@@ -414,8 +450,6 @@ struct Scratch<T> {
     cols: Vec<T>,
     dcols: Vec<T>,
     dw_n: Vec<T>,
-    /// The weight gradient summed over this worker's images, in f64.
-    acc: Vec<f64>,
 }
 
 /// (dx, dw) for the upstream gradient `dy`.
@@ -425,7 +459,7 @@ fn backward<T: WithDType>(x: &[T], w: &[T], dy: &[T], d: &Dims, g: &ConvGeom) ->
     let wlen = d.cout * kg;
     let input_grad = InputGrad::new(w, d, g);
     let mut dx = vec![T::zero(); d.n * d.chw()];
-    let image = |s: &mut Scratch<T>, ni: usize, dx_n: &mut [T]| {
+    let image = |s: &mut Scratch<T>, acc: &mut [f64], ni: usize, dx_n: &mut [T]| {
         let img = &x[ni * d.chw()..(ni + 1) * d.chw()];
         let dy_n = &dy[ni * d.cout * p..(ni + 1) * d.cout * p];
         let cols: &[T] = if d.direct(g) {
@@ -448,7 +482,7 @@ fn backward<T: WithDType>(x: &[T], w: &[T], dy: &[T], d: &Dims, g: &ConvGeom) ->
                 par,
             );
         }
-        for (a, v) in s.acc.iter_mut().zip(&s.dw_n) {
+        for (a, v) in acc.iter_mut().zip(&s.dw_n) {
             *a += v.to_f64();
         }
         match &input_grad {
@@ -483,44 +517,22 @@ fn backward<T: WithDType>(x: &[T], w: &[T], dy: &[T], d: &Dims, g: &ConvGeom) ->
         cols: Vec::new(),
         dcols: Vec::new(),
         dw_n: Vec::new(),
-        acc: vec![0f64; wlen],
     };
-    let dw64: Vec<f64> = if parallel {
-        dx.par_chunks_mut(d.chw())
-            .enumerate()
-            .fold(scratch, |mut s, (ni, dx_n)| {
-                image(&mut s, ni, dx_n);
-                s
-            })
-            .map(|s| s.acc)
-            .reduce(
-                || vec![0f64; wlen],
-                |mut a, b| {
-                    a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
-                    a
-                },
-            )
-    } else {
-        let mut s = scratch();
-        for (ni, dx_n) in dx.chunks_mut(d.chw()).enumerate() {
-            image(&mut s, ni, dx_n);
-        }
-        s.acc
-    };
+    let dw64 = for_each_image_summed(&mut dx, d.chw(), parallel, wlen, scratch, image);
     (dx, dw64.into_iter().map(T::from_f64).collect())
 }
 
+/// (dx, dw) as tensors, by `backward` run on the CPU slices of (x, w, dy).
 fn backward_tensors<T: WithDType>(
     x: &Tensor,
     w: &Tensor,
     dy: &Tensor,
-    d: &Dims,
-    g: &ConvGeom,
+    backward: impl FnOnce(&[T], &[T], &[T]) -> (Vec<T>, Vec<T>),
 ) -> candle_core::Result<(Tensor, Tensor)> {
     use super::with_cpu_slice as with;
     let (dx, dw) = with(x, "conv2d", |x: &[T]| {
         with(w, "conv2d", |w: &[T]| {
-            with(dy, "conv2d", |dy: &[T]| backward(x, w, dy, d, g))
+            with(dy, "conv2d", |dy: &[T]| backward(x, w, dy))
         })
     })???;
     let dev = x.device();
@@ -615,7 +627,6 @@ struct DirectScratch {
     dyp: Vec<f32>,
     flat: Vec<f32>,
     dw_n: Vec<f32>,
-    acc: Vec<f64>,
 }
 
 /// (dx, dw) by the direct kernels.
@@ -632,13 +643,13 @@ fn backward_direct(
     let wfk = back.pack_weights(&flip_kernel(w, d, g));
     let ylen = d.cout * d.p();
     let mut dx = vec![0f32; d.n * d.chw()];
-    let image = |s: &mut DirectScratch, ni: usize, dx_n: &mut [f32]| {
+    let image = |s: &mut DirectScratch, acc: &mut [f64], ni: usize, dx_n: &mut [f32]| {
         let dy_n = &dy[ni * ylen..(ni + 1) * ylen];
         fwd.pad(&x[ni * d.chw()..(ni + 1) * d.chw()], &mut s.xp);
         fwd.flatten(dy_n, &mut s.dyf);
         s.dw_n.resize(wlen, 0.0);
         fwd.weight_grad(&s.xp, &s.dyf, &mut s.dw_n);
-        for (a, v) in s.acc.iter_mut().zip(&s.dw_n) {
+        for (a, v) in acc.iter_mut().zip(&s.dw_n) {
             *a += f64::from(*v);
         }
         back.pad(dy_n, &mut s.dyp);
@@ -651,57 +662,9 @@ fn backward_direct(
         dyp: Vec::new(),
         flat: Vec::new(),
         dw_n: Vec::new(),
-        acc: vec![0f64; wlen],
     };
-    let dw64: Vec<f64> = if parallel {
-        dx.par_chunks_mut(d.chw())
-            .enumerate()
-            .fold(scratch, |mut s, (ni, dx_n)| {
-                image(&mut s, ni, dx_n);
-                s
-            })
-            .map(|s| s.acc)
-            .reduce(
-                || vec![0f64; wlen],
-                |mut a, b| {
-                    a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
-                    a
-                },
-            )
-    } else {
-        let mut s = scratch();
-        for (ni, dx_n) in dx.chunks_mut(d.chw()).enumerate() {
-            image(&mut s, ni, dx_n);
-        }
-        s.acc
-    };
+    let dw64 = for_each_image_summed(&mut dx, d.chw(), parallel, wlen, scratch, image);
     (dx, dw64.into_iter().map(|v| v as f32).collect())
-}
-
-/// The f32 backward: direct when it applies, per-image GEMMs otherwise.
-fn backward_tensors_f32(
-    x: &Tensor,
-    w: &Tensor,
-    dy: &Tensor,
-    d: &Dims,
-    g: &ConvGeom,
-) -> candle_core::Result<(Tensor, Tensor)> {
-    let Some(plans) = direct_backward_plans(d, g) else {
-        return backward_tensors::<f32>(x, w, dy, d, g);
-    };
-    use super::with_cpu_slice as with;
-    let (dx, dw) = with(x, "conv2d", |x: &[f32]| {
-        with(w, "conv2d", |w: &[f32]| {
-            with(dy, "conv2d", |dy: &[f32]| {
-                backward_direct(&plans, x, w, dy, d, g)
-            })
-        })
-    })???;
-    let dev = x.device();
-    Ok((
-        Tensor::from_vec(dx, x.shape(), dev)?,
-        Tensor::from_vec(dw, w.shape(), dev)?,
-    ))
 }
 
 /// Per-channel sums of `dy` (N, C, H, W), f64 accumulated: a bias gradient.
@@ -826,10 +789,15 @@ fn backward_typed<T: WithDType>(
     } else {
         dy.clone()
     };
-    let (dx, dw) = if T::DTYPE == candle_core::DType::F32 {
-        backward_tensors_f32(x, w, &dy, &d, g)?
-    } else {
-        backward_tensors::<T>(x, w, &dy, &d, g)?
+    // f32: the direct kernels when they apply; otherwise per-image GEMMs.
+    let plans = (T::DTYPE == candle_core::DType::F32)
+        .then(|| direct_backward_plans(&d, g))
+        .flatten();
+    let (dx, dw) = match plans {
+        Some(plans) => backward_tensors::<f32>(x, w, &dy, |x, w, dy| {
+            backward_direct(&plans, x, w, dy, &d, g)
+        })?,
+        None => backward_tensors::<T>(x, w, &dy, |x, w, dy| backward(x, w, dy, &d, g))?,
     };
     let db = if with_bias {
         Some(channel_sums::<T>(&dy)?)
