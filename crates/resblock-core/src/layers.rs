@@ -491,8 +491,49 @@ impl BatchNorm {
         let (y, stats) =
             crate::ops::batch_norm_train(x, &self.weight, &self.bias, self.cfg.eps, relu)
                 .map_err(candle_core::Error::wrap)?;
+        self.track(&stats)?;
+        Ok(y)
+    }
+
+    /// `self.forward_t(conv.forward(x), train)`, followed by a ReLU when `relu` is set. In
+    /// training on our CPU kernels the convolution and the norm run as one op (see
+    /// [`crate::ops::conv_batch_norm_train`]), with the same values and running statistics.
+    ///
+    /// # Shapes
+    /// - input: (N, C_in, H, W); output: (N, C_out, H_out, W_out)
+    ///
+    /// # Errors
+    /// As [`Conv2d`]'s and [`ModuleT::forward_t`]'s.
+    pub fn forward_after_conv_t(
+        &self,
+        conv: &Conv2d,
+        x: &Tensor,
+        train: bool,
+        relu: bool,
+    ) -> candle_core::Result<Tensor> {
+        let c = conv.config();
+        if !train || conv.bias().is_some() {
+            return self.run(&conv.forward(x)?, train, relu);
+        }
+        let (y, stats) = crate::ops::conv_batch_norm_train(
+            x,
+            conv.weight(),
+            (c.padding, c.stride, c.dilation, c.groups),
+            &self.weight,
+            &self.bias,
+            self.cfg.eps,
+            relu,
+        )
+        .map_err(candle_core::Error::wrap)?;
+        self.track(&stats)?;
+        Ok(y)
+    }
+
+    /// Updates the running statistics and the batch count from one training batch's
+    /// statistics, outside the autograd graph, as PyTorch does.
+    fn track(&self, stats: &crate::ops::BatchStats) -> candle_core::Result<()> {
         let count = stats.count;
-        let dev = x.device();
+        let dev = self.running_mean.device();
         let mean64 = Tensor::new(stats.mean.as_slice(), dev)?;
         let var64 = Tensor::new(stats.var.as_slice(), dev)?;
         // Running statistics, outside the autograd graph.
@@ -514,7 +555,7 @@ impl BatchNorm {
         let nbt = self.num_batches_tracked.as_tensor();
         self.num_batches_tracked
             .set(&(nbt.to_dtype(DType::F64)? + 1.)?.to_dtype(nbt.dtype())?)?;
-        Ok(y)
+        Ok(())
     }
 }
 

@@ -353,3 +353,73 @@ fn add_relu_agrees_with_separate_ops() -> Result<()> {
     }
     Ok(())
 }
+
+/// The fused conv + training BatchNorm (+ ReLU) op in f32 against the two separate ops in f64:
+/// output, batch statistics and the gradients of input, kernel, gamma and beta. Covers
+/// output channels that are not a multiple of the kernels' block of 4, batch 1 (channel
+/// blocks in parallel) and larger batches (images in parallel), and an input that needs no
+/// gradient (the network's input: the op skips the input-gradient convolution).
+#[test]
+fn fused_conv_batch_norm_agrees_with_separate_ops() -> Result<()> {
+    use resblock_core::ops::{batch_norm_train, conv2d, conv_batch_norm_train};
+    let rng = RngHandle::seed_from_u64(15);
+    for (n, c, h, w, cout, relu, x_grad) in [
+        (3, 5, 7, 9, 6, true, true),
+        (1, 4, 8, 8, 8, false, true),
+        (4, 16, 6, 5, 16, true, true),
+        (2, 3, 9, 9, 4, true, false),
+    ] {
+        let x = randn(&rng, &[n, c, h, w])?.affine(1.5, 0.3)?;
+        let k = randn(&rng, &[cout, c, 3, 3])?.affine(0.3, 0.)?;
+        let gamma = randn(&rng, &[cout])?.affine(0.5, 1.)?;
+        let beta = randn(&rng, &[cout])?.affine(0.5, 0.)?;
+        let r = randn(&rng, &[n, cout, h, w])?;
+        let run = |dtype: DType, fused: bool| -> Result<(Tensor, Vec<f64>, Vec<Option<Tensor>>)> {
+            let vars = [&x, &k, &gamma, &beta]
+                .map(|t| Var::from_tensor(&t.to_dtype(dtype).expect("cast")).expect("var"));
+            let xin = if x_grad {
+                vars[0].as_tensor().clone()
+            } else {
+                vars[0].as_tensor().detach()
+            };
+            let (y, stats) = if fused {
+                conv_batch_norm_train(
+                    &xin,
+                    vars[1].as_tensor(),
+                    (1, 1, 1, 1),
+                    vars[2].as_tensor(),
+                    vars[3].as_tensor(),
+                    1e-5,
+                    relu,
+                )?
+            } else {
+                let y = conv2d(&xin, vars[1].as_tensor(), 1, 1, 1, 1)?;
+                batch_norm_train(&y, vars[2].as_tensor(), vars[3].as_tensor(), 1e-5, relu)?
+            };
+            let gs = (&y * r.to_dtype(dtype)?)?.sum_all()?.backward()?;
+            let grads = vars.iter().map(|v| gs.get(v).cloned()).collect();
+            Ok((y, [stats.mean, stats.var].concat(), grads))
+        };
+        let (ya, sa, ga) = run(DType::F32, true)?;
+        let (yb, sb, gb) = run(DType::F64, false)?;
+        let name = format!("conv-bn {n}x{c}x{h}x{w} -> {cout} relu {relu}");
+        assert_close(&format!("{name} y"), &ya, &yb, 1e-5)?;
+        let (sa, sb) = (
+            Tensor::new(sa, &Device::Cpu)?,
+            Tensor::new(sb, &Device::Cpu)?,
+        );
+        assert_close(&format!("{name} stats"), &sa, &sb, 1e-6)?;
+        anyhow::ensure!(
+            ga[0].is_some() == x_grad && gb[0].is_some() == x_grad,
+            "{name}: an input gradient only where the input needs one"
+        );
+        for (i, (a, b)) in ga.iter().zip(&gb).enumerate() {
+            if let (Some(a), Some(b)) = (a, b) {
+                assert_close(&format!("{name} grad {i}"), a, b, 1e-4)?;
+            } else {
+                anyhow::ensure!(i == 0, "{name}: no gradient {i}");
+            }
+        }
+    }
+    Ok(())
+}

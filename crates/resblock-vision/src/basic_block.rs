@@ -106,14 +106,14 @@ impl ModuleT for BasicBranch {
     /// # Shapes
     /// - input: (N, C_in, H, W); output: (N, C_out, ceil(H/s), ceil(W/s))
     fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        // Conv + BN pairs run as one op in training where our kernels allow.
         let y = match &self.bn_mid {
-            Some(bn) => bn.forward_relu_t(&self.conv1.forward(x)?, train)?,
+            Some(bn) => bn.forward_after_conv_t(&self.conv1, x, train, true)?,
             None => self.conv1.forward_relu(x)?,
         };
-        let y = self.conv2.forward(&y)?;
         match &self.bn_last {
-            Some(bn) => bn.forward_t(&y, train),
-            None => Ok(y),
+            Some(bn) => bn.forward_after_conv_t(&self.conv2, &y, train, false),
+            None => self.conv2.forward(&y),
         }
     }
 }

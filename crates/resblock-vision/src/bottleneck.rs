@@ -115,15 +115,14 @@ impl ModuleT for BottleneckBranch {
     /// - input: (N, C_in, H, W); output: (N, 4 * planes, ceil(H/s), ceil(W/s))
     fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         let conv_norm_relu = |conv: &Conv2d, bn: &Option<BatchNorm>, x: &Tensor| match bn {
-            Some(bn) => bn.forward_relu_t(&conv.forward(x)?, train),
+            Some(bn) => bn.forward_after_conv_t(conv, x, train, true),
             None => conv.forward_relu(x),
         };
         let y = conv_norm_relu(&self.conv1, &self.bn_a, x)?;
         let y = conv_norm_relu(&self.conv2, &self.bn_b, &y)?;
-        let y = self.conv3.forward(&y)?;
         match &self.bn_last {
-            Some(bn) => bn.forward_t(&y, train),
-            None => Ok(y),
+            Some(bn) => bn.forward_after_conv_t(&self.conv3, &y, train, false),
+            None => self.conv3.forward(&y),
         }
     }
 }

@@ -665,23 +665,27 @@ impl ResNet {
 
     fn run_stem(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         let mut h = x.clone();
-        let mut layers = self.stem.iter().peekable();
-        while let Some(l) = layers.next() {
-            h = match l {
+        let stem = &self.stem;
+        let relu_at = |i: usize| matches!(stem.get(i), Some(StemLayer::Relu));
+        let mut i = 0;
+        while i < stem.len() {
+            let (next, out) = match (&stem[i], stem.get(i + 1)) {
+                // A conv + norm (+ ReLU) runs as one op in training where our kernels allow.
+                (StemLayer::Conv(c), Some(StemLayer::Norm(n))) => {
+                    let relu = relu_at(i + 2);
+                    let y = n.forward_after_conv_t(c, &h, train, relu)?;
+                    (i + 2 + usize::from(relu), y)
+                }
                 // A conv (folded: no norm) or a norm followed by a ReLU runs fused.
-                StemLayer::Conv(c) if matches!(layers.peek(), Some(StemLayer::Relu)) => {
-                    layers.next();
-                    c.forward_relu(&h)?
-                }
-                StemLayer::Conv(c) => c.forward(&h)?,
-                StemLayer::Norm(n) if matches!(layers.peek(), Some(StemLayer::Relu)) => {
-                    layers.next();
-                    n.forward_relu_t(&h, train)?
-                }
-                StemLayer::Norm(n) => n.forward_t(&h, train)?,
-                StemLayer::Relu => h.relu()?,
-                StemLayer::MaxPool => max_pool2d(&h, Pool2dConfig::new(3, 2, 1))?,
+                (StemLayer::Conv(c), _) if relu_at(i + 1) => (i + 2, c.forward_relu(&h)?),
+                (StemLayer::Conv(c), _) => (i + 1, c.forward(&h)?),
+                (StemLayer::Norm(n), _) if relu_at(i + 1) => (i + 2, n.forward_relu_t(&h, train)?),
+                (StemLayer::Norm(n), _) => (i + 1, n.forward_t(&h, train)?),
+                (StemLayer::Relu, _) => (i + 1, h.relu()?),
+                (StemLayer::MaxPool, _) => (i + 1, max_pool2d(&h, Pool2dConfig::new(3, 2, 1))?),
             };
+            h = out;
+            i = next;
         }
         Ok(h)
     }

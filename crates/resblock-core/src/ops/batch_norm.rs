@@ -75,6 +75,87 @@ pub fn batch_norm_train(
     ))
 }
 
+/// `batch_norm_train(conv2d(x, kernel, padding, stride, dilation, groups), weight, bias,
+/// eps, relu)`: a convolution followed by a training-mode batch norm (and a ReLU).
+///
+/// For f32 "same" convolutions (stride 1, odd square kernel, `2 * padding = k - 1`) on the
+/// CPU with our kernels this is one op (`ops/conv_cpu/conv_bn.rs`): the statistics are taken
+/// while each image's output is in cache, and the backward writes the norm's input gradient
+/// straight into the convolution's padded buffers, which saves most passes over the
+/// activation that two ops make. Elsewhere (and with `RESBLOCK_FUSED_CONV_BN=0`) it runs
+/// [`super::conv2d`] and [`batch_norm_train`]. Both give the same values up to f32 rounding.
+///
+/// # Errors
+/// As [`super::conv2d`] and [`batch_norm_train`].
+#[allow(clippy::too_many_arguments)]
+pub fn conv_batch_norm_train(
+    x: &Tensor,
+    kernel: &Tensor,
+    (padding, stride, dilation, groups): (usize, usize, usize, usize),
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+    relu: bool,
+) -> Result<(Tensor, BatchStats)> {
+    let all_f32 = [x, kernel, weight, bias]
+        .iter()
+        .all(|t| t.dtype() == DType::F32 && t.device().is_cpu());
+    let geom = super::conv_cpu::ConvGeom {
+        padding,
+        stride,
+        dilation,
+        groups,
+    };
+    let stats = Arc::new(OnceLock::new());
+    let op = (all_f32 && fused_enabled() && super::kernels() == super::Kernels::Native)
+        .then(|| {
+            super::conv_cpu::ConvBnTrain::new(
+                x.dims(),
+                kernel.dims(),
+                geom,
+                eps,
+                relu,
+                stats.clone(),
+            )
+        })
+        .flatten();
+    let Some(op) = op else {
+        let y = super::conv2d(x, kernel, padding, stride, dilation, groups)?;
+        return batch_norm_train(&y, weight, bias, eps, relu);
+    };
+    let cout = kernel.dim(0)?;
+    for (name, t) in [("weight", weight), ("bias", bias)] {
+        if t.dims() != [cout] {
+            return Err(Error::Shape {
+                op: "batch_norm",
+                expected: format!("a {name} of shape [{cout}]"),
+                got: t.dims().to_vec(),
+            });
+        }
+    }
+    let gb = Tensor::cat(&[weight, bias], 0)?;
+    let y = x.contiguous()?.apply_op3(&kernel.contiguous()?, &gb, op)?;
+    let (mean, var) = stats
+        .get()
+        .ok_or_else(|| Error::config("conv_bn: the kernel did not record its statistics"))?;
+    let count = y.elem_count() / cout;
+    Ok((
+        y,
+        BatchStats {
+            mean: mean.clone(),
+            var: var.clone(),
+            count,
+        },
+    ))
+}
+
+/// Whether [`conv_batch_norm_train`] may use its fused op (`RESBLOCK_FUSED_CONV_BN=0` turns
+/// it off, for comparison).
+fn fused_enabled() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| std::env::var("RESBLOCK_FUSED_CONV_BN").map_or(true, |v| v != "0"))
+}
+
 /// [`batch_norm_train`] from Candle ops (any device): statistics reduced in f64, the
 /// normalisation in the input's dtype.
 ///
@@ -148,7 +229,7 @@ fn check(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<(usize, usize)> {
 type Stats = (Vec<f64>, Vec<f64>);
 
 /// 1 / sqrt(var + eps) per channel.
-fn inv_std(var: &[f64], eps: f64) -> Vec<f64> {
+pub(super) fn inv_std(var: &[f64], eps: f64) -> Vec<f64> {
     var.iter().map(|v| 1. / (v + eps).sqrt()).collect()
 }
 
@@ -169,7 +250,7 @@ fn per_channel<R: Send>(c: usize, f: impl Fn(usize) -> R + Sync + Send) -> Vec<R
 const LANES: usize = 8;
 
 /// `sum(x)` and `sum((x - mu)^2)` of one plane, in f64.
-fn plane_moments<T: WithDType>(p: &[T], mu: f64) -> (f64, f64) {
+pub(super) fn plane_moments<T: WithDType>(p: &[T], mu: f64) -> (f64, f64) {
     let (mut s, mut q) = ([0f64; LANES], [0f64; LANES]);
     let chunks = p.chunks_exact(LANES);
     let rest = chunks.remainder();
@@ -211,14 +292,30 @@ fn forward<T: WithDType>(
         (mu, sq / m)
     });
     let (mean, var): (Vec<f64>, Vec<f64>) = stats.into_iter().unzip();
-    let inv_std = inv_std(&var, eps);
-    // As PyTorch: (x - mean) * (inv_std * weight) + bias, in the input's dtype.
-    let coef: Vec<(T, T, T)> = (0..c)
-        .map(|ci| {
-            let inv = T::from_f64(inv_std[ci]);
-            (T::from_f64(mean[ci]), inv * w[ci], b[ci])
-        })
-        .collect();
+    let coef = norm_coef(&mean, &inv_std(&var, eps), w, b);
+    let y = normalize(x, &coef, s, relu);
+    (y, (mean, var))
+}
+
+/// Per channel `(mean, inv_std * weight, bias)` in the input's dtype: the forward's affine
+/// map `y = (x - mean) * scale + shift`, as PyTorch computes it.
+pub(super) fn norm_coef<T: WithDType>(
+    mean: &[f64],
+    inv_std: &[f64],
+    w: &[T],
+    b: &[T],
+) -> Vec<(T, T, T)> {
+    mean.iter()
+        .zip(inv_std)
+        .zip(w.iter().zip(b))
+        .map(|((mu, inv), (w, b))| (T::from_f64(*mu), T::from_f64(*inv) * *w, *b))
+        .collect()
+}
+
+/// The normalised (and ReLU'd) copy of `x`, planes of `s` values, channel `i % c` of plane
+/// `i` taking `coef[..]` from [`norm_coef`].
+pub(super) fn normalize<T: WithDType>(x: &[T], coef: &[(T, T, T)], s: usize, relu: bool) -> Vec<T> {
+    let c = coef.len();
     let mut y = vec![T::zero(); x.len()];
     y.par_chunks_mut(s)
         .zip(x.par_chunks(s))
@@ -231,7 +328,31 @@ fn forward<T: WithDType>(
                 *o = if relu && r < zero { zero } else { r };
             }
         });
-    (y, (mean, var))
+    y
+}
+
+/// Per channel `(mean, a, mean(g), k)` of the input gradient
+/// `dx = a * (g - mean(g) - (x - mean) * k)`, from the channel sums `(sum(g),
+/// sum(g * x_hat))` over `m` values.
+pub(super) fn grad_coef<T: WithDType>(
+    sums: &[(f64, f64)],
+    w: &[T],
+    mean: &[f64],
+    inv_std: &[f64],
+    m: f64,
+) -> Vec<(T, T, T, T)> {
+    (0..sums.len())
+        .map(|ci| {
+            let (sd, sdx) = sums[ci];
+            let a = w[ci].to_f64() * inv_std[ci];
+            (
+                T::from_f64(mean[ci]),
+                T::from_f64(a),
+                T::from_f64(sd / m),
+                T::from_f64(inv_std[ci] * sdx / m),
+            )
+        })
+        .collect()
 }
 
 /// `sum(g)` and `sum(g * (x - mu))` of one plane, g = dy masked by the fused ReLU, in f64.
@@ -288,18 +409,7 @@ fn backward<T: WithDType>(
         }
         (sd, sdx * inv_std[ci])
     });
-    let coef: Vec<(T, T, T, T)> = (0..c)
-        .map(|ci| {
-            let (sd, sdx) = sums[ci];
-            let a = w[ci].to_f64() * inv_std[ci];
-            (
-                T::from_f64(mean[ci]),
-                T::from_f64(a),
-                T::from_f64(sd / m),
-                T::from_f64(inv_std[ci] * sdx / m),
-            )
-        })
-        .collect();
+    let coef = grad_coef(&sums, w, mean, &inv_std, m);
     let mut dx = vec![T::zero(); x.len()];
     dx.par_chunks_mut(s)
         .zip(x.par_chunks(s))

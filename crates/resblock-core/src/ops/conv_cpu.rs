@@ -24,7 +24,10 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor, WithD
 use gemm::Parallelism;
 use rayon::prelude::*;
 
+mod conv_bn;
 mod direct;
+
+pub(crate) use conv_bn::ConvBnTrain;
 
 /// Geometry of one convolution (same padding/stride/dilation in both dims).
 #[derive(Debug, Clone, Copy)]

@@ -6,6 +6,8 @@
 //!   inputs whose height and width leave different remainders under the stride).
 //! - [`batch_norm_train`]: training-mode batch normalisation (optionally fused with ReLU)
 //!   as one multithreaded op with its own backward, statistics in f64.
+//! - [`conv_batch_norm_train`]: convolution + training-mode batch norm (+ ReLU) as one op
+//!   for the 3x3 "same" convolutions of ResNets.
 //! - [`add_relu`]: `relu(a + b)`, the end of a post-activation residual block, as one op.
 //! - [`conv2d_fused`]: convolution + bias (+ ReLU) with the epilogue fused (inference on
 //!   folded networks, biased convolutions).
@@ -23,7 +25,9 @@ mod max_pool;
 mod subsample;
 
 pub use add_relu::add_relu;
-pub use batch_norm::{batch_norm_train, batch_norm_train_candle, BatchStats};
+pub use batch_norm::{
+    batch_norm_train, batch_norm_train_candle, conv_batch_norm_train, BatchStats,
+};
 pub use conv::{conv2d, conv2d_candle, conv2d_fused, conv2d_native};
 pub use max_pool::{max_pool2d, max_pool2d_generic, Pool2dConfig};
 pub use subsample::subsample2d;

@@ -180,9 +180,8 @@ impl Plan {
     /// with packed weights `wk`. With `parallel`, the output-channel blocks run in parallel
     /// (for a batch smaller than the thread count).
     pub(super) fn forward(&self, xp: &[f32], wk: &[f32], out: &mut Vec<f32>, parallel: bool) {
-        assert_eq!(
-            xp.len(),
-            self.padded_len(),
+        assert!(
+            xp.len() >= self.padded_len(),
             "direct conv: padded input size"
         );
         assert_eq!(
@@ -284,16 +283,70 @@ impl Plan {
     /// One image's weight gradient `(cout, c, kh, kw)` into `dw`, from its padded input `xp`
     /// and flattened output gradient `dyf` (from [`Plan::flatten`]).
     pub(super) fn weight_grad(&self, xp: &[f32], dyf: &[f32], dw: &mut [f32]) {
+        assert_eq!(
+            dyf.len(),
+            self.flat_len(),
+            "direct conv: flattened gradient size"
+        );
+        self.weight_grad_rows(xp, dyf, self.qlen, dw);
+    }
+
+    /// A zeroed buffer for [`Plan::interior_row`] with `planes` planes (at least `c`), its
+    /// border and tail kept zero by writing only interior rows.
+    pub(super) fn padded_buffer(&self, planes: usize) -> Vec<f32> {
+        vec![0f32; planes.max(self.c) * self.ps]
+    }
+
+    /// Row `y` of plane `ci` inside the zero border of a padded buffer (as [`Plan::pad`]
+    /// lays it out): writing every interior row is writing a padded image.
+    pub(super) fn interior_row<'a>(
+        &self,
+        buf: &'a mut [f32],
+        ci: usize,
+        y: usize,
+    ) -> &'a mut [f32] {
+        let at = ci * self.ps + (y + self.pad_y) * self.wp + self.pad_x;
+        &mut buf[at..at + self.w]
+    }
+
+    /// The weight gradient of this (forward) plan from `dY` held in the padded buffer `dyp`
+    /// of `back`, the input-gradient plan of a "same" convolution (`2 * padding = k - 1`):
+    /// there both paddings are equal, so the padded `dY` shifted by `back`'s border offset
+    /// *is* the flattened `dY` this plan's kernel reads (zero in the junk columns, which
+    /// fall on the border), with planes `back.ps` apart instead of `qlen`. `dyp` must hold
+    /// `cout_r` planes (see [`Plan::padded_buffer`]). `None` when the layouts differ.
+    pub(super) fn weight_grad_padded(
+        &self,
+        xp: &[f32],
+        back: &Plan,
+        dyp: &[f32],
+        dw: &mut [f32],
+    ) -> Option<()> {
+        let off = back.pad_y * back.wp + back.pad_x;
+        let same = back.wp == self.wp
+            && back.c == self.cout
+            && back.h == self.oh
+            && back.w == self.ow
+            && off + self.qlen <= back.ps;
+        if !same || dyp.len() < self.cout_r * back.ps {
+            return None;
+        }
+        self.weight_grad_rows(xp, &dyp[off..], back.ps, dw);
+        Some(())
+    }
+
+    /// The weight gradient with `dY` row `co` (flattened, `qlen` long) at `co * row_stride`
+    /// in `dy`, for all `cout_r` rows.
+    fn weight_grad_rows(&self, xp: &[f32], dy: &[f32], row_stride: usize, dw: &mut [f32]) {
         let nt = self.taps.len();
         assert_eq!(
             xp.len(),
             self.padded_len(),
             "direct conv: padded input size"
         );
-        assert_eq!(
-            dyf.len(),
-            self.flat_len(),
-            "direct conv: flattened gradient size"
+        assert!(
+            row_stride >= self.qlen && dy.len() >= (self.cout_r - 1) * row_stride + self.qlen,
+            "direct conv: output gradient size"
         );
         assert_eq!(
             dw.len(),
@@ -303,7 +356,7 @@ impl Plan {
         let max_tap = self.taps.last().copied().unwrap_or(0);
         assert!(self.qlen % LANES == 0 && self.qlen + max_tap <= self.ps);
         for blk in 0..self.cout_r / CB {
-            let dyb = &dyf[blk * CB * self.qlen..(blk + 1) * CB * self.qlen];
+            let dyb = &dy[blk * CB * row_stride..];
             for ci in 0..self.c {
                 let plane = &xp[ci * self.ps..(ci + 1) * self.ps];
                 for t0 in (0..nt).step_by(TB) {
@@ -313,9 +366,16 @@ impl Plan {
                     let mut sums = [[0f32; TB]; CB];
                     #[cfg(target_arch = "x86_64")]
                     // SAFETY: AVX2 and FMA are present (`Plan::new`); reads of `plane` reach
-                    // `max_tap + qlen <= ps` and of `dyb` `CB * qlen` (asserted above).
+                    // `max_tap + qlen <= ps` and of `dyb` `(CB - 1) * row_stride + qlen`
+                    // (asserted above).
                     unsafe {
-                        x86::wgrad_tile(plane.as_ptr(), offs, dyb.as_ptr(), self.qlen, &mut sums)
+                        x86::wgrad_tile(
+                            plane.as_ptr(),
+                            offs,
+                            (dyb.as_ptr(), row_stride),
+                            self.qlen,
+                            &mut sums,
+                        )
                     };
                     for (j, s) in sums.iter().enumerate() {
                         let co = blk * CB + j;
@@ -381,16 +441,16 @@ mod x86 {
         }
     }
 
-    /// `sums[j][t] = sum_{q < qlen} dy[j * qlen + q] * x[offs[t] + q]`.
+    /// `sums[j][t] = sum_{q < qlen} dy[j * stride + q] * x[offs[t] + q]`.
     ///
     /// # Safety
     /// AVX2 and FMA must be available, `qlen` a multiple of 8, `x` readable for
-    /// `max(offs) + qlen` floats and `dy` for `CB * qlen`.
+    /// `max(offs) + qlen` floats and `dy` for `(CB - 1) * stride + qlen`.
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn wgrad_tile(
         x: *const f32,
         offs: [usize; TB],
-        dy: *const f32,
+        (dy, stride): (*const f32, usize),
         qlen: usize,
         sums: &mut [[f32; TB]; CB],
     ) {
@@ -404,7 +464,7 @@ mod x86 {
                     *v = _mm256_loadu_ps(x.add(off + q));
                 }
                 for (j, row) in acc.iter_mut().enumerate() {
-                    let d = _mm256_loadu_ps(dy.add(j * qlen + q));
+                    let d = _mm256_loadu_ps(dy.add(j * stride + q));
                     for (a, xv) in row.iter_mut().zip(&xv) {
                         *a = _mm256_fmadd_ps(*xv, d, *a);
                     }

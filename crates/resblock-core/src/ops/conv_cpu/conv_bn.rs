@@ -1,0 +1,559 @@
+//! Convolution + training-mode BatchNorm (+ ReLU) as one op: `relu?(bn(conv(x, w)))` with
+//! the batch statistics of the convolution's output, for f32 "same" 3x3 (stride 1,
+//! `2 * padding = k - 1`) convolutions on the direct kernels.
+//!
+//! Run as two ops, a conv-BN layer costs a training step about a dozen passes over its
+//! activation besides the kernels: the BatchNorm reads the convolution's output twice for
+//! the statistics and once to normalise; in the backward Candle allocates a zero tensor and
+//! adds into it for the gradient of every intermediate tensor, the BatchNorm's input
+//! gradient is written and read back, and the convolution copies it into its padded layouts
+//! twice. Here:
+//!
+//! - forward: each image's convolution output gets its per-channel mean and squared
+//!   deviations (f64) while it is in cache; the images' moments are combined exactly
+//!   (Chan et al.), then one pass normalises;
+//! - backward: one pass for the per-channel sums of `g` and `g * x_hat` (`g` is the output
+//!   gradient masked by the ReLU, whose sign is recomputed from the saved convolution output
+//!   instead of reading the op's output); then, per image, the BatchNorm's input gradient is
+//!   written straight into the padded buffer the input-gradient kernel reads, and the weight
+//!   gradient reads the same buffer (for a "same" convolution the padded `dY` is the
+//!   flattened `dY` shifted by the border, see `Plan::weight_grad_padded`).
+//!
+//! The op's inputs are `x`, the kernel and `[gamma; beta]` concatenated (Candle's custom ops
+//! take at most three tensors); its gradients are those of the three.
+
+use std::sync::{Arc, OnceLock};
+
+use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::{direct, flip_kernel, for_each_image_summed, gemm_parallelism, ConvGeom, Dims};
+use crate::ops::batch_norm::{grad_coef, inv_std, norm_coef};
+
+/// Per-channel batch mean and biased variance, f64.
+pub(crate) type Stats = (Vec<f64>, Vec<f64>);
+
+/// The fused op; see the module docs.
+pub(crate) struct ConvBnTrain {
+    d: Dims,
+    geom: ConvGeom,
+    fwd: direct::Plan,
+    back: direct::Plan,
+    eps: f64,
+    relu: bool,
+    /// Written by the forward: the statistics (also read by the caller, for the running
+    /// averages) and the convolution's output (the backward's `x` of the norm).
+    stats: Arc<OnceLock<Stats>>,
+    conv: OnceLock<Vec<f32>>,
+}
+
+impl ConvBnTrain {
+    /// The op for input dims `x` and kernel dims `k`, or `None` where it does not apply (the
+    /// caller then runs the convolution and the norm as two ops).
+    pub(crate) fn new(
+        x: &[usize],
+        k: &[usize],
+        geom: ConvGeom,
+        eps: f64,
+        relu: bool,
+        stats: Arc<OnceLock<Stats>>,
+    ) -> Option<ConvBnTrain> {
+        let same = k.len() == 4 && k[2] == k[3] && k[2] % 2 == 1 && 2 * geom.padding + 1 == k[2];
+        if !same || geom.stride != 1 || geom.dilation != 1 || geom.groups != 1 {
+            return None;
+        }
+        let d = Dims::new(&geom, x, k).ok()?;
+        if d.n * d.p() < 2 {
+            return None;
+        }
+        let (fwd, back) = super::direct_backward_plans(&d, &geom)?;
+        // The shared-buffer weight gradient must apply: checked once on an empty probe.
+        let mut probe = vec![0f32; d.cout * d.c * d.kh * d.kw];
+        let xp = fwd.padded_buffer(d.c);
+        let dyp = back.padded_buffer(d.cout.div_ceil(4) * 4);
+        fwd.weight_grad_padded(&xp, &back, &dyp, &mut probe)?;
+        Some(ConvBnTrain {
+            d,
+            geom,
+            fwd,
+            back,
+            eps,
+            relu,
+            stats,
+            conv: OnceLock::new(),
+        })
+    }
+
+    /// (output, convolution output, statistics).
+    fn forward(&self, x: &[f32], w: &[f32], gb: &[f32]) -> (Vec<f32>, Vec<f32>, Stats) {
+        let d = &self.d;
+        let (p, cout) = (d.p(), d.cout);
+        let (parallel, _) = gemm_parallelism(d.n);
+        let wk = self.fwd.pack_weights(w);
+        let mut conv = vec![0f32; d.n * cout * p];
+        // Per (image, channel): the plane's mean and sum of squared deviations.
+        let mut moments = vec![(0f64, 0f64); d.n * cout];
+        let image = |(xp, flat): &mut (Vec<f32>, Vec<f32>), (ni, (y_n, m_n)): ImageOut<'_>| {
+            self.fwd.pad(&x[ni * d.chw()..(ni + 1) * d.chw()], xp);
+            self.fwd.forward(xp, &wk, flat, !parallel);
+            self.fwd.unflatten(flat, y_n, None, false);
+            for (m, plane) in m_n.iter_mut().zip(y_n.chunks_exact(p)) {
+                *m = kernels::moments(plane);
+            }
+        };
+        let init = || (Vec::new(), Vec::new());
+        if parallel {
+            conv.par_chunks_mut(cout * p)
+                .zip(moments.par_chunks_mut(cout))
+                .enumerate()
+                .for_each_init(init, image);
+        } else {
+            let mut s = init();
+            conv.chunks_mut(cout * p)
+                .zip(moments.chunks_mut(cout))
+                .enumerate()
+                .for_each(|item| image(&mut s, item));
+        }
+        // Equal counts per image: the mean of the means, and the squared deviations plus
+        // each image's offset from the batch mean.
+        let (mean, var): (Vec<f64>, Vec<f64>) = (0..cout)
+            .map(|co| {
+                let per = || moments.iter().skip(co).step_by(cout);
+                let mu = per().map(|m| m.0).sum::<f64>() / d.n as f64;
+                let m2: f64 = per()
+                    .map(|&(m, q)| q + p as f64 * (m - mu) * (m - mu))
+                    .sum();
+                (mu, m2 / (d.n * p) as f64)
+            })
+            .unzip();
+        let coef = norm_coef(&mean, &inv_std(&var, self.eps), &gb[..cout], &gb[cout..]);
+        let mut y = vec![0f32; conv.len()];
+        y.par_chunks_mut(p)
+            .zip(conv.par_chunks(p))
+            .enumerate()
+            .for_each(|(i, (yp, vp))| kernels::normalize(yp, vp, coef[i % cout], self.relu));
+        (y, conv, (mean, var))
+    }
+
+    /// (dx if `need_dx`, dw, [dgamma; dbeta]) for the output gradient `dy`.
+    fn backward(
+        &self,
+        (x, w, gb): (&[f32], &[f32], &[f32]),
+        conv: &[f32],
+        dy: &[f32],
+        need_dx: bool,
+    ) -> (Option<Vec<f32>>, Vec<f32>, Vec<f32>) {
+        let d = &self.d;
+        let (p, cout) = (d.p(), d.cout);
+        let (mean, var) = self.stats.get().expect("conv_bn: backward after forward");
+        let inv = inv_std(var, self.eps);
+        let fcoef = norm_coef(mean, &inv, &gb[..cout], &gb[cout..]);
+        let relu = self.relu;
+        let sums: Vec<(f64, f64)> = (0..cout)
+            .into_par_iter()
+            .map(|co| {
+                let (mut sd, mut sdx) = (0f64, 0f64);
+                for ni in 0..d.n {
+                    let at = (ni * cout + co) * p;
+                    let (a, b) = kernels::grad_sums(
+                        &conv[at..at + p],
+                        &dy[at..at + p],
+                        fcoef[co],
+                        mean[co],
+                        relu,
+                    );
+                    sd += a;
+                    sdx += b;
+                }
+                (sd, sdx * inv[co])
+            })
+            .collect();
+        let m = (d.n * p) as f64;
+        let gcoef = grad_coef(&sums, &gb[..cout], mean, &inv, m);
+        let (parallel, _) = gemm_parallelism(d.n);
+        let wfk = self.back.pack_weights(&flip_kernel(w, d, &self.geom));
+        let wlen = w.len();
+        let (xlen, chunk) = if need_dx {
+            (d.n * d.chw(), d.chw())
+        } else {
+            (d.n, 1)
+        };
+        let mut dx = vec![0f32; xlen];
+        let cout_r = cout.div_ceil(4) * 4;
+        let image = |s: &mut Scratch, acc: &mut [f64], ni: usize, dx_n: &mut [f32]| {
+            if s.dyp.is_empty() {
+                s.dyp = self.back.padded_buffer(cout_r);
+            }
+            // The norm's input gradient, straight into the padded layout.
+            for co in 0..cout {
+                let at = (ni * cout + co) * p;
+                let (cv, g) = (&conv[at..at + p], &dy[at..at + p]);
+                for oy in 0..d.oh {
+                    let r = oy * d.ow..(oy + 1) * d.ow;
+                    kernels::input_grad(
+                        self.back.interior_row(&mut s.dyp, co, oy),
+                        (&cv[r.clone()], &g[r]),
+                        fcoef[co],
+                        gcoef[co],
+                        relu,
+                    );
+                }
+            }
+            self.fwd
+                .pad(&x[ni * d.chw()..(ni + 1) * d.chw()], &mut s.xp);
+            s.dw_n.resize(wlen, 0.0);
+            self.fwd
+                .weight_grad_padded(&s.xp, &self.back, &s.dyp, &mut s.dw_n)
+                .expect("conv_bn: layouts checked in new");
+            for (a, v) in acc.iter_mut().zip(&s.dw_n) {
+                *a += f64::from(*v);
+            }
+            if need_dx {
+                self.back.forward(&s.dyp, &wfk, &mut s.flat, !parallel);
+                self.back.unflatten(&s.flat, dx_n, None, false);
+            }
+        };
+        let scratch = || Scratch {
+            xp: Vec::new(),
+            dyp: Vec::new(),
+            flat: Vec::new(),
+            dw_n: Vec::new(),
+        };
+        let dw64 = for_each_image_summed(&mut dx, chunk, parallel, wlen, scratch, image);
+        let dw = dw64.into_iter().map(|v| v as f32).collect();
+        let dgb = sums
+            .iter()
+            .map(|s| s.1 as f32)
+            .chain(sums.iter().map(|s| s.0 as f32))
+            .collect();
+        (need_dx.then_some(dx), dw, dgb)
+    }
+}
+
+/// One image of the forward: its index, convolution output and per-channel moments.
+type ImageOut<'a> = (usize, (&'a mut [f32], &'a mut [(f64, f64)]));
+
+/// Scratch buffers of one backward worker.
+struct Scratch {
+    xp: Vec<f32>,
+    dyp: Vec<f32>,
+    flat: Vec<f32>,
+    dw_n: Vec<f32>,
+}
+
+fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
+    match s {
+        CpuStorage::F32(v) => crate::ops::contiguous_slice(v, l, "conv_bn"),
+        _ => candle_core::bail!("conv_bn: the fused kernel takes f32"),
+    }
+}
+
+impl CustomOp3 for ConvBnTrain {
+    fn name(&self) -> &'static str {
+        "resblock-conv-bn-train"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (x, w, gb) = (f32_slice(s1, l1)?, f32_slice(s2, l2)?, f32_slice(s3, l3)?);
+        let d = &self.d;
+        if l1.dims() != [d.n, d.c, d.h, d.w]
+            || l2.dims() != [d.cout, d.c, d.kh, d.kw]
+            || gb.len() != 2 * d.cout
+        {
+            candle_core::bail!(
+                "conv_bn: inputs {:?}, {:?}, {:?} do not match the op's shapes",
+                l1.dims(),
+                l2.dims(),
+                l3.dims()
+            )
+        }
+        let (y, conv, stats) = self.forward(x, w, gb);
+        if self.stats.set(stats).is_err() || self.conv.set(conv).is_err() {
+            candle_core::bail!("conv_bn: a kernel instance ran twice");
+        }
+        Ok((CpuStorage::F32(y), Shape::from((d.n, d.cout, d.oh, d.ow))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        gb: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        use crate::ops::with_cpu_slice as with;
+        let Some(conv) = self.conv.get() else {
+            candle_core::bail!("conv_bn: backward before forward")
+        };
+        // The input of a network needs no gradient: skip the input-gradient convolution.
+        let need_dx = x.track_op();
+        let (dx, dw, dgb) = with(x, "conv_bn", |xs: &[f32]| {
+            with(w, "conv_bn", |ws: &[f32]| {
+                with(gb, "conv_bn", |gbs: &[f32]| {
+                    with(dy, "conv_bn", |dys: &[f32]| {
+                        self.backward((xs, ws, gbs), conv, dys, need_dx)
+                    })
+                })
+            })
+        })????;
+        let dev = x.device();
+        Ok((
+            dx.map(|dx| Tensor::from_vec(dx, x.shape(), dev))
+                .transpose()?,
+            Some(Tensor::from_vec(dw, w.shape(), dev)?),
+            Some(Tensor::from_vec(dgb, gb.shape(), dev)?),
+        ))
+    }
+}
+
+/// The op's elementwise loops. Plain loops that LLVM vectorises; on x86-64 they are compiled
+/// for AVX2 (the op exists only where the direct kernels run, which checked AVX2 and FMA).
+/// No FMA is formed (Rust never contracts `a * b + c`), so the backward's recomputed ReLU
+/// mask matches the forward's output bit for bit.
+mod kernels {
+    /// Independent f64 accumulators per loop (vector lanes for the compiler).
+    const LANES: usize = 8;
+
+    macro_rules! dispatch {
+        ($(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),*) -> $ret:ty = $body:ident;) => {
+            $(#[$doc])*
+            pub(super) fn $name($($arg: $ty),*) -> $ret {
+                #[cfg(target_arch = "x86_64")]
+                {
+                    #[target_feature(enable = "avx2,fma")]
+                    unsafe fn avx2($($arg: $ty),*) -> $ret {
+                        $body($($arg),*)
+                    }
+                    // SAFETY: a `ConvBnTrain` exists only where `direct::Plan::new`
+                    // found AVX2 and FMA.
+                    unsafe { avx2($($arg),*) }
+                }
+                #[cfg(not(target_arch = "x86_64"))]
+                {
+                    $body($($arg),*)
+                }
+            }
+        };
+    }
+
+    /// One plane's mean and sum of squared deviations from it, in f64.
+    pub(super) fn moments(p: &[f32]) -> (f64, f64) {
+        let mu = shifted_sums(p, 0.).0 / p.len() as f64;
+        (mu, shifted_sums(p, mu).1)
+    }
+
+    /// `sum(v - mu)` and `sum((v - mu)^2)` in f64.
+    fn shifted_sums(p: &[f32], mu: f64) -> (f64, f64) {
+        let n = p.len() / LANES * LANES;
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: AVX2 and FMA are present (see `dispatch!`); `n <= p.len()`.
+        let (mut s, mut q) = unsafe { x86::shifted_sums(p.as_ptr(), n, mu) };
+        #[cfg(not(target_arch = "x86_64"))]
+        let (mut s, mut q) = (0f64, 0f64);
+        #[cfg(not(target_arch = "x86_64"))]
+        let n = 0;
+        for v in &p[n..] {
+            let d = f64::from(*v) - mu;
+            s += d;
+            q += d * d;
+        }
+        (s, q)
+    }
+
+    dispatch! {
+        /// `out = relu?((v - mu) * scale + shift)`, as `batch_norm::normalize`.
+        fn normalize(out: &mut [f32], v: &[f32], coef: (f32, f32, f32), relu: bool) -> () = normalize_body;
+    }
+
+    #[inline(always)]
+    fn normalize_body(out: &mut [f32], v: &[f32], (mu, scale, shift): (f32, f32, f32), relu: bool) {
+        if relu {
+            for (o, v) in out.iter_mut().zip(v) {
+                let r = (*v - mu) * scale + shift;
+                *o = if r < 0.0 { 0.0 } else { r };
+            }
+        } else {
+            for (o, v) in out.iter_mut().zip(v) {
+                *o = (*v - mu) * scale + shift;
+            }
+        }
+    }
+
+    /// The output gradient through the fused ReLU: zero where the forward's output was not
+    /// positive (recomputed from the convolution output `v`).
+    #[inline(always)]
+    fn masked(v: f32, g: f32, (mu, scale, shift): (f32, f32, f32), relu: bool) -> f32 {
+        if relu && (v - mu) * scale + shift <= 0.0 {
+            0.0
+        } else {
+            g
+        }
+    }
+
+    /// `sum(g)` and `sum(g * (v - mu))` over one plane of the convolution output `v`, `g`
+    /// the output gradient `dy` through the ReLU (see [`masked`]), in f64.
+    pub(super) fn grad_sums(
+        v: &[f32],
+        dy: &[f32],
+        coef: (f32, f32, f32),
+        mu: f64,
+        relu: bool,
+    ) -> (f64, f64) {
+        assert_eq!(v.len(), dy.len(), "conv_bn: gradient size");
+        let n = v.len() / LANES * LANES;
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: AVX2 and FMA are present (see `dispatch!`); `n <= v.len() = dy.len()`.
+        let (mut a, mut b) =
+            unsafe { x86::grad_sums((v.as_ptr(), dy.as_ptr()), n, coef, mu, relu) };
+        #[cfg(not(target_arch = "x86_64"))]
+        let (mut a, mut b) = (0f64, 0f64);
+        #[cfg(not(target_arch = "x86_64"))]
+        let n = 0;
+        for (v, g) in v[n..].iter().zip(&dy[n..]) {
+            let g = f64::from(masked(*v, *g, coef, relu));
+            a += g;
+            b += g * (f64::from(*v) - mu);
+        }
+        (a, b)
+    }
+
+    dispatch! {
+        /// One row of the norm's input gradient
+        /// `out = a * (g - mean(g) - (v - mean) * k)` (see `batch_norm::grad_coef`).
+        fn input_grad(out: &mut [f32], vg: (&[f32], &[f32]), fcoef: (f32, f32, f32), gcoef: (f32, f32, f32, f32), relu: bool) -> () = input_grad_body;
+    }
+
+    #[inline(always)]
+    fn input_grad_body(
+        out: &mut [f32],
+        (v, g): (&[f32], &[f32]),
+        fcoef: (f32, f32, f32),
+        (mu, a, mdy, k): (f32, f32, f32, f32),
+        relu: bool,
+    ) {
+        for ((o, v), g) in out.iter_mut().zip(v).zip(g) {
+            *o = a * (masked(*v, *g, fcoef, relu) - mdy - (*v - mu) * k);
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    mod x86 {
+        use std::arch::x86_64::*;
+
+        /// Both halves of 8 f32 lanes as f64 vectors.
+        #[target_feature(enable = "avx2,fma")]
+        fn widen(v: __m256) -> (__m256d, __m256d) {
+            (
+                _mm256_cvtps_pd(_mm256_castps256_ps128(v)),
+                _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(v)),
+            )
+        }
+
+        #[target_feature(enable = "avx2,fma")]
+        fn hsum(v: __m256d) -> f64 {
+            let s = _mm_add_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd::<1>(v));
+            _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)))
+        }
+
+        /// `sum(v - mu)` and `sum((v - mu)^2)` over `p[..n]`, `n` a multiple of 8.
+        ///
+        /// # Safety
+        /// AVX2 and FMA must be available and `p` readable for `n` floats.
+        #[target_feature(enable = "avx2,fma")]
+        pub(super) unsafe fn shifted_sums(p: *const f32, n: usize, mu: f64) -> (f64, f64) {
+            let m = _mm256_set1_pd(mu);
+            let (mut s0, mut s1) = (_mm256_setzero_pd(), _mm256_setzero_pd());
+            let (mut q0, mut q1) = (_mm256_setzero_pd(), _mm256_setzero_pd());
+            let mut i = 0;
+            while i < n {
+                // SAFETY: `i + 8 <= n` floats are readable (the caller's contract).
+                let (lo, hi) = widen(unsafe { _mm256_loadu_ps(p.add(i)) });
+                let (d0, d1) = (_mm256_sub_pd(lo, m), _mm256_sub_pd(hi, m));
+                s0 = _mm256_add_pd(s0, d0);
+                s1 = _mm256_add_pd(s1, d1);
+                q0 = _mm256_fmadd_pd(d0, d0, q0);
+                q1 = _mm256_fmadd_pd(d1, d1, q1);
+                i += 8;
+            }
+            (hsum(_mm256_add_pd(s0, s1)), hsum(_mm256_add_pd(q0, q1)))
+        }
+
+        /// `grad_sums` over the first `n` values (a multiple of 8).
+        ///
+        /// # Safety
+        /// AVX2 and FMA must be available and both pointers readable for `n` floats.
+        #[target_feature(enable = "avx2,fma")]
+        pub(super) unsafe fn grad_sums(
+            (v, dy): (*const f32, *const f32),
+            n: usize,
+            (mu32, scale, shift): (f32, f32, f32),
+            mu: f64,
+            relu: bool,
+        ) -> (f64, f64) {
+            let (mu32, scale, shift) = (
+                _mm256_set1_ps(mu32),
+                _mm256_set1_ps(scale),
+                _mm256_set1_ps(shift),
+            );
+            let m = _mm256_set1_pd(mu);
+            let (mut a0, mut a1) = (_mm256_setzero_pd(), _mm256_setzero_pd());
+            let (mut b0, mut b1) = (_mm256_setzero_pd(), _mm256_setzero_pd());
+            let mut i = 0;
+            while i < n {
+                // SAFETY: `i + 8 <= n` floats of both are readable (the caller's contract).
+                let (x, mut g) = unsafe { (_mm256_loadu_ps(v.add(i)), _mm256_loadu_ps(dy.add(i))) };
+                if relu {
+                    // As `masked`: keep `g` unless (x - mu) * scale + shift <= 0 (no FMA).
+                    let r = _mm256_add_ps(_mm256_mul_ps(_mm256_sub_ps(x, mu32), scale), shift);
+                    g = _mm256_and_ps(g, _mm256_cmp_ps::<_CMP_NLE_UQ>(r, _mm256_setzero_ps()));
+                }
+                let ((g0, g1), (x0, x1)) = (widen(g), widen(x));
+                a0 = _mm256_add_pd(a0, g0);
+                a1 = _mm256_add_pd(a1, g1);
+                b0 = _mm256_fmadd_pd(g0, _mm256_sub_pd(x0, m), b0);
+                b1 = _mm256_fmadd_pd(g1, _mm256_sub_pd(x1, m), b1);
+                i += 8;
+            }
+            (hsum(_mm256_add_pd(a0, a1)), hsum(_mm256_add_pd(b0, b1)))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The op takes stride-1 "same" convolutions (where the direct kernels run) and nothing
+    /// else; the callers fall back to two ops for the rest.
+    #[test]
+    fn applies_to_same_convolutions_only() {
+        let geom = |padding, stride| ConvGeom {
+            padding,
+            stride,
+            dilation: 1,
+            groups: 1,
+        };
+        let op = |x: &[usize], k: &[usize], g| {
+            ConvBnTrain::new(x, k, g, 1e-5, true, Arc::new(OnceLock::new())).is_some()
+        };
+        let avx2 = direct::Plan::new((1, 1, 1), 1, (1, 1), (0, 0)).is_some();
+        assert_eq!(op(&[3, 5, 7, 9], &[6, 5, 3, 3], geom(1, 1)), avx2);
+        assert_eq!(op(&[1, 16, 32, 32], &[16, 16, 3, 3], geom(1, 1)), avx2);
+        assert_eq!(op(&[2, 4, 9, 9], &[4, 4, 5, 5], geom(2, 1)), avx2);
+        assert!(!op(&[3, 5, 8, 8], &[6, 5, 3, 3], geom(1, 2)));
+        assert!(!op(&[3, 5, 8, 8], &[6, 5, 3, 3], geom(0, 1)));
+        assert!(!op(&[3, 5, 8, 8], &[6, 5, 3, 3], geom(2, 1)));
+        assert!(!op(&[3, 5, 8, 8], &[6, 5, 1, 1], geom(0, 1)));
+        assert!(!op(&[3, 5, 8, 8], &[6, 5, 3, 2], geom(1, 1)));
+        assert!(!op(&[1, 1024, 8, 8], &[8, 1024, 3, 3], geom(1, 1)));
+    }
+}
