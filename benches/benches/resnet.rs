@@ -2,50 +2,12 @@
 //! unfolded and with BatchNorm folded into the convolutions, and one SGD training step of
 //! CIFAR ResNet-20/56 at batch 128 (32x32). PyTorch's side: `benches/torch_bench.py`.
 
-use std::collections::HashMap;
-
 use candle_core::{DType, Device, ModuleT, Tensor};
-use candle_nn::{VarBuilder, VarMap};
+use candle_nn::VarMap;
 use criterion::{criterion_group, criterion_main, Criterion};
-use resblock_benches::record;
+use resblock_benches::{inference_net, record};
 use resblock_core::{configure_threads, seeded_var_builder, RngHandle};
-use resblock_vision::{resnet, ResNet, ResNetConfig};
-
-/// A network on plain tensors (no variables, so no backprop graph is recorded), with
-/// seeded weights and randomised BatchNorm statistics.
-fn inference_net(arch: &str) -> (ResNet, ResNetConfig) {
-    let cfg = ResNetConfig::preset(arch).expect("preset");
-    let rng = RngHandle::seed_from_u64(0);
-    let varmap = VarMap::new();
-    resnet(
-        &cfg,
-        &rng,
-        seeded_var_builder(&varmap, &rng, DType::F32, &Device::Cpu),
-    )
-    .expect("net");
-    let tensors: HashMap<String, Tensor> = varmap
-        .data()
-        .lock()
-        .expect("varmap")
-        .iter()
-        .map(|(k, v)| {
-            let t = v.as_tensor().detach();
-            let t = if k.ends_with("running_var") {
-                t.affine(0.5, 0.75).expect("var")
-            } else {
-                t
-            };
-            (k.clone(), t)
-        })
-        .collect();
-    let net = resnet(
-        &cfg,
-        &rng,
-        VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu),
-    )
-    .expect("net");
-    (net, cfg)
-}
+use resblock_vision::{resnet, ResNetConfig};
 
 fn inference(c: &mut Criterion) {
     configure_threads(None);

@@ -420,11 +420,13 @@ impl BatchNorm {
     /// # Errors
     /// Only on tensor errors.
     pub fn eval_scale_shift(&self) -> Result<(Tensor, Tensor)> {
-        let inv_std = (self.running_var.as_tensor() + self.cfg.eps)?
+        // The running statistics are not trainable: detached, so only gamma and beta (when
+        // they are variables) make the result record a graph.
+        let inv_std = (self.running_var.as_tensor().detach() + self.cfg.eps)?
             .sqrt()?
             .recip()?;
         let scale = (&self.weight * inv_std)?;
-        let shift = (&self.bias - (self.running_mean.as_tensor() * &scale)?)?;
+        let shift = (&self.bias - (self.running_mean.as_tensor().detach() * &scale)?)?;
         Ok((scale, shift))
     }
 
@@ -512,7 +514,33 @@ impl BatchNorm {
         relu: bool,
     ) -> candle_core::Result<Tensor> {
         let c = conv.config();
-        if !train || conv.bias().is_some() {
+        if !train {
+            let plain = [x, conv.weight(), &self.weight, &self.bias]
+                .iter()
+                .all(|t| !t.track_op())
+                && conv.bias().is_none_or(|b| !b.track_op());
+            if !plain {
+                return self.run(&conv.forward(x)?, train, relu);
+            }
+            // Inference on plain tensors: the norm in the convolution's epilogue.
+            let (scale, shift) = self.eval_scale_shift().map_err(candle_core::Error::wrap)?;
+            let shift = match conv.bias() {
+                Some(b) => ((b * &scale)? + shift)?,
+                None => shift,
+            };
+            return crate::ops::conv2d_scale_shift(
+                x,
+                conv.weight(),
+                (&scale, &shift),
+                relu,
+                c.padding,
+                c.stride,
+                c.dilation,
+                c.groups,
+            )
+            .map_err(candle_core::Error::wrap);
+        }
+        if conv.bias().is_some() {
             return self.run(&conv.forward(x)?, train, relu);
         }
         let (y, stats) = crate::ops::conv_batch_norm_train(

@@ -1,6 +1,6 @@
 //! The shortcut path of a residual block.
 
-use candle_core::{Module, ModuleT, Tensor};
+use candle_core::{Module, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::error::{Error, Result};
@@ -274,23 +274,20 @@ impl Shortcut {
     pub fn apply(&self, x: &Tensor, train: bool) -> Result<Option<Tensor>> {
         Ok(Some(match self {
             Self::Identity => x.clone(),
-            Self::Projection { conv, norm } => {
-                let y = conv.forward(x)?;
-                match norm {
-                    Some(n) => n.forward_t(&y, train)?,
-                    None => y,
-                }
-            }
+            Self::Projection { conv, norm } => match norm {
+                Some(n) => n.forward_after_conv_t(conv, x, train, false)?,
+                None => conv.forward(x)?,
+            },
             Self::ZeroPad {
                 stride,
                 front,
                 back,
             } => crate::ops::subsample2d(x, *stride, *stride)?.pad_with_zeros(1, *front, *back)?,
             Self::AvgDown { stride, conv, norm } => {
-                let y = conv.forward(&avg_pool_ceil(x, *stride)?)?;
+                let x = avg_pool_ceil(x, *stride)?;
                 match norm {
-                    Some(n) => n.forward_t(&y, train)?,
-                    None => y,
+                    Some(n) => n.forward_after_conv_t(conv, &x, train, false)?,
+                    None => conv.forward(&x)?,
                 }
             }
             Self::Linear(l) => l.forward(x)?,

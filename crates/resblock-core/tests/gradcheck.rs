@@ -423,3 +423,21 @@ fn fused_conv_batch_norm_agrees_with_separate_ops() -> Result<()> {
     }
     Ok(())
 }
+
+/// NaN propagates through max pooling as in PyTorch: exactly the windows that hold it
+/// output NaN, the others are unchanged.
+#[test]
+fn max_pool_propagates_nan_to_its_windows_only() -> Result<()> {
+    let cfg = Pool2dConfig::new(3, 2, 1);
+    let base: Vec<f32> = (0..36).map(|i| ((i * 7) % 11) as f32).collect();
+    let mut with_nan = base.clone();
+    with_nan[0] = f32::NAN; // row 0, col 0: only in the window of output (0, 0)
+    let pool = |v: Vec<f32>| -> Result<Vec<f32>> {
+        let x = Tensor::from_vec(v, (1, 1, 6, 6), &Device::Cpu)?;
+        Ok(max_pool2d(&x, cfg)?.flatten_all()?.to_vec1::<f32>()?)
+    };
+    let (a, b) = (pool(base)?, pool(with_nan)?);
+    anyhow::ensure!(b[0].is_nan(), "window (0, 0) holds the NaN: {b:?}");
+    anyhow::ensure!(a[1..] == b[1..], "other windows changed: {a:?} vs {b:?}");
+    Ok(())
+}

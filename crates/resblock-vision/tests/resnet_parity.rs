@@ -18,8 +18,31 @@ fn eval_logits_match(name: &str, input: &str) -> Result<()> {
         &RngHandle::seed_from_u64(0),
         hash_var_builder(&varmap),
     )?;
-    let y = net.forward_t(get(&f, input)?, false)?;
-    assert_close(name, &y, get(&f, &format!("{name}.logits_eval"))?, 1e-4)
+    let x = get(&f, input)?;
+    let want = get(&f, &format!("{name}.logits_eval"))?;
+    let y = net.forward_t(x, false)?;
+    assert_close(name, &y, want, 1e-4)?;
+    // The same weights as plain tensors (inference: each BatchNorm runs in its
+    // convolution's epilogue instead of as separate ops).
+    let plain: std::collections::HashMap<String, candle_core::Tensor> = varmap
+        .data()
+        .lock()
+        .map_err(|_| anyhow::anyhow!("varmap lock"))?
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
+        .collect();
+    let dtype = y.dtype();
+    let net = resnet(
+        &ResNetConfig::preset(name)?,
+        &RngHandle::seed_from_u64(0),
+        candle_nn::VarBuilder::from_tensors(plain, dtype, x.device()),
+    )?;
+    assert_close(
+        &format!("{name} (plain tensors)"),
+        &net.forward_t(x, false)?,
+        want,
+        1e-4,
+    )
 }
 
 #[test]

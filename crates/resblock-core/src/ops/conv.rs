@@ -11,7 +11,7 @@
 
 use candle_core::Tensor;
 
-use super::conv_cpu::{ConvGeom, NativeConv2d, NativeConv2dBias};
+use super::conv_cpu::{ConvGeom, NativeConv2d, NativeConv2dBias, NativeConv2dScaleShift};
 
 use crate::error::{Error, Result};
 
@@ -110,6 +110,62 @@ pub fn conv2d_fused(
         Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?)?,
         None => y,
     };
+    Ok(if relu { y.relu()? } else { y })
+}
+
+/// `relu?(conv2d(x, kernel) * scale + shift)`, `scale` and `shift` per output channel: a
+/// convolution followed by an eval-mode BatchNorm (and a ReLU). With our CPU kernel, when no
+/// input needs a gradient (inference on plain tensors), the scale, shift and ReLU are applied
+/// to each image's output while it is in cache, so an unfolded network runs like a folded
+/// one; otherwise it is [`conv2d`] followed by broadcast Candle ops.
+///
+/// # Shapes
+/// As [`conv2d`]; `scale`, `shift`: (C_out).
+///
+/// # Errors
+/// As [`conv2d`], or a scale or shift of the wrong length.
+#[allow(clippy::too_many_arguments)]
+pub fn conv2d_scale_shift(
+    x: &Tensor,
+    kernel: &Tensor,
+    (scale, shift): (&Tensor, &Tensor),
+    relu: bool,
+    padding: usize,
+    stride: usize,
+    dilation: usize,
+    groups: usize,
+) -> Result<Tensor> {
+    let geom = ConvGeom {
+        padding,
+        stride,
+        dilation,
+        groups,
+    };
+    let c_out = kernel.dim(0)?;
+    for t in [scale, shift] {
+        if t.dims() != [c_out] {
+            return Err(Error::Shape {
+                op: "conv2d_scale_shift",
+                expected: format!("a scale and shift of shape [{c_out}]"),
+                got: t.dims().to_vec(),
+            });
+        }
+    }
+    let untracked = [x, kernel, scale, shift].iter().all(|t| !t.track_op());
+    let same = |t: &Tensor| t.device().is_cpu() && t.dtype() == x.dtype();
+    if super::kernels() == super::Kernels::Native
+        && untracked
+        && same(scale)
+        && same(shift)
+        && native_fits(x, kernel, None, &geom)?
+    {
+        let ss = Tensor::cat(&[scale, shift], 0)?;
+        let (x, k) = (x.contiguous()?, kernel.contiguous()?);
+        return Ok(x.apply_op3_no_bwd(&k, &ss, &NativeConv2dScaleShift { geom, relu })?);
+    }
+    let y = conv2d(x, kernel, padding, stride, dilation, groups)?
+        .broadcast_mul(&scale.reshape((1, (), 1, 1))?)?
+        .broadcast_add(&shift.reshape((1, (), 1, 1))?)?;
     Ok(if relu { y.relu()? } else { y })
 }
 

@@ -321,24 +321,62 @@ fn for_each_image_summed<T: Send, S: Send>(
     }
 }
 
-/// `y_n = W . cols(x_n)` for one image, per group; `buf` is scratch for `cols`.
+/// Runs `f` on `len` values of this thread's reusable scratch memory, holding whatever an
+/// earlier call left there (`f` must write what it reads). Saves zero-filling (and page
+/// faults on) a fresh `cols` buffer for every convolution: at batch 1 that was a pass as
+/// large as `im2col`'s own. A nested call on the same thread (rayon can run another task
+/// while this one waits) gets a fresh buffer.
+fn with_thread_scratch<T: WithDType, R>(len: usize, f: impl FnOnce(&mut [T]) -> R) -> R {
+    use std::cell::RefCell;
+    thread_local! {
+        static BUF: RefCell<Vec<u64>> = const { RefCell::new(Vec::new()) };
+    }
+    // 8-byte words: aligned for every dtype Candle has, all of which are plain bits.
+    let words = (len * std::mem::size_of::<T>()).div_ceil(8);
+    BUF.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut buf) => {
+            if buf.len() < words {
+                buf.resize(words, 0);
+            }
+            // SAFETY: the buffer holds at least `len * size_of::<T>()` initialised bytes,
+            // 8-byte aligned; `T` is a Candle dtype (f16/bf16/f32/f64/u8/u32/i64), for
+            // which every bit pattern is a value; the borrow is exclusive for `f`'s call.
+            let s = unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr().cast::<T>(), len) };
+            f(s)
+        }
+        Err(_) => f(&mut vec![T::zero(); len]),
+    })
+}
+
+/// `y_n = W . cols(x_n)` for one image, per group.
 fn forward_image<T: WithDType>(
     img: &[T],
     w: &[T],
     d: &Dims,
     g: &ConvGeom,
-    buf: &mut Vec<T>,
+    y_n: &mut [T],
+    par: Parallelism,
+) {
+    if d.direct(g) {
+        forward_cols(img, w, d, g, y_n, par);
+    } else {
+        with_thread_scratch(d.k_all() * d.p(), |cols: &mut [T]| {
+            im2col(img, d, g, cols, !matches!(par, Parallelism::None));
+            forward_cols(cols, w, d, g, y_n, par);
+        });
+    }
+}
+
+/// `y_n = W . cols` per group.
+fn forward_cols<T: WithDType>(
+    cols: &[T],
+    w: &[T],
+    d: &Dims,
+    g: &ConvGeom,
     y_n: &mut [T],
     par: Parallelism,
 ) {
     let (p, kg, og) = (d.p(), d.k_all() / g.groups, d.cout / g.groups);
-    let cols: &[T] = if d.direct(g) {
-        img
-    } else {
-        buf.resize(d.k_all() * p, T::zero());
-        im2col(img, d, g, buf, !matches!(par, Parallelism::None));
-        buf
-    };
     for gi in 0..g.groups {
         gemm_into(
             (og, p, kg),
@@ -353,31 +391,77 @@ fn forward_image<T: WithDType>(
     }
 }
 
-fn forward<T: WithDType>(
-    x: &[T],
-    w: &[T],
-    (bias, relu): (Option<&[T]>, bool),
-    d: &Dims,
-    g: &ConvGeom,
-) -> Vec<T> {
+/// What a forward applies to each output value while the image's output is in cache:
+/// `relu?(v * scale[c] + bias[c])`, each part optional (a bias; an eval-mode BatchNorm's
+/// scale and shift).
+#[derive(Clone, Copy)]
+pub(crate) struct Epilogue<'a, T> {
+    pub scale: Option<&'a [T]>,
+    pub bias: Option<&'a [T]>,
+    pub relu: bool,
+}
+
+impl<'a, T: WithDType> Epilogue<'a, T> {
+    /// The plain convolution.
+    pub(crate) const NONE: Self = Epilogue {
+        scale: None,
+        bias: None,
+        relu: false,
+    };
+
+    fn is_identity(&self) -> bool {
+        self.scale.is_none() && self.bias.is_none() && !self.relu
+    }
+
+    /// Applies the epilogue of output channel `co` to `dst`, reading the raw values from
+    /// `src` (which may be `dst`'s own values: see [`Epilogue::apply_in_place`]).
+    fn apply(&self, co: usize, src: &[T], dst: &mut [T]) {
+        let s = self.scale.map(|s| s[co]);
+        let b = self.bias.map_or(T::zero(), |b| b[co]);
+        let zero = T::zero();
+        for (o, v) in dst.iter_mut().zip(src) {
+            let r = match s {
+                Some(s) => *v * s + b,
+                None => *v + b,
+            };
+            *o = if self.relu && r < zero { zero } else { r };
+        }
+    }
+
+    fn apply_in_place(&self, co: usize, plane: &mut [T]) {
+        let s = self.scale.map(|s| s[co]);
+        let b = self.bias.map_or(T::zero(), |b| b[co]);
+        let zero = T::zero();
+        for v in plane {
+            let r = match s {
+                Some(s) => *v * s + b,
+                None => *v + b,
+            };
+            *v = if self.relu && r < zero { zero } else { r };
+        }
+    }
+}
+
+fn forward<T: WithDType>(x: &[T], w: &[T], ep: Epilogue<'_, T>, d: &Dims, g: &ConvGeom) -> Vec<T> {
     let (parallel, par) = gemm_parallelism(d.n);
     let p = d.p();
     let mut y = vec![T::zero(); d.n * d.cout * p];
-    for_each_image(&mut y, d.cout * p, parallel, Vec::new, |buf, ni, y_n| {
-        let img = &x[ni * d.chw()..(ni + 1) * d.chw()];
-        forward_image(img, w, d, g, buf, y_n, par);
-        // The epilogue, while the image's output is in cache.
-        if bias.is_some() || relu {
-            let zero = T::zero();
-            for (o, plane) in y_n.chunks_mut(p).enumerate() {
-                let b = bias.map_or(zero, |b| b[o]);
-                for v in plane {
-                    let r = *v + b;
-                    *v = if relu && r < zero { zero } else { r };
+    for_each_image(
+        &mut y,
+        d.cout * p,
+        parallel,
+        || (),
+        |_, ni, y_n| {
+            let img = &x[ni * d.chw()..(ni + 1) * d.chw()];
+            forward_image(img, w, d, g, y_n, par);
+            // The epilogue, while the image's output is in cache.
+            if !ep.is_identity() {
+                for (o, plane) in y_n.chunks_mut(p).enumerate() {
+                    ep.apply_in_place(o, plane);
                 }
             }
-        }
-    });
+        },
+    );
     y
 }
 
@@ -490,7 +574,7 @@ fn backward<T: WithDType>(x: &[T], w: &[T], dy: &[T], d: &Dims, g: &ConvGeom) ->
         }
         match &input_grad {
             InputGrad::Flipped { w, dims, geom } => {
-                forward_image(dy_n, w, dims, geom, &mut s.dcols, dx_n, par);
+                forward_image(dy_n, w, dims, geom, dx_n, par);
             }
             InputGrad::Direct | InputGrad::Scatter => {
                 let direct = matches!(input_grad, InputGrad::Direct);
@@ -585,16 +669,10 @@ fn direct_backward_plans(d: &Dims, g: &ConvGeom) -> Option<(direct::Plan, direct
 }
 
 /// The f32 forward: direct when it applies, per-image GEMMs otherwise.
-fn forward_f32(
-    x: &[f32],
-    w: &[f32],
-    (bias, relu): (Option<&[f32]>, bool),
-    d: &Dims,
-    g: &ConvGeom,
-) -> Vec<f32> {
+fn forward_f32(x: &[f32], w: &[f32], ep: Epilogue<'_, f32>, d: &Dims, g: &ConvGeom) -> Vec<f32> {
     match direct_plan(d, g) {
-        Some(plan) => forward_direct(&plan, x, w, (bias, relu), d),
-        None => forward(x, w, (bias, relu), d, g),
+        Some(plan) => forward_direct(&plan, x, w, ep, d),
+        None => forward(x, w, ep, d, g),
     }
 }
 
@@ -602,7 +680,7 @@ fn forward_direct(
     plan: &direct::Plan,
     x: &[f32],
     w: &[f32],
-    (bias, relu): (Option<&[f32]>, bool),
+    ep: Epilogue<'_, f32>,
     d: &Dims,
 ) -> Vec<f32> {
     let (parallel, _) = gemm_parallelism(d.n);
@@ -617,7 +695,7 @@ fn forward_direct(
         |(xp, flat), ni, y_n| {
             plan.pad(&x[ni * d.chw()..(ni + 1) * d.chw()], xp);
             plan.forward(xp, &wk, flat, !parallel);
-            plan.unflatten(flat, y_n, bias, relu);
+            plan.unflatten(flat, y_n, ep);
         },
     );
     y
@@ -657,7 +735,7 @@ fn backward_direct(
         }
         back.pad(dy_n, &mut s.dyp);
         back.forward(&s.dyp, &wfk, &mut s.flat, !parallel);
-        back.unflatten(&s.flat, dx_n, None, false);
+        back.unflatten(&s.flat, dx_n, Epilogue::NONE);
     };
     let scratch = || DirectScratch {
         xp: Vec::new(),
@@ -707,52 +785,89 @@ fn slice<'a, T>(s: &'a [T], l: &Layout) -> candle_core::Result<&'a [T]> {
     super::contiguous_slice(s, l, "conv2d")
 }
 
-/// The forward on CPU storages, with an optional bias.
+/// What the third input of a convolution op holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Affine {
+    /// A bias, (C_out).
+    Bias,
+    /// `[scale; shift]`, (2 * C_out): an eval-mode BatchNorm applied in the epilogue.
+    ScaleShift,
+}
+
+/// The epilogue for an optional third input of kind `affine`.
+fn epilogue<'a, T>(third: Option<&'a [T]>, affine: Affine, relu: bool) -> Epilogue<'a, T> {
+    match (third, affine) {
+        (None, _) => Epilogue {
+            scale: None,
+            bias: None,
+            relu,
+        },
+        (Some(b), Affine::Bias) => Epilogue {
+            scale: None,
+            bias: Some(b),
+            relu,
+        },
+        (Some(ss), Affine::ScaleShift) => {
+            let (scale, shift) = ss.split_at(ss.len() / 2);
+            Epilogue {
+                scale: Some(scale),
+                bias: Some(shift),
+                relu,
+            }
+        }
+    }
+}
+
+/// The forward on CPU storages, with an optional third input (see [`Affine`]).
 fn cpu_forward(
     (s1, l1): (&CpuStorage, &Layout),
     (s2, l2): (&CpuStorage, &Layout),
-    bias: Option<(&CpuStorage, &Layout)>,
+    third: Option<((&CpuStorage, &Layout), Affine)>,
     relu: bool,
     g: &ConvGeom,
 ) -> candle_core::Result<(CpuStorage, Shape)> {
     let d = Dims::new(g, l1.dims(), l2.dims())?;
-    if let Some((_, lb)) = bias {
-        if lb.dims() != [d.cout] {
+    let affine = third.map_or(Affine::Bias, |t| t.1);
+    if let Some(((_, lb), affine)) = third {
+        let want = match affine {
+            Affine::Bias => d.cout,
+            Affine::ScaleShift => 2 * d.cout,
+        };
+        if lb.dims() != [want] {
             candle_core::bail!(
-                "conv2d: bias {:?} for {} output channels",
+                "conv2d: {affine:?} {:?} for {} output channels",
                 lb.dims(),
                 d.cout
             )
         }
     }
     let shape = Shape::from((d.n, d.cout, d.oh, d.ow));
-    let out = match (s1, s2, bias.map(|b| b.0)) {
-        (CpuStorage::F32(a), CpuStorage::F32(b), None) => CpuStorage::F32(forward_f32(
-            slice(a, l1)?,
-            slice(b, l2)?,
-            (None, relu),
-            &d,
-            g,
-        )),
-        (CpuStorage::F64(a), CpuStorage::F64(b), None) => {
-            CpuStorage::F64(forward(slice(a, l1)?, slice(b, l2)?, (None, relu), &d, g))
-        }
-        (CpuStorage::F32(a), CpuStorage::F32(b), Some(CpuStorage::F32(c))) => {
-            let c = slice(c, bias.map(|b| b.1).expect("bias layout"))?;
+    let third_layout = third.map(|t| (t.0).1);
+    let out = match (s1, s2, third.map(|t| (t.0).0)) {
+        (CpuStorage::F32(a), CpuStorage::F32(b), c) => {
+            let c = match (c, third_layout) {
+                (Some(CpuStorage::F32(c)), Some(l)) => Some(slice(c, l)?),
+                (None, _) => None,
+                _ => candle_core::bail!("conv2d: the native kernel takes inputs of one dtype"),
+            };
             CpuStorage::F32(forward_f32(
                 slice(a, l1)?,
                 slice(b, l2)?,
-                (Some(c), relu),
+                epilogue(c, affine, relu),
                 &d,
                 g,
             ))
         }
-        (CpuStorage::F64(a), CpuStorage::F64(b), Some(CpuStorage::F64(c))) => {
-            let c = slice(c, bias.map(|b| b.1).expect("bias layout"))?;
+        (CpuStorage::F64(a), CpuStorage::F64(b), c) => {
+            let c = match (c, third_layout) {
+                (Some(CpuStorage::F64(c)), Some(l)) => Some(slice(c, l)?),
+                (None, _) => None,
+                _ => candle_core::bail!("conv2d: the native kernel takes inputs of one dtype"),
+            };
             CpuStorage::F64(forward(
                 slice(a, l1)?,
                 slice(b, l2)?,
-                (Some(c), relu),
+                epilogue(c, affine, relu),
                 &d,
                 g,
             ))
@@ -851,7 +966,13 @@ impl CustomOp3 for NativeConv2dBias {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        cpu_forward((s1, l1), (s2, l2), Some((s3, l3)), self.relu, &self.geom)
+        cpu_forward(
+            (s1, l1),
+            (s2, l2),
+            Some(((s3, l3), Affine::Bias)),
+            self.relu,
+            &self.geom,
+        )
     }
 
     fn bwd(
@@ -864,6 +985,38 @@ impl CustomOp3 for NativeConv2dBias {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (dx, dw, db) = cpu_backward(x, w, y, dy, (self.relu, true), &self.geom)?;
         Ok((Some(dx), Some(dw), db))
+    }
+}
+
+/// `relu?(conv(x, w) * scale + shift)` per output channel (an eval-mode BatchNorm in the
+/// epilogue), for inference: it has no backward (the caller uses it only when nothing needs
+/// a gradient).
+pub(crate) struct NativeConv2dScaleShift {
+    pub geom: ConvGeom,
+    pub relu: bool,
+}
+
+impl CustomOp3 for NativeConv2dScaleShift {
+    fn name(&self) -> &'static str {
+        "resblock-conv2d-scale-shift"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        cpu_forward(
+            (s1, l1),
+            (s2, l2),
+            Some(((s3, l3), Affine::ScaleShift)),
+            self.relu,
+            &self.geom,
+        )
     }
 }
 
@@ -934,13 +1087,31 @@ mod tests {
             let b = values(cout, 200 + i as u64);
             let dy = values(n * cout * d.p(), 300 + i as u64);
             let (x64, k64, b64, dy64) = (to64(&x), to64(&k), to64(&b), to64(&dy));
-            for (bias, relu) in [(false, false), (true, true), (false, true)] {
-                let want = forward(&x64, &k64, (bias.then_some(&b64[..]), relu), &d, &g);
-                let got = forward_direct(&plan, &x, &k, (bias.then_some(&b[..]), relu), &d);
+            let sc = values(cout, 400 + i as u64);
+            let sc64 = to64(&sc);
+            for (bias, scale, relu) in [
+                (false, false, false),
+                (true, false, true),
+                (false, false, true),
+                (true, true, true),
+                (true, true, false),
+            ] {
+                let ep64 = Epilogue {
+                    scale: scale.then_some(&sc64[..]),
+                    bias: bias.then_some(&b64[..]),
+                    relu,
+                };
+                let ep = Epilogue {
+                    scale: scale.then_some(&sc[..]),
+                    bias: bias.then_some(&b[..]),
+                    relu,
+                };
+                let want = forward(&x64, &k64, ep64, &d, &g);
+                let got = forward_direct(&plan, &x, &k, ep, &d);
                 let e = rel_err(&got, &want);
                 assert!(
                     e < 1e-5,
-                    "shape {i} bias {bias} relu {relu}: forward off by {e}"
+                    "shape {i} bias {bias} scale {scale} relu {relu}: forward off by {e}"
                 );
             }
             // The input gradient's plan exists exactly when the padding is below the kernel.

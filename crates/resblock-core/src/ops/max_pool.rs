@@ -212,16 +212,76 @@ fn pool_fwd<T: WithDType + Send + Sync>(
     let mut out = vec![T::zero(); n_planes * oh * ow];
     out.par_chunks_mut(oh * ow)
         .zip(src.par_chunks(h * w))
-        .for_each(|(dst, plane)| {
-            plane_argmax(plane, h, w, cfg, oh, ow, |o, i| {
-                dst[o] = if i == usize::MAX {
-                    T::from_f64(f64::NEG_INFINITY)
-                } else {
-                    plane[i]
-                };
-            })
+        .for_each_init(Vec::new, |rows, (dst, plane)| {
+            plane_max(plane, (h, w), cfg, (oh, ow), rows, dst)
         });
     Ok((out, oh, ow))
+}
+
+/// `a` unless `b` is larger or NaN: the running maximum that keeps the first of equal values
+/// and lets NaN win, as PyTorch's.
+fn max_keep_first<T: WithDType>(a: T, b: T) -> T {
+    #[allow(clippy::eq_op)]
+    let b_nan = b != b;
+    if b > a || b_nan {
+        b
+    } else {
+        a
+    }
+}
+
+/// One plane's forward values (no indices): the maximum along each input row's windows
+/// first (`rows`: h x ow scratch), then down each window's rows, so a k x k window costs
+/// 2k comparisons instead of k^2 with bounds checks. Visiting taps row by row, left to
+/// right, keeps the first maximum, as [`plane_argmax`] does.
+fn plane_max<T: WithDType>(
+    plane: &[T],
+    (h, w): (usize, usize),
+    cfg: &Pool2dConfig,
+    (_, ow): (usize, usize),
+    rows: &mut Vec<T>,
+    dst: &mut [T],
+) {
+    let (kh, kw) = cfg.kernel;
+    let (sh, sw) = cfg.stride;
+    let (ph, pw) = cfg.padding;
+    let (dh, dw) = cfg.dilation;
+    let neg = T::from_f64(f64::NEG_INFINITY);
+    // The in-bounds taps of a window starting at `start - pad`: (first, count).
+    let taps = |o: usize, s: usize, pad: usize, d: usize, k: usize, size: usize| {
+        let lo = (o * s) as isize - pad as isize;
+        let first = (0..k).find(|&t| lo + (t * d) as isize >= 0);
+        let first = first.unwrap_or(k);
+        let last = (0..k)
+            .rev()
+            .find(|&t| lo + ((t * d) as isize) < size as isize);
+        let count = last.map_or(0, |l| (l + 1).saturating_sub(first));
+        ((lo + (first * d) as isize).max(0) as usize, count)
+    };
+    let cols: Vec<(usize, usize)> = (0..ow).map(|ox| taps(ox, sw, pw, dw, kw, w)).collect();
+    rows.clear();
+    rows.resize(h * ow, neg);
+    for (row, src) in rows.chunks_exact_mut(ow).zip(plane.chunks_exact(w)) {
+        for (r, &(x0, n)) in row.iter_mut().zip(&cols) {
+            let mut m = neg;
+            for t in 0..n {
+                let v = src[x0 + t * dw];
+                m = if t == 0 { v } else { max_keep_first(m, v) };
+            }
+            *r = m;
+        }
+    }
+    for (oy, out) in dst.chunks_exact_mut(ow).enumerate() {
+        let (y0, n) = taps(oy, sh, ph, dh, kh, h);
+        for (ox, o) in out.iter_mut().enumerate() {
+            let mut m = neg;
+            for t in 0..n {
+                let v = rows[(y0 + t * dh) * ow + ox];
+                m = if t == 0 { v } else { max_keep_first(m, v) };
+            }
+            *o = if cols[ox].1 == 0 { neg } else { m };
+        }
+    }
 }
 
 fn pool_bwd<T: WithDType + Send + Sync>(

@@ -10,7 +10,8 @@
 //!   for the 3x3 "same" convolutions of ResNets.
 //! - [`add_relu`]: `relu(a + b)`, the end of a post-activation residual block, as one op.
 //! - [`conv2d_fused`]: convolution + bias (+ ReLU) with the epilogue fused (inference on
-//!   folded networks, biased convolutions).
+//!   folded networks, biased convolutions); [`conv2d_scale_shift`]: convolution + eval-mode
+//!   BatchNorm (+ ReLU) the same way (inference on unfolded networks).
 //!
 //! [`set_kernels`] switches every op with two implementations between ours (the default) and
 //! Candle's plain path, for comparison and for benchmarks; so does the environment variable
@@ -28,7 +29,7 @@ pub use add_relu::add_relu;
 pub use batch_norm::{
     batch_norm_train, batch_norm_train_candle, conv_batch_norm_train, BatchStats,
 };
-pub use conv::{conv2d, conv2d_candle, conv2d_fused, conv2d_native};
+pub use conv::{conv2d, conv2d_candle, conv2d_fused, conv2d_native, conv2d_scale_shift};
 pub use max_pool::{max_pool2d, max_pool2d_generic, Pool2dConfig};
 pub use subsample::subsample2d;
 

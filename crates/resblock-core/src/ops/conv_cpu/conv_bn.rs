@@ -27,7 +27,9 @@ use std::sync::{Arc, OnceLock};
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{direct, flip_kernel, for_each_image_summed, gemm_parallelism, ConvGeom, Dims};
+use super::{
+    direct, flip_kernel, for_each_image_summed, gemm_parallelism, ConvGeom, Dims, Epilogue,
+};
 use crate::ops::batch_norm::{grad_coef, inv_std, norm_coef};
 
 /// Per-channel batch mean and biased variance, f64.
@@ -96,7 +98,7 @@ impl ConvBnTrain {
         let image = |(xp, flat): &mut (Vec<f32>, Vec<f32>), (ni, (y_n, m_n)): ImageOut<'_>| {
             self.fwd.pad(&x[ni * d.chw()..(ni + 1) * d.chw()], xp);
             self.fwd.forward(xp, &wk, flat, !parallel);
-            self.fwd.unflatten(flat, y_n, None, false);
+            self.fwd.unflatten(flat, y_n, Epilogue::NONE);
             for (m, plane) in m_n.iter_mut().zip(y_n.chunks_exact(p)) {
                 *m = kernels::moments(plane);
             }
@@ -210,7 +212,7 @@ impl ConvBnTrain {
             }
             if need_dx {
                 self.back.forward(&s.dyp, &wfk, &mut s.flat, !parallel);
-                self.back.unflatten(&s.flat, dx_n, None, false);
+                self.back.unflatten(&s.flat, dx_n, Epilogue::NONE);
             }
         };
         let scratch = || Scratch {

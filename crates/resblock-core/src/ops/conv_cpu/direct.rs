@@ -25,6 +25,8 @@
 
 use rayon::prelude::*;
 
+use super::Epilogue;
+
 /// Output channels per micro-tile.
 const CB: usize = 4;
 /// f32 lanes of one AVX register.
@@ -235,29 +237,19 @@ impl Plan {
         }
     }
 
-    /// Copies the valid columns of a flattened output into `dst` `(cout, oh, ow)`, adding
-    /// `bias` and applying a ReLU when asked.
-    pub(super) fn unflatten(
-        &self,
-        flat: &[f32],
-        dst: &mut [f32],
-        bias: Option<&[f32]>,
-        relu: bool,
-    ) {
+    /// Copies the valid columns of a flattened output into `dst` `(cout, oh, ow)`, applying
+    /// the epilogue `ep` on the way.
+    pub(super) fn unflatten(&self, flat: &[f32], dst: &mut [f32], ep: Epilogue<'_, f32>) {
         let plane = self.oh * self.ow;
         assert_eq!(dst.len(), self.cout * plane, "direct conv: output size");
         for (co, out) in dst.chunks_exact_mut(plane).enumerate() {
             let src = &flat[co * self.qlen..];
-            let b = bias.map_or(0.0, |b| b[co]);
             for (oy, row) in out.chunks_exact_mut(self.ow).enumerate() {
                 let s = &src[oy * self.wp..oy * self.wp + self.ow];
-                if bias.is_none() && !relu {
+                if ep.is_identity() {
                     row.copy_from_slice(s);
                 } else {
-                    for (d, v) in row.iter_mut().zip(s) {
-                        let r = v + b;
-                        *d = if relu && r < 0.0 { 0.0 } else { r };
-                    }
+                    ep.apply(co, s, row);
                 }
             }
         }
