@@ -73,7 +73,7 @@ impl ConvBnTrain {
         let mut probe = vec![0f32; d.cout * d.c * d.kh * d.kw];
         let xp = fwd.padded_buffer(d.c);
         let dyp = back.padded_buffer(d.cout.div_ceil(4) * 4);
-        fwd.weight_grad_padded(&xp, &back, &dyp, &mut probe)?;
+        fwd.weight_grad_padded(&[&xp], &back, &[&dyp], &mut probe)?;
         Some(ConvBnTrain {
             d,
             geom,
@@ -175,44 +175,61 @@ impl ConvBnTrain {
         let (parallel, _) = gemm_parallelism(d.n);
         let wfk = self.back.pack_weights(&flip_kernel(w, d, &self.geom));
         let wlen = w.len();
+        // Images per weight-gradient call (see `Plan::weight_grad_group`), with at least one
+        // group per thread.
+        let threads = rayon::current_num_threads().max(1);
+        let group = self
+            .fwd
+            .weight_grad_group()
+            .min(d.n.div_ceil(threads))
+            .max(1);
         let (xlen, chunk) = if need_dx {
-            (d.n * d.chw(), d.chw())
+            (d.n * d.chw(), group * d.chw())
         } else {
-            (d.n, 1)
+            (d.n, group)
         };
         let mut dx = vec![0f32; xlen];
         let cout_r = cout.div_ceil(4) * 4;
-        let image = |s: &mut Scratch, acc: &mut [f64], ni: usize, dx_n: &mut [f32]| {
-            if s.dyp.is_empty() {
-                s.dyp = self.back.padded_buffer(cout_r);
+        let images = |s: &mut Scratch, acc: &mut [f64], gi: usize, dx_g: &mut [f32]| {
+            let first = gi * group;
+            let m = group.min(d.n - first);
+            while s.dyp.len() < m {
+                s.dyp.push(self.back.padded_buffer(cout_r));
+                s.xp.push(Vec::new());
             }
-            // The norm's input gradient, straight into the padded layout.
-            for co in 0..cout {
-                let at = (ni * cout + co) * p;
-                let (cv, g) = (&conv[at..at + p], &dy[at..at + p]);
-                for oy in 0..d.oh {
-                    let r = oy * d.ow..(oy + 1) * d.ow;
-                    kernels::input_grad(
-                        self.back.interior_row(&mut s.dyp, co, oy),
-                        (&cv[r.clone()], &g[r]),
-                        fcoef[co],
-                        gcoef[co],
-                        relu,
-                    );
+            for (k, (dyp, xp)) in s.dyp.iter_mut().zip(&mut s.xp).take(m).enumerate() {
+                let ni = first + k;
+                // The norm's input gradient, straight into the padded layout.
+                for co in 0..cout {
+                    let at = (ni * cout + co) * p;
+                    let (cv, g) = (&conv[at..at + p], &dy[at..at + p]);
+                    for oy in 0..d.oh {
+                        let r = oy * d.ow..(oy + 1) * d.ow;
+                        kernels::input_grad(
+                            self.back.interior_row(dyp, co, oy),
+                            (&cv[r.clone()], &g[r]),
+                            fcoef[co],
+                            gcoef[co],
+                            relu,
+                        );
+                    }
                 }
+                self.fwd.pad(&x[ni * d.chw()..(ni + 1) * d.chw()], xp);
             }
-            self.fwd
-                .pad(&x[ni * d.chw()..(ni + 1) * d.chw()], &mut s.xp);
             s.dw_n.resize(wlen, 0.0);
+            let xps: Vec<&[f32]> = s.xp[..m].iter().map(Vec::as_slice).collect();
+            let dyps: Vec<&[f32]> = s.dyp[..m].iter().map(Vec::as_slice).collect();
             self.fwd
-                .weight_grad_padded(&s.xp, &self.back, &s.dyp, &mut s.dw_n)
+                .weight_grad_padded(&xps, &self.back, &dyps, &mut s.dw_n)
                 .expect("conv_bn: layouts checked in new");
             for (a, v) in acc.iter_mut().zip(&s.dw_n) {
                 *a += f64::from(*v);
             }
             if need_dx {
-                self.back.forward(&s.dyp, &wfk, &mut s.flat, !parallel);
-                self.back.unflatten(&s.flat, dx_n, Epilogue::NONE);
+                for (dyp, dx_n) in s.dyp.iter().zip(dx_g.chunks_exact_mut(d.chw())) {
+                    self.back.forward(dyp, &wfk, &mut s.flat, !parallel);
+                    self.back.unflatten(&s.flat, dx_n, Epilogue::NONE);
+                }
             }
         };
         let scratch = || Scratch {
@@ -221,7 +238,7 @@ impl ConvBnTrain {
             flat: Vec::new(),
             dw_n: Vec::new(),
         };
-        let dw64 = for_each_image_summed(&mut dx, chunk, parallel, wlen, scratch, image);
+        let dw64 = for_each_image_summed(&mut dx, chunk, parallel, wlen, scratch, images);
         let dw = dw64.into_iter().map(|v| v as f32).collect();
         let dgb = sums
             .iter()
@@ -235,10 +252,11 @@ impl ConvBnTrain {
 /// One image of the forward: its index, convolution output and per-channel moments.
 type ImageOut<'a> = (usize, (&'a mut [f32], &'a mut [(f64, f64)]));
 
-/// Scratch buffers of one backward worker.
+/// Scratch buffers of one backward worker: padded inputs and output gradients of one image
+/// group.
 struct Scratch {
-    xp: Vec<f32>,
-    dyp: Vec<f32>,
+    xp: Vec<Vec<f32>>,
+    dyp: Vec<Vec<f32>>,
     flat: Vec<f32>,
     dw_n: Vec<f32>,
 }

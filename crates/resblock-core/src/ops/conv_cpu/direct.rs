@@ -280,7 +280,7 @@ impl Plan {
             self.flat_len(),
             "direct conv: flattened gradient size"
         );
-        self.weight_grad_rows(xp, dyf, self.qlen, dw);
+        self.weight_grad_rows(&[xp], &[dyf], self.qlen, dw);
     }
 
     /// A zeroed buffer for [`Plan::interior_row`] with `planes` planes (at least `c`), its
@@ -307,11 +307,15 @@ impl Plan {
     /// *is* the flattened `dY` this plan's kernel reads (zero in the junk columns, which
     /// fall on the border), with planes `back.ps` apart instead of `qlen`. `dyp` must hold
     /// `cout_r` planes (see [`Plan::padded_buffer`]). `None` when the layouts differ.
+    ///
+    /// Several images (`xps[i]` with `dyps[i]`) give their summed gradient: at small planes
+    /// one image's pass over `q` is short, and the kernel's set-up and final reductions
+    /// would cost as much as the pass.
     pub(super) fn weight_grad_padded(
         &self,
-        xp: &[f32],
+        xps: &[&[f32]],
         back: &Plan,
-        dyp: &[f32],
+        dyps: &[&[f32]],
         dw: &mut [f32],
     ) -> Option<()> {
         let off = back.pad_y * back.wp + back.pad_x;
@@ -320,26 +324,40 @@ impl Plan {
             && back.h == self.oh
             && back.w == self.ow
             && off + self.qlen <= back.ps;
-        if !same || dyp.len() < self.cout_r * back.ps {
+        if !same || dyps.iter().any(|d| d.len() < self.cout_r * back.ps) {
             return None;
         }
-        self.weight_grad_rows(xp, &dyp[off..], back.ps, dw);
+        let dys: Vec<&[f32]> = dyps.iter().map(|d| &d[off..]).collect();
+        self.weight_grad_rows(xps, &dys, back.ps, dw);
         Some(())
     }
 
-    /// The weight gradient with `dY` row `co` (flattened, `qlen` long) at `co * row_stride`
-    /// in `dy`, for all `cout_r` rows.
-    fn weight_grad_rows(&self, xp: &[f32], dy: &[f32], row_stride: usize, dw: &mut [f32]) {
+    /// How many images [`Plan::weight_grad_padded`] should sum per call: enough for a pass
+    /// of about 1024 values (at most 8 images; one for planes of 32x32 and more, whose f32
+    /// sums then match the single-image kernel's).
+    pub(super) fn weight_grad_group(&self) -> usize {
+        (1024 / self.qlen).clamp(1, 8)
+    }
+
+    /// The weight gradient summed over images `i`: `dY` row `co` (flattened, `qlen` long) at
+    /// `co * row_stride` in `dys[i]`, input `xps[i]`, for all `cout_r` rows.
+    fn weight_grad_rows(&self, xps: &[&[f32]], dys: &[&[f32]], row_stride: usize, dw: &mut [f32]) {
         let nt = self.taps.len();
-        assert_eq!(
-            xp.len(),
-            self.padded_len(),
-            "direct conv: padded input size"
-        );
         assert!(
-            row_stride >= self.qlen && dy.len() >= (self.cout_r - 1) * row_stride + self.qlen,
-            "direct conv: output gradient size"
+            !xps.is_empty() && xps.len() == dys.len() && xps.len() <= MAX_GROUP,
+            "direct conv: image group"
         );
+        for (xp, dy) in xps.iter().zip(dys) {
+            assert_eq!(
+                xp.len(),
+                self.padded_len(),
+                "direct conv: padded input size"
+            );
+            assert!(
+                row_stride >= self.qlen && dy.len() >= (self.cout_r - 1) * row_stride + self.qlen,
+                "direct conv: output gradient size"
+            );
+        }
         assert_eq!(
             dw.len(),
             self.cout * self.c * nt,
@@ -347,24 +365,31 @@ impl Plan {
         );
         let max_tap = self.taps.last().copied().unwrap_or(0);
         assert!(self.qlen % LANES == 0 && self.qlen + max_tap <= self.ps);
+        let mut xs = [std::ptr::null::<f32>(); MAX_GROUP];
+        let mut ds = [std::ptr::null::<f32>(); MAX_GROUP];
+        let m = xps.len();
         for blk in 0..self.cout_r / CB {
-            let dyb = &dy[blk * CB * row_stride..];
+            for (d, dy) in ds.iter_mut().zip(dys) {
+                *d = dy[blk * CB * row_stride..].as_ptr();
+            }
             for ci in 0..self.c {
-                let plane = &xp[ci * self.ps..(ci + 1) * self.ps];
+                for (x, xp) in xs.iter_mut().zip(xps) {
+                    *x = xp[ci * self.ps..(ci + 1) * self.ps].as_ptr();
+                }
                 for t0 in (0..nt).step_by(TB) {
                     let n = TB.min(nt - t0);
                     // Missing taps of the last block repeat the first; their sums are dropped.
                     let offs: [usize; TB] = std::array::from_fn(|i| self.taps[t0 + i.min(n - 1)]);
                     let mut sums = [[0f32; TB]; CB];
                     #[cfg(target_arch = "x86_64")]
-                    // SAFETY: AVX2 and FMA are present (`Plan::new`); reads of `plane` reach
-                    // `max_tap + qlen <= ps` and of `dyb` `(CB - 1) * row_stride + qlen`
-                    // (asserted above).
+                    // SAFETY: AVX2 and FMA are present (`Plan::new`); for each of the `m`
+                    // images, reads from its plane pointer reach `max_tap + qlen <= ps` and
+                    // from its `dY` pointer `(CB - 1) * row_stride + qlen` (asserted above).
                     unsafe {
                         x86::wgrad_tile(
-                            plane.as_ptr(),
+                            (&xs[..m], &ds[..m]),
                             offs,
-                            (dyb.as_ptr(), row_stride),
+                            row_stride,
                             self.qlen,
                             &mut sums,
                         )
@@ -381,6 +406,9 @@ impl Plan {
         }
     }
 }
+
+/// The most images one weight-gradient call sums.
+pub(super) const MAX_GROUP: usize = 8;
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
@@ -433,16 +461,16 @@ mod x86 {
         }
     }
 
-    /// `sums[j][t] = sum_{q < qlen} dy[j * stride + q] * x[offs[t] + q]`.
+    /// `sums[j][t] = sum_i sum_{q < qlen} dys[i][j * stride + q] * xs[i][offs[t] + q]`.
     ///
     /// # Safety
-    /// AVX2 and FMA must be available, `qlen` a multiple of 8, `x` readable for
-    /// `max(offs) + qlen` floats and `dy` for `(CB - 1) * stride + qlen`.
+    /// AVX2 and FMA must be available, `qlen` a multiple of 8, every `xs[i]` readable for
+    /// `max(offs) + qlen` floats and every `dys[i]` for `(CB - 1) * stride + qlen`.
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn wgrad_tile(
-        x: *const f32,
+        (xs, dys): (&[*const f32], &[*const f32]),
         offs: [usize; TB],
-        (dy, stride): (*const f32, usize),
+        stride: usize,
         qlen: usize,
         sums: &mut [[f32; TB]; CB],
     ) {
@@ -450,18 +478,20 @@ mod x86 {
         unsafe {
             let mut acc = [[_mm256_setzero_ps(); TB]; CB];
             let mut xv = [_mm256_setzero_ps(); TB];
-            let mut q = 0;
-            while q < qlen {
-                for (v, off) in xv.iter_mut().zip(offs) {
-                    *v = _mm256_loadu_ps(x.add(off + q));
-                }
-                for (j, row) in acc.iter_mut().enumerate() {
-                    let d = _mm256_loadu_ps(dy.add(j * stride + q));
-                    for (a, xv) in row.iter_mut().zip(&xv) {
-                        *a = _mm256_fmadd_ps(*xv, d, *a);
+            for (&x, &dy) in xs.iter().zip(dys) {
+                let mut q = 0;
+                while q < qlen {
+                    for (v, off) in xv.iter_mut().zip(offs) {
+                        *v = _mm256_loadu_ps(x.add(off + q));
                     }
+                    for (j, row) in acc.iter_mut().enumerate() {
+                        let d = _mm256_loadu_ps(dy.add(j * stride + q));
+                        for (a, xv) in row.iter_mut().zip(&xv) {
+                            *a = _mm256_fmadd_ps(*xv, d, *a);
+                        }
+                    }
+                    q += LANES;
                 }
-                q += LANES;
             }
             for (s, a) in sums.iter_mut().zip(&acc) {
                 for (s, a) in s.iter_mut().zip(a) {
