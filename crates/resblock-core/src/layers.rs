@@ -557,6 +557,42 @@ impl BatchNorm {
         Ok(y)
     }
 
+    /// `relu(self.forward_t(conv.forward(x), train) + residual)`: the end of a
+    /// post-activation residual block. In training on our CPU kernels the convolution, the
+    /// norm, the sum and the ReLU run as one op (see
+    /// [`crate::ops::conv_batch_norm_add_relu_train`]).
+    ///
+    /// # Shapes
+    /// - input: (N, C_in, H, W); residual and output: (N, C_out, H_out, W_out)
+    ///
+    /// # Errors
+    /// As [`BatchNorm::forward_after_conv_t`], or a residual of another shape.
+    pub fn forward_after_conv_add_relu_t(
+        &self,
+        conv: &Conv2d,
+        x: &Tensor,
+        residual: &Tensor,
+        train: bool,
+    ) -> candle_core::Result<Tensor> {
+        if !train || conv.bias().is_some() {
+            let y = self.forward_after_conv_t(conv, x, train, false)?;
+            return crate::ops::add_relu(residual, &y).map_err(candle_core::Error::wrap);
+        }
+        let c = conv.config();
+        let (y, stats) = crate::ops::conv_batch_norm_add_relu_train(
+            x,
+            conv.weight(),
+            (c.padding, c.stride, c.dilation, c.groups),
+            &self.weight,
+            &self.bias,
+            self.cfg.eps,
+            residual,
+        )
+        .map_err(candle_core::Error::wrap)?;
+        self.track(&stats)?;
+        Ok(y)
+    }
+
     /// Updates the running statistics and the batch count from one training batch's
     /// statistics, outside the autograd graph, as PyTorch does.
     fn track(&self, stats: &crate::ops::BatchStats) -> candle_core::Result<()> {

@@ -57,6 +57,6 @@ pub use mlp::{
     mlp_block, residual_mlp, MlpBlock, MlpBlockConfig, MlpBranch, ResidualMlp, ResidualMlpConfig,
 };
 pub use probe::{ProbeReading, Probed, ResidualProbe};
-pub use residual::{Norm, PreActivation, Residual, ResidualScale};
+pub use residual::{FusedReluEnd, Norm, PreActivation, Residual, ResidualScale};
 pub use rng::{RngHandle, RngState};
 pub use shortcut::{ProjectionConfig, Shortcut, ShortcutPolicy};

@@ -95,8 +95,14 @@ pub struct Residual<G> {
     fixed_scale: Option<f64>,
     drop_path: Option<DropPath>,
     post: Option<Activation>,
+    fused_end: Option<FusedReluEnd<G>>,
     probe: Arc<ResidualProbe>,
 }
+
+/// `f(branch, a, s, train) = relu(branch(a) + s)` computed by the branch itself, so that its
+/// last layer can fold the shortcut sum and the block's ReLU into one op (see
+/// [`Residual::with_fused_relu_end`]).
+pub type FusedReluEnd<G> = fn(&G, &Tensor, &Tensor, bool) -> candle_core::Result<Tensor>;
 
 impl<G> Residual<G> {
     /// `shortcut(x) + g(x)`, no pre-activation, scaling, drop-path or post-activation.
@@ -110,6 +116,7 @@ impl<G> Residual<G> {
             fixed_scale: None,
             drop_path: None,
             post: None,
+            fused_end: None,
             probe: Arc::default(),
         }
     }
@@ -117,6 +124,16 @@ impl<G> Residual<G> {
     /// Applies `activation` after the sum (the article's CNN block uses ReLU).
     pub fn with_post(mut self, activation: Activation) -> Self {
         self.post = Some(activation);
+        self
+    }
+
+    /// Lets the branch compute the block's end, `relu(branch(a) + shortcut)`, itself with
+    /// `f` (a convolutional branch fuses it into its last convolution and norm). Used when
+    /// the post-activation is a ReLU and there is no ReZero/fixed scale, no active
+    /// drop-path and no probe; otherwise the block runs the branch, the sum and the ReLU
+    /// as usual. `f` must compute exactly that function.
+    pub fn with_fused_relu_end(mut self, f: FusedReluEnd<G>) -> Self {
+        self.fused_end = Some(f);
         self
     }
 
@@ -164,7 +181,8 @@ impl<G> Residual<G> {
     }
 
     /// The same block with another branch and shortcut, keeping the pre-activation, scaling,
-    /// drop-path, post-activation and probe settings (used to swap in folded layers).
+    /// drop-path, post-activation and probe settings (used to swap in folded layers). A
+    /// fused block end (of the old branch's type) is dropped.
     pub fn replace_parts<H>(self, branch: H, shortcut: Shortcut) -> Residual<H> {
         Residual {
             pre: self.pre,
@@ -175,6 +193,7 @@ impl<G> Residual<G> {
             fixed_scale: self.fixed_scale,
             drop_path: self.drop_path,
             post: self.post,
+            fused_end: None,
             probe: Arc::default(),
         }
     }
@@ -236,6 +255,23 @@ impl<G: ModuleT> ModuleT for Residual<G> {
     /// # Shapes
     /// Whatever the branch maps; the shortcut must produce the same shape.
     fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        if let Some(f) = self.fused_end {
+            let plain = self.post == Some(Activation::Relu)
+                && self.alpha.is_none()
+                && self.fixed_scale.is_none()
+                && (self.drop_path.is_none() || !train)
+                && !self.probe.is_enabled();
+            if plain {
+                let a = match &self.pre {
+                    Some(p) => p.forward_t(x, train)?,
+                    None => x.clone(),
+                };
+                let s_in = if self.shortcut_reads_pre { &a } else { x };
+                if let Some(s) = self.shortcut.apply(s_in, train)? {
+                    return f(&self.branch, &a, &s, train);
+                }
+            }
+        }
         let (r, s_in) = self.residual(x, train)?;
         if self.probe.is_enabled() {
             self.probe.record(ProbeReading {

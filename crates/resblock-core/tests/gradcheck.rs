@@ -441,3 +441,51 @@ fn max_pool_propagates_nan_to_its_windows_only() -> Result<()> {
     anyhow::ensure!(a[1..] == b[1..], "other windows changed: {a:?} vs {b:?}");
     Ok(())
 }
+
+/// The fused conv + BatchNorm + residual sum + ReLU op (a residual block's end) in f32
+/// against separate ops in f64: output, statistics, and the gradients of input, kernel,
+/// gamma, beta and the residual.
+#[test]
+fn fused_conv_batch_norm_add_relu_agrees_with_separate_ops() -> Result<()> {
+    use resblock_core::ops::{add_relu, batch_norm_train, conv2d, conv_batch_norm_add_relu_train};
+    let rng = RngHandle::seed_from_u64(16);
+    for (n, c, h, w, cout) in [(3, 5, 7, 9, 6), (1, 4, 8, 8, 8), (5, 8, 4, 4, 8)] {
+        let x = randn(&rng, &[n, c, h, w])?.affine(1.5, 0.3)?;
+        let k = randn(&rng, &[cout, c, 3, 3])?.affine(0.3, 0.)?;
+        let gamma = randn(&rng, &[cout])?.affine(0.5, 1.)?;
+        let beta = randn(&rng, &[cout])?.affine(0.5, 0.)?;
+        let res = randn(&rng, &[n, cout, h, w])?;
+        let r = randn(&rng, &[n, cout, h, w])?;
+        let run = |dtype: DType, fused: bool| -> Result<(Tensor, Vec<f64>, Vec<Option<Tensor>>)> {
+            let vars = [&x, &k, &gamma, &beta, &res]
+                .map(|t| Var::from_tensor(&t.to_dtype(dtype).expect("cast")).expect("var"));
+            let t = |i: usize| vars[i].as_tensor();
+            let (y, stats) = if fused {
+                conv_batch_norm_add_relu_train(t(0), t(1), (1, 1, 1, 1), t(2), t(3), 1e-5, t(4))?
+            } else {
+                let y = conv2d(t(0), t(1), 1, 1, 1, 1)?;
+                let (y, stats) = batch_norm_train(&y, t(2), t(3), 1e-5, false)?;
+                (add_relu(t(4), &y)?, stats)
+            };
+            let gs = (&y * r.to_dtype(dtype)?)?.sum_all()?.backward()?;
+            let grads = vars.iter().map(|v| gs.get(v).cloned()).collect();
+            Ok((y, [stats.mean, stats.var].concat(), grads))
+        };
+        let (ya, sa, ga) = run(DType::F32, true)?;
+        let (yb, sb, gb) = run(DType::F64, false)?;
+        let name = format!("conv-bn-add-relu {n}x{c}x{h}x{w} -> {cout}");
+        assert_close(&format!("{name} y"), &ya, &yb, 1e-5)?;
+        let (sa, sb) = (
+            Tensor::new(sa, &Device::Cpu)?,
+            Tensor::new(sb, &Device::Cpu)?,
+        );
+        assert_close(&format!("{name} stats"), &sa, &sb, 1e-6)?;
+        for (i, (a, b)) in ga.iter().zip(&gb).enumerate() {
+            let (Some(a), Some(b)) = (a, b) else {
+                anyhow::bail!("{name}: no gradient {i}");
+            };
+            assert_close(&format!("{name} grad {i}"), a, b, 1e-4)?;
+        }
+    }
+    Ok(())
+}

@@ -118,6 +118,30 @@ impl ModuleT for BasicBranch {
     }
 }
 
+impl BasicBranch {
+    /// `relu(self(x) + s)`, with `conv2`, `bn2`, the sum and the ReLU as one op in training
+    /// where our kernels allow (the block's [`FusedReluEnd`](resblock_core::FusedReluEnd)).
+    ///
+    /// # Errors
+    /// As [`ModuleT::forward_t`], or a residual of another shape.
+    pub fn forward_add_relu_t(
+        &self,
+        x: &Tensor,
+        s: &Tensor,
+        train: bool,
+    ) -> candle_core::Result<Tensor> {
+        let y = match &self.bn_mid {
+            Some(bn) => bn.forward_after_conv_t(&self.conv1, x, train, true)?,
+            None => self.conv1.forward_relu(x)?,
+        };
+        match &self.bn_last {
+            Some(bn) => bn.forward_after_conv_add_relu_t(&self.conv2, &y, s, train),
+            None => resblock_core::ops::add_relu(s, &self.conv2.forward(&y)?)
+                .map_err(candle_core::Error::wrap),
+        }
+    }
+}
+
 /// A ResNet basic block: two 3x3 convolutions and a shortcut.
 pub type BasicBlock = Residual<BasicBranch>;
 
@@ -235,7 +259,9 @@ pub fn basic_block_with_shortcut(
             conv2: conv(out_c, out_c, 1, false, "conv2")?,
             bn_last: Some(bn(out_c, zero_init, "bn2")?),
         };
-        Residual::new(branch, shortcut).with_post(Activation::Relu)
+        Residual::new(branch, shortcut)
+            .with_post(Activation::Relu)
+            .with_fused_relu_end(BasicBranch::forward_add_relu_t)
     };
     Ok(block
         .with_scale(cfg.scale, vb.clone())?

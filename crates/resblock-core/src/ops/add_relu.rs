@@ -40,7 +40,8 @@ fn fwd<T: WithDType>(a: &[T], b: &[T]) -> Vec<T> {
         .for_each(|(y, (a, b))| {
             for ((o, a), b) in y.iter_mut().zip(a).zip(b) {
                 let s = *a + *b;
-                *o = if s > zero { s } else { zero };
+                // As PyTorch's relu: NaN propagates.
+                *o = if s < zero { zero } else { s };
             }
         });
     y

@@ -91,15 +91,65 @@ pub fn batch_norm_train(
 pub fn conv_batch_norm_train(
     x: &Tensor,
     kernel: &Tensor,
-    (padding, stride, dilation, groups): (usize, usize, usize, usize),
+    geom: (usize, usize, usize, usize),
     weight: &Tensor,
     bias: &Tensor,
     eps: f64,
     relu: bool,
 ) -> Result<(Tensor, BatchStats)> {
+    match fused_conv_bn(x, kernel, geom, (weight, bias), (eps, relu), None)? {
+        Some(out) => Ok(out),
+        None => {
+            let (padding, stride, dilation, groups) = geom;
+            let y = super::conv2d(x, kernel, padding, stride, dilation, groups)?;
+            batch_norm_train(&y, weight, bias, eps, relu)
+        }
+    }
+}
+
+/// `relu(batch_norm_train(conv2d(x, kernel, ..), weight, bias, eps) + residual)`: the last
+/// convolution and norm of a post-activation residual block with the shortcut's output
+/// `residual` added and the block's ReLU, as one op where [`conv_batch_norm_train`] fuses
+/// (which also saves the separate sum and its gradient bookkeeping); otherwise
+/// [`conv_batch_norm_train`] and [`super::add_relu`].
+///
+/// # Errors
+/// As [`conv_batch_norm_train`], or a residual of another shape.
+#[allow(clippy::too_many_arguments)]
+pub fn conv_batch_norm_add_relu_train(
+    x: &Tensor,
+    kernel: &Tensor,
+    geom: (usize, usize, usize, usize),
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+    residual: &Tensor,
+) -> Result<(Tensor, BatchStats)> {
+    match fused_conv_bn(x, kernel, geom, (weight, bias), (eps, true), Some(residual))? {
+        Some(out) => Ok(out),
+        None => {
+            let (y, stats) = conv_batch_norm_train(x, kernel, geom, weight, bias, eps, false)?;
+            Ok((super::add_relu(residual, &y)?, stats))
+        }
+    }
+}
+
+/// The fused op's output, or `None` where it does not apply.
+fn fused_conv_bn(
+    x: &Tensor,
+    kernel: &Tensor,
+    (padding, stride, dilation, groups): (usize, usize, usize, usize),
+    (weight, bias): (&Tensor, &Tensor),
+    (eps, relu): (f64, bool),
+    residual: Option<&Tensor>,
+) -> Result<Option<(Tensor, BatchStats)>> {
     let all_f32 = [x, kernel, weight, bias]
-        .iter()
+        .into_iter()
+        .chain(residual)
         .all(|t| t.dtype() == DType::F32 && t.device().is_cpu());
+    if !(all_f32 && fused_enabled() && super::kernels() == super::Kernels::Native) {
+        return Ok(None);
+    }
     let geom = super::conv_cpu::ConvGeom {
         padding,
         stride,
@@ -107,21 +157,10 @@ pub fn conv_batch_norm_train(
         groups,
     };
     let stats = Arc::new(OnceLock::new());
-    let op = (all_f32 && fused_enabled() && super::kernels() == super::Kernels::Native)
-        .then(|| {
-            super::conv_cpu::ConvBnTrain::new(
-                x.dims(),
-                kernel.dims(),
-                geom,
-                eps,
-                relu,
-                stats.clone(),
-            )
-        })
-        .flatten();
-    let Some(op) = op else {
-        let y = super::conv2d(x, kernel, padding, stride, dilation, groups)?;
-        return batch_norm_train(&y, weight, bias, eps, relu);
+    let Some(op) =
+        super::conv_cpu::ConvBnTrain::new(x.dims(), kernel.dims(), geom, eps, relu, stats.clone())
+    else {
+        return Ok(None);
     };
     let cout = kernel.dim(0)?;
     for (name, t) in [("weight", weight), ("bias", bias)] {
@@ -133,20 +172,35 @@ pub fn conv_batch_norm_train(
             });
         }
     }
-    let gb = Tensor::cat(&[weight, bias], 0)?;
-    let y = x.contiguous()?.apply_op3(&kernel.contiguous()?, &gb, op)?;
+    let params = Tensor::cat(&[&kernel.flatten_all()?, weight, bias], 0)?;
+    let x = x.contiguous()?;
+    let y = match residual {
+        None => x.apply_op2(&params, op)?,
+        Some(r) => {
+            let (n, _, h, w) = x.dims4()?;
+            let want = [n, cout, h, w];
+            if r.dims() != want {
+                return Err(Error::Shape {
+                    op: "conv_batch_norm_add_relu",
+                    expected: format!("a residual of shape {want:?}"),
+                    got: r.dims().to_vec(),
+                });
+            }
+            x.apply_op3(&params, &r.contiguous()?, op)?
+        }
+    };
     let (mean, var) = stats
         .get()
         .ok_or_else(|| Error::config("conv_bn: the kernel did not record its statistics"))?;
     let count = y.elem_count() / cout;
-    Ok((
+    Ok(Some((
         y,
         BatchStats {
             mean: mean.clone(),
             var: var.clone(),
             count,
         },
-    ))
+    )))
 }
 
 /// Whether [`conv_batch_norm_train`] may use its fused op (`RESBLOCK_FUSED_CONV_BN=0` turns

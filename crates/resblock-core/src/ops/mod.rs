@@ -7,7 +7,8 @@
 //! - [`batch_norm_train`]: training-mode batch normalisation (optionally fused with ReLU)
 //!   as one multithreaded op with its own backward, statistics in f64.
 //! - [`conv_batch_norm_train`]: convolution + training-mode batch norm (+ ReLU) as one op
-//!   for the 3x3 "same" convolutions of ResNets.
+//!   for the 3x3 "same" convolutions of ResNets; [`conv_batch_norm_add_relu_train`] with a
+//!   residual block's shortcut sum and ReLU as well.
 //! - [`add_relu`]: `relu(a + b)`, the end of a post-activation residual block, as one op.
 //! - [`conv2d_fused`]: convolution + bias (+ ReLU) with the epilogue fused (inference on
 //!   folded networks, biased convolutions); [`conv2d_scale_shift`]: convolution + eval-mode
@@ -27,7 +28,8 @@ mod subsample;
 
 pub use add_relu::add_relu;
 pub use batch_norm::{
-    batch_norm_train, batch_norm_train_candle, conv_batch_norm_train, BatchStats,
+    batch_norm_train, batch_norm_train_candle, conv_batch_norm_add_relu_train,
+    conv_batch_norm_train, BatchStats,
 };
 pub use conv::{conv2d, conv2d_candle, conv2d_fused, conv2d_native, conv2d_scale_shift};
 pub use max_pool::{max_pool2d, max_pool2d_generic, Pool2dConfig};

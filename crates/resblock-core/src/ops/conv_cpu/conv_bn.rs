@@ -24,7 +24,7 @@
 
 use std::sync::{Arc, OnceLock};
 
-use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::{
@@ -86,8 +86,23 @@ impl ConvBnTrain {
         })
     }
 
-    /// (output, convolution output, statistics).
-    fn forward(&self, x: &[f32], w: &[f32], gb: &[f32]) -> (Vec<f32>, Vec<f32>, Stats) {
+    /// Lengths of the kernel and of `[kernel; gamma; beta]`.
+    fn param_lens(&self) -> (usize, usize) {
+        let d = &self.d;
+        let wlen = d.cout * d.c * d.kh * d.kw;
+        (wlen, wlen + 2 * d.cout)
+    }
+
+    /// (output, convolution output, statistics) from `x`, the packed parameters
+    /// `[kernel; gamma; beta]` and the residual `res` when the op has one.
+    fn forward(
+        &self,
+        x: &[f32],
+        params: &[f32],
+        res: Option<&[f32]>,
+    ) -> (Vec<f32>, Vec<f32>, Stats) {
+        let (wlen, _) = self.param_lens();
+        let (w, gb) = params.split_at(wlen);
         let d = &self.d;
         let (p, cout) = (d.p(), d.cout);
         let (parallel, _) = gemm_parallelism(d.n);
@@ -130,27 +145,39 @@ impl ConvBnTrain {
             .unzip();
         let coef = norm_coef(&mean, &inv_std(&var, self.eps), &gb[..cout], &gb[cout..]);
         let mut y = vec![0f32; conv.len()];
-        y.par_chunks_mut(p)
-            .zip(conv.par_chunks(p))
-            .enumerate()
-            .for_each(|(i, (yp, vp))| kernels::normalize(yp, vp, coef[i % cout], self.relu));
+        match res {
+            None => y
+                .par_chunks_mut(p)
+                .zip(conv.par_chunks(p))
+                .enumerate()
+                .for_each(|(i, (yp, vp))| kernels::normalize(yp, vp, coef[i % cout], self.relu)),
+            Some(res) => y
+                .par_chunks_mut(p)
+                .zip(conv.par_chunks(p).zip(res.par_chunks(p)))
+                .enumerate()
+                .for_each(|(i, (yp, (vp, rp)))| {
+                    kernels::normalize_add(yp, (vp, rp), coef[i % cout], self.relu)
+                }),
+        }
         (y, conv, (mean, var))
     }
 
-    /// (dx if `need_dx`, dw, [dgamma; dbeta]) for the output gradient `dy`.
+    /// (dx if `need_dx`, [dkernel; dgamma; dbeta]) for the gradient `dy` of the norm's
+    /// output (after the ReLU when `relu`).
     fn backward(
         &self,
-        (x, w, gb): (&[f32], &[f32], &[f32]),
+        (x, params): (&[f32], &[f32]),
         conv: &[f32],
         dy: &[f32],
-        need_dx: bool,
-    ) -> (Option<Vec<f32>>, Vec<f32>, Vec<f32>) {
+        (need_dx, relu): (bool, bool),
+    ) -> (Option<Vec<f32>>, Vec<f32>) {
+        let (wlen, _) = self.param_lens();
+        let (w, gb) = params.split_at(wlen);
         let d = &self.d;
         let (p, cout) = (d.p(), d.cout);
         let (mean, var) = self.stats.get().expect("conv_bn: backward after forward");
         let inv = inv_std(var, self.eps);
         let fcoef = norm_coef(mean, &inv, &gb[..cout], &gb[cout..]);
-        let relu = self.relu;
         let sums: Vec<(f64, f64)> = (0..cout)
             .into_par_iter()
             .map(|co| {
@@ -239,15 +266,104 @@ impl ConvBnTrain {
             dw_n: Vec::new(),
         };
         let dw64 = for_each_image_summed(&mut dx, chunk, parallel, wlen, scratch, images);
-        let dw = dw64.into_iter().map(|v| v as f32).collect();
-        let dgb = sums
-            .iter()
-            .map(|s| s.1 as f32)
+        let dparams = dw64
+            .into_iter()
+            .map(|v| v as f32)
+            .chain(sums.iter().map(|s| s.1 as f32))
             .chain(sums.iter().map(|s| s.0 as f32))
             .collect();
-        (need_dx.then_some(dx), dw, dgb)
+        (need_dx.then_some(dx), dparams)
+    }
+
+    /// The checked inputs of a forward.
+    fn inputs<'a>(
+        &self,
+        (s1, l1): (&'a CpuStorage, &Layout),
+        (s2, l2): (&'a CpuStorage, &Layout),
+        res: Option<(&'a CpuStorage, &Layout)>,
+    ) -> candle_core::Result<Inputs<'a>> {
+        let d = &self.d;
+        let (x, params) = (f32_slice(s1, l1)?, f32_slice(s2, l2)?);
+        let res = res
+            .map(|(s, l)| f32_slice(s, l).map(|r| (r, l)))
+            .transpose()?;
+        let res_ok = res.is_none_or(|(_, l)| l.dims() == [d.n, d.cout, d.oh, d.ow]);
+        if l1.dims() != [d.n, d.c, d.h, d.w] || params.len() != self.param_lens().1 || !res_ok {
+            candle_core::bail!(
+                "conv_bn: input {:?}, {} parameters, residual {:?} do not match the op's shapes",
+                l1.dims(),
+                params.len(),
+                res.map(|(_, l)| l.dims().to_vec())
+            )
+        }
+        Ok((x, params, res.map(|(r, _)| r)))
+    }
+
+    /// The forward on checked inputs, saving what the backward needs.
+    fn run(
+        &self,
+        x: &[f32],
+        params: &[f32],
+        res: Option<&[f32]>,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let d = &self.d;
+        let (y, conv, stats) = self.forward(x, params, res);
+        if self.stats.set(stats).is_err() || self.conv.set(conv).is_err() {
+            candle_core::bail!("conv_bn: a kernel instance ran twice");
+        }
+        Ok((CpuStorage::F32(y), Shape::from((d.n, d.cout, d.oh, d.ow))))
+    }
+
+    /// (dx, dparams, dres) for the op's output `y` and its gradient `dy`.
+    fn grads(
+        &self,
+        x: &Tensor,
+        params: &Tensor,
+        res: Option<&Tensor>,
+        (y, dy): (&Tensor, &Tensor),
+    ) -> candle_core::Result<(Option<Tensor>, Tensor, Option<Tensor>)> {
+        use crate::ops::with_cpu_slice as with;
+        let Some(conv) = self.conv.get() else {
+            candle_core::bail!("conv_bn: backward before forward")
+        };
+        // The input of a network needs no gradient: skip the input-gradient convolution.
+        let need_dx = x.track_op();
+        let (dx, dparams, dres) = with(x, "conv_bn", |xs: &[f32]| {
+            with(params, "conv_bn", |ps: &[f32]| {
+                with(dy, "conv_bn", |dys: &[f32]| match res {
+                    None => {
+                        let (dx, dp) = self.backward((xs, ps), conv, dys, (need_dx, self.relu));
+                        Ok((dx, dp, None))
+                    }
+                    Some(_) => with(y, "conv_bn", |ys: &[f32]| {
+                        // `relu(bn + res)`: the gradient through the ReLU is both the
+                        // residual's and the norm's output gradient.
+                        let g = if self.relu {
+                            kernels::relu_grad(ys, dys)
+                        } else {
+                            dys.to_vec()
+                        };
+                        let (dx, dp) = self.backward((xs, ps), conv, &g, (need_dx, false));
+                        (dx, dp, Some(g))
+                    }),
+                })
+            })
+        })????;
+        let dev = x.device();
+        Ok((
+            dx.map(|dx| Tensor::from_vec(dx, x.shape(), dev))
+                .transpose()?,
+            Tensor::from_vec(dparams, params.shape(), dev)?,
+            match (dres, res) {
+                (Some(g), Some(r)) => Some(Tensor::from_vec(g, r.shape(), dev)?),
+                _ => None,
+            },
+        ))
     }
 }
+
+/// The op's inputs as slices: `x`, `[kernel; gamma; beta]`, the residual if any.
+type Inputs<'a> = (&'a [f32], &'a [f32], Option<&'a [f32]>);
 
 /// One image of the forward: its index, convolution output and per-channel moments.
 type ImageOut<'a> = (usize, (&'a mut [f32], &'a mut [(f64, f64)]));
@@ -268,9 +384,40 @@ fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]
     }
 }
 
-impl CustomOp3 for ConvBnTrain {
+/// `(x, [kernel; gamma; beta])`: `relu?(bn(conv(x)))`.
+impl CustomOp2 for ConvBnTrain {
     fn name(&self) -> &'static str {
         "resblock-conv-bn-train"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (x, params, _) = self.inputs((s1, l1), (s2, l2), None)?;
+        self.run(x, params, None)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        params: &Tensor,
+        y: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dx, dp, _) = self.grads(x, params, None, (y, dy))?;
+        Ok((dx, Some(dp)))
+    }
+}
+
+/// `(x, [kernel; gamma; beta], res)`: `relu?(bn(conv(x)) + res)`, the end of a residual
+/// block.
+impl CustomOp3 for ConvBnTrain {
+    fn name(&self) -> &'static str {
+        "resblock-conv-bn-add-train"
     }
 
     fn cpu_fwd(
@@ -282,56 +429,20 @@ impl CustomOp3 for ConvBnTrain {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (x, w, gb) = (f32_slice(s1, l1)?, f32_slice(s2, l2)?, f32_slice(s3, l3)?);
-        let d = &self.d;
-        if l1.dims() != [d.n, d.c, d.h, d.w]
-            || l2.dims() != [d.cout, d.c, d.kh, d.kw]
-            || gb.len() != 2 * d.cout
-        {
-            candle_core::bail!(
-                "conv_bn: inputs {:?}, {:?}, {:?} do not match the op's shapes",
-                l1.dims(),
-                l2.dims(),
-                l3.dims()
-            )
-        }
-        let (y, conv, stats) = self.forward(x, w, gb);
-        if self.stats.set(stats).is_err() || self.conv.set(conv).is_err() {
-            candle_core::bail!("conv_bn: a kernel instance ran twice");
-        }
-        Ok((CpuStorage::F32(y), Shape::from((d.n, d.cout, d.oh, d.ow))))
+        let (x, params, res) = self.inputs((s1, l1), (s2, l2), Some((s3, l3)))?;
+        self.run(x, params, res)
     }
 
     fn bwd(
         &self,
         x: &Tensor,
-        w: &Tensor,
-        gb: &Tensor,
-        _y: &Tensor,
+        params: &Tensor,
+        res: &Tensor,
+        y: &Tensor,
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        use crate::ops::with_cpu_slice as with;
-        let Some(conv) = self.conv.get() else {
-            candle_core::bail!("conv_bn: backward before forward")
-        };
-        // The input of a network needs no gradient: skip the input-gradient convolution.
-        let need_dx = x.track_op();
-        let (dx, dw, dgb) = with(x, "conv_bn", |xs: &[f32]| {
-            with(w, "conv_bn", |ws: &[f32]| {
-                with(gb, "conv_bn", |gbs: &[f32]| {
-                    with(dy, "conv_bn", |dys: &[f32]| {
-                        self.backward((xs, ws, gbs), conv, dys, need_dx)
-                    })
-                })
-            })
-        })????;
-        let dev = x.device();
-        Ok((
-            dx.map(|dx| Tensor::from_vec(dx, x.shape(), dev))
-                .transpose()?,
-            Some(Tensor::from_vec(dw, w.shape(), dev)?),
-            Some(Tensor::from_vec(dgb, gb.shape(), dev)?),
-        ))
+        let (dx, dp, dr) = self.grads(x, params, Some(res), (y, dy))?;
+        Ok((dx, Some(dp), dr))
     }
 }
 
@@ -405,6 +516,49 @@ mod kernels {
             for (o, v) in out.iter_mut().zip(v) {
                 *o = (*v - mu) * scale + shift;
             }
+        }
+    }
+
+    dispatch! {
+        /// `out = relu?((v - mu) * scale + shift + res)`: the norm, then the residual added
+        /// (rounded as two ops: the norm's output, then the sum, as PyTorch's
+        /// `relu(bn(x) + res)`).
+        fn normalize_add(out: &mut [f32], vr: (&[f32], &[f32]), coef: (f32, f32, f32), relu: bool) -> () = normalize_add_body;
+    }
+
+    #[inline(always)]
+    fn normalize_add_body(
+        out: &mut [f32],
+        (v, res): (&[f32], &[f32]),
+        (mu, scale, shift): (f32, f32, f32),
+        relu: bool,
+    ) {
+        for ((o, v), r) in out.iter_mut().zip(v).zip(res) {
+            let y = (*v - mu) * scale + shift;
+            let z = y + *r;
+            *o = if relu && z < 0.0 { 0.0 } else { z };
+        }
+    }
+
+    /// `dy` where the ReLU's output `y` is positive, zero elsewhere.
+    pub(super) fn relu_grad(y: &[f32], dy: &[f32]) -> Vec<f32> {
+        use rayon::prelude::*;
+        let mut g = vec![0f32; y.len()];
+        g.par_chunks_mut(1 << 14)
+            .zip(y.par_chunks(1 << 14).zip(dy.par_chunks(1 << 14)))
+            .for_each(|(g, (y, dy))| relu_grad_into(g, (y, dy)));
+        g
+    }
+
+    dispatch! {
+        /// `g = dy` where `y > 0`, else 0.
+        fn relu_grad_into(g: &mut [f32], ydy: (&[f32], &[f32])) -> () = relu_grad_body;
+    }
+
+    #[inline(always)]
+    fn relu_grad_body(g: &mut [f32], (y, dy): (&[f32], &[f32])) {
+        for ((g, y), d) in g.iter_mut().zip(y).zip(dy) {
+            *g = if *y > 0.0 { *d } else { 0.0 };
         }
     }
 
