@@ -5,9 +5,10 @@
 //! - `bench [--compare-torch] [criterion filter]`: runs the criterion benchmarks
 //!   (`benches/benches/*.rs`) and writes `docs/benchmarks.md`: mean time, images/s, GFLOP/s
 //!   and the share of the GEMM peak measured in the same run (`cpu/gemm/f32_1024`). With
-//!   `--compare-torch` it then runs `benches/torch_bench.py` (PyTorch eager, same shapes,
-//!   same thread count) and adds PyTorch's time and the ratio (PyTorch time / ours: above 1
-//!   means resblock is faster).
+//!   `--compare-torch` it also runs `benches/torch_bench.py` (PyTorch eager, same shapes and
+//!   thread count) just before and just after ours, and adds PyTorch's mean time (the two
+//!   runs bracket ours in time on a host whose speed drifts) and the ratio (PyTorch time /
+//!   ours: above 1 means resblock is faster).
 
 use std::collections::HashMap;
 use std::env;
@@ -95,12 +96,10 @@ fn bench(args: &[String]) -> Result<()> {
     let target = root().join("target");
     let meta = target.join("bench-meta.jsonl");
     let _ = fs::remove_file(&meta);
-    let mut cmd = cargo();
-    cmd.args(["bench", "-p", "resblock-benches", "--benches", "--"]);
-    cmd.args(&filter);
-    run("criterion benchmarks", cmd)?;
-    let torch = if compare {
-        let out = target.join("torch-bench.json");
+    // PyTorch runs just before and just after ours: the host is shared and its speed drifts
+    // over minutes, so the mean of the two brackets our run in time.
+    let torch_run = |tag: &str| -> Result<serde_json::Value> {
+        let out = target.join(format!("torch-bench-{tag}.json"));
         let mut py = Command::new(env::var("PYTHON").unwrap_or_else(|_| "python3".into()));
         py.arg(root().join("benches/torch_bench.py"))
             .arg("--out")
@@ -108,17 +107,19 @@ fn bench(args: &[String]) -> Result<()> {
         if let Some(f) = filter.first() {
             py.args(["--filter", f.as_str()]);
         }
-        run("PyTorch benchmarks (benches/torch_bench.py)", py)?;
+        run(&format!("PyTorch benchmarks, {tag} ours (benches/torch_bench.py)"), py)?;
         let text =
             fs::read_to_string(&out).with_context(|| format!("reading {}", out.display()))?;
-        Some(
-            serde_json::from_str::<serde_json::Value>(&text)
-                .with_context(|| format!("parsing {}", out.display()))?,
-        )
-    } else {
-        None
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", out.display()))
     };
-    let table = table(&target.join("criterion"), &meta, torch.as_ref())?;
+    let before = compare.then(|| torch_run("before")).transpose()?;
+    let mut cmd = cargo();
+    cmd.args(["bench", "-p", "resblock-benches", "--benches", "--"]);
+    cmd.args(&filter);
+    run("criterion benchmarks", cmd)?;
+    let after = compare.then(|| torch_run("after")).transpose()?;
+    let torch = before.zip(after);
+    let table = table(&target.join("criterion"), &meta, torch.as_ref().map(|(b, a)| (b, a)))?;
     let out = root().join("docs/benchmarks.md");
     let tmp = out.with_extension("md.tmp");
     fs::write(&tmp, table).with_context(|| format!("writing {}", tmp.display()))?;
@@ -153,7 +154,10 @@ fn machine() -> String {
 }
 
 /// The Markdown table from criterion's means, the benches' metadata and PyTorch's times.
-fn table(dir: &Path, meta: &Path, torch: Option<&serde_json::Value>) -> Result<String> {
+/// PyTorch's results before and after ours.
+type TorchRuns<'a> = (&'a serde_json::Value, &'a serde_json::Value);
+
+fn table(dir: &Path, meta: &Path, torch: Option<TorchRuns<'_>>) -> Result<String> {
     let mut rows = Vec::new();
     collect(dir, dir, &mut rows)?;
     rows.sort_by(|a, b| a.0.cmp(&b.0));
@@ -181,11 +185,13 @@ fn table(dir: &Path, meta: &Path, torch: Option<&serde_json::Value>) -> Result<S
         machine(),
         std::thread::available_parallelism().map_or(0, |n| n.get())
     )?;
-    if let Some(t) = torch {
+    if let Some((t, _)) = torch {
         writeln!(
             s,
-            "PyTorch {} eager, {} threads, timed by `benches/torch_bench.py` in the same run. \
-             Ratio = PyTorch's time / ours (above 1: resblock is faster).",
+            "PyTorch {} eager, {} threads, timed by `benches/torch_bench.py` in the same run, \
+             once just before ours and once just after (the host is shared and drifts over \
+             minutes); the PyTorch column is the mean of the two, with both in brackets. \
+             Ratio = PyTorch's mean time / ours (above 1: resblock is faster).",
             t["_meta"]["torch"].as_str().unwrap_or("?"),
             t["_meta"]["threads"].as_u64().unwrap_or(0)
         )?;
@@ -213,10 +219,20 @@ fn table(dir: &Path, meta: &Path, torch: Option<&serde_json::Value>) -> Result<S
             _ => "".into(),
         };
         write!(s, "| `{id}` | {} | {ips} | {gs} | {pct} |", human(*ns))?;
-        if let Some(t) = torch {
-            match t[id.as_str()].as_f64() {
-                Some(sec) => write!(s, " {} | {:.2}x |", human(sec * 1e9), sec * 1e9 / ns)?,
-                None => write!(s, " | |")?,
+        if let Some((b, a)) = torch {
+            match (b[id.as_str()].as_f64(), a[id.as_str()].as_f64()) {
+                (Some(b), Some(a)) => {
+                    let mean = 0.5 * (a + b);
+                    write!(
+                        s,
+                        " {} ({} / {}) | {:.2}x |",
+                        human(mean * 1e9),
+                        human(b * 1e9),
+                        human(a * 1e9),
+                        mean * 1e9 / ns
+                    )?
+                }
+                _ => write!(s, " | |")?,
             }
         }
         writeln!(s)?;
