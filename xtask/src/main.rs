@@ -112,6 +112,10 @@ fn bench(args: &[String]) -> Result<()> {
             fs::read_to_string(&out).with_context(|| format!("reading {}", out.display()))?;
         serde_json::from_str(&text).with_context(|| format!("parsing {}", out.display()))
     };
+    // Built first, so that only the measuring lies between the two PyTorch runs.
+    let mut build = cargo();
+    build.args(["bench", "-p", "resblock-benches", "--benches", "--no-run"]);
+    run("building the benchmarks", build)?;
     let before = compare.then(|| torch_run("before")).transpose()?;
     let mut cmd = cargo();
     cmd.args(["bench", "-p", "resblock-benches", "--benches", "--"]);
