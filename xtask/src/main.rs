@@ -107,7 +107,10 @@ fn bench(args: &[String]) -> Result<()> {
         if let Some(f) = filter.first() {
             py.args(["--filter", f.as_str()]);
         }
-        run(&format!("PyTorch benchmarks, {tag} ours (benches/torch_bench.py)"), py)?;
+        run(
+            &format!("PyTorch benchmarks, {tag} ours (benches/torch_bench.py)"),
+            py,
+        )?;
         let text =
             fs::read_to_string(&out).with_context(|| format!("reading {}", out.display()))?;
         serde_json::from_str(&text).with_context(|| format!("parsing {}", out.display()))
@@ -123,7 +126,11 @@ fn bench(args: &[String]) -> Result<()> {
     run("criterion benchmarks", cmd)?;
     let after = compare.then(|| torch_run("after")).transpose()?;
     let torch = before.zip(after);
-    let table = table(&target.join("criterion"), &meta, torch.as_ref().map(|(b, a)| (b, a)))?;
+    let table = table(
+        &target.join("criterion"),
+        &meta,
+        torch.as_ref().map(|(b, a)| (b, a)),
+    )?;
     let out = root().join("docs/benchmarks.md");
     let tmp = out.with_extension("md.tmp");
     fs::write(&tmp, table).with_context(|| format!("writing {}", tmp.display()))?;

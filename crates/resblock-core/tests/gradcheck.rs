@@ -489,3 +489,54 @@ fn fused_conv_batch_norm_add_relu_agrees_with_separate_ops() -> Result<()> {
     }
     Ok(())
 }
+
+/// The f32 training BatchNorm (vectorised kernels for planes of 16 and more values, the
+/// generic loop below) against the f64 one: output, statistics and all three gradients.
+#[test]
+fn f32_batch_norm_agrees_with_f64() -> Result<()> {
+    use resblock_core::ops::batch_norm_train;
+    let rng = RngHandle::seed_from_u64(17);
+    for (shape, relu) in [
+        (vec![4, 3, 5, 6], true),
+        (vec![4, 3, 5, 6], false),
+        (vec![2, 4, 4, 4], true),
+        (vec![3, 2, 9, 9], true),
+        (vec![6, 5], true),
+    ] {
+        let c = shape[1];
+        let x = (randn(&rng, &shape)? * 2.)?.affine(1., 0.5)?;
+        let gamma = randn(&rng, &[c])?.affine(0.5, 1.)?;
+        let beta = randn(&rng, &[c])?;
+        let r = randn(&rng, &shape)?;
+        let run = |dtype: DType| -> Result<(Tensor, Vec<f64>, Vec<Tensor>)> {
+            let vars = [&x, &gamma, &beta]
+                .map(|t| Var::from_tensor(&t.to_dtype(dtype).expect("cast")).expect("var"));
+            let (y, stats) = batch_norm_train(
+                vars[0].as_tensor(),
+                vars[1].as_tensor(),
+                vars[2].as_tensor(),
+                1e-5,
+                relu,
+            )?;
+            let gs = (&y * r.to_dtype(dtype)?)?.sum_all()?.backward()?;
+            let grads = vars
+                .iter()
+                .map(|v| gs.get(v).cloned().ok_or_else(|| anyhow::anyhow!("no grad")))
+                .collect::<Result<Vec<_>>>()?;
+            Ok((y, [stats.mean, stats.var].concat(), grads))
+        };
+        let (ya, sa, ga) = run(DType::F32)?;
+        let (yb, sb, gb) = run(DType::F64)?;
+        let name = format!("bn f32 {shape:?} relu {relu}");
+        assert_close(&format!("{name} y"), &ya, &yb, 1e-5)?;
+        let (sa, sb) = (
+            Tensor::new(sa, &Device::Cpu)?,
+            Tensor::new(sb, &Device::Cpu)?,
+        );
+        assert_close(&format!("{name} stats"), &sa, &sb, 1e-6)?;
+        for (i, (a, b)) in ga.iter().zip(&gb).enumerate() {
+            assert_close(&format!("{name} grad {i}"), a, b, 1e-4)?;
+        }
+    }
+    Ok(())
+}

@@ -481,6 +481,77 @@ fn backward<T: WithDType>(
     (dx, dw, db)
 }
 
+/// Planes shorter than this take the generic path (the per-plane kernels' set-up would
+/// dominate, as for (N, C) inputs).
+const MIN_FAST_PLANE: usize = 16;
+
+/// [`forward`] for f32 with the vectorised kernels: each plane's moments in one pass (its
+/// second, squared-deviation pass runs in cache), combined exactly per channel.
+fn forward_f32(
+    x: &[f32],
+    w: &[f32],
+    b: &[f32],
+    (c, s): (usize, usize),
+    eps: f64,
+    relu: bool,
+) -> (Vec<f32>, Stats) {
+    use super::bn_kernels as k;
+    let moments: Vec<(f64, f64)> = x.par_chunks(s).map(k::moments).collect();
+    let n = x.len() / (c * s);
+    let (mean, var): (Vec<f64>, Vec<f64>) = (0..c)
+        .map(|ci| {
+            let per = || moments.iter().skip(ci).step_by(c);
+            let mu = per().map(|m| m.0).sum::<f64>() / n as f64;
+            let m2: f64 = per()
+                .map(|&(m, q)| q + s as f64 * (m - mu) * (m - mu))
+                .sum();
+            (mu, m2 / (n * s) as f64)
+        })
+        .unzip();
+    let coef = norm_coef(&mean, &inv_std(&var, eps), w, b);
+    let mut y = vec![0f32; x.len()];
+    y.par_chunks_mut(s)
+        .zip(x.par_chunks(s))
+        .enumerate()
+        .for_each(|(i, (yp, xp))| k::normalize(yp, xp, coef[i % c], relu));
+    (y, (mean, var))
+}
+
+/// [`backward`] for f32 with the vectorised kernels; the ReLU's mask is recomputed from `x`
+/// (the forward's arithmetic), so the output is not read.
+fn backward_f32(
+    (x, w, b): (&[f32], &[f32], &[f32]),
+    dy: &[f32],
+    (c, s): (usize, usize),
+    (mean, var): &Stats,
+    (eps, relu): (f64, bool),
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    use super::bn_kernels as k;
+    let m = (x.len() / c) as f64;
+    let inv_std = inv_std(var, eps);
+    let fcoef = norm_coef(mean, &inv_std, w, b);
+    let sums: Vec<(f64, f64)> = per_channel(c, |ci| {
+        let (mut sd, mut sdx) = (0f64, 0f64);
+        for (xp, gp) in planes(x, (c, s), ci).zip(planes(dy, (c, s), ci)) {
+            let (a, b) = k::grad_sums(xp, gp, fcoef[ci], mean[ci], relu);
+            sd += a;
+            sdx += b;
+        }
+        (sd, sdx * inv_std[ci])
+    });
+    let coef = grad_coef(&sums, w, mean, &inv_std, m);
+    let mut dx = vec![0f32; x.len()];
+    dx.par_chunks_mut(s)
+        .zip(x.par_chunks(s).zip(dy.par_chunks(s)))
+        .enumerate()
+        .for_each(|(i, (dxp, (xp, gp)))| {
+            k::input_grad(dxp, (xp, gp), fcoef[i % c], coef[i % c], relu)
+        });
+    let dw = sums.iter().map(|p| p.1 as f32).collect();
+    let db = sums.iter().map(|p| p.0 as f32).collect();
+    (dx, dw, db)
+}
+
 fn slice<'a, T>(s: &'a [T], l: &Layout) -> candle_core::Result<&'a [T]> {
     super::contiguous_slice(s, l, "batch_norm")
 }
@@ -501,6 +572,19 @@ impl CustomOp3 for NativeBatchNorm {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let dims = (self.channels, l1.dims()[2..].iter().product());
         let (out, stats) = match (s1, s2, s3) {
+            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b))
+                if dims.1 >= MIN_FAST_PLANE =>
+            {
+                let (y, st) = forward_f32(
+                    slice(x, l1)?,
+                    slice(w, l2)?,
+                    slice(b, l3)?,
+                    dims,
+                    self.eps,
+                    self.relu,
+                );
+                (CpuStorage::F32(y), st)
+            }
             (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => {
                 let (y, st) = forward(
                     slice(x, l1)?,
@@ -535,14 +619,16 @@ impl CustomOp3 for NativeBatchNorm {
         &self,
         x: &Tensor,
         w: &Tensor,
-        _b: &Tensor,
+        b: &Tensor,
         y: &Tensor,
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let Some(stats) = self.stats.get() else {
             candle_core::bail!("batch_norm: backward before forward")
         };
+        let plane: usize = x.dims()[2..].iter().product();
         let (dx, dw, db) = match x.dtype() {
+            DType::F32 if plane >= MIN_FAST_PLANE => self.bwd_f32(x, (w, b), dy, stats)?,
             DType::F32 => self.bwd_typed::<f32>(x, w, y, dy, stats)?,
             DType::F64 => self.bwd_typed::<f64>(x, w, y, dy, stats)?,
             dt => candle_core::bail!("batch_norm: the native kernel has no {dt:?} backward"),
@@ -552,6 +638,32 @@ impl CustomOp3 for NativeBatchNorm {
 }
 
 impl NativeBatchNorm {
+    fn bwd_f32(
+        &self,
+        x: &Tensor,
+        (w, b): (&Tensor, &Tensor),
+        dy: &Tensor,
+        stats: &Stats,
+    ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+        use super::with_cpu_slice as with;
+        let dims = (self.channels, x.dims()[2..].iter().product());
+        let (dx, dw, db) = with(x, "batch_norm", |xs: &[f32]| {
+            with(w, "batch_norm", |ws: &[f32]| {
+                with(b, "batch_norm", |bs: &[f32]| {
+                    with(dy, "batch_norm", |dys: &[f32]| {
+                        backward_f32((xs, ws, bs), dys, dims, stats, (self.eps, self.relu))
+                    })
+                })
+            })
+        })????;
+        let dev = x.device();
+        Ok((
+            Tensor::from_vec(dx, x.shape(), dev)?,
+            Tensor::from_vec(dw, w.shape(), dev)?,
+            Tensor::from_vec(db, w.shape(), dev)?,
+        ))
+    }
+
     fn bwd_typed<T: WithDType>(
         &self,
         x: &Tensor,

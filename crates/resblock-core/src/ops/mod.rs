@@ -21,6 +21,7 @@
 
 mod add_relu;
 mod batch_norm;
+mod bn_kernels;
 mod conv;
 mod conv_cpu;
 mod max_pool;

@@ -1,0 +1,272 @@
+//! The elementwise loops of the f32 BatchNorm kernels (the standalone norm and the fused
+//! conv + norm op): per-plane moments, normalisation (optionally with a residual sum), the
+//! backward's channel sums and input gradient, a ReLU's gradient.
+//!
+//! Plain loops that LLVM vectorises, compiled for AVX2 on x86-64 CPUs that have it (checked
+//! once at run time), plus explicit AVX2 for the f32 -> f64 sums. No FMA is formed in the
+//! f32 arithmetic (Rust never contracts `a * b + c`), so a backward that recomputes the
+//! ReLU's mask from the norm's input matches the forward's output bit for bit.
+
+/// Whether this CPU runs the AVX2 versions (checked once).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+fn avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *OK.get_or_init(|| {
+            std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Independent f64 accumulators per loop (vector lanes for the compiler).
+const LANES: usize = 8;
+
+macro_rules! dispatch {
+    ($(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),*) -> $ret:ty = $body:ident;) => {
+        $(#[$doc])*
+        pub(super) fn $name($($arg: $ty),*) -> $ret {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn avx2($($arg: $ty),*) -> $ret {
+                    $body($($arg),*)
+                }
+                // SAFETY: a `ConvBnTrain` exists only where `direct::Plan::new`
+                // found AVX2 and FMA.
+                unsafe { avx2($($arg),*) }
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            {
+                $body($($arg),*)
+            }
+        }
+    };
+}
+
+/// One plane's mean and sum of squared deviations from it, in f64.
+pub(super) fn moments(p: &[f32]) -> (f64, f64) {
+    let mu = shifted_sums(p, 0.).0 / p.len() as f64;
+    (mu, shifted_sums(p, mu).1)
+}
+
+/// `sum(v - mu)` and `sum((v - mu)^2)` in f64.
+fn shifted_sums(p: &[f32], mu: f64) -> (f64, f64) {
+    let (mut n, mut s, mut q) = (0, 0f64, 0f64);
+    #[cfg(target_arch = "x86_64")]
+    if avx2() {
+        n = p.len() / LANES * LANES;
+        // SAFETY: AVX2 and FMA are present (`avx2()`); `n <= p.len()`.
+        (s, q) = unsafe { x86::shifted_sums(p.as_ptr(), n, mu) };
+    }
+    for v in &p[n..] {
+        let d = f64::from(*v) - mu;
+        s += d;
+        q += d * d;
+    }
+    (s, q)
+}
+
+dispatch! {
+    /// `out = relu?((v - mu) * scale + shift)`, as `batch_norm::normalize`.
+    fn normalize(out: &mut [f32], v: &[f32], coef: (f32, f32, f32), relu: bool) -> () = normalize_body;
+}
+
+#[inline(always)]
+fn normalize_body(out: &mut [f32], v: &[f32], (mu, scale, shift): (f32, f32, f32), relu: bool) {
+    if relu {
+        for (o, v) in out.iter_mut().zip(v) {
+            let r = (*v - mu) * scale + shift;
+            *o = if r < 0.0 { 0.0 } else { r };
+        }
+    } else {
+        for (o, v) in out.iter_mut().zip(v) {
+            *o = (*v - mu) * scale + shift;
+        }
+    }
+}
+
+dispatch! {
+    /// `out = relu?((v - mu) * scale + shift + res)`: the norm, then the residual added
+    /// (rounded as two ops: the norm's output, then the sum, as PyTorch's
+    /// `relu(bn(x) + res)`).
+    fn normalize_add(out: &mut [f32], vr: (&[f32], &[f32]), coef: (f32, f32, f32), relu: bool) -> () = normalize_add_body;
+}
+
+#[inline(always)]
+fn normalize_add_body(
+    out: &mut [f32],
+    (v, res): (&[f32], &[f32]),
+    (mu, scale, shift): (f32, f32, f32),
+    relu: bool,
+) {
+    for ((o, v), r) in out.iter_mut().zip(v).zip(res) {
+        let y = (*v - mu) * scale + shift;
+        let z = y + *r;
+        *o = if relu && z < 0.0 { 0.0 } else { z };
+    }
+}
+
+/// `dy` where the ReLU's output `y` is positive, zero elsewhere.
+pub(super) fn relu_grad(y: &[f32], dy: &[f32]) -> Vec<f32> {
+    use rayon::prelude::*;
+    let mut g = vec![0f32; y.len()];
+    g.par_chunks_mut(1 << 14)
+        .zip(y.par_chunks(1 << 14).zip(dy.par_chunks(1 << 14)))
+        .for_each(|(g, (y, dy))| relu_grad_into(g, (y, dy)));
+    g
+}
+
+dispatch! {
+    /// `g = dy` where `y > 0`, else 0.
+    fn relu_grad_into(g: &mut [f32], ydy: (&[f32], &[f32])) -> () = relu_grad_body;
+}
+
+#[inline(always)]
+fn relu_grad_body(g: &mut [f32], (y, dy): (&[f32], &[f32])) {
+    for ((g, y), d) in g.iter_mut().zip(y).zip(dy) {
+        *g = if *y > 0.0 { *d } else { 0.0 };
+    }
+}
+
+/// The output gradient through the fused ReLU: zero where the forward's output was not
+/// positive (recomputed from the convolution output `v`).
+#[inline(always)]
+fn masked(v: f32, g: f32, (mu, scale, shift): (f32, f32, f32), relu: bool) -> f32 {
+    if relu && (v - mu) * scale + shift <= 0.0 {
+        0.0
+    } else {
+        g
+    }
+}
+
+/// `sum(g)` and `sum(g * (v - mu))` over one plane of the convolution output `v`, `g`
+/// the output gradient `dy` through the ReLU (see [`masked`]), in f64.
+pub(super) fn grad_sums(
+    v: &[f32],
+    dy: &[f32],
+    coef: (f32, f32, f32),
+    mu: f64,
+    relu: bool,
+) -> (f64, f64) {
+    assert_eq!(v.len(), dy.len(), "conv_bn: gradient size");
+    let (mut n, mut a, mut b) = (0, 0f64, 0f64);
+    #[cfg(target_arch = "x86_64")]
+    if avx2() {
+        n = v.len() / LANES * LANES;
+        // SAFETY: AVX2 and FMA are present (`avx2()`); `n <= v.len() = dy.len()`.
+        (a, b) = unsafe { x86::grad_sums((v.as_ptr(), dy.as_ptr()), n, coef, mu, relu) };
+    }
+    for (v, g) in v[n..].iter().zip(&dy[n..]) {
+        let g = f64::from(masked(*v, *g, coef, relu));
+        a += g;
+        b += g * (f64::from(*v) - mu);
+    }
+    (a, b)
+}
+
+dispatch! {
+    /// One row of the norm's input gradient
+    /// `out = a * (g - mean(g) - (v - mean) * k)` (see `batch_norm::grad_coef`).
+    fn input_grad(out: &mut [f32], vg: (&[f32], &[f32]), fcoef: (f32, f32, f32), gcoef: (f32, f32, f32, f32), relu: bool) -> () = input_grad_body;
+}
+
+#[inline(always)]
+fn input_grad_body(
+    out: &mut [f32],
+    (v, g): (&[f32], &[f32]),
+    fcoef: (f32, f32, f32),
+    (mu, a, mdy, k): (f32, f32, f32, f32),
+    relu: bool,
+) {
+    for ((o, v), g) in out.iter_mut().zip(v).zip(g) {
+        *o = a * (masked(*v, *g, fcoef, relu) - mdy - (*v - mu) * k);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    /// Both halves of 8 f32 lanes as f64 vectors.
+    #[target_feature(enable = "avx2,fma")]
+    fn widen(v: __m256) -> (__m256d, __m256d) {
+        (
+            _mm256_cvtps_pd(_mm256_castps256_ps128(v)),
+            _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(v)),
+        )
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    fn hsum(v: __m256d) -> f64 {
+        let s = _mm_add_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd::<1>(v));
+        _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)))
+    }
+
+    /// `sum(v - mu)` and `sum((v - mu)^2)` over `p[..n]`, `n` a multiple of 8.
+    ///
+    /// # Safety
+    /// AVX2 and FMA must be available and `p` readable for `n` floats.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn shifted_sums(p: *const f32, n: usize, mu: f64) -> (f64, f64) {
+        let m = _mm256_set1_pd(mu);
+        let (mut s0, mut s1) = (_mm256_setzero_pd(), _mm256_setzero_pd());
+        let (mut q0, mut q1) = (_mm256_setzero_pd(), _mm256_setzero_pd());
+        let mut i = 0;
+        while i < n {
+            // SAFETY: `i + 8 <= n` floats are readable (the caller's contract).
+            let (lo, hi) = widen(unsafe { _mm256_loadu_ps(p.add(i)) });
+            let (d0, d1) = (_mm256_sub_pd(lo, m), _mm256_sub_pd(hi, m));
+            s0 = _mm256_add_pd(s0, d0);
+            s1 = _mm256_add_pd(s1, d1);
+            q0 = _mm256_fmadd_pd(d0, d0, q0);
+            q1 = _mm256_fmadd_pd(d1, d1, q1);
+            i += 8;
+        }
+        (hsum(_mm256_add_pd(s0, s1)), hsum(_mm256_add_pd(q0, q1)))
+    }
+
+    /// `grad_sums` over the first `n` values (a multiple of 8).
+    ///
+    /// # Safety
+    /// AVX2 and FMA must be available and both pointers readable for `n` floats.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn grad_sums(
+        (v, dy): (*const f32, *const f32),
+        n: usize,
+        (mu32, scale, shift): (f32, f32, f32),
+        mu: f64,
+        relu: bool,
+    ) -> (f64, f64) {
+        let (mu32, scale, shift) = (
+            _mm256_set1_ps(mu32),
+            _mm256_set1_ps(scale),
+            _mm256_set1_ps(shift),
+        );
+        let m = _mm256_set1_pd(mu);
+        let (mut a0, mut a1) = (_mm256_setzero_pd(), _mm256_setzero_pd());
+        let (mut b0, mut b1) = (_mm256_setzero_pd(), _mm256_setzero_pd());
+        let mut i = 0;
+        while i < n {
+            // SAFETY: `i + 8 <= n` floats of both are readable (the caller's contract).
+            let (x, mut g) = unsafe { (_mm256_loadu_ps(v.add(i)), _mm256_loadu_ps(dy.add(i))) };
+            if relu {
+                // As `masked`: keep `g` unless (x - mu) * scale + shift <= 0 (no FMA).
+                let r = _mm256_add_ps(_mm256_mul_ps(_mm256_sub_ps(x, mu32), scale), shift);
+                g = _mm256_and_ps(g, _mm256_cmp_ps::<_CMP_NLE_UQ>(r, _mm256_setzero_ps()));
+            }
+            let ((g0, g1), (x0, x1)) = (widen(g), widen(x));
+            a0 = _mm256_add_pd(a0, g0);
+            a1 = _mm256_add_pd(a1, g1);
+            b0 = _mm256_fmadd_pd(g0, _mm256_sub_pd(x0, m), b0);
+            b1 = _mm256_fmadd_pd(g1, _mm256_sub_pd(x1, m), b1);
+            i += 8;
+        }
+        (hsum(_mm256_add_pd(a0, a1)), hsum(_mm256_add_pd(b0, b1)))
+    }
+}
