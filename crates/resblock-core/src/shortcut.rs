@@ -282,7 +282,7 @@ impl Shortcut {
                 stride,
                 front,
                 back,
-            } => crate::ops::subsample2d(x, *stride, *stride)?.pad_with_zeros(1, *front, *back)?,
+            } => crate::ops::zero_pad_shortcut(x, *stride, *front, *back)?,
             Self::AvgDown { stride, conv, norm } => {
                 let x = avg_pool_ceil(x, *stride)?;
                 match norm {

@@ -540,3 +540,41 @@ fn f32_batch_norm_agrees_with_f64() -> Result<()> {
     }
     Ok(())
 }
+
+/// The option-A shortcut op against subsampling and zero-padding from Candle ops: output
+/// and input gradient, odd and even sizes, strides 1 to 3, padding on one or both sides.
+#[test]
+fn zero_pad_shortcut_agrees_with_candle_ops() -> Result<()> {
+    use resblock_core::ops::{subsample2d, zero_pad_shortcut};
+    let rng = RngHandle::seed_from_u64(18);
+    for (shape, stride, front, back) in [
+        ([2, 3, 8, 8], 2, 1, 2),
+        ([1, 4, 7, 5], 2, 2, 2),
+        ([3, 2, 9, 6], 3, 0, 1),
+        ([2, 2, 4, 4], 1, 1, 0),
+    ] {
+        let x = randn(&rng, &shape)?;
+        let oc = shape[1] + front + back;
+        let (oh, ow) = (shape[2].div_ceil(stride), shape[3].div_ceil(stride));
+        let r = randn(&rng, &[shape[0], oc, oh, ow])?;
+        let ours = zero_pad_shortcut(&x, stride, front, back)?;
+        let theirs = subsample2d(&x, stride, stride)?.pad_with_zeros(1, front, back)?;
+        let name = format!("zero-pad {shape:?} stride {stride} +{front}/{back}");
+        assert_close(&format!("{name} y"), &ours, &theirs, 0.)?;
+        let ga = autograd(
+            &|t| Ok((zero_pad_shortcut(t, stride, front, back)? * &r)?.sum_all()?),
+            &x,
+        )?;
+        let gb = autograd(
+            &|t| {
+                Ok(
+                    (subsample2d(t, stride, stride)?.pad_with_zeros(1, front, back)? * &r)?
+                        .sum_all()?,
+                )
+            },
+            &x,
+        )?;
+        assert_close(&format!("{name} dx"), &ga, &gb, 0.)?;
+    }
+    Ok(())
+}

@@ -17,7 +17,8 @@
 //! [`set_kernels`] switches every op with two implementations between ours (the default) and
 //! Candle's plain path, for comparison and for benchmarks; so does the environment variable
 //! `RESBLOCK_KERNELS=candle`.
-//! - [`subsample2d`]: strided slicing `x[:, :, ::s, ::s]`.
+//! - [`subsample2d`]: strided slicing `x[:, :, ::s, ::s]`; [`zero_pad_shortcut`]: the
+//!   option-A shortcut (subsample and zero channels) as one op with its backward.
 
 mod add_relu;
 mod batch_norm;
@@ -26,6 +27,7 @@ mod conv;
 mod conv_cpu;
 mod max_pool;
 mod subsample;
+mod zero_pad;
 
 pub use add_relu::add_relu;
 pub use batch_norm::{
@@ -35,6 +37,7 @@ pub use batch_norm::{
 pub use conv::{conv2d, conv2d_candle, conv2d_fused, conv2d_native, conv2d_scale_shift};
 pub use max_pool::{max_pool2d, max_pool2d_generic, Pool2dConfig};
 pub use subsample::subsample2d;
+pub use zero_pad::zero_pad_shortcut;
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
