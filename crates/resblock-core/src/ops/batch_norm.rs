@@ -509,11 +509,14 @@ fn forward_f32(
         })
         .unzip();
     let coef = norm_coef(&mean, &inv_std(&var, eps), w, b);
-    let mut y = vec![0f32; x.len()];
-    y.par_chunks_mut(s)
-        .zip(x.par_chunks(s))
-        .enumerate()
-        .for_each(|(i, (yp, xp))| k::normalize(yp, xp, coef[i % c], relu));
+    let fill = |y: &mut [std::mem::MaybeUninit<f32>]| {
+        y.par_chunks_mut(s)
+            .zip(x.par_chunks(s))
+            .enumerate()
+            .for_each(|(i, (yp, xp))| k::normalize(yp, xp, coef[i % c], relu))
+    };
+    // SAFETY: the planes cover the buffer and `normalize` writes every element of its own.
+    let y = unsafe { super::vec_written_by(x.len(), fill) };
     (y, (mean, var))
 }
 

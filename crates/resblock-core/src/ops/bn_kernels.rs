@@ -7,6 +7,8 @@
 //! f32 arithmetic (Rust never contracts `a * b + c`), so a backward that recomputes the
 //! ReLU's mask from the norm's input matches the forward's output bit for bit.
 
+use std::mem::MaybeUninit;
+
 /// Whether this CPU runs the AVX2 versions (checked once).
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 fn avx2() -> bool {
@@ -74,19 +76,24 @@ fn shifted_sums(p: &[f32], mu: f64) -> (f64, f64) {
 
 dispatch! {
     /// `out = relu?((v - mu) * scale + shift)`, as `batch_norm::normalize`.
-    fn normalize(out: &mut [f32], v: &[f32], coef: (f32, f32, f32), relu: bool) -> () = normalize_body;
+    fn normalize(out: &mut [MaybeUninit<f32>], v: &[f32], coef: (f32, f32, f32), relu: bool) -> () = normalize_body;
 }
 
 #[inline(always)]
-fn normalize_body(out: &mut [f32], v: &[f32], (mu, scale, shift): (f32, f32, f32), relu: bool) {
+fn normalize_body(
+    out: &mut [MaybeUninit<f32>],
+    v: &[f32],
+    (mu, scale, shift): (f32, f32, f32),
+    relu: bool,
+) {
     if relu {
         for (o, v) in out.iter_mut().zip(v) {
             let r = (*v - mu) * scale + shift;
-            *o = if r < 0.0 { 0.0 } else { r };
+            o.write(if r < 0.0 { 0.0 } else { r });
         }
     } else {
         for (o, v) in out.iter_mut().zip(v) {
-            *o = (*v - mu) * scale + shift;
+            o.write((*v - mu) * scale + shift);
         }
     }
 }
@@ -95,12 +102,12 @@ dispatch! {
     /// `out = relu?((v - mu) * scale + shift + res)`: the norm, then the residual added
     /// (rounded as two ops: the norm's output, then the sum, as PyTorch's
     /// `relu(bn(x) + res)`).
-    fn normalize_add(out: &mut [f32], vr: (&[f32], &[f32]), coef: (f32, f32, f32), relu: bool) -> () = normalize_add_body;
+    fn normalize_add(out: &mut [MaybeUninit<f32>], vr: (&[f32], &[f32]), coef: (f32, f32, f32), relu: bool) -> () = normalize_add_body;
 }
 
 #[inline(always)]
 fn normalize_add_body(
-    out: &mut [f32],
+    out: &mut [MaybeUninit<f32>],
     (v, res): (&[f32], &[f32]),
     (mu, scale, shift): (f32, f32, f32),
     relu: bool,
@@ -108,29 +115,33 @@ fn normalize_add_body(
     for ((o, v), r) in out.iter_mut().zip(v).zip(res) {
         let y = (*v - mu) * scale + shift;
         let z = y + *r;
-        *o = if relu && z < 0.0 { 0.0 } else { z };
+        o.write(if relu && z < 0.0 { 0.0 } else { z });
     }
 }
 
 /// `dy` where the ReLU's output `y` is positive, zero elsewhere.
 pub(super) fn relu_grad(y: &[f32], dy: &[f32]) -> Vec<f32> {
     use rayon::prelude::*;
-    let mut g = vec![0f32; y.len()];
-    g.par_chunks_mut(1 << 14)
-        .zip(y.par_chunks(1 << 14).zip(dy.par_chunks(1 << 14)))
-        .for_each(|(g, (y, dy))| relu_grad_into(g, (y, dy)));
-    g
+    assert_eq!(y.len(), dy.len(), "relu_grad: sizes");
+    let fill = |g: &mut [MaybeUninit<f32>]| {
+        g.par_chunks_mut(1 << 14)
+            .zip(y.par_chunks(1 << 14).zip(dy.par_chunks(1 << 14)))
+            .for_each(|(g, (y, dy))| relu_grad_into(g, (y, dy)))
+    };
+    // SAFETY: the chunks of `g`, `y` and `dy` line up (equal lengths), and `relu_grad_into`
+    // writes every element of its chunk.
+    unsafe { super::vec_written_by(y.len(), fill) }
 }
 
 dispatch! {
     /// `g = dy` where `y > 0`, else 0.
-    fn relu_grad_into(g: &mut [f32], ydy: (&[f32], &[f32])) -> () = relu_grad_body;
+    fn relu_grad_into(g: &mut [MaybeUninit<f32>], ydy: (&[f32], &[f32])) -> () = relu_grad_body;
 }
 
 #[inline(always)]
-fn relu_grad_body(g: &mut [f32], (y, dy): (&[f32], &[f32])) {
+fn relu_grad_body(g: &mut [MaybeUninit<f32>], (y, dy): (&[f32], &[f32])) {
     for ((g, y), d) in g.iter_mut().zip(y).zip(dy) {
-        *g = if *y > 0.0 { *d } else { 0.0 };
+        g.write(if *y > 0.0 { *d } else { 0.0 });
     }
 }
 

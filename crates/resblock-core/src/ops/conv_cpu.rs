@@ -413,21 +413,6 @@ impl<'a, T: WithDType> Epilogue<'a, T> {
         self.scale.is_none() && self.bias.is_none() && !self.relu
     }
 
-    /// Applies the epilogue of output channel `co` to `dst`, reading the raw values from
-    /// `src` (which may be `dst`'s own values: see [`Epilogue::apply_in_place`]).
-    fn apply(&self, co: usize, src: &[T], dst: &mut [T]) {
-        let s = self.scale.map(|s| s[co]);
-        let b = self.bias.map_or(T::zero(), |b| b[co]);
-        let zero = T::zero();
-        for (o, v) in dst.iter_mut().zip(src) {
-            let r = match s {
-                Some(s) => *v * s + b,
-                None => *v + b,
-            };
-            *o = if self.relu && r < zero { zero } else { r };
-        }
-    }
-
     fn apply_in_place(&self, co: usize, plane: &mut [T]) {
         let s = self.scale.map(|s| s[co]);
         let b = self.bias.map_or(T::zero(), |b| b[co]);
@@ -438,6 +423,21 @@ impl<'a, T: WithDType> Epilogue<'a, T> {
                 None => *v + b,
             };
             *v = if self.relu && r < zero { zero } else { r };
+        }
+    }
+}
+
+impl Epilogue<'_, f32> {
+    /// Writes the epilogue of output channel `co` applied to the raw values `src` into `dst`.
+    fn apply_to<S: super::Slot>(&self, co: usize, src: &[f32], dst: &mut [S]) {
+        let s = self.scale.map(|s| s[co]);
+        let b = self.bias.map_or(0.0, |b| b[co]);
+        for (o, v) in dst.iter_mut().zip(src) {
+            let r = match s {
+                Some(s) => *v * s + b,
+                None => *v + b,
+            };
+            o.put(if self.relu && r < 0.0 { 0.0 } else { r });
         }
     }
 }
@@ -685,20 +685,22 @@ fn forward_direct(
 ) -> Vec<f32> {
     let (parallel, _) = gemm_parallelism(d.n);
     let wk = plan.pack_weights(w);
-    let mut y = vec![0f32; d.n * d.cout * d.p()];
     let scratch = || (Vec::new(), Vec::new());
-    for_each_image(
-        &mut y,
-        d.cout * d.p(),
-        parallel,
-        scratch,
-        |(xp, flat), ni, y_n| {
-            plan.pad(&x[ni * d.chw()..(ni + 1) * d.chw()], xp);
-            plan.forward(xp, &wk, flat, !parallel);
-            plan.unflatten(flat, y_n, ep);
-        },
-    );
-    y
+    let fill = |y: &mut [std::mem::MaybeUninit<f32>]| {
+        for_each_image(
+            y,
+            d.cout * d.p(),
+            parallel,
+            scratch,
+            |(xp, flat), ni, y_n| {
+                plan.pad(&x[ni * d.chw()..(ni + 1) * d.chw()], xp);
+                plan.forward(xp, &wk, flat, !parallel);
+                plan.unflatten(flat, y_n, ep);
+            },
+        );
+    };
+    // SAFETY: the images' chunks cover `y`, and `unflatten` writes the whole chunk.
+    unsafe { super::vec_written_by(d.n * d.cout * d.p(), fill) }
 }
 
 /// Scratch buffers of one direct backward worker.

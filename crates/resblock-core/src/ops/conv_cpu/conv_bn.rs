@@ -22,6 +22,7 @@
 //! The op's inputs are `x`, the kernel and `[gamma; beta]` concatenated (Candle's custom ops
 //! take at most three tensors); its gradients are those of the three.
 
+use std::mem::MaybeUninit;
 use std::sync::{Arc, OnceLock};
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
@@ -32,6 +33,7 @@ use super::{
 };
 use crate::ops::batch_norm::{grad_coef, inv_std, norm_coef};
 use crate::ops::bn_kernels as kernels;
+use crate::ops::vec_written_by;
 
 /// Per-channel batch mean and biased variance, f64.
 pub(crate) type Stats = (Vec<f64>, Vec<f64>);
@@ -108,30 +110,35 @@ impl ConvBnTrain {
         let (p, cout) = (d.p(), d.cout);
         let (parallel, _) = gemm_parallelism(d.n);
         let wk = self.fwd.pack_weights(w);
-        let mut conv = vec![0f32; d.n * cout * p];
         // Per (image, channel): the plane's mean and sum of squared deviations.
         let mut moments = vec![(0f64, 0f64); d.n * cout];
         let image = |(xp, flat): &mut (Vec<f32>, Vec<f32>), (ni, (y_n, m_n)): ImageOut<'_>| {
             self.fwd.pad(&x[ni * d.chw()..(ni + 1) * d.chw()], xp);
             self.fwd.forward(xp, &wk, flat, !parallel);
             self.fwd.unflatten(flat, y_n, Epilogue::NONE);
+            // SAFETY: `unflatten` just wrote every element of `y_n`.
+            let y_n = unsafe { std::slice::from_raw_parts(y_n.as_ptr().cast::<f32>(), y_n.len()) };
             for (m, plane) in m_n.iter_mut().zip(y_n.chunks_exact(p)) {
                 *m = kernels::moments(plane);
             }
         };
         let init = || (Vec::new(), Vec::new());
-        if parallel {
-            conv.par_chunks_mut(cout * p)
-                .zip(moments.par_chunks_mut(cout))
-                .enumerate()
-                .for_each_init(init, image);
-        } else {
-            let mut s = init();
-            conv.chunks_mut(cout * p)
-                .zip(moments.chunks_mut(cout))
-                .enumerate()
-                .for_each(|item| image(&mut s, item));
-        }
+        let fill = |conv: &mut [MaybeUninit<f32>]| {
+            if parallel {
+                conv.par_chunks_mut(cout * p)
+                    .zip(moments.par_chunks_mut(cout))
+                    .enumerate()
+                    .for_each_init(init, image);
+            } else {
+                let mut s = init();
+                conv.chunks_mut(cout * p)
+                    .zip(moments.chunks_mut(cout))
+                    .enumerate()
+                    .for_each(|item| image(&mut s, item));
+            }
+        };
+        // SAFETY: the images' chunks cover the buffer and `unflatten` writes each whole.
+        let conv = unsafe { vec_written_by(d.n * cout * p, fill) };
         // Equal counts per image: the mean of the means, and the squared deviations plus
         // each image's offset from the batch mean.
         let (mean, var): (Vec<f64>, Vec<f64>) = (0..cout)
@@ -145,8 +152,7 @@ impl ConvBnTrain {
             })
             .unzip();
         let coef = norm_coef(&mean, &inv_std(&var, self.eps), &gb[..cout], &gb[cout..]);
-        let mut y = vec![0f32; conv.len()];
-        match res {
+        let fill = |y: &mut [MaybeUninit<f32>]| match res {
             None => y
                 .par_chunks_mut(p)
                 .zip(conv.par_chunks(p))
@@ -159,7 +165,9 @@ impl ConvBnTrain {
                 .for_each(|(i, (yp, (vp, rp)))| {
                     kernels::normalize_add(yp, (vp, rp), coef[i % cout], self.relu)
                 }),
-        }
+        };
+        // SAFETY: the planes cover the buffer and the kernels write every element of theirs.
+        let y = unsafe { vec_written_by(conv.len(), fill) };
         (y, conv, (mean, var))
     }
 
@@ -216,57 +224,72 @@ impl ConvBnTrain {
         } else {
             (d.n, group)
         };
-        let mut dx = vec![0f32; xlen];
+        // Written image by image when `need_dx` (see below); otherwise a placeholder whose
+        // chunks only number the groups.
+        let mut dx: Vec<f32> = Vec::with_capacity(xlen);
         let cout_r = cout.div_ceil(4) * 4;
-        let images = |s: &mut Scratch, acc: &mut [f64], gi: usize, dx_g: &mut [f32]| {
-            let first = gi * group;
-            let m = group.min(d.n - first);
-            while s.dyp.len() < m {
-                s.dyp.push(self.back.padded_buffer(cout_r));
-                s.xp.push(Vec::new());
-            }
-            for (k, (dyp, xp)) in s.dyp.iter_mut().zip(&mut s.xp).take(m).enumerate() {
-                let ni = first + k;
-                // The norm's input gradient, straight into the padded layout.
-                for co in 0..cout {
-                    let at = (ni * cout + co) * p;
-                    let (cv, g) = (&conv[at..at + p], &dy[at..at + p]);
-                    for oy in 0..d.oh {
-                        let r = oy * d.ow..(oy + 1) * d.ow;
-                        kernels::input_grad(
-                            self.back.interior_row(dyp, co, oy),
-                            (&cv[r.clone()], &g[r]),
-                            fcoef[co],
-                            gcoef[co],
-                            relu,
-                        );
+        let images =
+            |s: &mut Scratch, acc: &mut [f64], gi: usize, dx_g: &mut [MaybeUninit<f32>]| {
+                let first = gi * group;
+                let m = group.min(d.n - first);
+                while s.dyp.len() < m {
+                    s.dyp.push(self.back.padded_buffer(cout_r));
+                    s.xp.push(Vec::new());
+                }
+                for (k, (dyp, xp)) in s.dyp.iter_mut().zip(&mut s.xp).take(m).enumerate() {
+                    let ni = first + k;
+                    // The norm's input gradient, straight into the padded layout.
+                    for co in 0..cout {
+                        let at = (ni * cout + co) * p;
+                        let (cv, g) = (&conv[at..at + p], &dy[at..at + p]);
+                        for oy in 0..d.oh {
+                            let r = oy * d.ow..(oy + 1) * d.ow;
+                            kernels::input_grad(
+                                self.back.interior_row(dyp, co, oy),
+                                (&cv[r.clone()], &g[r]),
+                                fcoef[co],
+                                gcoef[co],
+                                relu,
+                            );
+                        }
+                    }
+                    self.fwd.pad(&x[ni * d.chw()..(ni + 1) * d.chw()], xp);
+                }
+                s.dw_n.resize(wlen, 0.0);
+                let xps: Vec<&[f32]> = s.xp[..m].iter().map(Vec::as_slice).collect();
+                let dyps: Vec<&[f32]> = s.dyp[..m].iter().map(Vec::as_slice).collect();
+                self.fwd
+                    .weight_grad_padded(&xps, &self.back, &dyps, &mut s.dw_n)
+                    .expect("conv_bn: layouts checked in new");
+                for (a, v) in acc.iter_mut().zip(&s.dw_n) {
+                    *a += f64::from(*v);
+                }
+                if need_dx {
+                    for (dyp, dx_n) in s.dyp.iter().zip(dx_g.chunks_exact_mut(d.chw())) {
+                        self.back.forward(dyp, &wfk, &mut s.flat, !parallel);
+                        self.back.unflatten(&s.flat, dx_n, Epilogue::NONE);
                     }
                 }
-                self.fwd.pad(&x[ni * d.chw()..(ni + 1) * d.chw()], xp);
-            }
-            s.dw_n.resize(wlen, 0.0);
-            let xps: Vec<&[f32]> = s.xp[..m].iter().map(Vec::as_slice).collect();
-            let dyps: Vec<&[f32]> = s.dyp[..m].iter().map(Vec::as_slice).collect();
-            self.fwd
-                .weight_grad_padded(&xps, &self.back, &dyps, &mut s.dw_n)
-                .expect("conv_bn: layouts checked in new");
-            for (a, v) in acc.iter_mut().zip(&s.dw_n) {
-                *a += f64::from(*v);
-            }
-            if need_dx {
-                for (dyp, dx_n) in s.dyp.iter().zip(dx_g.chunks_exact_mut(d.chw())) {
-                    self.back.forward(dyp, &wfk, &mut s.flat, !parallel);
-                    self.back.unflatten(&s.flat, dx_n, Epilogue::NONE);
-                }
-            }
-        };
+            };
         let scratch = || Scratch {
             xp: Vec::new(),
             dyp: Vec::new(),
             flat: Vec::new(),
             dw_n: Vec::new(),
         };
-        let dw64 = for_each_image_summed(&mut dx, chunk, parallel, wlen, scratch, images);
+        let dw64 = for_each_image_summed(
+            &mut dx.spare_capacity_mut()[..xlen],
+            chunk,
+            parallel,
+            wlen,
+            scratch,
+            images,
+        );
+        if need_dx {
+            // SAFETY: with `need_dx` every group wrote all its images' chunks (`unflatten`
+            // writes a whole chunk), and the groups' chunks cover `xlen`.
+            unsafe { dx.set_len(xlen) };
+        }
         let dparams = dw64
             .into_iter()
             .map(|v| v as f32)
@@ -367,7 +390,7 @@ impl ConvBnTrain {
 type Inputs<'a> = (&'a [f32], &'a [f32], Option<&'a [f32]>);
 
 /// One image of the forward: its index, convolution output and per-channel moments.
-type ImageOut<'a> = (usize, (&'a mut [f32], &'a mut [(f64, f64)]));
+type ImageOut<'a> = (usize, (&'a mut [MaybeUninit<f32>], &'a mut [(f64, f64)]));
 
 /// Scratch buffers of one backward worker: padded inputs and output gradients of one image
 /// group.

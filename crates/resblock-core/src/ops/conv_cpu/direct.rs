@@ -26,6 +26,7 @@
 use rayon::prelude::*;
 
 use super::Epilogue;
+use crate::ops::Slot;
 
 /// Output channels per micro-tile.
 const CB: usize = 4;
@@ -239,7 +240,9 @@ impl Plan {
 
     /// Copies the valid columns of a flattened output into `dst` `(cout, oh, ow)`, applying
     /// the epilogue `ep` on the way.
-    pub(super) fn unflatten(&self, flat: &[f32], dst: &mut [f32], ep: Epilogue<'_, f32>) {
+    ///
+    /// Every element of `dst` is written (it may be a buffer filled for the first time).
+    pub(super) fn unflatten<S: Slot>(&self, flat: &[f32], dst: &mut [S], ep: Epilogue<'_, f32>) {
         let plane = self.oh * self.ow;
         assert_eq!(dst.len(), self.cout * plane, "direct conv: output size");
         for (co, out) in dst.chunks_exact_mut(plane).enumerate() {
@@ -247,9 +250,11 @@ impl Plan {
             for (oy, row) in out.chunks_exact_mut(self.ow).enumerate() {
                 let s = &src[oy * self.wp..oy * self.wp + self.ow];
                 if ep.is_identity() {
-                    row.copy_from_slice(s);
+                    for (d, v) in row.iter_mut().zip(s) {
+                        d.put(*v);
+                    }
                 } else {
-                    ep.apply(co, s, row);
+                    ep.apply_to(co, s, row);
                 }
             }
         }
