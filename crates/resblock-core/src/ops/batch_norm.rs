@@ -481,6 +481,24 @@ fn backward<T: WithDType>(
     (dx, dw, db)
 }
 
+/// Per-channel (mean, biased variance) from the (mean, sum of squared deviations) of every
+/// plane of `s` values, planes in (N, C) order: equal counts per plane, so the mean of the
+/// means, and the squared deviations plus each plane's offset from the channel mean
+/// (Chan et al.'s exact combination).
+pub(super) fn combine_moments(moments: &[(f64, f64)], c: usize, s: usize) -> Stats {
+    let n = moments.len() / c;
+    (0..c)
+        .map(|ci| {
+            let per = || moments.iter().skip(ci).step_by(c);
+            let mu = per().map(|m| m.0).sum::<f64>() / n as f64;
+            let m2: f64 = per()
+                .map(|&(m, q)| q + s as f64 * (m - mu) * (m - mu))
+                .sum();
+            (mu, m2 / (n * s) as f64)
+        })
+        .unzip()
+}
+
 /// Planes shorter than this take the generic path (the per-plane kernels' set-up would
 /// dominate, as for (N, C) inputs).
 const MIN_FAST_PLANE: usize = 16;
@@ -497,17 +515,7 @@ fn forward_f32(
 ) -> (Vec<f32>, Stats) {
     use super::bn_kernels as k;
     let moments: Vec<(f64, f64)> = x.par_chunks(s).map(k::moments).collect();
-    let n = x.len() / (c * s);
-    let (mean, var): (Vec<f64>, Vec<f64>) = (0..c)
-        .map(|ci| {
-            let per = || moments.iter().skip(ci).step_by(c);
-            let mu = per().map(|m| m.0).sum::<f64>() / n as f64;
-            let m2: f64 = per()
-                .map(|&(m, q)| q + s as f64 * (m - mu) * (m - mu))
-                .sum();
-            (mu, m2 / (n * s) as f64)
-        })
-        .unzip();
+    let (mean, var) = combine_moments(&moments, c, s);
     let coef = norm_coef(&mean, &inv_std(&var, eps), w, b);
     let fill = |y: &mut [std::mem::MaybeUninit<f32>]| {
         y.par_chunks_mut(s)

@@ -9,22 +9,7 @@
 
 use std::mem::MaybeUninit;
 
-/// Whether this CPU runs the AVX2 versions (checked once).
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-fn avx2() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *OK.get_or_init(|| {
-            std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-        })
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
+use super::avx2_fma as avx2;
 
 /// Independent f64 accumulators per loop (vector lanes for the compiler).
 const LANES: usize = 8;
@@ -34,19 +19,15 @@ macro_rules! dispatch {
         $(#[$doc])*
         pub(super) fn $name($($arg: $ty),*) -> $ret {
             #[cfg(target_arch = "x86_64")]
-            {
+            if avx2() {
                 #[target_feature(enable = "avx2,fma")]
-                unsafe fn avx2($($arg: $ty),*) -> $ret {
+                unsafe fn with_avx2($($arg: $ty),*) -> $ret {
                     $body($($arg),*)
                 }
-                // SAFETY: a `ConvBnTrain` exists only where `direct::Plan::new`
-                // found AVX2 and FMA.
-                unsafe { avx2($($arg),*) }
+                // SAFETY: `avx2()` found AVX2 and FMA on this CPU.
+                return unsafe { with_avx2($($arg),*) };
             }
-            #[cfg(not(target_arch = "x86_64"))]
-            {
-                $body($($arg),*)
-            }
+            $body($($arg),*)
         }
     };
 }
@@ -279,5 +260,46 @@ mod x86 {
             i += 8;
         }
         (hsum(_mm256_add_pd(a0, a1)), hsum(_mm256_add_pd(b0, b1)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(n: usize) -> Vec<f32> {
+        (0..n)
+            .map(|i| ((i * 37 % 101) as f32 - 50.) / 17.)
+            .collect()
+    }
+
+    /// The sums against plain f64 loops, at lengths that are all vector body (32), all
+    /// scalar tail (7: the path of CPUs without AVX2 too) and both (37).
+    #[test]
+    fn sums_match_plain_loops() {
+        for n in [7, 32, 37] {
+            let (v, dy) = (values(n), values(n + 3)[3..].to_vec());
+            let mu = v.iter().map(|x| f64::from(*x)).sum::<f64>() / n as f64;
+            let q: f64 = v.iter().map(|x| (f64::from(*x) - mu).powi(2)).sum();
+            let (m, m2) = moments(&v);
+            assert!(
+                (m - mu).abs() < 1e-12 && (m2 - q).abs() < 1e-9 * q,
+                "moments at {n}"
+            );
+            let coef = (0.25f32, 1.5f32, -0.125f32);
+            for relu in [false, true] {
+                let (mut a, mut b) = (0f64, 0f64);
+                for (x, g) in v.iter().zip(&dy) {
+                    let g = f64::from(masked(*x, *g, coef, relu));
+                    a += g;
+                    b += g * (f64::from(*x) - 0.25);
+                }
+                let (sa, sb) = grad_sums(&v, &dy, coef, 0.25, relu);
+                assert!(
+                    (sa - a).abs() < 1e-9 && (sb - b).abs() < 1e-9,
+                    "grad_sums at {n}, relu {relu}: ({sa}, {sb}) vs ({a}, {b})"
+                );
+            }
+        }
     }
 }

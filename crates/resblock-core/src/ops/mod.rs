@@ -80,6 +80,23 @@ pub fn kernels() -> Kernels {
     }
 }
 
+/// Whether this CPU has AVX2 and FMA, which our x86-64 SIMD kernels need (checked once).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+pub(crate) fn avx2_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *OK.get_or_init(|| {
+            std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// An output element a kernel writes: an initialised `f32`, or a `MaybeUninit<f32>` of a
 /// buffer filled for the first time (see [`vec_written_by`]).
 pub(crate) trait Slot: Send {

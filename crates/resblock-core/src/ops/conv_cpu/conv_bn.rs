@@ -31,7 +31,7 @@ use rayon::prelude::*;
 use super::{
     direct, flip_kernel, for_each_image_summed, gemm_parallelism, ConvGeom, Dims, Epilogue,
 };
-use crate::ops::batch_norm::{grad_coef, inv_std, norm_coef};
+use crate::ops::batch_norm::{combine_moments, grad_coef, inv_std, norm_coef};
 use crate::ops::bn_kernels as kernels;
 use crate::ops::vec_written_by;
 
@@ -139,18 +139,7 @@ impl ConvBnTrain {
         };
         // SAFETY: the images' chunks cover the buffer and `unflatten` writes each whole.
         let conv = unsafe { vec_written_by(d.n * cout * p, fill) };
-        // Equal counts per image: the mean of the means, and the squared deviations plus
-        // each image's offset from the batch mean.
-        let (mean, var): (Vec<f64>, Vec<f64>) = (0..cout)
-            .map(|co| {
-                let per = || moments.iter().skip(co).step_by(cout);
-                let mu = per().map(|m| m.0).sum::<f64>() / d.n as f64;
-                let m2: f64 = per()
-                    .map(|&(m, q)| q + p as f64 * (m - mu) * (m - mu))
-                    .sum();
-                (mu, m2 / (d.n * p) as f64)
-            })
-            .unzip();
+        let (mean, var) = combine_moments(&moments, cout, p);
         let coef = norm_coef(&mean, &inv_std(&var, self.eps), &gb[..cout], &gb[cout..]);
         let fill = |y: &mut [MaybeUninit<f32>]| match res {
             None => y

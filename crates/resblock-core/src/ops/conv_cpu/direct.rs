@@ -42,22 +42,6 @@ const TB: usize = 3;
 /// block of this many tiles, so the input rows the block reads stay in cache.
 const TILES_PER_BLOCK: usize = 8;
 
-/// Whether this CPU can run the kernels (checked once).
-fn cpu_supported() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *OK.get_or_init(|| {
-            std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-        })
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
 /// The geometry of one stride-1, undilated, ungrouped convolution in the flattened form.
 #[derive(Debug, Clone)]
 pub(super) struct Plan {
@@ -94,7 +78,7 @@ impl Plan {
         (kh, kw): (usize, usize),
         (pad_y, pad_x): (usize, usize),
     ) -> Option<Plan> {
-        if !cpu_supported() || c == 0 || cout == 0 || kh == 0 || kw == 0 {
+        if !crate::ops::avx2_fma() || c == 0 || cout == 0 || kh == 0 || kw == 0 {
             return None;
         }
         let (hp, wp) = (h + 2 * pad_y, w + 2 * pad_x);
