@@ -257,6 +257,7 @@ impl<G: ModuleT> ModuleT for Residual<G> {
     fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         if let Some(f) = self.fused_end {
             let plain = self.post == Some(Activation::Relu)
+                && !matches!(self.shortcut, Shortcut::Removed)
                 && self.alpha.is_none()
                 && self.fixed_scale.is_none()
                 && (self.drop_path.is_none() || !train)
