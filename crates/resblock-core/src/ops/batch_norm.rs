@@ -583,21 +583,13 @@ impl CustomOp3 for NativeBatchNorm {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let dims = (self.channels, l1.dims()[2..].iter().product());
         let (out, stats) = match (s1, s2, s3) {
-            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b))
-                if dims.1 >= MIN_FAST_PLANE =>
-            {
-                let (y, st) = forward_f32(
-                    slice(x, l1)?,
-                    slice(w, l2)?,
-                    slice(b, l3)?,
-                    dims,
-                    self.eps,
-                    self.relu,
-                );
-                (CpuStorage::F32(y), st)
-            }
             (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => {
-                let (y, st) = forward(
+                let kernel = if dims.1 >= MIN_FAST_PLANE {
+                    forward_f32
+                } else {
+                    forward::<f32>
+                };
+                let (y, st) = kernel(
                     slice(x, l1)?,
                     slice(w, l2)?,
                     slice(b, l3)?,
@@ -638,67 +630,46 @@ impl CustomOp3 for NativeBatchNorm {
             candle_core::bail!("batch_norm: backward before forward")
         };
         let plane: usize = x.dims()[2..].iter().product();
+        let dims = (self.channels, plane);
+        let opts = (self.eps, self.relu);
+        // The f32 kernels recompute the ReLU mask from `x` and need the shift `b`; the
+        // generic ones read the output `y`.
         let (dx, dw, db) = match x.dtype() {
-            DType::F32 if plane >= MIN_FAST_PLANE => self.bwd_f32(x, (w, b), dy, stats)?,
-            DType::F32 => self.bwd_typed::<f32>(x, w, y, dy, stats)?,
-            DType::F64 => self.bwd_typed::<f64>(x, w, y, dy, stats)?,
+            DType::F32 if plane >= MIN_FAST_PLANE => {
+                grad_tensors::<f32>((x, w, b, dy), |x, w, b, dy| {
+                    backward_f32((x, w, b), dy, dims, stats, opts)
+                })?
+            }
+            DType::F32 => grad_tensors::<f32>((x, w, y, dy), |x, w, y, dy| {
+                backward(x, w, y, dy, dims, stats, opts)
+            })?,
+            DType::F64 => grad_tensors::<f64>((x, w, y, dy), |x, w, y, dy| {
+                backward(x, w, y, dy, dims, stats, opts)
+            })?,
             dt => candle_core::bail!("batch_norm: the native kernel has no {dt:?} backward"),
         };
         Ok((Some(dx), Some(dw), Some(db)))
     }
 }
 
-impl NativeBatchNorm {
-    fn bwd_f32(
-        &self,
-        x: &Tensor,
-        (w, b): (&Tensor, &Tensor),
-        dy: &Tensor,
-        stats: &Stats,
-    ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
-        use super::with_cpu_slice as with;
-        let dims = (self.channels, x.dims()[2..].iter().product());
-        let (dx, dw, db) = with(x, "batch_norm", |xs: &[f32]| {
-            with(w, "batch_norm", |ws: &[f32]| {
-                with(b, "batch_norm", |bs: &[f32]| {
-                    with(dy, "batch_norm", |dys: &[f32]| {
-                        backward_f32((xs, ws, bs), dys, dims, stats, (self.eps, self.relu))
-                    })
-                })
+/// (dx, dweight, dbias) as tensors, from `backward` run on the CPU slices of
+/// `(x, weight, extra, dy)` (`extra`: whichever saved tensor the kernel needs).
+fn grad_tensors<T: WithDType>(
+    (x, w, extra, dy): (&Tensor, &Tensor, &Tensor, &Tensor),
+    backward: impl FnOnce(&[T], &[T], &[T], &[T]) -> (Vec<T>, Vec<T>, Vec<T>),
+) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+    use super::with_cpu_slice as with;
+    let (dx, dw, db) = with(x, "batch_norm", |xs: &[T]| {
+        with(w, "batch_norm", |ws: &[T]| {
+            with(extra, "batch_norm", |es: &[T]| {
+                with(dy, "batch_norm", |dys: &[T]| backward(xs, ws, es, dys))
             })
-        })????;
-        let dev = x.device();
-        Ok((
-            Tensor::from_vec(dx, x.shape(), dev)?,
-            Tensor::from_vec(dw, w.shape(), dev)?,
-            Tensor::from_vec(db, w.shape(), dev)?,
-        ))
-    }
-
-    fn bwd_typed<T: WithDType>(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        y: &Tensor,
-        dy: &Tensor,
-        stats: &Stats,
-    ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
-        use super::with_cpu_slice as with;
-        let dims = (self.channels, x.dims()[2..].iter().product());
-        let (dx, dw, db) = with(x, "batch_norm", |xs: &[T]| {
-            with(w, "batch_norm", |ws: &[T]| {
-                with(y, "batch_norm", |ys: &[T]| {
-                    with(dy, "batch_norm", |dys: &[T]| {
-                        backward(xs, ws, ys, dys, dims, stats, (self.eps, self.relu))
-                    })
-                })
-            })
-        })????;
-        let dev = x.device();
-        Ok((
-            Tensor::from_vec(dx, x.shape(), dev)?,
-            Tensor::from_vec(dw, w.shape(), dev)?,
-            Tensor::from_vec(db, w.shape(), dev)?,
-        ))
-    }
+        })
+    })????;
+    let dev = x.device();
+    Ok((
+        Tensor::from_vec(dx, x.shape(), dev)?,
+        Tensor::from_vec(dw, w.shape(), dev)?,
+        Tensor::from_vec(db, w.shape(), dev)?,
+    ))
 }
