@@ -48,7 +48,10 @@ pub enum Shortcut {
 }
 
 /// Which shortcut a convolutional block uses when its shape changes, as in He et al. 2016.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// Serialised (model-file metadata) as `"zero_pad"`, `"projection"`, `"always_projection"`
+/// or `"removed"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum ShortcutPolicy {
     /// Option A: zero-padding shortcut where the shape changes, identity elsewhere.
     ZeroPad,

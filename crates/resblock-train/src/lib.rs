@@ -42,6 +42,8 @@ pub mod loss;
 pub mod metrics;
 pub mod optim;
 pub mod plot;
+#[cfg(feature = "download")]
+pub mod pretrained;
 pub mod schedule;
 pub mod trainer;
 

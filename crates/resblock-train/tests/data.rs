@@ -294,6 +294,7 @@ fn toy_dataset(n: usize) -> ImageDataset {
         width: 4,
         num_classes: 3,
         class_names: vec![],
+        sources: vec![],
     }
 }
 

@@ -34,6 +34,16 @@ pub enum Error {
         msg: String,
     },
 
+    /// A model file's `resblock` metadata is missing where needed, unreadable, of a newer
+    /// version, or inconsistent with itself or the weights.
+    #[error("{path}: model metadata: {msg}")]
+    Metadata {
+        /// The file.
+        path: String,
+        /// What went wrong.
+        msg: String,
+    },
+
     /// An image could not be read or decoded.
     #[error("{path}: cannot read image: {msg}")]
     Image {

@@ -4,10 +4,10 @@
 use std::path::Path;
 
 use candle_core::{Device, Tensor};
-use image::imageops::FilterType;
-use image::{DynamicImage, GenericImageView};
+use image::DynamicImage;
 
 use crate::error::{Error, Result};
+use crate::preprocess::Preprocess;
 
 /// ImageNet's per-channel mean (RGB), as torchvision normalises.
 pub const MEAN: [f32; 3] = [0.485, 0.456, 0.406];
@@ -43,7 +43,7 @@ pub fn load_image(path: &Path) -> Result<DynamicImage> {
 
 /// torchvision's evaluation transform: resize the shorter side to `resize` (bilinear with
 /// antialiasing, as PIL), center-crop `crop` x `crop`, scale to [0, 1], normalise with
-/// [`MEAN`] and [`STD`].
+/// [`MEAN`] and [`STD`] ([`Preprocess`] with ImageNet's values).
 ///
 /// # Shapes
 /// - output: (3, crop, crop)
@@ -61,30 +61,19 @@ pub fn preprocess(
             "need 0 < crop ({crop}) <= resize ({resize})"
         )));
     }
-    let (w, h) = img.dimensions();
-    let (w, h) = (w as usize, h as usize);
-    // torchvision: the shorter side becomes `resize`, the longer int(resize * long / short).
-    let (nw, nh) = if w <= h {
-        (resize, resize * h / w)
-    } else {
-        (resize * w / h, resize)
-    };
-    let rgb = img
-        .resize_exact(nw as u32, nh as u32, FilterType::Triangle)
-        .to_rgb8();
-    // torchvision's center crop: top = round((h - crop) / 2).
-    let top = ((nh - crop) as f64 / 2.).round() as usize;
-    let left = ((nw - crop) as f64 / 2.).round() as usize;
-    let mut data = vec![0f32; 3 * crop * crop];
-    for y in 0..crop {
-        for x in 0..crop {
-            let p = rgb.get_pixel((left + x) as u32, (top + y) as u32);
-            for c in 0..3 {
-                data[c * crop * crop + y * crop + x] = (f32::from(p[c]) / 255. - MEAN[c]) / STD[c];
-            }
-        }
+    evaluation(resize, crop).tensor(img, device)
+}
+
+/// torchvision's ImageNet evaluation preprocessing as a [`Preprocess`]: RGB, shorter side to
+/// `resize`, centre crop `crop` x `crop`, [`MEAN`] and [`STD`].
+pub fn evaluation(resize: usize, crop: usize) -> Preprocess {
+    Preprocess {
+        channels: 3,
+        image_size: [crop, crop],
+        resize: Some(resize),
+        mean: MEAN.to_vec(),
+        std: STD.to_vec(),
     }
-    Ok(Tensor::from_vec(data, (3, crop, crop), device)?)
 }
 
 #[cfg(test)]

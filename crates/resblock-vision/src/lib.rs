@@ -29,10 +29,13 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod atomic;
 pub mod basic_block;
 pub mod bottleneck;
 pub mod error;
 pub mod imagenet;
+pub mod model_file;
+pub mod preprocess;
 pub mod resnet;
 pub mod summary;
 pub mod weights;
@@ -44,5 +47,7 @@ pub use bottleneck::{
     bottleneck, Bottleneck, BottleneckBranch, BottleneckConfig, BOTTLENECK_EXPANSION,
 };
 pub use error::{Error, Result};
+pub use model_file::{load_model, read_model_meta, save_model, save_model_varmap, LoadedModel, ModelMeta};
+pub use preprocess::Preprocess;
 pub use resnet::{resnet, Block, BlockType, ResNet, ResNetConfig, StemType};
 pub use summary::{Summary, SummaryRow};

@@ -19,7 +19,8 @@ use crate::bottleneck::{bottleneck, Bottleneck, BottleneckConfig, BOTTLENECK_EXP
 use crate::error::{Error, Result};
 
 /// The residual block a network is made of.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum BlockType {
     /// Two 3x3 convolutions (ResNet-18/34, CIFAR ResNets, WRN).
     Basic,
@@ -38,7 +39,8 @@ impl BlockType {
 }
 
 /// The stem: what runs before the first stage.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum StemType {
     /// 7x7 stride-2 conv, BN, ReLU, 3x3 stride-2 max-pool (ImageNet; torchvision).
     ImageNet,
@@ -51,8 +53,10 @@ pub enum StemType {
     Deep,
 }
 
-/// Everything that defines a ResNet.
-#[derive(Debug, Clone, PartialEq)]
+/// Everything that defines a ResNet. Serialised with serde as the `config` of a model
+/// file's metadata (see [`crate::model_file`]), field names as here.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ResNetConfig {
     /// The block type.
     pub block: BlockType,

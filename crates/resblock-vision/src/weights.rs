@@ -140,11 +140,32 @@ fn varmap_shapes(varmap: &VarMap) -> BTreeMap<String, Vec<usize>> {
 /// # Errors
 /// As [`read_state_dict`] and [`check_state_dict`].
 pub fn load_into_varmap(varmap: &VarMap, path: &Path) -> Result<()> {
-    let found = read_state_dict(path)?;
-    check_state_dict(&varmap_shapes(varmap), &found, path)?;
+    load_state_dict_into_varmap(varmap, &read_state_dict(path)?, path, |_| false)
+}
+
+/// Loads a state_dict read from `path` into `varmap`, strictly except for the keys where
+/// `skip` is true (on either side: neither required nor loaded; e.g. a classifier being
+/// replaced). Nothing is changed unless the rest fits.
+///
+/// # Errors
+/// As [`check_state_dict`].
+pub fn load_state_dict_into_varmap(
+    varmap: &VarMap,
+    found: &BTreeMap<String, Tensor>,
+    path: &Path,
+    skip: impl Fn(&str) -> bool,
+) -> Result<()> {
+    let mut expected = varmap_shapes(varmap);
+    expected.retain(|k, _| !skip(k));
+    let kept: BTreeMap<String, Tensor> = found
+        .iter()
+        .filter(|(k, _)| !skip(k))
+        .map(|(k, t)| (k.clone(), t.clone()))
+        .collect();
+    check_state_dict(&expected, &kept, path)?;
     let data = varmap.data().lock().unwrap_or_else(|e| e.into_inner());
     for (k, var) in data.iter() {
-        if let Some(t) = found.get(k) {
+        if let Some(t) = kept.get(k) {
             let t = t
                 .reshape(var.shape())?
                 .to_dtype(var.dtype())?
@@ -201,21 +222,26 @@ pub fn save_varmap(varmap: &VarMap, path: &Path) -> Result<()> {
 /// # Errors
 /// An unwritable destination.
 pub fn save_tensors(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
-    let io = |e: std::io::Error| Error::Io {
+    save_tensors_with_metadata(tensors, None, path)
+}
+
+/// As [`save_tensors`], with safetensors `__metadata__` entries (string keys and values).
+///
+/// # Errors
+/// An unwritable destination.
+pub fn save_tensors_with_metadata(
+    tensors: &HashMap<String, Tensor>,
+    metadata: Option<HashMap<String, String>>,
+    path: &Path,
+) -> Result<()> {
+    let cpu: Vec<(&str, Tensor)> = tensors
+        .iter()
+        .map(|(k, t)| Ok((k.as_str(), t.to_device(&Device::Cpu)?.contiguous()?)))
+        .collect::<Result<_>>()?;
+    let bytes = safetensors::serialize(cpu.iter().map(|(k, t)| (*k, t)), metadata)
+        .map_err(|e| format_err(path, e))?;
+    crate::atomic::write_atomic(path, &bytes).map_err(|e| Error::Io {
         path: path.display().to_string(),
         source: e,
-    };
-    let name = path
-        .file_name()
-        .and_then(|n| n.to_str())
-        .unwrap_or("weights");
-    let tmp = path.with_file_name(format!(".{name}.tmp{}", std::process::id()));
-    candle_core::safetensors::save(tensors, &tmp).map_err(|e| format_err(&tmp, e))?;
-    std::fs::File::open(&tmp)
-        .and_then(|f| f.sync_all())
-        .map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        io(e)
     })
 }

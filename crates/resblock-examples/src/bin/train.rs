@@ -12,9 +12,16 @@
 //!
 //! Outputs go to `--out` (default `runs/<arch>`): `checkpoint.safetensors` after every epoch
 //! (resume with `--resume DIR`), `metrics.jsonl`, `loss.png`, `accuracy.png` and the final
-//! weights `model.safetensors` in torchvision's naming.
+//! model file `model.safetensors`: torchvision's tensor names plus the `resblock` metadata
+//! (architecture, classes, preprocessing, flags, test accuracy) that `predict`, `evaluate`
+//! and `export` read.
+//!
+//! Fine-tuning: `--init-weights W` or `--pretrained NAME` (torchvision's ImageNet weights,
+//! downloaded and cached); a classifier for another class count is replaced by a fresh one,
+//! grayscale data meets a 3-channel stem by replicating the channel, and
+//! `--freeze-backbone` / `--freeze-until STAGE` train only what comes after.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
@@ -23,26 +30,28 @@ use candle_nn::VarMap;
 use clap::{Parser, ValueEnum};
 use resblock_core::{configure_threads, parse_device, seeded_var_builder, RngHandle};
 use resblock_examples::positive_f64;
-use resblock_train::data::{
-    download, read_cifar, read_image_folder, read_mnist, verify_sha256sums, CifarKind,
-    RemoteDataset,
-};
+use resblock_train::data::{download, DataKind, DataSpec, RemoteDataset};
+use resblock_train::pretrained::{cache_dir, fetch_pretrained, Pretrained};
 use resblock_train::optim::{param_groups, Adam, AdamConfig, Optimizer, Sgd, SgdConfig};
 use resblock_train::schedule::{LrSchedule, Schedule, Warmup};
 use resblock_train::{
     DataLoader, Dataset, ImageDataset, LossKind, Trainer, TrainerConfig, Transform,
 };
-use resblock_vision::weights::{load_into_varmap, save_varmap};
-use resblock_vision::{resnet, ResNetConfig};
+use resblock_vision::model_file::save_model_varmap;
+use resblock_vision::weights::{load_state_dict_into_varmap, read_state_dict};
+use resblock_vision::{resnet, ModelMeta, Preprocess, ResNetConfig};
+use serde::Serialize;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
 enum OptimizerKind {
     Sgd,
     Adam,
     Adamw,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
 enum ScheduleKind {
     Constant,
     Step,
@@ -52,12 +61,14 @@ enum ScheduleKind {
 }
 
 /// Train a ResNet (any resblock-vision preset) on MNIST, CIFAR or an image folder.
-#[derive(Debug, Parser)]
+/// The parsed flags are recorded in the model file's metadata (`train_flags`).
+#[derive(Debug, Parser, Serialize)]
 #[command(version, about)]
 struct Args {
-    /// Architecture: any resblock-vision preset (resnet20, resnet56, plain20, resnet18, wrn28_10, ...).
-    #[arg(long, default_value = "resnet20")]
-    arch: String,
+    /// Architecture: any resblock-vision preset (resnet20, resnet56, plain20, resnet18,
+    /// wrn28_10, ...); default resnet20, or the architecture of --pretrained.
+    #[arg(long)]
+    arch: Option<String>,
     /// Data: `mnist-10k` (bundled), `mnist:DIR`, `cifar10:DIR`, `cifar100:DIR`, or `folder:DIR`
     /// with `DIR/train/<class>/*.png` (or `.jpg`) and `DIR/test` (or `DIR/val`).
     #[arg(long, default_value = "mnist-10k")]
@@ -113,9 +124,23 @@ struct Args {
     /// Seed of the weights, the data order and the augmentation.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Start from these weights (.pth or .safetensors, torchvision naming, strict).
-    #[arg(long)]
+    /// Start from these weights (.pth or .safetensors, torchvision naming, strict except
+    /// for a classifier with another class count, which is replaced by a fresh one).
+    #[arg(long, conflicts_with = "pretrained")]
     init_weights: Option<PathBuf>,
+    /// Start from torchvision's ImageNet weights for an architecture (`resnet50`,
+    /// `resnet50.IMAGENET1K_V2`, ...; sets --arch): downloaded once (SHA-256 checked) into
+    /// the cache ($RESBLOCK_CACHE_DIR/weights, default ~/.cache/resblock/weights);
+    /// RESBLOCK_WEIGHTS_MIRROR=URL replaces the official base URL.
+    #[arg(long)]
+    pretrained: Option<String>,
+    /// Train only the classifier (`fc`); everything before it keeps its weights.
+    #[arg(long, conflicts_with = "freeze_until")]
+    freeze_backbone: bool,
+    /// Keep the stem and the stages up to STAGE fixed (`stem`, `layer1`, `layer2`, ... or
+    /// the number N of `layerN`; 0 is the stem) and train the rest.
+    #[arg(long)]
+    freeze_until: Option<String>,
     /// Output directory (default `runs/<arch>`).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -138,92 +163,59 @@ struct Args {
     device: String,
 }
 
-/// The bundled MNIST-10k, beside the workspace root.
-fn bundled_mnist() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/mnist-10k")
-}
-
-/// (train, test, dataset kind) for `--data`.
+/// Reads `--data` (fetching it first with `--download`): (train, test, spec).
 fn load_data(
     spec: &str,
     image_size: Option<usize>,
     fetch: bool,
-) -> Result<(ImageDataset, ImageDataset, &'static str)> {
-    let (kind, dir) = match spec.split_once(':') {
-        Some((k, d)) => (k, PathBuf::from(d)),
-        None => (spec, PathBuf::new()),
-    };
+) -> Result<(ImageDataset, ImageDataset, DataSpec)> {
+    let spec = DataSpec::parse(spec)?;
     if fetch {
-        if !matches!(kind, "mnist" | "cifar10" | "cifar100") {
-            bail!("--download fetches mnist:DIR, cifar10:DIR or cifar100:DIR, not {spec:?}");
-        }
+        let Some(kind) = spec.remote_name() else {
+            bail!("--download fetches mnist:DIR, cifar10:DIR or cifar100:DIR, not {:?}", spec.text);
+        };
         let ds = RemoteDataset::by_name(kind)?;
-        if !ds.is_present(&dir) {
+        let dir = &spec.dir;
+        if !ds.is_present(dir) {
             println!("downloading {kind} into {}", dir.display());
         }
         let mirror = std::env::var("RESBLOCK_DATA_MIRROR").ok();
-        download(&ds, &dir, mirror.as_deref())
+        download(&ds, dir, mirror.as_deref())
             .with_context(|| format!("--download {kind} into {}", dir.display()))?;
     }
-    Ok(match kind {
-        "mnist-10k" => {
-            let dir = bundled_mnist();
-            verify_sha256sums(&dir).context("checking the bundled MNIST-10k")?;
-            let (a, b) = read_mnist(&dir)?;
-            (a, b, "mnist")
-        }
-        "mnist" => {
-            let (a, b) = read_mnist(&dir)?;
-            (a, b, "mnist")
-        }
-        "cifar10" | "cifar100" => {
-            let k = if kind == "cifar10" { CifarKind::Cifar10 } else { CifarKind::Cifar100 };
-            let (a, b) = read_cifar(&dir, k)?;
-            (a, b, "cifar")
-        }
-        "folder" => {
-            let train = read_image_folder(&dir.join("train"), image_size, None)?;
-            let test_dir = ["test", "val"].iter().map(|s| dir.join(s)).find(|p| p.is_dir());
-            let Some(test_dir) = test_dir else {
-                bail!("{}: needs a test/ or val/ folder beside train/", dir.display());
-            };
-            let test = read_image_folder(&test_dir, image_size, Some(&train.class_names))?;
-            if test.shape() != train.shape() {
-                bail!(
-                    "{}: test images are {:?} but training images are {:?}: pass --image-size",
-                    test_dir.display(),
-                    test.shape(),
-                    train.shape()
-                );
-            }
-            (train, test, "folder")
-        }
-        _ => bail!("unknown --data {spec:?}: expected mnist-10k, mnist:DIR, cifar10:DIR, cifar100:DIR or folder:DIR"),
-    })
+    let (train, test) = spec.load(image_size)?;
+    Ok((train, test, spec))
 }
 
-/// Per-channel mean and standard deviation of a dataset's pixels in [0, 1].
-fn channel_stats(ds: &ImageDataset) -> (Vec<f32>, Vec<f32>) {
-    let per = ds.height * ds.width;
-    let mut sum = vec![0f64; ds.channels];
-    let mut sq = vec![0f64; ds.channels];
-    for img in ds.pixels.chunks_exact(ds.channels * per) {
-        for c in 0..ds.channels {
-            for &p in &img[c * per..(c + 1) * per] {
-                let v = f64::from(p) / 255.;
-                sum[c] += v;
-                sq[c] += v * v;
-            }
-        }
+/// Which parameters `--freeze-backbone` / `--freeze-until` keep fixed: `None` trains all.
+fn frozen_by(args: &Args, stages: usize) -> Result<Option<Box<dyn Fn(&str) -> bool>>> {
+    if args.freeze_backbone {
+        return Ok(Some(Box::new(|k: &str| !k.starts_with("fc."))));
     }
-    let n = (ds.labels.len() * per) as f64;
-    let mean: Vec<f64> = sum.iter().map(|s| s / n).collect();
-    let std = sq
-        .iter()
-        .zip(&mean)
-        .map(|(q, m)| ((q / n - m * m).max(1e-12)).sqrt() as f32)
-        .collect();
-    (mean.into_iter().map(|m| m as f32).collect(), std)
+    let Some(until) = &args.freeze_until else {
+        return Ok(None);
+    };
+    let n: usize = match until.as_str() {
+        "stem" => 0,
+        s => s
+            .strip_prefix("layer")
+            .unwrap_or(s)
+            .parse()
+            .ok()
+            .filter(|n| *n <= stages)
+            .with_context(|| {
+                format!("--freeze-until {s:?}: expected stem, layer1 ... layer{stages} or 0 ... {stages}")
+            })?,
+    };
+    Ok(Some(Box::new(move |k: &str| {
+        if k.starts_with("fc.") || k.starts_with("bn_final.") {
+            return false;
+        }
+        match k.strip_prefix("layer").and_then(|r| r.split('.').next()) {
+            Some(stage) => stage.parse::<usize>().is_ok_and(|s| s <= n),
+            None => true, // the stem
+        }
+    })))
 }
 
 fn main() -> Result<()> {
@@ -246,12 +238,49 @@ fn main() -> Result<()> {
         );
     }
 
+    // Fine-tuning starts from a weight file: given, or torchvision's, downloaded once.
+    let (arch, init) = match &args.pretrained {
+        Some(name) => {
+            let p = Pretrained::by_name(name)?;
+            if let Some(a) = args.arch.as_deref().filter(|a| *a != p.arch) {
+                bail!("--pretrained {name} is a {} but --arch {a} was given", p.arch);
+            }
+            let mirror = std::env::var("RESBLOCK_WEIGHTS_MIRROR").ok();
+            let file = fetch_pretrained(&p, &cache_dir(), mirror.as_deref())
+                .with_context(|| format!("--pretrained {name}"))?;
+            println!("pretrained {name}: {}", file.display());
+            (p.arch.to_string(), Some(file))
+        }
+        None => (
+            args.arch.clone().unwrap_or_else(|| "resnet20".into()),
+            args.init_weights.clone(),
+        ),
+    };
+    let init = match init {
+        Some(path) => Some((read_state_dict(&path)?, path)),
+        None => None,
+    };
+
     let image_size = args.image_size.map(|s| s as usize);
-    let (train, test, kind) = load_data(&args.data, image_size, args.download)?;
+    let (mut train, mut test, spec) = load_data(&args.data, image_size, args.download)?;
+    let folder = spec.kind == DataKind::Folder;
+    let mnist = matches!(spec.kind, DataKind::Mnist | DataKind::BundledMnist);
+    // Grayscale data meets a 3-channel stem (pretrained weights) by replicating its channel.
+    let init_channels = init.as_ref().and_then(|(sd, _)| {
+        ["conv1.weight", "conv1.0.weight"]
+            .iter()
+            .find_map(|k| sd.get(*k))
+            .and_then(|t| t.dims().get(1).copied())
+    });
+    if let (Some(3), 1) = (init_channels, train.channels) {
+        println!("grayscale data, 3-channel weights: replicating the channel (as torchvision's Grayscale(3))");
+        train = train.replicate_channels(3)?;
+        test = test.replicate_channels(3)?;
+    }
     let (c, h, w) = train.shape();
     // Folders are resized as they are read; other datasets by a transform, first.
     let resize = match image_size {
-        Some(s) if kind != "folder" && (s, s) != (h, w) => vec![Transform::Resize {
+        Some(s) if !folder && (s, s) != (h, w) => vec![Transform::Resize {
             height: s,
             width: s,
         }],
@@ -271,20 +300,24 @@ fn main() -> Result<()> {
         test.len(),
         train.num_classes
     );
-    let (mean, std) = channel_stats(&train);
+    let (mean, std) = train.channel_stats();
+    let preprocess = Preprocess {
+        channels: c,
+        image_size: [h, w],
+        resize: None,
+        mean: mean.clone(),
+        std: std.clone(),
+    };
     let normalize = Transform::Normalize { mean, std };
     let augment = !args.no_augment;
     let mut train_tf = resize.clone();
     if augment {
-        let pad = match kind {
-            "mnist" => 2,
-            _ => (h / 8).max(1),
-        };
+        let pad = if mnist { 2 } else { (h / 8).max(1) };
         train_tf.push(Transform::RandomCrop {
             size: h.min(w),
             padding: pad,
         });
-        if kind != "mnist" {
+        if !mnist {
             train_tf.push(Transform::RandomHorizontalFlip { p: 0.5 });
         }
         if h != w {
@@ -293,7 +326,7 @@ fn main() -> Result<()> {
     }
     train_tf.push(normalize.clone());
 
-    let mut cfg = ResNetConfig::preset(&args.arch)?;
+    let mut cfg = ResNetConfig::preset(&arch)?;
     cfg.in_channels = c;
     cfg.num_classes = train.num_classes;
     let rng = RngHandle::seed_from_u64(args.seed);
@@ -303,11 +336,22 @@ fn main() -> Result<()> {
         &rng,
         seeded_var_builder(&varmap, &rng, DType::F32, &device),
     )?;
-    if let Some(wpath) = &args.init_weights {
-        load_into_varmap(&varmap, wpath)?;
-        println!("initial weights from {}", wpath.display());
+    if let Some((sd, path)) = &init {
+        let file_classes = sd.get("fc.weight").and_then(|t| t.dims().first().copied());
+        let new_head = file_classes.is_some_and(|n| n != cfg.num_classes);
+        if let (true, Some(n)) = (new_head, file_classes) {
+            println!(
+                "replacing the head: {} has {n} classes, the data {} (fc freshly initialised)",
+                path.display(),
+                cfg.num_classes
+            );
+        }
+        load_state_dict_into_varmap(&varmap, sd, path, |k| new_head && k.starts_with("fc."))?;
+        println!("initial weights from {}", path.display());
     }
+    let frozen = frozen_by(&args, cfg.layers.len())?;
 
+    let train_class_names = train.class_names_or_indices();
     let workers = args.workers as usize;
     let mut train_loader = DataLoader::new(Arc::new(train), args.batch_size as usize)?
         .transforms(train_tf)
@@ -353,9 +397,22 @@ fn main() -> Result<()> {
     });
     let schedule = LrSchedule::new(args.lr, schedule, warmup)?;
     let no_decay = true;
+    let groups = || {
+        let mut g = param_groups(&varmap, args.weight_decay, no_decay);
+        if let Some(frozen) = &frozen {
+            for group in &mut g {
+                group.params.retain(|(k, _)| !frozen(k));
+            }
+        }
+        g
+    };
+    if frozen.is_some() {
+        let n: usize = groups().iter().flat_map(|g| &g.params).map(|(_, v)| v.elem_count()).sum();
+        println!("frozen backbone: training {n} of {} parameters", resblock_core::params::count_parameters(&varmap, ""));
+    }
     let optimizer: Box<dyn Optimizer> = match args.optimizer {
         OptimizerKind::Sgd => Box::new(Sgd::new(
-            param_groups(&varmap, args.weight_decay, no_decay),
+            groups(),
             SgdConfig {
                 lr: args.lr,
                 momentum: args.momentum,
@@ -364,7 +421,7 @@ fn main() -> Result<()> {
             },
         )?),
         OptimizerKind::Adam | OptimizerKind::Adamw => Box::new(Adam::with_groups(
-            param_groups(&varmap, args.weight_decay, no_decay),
+            groups(),
             AdamConfig {
                 lr: args.lr,
                 weight_decay: args.weight_decay,
@@ -378,7 +435,7 @@ fn main() -> Result<()> {
         .out
         .clone()
         .or_else(|| args.resume.clone())
-        .unwrap_or_else(|| PathBuf::from("runs").join(&args.arch));
+        .unwrap_or_else(|| PathBuf::from("runs").join(&arch));
     let tcfg = TrainerConfig {
         epochs: args.epochs as usize,
         loss: LossKind::CrossEntropy {
@@ -397,7 +454,7 @@ fn main() -> Result<()> {
     }
     println!(
         "training {} ({} parameters) for {} epochs, {} steps per epoch; writing to {}",
-        args.arch,
+        arch,
         resblock_core::params::count_parameters(&varmap, ""),
         args.epochs,
         steps_per_epoch,
@@ -407,10 +464,14 @@ fn main() -> Result<()> {
     let history = trainer
         .fit(&mut train_loader, Some(&mut test_loader))?
         .to_vec();
-    save_varmap(&varmap, &out.join("model.safetensors"))?;
     let Some(last) = history.last() else {
         bail!("no epoch was trained");
     };
+    let mut meta = ModelMeta::new(&arch, &cfg, train_class_names, &preprocess);
+    meta.dataset = Some(args.data.clone());
+    meta.train_flags = Some(serde_json::to_value(&args)?);
+    meta.test_accuracy = Some(100. * last.test_acc);
+    save_model_varmap(&varmap, &meta, &out.join("model.safetensors"))?;
     if last.epoch < args.epochs as usize {
         println!(
             "stopped after epoch {} of {}: continue with --resume {}",

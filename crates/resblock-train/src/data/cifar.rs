@@ -78,6 +78,7 @@ pub fn read_cifar(dir: &Path, kind: CifarKind) -> Result<(ImageDataset, ImageDat
     } else {
         dir.join(sub)
     };
+    let class_names = class_names(&base, kind, classes);
     let empty = || ImageDataset {
         pixels: Vec::new(),
         labels: Vec::new(),
@@ -85,7 +86,8 @@ pub fn read_cifar(dir: &Path, kind: CifarKind) -> Result<(ImageDataset, ImageDat
         height: 32,
         width: 32,
         num_classes: classes,
-        class_names: Vec::new(),
+        class_names: class_names.clone(),
+        sources: Vec::new(),
     };
     let load = |files: &[String]| -> Result<ImageDataset> {
         let mut ds = empty();
@@ -105,4 +107,36 @@ pub fn read_cifar(dir: &Path, kind: CifarKind) -> Result<(ImageDataset, ImageDat
         Ok(ds)
     };
     Ok((load(&train_files)?, load(&[test_file.to_string()])?))
+}
+
+/// CIFAR-10's class names (fixed by the dataset); CIFAR-100's from the archive's
+/// `fine_label_names.txt` when it is there, else `class i`.
+fn class_names(base: &Path, kind: CifarKind, classes: usize) -> Vec<String> {
+    const CIFAR10: [&str; 10] = [
+        "airplane",
+        "automobile",
+        "bird",
+        "cat",
+        "deer",
+        "dog",
+        "frog",
+        "horse",
+        "ship",
+        "truck",
+    ];
+    let listed = |file: &str| -> Option<Vec<String>> {
+        let text = std::fs::read_to_string(base.join(file)).ok()?;
+        let names: Vec<String> = text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(String::from)
+            .collect();
+        (names.len() == classes).then_some(names)
+    };
+    match kind {
+        CifarKind::Cifar10 => CIFAR10.iter().map(|s| s.to_string()).collect(),
+        CifarKind::Cifar100 => listed("fine_label_names.txt")
+            .unwrap_or_else(|| (0..classes).map(|i| format!("class {i}")).collect()),
+    }
 }

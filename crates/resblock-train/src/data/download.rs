@@ -248,7 +248,7 @@ fn fetch_verified(
     let mut failures = Vec::new();
     for base in urls {
         let url = format!("{base}{}", f.name);
-        match get_to_file(&url, &part) {
+        match fetch_to_file(&url, &part) {
             Ok(digest) if digest == f.sha256 => {
                 fs::rename(&part, target).map_err(|e| data_err(target, e))?;
                 return Ok(());
@@ -280,8 +280,12 @@ fn fetch_verified(
     })
 }
 
-/// Streams `url` into `path`, returning the SHA-256 of what was written.
-fn get_to_file(url: &str, path: &Path) -> std::result::Result<String, String> {
+/// Streams `url` into `path` (created or truncated, synced), returning the SHA-256 of
+/// what was written. The caller renames it into place once the digest is checked.
+///
+/// # Errors
+/// The connection's or the file's error, as text.
+pub fn fetch_to_file(url: &str, path: &Path) -> std::result::Result<String, String> {
     let mut resp = ureq::get(url).call().map_err(|e| e.to_string())?;
     let mut reader = resp.body_mut().with_config().limit(u64::MAX).reader();
     let mut out = fs::File::create(path).map_err(|e| e.to_string())?;

@@ -115,6 +115,7 @@ pub fn read_image_folder(
         width: w,
         num_classes: names.len(),
         class_names: names,
+        sources: Vec::with_capacity(decoded.len()),
     };
     for (path, img, label) in decoded {
         let img = if (img.height() as usize, img.width() as usize) != (h, w) {
@@ -141,6 +142,7 @@ pub fn read_image_folder(
             }
         }
         ds.labels.push(label);
+        ds.sources.push(path);
     }
     Ok(ds)
 }

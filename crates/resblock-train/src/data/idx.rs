@@ -141,6 +141,7 @@ pub fn read_mnist(dir: &Path) -> Result<(ImageDataset, ImageDataset)> {
             width: w,
             num_classes: 10,
             class_names: (0..10).map(|d| d.to_string()).collect(),
+            sources: Vec::new(),
         };
         ds.validate(&lp.display().to_string())?;
         Ok(ds)

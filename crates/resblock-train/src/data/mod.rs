@@ -14,15 +14,17 @@ mod folder;
 mod idx;
 mod loader;
 mod source;
+mod spec;
 mod transform;
 
 pub use cifar::{read_cifar, CifarKind};
 #[cfg(feature = "download")]
-pub use download::{download, sha256_file, RemoteDataset, RemoteFile, Unpack};
+pub use download::{download, fetch_to_file, sha256_file, RemoteDataset, RemoteFile, Unpack};
 pub use folder::read_image_folder;
 pub use idx::{read_idx_images, read_idx_labels, read_mnist, verify_sha256sums};
 pub use loader::DataLoader;
 pub use source::{Batch, BatchSource, FixedBatches};
+pub use spec::{bundled_mnist_dir, DataKind, DataSpec, Split};
 pub use transform::Transform;
 
 use crate::error::{Error, Result};
@@ -42,8 +44,12 @@ pub struct ImageDataset {
     pub width: usize,
     /// Number of classes (labels are below it).
     pub num_classes: usize,
-    /// Class names, if the format has them (image folders).
+    /// Class names in label order (image folders: the folder names; MNIST: the digits;
+    /// CIFAR: the dataset's names).
     pub class_names: Vec<String>,
+    /// Where each sample came from (image folders: the file path), for reports; empty
+    /// for formats without one file per sample.
+    pub sources: Vec<std::path::PathBuf>,
 }
 
 /// A dataset of labelled images.
@@ -66,6 +72,73 @@ pub trait Dataset: Send + Sync {
 }
 
 impl ImageDataset {
+    /// Per-channel mean and standard deviation of the pixels scaled to [0, 1] (the
+    /// normalisation `train` uses and records in the model file).
+    pub fn channel_stats(&self) -> (Vec<f32>, Vec<f32>) {
+        let per = self.height * self.width;
+        let mut sum = vec![0f64; self.channels];
+        let mut sq = vec![0f64; self.channels];
+        for img in self.pixels.chunks_exact(self.channels * per) {
+            for c in 0..self.channels {
+                for &p in &img[c * per..(c + 1) * per] {
+                    let v = f64::from(p) / 255.;
+                    sum[c] += v;
+                    sq[c] += v * v;
+                }
+            }
+        }
+        let n = (self.labels.len() * per).max(1) as f64;
+        let mean: Vec<f64> = sum.iter().map(|s| s / n).collect();
+        let std = sq
+            .iter()
+            .zip(&mean)
+            .map(|(q, m)| ((q / n - m * m).max(1e-12)).sqrt() as f32)
+            .collect();
+        (mean.into_iter().map(|m| m as f32).collect(), std)
+    }
+
+    /// The dataset with its single channel repeated `channels` times (grayscale images
+    /// for a 3-channel network, as torchvision's `Grayscale(3)`).
+    ///
+    /// # Errors
+    /// A dataset that does not have exactly one channel.
+    pub fn replicate_channels(self, channels: usize) -> Result<Self> {
+        if self.channels != 1 {
+            return Err(Error::config(format!(
+                "only 1-channel images can be replicated, these have {}",
+                self.channels
+            )));
+        }
+        let per = self.height * self.width;
+        let mut pixels = Vec::with_capacity(self.pixels.len() * channels);
+        for img in self.pixels.chunks_exact(per.max(1)) {
+            for _ in 0..channels {
+                pixels.extend_from_slice(img);
+            }
+        }
+        Ok(Self {
+            pixels,
+            channels,
+            ..self
+        })
+    }
+
+    /// Class names in label order: the dataset's, or `class i` where it has none.
+    pub fn class_names_or_indices(&self) -> Vec<String> {
+        if self.class_names.len() == self.num_classes {
+            self.class_names.clone()
+        } else {
+            (0..self.num_classes).map(|i| format!("class {i}")).collect()
+        }
+    }
+
+    /// Sample `i`'s source for reports: its file, or `sample i` when the format has none.
+    pub fn source(&self, i: usize) -> String {
+        self.sources
+            .get(i)
+            .map_or_else(|| format!("sample {i}"), |p| p.display().to_string())
+    }
+
     /// Checks that the buffers agree and every label is in range.
     ///
     /// # Errors

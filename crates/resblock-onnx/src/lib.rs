@@ -1,0 +1,1 @@
+//! ONNX export (work in progress).
