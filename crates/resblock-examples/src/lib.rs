@@ -1,4 +1,8 @@
-//! Shared helpers of the demo binaries (argument parsing and printing).
+//! Shared helpers of the binaries (argument parsing, model selection, printing).
+
+pub mod model_args;
+
+pub use model_args::ModelArgs;
 
 use candle_core::Tensor;
 
@@ -29,4 +33,47 @@ pub fn format_matrix(t: &Tensor) -> candle_core::Result<String> {
         })
         .collect();
     Ok(format!("[{}]", rows.join(", ")))
+}
+
+/// The image files (`.png`, `.jpg`, `.jpeg`) named by `paths`: files as given, folders
+/// searched recursively, each folder's entries sorted.
+///
+/// # Errors
+/// A path that does not exist, or an unreadable folder.
+pub fn collect_images(paths: &[std::path::PathBuf]) -> anyhow::Result<Vec<std::path::PathBuf>> {
+    fn is_image(p: &std::path::Path) -> bool {
+        matches!(
+            p.extension()
+                .and_then(|e| e.to_str())
+                .map(str::to_ascii_lowercase)
+                .as_deref(),
+            Some("png" | "jpg" | "jpeg")
+        )
+    }
+    fn walk(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) -> anyhow::Result<()> {
+        let mut entries: Vec<_> = std::fs::read_dir(dir)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .collect();
+        entries.sort();
+        for p in entries {
+            if p.is_dir() {
+                walk(&p, out)?;
+            } else if is_image(&p) {
+                out.push(p);
+            }
+        }
+        Ok(())
+    }
+    let mut out = Vec::new();
+    for p in paths {
+        if p.is_dir() {
+            walk(p, &mut out)?;
+        } else if p.is_file() {
+            out.push(p.clone());
+        } else {
+            anyhow::bail!("{}: no such file or folder", p.display());
+        }
+    }
+    Ok(out)
 }

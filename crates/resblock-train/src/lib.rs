@@ -36,6 +36,7 @@
 
 pub mod checkpoint;
 pub mod clip;
+pub mod confusion;
 pub mod data;
 pub mod error;
 pub mod loss;

@@ -13,7 +13,7 @@ use crate::trainer::EpochRecord;
 
 const FONT: &[u8] = include_bytes!("../assets/DejaVuSansMono.ttf");
 
-fn ensure_font() {
+pub(crate) fn ensure_font() {
     static DONE: OnceLock<()> = OnceLock::new();
     DONE.get_or_init(|| {
         // A failure only means text is not drawn; the curves still are.

@@ -34,19 +34,13 @@ fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(v)
 }
 
-/// Reads `split_dir/<class>/*` with classes sorted by name (their index is the label).
-/// Images are decoded up front: grayscale when every image is grayscale, RGB otherwise;
-/// resized to `image_size` x `image_size` when given (bilinear), else all must share one size.
-/// `classes` fixes the class list (for a test split that must match the training one).
+/// The files of `split_dir/<class>/*.png|jpg|jpeg`: the class names (folder names, sorted;
+/// their index is the label) and every image with its label, sorted by path within a class.
+/// Nothing is decoded.
 ///
 /// # Errors
-/// A missing folder, a class folder without images, an undecodable image, or mixed sizes
-/// without `image_size`, each naming the path.
-pub fn read_image_folder(
-    split_dir: &Path,
-    image_size: Option<usize>,
-    classes: Option<&[String]>,
-) -> Result<ImageDataset> {
+/// A missing folder, no class folders, or a class folder without images, naming the path.
+pub fn list_image_folder(split_dir: &Path) -> Result<(Vec<String>, Vec<(PathBuf, u32)>)> {
     let class_dirs: Vec<PathBuf> = sorted_entries(split_dir)?
         .into_iter()
         .filter(|p| p.is_dir())
@@ -66,6 +60,46 @@ pub fn read_image_folder(
             "no class folders (expected DIR/<split>/<class>/*.png)",
         ));
     }
+    let mut files = Vec::new();
+    for (label, dir) in class_dirs.iter().enumerate() {
+        let images: Vec<PathBuf> = sorted_entries(dir)?
+            .into_iter()
+            .filter(|p| p.is_file() && is_image(p))
+            .collect();
+        if images.is_empty() {
+            return Err(fail(dir, "class folder has no .png/.jpg images"));
+        }
+        files.extend(images.into_iter().map(|f| (f, label as u32)));
+    }
+    Ok((names, files))
+}
+
+/// Decodes one image file (PNG or JPEG, format guessed from the bytes).
+///
+/// # Errors
+/// An unreadable or undecodable file, naming it.
+pub fn decode_image(path: &Path) -> Result<DynamicImage> {
+    image::ImageReader::open(path)
+        .and_then(|r| r.with_guessed_format())
+        .map_err(|e| fail(path, e.to_string()))?
+        .decode()
+        .map_err(|e| fail(path, format!("cannot decode image: {e}")))
+}
+
+/// Reads `split_dir/<class>/*` with classes sorted by name (their index is the label).
+/// Images are decoded up front: grayscale when every image is grayscale, RGB otherwise;
+/// resized to `image_size` x `image_size` when given (bilinear), else all must share one size.
+/// `classes` fixes the class list (for a test split that must match the training one).
+///
+/// # Errors
+/// A missing folder, a class folder without images, an undecodable image, or mixed sizes
+/// without `image_size`, each naming the path.
+pub fn read_image_folder(
+    split_dir: &Path,
+    image_size: Option<usize>,
+    classes: Option<&[String]>,
+) -> Result<ImageDataset> {
+    let (names, files) = list_image_folder(split_dir)?;
     if let Some(want) = classes {
         if want != names.as_slice() {
             return Err(fail(
@@ -74,24 +108,10 @@ pub fn read_image_folder(
             ));
         }
     }
-    let mut decoded: Vec<(PathBuf, DynamicImage, u32)> = Vec::new();
-    for (label, dir) in class_dirs.iter().enumerate() {
-        let files: Vec<PathBuf> = sorted_entries(dir)?
-            .into_iter()
-            .filter(|p| p.is_file() && is_image(p))
-            .collect();
-        if files.is_empty() {
-            return Err(fail(dir, "class folder has no .png/.jpg images"));
-        }
-        for f in files {
-            let img = image::ImageReader::open(&f)
-                .and_then(|r| r.with_guessed_format())
-                .map_err(|e| fail(&f, e.to_string()))?
-                .decode()
-                .map_err(|e| fail(&f, format!("cannot decode image: {e}")))?;
-            decoded.push((f, img, label as u32));
-        }
-    }
+    let decoded: Vec<(PathBuf, DynamicImage, u32)> = files
+        .into_iter()
+        .map(|(f, label)| decode_image(&f).map(|img| (f, img, label)))
+        .collect::<Result<_>>()?;
     let gray = decoded.iter().all(|(_, img, _)| {
         matches!(
             img.color(),

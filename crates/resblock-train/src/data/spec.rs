@@ -142,20 +142,27 @@ impl DataSpec {
         })
     }
 
-    fn read_folder_test(
-        &self,
-        image_size: Option<usize>,
-        classes: Option<&[String]>,
-    ) -> Result<ImageDataset> {
-        let test_dir = ["test", "val"]
+    /// A folder dataset's test split: `DIR/test`, else `DIR/val`.
+    ///
+    /// # Errors
+    /// Neither exists.
+    pub fn folder_test_dir(&self) -> Result<PathBuf> {
+        ["test", "val"]
             .iter()
             .map(|s| self.dir.join(s))
             .find(|p| p.is_dir())
             .ok_or_else(|| Error::Data {
                 path: self.dir.display().to_string(),
                 msg: "needs a test/ or val/ folder beside train/".into(),
-            })?;
-        read_image_folder(&test_dir, image_size, classes)
+            })
+    }
+
+    fn read_folder_test(
+        &self,
+        image_size: Option<usize>,
+        classes: Option<&[String]>,
+    ) -> Result<ImageDataset> {
+        read_image_folder(&self.folder_test_dir()?, image_size, classes)
     }
 }
 
