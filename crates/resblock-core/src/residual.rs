@@ -222,6 +222,14 @@ impl<G> Residual<G> {
     pub fn alpha(&self) -> Option<&Tensor> {
         self.alpha.as_ref()
     }
+    /// The fixed branch scale, if any.
+    pub fn fixed_scale(&self) -> Option<f64> {
+        self.fixed_scale
+    }
+    /// Whether the shortcut reads the pre-activated input (`a`) rather than `x`.
+    pub fn shortcut_reads_pre(&self) -> bool {
+        self.shortcut_reads_pre
+    }
     /// This block's probe (see [`crate::probe`]).
     pub fn probe(&self) -> &ResidualProbe {
         &self.probe

@@ -28,6 +28,9 @@ pub struct ModelArgs {
     /// downloaded once into the cache ($RESBLOCK_CACHE_DIR/weights).
     #[arg(long)]
     pub pretrained: Option<String>,
+    /// Classes of a weight file without metadata (checked against its `fc.weight`).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub num_classes: Option<u64>,
 }
 
 impl ModelArgs {
@@ -55,6 +58,15 @@ impl ModelArgs {
     pub fn load(&self, device: &Device) -> Result<LoadedModel> {
         let path = self.path()?;
         let m = load_model(&path, self.arch.as_deref(), device)?;
+        if let Some(n) = self.num_classes {
+            if n as usize != m.meta.num_classes {
+                bail!(
+                    "{}: --num-classes {n} but the weights have {} classes",
+                    path.display(),
+                    m.meta.num_classes
+                );
+            }
+        }
         if m.assumed {
             eprintln!(
                 "{}: no resblock metadata; assuming {} classes named by index, {}x{} inputs, mean {:?}, std {:?}",

@@ -49,5 +49,5 @@ pub use bottleneck::{
 pub use error::{Error, Result};
 pub use model_file::{load_model, read_model_meta, save_model, save_model_varmap, LoadedModel, ModelMeta};
 pub use preprocess::Preprocess;
-pub use resnet::{resnet, Block, BlockType, ResNet, ResNetConfig, StemType};
+pub use resnet::{resnet, Block, BlockType, ResNet, ResNetConfig, StemLayer, StemType};
 pub use summary::{Summary, SummaryRow};

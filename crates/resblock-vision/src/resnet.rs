@@ -378,12 +378,16 @@ impl ModuleT for Block {
     }
 }
 
-/// A stem layer (see [`StemType`]).
+/// A stem layer (see [`StemType`]), in execution order in [`ResNet::stem_layers`].
 #[derive(Debug, Clone)]
-pub(crate) enum StemLayer {
+pub enum StemLayer {
+    /// A convolution.
     Conv(Conv2d),
+    /// A batch norm.
     Norm(BatchNorm),
+    /// ReLU.
     Relu,
+    /// 3x3 max-pool, stride 2, padding 1.
     MaxPool,
 }
 
@@ -649,11 +653,13 @@ impl ResNet {
         })
     }
 
-    pub(crate) fn stem_layers(&self) -> &[StemLayer] {
+    /// The stem's layers in execution order.
+    pub fn stem_layers(&self) -> &[StemLayer] {
         &self.stem
     }
 
-    pub(crate) fn final_norm(&self) -> Option<&BatchNorm> {
+    /// Pre-activation nets' final norm (`bn_final`, followed by ReLU), if any.
+    pub fn final_norm(&self) -> Option<&BatchNorm> {
         self.final_norm.as_ref()
     }
 
