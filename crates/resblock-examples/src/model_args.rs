@@ -67,7 +67,12 @@ impl ModelArgs {
                 );
             }
         }
-        if m.assumed {
+        if m.assumed && m.meta.dataset.as_deref() == Some("imagenet") {
+            eprintln!(
+                "{}: no resblock metadata; assuming torchvision's ImageNet classes and preprocessing (resize 256, crop 224)",
+                path.display()
+            );
+        } else if m.assumed {
             eprintln!(
                 "{}: no resblock metadata; assuming {} classes named by index, {}x{} inputs, mean {:?}, std {:?}",
                 path.display(),
