@@ -47,7 +47,9 @@ impl ModelArgs {
         }
         match (&self.model, &self.weights) {
             (Some(p), _) | (None, Some(p)) => Ok(p.clone()),
-            (None, None) => bail!("name a model: --model FILE, --arch A --weights FILE, or --pretrained NAME"),
+            (None, None) => {
+                bail!("name a model: --model FILE, --arch A --weights FILE, or --pretrained NAME")
+            }
         }
     }
 

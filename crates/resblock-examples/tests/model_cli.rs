@@ -50,7 +50,11 @@ fn assert_fails(out: &Output, needle: &str) {
 /// Three colour classes of 10x10 RGB images (PNG and JPEG mixed).
 fn rgb_folder(root: &Path) -> PathBuf {
     for (split, n) in [("train", 10u32), ("test", 4)] {
-        for (class, rgb) in [("red", [200u8, 40, 40]), ("green", [40, 200, 40]), ("blue", [40, 40, 200])] {
+        for (class, rgb) in [
+            ("red", [200u8, 40, 40]),
+            ("green", [40, 200, 40]),
+            ("blue", [40, 40, 200]),
+        ] {
             let dir = root.join(split).join(class);
             std::fs::create_dir_all(&dir).expect("mkdir");
             for i in 0..n {
@@ -86,8 +90,22 @@ fn gray_folder(root: &Path) -> PathBuf {
 fn train(data: &Path, out: &Path, extra: &[&str]) -> String {
     let spec = format!("folder:{}", s(data));
     let mut args = vec![
-        "--arch", "resnet8", "--data", &spec, "--epochs", "3", "--batch-size", "8", "--lr",
-        "0.05", "--schedule", "cosine", "--seed", "1", "--out", s(out),
+        "--arch",
+        "resnet8",
+        "--data",
+        &spec,
+        "--epochs",
+        "3",
+        "--batch-size",
+        "8",
+        "--lr",
+        "0.05",
+        "--schedule",
+        "cosine",
+        "--seed",
+        "1",
+        "--out",
+        s(out),
     ];
     args.extend_from_slice(extra);
     ok(run(env!("CARGO_BIN_EXE_train"), &args))
@@ -114,17 +132,29 @@ fn train_predict_evaluate_export_and_fine_tune() {
     assert_eq!(meta.image_size, [10, 10]);
     assert_eq!(meta.mean.len(), 3);
     assert_eq!(meta.config.shortcut, resblock_core::ShortcutPolicy::ZeroPad);
-    assert_eq!(meta.dataset.as_deref(), Some(format!("folder:{}", s(&data)).as_str()));
+    assert_eq!(
+        meta.dataset.as_deref(),
+        Some(format!("folder:{}", s(&data)).as_str())
+    );
     let flags = meta.train_flags.as_ref().expect("flags");
     assert_eq!(flags["epochs"], 3);
     let train_acc = meta.test_accuracy.expect("accuracy");
     // The file still loads strictly as a plain state_dict (torchvision naming).
-    assert!(read_state_dict(&model).expect("weights").contains_key("layer3.0.conv2.weight"));
+    assert!(read_state_dict(&model)
+        .expect("weights")
+        .contains_key("layer3.0.conv2.weight"));
 
     // predict --json: one object per image, top-k class names with probabilities.
     let text = ok(run(
         env!("CARGO_BIN_EXE_predict"),
-        &["--model", s(&model), "--json", "--top-k", "2", s(&data.join("test"))],
+        &[
+            "--model",
+            s(&model),
+            "--json",
+            "--top-k",
+            "2",
+            s(&data.join("test")),
+        ],
     ));
     let lines: Vec<serde_json::Value> = text
         .lines()
@@ -136,7 +166,10 @@ fn train_predict_evaluate_export_and_fine_tune() {
         let path = l["path"].as_str().expect("path");
         let top = l["top"].as_array().expect("top");
         assert_eq!(top.len(), 2);
-        let (p0, p1) = (top[0]["prob"].as_f64().expect("p"), top[1]["prob"].as_f64().expect("p"));
+        let (p0, p1) = (
+            top[0]["prob"].as_f64().expect("p"),
+            top[1]["prob"].as_f64().expect("p"),
+        );
         assert!(p0 >= p1 && p0 + p1 <= 1. + 1e-5, "{l}");
         let class = top[0]["class"].as_str().expect("class");
         assert!(meta.class_names.iter().any(|c| c == class));
@@ -147,30 +180,55 @@ fn train_predict_evaluate_export_and_fine_tune() {
     let eval_dir = out.join("eval");
     let report = ok(run(
         env!("CARGO_BIN_EXE_evaluate"),
-        &["--model", s(&model), "--data", &format!("folder:{}", s(&data)), "--out", s(&eval_dir)],
+        &[
+            "--model",
+            s(&model),
+            "--data",
+            &format!("folder:{}", s(&data)),
+            "--out",
+            s(&eval_dir),
+        ],
     ));
     assert!(report.contains("confusion matrix"), "{report}");
-    let results: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(eval_dir.join("results.json")).expect("json"))
-            .expect("valid");
+    let results: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(eval_dir.join("results.json")).expect("json"),
+    )
+    .expect("valid");
     let acc = results["accuracy"].as_f64().expect("accuracy");
-    assert!((acc - train_acc).abs() < 1e-6, "evaluate {acc}% vs train {train_acc}%");
-    assert!((acc - 100. * hits as f64 / 12.).abs() < 1e-6, "predict agrees with evaluate");
+    assert!(
+        (acc - train_acc).abs() < 1e-6,
+        "evaluate {acc}% vs train {train_acc}%"
+    );
+    assert!(
+        (acc - 100. * hits as f64 / 12.).abs() < 1e-6,
+        "predict agrees with evaluate"
+    );
     let confusion = results["confusion"].as_array().expect("confusion");
     let total: u64 = confusion
         .iter()
-        .flat_map(|r| r.as_array().expect("row").iter().map(|v| v.as_u64().expect("n")))
+        .flat_map(|r| {
+            r.as_array()
+                .expect("row")
+                .iter()
+                .map(|v| v.as_u64().expect("n"))
+        })
         .sum();
     assert_eq!((confusion.len(), total), (3, 12));
     for c in ["blue", "green", "red"] {
         let pc = &results["per_class"][c];
-        assert!(pc["precision"].is_number() && pc["recall"].is_number(), "{results}");
+        assert!(
+            pc["precision"].is_number() && pc["recall"].is_number(),
+            "{results}"
+        );
     }
     assert!(eval_dir.join("confusion.png").is_file());
 
     // export: an ONNX file with the metadata.
     let onnx = out.join("model.onnx");
-    ok(run(env!("CARGO_BIN_EXE_export"), &["--model", s(&model), "--onnx", s(&onnx)]));
+    ok(run(
+        env!("CARGO_BIN_EXE_export"),
+        &["--model", s(&model), "--onnx", s(&onnx)],
+    ));
     let bytes = std::fs::read(&onnx).expect("onnx");
     assert!(bytes.len() > 100_000, "{} bytes", bytes.len());
     assert!(bytes.windows(8).any(|w| w == b"resblock"));
@@ -178,7 +236,11 @@ fn train_predict_evaluate_export_and_fine_tune() {
     // Fine-tune on grayscale data with 2 classes and a frozen backbone.
     let gray = gray_folder(&scratch("gray"));
     let ft = scratch("ft");
-    let log = train(&gray, &ft, &["--init-weights", s(&model), "--freeze-backbone"]);
+    let log = train(
+        &gray,
+        &ft,
+        &["--init-weights", s(&model), "--freeze-backbone"],
+    );
     assert!(log.contains("replacing the head"), "{log}");
     assert!(log.contains("replicating the channel"), "{log}");
     let ft_meta = meta_of(&ft.join("model.safetensors"));
@@ -187,7 +249,9 @@ fn train_predict_evaluate_export_and_fine_tune() {
     let before = read_state_dict(&model).expect("before");
     let after = read_state_dict(&ft.join("model.safetensors")).expect("after");
     for (k, t) in &before {
-        let buffer = k.ends_with("running_mean") || k.ends_with("running_var") || k.ends_with("num_batches_tracked");
+        let buffer = k.ends_with("running_mean")
+            || k.ends_with("running_var")
+            || k.ends_with("num_batches_tracked");
         if k.starts_with("fc.") || buffer {
             continue;
         }
@@ -198,7 +262,10 @@ fn train_predict_evaluate_export_and_fine_tune() {
     assert_eq!(after["fc.weight"].dims(), [2, 64]);
     // A grayscale image through the 3-channel model.
     let one = gray.join("val/dark/0.png");
-    let text = ok(run(env!("CARGO_BIN_EXE_predict"), &["--model", s(&ft.join("model.safetensors")), s(&one)]));
+    let text = ok(run(
+        env!("CARGO_BIN_EXE_predict"),
+        &["--model", s(&ft.join("model.safetensors")), s(&one)],
+    ));
     assert!(text.contains("dark") && text.contains("bright"), "{text}");
 }
 
@@ -209,24 +276,46 @@ fn bad_models_and_images_fail_cleanly() {
     let weights = fixtures.join("resnet8_torch.safetensors");
     // Weights without metadata need the architecture.
     assert_fails(
-        &run(env!("CARGO_BIN_EXE_predict"), &["--model", s(&weights), s(&dir)]),
-        "--arch",
-    );
-    assert_fails(
-        &run(env!("CARGO_BIN_EXE_export"), &["--weights", s(&weights), "--onnx", s(&dir.join("x.onnx"))]),
+        &run(
+            env!("CARGO_BIN_EXE_predict"),
+            &["--model", s(&weights), s(&dir)],
+        ),
         "--arch",
     );
     assert_fails(
         &run(
             env!("CARGO_BIN_EXE_export"),
-            &["--arch", "resnet8", "--weights", s(&weights), "--num-classes", "5", "--onnx", s(&dir.join("x.onnx"))],
+            &["--weights", s(&weights), "--onnx", s(&dir.join("x.onnx"))],
+        ),
+        "--arch",
+    );
+    assert_fails(
+        &run(
+            env!("CARGO_BIN_EXE_export"),
+            &[
+                "--arch",
+                "resnet8",
+                "--weights",
+                s(&weights),
+                "--num-classes",
+                "5",
+                "--onnx",
+                s(&dir.join("x.onnx")),
+            ],
         ),
         "--num-classes 5",
     );
     // With it, export works and says it assumed the preprocessing.
     let out = run(
         env!("CARGO_BIN_EXE_export"),
-        &["--arch", "resnet8", "--weights", s(&weights), "--onnx", s(&dir.join("x.onnx"))],
+        &[
+            "--arch",
+            "resnet8",
+            "--weights",
+            s(&weights),
+            "--onnx",
+            s(&dir.join("x.onnx")),
+        ],
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("no resblock metadata"));
     ok(out);
@@ -234,15 +323,67 @@ fn bad_models_and_images_fail_cleanly() {
     let bad = dir.join("broken.png");
     std::fs::write(&bad, b"\x89PNG not really").expect("write");
     assert_fails(
-        &run(env!("CARGO_BIN_EXE_predict"), &["--arch", "resnet8", "--weights", s(&weights), s(&bad)]),
+        &run(
+            env!("CARGO_BIN_EXE_predict"),
+            &["--arch", "resnet8", "--weights", s(&weights), s(&bad)],
+        ),
         "broken.png",
     );
     assert_fails(
-        &run(env!("CARGO_BIN_EXE_predict"), &["--arch", "resnet8", "--weights", s(&weights), s(&dir.join("missing"))]),
+        &run(
+            env!("CARGO_BIN_EXE_predict"),
+            &[
+                "--arch",
+                "resnet8",
+                "--weights",
+                s(&weights),
+                s(&dir.join("missing")),
+            ],
+        ),
         "missing",
     );
+    // --pretrained without network: the file and the way out are named.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("port")
+        .port();
+    let offline = Command::new(env!("CARGO_BIN_EXE_train"))
+        .args([
+            "--pretrained",
+            "resnet18",
+            "--epochs",
+            "1",
+            "--out",
+            s(&dir.join("p")),
+        ])
+        .env("RESBLOCK_CACHE_DIR", s(&dir.join("cache")))
+        .env(
+            "RESBLOCK_WEIGHTS_MIRROR",
+            format!("http://127.0.0.1:{port}/"),
+        )
+        .output()
+        .expect("starts");
+    assert_fails(&offline, "resnet18-f37072fd.pth");
+    assert_fails(&offline, "RESBLOCK_WEIGHTS_MIRROR");
     assert_fails(
-        &run(env!("CARGO_BIN_EXE_train"), &["--freeze-until", "layer9", "--epochs", "1", "--out", s(&dir.join("r"))]),
+        &run(
+            env!("CARGO_BIN_EXE_predict"),
+            &["--pretrained", "resnet20", s(&dir)],
+        ),
+        "unknown --pretrained",
+    );
+    assert_fails(
+        &run(
+            env!("CARGO_BIN_EXE_train"),
+            &[
+                "--freeze-until",
+                "layer9",
+                "--epochs",
+                "1",
+                "--out",
+                s(&dir.join("r")),
+            ],
+        ),
         "--freeze-until",
     );
 }

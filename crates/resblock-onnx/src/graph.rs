@@ -87,7 +87,13 @@ impl Builder {
     }
 
     /// Adds a node with one output named after `hint`; returns the output name.
-    fn node(&mut self, op: &str, inputs: &[&str], hint: &str, attrs: Vec<AttributeProto>) -> String {
+    fn node(
+        &mut self,
+        op: &str,
+        inputs: &[&str],
+        hint: &str,
+        attrs: Vec<AttributeProto>,
+    ) -> String {
         let out = self.fresh(hint);
         self.nodes.push(NodeProto {
             input: inputs.iter().map(|s| s.to_string()).collect(),
@@ -103,7 +109,9 @@ impl Builder {
     /// An f32 initializer named `name` (the torchvision key, so the file reads like a
     /// state_dict).
     fn init_f32(&mut self, name: &str, t: &Tensor) -> Result<String> {
-        let t = t.to_dtype(DType::F32)?.to_device(&candle_core::Device::Cpu)?;
+        let t = t
+            .to_dtype(DType::F32)?
+            .to_device(&candle_core::Device::Cpu)?;
         let data: Vec<f32> = t.flatten_all()?.to_vec1()?;
         let raw = data.iter().flat_map(|v| v.to_le_bytes()).collect();
         self.inits.push(TensorProto {
@@ -217,7 +225,11 @@ impl Builder {
                     None => y,
                 }
             }
-            Shortcut::ZeroPad { stride, front, back } => {
+            Shortcut::ZeroPad {
+                stride,
+                front,
+                back,
+            } => {
                 // x[:, :, ::s, ::s], then zero channels before and after.
                 let starts = self.init_i64(&format!("{key}.starts"), &[0, 0]);
                 let ends = self.init_i64(&format!("{key}.ends"), &[i64::MAX, i64::MAX]);
@@ -261,7 +273,9 @@ impl Builder {
         let (a, offset) = match r.pre() {
             Some(pre) => {
                 let Norm::Batch(bn) = &pre.norm else {
-                    return Err(Error::Unsupported(format!("{key}: a layer-norm pre-activation")));
+                    return Err(Error::Unsupported(format!(
+                        "{key}: a layer-norm pre-activation"
+                    )));
                 };
                 let y = self.bn(x, bn, &format!("{key}.bn1"))?;
                 let y = match pre.activation {
@@ -348,7 +362,13 @@ pub fn export(net: &ResNet, opts: &ExportOptions) -> Result<ModelProto> {
     // seven layers.
     let deep = cfg.stem == resblock_vision::StemType::Deep;
     for (i, layer) in net.stem_layers().iter().enumerate() {
-        let key = |base: &str| if deep && i <= 6 { format!("conv1.{i}") } else { base.to_string() };
+        let key = |base: &str| {
+            if deep && i <= 6 {
+                format!("conv1.{i}")
+            } else {
+                base.to_string()
+            }
+        };
         h = match layer {
             StemLayer::Conv(c) => b.conv(&h, c, &key("conv1"))?,
             StemLayer::Norm(n) => b.bn(&h, n, &key("bn1"))?,
@@ -371,7 +391,12 @@ pub fn export(net: &ResNet, opts: &ExportOptions) -> Result<ModelProto> {
             h = match block {
                 Block::Basic(r) => {
                     let g = r.branch();
-                    b.block(&h, r, &[(g.conv1(), g.mid_norm()), (g.conv2(), g.last_norm())], &key)?
+                    b.block(
+                        &h,
+                        r,
+                        &[(g.conv1(), g.mid_norm()), (g.conv2(), g.last_norm())],
+                        &key,
+                    )?
                 }
                 Block::Bottleneck(r) => {
                     let [c1, c2, c3] = r.branch().convs();

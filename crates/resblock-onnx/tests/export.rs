@@ -15,7 +15,11 @@ use tract_onnx::prelude::*;
 fn build(cfg: &ResNetConfig, seed: u64) -> anyhow::Result<resblock_vision::ResNet> {
     let rng = RngHandle::seed_from_u64(seed);
     let varmap = VarMap::new();
-    let net = resnet(cfg, &rng, seeded_var_builder(&varmap, &rng, DType::F32, &Device::Cpu))?;
+    let net = resnet(
+        cfg,
+        &rng,
+        seeded_var_builder(&varmap, &rng, DType::F32, &Device::Cpu),
+    )?;
     for (k, v) in varmap.data().lock().expect("lock").iter() {
         let t = if k.ends_with("running_var") || (k.contains("bn") && k.ends_with("weight")) {
             rng.uniform_tensor(v.shape().clone(), 0.5, 1.5, DType::F32, &Device::Cpu)?
@@ -47,7 +51,13 @@ fn tract_logits(bytes: &[u8], x: &Tensor) -> anyhow::Result<Vec<f32>> {
 fn check(name: &str, cfg: &ResNetConfig, size: usize, batch: usize) -> anyhow::Result<()> {
     let net = build(cfg, 7)?;
     let rng = RngHandle::seed_from_u64(1);
-    let x = rng.normal_tensor((batch, cfg.in_channels, size, size), 0., 1., DType::F32, &Device::Cpu)?;
+    let x = rng.normal_tensor(
+        (batch, cfg.in_channels, size, size),
+        0.,
+        1.,
+        DType::F32,
+        &Device::Cpu,
+    )?;
     let ours: Vec<f32> = net.forward_t(&x, false)?.flatten_all()?.to_vec1()?;
     for fold in [false, true] {
         let opts = ExportOptions {
@@ -103,11 +113,22 @@ fn cifar_nets_match_for_every_shortcut_option_and_plain() -> anyhow::Result<()> 
 }
 
 #[test]
-fn imagenet_family_matches_basic_bottleneck_resnext_wide_dilated_and_resnet_d() -> anyhow::Result<()> {
+fn imagenet_family_matches_basic_bottleneck_resnext_wide_dilated_and_resnet_d() -> anyhow::Result<()>
+{
     check("resnet18-like", &small_imagenet("resnet18")?, 32, 2)?;
     check("resnet50-like", &small_imagenet("resnet50")?, 32, 2)?;
-    check("resnext50_32x4d-like", &small_imagenet("resnext50_32x4d")?, 32, 2)?;
-    check("wide_resnet50_2-like", &small_imagenet("wide_resnet50_2")?, 32, 2)?;
+    check(
+        "resnext50_32x4d-like",
+        &small_imagenet("resnext50_32x4d")?,
+        32,
+        2,
+    )?;
+    check(
+        "wide_resnet50_2-like",
+        &small_imagenet("wide_resnet50_2")?,
+        32,
+        2,
+    )?;
     let mut dilated = small_imagenet("resnet50")?;
     dilated.replace_stride_with_dilation = vec![false, true, true];
     check("resnet50 dilated", &dilated, 32, 2)?;
@@ -142,7 +163,10 @@ fn the_file_has_opset_13_a_dynamic_batch_input_named_input_and_logits() -> anyho
     };
     let bytes = export(&net, &opts)?.encode_to_vec();
     let m = ModelProto::decode(bytes.as_slice())?;
-    assert!(m.opset_import.iter().any(|o| o.version() >= 13 && o.domain().is_empty()));
+    assert!(m
+        .opset_import
+        .iter()
+        .any(|o| o.version() >= 13 && o.domain().is_empty()));
     let g = m.graph.expect("graph");
     let dims = |v: &resblock_onnx::proto::ValueInfoProto| -> Vec<Dim> {
         match &v.r#type.as_ref().expect("type").value {
@@ -161,13 +185,24 @@ fn the_file_has_opset_13_a_dynamic_batch_input_named_input_and_logits() -> anyho
     assert_eq!(g.input[0].name(), "input");
     assert_eq!(
         dims(&g.input[0]),
-        [Dim::DimParam("N".into()), Dim::DimValue(3), Dim::DimValue(16), Dim::DimValue(20)]
+        [
+            Dim::DimParam("N".into()),
+            Dim::DimValue(3),
+            Dim::DimValue(16),
+            Dim::DimValue(20)
+        ]
     );
     assert_eq!(g.output[0].name(), "logits");
-    assert_eq!(dims(&g.output[0]), [Dim::DimParam("N".into()), Dim::DimValue(10)]);
+    assert_eq!(
+        dims(&g.output[0]),
+        [Dim::DimParam("N".into()), Dim::DimValue(10)]
+    );
     assert_eq!(m.metadata_props[0].key(), "resblock");
     // Initializers carry torchvision's names.
-    assert!(g.initializer.iter().any(|t| t.name() == "layer1.0.conv1.weight"));
+    assert!(g
+        .initializer
+        .iter()
+        .any(|t| t.name() == "layer1.0.conv1.weight"));
     // One file, two batch sizes.
     for n in [1, 4] {
         let x = Tensor::ones((n, 3, 16, 20), DType::F32, &Device::Cpu)?;

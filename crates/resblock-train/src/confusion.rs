@@ -68,7 +68,11 @@ impl ConfusionMatrix {
                 let support: u64 = self.counts[c].iter().sum();
                 let predicted: u64 = (0..n).map(|t| self.counts[t][c]).sum();
                 ClassStats {
-                    precision: if predicted > 0 { tp / predicted as f64 } else { 0. },
+                    precision: if predicted > 0 {
+                        tp / predicted as f64
+                    } else {
+                        0.
+                    },
                     recall: if support > 0 { tp / support as f64 } else { 0. },
                     support,
                 }
@@ -88,7 +92,12 @@ impl ConfusionMatrix {
             .max()
             .unwrap_or(1)
             .max(3);
-        let label_w = names.iter().map(|n| short(n).len()).max().unwrap_or(4).max(10);
+        let label_w = names
+            .iter()
+            .map(|n| short(n).len())
+            .max()
+            .unwrap_or(4)
+            .max(10);
         let mut out = format!("{:>label_w$} ", "true\\pred");
         for i in 0..self.counts.len() {
             out.push_str(&format!(" {:>width$}", i));
@@ -120,7 +129,10 @@ impl ConfusionMatrix {
             path: path.display().to_string(),
             msg: e,
         };
-        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("confusion.png");
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("confusion.png");
         let tmp = path.with_file_name(format!(".tmp{}-{name}", std::process::id()));
         {
             let root = BitMapBackend::new(&tmp, (size, size)).into_drawing_area();
@@ -154,11 +166,18 @@ impl ConfusionMatrix {
                     } else {
                         RGBColor(255, shade, shade)
                     };
-                    root.draw(&Rectangle::new([(x, y), (x + cell, y + cell)], color.filled()))
-                        .map_err(|e| fail(e.to_string()))?;
+                    root.draw(&Rectangle::new(
+                        [(x, y), (x + cell, y + cell)],
+                        color.filled(),
+                    ))
+                    .map_err(|e| fail(e.to_string()))?;
                     if cell >= 24 && c > 0 {
-                        root.draw(&Text::new(c.to_string(), (x + 3, y + cell / 3), font.clone()))
-                            .map_err(|e| fail(e.to_string()))?;
+                        root.draw(&Text::new(
+                            c.to_string(),
+                            (x + 3, y + cell / 3),
+                            font.clone(),
+                        ))
+                        .map_err(|e| fail(e.to_string()))?;
                     }
                 }
             }
@@ -190,7 +209,9 @@ mod tests {
         assert_eq!((s[1].precision, s[1].recall, s[1].support), (0.5, 1., 1));
         assert_eq!((s[2].precision, s[2].recall), (0., 0.));
         assert!(m.add(3, 0).is_err());
-        assert!(m.table(&["a".into(), "b".into(), "c".into()]).contains("true\\pred"));
+        assert!(m
+            .table(&["a".into(), "b".into(), "c".into()])
+            .contains("true\\pred"));
         Ok(())
     }
 }

@@ -38,7 +38,12 @@ pub struct Pretrained {
     pub resize: usize,
 }
 
-const fn w(name: &'static str, arch: &'static str, file: &'static str, resize: usize) -> Pretrained {
+const fn w(
+    name: &'static str,
+    arch: &'static str,
+    file: &'static str,
+    resize: usize,
+) -> Pretrained {
     Pretrained {
         name,
         arch,
@@ -52,20 +57,80 @@ pub const PRETRAINED: &[Pretrained] = &[
     w("resnet18", "resnet18", "resnet18-f37072fd.pth", 256),
     w("resnet34", "resnet34", "resnet34-b627a593.pth", 256),
     w("resnet50", "resnet50", "resnet50-0676ba61.pth", 256),
-    w("resnet50.IMAGENET1K_V2", "resnet50", "resnet50-11ad3fa6.pth", 232),
+    w(
+        "resnet50.IMAGENET1K_V2",
+        "resnet50",
+        "resnet50-11ad3fa6.pth",
+        232,
+    ),
     w("resnet101", "resnet101", "resnet101-63fe2227.pth", 256),
-    w("resnet101.IMAGENET1K_V2", "resnet101", "resnet101-cd907fc2.pth", 232),
+    w(
+        "resnet101.IMAGENET1K_V2",
+        "resnet101",
+        "resnet101-cd907fc2.pth",
+        232,
+    ),
     w("resnet152", "resnet152", "resnet152-394f9c45.pth", 256),
-    w("resnet152.IMAGENET1K_V2", "resnet152", "resnet152-f82ba261.pth", 232),
-    w("resnext50_32x4d", "resnext50_32x4d", "resnext50_32x4d-7cdf4587.pth", 256),
-    w("resnext50_32x4d.IMAGENET1K_V2", "resnext50_32x4d", "resnext50_32x4d-1a0047aa.pth", 232),
-    w("resnext101_32x8d", "resnext101_32x8d", "resnext101_32x8d-8ba56ff5.pth", 256),
-    w("resnext101_32x8d.IMAGENET1K_V2", "resnext101_32x8d", "resnext101_32x8d-110c445d.pth", 232),
-    w("resnext101_64x4d", "resnext101_64x4d", "resnext101_64x4d-173b62eb.pth", 232),
-    w("wide_resnet50_2", "wide_resnet50_2", "wide_resnet50_2-95faca4d.pth", 256),
-    w("wide_resnet50_2.IMAGENET1K_V2", "wide_resnet50_2", "wide_resnet50_2-9ba9bcbe.pth", 232),
-    w("wide_resnet101_2", "wide_resnet101_2", "wide_resnet101_2-32ee1156.pth", 256),
-    w("wide_resnet101_2.IMAGENET1K_V2", "wide_resnet101_2", "wide_resnet101_2-d733dc28.pth", 232),
+    w(
+        "resnet152.IMAGENET1K_V2",
+        "resnet152",
+        "resnet152-f82ba261.pth",
+        232,
+    ),
+    w(
+        "resnext50_32x4d",
+        "resnext50_32x4d",
+        "resnext50_32x4d-7cdf4587.pth",
+        256,
+    ),
+    w(
+        "resnext50_32x4d.IMAGENET1K_V2",
+        "resnext50_32x4d",
+        "resnext50_32x4d-1a0047aa.pth",
+        232,
+    ),
+    w(
+        "resnext101_32x8d",
+        "resnext101_32x8d",
+        "resnext101_32x8d-8ba56ff5.pth",
+        256,
+    ),
+    w(
+        "resnext101_32x8d.IMAGENET1K_V2",
+        "resnext101_32x8d",
+        "resnext101_32x8d-110c445d.pth",
+        232,
+    ),
+    w(
+        "resnext101_64x4d",
+        "resnext101_64x4d",
+        "resnext101_64x4d-173b62eb.pth",
+        232,
+    ),
+    w(
+        "wide_resnet50_2",
+        "wide_resnet50_2",
+        "wide_resnet50_2-95faca4d.pth",
+        256,
+    ),
+    w(
+        "wide_resnet50_2.IMAGENET1K_V2",
+        "wide_resnet50_2",
+        "wide_resnet50_2-9ba9bcbe.pth",
+        232,
+    ),
+    w(
+        "wide_resnet101_2",
+        "wide_resnet101_2",
+        "wide_resnet101_2-32ee1156.pth",
+        256,
+    ),
+    w(
+        "wide_resnet101_2.IMAGENET1K_V2",
+        "wide_resnet101_2",
+        "wide_resnet101_2-d733dc28.pth",
+        232,
+    ),
 ];
 
 fn err(path: &Path, msg: impl Into<String>) -> Error {
@@ -111,7 +176,11 @@ impl Pretrained {
 
 /// The weights cache (see the module docs); not created.
 pub fn cache_dir() -> PathBuf {
-    let env = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+    let env = |k: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
     if let Some(d) = env("RESBLOCK_CACHE_DIR") {
         return d.join("weights");
     }
@@ -193,7 +262,12 @@ fn convert(p: &Pretrained, pth: &Path, model: &Path, url: &str) -> Result<()> {
         candle_core::DType::F32,
         &candle_core::Device::Cpu,
     );
-    resnet(&meta.config, &resblock_core::RngHandle::seed_from_u64(0), vb).map_err(vision)?;
+    resnet(
+        &meta.config,
+        &resblock_core::RngHandle::seed_from_u64(0),
+        vb,
+    )
+    .map_err(vision)?;
     check_state_dict(&rec.shapes(), &sd, pth).map_err(vision)?;
     let tensors = sd.into_iter().collect();
     resblock_vision::save_model(&tensors, &meta, model).map_err(vision)
@@ -205,7 +279,10 @@ mod tests {
 
     #[test]
     fn names_resolve_and_prefixes_are_eight_hex_digits() -> Result<()> {
-        assert_eq!(Pretrained::by_name("ResNet50")?.file, "resnet50-0676ba61.pth");
+        assert_eq!(
+            Pretrained::by_name("ResNet50")?.file,
+            "resnet50-0676ba61.pth"
+        );
         assert_eq!(
             Pretrained::by_name("resnet50.imagenet1k_v1")?,
             Pretrained::by_name("resnet50")?
@@ -215,8 +292,13 @@ mod tests {
         assert!(e.to_string().contains("wide_resnet101_2"), "{e}");
         for p in PRETRAINED {
             let h = p.hash_prefix();
-            assert!(h.len() == 8 && h.chars().all(|c| c.is_ascii_hexdigit()), "{}", p.file);
-            resblock_vision::ResNetConfig::preset(p.arch).map_err(|e| Error::config(e.to_string()))?;
+            assert!(
+                h.len() == 8 && h.chars().all(|c| c.is_ascii_hexdigit()),
+                "{}",
+                p.file
+            );
+            resblock_vision::ResNetConfig::preset(p.arch)
+                .map_err(|e| Error::config(e.to_string()))?;
         }
         Ok(())
     }

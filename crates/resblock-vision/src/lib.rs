@@ -47,7 +47,9 @@ pub use bottleneck::{
     bottleneck, Bottleneck, BottleneckBranch, BottleneckConfig, BOTTLENECK_EXPANSION,
 };
 pub use error::{Error, Result};
-pub use model_file::{load_model, read_model_meta, save_model, save_model_varmap, LoadedModel, ModelMeta};
+pub use model_file::{
+    load_model, read_model_meta, save_model, save_model_varmap, LoadedModel, ModelMeta,
+};
 pub use preprocess::Preprocess;
 pub use resnet::{resnet, Block, BlockType, ResNet, ResNetConfig, StemLayer, StemType};
 pub use summary::{Summary, SummaryRow};

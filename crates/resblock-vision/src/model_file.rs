@@ -185,10 +185,15 @@ impl ModelMeta {
                 self.num_classes
             ));
         }
-        if self.config.num_classes != self.num_classes || self.config.in_channels != self.in_channels {
+        if self.config.num_classes != self.num_classes
+            || self.config.in_channels != self.in_channels
+        {
             return bad(format!(
                 "config has {} classes and {} channels but the metadata says {} and {}",
-                self.config.num_classes, self.config.in_channels, self.num_classes, self.in_channels
+                self.config.num_classes,
+                self.config.in_channels,
+                self.num_classes,
+                self.in_channels
             ));
         }
         self.preprocess()
@@ -219,12 +224,11 @@ pub fn read_model_meta(path: &Path) -> Result<Option<ModelMeta>> {
         path: path.display().to_string(),
         source: e,
     })?;
-    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| {
-        Error::WeightsFormat {
+    let (_, header) =
+        safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| Error::WeightsFormat {
             path: path.display().to_string(),
             msg: e.to_string(),
-        }
-    })?;
+        })?;
     let Some(json) = header.metadata().as_ref().and_then(|m| m.get(METADATA_KEY)) else {
         return Ok(None);
     };
@@ -331,4 +335,101 @@ pub fn load_model(path: &Path, arch: Option<&str>, device: &Device) -> Result<Lo
         meta,
         assumed: true,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch(name: &str) -> std::path::PathBuf {
+        let d =
+            std::env::temp_dir().join(format!("resblock-model-file-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).expect("scratch");
+        d
+    }
+
+    fn tiny() -> Result<(HashMap<String, Tensor>, ModelMeta)> {
+        let mut cfg = ResNetConfig::preset("resnet8")?;
+        cfg.in_channels = 1;
+        cfg.num_classes = 2;
+        let varmap = VarMap::new();
+        let rng = resblock_core::RngHandle::seed_from_u64(0);
+        crate::resnet(
+            &cfg,
+            &rng,
+            resblock_core::seeded_var_builder(&varmap, &rng, candle_core::DType::F32, &Device::Cpu),
+        )?;
+        let tensors = varmap
+            .data()
+            .lock()
+            .map_err(|_| Error::config("lock"))?
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+            .collect();
+        let pre = Preprocess {
+            channels: 1,
+            image_size: [12, 12],
+            resize: None,
+            mean: vec![0.25],
+            std: vec![0.5],
+        };
+        let meta = ModelMeta::new("resnet8", &cfg, vec!["no".into(), "yes".into()], &pre);
+        Ok((tensors, meta))
+    }
+
+    #[test]
+    fn round_trips_and_rebuilds_the_net() -> Result<()> {
+        let dir = scratch("rt");
+        let (tensors, mut meta) = tiny()?;
+        meta.test_accuracy = Some(97.5);
+        let path = dir.join("m.safetensors");
+        save_model(&tensors, &meta, &path)?;
+        assert_eq!(read_model_meta(&path)?, Some(meta.clone()));
+        let loaded = load_model(&path, None, &Device::Cpu)?;
+        assert!(!loaded.assumed);
+        assert_eq!(loaded.net.config(), &meta.config);
+        // --arch must agree with the file.
+        let e = load_model(&path, Some("resnet20"), &Device::Cpu).expect_err("wrong arch");
+        assert!(e.to_string().contains("resnet8"), "{e}");
+        Ok(())
+    }
+
+    #[test]
+    fn newer_versions_contradictions_and_missing_metadata_are_errors() -> Result<()> {
+        let dir = scratch("bad");
+        let (tensors, meta) = tiny()?;
+        let path = dir.join("m.safetensors");
+        let write = |json: String| {
+            let md = HashMap::from([(METADATA_KEY.to_string(), json)]);
+            crate::weights::save_tensors_with_metadata(&tensors, Some(md), &path)
+        };
+        let mut newer = meta.clone();
+        newer.version = METADATA_VERSION + 1;
+        write(newer.to_json()?)?;
+        let e = read_model_meta(&path).expect_err("newer");
+        assert!(e.to_string().contains("upgrade"), "{e}");
+        let mut names = meta.clone();
+        names.class_names.pop();
+        write(names.to_json()?)?;
+        assert!(read_model_meta(&path).is_err());
+        write("{not json".into())?;
+        let e = read_model_meta(&path).expect_err("json");
+        assert!(e.to_string().contains("m.safetensors"), "{e}");
+        // A classifier of another size than the metadata says is refused on save.
+        let mut more = meta.clone();
+        more.num_classes = 3;
+        more.config.num_classes = 3;
+        more.class_names.push("maybe".into());
+        assert!(save_model(&tensors, &more, &path).is_err());
+        // Plain weights: no metadata, so the architecture is needed.
+        crate::weights::save_tensors(&tensors, &path)?;
+        assert_eq!(read_model_meta(&path)?, None);
+        let e = load_model(&path, None, &Device::Cpu).expect_err("no arch");
+        assert!(e.to_string().contains("--arch"), "{e}");
+        let m = load_model(&path, Some("resnet8"), &Device::Cpu)?;
+        assert!(m.assumed);
+        assert_eq!((m.meta.num_classes, m.meta.in_channels), (2, 1));
+        Ok(())
+    }
 }

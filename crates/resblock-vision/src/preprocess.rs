@@ -65,7 +65,9 @@ impl Preprocess {
                 self.mean, self.std, self.channels
             )));
         }
-        if self.std.iter().any(|s| !(s.is_finite() && *s > 0.)) || self.mean.iter().any(|m| !m.is_finite()) {
+        if self.std.iter().any(|s| !(s.is_finite() && *s > 0.))
+            || self.mean.iter().any(|m| !m.is_finite())
+        {
             return Err(Error::config(format!(
                 "mean {:?} must be finite and std {:?} positive",
                 self.mean, self.std
@@ -95,7 +97,9 @@ impl Preprocess {
                 let left = ((nw - w) as f64 / 2.).round() as u32;
                 resized.crop_imm(left, top, w as u32, h as u32)
             }
-            None if (iw, ih) != (w, h) => img.resize_exact(w as u32, h as u32, FilterType::Triangle),
+            None if (iw, ih) != (w, h) => {
+                img.resize_exact(w as u32, h as u32, FilterType::Triangle)
+            }
             None => img.clone(),
         };
         if self.channels == 1 {
@@ -178,7 +182,8 @@ mod tests {
         // top = round((6 - 2) / 2) = 2, left = round((4 - 2) / 2) = 1.
         let img = gray(4, 6);
         let px = p.pixels(&img);
-        let want = [11u8, 21, 12, 22];
+        // Pixel (x, y) is 10x + y: rows y = 2, 3 and columns x = 1, 2.
+        let want = [12u8, 22, 13, 23];
         assert_eq!(px, [want, want, want].concat());
         assert!(p.validate().is_ok());
         let bad = Preprocess {
@@ -186,7 +191,10 @@ mod tests {
             ..p.clone()
         };
         assert!(bad.validate().is_err());
-        let bad = Preprocess { std: vec![1., 0., 1.], ..p };
+        let bad = Preprocess {
+            std: vec![1., 0., 1.],
+            ..p
+        };
         assert!(bad.validate().is_err());
     }
 }

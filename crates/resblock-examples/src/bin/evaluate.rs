@@ -94,14 +94,22 @@ impl Source {
             Self::Files(files) => {
                 let (path, label) = &files[i];
                 let img = decode_image(path)?;
-                Ok((path.display().to_string(), *label, pre.normalize(&pre.pixels(&img))))
+                Ok((
+                    path.display().to_string(),
+                    *label,
+                    pre.normalize(&pre.pixels(&img)),
+                ))
             }
             Self::Tensors(ds) => {
                 let (mut x, label) = ds.get(i)?;
                 let (c, h, w) = ds.shape();
                 let [mh, mw] = pre.image_size;
                 if (h, w) != (mh, mw) {
-                    Transform::Resize { height: mh, width: mw }.apply(&mut x, c, h, w, rng)?;
+                    Transform::Resize {
+                        height: mh,
+                        width: mw,
+                    }
+                    .apply(&mut x, c, h, w, rng)?;
                 }
                 if c == 1 && pre.channels == 3 {
                     x = [x.clone(), x.clone(), x].concat();
@@ -174,16 +182,21 @@ fn main() -> Result<()> {
         let items = (start..(start + bs).min(data.len()))
             .map(|i| data.item(i, &pre, &rng))
             .collect::<Result<Vec<_>>>()?;
-        let flat: Vec<f32> = items.iter().flat_map(|(_, _, x)| x.iter().copied()).collect();
+        let flat: Vec<f32> = items
+            .iter()
+            .flat_map(|(_, _, x)| x.iter().copied())
+            .collect();
         let x = Tensor::from_vec(flat, (items.len(), pre.channels, h, w), &Device::Cpu)?
             .to_device(&device)?;
-        let probs = candle_nn::ops::softmax(&net.forward_t(&x, false)?.to_dtype(DType::F32)?, D::Minus1)?
-            .to_vec2::<f32>()?;
+        let probs =
+            candle_nn::ops::softmax(&net.forward_t(&x, false)?.to_dtype(DType::F32)?, D::Minus1)?
+                .to_vec2::<f32>()?;
         for ((src, label, _), p) in items.into_iter().zip(probs) {
-            let (pred, conf) = p
-                .iter()
-                .enumerate()
-                .fold((0, f32::MIN), |best, (i, &v)| if v > best.1 { (i, v) } else { best });
+            let (pred, conf) =
+                p.iter().enumerate().fold(
+                    (0, f32::MIN),
+                    |best, (i, &v)| if v > best.1 { (i, v) } else { best },
+                );
             let truth = label as usize;
             confusion.add(truth, pred)?;
             if pred != truth {
@@ -203,7 +216,10 @@ fn main() -> Result<()> {
         confusion.total() - wrong.len() as u64,
         confusion.total()
     );
-    println!("\n{:>14}  {:>9}  {:>7}  {:>7}", "class", "precision", "recall", "support");
+    println!(
+        "\n{:>14}  {:>9}  {:>7}  {:>7}",
+        "class", "precision", "recall", "support"
+    );
     for (n, s) in names.iter().zip(&stats) {
         let n: String = n.chars().take(14).collect();
         println!(
@@ -213,7 +229,10 @@ fn main() -> Result<()> {
             s.support
         );
     }
-    println!("\nconfusion matrix (rows: true class, columns: predicted):\n{}", confusion.table(names));
+    println!(
+        "\nconfusion matrix (rows: true class, columns: predicted):\n{}",
+        confusion.table(names)
+    );
     let mistakes: Vec<Mistake> = wrong
         .iter()
         .take(args.mistakes)
@@ -237,7 +256,8 @@ fn main() -> Result<()> {
         }
     }
 
-    std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
     let per_class = names
         .iter()
         .zip(&stats)
@@ -254,8 +274,11 @@ fn main() -> Result<()> {
         mistakes,
     };
     let json = args.out.join("results.json");
-    resblock_vision::atomic::write_atomic(&json, serde_json::to_string_pretty(&results)?.as_bytes())
-        .with_context(|| format!("writing {}", json.display()))?;
+    resblock_vision::atomic::write_atomic(
+        &json,
+        serde_json::to_string_pretty(&results)?.as_bytes(),
+    )
+    .with_context(|| format!("writing {}", json.display()))?;
     confusion.save_png(names, &args.out.join("confusion.png"))?;
     println!("wrote {} and confusion.png", json.display());
     Ok(())

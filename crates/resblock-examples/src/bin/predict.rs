@@ -79,8 +79,8 @@ fn main() -> Result<()> {
             .map(|p| Ok(pre.tensor(&decode_image(p)?, &device)?))
             .collect::<Result<Vec<Tensor>>>()?;
         let logits = net.forward_t(&Tensor::stack(&batch, 0)?, false)?;
-        let probs = candle_nn::ops::softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?
-            .to_vec2::<f32>()?;
+        let probs =
+            candle_nn::ops::softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?.to_vec2::<f32>()?;
         for (path, p) in chunk.iter().zip(probs) {
             let mut order: Vec<usize> = (0..p.len()).collect();
             order.sort_by(|&a, &b| p[b].total_cmp(&p[a]).then(a.cmp(&b)));

@@ -31,8 +31,8 @@ use clap::{Parser, ValueEnum};
 use resblock_core::{configure_threads, parse_device, seeded_var_builder, RngHandle};
 use resblock_examples::positive_f64;
 use resblock_train::data::{download, DataKind, DataSpec, RemoteDataset};
-use resblock_train::pretrained::{cache_dir, fetch_pretrained, Pretrained};
 use resblock_train::optim::{param_groups, Adam, AdamConfig, Optimizer, Sgd, SgdConfig};
+use resblock_train::pretrained::{cache_dir, fetch_pretrained, Pretrained};
 use resblock_train::schedule::{LrSchedule, Schedule, Warmup};
 use resblock_train::{
     DataLoader, Dataset, ImageDataset, LossKind, Trainer, TrainerConfig, Transform,
@@ -172,7 +172,10 @@ fn load_data(
     let spec = DataSpec::parse(spec)?;
     if fetch {
         let Some(kind) = spec.remote_name() else {
-            bail!("--download fetches mnist:DIR, cifar10:DIR or cifar100:DIR, not {:?}", spec.text);
+            bail!(
+                "--download fetches mnist:DIR, cifar10:DIR or cifar100:DIR, not {:?}",
+                spec.text
+            );
         };
         let ds = RemoteDataset::by_name(kind)?;
         let dir = &spec.dir;
@@ -243,7 +246,10 @@ fn main() -> Result<()> {
         Some(name) => {
             let p = Pretrained::by_name(name)?;
             if let Some(a) = args.arch.as_deref().filter(|a| *a != p.arch) {
-                bail!("--pretrained {name} is a {} but --arch {a} was given", p.arch);
+                bail!(
+                    "--pretrained {name} is a {} but --arch {a} was given",
+                    p.arch
+                );
             }
             let mirror = std::env::var("RESBLOCK_WEIGHTS_MIRROR").ok();
             let file = fetch_pretrained(&p, &cache_dir(), mirror.as_deref())
@@ -407,8 +413,15 @@ fn main() -> Result<()> {
         g
     };
     if frozen.is_some() {
-        let n: usize = groups().iter().flat_map(|g| &g.params).map(|(_, v)| v.elem_count()).sum();
-        println!("frozen backbone: training {n} of {} parameters", resblock_core::params::count_parameters(&varmap, ""));
+        let n: usize = groups()
+            .iter()
+            .flat_map(|g| &g.params)
+            .map(|(_, v)| v.elem_count())
+            .sum();
+        println!(
+            "frozen backbone: training {n} of {} parameters",
+            resblock_core::params::count_parameters(&varmap, "")
+        );
     }
     let optimizer: Box<dyn Optimizer> = match args.optimizer {
         OptimizerKind::Sgd => Box::new(Sgd::new(

@@ -128,7 +128,9 @@ impl ImageDataset {
         if self.class_names.len() == self.num_classes {
             self.class_names.clone()
         } else {
-            (0..self.num_classes).map(|i| format!("class {i}")).collect()
+            (0..self.num_classes)
+                .map(|i| format!("class {i}"))
+                .collect()
         }
     }
 

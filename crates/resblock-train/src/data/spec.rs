@@ -4,7 +4,9 @@
 
 use std::path::{Path, PathBuf};
 
-use super::{read_cifar, read_image_folder, read_mnist, verify_sha256sums, CifarKind, ImageDataset};
+use super::{
+    read_cifar, read_image_folder, read_mnist, verify_sha256sums, CifarKind, ImageDataset,
+};
 use crate::error::{Error, Result};
 
 /// The kinds of dataset `--data` names.
@@ -175,7 +177,10 @@ mod tests {
         assert_eq!(DataSpec::parse("mnist-10k")?.kind, DataKind::BundledMnist);
         let f = DataSpec::parse("folder:/x/y")?;
         assert_eq!((f.kind, f.dir), (DataKind::Folder, PathBuf::from("/x/y")));
-        assert_eq!(DataSpec::parse("cifar100:d")?.remote_name(), Some("cifar100"));
+        assert_eq!(
+            DataSpec::parse("cifar100:d")?.remote_name(),
+            Some("cifar100")
+        );
         for bad in ["mnist", "folder:", "imagenet:/x", "mnist-10k:/x", ""] {
             let e = DataSpec::parse(bad).expect_err(bad);
             assert!(e.to_string().contains("unknown --data"), "{e}");
