@@ -39,6 +39,7 @@ pub mod clip;
 pub mod confusion;
 pub mod data;
 pub mod error;
+pub mod freeze;
 pub mod loss;
 pub mod metrics;
 pub mod optim;

@@ -22,7 +22,9 @@ use clap::Parser;
 use resblock_core::{configure_threads, parse_device, RngHandle};
 use resblock_examples::ModelArgs;
 use resblock_train::confusion::{ClassStats, ConfusionMatrix};
-use resblock_train::data::{decode_image, list_image_folder, DataKind, DataSpec, Split};
+use resblock_train::data::{
+    decode_image, list_image_folder, DataKind, DataSpec, FolderListing, Split,
+};
 use resblock_train::{Dataset, Transform};
 use resblock_vision::{ModelMeta, Preprocess};
 use serde::Serialize;
@@ -128,7 +130,10 @@ impl Source {
 fn open_data(spec: &DataSpec, meta: &ModelMeta) -> Result<Source> {
     if spec.kind == DataKind::Folder {
         let dir = spec.folder_test_dir()?;
-        let (names, files) = list_image_folder(&dir)?;
+        let FolderListing {
+            class_names: names,
+            files,
+        } = list_image_folder(&dir)?;
         if names != meta.class_names {
             bail!(
                 "{}: classes {names:?} are not the model's {:?}",

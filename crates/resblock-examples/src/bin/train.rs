@@ -31,6 +31,7 @@ use clap::{Parser, ValueEnum};
 use resblock_core::{configure_threads, parse_device, seeded_var_builder, RngHandle};
 use resblock_examples::positive_f64;
 use resblock_train::data::{download, DataKind, DataSpec, RemoteDataset};
+use resblock_train::freeze::Freeze;
 use resblock_train::optim::{param_groups, Adam, AdamConfig, Optimizer, Sgd, SgdConfig};
 use resblock_train::pretrained::{cache_dir, fetch_pretrained, Pretrained};
 use resblock_train::schedule::{LrSchedule, Schedule, Warmup};
@@ -190,37 +191,6 @@ fn load_data(
     Ok((train, test, spec))
 }
 
-/// Which parameters `--freeze-backbone` / `--freeze-until` keep fixed: `None` trains all.
-fn frozen_by(args: &Args, stages: usize) -> Result<Option<Box<dyn Fn(&str) -> bool>>> {
-    if args.freeze_backbone {
-        return Ok(Some(Box::new(|k: &str| !k.starts_with("fc."))));
-    }
-    let Some(until) = &args.freeze_until else {
-        return Ok(None);
-    };
-    let n: usize = match until.as_str() {
-        "stem" => 0,
-        s => s
-            .strip_prefix("layer")
-            .unwrap_or(s)
-            .parse()
-            .ok()
-            .filter(|n| *n <= stages)
-            .with_context(|| {
-                format!("--freeze-until {s:?}: expected stem, layer1 ... layer{stages} or 0 ... {stages}")
-            })?,
-    };
-    Ok(Some(Box::new(move |k: &str| {
-        if k.starts_with("fc.") || k.starts_with("bn_final.") {
-            return false;
-        }
-        match k.strip_prefix("layer").and_then(|r| r.split('.').next()) {
-            Some(stage) => stage.parse::<usize>().is_ok_and(|s| s <= n),
-            None => true, // the stem
-        }
-    })))
-}
-
 fn main() -> Result<()> {
     let args = Args::parse();
     configure_threads(args.threads.map(|n| n as usize));
@@ -355,7 +325,11 @@ fn main() -> Result<()> {
         load_state_dict_into_varmap(&varmap, sd, path, |k| new_head && k.starts_with("fc."))?;
         println!("initial weights from {}", path.display());
     }
-    let frozen = frozen_by(&args, cfg.layers.len())?;
+    let freeze = match (&args.freeze_until, args.freeze_backbone) {
+        (Some(stage), _) => Freeze::until(stage, cfg.layers.len())?,
+        (None, true) => Freeze::Backbone,
+        (None, false) => Freeze::Nothing,
+    };
 
     let train_class_names = train.class_names_or_indices();
     let workers = args.workers as usize;
@@ -403,16 +377,8 @@ fn main() -> Result<()> {
     });
     let schedule = LrSchedule::new(args.lr, schedule, warmup)?;
     let no_decay = true;
-    let groups = || {
-        let mut g = param_groups(&varmap, args.weight_decay, no_decay);
-        if let Some(frozen) = &frozen {
-            for group in &mut g {
-                group.params.retain(|(k, _)| !frozen(k));
-            }
-        }
-        g
-    };
-    if frozen.is_some() {
+    let groups = || freeze.apply(param_groups(&varmap, args.weight_decay, no_decay));
+    if freeze != Freeze::Nothing {
         let n: usize = groups()
             .iter()
             .flat_map(|g| &g.params)

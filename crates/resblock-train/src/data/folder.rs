@@ -34,13 +34,22 @@ fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(v)
 }
 
+/// What [`list_image_folder`] finds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FolderListing {
+    /// Class (folder) names, sorted; the index is the label.
+    pub class_names: Vec<String>,
+    /// Every image with its label, sorted by path within a class.
+    pub files: Vec<(PathBuf, u32)>,
+}
+
 /// The files of `split_dir/<class>/*.png|jpg|jpeg`: the class names (folder names, sorted;
 /// their index is the label) and every image with its label, sorted by path within a class.
 /// Nothing is decoded.
 ///
 /// # Errors
 /// A missing folder, no class folders, or a class folder without images, naming the path.
-pub fn list_image_folder(split_dir: &Path) -> Result<(Vec<String>, Vec<(PathBuf, u32)>)> {
+pub fn list_image_folder(split_dir: &Path) -> Result<FolderListing> {
     let class_dirs: Vec<PathBuf> = sorted_entries(split_dir)?
         .into_iter()
         .filter(|p| p.is_dir())
@@ -71,7 +80,10 @@ pub fn list_image_folder(split_dir: &Path) -> Result<(Vec<String>, Vec<(PathBuf,
         }
         files.extend(images.into_iter().map(|f| (f, label as u32)));
     }
-    Ok((names, files))
+    Ok(FolderListing {
+        class_names: names,
+        files,
+    })
 }
 
 /// Decodes one image file (PNG or JPEG, format guessed from the bytes).
@@ -99,7 +111,10 @@ pub fn read_image_folder(
     image_size: Option<usize>,
     classes: Option<&[String]>,
 ) -> Result<ImageDataset> {
-    let (names, files) = list_image_folder(split_dir)?;
+    let FolderListing {
+        class_names: names,
+        files,
+    } = list_image_folder(split_dir)?;
     if let Some(want) = classes {
         if want != names.as_slice() {
             return Err(fail(
