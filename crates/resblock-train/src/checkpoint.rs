@@ -7,7 +7,6 @@
 //! history as JSON.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::Write;
 use std::path::Path;
 
 use candle_core::{Device, Tensor};
@@ -149,22 +148,13 @@ impl Checkpoint {
     }
 }
 
-/// Writes `bytes` to `path` through a temporary file in the same directory (fsync, rename),
-/// so `path` is either the old or the complete new content.
+/// Writes `bytes` to `path` through a temporary file in the same directory (fsync, rename,
+/// fsync of the directory), so `path` is either the old or the complete new content: the
+/// project's one atomic writer, [`resblock_vision::atomic::write_atomic`], with this crate's
+/// error.
 ///
 /// # Errors
 /// An unwritable destination.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("out");
-    let tmp = path.with_file_name(format!(".{name}.tmp{}", std::process::id()));
-    let result = (|| -> std::io::Result<()> {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    result.map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        err(path, e.to_string())
-    })
+    resblock_vision::atomic::write_atomic(path, bytes).map_err(|e| err(path, e.to_string()))
 }

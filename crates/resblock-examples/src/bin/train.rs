@@ -385,7 +385,7 @@ fn main() -> Result<()> {
             .map(|(_, v)| v.elem_count())
             .sum();
         println!(
-            "frozen backbone: training {n} of {} parameters",
+            "frozen ({freeze:?}): training {n} of {} parameters",
             resblock_core::params::count_parameters(&varmap, "")
         );
     }
