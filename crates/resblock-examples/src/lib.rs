@@ -2,7 +2,7 @@
 
 pub mod model_args;
 
-pub use model_args::ModelArgs;
+pub use model_args::{ModelArgs, RuntimeArgs};
 
 use candle_core::Tensor;
 
@@ -41,15 +41,6 @@ pub fn format_matrix(t: &Tensor) -> candle_core::Result<String> {
 /// # Errors
 /// A path that does not exist, or an unreadable folder.
 pub fn collect_images(paths: &[std::path::PathBuf]) -> anyhow::Result<Vec<std::path::PathBuf>> {
-    fn is_image(p: &std::path::Path) -> bool {
-        matches!(
-            p.extension()
-                .and_then(|e| e.to_str())
-                .map(str::to_ascii_lowercase)
-                .as_deref(),
-            Some("png" | "jpg" | "jpeg")
-        )
-    }
     fn walk(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) -> anyhow::Result<()> {
         let mut entries: Vec<_> = std::fs::read_dir(dir)
             .map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?
@@ -59,7 +50,7 @@ pub fn collect_images(paths: &[std::path::PathBuf]) -> anyhow::Result<Vec<std::p
         for p in entries {
             if p.is_dir() {
                 walk(&p, out)?;
-            } else if is_image(&p) {
+            } else if resblock_train::data::is_image_file(&p) {
                 out.push(p);
             }
         }

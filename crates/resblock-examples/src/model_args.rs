@@ -88,3 +88,25 @@ impl ModelArgs {
         Ok(m)
     }
 }
+
+/// Where inference runs: `--device` and `--threads` (call [`RuntimeArgs::start`] first).
+#[derive(Debug, Clone, clap::Args)]
+pub struct RuntimeArgs {
+    /// Device: `cpu`, `cuda`, `cuda:N`, `metal`, `metal:N` or `auto`.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// CPU threads (default: all cores).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub threads: Option<u64>,
+}
+
+impl RuntimeArgs {
+    /// Configures the CPU threads and returns the device.
+    ///
+    /// # Errors
+    /// An unknown or unavailable device.
+    pub fn start(&self) -> Result<Device> {
+        resblock_core::configure_threads(self.threads.map(|n| n as usize));
+        Ok(resblock_core::parse_device(&self.device)?)
+    }
+}

@@ -22,6 +22,7 @@
 //! given ([`load_model`] with `arch`).
 
 use std::collections::HashMap;
+use std::io::Read;
 use std::path::Path;
 
 use candle_core::{Device, Tensor};
@@ -220,16 +221,38 @@ pub fn read_model_meta(path: &Path) -> Result<Option<ModelMeta>> {
     if path.extension().and_then(|e| e.to_str()) != Some("safetensors") {
         return Ok(None);
     }
-    let bytes = std::fs::read(path).map_err(|e| Error::Io {
+    // Only the header is read (a model file can be hundreds of MB): its 8-byte length,
+    // then the JSON object whose `__metadata__` holds string values.
+    let io = |e: std::io::Error| Error::Io {
         path: path.display().to_string(),
         source: e,
-    })?;
-    let (_, header) =
-        safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| Error::WeightsFormat {
-            path: path.display().to_string(),
-            msg: e.to_string(),
-        })?;
-    let Some(json) = header.metadata().as_ref().and_then(|m| m.get(METADATA_KEY)) else {
+    };
+    let format = |msg: String| Error::WeightsFormat {
+        path: path.display().to_string(),
+        msg,
+    };
+    let mut f = std::fs::File::open(path).map_err(io)?;
+    let file_len = f.metadata().map_err(io)?.len();
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len)
+        .map_err(|e| format(format!("not a safetensors file ({e})")))?;
+    let n = u64::from_le_bytes(len);
+    if n > 100 << 20 || n + 8 > file_len {
+        return Err(format(format!(
+            "header length {n} does not fit a {file_len}-byte file"
+        )));
+    }
+    let mut head = vec![0u8; n as usize];
+    f.read_exact(&mut head).map_err(io)?;
+    // The tensors themselves are checked when they are loaded; here only `__metadata__`.
+    #[derive(Deserialize)]
+    struct Header {
+        #[serde(rename = "__metadata__", default)]
+        metadata: Option<HashMap<String, String>>,
+    }
+    let header: Header = serde_json::from_slice(&head)
+        .map_err(|e| format(format!("the header is not valid JSON ({e})")))?;
+    let Some(json) = header.metadata.as_ref().and_then(|m| m.get(METADATA_KEY)) else {
         return Ok(None);
     };
     let meta: ModelMeta = serde_json::from_str(json)
@@ -422,6 +445,13 @@ mod tests {
         more.config.num_classes = 3;
         more.class_names.push("maybe".into());
         assert!(save_model(&tensors, &more, &path).is_err());
+        // Truncated or absurd headers are errors naming the file, before any large read.
+        std::fs::write(&path, [1u8, 2, 3]).map_err(|e| Error::config(e.to_string()))?;
+        let e = read_model_meta(&path).expect_err("truncated");
+        assert!(e.to_string().contains("m.safetensors"), "{e}");
+        std::fs::write(&path, u64::MAX.to_le_bytes()).map_err(|e| Error::config(e.to_string()))?;
+        let e = read_model_meta(&path).expect_err("huge header");
+        assert!(e.to_string().contains("header length"), "{e}");
         // Plain weights: no metadata, so the architecture is needed.
         crate::weights::save_tensors(&tensors, &path)?;
         assert_eq!(read_model_meta(&path)?, None);

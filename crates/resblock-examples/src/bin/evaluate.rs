@@ -19,8 +19,8 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, ModuleT, Tensor, D};
 use clap::Parser;
-use resblock_core::{configure_threads, parse_device, RngHandle};
-use resblock_examples::ModelArgs;
+use resblock_core::RngHandle;
+use resblock_examples::{ModelArgs, RuntimeArgs};
 use resblock_train::confusion::{ClassStats, ConfusionMatrix};
 use resblock_train::data::{
     decode_image, list_image_folder, DataKind, DataSpec, FolderListing, Split,
@@ -48,12 +48,8 @@ struct Args {
     /// Images per forward pass.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=4096))]
     batch_size: u64,
-    /// Device: `cpu`, `cuda`, `cuda:N`, `metal`, `metal:N` or `auto`.
-    #[arg(long, default_value = "cpu")]
-    device: String,
-    /// CPU threads (default: all cores).
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
-    threads: Option<u64>,
+    #[command(flatten)]
+    runtime: RuntimeArgs,
 }
 
 #[derive(Serialize)]
@@ -165,8 +161,7 @@ fn open_data(spec: &DataSpec, meta: &ModelMeta) -> Result<Source> {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    configure_threads(args.threads.map(|n| n as usize));
-    let device = parse_device(&args.device)?;
+    let device = args.runtime.start()?;
     let model_path = args.model.path()?;
     let loaded = args.model.load(&device)?;
     let net = loaded.net.folded()?;

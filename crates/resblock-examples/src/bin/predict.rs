@@ -17,8 +17,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use candle_core::{DType, ModuleT, Tensor, D};
 use clap::Parser;
-use resblock_core::{configure_threads, parse_device};
-use resblock_examples::{collect_images, ModelArgs};
+use resblock_examples::{collect_images, ModelArgs, RuntimeArgs};
 use resblock_train::data::decode_image;
 use serde::Serialize;
 
@@ -40,12 +39,8 @@ struct Args {
     /// Images per forward pass.
     #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..=4096))]
     batch_size: u64,
-    /// Device: `cpu`, `cuda`, `cuda:N`, `metal`, `metal:N` or `auto`.
-    #[arg(long, default_value = "cpu")]
-    device: String,
-    /// CPU threads (default: all cores).
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
-    threads: Option<u64>,
+    #[command(flatten)]
+    runtime: RuntimeArgs,
 }
 
 #[derive(Serialize)]
@@ -62,8 +57,7 @@ struct Line<'a> {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    configure_threads(args.threads.map(|n| n as usize));
-    let device = parse_device(&args.device)?;
+    let device = args.runtime.start()?;
     let loaded = args.model.load(&device)?;
     let net = loaded.net.folded()?;
     let meta = &loaded.meta;

@@ -15,7 +15,8 @@ fn fail(path: &Path, msg: impl Into<String>) -> Error {
     }
 }
 
-fn is_image(p: &Path) -> bool {
+/// Whether `p` has an image extension this reader takes (`.png`, `.jpg`, `.jpeg`, any case).
+pub fn is_image_file(p: &Path) -> bool {
     matches!(
         p.extension()
             .and_then(|e| e.to_str())
@@ -73,7 +74,7 @@ pub fn list_image_folder(split_dir: &Path) -> Result<FolderListing> {
     for (label, dir) in class_dirs.iter().enumerate() {
         let images: Vec<PathBuf> = sorted_entries(dir)?
             .into_iter()
-            .filter(|p| p.is_file() && is_image(p))
+            .filter(|p| p.is_file() && is_image_file(p))
             .collect();
         if images.is_empty() {
             return Err(fail(dir, "class folder has no .png/.jpg images"));

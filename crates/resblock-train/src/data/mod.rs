@@ -20,7 +20,9 @@ mod transform;
 pub use cifar::{read_cifar, CifarKind};
 #[cfg(feature = "download")]
 pub use download::{download, fetch_to_file, sha256_file, RemoteDataset, RemoteFile, Unpack};
-pub use folder::{decode_image, list_image_folder, read_image_folder, FolderListing};
+pub use folder::{
+    decode_image, is_image_file, list_image_folder, read_image_folder, FolderListing,
+};
 pub use idx::{read_idx_images, read_idx_labels, read_mnist, verify_sha256sums};
 pub use loader::DataLoader;
 pub use source::{Batch, BatchSource, FixedBatches};
