@@ -4,8 +4,8 @@
 //! normalised as the model file's metadata says) and output `logits`.
 //!
 //! The messages are the official `onnx.proto` compiled by `prost` ([`proto`]); the graph is
-//! written from the network's own layers (walking [`ResNet`] as `summary` does), so what is
-//! exported is what runs. Batch norms are kept as `BatchNormalization` nodes or folded into
+//! written from the network's own layers (walking a [`resblock_vision::ResNet`] as its
+//! `summary` does), so what is exported is what runs. Batch norms are kept as `BatchNormalization` nodes or folded into
 //! the convolutions ([`ExportOptions::fold_batch_norm`]).
 //!
 //! ```no_run

@@ -38,7 +38,7 @@ use resblock_train::schedule::{LrSchedule, Schedule, Warmup};
 use resblock_train::{
     DataLoader, Dataset, ImageDataset, LossKind, Trainer, TrainerConfig, Transform,
 };
-use resblock_vision::model_file::save_model_varmap;
+use resblock_vision::model_file::{read_model_meta, save_model_varmap};
 use resblock_vision::weights::{load_state_dict_into_varmap, read_state_dict};
 use resblock_vision::{resnet, ModelMeta, Preprocess, ResNetConfig};
 use serde::Serialize;
@@ -236,6 +236,21 @@ fn main() -> Result<()> {
         Some(path) => Some((read_state_dict(&path)?, path)),
         None => None,
     };
+    // A model file from a run (or --pretrained) knows its network: without --arch, start
+    // from its architecture and builder options.
+    let init_meta = match &init {
+        Some((_, path)) => read_model_meta(path)?,
+        None => None,
+    };
+    let (arch, base_cfg) = match &init_meta {
+        Some(m) if args.arch.is_none() || args.arch.as_deref() == Some(m.arch.as_str()) => {
+            (m.arch.clone(), m.config.clone())
+        }
+        _ => {
+            let cfg = ResNetConfig::preset(&arch)?;
+            (arch, cfg)
+        }
+    };
 
     let image_size = args.image_size.map(|s| s as usize);
     let (mut train, mut test, spec) = load_data(&args.data, image_size, args.download)?;
@@ -302,7 +317,7 @@ fn main() -> Result<()> {
     }
     train_tf.push(normalize.clone());
 
-    let mut cfg = ResNetConfig::preset(&arch)?;
+    let mut cfg = base_cfg;
     cfg.in_channels = c;
     cfg.num_classes = train.num_classes;
     let rng = RngHandle::seed_from_u64(args.seed);
@@ -322,7 +337,8 @@ fn main() -> Result<()> {
                 cfg.num_classes
             );
         }
-        load_state_dict_into_varmap(&varmap, sd, path, |k| new_head && k.starts_with("fc."))?;
+        load_state_dict_into_varmap(&varmap, sd, path, |k| new_head && k.starts_with("fc."))
+            .with_context(|| format!("{} as initial weights for --arch {arch}", path.display()))?;
         println!("initial weights from {}", path.display());
     }
     let freeze = match (&args.freeze_until, args.freeze_backbone) {
