@@ -81,24 +81,34 @@ impl Default for TrainerConfig {
     }
 }
 
-/// One epoch's numbers, as written to `metrics.jsonl`.
+/// One epoch's numbers, as written to `metrics.jsonl` (one JSON object per line) and to a
+/// checkpoint's `history`. Non-finite numbers are written as `null` and read back as NaN,
+/// as are missing fields.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EpochRecord {
     /// 1-based epoch number.
+    #[serde(default)]
     pub epoch: usize,
     /// Learning rate at the epoch's last step.
+    #[serde(with = "nan_as_null", default = "nan")]
     pub lr: f64,
     /// Mean training loss.
+    #[serde(with = "nan_as_null", default = "nan")]
     pub train_loss: f64,
     /// Training top-1 accuracy (NaN for regression).
+    #[serde(with = "nan_as_null", default = "nan")]
     pub train_acc: f64,
     /// Mean test loss (NaN without test data).
+    #[serde(with = "nan_as_null", default = "nan")]
     pub test_loss: f64,
     /// Test top-1 accuracy (NaN without test data or for regression).
+    #[serde(with = "nan_as_null", default = "nan")]
     pub test_acc: f64,
     /// Wall time of the epoch (training and evaluation).
+    #[serde(with = "nan_as_null", default = "nan")]
     pub seconds: f64,
     /// Training throughput (samples per second over the training part of the epoch).
+    #[serde(with = "nan_as_null", default = "nan")]
     pub images_per_sec: f64,
 }
 
@@ -384,7 +394,7 @@ impl<'m, M: ModuleT> Trainer<'m, M> {
     fn write_metrics(&self, path: &Path) -> Result<()> {
         let mut text = String::new();
         for r in &self.history {
-            text.push_str(&record_json(r));
+            text.push_str(&serde_json::to_string(r).map_err(|e| Error::config(e.to_string()))?);
             text.push('\n');
         }
         write_atomic(path, text.as_bytes())
@@ -410,17 +420,9 @@ impl<'m, M: ModuleT> Trainer<'m, M> {
         ck.meta.insert("step".into(), self.step.to_string());
         ck.meta
             .insert("optimizer".into(), self.optimizer.name().into());
-        ck.meta.insert(
-            "history".into(),
-            format!(
-                "[{}]",
-                self.history
-                    .iter()
-                    .map(record_json)
-                    .collect::<Vec<_>>()
-                    .join(",")
-            ),
-        );
+        let history =
+            serde_json::to_string(&self.history).map_err(|e| Error::config(e.to_string()))?;
+        ck.meta.insert("history".into(), history);
         if let Some(rng) = &self.rng {
             ck.set_rng(&rng.state());
         }
@@ -449,7 +451,7 @@ impl<'m, M: ModuleT> Trainer<'m, M> {
         let epoch: usize = ck.meta_value("epoch", path)?;
         let step: u64 = ck.meta_value("step", path)?;
         let history: Vec<EpochRecord> = match ck.meta.get("history") {
-            Some(h) => parse_history(h)
+            Some(h) => serde_json::from_str(h)
                 .map_err(|e| fail(format!("metadata key \"history\" is invalid: {e}")))?,
             None => Vec::new(),
         };
@@ -494,51 +496,25 @@ impl<'m, M: ModuleT> Trainer<'m, M> {
     }
 }
 
-/// JSON for one record; non-finite numbers become `null`.
-fn record_json(r: &EpochRecord) -> String {
-    let num = |v: f64| {
-        if v.is_finite() {
-            serde_json::json!(v)
-        } else {
-            serde_json::Value::Null
-        }
-    };
-    serde_json::json!({
-        "epoch": r.epoch,
-        "lr": num(r.lr),
-        "train_loss": num(r.train_loss),
-        "train_acc": num(r.train_acc),
-        "test_loss": num(r.test_loss),
-        "test_acc": num(r.test_acc),
-        "seconds": num(r.seconds),
-        "images_per_sec": num(r.images_per_sec),
-    })
-    .to_string()
+fn nan() -> f64 {
+    f64::NAN
 }
 
-fn parse_history(h: &str) -> std::result::Result<Vec<EpochRecord>, serde_json::Error> {
-    let values: Vec<serde_json::Value> = serde_json::from_str(h)?;
-    let f = |v: &serde_json::Value, k: &str| {
-        v.get(k)
-            .and_then(serde_json::Value::as_f64)
-            .unwrap_or(f64::NAN)
-    };
-    Ok(values
-        .iter()
-        .map(|v| EpochRecord {
-            epoch: v
-                .get("epoch")
-                .and_then(serde_json::Value::as_u64)
-                .unwrap_or(0) as usize,
-            lr: f(v, "lr"),
-            train_loss: f(v, "train_loss"),
-            train_acc: f(v, "train_acc"),
-            test_loss: f(v, "test_loss"),
-            test_acc: f(v, "test_acc"),
-            seconds: f(v, "seconds"),
-            images_per_sec: f(v, "images_per_sec"),
-        })
-        .collect())
+/// JSON has no NaN or infinity: write them as `null`, read `null` as NaN.
+mod nan_as_null {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &f64, s: S) -> Result<S::Ok, S::Error> {
+        if v.is_finite() {
+            s.serialize_f64(*v)
+        } else {
+            s.serialize_none()
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+        Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
+    }
 }
 
 /// One human-readable line per epoch.
@@ -561,4 +537,36 @@ pub fn format_record(r: &EpochRecord, epochs: usize) -> String {
         r.images_per_sec, r.seconds
     ));
     s
+}
+
+#[cfg(test)]
+mod record_tests {
+    use super::*;
+
+    #[test]
+    fn records_round_trip_with_nan_as_null() -> std::result::Result<(), serde_json::Error> {
+        let r = EpochRecord {
+            epoch: 3,
+            lr: 0.1,
+            train_loss: 0.5,
+            train_acc: 0.9,
+            test_loss: f64::NAN,
+            test_acc: f64::INFINITY,
+            seconds: 1.5,
+            images_per_sec: 100.,
+        };
+        let json = serde_json::to_string(&r)?;
+        assert!(
+            json.contains("\"test_loss\":null") && json.contains("\"test_acc\":null"),
+            "{json}"
+        );
+        let back: EpochRecord = serde_json::from_str(&json)?;
+        assert_eq!((back.epoch, back.lr, back.seconds), (3, 0.1, 1.5));
+        assert!(back.test_loss.is_nan() && back.test_acc.is_nan());
+        // Older or partial records: missing numbers are NaN.
+        let old: EpochRecord = serde_json::from_str("{\"epoch\": 2, \"lr\": 0.01}")?;
+        assert_eq!(old.epoch, 2);
+        assert!(old.train_loss.is_nan());
+        Ok(())
+    }
 }
