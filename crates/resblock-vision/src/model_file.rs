@@ -32,7 +32,9 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::preprocess::Preprocess;
 use crate::resnet::{ResNet, ResNetConfig, StemType};
-use crate::weights::{load_resnet, read_state_dict, save_tensors_with_metadata};
+use crate::weights::{
+    load_resnet, read_state_dict, resnet_from_state_dict, save_tensors_with_metadata,
+};
 
 /// The safetensors `__metadata__` key that holds the model metadata.
 pub const METADATA_KEY: &str = "resblock";
@@ -350,9 +352,8 @@ pub fn load_model(path: &Path, arch: Option<&str>, device: &Device) -> Result<Lo
         .iter()
         .find_map(|k| sd.get(*k));
     let in_channels = stem.and_then(|t| t.dims().get(1).copied()).unwrap_or(3);
-    drop(sd);
     let meta = ModelMeta::assumed(arch, num_classes, in_channels)?;
-    let net = load_resnet(&meta.config, path, device)?;
+    let net = resnet_from_state_dict(&meta.config, &sd, path, device)?;
     Ok(LoadedModel {
         net,
         meta,

@@ -183,11 +183,23 @@ pub fn load_state_dict_into_varmap(
 /// As [`read_state_dict`] and [`check_state_dict`] (e.g. the file is for another
 /// architecture), or a configuration error.
 pub fn load_resnet(cfg: &ResNetConfig, path: &Path, device: &Device) -> Result<ResNet> {
-    let found = read_state_dict(path)?;
+    resnet_from_state_dict(cfg, &read_state_dict(path)?, path, device)
+}
+
+/// As [`load_resnet`] from a state_dict already read from `path` (named in errors).
+///
+/// # Errors
+/// As [`check_state_dict`], or a configuration error.
+pub fn resnet_from_state_dict(
+    cfg: &ResNetConfig,
+    found: &BTreeMap<String, Tensor>,
+    path: &Path,
+    device: &Device,
+) -> Result<ResNet> {
     let (vb, rec) = shape_only_var_builder(DType::F32, device);
     resnet(cfg, &RngHandle::seed_from_u64(0), vb)?;
     let expected = rec.shapes();
-    check_state_dict(&expected, &found, path)?;
+    check_state_dict(&expected, found, path)?;
     let mut tensors: HashMap<String, Tensor> = HashMap::with_capacity(expected.len());
     for (k, shape) in &expected {
         let t = match found.get(k) {
