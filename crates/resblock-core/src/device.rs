@@ -81,7 +81,7 @@ pub fn parse_device(name: &str) -> Result<Device> {
 /// blocks over a few MB to the kernel with `munmap`, so every op paid page faults, page
 /// zeroing and cross-core TLB flushes (about 20% of a ResNet-20 training step here).
 pub fn configure_threads(threads: Option<usize>) -> usize {
-    keep_freed_memory();
+    resblock_kernels::alloc::keep_freed_memory();
     let n = threads.filter(|&n| n > 0).unwrap_or_else(|| {
         std::env::var("RAYON_NUM_THREADS")
             .ok()
@@ -93,17 +93,3 @@ pub fn configure_threads(threads: Option<usize>) -> usize {
     std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     n
 }
-
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn keep_freed_memory() {
-    // glibc's limit for M_MMAP_THRESHOLD is 32 MiB on 64-bit; larger blocks are still mapped.
-    const MMAP_THRESHOLD: libc::c_int = 32 << 20;
-    // SAFETY: mallopt only sets allocator tunables; it is called before other threads start.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, libc::c_int::MAX);
-    }
-}
-
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn keep_freed_memory() {}

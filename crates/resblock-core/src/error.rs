@@ -10,6 +10,10 @@ pub enum Error {
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 
+    /// An op rejected its input (resblock-kernels).
+    #[error(transparent)]
+    Kernel(#[from] resblock_kernels::Error),
+
     /// A layer or block was configured with values that cannot work together.
     #[error("invalid configuration: {0}")]
     Config(String),

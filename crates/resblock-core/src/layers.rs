@@ -467,11 +467,13 @@ impl BatchNorm {
 
     fn run(&self, x: &Tensor, train: bool, relu: bool) -> candle_core::Result<Tensor> {
         let bshape = self.check(x)?;
-        let w = self.weight.reshape(bshape.as_slice())?;
-        let b = self.bias.reshape(bshape.as_slice())?;
         if !train {
-            // Detached: the running statistics are variables (train mode updates them) but
-            // must not make eval-mode forwards record a backprop graph.
+            // Eval mode is inference: the parameters are constants here (detached, sharing
+            // their storage), so a model built on a VarMap records no backprop graph and
+            // frees each activation as soon as the next layer has read it. Gradients with
+            // respect to the input still flow.
+            let w = self.weight.detach().reshape(bshape.as_slice())?;
+            let b = self.bias.detach().reshape(bshape.as_slice())?;
             let mean = self
                 .running_mean
                 .as_tensor()
@@ -515,22 +517,22 @@ impl BatchNorm {
     ) -> candle_core::Result<Tensor> {
         let c = conv.config();
         if !train {
-            let plain = [x, conv.weight(), &self.weight, &self.bias]
-                .iter()
-                .all(|t| !t.track_op())
-                && conv.bias().is_none_or(|b| !b.track_op());
-            if !plain {
+            // Eval mode is inference: parameters are constants (see `run`).
+            if x.track_op() {
+                // A gradient with respect to the input is wanted: composed ops.
+                let conv = Conv2d::new(conv.weight().detach(), conv.bias().map(Tensor::detach), *c);
                 return self.run(&conv.forward(x)?, train, relu);
             }
-            // Inference on plain tensors: the norm in the convolution's epilogue.
+            // The norm in the convolution's epilogue.
             let (scale, shift) = self.eval_scale_shift().map_err(candle_core::Error::wrap)?;
+            let (scale, shift) = (scale.detach(), shift.detach());
             let shift = match conv.bias() {
-                Some(b) => ((b * &scale)? + shift)?,
+                Some(b) => ((b.detach() * &scale)? + shift)?,
                 None => shift,
             };
             return crate::ops::conv2d_scale_shift(
                 x,
-                conv.weight(),
+                &conv.weight().detach(),
                 (&scale, &shift),
                 relu,
                 c.padding,

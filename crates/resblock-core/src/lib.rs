@@ -10,9 +10,9 @@
 //! - [`Shortcut`]: identity, projection (1x1 conv + BN), zero-padding "option A", linear,
 //!   or removed (plain networks).
 //! - [`mlp_block`] / [`residual_mlp`]: the article's Linear residual block and stacks of it.
-//! - Layers with PyTorch's init and names ([`linear`], [`conv2d`], [`batch_norm`]), and the
-//!   [`ops`] Candle lacks (trainable padded max-pool, a conv with a correct backward for
-//!   non-square inputs, strided slicing).
+//! - Layers with PyTorch's init and names ([`linear`], [`conv2d`], [`batch_norm`]) on the
+//!   [`ops`] Candle lacks (re-exported from `resblock-kernels`: trainable padded max-pool, a
+//!   conv with a correct backward for non-square inputs, fused conv + BN, strided slicing).
 //! - [`RngHandle`] and [`seeded_var_builder`]: seeded, checkpointable randomness (Candle's
 //!   CPU generator cannot be seeded).
 //!
@@ -30,6 +30,7 @@
 //! # Ok::<(), resblock_core::Error>(())
 //! ```
 #![warn(missing_docs)]
+#![forbid(unsafe_code)]
 
 pub mod device;
 pub mod drop_path;
@@ -37,13 +38,14 @@ pub mod error;
 pub mod init;
 pub mod layers;
 pub mod mlp;
-pub mod ops;
 pub mod params;
 pub mod probe;
 pub mod residual;
 pub mod rng;
 pub mod shortcut;
-pub mod testing;
+
+/// The tensor ops and CPU kernels under the layers (the `resblock-kernels` crate).
+pub use resblock_kernels as ops;
 
 pub use device::{best_device, configure_threads, parse_device};
 pub use drop_path::DropPath;

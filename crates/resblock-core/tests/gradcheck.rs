@@ -192,7 +192,7 @@ fn native_conv_agrees_with_candle_on_every_path() -> Result<()> {
         assert_close(&format!("{name} y"), &ya, &yb, 1e-12)?;
         let r = randn(&rng, ya.dims())?;
         type Conv =
-            fn(&Tensor, &Tensor, usize, usize, usize, usize) -> resblock_core::Result<Tensor>;
+            fn(&Tensor, &Tensor, usize, usize, usize, usize) -> resblock_core::ops::Result<Tensor>;
         let grads = |conv: Conv| -> Result<(Tensor, Tensor)> {
             let (xv, kv) = (Var::from_tensor(&x)?, Var::from_tensor(&k)?);
             let gs = (conv(xv.as_tensor(), kv.as_tensor(), p, s, d, g)? * &r)?
@@ -231,7 +231,8 @@ fn native_batch_norm_agrees_with_candle_ops() -> Result<()> {
             &Tensor,
             f64,
             bool,
-        ) -> resblock_core::Result<(Tensor, resblock_core::ops::BatchStats)>;
+        )
+            -> resblock_core::ops::Result<(Tensor, resblock_core::ops::BatchStats)>;
         let run = |bn: Bn| -> Result<(Tensor, Vec<f64>, Vec<Tensor>)> {
             let vars = [&x, &gamma, &beta].map(|t| Var::from_tensor(t).expect("var"));
             let (y, stats) = bn(

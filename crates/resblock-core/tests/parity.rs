@@ -60,7 +60,7 @@ fn conv_gradients_match_pytorch_on_non_square_strided_inputs() -> Result<()> {
         let k = |s: &str| get(&f, &format!("conv.{name}.{s}"));
         let (x, w, r) = (k("x")?, k("w")?, k("r")?);
         type Conv =
-            fn(&Tensor, &Tensor, usize, usize, usize, usize) -> resblock_core::Result<Tensor>;
+            fn(&Tensor, &Tensor, usize, usize, usize, usize) -> resblock_core::ops::Result<Tensor>;
         for (which, conv) in [
             ("candle", conv2d_candle as Conv),
             ("native", conv2d_native as Conv),

@@ -1,6 +1,8 @@
 //! Shared helpers of the binaries (argument parsing, model selection, printing).
+#![forbid(unsafe_code)]
 
 pub mod model_args;
+pub mod progress;
 
 pub use model_args::{ModelArgs, RuntimeArgs};
 

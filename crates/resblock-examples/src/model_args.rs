@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
-use resblock_train::pretrained::{cache_dir, fetch_pretrained, Pretrained};
+use resblock_vision::pretrained::{cache_dir, fetch_pretrained, Pretrained};
 use resblock_vision::{load_model, LoadedModel};
 
 /// Which model to use.

@@ -19,6 +19,7 @@ fn vision_fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
+/// A path for file `name` in this test file's scratch folder.
 fn scratch(name: &str) -> PathBuf {
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("classify-tests");
     std::fs::create_dir_all(&dir).expect("scratch dir");

@@ -10,12 +10,7 @@ use resblock_vision::weights::read_state_dict;
 use resblock_vision::ModelMeta;
 
 fn scratch(name: &str) -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-        .join("model-cli")
-        .join(name);
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("scratch");
-    dir
+    resblock_testing::scratch_dir!("model-cli", name)
 }
 
 fn s(p: &Path) -> &str {

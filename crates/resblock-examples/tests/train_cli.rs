@@ -9,12 +9,7 @@ use resblock_vision::weights::read_state_dict;
 const TRAIN: &str = env!("CARGO_BIN_EXE_train");
 
 fn scratch(name: &str) -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-        .join("train-cli")
-        .join(name);
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("scratch");
-    dir
+    resblock_testing::scratch_dir!("train-cli", name)
 }
 
 /// Two classes of 8x8 grayscale PNGs: dark and bright, with a little texture.

@@ -15,6 +15,7 @@
 //! resblock_onnx::write(net, &opts, std::path::Path::new("resnet50.onnx"))?;
 //! # Ok(()) }
 //! ```
+#![forbid(unsafe_code)]
 
 mod graph;
 
@@ -61,7 +62,7 @@ pub type Result<T> = std::result::Result<T, Error>;
 /// As [`export`], or an unwritable destination.
 pub fn write(net: &resblock_vision::ResNet, opts: &ExportOptions, path: &Path) -> Result<()> {
     let model = export(net, opts)?;
-    resblock_vision::atomic::write_atomic(path, &model.encode_to_vec()).map_err(|e| Error::Io {
+    resblock_io::write_atomic(path, &model.encode_to_vec()).map_err(|e| Error::Io {
         path: path.display().to_string(),
         source: e,
     })

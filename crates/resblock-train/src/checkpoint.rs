@@ -150,11 +150,11 @@ impl Checkpoint {
 
 /// Writes `bytes` to `path` through a temporary file in the same directory (fsync, rename,
 /// fsync of the directory), so `path` is either the old or the complete new content: the
-/// project's one atomic writer, [`resblock_vision::atomic::write_atomic`], with this crate's
+/// project's one atomic writer, [`resblock_io::write_atomic`], with this crate's
 /// error.
 ///
 /// # Errors
 /// An unwritable destination.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    resblock_vision::atomic::write_atomic(path, bytes).map_err(|e| err(path, e.to_string()))
+    resblock_io::write_atomic(path, bytes).map_err(|e| err(path, e.to_string()))
 }

@@ -9,7 +9,10 @@
 //!   and a [`metrics::Metric`] trait for your own.
 //! - [`Trainer`]: train/eval modes, global-norm clipping, non-finite loss/gradient stop,
 //!   atomic checkpoints with optimizer and RNG state (resuming is bit-identical on the
-//!   CPU), `metrics.jsonl`, PNG curves and a progress bar.
+//!   CPU), `metrics.jsonl`, PNG curves, and [`record::Progress`] reported to a callback
+//!   (the program renders it).
+//! - [`data`]: MNIST, CIFAR and image folders (streamed: decoded by worker threads while the
+//!   model trains) behind one [`Dataset`] trait, and a seeded [`DataLoader`].
 //!
 //! ```
 //! use candle_core::{DType, Device, ModuleT};
@@ -33,6 +36,7 @@
 //! # Ok::<(), resblock_train::Error>(())
 //! ```
 #![warn(missing_docs)]
+#![forbid(unsafe_code)]
 
 pub mod checkpoint;
 pub mod clip;
@@ -44,11 +48,12 @@ pub mod loss;
 pub mod metrics;
 pub mod optim;
 pub mod plot;
-#[cfg(feature = "download")]
-pub mod pretrained;
+pub mod recipe;
+pub mod record;
 pub mod schedule;
 pub mod trainer;
 
 pub use data::{Batch, BatchSource, DataLoader, Dataset, FixedBatches, ImageDataset, Transform};
 pub use error::{Error, Result};
-pub use trainer::{EpochRecord, LossKind, Trainer, TrainerConfig};
+pub use record::{EpochRecord, Progress};
+pub use trainer::{LossKind, Trainer, TrainerConfig};

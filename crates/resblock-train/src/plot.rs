@@ -9,7 +9,7 @@ use plotters::prelude::*;
 use plotters::style::{register_font, FontStyle};
 
 use crate::error::{Error, Result};
-use crate::trainer::EpochRecord;
+use crate::record::EpochRecord;
 
 const FONT: &[u8] = include_bytes!("../assets/DejaVuSansMono.ttf");
 

@@ -1,15 +1,12 @@
 //! The training loop: steps, epochs, evaluation, checkpoints, resuming and reporting.
 
 use std::collections::BTreeMap;
-use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::{ModuleT, Tensor};
 use candle_nn::VarMap;
-use indicatif::{ProgressBar, ProgressStyle};
 use resblock_core::RngHandle;
-use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{write_atomic, Checkpoint};
 use crate::clip::{clip_grad_norm, grad_norm};
@@ -18,6 +15,7 @@ use crate::error::{Error, Result};
 use crate::loss::{cross_entropy, mse};
 use crate::metrics::{topk_hits, MeanLoss, Metric, TopK};
 use crate::optim::Optimizer;
+use crate::record::{EpochRecord, Progress};
 use crate::schedule::LrSchedule;
 
 /// The loss a [`Trainer`] minimises.
@@ -59,11 +57,13 @@ pub struct TrainerConfig {
     /// Where to write `checkpoint.safetensors` (after every epoch), `metrics.jsonl` and the
     /// PNG curves; nothing is written without it.
     pub out_dir: Option<PathBuf>,
-    /// Show progress (a bar on a terminal, one line per epoch otherwise).
-    pub progress: bool,
     /// Stop once this many epochs are complete, as if interrupted (the schedule still spans
     /// `epochs`); a later run resumes from the checkpoint.
     pub stop_after: Option<usize>,
+    /// Stop after this many optimizer steps in all (short runs: smoke tests, profiling,
+    /// memory checks). The epoch in progress ends there and is evaluated, recorded and
+    /// checkpointed as a whole one; the schedule still spans `epochs`.
+    pub max_steps: Option<u64>,
 }
 
 impl Default for TrainerConfig {
@@ -75,41 +75,10 @@ impl Default for TrainerConfig {
             },
             grad_clip: None,
             out_dir: None,
-            progress: false,
             stop_after: None,
+            max_steps: None,
         }
     }
-}
-
-/// One epoch's numbers, as written to `metrics.jsonl` (one JSON object per line) and to a
-/// checkpoint's `history`. Non-finite numbers are written as `null` and read back as NaN,
-/// as are missing fields.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct EpochRecord {
-    /// 1-based epoch number.
-    #[serde(default)]
-    pub epoch: usize,
-    /// Learning rate at the epoch's last step.
-    #[serde(with = "nan_as_null", default = "nan")]
-    pub lr: f64,
-    /// Mean training loss.
-    #[serde(with = "nan_as_null", default = "nan")]
-    pub train_loss: f64,
-    /// Training top-1 accuracy (NaN for regression).
-    #[serde(with = "nan_as_null", default = "nan")]
-    pub train_acc: f64,
-    /// Mean test loss (NaN without test data).
-    #[serde(with = "nan_as_null", default = "nan")]
-    pub test_loss: f64,
-    /// Test top-1 accuracy (NaN without test data or for regression).
-    #[serde(with = "nan_as_null", default = "nan")]
-    pub test_acc: f64,
-    /// Wall time of the epoch (training and evaluation).
-    #[serde(with = "nan_as_null", default = "nan")]
-    pub seconds: f64,
-    /// Training throughput (samples per second over the training part of the epoch).
-    #[serde(with = "nan_as_null", default = "nan")]
-    pub images_per_sec: f64,
 }
 
 /// Trains a model whose variables live in a `VarMap`.
@@ -131,6 +100,7 @@ pub struct Trainer<'m, M: ModuleT> {
     history: Vec<EpochRecord>,
     step_losses: Vec<f64>,
     last_epoch_samples: usize,
+    on_progress: Option<Box<dyn FnMut(&Progress<'_>) + 'm>>,
 }
 
 impl<'m, M: ModuleT> Trainer<'m, M> {
@@ -154,7 +124,24 @@ impl<'m, M: ModuleT> Trainer<'m, M> {
             history: Vec::new(),
             step_losses: Vec::new(),
             last_epoch_samples: 0,
+            on_progress: None,
         }
+    }
+
+    /// Reports progress to `f`: after every step and every epoch (see [`Progress`]).
+    pub fn on_progress(mut self, f: impl FnMut(&Progress<'_>) + 'm) -> Self {
+        self.on_progress = Some(Box::new(f));
+        self
+    }
+
+    fn report(&mut self, p: &Progress<'_>) {
+        if let Some(f) = &mut self.on_progress {
+            f(p);
+        }
+    }
+
+    fn steps_left(&self) -> bool {
+        self.cfg.max_steps.is_none_or(|m| self.step < m)
     }
 
     /// Registers the model's random generator (drop-path masks) so checkpoints save and
@@ -227,18 +214,22 @@ impl<'m, M: ModuleT> Trainer<'m, M> {
         matches!(self.cfg.loss, LossKind::CrossEntropy { .. })
     }
 
-    /// Trains one epoch; returns (mean loss, top-1 accuracy or NaN).
+    /// Trains one epoch (or up to `max_steps`); returns (mean loss, top-1 accuracy or NaN).
+    /// Batches are taken from `data` one at a time as they are needed, so a streaming
+    /// source prepares the next ones while this one trains.
     ///
     /// # Errors
     /// As [`Trainer::train_step`] and the data source.
     pub fn train_epoch(&mut self, data: &mut dyn BatchSource) -> Result<(f64, f64)> {
-        let n = data.num_batches();
-        let bar = self.progress_bar(n);
+        let steps = data.num_batches();
         let (mut loss_sum, mut hits, mut count) = (0f64, 0usize, 0usize);
         let start = Instant::now();
         let epoch = self.epoch;
-        let batches: Vec<Result<Batch>> = data.epoch(epoch)?.collect();
-        for batch in batches {
+        let left = self
+            .cfg
+            .max_steps
+            .map_or(usize::MAX, |m| m.saturating_sub(self.step) as usize);
+        for (i, batch) in data.epoch_prefix(epoch, left)?.enumerate() {
             let batch = batch?;
             let (loss, outputs) = self.train_step(&batch)?;
             let bs = batch.inputs.dim(0)?;
@@ -247,22 +238,21 @@ impl<'m, M: ModuleT> Trainer<'m, M> {
             if self.is_classification() {
                 hits += topk_hits(&outputs, &batch.targets, 1)?;
             }
-            if let Some(b) = &bar {
-                b.inc(1);
-                let ips = count as f64 / start.elapsed().as_secs_f64().max(1e-9);
-                let acc = if self.is_classification() {
-                    format!(" acc {:.2}%", 100. * hits as f64 / count as f64)
-                } else {
-                    String::new()
-                };
-                b.set_message(format!(
-                    "loss {:.4}{acc} {ips:.0} img/s",
-                    loss_sum / count as f64
-                ));
-            }
-        }
-        if let Some(b) = bar {
-            b.finish_and_clear();
+            let acc = if self.is_classification() {
+                hits as f64 / count as f64
+            } else {
+                f64::NAN
+            };
+            let p = Progress::Step {
+                epoch: epoch + 1,
+                epochs: self.cfg.epochs,
+                step: i + 1,
+                steps,
+                loss: loss_sum / count as f64,
+                acc,
+                images_per_sec: count as f64 / start.elapsed().as_secs_f64().max(1e-9),
+            };
+            self.report(&p);
         }
         self.last_epoch_samples = count;
         let acc = if self.is_classification() && count > 0 {
@@ -271,21 +261,6 @@ impl<'m, M: ModuleT> Trainer<'m, M> {
             f64::NAN
         };
         Ok((loss_sum / count.max(1) as f64, acc))
-    }
-
-    fn progress_bar(&self, n: usize) -> Option<ProgressBar> {
-        if !self.cfg.progress || !std::io::stderr().is_terminal() {
-            return None;
-        }
-        let bar = ProgressBar::new(n as u64);
-        let style = ProgressStyle::with_template(&format!(
-            "epoch {}/{} [{{bar:30}}] {{pos}}/{{len}} {{msg}} eta {{eta}}",
-            self.epoch + 1,
-            self.cfg.epochs
-        ))
-        .unwrap_or_else(|_| ProgressStyle::default_bar());
-        bar.set_style(style);
-        Some(bar)
     }
 
     /// Mean loss and top-1 accuracy (NaN for regression) in eval mode.
@@ -358,7 +333,7 @@ impl<'m, M: ModuleT> Trainer<'m, M> {
             .cfg
             .stop_after
             .map_or(self.cfg.epochs, |s| s.min(self.cfg.epochs));
-        while self.epoch < last {
+        while self.epoch < last && self.steps_left() {
             let start = Instant::now();
             let (train_loss, train_acc) = self.train_epoch(train)?;
             let train_secs = start.elapsed().as_secs_f64();
@@ -378,15 +353,17 @@ impl<'m, M: ModuleT> Trainer<'m, M> {
                 seconds: start.elapsed().as_secs_f64(),
                 images_per_sec: samples as f64 / train_secs.max(1e-9),
             };
-            if self.cfg.progress {
-                println!("{}", format_record(&rec, self.cfg.epochs));
-            }
-            self.history.push(rec);
+            self.history.push(rec.clone());
             if let Some(dir) = self.cfg.out_dir.clone() {
                 self.save_checkpoint(&dir.join("checkpoint.safetensors"))?;
                 self.write_metrics(&dir.join("metrics.jsonl"))?;
                 crate::plot::write_curves(&self.history, &dir)?;
             }
+            let epochs = self.cfg.epochs;
+            self.report(&Progress::Epoch {
+                record: &rec,
+                epochs,
+            });
         }
         Ok(&self.history)
     }
@@ -492,81 +469,6 @@ impl<'m, M: ModuleT> Trainer<'m, M> {
         self.epoch = epoch;
         self.step = step;
         self.history = history;
-        Ok(())
-    }
-}
-
-fn nan() -> f64 {
-    f64::NAN
-}
-
-/// JSON has no NaN or infinity: write them as `null`, read `null` as NaN.
-mod nan_as_null {
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(v: &f64, s: S) -> Result<S::Ok, S::Error> {
-        if v.is_finite() {
-            s.serialize_f64(*v)
-        } else {
-            s.serialize_none()
-        }
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
-        Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
-    }
-}
-
-/// One human-readable line per epoch.
-pub fn format_record(r: &EpochRecord, epochs: usize) -> String {
-    let mut s = format!(
-        "epoch {}/{epochs}: lr {:.3e} train loss {:.4}",
-        r.epoch, r.lr, r.train_loss
-    );
-    if r.train_acc.is_finite() {
-        s.push_str(&format!(" acc {:.2}%", 100. * r.train_acc));
-    }
-    if r.test_loss.is_finite() {
-        s.push_str(&format!(" | test loss {:.4}", r.test_loss));
-    }
-    if r.test_acc.is_finite() {
-        s.push_str(&format!(" acc {:.2}%", 100. * r.test_acc));
-    }
-    s.push_str(&format!(
-        " | {:.0} img/s | {:.1}s",
-        r.images_per_sec, r.seconds
-    ));
-    s
-}
-
-#[cfg(test)]
-mod record_tests {
-    use super::*;
-
-    #[test]
-    fn records_round_trip_with_nan_as_null() -> std::result::Result<(), serde_json::Error> {
-        let r = EpochRecord {
-            epoch: 3,
-            lr: 0.1,
-            train_loss: 0.5,
-            train_acc: 0.9,
-            test_loss: f64::NAN,
-            test_acc: f64::INFINITY,
-            seconds: 1.5,
-            images_per_sec: 100.,
-        };
-        let json = serde_json::to_string(&r)?;
-        assert!(
-            json.contains("\"test_loss\":null") && json.contains("\"test_acc\":null"),
-            "{json}"
-        );
-        let back: EpochRecord = serde_json::from_str(&json)?;
-        assert_eq!((back.epoch, back.lr, back.seconds), (3, 0.1, 1.5));
-        assert!(back.test_loss.is_nan() && back.test_acc.is_nan());
-        // Older or partial records: missing numbers are NaN.
-        let old: EpochRecord = serde_json::from_str("{\"epoch\": 2, \"lr\": 0.01}")?;
-        assert_eq!(old.epoch, 2);
-        assert!(old.train_loss.is_nan());
         Ok(())
     }
 }

@@ -11,12 +11,7 @@ use resblock_train::data::{
 use resblock_train::{BatchSource, DataLoader, Dataset, ImageDataset, Transform};
 
 fn scratch(name: &str) -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-        .join("data-tests")
-        .join(name);
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("scratch");
-    dir
+    resblock_testing::scratch_dir!("data-tests", name)
 }
 
 fn idx_images(n: u32, h: u32, w: u32, magic: u32) -> Vec<u8> {
@@ -392,53 +387,15 @@ fn resize_matches_pytorch_bilinear() -> Result<()> {
     Ok(())
 }
 
-/// A one-thread HTTP/1.1 server on 127.0.0.1 serving `files` by name (404 otherwise) until
-/// the test ends. Returns its base URL.
+/// Serves `files` on loopback (see `resblock_testing::serve_files`); returns the base URL.
 #[cfg(feature = "download")]
 fn serve(files: Vec<(String, Vec<u8>)>) -> String {
-    use std::io::{BufRead, BufReader};
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let base = format!("http://{}/", listener.local_addr().expect("addr"));
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { continue };
-            let mut reader = BufReader::new(stream.try_clone().expect("clone"));
-            let mut request = String::new();
-            if reader.read_line(&mut request).is_err() {
-                continue;
-            }
-            loop {
-                let mut line = String::new();
-                if reader.read_line(&mut line).map_or(true, |n| n == 0) || line == "\r\n" {
-                    break;
-                }
-            }
-            let path = request.split_whitespace().nth(1).unwrap_or("/");
-            let name = path.trim_start_matches('/');
-            let reply = match files.iter().find(|(n, _)| n == name) {
-                Some((_, body)) => {
-                    let head = format!(
-                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                        body.len()
-                    );
-                    [head.into_bytes(), body.clone()].concat()
-                }
-                None => b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-                    .to_vec(),
-            };
-            let _ = stream.write_all(&reply);
-        }
-    });
-    base
+    resblock_testing::serve_files(files, Default::default())
 }
 
 #[cfg(feature = "download")]
 fn sha256_hex(bytes: &[u8]) -> String {
-    use sha2::Digest;
-    sha2::Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    resblock_io::sha256_bytes(bytes)
 }
 
 #[cfg(feature = "download")]

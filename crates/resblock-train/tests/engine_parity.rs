@@ -12,8 +12,8 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
-use resblock_core::testing::hash_var_builder;
 use resblock_core::{residual_mlp, Activation, MlpBlockConfig, ResidualMlpConfig, RngHandle};
+use resblock_testing::hash_var_builder;
 use resblock_train::optim::{param_groups, Adam, AdamConfig, Sgd, SgdConfig};
 use resblock_train::schedule::{LrSchedule, Schedule, Warmup};
 use resblock_train::{Batch, FixedBatches, LossKind, Trainer, TrainerConfig};
@@ -85,7 +85,7 @@ fn check_weights(f: &HashMap<String, Tensor>, varmap: &VarMap, tol: f64) -> Resu
 /// epochs of the 4 fixed batches. Returns the step losses and the VarMap.
 fn run_resnet20(f: &HashMap<String, Tensor>, dtype: DType) -> Result<(Vec<f64>, VarMap)> {
     let varmap = VarMap::new();
-    let vb = resblock_core::testing::hash_var_builder_with_dtype(&varmap, dtype);
+    let vb = resblock_testing::hash_var_builder_with_dtype(&varmap, dtype);
     let model = resnet(
         &ResNetConfig::preset("resnet20")?,
         &RngHandle::seed_from_u64(0),

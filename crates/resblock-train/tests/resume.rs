@@ -13,12 +13,7 @@ use resblock_train::{Batch, Error, FixedBatches, LossKind, Trainer, TrainerConfi
 use resblock_vision::{resnet, ResNet, ResNetConfig};
 
 fn scratch(name: &str) -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-        .join("resume-tests")
-        .join(name);
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("scratch dir");
-    dir
+    resblock_testing::scratch_dir!("resume-tests", name)
 }
 
 fn data() -> Result<FixedBatches> {

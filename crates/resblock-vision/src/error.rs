@@ -24,6 +24,15 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// Pretrained weights could not be fetched, or the download is not what its name says.
+    #[error("{path}: {msg}")]
+    Download {
+        /// The file (the cache entry).
+        path: String,
+        /// What went wrong (naming the URL).
+        msg: String,
+    },
+
     /// A weight file is not a readable safetensors / PyTorch file (corrupt, truncated, wrong
     /// format or extension).
     #[error("{path}: cannot read weights: {msg}")]

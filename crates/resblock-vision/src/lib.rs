@@ -28,14 +28,16 @@
 //! # Ok::<(), resblock_vision::Error>(())
 //! ```
 #![warn(missing_docs)]
+#![forbid(unsafe_code)]
 
-pub mod atomic;
 pub mod basic_block;
 pub mod bottleneck;
 pub mod error;
 pub mod imagenet;
 pub mod model_file;
 pub mod preprocess;
+#[cfg(feature = "download")]
+pub mod pretrained;
 pub mod resnet;
 pub mod summary;
 pub mod weights;

@@ -252,7 +252,7 @@ pub fn save_tensors_with_metadata(
         .collect::<Result<_>>()?;
     let bytes = safetensors::serialize(cpu.iter().map(|(k, t)| (*k, t)), metadata)
         .map_err(|e| format_err(path, e))?;
-    crate::atomic::write_atomic(path, &bytes).map_err(|e| Error::Io {
+    resblock_io::write_atomic(path, &bytes).map_err(|e| Error::Io {
         path: path.display().to_string(),
         source: e,
     })

@@ -15,6 +15,7 @@ use resblock_core::{seeded_var_builder, RngHandle};
 use resblock_vision::weights::{load_into_varmap, load_resnet, read_state_dict, save_varmap};
 use resblock_vision::{resnet, Error, ResNetConfig};
 
+/// A path for file `name` in this test file's scratch folder.
 fn scratch(name: &str) -> PathBuf {
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("weights-tests");
     std::fs::create_dir_all(&dir).expect("scratch dir");

@@ -75,7 +75,7 @@ struct Results<'a> {
 /// The test split as (source, label) items and a way to turn each into a normalised input.
 enum Source {
     Files(Vec<(PathBuf, u32)>),
-    Tensors(resblock_train::ImageDataset),
+    Tensors(std::sync::Arc<dyn Dataset>),
 }
 
 impl Source {
@@ -141,11 +141,11 @@ fn open_data(spec: &DataSpec, meta: &ModelMeta) -> Result<Source> {
     }
     let ds = spec.load_split(Split::Test, None)?;
     let (c, _, _) = ds.shape();
-    if ds.num_classes != meta.num_classes {
+    if ds.num_classes() != meta.num_classes {
         bail!(
             "{}: {} classes but the model has {}",
             spec.text,
-            ds.num_classes,
+            ds.num_classes(),
             meta.num_classes
         );
     }
@@ -274,11 +274,8 @@ fn main() -> Result<()> {
         mistakes,
     };
     let json = args.out.join("results.json");
-    resblock_vision::atomic::write_atomic(
-        &json,
-        serde_json::to_string_pretty(&results)?.as_bytes(),
-    )
-    .with_context(|| format!("writing {}", json.display()))?;
+    resblock_io::write_atomic(&json, serde_json::to_string_pretty(&results)?.as_bytes())
+        .with_context(|| format!("writing {}", json.display()))?;
     confusion.save_png(names, &args.out.join("confusion.png"))?;
     println!("wrote {} and confusion.png", json.display());
     Ok(())

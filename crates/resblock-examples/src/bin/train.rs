@@ -27,39 +27,21 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use candle_core::DType;
 use candle_nn::VarMap;
-use clap::{Parser, ValueEnum};
+use clap::Parser;
 use resblock_core::{configure_threads, parse_device, seeded_var_builder, RngHandle};
 use resblock_examples::positive_f64;
-use resblock_train::data::{download, DataKind, DataSpec, RemoteDataset};
+use resblock_train::data::{download, DataKind, DataSpec, RemoteDataset, ReplicateChannels};
 use resblock_train::freeze::Freeze;
-use resblock_train::optim::{param_groups, Adam, AdamConfig, Optimizer, Sgd, SgdConfig};
-use resblock_train::pretrained::{cache_dir, fetch_pretrained, Pretrained};
-use resblock_train::schedule::{LrSchedule, Schedule, Warmup};
-use resblock_train::{
-    DataLoader, Dataset, ImageDataset, LossKind, Trainer, TrainerConfig, Transform,
+use resblock_train::optim::param_groups;
+use resblock_train::recipe::{
+    dataset_stats, AugmentPolicy, OptimizerConfig, OptimizerKind, ScheduleConfig, ScheduleKind,
 };
+use resblock_train::{DataLoader, Dataset, LossKind, Trainer, TrainerConfig, Transform};
 use resblock_vision::model_file::{read_model_meta, save_model_varmap};
+use resblock_vision::pretrained::{cache_dir, fetch_pretrained, Pretrained};
 use resblock_vision::weights::{load_state_dict_into_varmap, read_state_dict};
 use resblock_vision::{resnet, ModelMeta, Preprocess, ResNetConfig};
 use serde::Serialize;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
-#[serde(rename_all = "lowercase")]
-enum OptimizerKind {
-    Sgd,
-    Adam,
-    Adamw,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
-#[serde(rename_all = "lowercase")]
-enum ScheduleKind {
-    Constant,
-    Step,
-    Multistep,
-    Cosine,
-    Onecycle,
-}
 
 /// Train a ResNet (any resblock-vision preset) on MNIST, CIFAR or an image folder.
 /// The parsed flags are recorded in the model file's metadata (`train_flags`).
@@ -89,8 +71,8 @@ struct Args {
     /// Batch size.
     #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u64).range(1..=65536))]
     batch_size: u64,
-    /// Optimizer.
-    #[arg(long, value_enum, default_value = "sgd")]
+    /// Optimizer: sgd, adam or adamw.
+    #[arg(long, default_value = "sgd")]
     optimizer: OptimizerKind,
     /// Learning rate (the maximum for one-cycle).
     #[arg(long, default_value_t = 0.1, value_parser = positive_f64)]
@@ -104,8 +86,9 @@ struct Args {
     /// Weight decay (not applied to norms and biases).
     #[arg(long, default_value_t = 5e-4)]
     weight_decay: f64,
-    /// Learning-rate schedule, stepped per iteration.
-    #[arg(long, value_enum, default_value = "onecycle")]
+    /// Learning-rate schedule, stepped per iteration: constant, step, multistep, cosine or
+    /// onecycle.
+    #[arg(long, default_value = "onecycle")]
     schedule: ScheduleKind,
     /// Linear warmup epochs before the schedule.
     #[arg(long, default_value_t = 0.)]
@@ -153,6 +136,10 @@ struct Args {
     /// --epochs); continue later with --resume.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     stop_after: Option<u64>,
+    /// Stop after this many optimizer steps in all (short runs: smoke tests, profiling,
+    /// memory checks); the epoch in progress is evaluated and saved as usual.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    max_steps: Option<u64>,
     /// CPU threads (default: all cores).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     threads: Option<u64>,
@@ -164,12 +151,16 @@ struct Args {
     device: String,
 }
 
-/// Reads `--data` (fetching it first with `--download`): (train, test, spec).
-fn load_data(
-    spec: &str,
-    image_size: Option<usize>,
-    fetch: bool,
-) -> Result<(ImageDataset, ImageDataset, DataSpec)> {
+/// The training and test data.
+struct Data {
+    train: Arc<dyn Dataset>,
+    test: Arc<dyn Dataset>,
+    spec: DataSpec,
+}
+
+/// Opens `--data` (fetching it first with `--download`). Folders are streamed: only their
+/// file lists are read here.
+fn load_data(spec: &str, image_size: Option<usize>, fetch: bool) -> Result<Data> {
     let spec = DataSpec::parse(spec)?;
     if fetch {
         let Some(kind) = spec.remote_name() else {
@@ -188,7 +179,7 @@ fn load_data(
             .with_context(|| format!("--download {kind} into {}", dir.display()))?;
     }
     let (train, test) = spec.load(image_size)?;
-    Ok((train, test, spec))
+    Ok(Data { train, test, spec })
 }
 
 fn main() -> Result<()> {
@@ -200,6 +191,7 @@ fn main() -> Result<()> {
         ("--weight-decay", args.weight_decay),
         ("--warmup-epochs", args.warmup_epochs),
     ] {
+        // Checked here too so that the flag is named (the recipe names the setting).
         if !(v.is_finite() && v >= 0.) {
             bail!("{name} must be a finite number >= 0, got {v}");
         }
@@ -253,7 +245,11 @@ fn main() -> Result<()> {
     };
 
     let image_size = args.image_size.map(|s| s as usize);
-    let (mut train, mut test, spec) = load_data(&args.data, image_size, args.download)?;
+    let Data {
+        mut train,
+        mut test,
+        spec,
+    } = load_data(&args.data, image_size, args.download)?;
     let folder = spec.kind == DataKind::Folder;
     let mnist = matches!(spec.kind, DataKind::Mnist | DataKind::BundledMnist);
     // Grayscale data meets a 3-channel stem (pretrained weights) by replicating its channel.
@@ -263,13 +259,13 @@ fn main() -> Result<()> {
             .find_map(|k| sd.get(*k))
             .and_then(|t| t.dims().get(1).copied())
     });
-    if let (Some(3), 1) = (init_channels, train.channels) {
+    if let (Some(3), (1, _, _)) = (init_channels, train.shape()) {
         println!("grayscale data, 3-channel weights: replicating the channel (as torchvision's Grayscale(3))");
-        train = train.replicate_channels(3)?;
-        test = test.replicate_channels(3)?;
+        train = Arc::new(ReplicateChannels::new(train, 3)?);
+        test = Arc::new(ReplicateChannels::new(test, 3)?);
     }
     let (c, h, w) = train.shape();
-    // Folders are resized as they are read; other datasets by a transform, first.
+    // Folders are resized as they are decoded; other datasets by a transform, first.
     let resize = match image_size {
         Some(s) if !folder && (s, s) != (h, w) => vec![Transform::Resize {
             height: s,
@@ -289,9 +285,9 @@ fn main() -> Result<()> {
         args.data,
         train.len(),
         test.len(),
-        train.num_classes
+        train.num_classes()
     );
-    let (mean, std) = train.channel_stats();
+    let (mean, std) = dataset_stats(train.as_ref())?;
     let preprocess = Preprocess {
         channels: c,
         image_size: [h, w],
@@ -300,26 +296,16 @@ fn main() -> Result<()> {
         std: std.clone(),
     };
     let normalize = Transform::Normalize { mean, std };
-    let augment = !args.no_augment;
-    let mut train_tf = resize.clone();
-    if augment {
-        let pad = if mnist { 2 } else { (h / 8).max(1) };
-        train_tf.push(Transform::RandomCrop {
-            size: h.min(w),
-            padding: pad,
-        });
-        if !mnist {
-            train_tf.push(Transform::RandomHorizontalFlip { p: 0.5 });
-        }
-        if h != w {
-            bail!("augmentation crops squares: {h}x{w} images need --image-size or --no-augment");
-        }
-    }
-    train_tf.push(normalize.clone());
+    let policy = match (args.no_augment, mnist) {
+        (true, _) => AugmentPolicy::None,
+        (false, true) => AugmentPolicy::Digits,
+        (false, false) => AugmentPolicy::Natural,
+    };
+    let train_tf = policy.train_transforms((h, w), &resize, &normalize)?;
 
     let mut cfg = base_cfg;
     cfg.in_channels = c;
-    cfg.num_classes = train.num_classes;
+    cfg.num_classes = train.num_classes();
     let rng = RngHandle::seed_from_u64(args.seed);
     let varmap = VarMap::new();
     let model = resnet(
@@ -347,9 +333,9 @@ fn main() -> Result<()> {
         (None, false) => Freeze::Nothing,
     };
 
-    let train_class_names = train.class_names_or_indices();
+    let train_class_names = train.class_names();
     let workers = args.workers as usize;
-    let mut train_loader = DataLoader::new(Arc::new(train), args.batch_size as usize)?
+    let mut train_loader = DataLoader::new(train, args.batch_size as usize)?
         .transforms(train_tf)
         .seed(args.seed)
         .workers(workers)
@@ -357,41 +343,18 @@ fn main() -> Result<()> {
     if !args.no_shuffle {
         train_loader = train_loader.shuffle(args.seed);
     }
-    let mut test_loader = DataLoader::new(Arc::new(test), args.batch_size as usize)?
+    let mut test_loader = DataLoader::new(test, args.batch_size as usize)?
         .transforms([resize, vec![normalize]].concat())
         .workers(workers)
         .device(device.clone());
 
     let steps_per_epoch = resblock_train::BatchSource::num_batches(&train_loader) as u64;
-    let total = steps_per_epoch * args.epochs;
-    let warmup_steps = (args.warmup_epochs * steps_per_epoch as f64).round() as u64;
-    let after = total.saturating_sub(warmup_steps).max(2);
-    let schedule = match args.schedule {
-        ScheduleKind::Constant => Schedule::Constant,
-        ScheduleKind::Step => Schedule::Step {
-            step_size: (after / 3).max(1),
-            gamma: 0.1,
-        },
-        ScheduleKind::Multistep => Schedule::MultiStep {
-            milestones: vec![after / 2, after * 3 / 4],
-            gamma: 0.1,
-        },
-        ScheduleKind::Cosine => Schedule::Cosine {
-            total_steps: after,
-            min_lr: 0.,
-        },
-        ScheduleKind::Onecycle => Schedule::OneCycle {
-            total_steps: after,
-            pct_start: 0.3,
-            div_factor: 25.,
-            final_div_factor: 1e4,
-        },
-    };
-    let warmup = (warmup_steps > 0).then_some(Warmup {
-        steps: warmup_steps,
-        start_factor: 0.1,
-    });
-    let schedule = LrSchedule::new(args.lr, schedule, warmup)?;
+    let schedule = ScheduleConfig {
+        kind: args.schedule,
+        lr: args.lr,
+        warmup_epochs: args.warmup_epochs,
+    }
+    .build(steps_per_epoch, args.epochs)?;
     let no_decay = true;
     let groups = || freeze.apply(param_groups(&varmap, args.weight_decay, no_decay));
     if freeze != Freeze::Nothing {
@@ -405,26 +368,14 @@ fn main() -> Result<()> {
             resblock_core::params::count_parameters(&varmap, "")
         );
     }
-    let optimizer: Box<dyn Optimizer> = match args.optimizer {
-        OptimizerKind::Sgd => Box::new(Sgd::new(
-            groups(),
-            SgdConfig {
-                lr: args.lr,
-                momentum: args.momentum,
-                dampening: 0.,
-                nesterov: !args.no_nesterov && args.momentum > 0.,
-            },
-        )?),
-        OptimizerKind::Adam | OptimizerKind::Adamw => Box::new(Adam::with_groups(
-            groups(),
-            AdamConfig {
-                lr: args.lr,
-                weight_decay: args.weight_decay,
-                decoupled: args.optimizer == OptimizerKind::Adamw,
-                ..Default::default()
-            },
-        )?),
-    };
+    let optimizer = OptimizerConfig {
+        kind: args.optimizer,
+        lr: args.lr,
+        momentum: args.momentum,
+        nesterov: !args.no_nesterov,
+        weight_decay: args.weight_decay,
+    }
+    .build(groups())?;
 
     let out = args
         .out
@@ -438,10 +389,12 @@ fn main() -> Result<()> {
         },
         grad_clip: None,
         out_dir: Some(out.clone()),
-        progress: true,
         stop_after: args.stop_after.map(|e| e as usize),
+        max_steps: args.max_steps,
     };
-    let mut trainer = Trainer::new(&model, &varmap, optimizer, schedule, tcfg).with_rng(rng);
+    let mut trainer = Trainer::new(&model, &varmap, optimizer, schedule, tcfg)
+        .with_rng(rng)
+        .on_progress(resblock_examples::progress::terminal());
     if let Some(dir) = &args.resume {
         let ck = dir.join("checkpoint.safetensors");
         trainer.resume(&ck)?;
@@ -467,7 +420,9 @@ fn main() -> Result<()> {
     meta.train_flags = Some(serde_json::to_value(&args)?);
     meta.test_accuracy = Some(100. * last.test_acc);
     save_model_varmap(&varmap, &meta, &out.join("model.safetensors"))?;
-    if last.epoch < args.epochs as usize {
+    if args.max_steps.is_some_and(|m| trainer.step() >= m) {
+        println!("stopped after {} steps (--max-steps)", trainer.step());
+    } else if last.epoch < args.epochs as usize {
         println!(
             "stopped after epoch {} of {}: continue with --resume {}",
             last.epoch,

@@ -10,10 +10,9 @@
 //! ```
 
 use std::fs;
-use std::io::{Read, Write};
 use std::path::Path;
 
-use sha2::{Digest, Sha256};
+use resblock_io::fetch_to_file;
 
 use crate::error::{Error, Result};
 
@@ -171,26 +170,12 @@ impl RemoteDataset {
     }
 }
 
-/// Lower-case hex SHA-256 of a file.
+/// Lower-case hex SHA-256 of a file ([`resblock_io::sha256_file`], naming the file on error).
 ///
 /// # Errors
 /// An unreadable file.
 pub fn sha256_file(path: &Path) -> Result<String> {
-    let mut f = fs::File::open(path).map_err(|e| data_err(path, e))?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 16];
-    loop {
-        let n = f.read(&mut buf).map_err(|e| data_err(path, e))?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(hex(&h.finalize()))
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    resblock_io::sha256_file(path).map_err(|e| data_err(path, e))
 }
 
 /// Downloads `ds` into `dir` (created if needed) unless it is already there, verifying every
@@ -278,29 +263,6 @@ fn fetch_verified(
             ds.manual_hint(dir, urls)
         ),
     })
-}
-
-/// Streams `url` into `path` (created or truncated, synced), returning the SHA-256 of
-/// what was written. The caller renames it into place once the digest is checked.
-///
-/// # Errors
-/// The connection's or the file's error, as text.
-pub fn fetch_to_file(url: &str, path: &Path) -> std::result::Result<String, String> {
-    let mut resp = ureq::get(url).call().map_err(|e| e.to_string())?;
-    let mut reader = resp.body_mut().with_config().limit(u64::MAX).reader();
-    let mut out = fs::File::create(path).map_err(|e| e.to_string())?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 16];
-    loop {
-        let n = reader.read(&mut buf).map_err(|e| e.to_string())?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-        out.write_all(&buf[..n]).map_err(|e| e.to_string())?;
-    }
-    out.sync_all().map_err(|e| e.to_string())?;
-    Ok(hex(&h.finalize()))
 }
 
 /// Extracts a `.tar.gz` into `dir` (the tar crate refuses entries that escape it).

@@ -3,9 +3,9 @@
 use std::path::{Path, PathBuf};
 
 use image::imageops::FilterType;
-use image::{ColorType, DynamicImage};
+use image::{ColorType, DynamicImage, ImageDecoder};
 
-use super::ImageDataset;
+use super::{Dataset, ImageDataset};
 use crate::error::{Error, Result};
 
 fn fail(path: &Path, msg: impl Into<String>) -> Error {
@@ -99,86 +99,177 @@ pub fn decode_image(path: &Path) -> Result<DynamicImage> {
         .map_err(|e| fail(path, format!("cannot decode image: {e}")))
 }
 
-/// Reads `split_dir/<class>/*` with classes sorted by name (their index is the label).
-/// Images are decoded up front: grayscale when every image is grayscale, RGB otherwise;
-/// resized to `image_size` x `image_size` when given (bilinear), else all must share one size.
-/// `classes` fixes the class list (for a test split that must match the training one).
+/// An image folder read lazily: the file list and labels are in memory, each image is
+/// decoded (and resized) only when a sample is asked for, so memory does not grow with the
+/// number of images and decoding runs on the [`super::DataLoader`]'s worker threads.
+///
+/// Opening reads every file's header (not its pixels): images are grayscale when every one
+/// is, RGB otherwise; resized to `image_size` x `image_size` when given (bilinear, PIL's
+/// "triangle" filter), else all must share one size.
+#[derive(Debug, Clone)]
+pub struct ImageFolder {
+    files: Vec<(PathBuf, u32)>,
+    class_names: Vec<String>,
+    channels: usize,
+    height: usize,
+    width: usize,
+}
+
+/// The color type and (width, height) in a file's header, without decoding its pixels.
+fn header(path: &Path) -> Result<(ColorType, (u32, u32))> {
+    let decoder = image::ImageReader::open(path)
+        .and_then(|r| r.with_guessed_format())
+        .map_err(|e| fail(path, e.to_string()))?
+        .into_decoder()
+        .map_err(|e| fail(path, format!("cannot decode image: {e}")))?;
+    Ok((decoder.color_type(), decoder.dimensions()))
+}
+
+fn is_gray(c: ColorType) -> bool {
+    matches!(
+        c,
+        ColorType::L8 | ColorType::La8 | ColorType::L16 | ColorType::La16
+    )
+}
+
+impl ImageFolder {
+    /// Lists `split_dir/<class>/*` (classes sorted by name; their index is the label) and
+    /// reads every image's header. `classes` fixes the class list (for a test split that
+    /// must match the training one).
+    ///
+    /// # Errors
+    /// A missing folder, a class folder without images, an unreadable header, classes other
+    /// than `classes`, or mixed sizes without `image_size`, each naming the path.
+    pub fn open(
+        split_dir: &Path,
+        image_size: Option<usize>,
+        classes: Option<&[String]>,
+    ) -> Result<Self> {
+        let FolderListing { class_names, files } = list_image_folder(split_dir)?;
+        if let Some(want) = classes {
+            if want != class_names.as_slice() {
+                return Err(fail(
+                    split_dir,
+                    format!("classes {class_names:?} differ from the training split's {want:?}"),
+                ));
+            }
+        }
+        let mut gray = true;
+        let mut first: Option<(u32, u32)> = None;
+        for (path, _) in &files {
+            let (color, (w, h)) = header(path)?;
+            gray &= is_gray(color);
+            match (first, image_size) {
+                (None, _) => first = Some((w, h)),
+                (Some((w0, h0)), None) if (w, h) != (w0, h0) => return Err(fail(
+                    path,
+                    format!(
+                        "is {w}x{h} but the first image is {w0}x{h0}: pass --image-size to resize"
+                    ),
+                )),
+                _ => {}
+            }
+        }
+        let (height, width) = match (image_size, first) {
+            (Some(0), _) => return Err(fail(split_dir, "--image-size must be positive")),
+            (Some(s), _) => (s, s),
+            (None, Some((w, h))) => (h as usize, w as usize),
+            (None, None) => (0, 0),
+        };
+        Ok(Self {
+            files,
+            class_names,
+            channels: if gray { 1 } else { 3 },
+            height,
+            width,
+        })
+    }
+
+    /// Every image with its label, sorted by path within a class.
+    pub fn files(&self) -> &[(PathBuf, u32)] {
+        &self.files
+    }
+}
+
+impl Dataset for ImageFolder {
+    fn len(&self) -> usize {
+        self.files.len()
+    }
+    fn shape(&self) -> (usize, usize, usize) {
+        (self.channels, self.height, self.width)
+    }
+    fn num_classes(&self) -> usize {
+        self.class_names.len()
+    }
+    fn class_names(&self) -> Vec<String> {
+        self.class_names.clone()
+    }
+    fn source(&self, i: usize) -> String {
+        self.files
+            .get(i)
+            .map_or_else(|| format!("sample {i}"), |(p, _)| p.display().to_string())
+    }
+    fn pixels(&self, i: usize) -> Result<(Vec<u8>, u32)> {
+        let (path, label) = self.files.get(i).ok_or_else(|| {
+            Error::config(format!("sample {i} out of range ({})", self.files.len()))
+        })?;
+        let (h, w) = (self.height, self.width);
+        let img = decode_image(path)?;
+        let img = if (img.height() as usize, img.width() as usize) != (h, w) {
+            img.resize_exact(w as u32, h as u32, FilterType::Triangle)
+        } else {
+            img
+        };
+        let px = if self.channels == 1 {
+            img.to_luma8().into_raw()
+        } else {
+            let rgb = img.to_rgb8();
+            let mut px = Vec::with_capacity(3 * h * w);
+            for c in 0..3 {
+                px.extend(rgb.pixels().map(|p| p[c]));
+            }
+            px
+        };
+        if px.len() != self.channels * h * w {
+            return Err(fail(
+                path,
+                format!(
+                    "decoded to {} bytes, expected {}x{h}x{w}",
+                    px.len(),
+                    self.channels
+                ),
+            ));
+        }
+        Ok((px, *label))
+    }
+}
+
+/// Reads `split_dir/<class>/*` like [`ImageFolder::open`] and decodes every image into
+/// memory (small folders, tests; training streams an [`ImageFolder`] instead).
 ///
 /// # Errors
-/// A missing folder, a class folder without images, an undecodable image, or mixed sizes
-/// without `image_size`, each naming the path.
+/// As [`ImageFolder::open`], and an undecodable image, naming it.
 pub fn read_image_folder(
     split_dir: &Path,
     image_size: Option<usize>,
     classes: Option<&[String]>,
 ) -> Result<ImageDataset> {
-    let FolderListing {
-        class_names: names,
-        files,
-    } = list_image_folder(split_dir)?;
-    if let Some(want) = classes {
-        if want != names.as_slice() {
-            return Err(fail(
-                split_dir,
-                format!("classes {names:?} differ from the training split's {want:?}"),
-            ));
-        }
-    }
-    let decoded: Vec<(PathBuf, DynamicImage, u32)> = files
-        .into_iter()
-        .map(|(f, label)| decode_image(&f).map(|img| (f, img, label)))
-        .collect::<Result<_>>()?;
-    let gray = decoded.iter().all(|(_, img, _)| {
-        matches!(
-            img.color(),
-            ColorType::L8 | ColorType::La8 | ColorType::L16 | ColorType::La16
-        )
-    });
-    let channels = if gray { 1 } else { 3 };
-    let (h, w) = match image_size {
-        Some(s) if s > 0 => (s, s),
-        Some(_) => return Err(fail(split_dir, "--image-size must be positive")),
-        None => {
-            let (_, first, _) = &decoded[0];
-            (first.height() as usize, first.width() as usize)
-        }
-    };
+    let folder = ImageFolder::open(split_dir, image_size, classes)?;
+    let (channels, height, width) = folder.shape();
     let mut ds = ImageDataset {
-        pixels: Vec::with_capacity(decoded.len() * channels * h * w),
-        labels: Vec::with_capacity(decoded.len()),
+        pixels: Vec::with_capacity(folder.len() * channels * height * width),
+        labels: Vec::with_capacity(folder.len()),
         channels,
-        height: h,
-        width: w,
-        num_classes: names.len(),
-        class_names: names,
-        sources: Vec::with_capacity(decoded.len()),
+        height,
+        width,
+        num_classes: folder.num_classes(),
+        class_names: folder.class_names.clone(),
+        sources: folder.files.iter().map(|(p, _)| p.clone()).collect(),
     };
-    for (path, img, label) in decoded {
-        let img = if (img.height() as usize, img.width() as usize) != (h, w) {
-            if image_size.is_none() {
-                return Err(fail(
-                    &path,
-                    format!(
-                        "is {}x{} but the first image is {w}x{h}: pass --image-size to resize",
-                        img.width(),
-                        img.height()
-                    ),
-                ));
-            }
-            img.resize_exact(w as u32, h as u32, FilterType::Triangle)
-        } else {
-            img
-        };
-        if gray {
-            ds.pixels.extend_from_slice(img.to_luma8().as_raw());
-        } else {
-            let rgb = img.to_rgb8();
-            for c in 0..3 {
-                ds.pixels.extend(rgb.pixels().map(|p| p[c]));
-            }
-        }
+    for i in 0..folder.len() {
+        let (px, label) = folder.pixels(i)?;
+        ds.pixels.extend_from_slice(&px);
         ds.labels.push(label);
-        ds.sources.push(path);
     }
     Ok(ds)
 }

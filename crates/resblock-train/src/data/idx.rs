@@ -3,8 +3,6 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use sha2::{Digest, Sha256};
-
 use super::ImageDataset;
 use crate::error::{Error, Result};
 
@@ -166,10 +164,7 @@ pub fn verify_sha256sums(dir: &Path) -> Result<()> {
         };
         let path = dir.join(name.trim_start_matches('*'));
         let bytes = std::fs::read(&path).map_err(|e| fail(&path, e.to_string()))?;
-        let got: String = Sha256::digest(&bytes)
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
+        let got = resblock_io::sha256_bytes(&bytes);
         if !got.eq_ignore_ascii_case(want) {
             return Err(fail(
                 &path,

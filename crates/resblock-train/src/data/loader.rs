@@ -1,6 +1,6 @@
-//! Batching with seeded shuffling and augmentation on background threads.
+//! Batching with seeded shuffling and augmentation on background threads, streamed through a
+//! bounded queue.
 
-use std::collections::BTreeMap;
 use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -24,7 +24,10 @@ fn mix(seed: u64, a: u64, b: u64) -> u64 {
 
 /// Loads batches from a [`Dataset`]: the order of epoch `e` is a permutation seeded by
 /// (seed, e); sample `i` of epoch `e` is augmented with a stream seeded by (seed, e, i); batches
-/// are assembled by `workers` threads ahead of the training loop and delivered in order.
+/// are assembled (read, decoded, augmented) by `workers` threads while the model trains and
+/// delivered in order. At most `workers * (prefetch + 1)` batches exist ahead of the one
+/// in use, whatever the dataset's size: batch `b` is made by worker `b % workers`, and each
+/// worker's queue holds `prefetch` finished batches.
 pub struct DataLoader {
     dataset: Arc<dyn Dataset>,
     transforms: Arc<Vec<Transform>>,
@@ -33,6 +36,7 @@ pub struct DataLoader {
     drop_last: bool,
     seed: u64,
     workers: usize,
+    prefetch: usize,
     device: Device,
 }
 
@@ -56,6 +60,7 @@ impl DataLoader {
             drop_last: false,
             seed: 0,
             workers: 2,
+            prefetch: 2,
             device: Device::Cpu,
         })
     }
@@ -83,6 +88,11 @@ impl DataLoader {
     /// Background threads (at least 1).
     pub fn workers(mut self, n: usize) -> Self {
         self.workers = n.max(1);
+        self
+    }
+    /// Finished batches each worker may queue ahead (at least 1; default 2).
+    pub fn prefetch(mut self, n: usize) -> Self {
+        self.prefetch = n.max(1);
         self
     }
     /// The device batches are moved to.
@@ -130,10 +140,9 @@ fn make_batch(
     })
 }
 
-/// Delivers the workers' batches in order.
+/// Delivers the workers' batches in order: batch `b` comes from worker `b % workers`.
 struct InOrder {
-    rx: Receiver<(usize, Result<Batch>)>,
-    pending: BTreeMap<usize, Result<Batch>>,
+    queues: Vec<Receiver<Result<Batch>>>,
     next: usize,
     total: usize,
     device: Device,
@@ -146,26 +155,20 @@ impl Iterator for InOrder {
         if self.next >= self.total {
             return None;
         }
-        loop {
-            if let Some(b) = self.pending.remove(&self.next) {
-                self.next += 1;
-                return Some(b.and_then(|b| {
-                    Ok(Batch {
-                        inputs: b.inputs.to_device(&self.device)?,
-                        targets: b.targets.to_device(&self.device)?,
-                    })
-                }));
-            }
-            match self.rx.recv() {
-                Ok((i, b)) => {
-                    self.pending.insert(i, b);
-                }
-                Err(_) => {
-                    self.next = self.total;
-                    return Some(Err(Error::config(
-                        "a data loader worker stopped unexpectedly",
-                    )));
-                }
+        let queue = &self.queues[self.next % self.queues.len()];
+        self.next += 1;
+        match queue.recv() {
+            Ok(b) => Some(b.and_then(|b| {
+                Ok(Batch {
+                    inputs: b.inputs.to_device(&self.device)?,
+                    targets: b.targets.to_device(&self.device)?,
+                })
+            })),
+            Err(_) => {
+                self.next = self.total;
+                Some(Err(Error::config(
+                    "a data loader worker stopped unexpectedly",
+                )))
             }
         }
     }
@@ -173,11 +176,9 @@ impl Iterator for InOrder {
 
 impl Drop for InOrder {
     fn drop(&mut self) {
-        // Unblock workers waiting to send, then wait for them.
-        while self.rx.try_recv().is_ok() {}
-        let handles = std::mem::take(&mut self.handles);
-        drop(std::mem::replace(&mut self.rx, sync_channel(1).1));
-        for h in handles {
+        // Dropping the receivers makes every blocked send fail, so the workers return.
+        self.queues.clear();
+        for h in std::mem::take(&mut self.handles) {
             let _ = h.join();
         }
     }
@@ -194,37 +195,47 @@ impl BatchSource for DataLoader {
     }
 
     fn epoch(&mut self, epoch: usize) -> Result<Box<dyn Iterator<Item = Result<Batch>> + '_>> {
+        self.epoch_prefix(epoch, usize::MAX)
+    }
+
+    fn epoch_prefix(
+        &mut self,
+        epoch: usize,
+        n: usize,
+    ) -> Result<Box<dyn Iterator<Item = Result<Batch>> + '_>> {
         let order = self.order(epoch);
         let chunks: Vec<Vec<usize>> = order
             .chunks(self.batch_size)
             .filter(|c| !self.drop_last || c.len() == self.batch_size)
+            .take(n)
             .map(<[usize]>::to_vec)
             .collect();
         let total = chunks.len();
         let chunks = Arc::new(chunks);
-        let (tx, rx) = sync_channel(2 * self.workers);
-        let handles = (0..self.workers)
-            .map(|w| {
-                let (tx, chunks, ds, tf) = (
-                    tx.clone(),
-                    chunks.clone(),
-                    self.dataset.clone(),
-                    self.transforms.clone(),
-                );
-                let (seed, workers) = (self.seed, self.workers);
-                std::thread::spawn(move || {
-                    for i in (w..chunks.len()).step_by(workers) {
-                        let b = make_batch(ds.as_ref(), &tf, &chunks[i], seed, epoch);
-                        if tx.send((i, b)).is_err() {
-                            return;
-                        }
+        let workers = self.workers.min(total.max(1));
+        let mut queues = Vec::with_capacity(workers);
+        let mut handles = Vec::with_capacity(workers);
+        for w in 0..workers {
+            let (tx, rx) = sync_channel(self.prefetch);
+            let (chunks, ds, tf) = (
+                chunks.clone(),
+                self.dataset.clone(),
+                self.transforms.clone(),
+            );
+            let seed = self.seed;
+            handles.push(std::thread::spawn(move || {
+                for i in (w..chunks.len()).step_by(workers) {
+                    let b = make_batch(ds.as_ref(), &tf, &chunks[i], seed, epoch);
+                    let failed = b.is_err();
+                    if tx.send(b).is_err() || failed {
+                        return;
                     }
-                })
-            })
-            .collect();
+                }
+            }));
+            queues.push(rx);
+        }
         Ok(Box::new(InOrder {
-            rx,
-            pending: BTreeMap::new(),
+            queues,
             next: 0,
             total,
             device: self.device.clone(),

@@ -1,12 +1,17 @@
-//! Data: datasets, transforms, a multi-threaded loader, and readers for MNIST (IDX),
-//! CIFAR-10/100 (binary) and image folders.
+//! Data: datasets, transforms, a streaming multi-threaded loader, and readers for MNIST
+//! (IDX), CIFAR-10/100 (binary) and image folders.
 //!
-//! A [`Dataset`] holds decoded images as `u8` CHW buffers with a class label. The
-//! [`DataLoader`] shuffles with a permutation that depends only on (seed, epoch), applies a
-//! [`Transform`] pipeline whose randomness depends only on (seed, epoch, sample index), and
-//! assembles batches on background worker threads, in order: a resumed run sees exactly the
-//! batches of an uninterrupted one.
+//! A [`Dataset`] gives sample `i` as a `u8` CHW buffer with a class label. MNIST and CIFAR
+//! are small and held decoded in memory ([`ImageDataset`]); an [`ImageFolder`] holds only
+//! its file list and decodes a sample when it is asked for, so its memory does not grow with
+//! the number of images. The [`DataLoader`] shuffles with a permutation that depends only
+//! on (seed, epoch), applies a [`Transform`] pipeline whose randomness depends only on
+//! (seed, epoch, sample index), and assembles batches on background worker threads into a
+//! bounded queue while the model trains, delivering them in order: a resumed run sees
+//! exactly the batches of an uninterrupted one, and a streamed folder exactly the batches of
+//! the same folder decoded up front.
 
+mod adapt;
 mod cifar;
 #[cfg(feature = "download")]
 mod download;
@@ -17,11 +22,12 @@ mod source;
 mod spec;
 mod transform;
 
+pub use adapt::ReplicateChannels;
 pub use cifar::{read_cifar, CifarKind};
 #[cfg(feature = "download")]
-pub use download::{download, fetch_to_file, sha256_file, RemoteDataset, RemoteFile, Unpack};
+pub use download::{download, sha256_file, RemoteDataset, RemoteFile, Unpack};
 pub use folder::{
-    decode_image, is_image_file, list_image_folder, read_image_folder, FolderListing,
+    decode_image, is_image_file, list_image_folder, read_image_folder, FolderListing, ImageFolder,
 };
 pub use idx::{read_idx_images, read_idx_labels, read_mnist, verify_sha256sums};
 pub use loader::DataLoader;
@@ -54,7 +60,8 @@ pub struct ImageDataset {
     pub sources: Vec<std::path::PathBuf>,
 }
 
-/// A dataset of labelled images.
+/// A dataset of labelled images, read one sample at a time (from memory or from disk; the
+/// [`DataLoader`] calls it from several threads).
 pub trait Dataset: Send + Sync {
     /// Number of samples.
     fn len(&self) -> usize;
@@ -66,83 +73,33 @@ pub trait Dataset: Send + Sync {
     fn shape(&self) -> (usize, usize, usize);
     /// Number of classes.
     fn num_classes(&self) -> usize;
+    /// Class names in label order (`class i` where the format has none).
+    fn class_names(&self) -> Vec<String> {
+        (0..self.num_classes())
+            .map(|i| format!("class {i}"))
+            .collect()
+    }
+    /// Sample `i`'s source for reports: its file, or `sample i` when the format has none.
+    fn source(&self, i: usize) -> String {
+        format!("sample {i}")
+    }
+    /// Sample `i`: its pixels (CHW, `u8`) and its label.
+    ///
+    /// # Errors
+    /// An index out of range; for datasets on disk an unreadable or undecodable file,
+    /// naming it.
+    fn pixels(&self, i: usize) -> Result<(Vec<u8>, u32)>;
     /// Sample `i`: pixels scaled to [0, 1] (CHW) and its label.
     ///
     /// # Errors
-    /// An index out of range.
-    fn get(&self, i: usize) -> Result<(Vec<f32>, u32)>;
+    /// As [`Dataset::pixels`].
+    fn get(&self, i: usize) -> Result<(Vec<f32>, u32)> {
+        let (px, label) = self.pixels(i)?;
+        Ok((px.iter().map(|&b| f32::from(b) / 255.).collect(), label))
+    }
 }
 
 impl ImageDataset {
-    /// Per-channel mean and standard deviation of the pixels scaled to [0, 1] (the
-    /// normalisation `train` uses and records in the model file).
-    pub fn channel_stats(&self) -> (Vec<f32>, Vec<f32>) {
-        let per = self.height * self.width;
-        let mut sum = vec![0f64; self.channels];
-        let mut sq = vec![0f64; self.channels];
-        for img in self.pixels.chunks_exact(self.channels * per) {
-            for c in 0..self.channels {
-                for &p in &img[c * per..(c + 1) * per] {
-                    let v = f64::from(p) / 255.;
-                    sum[c] += v;
-                    sq[c] += v * v;
-                }
-            }
-        }
-        let n = (self.labels.len() * per).max(1) as f64;
-        let mean: Vec<f64> = sum.iter().map(|s| s / n).collect();
-        let std = sq
-            .iter()
-            .zip(&mean)
-            .map(|(q, m)| ((q / n - m * m).max(1e-12)).sqrt() as f32)
-            .collect();
-        (mean.into_iter().map(|m| m as f32).collect(), std)
-    }
-
-    /// The dataset with its single channel repeated `channels` times (grayscale images
-    /// for a 3-channel network, as torchvision's `Grayscale(3)`).
-    ///
-    /// # Errors
-    /// A dataset that does not have exactly one channel.
-    pub fn replicate_channels(self, channels: usize) -> Result<Self> {
-        if self.channels != 1 {
-            return Err(Error::config(format!(
-                "only 1-channel images can be replicated, these have {}",
-                self.channels
-            )));
-        }
-        let per = self.height * self.width;
-        let mut pixels = Vec::with_capacity(self.pixels.len() * channels);
-        for img in self.pixels.chunks_exact(per.max(1)) {
-            for _ in 0..channels {
-                pixels.extend_from_slice(img);
-            }
-        }
-        Ok(Self {
-            pixels,
-            channels,
-            ..self
-        })
-    }
-
-    /// Class names in label order: the dataset's, or `class i` where it has none.
-    pub fn class_names_or_indices(&self) -> Vec<String> {
-        if self.class_names.len() == self.num_classes {
-            self.class_names.clone()
-        } else {
-            (0..self.num_classes)
-                .map(|i| format!("class {i}"))
-                .collect()
-        }
-    }
-
-    /// Sample `i`'s source for reports: its file, or `sample i` when the format has none.
-    pub fn source(&self, i: usize) -> String {
-        self.sources
-            .get(i)
-            .map_or_else(|| format!("sample {i}"), |p| p.display().to_string())
-    }
-
     /// Checks that the buffers agree and every label is in range.
     ///
     /// # Errors
@@ -184,16 +141,26 @@ impl Dataset for ImageDataset {
     fn num_classes(&self) -> usize {
         self.num_classes
     }
-    fn get(&self, i: usize) -> Result<(Vec<f32>, u32)> {
+    fn class_names(&self) -> Vec<String> {
+        if self.class_names.len() == self.num_classes {
+            self.class_names.clone()
+        } else {
+            (0..self.num_classes)
+                .map(|i| format!("class {i}"))
+                .collect()
+        }
+    }
+    fn source(&self, i: usize) -> String {
+        self.sources
+            .get(i)
+            .map_or_else(|| format!("sample {i}"), |p| p.display().to_string())
+    }
+    fn pixels(&self, i: usize) -> Result<(Vec<u8>, u32)> {
         let per = self.channels * self.height * self.width;
         let label = *self
             .labels
             .get(i)
             .ok_or_else(|| Error::config(format!("sample {i} out of range ({})", self.len())))?;
-        let px = self.pixels[i * per..(i + 1) * per]
-            .iter()
-            .map(|&b| f32::from(b) / 255.)
-            .collect();
-        Ok((px, label))
+        Ok((self.pixels[i * per..(i + 1) * per].to_vec(), label))
     }
 }

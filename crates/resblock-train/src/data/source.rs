@@ -24,6 +24,18 @@ pub trait BatchSource {
     /// # Errors
     /// Reading or decoding failures.
     fn epoch(&mut self, epoch: usize) -> Result<Box<dyn Iterator<Item = Result<Batch>> + '_>>;
+    /// The first `n` batches of epoch `epoch` (a run that stops early): a source that
+    /// prepares batches ahead prepares no more than these.
+    ///
+    /// # Errors
+    /// As [`BatchSource::epoch`].
+    fn epoch_prefix(
+        &mut self,
+        epoch: usize,
+        n: usize,
+    ) -> Result<Box<dyn Iterator<Item = Result<Batch>> + '_>> {
+        Ok(Box::new(self.epoch(epoch)?.take(n)))
+    }
 }
 
 /// A fixed list of batches, the same every epoch (tests, small in-memory data).

@@ -3,10 +3,9 @@
 //! `cifar100:DIR` or `folder:DIR` (`DIR/train/<class>/*` and `DIR/test` or `DIR/val`).
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use super::{
-    read_cifar, read_image_folder, read_mnist, verify_sha256sums, CifarKind, ImageDataset,
-};
+use super::{read_cifar, read_mnist, verify_sha256sums, CifarKind, Dataset, ImageFolder};
 use crate::error::{Error, Result};
 
 /// The kinds of dataset `--data` names.
@@ -93,49 +92,59 @@ impl DataSpec {
         }
     }
 
-    /// Reads (train, test). `image_size` resizes folder images as they are read (the other
-    /// formats have one size; resize them with [`super::Transform::Resize`]).
+    /// Opens (train, test). MNIST and CIFAR are read into memory; a folder is opened
+    /// lazily ([`ImageFolder`]: file lists in memory, images decoded as batches are made).
+    /// `image_size` resizes folder images as they are decoded (the other formats have one
+    /// size; resize them with [`super::Transform::Resize`]).
     ///
     /// # Errors
     /// The readers' errors (missing, corrupt or inconsistent files, naming them); for
     /// folders, test images whose shape differs from the training ones.
-    pub fn load(&self, image_size: Option<usize>) -> Result<(ImageDataset, ImageDataset)> {
+    pub fn load(&self, image_size: Option<usize>) -> Result<(Arc<dyn Dataset>, Arc<dyn Dataset>)> {
+        let boxed = |(a, b): (super::ImageDataset, super::ImageDataset)| -> (Arc<dyn Dataset>, Arc<dyn Dataset>) {
+            (Arc::new(a), Arc::new(b))
+        };
         match self.kind {
             DataKind::BundledMnist => {
                 verify_sha256sums(&self.dir)?;
-                read_mnist(&self.dir)
+                read_mnist(&self.dir).map(boxed)
             }
-            DataKind::Mnist => read_mnist(&self.dir),
-            DataKind::Cifar10 => read_cifar(&self.dir, CifarKind::Cifar10),
-            DataKind::Cifar100 => read_cifar(&self.dir, CifarKind::Cifar100),
+            DataKind::Mnist => read_mnist(&self.dir).map(boxed),
+            DataKind::Cifar10 => read_cifar(&self.dir, CifarKind::Cifar10).map(boxed),
+            DataKind::Cifar100 => read_cifar(&self.dir, CifarKind::Cifar100).map(boxed),
             DataKind::Folder => {
-                let train = read_image_folder(&self.dir.join("train"), image_size, None)?;
-                let test = self.read_folder_test(image_size, Some(&train.class_names))?;
-                if super::Dataset::shape(&test) != super::Dataset::shape(&train) {
+                let train = ImageFolder::open(&self.dir.join("train"), image_size, None)?;
+                let test = ImageFolder::open(
+                    &self.folder_test_dir()?,
+                    image_size,
+                    Some(&train.class_names()),
+                )?;
+                if test.shape() != train.shape() {
                     return Err(Error::Data {
                         path: self.dir.display().to_string(),
                         msg: format!(
                             "test images are {:?} but training images are {:?}: pass --image-size",
-                            super::Dataset::shape(&test),
-                            super::Dataset::shape(&train)
+                            test.shape(),
+                            train.shape()
                         ),
                     });
                 }
-                Ok((train, test))
+                Ok((Arc::new(train), Arc::new(test)))
             }
         }
     }
 
-    /// Reads one split (for folders without decoding the other).
+    /// Opens one split (for folders without listing the other).
     ///
     /// # Errors
     /// As [`DataSpec::load`].
-    pub fn load_split(&self, split: Split, image_size: Option<usize>) -> Result<ImageDataset> {
+    pub fn load_split(&self, split: Split, image_size: Option<usize>) -> Result<Arc<dyn Dataset>> {
         if self.kind == DataKind::Folder {
-            return match split {
-                Split::Train => read_image_folder(&self.dir.join("train"), image_size, None),
-                Split::Test => self.read_folder_test(image_size, None),
+            let dir = match split {
+                Split::Train => self.dir.join("train"),
+                Split::Test => self.folder_test_dir()?,
             };
+            return Ok(Arc::new(ImageFolder::open(&dir, image_size, None)?));
         }
         let (train, test) = self.load(image_size)?;
         Ok(match split {
@@ -157,14 +166,6 @@ impl DataSpec {
                 path: self.dir.display().to_string(),
                 msg: "needs a test/ or val/ folder beside train/".into(),
             })
-    }
-
-    fn read_folder_test(
-        &self,
-        image_size: Option<usize>,
-        classes: Option<&[String]>,
-    ) -> Result<ImageDataset> {
-        read_image_folder(&self.folder_test_dir()?, image_size, classes)
     }
 }
 

@@ -53,4 +53,4 @@ pub fn assert_close(what: &str, a: &Tensor, b: &Tensor, tol: f64) -> Result<()> 
 }
 
 #[allow(unused_imports)]
-pub use resblock_core::testing::hash_var_builder;
+pub use resblock_testing::hash_var_builder;

@@ -1,6 +1,6 @@
 //! `--pretrained NAME`: torchvision's official ImageNet weights for every ResNet, ResNeXt
 //! and Wide ResNet, downloaded once, checked, converted once into a model file with
-//! metadata ([`resblock_vision::ModelMeta`]) and cached.
+//! metadata ([`crate::ModelMeta`]) and cached.
 //!
 //! - Names: the architecture (`resnet50`: torchvision's `IMAGENET1K_V1`) or
 //!   `ARCH.IMAGENET1K_V2` where torchvision has a second recipe ([`PRETRAINED`] lists them).
@@ -16,11 +16,11 @@
 
 use std::path::{Path, PathBuf};
 
-use resblock_vision::weights::{check_state_dict, read_state_dict};
-use resblock_vision::{resnet, ModelMeta};
+use resblock_io::fetch_to_file;
 
-use crate::data::fetch_to_file;
 use crate::error::{Error, Result};
+use crate::weights::{check_state_dict, read_state_dict};
+use crate::{resnet, ModelMeta};
 
 /// torchvision's base URL for model weights.
 pub const OFFICIAL_BASE: &str = "https://download.pytorch.org/models/";
@@ -134,7 +134,7 @@ pub const PRETRAINED: &[Pretrained] = &[
 ];
 
 fn err(path: &Path, msg: impl Into<String>) -> Error {
-    Error::Data {
+    Error::Download {
         path: path.display().to_string(),
         msg: msg.into(),
     }
@@ -176,20 +176,7 @@ impl Pretrained {
 
 /// The weights cache (see the module docs); not created.
 pub fn cache_dir() -> PathBuf {
-    let env = |k: &str| {
-        std::env::var_os(k)
-            .filter(|v| !v.is_empty())
-            .map(PathBuf::from)
-    };
-    if let Some(d) = env("RESBLOCK_CACHE_DIR") {
-        return d.join("weights");
-    }
-    if let Some(d) = env("XDG_CACHE_HOME") {
-        return d.join("resblock/weights");
-    }
-    env("HOME")
-        .unwrap_or_else(|| PathBuf::from("."))
-        .join(".cache/resblock/weights")
+    resblock_io::cache_root().join("weights")
 }
 
 /// The model file of `p` in `cache`: converted from a download from `base` (the official
@@ -201,7 +188,7 @@ pub fn cache_dir() -> PathBuf {
 /// download that does not hold the architecture's weights.
 pub fn fetch_pretrained(p: &Pretrained, cache: &Path, base: Option<&str>) -> Result<PathBuf> {
     let model = cache.join(p.cached_name());
-    if model.is_file() && resblock_vision::read_model_meta(&model).is_ok_and(|m| m.is_some()) {
+    if model.is_file() && crate::read_model_meta(&model).is_ok_and(|m| m.is_some()) {
         return Ok(model);
     }
     std::fs::create_dir_all(cache).map_err(|e| err(cache, e.to_string()))?;
@@ -243,8 +230,7 @@ pub fn fetch_pretrained(p: &Pretrained, cache: &Path, base: Option<&str>) -> Res
 
 /// Checks a downloaded `.pth` against its architecture and writes it as a model file.
 fn convert(p: &Pretrained, pth: &Path, model: &Path, url: &str) -> Result<()> {
-    let vision = |e: resblock_vision::Error| err(pth, e.to_string());
-    let sd = read_state_dict(pth).map_err(vision)?;
+    let sd = read_state_dict(pth)?;
     let classes = sd
         .get("fc.weight")
         .and_then(|t| t.dims().first().copied())
@@ -253,7 +239,7 @@ fn convert(p: &Pretrained, pth: &Path, model: &Path, url: &str) -> Result<()> {
         .get("conv1.weight")
         .and_then(|t| t.dims().get(1).copied())
         .unwrap_or(3);
-    let mut meta = ModelMeta::assumed(p.arch, classes, in_channels).map_err(vision)?;
+    let mut meta = ModelMeta::assumed(p.arch, classes, in_channels)?;
     if meta.resize.is_some() {
         meta.resize = Some(p.resize);
     }
@@ -266,11 +252,10 @@ fn convert(p: &Pretrained, pth: &Path, model: &Path, url: &str) -> Result<()> {
         &meta.config,
         &resblock_core::RngHandle::seed_from_u64(0),
         vb,
-    )
-    .map_err(vision)?;
-    check_state_dict(&rec.shapes(), &sd, pth).map_err(vision)?;
+    )?;
+    check_state_dict(&rec.shapes(), &sd, pth)?;
     let tensors = sd.into_iter().collect();
-    resblock_vision::save_model(&tensors, &meta, model).map_err(vision)
+    crate::save_model(&tensors, &meta, model)
 }
 
 #[cfg(test)]
@@ -297,8 +282,7 @@ mod tests {
                 "{}",
                 p.file
             );
-            resblock_vision::ResNetConfig::preset(p.arch)
-                .map_err(|e| Error::config(e.to_string()))?;
+            crate::ResNetConfig::preset(p.arch)?;
         }
         Ok(())
     }

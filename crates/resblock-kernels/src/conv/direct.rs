@@ -25,8 +25,8 @@
 
 use rayon::prelude::*;
 
-use super::Epilogue;
-use crate::ops::Slot;
+use super::cpu::Epilogue;
+use crate::buffer::Slot;
 
 /// Output channels per micro-tile.
 const CB: usize = 4;
@@ -44,7 +44,7 @@ const TILES_PER_BLOCK: usize = 8;
 
 /// The geometry of one stride-1, undilated, ungrouped convolution in the flattened form.
 #[derive(Debug, Clone)]
-pub(super) struct Plan {
+pub(crate) struct Plan {
     /// Input channels, height, width.
     c: usize,
     h: usize,
@@ -56,8 +56,8 @@ pub(super) struct Plan {
     kw: usize,
     pad_y: usize,
     pad_x: usize,
-    pub(super) oh: usize,
-    pub(super) ow: usize,
+    pub(crate) oh: usize,
+    pub(crate) ow: usize,
     /// Padded input width.
     wp: usize,
     /// Flattened output length: `oh * wp` rounded up to a multiple of `TQ`.
@@ -72,13 +72,13 @@ pub(super) struct Plan {
 impl Plan {
     /// The plan for input `(c, h, w)`, `cout` outputs, a `kh x kw` kernel and the given
     /// zero padding, or `None` when the CPU lacks AVX2/FMA or the output is empty.
-    pub(super) fn new(
+    pub(crate) fn new(
         (c, h, w): (usize, usize, usize),
         cout: usize,
         (kh, kw): (usize, usize),
         (pad_y, pad_x): (usize, usize),
     ) -> Option<Plan> {
-        if !crate::ops::avx2_fma() || c == 0 || cout == 0 || kh == 0 || kw == 0 {
+        if !crate::dispatch::avx2_fma() || c == 0 || cout == 0 || kh == 0 || kw == 0 {
             return None;
         }
         let (hp, wp) = (h + 2 * pad_y, w + 2 * pad_x);
@@ -125,7 +125,7 @@ impl Plan {
     /// `dst` must be empty or have been filled by this plan before: only the interior is
     /// written, so the zero border of the first call is kept for the next images (zeroing
     /// the whole buffer per image was the largest memset of a training step).
-    pub(super) fn pad(&self, img: &[f32], dst: &mut Vec<f32>) {
+    pub(crate) fn pad(&self, img: &[f32], dst: &mut Vec<f32>) {
         assert_eq!(
             img.len(),
             self.c * self.h * self.w,
@@ -148,7 +148,7 @@ impl Plan {
 
     /// The weights `(cout, c, kh, kw)` repacked as `[cout block][ci][tap][CB]`, zero for the
     /// output channels past `cout`.
-    pub(super) fn pack_weights(&self, w: &[f32]) -> Vec<f32> {
+    pub(crate) fn pack_weights(&self, w: &[f32]) -> Vec<f32> {
         let nt = self.kh * self.kw;
         assert_eq!(w.len(), self.cout * self.c * nt, "direct conv: weight size");
         let mut out = vec![0f32; self.cout_r * self.c * nt];
@@ -166,7 +166,7 @@ impl Plan {
     /// The flattened output `(cout_r, qlen)` of one padded image `xp` (from [`Plan::pad`])
     /// with packed weights `wk`. With `parallel`, the output-channel blocks run in parallel
     /// (for a batch smaller than the thread count).
-    pub(super) fn forward(&self, xp: &[f32], wk: &[f32], out: &mut Vec<f32>, parallel: bool) {
+    pub(crate) fn forward(&self, xp: &[f32], wk: &[f32], out: &mut Vec<f32>, parallel: bool) {
         assert!(
             xp.len() >= self.padded_len(),
             "direct conv: padded input size"
@@ -226,7 +226,7 @@ impl Plan {
     /// the epilogue `ep` on the way.
     ///
     /// Every element of `dst` is written (it may be a buffer filled for the first time).
-    pub(super) fn unflatten<S: Slot>(&self, flat: &[f32], dst: &mut [S], ep: Epilogue<'_, f32>) {
+    pub(crate) fn unflatten<S: Slot>(&self, flat: &[f32], dst: &mut [S], ep: Epilogue<'_, f32>) {
         let plane = self.oh * self.ow;
         assert_eq!(dst.len(), self.cout * plane, "direct conv: output size");
         for (co, out) in dst.chunks_exact_mut(plane).enumerate() {
@@ -247,7 +247,7 @@ impl Plan {
     /// The output gradient `(cout, oh, ow)` of one image in the flattened layout
     /// `(cout_r, qlen)`, zero in the junk columns, the tail and the padding rows. As with
     /// [`Plan::pad`], `dst` must be empty or filled by this plan before.
-    pub(super) fn flatten(&self, dy: &[f32], dst: &mut Vec<f32>) {
+    pub(crate) fn flatten(&self, dy: &[f32], dst: &mut Vec<f32>) {
         let plane = self.oh * self.ow;
         assert_eq!(dy.len(), self.cout * plane, "direct conv: gradient size");
         if dst.len() != self.flat_len() {
@@ -263,7 +263,7 @@ impl Plan {
 
     /// One image's weight gradient `(cout, c, kh, kw)` into `dw`, from its padded input `xp`
     /// and flattened output gradient `dyf` (from [`Plan::flatten`]).
-    pub(super) fn weight_grad(&self, xp: &[f32], dyf: &[f32], dw: &mut [f32]) {
+    pub(crate) fn weight_grad(&self, xp: &[f32], dyf: &[f32], dw: &mut [f32]) {
         assert_eq!(
             dyf.len(),
             self.flat_len(),
@@ -274,13 +274,13 @@ impl Plan {
 
     /// A zeroed buffer for [`Plan::interior_row`] with `planes` planes (at least `c`), its
     /// border and tail kept zero by writing only interior rows.
-    pub(super) fn padded_buffer(&self, planes: usize) -> Vec<f32> {
+    pub(crate) fn padded_buffer(&self, planes: usize) -> Vec<f32> {
         vec![0f32; planes.max(self.c) * self.ps]
     }
 
     /// Row `y` of plane `ci` inside the zero border of a padded buffer (as [`Plan::pad`]
     /// lays it out): writing every interior row is writing a padded image.
-    pub(super) fn interior_row<'a>(
+    pub(crate) fn interior_row<'a>(
         &self,
         buf: &'a mut [f32],
         ci: usize,
@@ -300,7 +300,7 @@ impl Plan {
     /// Several images (`xps[i]` with `dyps[i]`) give their summed gradient: at small planes
     /// one image's pass over `q` is short, and the kernel's set-up and final reductions
     /// would cost as much as the pass.
-    pub(super) fn weight_grad_padded(
+    pub(crate) fn weight_grad_padded(
         &self,
         xps: &[&[f32]],
         back: &Plan,
@@ -324,7 +324,7 @@ impl Plan {
     /// How many images [`Plan::weight_grad_padded`] should sum per call: enough for a pass
     /// of about 1024 values (at most 8 images; one for planes of 32x32 and more, whose f32
     /// sums then match the single-image kernel's).
-    pub(super) fn weight_grad_group(&self) -> usize {
+    pub(crate) fn weight_grad_group(&self) -> usize {
         (1024 / self.qlen).clamp(1, 8)
     }
 
@@ -397,7 +397,7 @@ impl Plan {
 }
 
 /// The most images one weight-gradient call sums.
-pub(super) const MAX_GROUP: usize = 8;
+pub(crate) const MAX_GROUP: usize = 8;
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
@@ -411,7 +411,7 @@ mod x86 {
     /// `(c - 1) * ps + max(taps) + TQ` floats, `w` for `c * taps.len() * CB`, and `out`
     /// writable for `(CB - 1) * qlen + TQ`.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn fwd_tile(
+    pub(crate) unsafe fn fwd_tile(
         x: *const f32,
         ps: usize,
         taps: &[usize],
@@ -456,7 +456,7 @@ mod x86 {
     /// AVX2 and FMA must be available, `qlen` a multiple of 8, every `xs[i]` readable for
     /// `max(offs) + qlen` floats and every `dys[i]` for `(CB - 1) * stride + qlen`.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn wgrad_tile(
+    pub(crate) unsafe fn wgrad_tile(
         (xs, dys): (&[*const f32], &[*const f32]),
         offs: [usize; TB],
         stride: usize,

@@ -28,10 +28,10 @@ use crate::error::{Error, Result};
 /// ```
 /// use candle_core::{Device, Tensor};
 /// let x = Tensor::arange(0f32, 16., &Device::Cpu)?.reshape((1, 1, 4, 4))?;
-/// let y = resblock_core::ops::zero_pad_shortcut(&x, 2, 1, 1)?;
+/// let y = resblock_kernels::zero_pad_shortcut(&x, 2, 1, 1)?;
 /// assert_eq!(y.dims(), [1, 3, 2, 2]);
 /// assert_eq!(y.flatten_all()?.to_vec1::<f32>()?, [0., 0., 0., 0., 0., 2., 8., 10., 0., 0., 0., 0.]);
-/// # Ok::<(), resblock_core::Error>(())
+/// # Ok::<(), resblock_kernels::Error>(())
 /// ```
 pub fn zero_pad_shortcut(x: &Tensor, stride: usize, front: usize, back: usize) -> Result<Tensor> {
     let (_, _, h, w) = x.dims4().map_err(|_| Error::Shape {
@@ -44,7 +44,7 @@ pub fn zero_pad_shortcut(x: &Tensor, stride: usize, front: usize, back: usize) -
             "zero_pad_shortcut: the stride must be positive",
         ));
     }
-    let native = super::kernels() == super::Kernels::Native
+    let native = crate::dispatch::kernels() == crate::dispatch::Kernels::Native
         && x.device().is_cpu()
         && matches!(x.dtype(), candle_core::DType::F32 | candle_core::DType::F64);
     if !native || h == 0 || w == 0 {
@@ -124,7 +124,7 @@ fn backward<T: WithDType>(dy: &[T], dims: (usize, usize, usize, usize), op: &Zer
 }
 
 fn slice<'a, T>(s: &'a [T], l: &Layout) -> candle_core::Result<&'a [T]> {
-    super::contiguous_slice(s, l, "zero_pad_shortcut")
+    crate::buffer::contiguous_slice(s, l, "zero_pad_shortcut")
 }
 
 impl CustomOp1 for ZeroPad {
@@ -148,7 +148,7 @@ impl CustomOp1 for ZeroPad {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
-        use super::with_cpu_slice as with;
+        use crate::buffer::with_cpu_slice as with;
         let dims = arg.dims4()?;
         let op = "zero_pad_shortcut";
         let dx = match grad.dtype() {

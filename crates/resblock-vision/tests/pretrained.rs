@@ -6,39 +6,15 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use resblock_train::data::sha256_file;
-use resblock_train::pretrained::{fetch_pretrained, Pretrained};
+use resblock_io::sha256_file;
+use resblock_vision::pretrained::{fetch_pretrained, Pretrained};
 
 fn scratch(name: &str) -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-        .join("pretrained")
-        .join(name);
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("scratch");
-    dir
-}
-
-/// Serves `files` (name, bytes) on 127.0.0.1 with tiny_http, counting requests; returns the
-/// base URL.
-fn serve(files: Vec<(String, Vec<u8>)>, hits: Arc<AtomicUsize>) -> String {
-    let server = tiny_http::Server::http("127.0.0.1:0").expect("bind");
-    let base = format!("http://{}/", server.server_addr().to_ip().expect("ip"));
-    std::thread::spawn(move || {
-        for req in server.incoming_requests() {
-            hits.fetch_add(1, Ordering::SeqCst);
-            let name = req.url().trim_start_matches('/').to_string();
-            let _ = match files.iter().find(|(n, _)| *n == name) {
-                Some((_, body)) => req.respond(tiny_http::Response::from_data(body.clone())),
-                None => req.respond(tiny_http::Response::empty(404)),
-            };
-        }
-    });
-    base
+    resblock_testing::scratch_dir!("pretrained", name)
 }
 
 fn fixture() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../resblock-vision/tests/fixtures/resnet8_torch.pth")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/resnet8_torch.pth")
 }
 
 /// A weight set like torchvision's, for the fixture: `resnet8-<sha256 prefix>.pth`.
@@ -58,7 +34,7 @@ fn downloads_checks_converts_once_and_caches() -> anyhow::Result<()> {
     let digest = sha256_file(&fixture())?;
     let p = entry(&digest[..8]);
     let hits = Arc::new(AtomicUsize::new(0));
-    let base = serve(vec![(p.file.to_string(), bytes)], hits.clone());
+    let base = resblock_testing::serve_files(vec![(p.file.to_string(), bytes)], hits.clone());
     let cache = scratch("ok");
 
     let model = fetch_pretrained(&p, &cache, Some(&base))?;
@@ -96,7 +72,7 @@ fn downloads_checks_converts_once_and_caches() -> anyhow::Result<()> {
 #[test]
 fn a_file_whose_hash_differs_is_refused_and_nothing_is_kept() -> anyhow::Result<()> {
     let p = entry("00000000");
-    let base = serve(
+    let base = resblock_testing::serve_files(
         vec![(p.file.to_string(), std::fs::read(fixture())?)],
         Arc::new(AtomicUsize::new(0)),
     );

@@ -94,11 +94,11 @@ impl Pool2dConfig {
 ///
 /// ```
 /// use candle_core::{Device, Tensor};
-/// use resblock_core::ops::{max_pool2d, Pool2dConfig};
+/// use resblock_kernels::{max_pool2d, Pool2dConfig};
 /// let x = Tensor::arange(0f32, 16., &Device::Cpu)?.reshape((1, 1, 4, 4))?;
 /// let y = max_pool2d(&x, Pool2dConfig::new(3, 2, 1))?;
 /// assert_eq!(y.flatten_all()?.to_vec1::<f32>()?, [5., 7., 13., 15.]);
-/// # Ok::<(), resblock_core::Error>(())
+/// # Ok::<(), resblock_kernels::Error>(())
 /// ```
 pub fn max_pool2d(x: &Tensor, cfg: Pool2dConfig) -> Result<Tensor> {
     let (_, _, h, w) = x.dims4().map_err(|_| Error::Shape {
@@ -107,7 +107,7 @@ pub fn max_pool2d(x: &Tensor, cfg: Pool2dConfig) -> Result<Tensor> {
         got: x.dims().to_vec(),
     })?;
     cfg.output_size(h, w)?;
-    if x.device().is_cpu() {
+    if x.device().is_cpu() && crate::dispatch::kernels() == crate::dispatch::Kernels::Native {
         Ok(x.contiguous()?.apply_op1(MaxPool2d(cfg))?)
     } else {
         max_pool2d_generic(x, cfg)
@@ -145,7 +145,11 @@ pub fn max_pool2d_generic(x: &Tensor, cfg: Pool2dConfig) -> Result<Tensor> {
                 c0,
                 (ow - 1) * cfg.stride.1 + 1,
             )?;
-            views.push(super::subsample2d(&v, cfg.stride.0, cfg.stride.1)?);
+            views.push(crate::shortcut::subsample2d(
+                &v,
+                cfg.stride.0,
+                cfg.stride.1,
+            )?);
         }
     }
     Ok(Tensor::stack(&views, 0)?.max(0)?)
@@ -308,7 +312,7 @@ fn pool_bwd<T: WithDType + Send + Sync>(
 }
 
 fn contiguous<'a, T>(s: &'a [T], l: &Layout) -> candle_core::Result<&'a [T]> {
-    super::contiguous_slice(s, l, "max_pool2d")
+    crate::buffer::contiguous_slice(s, l, "max_pool2d")
 }
 
 impl CustomOp1 for MaxPool2d {

@@ -15,6 +15,8 @@ use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 
+pub(crate) mod simd;
+
 /// The batch statistics of one training-mode forward, per channel, in f64.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BatchStats {
@@ -31,7 +33,7 @@ pub struct BatchStats {
 /// `relu` is set. Returns the output and the statistics (for the running averages). The
 /// gradient reaches `x`, `weight` and `bias`.
 ///
-/// Runs our multithreaded kernel on the CPU in f32/f64 unless [`super::set_kernels`] chose
+/// Runs our multithreaded kernel on the CPU in f32/f64 unless [`crate::dispatch`] chose
 /// Candle's; elsewhere it is [`batch_norm_train_candle`].
 ///
 /// # Errors
@@ -44,7 +46,7 @@ pub fn batch_norm_train(
     relu: bool,
 ) -> Result<(Tensor, BatchStats)> {
     let (c, count) = check(x, weight, bias)?;
-    let native = super::kernels() == super::Kernels::Native
+    let native = crate::dispatch::kernels() == crate::dispatch::Kernels::Native
         && x.device().is_cpu()
         && matches!(x.dtype(), DType::F32 | DType::F64)
         && weight.dtype() == x.dtype()
@@ -73,141 +75,6 @@ pub fn batch_norm_train(
             count,
         },
     ))
-}
-
-/// `batch_norm_train(conv2d(x, kernel, padding, stride, dilation, groups), weight, bias,
-/// eps, relu)`: a convolution followed by a training-mode batch norm (and a ReLU).
-///
-/// For f32 "same" convolutions (stride 1, odd square kernel, `2 * padding = k - 1`) on the
-/// CPU with our kernels this is one op (`ops/conv_cpu/conv_bn.rs`): the statistics are taken
-/// while each image's output is in cache, and the backward writes the norm's input gradient
-/// straight into the convolution's padded buffers, which saves most passes over the
-/// activation that two ops make. Elsewhere (and with `RESBLOCK_FUSED_CONV_BN=0`) it runs
-/// [`super::conv2d`] and [`batch_norm_train`]. Both give the same values up to f32 rounding.
-///
-/// # Errors
-/// As [`super::conv2d`] and [`batch_norm_train`].
-#[allow(clippy::too_many_arguments)]
-pub fn conv_batch_norm_train(
-    x: &Tensor,
-    kernel: &Tensor,
-    geom: (usize, usize, usize, usize),
-    weight: &Tensor,
-    bias: &Tensor,
-    eps: f64,
-    relu: bool,
-) -> Result<(Tensor, BatchStats)> {
-    match fused_conv_bn(x, kernel, geom, (weight, bias), (eps, relu), None)? {
-        Some(out) => Ok(out),
-        None => {
-            let (padding, stride, dilation, groups) = geom;
-            let y = super::conv2d(x, kernel, padding, stride, dilation, groups)?;
-            batch_norm_train(&y, weight, bias, eps, relu)
-        }
-    }
-}
-
-/// `relu(batch_norm_train(conv2d(x, kernel, ..), weight, bias, eps) + residual)`: the last
-/// convolution and norm of a post-activation residual block with the shortcut's output
-/// `residual` added and the block's ReLU, as one op where [`conv_batch_norm_train`] fuses
-/// (which also saves the separate sum and its gradient bookkeeping); otherwise
-/// [`conv_batch_norm_train`] and [`super::add_relu`].
-///
-/// # Errors
-/// As [`conv_batch_norm_train`], or a residual of another shape.
-#[allow(clippy::too_many_arguments)]
-pub fn conv_batch_norm_add_relu_train(
-    x: &Tensor,
-    kernel: &Tensor,
-    geom: (usize, usize, usize, usize),
-    weight: &Tensor,
-    bias: &Tensor,
-    eps: f64,
-    residual: &Tensor,
-) -> Result<(Tensor, BatchStats)> {
-    match fused_conv_bn(x, kernel, geom, (weight, bias), (eps, true), Some(residual))? {
-        Some(out) => Ok(out),
-        None => {
-            let (y, stats) = conv_batch_norm_train(x, kernel, geom, weight, bias, eps, false)?;
-            Ok((super::add_relu(residual, &y)?, stats))
-        }
-    }
-}
-
-/// The fused op's output, or `None` where it does not apply.
-fn fused_conv_bn(
-    x: &Tensor,
-    kernel: &Tensor,
-    (padding, stride, dilation, groups): (usize, usize, usize, usize),
-    (weight, bias): (&Tensor, &Tensor),
-    (eps, relu): (f64, bool),
-    residual: Option<&Tensor>,
-) -> Result<Option<(Tensor, BatchStats)>> {
-    let all_f32 = [x, kernel, weight, bias]
-        .into_iter()
-        .chain(residual)
-        .all(|t| t.dtype() == DType::F32 && t.device().is_cpu());
-    if !(all_f32 && fused_enabled() && super::kernels() == super::Kernels::Native) {
-        return Ok(None);
-    }
-    let geom = super::conv_cpu::ConvGeom {
-        padding,
-        stride,
-        dilation,
-        groups,
-    };
-    let stats = Arc::new(OnceLock::new());
-    let Some(op) =
-        super::conv_cpu::ConvBnTrain::new(x.dims(), kernel.dims(), geom, eps, relu, stats.clone())
-    else {
-        return Ok(None);
-    };
-    let cout = kernel.dim(0)?;
-    for (name, t) in [("weight", weight), ("bias", bias)] {
-        if t.dims() != [cout] {
-            return Err(Error::Shape {
-                op: "batch_norm",
-                expected: format!("a {name} of shape [{cout}]"),
-                got: t.dims().to_vec(),
-            });
-        }
-    }
-    let params = Tensor::cat(&[&kernel.flatten_all()?, weight, bias], 0)?;
-    let x = x.contiguous()?;
-    let y = match residual {
-        None => x.apply_op2(&params, op)?,
-        Some(r) => {
-            let (n, _, h, w) = x.dims4()?;
-            let want = [n, cout, h, w];
-            if r.dims() != want {
-                return Err(Error::Shape {
-                    op: "conv_batch_norm_add_relu",
-                    expected: format!("a residual of shape {want:?}"),
-                    got: r.dims().to_vec(),
-                });
-            }
-            x.apply_op3(&params, &r.contiguous()?, op)?
-        }
-    };
-    let (mean, var) = stats
-        .get()
-        .ok_or_else(|| Error::config("conv_bn: the kernel did not record its statistics"))?;
-    let count = y.elem_count() / cout;
-    Ok(Some((
-        y,
-        BatchStats {
-            mean: mean.clone(),
-            var: var.clone(),
-            count,
-        },
-    )))
-}
-
-/// Whether [`conv_batch_norm_train`] may use its fused op (`RESBLOCK_FUSED_CONV_BN=0` turns
-/// it off, for comparison).
-fn fused_enabled() -> bool {
-    static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| std::env::var("RESBLOCK_FUSED_CONV_BN").map_or(true, |v| v != "0"))
 }
 
 /// [`batch_norm_train`] from Candle ops (any device): statistics reduced in f64, the
@@ -283,7 +150,7 @@ fn check(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<(usize, usize)> {
 type Stats = (Vec<f64>, Vec<f64>);
 
 /// 1 / sqrt(var + eps) per channel.
-pub(super) fn inv_std(var: &[f64], eps: f64) -> Vec<f64> {
+pub(crate) fn inv_std(var: &[f64], eps: f64) -> Vec<f64> {
     var.iter().map(|v| 1. / (v + eps).sqrt()).collect()
 }
 
@@ -304,7 +171,7 @@ fn per_channel<R: Send>(c: usize, f: impl Fn(usize) -> R + Sync + Send) -> Vec<R
 const LANES: usize = 8;
 
 /// `sum(x)` and `sum((x - mu)^2)` of one plane, in f64.
-pub(super) fn plane_moments<T: WithDType>(p: &[T], mu: f64) -> (f64, f64) {
+pub(crate) fn plane_moments<T: WithDType>(p: &[T], mu: f64) -> (f64, f64) {
     let (mut s, mut q) = ([0f64; LANES], [0f64; LANES]);
     let chunks = p.chunks_exact(LANES);
     let rest = chunks.remainder();
@@ -353,7 +220,7 @@ fn forward<T: WithDType>(
 
 /// Per channel `(mean, inv_std * weight, bias)` in the input's dtype: the forward's affine
 /// map `y = (x - mean) * scale + shift`, as PyTorch computes it.
-pub(super) fn norm_coef<T: WithDType>(
+pub(crate) fn norm_coef<T: WithDType>(
     mean: &[f64],
     inv_std: &[f64],
     w: &[T],
@@ -368,7 +235,7 @@ pub(super) fn norm_coef<T: WithDType>(
 
 /// The normalised (and ReLU'd) copy of `x`, planes of `s` values, channel `i % c` of plane
 /// `i` taking `coef[..]` from [`norm_coef`].
-pub(super) fn normalize<T: WithDType>(x: &[T], coef: &[(T, T, T)], s: usize, relu: bool) -> Vec<T> {
+pub(crate) fn normalize<T: WithDType>(x: &[T], coef: &[(T, T, T)], s: usize, relu: bool) -> Vec<T> {
     let c = coef.len();
     let mut y = vec![T::zero(); x.len()];
     y.par_chunks_mut(s)
@@ -388,7 +255,7 @@ pub(super) fn normalize<T: WithDType>(x: &[T], coef: &[(T, T, T)], s: usize, rel
 /// Per channel `(mean, a, mean(g), k)` of the input gradient
 /// `dx = a * (g - mean(g) - (x - mean) * k)`, from the channel sums `(sum(g),
 /// sum(g * x_hat))` over `m` values.
-pub(super) fn grad_coef<T: WithDType>(
+pub(crate) fn grad_coef<T: WithDType>(
     sums: &[(f64, f64)],
     w: &[T],
     mean: &[f64],
@@ -485,7 +352,7 @@ fn backward<T: WithDType>(
 /// plane of `s` values, planes in (N, C) order: equal counts per plane, so the mean of the
 /// means, and the squared deviations plus each plane's offset from the channel mean
 /// (Chan et al.'s exact combination).
-pub(super) fn combine_moments(moments: &[(f64, f64)], c: usize, s: usize) -> Stats {
+pub(crate) fn combine_moments(moments: &[(f64, f64)], c: usize, s: usize) -> Stats {
     let n = moments.len() / c;
     (0..c)
         .map(|ci| {
@@ -513,7 +380,7 @@ fn forward_f32(
     eps: f64,
     relu: bool,
 ) -> (Vec<f32>, Stats) {
-    use super::bn_kernels as k;
+    use simd as k;
     let moments: Vec<(f64, f64)> = x.par_chunks(s).map(k::moments).collect();
     let (mean, var) = combine_moments(&moments, c, s);
     let coef = norm_coef(&mean, &inv_std(&var, eps), w, b);
@@ -524,7 +391,7 @@ fn forward_f32(
             .for_each(|(i, (yp, xp))| k::normalize(yp, xp, coef[i % c], relu))
     };
     // SAFETY: the planes cover the buffer and `normalize` writes every element of its own.
-    let y = unsafe { super::vec_written_by(x.len(), fill) };
+    let y = unsafe { crate::buffer::vec_written_by(x.len(), fill) };
     (y, (mean, var))
 }
 
@@ -537,7 +404,7 @@ fn backward_f32(
     (mean, var): &Stats,
     (eps, relu): (f64, bool),
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    use super::bn_kernels as k;
+    use simd as k;
     let m = (x.len() / c) as f64;
     let inv_std = inv_std(var, eps);
     let fcoef = norm_coef(mean, &inv_std, w, b);
@@ -564,7 +431,7 @@ fn backward_f32(
 }
 
 fn slice<'a, T>(s: &'a [T], l: &Layout) -> candle_core::Result<&'a [T]> {
-    super::contiguous_slice(s, l, "batch_norm")
+    crate::buffer::contiguous_slice(s, l, "batch_norm")
 }
 
 impl CustomOp3 for NativeBatchNorm {
@@ -658,7 +525,7 @@ fn grad_tensors<T: WithDType>(
     (x, w, extra, dy): (&Tensor, &Tensor, &Tensor, &Tensor),
     backward: impl FnOnce(&[T], &[T], &[T], &[T]) -> (Vec<T>, Vec<T>, Vec<T>),
 ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
-    use super::with_cpu_slice as with;
+    use crate::buffer::with_cpu_slice as with;
     let (dx, dw, db) = with(x, "batch_norm", |xs: &[T]| {
         with(w, "batch_norm", |ws: &[T]| {
             with(extra, "batch_norm", |es: &[T]| {

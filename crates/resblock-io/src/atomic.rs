@@ -1,6 +1,6 @@
 //! Writing a file so that it is either its old or its complete new content, never half of
 //! either: a temporary file in the same directory, fsync, rename, fsync of the directory.
-//! Every file the project writes (weights, model files, checkpoints) goes through
+//! Every file the project writes (weights, model files, checkpoints, metrics) goes through
 //! [`write_atomic`].
 
 use std::io::Write;

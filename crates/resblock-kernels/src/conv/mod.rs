@@ -11,7 +11,10 @@
 
 use candle_core::Tensor;
 
-use super::conv_cpu::{ConvGeom, NativeConv2d, NativeConv2dBias, NativeConv2dScaleShift};
+pub(crate) mod cpu;
+pub(crate) mod direct;
+
+use cpu::{ConvGeom, NativeConv2d, NativeConv2dBias, NativeConv2dScaleShift};
 
 use crate::error::{Error, Result};
 
@@ -36,9 +39,13 @@ pub fn conv2d(
     dilation: usize,
     groups: usize,
 ) -> Result<Tensor> {
-    match super::kernels() {
-        super::Kernels::Native => conv2d_native(x, kernel, padding, stride, dilation, groups),
-        super::Kernels::Candle => conv2d_candle(x, kernel, padding, stride, dilation, groups),
+    match crate::dispatch::kernels() {
+        crate::dispatch::Kernels::Native => {
+            conv2d_native(x, kernel, padding, stride, dilation, groups)
+        }
+        crate::dispatch::Kernels::Candle => {
+            conv2d_candle(x, kernel, padding, stride, dilation, groups)
+        }
     }
 }
 
@@ -100,7 +107,7 @@ pub fn conv2d_fused(
         dilation,
         groups,
     };
-    if super::kernels() == super::Kernels::Native {
+    if crate::dispatch::kernels() == crate::dispatch::Kernels::Native {
         if let Some(y) = try_native(x, kernel, bias, relu, geom)? {
             return Ok(y);
         }
@@ -153,7 +160,7 @@ pub fn conv2d_scale_shift(
     }
     let untracked = [x, kernel, scale, shift].iter().all(|t| !t.track_op());
     let same = |t: &Tensor| t.device().is_cpu() && t.dtype() == x.dtype();
-    if super::kernels() == super::Kernels::Native
+    if crate::dispatch::kernels() == crate::dispatch::Kernels::Native
         && untracked
         && same(scale)
         && same(shift)

@@ -10,12 +10,12 @@ use rayon::prelude::*;
 use crate::error::Result;
 
 /// `relu(a + b)` for tensors of one shape, with its backward. Our kernel on the CPU in
-/// f32/f64 (unless [`super::set_kernels`] chose Candle's), Candle ops elsewhere.
+/// f32/f64 (unless [`crate::dispatch`] chose Candle's), Candle ops elsewhere.
 ///
 /// # Errors
 /// Different shapes or dtypes.
 pub fn add_relu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    let native = super::kernels() == super::Kernels::Native
+    let native = crate::dispatch::kernels() == crate::dispatch::Kernels::Native
         && a.device().is_cpu()
         && b.device().is_cpu()
         && matches!(a.dtype(), DType::F32 | DType::F64)
@@ -48,7 +48,7 @@ fn fwd<T: WithDType>(a: &[T], b: &[T]) -> Vec<T> {
 }
 
 fn slice<'a, T>(s: &'a [T], l: &Layout) -> candle_core::Result<&'a [T]> {
-    super::contiguous_slice(s, l, "add_relu")
+    crate::buffer::contiguous_slice(s, l, "add_relu")
 }
 
 impl CustomOp2 for AddRelu {
@@ -83,8 +83,8 @@ impl CustomOp2 for AddRelu {
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let g = match y.dtype() {
-            DType::F32 => super::relu_mask::<f32>(y, dy, "add_relu")?,
-            DType::F64 => super::relu_mask::<f64>(y, dy, "add_relu")?,
+            DType::F32 => crate::buffer::relu_mask::<f32>(y, dy, "add_relu")?,
+            DType::F64 => crate::buffer::relu_mask::<f64>(y, dy, "add_relu")?,
             dt => candle_core::bail!("add_relu: the native kernel has no {dt:?} backward"),
         };
         Ok((Some(g.clone()), Some(g)))

@@ -24,10 +24,7 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor, WithD
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-mod conv_bn;
-mod direct;
-
-pub(crate) use conv_bn::ConvBnTrain;
+use super::direct;
 
 /// Geometry of one convolution (same padding/stride/dilation in both dims).
 #[derive(Debug, Clone, Copy)]
@@ -40,20 +37,20 @@ pub(crate) struct ConvGeom {
 
 /// Sizes of one convolution call.
 #[derive(Debug, Clone, Copy)]
-struct Dims {
-    n: usize,
-    c: usize,
-    h: usize,
-    w: usize,
-    cout: usize,
-    kh: usize,
-    kw: usize,
-    oh: usize,
-    ow: usize,
+pub(crate) struct Dims {
+    pub(crate) n: usize,
+    pub(crate) c: usize,
+    pub(crate) h: usize,
+    pub(crate) w: usize,
+    pub(crate) cout: usize,
+    pub(crate) kh: usize,
+    pub(crate) kw: usize,
+    pub(crate) oh: usize,
+    pub(crate) ow: usize,
 }
 
 impl Dims {
-    fn new(g: &ConvGeom, x: &[usize], k: &[usize]) -> candle_core::Result<Dims> {
+    pub(crate) fn new(g: &ConvGeom, x: &[usize], k: &[usize]) -> candle_core::Result<Dims> {
         if x.len() != 4 || k.len() != 4 || k[1] * g.groups != x[1] {
             candle_core::bail!(
                 "conv2d: input {x:?} does not fit kernel {k:?}, groups {}",
@@ -80,18 +77,18 @@ impl Dims {
         })
     }
     /// Output pixels per image.
-    fn p(&self) -> usize {
+    pub(crate) fn p(&self) -> usize {
         self.oh * self.ow
     }
     /// Rows of `cols` (all groups).
-    fn k_all(&self) -> usize {
+    pub(crate) fn k_all(&self) -> usize {
         self.c * self.kh * self.kw
     }
-    fn chw(&self) -> usize {
+    pub(crate) fn chw(&self) -> usize {
         self.c * self.h * self.w
     }
     /// Whether `cols` is the input itself (1x1, stride 1, no padding).
-    fn direct(&self, g: &ConvGeom) -> bool {
+    pub(crate) fn direct(&self, g: &ConvGeom) -> bool {
         self.kh == 1 && self.kw == 1 && g.stride == 1 && g.padding == 0
     }
 }
@@ -255,7 +252,7 @@ fn col2im<T: WithDType>(dcols: &[T], d: &Dims, g: &ConvGeom, dx: &mut [T]) {
 
 /// How to split the work: images in parallel, or (with fewer images than threads) the
 /// GEMMs.
-fn gemm_parallelism(n: usize) -> (bool, Parallelism) {
+pub(crate) fn gemm_parallelism(n: usize) -> (bool, Parallelism) {
     let threads = rayon::current_num_threads();
     if n >= threads || threads == 1 {
         (true, Parallelism::None)
@@ -288,7 +285,7 @@ fn for_each_image<T: Send, S>(
 /// Runs `image(scratch, acc, image index, chunk)` over `out`'s per-image chunks, in parallel
 /// or not, each worker adding into its own f64 accumulator of `acc_len`; returns their sum
 /// (the backward's weight gradient, summed over the batch in f64).
-fn for_each_image_summed<T: Send, S: Send>(
+pub(crate) fn for_each_image_summed<T: Send, S: Send>(
     out: &mut [T],
     chunk: usize,
     parallel: bool,
@@ -409,11 +406,11 @@ impl<'a, T: WithDType> Epilogue<'a, T> {
         relu: false,
     };
 
-    fn is_identity(&self) -> bool {
+    pub(crate) fn is_identity(&self) -> bool {
         self.scale.is_none() && self.bias.is_none() && !self.relu
     }
 
-    fn apply_in_place(&self, co: usize, plane: &mut [T]) {
+    pub(crate) fn apply_in_place(&self, co: usize, plane: &mut [T]) {
         let s = self.scale.map(|s| s[co]);
         let b = self.bias.map_or(T::zero(), |b| b[co]);
         let zero = T::zero();
@@ -429,7 +426,7 @@ impl<'a, T: WithDType> Epilogue<'a, T> {
 
 impl Epilogue<'_, f32> {
     /// Writes the epilogue of output channel `co` applied to the raw values `src` into `dst`.
-    fn apply_to<S: super::Slot>(&self, co: usize, src: &[f32], dst: &mut [S]) {
+    pub(crate) fn apply_to<S: crate::buffer::Slot>(&self, co: usize, src: &[f32], dst: &mut [S]) {
         let s = self.scale.map(|s| s[co]);
         let b = self.bias.map_or(0.0, |b| b[co]);
         for (o, v) in dst.iter_mut().zip(src) {
@@ -515,7 +512,7 @@ impl<T: WithDType> InputGrad<T> {
 
 /// The kernel `(C_out, C_in/groups, kh, kw)` flipped in both spatial dims and transposed
 /// per group to `(C_in, C_out/groups, kh, kw)`: the kernel of the stride-1 input gradient.
-fn flip_kernel<T: WithDType>(w: &[T], d: &Dims, g: &ConvGeom) -> Vec<T> {
+pub(crate) fn flip_kernel<T: WithDType>(w: &[T], d: &Dims, g: &ConvGeom) -> Vec<T> {
     let (cg, og, kk) = (d.c / g.groups, d.cout / g.groups, d.kh * d.kw);
     let mut wf = vec![T::zero(); d.c * og * kk];
     for gi in 0..g.groups {
@@ -616,7 +613,7 @@ fn backward_tensors<T: WithDType>(
     dy: &Tensor,
     backward: impl FnOnce(&[T], &[T], &[T]) -> (Vec<T>, Vec<T>),
 ) -> candle_core::Result<(Tensor, Tensor)> {
-    use super::with_cpu_slice as with;
+    use crate::buffer::with_cpu_slice as with;
     let (dx, dw) = with(x, "conv2d", |x: &[T]| {
         with(w, "conv2d", |w: &[T]| {
             with(dy, "conv2d", |dy: &[T]| backward(x, w, dy))
@@ -629,11 +626,10 @@ fn backward_tensors<T: WithDType>(
     ))
 }
 
-/// Whether the direct kernels may be used (`RESBLOCK_DIRECT_CONV=0` turns them off, for
+/// Whether the direct kernels may be used ([`crate::dispatch::Dispatch::direct_conv`]; off for
 /// comparison with the GEMM path).
 fn direct_enabled() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("RESBLOCK_DIRECT_CONV").map_or(true, |v| v != "0"))
+    crate::dispatch::current().direct_conv
 }
 
 /// The largest `C_in * kh * kw` the direct kernels take: above it the GEMM path's packed
@@ -660,7 +656,10 @@ fn direct_plan(d: &Dims, g: &ConvGeom) -> Option<direct::Plan> {
 
 /// The direct plans of the backward: the forward's (weight gradient) and the input
 /// gradient's (`dY` padded by `k - 1 - padding`, flipped kernel), when both apply.
-fn direct_backward_plans(d: &Dims, g: &ConvGeom) -> Option<(direct::Plan, direct::Plan)> {
+pub(crate) fn direct_backward_plans(
+    d: &Dims,
+    g: &ConvGeom,
+) -> Option<(direct::Plan, direct::Plan)> {
     let fwd = direct_plan(d, g)?;
     let pad_y = (d.kh - 1).checked_sub(g.padding)?;
     let pad_x = (d.kw - 1).checked_sub(g.padding)?;
@@ -700,7 +699,7 @@ fn forward_direct(
         );
     };
     // SAFETY: the images' chunks cover `y`, and `unflatten` writes the whole chunk.
-    unsafe { super::vec_written_by(d.n * d.cout * d.p(), fill) }
+    unsafe { crate::buffer::vec_written_by(d.n * d.cout * d.p(), fill) }
 }
 
 /// Scratch buffers of one direct backward worker.
@@ -753,7 +752,7 @@ fn backward_direct(
 /// Per-channel sums of `dy` (N, C, H, W), f64 accumulated: a bias gradient.
 fn channel_sums<T: WithDType>(dy: &Tensor) -> candle_core::Result<Tensor> {
     let (n, c, h, w) = dy.dims4()?;
-    let sums = super::with_cpu_slice(dy, "conv2d", |g: &[T]| {
+    let sums = crate::buffer::with_cpu_slice(dy, "conv2d", |g: &[T]| {
         (0..c)
             .into_par_iter()
             .map(|ci| {
@@ -784,7 +783,7 @@ pub(crate) struct NativeConv2dBias {
 }
 
 fn slice<'a, T>(s: &'a [T], l: &Layout) -> candle_core::Result<&'a [T]> {
-    super::contiguous_slice(s, l, "conv2d")
+    crate::buffer::contiguous_slice(s, l, "conv2d")
 }
 
 /// What the third input of a convolution op holds.
@@ -905,7 +904,7 @@ fn backward_typed<T: WithDType>(
 ) -> candle_core::Result<(Tensor, Tensor, Option<Tensor>)> {
     let d = Dims::new(g, x.dims(), w.dims())?;
     let dy = if relu {
-        super::relu_mask::<T>(y, dy, "conv2d")?
+        crate::buffer::relu_mask::<T>(y, dy, "conv2d")?
     } else {
         dy.clone()
     };

@@ -28,12 +28,13 @@ use std::sync::{Arc, OnceLock};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{
-    direct, flip_kernel, for_each_image_summed, gemm_parallelism, ConvGeom, Dims, Epilogue,
+use crate::buffer::vec_written_by;
+use crate::conv::cpu::{
+    flip_kernel, for_each_image_summed, gemm_parallelism, ConvGeom, Dims, Epilogue,
 };
-use crate::ops::batch_norm::{combine_moments, grad_coef, inv_std, norm_coef};
-use crate::ops::bn_kernels as kernels;
-use crate::ops::vec_written_by;
+use crate::conv::direct;
+use crate::norm::simd as kernels;
+use crate::norm::{combine_moments, grad_coef, inv_std, norm_coef};
 
 /// Per-channel batch mean and biased variance, f64.
 pub(crate) type Stats = (Vec<f64>, Vec<f64>);
@@ -71,7 +72,7 @@ impl ConvBnTrain {
         if d.n * d.p() < 2 {
             return None;
         }
-        let (fwd, back) = super::direct_backward_plans(&d, &geom)?;
+        let (fwd, back) = crate::conv::cpu::direct_backward_plans(&d, &geom)?;
         // The shared-buffer weight gradient must apply: checked once on an empty probe.
         let mut probe = vec![0f32; d.cout * d.c * d.kh * d.kw];
         let xp = fwd.padded_buffer(d.c);
@@ -335,7 +336,7 @@ impl ConvBnTrain {
         res: Option<&Tensor>,
         (y, dy): (&Tensor, &Tensor),
     ) -> candle_core::Result<(Option<Tensor>, Tensor, Option<Tensor>)> {
-        use crate::ops::with_cpu_slice as with;
+        use crate::buffer::with_cpu_slice as with;
         let Some(conv) = self.conv.get() else {
             candle_core::bail!("conv_bn: backward before forward")
         };
@@ -392,7 +393,7 @@ struct Scratch {
 
 fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
     match s {
-        CpuStorage::F32(v) => crate::ops::contiguous_slice(v, l, "conv_bn"),
+        CpuStorage::F32(v) => crate::buffer::contiguous_slice(v, l, "conv_bn"),
         _ => candle_core::bail!("conv_bn: the fused kernel takes f32"),
     }
 }

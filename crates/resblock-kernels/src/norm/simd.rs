@@ -9,7 +9,7 @@
 
 use std::mem::MaybeUninit;
 
-use super::avx2_fma as avx2;
+use crate::dispatch::avx2_fma as avx2;
 
 /// Independent f64 accumulators per loop (vector lanes for the compiler).
 const LANES: usize = 8;
@@ -17,7 +17,7 @@ const LANES: usize = 8;
 macro_rules! dispatch {
     ($(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),*) -> $ret:ty = $body:ident;) => {
         $(#[$doc])*
-        pub(super) fn $name($($arg: $ty),*) -> $ret {
+        pub(crate) fn $name($($arg: $ty),*) -> $ret {
             #[cfg(target_arch = "x86_64")]
             if avx2() {
                 #[target_feature(enable = "avx2,fma")]
@@ -33,7 +33,7 @@ macro_rules! dispatch {
 }
 
 /// One plane's mean and sum of squared deviations from it, in f64.
-pub(super) fn moments(p: &[f32]) -> (f64, f64) {
+pub(crate) fn moments(p: &[f32]) -> (f64, f64) {
     let mu = shifted_sums(p, 0.).0 / p.len() as f64;
     (mu, shifted_sums(p, mu).1)
 }
@@ -101,7 +101,7 @@ fn normalize_add_body(
 }
 
 /// `dy` where the ReLU's output `y` is positive, zero elsewhere.
-pub(super) fn relu_grad(y: &[f32], dy: &[f32]) -> Vec<f32> {
+pub(crate) fn relu_grad(y: &[f32], dy: &[f32]) -> Vec<f32> {
     use rayon::prelude::*;
     assert_eq!(y.len(), dy.len(), "relu_grad: sizes");
     let fill = |g: &mut [MaybeUninit<f32>]| {
@@ -111,7 +111,7 @@ pub(super) fn relu_grad(y: &[f32], dy: &[f32]) -> Vec<f32> {
     };
     // SAFETY: the chunks of `g`, `y` and `dy` line up (equal lengths), and `relu_grad_into`
     // writes every element of its chunk.
-    unsafe { super::vec_written_by(y.len(), fill) }
+    unsafe { crate::buffer::vec_written_by(y.len(), fill) }
 }
 
 dispatch! {
@@ -139,7 +139,7 @@ fn masked(v: f32, g: f32, (mu, scale, shift): (f32, f32, f32), relu: bool) -> f3
 
 /// `sum(g)` and `sum(g * (v - mu))` over one plane of the convolution output `v`, `g`
 /// the output gradient `dy` through the ReLU (see [`masked`]), in f64.
-pub(super) fn grad_sums(
+pub(crate) fn grad_sums(
     v: &[f32],
     dy: &[f32],
     coef: (f32, f32, f32),
@@ -205,7 +205,7 @@ mod x86 {
     /// # Safety
     /// AVX2 and FMA must be available and `p` readable for `n` floats.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn shifted_sums(p: *const f32, n: usize, mu: f64) -> (f64, f64) {
+    pub(crate) unsafe fn shifted_sums(p: *const f32, n: usize, mu: f64) -> (f64, f64) {
         let m = _mm256_set1_pd(mu);
         let (mut s0, mut s1) = (_mm256_setzero_pd(), _mm256_setzero_pd());
         let (mut q0, mut q1) = (_mm256_setzero_pd(), _mm256_setzero_pd());
@@ -228,7 +228,7 @@ mod x86 {
     /// # Safety
     /// AVX2 and FMA must be available and both pointers readable for `n` floats.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn grad_sums(
+    pub(crate) unsafe fn grad_sums(
         (v, dy): (*const f32, *const f32),
         n: usize,
         (mu32, scale, shift): (f32, f32, f32),

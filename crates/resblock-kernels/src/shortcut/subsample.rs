@@ -17,9 +17,9 @@ use crate::error::{Error, Result};
 /// ```
 /// use candle_core::{Device, Tensor};
 /// let x = Tensor::arange(0f32, 15., &Device::Cpu)?.reshape((1, 1, 3, 5))?;
-/// let y = resblock_core::ops::subsample2d(&x, 2, 2)?;
+/// let y = resblock_kernels::subsample2d(&x, 2, 2)?;
 /// assert_eq!(y.flatten_all()?.to_vec1::<f32>()?, [0., 2., 4., 10., 12., 14.]);
-/// # Ok::<(), resblock_core::Error>(())
+/// # Ok::<(), resblock_kernels::Error>(())
 /// ```
 pub fn subsample2d(x: &Tensor, sh: usize, sw: usize) -> Result<Tensor> {
     let (_, _, h, w) = x.dims4().map_err(|_| Error::Shape {

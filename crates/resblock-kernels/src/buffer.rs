@@ -1,0 +1,107 @@
+//! The boilerplate every CPU custom op shares: reading a tensor's contiguous CPU data,
+//! output buffers written without zero-filling, and the gradient through a fused ReLU.
+
+/// An output element a kernel writes: an initialised `f32`, or a `MaybeUninit<f32>` of a
+/// buffer filled for the first time (see [`vec_written_by`]).
+pub(crate) trait Slot: Send {
+    fn put(&mut self, v: f32);
+}
+
+impl Slot for f32 {
+    #[inline(always)]
+    fn put(&mut self, v: f32) {
+        *self = v;
+    }
+}
+
+impl Slot for std::mem::MaybeUninit<f32> {
+    #[inline(always)]
+    fn put(&mut self, v: f32) {
+        self.write(v);
+    }
+}
+
+/// A NaN with a payload that arithmetic never produces: what debug builds put in a
+/// [`vec_written_by`] buffer first, to check that `fill` overwrote every element.
+const UNWRITTEN: u32 = 0x7fa5_5a5a;
+
+/// A vector of `len` values filled by `fill` without zero-filling it first: for the large
+/// outputs of our kernels, `vec![0.0; len]` is one more pass over the buffer (glibc's
+/// `calloc` clears reused heap memory), measured at about 5% of a training step. Debug
+/// builds (the tests) pre-fill a marker and assert that `fill` overwrote all of it.
+///
+/// # Safety
+/// `fill` must write every element of the slice it gets (`MaybeUninit::write`, or
+/// [`Slot::put`]); the vector's elements are read as initialised afterwards.
+pub(crate) unsafe fn vec_written_by(
+    len: usize,
+    fill: impl FnOnce(&mut [std::mem::MaybeUninit<f32>]),
+) -> Vec<f32> {
+    let mut v = Vec::with_capacity(len);
+    let spare = &mut v.spare_capacity_mut()[..len];
+    if cfg!(debug_assertions) {
+        for s in spare.iter_mut() {
+            s.write(f32::from_bits(UNWRITTEN));
+        }
+    }
+    fill(spare);
+    // SAFETY: the capacity is at least `len`, and the caller guarantees `fill` initialised
+    // all `len` elements.
+    unsafe { v.set_len(len) };
+    debug_assert!(
+        v.iter().all(|x| x.to_bits() != UNWRITTEN),
+        "vec_written_by: an element was not written"
+    );
+    v
+}
+
+/// The contiguous slice of a CPU buffer that a layout covers (custom ops' inputs are made
+/// contiguous before the op).
+pub(crate) fn contiguous_slice<'a, T>(
+    s: &'a [T],
+    l: &candle_core::Layout,
+    op: &str,
+) -> candle_core::Result<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&s[a..b]),
+        None => candle_core::bail!("{op}: expected a contiguous tensor"),
+    }
+}
+
+/// Runs `f` on the contiguous CPU data of `t` (copied first only if `t` is not contiguous),
+/// without copying it out: custom ops' backward passes read their saved inputs this way.
+pub(crate) fn with_cpu_slice<T: candle_core::WithDType, R>(
+    t: &candle_core::Tensor,
+    op: &str,
+    f: impl FnOnce(&[T]) -> R,
+) -> candle_core::Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        candle_core::Storage::Cpu(cpu) => {
+            let all = cpu.as_slice::<T>()?;
+            Ok(f(contiguous_slice(all, layout, op)?))
+        }
+        _ => candle_core::bail!("{op}: the native kernel runs on the CPU only"),
+    }
+}
+
+/// `dy` where a ReLU's output `y` is positive, zero elsewhere: the gradient through a fused
+/// ReLU (CPU, f32/f64).
+pub(crate) fn relu_mask<T: candle_core::WithDType>(
+    y: &candle_core::Tensor,
+    dy: &candle_core::Tensor,
+    op: &str,
+) -> candle_core::Result<candle_core::Tensor> {
+    use rayon::prelude::*;
+    let zero = T::zero();
+    let g = with_cpu_slice(y, op, |y: &[T]| {
+        with_cpu_slice(dy, op, |dy: &[T]| {
+            y.par_iter()
+                .zip(dy.par_iter())
+                .map(|(y, g)| if *y > zero { *g } else { zero })
+                .collect::<Vec<T>>()
+        })
+    })??;
+    candle_core::Tensor::from_vec(g, y.shape(), y.device())
+}

@@ -1,0 +1,50 @@
+//! The compute kernels of resblock: every `unsafe` line of the workspace lives in this crate.
+//!
+//! Tensor ops that ResNets need and Candle 0.11 lacks or gets wrong, each a Candle custom op
+//! with its backward, and our CPU kernels for them (AVX2/FMA where the CPU has it, portable
+//! loops everywhere):
+//!
+//! - [`conv2d`] ([`conv`]): our CPU convolution ([`conv2d_native`]: forward and both
+//!   gradients as GEMMs or direct kernels) or Candle's ([`conv2d_candle`], with a backward
+//!   that is right for non-square inputs whose height and width leave different remainders
+//!   under the stride); [`conv2d_fused`]: convolution + bias (+ ReLU) with the epilogue
+//!   fused; [`conv2d_scale_shift`]: convolution + eval-mode BatchNorm (+ ReLU) the same way.
+//! - [`batch_norm_train`] ([`norm`]): training-mode batch normalisation (optionally fused
+//!   with ReLU) as one multithreaded op with its own backward, statistics in f64.
+//! - [`conv_batch_norm_train`] ([`fused`]): convolution + training-mode batch norm (+ ReLU)
+//!   as one op for the 3x3 "same" convolutions of ResNets; [`conv_batch_norm_add_relu_train`]
+//!   with a residual block's shortcut sum and ReLU as well.
+//! - [`max_pool2d`] ([`pool`]): padding, kernel != stride, dilation; trainable.
+//! - [`subsample2d`]: strided slicing `x[:, :, ::s, ::s]`; [`zero_pad_shortcut`]: the
+//!   option-A shortcut (subsample and zero channels) as one op ([`shortcut`]).
+//! - [`add_relu`] ([`eltwise`]): `relu(a + b)`, the end of a post-activation block.
+//!
+//! [`dispatch`] is the one switch between ours and Candle's, direct and GEMM convolutions,
+//! fused and separate conv + BN, SIMD and portable loops; [`alloc`] tunes the allocator for
+//! training.
+//!
+//! Layout: `conv/` (`mod.rs` the public entry points, `cpu.rs` the custom ops and the GEMM
+//! path, `direct.rs` the direct kernels), `norm/` (`mod.rs` the op, `simd.rs` its loops),
+//! `fused/conv_bn.rs`, `pool.rs`, `shortcut/`, `eltwise.rs`, `buffer.rs` (what every op's
+//! CPU side shares), `dispatch.rs`, `alloc.rs`, `error.rs`.
+#![warn(missing_docs)]
+
+pub mod alloc;
+mod buffer;
+pub mod conv;
+pub mod dispatch;
+pub mod eltwise;
+pub mod error;
+pub mod fused;
+pub mod norm;
+pub mod pool;
+pub mod shortcut;
+
+pub use conv::{conv2d, conv2d_candle, conv2d_fused, conv2d_native, conv2d_scale_shift};
+pub use dispatch::{kernels, set_kernels, Dispatch, Kernels};
+pub use eltwise::add_relu;
+pub use error::{Error, Result};
+pub use fused::{conv_batch_norm_add_relu_train, conv_batch_norm_train};
+pub use norm::{batch_norm_train, batch_norm_train_candle, BatchStats};
+pub use pool::{max_pool2d, max_pool2d_generic, Pool2dConfig};
+pub use shortcut::{subsample2d, zero_pad_shortcut};
