@@ -1,6 +1,7 @@
 //! Project automation (matklad's cargo-xtask convention): `cargo xtask <command>`.
 //!
-//! - `ci`: exactly what CI runs, cheapest first: fmt --check, clippy -D warnings, the
+//! - `ci`: exactly what CI runs, cheapest first: fmt --check, the workspace's shape
+//!   (`layers.rs`: dependency floors, `unsafe` only in resblock-kernels), clippy -D warnings, the
 //!   workspace tests (doc tests included), rustdoc with warnings denied.
 //! - `bench [--compare-torch] [criterion filter]`: runs the criterion benchmarks
 //!   (`benches/benches/*.rs`) and writes `docs/benchmarks.md`: mean time, images/s, GFLOP/s
@@ -18,6 +19,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
+
+mod layers;
 
 fn main() -> Result<()> {
     let args: Vec<String> = env::args().skip(1).collect();
@@ -58,6 +61,9 @@ fn ci() -> Result<()> {
     let mut fmt = cargo();
     fmt.args(["fmt", "--all", "--check"]);
     run("format", fmt)?;
+
+    eprintln!("\n== xtask: layers (dependency floors, unsafe only in resblock-kernels)");
+    layers::check(cargo(), &root())?;
 
     let mut clippy = cargo();
     clippy.args([

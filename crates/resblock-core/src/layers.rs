@@ -465,7 +465,7 @@ impl BatchNorm {
         self.run(x, train, true)
     }
 
-    fn run(&self, x: &Tensor, train: bool, relu: bool) -> candle_core::Result<Tensor> {
+    pub(crate) fn run(&self, x: &Tensor, train: bool, relu: bool) -> candle_core::Result<Tensor> {
         let bshape = self.check(x)?;
         if !train {
             // Eval mode is inference: the parameters are constants here (detached, sharing
@@ -499,105 +499,9 @@ impl BatchNorm {
         Ok(y)
     }
 
-    /// `self.forward_t(conv.forward(x), train)`, followed by a ReLU when `relu` is set. In
-    /// training on our CPU kernels the convolution and the norm run as one op (see
-    /// [`crate::ops::conv_batch_norm_train`]), with the same values and running statistics.
-    ///
-    /// # Shapes
-    /// - input: (N, C_in, H, W); output: (N, C_out, H_out, W_out)
-    ///
-    /// # Errors
-    /// As [`Conv2d`]'s and [`ModuleT::forward_t`]'s.
-    pub fn forward_after_conv_t(
-        &self,
-        conv: &Conv2d,
-        x: &Tensor,
-        train: bool,
-        relu: bool,
-    ) -> candle_core::Result<Tensor> {
-        let c = conv.config();
-        if !train {
-            // Eval mode is inference: parameters are constants (see `run`).
-            if x.track_op() {
-                // A gradient with respect to the input is wanted: composed ops.
-                let conv = Conv2d::new(conv.weight().detach(), conv.bias().map(Tensor::detach), *c);
-                return self.run(&conv.forward(x)?, train, relu);
-            }
-            // The norm in the convolution's epilogue.
-            let (scale, shift) = self.eval_scale_shift().map_err(candle_core::Error::wrap)?;
-            let (scale, shift) = (scale.detach(), shift.detach());
-            let shift = match conv.bias() {
-                Some(b) => ((b.detach() * &scale)? + shift)?,
-                None => shift,
-            };
-            return crate::ops::conv2d_scale_shift(
-                x,
-                &conv.weight().detach(),
-                (&scale, &shift),
-                relu,
-                c.padding,
-                c.stride,
-                c.dilation,
-                c.groups,
-            )
-            .map_err(candle_core::Error::wrap);
-        }
-        if conv.bias().is_some() {
-            return self.run(&conv.forward(x)?, train, relu);
-        }
-        let (y, stats) = crate::ops::conv_batch_norm_train(
-            x,
-            conv.weight(),
-            (c.padding, c.stride, c.dilation, c.groups),
-            &self.weight,
-            &self.bias,
-            self.cfg.eps,
-            relu,
-        )
-        .map_err(candle_core::Error::wrap)?;
-        self.track(&stats)?;
-        Ok(y)
-    }
-
-    /// `relu(self.forward_t(conv.forward(x), train) + residual)`: the end of a
-    /// post-activation residual block. In training on our CPU kernels the convolution, the
-    /// norm, the sum and the ReLU run as one op (see
-    /// [`crate::ops::conv_batch_norm_add_relu_train`]).
-    ///
-    /// # Shapes
-    /// - input: (N, C_in, H, W); residual and output: (N, C_out, H_out, W_out)
-    ///
-    /// # Errors
-    /// As [`BatchNorm::forward_after_conv_t`], or a residual of another shape.
-    pub fn forward_after_conv_add_relu_t(
-        &self,
-        conv: &Conv2d,
-        x: &Tensor,
-        residual: &Tensor,
-        train: bool,
-    ) -> candle_core::Result<Tensor> {
-        if !train || conv.bias().is_some() {
-            let y = self.forward_after_conv_t(conv, x, train, false)?;
-            return crate::ops::add_relu(residual, &y).map_err(candle_core::Error::wrap);
-        }
-        let c = conv.config();
-        let (y, stats) = crate::ops::conv_batch_norm_add_relu_train(
-            x,
-            conv.weight(),
-            (c.padding, c.stride, c.dilation, c.groups),
-            &self.weight,
-            &self.bias,
-            self.cfg.eps,
-            residual,
-        )
-        .map_err(candle_core::Error::wrap)?;
-        self.track(&stats)?;
-        Ok(y)
-    }
-
     /// Updates the running statistics and the batch count from one training batch's
     /// statistics, outside the autograd graph, as PyTorch does.
-    fn track(&self, stats: &crate::ops::BatchStats) -> candle_core::Result<()> {
+    pub(crate) fn track(&self, stats: &crate::ops::BatchStats) -> candle_core::Result<()> {
         let count = stats.count;
         let dev = self.running_mean.device();
         let mean64 = Tensor::new(stats.mean.as_slice(), dev)?;

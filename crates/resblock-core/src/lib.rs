@@ -32,6 +32,7 @@
 #![warn(missing_docs)]
 #![forbid(unsafe_code)]
 
+pub mod conv_bn;
 pub mod device;
 pub mod drop_path;
 pub mod error;
@@ -47,6 +48,7 @@ pub mod shortcut;
 /// The tensor ops and CPU kernels under the layers (the `resblock-kernels` crate).
 pub use resblock_kernels as ops;
 
+pub use conv_bn::ConvBn;
 pub use device::{best_device, configure_threads, parse_device};
 pub use drop_path::DropPath;
 pub use error::{Error, Result};
@@ -59,6 +61,6 @@ pub use mlp::{
     mlp_block, residual_mlp, MlpBlock, MlpBlockConfig, MlpBranch, ResidualMlp, ResidualMlpConfig,
 };
 pub use probe::{ProbeReading, Probed, ResidualProbe};
-pub use residual::{FusedReluEnd, Norm, PreActivation, Residual, ResidualScale};
+pub use residual::{Branch, Norm, PreActivation, Residual, ResidualScale};
 pub use rng::{RngHandle, RngState};
 pub use shortcut::{ProjectionConfig, Shortcut, ShortcutPolicy};

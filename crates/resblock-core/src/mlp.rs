@@ -58,6 +58,8 @@ impl MlpBranch {
     }
 }
 
+impl crate::residual::Branch for MlpBranch {}
+
 impl ModuleT for MlpBranch {
     fn forward_t(&self, x: &Tensor, _train: bool) -> candle_core::Result<Tensor> {
         let y = self.activation.forward(&self.fc1.forward(x)?)?;

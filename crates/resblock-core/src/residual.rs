@@ -95,14 +95,44 @@ pub struct Residual<G> {
     fixed_scale: Option<f64>,
     drop_path: Option<DropPath>,
     post: Option<Activation>,
-    fused_end: Option<FusedReluEnd<G>>,
     probe: Arc<ResidualProbe>,
 }
 
-/// `f(branch, a, s, train) = relu(branch(a) + s)` computed by the branch itself, so that its
-/// last layer can fold the shortcut sum and the block's ReLU into one op (see
-/// [`Residual::with_fused_relu_end`]).
-pub type FusedReluEnd<G> = fn(&G, &Tensor, &Tensor, bool) -> candle_core::Result<Tensor>;
+/// What a [`Residual`] block needs of its branch `g`: a module, and optionally a better way
+/// to compute the post-activation block's end `relu(shortcut + g(x))` than `g` followed by
+/// an add + ReLU. A branch ending in a conv + BN pair overrides [`Branch::forward_end`] to
+/// run the last convolution, the norm, the sum and the ReLU as one op in training
+/// (`resblock_vision::BasicBranch` does, through [`crate::ConvBn::forward_add_relu_t`]).
+///
+/// Any `ModuleT` becomes a branch with an empty impl: `impl Branch for MyBranch {}`.
+pub trait Branch: ModuleT {
+    /// `relu(shortcut + self.forward_t(x, train))`. The default is exactly that, with the
+    /// sum and the ReLU as one op ([`crate::ops::add_relu`]).
+    ///
+    /// # Errors
+    /// As `forward_t`, or a shortcut of another shape.
+    fn forward_end(
+        &self,
+        x: &Tensor,
+        shortcut: &Tensor,
+        train: bool,
+    ) -> candle_core::Result<Tensor> {
+        let r = self.forward_t(x, train)?;
+        if shortcut.dims() != r.dims() {
+            candle_core::bail!(
+                "residual block: shortcut gives shape {:?} but the branch gives {:?}",
+                shortcut.dims(),
+                r.dims()
+            );
+        }
+        crate::ops::add_relu(shortcut, &r).map_err(candle_core::Error::wrap)
+    }
+}
+
+impl Branch for candle_nn::Linear {}
+impl Branch for crate::layers::Conv2d {}
+impl Branch for crate::conv_bn::ConvBn {}
+impl Branch for candle_nn::Sequential {}
 
 impl<G> Residual<G> {
     /// `shortcut(x) + g(x)`, no pre-activation, scaling, drop-path or post-activation.
@@ -116,7 +146,6 @@ impl<G> Residual<G> {
             fixed_scale: None,
             drop_path: None,
             post: None,
-            fused_end: None,
             probe: Arc::default(),
         }
     }
@@ -124,16 +153,6 @@ impl<G> Residual<G> {
     /// Applies `activation` after the sum (the article's CNN block uses ReLU).
     pub fn with_post(mut self, activation: Activation) -> Self {
         self.post = Some(activation);
-        self
-    }
-
-    /// Lets the branch compute the block's end, `relu(branch(a) + shortcut)`, itself with
-    /// `f` (a convolutional branch fuses it into its last convolution and norm). Used when
-    /// the post-activation is a ReLU and there is no ReZero/fixed scale, no active
-    /// drop-path and no probe; otherwise the block runs the branch, the sum and the ReLU
-    /// as usual. `f` must compute exactly that function.
-    pub fn with_fused_relu_end(mut self, f: FusedReluEnd<G>) -> Self {
-        self.fused_end = Some(f);
         self
     }
 
@@ -181,8 +200,7 @@ impl<G> Residual<G> {
     }
 
     /// The same block with another branch and shortcut, keeping the pre-activation, scaling,
-    /// drop-path, post-activation and probe settings (used to swap in folded layers). A
-    /// fused block end (of the old branch's type) is dropped.
+    /// drop-path, post-activation and probe settings (used to swap in folded layers).
     pub fn replace_parts<H>(self, branch: H, shortcut: Shortcut) -> Residual<H> {
         Residual {
             pre: self.pre,
@@ -193,7 +211,6 @@ impl<G> Residual<G> {
             fixed_scale: self.fixed_scale,
             drop_path: self.drop_path,
             post: self.post,
-            fused_end: None,
             probe: Arc::default(),
         }
     }
@@ -236,7 +253,7 @@ impl<G> Residual<G> {
     }
 }
 
-impl<G: ModuleT> Residual<G> {
+impl<G: Branch> Residual<G> {
     /// The scaled branch output `scale * g(pre(x))` and the shortcut's input.
     fn residual(&self, x: &Tensor, train: bool) -> candle_core::Result<(Tensor, Tensor)> {
         let a = match &self.pre {
@@ -259,26 +276,26 @@ impl<G: ModuleT> Residual<G> {
     }
 }
 
-impl<G: ModuleT> ModuleT for Residual<G> {
+impl<G: Branch> ModuleT for Residual<G> {
     /// # Shapes
     /// Whatever the branch maps; the shortcut must produce the same shape.
     fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        if let Some(f) = self.fused_end {
-            let plain = self.post == Some(Activation::Relu)
-                && !matches!(self.shortcut, Shortcut::Removed)
-                && self.alpha.is_none()
-                && self.fixed_scale.is_none()
-                && (self.drop_path.is_none() || !train)
-                && !self.probe.is_enabled();
-            if plain {
-                let a = match &self.pre {
-                    Some(p) => p.forward_t(x, train)?,
-                    None => x.clone(),
-                };
-                let s_in = if self.shortcut_reads_pre { &a } else { x };
-                if let Some(s) = self.shortcut.apply(s_in, train)? {
-                    return f(&self.branch, &a, &s, train);
-                }
+        // The usual post-activation block: its end is the branch's business (one fused op
+        // where the branch has one).
+        let plain = self.post == Some(Activation::Relu)
+            && !matches!(self.shortcut, Shortcut::Removed)
+            && self.alpha.is_none()
+            && self.fixed_scale.is_none()
+            && (self.drop_path.is_none() || !train)
+            && !self.probe.is_enabled();
+        if plain {
+            let a = match &self.pre {
+                Some(p) => p.forward_t(x, train)?,
+                None => x.clone(),
+            };
+            let s_in = if self.shortcut_reads_pre { &a } else { x };
+            if let Some(s) = self.shortcut.apply(s_in, train)? {
+                return self.branch.forward_end(&a, &s, train);
             }
         }
         let (r, s_in) = self.residual(x, train)?;

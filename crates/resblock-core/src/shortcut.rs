@@ -1,25 +1,20 @@
 //! The shortcut path of a residual block.
 
-use candle_core::{Module, Tensor};
+use candle_core::{Module, ModuleT, Tensor};
 use candle_nn::VarBuilder;
 
+use crate::conv_bn::ConvBn;
 use crate::error::{Error, Result};
-use crate::layers::{batch_norm, conv2d, BatchNormConfig, Conv2d, Conv2dConfig, ConvInit};
-use crate::BatchNorm;
+use crate::layers::{batch_norm, conv2d, BatchNormConfig, Conv2dConfig, ConvInit};
 
 /// The shortcut of a residual block: what is added to the residual branch.
 #[derive(Debug, Clone)]
 pub enum Shortcut {
     /// `x` itself (input and output shapes must agree).
     Identity,
-    /// 1x1 convolution with stride, optionally followed by batch norm (the article's
-    /// projection; torchvision's `downsample.0` / `downsample.1`).
-    Projection {
-        /// The 1x1 convolution (`downsample.0`).
-        conv: Conv2d,
-        /// The batch norm (`downsample.1`), absent in pre-activation blocks.
-        norm: Option<BatchNorm>,
-    },
+    /// 1x1 convolution with stride (`downsample.0`), optionally followed by batch norm
+    /// (`downsample.1`; absent in pre-activation blocks): the article's projection.
+    Projection(ConvBn),
     /// He et al.'s "option A": keep every `stride`-th pixel and pad the extra channels with
     /// zeros, `F.pad(x[:, :, ::s, ::s], (0, 0, 0, 0, front, back))`. No parameters.
     ZeroPad {
@@ -35,10 +30,8 @@ pub enum Shortcut {
     AvgDown {
         /// Pooling window and step (1: no pooling).
         stride: usize,
-        /// The 1x1 convolution (`downsample.1`).
-        conv: Conv2d,
-        /// The batch norm (`downsample.2`).
-        norm: Option<BatchNorm>,
+        /// The 1x1 convolution (`downsample.1`) and its batch norm (`downsample.2`).
+        layer: ConvBn,
     },
     /// A linear map, for residual MLP blocks that change width.
     Linear(candle_nn::Linear),
@@ -131,7 +124,7 @@ impl Shortcut {
         } else {
             None
         };
-        Ok(Self::Projection { conv, norm })
+        Ok(Self::Projection(ConvBn::new(conv, norm)))
     }
 
     /// ResNet-D's avg-down shortcut: `AvgPool(stride)` (`downsample.0`, no parameters),
@@ -162,7 +155,10 @@ impl Shortcut {
         } else {
             None
         };
-        Ok(Self::AvgDown { stride, conv, norm })
+        Ok(Self::AvgDown {
+            stride,
+            layer: ConvBn::new(conv, norm),
+        })
     }
 
     /// The option-A shortcut from `in_c` to `out_c >= in_c` channels; the extra channels are
@@ -222,8 +218,8 @@ impl Shortcut {
     pub fn describe(&self) -> &'static str {
         match self {
             Self::Identity => "identity",
-            Self::Projection { norm: Some(_), .. } => "projection (1x1 conv + BN)",
-            Self::Projection { norm: None, .. } => "projection (1x1 conv)",
+            Self::Projection(l) if l.norm().is_some() => "projection (1x1 conv + BN)",
+            Self::Projection(_) => "projection (1x1 conv)",
             Self::ZeroPad { .. } => "zero-pad (option A)",
             Self::AvgDown { .. } => "avg-down (avg pool + 1x1 conv + BN)",
             Self::Linear(_) => "linear",
@@ -232,27 +228,16 @@ impl Shortcut {
     }
 
     /// The shortcut with each conv + batch-norm pair folded into one convolution (eval mode
-    /// only; see [`Conv2d::fold_batch_norm`]).
+    /// only; see [`crate::Conv2d::fold_batch_norm`]).
     ///
     /// # Errors
     /// Mismatched channels.
     pub fn folded(&self) -> Result<Self> {
         Ok(match self {
-            Self::Projection {
-                conv,
-                norm: Some(n),
-            } => Self::Projection {
-                conv: conv.fold_batch_norm(n)?,
-                norm: None,
-            },
-            Self::AvgDown {
-                stride,
-                conv,
-                norm: Some(n),
-            } => Self::AvgDown {
+            Self::Projection(l) => Self::Projection(l.folded()?),
+            Self::AvgDown { stride, layer } => Self::AvgDown {
                 stride: *stride,
-                conv: conv.fold_batch_norm(n)?,
-                norm: None,
+                layer: layer.folded()?,
             },
             other => other.clone(),
         })
@@ -262,7 +247,7 @@ impl Shortcut {
     pub fn has_parameters(&self) -> bool {
         matches!(
             self,
-            Self::Projection { .. } | Self::AvgDown { .. } | Self::Linear(_)
+            Self::Projection(_) | Self::AvgDown { .. } | Self::Linear(_)
         )
     }
 
@@ -277,21 +262,14 @@ impl Shortcut {
     pub fn apply(&self, x: &Tensor, train: bool) -> Result<Option<Tensor>> {
         Ok(Some(match self {
             Self::Identity => x.clone(),
-            Self::Projection { conv, norm } => match norm {
-                Some(n) => n.forward_after_conv_t(conv, x, train, false)?,
-                None => conv.forward(x)?,
-            },
+            Self::Projection(l) => l.forward_t(x, train)?,
             Self::ZeroPad {
                 stride,
                 front,
                 back,
             } => crate::ops::zero_pad_shortcut(x, *stride, *front, *back)?,
-            Self::AvgDown { stride, conv, norm } => {
-                let x = avg_pool_ceil(x, *stride)?;
-                match norm {
-                    Some(n) => n.forward_after_conv_t(conv, &x, train, false)?,
-                    None => conv.forward(&x)?,
-                }
+            Self::AvgDown { stride, layer } => {
+                layer.forward_t(&avg_pool_ceil(x, *stride)?, train)?
             }
             Self::Linear(l) => l.forward(x)?,
             Self::Removed => return Ok(None),

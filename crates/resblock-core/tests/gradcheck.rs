@@ -91,6 +91,8 @@ fn conv_residual_block_gradients_match_finite_differences() -> Result<()> {
             self.bn.forward_t(&self.conv.forward(x)?, train)
         }
     }
+    // Any module is a residual branch with an empty impl (the default block end).
+    impl resblock_core::Branch for Branch {}
     let rng = RngHandle::seed_from_u64(6);
     let mut varmap = VarMap::new();
     let vb = seeded_var_builder(&varmap, &rng, DType::F64, &Device::Cpu);

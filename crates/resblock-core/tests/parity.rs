@@ -77,7 +77,7 @@ fn conv_gradients_match_pytorch_on_non_square_strided_inputs() -> Result<()> {
 }
 
 /// Documents the Candle bug that `ops::conv2d` works around: if this starts passing, the
-/// workaround can go (see ops/conv.rs).
+/// workaround can go (see resblock-kernels/src/conv/mod.rs).
 #[test]
 fn plain_candle_conv_backward_missizes_non_square_stride2_inputs() -> Result<()> {
     let x = candle_core::Var::zeros((1, 2, 8, 7), DType::F32, &Device::Cpu)?;

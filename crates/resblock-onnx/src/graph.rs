@@ -195,14 +195,14 @@ impl Builder {
         Ok(Some(match s {
             Shortcut::Identity => x.to_string(),
             Shortcut::Removed => return Ok(None),
-            Shortcut::Projection { conv, norm } => {
-                let y = self.conv(x, conv, &format!("{key}.0"))?;
-                match norm {
+            Shortcut::Projection(l) => {
+                let y = self.conv(x, l.conv(), &format!("{key}.0"))?;
+                match l.norm() {
                     Some(n) => self.bn(&y, n, &format!("{key}.1"))?,
                     None => y,
                 }
             }
-            Shortcut::AvgDown { stride, conv, norm } => {
+            Shortcut::AvgDown { stride, layer } => {
                 let pooled = if *stride > 1 {
                     let s = i64s(*stride);
                     self.node(
@@ -219,8 +219,8 @@ impl Builder {
                 } else {
                     x.to_string()
                 };
-                let y = self.conv(&pooled, conv, &format!("{key}.1"))?;
-                match norm {
+                let y = self.conv(&pooled, layer.conv(), &format!("{key}.1"))?;
+                match layer.norm() {
                     Some(n) => self.bn(&y, n, &format!("{key}.2"))?,
                     None => y,
                 }

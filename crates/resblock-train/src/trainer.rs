@@ -81,6 +81,9 @@ impl Default for TrainerConfig {
     }
 }
 
+/// A progress callback (see [`Trainer::on_progress`]).
+pub type ProgressFn<'m> = Box<dyn FnMut(&Progress<'_>) + 'm>;
+
 /// Trains a model whose variables live in a `VarMap`.
 ///
 /// Determinism: with a seeded model (see `resblock_core::seeded_var_builder`), a
@@ -100,7 +103,7 @@ pub struct Trainer<'m, M: ModuleT> {
     history: Vec<EpochRecord>,
     step_losses: Vec<f64>,
     last_epoch_samples: usize,
-    on_progress: Option<Box<dyn FnMut(&Progress<'_>) + 'm>>,
+    on_progress: Option<ProgressFn<'m>>,
 }
 
 impl<'m, M: ModuleT> Trainer<'m, M> {

@@ -41,7 +41,7 @@ fn jpeg_folder(root: &Path, classes: &[&str], n: usize) -> Result<()> {
     Ok(())
 }
 
-fn weights(varmap: &VarMap) -> Result<Vec<(String, Vec<f64>)>> {
+fn weights(varmap: &VarMap) -> Result<Weights> {
     let data = varmap.data().lock().expect("lock");
     let mut v = data
         .iter()
@@ -58,7 +58,10 @@ fn weights(varmap: &VarMap) -> Result<Vec<(String, Vec<f64>)>> {
 
 /// Trains a small CIFAR ResNet for `max_steps` on `ds` with the `train` recipe; returns the
 /// step losses and the final weights.
-fn train(ds: Arc<dyn Dataset>, max_steps: u64) -> Result<(Vec<f64>, Vec<(String, Vec<f64>)>)> {
+/// Named tensors as f64 values.
+type Weights = Vec<(String, Vec<f64>)>;
+
+fn train(ds: Arc<dyn Dataset>, max_steps: u64) -> Result<(Vec<f64>, Weights)> {
     let (c, h, w) = ds.shape();
     let (mean, std) = dataset_stats(ds.as_ref())?;
     let tf = AugmentPolicy::Natural.train_transforms(

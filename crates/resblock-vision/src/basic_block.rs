@@ -1,11 +1,11 @@
 //! The BasicBlock of ResNet-18/34 and the CIFAR ResNets (the article's CNN block).
 
-use candle_core::{Module, ModuleT, Tensor};
+use candle_core::{ModuleT, Tensor};
 use candle_nn::VarBuilder;
 use resblock_core::{
-    batch_norm, conv2d, Activation, BatchNorm, BatchNormConfig, Conv2d, Conv2dConfig, ConvInit,
-    Norm, PreActivation, ProjectionConfig, Residual, ResidualScale, RngHandle, Shortcut,
-    ShortcutPolicy,
+    batch_norm, conv2d, Activation, BatchNorm, BatchNormConfig, Branch, Conv2d, Conv2dConfig,
+    ConvBn, ConvInit, Norm, PreActivation, ProjectionConfig, Residual, ResidualScale, RngHandle,
+    Shortcut, ShortcutPolicy,
 };
 
 use crate::error::{Error, Result};
@@ -51,28 +51,36 @@ impl Default for BasicBlockConfig {
 
 /// The residual branch of a [`BasicBlock`]: `conv1 -> bn1 -> relu -> conv2 -> bn2`
 /// (post-activation), or `conv1 -> bn2 -> relu -> conv2` after the block's `bn1 -> relu`
-/// pre-activation stage.
+/// pre-activation stage. Each conv + BN pair is a [`ConvBn`], which runs as one op in
+/// training where the kernels allow; the block's end (`conv2`, `bn2`, the shortcut sum and
+/// the ReLU) is one op too ([`Branch::forward_end`]).
 #[derive(Debug, Clone)]
 pub struct BasicBranch {
-    conv1: Conv2d,
-    bn_mid: Option<BatchNorm>,
-    conv2: Conv2d,
-    bn_last: Option<BatchNorm>,
+    first: ConvBn,
+    second: ConvBn,
 }
 
 impl BasicBranch {
     /// The first 3x3 convolution.
     pub fn conv1(&self) -> &Conv2d {
-        &self.conv1
+        self.first.conv()
     }
     /// The second 3x3 convolution.
     pub fn conv2(&self) -> &Conv2d {
-        &self.conv2
+        self.second.conv()
     }
     /// The norm between the convolutions (`bn1`, or `bn2` in pre-activation blocks); `None`
     /// once folded into `conv1`.
     pub fn mid_norm(&self) -> Option<&BatchNorm> {
-        self.bn_mid.as_ref()
+        self.first.norm()
+    }
+    /// The norm after `conv2` (`bn2`), absent in pre-activation blocks.
+    pub fn last_norm(&self) -> Option<&BatchNorm> {
+        self.second.norm()
+    }
+    /// The two conv (+ BN) layers.
+    pub fn layers(&self) -> [&ConvBn; 2] {
+        [&self.first, &self.second]
     }
 
     /// The branch with every conv + BN pair folded (eval only). In pre-activation blocks the
@@ -81,24 +89,10 @@ impl BasicBranch {
     /// # Errors
     /// Mismatched channels.
     pub fn folded(&self) -> Result<Self> {
-        let conv1 = match &self.bn_mid {
-            Some(bn) => self.conv1.fold_batch_norm(bn)?,
-            None => self.conv1.clone(),
-        };
-        let conv2 = match &self.bn_last {
-            Some(bn) => self.conv2.fold_batch_norm(bn)?,
-            None => self.conv2.clone(),
-        };
         Ok(Self {
-            conv1,
-            bn_mid: None,
-            conv2,
-            bn_last: None,
+            first: self.first.folded()?,
+            second: self.second.folded()?,
         })
-    }
-    /// The norm after `conv2` (`bn2`), absent in pre-activation blocks.
-    pub fn last_norm(&self) -> Option<&BatchNorm> {
-        self.bn_last.as_ref()
     }
 }
 
@@ -106,39 +100,17 @@ impl ModuleT for BasicBranch {
     /// # Shapes
     /// - input: (N, C_in, H, W); output: (N, C_out, ceil(H/s), ceil(W/s))
     fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        // Conv + BN pairs run as one op in training where our kernels allow.
-        let y = match &self.bn_mid {
-            Some(bn) => bn.forward_after_conv_t(&self.conv1, x, train, true)?,
-            None => self.conv1.forward_relu(x)?,
-        };
-        match &self.bn_last {
-            Some(bn) => bn.forward_after_conv_t(&self.conv2, &y, train, false),
-            None => self.conv2.forward(&y),
-        }
+        let y = self.first.forward_relu_t(x, train)?;
+        self.second.forward_t(&y, train)
     }
 }
 
-impl BasicBranch {
+impl Branch for BasicBranch {
     /// `relu(self(x) + s)`, with `conv2`, `bn2`, the sum and the ReLU as one op in training
-    /// where our kernels allow (the block's [`FusedReluEnd`](resblock_core::FusedReluEnd)).
-    ///
-    /// # Errors
-    /// As [`ModuleT::forward_t`], or a residual of another shape.
-    pub fn forward_add_relu_t(
-        &self,
-        x: &Tensor,
-        s: &Tensor,
-        train: bool,
-    ) -> candle_core::Result<Tensor> {
-        let y = match &self.bn_mid {
-            Some(bn) => bn.forward_after_conv_t(&self.conv1, x, train, true)?,
-            None => self.conv1.forward_relu(x)?,
-        };
-        match &self.bn_last {
-            Some(bn) => bn.forward_after_conv_add_relu_t(&self.conv2, &y, s, train),
-            None => resblock_core::ops::add_relu(s, &self.conv2.forward(&y)?)
-                .map_err(candle_core::Error::wrap),
-        }
+    /// where our kernels allow.
+    fn forward_end(&self, x: &Tensor, s: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        let y = self.first.forward_relu_t(x, train)?;
+        self.second.forward_add_relu_t(&y, s, train)
     }
 }
 
@@ -245,23 +217,26 @@ pub fn basic_block_with_shortcut(
             activation: Some(Activation::Relu),
         };
         let branch = BasicBranch {
-            conv1: conv(in_c, out_c, cfg.stride, false, "conv1")?,
-            bn_mid: Some(bn(out_c, false, "bn2")?),
-            conv2: conv(out_c, out_c, 1, zero_init, "conv2")?,
-            bn_last: None,
+            first: ConvBn::new(
+                conv(in_c, out_c, cfg.stride, false, "conv1")?,
+                Some(bn(out_c, false, "bn2")?),
+            ),
+            second: ConvBn::new(conv(out_c, out_c, 1, zero_init, "conv2")?, None),
         };
         let reads_pre = shortcut.has_parameters();
         Residual::new(branch, shortcut).with_pre(pre, reads_pre)
     } else {
         let branch = BasicBranch {
-            conv1: conv(in_c, out_c, cfg.stride, false, "conv1")?,
-            bn_mid: Some(bn(out_c, false, "bn1")?),
-            conv2: conv(out_c, out_c, 1, false, "conv2")?,
-            bn_last: Some(bn(out_c, zero_init, "bn2")?),
+            first: ConvBn::new(
+                conv(in_c, out_c, cfg.stride, false, "conv1")?,
+                Some(bn(out_c, false, "bn1")?),
+            ),
+            second: ConvBn::new(
+                conv(out_c, out_c, 1, false, "conv2")?,
+                Some(bn(out_c, zero_init, "bn2")?),
+            ),
         };
-        Residual::new(branch, shortcut)
-            .with_post(Activation::Relu)
-            .with_fused_relu_end(BasicBranch::forward_add_relu_t)
+        Residual::new(branch, shortcut).with_post(Activation::Relu)
     };
     Ok(block
         .with_scale(cfg.scale, vb.clone())?

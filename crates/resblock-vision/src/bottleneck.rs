@@ -1,11 +1,11 @@
 //! The Bottleneck block of ResNet-50/101/152, ResNeXt and Wide ResNet (torchvision's "V1.5":
 //! the stride sits on the 3x3 convolution).
 
-use candle_core::{Module, ModuleT, Tensor};
+use candle_core::{ModuleT, Tensor};
 use candle_nn::VarBuilder;
 use resblock_core::{
-    batch_norm, conv2d, Activation, BatchNorm, BatchNormConfig, Conv2d, Conv2dConfig, ConvInit,
-    Norm, PreActivation, Residual, ResidualScale, RngHandle, Shortcut,
+    batch_norm, conv2d, Activation, BatchNorm, BatchNormConfig, Branch, Conv2d, Conv2dConfig,
+    ConvBn, ConvInit, Norm, PreActivation, Residual, ResidualScale, RngHandle, Shortcut,
 };
 
 use crate::error::{Error, Result};
@@ -55,37 +55,31 @@ impl Default for BottleneckConfig {
 pub const BOTTLENECK_EXPANSION: usize = 4;
 
 /// The branch of a [`Bottleneck`]: 1x1 reduce, 3x3 (strided, grouped, dilated), 1x1 expand,
-/// each followed by BN (post-activation) or preceded by it (pre-activation).
+/// each followed by BN (post-activation) or preceded by it (pre-activation). Each conv + BN
+/// pair is a [`ConvBn`]; the block's end runs through the last one
+/// ([`Branch::forward_end`]).
 #[derive(Debug, Clone)]
 pub struct BottleneckBranch {
-    conv1: Conv2d,
-    bn_a: Option<BatchNorm>,
-    conv2: Conv2d,
-    bn_b: Option<BatchNorm>,
-    conv3: Conv2d,
-    bn_last: Option<BatchNorm>,
+    layers: [ConvBn; 3],
 }
 
 impl BottleneckBranch {
     /// The three convolutions.
     pub fn convs(&self) -> [&Conv2d; 3] {
-        [&self.conv1, &self.conv2, &self.conv3]
+        self.layers.each_ref().map(ConvBn::conv)
     }
     /// The norms after conv1, conv2 and conv3 (`None` where absent or folded).
     pub fn norms_by_conv(&self) -> [Option<&BatchNorm>; 3] {
-        [
-            self.bn_a.as_ref(),
-            self.bn_b.as_ref(),
-            self.bn_last.as_ref(),
-        ]
+        self.layers.each_ref().map(ConvBn::norm)
+    }
+    /// The three conv (+ BN) layers.
+    pub fn layers(&self) -> &[ConvBn; 3] {
+        &self.layers
     }
 
     /// The batch norms in order of application inside the branch (none once folded).
     pub fn norms(&self) -> Vec<&BatchNorm> {
-        [&self.bn_a, &self.bn_b, &self.bn_last]
-            .into_iter()
-            .filter_map(Option::as_ref)
-            .collect()
+        self.layers.iter().filter_map(ConvBn::norm).collect()
     }
 
     /// The branch with every conv + BN pair folded (eval only).
@@ -93,20 +87,15 @@ impl BottleneckBranch {
     /// # Errors
     /// Mismatched channels.
     pub fn folded(&self) -> Result<Self> {
-        let fold = |c: &Conv2d, bn: &Option<BatchNorm>| -> Result<Conv2d> {
-            Ok(match bn {
-                Some(bn) => c.fold_batch_norm(bn)?,
-                None => c.clone(),
-            })
-        };
+        let [a, b, c] = &self.layers;
         Ok(Self {
-            conv1: fold(&self.conv1, &self.bn_a)?,
-            bn_a: None,
-            conv2: fold(&self.conv2, &self.bn_b)?,
-            bn_b: None,
-            conv3: fold(&self.conv3, &self.bn_last)?,
-            bn_last: None,
+            layers: [a.folded()?, b.folded()?, c.folded()?],
         })
+    }
+
+    fn front(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        let y = self.layers[0].forward_relu_t(x, train)?;
+        self.layers[1].forward_relu_t(&y, train)
     }
 }
 
@@ -114,16 +103,15 @@ impl ModuleT for BottleneckBranch {
     /// # Shapes
     /// - input: (N, C_in, H, W); output: (N, 4 * planes, ceil(H/s), ceil(W/s))
     fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        let conv_norm_relu = |conv: &Conv2d, bn: &Option<BatchNorm>, x: &Tensor| match bn {
-            Some(bn) => bn.forward_after_conv_t(conv, x, train, true),
-            None => conv.forward_relu(x),
-        };
-        let y = conv_norm_relu(&self.conv1, &self.bn_a, x)?;
-        let y = conv_norm_relu(&self.conv2, &self.bn_b, &y)?;
-        match &self.bn_last {
-            Some(bn) => bn.forward_after_conv_t(&self.conv3, &y, train, false),
-            None => self.conv3.forward(&y),
-        }
+        self.layers[2].forward_t(&self.front(x, train)?, train)
+    }
+}
+
+impl Branch for BottleneckBranch {
+    /// `relu(self(x) + s)` with conv3, bn3, the sum and the ReLU through
+    /// [`ConvBn::forward_add_relu_t`].
+    fn forward_end(&self, x: &Tensor, s: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        self.layers[2].forward_add_relu_t(&self.front(x, train)?, s, train)
     }
 }
 
@@ -188,23 +176,24 @@ pub fn bottleneck(
             activation: Some(Activation::Relu),
         };
         let branch = BottleneckBranch {
-            conv1,
-            bn_a: Some(bn(width, false, "bn2")?),
-            conv2,
-            bn_b: Some(bn(width, false, "bn3")?),
-            conv3: conv(width, out_c, 1, 1, 1, 1, zero, "conv3")?,
-            bn_last: None,
+            layers: [
+                ConvBn::new(conv1, Some(bn(width, false, "bn2")?)),
+                ConvBn::new(conv2, Some(bn(width, false, "bn3")?)),
+                ConvBn::new(conv(width, out_c, 1, 1, 1, 1, zero, "conv3")?, None),
+            ],
         };
         let reads_pre = shortcut.has_parameters();
         Residual::new(branch, shortcut).with_pre(pre, reads_pre)
     } else {
         let branch = BottleneckBranch {
-            conv1,
-            bn_a: Some(bn(width, false, "bn1")?),
-            conv2,
-            bn_b: Some(bn(width, false, "bn2")?),
-            conv3: conv(width, out_c, 1, 1, 1, 1, false, "conv3")?,
-            bn_last: Some(bn(out_c, zero, "bn3")?),
+            layers: [
+                ConvBn::new(conv1, Some(bn(width, false, "bn1")?)),
+                ConvBn::new(conv2, Some(bn(width, false, "bn2")?)),
+                ConvBn::new(
+                    conv(width, out_c, 1, 1, 1, 1, false, "conv3")?,
+                    Some(bn(out_c, zero, "bn3")?),
+                ),
+            ],
         };
         Residual::new(branch, shortcut).with_post(Activation::Relu)
     };

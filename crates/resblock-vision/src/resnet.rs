@@ -10,8 +10,8 @@ use candle_core::{Module, ModuleT, Tensor};
 use candle_nn::VarBuilder;
 use resblock_core::ops::{max_pool2d, Pool2dConfig};
 use resblock_core::{
-    batch_norm, conv2d, linear, BatchNorm, BatchNormConfig, Conv2d, Conv2dConfig, ConvInit, Probed,
-    ProjectionConfig, ResidualProbe, ResidualScale, RngHandle, Shortcut, ShortcutPolicy,
+    batch_norm, conv2d, linear, BatchNorm, BatchNormConfig, Conv2d, Conv2dConfig, ConvBn, ConvInit,
+    Probed, ProjectionConfig, ResidualProbe, ResidualScale, RngHandle, Shortcut, ShortcutPolicy,
 };
 
 use crate::basic_block::{basic_block_with_shortcut, BasicBlock, BasicBlockConfig};
@@ -680,10 +680,19 @@ impl ResNet {
         let mut i = 0;
         while i < stem.len() {
             let (next, out) = match (&stem[i], stem.get(i + 1)) {
-                // A conv + norm (+ ReLU) runs as one op in training where our kernels allow.
+                // A conv + norm (+ ReLU) is a `ConvBn`: one op in training where our kernels
+                // allow, the norm in the conv's epilogue at inference. The stem keeps its
+                // layers apart (it mirrors torchvision's and timm's module lists, which the
+                // ONNX export and the summary name by index); the pair is put together here,
+                // which clones two handles.
                 (StemLayer::Conv(c), Some(StemLayer::Norm(n))) => {
                     let relu = relu_at(i + 2);
-                    let y = n.forward_after_conv_t(c, &h, train, relu)?;
+                    let pair = ConvBn::new(c.clone(), Some(n.clone()));
+                    let y = if relu {
+                        pair.forward_relu_t(&h, train)?
+                    } else {
+                        pair.forward_t(&h, train)?
+                    };
                     (i + 2 + usize::from(relu), y)
                 }
                 // A conv (folded: no norm) or a norm followed by a ReLU runs fused.

@@ -105,21 +105,21 @@ impl Walker {
 
     fn shortcut(&mut self, prefix: &str, s: &Shortcut, from: [usize; 3]) -> Result<()> {
         match s {
-            Shortcut::Projection { conv, norm } => {
-                let o = self.conv(format!("{prefix}.downsample.0"), conv, from)?;
-                if let Some(n) = norm {
+            Shortcut::Projection(l) => {
+                let o = self.conv(format!("{prefix}.downsample.0"), l.conv(), from)?;
+                if let Some(n) = l.norm() {
                     self.bn(format!("{prefix}.downsample.1"), n, o);
                 }
             }
-            Shortcut::AvgDown { stride, conv, norm } => {
+            Shortcut::AvgDown { stride, layer } => {
                 let pooled = [
                     from[0],
                     from[1].div_ceil(*stride),
                     from[2].div_ceil(*stride),
                 ];
                 self.other(&format!("{prefix}.downsample.0"), "AvgPool2d", &pooled);
-                let o = self.conv(format!("{prefix}.downsample.1"), conv, pooled)?;
-                if let Some(n) = norm {
+                let o = self.conv(format!("{prefix}.downsample.1"), layer.conv(), pooled)?;
+                if let Some(n) = layer.norm() {
                     self.bn(format!("{prefix}.downsample.2"), n, o);
                 }
             }

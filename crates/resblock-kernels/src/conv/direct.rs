@@ -25,7 +25,7 @@
 
 use rayon::prelude::*;
 
-use super::cpu::Epilogue;
+use super::epilogue::Epilogue;
 use crate::buffer::Slot;
 
 /// Output channels per micro-tile.

@@ -11,10 +11,16 @@
 
 use candle_core::Tensor;
 
-pub(crate) mod cpu;
 pub(crate) mod direct;
+pub(crate) mod epilogue;
+pub(crate) mod gemm;
+pub(crate) mod geom;
+pub(crate) mod op;
+pub(crate) mod pack;
+pub(crate) mod path;
 
-use cpu::{ConvGeom, NativeConv2d, NativeConv2dBias, NativeConv2dScaleShift};
+use geom::ConvGeom;
+use op::{NativeConv2d, NativeConv2dBias, NativeConv2dScaleShift};
 
 use crate::error::{Error, Result};
 
@@ -22,7 +28,7 @@ use crate::error::{Error, Result};
 /// the same padding, stride and dilation in both dims (as PyTorch's `F.conv2d` with ints).
 ///
 /// On the CPU in f32/f64 this runs our kernel ([`conv2d_native`]) unless
-/// [`super::set_kernels`] chose Candle's; elsewhere it is [`conv2d_candle`].
+/// [`crate::dispatch`] chose Candle's; elsewhere it is [`conv2d_candle`].
 ///
 /// # Shapes
 /// - input: (N, C_in, H, W)
@@ -49,7 +55,7 @@ pub fn conv2d(
     }
 }
 
-/// [`conv2d`] on our CPU kernel (see `conv_cpu.rs`): forward, input gradient and weight
+/// [`conv2d`] on our CPU kernel (see `gemm.rs`, `direct.rs`, `op.rs`): forward, input gradient and weight
 /// gradient all as GEMMs over one image's unfolded input at a time, images in parallel,
 /// grouped convolutions in one pass, the weight gradient summed in f64. Other devices and
 /// dtypes fall back to [`conv2d_candle`].

@@ -29,10 +29,10 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::buffer::vec_written_by;
-use crate::conv::cpu::{
-    flip_kernel, for_each_image_summed, gemm_parallelism, ConvGeom, Dims, Epilogue,
-};
 use crate::conv::direct;
+use crate::conv::epilogue::Epilogue;
+use crate::conv::gemm::{flip_kernel, for_each_image_summed, gemm_parallelism};
+use crate::conv::geom::{ConvGeom, Dims};
 use crate::norm::simd as kernels;
 use crate::norm::{combine_moments, grad_coef, inv_std, norm_coef};
 
@@ -72,7 +72,7 @@ impl ConvBnTrain {
         if d.n * d.p() < 2 {
             return None;
         }
-        let (fwd, back) = crate::conv::cpu::direct_backward_plans(&d, &geom)?;
+        let (fwd, back) = crate::conv::path::direct_backward_plans(&d, &geom)?;
         // The shared-buffer weight gradient must apply: checked once on an empty probe.
         let mut probe = vec![0f32; d.cout * d.c * d.kh * d.kw];
         let xp = fwd.padded_buffer(d.c);

@@ -88,7 +88,7 @@ fn fused_conv_bn(
     }) {
         return Ok(None);
     }
-    let geom = crate::conv::cpu::ConvGeom {
+    let geom = crate::conv::geom::ConvGeom {
         padding,
         stride,
         dilation,

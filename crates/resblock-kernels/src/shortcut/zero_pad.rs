@@ -15,7 +15,7 @@ use crate::error::{Error, Result};
 
 /// `x[:, :, ::stride, ::stride]` with `front` zero channels before and `back` after: the
 /// option-A ("zero-pad") shortcut of He et al.'s CIFAR ResNets, with its backward. Our
-/// kernel on the CPU in f32/f64 unless [`super::set_kernels`] chose Candle's; Candle ops
+/// kernel on the CPU in f32/f64 unless [`crate::dispatch`] chose Candle's; Candle ops
 /// ([`super::subsample2d`] and `pad_with_zeros`) elsewhere.
 ///
 /// # Shapes

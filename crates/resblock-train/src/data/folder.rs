@@ -161,12 +161,14 @@ impl ImageFolder {
             gray &= is_gray(color);
             match (first, image_size) {
                 (None, _) => first = Some((w, h)),
-                (Some((w0, h0)), None) if (w, h) != (w0, h0) => return Err(fail(
-                    path,
-                    format!(
+                (Some((w0, h0)), None) if (w, h) != (w0, h0) => {
+                    return Err(fail(
+                        path,
+                        format!(
                         "is {w}x{h} but the first image is {w0}x{h0}: pass --image-size to resize"
                     ),
-                )),
+                    ))
+                }
                 _ => {}
             }
         }

@@ -1,0 +1,156 @@
+//! [`ConvBn`]: a convolution and the BatchNorm after it as one layer that decides itself how
+//! to run: as one fused op in training where the kernels have one
+//! ([`crate::ops::conv_batch_norm_train`]), with the norm in the convolution's epilogue at
+//! inference ([`crate::ops::conv2d_scale_shift`]), as two ops elsewhere.
+
+use candle_core::{Module, ModuleT, Tensor};
+
+use crate::error::Result;
+use crate::layers::{BatchNorm, Conv2d};
+
+/// A convolution followed by an optional BatchNorm (absent once folded, or in blocks that
+/// normalise elsewhere). The parameter names stay the two layers' own (`conv1.weight`,
+/// `bn1.weight`, ...): a `ConvBn` is built from the two.
+#[derive(Debug, Clone)]
+pub struct ConvBn {
+    conv: Conv2d,
+    norm: Option<BatchNorm>,
+}
+
+impl ConvBn {
+    /// `conv` followed by `norm`.
+    pub fn new(conv: Conv2d, norm: Option<BatchNorm>) -> Self {
+        Self { conv, norm }
+    }
+    /// The convolution.
+    pub fn conv(&self) -> &Conv2d {
+        &self.conv
+    }
+    /// The norm, if any.
+    pub fn norm(&self) -> Option<&BatchNorm> {
+        self.norm.as_ref()
+    }
+
+    /// The layer with its norm folded into the convolution (eval only; plain tensors).
+    ///
+    /// # Errors
+    /// A norm whose channels differ from the convolution's outputs.
+    pub fn folded(&self) -> Result<Self> {
+        Ok(match &self.norm {
+            Some(bn) => Self::new(self.conv.fold_batch_norm(bn)?, None),
+            None => self.clone(),
+        })
+    }
+
+    /// `relu(self.forward_t(x, train))`.
+    ///
+    /// # Shapes
+    /// - input: (N, C_in, H, W); output: (N, C_out, H_out, W_out)
+    ///
+    /// # Errors
+    /// As [`ModuleT::forward_t`].
+    pub fn forward_relu_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        self.run(x, train, true)
+    }
+
+    /// `relu(self.forward_t(x, train) + residual)`: the end of a post-activation residual
+    /// block. In training on our CPU kernels the convolution, the norm, the sum and the ReLU
+    /// run as one op ([`crate::ops::conv_batch_norm_add_relu_train`]).
+    ///
+    /// # Shapes
+    /// - input: (N, C_in, H, W); residual and output: (N, C_out, H_out, W_out)
+    ///
+    /// # Errors
+    /// As [`ModuleT::forward_t`], or a residual of another shape.
+    pub fn forward_add_relu_t(
+        &self,
+        x: &Tensor,
+        residual: &Tensor,
+        train: bool,
+    ) -> candle_core::Result<Tensor> {
+        let c = self.conv.config();
+        match &self.norm {
+            Some(bn) if train && self.conv.bias().is_none() => {
+                let (y, stats) = crate::ops::conv_batch_norm_add_relu_train(
+                    x,
+                    self.conv.weight(),
+                    (c.padding, c.stride, c.dilation, c.groups),
+                    bn.weight(),
+                    bn.bias(),
+                    bn.config().eps,
+                    residual,
+                )
+                .map_err(candle_core::Error::wrap)?;
+                bn.track(&stats)?;
+                Ok(y)
+            }
+            _ => {
+                let y = self.run(x, train, false)?;
+                crate::ops::add_relu(residual, &y).map_err(candle_core::Error::wrap)
+            }
+        }
+    }
+
+    fn run(&self, x: &Tensor, train: bool, relu: bool) -> candle_core::Result<Tensor> {
+        let conv = &self.conv;
+        let c = conv.config();
+        let Some(bn) = &self.norm else {
+            return if relu {
+                conv.forward_relu(x)
+            } else {
+                conv.forward(x)
+            };
+        };
+        if !train {
+            // Eval mode is inference: parameters are constants (see `BatchNorm`'s eval mode).
+            if x.track_op() {
+                // A gradient with respect to the input is wanted: composed ops.
+                let conv = Conv2d::new(conv.weight().detach(), conv.bias().map(Tensor::detach), *c);
+                return bn.run(&conv.forward(x)?, train, relu);
+            }
+            // The norm in the convolution's epilogue.
+            let (scale, shift) = bn.eval_scale_shift().map_err(candle_core::Error::wrap)?;
+            let (scale, shift) = (scale.detach(), shift.detach());
+            let shift = match conv.bias() {
+                Some(b) => ((b.detach() * &scale)? + shift)?,
+                None => shift,
+            };
+            return crate::ops::conv2d_scale_shift(
+                x,
+                &conv.weight().detach(),
+                (&scale, &shift),
+                relu,
+                c.padding,
+                c.stride,
+                c.dilation,
+                c.groups,
+            )
+            .map_err(candle_core::Error::wrap);
+        }
+        if conv.bias().is_some() {
+            return bn.run(&conv.forward(x)?, train, relu);
+        }
+        let (y, stats) = crate::ops::conv_batch_norm_train(
+            x,
+            conv.weight(),
+            (c.padding, c.stride, c.dilation, c.groups),
+            bn.weight(),
+            bn.bias(),
+            bn.config().eps,
+            relu,
+        )
+        .map_err(candle_core::Error::wrap)?;
+        bn.track(&stats)?;
+        Ok(y)
+    }
+}
+
+impl ModuleT for ConvBn {
+    /// `norm(conv(x))`: one op in training where the kernels have one.
+    ///
+    /// # Shapes
+    /// - input: (N, C_in, H, W); output: (N, C_out, H_out, W_out)
+    fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        self.run(x, train, false)
+    }
+}

@@ -1,0 +1,111 @@
+//! `ConvBn` decides itself how to run, and every way gives the same numbers: the fused op,
+//! the two separate ops, the portable loops instead of SIMD, and Candle's ops. Its block end
+//! (`forward_add_relu_t`) is `relu(conv_bn(x) + residual)`. Eval mode records no graph.
+//!
+//! One test function: the kernel choice is process-wide.
+
+use anyhow::Result;
+use candle_core::{backprop::GradStore, DType, Device, ModuleT, Tensor, Var};
+use candle_nn::VarMap;
+use resblock_core::ops::dispatch::{self, Dispatch, Kernels};
+use resblock_core::{
+    batch_norm, conv2d, seeded_var_builder, BatchNormConfig, Conv2dConfig, ConvBn, RngHandle,
+};
+
+fn max_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+    Ok((a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)
+}
+
+/// A fresh 3x3 "same" conv (5 -> 6 channels) + BN, the same weights every time.
+fn layer() -> Result<ConvBn> {
+    let rng = RngHandle::seed_from_u64(3);
+    let varmap = VarMap::new();
+    let vb = seeded_var_builder(&varmap, &rng, DType::F32, &Device::Cpu);
+    let cfg = Conv2dConfig {
+        padding: 1,
+        bias: false,
+        ..Default::default()
+    };
+    Ok(ConvBn::new(
+        conv2d(5, 6, 3, cfg, vb.pp("conv"))?,
+        Some(batch_norm(6, BatchNormConfig::default(), vb.pp("bn"))?),
+    ))
+}
+
+/// (output, d/dx, d/dkernel, running mean) of a training step, and of the block end.
+fn run(d: Dispatch, x: &Tensor, r: &Tensor, g: &Tensor) -> Result<[Tensor; 5]> {
+    dispatch::set(d);
+    let l = layer()?;
+    let xv = Var::from_tensor(x)?;
+    let y = l.forward_relu_t(xv.as_tensor(), true)?;
+    let grads: GradStore = (&y * g)?.sum_all()?.backward()?;
+    let dx = grads.get(xv.as_tensor()).expect("dx").clone();
+    let dw = grads.get(l.conv().weight()).expect("dw").clone();
+    let mean = l.norm().expect("bn").running_mean().clone();
+    let end = layer()?.forward_add_relu_t(x, r, true)?;
+    Ok([y, dx, dw, mean, end])
+}
+
+#[test]
+fn every_path_agrees_and_eval_records_no_graph() -> Result<()> {
+    let rng = RngHandle::seed_from_u64(9);
+    let x = rng.normal_tensor((3, 5, 9, 7), 0., 1., DType::F32, &Device::Cpu)?;
+    let r = rng.normal_tensor((3, 6, 9, 7), 0., 1., DType::F32, &Device::Cpu)?;
+    let g = rng.normal_tensor((3, 6, 9, 7), 0., 1., DType::F32, &Device::Cpu)?;
+    let candle = Dispatch {
+        kernels: Kernels::Candle,
+        ..Dispatch::default()
+    };
+    let want = run(candle, &x, &r, &g)?;
+    // The block end is relu(conv_bn(x) + r).
+    let composed = (layer()?.forward_t(&x, true)? + &r)?.relu()?;
+    assert!(max_diff(&want[4], &composed)? < 1e-5);
+    let paths = [
+        ("default", Dispatch::default()),
+        (
+            "unfused",
+            Dispatch {
+                fused_conv_bn: false,
+                ..Dispatch::default()
+            },
+        ),
+        (
+            "gemm",
+            Dispatch {
+                direct_conv: false,
+                fused_conv_bn: false,
+                ..Dispatch::default()
+            },
+        ),
+        (
+            "portable",
+            Dispatch {
+                simd: false,
+                ..Dispatch::default()
+            },
+        ),
+    ];
+    for (name, d) in paths {
+        let got = run(d, &x, &r, &g)?;
+        for (what, a, b) in ["y", "dx", "dw", "running mean", "block end"]
+            .iter()
+            .zip(&got)
+            .zip(&want)
+            .map(|((w, a), b)| (w, a, b))
+        {
+            let e = max_diff(a, b)?;
+            assert!(e < 2e-4, "{name}: {what} differs from Candle's by {e}");
+        }
+    }
+    dispatch::set(Dispatch::default());
+
+    // Eval mode: parameters are constants, so a VarMap-built layer records no graph, and
+    // the fused epilogue gives the composed value.
+    let l = layer()?;
+    let y = l.forward_t(&x, false)?;
+    assert!(!y.track_op(), "eval mode recorded a backprop graph");
+    let bn = l.norm().expect("bn");
+    let composed = bn.forward_t(&candle_core::Module::forward(l.conv(), &x)?, false)?;
+    assert!(max_diff(&y, &composed)? < 1e-5);
+    Ok(())
+}

@@ -1,0 +1,419 @@
+//! The GEMM path of our CPU convolution: forward, input gradient and weight gradient as
+//! GEMMs, one image at a time.
+//!
+//! Candle's CPU conv runs at about a quarter of GEMM speed forward, and its backward computes
+//! the input gradient with a direct transposed-convolution loop (4-13x slower than the
+//! forward). Here all three products are GEMMs (the `gemm` crate, the kernel Candle's own
+//! matmul uses) over one image's unfolded input `cols` (K x P; rows `[c, ky, kx]`, columns
+//! `[oy, ox]`; K = C/groups * kh * kw per group, P = Hout * Wout), per group g:
+//!
+//! - forward:         `Y_n[g] = W[g] . cols_n[g]`                 (og x K) . (K x P)
+//! - weight gradient: `dW[g] += dY_n[g] . cols_n[g]^T`            (og x P) . (P x K)
+//! - input gradient:  `dcols_n[g] = W[g]^T . dY_n[g]`, then col2im (K x og) . (og x P)
+//!
+//! Images run in parallel (one rayon task each, single-threaded GEMMs), so `cols` is one
+//! image's worth (it stays in L2 for CIFAR shapes) and no full-batch im2col is ever built.
+//! With fewer images than threads (batch-1 inference) the GEMMs themselves run in parallel.
+//! 1x1 stride-1 unpadded convolutions use the input as `cols` directly. Groups are the
+//! row blocks of the same `cols` (its rows are channel-major), so a grouped convolution is
+//! one pass. The weight gradient sums each image's product in f64: the reduction over the
+//! batch is the long one, and f32 partial sums drift from PyTorch's in training.
+//! See `../shared/notes/cpu-training-kernels.md`.
+
+use candle_core::{Tensor, WithDType};
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+use super::epilogue::Epilogue;
+use super::geom::{ConvGeom, Dims};
+use super::pack::{col2im, im2col};
+
+/// `dst (m x n, row-major) = [dst +] a (m x k) . b (k x n)`, `a` and `b` given by row and
+/// column strides into their slices.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_into<T: WithDType>(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [T],
+    accumulate: bool,
+    a: &[T],
+    (a_rs, a_cs): (usize, usize),
+    b: &[T],
+    (b_rs, b_cs): (usize, usize),
+    par: Parallelism,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    let last = |rows: usize, cols: usize, rs: usize, cs: usize| (rows - 1) * rs + (cols - 1) * cs;
+    assert!(dst.len() >= m * n, "gemm: destination too small");
+    if k == 0 {
+        if !accumulate {
+            dst[..m * n].fill(T::zero());
+        }
+        return;
+    }
+    assert!(a.len() > last(m, k, a_rs, a_cs), "gemm: lhs out of bounds");
+    assert!(b.len() > last(k, n, b_rs, b_cs), "gemm: rhs out of bounds");
+    // SAFETY: every index the GEMM touches is in bounds (checked above), `dst` does not alias
+    // `a` or `b` (a `&mut` and two `&`), and T is f32 or f64 (the callers' dtype match).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.as_ptr(),
+            a_cs as isize,
+            a_rs as isize,
+            b.as_ptr(),
+            b_cs as isize,
+            b_rs as isize,
+            T::one(),
+            T::one(),
+            false,
+            false,
+            false,
+            par,
+        )
+    }
+}
+
+/// How to split the work: images in parallel, or (with fewer images than threads) the
+/// GEMMs.
+pub(crate) fn gemm_parallelism(n: usize) -> (bool, Parallelism) {
+    let threads = rayon::current_num_threads();
+    if n >= threads || threads == 1 {
+        (true, Parallelism::None)
+    } else {
+        (false, Parallelism::Rayon(threads))
+    }
+}
+
+/// Runs `f(scratch, image index, chunk)` over `out`'s per-image chunks, in parallel or not;
+/// each worker reuses one scratch value made by `init`.
+pub(crate) fn for_each_image<T: Send, S>(
+    out: &mut [T],
+    chunk: usize,
+    parallel: bool,
+    init: impl Fn() -> S + Sync + Send,
+    f: impl Fn(&mut S, usize, &mut [T]) + Sync + Send,
+) {
+    if parallel {
+        out.par_chunks_mut(chunk)
+            .enumerate()
+            .for_each_init(&init, |s, (i, c)| f(s, i, c));
+    } else {
+        let mut s = init();
+        out.chunks_mut(chunk)
+            .enumerate()
+            .for_each(|(i, c)| f(&mut s, i, c));
+    }
+}
+
+/// Runs `image(scratch, acc, image index, chunk)` over `out`'s per-image chunks, in parallel
+/// or not, each worker adding into its own f64 accumulator of `acc_len`; returns their sum
+/// (the backward's weight gradient, summed over the batch in f64).
+pub(crate) fn for_each_image_summed<T: Send, S: Send>(
+    out: &mut [T],
+    chunk: usize,
+    parallel: bool,
+    acc_len: usize,
+    init: impl Fn() -> S + Sync + Send,
+    image: impl Fn(&mut S, &mut [f64], usize, &mut [T]) + Sync + Send,
+) -> Vec<f64> {
+    let worker = || (init(), vec![0f64; acc_len]);
+    if parallel {
+        out.par_chunks_mut(chunk)
+            .enumerate()
+            .fold(worker, |(mut s, mut acc), (i, c)| {
+                image(&mut s, &mut acc, i, c);
+                (s, acc)
+            })
+            .map(|(_, acc)| acc)
+            .reduce(
+                || vec![0f64; acc_len],
+                |mut a, b| {
+                    a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
+                    a
+                },
+            )
+    } else {
+        let (mut s, mut acc) = worker();
+        for (i, c) in out.chunks_mut(chunk).enumerate() {
+            image(&mut s, &mut acc, i, c);
+        }
+        acc
+    }
+}
+
+/// Runs `f` on `len` values of this thread's reusable scratch memory, holding whatever an
+/// earlier call left there (`f` must write what it reads). Saves zero-filling (and page
+/// faults on) a fresh `cols` buffer for every convolution: at batch 1 that was a pass as
+/// large as `im2col`'s own. A nested call on the same thread (rayon can run another task
+/// while this one waits) gets a fresh buffer.
+pub(crate) fn with_thread_scratch<T: WithDType, R>(len: usize, f: impl FnOnce(&mut [T]) -> R) -> R {
+    use std::cell::RefCell;
+    thread_local! {
+        static BUF: RefCell<Vec<u64>> = const { RefCell::new(Vec::new()) };
+    }
+    // 8-byte words: aligned for every dtype Candle has, all of which are plain bits.
+    let words = (len * std::mem::size_of::<T>()).div_ceil(8);
+    BUF.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut buf) => {
+            if buf.len() < words {
+                buf.resize(words, 0);
+            }
+            // SAFETY: the buffer holds at least `len * size_of::<T>()` initialised bytes,
+            // 8-byte aligned; `T` is a Candle dtype (f16/bf16/f32/f64/u8/u32/i64), for
+            // which every bit pattern is a value; the borrow is exclusive for `f`'s call.
+            let s = unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr().cast::<T>(), len) };
+            f(s)
+        }
+        Err(_) => f(&mut vec![T::zero(); len]),
+    })
+}
+
+/// `y_n = W . cols(x_n)` for one image, per group.
+pub(crate) fn forward_image<T: WithDType>(
+    img: &[T],
+    w: &[T],
+    d: &Dims,
+    g: &ConvGeom,
+    y_n: &mut [T],
+    par: Parallelism,
+) {
+    if d.direct(g) {
+        forward_cols(img, w, d, g, y_n, par);
+    } else {
+        with_thread_scratch(d.k_all() * d.p(), |cols: &mut [T]| {
+            im2col(img, d, g, cols, !matches!(par, Parallelism::None));
+            forward_cols(cols, w, d, g, y_n, par);
+        });
+    }
+}
+
+/// `y_n = W . cols` per group.
+pub(crate) fn forward_cols<T: WithDType>(
+    cols: &[T],
+    w: &[T],
+    d: &Dims,
+    g: &ConvGeom,
+    y_n: &mut [T],
+    par: Parallelism,
+) {
+    let (p, kg, og) = (d.p(), d.k_all() / g.groups, d.cout / g.groups);
+    for gi in 0..g.groups {
+        gemm_into(
+            (og, p, kg),
+            &mut y_n[gi * og * p..(gi + 1) * og * p],
+            false,
+            &w[gi * og * kg..],
+            (kg, 1),
+            &cols[gi * kg * p..],
+            (p, 1),
+            par,
+        );
+    }
+}
+
+pub(crate) fn forward<T: WithDType>(
+    x: &[T],
+    w: &[T],
+    ep: Epilogue<'_, T>,
+    d: &Dims,
+    g: &ConvGeom,
+) -> Vec<T> {
+    let (parallel, par) = gemm_parallelism(d.n);
+    let p = d.p();
+    let mut y = vec![T::zero(); d.n * d.cout * p];
+    for_each_image(
+        &mut y,
+        d.cout * p,
+        parallel,
+        || (),
+        |_, ni, y_n| {
+            let img = &x[ni * d.chw()..(ni + 1) * d.chw()];
+            forward_image(img, w, d, g, y_n, par);
+            // The epilogue, while the image's output is in cache.
+            if !ep.is_identity() {
+                for (o, plane) in y_n.chunks_mut(p).enumerate() {
+                    ep.apply_in_place(o, plane);
+                }
+            }
+        },
+    );
+    y
+}
+
+/// How the input gradient of a convolution is computed.
+pub(crate) enum InputGrad<T> {
+    /// 1x1 stride 1 unpadded: `dx = W^T . dY`, no unfolding.
+    Direct,
+    /// Stride 1 (square kernel, padding at most the dilated kernel's reach): a forward
+    /// convolution of `dY` with the flipped, transposed kernel, so the GEMM's inner dimension
+    /// is `C_out * kh * kw` rather than `C_out`, and there is no scatter.
+    Flipped {
+        /// The flipped kernel, (C_in, C_out/groups, kh, kw).
+        w: Vec<T>,
+        /// The geometry of that convolution, over dY's dims.
+        dims: Dims,
+        geom: ConvGeom,
+    },
+    /// Otherwise `dcols = W^T . dY`, then col2im.
+    Scatter,
+}
+
+impl<T: WithDType> InputGrad<T> {
+    fn new(w: &[T], d: &Dims, g: &ConvGeom) -> InputGrad<T> {
+        if d.direct(g) {
+            return InputGrad::Direct;
+        }
+        let reach = g.dilation * (d.kh - 1);
+        if g.stride != 1 || d.kh != d.kw || g.padding > reach {
+            return InputGrad::Scatter;
+        }
+        InputGrad::Flipped {
+            w: flip_kernel(w, d, g),
+            dims: Dims {
+                n: d.n,
+                c: d.cout,
+                h: d.oh,
+                w: d.ow,
+                cout: d.c,
+                kh: d.kh,
+                kw: d.kw,
+                oh: d.h,
+                ow: d.w,
+            },
+            geom: ConvGeom {
+                padding: reach - g.padding,
+                ..*g
+            },
+        }
+    }
+}
+
+/// The kernel `(C_out, C_in/groups, kh, kw)` flipped in both spatial dims and transposed
+/// per group to `(C_in, C_out/groups, kh, kw)`: the kernel of the stride-1 input gradient.
+pub(crate) fn flip_kernel<T: WithDType>(w: &[T], d: &Dims, g: &ConvGeom) -> Vec<T> {
+    let (cg, og, kk) = (d.c / g.groups, d.cout / g.groups, d.kh * d.kw);
+    let mut wf = vec![T::zero(); d.c * og * kk];
+    for gi in 0..g.groups {
+        for o in 0..og {
+            for ci in 0..cg {
+                let src = &w[((gi * og + o) * cg + ci) * kk..][..kk];
+                let dst = &mut wf[((gi * cg + ci) * og + o) * kk..][..kk];
+                for (j, v) in dst.iter_mut().enumerate() {
+                    *v = src[kk - 1 - j];
+                }
+            }
+        }
+    }
+    wf
+}
+
+/// Scratch buffers of one backward worker.
+pub(crate) struct Scratch<T> {
+    cols: Vec<T>,
+    dcols: Vec<T>,
+    dw_n: Vec<T>,
+}
+
+/// (dx, dw) for the upstream gradient `dy`.
+pub(crate) fn backward<T: WithDType>(
+    x: &[T],
+    w: &[T],
+    dy: &[T],
+    d: &Dims,
+    g: &ConvGeom,
+) -> (Vec<T>, Vec<T>) {
+    let (p, kg, og) = (d.p(), d.k_all() / g.groups, d.cout / g.groups);
+    let (parallel, par) = gemm_parallelism(d.n);
+    let wlen = d.cout * kg;
+    let input_grad = InputGrad::new(w, d, g);
+    let mut dx = vec![T::zero(); d.n * d.chw()];
+    let image = |s: &mut Scratch<T>, acc: &mut [f64], ni: usize, dx_n: &mut [T]| {
+        let img = &x[ni * d.chw()..(ni + 1) * d.chw()];
+        let dy_n = &dy[ni * d.cout * p..(ni + 1) * d.cout * p];
+        let cols: &[T] = if d.direct(g) {
+            img
+        } else {
+            s.cols.resize(d.k_all() * p, T::zero());
+            im2col(img, d, g, &mut s.cols, !matches!(par, Parallelism::None));
+            &s.cols
+        };
+        s.dw_n.resize(wlen, T::zero());
+        for gi in 0..g.groups {
+            gemm_into(
+                (og, kg, p),
+                &mut s.dw_n[gi * og * kg..(gi + 1) * og * kg],
+                false,
+                &dy_n[gi * og * p..],
+                (p, 1),
+                &cols[gi * kg * p..],
+                (1, p),
+                par,
+            );
+        }
+        for (a, v) in acc.iter_mut().zip(&s.dw_n) {
+            *a += v.to_f64();
+        }
+        match &input_grad {
+            InputGrad::Flipped { w, dims, geom } => {
+                forward_image(dy_n, w, dims, geom, dx_n, par);
+            }
+            InputGrad::Direct | InputGrad::Scatter => {
+                let direct = matches!(input_grad, InputGrad::Direct);
+                if !direct {
+                    s.dcols.resize(d.k_all() * p, T::zero());
+                }
+                let dcols: &mut [T] = if direct { dx_n } else { &mut s.dcols };
+                for gi in 0..g.groups {
+                    gemm_into(
+                        (kg, p, og),
+                        &mut dcols[gi * kg * p..(gi + 1) * kg * p],
+                        false,
+                        &w[gi * og * kg..],
+                        (1, kg),
+                        &dy_n[gi * og * p..],
+                        (p, 1),
+                        par,
+                    );
+                }
+                if !direct {
+                    col2im(&s.dcols, d, g, dx_n);
+                }
+            }
+        }
+    };
+    let scratch = || Scratch {
+        cols: Vec::new(),
+        dcols: Vec::new(),
+        dw_n: Vec::new(),
+    };
+    let dw64 = for_each_image_summed(&mut dx, d.chw(), parallel, wlen, scratch, image);
+    (dx, dw64.into_iter().map(T::from_f64).collect())
+}
+
+/// (dx, dw) as tensors, by `backward` run on the CPU slices of (x, w, dy).
+pub(crate) fn backward_tensors<T: WithDType>(
+    x: &Tensor,
+    w: &Tensor,
+    dy: &Tensor,
+    backward: impl FnOnce(&[T], &[T], &[T]) -> (Vec<T>, Vec<T>),
+) -> candle_core::Result<(Tensor, Tensor)> {
+    use crate::buffer::with_cpu_slice as with;
+    let (dx, dw) = with(x, "conv2d", |x: &[T]| {
+        with(w, "conv2d", |w: &[T]| {
+            with(dy, "conv2d", |dy: &[T]| backward(x, w, dy))
+        })
+    })???;
+    let dev = x.device();
+    Ok((
+        Tensor::from_vec(dx, x.shape(), dev)?,
+        Tensor::from_vec(dw, w.shape(), dev)?,
+    ))
+}

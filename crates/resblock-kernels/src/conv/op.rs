@@ -1,0 +1,383 @@
+//! The convolution as Candle custom ops (forward and backward, bias and scale-shift
+//! epilogues): dtype and layout dispatch around the two paths.
+
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor, WithDType};
+use rayon::prelude::*;
+
+use super::epilogue::{epilogue, Affine};
+use super::gemm::{backward, backward_tensors, forward};
+use super::geom::{ConvGeom, Dims};
+use super::path::{backward_direct, direct_backward_plans, forward_f32};
+
+/// Per-channel sums of `dy` (N, C, H, W), f64 accumulated: a bias gradient.
+pub(crate) fn channel_sums<T: WithDType>(dy: &Tensor) -> candle_core::Result<Tensor> {
+    let (n, c, h, w) = dy.dims4()?;
+    let sums = crate::buffer::with_cpu_slice(dy, "conv2d", |g: &[T]| {
+        (0..c)
+            .into_par_iter()
+            .map(|ci| {
+                let s: f64 = (0..n)
+                    .map(|ni| {
+                        let plane = &g[(ni * c + ci) * h * w..(ni * c + ci + 1) * h * w];
+                        plane.iter().map(|v| v.to_f64()).sum::<f64>()
+                    })
+                    .sum();
+                T::from_f64(s)
+            })
+            .collect::<Vec<T>>()
+    })?;
+    Tensor::from_vec(sums, c, dy.device())
+}
+
+/// The convolution (optionally + bias, optionally followed by a ReLU) as a custom op with its
+/// own backward (CPU, f32/f64): `NativeConv2d` takes (x, w), `NativeConv2dBias` (x, w, b).
+pub(crate) struct NativeConv2d {
+    pub geom: ConvGeom,
+    pub relu: bool,
+}
+
+/// See [`NativeConv2d`].
+pub(crate) struct NativeConv2dBias {
+    pub geom: ConvGeom,
+    pub relu: bool,
+}
+
+pub(crate) fn slice<'a, T>(s: &'a [T], l: &Layout) -> candle_core::Result<&'a [T]> {
+    crate::buffer::contiguous_slice(s, l, "conv2d")
+}
+
+/// The forward on CPU storages, with an optional third input (see [`Affine`]).
+pub(crate) fn cpu_forward(
+    (s1, l1): (&CpuStorage, &Layout),
+    (s2, l2): (&CpuStorage, &Layout),
+    third: Option<((&CpuStorage, &Layout), Affine)>,
+    relu: bool,
+    g: &ConvGeom,
+) -> candle_core::Result<(CpuStorage, Shape)> {
+    let d = Dims::new(g, l1.dims(), l2.dims())?;
+    let affine = third.map_or(Affine::Bias, |t| t.1);
+    if let Some(((_, lb), affine)) = third {
+        let want = match affine {
+            Affine::Bias => d.cout,
+            Affine::ScaleShift => 2 * d.cout,
+        };
+        if lb.dims() != [want] {
+            candle_core::bail!(
+                "conv2d: {affine:?} {:?} for {} output channels",
+                lb.dims(),
+                d.cout
+            )
+        }
+    }
+    let shape = Shape::from((d.n, d.cout, d.oh, d.ow));
+    let third_layout = third.map(|t| (t.0).1);
+    let out = match (s1, s2, third.map(|t| (t.0).0)) {
+        (CpuStorage::F32(a), CpuStorage::F32(b), c) => {
+            let c = match (c, third_layout) {
+                (Some(CpuStorage::F32(c)), Some(l)) => Some(slice(c, l)?),
+                (None, _) => None,
+                _ => candle_core::bail!("conv2d: the native kernel takes inputs of one dtype"),
+            };
+            CpuStorage::F32(forward_f32(
+                slice(a, l1)?,
+                slice(b, l2)?,
+                epilogue(c, affine, relu),
+                &d,
+                g,
+            ))
+        }
+        (CpuStorage::F64(a), CpuStorage::F64(b), c) => {
+            let c = match (c, third_layout) {
+                (Some(CpuStorage::F64(c)), Some(l)) => Some(slice(c, l)?),
+                (None, _) => None,
+                _ => candle_core::bail!("conv2d: the native kernel takes inputs of one dtype"),
+            };
+            CpuStorage::F64(forward(
+                slice(a, l1)?,
+                slice(b, l2)?,
+                epilogue(c, affine, relu),
+                &d,
+                g,
+            ))
+        }
+        _ => candle_core::bail!("conv2d: the native kernel takes f32 or f64 of one dtype"),
+    };
+    Ok((out, shape))
+}
+
+/// (dx, dw, db if `with_bias`) for the upstream gradient `dy` of `y`.
+pub(crate) fn cpu_backward(
+    x: &Tensor,
+    w: &Tensor,
+    y: &Tensor,
+    dy: &Tensor,
+    (relu, with_bias): (bool, bool),
+    g: &ConvGeom,
+) -> candle_core::Result<(Tensor, Tensor, Option<Tensor>)> {
+    match x.dtype() {
+        candle_core::DType::F32 => backward_typed::<f32>(x, w, y, dy, (relu, with_bias), g),
+        candle_core::DType::F64 => backward_typed::<f64>(x, w, y, dy, (relu, with_bias), g),
+        dt => candle_core::bail!("conv2d: the native kernel has no {dt:?} backward"),
+    }
+}
+
+pub(crate) fn backward_typed<T: WithDType>(
+    x: &Tensor,
+    w: &Tensor,
+    y: &Tensor,
+    dy: &Tensor,
+    (relu, with_bias): (bool, bool),
+    g: &ConvGeom,
+) -> candle_core::Result<(Tensor, Tensor, Option<Tensor>)> {
+    let d = Dims::new(g, x.dims(), w.dims())?;
+    let dy = if relu {
+        crate::buffer::relu_mask::<T>(y, dy, "conv2d")?
+    } else {
+        dy.clone()
+    };
+    // f32: the direct kernels when they apply; otherwise per-image GEMMs.
+    let plans = (T::DTYPE == candle_core::DType::F32)
+        .then(|| direct_backward_plans(&d, g))
+        .flatten();
+    let (dx, dw) = match plans {
+        Some(plans) => backward_tensors::<f32>(x, w, &dy, |x, w, dy| {
+            backward_direct(&plans, x, w, dy, &d, g)
+        })?,
+        None => backward_tensors::<T>(x, w, &dy, |x, w, dy| backward(x, w, dy, &d, g))?,
+    };
+    let db = if with_bias {
+        Some(channel_sums::<T>(&dy)?)
+    } else {
+        None
+    };
+    Ok((dx, dw, db))
+}
+
+impl CustomOp2 for NativeConv2d {
+    fn name(&self) -> &'static str {
+        "resblock-conv2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        cpu_forward((s1, l1), (s2, l2), None, self.relu, &self.geom)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        y: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw, _) = cpu_backward(x, w, y, dy, (self.relu, false), &self.geom)?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+impl CustomOp3 for NativeConv2dBias {
+    fn name(&self) -> &'static str {
+        "resblock-conv2d-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        cpu_forward(
+            (s1, l1),
+            (s2, l2),
+            Some(((s3, l3), Affine::Bias)),
+            self.relu,
+            &self.geom,
+        )
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        y: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw, db) = cpu_backward(x, w, y, dy, (self.relu, true), &self.geom)?;
+        Ok((Some(dx), Some(dw), db))
+    }
+}
+
+/// `relu?(conv(x, w) * scale + shift)` per output channel (an eval-mode BatchNorm in the
+/// epilogue), for inference: it has no backward (the caller uses it only when nothing needs
+/// a gradient).
+pub(crate) struct NativeConv2dScaleShift {
+    pub geom: ConvGeom,
+    pub relu: bool,
+}
+
+impl CustomOp3 for NativeConv2dScaleShift {
+    fn name(&self) -> &'static str {
+        "resblock-conv2d-scale-shift"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        cpu_forward(
+            (s1, l1),
+            (s2, l2),
+            Some(((s3, l3), Affine::ScaleShift)),
+            self.relu,
+            &self.geom,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::conv::epilogue::Epilogue;
+    use crate::conv::pack::valid_range;
+    use crate::conv::path::{direct_plan, forward_direct};
+
+    /// Deterministic values in [-1, 1).
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn to64(v: &[f32]) -> Vec<f64> {
+        v.iter().map(|v| f64::from(*v)).collect()
+    }
+
+    /// Largest |a - b| relative to the largest |b| (at least 1).
+    fn rel_err(a: &[f32], b: &[f64]) -> f64 {
+        assert_eq!(a.len(), b.len());
+        let scale = b.iter().fold(1f64, |m, v| m.max(v.abs()));
+        a.iter()
+            .zip(b)
+            .map(|(a, b)| (f64::from(*a) - b).abs())
+            .fold(0., f64::max)
+            / scale
+    }
+
+    /// The direct f32 kernels against the f64 GEMM path: forward (with bias and ReLU), the
+    /// input gradient and the weight gradient, over tails of every tile size, paddings below,
+    /// at and above `k / 2`, non-square kernels, and a batch of 1 (parallel channel blocks)
+    /// and of 3 (parallel images).
+    #[test]
+    fn direct_kernels_match_the_gemm_path() {
+        let shapes = [
+            // (n, c, h, w, cout, kh, kw, padding)
+            (3, 16, 8, 8, 16, 3, 3, 1),
+            (1, 3, 7, 9, 5, 3, 3, 1),
+            (3, 5, 9, 6, 7, 3, 3, 0),
+            (2, 4, 6, 11, 9, 5, 3, 1),
+            (1, 3, 10, 10, 6, 7, 7, 3),
+            (3, 2, 5, 5, 3, 1, 1, 1),
+            (2, 6, 13, 5, 4, 3, 3, 2),
+        ];
+        for (i, &(n, c, h, w, cout, kh, kw, padding)) in shapes.iter().enumerate() {
+            let g = ConvGeom {
+                padding,
+                stride: 1,
+                dilation: 1,
+                groups: 1,
+            };
+            let d = Dims::new(&g, &[n, c, h, w], &[cout, c, kh, kw]).expect("valid test shape");
+            let Some(plan) = direct_plan(&d, &g) else {
+                // No AVX2/FMA (or the kernels are switched off): nothing to compare.
+                return;
+            };
+            let x = values(n * c * h * w, 1 + i as u64);
+            let k = values(cout * c * kh * kw, 100 + i as u64);
+            let b = values(cout, 200 + i as u64);
+            let dy = values(n * cout * d.p(), 300 + i as u64);
+            let (x64, k64, b64, dy64) = (to64(&x), to64(&k), to64(&b), to64(&dy));
+            let sc = values(cout, 400 + i as u64);
+            let sc64 = to64(&sc);
+            for (bias, scale, relu) in [
+                (false, false, false),
+                (true, false, true),
+                (false, false, true),
+                (true, true, true),
+                (true, true, false),
+            ] {
+                let ep64 = Epilogue {
+                    scale: scale.then_some(&sc64[..]),
+                    bias: bias.then_some(&b64[..]),
+                    relu,
+                };
+                let ep = Epilogue {
+                    scale: scale.then_some(&sc[..]),
+                    bias: bias.then_some(&b[..]),
+                    relu,
+                };
+                let want = forward(&x64, &k64, ep64, &d, &g);
+                let got = forward_direct(&plan, &x, &k, ep, &d);
+                let e = rel_err(&got, &want);
+                assert!(
+                    e < 1e-5,
+                    "shape {i} bias {bias} scale {scale} relu {relu}: forward off by {e}"
+                );
+            }
+            // The input gradient's plan exists exactly when the padding is below the kernel.
+            let plans = direct_backward_plans(&d, &g);
+            assert_eq!(plans.is_some(), padding < kh.min(kw), "shape {i}");
+            let Some(plans) = plans else { continue };
+            let (dx64, dw64) = backward(&x64, &k64, &dy64, &d, &g);
+            let (dx, dw) = backward_direct(&plans, &x, &k, &dy, &d, &g);
+            let (ex, ew) = (rel_err(&dx, &dx64), rel_err(&dw, &dw64));
+            assert!(
+                ex < 1e-5 && ew < 1e-5,
+                "shape {i}: dx off by {ex}, dw by {ew}"
+            );
+        }
+    }
+
+    #[test]
+    fn valid_range_covers_exactly_the_in_bounds_columns() {
+        for w in 1..9usize {
+            for s in 1..4usize {
+                for off in -4isize..6 {
+                    for ow in 0..10usize {
+                        let (lo, hi) = valid_range(ow, w, s, off);
+                        for ox in 0..ow {
+                            let ix = ox as isize * s as isize + off;
+                            let inside = ix >= 0 && ix < w as isize;
+                            assert_eq!(
+                                inside,
+                                ox >= lo && ox < hi,
+                                "w {w} s {s} off {off} ox {ox}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
