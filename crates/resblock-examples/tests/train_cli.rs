@@ -222,3 +222,30 @@ fn download_without_network_fails_with_where_to_put_the_files() {
         "--download fetches",
     );
 }
+
+#[test]
+fn max_steps_ends_a_streamed_run_early_with_its_outputs() {
+    let data = folder(&scratch("steps-data"));
+    let out = scratch("steps");
+    let mut args = common(&data, &out, "5");
+    args.extend(["--max-steps".to_string(), "2".to_string()]);
+    let r = run(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let stdout = String::from_utf8_lossy(&r.stdout);
+    assert!(
+        r.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    assert!(
+        stdout.contains("stopped after 2 steps (--max-steps)"),
+        "{stdout}"
+    );
+    // 24 images in batches of 8 are 3 steps an epoch: the run stops inside epoch 1, which
+    // is still evaluated, recorded and saved.
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).expect("metrics");
+    assert_eq!(metrics.lines().count(), 1, "{metrics}");
+    assert!(out.join("model.safetensors").is_file());
+    let bad = run(&["--max-steps", "0"]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--max-steps"));
+}
