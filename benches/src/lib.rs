@@ -1,5 +1,6 @@
 //! Shared helpers of the criterion benches: what each benchmark's iteration does, recorded
 //! for `cargo xtask bench` (images/s, GFLOP/s and the share of the measured GEMM peak).
+#![forbid(unsafe_code)]
 
 use std::collections::HashMap;
 use std::io::Write;

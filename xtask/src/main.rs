@@ -10,6 +10,7 @@
 //!   thread count) just before and just after ours, and adds PyTorch's mean time (the two
 //!   runs bracket ours in time on a host whose speed drifts) and the ratio (PyTorch time /
 //!   ours: above 1 means resblock is faster).
+#![forbid(unsafe_code)]
 
 use std::collections::HashMap;
 use std::env;

@@ -105,3 +105,76 @@ pub(crate) fn relu_mask<T: candle_core::WithDType>(
     })??;
     candle_core::Tensor::from_vec(g, y.shape(), y.device())
 }
+
+/// A CPU kernel over one tensor, generic over the float types our ops take (f32 and f64):
+/// the dtype match, the contiguity check and the wrapping back into a `CpuStorage` are
+/// [`Map1::map`]'s, so a `CustomOp1::cpu_fwd` is one call (Candle's `Map1` idea).
+pub(crate) trait Map1 {
+    /// The op's name, for errors.
+    const OP: &'static str;
+    /// The kernel on `x`'s contiguous data; `l` is its layout (for the dims).
+    fn f<T: candle_core::WithDType>(
+        &self,
+        x: &[T],
+        l: &candle_core::Layout,
+    ) -> candle_core::Result<Vec<T>>;
+    /// Runs [`Map1::f`] on `s` in its dtype.
+    fn map(
+        &self,
+        s: &candle_core::CpuStorage,
+        l: &candle_core::Layout,
+    ) -> candle_core::Result<candle_core::CpuStorage> {
+        use candle_core::backend::BackendStorage as _;
+        use candle_core::CpuStorage as S;
+        Ok(match s {
+            S::F32(v) => S::F32(self.f(contiguous_slice(v, l, Self::OP)?, l)?),
+            S::F64(v) => S::F64(self.f(contiguous_slice(v, l, Self::OP)?, l)?),
+            other => candle_core::bail!("{}: f32 or f64 only, got {:?}", Self::OP, other.dtype()),
+        })
+    }
+}
+
+/// [`Map1`] for two tensors of one dtype.
+pub(crate) trait Map2 {
+    /// The op's name, for errors.
+    const OP: &'static str;
+    /// The kernel on the two inputs' contiguous data and layouts.
+    fn f<T: candle_core::WithDType>(
+        &self,
+        a: &[T],
+        la: &candle_core::Layout,
+        b: &[T],
+        lb: &candle_core::Layout,
+    ) -> candle_core::Result<Vec<T>>;
+    /// Runs [`Map2::f`] on `(a, b)` in their dtype.
+    fn map(
+        &self,
+        a: &candle_core::CpuStorage,
+        la: &candle_core::Layout,
+        b: &candle_core::CpuStorage,
+        lb: &candle_core::Layout,
+    ) -> candle_core::Result<candle_core::CpuStorage> {
+        use candle_core::backend::BackendStorage as _;
+        use candle_core::CpuStorage as S;
+        let op = Self::OP;
+        Ok(match (a, b) {
+            (S::F32(x), S::F32(y)) => S::F32(self.f(
+                contiguous_slice(x, la, op)?,
+                la,
+                contiguous_slice(y, lb, op)?,
+                lb,
+            )?),
+            (S::F64(x), S::F64(y)) => S::F64(self.f(
+                contiguous_slice(x, la, op)?,
+                la,
+                contiguous_slice(y, lb, op)?,
+                lb,
+            )?),
+            (x, y) => candle_core::bail!(
+                "{op}: f32 or f64 of one dtype only, got {:?} and {:?}",
+                x.dtype(),
+                y.dtype()
+            ),
+        })
+    }
+}

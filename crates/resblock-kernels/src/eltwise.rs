@@ -7,6 +7,7 @@
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
+use crate::buffer::Map2;
 use crate::error::Result;
 
 /// `relu(a + b)` for tensors of one shape, with its backward. Our kernel on the CPU in
@@ -47,8 +48,17 @@ fn fwd<T: WithDType>(a: &[T], b: &[T]) -> Vec<T> {
     y
 }
 
-fn slice<'a, T>(s: &'a [T], l: &Layout) -> candle_core::Result<&'a [T]> {
-    crate::buffer::contiguous_slice(s, l, "add_relu")
+impl Map2 for AddRelu {
+    const OP: &'static str = "add_relu";
+    fn f<T: WithDType>(
+        &self,
+        a: &[T],
+        _: &Layout,
+        b: &[T],
+        _: &Layout,
+    ) -> candle_core::Result<Vec<T>> {
+        Ok(fwd(a, b))
+    }
 }
 
 impl CustomOp2 for AddRelu {
@@ -63,16 +73,7 @@ impl CustomOp2 for AddRelu {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let out = match (s1, s2) {
-            (CpuStorage::F32(a), CpuStorage::F32(b)) => {
-                CpuStorage::F32(fwd(slice(a, l1)?, slice(b, l2)?))
-            }
-            (CpuStorage::F64(a), CpuStorage::F64(b)) => {
-                CpuStorage::F64(fwd(slice(a, l1)?, slice(b, l2)?))
-            }
-            _ => candle_core::bail!("add_relu: the native kernel takes f32 or f64 of one dtype"),
-        };
-        Ok((out, l1.shape().clone()))
+        Ok((self.map(s1, l1, s2, l2)?, l1.shape().clone()))
     }
 
     fn bwd(

@@ -12,6 +12,7 @@ use candle_core::{
 };
 use rayon::prelude::*;
 
+use crate::buffer::Map2;
 use crate::error::{Error, Result};
 
 /// Geometry of a 2-D pooling window, each pair as (height, width).
@@ -349,6 +350,20 @@ impl CustomOp1 for MaxPool2d {
 
 struct MaxPool2dBackward(Pool2dConfig);
 
+impl Map2 for MaxPool2dBackward {
+    const OP: &'static str = "max_pool2d backward";
+    fn f<T: WithDType>(
+        &self,
+        x: &[T],
+        lx: &Layout,
+        g: &[T],
+        _: &Layout,
+    ) -> candle_core::Result<Vec<T>> {
+        let (n, c, h, w) = lx.shape().dims4()?;
+        Ok(pool_bwd(x, g, n * c, h, w, &self.0)?)
+    }
+}
+
 impl CustomOp2 for MaxPool2dBackward {
     fn name(&self) -> &'static str {
         "resblock-max-pool2d-backward"
@@ -361,26 +376,6 @@ impl CustomOp2 for MaxPool2dBackward {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (n, c, h, w) = l1.shape().dims4()?;
-        let dx = match (s1, s2) {
-            (CpuStorage::F32(x), CpuStorage::F32(g)) => CpuStorage::F32(pool_bwd(
-                contiguous(x, l1)?,
-                contiguous(g, l2)?,
-                n * c,
-                h,
-                w,
-                &self.0,
-            )?),
-            (CpuStorage::F64(x), CpuStorage::F64(g)) => CpuStorage::F64(pool_bwd(
-                contiguous(x, l1)?,
-                contiguous(g, l2)?,
-                n * c,
-                h,
-                w,
-                &self.0,
-            )?),
-            _ => candle_core::bail!("max_pool2d backward: unsupported dtype"),
-        };
-        Ok((dx, l1.shape().clone()))
+        Ok((self.map(s1, l1, s2, l2)?, l1.shape().clone()))
     }
 }

@@ -6,11 +6,10 @@
 //! `s`-th pixel into the middle channels of a zeroed output, the backward the same pixels
 //! of the middle channels of `dy` back into a zeroed `dx`.
 
-use candle_core::{
-    backend::BackendStorage, CpuStorage, CustomOp1, Layout, Shape, Tensor, WithDType,
-};
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
+use crate::buffer::Map1;
 use crate::error::{Error, Result};
 
 /// `x[:, :, ::stride, ::stride]` with `front` zero channels before and `back` after: the
@@ -123,8 +122,11 @@ fn backward<T: WithDType>(dy: &[T], dims: (usize, usize, usize, usize), op: &Zer
     dx
 }
 
-fn slice<'a, T>(s: &'a [T], l: &Layout) -> candle_core::Result<&'a [T]> {
-    crate::buffer::contiguous_slice(s, l, "zero_pad_shortcut")
+impl Map1 for ZeroPad {
+    const OP: &'static str = "zero_pad_shortcut";
+    fn f<T: WithDType>(&self, x: &[T], l: &Layout) -> candle_core::Result<Vec<T>> {
+        Ok(forward(x, l.shape().dims4()?, self))
+    }
 }
 
 impl CustomOp1 for ZeroPad {
@@ -134,12 +136,7 @@ impl CustomOp1 for ZeroPad {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let dims = l.shape().dims4()?;
-        let out = match s {
-            CpuStorage::F32(v) => CpuStorage::F32(forward(slice(v, l)?, dims, self)),
-            CpuStorage::F64(v) => CpuStorage::F64(forward(slice(v, l)?, dims, self)),
-            other => candle_core::bail!("zero_pad_shortcut: unsupported dtype {:?}", other.dtype()),
-        };
-        Ok((out, Shape::from(self.out_dims(dims))))
+        Ok((self.map(s, l)?, Shape::from(self.out_dims(dims))))
     }
 
     fn bwd(
