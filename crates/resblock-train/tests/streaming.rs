@@ -172,15 +172,17 @@ fn gray_folders_replicate_lazily_and_bad_files_are_named_when_read() -> Result<(
     Ok(())
 }
 
-/// Counts the samples read, to see how far the loader runs ahead of the trainer.
+/// `inner` repeated to `len` samples, counting the samples read (to see how far the loader
+/// runs ahead of the trainer).
 struct Counting {
     inner: Arc<dyn Dataset>,
+    len: usize,
     read: Arc<AtomicUsize>,
 }
 
 impl Dataset for Counting {
     fn len(&self) -> usize {
-        self.inner.len()
+        self.len
     }
     fn shape(&self) -> (usize, usize, usize) {
         self.inner.shape()
@@ -201,25 +203,11 @@ fn the_loader_stays_a_bounded_queue_ahead_of_training() -> Result<()> {
     let read = Arc::new(AtomicUsize::new(0));
     let inner: Arc<dyn Dataset> = Arc::new(ImageFolder::open(&root, Some(8), None)?);
     // Pretend the folder has 2,000 images (400 batches of 5).
-    struct Big(Counting);
-    impl Dataset for Big {
-        fn len(&self) -> usize {
-            2000
-        }
-        fn shape(&self) -> (usize, usize, usize) {
-            self.0.shape()
-        }
-        fn num_classes(&self) -> usize {
-            self.0.num_classes()
-        }
-        fn pixels(&self, i: usize) -> resblock_train::Result<(Vec<u8>, u32)> {
-            self.0.pixels(i)
-        }
-    }
-    let ds = Arc::new(Big(Counting {
+    let ds = Arc::new(Counting {
         inner,
+        len: 2000,
         read: read.clone(),
-    }));
+    });
     let (workers, prefetch, bs) = (2, 2, 5);
     let mut loader = DataLoader::new(ds, bs)?.workers(workers).prefetch(prefetch);
     let varmap = VarMap::new();
