@@ -6,9 +6,10 @@ optimizer settings) with PyTorch eager on the CPU, with as many threads as resbl
 
     python3 benches/torch_bench.py --out target/torch-bench.json [--filter SUBSTRING]
 
-Needs torch and torchvision (pip install torch torchvision); the CIFAR ResNets come from
-crates/resblock-vision/tests/fixtures/make_resnet_fixtures.py (the same definitions the
-parity fixtures use).
+Needs only torch (pip install torch). The CIFAR ResNets come from
+crates/resblock-vision/tests/fixtures/cifar_resnet.py (the same definitions the parity fixtures
+use); ResNet-18/50 from torchvision when it is installed, else from benches/torch_resnet.py
+(the same layers).
 """
 
 import argparse
@@ -20,11 +21,20 @@ import time
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision.models as tvm
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "../crates/resblock-vision/tests/fixtures"))
-from make_resnet_fixtures import cifar  # noqa: E402
+sys.path.insert(0, HERE)
+from cifar_resnet import cifar  # noqa: E402
+
+try:
+    import torchvision.models as imagenet_models
+
+    IMAGENET_SOURCE = "torchvision"
+except ImportError:
+    import torch_resnet as imagenet_models  # noqa: E402
+
+    IMAGENET_SOURCE = "benches/torch_resnet.py"
 
 BENCHES = {}
 
@@ -140,7 +150,7 @@ def resnet56():
 
 
 def infer(arch, batch):
-    net = getattr(tvm, arch)().eval()
+    net = getattr(imagenet_models, arch)().eval()
     x = torch.randn(batch, 3, 224, 224)
 
     def step():
@@ -214,7 +224,11 @@ def main():
         if args.filter in name:
             results[name] = f()
             print(f"torch {name}: {results[name] * 1e3:.3f} ms", file=sys.stderr)
-    results["_meta"] = {"torch": torch.__version__, "threads": threads}
+    results["_meta"] = {
+        "torch": torch.__version__,
+        "threads": threads,
+        "imagenet_models": IMAGENET_SOURCE,
+    }
     tmp = args.out + ".tmp"
     with open(tmp, "w") as fh:
         json.dump(results, fh, indent=1)

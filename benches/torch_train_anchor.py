@@ -12,7 +12,7 @@ as `train` reports it).
 
     python3 benches/torch_train_anchor.py [--epochs N] [--threads N]
 
-Needs torch (and timm, which the model script imports). Used by hand, not by tests.
+Needs torch and numpy. Used by hand, not by tests.
 """
 
 import argparse
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "crates/resblock-vision/tests/fixtures"))
-from make_resnet_fixtures import cifar  # noqa: E402
+from cifar_resnet import cifar  # noqa: E402
 
 
 def idx(path):
