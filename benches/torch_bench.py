@@ -5,6 +5,7 @@ optimizer settings) with PyTorch eager on the CPU, with as many threads as resbl
 (RAYON_NUM_THREADS, else all cores), and writes {id: mean seconds per iteration} as JSON.
 
     python3 benches/torch_bench.py --out target/torch-bench.json [--filter SUBSTRING]
+    python3 benches/torch_bench.py --memory ARCH BATCH SIZE STEPS   # peak RSS, one JSON line
 
 Needs only torch (pip install torch). The CIFAR ResNets come from
 crates/resblock-vision/tests/fixtures/cifar_resnet.py (the same definitions the parity fixtures
@@ -117,9 +118,15 @@ def basic_block():
     return measure(lambda: block(x).pow(2).mean().backward())
 
 
-def train_step(depth):
+def train_workload(arch, batch, size):
+    """The step of `TrainWorkload` in benches/src/lib.rs: SGD with Nesterov momentum, weight
+    decay on weights only, cross-entropy, random inputs, labels i % 10."""
     torch.manual_seed(0)
-    net = cifar(depth).train()
+    if arch.startswith("resnet") and arch[6:].isdigit() and (int(arch[6:]) - 2) % 6 == 0:
+        net = cifar(int(arch[6:]))
+    else:
+        net = getattr(imagenet_models, arch)()
+    net.train()
     decay = [p for p in net.parameters() if p.ndim > 1]
     no_decay = [p for p in net.parameters() if p.ndim <= 1]
     opt = torch.optim.SGD(
@@ -128,25 +135,34 @@ def train_step(depth):
         momentum=0.9,
         nesterov=True,
     )
-    x = torch.randn(128, 3, 32, 32)
-    y = torch.arange(128) % 10
+    x = torch.randn(batch, 3, size, size)
+    y = torch.arange(batch) % 10
 
     def step():
         opt.zero_grad(set_to_none=True)
         F.cross_entropy(net(x), y).backward()
         opt.step()
 
-    return measure(step, min_time=5.0)
+    return step
+
+
+def train_step(arch, batch, size, min_time=5.0):
+    return measure(train_workload(arch, batch, size), min_time=min_time)
 
 
 @bench("cpu/resnet20/train_step/bs128")
 def resnet20():
-    return train_step(20)
+    return train_step("resnet20", 128, 32)
 
 
 @bench("cpu/resnet56/train_step/bs128")
 def resnet56():
-    return train_step(56)
+    return train_step("resnet56", 128, 32)
+
+
+@bench("cpu/resnet50/train_step/bs32")
+def resnet50_train():
+    return train_step("resnet50", 32, 224, min_time=10.0)
 
 
 def infer(arch, batch):
@@ -212,13 +228,41 @@ for _name, _n, _c, _hw in BNS:
     bench(f"cpu/batch_norm_relu/{_name}/train_fwd_bwd")(lambda a=(_n, _c, _hw): bn_train(*a))
 
 
+def peak_memory(arch, batch, size, steps):
+    """Runs `steps` training steps in this (fresh) process and prints its peak resident set
+    size, and its resident size before the workload was built (torch imported), as one JSON
+    line, like benches/examples/peak-memory.rs."""
+    import resource
+
+    with open("/proc/self/status") as fh:
+        base = next(int(l.split()[1]) for l in fh if l.startswith("VmRSS:")) * 1024
+    step = train_workload(arch, batch, size)
+    for _ in range(steps):
+        step()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    print(json.dumps({"id": f"cpu/{arch}/train_step/bs{batch}", "peak_rss_bytes": peak,
+                      "base_rss_bytes": base, "steps": steps}))
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out")
     ap.add_argument("--filter", default="")
+    ap.add_argument(
+        "--memory",
+        nargs=4,
+        metavar=("ARCH", "BATCH", "SIZE", "STEPS"),
+        help="print the peak RSS of STEPS training steps instead of timing",
+    )
     args = ap.parse_args()
     threads = int(os.environ.get("RAYON_NUM_THREADS") or os.cpu_count())
     torch.set_num_threads(threads)
+    if args.memory:
+        arch, batch, size, steps = args.memory
+        peak_memory(arch, int(batch), int(size), int(steps))
+        return
+    if not args.out:
+        ap.error("--out is required when timing")
     results = {}
     for name, f in BENCHES.items():
         if args.filter in name:

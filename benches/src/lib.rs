@@ -9,6 +9,9 @@ use std::path::PathBuf;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use resblock_core::{seeded_var_builder, RngHandle};
+use resblock_train::optim::{param_groups, Sgd, SgdConfig};
+use resblock_train::schedule::{LrSchedule, Schedule};
+use resblock_train::{Batch, LossKind, Trainer, TrainerConfig};
 use resblock_vision::{resnet, ResNet, ResNetConfig};
 
 /// Where benches record their metadata: `<target>/bench-meta.jsonl`, one JSON object per line
@@ -75,4 +78,104 @@ pub fn inference_net(arch: &str) -> (ResNet, ResNetConfig) {
     )
     .expect("net");
     (net, cfg)
+}
+
+/// A network with its variables and one fixed batch: the training-step workload of the
+/// benches (`cpu/<arch>/train_step/bs<batch>`) and of the memory probe, the same as
+/// `train_step` in `benches/torch_bench.py` (SGD, momentum 0.9, Nesterov, weight decay 5e-4
+/// on weights only, cross-entropy, random inputs, labels `i % 10`).
+pub struct TrainWorkload {
+    pub net: ResNet,
+    pub varmap: VarMap,
+    pub batch: Batch,
+    /// Floating-point operations of one step (forward, input and weight gradients: three
+    /// times the forward's multiply-adds, two operations each).
+    pub flop: f64,
+}
+
+impl TrainWorkload {
+    /// `arch` (a preset) on `batch` random `size`x`size` images.
+    pub fn new(arch: &str, batch: usize, size: usize) -> TrainWorkload {
+        let rng = RngHandle::seed_from_u64(0);
+        let varmap = VarMap::new();
+        let cfg = ResNetConfig::preset(arch).expect("preset");
+        let net = resnet(
+            &cfg,
+            &rng,
+            seeded_var_builder(&varmap, &rng, DType::F32, &Device::Cpu),
+        )
+        .expect("net");
+        let macs = net.summary(size, size).expect("summary").total_macs() as f64;
+        let classes = cfg.num_classes as u32;
+        let batch = Batch {
+            inputs: rng
+                .normal_tensor(
+                    (batch, cfg.in_channels, size, size),
+                    0.,
+                    1.,
+                    DType::F32,
+                    &Device::Cpu,
+                )
+                .expect("x"),
+            targets: Tensor::new(
+                (0..batch as u32)
+                    .map(|i| i % 10 % classes)
+                    .collect::<Vec<_>>(),
+                &Device::Cpu,
+            )
+            .expect("y"),
+        };
+        let flop = 3. * 2. * macs * batch.inputs.dim(0).expect("batch") as f64;
+        TrainWorkload {
+            net,
+            varmap,
+            batch,
+            flop,
+        }
+    }
+
+    /// The trainer that runs the steps.
+    pub fn trainer(&self) -> Trainer<'_, ResNet> {
+        let sgd = Sgd::new(
+            param_groups(&self.varmap, 5e-4, true),
+            SgdConfig {
+                lr: 0.1,
+                momentum: 0.9,
+                dampening: 0.,
+                nesterov: true,
+            },
+        )
+        .expect("sgd");
+        let schedule = LrSchedule::new(0.1, Schedule::Constant, None).expect("schedule");
+        Trainer::new(
+            &self.net,
+            &self.varmap,
+            Box::new(sgd),
+            schedule,
+            TrainerConfig {
+                loss: LossKind::CrossEntropy {
+                    label_smoothing: 0.,
+                },
+                ..Default::default()
+            },
+        )
+    }
+}
+
+/// The process's peak resident set size in bytes (`VmHWM` of `/proc/self/status`), where
+/// Linux reports it.
+pub fn peak_rss_bytes() -> Option<u64> {
+    proc_status_bytes("VmHWM:")
+}
+
+/// The process's resident set size now, in bytes (`VmRSS`).
+pub fn rss_bytes() -> Option<u64> {
+    proc_status_bytes("VmRSS:")
+}
+
+fn proc_status_bytes(key: &str) -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with(key))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
 }

@@ -271,7 +271,7 @@ pub fn conv2d(
     cfg: Conv2dConfig,
     vb: VarBuilder<'_>,
 ) -> Result<Conv2d> {
-    if cfg.groups == 0 || in_c % cfg.groups != 0 || out_c % cfg.groups != 0 {
+    if cfg.groups == 0 || !in_c.is_multiple_of(cfg.groups) || !out_c.is_multiple_of(cfg.groups) {
         return Err(Error::config(format!(
             "conv2d {}: channels {in_c}->{out_c} are not divisible by groups {}",
             vb.prefix(),

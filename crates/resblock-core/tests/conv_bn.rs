@@ -78,9 +78,16 @@ fn every_path_agrees_and_eval_records_no_graph() -> Result<()> {
             },
         ),
         (
+            "avx2",
+            Dispatch {
+                simd: resblock_core::ops::Simd::Avx2,
+                ..Dispatch::default()
+            },
+        ),
+        (
             "portable",
             Dispatch {
-                simd: false,
+                simd: resblock_core::ops::Simd::Portable,
                 ..Dispatch::default()
             },
         ),

@@ -359,7 +359,7 @@ fn add_relu_agrees_with_separate_ops() -> Result<()> {
 
 /// The fused conv + training BatchNorm (+ ReLU) op in f32 against the two separate ops in f64:
 /// output, batch statistics and the gradients of input, kernel, gamma and beta. Covers
-/// output channels that are not a multiple of the kernels' block of 4, batch 1 (channel
+/// output channels that are not a multiple of the kernels' block (4 with AVX2, 8 with AVX-512), batch 1 (channel
 /// blocks in parallel) and larger batches (images in parallel), and an input that needs no
 /// gradient (the network's input: the op skips the input-gradient convolution).
 #[test]

@@ -8,10 +8,11 @@
 //! | [`Dispatch::kernels`] | `RESBLOCK_KERNELS=candle` | Candle's ops everywhere |
 //! | [`Dispatch::direct_conv`] | `RESBLOCK_DIRECT_CONV=0` | convolutions always on the GEMM path |
 //! | [`Dispatch::fused_conv_bn`] | `RESBLOCK_FUSED_CONV_BN=0` | conv and training BatchNorm as two ops |
-//! | [`Dispatch::simd`] | `RESBLOCK_SIMD=0` | the portable loops instead of the SIMD kernels |
+//! | [`Dispatch::simd`] | `RESBLOCK_SIMD=avx2` or `=0` | at most AVX2 (8 lanes), or the portable loops |
 //!
 //! CPU features are detected once ([`cpu`]); a SIMD path runs only when the CPU has it
-//! and [`Dispatch::simd`] allows it, so tests can force every path on any machine.
+//! and [`Dispatch::simd`] allows it, so tests can force every path on any machine, and
+//! [`simd_in_use`] says which one runs.
 
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::OnceLock;
@@ -34,8 +35,41 @@ pub struct Dispatch {
     pub direct_conv: bool,
     /// Convolution + training BatchNorm (+ ReLU, + a block's sum) as one op where it applies.
     pub fused_conv_bn: bool,
-    /// SIMD kernels where the CPU has them (else the portable loops).
-    pub simd: bool,
+    /// The widest SIMD kernels allowed (each runs only where the CPU has it).
+    pub simd: Simd,
+}
+
+/// SIMD instruction sets of our kernels, narrowest first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Simd {
+    /// Portable Rust loops (whatever the compiler makes of them for the build target): every
+    /// CPU, and the reference the others are tested against.
+    Portable,
+    /// x86-64 AVX2 + FMA, 8 f32 lanes, 16 vector registers.
+    Avx2,
+    /// x86-64 AVX-512F (with AVX2 + FMA), 16 f32 lanes, 32 vector registers.
+    Avx512,
+}
+
+impl Simd {
+    /// The `RESBLOCK_SIMD` spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            Simd::Portable => "portable",
+            Simd::Avx2 => "avx2",
+            Simd::Avx512 => "avx512",
+        }
+    }
+
+    /// From `RESBLOCK_SIMD`'s spellings: `0`, `off` or `portable`; `avx2`; `avx512`.
+    pub fn parse(s: &str) -> Option<Simd> {
+        match s.to_ascii_lowercase().as_str() {
+            "0" | "off" | "portable" => Some(Simd::Portable),
+            "avx2" => Some(Simd::Avx2),
+            "avx512" | "1" | "on" => Some(Simd::Avx512),
+            _ => None,
+        }
+    }
 }
 
 impl Default for Dispatch {
@@ -45,13 +79,14 @@ impl Default for Dispatch {
             kernels: Kernels::Native,
             direct_conv: true,
             fused_conv_bn: true,
-            simd: true,
+            simd: Simd::Avx512,
         }
     }
 }
 
 impl Dispatch {
-    /// The defaults with the environment's overrides (see the module docs).
+    /// The defaults with the environment's overrides (see the module docs). An unknown
+    /// `RESBLOCK_SIMD` value is reported once on stderr and leaves the default.
     pub fn from_env() -> Self {
         let off = |name: &str| std::env::var(name).is_ok_and(|v| v == "0");
         Self {
@@ -61,7 +96,16 @@ impl Dispatch {
             },
             direct_conv: !off("RESBLOCK_DIRECT_CONV"),
             fused_conv_bn: !off("RESBLOCK_FUSED_CONV_BN"),
-            simd: !off("RESBLOCK_SIMD"),
+            simd: match std::env::var("RESBLOCK_SIMD") {
+                Ok(v) => Simd::parse(&v).unwrap_or_else(|| {
+                    eprintln!(
+                        "warning: RESBLOCK_SIMD={v:?} is not one of 0, portable, avx2, avx512; \
+                         using the widest the CPU has"
+                    );
+                    Simd::Avx512
+                }),
+                Err(_) => Simd::Avx512,
+            },
         }
     }
 
@@ -69,7 +113,7 @@ impl Dispatch {
         0x80 | u8::from(self.kernels == Kernels::Candle)
             | u8::from(self.direct_conv) << 1
             | u8::from(self.fused_conv_bn) << 2
-            | u8::from(self.simd) << 3
+            | (self.simd as u8) << 3
     }
 
     fn unpack(b: u8) -> Self {
@@ -81,7 +125,11 @@ impl Dispatch {
             },
             direct_conv: b & 2 != 0,
             fused_conv_bn: b & 4 != 0,
-            simd: b & 8 != 0,
+            simd: match (b >> 3) & 3 {
+                0 => Simd::Portable,
+                1 => Simd::Avx2,
+                _ => Simd::Avx512,
+            },
         }
     }
 }
@@ -151,9 +199,25 @@ pub fn cpu() -> CpuFeatures {
     })
 }
 
-/// Whether the AVX2 + FMA kernels may run: the CPU has them and [`Dispatch::simd`] is on.
+/// The SIMD kernels that run: the widest [`Dispatch::simd`] allows and the CPU has.
+pub fn simd_in_use() -> Simd {
+    let f = cpu();
+    match current().simd {
+        Simd::Avx512 if f.avx512f && f.avx2_fma => Simd::Avx512,
+        Simd::Avx512 | Simd::Avx2 if f.avx2_fma => Simd::Avx2,
+        _ => Simd::Portable,
+    }
+}
+
+/// Whether the AVX2 + FMA kernels may run (also true where AVX-512 runs: the AVX-512
+/// kernels leave the AVX2 ones the loops they do not cover).
 pub(crate) fn avx2_fma() -> bool {
-    cpu().avx2_fma && current().simd
+    simd_in_use() >= Simd::Avx2
+}
+
+/// Whether the AVX-512 kernels may run.
+pub(crate) fn avx512() -> bool {
+    simd_in_use() == Simd::Avx512
 }
 
 #[cfg(test)]
@@ -162,9 +226,21 @@ mod tests {
 
     #[test]
     fn every_choice_packs_and_unpacks() {
-        for b in 0..16u8 {
+        for b in 0..32u8 {
+            if (b >> 3) & 3 == 3 {
+                continue;
+            }
             let d = Dispatch::unpack(0x80 | b);
             assert_eq!(Dispatch::unpack(d.pack()), d);
         }
+    }
+
+    #[test]
+    fn simd_names_parse_back() {
+        for s in [Simd::Portable, Simd::Avx2, Simd::Avx512] {
+            assert_eq!(Simd::parse(s.name()), Some(s));
+        }
+        assert_eq!(Simd::parse("0"), Some(Simd::Portable));
+        assert_eq!(Simd::parse("sse9"), None);
     }
 }

@@ -41,7 +41,7 @@ pub mod pool;
 pub mod shortcut;
 
 pub use conv::{conv2d, conv2d_candle, conv2d_fused, conv2d_native, conv2d_scale_shift};
-pub use dispatch::{kernels, set_kernels, Dispatch, Kernels};
+pub use dispatch::{kernels, set_kernels, simd_in_use, Dispatch, Kernels, Simd};
 pub use eltwise::add_relu;
 pub use error::{Error, Result};
 pub use fused::{conv_batch_norm_add_relu_train, conv_batch_norm_train};

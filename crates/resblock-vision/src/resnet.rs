@@ -120,7 +120,7 @@ impl ResNetConfig {
     /// # Errors
     /// A depth that is not 6n + 2.
     pub fn cifar(depth: usize) -> Result<Self> {
-        if depth < 8 || (depth - 2) % 6 != 0 {
+        if depth < 8 || !(depth - 2).is_multiple_of(6) {
             return Err(Error::config(format!(
                 "CIFAR ResNet depth must be 6n + 2 (20, 32, 44, 56, 110, 1202), got {depth}"
             )));
@@ -175,7 +175,7 @@ impl ResNetConfig {
     /// # Errors
     /// A depth that is not 6n + 4, or k = 0.
     pub fn wrn(depth: usize, k: usize) -> Result<Self> {
-        if depth < 10 || (depth - 4) % 6 != 0 || k == 0 {
+        if depth < 10 || !(depth - 4).is_multiple_of(6) || k == 0 {
             return Err(Error::config(format!(
                 "WRN depth must be 6n + 4 and k > 0, got WRN-{depth}-{k}"
             )));

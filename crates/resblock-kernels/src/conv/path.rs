@@ -43,7 +43,13 @@ pub(crate) fn direct_backward_plans(
     let fwd = direct_plan(d, g)?;
     let pad_y = (d.kh - 1).checked_sub(g.padding)?;
     let pad_x = (d.kw - 1).checked_sub(g.padding)?;
-    let back = direct::Plan::new((d.cout, d.oh, d.ow), d.c, (d.kh, d.kw), (pad_y, pad_x))?;
+    let back = direct::Plan::with_isa(
+        fwd.isa(),
+        (d.cout, d.oh, d.ow),
+        d.c,
+        (d.kh, d.kw),
+        (pad_y, pad_x),
+    )?;
     (back.oh == d.h && back.ow == d.w).then_some((fwd, back))
 }
 

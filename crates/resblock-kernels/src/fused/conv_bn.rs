@@ -76,7 +76,7 @@ impl ConvBnTrain {
         // The shared-buffer weight gradient must apply: checked once on an empty probe.
         let mut probe = vec![0f32; d.cout * d.c * d.kh * d.kw];
         let xp = fwd.padded_buffer(d.c);
-        let dyp = back.padded_buffer(d.cout.div_ceil(4) * 4);
+        let dyp = back.padded_buffer(fwd.cout_rounded());
         fwd.weight_grad_padded(&[&xp], &back, &[&dyp], &mut probe)?;
         Some(ConvBnTrain {
             d,
@@ -217,7 +217,7 @@ impl ConvBnTrain {
         // Written image by image when `need_dx` (see below); otherwise a placeholder whose
         // chunks only number the groups.
         let mut dx: Vec<f32> = Vec::with_capacity(xlen);
-        let cout_r = cout.div_ceil(4) * 4;
+        let cout_r = self.fwd.cout_rounded();
         let images =
             |s: &mut Scratch, acc: &mut [f64], gi: usize, dx_g: &mut [MaybeUninit<f32>]| {
                 let first = gi * group;

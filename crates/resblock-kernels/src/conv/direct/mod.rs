@@ -1,5 +1,7 @@
-//! Direct stride-1 convolution for f32 on x86-64 with AVX2 and FMA: no `im2col`, no GEMM
-//! packing.
+//! Direct stride-1 convolution for f32 on x86-64 with AVX-512 or AVX2 + FMA: no `im2col`, no
+//! GEMM packing. The micro-kernels are in `avx512.rs` (16 lanes, 32 registers) and `avx2.rs`
+//! (8 lanes, 16 registers); a [`Plan`] is made for the widest the CPU has and
+//! [`crate::dispatch`] allows, and lays its buffers out for that kernel's tile.
 //!
 //! The per-image GEMMs of the parent module spend as much time unfolding the input (`im2col`
 //! writes `kh * kw` copies of it) and packing operands as multiplying, and at the 16- and
@@ -14,11 +16,12 @@
 //! `q < oh * wp` (the columns `ox >= ow` are junk and dropped when the result is copied out).
 //!
 //! - Forward (and the input gradient, which for stride 1 is the forward convolution of the
-//!   padded `dY` with the flipped, transposed kernel): a micro-tile holds `CB` output channels
-//!   by `TQ` flattened pixels in 12 AVX registers; each step loads `QV` vectors of one input
-//!   plane at one tap offset, broadcasts `CB` weights and does `CB * QV` FMAs.
+//!   padded `dY` with the flipped, transposed kernel): a micro-tile holds `cb` output channels
+//!   by `tq` flattened pixels in `cb * QV` vector registers (AVX2: 4 x 2 of 8 lanes, AVX-512:
+//!   8 x 2 of 16); each step loads `QV` vectors of one input plane at one tap offset,
+//!   broadcasts `cb` weights and does `cb * QV` FMAs.
 //! - Weight gradient: `dW[co, ci, tap] = sum_q dY[co, q] * x[ci, q + offset(tap)]` with `dY`
-//!   flattened the same way and zero in the junk columns; a micro-tile holds `CB` output
+//!   flattened the same way and zero in the junk columns; a micro-tile holds `cb` output
 //!   channels by `TB` taps as vector partial sums over `q`.
 //!
 //! Each image is summed in f32 (as the GEMM path does) and the caller adds images in f64.
@@ -28,28 +31,83 @@ use rayon::prelude::*;
 use super::epilogue::Epilogue;
 use crate::buffer::Slot;
 
-/// Output channels per micro-tile.
-const CB: usize = 4;
-/// f32 lanes of one AVX register.
-const LANES: usize = 8;
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+
 /// Vectors per micro-tile along the flattened pixels (forward).
 const QV: usize = 2;
-/// Flattened pixels per forward micro-tile.
-const TQ: usize = LANES * QV;
 /// Taps per weight-gradient micro-tile.
 const TB: usize = 3;
-/// Forward micro-tiles per cache block: the loop over output-channel blocks runs inside a
-/// block of this many tiles, so the input rows the block reads stay in cache.
-const TILES_PER_BLOCK: usize = 8;
+/// The most output channels of one micro-tile (AVX-512's).
+const MAX_CB: usize = 8;
+/// Flattened pixels per forward cache block: the loop over output-channel blocks runs inside
+/// a block of this many pixels, so the input rows the block reads stay in cache.
+const BLOCK_PIXELS: usize = 128;
+/// Planes are padded to a multiple of this many floats (the widest vector).
+const PLANE_ALIGN: usize = 16;
+
+/// The kernel set a plan runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Isa {
+    Avx2,
+    Avx512,
+}
+
+impl Isa {
+    /// The widest the CPU has and the dispatch allows, if any.
+    pub(crate) fn detect() -> Option<Isa> {
+        if crate::dispatch::avx512() {
+            Some(Isa::Avx512)
+        } else if crate::dispatch::avx2_fma() {
+            Some(Isa::Avx2)
+        } else {
+            None
+        }
+    }
+
+    /// Whether this CPU can run these kernels (whatever the dispatch says).
+    pub(crate) fn supported(self) -> bool {
+        let f = crate::dispatch::cpu();
+        match self {
+            Isa::Avx2 => f.avx2_fma,
+            Isa::Avx512 => f.avx2_fma && f.avx512f,
+        }
+    }
+
+    /// f32 lanes of one vector register.
+    const fn lanes(self) -> usize {
+        match self {
+            Isa::Avx2 => 8,
+            Isa::Avx512 => 16,
+        }
+    }
+
+    /// Output channels per micro-tile.
+    const fn cb(self) -> usize {
+        match self {
+            Isa::Avx2 => 4,
+            Isa::Avx512 => MAX_CB,
+        }
+    }
+
+    /// Flattened pixels per forward micro-tile.
+    const fn tq(self) -> usize {
+        self.lanes() * QV
+    }
+}
 
 /// The geometry of one stride-1, undilated, ungrouped convolution in the flattened form.
 #[derive(Debug, Clone)]
 pub(crate) struct Plan {
+    /// The micro-kernels (and so the tile sizes) of this plan.
+    isa: Isa,
     /// Input channels, height, width.
     c: usize,
     h: usize,
     w: usize,
-    /// Output channels, and that rounded up to a multiple of `CB`.
+    /// Output channels, and that rounded up to a multiple of the tile's channels.
     cout: usize,
     cout_r: usize,
     kh: usize,
@@ -60,7 +118,7 @@ pub(crate) struct Plan {
     pub(crate) ow: usize,
     /// Padded input width.
     wp: usize,
-    /// Flattened output length: `oh * wp` rounded up to a multiple of `TQ`.
+    /// Flattened output length: `oh * wp` rounded up to a multiple of the tile's pixels.
     qlen: usize,
     /// Stride between padded input planes: `qlen` plus the largest tap offset, so every read
     /// of a tile stays inside its plane.
@@ -71,14 +129,27 @@ pub(crate) struct Plan {
 
 impl Plan {
     /// The plan for input `(c, h, w)`, `cout` outputs, a `kh x kw` kernel and the given
-    /// zero padding, or `None` when the CPU lacks AVX2/FMA or the output is empty.
+    /// zero padding, or `None` when neither AVX-512 nor AVX2/FMA may run or the output is
+    /// empty.
     pub(crate) fn new(
+        input: (usize, usize, usize),
+        cout: usize,
+        kernel: (usize, usize),
+        padding: (usize, usize),
+    ) -> Option<Plan> {
+        Plan::with_isa(Isa::detect()?, input, cout, kernel, padding)
+    }
+
+    /// As [`Plan::new`] on the kernels `isa` (the pair of a backward must share them), or
+    /// `None` when this CPU lacks them.
+    pub(crate) fn with_isa(
+        isa: Isa,
         (c, h, w): (usize, usize, usize),
         cout: usize,
         (kh, kw): (usize, usize),
         (pad_y, pad_x): (usize, usize),
     ) -> Option<Plan> {
-        if !crate::dispatch::avx2_fma() || c == 0 || cout == 0 || kh == 0 || kw == 0 {
+        if !isa.supported() || c == 0 || cout == 0 || kh == 0 || kw == 0 {
             return None;
         }
         let (hp, wp) = (h + 2 * pad_y, w + 2 * pad_x);
@@ -86,17 +157,18 @@ impl Plan {
             return None;
         }
         let (oh, ow) = (hp - kh + 1, wp - kw + 1);
-        let qlen = (oh * wp).div_ceil(TQ) * TQ;
+        let qlen = (oh * wp).div_ceil(isa.tq()) * isa.tq();
         let taps: Vec<usize> = (0..kh)
             .flat_map(|ky| (0..kw).map(move |kx| ky * wp + kx))
             .collect();
         let max_tap = (kh - 1) * wp + kw - 1;
         Some(Plan {
+            isa,
             c,
             h,
             w,
             cout,
-            cout_r: cout.div_ceil(CB) * CB,
+            cout_r: cout.div_ceil(isa.cb()) * isa.cb(),
             kh,
             kw,
             pad_y,
@@ -105,9 +177,25 @@ impl Plan {
             ow,
             wp,
             qlen,
-            ps: (qlen + max_tap).div_ceil(LANES) * LANES,
+            ps: (qlen + max_tap).div_ceil(PLANE_ALIGN) * PLANE_ALIGN,
             taps,
         })
+    }
+
+    /// Output channels per micro-tile.
+    fn cb(&self) -> usize {
+        self.isa.cb()
+    }
+
+    /// Output channels rounded up to whole micro-tiles: the planes a padded `dY` buffer
+    /// for [`Plan::weight_grad_padded`] needs (see [`Plan::padded_buffer`]).
+    pub(crate) fn cout_rounded(&self) -> usize {
+        self.cout_r
+    }
+
+    /// The kernels this plan runs on.
+    pub(crate) fn isa(&self) -> Isa {
+        self.isa
     }
 
     /// Length of a padded image (`c` planes of `ps`).
@@ -146,17 +234,18 @@ impl Plan {
         }
     }
 
-    /// The weights `(cout, c, kh, kw)` repacked as `[cout block][ci][tap][CB]`, zero for the
+    /// The weights `(cout, c, kh, kw)` repacked as `[cout block][ci][tap][cb]`, zero for the
     /// output channels past `cout`.
     pub(crate) fn pack_weights(&self, w: &[f32]) -> Vec<f32> {
         let nt = self.kh * self.kw;
+        let cb = self.cb();
         assert_eq!(w.len(), self.cout * self.c * nt, "direct conv: weight size");
         let mut out = vec![0f32; self.cout_r * self.c * nt];
         for co in 0..self.cout {
-            let (blk, j) = (co / CB, co % CB);
+            let (blk, j) = (co / cb, co % cb);
             for ci in 0..self.c {
                 for t in 0..nt {
-                    out[((blk * self.c + ci) * nt + t) * CB + j] = w[(co * self.c + ci) * nt + t];
+                    out[((blk * self.c + ci) * nt + t) * cb + j] = w[(co * self.c + ci) * nt + t];
                 }
             }
         }
@@ -177,49 +266,51 @@ impl Plan {
             "direct conv: packed weight size"
         );
         out.resize(self.flat_len(), 0.0);
-        let wblk = self.c * self.taps.len() * CB;
-        let tiles = self.qlen / TQ;
+        let (cb, tq) = (self.cb(), self.isa.tq());
+        let wblk = self.c * self.taps.len() * cb;
+        let tiles = self.qlen / tq;
         if parallel {
-            out.par_chunks_mut(CB * self.qlen)
+            out.par_chunks_mut(cb * self.qlen)
                 .zip(wk.par_chunks(wblk))
                 .for_each(|(o, wb)| {
                     for t in 0..tiles {
-                        self.fwd_tile(xp, wb, t * TQ, o);
+                        self.fwd_tile(xp, wb, t * tq, o);
                     }
                 });
         } else {
-            for t0 in (0..tiles).step_by(TILES_PER_BLOCK) {
-                for (o, wb) in out.chunks_mut(CB * self.qlen).zip(wk.chunks(wblk)) {
-                    for t in t0..(t0 + TILES_PER_BLOCK).min(tiles) {
-                        self.fwd_tile(xp, wb, t * TQ, o);
+            let per_block = (BLOCK_PIXELS / tq).max(1);
+            for t0 in (0..tiles).step_by(per_block) {
+                for (o, wb) in out.chunks_mut(cb * self.qlen).zip(wk.chunks(wblk)) {
+                    for t in t0..(t0 + per_block).min(tiles) {
+                        self.fwd_tile(xp, wb, t * tq, o);
                     }
                 }
             }
         }
     }
 
-    /// One micro-tile: `CB` output rows of `o` (stride `qlen`) at `q0..q0 + TQ`.
+    /// One micro-tile: `cb` output rows of `o` (stride `qlen`) at `q0..q0 + tq`.
     fn fwd_tile(&self, xp: &[f32], wb: &[f32], q0: usize, o: &mut [f32]) {
+        let (cb, tq) = (self.cb(), self.isa.tq());
         let max_tap = self.taps.last().copied().unwrap_or(0);
-        // The bounds the kernel relies on.
-        assert!(q0 + TQ <= self.qlen && self.qlen + max_tap <= self.ps);
-        assert!(xp.len() >= self.c * self.ps && wb.len() >= self.c * self.taps.len() * CB);
-        assert!(o.len() >= (CB - 1) * self.qlen + q0 + TQ);
+        // The bounds the kernels rely on.
+        assert!(q0 + tq <= self.qlen && self.qlen + max_tap <= self.ps);
+        assert!(xp.len() >= self.c * self.ps && wb.len() >= self.c * self.taps.len() * cb);
+        assert!(o.len() >= (cb - 1) * self.qlen + q0 + tq);
+        let (x, w, out) = (xp[q0..].as_ptr(), wb.as_ptr(), o[q0..].as_mut_ptr());
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: the CPU has AVX2 and FMA (`Plan::new` checked), and every pointer the kernel
-        // forms is in bounds: input reads reach `(c - 1) * ps + q0 + max_tap + TQ <= c * ps`,
-        // weight reads `c * taps * CB`, output writes `(CB - 1) * qlen + q0 + TQ` (asserted).
+        // SAFETY: the CPU has the plan's instruction set (`Isa::detect` in `Plan::new`), and
+        // every pointer the kernel forms is in bounds: input reads reach
+        // `(c - 1) * ps + q0 + max_tap + tq <= c * ps`, weight reads `c * taps * cb`, output
+        // writes `(cb - 1) * qlen + q0 + tq` (asserted above).
         unsafe {
-            x86::fwd_tile(
-                xp.as_ptr().add(q0),
-                self.ps,
-                &self.taps,
-                self.c,
-                wb.as_ptr(),
-                o.as_mut_ptr().add(q0),
-                self.qlen,
-            )
+            match self.isa {
+                Isa::Avx2 => avx2::fwd_tile(x, self.ps, &self.taps, self.c, w, out, self.qlen),
+                Isa::Avx512 => avx512::fwd_tile(x, self.ps, &self.taps, self.c, w, out, self.qlen),
+            }
         }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = (x, w, out);
     }
 
     /// Copies the valid columns of a flattened output into `dst` `(cout, oh, ow)`, applying
@@ -353,13 +444,14 @@ impl Plan {
             "direct conv: weight gradient size"
         );
         let max_tap = self.taps.last().copied().unwrap_or(0);
-        assert!(self.qlen % LANES == 0 && self.qlen + max_tap <= self.ps);
+        assert!(self.qlen.is_multiple_of(self.isa.lanes()) && self.qlen + max_tap <= self.ps);
+        let cb = self.cb();
         let mut xs = [std::ptr::null::<f32>(); MAX_GROUP];
         let mut ds = [std::ptr::null::<f32>(); MAX_GROUP];
         let m = xps.len();
-        for blk in 0..self.cout_r / CB {
+        for blk in 0..self.cout_r / cb {
             for (d, dy) in ds.iter_mut().zip(dys) {
-                *d = dy[blk * CB * row_stride..].as_ptr();
+                *d = dy[blk * cb * row_stride..].as_ptr();
             }
             for ci in 0..self.c {
                 for (x, xp) in xs.iter_mut().zip(xps) {
@@ -369,22 +461,28 @@ impl Plan {
                     let n = TB.min(nt - t0);
                     // Missing taps of the last block repeat the first; their sums are dropped.
                     let offs: [usize; TB] = std::array::from_fn(|i| self.taps[t0 + i.min(n - 1)]);
-                    let mut sums = [[0f32; TB]; CB];
+                    let mut sums = [[0f32; TB]; MAX_CB];
+                    let rows = (&xs[..m], &ds[..m]);
                     #[cfg(target_arch = "x86_64")]
-                    // SAFETY: AVX2 and FMA are present (`Plan::new`); for each of the `m`
-                    // images, reads from its plane pointer reach `max_tap + qlen <= ps` and
-                    // from its `dY` pointer `(CB - 1) * row_stride + qlen` (asserted above).
+                    // SAFETY: the CPU has the plan's instruction set (`Plan::new`); for each
+                    // of the `m` images, reads from its plane pointer reach
+                    // `max_tap + qlen <= ps` and from its `dY` pointer
+                    // `(cb - 1) * row_stride + qlen` (asserted above); `qlen` is a multiple
+                    // of the lanes.
                     unsafe {
-                        x86::wgrad_tile(
-                            (&xs[..m], &ds[..m]),
-                            offs,
-                            row_stride,
-                            self.qlen,
-                            &mut sums,
-                        )
+                        match self.isa {
+                            Isa::Avx2 => {
+                                avx2::wgrad_tile(rows, offs, row_stride, self.qlen, &mut sums)
+                            }
+                            Isa::Avx512 => {
+                                avx512::wgrad_tile(rows, offs, row_stride, self.qlen, &mut sums)
+                            }
+                        }
                     };
-                    for (j, s) in sums.iter().enumerate() {
-                        let co = blk * CB + j;
+                    #[cfg(not(target_arch = "x86_64"))]
+                    let _ = rows;
+                    for (j, s) in sums.iter().take(cb).enumerate() {
+                        let co = blk * cb + j;
                         if co < self.cout {
                             let at = (co * self.c + ci) * nt + t0;
                             dw[at..at + n].copy_from_slice(&s[..n]);
@@ -399,98 +497,5 @@ impl Plan {
 /// The most images one weight-gradient call sums.
 pub(crate) const MAX_GROUP: usize = 8;
 
-#[cfg(target_arch = "x86_64")]
-mod x86 {
-    use super::{CB, LANES, QV, TB};
-    use std::arch::x86_64::*;
-
-    /// `out[j * qlen + 0..TQ] = sum_ci sum_tap w[ci, tap, j] * x[ci * ps + taps[tap] + 0..TQ]`.
-    ///
-    /// # Safety
-    /// AVX2 and FMA must be available; `x` must be readable for
-    /// `(c - 1) * ps + max(taps) + TQ` floats, `w` for `c * taps.len() * CB`, and `out`
-    /// writable for `(CB - 1) * qlen + TQ`.
-    #[target_feature(enable = "avx2,fma")]
-    pub(crate) unsafe fn fwd_tile(
-        x: *const f32,
-        ps: usize,
-        taps: &[usize],
-        c: usize,
-        w: *const f32,
-        out: *mut f32,
-        qlen: usize,
-    ) {
-        // SAFETY: the caller's contract covers every pointer formed here. (No closures: they
-        // would not inherit the target features.)
-        unsafe {
-            let mut acc = [[_mm256_setzero_ps(); QV]; CB];
-            let mut xv = [_mm256_setzero_ps(); QV];
-            let mut wp = w;
-            for ci in 0..c {
-                let xc = x.add(ci * ps);
-                for &off in taps {
-                    let p = xc.add(off);
-                    for (v, xv) in xv.iter_mut().enumerate() {
-                        *xv = _mm256_loadu_ps(p.add(v * LANES));
-                    }
-                    for (j, row) in acc.iter_mut().enumerate() {
-                        let b = _mm256_broadcast_ss(&*wp.add(j));
-                        for (a, xv) in row.iter_mut().zip(&xv) {
-                            *a = _mm256_fmadd_ps(*xv, b, *a);
-                        }
-                    }
-                    wp = wp.add(CB);
-                }
-            }
-            for (j, row) in acc.iter().enumerate() {
-                for (v, a) in row.iter().enumerate() {
-                    _mm256_storeu_ps(out.add(j * qlen + v * LANES), *a);
-                }
-            }
-        }
-    }
-
-    /// `sums[j][t] = sum_i sum_{q < qlen} dys[i][j * stride + q] * xs[i][offs[t] + q]`.
-    ///
-    /// # Safety
-    /// AVX2 and FMA must be available, `qlen` a multiple of 8, every `xs[i]` readable for
-    /// `max(offs) + qlen` floats and every `dys[i]` for `(CB - 1) * stride + qlen`.
-    #[target_feature(enable = "avx2,fma")]
-    pub(crate) unsafe fn wgrad_tile(
-        (xs, dys): (&[*const f32], &[*const f32]),
-        offs: [usize; TB],
-        stride: usize,
-        qlen: usize,
-        sums: &mut [[f32; TB]; CB],
-    ) {
-        // SAFETY: the caller's contract covers every pointer formed here.
-        unsafe {
-            let mut acc = [[_mm256_setzero_ps(); TB]; CB];
-            let mut xv = [_mm256_setzero_ps(); TB];
-            for (&x, &dy) in xs.iter().zip(dys) {
-                let mut q = 0;
-                while q < qlen {
-                    for (v, off) in xv.iter_mut().zip(offs) {
-                        *v = _mm256_loadu_ps(x.add(off + q));
-                    }
-                    for (j, row) in acc.iter_mut().enumerate() {
-                        let d = _mm256_loadu_ps(dy.add(j * stride + q));
-                        for (a, xv) in row.iter_mut().zip(&xv) {
-                            *a = _mm256_fmadd_ps(*xv, d, *a);
-                        }
-                    }
-                    q += LANES;
-                }
-            }
-            for (s, a) in sums.iter_mut().zip(&acc) {
-                for (s, a) in s.iter_mut().zip(a) {
-                    let hi = _mm256_extractf128_ps(*a, 1);
-                    let v = _mm_add_ps(_mm256_castps256_ps128(*a), hi);
-                    let v = _mm_add_ps(v, _mm_movehl_ps(v, v));
-                    let v = _mm_add_ss(v, _mm_movehdup_ps(v));
-                    *s = _mm_cvtss_f32(v);
-                }
-            }
-        }
-    }
-}
+#[cfg(test)]
+mod tests;

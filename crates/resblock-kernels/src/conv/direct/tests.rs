@@ -1,0 +1,165 @@
+//! Every kernel set the CPU has (AVX-512 and AVX2 on a machine with both, whatever the
+//! dispatch says) against a plain f64 convolution: forward, input gradient and weight
+//! gradient (per image and summed over images through the padded layout), over output
+//! channels that fill no tile exactly, rows whose flattened length leaves a tail, and
+//! non-square kernels and paddings.
+
+use super::{Isa, Plan};
+use crate::conv::epilogue::Epilogue;
+use crate::conv::geom::{ConvGeom, Dims};
+use crate::conv::path::{backward_direct, forward_direct};
+
+fn values(n: usize, seed: usize) -> Vec<f32> {
+    (0..n)
+        .map(|i| (((i * 7919 + seed * 104_729) % 2003) as f32 / 1001.5) - 1.0)
+        .collect()
+}
+
+/// `y[o, oy, ox] = sum w[o, c, ky, kx] * x[c, oy + ky - p, ox + kx - p]` in f64, one image.
+fn conv_ref(x: &[f32], w: &[f32], d: &Dims, pad: usize) -> Vec<f64> {
+    let mut y = vec![0f64; d.cout * d.oh * d.ow];
+    for o in 0..d.cout {
+        for c in 0..d.c {
+            for ky in 0..d.kh {
+                for kx in 0..d.kw {
+                    let wv = f64::from(w[((o * d.c + c) * d.kh + ky) * d.kw + kx]);
+                    for oy in 0..d.oh {
+                        for ox in 0..d.ow {
+                            let (iy, ix) = (oy + ky, ox + kx);
+                            if iy < pad || ix < pad || iy - pad >= d.h || ix - pad >= d.w {
+                                continue;
+                            }
+                            let xv = f64::from(x[(c * d.h + iy - pad) * d.w + ix - pad]);
+                            y[(o * d.oh + oy) * d.ow + ox] += wv * xv;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    y
+}
+
+fn assert_close(what: &str, got: &[f32], want: &[f64], tol: f64) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let scale = want.iter().fold(1f64, |m, v| m.max(v.abs()));
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        let e = (f64::from(*g) - w).abs() / scale;
+        assert!(e < tol, "{what}: element {i} is {g}, want {w}");
+    }
+}
+
+#[test]
+fn every_kernel_set_matches_a_plain_convolution() {
+    let isas: Vec<Isa> = [Isa::Avx512, Isa::Avx2]
+        .into_iter()
+        .filter(|i| i.supported())
+        .collect();
+    // (n, c, cout, h, w, k, pad): same and valid convolutions, outputs of 3, 6, 13 and 16
+    // channels (no tile of 4 or 8 filled exactly, then exactly), rows of 5 to 17 pixels.
+    let cases = [
+        (2, 3, 6, 7, 9, 3, 1),
+        (3, 5, 13, 6, 5, 3, 1),
+        (1, 4, 16, 8, 8, 3, 1),
+        (2, 2, 3, 11, 10, 5, 2),
+        (2, 4, 8, 9, 17, 3, 0),
+    ];
+    for isa in isas {
+        for (n, c, cout, h, w, k, pad) in cases {
+            let g = ConvGeom {
+                padding: pad,
+                stride: 1,
+                dilation: 1,
+                groups: 1,
+            };
+            let d = Dims::new(&g, &[n, c, h, w], &[cout, c, k, k]).expect("dims");
+            let name = format!("{isa:?} n{n} {c}->{cout} {h}x{w} k{k} p{pad}");
+            let fwd = Plan::with_isa(isa, (c, h, w), cout, (k, k), (pad, pad)).expect("plan");
+            let (x, wt) = (values(n * c * h * w, 1), values(cout * c * k * k, 2));
+            let dy = values(n * cout * d.p(), 3);
+
+            let y = forward_direct(&fwd, &x, &wt, Epilogue::NONE, &d);
+            let want: Vec<f64> = (0..n)
+                .flat_map(|i| conv_ref(&x[i * d.chw()..(i + 1) * d.chw()], &wt, &d, pad))
+                .collect();
+            assert_close(&format!("{name} y"), &y, &want, 1e-5);
+
+            // The input gradient is a stride-1 convolution of dY padded by k - 1 - pad with
+            // the flipped, transposed kernel; the weight gradient a correlation of x and dY.
+            let back_pad = k - 1 - pad;
+            let back = Plan::with_isa(isa, (cout, d.oh, d.ow), c, (k, k), (back_pad, back_pad))
+                .expect("back plan");
+            let (dx, dw) = backward_direct(&(fwd.clone(), back), &x, &wt, &dy, &d, &g);
+            let mut want_dx = vec![0f64; n * d.chw()];
+            let mut want_dw = vec![0f64; wt.len()];
+            for i in 0..n {
+                for o in 0..cout {
+                    for oy in 0..d.oh {
+                        for ox in 0..d.ow {
+                            let gy = f64::from(dy[((i * cout + o) * d.oh + oy) * d.ow + ox]);
+                            for ci in 0..c {
+                                for ky in 0..k {
+                                    for kx in 0..k {
+                                        let (iy, ix) = (oy + ky, ox + kx);
+                                        if iy < pad || ix < pad || iy - pad >= h || ix - pad >= w {
+                                            continue;
+                                        }
+                                        let xi = ((i * c + ci) * h + iy - pad) * w + ix - pad;
+                                        let wi = ((o * c + ci) * k + ky) * k + kx;
+                                        want_dx[xi] += gy * f64::from(wt[wi]);
+                                        want_dw[wi] += gy * f64::from(x[xi]);
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            assert_close(&format!("{name} dx"), &dx, &want_dx, 1e-5);
+            assert_close(&format!("{name} dw"), &dw, &want_dw, 1e-5);
+        }
+    }
+}
+
+/// The weight gradient summed over images through the input-gradient plan's padded `dY`
+/// (the fused op's layout) equals the per-image sums.
+#[test]
+fn padded_weight_gradient_sums_images() {
+    for isa in [Isa::Avx512, Isa::Avx2]
+        .into_iter()
+        .filter(|i| i.supported())
+    {
+        let (c, cout, h, w) = (3, 10, 6, 7);
+        let fwd = Plan::with_isa(isa, (c, h, w), cout, (3, 3), (1, 1)).expect("plan");
+        let back = Plan::with_isa(isa, (cout, h, w), c, (3, 3), (1, 1)).expect("back");
+        let images = 3;
+        let (mut xps, mut dyps) = (Vec::new(), Vec::new());
+        let mut want = vec![0f32; cout * c * 9];
+        for i in 0..images {
+            let x = values(c * h * w, 10 + i);
+            let dy = values(cout * h * w, 20 + i);
+            let mut xp = Vec::new();
+            fwd.pad(&x, &mut xp);
+            let mut dyp = back.padded_buffer(fwd.cout_rounded());
+            for co in 0..cout {
+                for y in 0..h {
+                    back.interior_row(&mut dyp, co, y)
+                        .copy_from_slice(&dy[(co * h + y) * w..][..w]);
+                }
+            }
+            let (mut dyf, mut dw) = (Vec::new(), vec![0f32; want.len()]);
+            fwd.flatten(&dy, &mut dyf);
+            fwd.weight_grad(&xp, &dyf, &mut dw);
+            want.iter_mut().zip(&dw).for_each(|(a, b)| *a += b);
+            xps.push(xp);
+            dyps.push(dyp);
+        }
+        let mut got = vec![0f32; want.len()];
+        let xr: Vec<&[f32]> = xps.iter().map(Vec::as_slice).collect();
+        let dr: Vec<&[f32]> = dyps.iter().map(Vec::as_slice).collect();
+        fwd.weight_grad_padded(&xr, &back, &dr, &mut got)
+            .expect("same layouts");
+        let want64: Vec<f64> = want.iter().map(|v| f64::from(*v)).collect();
+        assert_close(&format!("{isa:?} summed dw"), &got, &want64, 1e-5);
+    }
+}
