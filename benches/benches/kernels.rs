@@ -1,4 +1,4 @@
-//! Single kernels on the CPU: the GEMM peak (Candle's matmul, the `gemm` crate), 3x3
+//! Single kernels on the CPU: the peak FMA rate, the GEMM peak (Candle's matmul, the `gemm` crate), 3x3
 //! convolutions at ResNet shapes (forward; backward = input and weight gradient, which our
 //! kernel computes in one pass) and BatchNorm + ReLU training forward + backward.
 //! PyTorch's side: `benches/torch_bench.py`.
@@ -13,6 +13,17 @@ fn randn(shape: &[usize], std: f64) -> Tensor {
     RngHandle::seed_from_u64(shape.iter().product::<usize>() as u64)
         .normal_tensor(shape, 0., std, DType::F32, &Device::Cpu)
         .expect("randn")
+}
+
+/// The CPU's peak FMA rate (every thread, widest SIMD): the ceiling of the table's % column.
+fn peak(c: &mut Criterion) {
+    configure_threads(None);
+    const ITERS: u64 = 2_000_000;
+    let (flop, _) = resblock_core::ops::peak::fma_peak(ITERS);
+    record("cpu/peak/fma_f32", None, Some(flop));
+    c.bench_function("cpu/peak/fma_f32", |b| {
+        b.iter(|| resblock_core::ops::peak::fma_peak(ITERS))
+    });
 }
 
 fn gemm(c: &mut Criterion) {
@@ -88,6 +99,6 @@ fn batch_norm(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(10);
-    targets = gemm, convs, batch_norm
+    targets = peak, gemm, convs, batch_norm
 }
 criterion_main!(benches);

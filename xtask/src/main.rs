@@ -5,11 +5,14 @@
 //!   workspace tests (doc tests included), rustdoc with warnings denied.
 //! - `bench [--compare-torch] [criterion filter]`: runs the criterion benchmarks
 //!   (`benches/benches/*.rs`) and writes `docs/benchmarks.md`: mean time, images/s, GFLOP/s
-//!   and the share of the GEMM peak measured in the same run (`cpu/gemm/f32_1024`). With
-//!   `--compare-torch` it also runs `benches/torch_bench.py` (PyTorch eager, same shapes and
-//!   thread count) just before and just after ours, and adds PyTorch's mean time (the two
-//!   runs bracket ours in time on a host whose speed drifts) and the ratio (PyTorch time /
-//!   ours: above 1 means resblock is faster).
+//!   and the share of the machine's peak FMA rate (`cpu/peak/fma_f32`) and of the GEMM
+//!   (`cpu/gemm/f32_1024`) measured in the same run, and the peak memory (RSS) of the
+//!   training steps in [`MEMORY`] (`benches/examples/peak-memory.rs`, a fresh process
+//!   each). With `--compare-torch` it also runs `benches/torch_bench.py` (PyTorch eager,
+//!   same shapes and thread count) just before and just after ours, and adds PyTorch's mean
+//!   time (the two runs bracket ours in time on a host whose speed drifts), the ratio
+//!   (PyTorch time / ours: above 1 means resblock is faster) and PyTorch's peak memory for
+//!   the same steps (`torch_bench.py --memory`).
 #![forbid(unsafe_code)]
 
 use std::collections::HashMap;
@@ -94,6 +97,79 @@ fn ci() -> Result<()> {
     Ok(())
 }
 
+/// The training steps whose peak memory the bench measures: (arch, batch, image size).
+const MEMORY: [(&str, usize, usize); 2] = [("resnet20", 128, 32), ("resnet50", 32, 224)];
+
+/// Steps each memory probe runs (the peak is reached in the first; the second shows it
+/// does not grow).
+const MEMORY_STEPS: usize = 2;
+
+/// Peak RSS in bytes per benchmark id: ours, and PyTorch's when compared.
+type Memory = HashMap<String, (u64, Option<u64>)>;
+
+/// Runs the memory probes whose ids pass `filter`, ours and (with `compare`) PyTorch's.
+fn memory(filter: Option<&str>, compare: bool) -> Result<Memory> {
+    let mut build = cargo();
+    build.args([
+        "build",
+        "--release",
+        "-p",
+        "resblock-benches",
+        "--example",
+        "peak-memory",
+    ]);
+    run("building the memory probe", build)?;
+    let probe = root().join("target/release/examples/peak-memory");
+    let mut out = Memory::new();
+    for (arch, batch, size) in MEMORY {
+        let id = format!("cpu/{arch}/train_step/bs{batch}");
+        if filter.is_some_and(|f| !id.contains(f)) {
+            continue;
+        }
+        let args = [
+            arch.to_string(),
+            batch.to_string(),
+            size.to_string(),
+            MEMORY_STEPS.to_string(),
+        ];
+        let ours = peak_of(
+            Command::new(&probe).args(&args),
+            &format!("memory probe {id}"),
+        )?;
+        let torch = if compare {
+            let mut py = Command::new(env::var("PYTHON").unwrap_or_else(|_| "python3".into()));
+            py.arg(root().join("benches/torch_bench.py"))
+                .arg("--memory")
+                .args(&args);
+            Some(peak_of(&mut py, &format!("PyTorch memory probe {id}"))?)
+        } else {
+            None
+        };
+        out.insert(id, (ours, torch));
+    }
+    Ok(out)
+}
+
+/// Runs a probe and reads `peak_rss_bytes` from the JSON line it prints.
+fn peak_of(cmd: &mut Command, what: &str) -> Result<u64> {
+    eprintln!("==> {what}");
+    let out = cmd.output().with_context(|| format!("starting {what}"))?;
+    if !out.status.success() {
+        bail!(
+            "{what} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().last().unwrap_or_default();
+    let v: serde_json::Value =
+        serde_json::from_str(line).with_context(|| format!("{what} printed {line:?}"))?;
+    v["peak_rss_bytes"]
+        .as_u64()
+        .with_context(|| format!("{what}: no peak_rss_bytes in {line:?}"))
+}
+
 fn bench(args: &[String]) -> Result<()> {
     let compare = args.iter().any(|a| a == "--compare-torch");
     let filter: Vec<&String> = args.iter().filter(|a| *a != "--compare-torch").collect();
@@ -133,10 +209,12 @@ fn bench(args: &[String]) -> Result<()> {
     run("criterion benchmarks", cmd)?;
     let after = compare.then(|| torch_run("after")).transpose()?;
     let torch = before.zip(after);
+    let mem = memory(filter.first().map(|f| f.as_str()), compare)?;
     let table = table(
         &target.join("criterion"),
         &meta,
         torch.as_ref().map(|(b, a)| (b, a)),
+        &mem,
     )?;
     let out = root().join("docs/benchmarks.md");
     let tmp = out.with_extension("md.tmp");
@@ -175,16 +253,20 @@ fn machine() -> String {
 /// PyTorch's results before and after ours.
 type TorchRuns<'a> = (&'a serde_json::Value, &'a serde_json::Value);
 
-fn table(dir: &Path, meta: &Path, torch: Option<TorchRuns<'_>>) -> Result<String> {
+fn table(dir: &Path, meta: &Path, torch: Option<TorchRuns<'_>>, mem: &Memory) -> Result<String> {
     let mut rows = Vec::new();
     collect(dir, dir, &mut rows)?;
     rows.sort_by(|a, b| a.0.cmp(&b.0));
     let meta = read_meta(meta);
     let gflops = |id: &str, ns: f64| meta.get(id).and_then(|m| m.1).map(|f| f / ns);
-    let peak = rows
-        .iter()
-        .find(|(id, _)| id == "cpu/gemm/f32_1024")
-        .and_then(|(id, ns)| gflops(id, *ns));
+    let measured = |name: &str| {
+        rows.iter()
+            .find(|(id, _)| id == name)
+            .and_then(|(id, ns)| gflops(id, *ns))
+    };
+    let peak = measured("cpu/gemm/f32_1024");
+    let fma = measured("cpu/peak/fma_f32");
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     let threads = env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "all".into());
     let mut s = String::new();
     writeln!(s, "# Benchmarks\n")?;
@@ -199,10 +281,34 @@ fn table(dir: &Path, meta: &Path, torch: Option<TorchRuns<'_>>) -> Result<String
     )?;
     writeln!(
         s,
-        "Machine: {}, {} logical CPUs, RAYON_NUM_THREADS={threads}.",
+        "Machine: {}, {cpus} logical CPUs, RAYON_NUM_THREADS={threads}.",
         machine(),
-        std::thread::available_parallelism().map_or(0, |n| n.get())
     )?;
+    if let Some(f) = fma {
+        let threads_used = env::var("RAYON_NUM_THREADS")
+            .ok()
+            .and_then(|t| t.parse::<usize>().ok())
+            .unwrap_or(cpus)
+            .max(1);
+        write!(
+            s,
+            "Peak: the FMA loop `cpu/peak/fma_f32` runs at {f:.1} GFLOP/s on {threads_used} \
+             threads, i.e. {threads_used} cores x 2 FMA pipes x 8 f32 lanes x 2 flop x \
+             {:.2} GHz effective clock (a core that retires two 256-bit FMAs per cycle, as \
+             AMD Zen 3/4 and Intel client cores do; Zen 4 runs a 512-bit FMA as two halves, so \
+             AVX-512 does not raise this ceiling there).",
+            f / (threads_used as f64 * 32.)
+        )?;
+        if let Some(g) = peak {
+            write!(
+                s,
+                " The best measured GEMM, `cpu/gemm/f32_1024`, reaches {g:.1} GFLOP/s, \
+                 {:.0}% of it.",
+                100. * g / f
+            )?;
+        }
+        writeln!(s)?;
+    }
     if let Some((t, _)) = torch {
         writeln!(
             s,
@@ -216,27 +322,44 @@ fn table(dir: &Path, meta: &Path, torch: Option<TorchRuns<'_>>) -> Result<String
     }
     writeln!(
         s,
-        "GFLOP/s counts a multiply-add as two; % peak is against `cpu/gemm/f32_1024` measured \
-         in the same run. Folded ResNets have BatchNorm folded into the convolutions \
-         (PyTorch eager has no such mode, so both rows compare with the same PyTorch model).\n"
+        "GFLOP/s counts a multiply-add as two; % FMA and % GEMM are against `cpu/peak/fma_f32` \
+         and `cpu/gemm/f32_1024` measured in the same run. Folded ResNets have BatchNorm \
+         folded into the convolutions (PyTorch eager has no such mode, so both rows compare \
+         with the same PyTorch model). Peak RSS: the whole process's peak resident memory \
+         (`VmHWM`) over {MEMORY_STEPS} training steps in a fresh process \
+         (`benches/examples/peak-memory.rs`{}), code and libraries included.\n",
+        if torch.is_some() {
+            ", and `benches/torch_bench.py --memory` for PyTorch; the ratio in that \
+             cell is PyTorch's peak / ours, above 1: resblock uses less"
+        } else {
+            ""
+        }
     )?;
-    let mut head = "| benchmark | time | images/s | GFLOP/s | % GEMM peak |".to_string();
-    let mut rule = "|---|---|---|---|---|".to_string();
+    let mut head = "| benchmark | time | images/s | GFLOP/s | % FMA peak | % GEMM |".to_string();
+    let mut rule = "|---|---|---|---|---|---|".to_string();
     if torch.is_some() {
         head.push_str(" PyTorch | ratio |");
         rule.push_str("---|---|");
     }
+    head.push_str(" peak RSS |");
+    rule.push_str("---|");
     writeln!(s, "{head}\n{rule}")?;
     for (id, ns) in &rows {
         let (images, _) = meta.get(id).copied().unwrap_or((None, None));
         let ips = images.map_or("".into(), |n| format!("{:.1}", n / (ns * 1e-9)));
         let g = gflops(id, *ns);
         let gs = g.map_or("".into(), |g| format!("{g:.1}"));
-        let pct = match (g, peak) {
+        let pct = |of: Option<f64>| match (g, of) {
             (Some(g), Some(p)) => format!("{:.0}%", 100. * g / p),
             _ => "".into(),
         };
-        write!(s, "| `{id}` | {} | {ips} | {gs} | {pct} |", human(*ns))?;
+        write!(
+            s,
+            "| `{id}` | {} | {ips} | {gs} | {} | {} |",
+            human(*ns),
+            pct(fma),
+            pct(peak)
+        )?;
         if let Some((b, a)) = torch {
             match (b[id.as_str()].as_f64(), a[id.as_str()].as_f64()) {
                 (Some(b), Some(a)) => {
@@ -252,6 +375,17 @@ fn table(dir: &Path, meta: &Path, torch: Option<TorchRuns<'_>>) -> Result<String
                 }
                 _ => write!(s, " | |")?,
             }
+        }
+        match mem.get(id.as_str()) {
+            Some((ours, Some(theirs))) => write!(
+                s,
+                " {} (PyTorch {}, {:.2}x) |",
+                mib(*ours),
+                mib(*theirs),
+                *theirs as f64 / *ours as f64
+            )?,
+            Some((ours, None)) => write!(s, " {} |", mib(*ours))?,
+            None => write!(s, " |")?,
         }
         writeln!(s)?;
     }
@@ -285,6 +419,10 @@ fn collect(base: &Path, dir: &Path, rows: &mut Vec<(String, f64)>) -> Result<()>
 
 fn read_json(path: &Path) -> Option<serde_json::Value> {
     serde_json::from_str(&fs::read_to_string(path).ok()?).ok()
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.0} MiB", bytes as f64 / (1024. * 1024.))
 }
 
 fn human(ns: f64) -> String {

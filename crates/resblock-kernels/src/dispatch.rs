@@ -47,7 +47,7 @@ pub enum Simd {
     Portable,
     /// x86-64 AVX2 + FMA, 8 f32 lanes, 16 vector registers.
     Avx2,
-    /// x86-64 AVX-512F (with AVX2 + FMA), 16 f32 lanes, 32 vector registers.
+    /// x86-64 AVX-512 F + VL (with AVX2 + FMA), 16 f32 lanes, 32 vector registers.
     Avx512,
 }
 
@@ -173,8 +173,9 @@ pub fn kernels() -> Kernels {
 pub struct CpuFeatures {
     /// x86-64 AVX2 and FMA (the 8-lane kernels).
     pub avx2_fma: bool,
-    /// x86-64 AVX-512F (16 lanes).
-    pub avx512f: bool,
+    /// x86-64 AVX-512 F and VL (16 lanes, 32 registers usable at every width; every
+    /// AVX-512 CPU since Skylake-SP and Zen 4 has both).
+    pub avx512: bool,
 }
 
 /// The CPU's features.
@@ -186,14 +187,15 @@ pub fn cpu() -> CpuFeatures {
             CpuFeatures {
                 avx2_fma: std::arch::is_x86_feature_detected!("avx2")
                     && std::arch::is_x86_feature_detected!("fma"),
-                avx512f: std::arch::is_x86_feature_detected!("avx512f"),
+                avx512: std::arch::is_x86_feature_detected!("avx512f")
+                    && std::arch::is_x86_feature_detected!("avx512vl"),
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
             CpuFeatures {
                 avx2_fma: false,
-                avx512f: false,
+                avx512: false,
             }
         }
     })
@@ -203,7 +205,7 @@ pub fn cpu() -> CpuFeatures {
 pub fn simd_in_use() -> Simd {
     let f = cpu();
     match current().simd {
-        Simd::Avx512 if f.avx512f && f.avx2_fma => Simd::Avx512,
+        Simd::Avx512 if f.avx512 && f.avx2_fma => Simd::Avx512,
         Simd::Avx512 | Simd::Avx2 if f.avx2_fma => Simd::Avx2,
         _ => Simd::Portable,
     }

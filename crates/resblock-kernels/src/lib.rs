@@ -1,8 +1,8 @@
 //! The compute kernels of resblock: every `unsafe` line of the workspace lives in this crate.
 //!
 //! Tensor ops that ResNets need and Candle 0.11 lacks or gets wrong, each a Candle custom op
-//! with its backward, and our CPU kernels for them (AVX2/FMA where the CPU has it, portable
-//! loops everywhere):
+//! with its backward, and our CPU kernels for them (AVX-512 or AVX2/FMA where the CPU has
+//! them, portable loops everywhere):
 //!
 //! - [`conv2d`] ([`conv`]): our CPU convolution ([`conv2d_native`]: forward and both
 //!   gradients as GEMMs or direct kernels) or Candle's ([`conv2d_candle`], with a backward
@@ -20,13 +20,14 @@
 //! - [`add_relu`] ([`eltwise`]): `relu(a + b)`, the end of a post-activation block.
 //!
 //! [`dispatch`] is the one switch between ours and Candle's, direct and GEMM convolutions,
-//! fused and separate conv + BN, SIMD and portable loops; [`alloc`] tunes the allocator for
-//! training.
+//! fused and separate conv + BN, AVX-512, AVX2 and portable loops; [`alloc`] tunes the
+//! allocator for training; [`peak`] measures the CPU's peak FMA rate for the benchmarks.
 //!
-//! Layout: `conv/` (`mod.rs` the public entry points, `cpu.rs` the custom ops and the GEMM
-//! path, `direct.rs` the direct kernels), `norm/` (`mod.rs` the op, `simd.rs` its loops),
+//! Layout: `conv/` (`mod.rs` the public entry points, `op.rs` the custom ops, `path.rs` which
+//! kernels run, `gemm.rs` the GEMM path, `direct/` the direct kernels with `avx512.rs` and
+//! `avx2.rs` micro-kernels), `norm/` (`mod.rs` the op, `simd.rs` its loops),
 //! `fused/conv_bn.rs`, `pool.rs`, `shortcut/`, `eltwise.rs`, `buffer.rs` (what every op's
-//! CPU side shares), `dispatch.rs`, `alloc.rs`, `error.rs`.
+//! CPU side shares), `dispatch.rs`, `alloc.rs`, `peak.rs`, `error.rs`.
 #![warn(missing_docs)]
 
 pub mod alloc;
@@ -37,6 +38,7 @@ pub mod eltwise;
 pub mod error;
 pub mod fused;
 pub mod norm;
+pub mod peak;
 pub mod pool;
 pub mod shortcut;
 

@@ -12,18 +12,29 @@ pub(crate) fn direct_enabled() -> bool {
     crate::dispatch::current().direct_conv
 }
 
-/// The largest `C_in * kh * kw` the direct kernels take: above it the GEMM path's packed
-/// micro-kernels win (measured: ResNet-18/50 at 224x224, batch 8, ran 10-25% slower with the
-/// direct kernels on every stride-1 layer).
+/// The largest `C_in * kh * kw` the direct kernels take in a backward, and in a forward on
+/// AVX2: above it the GEMM path's packed micro-kernels win (measured with AVX2: ResNet-18/50
+/// at 224x224, batch 8, ran 10-25% slower with the direct kernels on every stride-1 layer).
 pub(crate) const DIRECT_MAX_K: usize = 576;
+
+/// The same for an AVX-512 forward, whose tile feeds twice the FMAs per load: up to 256
+/// input channels of a 3x3 kernel (ResNet-18 at 224x224 ran 10-15% faster at batch 1 and
+/// 8 with the direct kernel up to here; the 512-channel 7x7 layers ran slower on it).
+pub(crate) const DIRECT_MAX_K_AVX512_FORWARD: usize = 2304;
 
 /// The direct forward plan when it applies: f32 (the caller's), stride 1, no dilation, one
 /// group, and not a 1x1 unpadded convolution (that one is a plain GEMM already).
 pub(crate) fn direct_plan(d: &Dims, g: &ConvGeom) -> Option<direct::Plan> {
+    let plan = direct_plan_up_to(d, g, DIRECT_MAX_K_AVX512_FORWARD)?;
+    (plan.isa() == direct::Isa::Avx512 || d.c * d.kh * d.kw <= DIRECT_MAX_K).then_some(plan)
+}
+
+/// [`direct_plan`] with `C_in * kh * kw` at most `max_k`.
+fn direct_plan_up_to(d: &Dims, g: &ConvGeom, max_k: usize) -> Option<direct::Plan> {
     if !direct_enabled() || g.stride != 1 || g.dilation != 1 || g.groups != 1 || d.direct(g) {
         return None;
     }
-    if d.c * d.kh * d.kw > DIRECT_MAX_K {
+    if d.c * d.kh * d.kw > max_k {
         return None;
     }
     direct::Plan::new(
@@ -40,7 +51,7 @@ pub(crate) fn direct_backward_plans(
     d: &Dims,
     g: &ConvGeom,
 ) -> Option<(direct::Plan, direct::Plan)> {
-    let fwd = direct_plan(d, g)?;
+    let fwd = direct_plan_up_to(d, g, DIRECT_MAX_K)?;
     let pad_y = (d.kh - 1).checked_sub(g.padding)?;
     let pad_x = (d.kw - 1).checked_sub(g.padding)?;
     let back = direct::Plan::with_isa(

@@ -1,6 +1,6 @@
 //! The AVX-512 micro-kernels of the direct convolution: 8 output channels by 2 vectors of 16
 //! pixels (forward: 16 accumulators of the 32 registers), 8 channels by 3 taps (weight
-//! gradient, as two passes of 4 channels: 12 accumulators).
+//! gradient: 24 accumulators).
 //!
 //! Against the AVX2 tile (4 x 2 vectors of 8) each broadcast weight feeds twice the pixels and
 //! each loaded input vector twice the channels, so a step issues half the loads per FMA and
@@ -21,9 +21,9 @@ const LANES: usize = Isa::Avx512.lanes();
 /// `out[j * qlen + 0..TQ] = sum_ci sum_tap w[ci, tap, j] * x[ci * ps + taps[tap] + 0..TQ]`.
 ///
 /// # Safety
-/// AVX-512F must be available; `x` must be readable for `(c - 1) * ps + max(taps) + TQ`
+/// AVX-512 F and VL must be available; `x` must be readable for `(c - 1) * ps + max(taps) + TQ`
 /// floats, `w` for `c * taps.len() * CB`, and `out` writable for `(CB - 1) * qlen + TQ`.
-#[target_feature(enable = "avx512f,avx2,fma")]
+#[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
 pub(crate) unsafe fn fwd_tile(
     x: *const f32,
     ps: usize,
@@ -63,13 +63,19 @@ pub(crate) unsafe fn fwd_tile(
     }
 }
 
-/// `sums[j][t] += sum_i sum_{q < qlen} dys[i][j * stride + q] * xs[i][offs[t] + q]` for every
-/// `j < CB`, starting from zero.
+/// `sums[j][t] = sum_i sum_{q < qlen} dys[i][j * stride + q] * xs[i][offs[t] + q]` for every
+/// `j < CB`: all `CB` rows by `TB` taps in 24 accumulators, summed over the images before
+/// one reduction; each loaded input vector feeds 8 FMAs and each `dY` vector 3.
+///
+/// The accumulators are named variables (a macro writes them out). Without AVX-512VL in the
+/// target features, 128- and 256-bit instructions (the zeroing idiom, the halves of the
+/// final reduction) reach only registers 0-15, so LLVM kept the accumulators there and
+/// spilled 8 of them: hence VL is required.
 ///
 /// # Safety
-/// AVX-512F must be available, `qlen` a multiple of 16, every `xs[i]` readable for
+/// AVX-512 F and VL must be available, `qlen` a multiple of 16, every `xs[i]` readable for
 /// `max(offs) + qlen` floats and every `dys[i]` for `(CB - 1) * stride + qlen`.
-#[target_feature(enable = "avx512f,avx2,fma")]
+#[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
 pub(crate) unsafe fn wgrad_tile(
     (xs, dys): (&[*const f32], &[*const f32]),
     offs: [usize; TB],
@@ -77,56 +83,43 @@ pub(crate) unsafe fn wgrad_tile(
     qlen: usize,
     sums: &mut [[f32; TB]; MAX_CB],
 ) {
-    *sums = [[0.0; TB]; MAX_CB];
-    for (&x, &dy) in xs.iter().zip(dys) {
-        // SAFETY: the caller's contract, for one image.
-        unsafe { wgrad_image(x, dy, offs, stride, qlen, sums) };
-    }
-}
-
-/// Output channels per weight-gradient pass: a tile's `CB` channels run as two passes of 4
-/// (12 accumulators). One pass of all 8 (24 accumulators) made LLVM spill them to the stack
-/// and run slower than the AVX2 kernel.
-const WG_ROWS: usize = 4;
-
-/// One image's share of [`wgrad_tile`], added to `sums`.
-///
-/// # Safety
-/// As [`wgrad_tile`] for one `(x, dy)`.
-#[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn wgrad_image(
-    x: *const f32,
-    dy: *const f32,
-    offs: [usize; TB],
-    stride: usize,
-    qlen: usize,
-    sums: &mut [[f32; TB]; MAX_CB],
-) {
-    for (half, sums) in sums[..CB].chunks_exact_mut(WG_ROWS).enumerate() {
-        // SAFETY: the caller's contract covers every pointer formed here; the pass reads `dY`
-        // rows `half * WG_ROWS..(half + 1) * WG_ROWS < CB`.
-        unsafe {
-            let dy = dy.add(half * WG_ROWS * stride);
-            let mut acc = [[_mm512_setzero_ps(); TB]; WG_ROWS];
-            let mut q = 0;
-            while q < qlen {
-                let mut xv = [_mm512_setzero_ps(); TB];
-                for (v, off) in xv.iter_mut().zip(offs) {
-                    *v = _mm512_loadu_ps(x.add(off + q));
-                }
-                for (j, row) in acc.iter_mut().enumerate() {
-                    let d = _mm512_loadu_ps(dy.add(j * stride + q));
-                    for (a, xv) in row.iter_mut().zip(&xv) {
-                        *a = _mm512_fmadd_ps(*xv, d, *a);
+    const _: () = assert!(CB == 8 && TB == 3);
+    macro_rules! kernel {
+        ($($j:literal: $a0:ident $a1:ident $a2:ident),*) => {
+            // SAFETY: the caller's contract covers every pointer formed here.
+            unsafe {
+                $(let (mut $a0, mut $a1, mut $a2) =
+                    (_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps());)*
+                for (&x, &dy) in xs.iter().zip(dys) {
+                    let (x0, x1, x2) = (x.add(offs[0]), x.add(offs[1]), x.add(offs[2]));
+                    let mut q = 0;
+                    while q < qlen {
+                        let (v0, v1, v2) = (
+                            _mm512_loadu_ps(x0.add(q)),
+                            _mm512_loadu_ps(x1.add(q)),
+                            _mm512_loadu_ps(x2.add(q)),
+                        );
+                        $(
+                            let d = _mm512_loadu_ps(dy.add($j * stride + q));
+                            $a0 = _mm512_fmadd_ps(v0, d, $a0);
+                            $a1 = _mm512_fmadd_ps(v1, d, $a1);
+                            $a2 = _mm512_fmadd_ps(v2, d, $a2);
+                        )*
+                        q += LANES;
                     }
                 }
-                q += LANES;
+                $(
+                    sums[$j] = [
+                        _mm512_reduce_add_ps($a0),
+                        _mm512_reduce_add_ps($a1),
+                        _mm512_reduce_add_ps($a2),
+                    ];
+                )*
             }
-            for (s, a) in sums.iter_mut().zip(&acc) {
-                for (s, a) in s.iter_mut().zip(a) {
-                    *s += _mm512_reduce_add_ps(*a);
-                }
-            }
-        }
+        };
     }
+    kernel!(
+        0: a00 a01 a02, 1: a10 a11 a12, 2: a20 a21 a22, 3: a30 a31 a32,
+        4: a40 a41 a42, 5: a50 a51 a52, 6: a60 a61 a62, 7: a70 a71 a72
+    );
 }

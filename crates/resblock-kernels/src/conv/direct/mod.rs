@@ -72,7 +72,7 @@ impl Isa {
         let f = crate::dispatch::cpu();
         match self {
             Isa::Avx2 => f.avx2_fma,
-            Isa::Avx512 => f.avx2_fma && f.avx512f,
+            Isa::Avx512 => f.avx2_fma && f.avx512,
         }
     }
 
