@@ -97,6 +97,9 @@ fn ci() -> Result<()> {
     Ok(())
 }
 
+/// In `docs/benchmarks.md`, everything from this line on is kept when the table is rewritten.
+const KEEP_MARKER: &str = "<!-- kept by cargo xtask bench: notes below -->";
+
 /// The training steps whose peak memory the bench measures: (arch, batch, image size).
 const MEMORY: [(&str, usize, usize); 2] = [("resnet20", 128, 32), ("resnet50", 32, 224)];
 
@@ -217,8 +220,18 @@ fn bench(args: &[String]) -> Result<()> {
         &mem,
     )?;
     let out = root().join("docs/benchmarks.md");
+    // Hand-written notes (earlier tables, findings) below the marker survive a new run.
+    let kept = fs::read_to_string(&out)
+        .ok()
+        .and_then(|old| old.find(KEEP_MARKER).map(|at| old[at..].to_string()))
+        .unwrap_or_default();
+    let text = if kept.is_empty() {
+        table
+    } else {
+        format!("{table}\n{kept}")
+    };
     let tmp = out.with_extension("md.tmp");
-    fs::write(&tmp, table).with_context(|| format!("writing {}", tmp.display()))?;
+    fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
     fs::rename(&tmp, &out).with_context(|| format!("renaming onto {}", out.display()))?;
     eprintln!("wrote {}", out.display());
     Ok(())

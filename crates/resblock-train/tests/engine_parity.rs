@@ -132,7 +132,7 @@ fn run_resnet20(f: &HashMap<String, Tensor>, dtype: DType) -> Result<(Vec<f64>, 
 /// a 20-step f32 trajectory amplifies summation-order differences, and this one passes a
 /// sensitive point at step 8-9. A fixed 1e-4 bound against either reference therefore only
 /// holds for an implementation that happens to round like that reference. The direct
-/// convolution kernels (`resblock-kernels/src/conv/direct.rs`) round like PyTorch's f32 run (within 3e-5 of
+/// convolution kernels (`resblock-kernels/src/conv/direct/`) round like PyTorch's f32 run (within 3e-5 of
 /// it at every step) and so leave f64 by as much as PyTorch-f32 does; the GEMM path
 /// (`RESBLOCK_DIRECT_CONV=0`) stays within 6e-6 of f64 and leaves PyTorch-f32 by its spread.
 /// So each step's loss must be within 1e-4 plus PyTorch-f32's distance from f64 at that step

@@ -55,7 +55,7 @@ pub fn conv2d(
     }
 }
 
-/// [`conv2d`] on our CPU kernel (see `gemm.rs`, `direct.rs`, `op.rs`): forward, input gradient and weight
+/// [`conv2d`] on our CPU kernel (see `gemm.rs`, `direct/`, `op.rs`): forward, input gradient and weight
 /// gradient all as GEMMs over one image's unfolded input at a time, images in parallel,
 /// grouped convolutions in one pass, the weight gradient summed in f64. Other devices and
 /// dtypes fall back to [`conv2d_candle`].

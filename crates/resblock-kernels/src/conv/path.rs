@@ -1,4 +1,4 @@
-//! Which kernels a convolution runs on: the direct kernels (`direct.rs`) where they apply
+//! Which kernels a convolution runs on: the direct kernels (`direct/`) where they apply
 //! and win, the GEMM path (`gemm.rs`) elsewhere.
 
 use super::direct;
