@@ -6,7 +6,7 @@
 use candle_core::{DType, Device, Tensor, Var};
 use criterion::{criterion_group, criterion_main, Criterion};
 use resblock_benches::{conv3x3_flop, record};
-use resblock_core::ops::{batch_norm_train, conv2d};
+use resblock_core::ops::{batch_norm_train, conv2d, conv2d_backward};
 use resblock_core::{configure_threads, RngHandle};
 
 fn randn(shape: &[usize], std: f64) -> Tensor {
@@ -55,14 +55,15 @@ fn convs(c: &mut Criterion) {
         c.bench_function(&id, |b| {
             b.iter(|| conv2d(&xp, &wp, 1, s, 1, 1).expect("conv"))
         });
-        // The backward alone: one forward builds the graph; each iteration backpropagates
-        // an upstream gradient through it.
-        let y = conv2d(x.as_tensor(), w.as_tensor(), 1, s, 1, 1).expect("conv");
-        let r = randn(y.dims(), 1.);
-        let loss = (&y * &r).expect("mul").sum_all().expect("sum");
+        // The backward alone: both gradients for a given upstream gradient `r`, as
+        // PyTorch's `torch.autograd.grad(y, (x, w), r)` in torch_bench.py.
+        let out = (hw - 1) / s + 1;
+        let r = randn(&[n, co, out, out], 1.);
         let id = format!("cpu/conv3x3/{name}/bwd_data_and_weight");
         record(&id, Some(n as f64), Some(2. * flop));
-        c.bench_function(&id, |b| b.iter(|| loss.backward().expect("backward")));
+        c.bench_function(&id, |b| {
+            b.iter(|| conv2d_backward(x.as_tensor(), w.as_tensor(), &r, 1, s, 1, 1).expect("bwd"))
+        });
     }
 }
 

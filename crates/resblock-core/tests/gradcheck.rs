@@ -581,3 +581,45 @@ fn zero_pad_shortcut_agrees_with_candle_ops() -> Result<()> {
     }
     Ok(())
 }
+
+/// `conv2d_backward` (both gradients for a given output gradient, no graph) against Candle's
+/// autograd through its own convolution: f64 on the GEMM and flipped-kernel paths, f32 on
+/// the direct kernels, a strided scatter; a wrong output-gradient shape is an error that
+/// names the shapes.
+#[test]
+fn conv_backward_without_a_graph_matches_autograd() -> Result<()> {
+    use resblock_core::ops::conv2d_backward;
+    let rng = RngHandle::seed_from_u64(21);
+    // (n, c_in, c_out, h, w, k, padding, stride, groups, dtype)
+    let cases = [
+        (2, 4, 6, 7, 6, 3, 1, 1, 1, DType::F64),
+        (2, 4, 6, 8, 7, 3, 1, 2, 2, DType::F64),
+        (3, 8, 16, 9, 10, 3, 1, 1, 1, DType::F32),
+        (2, 4, 6, 5, 5, 1, 0, 1, 1, DType::F32),
+    ];
+    for (n, ci, co, h, w, k, p, s, g, dt) in cases {
+        let name = format!("n{n} {ci}->{co} {h}x{w} k{k} p{p} s{s} g{g} {dt:?}");
+        let x = randn(&rng, &[n, ci, h, w])?.to_dtype(dt)?;
+        let kern = randn(&rng, &[co, ci / g, k, k])?.to_dtype(dt)?;
+        let (xv, kv) = (Var::from_tensor(&x)?, Var::from_tensor(&kern)?);
+        let y = conv2d_candle(xv.as_tensor(), kv.as_tensor(), p, s, 1, g)?;
+        let dy = randn(&rng, y.dims())?.to_dtype(dt)?;
+        let gs = (&y * &dy)?.sum_all()?.backward()?;
+        let (dx, dk) = conv2d_backward(&x, &kern, &dy, p, s, 1, g)?;
+        let tol = if dt == DType::F64 { 1e-12 } else { 1e-5 };
+        let want = |v: &Var| gs.get(v).cloned().ok_or_else(|| anyhow::anyhow!("no grad"));
+        assert_close(&format!("{name} dx"), &dx, &want(&xv)?, tol)?;
+        assert_close(&format!("{name} dw"), &dk, &want(&kv)?, tol)?;
+    }
+    let x = randn(&rng, &[1, 2, 5, 5])?;
+    let kern = randn(&rng, &[3, 2, 3, 3])?;
+    let bad = randn(&rng, &[1, 3, 4, 5])?;
+    let err = conv2d_backward(&x, &kern, &bad, 1, 1, 1, 1)
+        .expect_err("a wrong output gradient shape is refused")
+        .to_string();
+    anyhow::ensure!(
+        err.contains("[1, 3, 5, 5]") && err.contains("[1, 3, 4, 5]"),
+        "error names both shapes: {err}"
+    );
+    Ok(())
+}

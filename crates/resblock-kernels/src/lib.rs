@@ -8,7 +8,8 @@
 //!   gradients as GEMMs or direct kernels) or Candle's ([`conv2d_candle`], with a backward
 //!   that is right for non-square inputs whose height and width leave different remainders
 //!   under the stride); [`conv2d_fused`]: convolution + bias (+ ReLU) with the epilogue
-//!   fused; [`conv2d_scale_shift`]: convolution + eval-mode BatchNorm (+ ReLU) the same way.
+//!   fused; [`conv2d_scale_shift`]: convolution + eval-mode BatchNorm (+ ReLU) the same way;
+//!   [`conv2d_backward`]: both gradients for a given output gradient, without a graph.
 //! - [`batch_norm_train`] ([`norm`]): training-mode batch normalisation (optionally fused
 //!   with ReLU) as one multithreaded op with its own backward, statistics in f64.
 //! - [`conv_batch_norm_train`] ([`fused`]): convolution + training-mode batch norm (+ ReLU)
@@ -42,7 +43,9 @@ pub mod peak;
 pub mod pool;
 pub mod shortcut;
 
-pub use conv::{conv2d, conv2d_candle, conv2d_fused, conv2d_native, conv2d_scale_shift};
+pub use conv::{
+    conv2d, conv2d_backward, conv2d_candle, conv2d_fused, conv2d_native, conv2d_scale_shift,
+};
 pub use dispatch::{kernels, set_kernels, simd_in_use, Dispatch, Kernels, Simd};
 pub use eltwise::add_relu;
 pub use error::{Error, Result};

@@ -221,6 +221,79 @@ fn native_fits(x: &Tensor, kernel: &Tensor, bias: Option<&Tensor>, g: &ConvGeom)
     Ok(c_in == c_k * g.groups && fits(h, kh) && fits(w, kw) && bias_ok)
 }
 
+/// Both gradients of [`conv2d`] for the upstream gradient `dy`: `(dL/dx, dL/dkernel)` where
+/// `dy = dL/dy` (as PyTorch's `torch.autograd.grad(y, (x, w), dy)`, or
+/// `torch.nn.grad.conv2d_input` and `conv2d_weight` together). On the CPU in f32/f64 it runs
+/// our backward kernel directly, with no graph; elsewhere Candle's autograd through
+/// [`conv2d`].
+///
+/// # Shapes
+/// As [`conv2d`]; `dy` has the output's shape.
+///
+/// # Errors
+/// As [`conv2d`], or a `dy` whose shape is not the output's.
+pub fn conv2d_backward(
+    x: &Tensor,
+    kernel: &Tensor,
+    dy: &Tensor,
+    padding: usize,
+    stride: usize,
+    dilation: usize,
+    groups: usize,
+) -> Result<(Tensor, Tensor)> {
+    let geom = ConvGeom {
+        padding,
+        stride,
+        dilation,
+        groups,
+    };
+    let native = crate::dispatch::kernels() == crate::dispatch::Kernels::Native
+        && native_fits(x, kernel, None, &geom)?
+        && dy.device().is_cpu()
+        && dy.dtype() == x.dtype();
+    if native {
+        let d = geom::Dims::new(&geom, x.dims(), kernel.dims())?;
+        let want = [d.n, d.cout, d.oh, d.ow];
+        if dy.dims() != want {
+            return Err(Error::Shape {
+                op: "conv2d_backward",
+                expected: format!("an output gradient of shape {want:?}"),
+                got: dy.dims().to_vec(),
+            });
+        }
+        let (x, k, dy) = (x.contiguous()?, kernel.contiguous()?, dy.contiguous()?);
+        let (dx, dk, _) = op::cpu_backward(&x, &k, &dy, &dy, (false, false), &geom)?;
+        return Ok((dx, dk));
+    }
+    let (xv, kv) = (
+        candle_core::Var::from_tensor(&x.detach())?,
+        candle_core::Var::from_tensor(&kernel.detach())?,
+    );
+    let y = conv2d(
+        xv.as_tensor(),
+        kv.as_tensor(),
+        padding,
+        stride,
+        dilation,
+        groups,
+    )?;
+    if y.dims() != dy.dims() {
+        return Err(Error::Shape {
+            op: "conv2d_backward",
+            expected: format!("an output gradient of shape {:?}", y.dims()),
+            got: dy.dims().to_vec(),
+        });
+    }
+    let grads = (y * dy.detach())?.sum_all()?.backward()?;
+    let get = |v: &candle_core::Var| {
+        grads
+            .get(v)
+            .cloned()
+            .ok_or_else(|| Error::config("conv2d_backward: no gradient"))
+    };
+    Ok((get(&xv)?, get(&kv)?))
+}
+
 /// [`conv2d`] on Candle's own kernels (any device), with a backward that is right for every
 /// input shape (see the module docs).
 ///
