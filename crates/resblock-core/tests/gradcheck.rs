@@ -584,8 +584,9 @@ fn zero_pad_shortcut_agrees_with_candle_ops() -> Result<()> {
 
 /// `conv2d_backward` (both gradients for a given output gradient, no graph) against Candle's
 /// autograd through its own convolution: f64 on the GEMM and flipped-kernel paths, f32 on
-/// the direct kernels, a strided scatter; a wrong output-gradient shape is an error that
-/// names the shapes.
+/// the direct kernels and on the GEMM path (1x1, strided grouped scatter, `C_in * 9` above
+/// the direct kernels' limit: the AVX-512 GEMM where it runs); a wrong output-gradient shape
+/// is an error that names the shapes.
 #[test]
 fn conv_backward_without_a_graph_matches_autograd() -> Result<()> {
     use resblock_core::ops::conv2d_backward;
@@ -596,6 +597,8 @@ fn conv_backward_without_a_graph_matches_autograd() -> Result<()> {
         (2, 4, 6, 8, 7, 3, 1, 2, 2, DType::F64),
         (3, 8, 16, 9, 10, 3, 1, 1, 1, DType::F32),
         (2, 4, 6, 5, 5, 1, 0, 1, 1, DType::F32),
+        (2, 4, 6, 8, 7, 3, 1, 2, 2, DType::F32),
+        (1, 72, 20, 6, 5, 3, 1, 1, 1, DType::F32),
     ];
     for (n, ci, co, h, w, k, p, s, g, dt) in cases {
         let name = format!("n{n} {ci}->{co} {h}x{w} k{k} p{p} s{s} g{g} {dt:?}");
