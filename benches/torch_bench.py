@@ -122,10 +122,12 @@ def train_workload(arch, batch, size):
     """The step of `TrainWorkload` in benches/src/lib.rs: SGD with Nesterov momentum, weight
     decay on weights only, cross-entropy, random inputs, labels i % 10."""
     torch.manual_seed(0)
-    if arch.startswith("resnet") and arch[6:].isdigit() and (int(arch[6:]) - 2) % 6 == 0:
-        net = cifar(int(arch[6:]))
-    else:
+    # ImageNet ResNets by name (resnet18, resnet50, ...), else the CIFAR ResNet of that depth
+    # (resnet20, resnet56): (50 - 2) % 6 == 0 too, so the depth alone cannot decide.
+    if hasattr(imagenet_models, arch):
         net = getattr(imagenet_models, arch)()
+    else:
+        net = cifar(int(arch[len("resnet"):]))
     net.train()
     decay = [p for p in net.parameters() if p.ndim > 1]
     no_decay = [p for p in net.parameters() if p.ndim <= 1]
