@@ -106,6 +106,7 @@ impl TrainWorkload {
         )
         .expect("net");
         let macs = net.summary(size, size).expect("summary").total_macs() as f64;
+        let flop = 3. * 2. * macs * batch as f64;
         let classes = cfg.num_classes as u32;
         let batch = Batch {
             inputs: rng
@@ -125,7 +126,6 @@ impl TrainWorkload {
             )
             .expect("y"),
         };
-        let flop = 3. * 2. * macs * batch.inputs.dim(0).expect("batch") as f64;
         TrainWorkload {
             net,
             varmap,

@@ -178,6 +178,17 @@ pub struct CpuFeatures {
     pub avx512: bool,
 }
 
+impl CpuFeatures {
+    /// Whether this CPU can run the kernels of `simd` (whatever the dispatch allows).
+    pub fn has(self, simd: Simd) -> bool {
+        match simd {
+            Simd::Portable => true,
+            Simd::Avx2 => self.avx2_fma,
+            Simd::Avx512 => self.avx2_fma && self.avx512,
+        }
+    }
+}
+
 /// The CPU's features.
 pub fn cpu() -> CpuFeatures {
     static CPU: OnceLock<CpuFeatures> = OnceLock::new();
@@ -204,11 +215,10 @@ pub fn cpu() -> CpuFeatures {
 /// The SIMD kernels that run: the widest [`Dispatch::simd`] allows and the CPU has.
 pub fn simd_in_use() -> Simd {
     let f = cpu();
-    match current().simd {
-        Simd::Avx512 if f.avx512 && f.avx2_fma => Simd::Avx512,
-        Simd::Avx512 | Simd::Avx2 if f.avx2_fma => Simd::Avx2,
-        _ => Simd::Portable,
-    }
+    [Simd::Avx512, Simd::Avx2]
+        .into_iter()
+        .find(|&s| s <= current().simd && f.has(s))
+        .unwrap_or(Simd::Portable)
 }
 
 /// Whether the AVX2 + FMA kernels may run (also true where AVX-512 runs: the AVX-512

@@ -114,13 +114,7 @@ mod tests {
             x
         };
         for (simd, lanes) in [(Simd::Portable, 1.), (Simd::Avx2, 8.), (Simd::Avx512, 16.)] {
-            let f = crate::dispatch::cpu();
-            let have = match simd {
-                Simd::Portable => true,
-                Simd::Avx2 => f.avx2_fma,
-                Simd::Avx512 => f.avx2_fma && f.avx512,
-            };
-            if !have {
+            if !crate::dispatch::cpu().has(simd) {
                 continue;
             }
             let got = f64::from(chains(simd, 100, 0.5));

@@ -69,11 +69,10 @@ impl Isa {
 
     /// Whether this CPU can run these kernels (whatever the dispatch says).
     pub(crate) fn supported(self) -> bool {
-        let f = crate::dispatch::cpu();
-        match self {
-            Isa::Avx2 => f.avx2_fma,
-            Isa::Avx512 => f.avx2_fma && f.avx512,
-        }
+        crate::dispatch::cpu().has(match self {
+            Isa::Avx2 => crate::dispatch::Simd::Avx2,
+            Isa::Avx512 => crate::dispatch::Simd::Avx512,
+        })
     }
 
     /// f32 lanes of one vector register.
