@@ -8,6 +8,8 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
+use candle_core::{ModuleT, Tensor};
+
 /// One measurement: the Frobenius norms over the whole batch.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ProbeReading {
@@ -82,4 +84,32 @@ pub trait Probed {
             .map(|(name, p)| (name, p.last().map(|r| r.ratio())))
             .collect()
     }
+}
+
+/// Each block's `||r(x)|| / ||x||` on one forward of `x` (in eval mode unless `train`),
+/// in the order of [`Probed::probes`]. Probing is turned on for this forward only and the
+/// model's output is dropped. In training mode the forward updates batch-norm running
+/// statistics, as any training-mode forward does.
+///
+/// # Errors
+/// The forward's error, or a block that recorded nothing (one the forward did not reach).
+pub fn measure<M: Probed + ModuleT>(
+    model: &M,
+    x: &Tensor,
+    train: bool,
+) -> crate::Result<Vec<(String, f64)>> {
+    model.set_probing(true);
+    let out = model.forward_t(x, train);
+    let ratios = model.residual_ratios();
+    model.set_probing(false);
+    out?;
+    ratios
+        .into_iter()
+        .map(|(name, r)| match r {
+            Some(r) => Ok((name, r)),
+            None => Err(crate::Error::Config(format!(
+                "residual block {name} recorded no probe reading"
+            ))),
+        })
+        .collect()
 }

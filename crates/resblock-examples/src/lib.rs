@@ -1,10 +1,15 @@
-//! Shared helpers of the binaries (argument parsing, model selection, printing).
+//! Shared helpers of the binaries: the recipe's flags and one training path ([`fit`]),
+//! model selection, progress display, and the programs that show the article's claims.
 #![forbid(unsafe_code)]
 
+pub mod claims;
+pub mod fit;
 pub mod model_args;
 pub mod progress;
+pub mod recipe_args;
 
 pub use model_args::{ModelArgs, RuntimeArgs};
+pub use recipe_args::{PreparedData, RecipeArgs};
 
 use candle_core::Tensor;
 

@@ -1,5 +1,6 @@
 //! How the programs show a [`Trainer`](resblock_train::Trainer)'s progress: a bar per epoch
-//! on a terminal (stderr) and one line per epoch on stdout.
+//! on a terminal (stderr) and one line per epoch on stdout, prefixed with the run's name
+//! when a program trains several.
 
 use std::io::IsTerminal;
 
@@ -9,6 +10,16 @@ use resblock_train::Progress;
 
 /// A progress callback for [`resblock_train::Trainer::on_progress`].
 pub fn terminal() -> impl FnMut(&Progress<'_>) {
+    labelled("")
+}
+
+/// As [`terminal`], with every bar and line prefixed by `label` (none when empty).
+pub fn labelled(label: &str) -> impl FnMut(&Progress<'_>) {
+    let prefix = if label.is_empty() {
+        String::new()
+    } else {
+        format!("{label} ")
+    };
     let tty = std::io::stderr().is_terminal();
     let mut bar: Option<ProgressBar> = None;
     move |p| match *p {
@@ -24,7 +35,7 @@ pub fn terminal() -> impl FnMut(&Progress<'_>) {
             let b = bar.get_or_insert_with(|| {
                 let b = ProgressBar::new(steps as u64);
                 let style = ProgressStyle::with_template(&format!(
-                    "epoch {epoch}/{epochs} [{{bar:30}}] {{pos}}/{{len}} {{msg}} eta {{eta}}"
+                    "{prefix}epoch {epoch}/{epochs} [{{bar:30}}] {{pos}}/{{len}} {{msg}} eta {{eta}}"
                 ))
                 .unwrap_or_else(|_| ProgressStyle::default_bar());
                 b.set_style(style);
@@ -43,7 +54,7 @@ pub fn terminal() -> impl FnMut(&Progress<'_>) {
             if let Some(b) = bar.take() {
                 b.finish_and_clear();
             }
-            println!("{}", format_record(record, epochs));
+            println!("{prefix}{}", format_record(record, epochs));
         }
     }
 }

@@ -14,19 +14,7 @@ fn scratch(name: &str) -> PathBuf {
 
 /// Two classes of 8x8 grayscale PNGs: dark and bright, with a little texture.
 fn folder(root: &Path) -> PathBuf {
-    for (split, n) in [("train", 12u32), ("test", 4)] {
-        for (class, base) in [("dark", 40u8), ("bright", 200u8)] {
-            let dir = root.join(split).join(class);
-            std::fs::create_dir_all(&dir).expect("mkdir");
-            for i in 0..n {
-                let img = image::GrayImage::from_fn(8, 8, |x, y| {
-                    image::Luma([base.wrapping_add(((x * 7 + y * 3 + i) % 20) as u8)])
-                });
-                img.save(dir.join(format!("{i}.png"))).expect("png");
-            }
-        }
-    }
-    root.to_path_buf()
+    resblock_testing::two_class_folder(root, 8, 12, 4)
 }
 
 fn run(args: &[&str]) -> Output {

@@ -4,15 +4,18 @@
 //!
 //! - [`hash_init`]: deterministic weights that the PyTorch fixture scripts reproduce;
 //! - [`scratch_dir!`]: an empty folder under Cargo's per-crate test scratch space;
+//! - [`images`]: tiny image folders for the programs that train;
 //! - [`http`]: a real HTTP server on loopback serving files (downloads are tested against
 //!   it, never against the internet).
 #![forbid(unsafe_code)]
 
 pub mod hash_init;
 pub mod http;
+pub mod images;
 
 pub use hash_init::{hash_value, hash_var_builder, hash_var_builder_with_dtype};
 pub use http::serve_files;
+pub use images::two_class_folder;
 
 /// An empty folder `$CARGO_TARGET_TMPDIR/<group>/<name>` (removed first if it exists),
 /// for an integration test's files. `CARGO_TARGET_TMPDIR` is the calling test crate's.

@@ -120,30 +120,19 @@ impl ConfusionMatrix {
     /// # Errors
     /// An unwritable destination.
     pub fn save_png(&self, names: &[String], path: &Path) -> Result<()> {
-        crate::plot::ensure_font();
         let n = self.counts.len().max(1);
         let cell = (720 / n).clamp(4, 60) as i32;
         let margin = 150;
         let size = (margin + cell * n as i32 + 20) as u32;
-        let fail = |e: String| Error::Checkpoint {
-            path: path.display().to_string(),
-            msg: e,
-        };
-        let name = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or("confusion.png");
-        let tmp = path.with_file_name(format!(".tmp{}-{name}", std::process::id()));
-        {
-            let root = BitMapBackend::new(&tmp, (size, size)).into_drawing_area();
-            root.fill(&WHITE).map_err(|e| fail(e.to_string()))?;
+        crate::plot::save_png(path, (size, size), |root| {
+            let fail = |e: plotters::drawing::DrawingAreaErrorKind<_>| e.to_string();
             let font = ("sans-serif", (cell / 3).clamp(8, 16)).into_font();
             root.draw(&Text::new(
                 "rows: true class, columns: predicted",
                 (10, 10),
                 ("sans-serif", 16).into_font(),
             ))
-            .map_err(|e| fail(e.to_string()))?;
+            .map_err(fail)?;
             for (t, row) in self.counts.iter().enumerate() {
                 let total = row.iter().sum::<u64>().max(1) as f64;
                 let y = margin + cell * t as i32;
@@ -152,10 +141,10 @@ impl ConfusionMatrix {
                         .get(t)
                         .map_or_else(|| t.to_string(), |s| s.chars().take(14).collect());
                     root.draw(&Text::new(label.clone(), (10, y + cell / 3), font.clone()))
-                        .map_err(|e| fail(e.to_string()))?;
+                        .map_err(fail)?;
                     let x = margin + cell * t as i32;
                     root.draw(&Text::new(label, (x + 2, margin - 24), font.clone()))
-                        .map_err(|e| fail(e.to_string()))?;
+                        .map_err(fail)?;
                 }
                 for (p, &c) in row.iter().enumerate() {
                     let share = c as f64 / total;
@@ -170,22 +159,18 @@ impl ConfusionMatrix {
                         [(x, y), (x + cell, y + cell)],
                         color.filled(),
                     ))
-                    .map_err(|e| fail(e.to_string()))?;
+                    .map_err(fail)?;
                     if cell >= 24 && c > 0 {
                         root.draw(&Text::new(
                             c.to_string(),
                             (x + 3, y + cell / 3),
                             font.clone(),
                         ))
-                        .map_err(|e| fail(e.to_string()))?;
+                        .map_err(fail)?;
                     }
                 }
             }
-            root.present().map_err(|e| fail(e.to_string()))?;
-        }
-        std::fs::rename(&tmp, path).map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
-            fail(e.to_string())
+            Ok(())
         })
     }
 }

@@ -44,6 +44,7 @@ pub mod confusion;
 pub mod data;
 pub mod error;
 pub mod freeze;
+pub mod grad_flow;
 pub mod loss;
 pub mod metrics;
 pub mod optim;

@@ -7,6 +7,8 @@
 //! - [`resnet()`] with [`ResNetConfig`]: one builder for torchvision's ResNets, ResNeXts and
 //!   Wide ResNets, the CIFAR ResNets (options A/B/C), pre-activation ResNets, WRN-28-10,
 //!   ResNet-D and the plain twins; [`ResNetConfig::preset`] by name.
+//! - [`grow`]: a trained ResNet grown into a deeper one that computes the same function
+//!   (new blocks start as exact identities).
 //! - [`weights`]: strict loading of torchvision `.pth` / `.safetensors` weights and saving
 //!   in torchvision's naming.
 //!
@@ -33,6 +35,7 @@
 pub mod basic_block;
 pub mod bottleneck;
 pub mod error;
+pub mod grow;
 pub mod imagenet;
 pub mod model_file;
 pub mod preprocess;

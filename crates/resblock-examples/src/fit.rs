@@ -1,0 +1,132 @@
+//! One training run of a ResNet with the recipe's flags: the loaders, optimizer, schedule,
+//! trainer, progress display and checkpoints. `train` and the programs that show the
+//! article's claims all train through here, so a run means the same thing everywhere.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use candle_core::Device;
+use candle_nn::VarMap;
+use resblock_core::RngHandle;
+use resblock_train::freeze::Freeze;
+use resblock_train::optim::param_groups;
+use resblock_train::{BatchSource, EpochRecord, Progress, Trainer, TrainerConfig};
+use resblock_vision::ResNet;
+
+use crate::recipe_args::{PreparedData, RecipeArgs};
+
+/// What one run does besides the recipe.
+#[derive(Debug, Clone, Default)]
+pub struct Plan {
+    /// Epochs the run (and its schedule) spans.
+    pub epochs: u64,
+    /// Where the checkpoint, `metrics.jsonl` and curves go (nothing is written without it).
+    pub out: Option<PathBuf>,
+    /// Resume from this run directory's checkpoint.
+    pub resume: Option<PathBuf>,
+    /// Stop after this many epochs, as if interrupted.
+    pub stop_after: Option<u64>,
+    /// Stop after this many optimizer steps in all.
+    pub max_steps: Option<u64>,
+    /// What stays fixed.
+    pub freeze: Freeze,
+    /// The run's name in progress lines (`resnet20`, `plain56`, ...).
+    pub label: String,
+}
+
+/// What a run did.
+#[derive(Debug, Clone)]
+pub struct Fitted {
+    /// One record per epoch (restored ones first when resumed).
+    pub history: Vec<EpochRecord>,
+    /// Optimizer steps taken in all.
+    pub steps: u64,
+    /// Wall time of the training in this process.
+    pub seconds: f64,
+}
+
+impl Fitted {
+    /// The last epoch's record.
+    ///
+    /// # Errors
+    /// When no epoch was trained.
+    pub fn last(&self) -> Result<&EpochRecord> {
+        match self.history.last() {
+            Some(r) => Ok(r),
+            None => bail!("no epoch was trained"),
+        }
+    }
+}
+
+/// Trains `model` (its variables in `varmap`, its drop-path generator `rng`) on `data`
+/// with the `recipe` and the `plan`: a progress bar and a line per epoch on the terminal,
+/// `on_epoch` called after each epoch's record (after its checkpoint is written).
+///
+/// # Errors
+/// As the trainer: data errors, a non-finite loss or gradient, an unwritable output or a
+/// checkpoint that does not fit, naming what is at fault.
+#[allow(clippy::too_many_arguments)]
+pub fn fit(
+    model: &ResNet,
+    varmap: &VarMap,
+    rng: &RngHandle,
+    recipe: &RecipeArgs,
+    data: &PreparedData,
+    device: &Device,
+    plan: &Plan,
+    mut on_epoch: impl FnMut(&EpochRecord),
+) -> Result<Fitted> {
+    let (mut train, mut test) = recipe.loaders(data, device)?;
+    let steps_per_epoch = train.num_batches() as u64;
+    let schedule = recipe.schedule(steps_per_epoch, plan.epochs)?;
+    let freeze = plan.freeze;
+    let groups = || freeze.apply(param_groups(varmap, recipe.weight_decay, true));
+    let total = resblock_core::params::count_parameters(varmap, "");
+    if freeze != Freeze::Nothing {
+        let n: usize = groups()
+            .iter()
+            .flat_map(|g| &g.params)
+            .map(|(_, v)| v.elem_count())
+            .sum();
+        println!("frozen ({freeze:?}): training {n} of {total} parameters");
+    }
+    let optimizer = recipe.optimizer(groups())?;
+    let cfg = TrainerConfig {
+        epochs: plan.epochs as usize,
+        loss: recipe.loss(),
+        grad_clip: None,
+        out_dir: plan.out.clone(),
+        stop_after: plan.stop_after.map(|e| e as usize),
+        max_steps: plan.max_steps,
+    };
+    let mut show = crate::progress::labelled(&plan.label);
+    let mut trainer = Trainer::new(model, varmap, optimizer, schedule, cfg)
+        .with_rng(rng.clone())
+        .on_progress(move |p| {
+            show(p);
+            if let Progress::Epoch { record, .. } = p {
+                on_epoch(record);
+            }
+        });
+    if let Some(dir) = &plan.resume {
+        let ck = dir.join("checkpoint.safetensors");
+        trainer.resume(&ck)?;
+        println!("resumed {} at epoch {}", ck.display(), trainer.epoch());
+    }
+    let to = plan
+        .out
+        .as_ref()
+        .map_or_else(String::new, |d| format!("; writing to {}", d.display()));
+    println!(
+        "training {} ({total} parameters) for {} epochs, {steps_per_epoch} steps per epoch{to}",
+        plan.label, plan.epochs,
+    );
+    let start = Instant::now();
+    let history = trainer.fit(&mut train, Some(&mut test))?.to_vec();
+    Ok(Fitted {
+        history,
+        steps: trainer.step(),
+        seconds: start.elapsed().as_secs_f64(),
+    })
+}

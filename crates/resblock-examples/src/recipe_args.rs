@@ -1,0 +1,285 @@
+//! The training recipe's flags, shared by every program that trains (`train`,
+//! `degradation`, `grow`, `gradient-flow`), and what they mean: the data (opened, measured,
+//! augmented), the loaders, the optimizer and the schedule. One meaning for every program,
+//! so that their runs are comparable.
+
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use candle_core::Device;
+use resblock_train::data::{download, DataKind, DataSpec, RemoteDataset, ReplicateChannels};
+use resblock_train::optim::{Optimizer, ParamGroup};
+use resblock_train::recipe::{
+    dataset_stats, AugmentPolicy, OptimizerConfig, OptimizerKind, ScheduleConfig, ScheduleKind,
+};
+use resblock_train::schedule::LrSchedule;
+use resblock_train::{DataLoader, Dataset, LossKind, Transform};
+use resblock_vision::Preprocess;
+use serde::Serialize;
+
+use crate::positive_f64;
+
+/// Data, optimizer, schedule, augmentation, seed and runtime flags (see `train --help`).
+#[derive(Debug, Clone, clap::Args, Serialize)]
+pub struct RecipeArgs {
+    /// Data: `mnist-10k` (bundled), `mnist:DIR`, `cifar10:DIR`, `cifar100:DIR`, or `folder:DIR`
+    /// with `DIR/train/<class>/*.png` (or `.jpg`) and `DIR/test` (or `DIR/val`).
+    #[arg(long, default_value = "mnist-10k")]
+    pub data: String,
+    /// Resize images to SIZE x SIZE: folder images as they are read (needed when their sizes
+    /// differ), other datasets by a bilinear `Resize` transform before augmentation.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    pub image_size: Option<u64>,
+    /// Fetch `mnist:DIR`, `cifar10:DIR` or `cifar100:DIR` into DIR from the official
+    /// locations if it is not there yet (SHA-256 verified, CIFAR unpacked). The environment
+    /// variable RESBLOCK_DATA_MIRROR=URL replaces the official base URL.
+    #[arg(long)]
+    pub download: bool,
+    /// Batch size.
+    #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u64).range(1..=65536))]
+    pub batch_size: u64,
+    /// Optimizer: sgd, adam or adamw.
+    #[arg(long, default_value = "sgd")]
+    pub optimizer: OptimizerKind,
+    /// Learning rate (the maximum for one-cycle).
+    #[arg(long, default_value_t = 0.1, value_parser = positive_f64)]
+    pub lr: f64,
+    /// SGD momentum (Nesterov unless --no-nesterov).
+    #[arg(long, default_value_t = 0.9)]
+    pub momentum: f64,
+    /// Plain instead of Nesterov momentum.
+    #[arg(long)]
+    pub no_nesterov: bool,
+    /// Weight decay (not applied to norms and biases).
+    #[arg(long, default_value_t = 5e-4)]
+    pub weight_decay: f64,
+    /// Learning-rate schedule, stepped per iteration: constant, step, multistep, cosine or
+    /// onecycle.
+    #[arg(long, default_value = "onecycle")]
+    pub schedule: ScheduleKind,
+    /// Linear warmup epochs before the schedule.
+    #[arg(long, default_value_t = 0.)]
+    pub warmup_epochs: f64,
+    /// Label smoothing of the cross-entropy.
+    #[arg(long, default_value_t = 0.)]
+    pub label_smoothing: f64,
+    /// Augment the training data (random shifts; plus flips for CIFAR and folders).
+    #[arg(long, overrides_with = "no_augment")]
+    pub augment: bool,
+    /// Do not augment.
+    #[arg(long)]
+    pub no_augment: bool,
+    /// Keep the training order fixed.
+    #[arg(long)]
+    pub no_shuffle: bool,
+    /// Seed of the weights, the data order and the augmentation.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// CPU threads (default: all cores).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub threads: Option<u64>,
+    /// Background threads that prepare batches.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=64))]
+    pub workers: u64,
+    /// Device: `cpu`, `cuda`, `cuda:N`, `metal`, `metal:N` or `auto`.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+/// The data as the recipe trains on it.
+pub struct PreparedData {
+    /// Training split (channels replicated for a 3-channel model when asked).
+    pub train: Arc<dyn Dataset>,
+    /// Test split.
+    pub test: Arc<dyn Dataset>,
+    /// What `--data` named.
+    pub spec: DataSpec,
+    /// Input shape (C, H, W) after resizing.
+    pub shape: (usize, usize, usize),
+    /// The preprocessing a model file records (channels, size, mean and std).
+    pub preprocess: Preprocess,
+    /// Per-sample transforms of training samples (resize, augmentation, normalisation).
+    pub train_transforms: Vec<Transform>,
+    /// Per-sample transforms of test samples (resize, normalisation).
+    pub test_transforms: Vec<Transform>,
+}
+
+impl PreparedData {
+    /// Classes of the training split.
+    pub fn num_classes(&self) -> usize {
+        self.train.num_classes()
+    }
+}
+
+impl RecipeArgs {
+    /// Checks the numeric flags, configures the CPU threads and returns the device.
+    ///
+    /// # Errors
+    /// A flag out of range (named), or an unknown or unavailable device.
+    pub fn start(&self) -> Result<Device> {
+        for (name, v) in [
+            ("--momentum", self.momentum),
+            ("--weight-decay", self.weight_decay),
+            ("--warmup-epochs", self.warmup_epochs),
+        ] {
+            // Checked here too so that the flag is named (the recipe names the setting).
+            if !(v.is_finite() && v >= 0.) {
+                bail!("{name} must be a finite number >= 0, got {v}");
+            }
+        }
+        if !(0. ..1.).contains(&self.label_smoothing) {
+            bail!(
+                "--label-smoothing must be in [0, 1), got {}",
+                self.label_smoothing
+            );
+        }
+        resblock_core::configure_threads(self.threads.map(|n| n as usize));
+        Ok(resblock_core::parse_device(&self.device)?)
+    }
+
+    /// Opens `--data` (fetching it first with `--download`; folders are streamed: only
+    /// their file lists are read here), replicates a grayscale dataset's channel when the
+    /// model's stem has `model_channels = Some(3)`, measures the training split's
+    /// per-channel statistics and builds the transforms. Prints one line about the data.
+    ///
+    /// # Errors
+    /// Unreadable or inconsistent data, naming the file or flag.
+    pub fn open_data(&self, model_channels: Option<usize>) -> Result<PreparedData> {
+        let spec = DataSpec::parse(&self.data)?;
+        if self.download {
+            let Some(kind) = spec.remote_name() else {
+                bail!(
+                    "--download fetches mnist:DIR, cifar10:DIR or cifar100:DIR, not {:?}",
+                    spec.text
+                );
+            };
+            let ds = RemoteDataset::by_name(kind)?;
+            let dir = &spec.dir;
+            if !ds.is_present(dir) {
+                println!("downloading {kind} into {}", dir.display());
+            }
+            let mirror = std::env::var("RESBLOCK_DATA_MIRROR").ok();
+            download(&ds, dir, mirror.as_deref())
+                .with_context(|| format!("--download {kind} into {}", dir.display()))?;
+        }
+        let image_size = self.image_size.map(|s| s as usize);
+        let (mut train, mut test) = spec.load(image_size)?;
+        let folder = spec.kind == DataKind::Folder;
+        let mnist = matches!(spec.kind, DataKind::Mnist | DataKind::BundledMnist);
+        // Grayscale data meets a 3-channel stem (pretrained weights) by replicating its channel.
+        if let (Some(3), (1, _, _)) = (model_channels, train.shape()) {
+            println!("grayscale data, 3-channel weights: replicating the channel (as torchvision's Grayscale(3))");
+            train = Arc::new(ReplicateChannels::new(train, 3)?);
+            test = Arc::new(ReplicateChannels::new(test, 3)?);
+        }
+        let (c, h, w) = train.shape();
+        // Folders are resized as they are decoded; other datasets by a transform, first.
+        let resize = match image_size {
+            Some(s) if !folder && (s, s) != (h, w) => vec![Transform::Resize {
+                height: s,
+                width: s,
+            }],
+            _ => Vec::new(),
+        };
+        let (h, w) = match image_size {
+            Some(s) if !resize.is_empty() => {
+                println!("resizing to {s}x{s}");
+                (s, s)
+            }
+            _ => (h, w),
+        };
+        println!(
+            "data {}: {} training and {} test images, {c}x{h}x{w}, {} classes",
+            self.data,
+            train.len(),
+            test.len(),
+            train.num_classes()
+        );
+        let (mean, std) = dataset_stats(train.as_ref())?;
+        let preprocess = Preprocess {
+            channels: c,
+            image_size: [h, w],
+            resize: None,
+            mean: mean.clone(),
+            std: std.clone(),
+        };
+        let normalize = Transform::Normalize { mean, std };
+        let policy = match (self.no_augment, mnist) {
+            (true, _) => AugmentPolicy::None,
+            (false, true) => AugmentPolicy::Digits,
+            (false, false) => AugmentPolicy::Natural,
+        };
+        let train_transforms = policy.train_transforms((h, w), &resize, &normalize)?;
+        let test_transforms = [resize, vec![normalize]].concat();
+        Ok(PreparedData {
+            train,
+            test,
+            spec,
+            shape: (c, h, w),
+            preprocess,
+            train_transforms,
+            test_transforms,
+        })
+    }
+
+    /// The training loader (shuffled with the seed unless `--no-shuffle`, augmented per
+    /// (seed, epoch, sample)) and the test loader.
+    ///
+    /// # Errors
+    /// An empty dataset.
+    pub fn loaders(
+        &self,
+        data: &PreparedData,
+        device: &Device,
+    ) -> Result<(DataLoader, DataLoader)> {
+        let workers = self.workers as usize;
+        let mut train = DataLoader::new(data.train.clone(), self.batch_size as usize)?
+            .transforms(data.train_transforms.clone())
+            .seed(self.seed)
+            .workers(workers)
+            .device(device.clone());
+        if !self.no_shuffle {
+            train = train.shuffle(self.seed);
+        }
+        let test = DataLoader::new(data.test.clone(), self.batch_size as usize)?
+            .transforms(data.test_transforms.clone())
+            .workers(workers)
+            .device(device.clone());
+        Ok((train, test))
+    }
+
+    /// The optimizer over `groups`.
+    ///
+    /// # Errors
+    /// Invalid hyper-parameters.
+    pub fn optimizer(&self, groups: Vec<ParamGroup>) -> Result<Box<dyn Optimizer>> {
+        Ok(OptimizerConfig {
+            kind: self.optimizer,
+            lr: self.lr,
+            momentum: self.momentum,
+            nesterov: !self.no_nesterov,
+            weight_decay: self.weight_decay,
+        }
+        .build(groups)?)
+    }
+
+    /// The schedule of a run of `epochs` epochs of `steps_per_epoch` steps.
+    ///
+    /// # Errors
+    /// Invalid warmup or rate.
+    pub fn schedule(&self, steps_per_epoch: u64, epochs: u64) -> Result<LrSchedule> {
+        Ok(ScheduleConfig {
+            kind: self.schedule,
+            lr: self.lr,
+            warmup_epochs: self.warmup_epochs,
+        }
+        .build(steps_per_epoch, epochs)?)
+    }
+
+    /// The loss.
+    pub fn loss(&self) -> LossKind {
+        LossKind::CrossEntropy {
+            label_smoothing: self.label_smoothing,
+        }
+    }
+}
