@@ -4,13 +4,13 @@
 //! shortcuts; the plain nets are the same networks without shortcuts).
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 use resblock_train::plot::{write_heatmaps, write_line_charts, Heatmap, Line, LineChart, PALETTE};
 use serde::{Deserialize, Serialize};
 
-use super::{build, depth, error_pct, first_batch, write_json, RatioLog};
+use super::{build, depth, error_pct, first_batch, save, Findings, RatioLog};
 use crate::fit::{fit, Plan};
 use crate::recipe_args::RecipeArgs;
 
@@ -111,12 +111,11 @@ impl Results {
             .map(|(name, log)| log.heatmap(&format!("{name}: ||g(x)|| / ||x||"), &[]))
             .collect()
     }
+}
 
-    /// Writes `degradation.png` and `residual_ratios.png` into `dir`.
-    ///
-    /// # Errors
-    /// An unwritable destination.
-    pub fn draw(&self, dir: &std::path::Path) -> Result<()> {
+impl Findings for Results {
+    /// `degradation.png` and `residual_ratios.png`.
+    fn draw(&self, dir: &Path) -> Result<()> {
         write_line_charts(&dir.join("degradation.png"), &self.error_charts())?;
         let maps = self.ratio_maps();
         if !maps.is_empty() {
@@ -203,9 +202,7 @@ pub fn run(args: &Args) -> Result<Results> {
         nets,
         residual_ratios,
     };
-    std::fs::create_dir_all(&args.out)?;
-    write_json(&args.out.join("results.json"), &results)?;
-    results.draw(&args.out)?;
+    save(&args.out, &results)?;
     print_summary(&results, args);
     Ok(results)
 }

@@ -11,7 +11,7 @@ use resblock_train::plot::{write_line_charts, Line, LineChart, PALETTE};
 use resblock_train::BatchSource;
 use serde::{Deserialize, Serialize};
 
-use super::{build, first_batch, write_json};
+use super::{build, first_batch, save, Findings};
 use crate::fit::{fit, Plan};
 use crate::recipe_args::RecipeArgs;
 
@@ -109,12 +109,11 @@ impl Results {
             panel(format!("after {} steps", self.steps), true),
         ]
     }
+}
 
-    /// Writes `gradient_flow.png` into `dir`.
-    ///
-    /// # Errors
-    /// An unwritable destination.
-    pub fn draw(&self, dir: &Path) -> Result<()> {
+impl Findings for Results {
+    /// `gradient_flow.png`.
+    fn draw(&self, dir: &Path) -> Result<()> {
         write_line_charts(&dir.join("gradient_flow.png"), &self.charts())?;
         Ok(())
     }
@@ -190,9 +189,7 @@ pub fn run(args: &Args) -> Result<Results> {
         layers,
         nets,
     };
-    std::fs::create_dir_all(&args.out)?;
-    write_json(&args.out.join("results.json"), &results)?;
-    results.draw(&args.out)?;
+    save(&args.out, &results)?;
     print_summary(&results, args);
     Ok(results)
 }

@@ -15,7 +15,7 @@ use resblock_vision::grow::grow;
 use resblock_vision::{ResNet, ResNetConfig};
 use serde::{Deserialize, Serialize};
 
-use super::{build, depth, first_batch, write_json, RatioLog};
+use super::{build, depth, first_batch, save, Findings, RatioLog};
 use crate::fit::{fit, Plan};
 use crate::recipe_args::{PreparedData, RecipeArgs};
 
@@ -37,6 +37,10 @@ pub struct Args {
     /// The control trains --epochs + --grow-epochs.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     pub grow_epochs: Option<u64>,
+    /// Learning rate (the one-cycle maximum) of the grown network's training (default:
+    /// --lr). The small net and the control use --lr.
+    #[arg(long, value_parser = crate::positive_f64)]
+    pub grow_lr: Option<f64>,
     /// Output directory: results.json, grow.png, grow_ratios.png and one run folder per
     /// training.
     #[arg(long, default_value = "runs/grow")]
@@ -81,6 +85,8 @@ pub struct Trained {
     pub test_acc: f64,
     /// Epochs of this training.
     pub epochs: u64,
+    /// Its learning rate (the schedule's maximum for one-cycle).
+    pub lr: f64,
 }
 
 /// Per-epoch numbers of one training.
@@ -199,12 +205,11 @@ impl Results {
             },
         ]
     }
+}
 
-    /// Writes `grow.png` and `grow_ratios.png` into `dir`.
-    ///
-    /// # Errors
-    /// An unwritable destination.
-    pub fn draw(&self, dir: &Path) -> Result<()> {
+impl Findings for Results {
+    /// `grow.png` and `grow_ratios.png`.
+    fn draw(&self, dir: &Path) -> Result<()> {
         write_line_charts(&dir.join("grow.png"), &self.charts())?;
         let title = format!("{} grown: ||g(x)|| / ||x|| (* new)", self.grown.arch);
         let map = self.residual_ratios.heatmap(&title, &self.grown.new_blocks);
@@ -335,11 +340,15 @@ pub fn run(args: &Args) -> Result<Results> {
     let mut log = RatioLog::default();
     log.record(&g.model, &probe.inputs)?;
     let mut failed = None;
+    let grow_recipe = RecipeArgs {
+        lr: args.grow_lr.unwrap_or(args.recipe.lr),
+        ..args.recipe.clone()
+    };
     let grown_fit = fit(
         &g.model,
         &g.varmap,
         &rng,
-        &args.recipe,
+        &grow_recipe,
         &data,
         &device,
         &plan(
@@ -394,10 +403,12 @@ pub fn run(args: &Args) -> Result<Results> {
         after: Trained {
             test_acc: after_acc,
             epochs: grow_epochs,
+            lr: grow_recipe.lr,
         },
         control: Trained {
             test_acc: 100. * control_fit.last()?.test_acc,
             epochs: args.epochs + grow_epochs,
+            lr: args.recipe.lr,
         },
         improved: after_acc > before_acc,
         history: Histories {
@@ -407,9 +418,7 @@ pub fn run(args: &Args) -> Result<Results> {
         },
         residual_ratios: log,
     };
-    std::fs::create_dir_all(&args.out)?;
-    write_json(&args.out.join("results.json"), &results)?;
-    results.draw(&args.out)?;
+    save(&args.out, &results)?;
     print_summary(&results, args);
     Ok(results)
 }
@@ -425,9 +434,10 @@ fn print_summary(r: &Results, args: &Args) {
         r.grown.arch, r.grown.test_acc, r.grown.max_rel_logit_diff
     );
     println!(
-        "  grown {} after {} more epochs: {:.2}%  ({})",
+        "  grown {} after {} more epochs (lr {}): {:.2}%  ({})",
         r.grown.arch,
         r.after.epochs,
+        r.after.lr,
         r.after.test_acc,
         if r.improved {
             "improved on the small net"

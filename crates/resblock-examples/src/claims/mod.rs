@@ -148,6 +148,25 @@ impl RatioLog {
     }
 }
 
+/// What a program found: serialised as `results.json`, drawn as its figures.
+pub trait Findings: Serialize {
+    /// Writes the figures into `dir`, drawn from these numbers only.
+    ///
+    /// # Errors
+    /// An unwritable destination.
+    fn draw(&self, dir: &Path) -> Result<()>;
+}
+
+/// Writes `dir/results.json` and the figures (creating `dir`).
+///
+/// # Errors
+/// An unwritable destination, naming it.
+pub fn save(dir: &Path, findings: &impl Findings) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    write_json(&dir.join("results.json"), findings)?;
+    findings.draw(dir)
+}
+
 /// Writes `value` as pretty JSON to `path`, atomically.
 ///
 /// # Errors

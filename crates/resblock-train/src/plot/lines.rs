@@ -87,11 +87,21 @@ fn draw(area: &Area<'_>, chart: &LineChart) -> std::result::Result<(), String> {
         .fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.1), b.max(p.1)));
     let xpad = ((x1 - x0) * 0.03).max(0.5);
     let x = (x0 - xpad)..(x1 + xpad);
+    let fy = |y: f64| {
+        let (a, b, v) = if chart.log_y {
+            (y0.ln(), y1.ln(), y.ln())
+        } else {
+            (y0, y1, y)
+        };
+        (v - a) / (b - a).max(1e-300)
+    };
+    let fx = |v: f64| (v - x0) / (x1 - x0).max(1e-300);
+    let legend = legend_corner(pts.iter().map(|&(x, y)| (fx(x), fy(y))));
     if chart.log_y {
-        plot(area, chart, x, ((y0 / 1.5)..(y1 * 1.5)).log_scale())
+        plot(area, chart, x, ((y0 / 1.5)..(y1 * 1.5)).log_scale(), legend)
     } else {
         let pad = ((y1 - y0) * 0.05).max(1e-6);
-        plot(area, chart, x, (y0 - pad)..(y1 + pad))
+        plot(area, chart, x, (y0 - pad)..(y1 + pad), legend)
     }
 }
 
@@ -100,6 +110,7 @@ fn plot<Y>(
     chart: &LineChart,
     x: Range<f64>,
     y: Y,
+    legend: SeriesLabelPosition,
 ) -> std::result::Result<(), String>
 where
     Y: AsRangedCoord<Value = f64>,
@@ -169,7 +180,7 @@ where
         }
     }
     c.configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
+        .position(legend)
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK)
         .draw()
@@ -188,5 +199,51 @@ fn tick(v: f64, log: bool) -> String {
         format!("{v:.1}")
     } else {
         format!("{v:.3}")
+    }
+}
+
+/// The corner of the plot (points given as fractions of the data's range) that the fewest
+/// points fall into: where the legend hides the least.
+fn legend_corner(points: impl Iterator<Item = (f64, f64)>) -> SeriesLabelPosition {
+    use SeriesLabelPosition::{LowerLeft, LowerRight, UpperLeft, UpperRight};
+    let mut counts = [0usize; 4];
+    for (x, y) in points {
+        let right = x > 0.5;
+        let (upper, lower) = (y > 0.6, y < 0.4);
+        for (i, hit) in [
+            right && upper,
+            right && lower,
+            !right && upper,
+            !right && lower,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            counts[i] += usize::from(hit);
+        }
+    }
+    let corners = [UpperRight, LowerRight, UpperLeft, LowerLeft];
+    let best = (0..4).min_by_key(|&i| counts[i]).unwrap_or(0);
+    corners.into_iter().nth(best).unwrap_or(UpperRight)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_legend_goes_where_the_curves_are_not() {
+        // Accuracy-like curves: high on the right.
+        let high = (0..10).map(|i| (f64::from(i) / 9., 0.7 + 0.03 * f64::from(i)));
+        assert!(matches!(
+            legend_corner(high),
+            SeriesLabelPosition::LowerRight
+        ));
+        // Loss-like curves: low on the right.
+        let low = (0..10).map(|i| (f64::from(i) / 9., 1. - f64::from(i) / 9.));
+        assert!(matches!(
+            legend_corner(low),
+            SeriesLabelPosition::UpperRight
+        ));
     }
 }
