@@ -237,3 +237,32 @@ fn max_steps_ends_a_streamed_run_early_with_its_outputs() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("--max-steps"));
 }
+
+#[test]
+fn an_existing_run_is_not_overwritten_unasked() {
+    let data = folder(&scratch("exist-data"));
+    let out = scratch("exist");
+    let args = common(&data, &out, "1");
+    let first = run(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    let model = std::fs::read(out.join("model.safetensors")).expect("model");
+    let again = run(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let err = String::from_utf8_lossy(&again.stderr);
+    assert!(!again.status.success());
+    assert!(
+        err.contains(s(&out)) && err.contains("--resume") && err.contains("--overwrite"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read(out.join("model.safetensors")).expect("model"),
+        model
+    );
+    let mut forced = args.clone();
+    forced.push("--overwrite".into());
+    let o = run(&forced.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}

@@ -38,6 +38,7 @@ pub mod error;
 pub mod grow;
 pub mod imagenet;
 pub mod model_file;
+pub mod pickle_globals;
 pub mod preprocess;
 #[cfg(feature = "download")]
 pub mod pretrained;

@@ -50,6 +50,7 @@ pub fn read_state_dict(path: &Path) -> Result<BTreeMap<String, Tensor>> {
             .into_iter()
             .collect(),
         "pth" | "pt" | "bin" => {
+            crate::pickle_globals::check_pth_globals(path)?;
             let mut found = candle_core::pickle::read_all(path).map_err(|e| format_err(path, e))?;
             for key in ["state_dict", "model"] {
                 if !found.is_empty() {

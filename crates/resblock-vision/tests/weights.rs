@@ -187,3 +187,28 @@ fn a_failed_save_leaves_the_previous_file_intact() -> Result<()> {
     assert_eq!(std::fs::read(&good)?, before);
     Ok(())
 }
+
+#[test]
+fn pth_files_that_call_functions_on_load_are_refused_by_name() {
+    // Made by tests/fixtures/make_malicious_pth.py: a valid tensor next to an object whose
+    // pickle calls os.system / eval (touching a marker file) under torch.load.
+    let marker = std::path::Path::new("/tmp/resblock-pth-payload-ran");
+    let _ = std::fs::remove_file(marker);
+    for (file, global) in [
+        ("evil_system.pth", "posix.system"),
+        ("evil_eval.pth", "__builtin__.eval"), // protocol 2 keeps Python 2's module name
+    ] {
+        let path = fixture_path(file);
+        let e = read_state_dict(&path).expect_err("refused");
+        let msg = e.to_string();
+        assert!(matches!(e, Error::WeightsFormat { .. }), "{msg}");
+        assert!(
+            msg.contains(global) && msg.contains(file) && msg.contains("nothing was run"),
+            "{msg}"
+        );
+    }
+    assert!(!marker.exists(), "the payload ran");
+    // A real torch.save state dict names only the allowed globals.
+    let ok = read_state_dict(&fixture_path("resnet8_torch.pth")).expect("a plain state dict");
+    assert!(ok.contains_key("conv1.weight"));
+}

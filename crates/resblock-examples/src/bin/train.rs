@@ -69,9 +69,13 @@ struct Args {
     /// the number N of `layerN`; 0 is the stem) and train the rest.
     #[arg(long)]
     freeze_until: Option<String>,
-    /// Output directory (default `runs/<arch>`).
+    /// Output directory (default `runs/<arch>`). A directory that already holds a run is
+    /// refused unless --overwrite (or --resume) is given.
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Write into an output directory that already holds a run, replacing its files.
+    #[arg(long, conflicts_with = "resume")]
+    overwrite: bool,
     /// Resume the run in DIR from its checkpoint (writes there unless --out is given). Use
     /// the same flags as the interrupted run.
     #[arg(long)]
@@ -131,6 +135,29 @@ fn main() -> Result<()> {
         }
     };
 
+    let out = args
+        .out
+        .clone()
+        .or_else(|| args.resume.clone())
+        .unwrap_or_else(|| PathBuf::from("runs").join(&arch));
+    if args.resume.is_none() && !args.overwrite {
+        if let Some(f) = [
+            "checkpoint.safetensors",
+            "model.safetensors",
+            "metrics.jsonl",
+        ]
+        .iter()
+        .map(|f| out.join(f))
+        .find(|f| f.exists())
+        {
+            bail!(
+                "{} already holds a run ({} exists): continue it with --resume {}, or replace it with --overwrite (or choose another --out)",
+                out.display(),
+                f.display(),
+                out.display()
+            );
+        }
+    }
     // Grayscale data meets a 3-channel stem (pretrained weights) by replicating its channel.
     let init_channels = init.as_ref().and_then(|(sd, _)| {
         ["conv1.weight", "conv1.0.weight"]
@@ -170,11 +197,6 @@ fn main() -> Result<()> {
         (None, false) => Freeze::Nothing,
     };
 
-    let out = args
-        .out
-        .clone()
-        .or_else(|| args.resume.clone())
-        .unwrap_or_else(|| PathBuf::from("runs").join(&arch));
     let plan = Plan {
         epochs: args.epochs,
         out: Some(out.clone()),

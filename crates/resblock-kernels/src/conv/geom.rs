@@ -10,6 +10,65 @@ pub(crate) struct ConvGeom {
     pub groups: usize,
 }
 
+impl ConvGeom {
+    /// Refuses arguments no convolution can take, before any arithmetic on them: a zero
+    /// stride, dilation or group count, inputs or kernels that are not 4-D or have an empty
+    /// dimension, channels that do not split into the groups, and a (dilated) kernel larger
+    /// than the padded input.
+    pub(crate) fn check(&self, op: &'static str, x: &[usize], k: &[usize]) -> crate::Result<()> {
+        let config = |m: String| Err(crate::Error::config(format!("{op}: {m}")));
+        for (name, v) in [
+            ("stride", self.stride),
+            ("dilation", self.dilation),
+            ("groups", self.groups),
+        ] {
+            if v == 0 {
+                return config(format!("{name} must be at least 1, got 0"));
+            }
+        }
+        let shape = |expected: String, got: &[usize]| {
+            Err(crate::Error::Shape {
+                op,
+                expected,
+                got: got.to_vec(),
+            })
+        };
+        if x.len() != 4 || x[1..].contains(&0) {
+            return shape("a 4-D (N, C, H, W) input with C, H, W > 0".into(), x);
+        }
+        if k.len() != 4 || k.contains(&0) {
+            return shape(
+                "a 4-D (C_out, C_in / groups, KH, KW) kernel with no empty dimension".into(),
+                k,
+            );
+        }
+        if k[1] * self.groups != x[1] || !k[0].is_multiple_of(self.groups) {
+            return shape(
+                format!(
+                    "an input with {} channels ({} per group x {} groups) for kernel {k:?}",
+                    k[1] * self.groups,
+                    k[1],
+                    self.groups
+                ),
+                x,
+            );
+        }
+        for (size, kk) in [(x[2], k[2]), (x[3], k[3])] {
+            let extent = self.dilation.saturating_mul(kk - 1).saturating_add(1);
+            if extent > size.saturating_add(self.padding.saturating_mul(2)) {
+                return shape(
+                    format!(
+                        "an input at least as large as the kernel's extent {extent} after padding {}",
+                        self.padding
+                    ),
+                    x,
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Sizes of one convolution call.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Dims {

@@ -45,6 +45,13 @@ pub fn conv2d(
     dilation: usize,
     groups: usize,
 ) -> Result<Tensor> {
+    let geom = ConvGeom {
+        padding,
+        stride,
+        dilation,
+        groups,
+    };
+    geom.check("conv2d", x.dims(), kernel.dims())?;
     match crate::dispatch::kernels() {
         crate::dispatch::Kernels::Native => {
             conv2d_native(x, kernel, padding, stride, dilation, groups)
@@ -79,6 +86,7 @@ pub fn conv2d_native(
         dilation,
         groups,
     };
+    geom.check("conv2d", x.dims(), kernel.dims())?;
     match try_native(x, kernel, None, false, geom)? {
         Some(y) => Ok(y),
         // Candle's path reports shape errors in our words.
@@ -113,6 +121,7 @@ pub fn conv2d_fused(
         dilation,
         groups,
     };
+    geom.check("conv2d", x.dims(), kernel.dims())?;
     if crate::dispatch::kernels() == crate::dispatch::Kernels::Native {
         if let Some(y) = try_native(x, kernel, bias, relu, geom)? {
             return Ok(y);
@@ -154,6 +163,7 @@ pub fn conv2d_scale_shift(
         dilation,
         groups,
     };
+    geom.check("conv2d_scale_shift", x.dims(), kernel.dims())?;
     let c_out = kernel.dim(0)?;
     for t in [scale, shift] {
         if t.dims() != [c_out] {
@@ -247,6 +257,7 @@ pub fn conv2d_backward(
         dilation,
         groups,
     };
+    geom.check("conv2d_backward", x.dims(), kernel.dims())?;
     let native = crate::dispatch::kernels() == crate::dispatch::Kernels::Native
         && native_fits(x, kernel, None, &geom)?
         && dy.device().is_cpu()
@@ -310,6 +321,13 @@ pub fn conv2d_candle(
     dilation: usize,
     groups: usize,
 ) -> Result<Tensor> {
+    ConvGeom {
+        padding,
+        stride,
+        dilation,
+        groups,
+    }
+    .check("conv2d", x.dims(), kernel.dims())?;
     let (_, c_in, h, w) = x.dims4().map_err(|_| Error::Shape {
         op: "conv2d",
         expected: "a 4-D (N, C, H, W) input".into(),
