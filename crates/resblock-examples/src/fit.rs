@@ -5,16 +5,18 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use candle_nn::VarMap;
 use resblock_core::RngHandle;
+use resblock_train::checkpoint::Checkpoint;
 use resblock_train::freeze::Freeze;
 use resblock_train::optim::param_groups;
 use resblock_train::{BatchSource, EpochRecord, Progress, Trainer, TrainerConfig};
 use resblock_vision::ResNet;
 
 use crate::recipe_args::{PreparedData, RecipeArgs};
+use crate::run_flags::{differing_flags, RUN_FLAGS_KEY};
 
 /// What one run does besides the recipe.
 #[derive(Debug, Clone, Default)]
@@ -33,6 +35,9 @@ pub struct Plan {
     pub freeze: Freeze,
     /// The run's name in progress lines (`resnet20`, `plain56`, ...).
     pub label: String,
+    /// The program's flags: stored in every checkpoint, and a resume whose flags differ is
+    /// refused (see [`crate::run_flags`]).
+    pub flags: Option<serde_json::Value>,
 }
 
 /// What a run did.
@@ -109,8 +114,30 @@ pub fn fit(
                 on_epoch(record);
             }
         });
+    if let Some(flags) = &plan.flags {
+        trainer = trainer.with_checkpoint_meta(RUN_FLAGS_KEY, flags.to_string());
+    }
     if let Some(dir) = &plan.resume {
         let ck = dir.join("checkpoint.safetensors");
+        if let Some(now) = &plan.flags {
+            let meta = Checkpoint::load(&ck)?.meta;
+            if let Some(text) = meta.get(RUN_FLAGS_KEY) {
+                let saved: serde_json::Value = serde_json::from_str(text).with_context(|| {
+                    format!(
+                        "{}: metadata key {RUN_FLAGS_KEY:?} is not JSON",
+                        ck.display()
+                    )
+                })?;
+                let bad = differing_flags(&saved, now);
+                if !bad.is_empty() {
+                    bail!(
+                        "--resume {}: this run's flags differ from the checkpoint's: {}. Resume with the same flags (only --threads, --workers, --out, --stop-after, --max-steps may change, and --epochs may grow)",
+                        dir.display(),
+                        bad.join("; ")
+                    );
+                }
+            }
+        }
         trainer.resume(&ck)?;
         println!("resumed {} at epoch {}", ck.display(), trainer.epoch());
     }

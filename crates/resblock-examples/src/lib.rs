@@ -7,6 +7,7 @@ pub mod fit;
 pub mod model_args;
 pub mod progress;
 pub mod recipe_args;
+pub mod run_flags;
 
 pub use model_args::{ModelArgs, RuntimeArgs};
 pub use recipe_args::{PreparedData, RecipeArgs};

@@ -266,3 +266,37 @@ fn an_existing_run_is_not_overwritten_unasked() {
     let o = run(&forced.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
+
+#[test]
+fn a_resume_with_other_flags_is_refused_naming_them() {
+    let data = folder(&scratch("flags-data"));
+    let out = scratch("flags");
+    let mut args = common(&data, &out, "2");
+    args.extend(["--stop-after".to_string(), "1".to_string()]);
+    let first = run(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
+    // The first run's flags with `extra` (flag, value) pairs replaced or added.
+    let resume = |extra: &[&str]| {
+        let mut a: Vec<String> = common(&data, &out, "2");
+        a.extend(["--resume".to_string(), s(&out).to_string()]);
+        for pair in extra.chunks(2) {
+            match a.iter().position(|x| x == pair[0]) {
+                Some(i) => a[i + 1] = pair[1].to_string(),
+                None => a.extend([pair[0].to_string(), pair[1].to_string()]),
+            }
+        }
+        run(&a.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let o = resume(&["--lr", "0.02", "--label-smoothing", "0.1"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("--lr (checkpoint: 0.05, now: 0.02)") && err.contains("--label-smoothing"),
+        "{err}"
+    );
+    let o = resume(&["--epochs", "1"]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--epochs may only grow"));
+    // Safe changes: threads, workers.
+    let o = resume(&["--threads", "1", "--workers", "1"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}

@@ -104,6 +104,7 @@ pub struct Trainer<'m, M: ModuleT> {
     step_losses: Vec<f64>,
     last_epoch_samples: usize,
     on_progress: Option<ProgressFn<'m>>,
+    checkpoint_meta: BTreeMap<String, String>,
 }
 
 impl<'m, M: ModuleT> Trainer<'m, M> {
@@ -128,7 +129,16 @@ impl<'m, M: ModuleT> Trainer<'m, M> {
             step_losses: Vec::new(),
             last_epoch_samples: 0,
             on_progress: None,
+            checkpoint_meta: BTreeMap::new(),
         }
+    }
+
+    /// Records `value` under `key` in every checkpoint's metadata (e.g. the run's flags, so
+    /// that a resume can check them; see [`Checkpoint::load`]). The trainer's own keys
+    /// (`epoch`, `step`, `optimizer`, `history`, `rng_*`) cannot be replaced.
+    pub fn with_checkpoint_meta(mut self, key: &str, value: String) -> Self {
+        self.checkpoint_meta.insert(key.to_string(), value);
+        self
     }
 
     /// Reports progress to `f`: after every step and every epoch (see [`Progress`]).
@@ -394,7 +404,7 @@ impl<'m, M: ModuleT> Trainer<'m, M> {
         let mut ck = Checkpoint {
             model,
             optim: self.optimizer.state(),
-            meta: BTreeMap::new(),
+            meta: self.checkpoint_meta.clone(),
         };
         ck.meta.insert("epoch".into(), self.epoch.to_string());
         ck.meta.insert("step".into(), self.step.to_string());

@@ -76,8 +76,9 @@ struct Args {
     /// Write into an output directory that already holds a run, replacing its files.
     #[arg(long, conflicts_with = "resume")]
     overwrite: bool,
-    /// Resume the run in DIR from its checkpoint (writes there unless --out is given). Use
-    /// the same flags as the interrupted run.
+    /// Resume the run in DIR from its checkpoint (writes there unless --out is given). The
+    /// flags must be the interrupted run's (checked): only --threads, --workers, --out,
+    /// --stop-after and --max-steps may change, and --epochs may grow.
     #[arg(long)]
     resume: Option<PathBuf>,
     /// Stop after this many epochs are complete, as if interrupted (the schedule still spans
@@ -205,6 +206,7 @@ fn main() -> Result<()> {
         max_steps: args.max_steps,
         freeze,
         label: arch.clone(),
+        flags: Some(serde_json::to_value(&args)?),
     };
     let run = fit(
         &model,
