@@ -274,7 +274,11 @@ fn a_resume_with_other_flags_is_refused_naming_them() {
     let mut args = common(&data, &out, "2");
     args.extend(["--stop-after".to_string(), "1".to_string()]);
     let first = run(&args.iter().map(String::as_str).collect::<Vec<_>>());
-    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
     // The first run's flags with `extra` (flag, value) pairs replaced or added.
     let resume = |extra: &[&str]| {
         let mut a: Vec<String> = common(&data, &out, "2");

@@ -16,11 +16,13 @@ pub enum Error {
     Config(String),
 
     /// The loss (or a gradient) stopped being finite; training cannot continue.
-    #[error("non-finite {what} at step {step}: {value}")]
+    #[error("non-finite {what} at epoch {epoch}, step {step}: {value}")]
     NonFinite {
-        /// What was not finite (`loss`, a parameter's gradient, ...).
+        /// What was not finite (`loss`, a parameter's gradient, a batch-norm statistic).
         what: String,
-        /// The optimizer step at which it happened.
+        /// The epoch in progress (1-based).
+        epoch: usize,
+        /// The optimizer step at which it happened (0-based, counted over the whole run).
         step: u64,
         /// The value seen.
         value: f64,

@@ -198,11 +198,7 @@ impl<'m, M: ModuleT> Trainer<'m, M> {
         let loss = self.cfg.loss.compute(&outputs, &batch.targets)?;
         let value = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
         if !value.is_finite() {
-            return Err(Error::NonFinite {
-                what: "loss".into(),
-                step: self.step,
-                value,
-            });
+            return Err(self.non_finite("loss".into(), value));
         }
         let mut grads = loss.backward()?;
         let params = self.optimizer.params();
@@ -211,16 +207,92 @@ impl<'m, M: ModuleT> Trainer<'m, M> {
             None => grad_norm(&grads, &params)?,
         };
         if !norm.is_finite() {
-            return Err(Error::NonFinite {
-                what: "gradient norm".into(),
-                step: self.step,
-                value: norm,
-            });
+            let names = self.var_names(|_| true);
+            return Err(
+                match self.first_non_finite(&names, |v| grads.get(v.as_tensor()).cloned())? {
+                    Some((name, v)) => self.non_finite(format!("gradient of {name}"), v),
+                    None => self.non_finite("gradient norm".into(), norm),
+                },
+            );
         }
         self.optimizer.step(&grads)?;
+        // Batch-norm statistics move in the forward; a non-finite one poisons every later
+        // evaluation, so it stops the run here too.
+        if let Some((name, v)) = self.bad_statistic()? {
+            return Err(self.non_finite(format!("batch-norm statistic {name}"), v));
+        }
         self.step += 1;
         self.step_losses.push(value);
         Ok((value, outputs.detach()))
+    }
+
+    fn non_finite(&self, what: String, value: f64) -> Error {
+        Error::NonFinite {
+            what,
+            epoch: self.epoch + 1,
+            step: self.step,
+            value,
+        }
+    }
+
+    /// The first of `names` (in order) whose `tensor_of` holds a non-finite element, with
+    /// that element.
+    fn first_non_finite(
+        &self,
+        names: &[String],
+        tensor_of: impl Fn(&candle_core::Var) -> Option<Tensor>,
+    ) -> Result<Option<(String, f64)>> {
+        let data = self.varmap.data().lock().unwrap_or_else(|e| e.into_inner());
+        for k in names {
+            let Some(t) = data.get(k).and_then(&tensor_of) else {
+                continue;
+            };
+            let v = t
+                .to_dtype(candle_core::DType::F64)?
+                .flatten_all()?
+                .to_vec1::<f64>()?;
+            if let Some(bad) = v.into_iter().find(|x| !x.is_finite()) {
+                return Ok(Some((k.clone(), bad)));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The variable names, sorted, that satisfy `keep`.
+    fn var_names(&self, keep: impl Fn(&str) -> bool) -> Vec<String> {
+        let data = self.varmap.data().lock().unwrap_or_else(|e| e.into_inner());
+        let mut names: Vec<String> = data.keys().filter(|k| keep(k)).cloned().collect();
+        names.sort();
+        names
+    }
+
+    /// The first non-finite batch-norm running statistic, if any: one reduction over all of
+    /// them, names looked at only when it is not finite.
+    fn bad_statistic(&self) -> Result<Option<(String, f64)>> {
+        let names = self.var_names(|k| k.contains("running_"));
+        if names.is_empty() {
+            return Ok(None);
+        }
+        let sums = {
+            let data = self.varmap.data().lock().unwrap_or_else(|e| e.into_inner());
+            names
+                .iter()
+                .map(|k| {
+                    data[k]
+                        .as_tensor()
+                        .to_dtype(candle_core::DType::F64)?
+                        .sum_all()
+                })
+                .collect::<candle_core::Result<Vec<_>>>()?
+        };
+        if Tensor::stack(&sums, 0)?
+            .sum_all()?
+            .to_scalar::<f64>()?
+            .is_finite()
+        {
+            return Ok(None);
+        }
+        self.first_non_finite(&names, |v| Some(v.as_tensor().clone()))
     }
 
     fn is_classification(&self) -> bool {

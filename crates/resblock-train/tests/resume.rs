@@ -248,3 +248,33 @@ fn a_diverging_run_stops_and_keeps_the_last_good_checkpoint() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn a_non_finite_batch_norm_statistic_stops_training_naming_it() -> Result<()> {
+    let (net, varmap, rng) = model(3)?;
+    {
+        let data = varmap.data().lock().expect("varmap");
+        let v = &data["layer2.0.bn1.running_var"];
+        v.set(&(v.as_tensor() * f64::INFINITY)?)?;
+    }
+    let cfg = TrainerConfig {
+        epochs: 1,
+        ..Default::default()
+    };
+    let mut trainer = Trainer::new(&net, &varmap, sgd(&varmap)?, schedule()?, cfg).with_rng(rng);
+    let err = trainer.fit(&mut data()?, None).expect_err("stops");
+    let msg = err.to_string();
+    assert!(
+        matches!(
+            err,
+            Error::NonFinite {
+                epoch: 1,
+                step: 0,
+                ..
+            }
+        ) && msg.contains("batch-norm statistic layer2.0.bn1.running_var")
+            && msg.contains("epoch 1, step 0"),
+        "{msg}"
+    );
+    Ok(())
+}
