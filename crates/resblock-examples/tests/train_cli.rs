@@ -304,3 +304,65 @@ fn a_resume_with_other_flags_is_refused_naming_them() {
     let o = resume(&["--threads", "1", "--workers", "1"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
+
+#[test]
+fn killed_runs_resume_to_bit_identical_weights() {
+    let data = folder(&scratch("kill-data"));
+    let whole = scratch("kill-whole");
+    let args = common(&data, &whole, "4");
+    let o = run(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let expected = read_state_dict(&whole.join("model.safetensors")).expect("weights");
+
+    // SIGKILL at pseudo-random moments (some inside checkpoint writes), resuming each time
+    // from whatever the last complete checkpoint is.
+    let out = scratch("kill-cut");
+    let mut state = 0x2545_f491_4f6c_dd1d_u64;
+    let mut kills = 0;
+    let mut finished = false;
+    for _ in 0..200 {
+        let mut a = common(&data, &out, "4");
+        if out.join("checkpoint.safetensors").exists() {
+            a.extend(["--resume".to_string(), s(&out).to_string()]);
+        }
+        let mut child = Command::new(TRAIN)
+            .args(&a)
+            .env("RAYON_NUM_THREADS", "2")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("train starts");
+        if kills < 20 {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            std::thread::sleep(std::time::Duration::from_millis(20 + state % 400));
+            if child.try_wait().expect("wait").is_none() {
+                child.kill().expect("SIGKILL");
+                let _ = child.wait();
+                kills += 1;
+                continue;
+            }
+        }
+        let o = child.wait_with_output().expect("train ends");
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        if kills >= 20 {
+            finished = true;
+            break;
+        }
+        // It finished before the kill: start over into a fresh folder part of the time.
+        let _ = std::fs::remove_dir_all(&out);
+    }
+    assert!(finished && kills >= 20, "{kills} kills");
+    let got = read_state_dict(&out.join("model.safetensors")).expect("weights");
+    assert_eq!(got.len(), expected.len());
+    let values = |t: &candle_core::Tensor| {
+        t.to_dtype(candle_core::DType::F64)
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.to_vec1::<f64>())
+            .expect("values")
+    };
+    for (k, t) in &expected {
+        assert!(values(t) == values(&got[k]), "{k} differs after {kills} kills");
+    }
+}
