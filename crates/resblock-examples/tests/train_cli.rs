@@ -363,6 +363,9 @@ fn killed_runs_resume_to_bit_identical_weights() {
             .expect("values")
     };
     for (k, t) in &expected {
-        assert!(values(t) == values(&got[k]), "{k} differs after {kills} kills");
+        assert!(
+            values(t) == values(&got[k]),
+            "{k} differs after {kills} kills"
+        );
     }
 }
