@@ -105,6 +105,8 @@ pub struct Trainer<'m, M: ModuleT> {
     last_epoch_samples: usize,
     on_progress: Option<ProgressFn<'m>>,
     checkpoint_meta: BTreeMap<String, String>,
+    /// The batch-norm running statistics by name, sorted (found once: checked every step).
+    stats: std::cell::OnceCell<Vec<(String, candle_core::Var)>>,
 }
 
 impl<'m, M: ModuleT> Trainer<'m, M> {
@@ -130,6 +132,7 @@ impl<'m, M: ModuleT> Trainer<'m, M> {
             last_epoch_samples: 0,
             on_progress: None,
             checkpoint_meta: BTreeMap::new(),
+            stats: std::cell::OnceCell::new(),
         }
     }
 
@@ -269,22 +272,23 @@ impl<'m, M: ModuleT> Trainer<'m, M> {
     /// The first non-finite batch-norm running statistic, if any: one reduction over all of
     /// them, names looked at only when it is not finite.
     fn bad_statistic(&self) -> Result<Option<(String, f64)>> {
-        let names = self.var_names(|k| k.contains("running_"));
-        if names.is_empty() {
+        let stats = self.stats.get_or_init(|| {
+            let data = self.varmap.data().lock().unwrap_or_else(|e| e.into_inner());
+            let mut v: Vec<_> = data
+                .iter()
+                .filter(|(k, _)| k.contains("running_"))
+                .map(|(k, var)| (k.clone(), var.clone()))
+                .collect();
+            v.sort_by(|a, b| a.0.cmp(&b.0));
+            v
+        });
+        if stats.is_empty() {
             return Ok(None);
         }
-        let sums = {
-            let data = self.varmap.data().lock().unwrap_or_else(|e| e.into_inner());
-            names
-                .iter()
-                .map(|k| {
-                    data[k]
-                        .as_tensor()
-                        .to_dtype(candle_core::DType::F64)?
-                        .sum_all()
-                })
-                .collect::<candle_core::Result<Vec<_>>>()?
-        };
+        let sums = stats
+            .iter()
+            .map(|(_, v)| v.as_tensor().sum_all()?.to_dtype(candle_core::DType::F64))
+            .collect::<candle_core::Result<Vec<_>>>()?;
         if Tensor::stack(&sums, 0)?
             .sum_all()?
             .to_scalar::<f64>()?
@@ -292,6 +296,7 @@ impl<'m, M: ModuleT> Trainer<'m, M> {
         {
             return Ok(None);
         }
+        let names: Vec<String> = stats.iter().map(|(k, _)| k.clone()).collect();
         self.first_non_finite(&names, |v| Some(v.as_tensor().clone()))
     }
 

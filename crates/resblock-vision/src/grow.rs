@@ -49,8 +49,12 @@ pub fn identity_start_keys(cfg: &ResNetConfig, block: &str) -> Vec<String> {
 }
 
 /// Checks that `to` is `from` with at least as many blocks in every stage and that new
-/// blocks can start as the identity.
-fn check(from: &ResNetConfig, to: &ResNetConfig) -> Result<()> {
+/// blocks can start as the identity (what [`grow`] checks first; call it to refuse a
+/// growth before training anything).
+///
+/// # Errors
+/// As [`grow`], for the configurations.
+pub fn check(from: &ResNetConfig, to: &ResNetConfig) -> Result<()> {
     let bad = |m: String| Err(Error::config(format!("cannot grow: {m}")));
     match to.shortcut {
         ShortcutPolicy::Removed => {

@@ -278,17 +278,8 @@ pub fn run(args: &Args) -> Result<Results> {
     let to_cfg = ResNetConfig::preset(&args.to).with_context(|| format!("--to {}", args.to))?;
     let from_cfg =
         ResNetConfig::preset(&args.from).with_context(|| format!("--from {}", args.from))?;
-    {
-        let vars = candle_nn::VarMap::new();
-        let rng = RngHandle::seed_from_u64(0);
-        resblock_vision::resnet(
-            &from_cfg,
-            &rng,
-            resblock_core::seeded_var_builder(&vars, &rng, DType::F32, &Device::Cpu),
-        )?;
-        grow(&from_cfg, &vars, &to_cfg, &rng, &Device::Cpu)
-            .with_context(|| format!("--from {} --to {}", args.from, args.to))?;
-    }
+    resblock_vision::grow::check(&from_cfg, &to_cfg)
+        .with_context(|| format!("--from {} --to {}", args.from, args.to))?;
     let data = args.recipe.open_data(None)?;
     let seed = args.recipe.seed;
     let probe_n = (args.recipe.batch_size as usize).min(256);
