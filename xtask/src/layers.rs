@@ -17,6 +17,7 @@ const FLOORS: &[(&str, u8)] = &[
     ("resblock-onnx", 3),
     ("resblock-examples", 4),
     ("resblock-benches", 5),
+    ("resblock-fuzz", 5),
 ];
 
 /// The only crate allowed to contain `unsafe` code.

@@ -3,6 +3,8 @@
 //! - `ci`: exactly what CI runs, cheapest first: fmt --check, the workspace's shape
 //!   (`layers.rs`: dependency floors, `unsafe` only in resblock-kernels), clippy -D warnings, the
 //!   workspace tests (doc tests included), rustdoc with warnings denied.
+//! - `fuzz [--seconds N] [target...]`: the libFuzzer targets of `fuzz/`, N seconds each
+//!   (`fuzz.rs`); writes `docs/fuzzing.md`.
 //! - `bench [--compare-torch] [criterion filter]`: runs the criterion benchmarks
 //!   (`benches/benches/*.rs`) and writes `docs/benchmarks.md`: mean time, images/s, GFLOP/s
 //!   and the share of the machine's peak FMA rate (`cpu/peak/fma_f32`) and of the GEMM
@@ -24,6 +26,7 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
+mod fuzz;
 mod layers;
 
 fn main() -> Result<()> {
@@ -31,11 +34,12 @@ fn main() -> Result<()> {
     match args.first().map(String::as_str) {
         Some("ci") => ci(),
         Some("bench") => bench(&args[1..]),
+        Some("fuzz") => fuzz::run(&root(), &args[1..]),
         Some("help" | "--help" | "-h") | None => {
-            println!("usage: cargo xtask <ci | bench [--compare-torch] [filter]>");
+            println!("usage: cargo xtask <ci | bench [--compare-torch] [filter] | fuzz [--seconds N] [target...]>");
             Ok(())
         }
-        Some(other) => bail!("unknown xtask command {other:?}: expected ci or bench"),
+        Some(other) => bail!("unknown xtask command {other:?}: expected ci, bench or fuzz"),
     }
 }
 

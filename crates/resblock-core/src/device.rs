@@ -67,29 +67,3 @@ pub fn parse_device(name: &str) -> Result<Device> {
         )),
     }
 }
-
-/// Fixes the number of CPU threads for Candle and rayon, and returns it.
-///
-/// Candle asks for the thread count on every matmul and, unless `RAYON_NUM_THREADS` is
-/// set, works it out from the system each time (about 65 us a call here, 5x the cost of a
-/// small model's forward). Binaries call this first thing in `main`, before any other thread
-/// starts: `Some(n)` sets `n` threads, `None` keeps an existing `RAYON_NUM_THREADS` or uses
-/// the available parallelism.
-///
-/// On Linux with glibc it also keeps freed memory in the process (`mallopt`): training
-/// allocates and frees activation-sized buffers for every op, and glibc's default returns
-/// blocks over a few MB to the kernel with `munmap`, so every op paid page faults, page
-/// zeroing and cross-core TLB flushes (about 20% of a ResNet-20 training step here).
-pub fn configure_threads(threads: Option<usize>) -> usize {
-    resblock_kernels::alloc::keep_freed_memory();
-    let n = threads.filter(|&n| n > 0).unwrap_or_else(|| {
-        std::env::var("RAYON_NUM_THREADS")
-            .ok()
-            .and_then(|s| s.parse::<usize>().ok())
-            .filter(|&n| n > 0)
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
-    });
-    // Setting the variable is sound here: callers do this before starting other threads.
-    std::env::set_var("RAYON_NUM_THREADS", n.to_string());
-    n
-}

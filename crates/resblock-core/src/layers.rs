@@ -20,6 +20,18 @@ fn torch_default_init(fan_in: usize) -> Init {
     }
 }
 
+/// Refuses a layer with no inputs or outputs (PyTorch builds some, with NaN init bounds;
+/// here it is an error naming the layer).
+fn check_widths(layer: &str, in_dim: usize, out_dim: usize, vb: &VarBuilder<'_>) -> Result<()> {
+    if in_dim == 0 || out_dim == 0 {
+        return Err(Error::config(format!(
+            "{layer} {}: widths must be positive, got {in_dim} -> {out_dim}",
+            vb.prefix()
+        )));
+    }
+    Ok(())
+}
+
 /// `nn.Linear(in_dim, out_dim)` with PyTorch's initialisation: weight and bias uniform in
 /// +-1/sqrt(in_dim). (candle-nn's `linear` draws the weight from a Kaiming normal instead.)
 ///
@@ -40,6 +52,7 @@ fn torch_default_init(fan_in: usize) -> Init {
 /// # Errors
 /// A variable of another shape already under that name.
 pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder<'_>) -> Result<candle_nn::Linear> {
+    check_widths("linear", in_dim, out_dim, &vb)?;
     let init = torch_default_init(in_dim);
     let w = vb.get_with_hints((out_dim, in_dim), "weight", init)?;
     let b = vb.get_with_hints(out_dim, "bias", init)?;
@@ -55,6 +68,7 @@ pub fn linear_zeros(
     out_dim: usize,
     vb: VarBuilder<'_>,
 ) -> Result<candle_nn::Linear> {
+    check_widths("linear", in_dim, out_dim, &vb)?;
     let w = vb.get_with_hints((out_dim, in_dim), "weight", Init::Const(0.))?;
     let b = vb.get_with_hints(out_dim, "bias", Init::Const(0.))?;
     Ok(candle_nn::Linear::new(w, Some(b)))
@@ -271,6 +285,7 @@ pub fn conv2d(
     cfg: Conv2dConfig,
     vb: VarBuilder<'_>,
 ) -> Result<Conv2d> {
+    check_widths("conv2d", in_c, out_c, &vb)?;
     if cfg.groups == 0 || !in_c.is_multiple_of(cfg.groups) || !out_c.is_multiple_of(cfg.groups) {
         return Err(Error::config(format!(
             "conv2d {}: channels {in_c}->{out_c} are not divisible by groups {}",
@@ -360,6 +375,7 @@ pub struct BatchNorm {
 /// # Ok::<(), resblock_core::Error>(())
 /// ```
 pub fn batch_norm(channels: usize, cfg: BatchNormConfig, vb: VarBuilder<'_>) -> Result<BatchNorm> {
+    check_widths("batch_norm", channels, channels, &vb)?;
     if cfg.eps < 0. || !(0. ..=1.).contains(&cfg.momentum) {
         return Err(Error::config(format!(
             "batch_norm {}: eps must be >= 0 and momentum in [0, 1], got {cfg:?}",

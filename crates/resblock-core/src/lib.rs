@@ -44,12 +44,13 @@ pub mod probe;
 pub mod residual;
 pub mod rng;
 pub mod shortcut;
+pub mod threads;
 
 /// The tensor ops and CPU kernels under the layers (the `resblock-kernels` crate).
 pub use resblock_kernels as ops;
 
 pub use conv_bn::ConvBn;
-pub use device::{best_device, configure_threads, parse_device};
+pub use device::{best_device, parse_device};
 pub use drop_path::DropPath;
 pub use error::{Error, Result};
 pub use init::{init_tensor, seeded_var_builder};
@@ -64,3 +65,4 @@ pub use probe::{ProbeReading, Probed, ResidualProbe};
 pub use residual::{Branch, Norm, PreActivation, Residual, ResidualScale};
 pub use rng::{RngHandle, RngState};
 pub use shortcut::{ProjectionConfig, Shortcut, ShortcutPolicy};
+pub use threads::{configure_threads, pin_candle_threads, thread_count};

@@ -106,7 +106,7 @@ impl RuntimeArgs {
     /// # Errors
     /// An unknown or unavailable device.
     pub fn start(&self) -> Result<Device> {
-        resblock_core::configure_threads(self.threads.map(|n| n as usize));
+        crate::start_threads(self.threads);
         Ok(resblock_core::parse_device(&self.device)?)
     }
 }

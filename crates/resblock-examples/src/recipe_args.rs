@@ -133,7 +133,7 @@ impl RecipeArgs {
                 self.label_smoothing
             );
         }
-        resblock_core::configure_threads(self.threads.map(|n| n as usize));
+        crate::start_threads(self.threads);
         Ok(resblock_core::parse_device(&self.device)?)
     }
 

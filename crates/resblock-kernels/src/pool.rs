@@ -124,6 +124,10 @@ pub fn max_pool2d(x: &Tensor, cfg: Pool2dConfig) -> Result<Tensor> {
 pub fn max_pool2d_generic(x: &Tensor, cfg: Pool2dConfig) -> Result<Tensor> {
     let (n, c, h, w) = x.dims4()?;
     let (oh, ow) = cfg.output_size(h, w)?;
+    if n * c == 0 {
+        // Nothing to pool (Candle's max refuses empty tensors).
+        return Ok(Tensor::zeros((n, c, oh, ow), x.dtype(), x.device())?);
+    }
     let (ph, pw) = cfg.padding;
     let neg = |hh: usize, ww: usize| -> candle_core::Result<Tensor> {
         Tensor::full(f32::NEG_INFINITY, (n, c, hh, ww), x.device())?.to_dtype(x.dtype())

@@ -71,12 +71,13 @@ impl Checkpoint {
             return Ok(None);
         };
         let bad = || err(path, "metadata key \"rng_seed\" is not 64 hex digits");
-        if hex.len() != 64 {
+        if hex.len() != 64 || !hex.is_ascii() {
             return Err(bad());
         }
         let mut seed = [0u8; 32];
-        for (i, b) in seed.iter_mut().enumerate() {
-            *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
+        for (b, pair) in seed.iter_mut().zip(hex.as_bytes().chunks_exact(2)) {
+            let pair = std::str::from_utf8(pair).map_err(|_| bad())?;
+            *b = u8::from_str_radix(pair, 16).map_err(|_| bad())?;
         }
         Ok(Some(RngState {
             seed,
@@ -156,5 +157,12 @@ impl Checkpoint {
 /// # Errors
 /// An unwritable destination.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    resblock_io::write_atomic(path, bytes).map_err(|e| err(path, e.to_string()))
+    resblock_io::write_atomic(path, bytes).map_err(|e| {
+        err(
+            path,
+            format!(
+                "cannot write: {e} (nothing was replaced: the previous file, if any, is intact)"
+            ),
+        )
+    })
 }

@@ -100,7 +100,7 @@ fn mnist_errors_name_the_file() -> Result<()> {
     std::fs::write(dir.join("train-images-idx3-ubyte"), short)?;
     let err = read_mnist(&dir).expect_err("short").to_string();
     assert!(
-        err.contains("train-images-idx3-ubyte") && err.contains("expected 3 images"),
+        err.contains("train-images-idx3-ubyte") && err.contains("announces 3 images of 4x3"),
         "{err}"
     );
 

@@ -42,6 +42,8 @@ pub mod pickle_globals;
 pub mod preprocess;
 #[cfg(feature = "download")]
 pub mod pretrained;
+pub mod pth_bounds;
+
 pub mod resnet;
 pub mod summary;
 pub mod weights;

@@ -81,7 +81,8 @@ pub fn globals_named(obj: &Object) -> Vec<(String, String)> {
 }
 
 /// Refuses a `.pth` whose pickle names a global outside [`ALLOWED_GLOBALS`], naming each
-/// one (`posix.system`), or whose pickle cannot be parsed. Nothing in the file runs.
+/// one (`posix.system`), or whose pickle cannot be parsed or claims more bytes than it has
+/// ([`crate::pth_bounds::pickle_lengths`]). Nothing in the file runs.
 ///
 /// # Errors
 /// [`Error::WeightsFormat`] naming the file and what was refused; [`Error::Io`] when the
@@ -91,6 +92,7 @@ pub fn check_pth_globals(path: &Path) -> Result<()> {
         path: path.display().to_string(),
         source,
     })?;
+    let file_len = file.metadata().map(|m| m.len()).unwrap_or(0);
     let mut zip = zip::ZipArchive::new(BufReader::new(file))
         .map_err(|e| refused(path, format!("not a PyTorch zip archive: {e}")))?;
     let pickles: Vec<String> = zip
@@ -99,12 +101,14 @@ pub fn check_pth_globals(path: &Path) -> Result<()> {
         .filter(|n| n.ends_with(".pkl"))
         .collect();
     for name in pickles {
-        let entry = zip
+        let mut entry = zip
             .by_name(&name)
             .map_err(|e| refused(path, format!("{name}: {e}")))?;
+        let pkl = crate::pth_bounds::read_entry(path, &name, &mut entry, file_len)?;
+        crate::pth_bounds::pickle_lengths(path, &name, &pkl)?;
         let mut stack = Stack::empty();
         stack
-            .read_loop(&mut BufReader::new(entry))
+            .read_loop(&mut BufReader::new(pkl.as_slice()))
             .map_err(|e| refused(path, format!("{name}: unsupported pickle: {e}")))?;
         let obj = stack
             .finalize()

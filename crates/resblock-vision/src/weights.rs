@@ -51,12 +51,22 @@ pub fn read_state_dict(path: &Path) -> Result<BTreeMap<String, Tensor>> {
             .collect(),
         "pth" | "pt" | "bin" => {
             crate::pickle_globals::check_pth_globals(path)?;
-            let mut found = candle_core::pickle::read_all(path).map_err(|e| format_err(path, e))?;
-            for key in ["state_dict", "model"] {
-                if !found.is_empty() {
-                    break;
+            let mut found = Vec::new();
+            for key in [None, Some("state_dict"), Some("model")] {
+                // The tensors' claimed sizes are checked against their storages before
+                // Candle allocates them.
+                let infos = match candle_core::pickle::read_pth_tensor_info(path, false, key) {
+                    Ok(infos) => infos,
+                    Err(e) if key.is_none() => return Err(format_err(path, e)),
+                    Err(_) => continue,
+                };
+                if infos.is_empty() {
+                    continue;
                 }
-                found = candle_core::pickle::read_all_with_key(path, Some(key)).unwrap_or_default();
+                crate::pth_bounds::storage_sizes(path, &infos)?;
+                found = candle_core::pickle::read_all_with_key(path, key)
+                    .map_err(|e| format_err(path, e))?;
+                break;
             }
             found
         }

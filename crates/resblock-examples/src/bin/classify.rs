@@ -16,7 +16,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, ModuleT, Tensor, D};
 use clap::Parser;
-use resblock_core::{configure_threads, parse_device};
+use resblock_core::parse_device;
 use resblock_vision::imagenet::{class_names, load_image, preprocess};
 use resblock_vision::weights::{load_resnet, read_state_dict, save_tensors};
 use resblock_vision::ResNetConfig;
@@ -62,7 +62,7 @@ struct Args {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    configure_threads(args.threads.map(|n| n as usize));
+    resblock_examples::start_threads(args.threads);
     let device = parse_device(&args.device)?;
     let mut cfg = ResNetConfig::preset(&args.arch)?;
     if let Some(n) = args.num_classes {

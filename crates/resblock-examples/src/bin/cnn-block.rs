@@ -15,7 +15,7 @@ use candle_core::{DType, Device, ModuleT, Tensor};
 use candle_nn::VarMap;
 use clap::Parser;
 use resblock_core::params::count_parameters;
-use resblock_core::{configure_threads, seeded_var_builder, ResidualScale, RngHandle};
+use resblock_core::{seeded_var_builder, ResidualScale, RngHandle};
 use resblock_examples::positive_f64;
 use resblock_train::loss::mse;
 use resblock_train::optim::{Adam, AdamConfig, Optimizer};
@@ -60,7 +60,7 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    configure_threads(args.threads.map(|n| n as usize));
+    resblock_examples::start_threads(args.threads);
     let dev = Device::Cpu;
     let (cin, cout, stride) = (
         args.in_channels as usize,

@@ -23,7 +23,6 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use resblock_core::configure_threads;
 use resblock_examples::ModelArgs;
 use resblock_onnx::ExportOptions;
 
@@ -46,7 +45,7 @@ struct Args {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    configure_threads(None);
+    resblock_examples::start_threads(None);
     let loaded = args.model.load(&candle_core::Device::Cpu)?;
     let image_size = match &args.image_size {
         None => loaded.meta.image_size,

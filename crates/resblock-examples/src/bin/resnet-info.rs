@@ -12,7 +12,7 @@ use candle_core::{DType, Device};
 use candle_nn::VarMap;
 use clap::Parser;
 use resblock_core::params::shape_only_var_builder;
-use resblock_core::{configure_threads, seeded_var_builder, RngHandle};
+use resblock_core::{seeded_var_builder, RngHandle};
 use resblock_vision::weights::save_varmap;
 use resblock_vision::{resnet, ResNetConfig};
 
@@ -42,7 +42,7 @@ struct Args {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    configure_threads(None);
+    resblock_examples::start_threads(None);
     let mut cfg = ResNetConfig::preset(&args.arch)?;
     if let Some(n) = args.num_classes {
         cfg.num_classes = n as usize;

@@ -10,7 +10,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, ModuleT};
 use candle_nn::VarMap;
 use clap::Parser;
-use resblock_core::{configure_threads, mlp_block, seeded_var_builder, MlpBlockConfig, RngHandle};
+use resblock_core::{mlp_block, seeded_var_builder, MlpBlockConfig, RngHandle};
 use resblock_examples::{format_matrix, positive_f64};
 use resblock_train::optim::{Adam, AdamConfig};
 use resblock_train::schedule::{LrSchedule, Schedule};
@@ -45,7 +45,7 @@ struct Args {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    configure_threads(args.threads.map(|n| n as usize));
+    resblock_examples::start_threads(args.threads);
     let dev = Device::Cpu;
     let (n, d) = (args.samples as usize, args.features as usize);
 

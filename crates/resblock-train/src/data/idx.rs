@@ -13,37 +13,58 @@ fn fail(path: &Path, msg: impl Into<String>) -> Error {
     }
 }
 
-/// Reads a whole file, gunzipping it when it starts with the gzip magic.
-fn read_maybe_gz(path: &Path) -> Result<Vec<u8>> {
-    let raw = std::fs::read(path).map_err(|e| fail(path, e.to_string()))?;
-    if raw.starts_with(&[0x1f, 0x8b]) {
-        let mut out = Vec::new();
-        flate2::read::GzDecoder::new(raw.as_slice())
-            .read_to_end(&mut out)
-            .map_err(|e| fail(path, format!("corrupt gzip data: {e}")))?;
-        Ok(out)
+/// The largest expansion of deflate data: 1032 output bytes per input byte.
+const DEFLATE_MAX_RATIO: u64 = 1032;
+
+/// An IDX file opened for reading, gunzipped when it starts with the gzip magic, with the
+/// most bytes it can possibly yield (the file's length, or 1032x that for gzip).
+fn open(path: &Path) -> Result<(Box<dyn Read>, u64)> {
+    let file = std::fs::File::open(path).map_err(|e| fail(path, e.to_string()))?;
+    let len = file
+        .metadata()
+        .map_err(|e| fail(path, e.to_string()))?
+        .len();
+    let mut reader = std::io::BufReader::new(file);
+    let gz = {
+        use std::io::BufRead;
+        let head = reader.fill_buf().map_err(|e| fail(path, e.to_string()))?;
+        head.starts_with(&[0x1f, 0x8b])
+    };
+    if gz {
+        let r = flate2::bufread::GzDecoder::new(reader);
+        Ok((Box::new(r), len.saturating_mul(DEFLATE_MAX_RATIO)))
     } else {
-        Ok(raw)
+        Ok((Box::new(reader), len))
     }
 }
 
-fn header(path: &Path, bytes: &[u8], magic: u32, dims: usize) -> Result<Vec<usize>> {
-    let need = 4 + 4 * dims;
-    if bytes.len() < need {
-        return Err(fail(
-            path,
-            format!(
-                "file is too short for an IDX header ({} bytes)",
-                bytes.len()
-            ),
-        ));
+fn gz_err(path: &Path, e: &std::io::Error) -> Error {
+    if e.kind() == std::io::ErrorKind::UnexpectedEof {
+        fail(path, "file is too short for an IDX header")
+    } else {
+        fail(path, format!("cannot read: {e}"))
     }
+}
+
+/// Reads the header (`magic`, then `dims` big-endian u32 sizes) and then exactly the
+/// `item * product(sizes)` bytes it announces. Announced sizes the file cannot hold are
+/// refused before any buffer is allocated for them (a 16-byte file claiming 10^12 images
+/// is an error, not a 10^12-byte allocation).
+fn read_idx(
+    path: &Path,
+    magic: u32,
+    dims: usize,
+    describe: fn(&[usize]) -> String,
+) -> Result<(Vec<usize>, Vec<u8>)> {
+    let (mut r, can_hold) = open(path)?;
+    let mut head = vec![0u8; 4 + 4 * dims];
+    r.read_exact(&mut head).map_err(|e| gz_err(path, &e))?;
     let word = |i: usize| {
         u32::from_be_bytes([
-            bytes[4 * i],
-            bytes[4 * i + 1],
-            bytes[4 * i + 2],
-            bytes[4 * i + 3],
+            head[4 * i],
+            head[4 * i + 1],
+            head[4 * i + 2],
+            head[4 * i + 3],
         ])
     };
     let found = word(0);
@@ -53,32 +74,52 @@ fn header(path: &Path, bytes: &[u8], magic: u32, dims: usize) -> Result<Vec<usiz
             format!("wrong magic number 0x{found:08x}, expected 0x{magic:08x}"),
         ));
     }
-    Ok((1..=dims).map(|i| word(i) as usize).collect())
+    let sizes: Vec<usize> = (1..=dims).map(|i| word(i) as usize).collect();
+    let want = sizes
+        .iter()
+        .try_fold(1u64, |a, &d| a.checked_mul(d as u64))
+        .ok_or_else(|| fail(path, "header sizes overflow"))?;
+    let room = can_hold.saturating_sub(head.len() as u64);
+    if want > room {
+        return Err(fail(
+            path,
+            format!(
+                "the header announces {} ({want} bytes of data), more than the file can hold ({room} bytes)",
+                describe(&sizes)
+            ),
+        ));
+    }
+    let mut data = Vec::with_capacity(want.min(room) as usize);
+    r.take(want + 1)
+        .read_to_end(&mut data)
+        .map_err(|e| fail(path, format!("corrupt data: {e}")))?;
+    if data.len() as u64 != want {
+        return Err(fail(
+            path,
+            format!(
+                "the header announces {} ({want} bytes of data), {} found",
+                describe(&sizes),
+                if data.len() as u64 > want {
+                    "more bytes were".to_string()
+                } else {
+                    format!("only {} bytes were", data.len())
+                }
+            ),
+        ));
+    }
+    Ok((sizes, data))
 }
 
 /// Reads an IDX image file (magic 0x00000803): returns (pixels, count, rows, cols).
 ///
 /// # Errors
-/// A missing file, wrong magic, or a file shorter than its header says.
+/// A missing file, wrong magic, or a file whose length differs from what its header says
+/// (refused before allocating when the header claims more than the file can hold).
 pub fn read_idx_images(path: &Path) -> Result<(Vec<u8>, usize, usize, usize)> {
-    let bytes = read_maybe_gz(path)?;
-    let d = header(path, &bytes, 0x0000_0803, 3)?;
-    let (n, r, c) = (d[0], d[1], d[2]);
-    let want = n
-        .checked_mul(r)
-        .and_then(|v| v.checked_mul(c))
-        .ok_or_else(|| fail(path, "header sizes overflow"))?;
-    let data = &bytes[16..];
-    if data.len() != want {
-        return Err(fail(
-            path,
-            format!(
-                "expected {n} images of {r}x{c} ({want} bytes), found {} bytes",
-                data.len()
-            ),
-        ));
-    }
-    Ok((data.to_vec(), n, r, c))
+    let (d, data) = read_idx(path, 0x0000_0803, 3, |d| {
+        format!("{} images of {}x{}", d[0], d[1], d[2])
+    })?;
+    Ok((data, d[0], d[1], d[2]))
 }
 
 /// Reads an IDX label file (magic 0x00000801).
@@ -86,16 +127,7 @@ pub fn read_idx_images(path: &Path) -> Result<(Vec<u8>, usize, usize, usize)> {
 /// # Errors
 /// A missing file, wrong magic, or a length that does not match the header.
 pub fn read_idx_labels(path: &Path) -> Result<Vec<u8>> {
-    let bytes = read_maybe_gz(path)?;
-    let n = header(path, &bytes, 0x0000_0801, 1)?[0];
-    let data = &bytes[8..];
-    if data.len() != n {
-        return Err(fail(
-            path,
-            format!("expected {n} labels, found {} bytes", data.len()),
-        ));
-    }
-    Ok(data.to_vec())
+    Ok(read_idx(path, 0x0000_0801, 1, |d| format!("{} labels", d[0]))?.1)
 }
 
 fn find(dir: &Path, stem: &str) -> Result<PathBuf> {

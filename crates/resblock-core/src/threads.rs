@@ -1,0 +1,60 @@
+//! How many CPU threads the kernels use, set once at start-up without touching the
+//! environment behind the caller's back.
+//!
+//! Two thread counts matter on the CPU: rayon's global pool, which runs our kernels, and
+//! Candle's own matmul, which reads `RAYON_NUM_THREADS` on every call and, when it is
+//! unset, works the count out from the system each time (about 65 us a call here, 5x the
+//! cost of a small model's forward). [`configure_threads`] sets the first and never the
+//! environment; [`pin_candle_threads`] sets the variable, only while it can see that the
+//! process has no other thread (so nothing can read the environment at the same time), and
+//! says whether it did.
+
+/// The thread count `threads` asks for: `Some(n)` with `n > 0`, else `RAYON_NUM_THREADS`
+/// when it holds a positive number, else the available parallelism.
+pub fn thread_count(threads: Option<usize>) -> usize {
+    threads.filter(|&n| n > 0).unwrap_or_else(|| {
+        std::env::var("RAYON_NUM_THREADS")
+            .ok()
+            .and_then(|s| s.parse::<usize>().ok())
+            .filter(|&n| n > 0)
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+    })
+}
+
+/// Sizes rayon's global pool (our kernels) to [`thread_count`]`(threads)` and returns the
+/// count the pool has. The pool is built once per process: if something already built it,
+/// it keeps its size, which is returned. The environment is not changed.
+///
+/// On Linux with glibc it also keeps freed memory in the process (`mallopt`): training
+/// allocates and frees activation-sized buffers for every op, and glibc's default returns
+/// blocks over a few MB to the kernel with `munmap`, so every op paid page faults, page
+/// zeroing and cross-core TLB flushes (about 20% of a ResNet-20 training step here).
+pub fn configure_threads(threads: Option<usize>) -> usize {
+    resblock_kernels::alloc::keep_freed_memory();
+    let n = thread_count(threads);
+    // Err means the global pool exists already; its size stands.
+    let _ = rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build_global();
+    rayon::current_num_threads()
+}
+
+/// The number of threads of this process, where the system says (Linux: `/proc/self/task`).
+fn process_threads() -> Option<usize> {
+    std::fs::read_dir("/proc/self/task").ok().map(|d| d.count())
+}
+
+/// Sets `RAYON_NUM_THREADS` to `n` for Candle's matmul, if and only if this process
+/// verifiably has a single thread (Linux: `/proc/self/task`), so that no other thread can be
+/// reading or writing the environment meanwhile; returns whether it was set. Binaries call
+/// it first thing in `main`; where it returns `false` (other threads already running, or a
+/// system that does not list them) nothing changed and Candle works the count out per call.
+pub fn pin_candle_threads(n: usize) -> bool {
+    if n == 0 || process_threads() != Some(1) {
+        return false;
+    }
+    // Sound: this is the only thread of the process (checked just above), so no other
+    // thread can touch the environment concurrently.
+    std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    true
+}

@@ -1,0 +1,6 @@
+//! Fuzz target: `resblock_fuzz::idx_images` (see crates/resblock-fuzz).
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    let _ = resblock_fuzz::idx_images(data);
+});
