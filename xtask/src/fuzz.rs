@@ -176,8 +176,9 @@ fn report(rows: &[Stats]) -> String {
     let total: u64 = rows.iter().map(|r| r.execs).sum();
     let _ = writeln!(
         s,
-        "\n{total} executions in all, on {} (2 cores, one target at a time).",
-        crate::machine()
+        "\n{total} executions in all, on {} ({} logical CPUs, one target at a time).",
+        crate::machine(),
+        std::thread::available_parallelism().map_or(1, |n| n.get())
     );
     s
 }
