@@ -10,7 +10,8 @@ use candle_core::Device;
 use resblock_train::data::{download, DataKind, DataSpec, RemoteDataset, ReplicateChannels};
 use resblock_train::optim::{Optimizer, ParamGroup};
 use resblock_train::recipe::{
-    dataset_stats, AugmentPolicy, OptimizerConfig, OptimizerKind, ScheduleConfig, ScheduleKind,
+    dataset_stats, AugmentExtras, AugmentPolicy, OptimizerConfig, OptimizerKind, ScheduleConfig,
+    ScheduleKind,
 };
 use resblock_train::schedule::LrSchedule;
 use resblock_train::{DataLoader, Dataset, LossKind, Transform};
@@ -69,6 +70,17 @@ pub struct RecipeArgs {
     /// Do not augment.
     #[arg(long)]
     pub no_augment: bool,
+    /// Random resized crops (torchvision's RandomResizedCrop, area --rrc-scale..1 of the
+    /// image, aspect 3/4..4/3) instead of shifts.
+    #[arg(long)]
+    pub rrc: bool,
+    /// Smallest area of a random resized crop, as a fraction of the image.
+    #[arg(long, default_value_t = 0.08, requires = "rrc")]
+    pub rrc_scale: f64,
+    /// Random erasing (torchvision's RandomErasing) with probability P, after
+    /// normalisation.
+    #[arg(long, value_name = "P")]
+    pub random_erasing: Option<f64>,
     /// Keep the training order fixed.
     #[arg(long)]
     pub no_shuffle: bool,
@@ -132,6 +144,14 @@ impl RecipeArgs {
                 "--label-smoothing must be in [0, 1), got {}",
                 self.label_smoothing
             );
+        }
+        if let Some(p) = self.random_erasing {
+            if !(0. ..=1.).contains(&p) {
+                bail!("--random-erasing must be a probability in [0, 1], got {p}");
+            }
+        }
+        if !(self.rrc_scale > 0. && self.rrc_scale <= 1.) {
+            bail!("--rrc-scale must be in (0, 1], got {}", self.rrc_scale);
         }
         crate::start_threads(self.threads);
         Ok(resblock_core::parse_device(&self.device)?)
@@ -209,7 +229,12 @@ impl RecipeArgs {
             (false, true) => AugmentPolicy::Digits,
             (false, false) => AugmentPolicy::Natural,
         };
-        let train_transforms = policy.train_transforms((h, w), &resize, &normalize)?;
+        let extras = AugmentExtras {
+            rrc_scale: self.rrc.then_some((self.rrc_scale, 1.)),
+            random_erasing: self.random_erasing,
+        };
+        let train_transforms =
+            extras.apply(policy.train_transforms((h, w), &resize, &normalize)?, h)?;
         let test_transforms = [resize, vec![normalize]].concat();
         Ok(PreparedData {
             train,

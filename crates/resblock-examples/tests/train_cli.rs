@@ -147,6 +147,9 @@ fn bad_input_fails_cleanly() {
     assert_fails(&run(&["--label-smoothing", "1.5"]), "--label-smoothing");
     assert_fails(&run(&["--arch", "resnet19"]), "known: resnet18");
     assert_fails(&run(&["--optimizer", "lbfgs"]), "lbfgs");
+    assert_fails(&run(&["--random-erasing", "1.5"]), "--random-erasing");
+    assert_fails(&run(&["--rrc", "--rrc-scale", "0"]), "--rrc-scale");
+    assert_fails(&run(&["--rrc-scale", "0.5"]), "--rrc");
     assert_fails(
         &run(&[
             "--resume",
@@ -368,4 +371,20 @@ fn killed_runs_resume_to_bit_identical_weights() {
             "{k} differs after {kills} kills"
         );
     }
+}
+
+#[test]
+fn random_resized_crops_and_erasing_train_and_are_part_of_the_run() {
+    let data = folder(&scratch("rrc-data"));
+    let out = scratch("rrc-out");
+    let mut args = common(&data, &out, "1");
+    args.extend(["--rrc", "--rrc-scale", "0.5", "--random-erasing", "0.5"].map(String::from));
+    let o = run(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // The flags are in the checkpoint's run flags: a resume without them is refused.
+    let mut again = common(&data, &out, "2");
+    again.extend(["--resume".to_string(), s(&out).to_string()]);
+    let o = run(&again.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_fails(&o, "--random-erasing (checkpoint: 0.5, now: unset)");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--rrc (checkpoint: true, now: false)"));
 }

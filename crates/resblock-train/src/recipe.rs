@@ -242,6 +242,67 @@ impl AugmentPolicy {
     }
 }
 
+/// Augmentations added on top of an [`AugmentPolicy`] (`train --rrc`, `--random-erasing`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct AugmentExtras {
+    /// torchvision's `RandomResizedCrop` with this area range (ratio 3/4..4/3) in place of
+    /// the policy's shifts.
+    pub rrc_scale: Option<(f64, f64)>,
+    /// torchvision's `RandomErasing` with this probability (area 0.02..1/3, ratio
+    /// 0.3..3.3, value 0 = the mean), after normalisation.
+    pub random_erasing: Option<f64>,
+}
+
+impl AugmentExtras {
+    /// A policy's transforms (`resize`, augmentation, `Normalize` last) with the extras:
+    /// the random resized crop to `size` x `size` replaces the shift crop (or comes just
+    /// before `Normalize`), erasing comes after `Normalize`.
+    ///
+    /// # Errors
+    /// An area range outside (0, 1] or a probability outside [0, 1].
+    pub fn apply(&self, mut t: Vec<Transform>, size: usize) -> Result<Vec<Transform>> {
+        if let Some((lo, hi)) = self.rrc_scale {
+            if !(lo > 0. && lo <= hi && hi <= 1.) {
+                return Err(Error::config(format!(
+                    "the random resized crop's area range must lie in (0, 1], got {lo}..{hi}"
+                )));
+            }
+            let rrc = Transform::RandomResizedCrop {
+                size,
+                scale: (lo, hi),
+                ratio: (3. / 4., 4. / 3.),
+            };
+            match t
+                .iter()
+                .position(|x| matches!(x, Transform::RandomCrop { .. }))
+            {
+                Some(i) => t[i] = rrc,
+                None => {
+                    let at = t
+                        .iter()
+                        .position(|x| matches!(x, Transform::Normalize { .. }))
+                        .unwrap_or(t.len());
+                    t.insert(at, rrc);
+                }
+            }
+        }
+        if let Some(p) = self.random_erasing {
+            if !(0. ..=1.).contains(&p) {
+                return Err(Error::config(format!(
+                    "the random-erasing probability must lie in [0, 1], got {p}"
+                )));
+            }
+            t.push(Transform::RandomErasing {
+                p,
+                scale: (0.02, 1. / 3.),
+                ratio: (0.3, 3.3),
+                value: 0.,
+            });
+        }
+        Ok(t)
+    }
+}
+
 /// Per-channel mean and standard deviation of a dataset's pixels scaled to [0, 1] (the
 /// normalisation `train` uses and records in the model file).
 ///
@@ -340,6 +401,53 @@ mod tests {
         );
         assert!((s.lr_at(10) - 0.1).abs() < 1e-12, "peak after one epoch");
         assert!(s.lr_at(49) < 1e-3, "cosine ends near zero");
+        Ok(())
+    }
+
+    #[test]
+    fn extras_replace_the_shift_crop_and_erase_after_normalising() -> Result<()> {
+        let norm = Transform::Normalize {
+            mean: vec![0.5],
+            std: vec![0.25],
+        };
+        let base = AugmentPolicy::Natural.train_transforms((8, 8), &[], &norm)?;
+        let extras = AugmentExtras {
+            rrc_scale: Some((0.25, 1.)),
+            random_erasing: Some(0.5),
+        };
+        let t = extras.apply(base, 8)?;
+        assert!(matches!(
+            t[0],
+            Transform::RandomResizedCrop {
+                size: 8,
+                scale: (0.25, 1.),
+                ..
+            }
+        ));
+        assert!(matches!(t[1], Transform::RandomHorizontalFlip { .. }));
+        assert_eq!(t[2], norm);
+        assert!(matches!(t[3], Transform::RandomErasing { p: 0.5, .. }));
+        // No policy: the crop goes just before Normalize.
+        let none = AugmentPolicy::None.train_transforms((8, 8), &[], &norm)?;
+        let t = extras.apply(none, 8)?;
+        assert!(matches!(t[0], Transform::RandomResizedCrop { .. }));
+        assert_eq!(t[1], norm);
+        for bad in [
+            AugmentExtras {
+                rrc_scale: Some((0., 1.)),
+                random_erasing: None,
+            },
+            AugmentExtras {
+                rrc_scale: Some((0.5, 1.5)),
+                random_erasing: None,
+            },
+            AugmentExtras {
+                rrc_scale: None,
+                random_erasing: Some(1.5),
+            },
+        ] {
+            assert!(bad.apply(vec![norm.clone()], 8).is_err(), "{bad:?}");
+        }
         Ok(())
     }
 }

@@ -15,9 +15,11 @@ mod adapt;
 mod cifar;
 #[cfg(feature = "download")]
 mod download;
+pub mod erasing;
 mod folder;
 mod idx;
 mod loader;
+pub mod rrc;
 mod source;
 mod spec;
 mod transform;

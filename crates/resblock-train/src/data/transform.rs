@@ -28,6 +28,29 @@ pub enum Transform {
         /// Probability.
         p: f64,
     },
+    /// torchvision's `RandomResizedCrop(size, scale, ratio)` (see [`super::rrc`]): a box of
+    /// a random `scale` fraction of the area and log-uniform aspect `ratio`, resized
+    /// (bilinear) to `size` x `size`.
+    RandomResizedCrop {
+        /// Output height and width.
+        size: usize,
+        /// Range of the box's area as a fraction of the image's (torchvision: 0.08..1).
+        scale: (f64, f64),
+        /// Range of the box's width / height (torchvision: 3/4..4/3).
+        ratio: (f64, f64),
+    },
+    /// torchvision's `RandomErasing(p, scale, ratio, value)` (see [`super::erasing`]); put
+    /// it after `Normalize`, so that `value` 0 is the mean.
+    RandomErasing {
+        /// Probability of erasing a box.
+        p: f64,
+        /// Range of the box's area as a fraction of the image's (torchvision: 0.02..1/3).
+        scale: (f64, f64),
+        /// Range of the box's aspect ratio (torchvision: 0.3..3.3).
+        ratio: (f64, f64),
+        /// The value written.
+        value: f32,
+    },
     /// Bilinear resize to `height` x `width`: PyTorch's
     /// `F.interpolate(x, (height, width), mode="bilinear", align_corners=False)` (no
     /// antialiasing, so prefer it for modest scale changes).
@@ -47,6 +70,11 @@ fn source(i: usize, inp: usize, out: usize) -> (usize, usize, f32) {
     let i0 = (src as usize).min(inp - 1);
     let i1 = if i0 + 1 < inp { i0 + 1 } else { i0 };
     (i0, i1, src - i0 as f32)
+}
+
+/// Whether `(lo, hi)` is a finite range of positive numbers with `lo <= hi`.
+fn valid_range((lo, hi): (f64, f64)) -> bool {
+    lo.is_finite() && hi.is_finite() && lo > 0. && lo <= hi
 }
 
 fn resize(x: &[f32], c: usize, (h, w): (usize, usize), (oh, ow): (usize, usize)) -> Vec<f32> {
@@ -137,6 +165,37 @@ impl Transform {
                 }
                 Ok((*height, *width))
             }
+            Self::RandomResizedCrop { size, scale, ratio } => {
+                if *size == 0 || h == 0 || w == 0 || !valid_range(*scale) || !valid_range(*ratio) {
+                    return Err(Error::config(format!(
+                        "random resized crop: size {size} of a {h}x{w} image with scale {scale:?} and ratio {ratio:?} (size, sides and ranges must be positive)"
+                    )));
+                }
+                let b = super::rrc::rrc_box((h, w), *scale, *ratio, || rng.uniform());
+                let cropped = super::rrc::crop(x, c, (h, w), b);
+                *x = resize(&cropped, c, (b.2, b.3), (*size, *size));
+                Ok((*size, *size))
+            }
+            Self::RandomErasing {
+                p,
+                scale,
+                ratio,
+                value,
+            } => {
+                if !valid_range(*scale) || !valid_range(*ratio) {
+                    return Err(Error::config(format!(
+                        "random erasing: scale {scale:?} and ratio {ratio:?} must be positive ranges"
+                    )));
+                }
+                if rng.uniform() < *p {
+                    if let Some(b) =
+                        super::erasing::erase_box((h, w), *scale, *ratio, || rng.uniform())
+                    {
+                        super::erasing::erase(x, (h, w), b, *value);
+                    }
+                }
+                Ok((h, w))
+            }
             Self::RandomHorizontalFlip { p } => {
                 if rng.uniform() < *p {
                     for row in x.chunks_exact_mut(w) {
@@ -181,6 +240,55 @@ mod tests {
         }
         .apply(&mut x, 1, 3, 3, &rng)?;
         assert_eq!(x[0], -2.);
+        Ok(())
+    }
+
+    #[test]
+    fn resized_crop_of_the_whole_image_is_the_image_and_erasing_zeroes_a_box() -> Result<()> {
+        let rng = RngHandle::seed_from_u64(1);
+        let img: Vec<f32> = (0..2 * 4 * 4).map(|v| v as f32).collect(); // 2x4x4
+                                                                        // scale (1, 1) and ratio (1, 1): the box is the whole image, resized to itself.
+        let mut x = img.clone();
+        let rrc = Transform::RandomResizedCrop {
+            size: 4,
+            scale: (1., 1.),
+            ratio: (1., 1.),
+        };
+        assert_eq!(rrc.apply(&mut x, 2, 4, 4, &rng)?, (4, 4));
+        assert_eq!(x, img);
+        // Any box, resized to 8x8: values stay within the image's range, each channel
+        // within its own.
+        let mut x = img.clone();
+        let rrc = Transform::RandomResizedCrop {
+            size: 8,
+            scale: (0.08, 1.),
+            ratio: (0.75, 4. / 3.),
+        };
+        assert_eq!(rrc.apply(&mut x, 2, 4, 4, &rng)?, (8, 8));
+        assert!(x[..64].iter().all(|v| (0. ..=15.).contains(v)));
+        assert!(x[64..].iter().all(|v| (16. ..=31.).contains(v)));
+        // Erasing with p = 1 zeroes some box of both channels in the same place, p = 0 none.
+        let erasing = |p| Transform::RandomErasing {
+            p,
+            scale: (0.1, 0.3),
+            ratio: (0.5, 2.),
+            value: -1.,
+        };
+        let mut x = vec![1f32; 2 * 8 * 8];
+        erasing(1.).apply(&mut x, 2, 8, 8, &rng)?;
+        let erased: Vec<usize> = (0..64).filter(|&i| x[i] == -1.).collect();
+        assert!(!erased.is_empty());
+        assert!(erased.iter().all(|&i| x[64 + i] == -1.));
+        let mut y = vec![1f32; 2 * 8 * 8];
+        erasing(0.).apply(&mut y, 2, 8, 8, &rng)?;
+        assert!(y.iter().all(|v| *v == 1.));
+        assert!(Transform::RandomResizedCrop {
+            size: 4,
+            scale: (0., 1.),
+            ratio: (1., 1.)
+        }
+        .apply(&mut vec![0.; 16], 1, 4, 4, &rng)
+        .is_err());
         Ok(())
     }
 }
