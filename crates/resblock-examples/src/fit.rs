@@ -10,6 +10,7 @@ use candle_core::Device;
 use candle_nn::VarMap;
 use resblock_core::RngHandle;
 use resblock_train::checkpoint::Checkpoint;
+use resblock_train::ema::Ema;
 use resblock_train::freeze::Freeze;
 use resblock_train::optim::param_groups;
 use resblock_train::{BatchSource, EpochRecord, Progress, Trainer, TrainerConfig};
@@ -49,6 +50,8 @@ pub struct Fitted {
     pub steps: u64,
     /// Wall time of the training in this process.
     pub seconds: f64,
+    /// The weights' moving average at the end (`--ema`), by variable name.
+    pub ema: Option<std::collections::BTreeMap<String, candle_core::Tensor>>,
 }
 
 impl Fitted {
@@ -114,6 +117,9 @@ pub fn fit(
                 on_epoch(record);
             }
         });
+    if let Some(decay) = recipe.ema {
+        trainer = trainer.with_ema(Ema::new(varmap, decay, true)?);
+    }
     if let Some(flags) = &plan.flags {
         trainer = trainer.with_checkpoint_meta(RUN_FLAGS_KEY, flags.to_string());
     }
@@ -155,5 +161,6 @@ pub fn fit(
         history,
         steps: trainer.step(),
         seconds: start.elapsed().as_secs_f64(),
+        ema: trainer.ema().map(|e| e.tensors().clone()),
     })
 }

@@ -81,6 +81,11 @@ pub struct RecipeArgs {
     /// normalisation.
     #[arg(long, value_name = "P")]
     pub random_erasing: Option<f64>,
+    /// Keep an exponential moving average of the weights with this decay (e.g. 0.999;
+    /// timm's ModelEmaV3 with warmup), evaluated after every epoch; `model.safetensors`
+    /// gets whichever of the average and the trained weights scores higher.
+    #[arg(long, value_name = "DECAY")]
+    pub ema: Option<f64>,
     /// Keep the training order fixed.
     #[arg(long)]
     pub no_shuffle: bool,
@@ -148,6 +153,11 @@ impl RecipeArgs {
         if let Some(p) = self.random_erasing {
             if !(0. ..=1.).contains(&p) {
                 bail!("--random-erasing must be a probability in [0, 1], got {p}");
+            }
+        }
+        if let Some(d) = self.ema {
+            if !(0. ..1.).contains(&d) {
+                bail!("--ema must be a decay in [0, 1), got {d}");
             }
         }
         if !(self.rrc_scale > 0. && self.rrc_scale <= 1.) {

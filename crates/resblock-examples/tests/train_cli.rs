@@ -388,3 +388,48 @@ fn random_resized_crops_and_erasing_train_and_are_part_of_the_run() {
     assert_fails(&o, "--random-erasing (checkpoint: 0.5, now: unset)");
     assert!(String::from_utf8_lossy(&o.stderr).contains("--rrc (checkpoint: true, now: false)"));
 }
+
+#[test]
+fn ema_is_evaluated_and_the_better_weights_are_saved() {
+    let data = folder(&scratch("ema-data"));
+    let out = scratch("ema-out");
+    let mut args = common(&data, &out, "2");
+    args.extend(["--ema", "0.9"].map(String::from));
+    let o = run(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).expect("metrics");
+    let last: serde_json::Value =
+        serde_json::from_str(metrics.lines().last().expect("a line")).expect("json");
+    let (raw, ema) = (
+        last["test_acc"].as_f64().expect("test_acc"),
+        last["ema_test_acc"].as_f64().expect("ema_test_acc"),
+    );
+    let meta = resblock_vision::model_file::read_model_meta(&out.join("model.safetensors"))
+        .expect("meta")
+        .expect("present");
+    let chosen = meta.weights.as_deref().expect("weights said");
+    assert_eq!(chosen, if ema > raw { "ema" } else { "raw" });
+    let acc = meta.test_accuracy.expect("accuracy");
+    assert!(
+        (acc - 100. * raw.max(ema)).abs() < 1e-9,
+        "{acc} vs {raw} / {ema}"
+    );
+    // The saved tensors are the checkpoint's average or its trained weights, as said.
+    let model = read_state_dict(&out.join("model.safetensors")).expect("model");
+    let ck = resblock_train::checkpoint::Checkpoint::load(&out.join("checkpoint.safetensors"))
+        .expect("checkpoint");
+    let source = if chosen == "ema" { &ck.ema } else { &ck.model };
+    let values = |t: &candle_core::Tensor| {
+        t.to_dtype(candle_core::DType::F64)
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.to_vec1::<f64>())
+            .expect("values")
+    };
+    for (k, t) in &model {
+        assert!(
+            values(t) == values(&source[k]),
+            "{k} is not the {chosen} weights"
+        );
+    }
+    assert_fails(&run(&["--ema", "1"]), "--ema");
+}

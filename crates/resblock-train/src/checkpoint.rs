@@ -2,7 +2,8 @@
 //! `.safetensors` file, written atomically.
 //!
 //! Layout: tensors `model/<name>` (every variable of the model's `VarMap`, buffers
-//! included) and `optim/<key>` ([`crate::optim::Optimizer::state`]); the safetensors
+//! included), `optim/<key>` ([`crate::optim::Optimizer::state`]) and, with a moving
+//! average, `ema/<name>` ([`crate::ema::Ema`], `ema_updates` in the metadata); the safetensors
 //! metadata holds `format`, `epoch`, `step`, `optimizer`, the RNG state and the epoch
 //! history as JSON.
 
@@ -24,6 +25,8 @@ pub struct Checkpoint {
     pub model: BTreeMap<String, Tensor>,
     /// Optimizer state by key.
     pub optim: BTreeMap<String, Tensor>,
+    /// The weights' moving average by variable name (empty without one).
+    pub ema: BTreeMap<String, Tensor>,
     /// Plain metadata (`epoch`, `step`, `optimizer`, `history`, RNG fields, ...).
     pub meta: BTreeMap<String, String>,
 }
@@ -99,6 +102,9 @@ impl Checkpoint {
         for (k, t) in &self.optim {
             tensors.insert(format!("optim/{k}"), t.to_device(&Device::Cpu)?);
         }
+        for (k, t) in &self.ema {
+            tensors.insert(format!("ema/{k}"), t.to_device(&Device::Cpu)?);
+        }
         let mut meta: HashMap<String, String> = self.meta.clone().into_iter().collect();
         meta.insert("format".into(), FORMAT.into());
         let bytes =
@@ -141,6 +147,8 @@ impl Checkpoint {
                 ck.model.insert(name.to_string(), t);
             } else if let Some(key) = k.strip_prefix("optim/") {
                 ck.optim.insert(key.to_string(), t);
+            } else if let Some(name) = k.strip_prefix("ema/") {
+                ck.ema.insert(name.to_string(), t);
             } else {
                 return Err(err(path, format!("unexpected tensor {k:?}")));
             }

@@ -42,6 +42,7 @@ pub mod checkpoint;
 pub mod clip;
 pub mod confusion;
 pub mod data;
+pub mod ema;
 pub mod error;
 pub mod freeze;
 pub mod grad_flow;

@@ -33,6 +33,16 @@ pub struct EpochRecord {
     /// Training throughput (samples per second over the training part of the epoch).
     #[serde(with = "nan_as_null", default = "nan")]
     pub images_per_sec: f64,
+    /// Test loss of the weights' moving average (absent without `--ema`).
+    #[serde(with = "nan_as_null", default = "nan", skip_serializing_if = "is_nan")]
+    pub ema_test_loss: f64,
+    /// Test top-1 accuracy of the weights' moving average (absent without `--ema`).
+    #[serde(with = "nan_as_null", default = "nan", skip_serializing_if = "is_nan")]
+    pub ema_test_acc: f64,
+}
+
+fn is_nan(v: &f64) -> bool {
+    v.is_nan()
 }
 
 /// What a [`crate::Trainer`] reports while it runs, to the callback given to
@@ -101,6 +111,9 @@ pub fn format_record(r: &EpochRecord, epochs: usize) -> String {
     if r.test_acc.is_finite() {
         s.push_str(&format!(" acc {:.2}%", 100. * r.test_acc));
     }
+    if r.ema_test_acc.is_finite() {
+        s.push_str(&format!(" (EMA {:.2}%)", 100. * r.ema_test_acc));
+    }
     s.push_str(&format!(
         " | {:.0} img/s | {:.1}s",
         r.images_per_sec, r.seconds
@@ -123,8 +136,12 @@ mod record_tests {
             test_acc: f64::INFINITY,
             seconds: 1.5,
             images_per_sec: 100.,
+            ema_test_loss: f64::NAN,
+            ema_test_acc: 0.5,
         };
         let json = serde_json::to_string(&r)?;
+        // Without a moving average the EMA fields are left out, with one they are there.
+        assert!(!json.contains("ema_test_loss") && json.contains("\"ema_test_acc\":0.5"));
         assert!(
             json.contains("\"test_loss\":null") && json.contains("\"test_acc\":null"),
             "{json}"

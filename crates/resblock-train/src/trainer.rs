@@ -11,6 +11,7 @@ use resblock_core::RngHandle;
 use crate::checkpoint::{write_atomic, Checkpoint};
 use crate::clip::{clip_grad_norm, grad_norm};
 use crate::data::{Batch, BatchSource};
+use crate::ema::Ema;
 use crate::error::{Error, Result};
 use crate::loss::{cross_entropy, mse};
 use crate::metrics::{topk_hits, MeanLoss, Metric, TopK};
@@ -107,6 +108,8 @@ pub struct Trainer<'m, M: ModuleT> {
     checkpoint_meta: BTreeMap<String, String>,
     /// The batch-norm running statistics by name, sorted (found once: checked every step).
     stats: std::cell::OnceCell<Vec<(String, candle_core::Var)>>,
+    /// The weights' moving average, updated after every step.
+    ema: Option<Ema>,
 }
 
 impl<'m, M: ModuleT> Trainer<'m, M> {
@@ -133,7 +136,39 @@ impl<'m, M: ModuleT> Trainer<'m, M> {
             on_progress: None,
             checkpoint_meta: BTreeMap::new(),
             stats: std::cell::OnceCell::new(),
+            ema: None,
         }
+    }
+
+    /// Keeps a moving average of the weights ([`Ema`]), updated after every step,
+    /// evaluated on the test data after every epoch (`ema_test_acc`) and saved in the
+    /// checkpoint (tensors `ema/<name>`).
+    pub fn with_ema(mut self, ema: Ema) -> Self {
+        self.ema = Some(ema);
+        self
+    }
+
+    /// The weights' moving average, if kept.
+    pub fn ema(&self) -> Option<&Ema> {
+        self.ema.as_ref()
+    }
+
+    /// Runs `f` with the averaged weights in the model's variables, then puts the trained
+    /// ones back (also when `f` fails).
+    ///
+    /// # Errors
+    /// No average is kept, `f`'s error, or a variable that cannot be set.
+    pub fn with_ema_weights<T>(&mut self, f: impl FnOnce(&Self) -> Result<T>) -> Result<T> {
+        let mut ema = self
+            .ema
+            .take()
+            .ok_or_else(|| Error::config("no moving average is kept (--ema)"))?;
+        ema.swap(&self.varmap)?;
+        let out = f(self);
+        let back = ema.swap(&self.varmap);
+        self.ema = Some(ema);
+        back?;
+        out
     }
 
     /// Records `value` under `key` in every checkpoint's metadata (e.g. the run's flags, so
@@ -223,6 +258,9 @@ impl<'m, M: ModuleT> Trainer<'m, M> {
         // evaluation, so it stops the run here too.
         if let Some((name, v)) = self.bad_statistic()? {
             return Err(self.non_finite(format!("batch-norm statistic {name}"), v));
+        }
+        if let Some(ema) = &mut self.ema {
+            ema.update(&self.varmap)?;
         }
         self.step += 1;
         self.step_losses.push(value);
@@ -432,6 +470,10 @@ impl<'m, M: ModuleT> Trainer<'m, M> {
                 Some(t) => self.evaluate(t)?,
                 None => (f64::NAN, f64::NAN),
             };
+            let (ema_test_loss, ema_test_acc) = match test.as_deref_mut() {
+                Some(t) if self.ema.is_some() => self.with_ema_weights(|me| me.evaluate(t))?,
+                _ => (f64::NAN, f64::NAN),
+            };
             self.epoch += 1;
             let rec = EpochRecord {
                 epoch: self.epoch,
@@ -442,6 +484,8 @@ impl<'m, M: ModuleT> Trainer<'m, M> {
                 test_acc,
                 seconds: start.elapsed().as_secs_f64(),
                 images_per_sec: samples as f64 / train_secs.max(1e-9),
+                ema_test_loss,
+                ema_test_acc,
             };
             self.history.push(rec.clone());
             if let Some(dir) = self.cfg.out_dir.clone() {
@@ -481,8 +525,17 @@ impl<'m, M: ModuleT> Trainer<'m, M> {
         let mut ck = Checkpoint {
             model,
             optim: self.optimizer.state(),
+            ema: self
+                .ema
+                .as_ref()
+                .map(|e| e.tensors().clone())
+                .unwrap_or_default(),
             meta: self.checkpoint_meta.clone(),
         };
+        if let Some(e) = &self.ema {
+            ck.meta
+                .insert("ema_updates".into(), e.updates().to_string());
+        }
         ck.meta.insert("epoch".into(), self.epoch.to_string());
         ck.meta.insert("step".into(), self.step.to_string());
         ck.meta
@@ -541,6 +594,18 @@ impl<'m, M: ModuleT> Trainer<'m, M> {
         if let Some(extra) = ck.model.keys().find(|k| !data.contains_key(*k)) {
             return Err(fail(format!("model variable {extra} is not in this model")));
         }
+        if let Some(ema) = &self.ema {
+            if ck.ema.is_empty() {
+                return Err(fail(
+                    "the checkpoint has no moving average (--ema) to resume".into(),
+                ));
+            }
+            // Checked on a copy: nothing changes unless the whole checkpoint fits.
+            let updates: u64 = ck.meta_value("ema_updates", path)?;
+            ema.clone()
+                .restore(&ck.ema, updates)
+                .map_err(|e| fail(e.to_string()))?;
+        }
         let previous = self.optimizer.state();
         self.optimizer
             .load_state(&ck.optim)
@@ -555,6 +620,10 @@ impl<'m, M: ModuleT> Trainer<'m, M> {
         drop(data);
         if let (Some(r), Some(s)) = (&self.rng, rng) {
             r.set_state(&s);
+        }
+        if let Some(ema) = &mut self.ema {
+            let updates: u64 = ck.meta_value("ema_updates", path)?;
+            ema.restore(&ck.ema, updates)?;
         }
         self.epoch = epoch;
         self.step = step;

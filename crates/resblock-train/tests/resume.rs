@@ -7,6 +7,7 @@ use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
 use resblock_core::{seeded_var_builder, RngHandle};
+use resblock_train::ema::Ema;
 use resblock_train::optim::{param_groups, Adam, AdamConfig, Optimizer, Sgd, SgdConfig};
 use resblock_train::schedule::{LrSchedule, Schedule};
 use resblock_train::{Batch, Error, FixedBatches, LossKind, Trainer, TrainerConfig};
@@ -91,6 +92,20 @@ fn run(
     resume: Option<PathBuf>,
     seed: u64,
 ) -> Result<Vec<(String, Vec<f64>)>> {
+    Ok(run_ema(epochs, out, resume, seed, None)?.0)
+}
+
+type Weights = Vec<(String, Vec<f64>)>;
+
+/// [`run`] with a moving average of decay `ema` (warmup on, or off for decay 0): the
+/// weights, the average's values and the history.
+fn run_ema(
+    epochs: usize,
+    out: Option<PathBuf>,
+    resume: Option<PathBuf>,
+    seed: u64,
+    ema: Option<f64>,
+) -> Result<(Weights, Weights, Vec<resblock_train::EpochRecord>)> {
     let (net, varmap, rng) = model(seed)?;
     let cfg = TrainerConfig {
         epochs,
@@ -101,11 +116,64 @@ fn run(
         ..Default::default()
     };
     let mut trainer = Trainer::new(&net, &varmap, sgd(&varmap)?, schedule()?, cfg).with_rng(rng);
+    if let Some(d) = ema {
+        trainer = trainer.with_ema(Ema::new(&varmap, d, d > 0.)?);
+    }
     if let Some(ck) = resume {
         trainer.resume(&ck)?;
     }
-    trainer.fit(&mut data()?, Some(&mut data()?))?;
-    weights(&varmap)
+    let history = trainer.fit(&mut data()?, Some(&mut data()?))?.to_vec();
+    let averaged = match trainer.ema() {
+        Some(e) => {
+            let mut v: Weights = e
+                .tensors()
+                .iter()
+                .map(|(k, t)| Ok((k.clone(), t.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?)))
+                .collect::<Result<_>>()?;
+            v.sort_by(|a, b| a.0.cmp(&b.0));
+            v
+        }
+        None => Vec::new(),
+    };
+    Ok((weights(&varmap)?, averaged, history))
+}
+
+#[test]
+fn the_moving_average_is_evaluated_saved_and_resumed_bit_identically() -> Result<()> {
+    let (w, avg, history) = run_ema(2, None, None, 1, Some(0.9))?;
+    assert_ne!(w, avg, "the average must differ from the weights");
+    assert!(history
+        .iter()
+        .all(|r| r.ema_test_acc.is_finite() && r.ema_test_loss.is_finite()));
+    let dir = scratch("ema-half");
+    run_ema(1, Some(dir.clone()), None, 1, Some(0.9))?;
+    let (w2, avg2, _) = run_ema(
+        2,
+        Some(dir.clone()),
+        Some(dir.join("checkpoint.safetensors")),
+        7,
+        Some(0.9),
+    )?;
+    assert_eq!((w, avg), (w2, avg2));
+    // A checkpoint without an average cannot resume a run that keeps one.
+    let plain = scratch("ema-plain");
+    run(1, Some(plain.clone()), None, 1)?;
+    let err = run_ema(
+        2,
+        None,
+        Some(plain.join("checkpoint.safetensors")),
+        1,
+        Some(0.9),
+    )
+    .expect_err("no average in the checkpoint");
+    assert!(err.to_string().contains("no moving average"), "{err}");
+    // Decay 0 without warmup: the average is the weights, so it scores the same.
+    let (w, avg, history) = run_ema(2, None, None, 1, Some(0.))?;
+    assert_eq!(w, avg);
+    assert!(history
+        .iter()
+        .all(|r| r.ema_test_acc == r.test_acc && r.ema_test_loss == r.test_loss));
+    Ok(())
 }
 
 #[test]

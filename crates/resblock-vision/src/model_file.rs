@@ -77,6 +77,11 @@ pub struct ModelMeta {
     /// Where the weights came from when not trained here (e.g. torchvision's URL).
     #[serde(default)]
     pub source: Option<String>,
+    /// Which weights of a run these are: `"ema"` (the moving average, `train --ema`, kept
+    /// because it scored higher) or `"raw"` (the trained weights); absent when the run
+    /// kept no average.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weights: Option<String>,
 }
 
 fn meta_err(path: &Path, msg: impl Into<String>) -> Error {
@@ -109,6 +114,7 @@ impl ModelMeta {
             train_flags: None,
             test_accuracy: None,
             source: None,
+            weights: None,
         }
     }
 

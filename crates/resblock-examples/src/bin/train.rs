@@ -223,6 +223,32 @@ fn main() -> Result<()> {
     meta.dataset = Some(args.recipe.data.clone());
     meta.train_flags = Some(serde_json::to_value(&args)?);
     meta.test_accuracy = Some(100. * last.test_acc);
+    let mut reported = (last.test_acc, last.test_loss);
+    if let Some(avg) = &run.ema {
+        // The better of the average and the trained weights (ties keep the trained ones).
+        let use_ema = last.ema_test_acc > last.test_acc;
+        if use_ema {
+            let data = varmap.data().lock().unwrap_or_else(|e| e.into_inner());
+            for (k, v) in data.iter() {
+                if let Some(t) = avg.get(k) {
+                    v.set(t)?;
+                }
+            }
+            meta.test_accuracy = Some(100. * last.ema_test_acc);
+            reported = (last.ema_test_acc, last.ema_test_loss);
+        }
+        println!(
+            "moving average: {:.2}%, trained weights: {:.2}%; model.safetensors holds the {}",
+            100. * last.ema_test_acc,
+            100. * last.test_acc,
+            if use_ema {
+                "average"
+            } else {
+                "trained weights"
+            }
+        );
+        meta.weights = Some(if use_ema { "ema" } else { "raw" }.into());
+    }
     save_model_varmap(&varmap, &meta, &out.join("model.safetensors"))?;
     if args.max_steps.is_some_and(|m| run.steps >= m) {
         println!("stopped after {} steps (--max-steps)", run.steps);
@@ -236,8 +262,8 @@ fn main() -> Result<()> {
     }
     println!(
         "test accuracy: {:.2}% (test loss {:.4}) after {} epochs; {:.1} s of training in this run; weights in {}",
-        100. * last.test_acc,
-        last.test_loss,
+        100. * reported.0,
+        reported.1,
         last.epoch,
         run.seconds,
         out.join("model.safetensors").display()
