@@ -227,11 +227,8 @@ mod tests {
         assert_eq!((w(&other), other.updates()), (vec![1., 2.], 7));
         let mut fewer = saved.clone();
         fewer.remove("w");
-        assert!(other
-            .restore(&fewer, 1)
-            .unwrap_err()
-            .to_string()
-            .contains("lacks w"));
+        let err = other.restore(&fewer, 1).expect_err("w is missing");
+        assert!(err.to_string().contains("lacks w"), "{err}");
         Ok(())
     }
 }
