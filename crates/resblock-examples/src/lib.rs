@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 pub mod claims;
+pub mod config_file;
 pub mod fit;
 pub mod model_args;
 pub mod progress;

@@ -74,9 +74,10 @@ pub struct RecipeArgs {
     /// image, aspect 3/4..4/3) instead of shifts.
     #[arg(long)]
     pub rrc: bool,
-    /// Smallest area of a random resized crop, as a fraction of the image.
-    #[arg(long, default_value_t = 0.08, requires = "rrc")]
-    pub rrc_scale: f64,
+    /// Smallest area of a random resized crop, as a fraction of the image (default 0.08,
+    /// torchvision's).
+    #[arg(long, requires = "rrc", value_name = "MIN")]
+    pub rrc_scale: Option<f64>,
     /// Random erasing (torchvision's RandomErasing) with probability P, after
     /// normalisation.
     #[arg(long, value_name = "P")]
@@ -160,8 +161,10 @@ impl RecipeArgs {
                 bail!("--ema must be a decay in [0, 1), got {d}");
             }
         }
-        if !(self.rrc_scale > 0. && self.rrc_scale <= 1.) {
-            bail!("--rrc-scale must be in (0, 1], got {}", self.rrc_scale);
+        if let Some(m) = self.rrc_scale {
+            if !(m > 0. && m <= 1.) {
+                bail!("--rrc-scale must be in (0, 1], got {m}");
+            }
         }
         crate::start_threads(self.threads);
         Ok(resblock_core::parse_device(&self.device)?)
@@ -240,7 +243,7 @@ impl RecipeArgs {
             (false, false) => AugmentPolicy::Natural,
         };
         let extras = AugmentExtras {
-            rrc_scale: self.rrc.then_some((self.rrc_scale, 1.)),
+            rrc_scale: self.rrc.then_some((self.rrc_scale.unwrap_or(0.08), 1.)),
             random_erasing: self.random_erasing,
         };
         let train_transforms =

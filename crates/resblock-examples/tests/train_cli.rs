@@ -433,3 +433,51 @@ fn ema_is_evaluated_and_the_better_weights_are_saved() {
     }
     assert_fails(&run(&["--ema", "1"]), "--ema");
 }
+
+#[test]
+fn a_config_file_sets_flags_the_command_line_overrides_and_the_run_repeats_from_its_config() {
+    let data = folder(&scratch("config-data"));
+    let dir = scratch("config-files");
+    let file = dir.join("recipe.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "arch = \"resnet8\"\ndata = \"folder:{}\"\nepochs = 2\nbatch_size = 8\nlr = 0.5\nschedule = \"cosine\"\nrandom_erasing = 0.25\nseed = 3\n",
+            s(&data)
+        ),
+    )
+    .expect("write");
+    let a = scratch("config-a");
+    let o = run(&["--config", s(&file), "--lr", "0.05", "--out", s(&a)]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let meta = resblock_vision::model_file::read_model_meta(&a.join("model.safetensors"))
+        .expect("meta")
+        .expect("present");
+    let flags = meta.train_flags.expect("flags");
+    assert_eq!(flags["lr"], 0.05, "the command line wins");
+    assert_eq!(flags["epochs"], 2);
+    assert_eq!(flags["random_erasing"], 0.25);
+    // The effective config repeats the run exactly.
+    let effective = std::fs::read_to_string(a.join("config.toml")).expect("config.toml");
+    assert!(effective.contains("lr = 0.05"), "{effective}");
+    let b = scratch("config-b");
+    let o = run(&["--config", s(&a.join("config.toml")), "--out", s(&b)]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let wa = read_state_dict(&a.join("model.safetensors")).expect("a");
+    let wb = read_state_dict(&b.join("model.safetensors")).expect("b");
+    for (k, t) in &wa {
+        let d = (t - &wb[k])
+            .and_then(|d| d.abs())
+            .and_then(|d| d.flatten_all())
+            .and_then(|d| d.max(0))
+            .and_then(|d| d.to_dtype(candle_core::DType::F64))
+            .and_then(|d| d.to_scalar::<f64>())
+            .expect("diff");
+        assert!(d == 0., "{k} differs by {d}");
+    }
+    std::fs::write(dir.join("bad.toml"), "learning_rate = 0.1\n").expect("write");
+    assert_fails(
+        &run(&["--config", s(&dir.join("bad.toml"))]),
+        "unknown key \"learning_rate\"",
+    );
+}

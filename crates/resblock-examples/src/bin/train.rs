@@ -26,7 +26,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use candle_core::DType;
 use candle_nn::VarMap;
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use resblock_core::{seeded_var_builder, RngHandle};
 use resblock_examples::fit::{fit, Plan};
 use resblock_examples::RecipeArgs;
@@ -40,8 +40,14 @@ use serde::Serialize;
 /// Train a ResNet (any resblock-vision preset) on MNIST, CIFAR or an image folder.
 /// The parsed flags are recorded in the model file's metadata (`train_flags`).
 #[derive(Debug, Parser, Serialize)]
-#[command(version, about)]
+#[command(version, about, args_override_self = true)]
 struct Args {
+    /// Flags from a TOML file (`lr = 0.1`, `rrc = true`, `label_smoothing = 0.1`, ...; see
+    /// configs/*.toml); flags on the command line override it. The run directory gets the
+    /// effective flags as `config.toml`.
+    #[arg(long, value_name = "FILE")]
+    #[serde(skip)]
+    config: Option<PathBuf>,
     /// Architecture: any resblock-vision preset (resnet20, resnet56, plain20, resnet18,
     /// wrn28_10, ...); default resnet20, or the architecture of --pretrained.
     #[arg(long)]
@@ -92,7 +98,9 @@ struct Args {
 }
 
 fn main() -> Result<()> {
-    let args = Args::parse();
+    let argv =
+        resblock_examples::config_file::expand(std::env::args_os().collect(), &Args::command())?;
+    let args = Args::parse_from(argv);
     let device = args.recipe.start()?;
 
     // Fine-tuning starts from a weight file: given, or torchvision's, downloaded once.
@@ -208,6 +216,12 @@ fn main() -> Result<()> {
         label: arch.clone(),
         flags: Some(serde_json::to_value(&args)?),
     };
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    resblock_io::write_atomic(
+        &out.join("config.toml"),
+        resblock_examples::config_file::effective_config(&serde_json::to_value(&args)?)?.as_bytes(),
+    )
+    .with_context(|| format!("writing {}", out.join("config.toml").display()))?;
     let run = fit(
         &model,
         &varmap,
