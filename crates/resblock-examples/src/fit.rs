@@ -9,6 +9,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use candle_nn::VarMap;
 use resblock_core::RngHandle;
+use resblock_train::best::KeepBest;
 use resblock_train::checkpoint::Checkpoint;
 use resblock_train::ema::Ema;
 use resblock_train::freeze::Freeze;
@@ -50,6 +51,10 @@ pub struct Fitted {
     pub steps: u64,
     /// Wall time of the training in this process.
     pub seconds: f64,
+    /// The best epoch and its validation accuracy (`--keep-best` / `--early-stop`).
+    pub best: Option<(usize, f64)>,
+    /// The epoch after which early stopping ended the run.
+    pub stopped_early: Option<usize>,
     /// The weights' moving average at the end (`--ema`), by variable name.
     pub ema: Option<std::collections::BTreeMap<String, candle_core::Tensor>>,
 }
@@ -86,6 +91,7 @@ pub fn fit(
     mut on_epoch: impl FnMut(&EpochRecord),
 ) -> Result<Fitted> {
     let (mut train, mut test) = recipe.loaders(data, device)?;
+    let mut val = recipe.val_loader(data, device)?;
     let steps_per_epoch = train.num_batches() as u64;
     let schedule = recipe.schedule(steps_per_epoch, plan.epochs)?;
     let freeze = plan.freeze;
@@ -117,6 +123,12 @@ pub fn fit(
                 on_epoch(record);
             }
         });
+    if recipe.keep_best || recipe.early_stop.is_some() {
+        trainer = trainer.with_keep_best(KeepBest::new(
+            recipe.keep_best,
+            recipe.early_stop.map(|p| p as usize),
+        )?);
+    }
     if let Some(decay) = recipe.ema {
         trainer = trainer.with_ema(Ema::new(varmap, decay, true)?);
     }
@@ -156,11 +168,25 @@ pub fn fit(
         plan.label, plan.epochs,
     );
     let start = Instant::now();
-    let history = trainer.fit(&mut train, Some(&mut test))?.to_vec();
+    let history = trainer
+        .fit_validated(
+            &mut train,
+            val.as_mut().map(|v| v as &mut dyn BatchSource),
+            Some(&mut test),
+        )?
+        .to_vec();
+    if let Some(e) = trainer.stopped_early() {
+        println!(
+            "early stop after epoch {e}: no better validation accuracy for {} epochs",
+            recipe.early_stop.unwrap_or(0)
+        );
+    }
     Ok(Fitted {
         history,
         steps: trainer.step(),
         seconds: start.elapsed().as_secs_f64(),
+        best: trainer.best(),
+        stopped_early: trainer.stopped_early(),
         ema: trainer.ema().map(|e| e.tensors().clone()),
     })
 }

@@ -7,7 +7,9 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
-use resblock_train::data::{download, DataKind, DataSpec, RemoteDataset, ReplicateChannels};
+use resblock_train::data::{
+    download, split_validation, DataKind, DataSpec, RemoteDataset, ReplicateChannels,
+};
 use resblock_train::optim::{Optimizer, ParamGroup};
 use resblock_train::recipe::{
     dataset_stats, AugmentExtras, AugmentPolicy, OptimizerConfig, OptimizerKind, ScheduleConfig,
@@ -87,6 +89,17 @@ pub struct RecipeArgs {
     /// gets whichever of the average and the trained weights scores higher.
     #[arg(long, value_name = "DECAY")]
     pub ema: Option<f64>,
+    /// Hold out this fraction of the training set (seeded) as a validation set, evaluated
+    /// after every epoch; keep-best and early stopping select on it, never on the test set.
+    #[arg(long, value_name = "F")]
+    pub val_split: Option<f64>,
+    /// Save the weights of the epoch with the best validation accuracy as
+    /// `best.safetensors` (a model file, like `model.safetensors`, which holds the last).
+    #[arg(long, requires = "val_split")]
+    pub keep_best: bool,
+    /// Stop when the validation accuracy has not improved for PATIENCE epochs.
+    #[arg(long, value_name = "PATIENCE", requires = "val_split", value_parser = clap::value_parser!(u64).range(1..))]
+    pub early_stop: Option<u64>,
     /// Keep the training order fixed.
     #[arg(long)]
     pub no_shuffle: bool,
@@ -110,6 +123,8 @@ pub struct PreparedData {
     pub train: Arc<dyn Dataset>,
     /// Test split.
     pub test: Arc<dyn Dataset>,
+    /// Validation part held out of the training split (`--val-split`).
+    pub val: Option<Arc<dyn Dataset>>,
     /// What `--data` named.
     pub spec: DataSpec,
     /// Input shape (C, H, W) after resizing.
@@ -154,6 +169,11 @@ impl RecipeArgs {
         if let Some(p) = self.random_erasing {
             if !(0. ..=1.).contains(&p) {
                 bail!("--random-erasing must be a probability in [0, 1], got {p}");
+            }
+        }
+        if let Some(f) = self.val_split {
+            if !(f > 0. && f < 1.) {
+                bail!("--val-split must be a fraction in (0, 1), got {f}");
             }
         }
         if let Some(d) = self.ema {
@@ -205,6 +225,20 @@ impl RecipeArgs {
             train = Arc::new(ReplicateChannels::new(train, 3)?);
             test = Arc::new(ReplicateChannels::new(test, 3)?);
         }
+        let val: Option<Arc<dyn Dataset>> = match self.val_split {
+            Some(f) => {
+                let (t, v) = split_validation(train, f, self.seed)
+                    .with_context(|| format!("--val-split {f}"))?;
+                println!(
+                    "--val-split {f}: {} images held out for validation (seed {})",
+                    v.len(),
+                    self.seed
+                );
+                train = Arc::new(t);
+                Some(Arc::new(v))
+            }
+            None => None,
+        };
         let (c, h, w) = train.shape();
         // Folders are resized as they are decoded; other datasets by a transform, first.
         let resize = match image_size {
@@ -252,6 +286,7 @@ impl RecipeArgs {
         Ok(PreparedData {
             train,
             test,
+            val,
             spec,
             shape: (c, h, w),
             preprocess,
@@ -284,6 +319,22 @@ impl RecipeArgs {
             .workers(workers)
             .device(device.clone());
         Ok((train, test))
+    }
+
+    /// The validation loader (`--val-split`; test transforms, fixed order), if any.
+    ///
+    /// # Errors
+    /// An empty dataset.
+    pub fn val_loader(&self, data: &PreparedData, device: &Device) -> Result<Option<DataLoader>> {
+        let Some(val) = &data.val else {
+            return Ok(None);
+        };
+        Ok(Some(
+            DataLoader::new(val.clone(), self.batch_size as usize)?
+                .transforms(data.test_transforms.clone())
+                .workers(self.workers as usize)
+                .device(device.clone()),
+        ))
     }
 
     /// The optimizer over `groups`.

@@ -481,3 +481,62 @@ fn a_config_file_sets_flags_the_command_line_overrides_and_the_run_repeats_from_
         "unknown key \"learning_rate\"",
     );
 }
+
+#[test]
+fn keep_best_and_early_stopping_select_on_a_held_out_validation_split() {
+    let data = folder(&scratch("best-data"));
+    let out = scratch("best-out");
+    let mut args = common(&data, &out, "6");
+    args.extend(
+        [
+            "--val-split",
+            "0.25",
+            "--keep-best",
+            "--early-stop",
+            "1",
+            "--lr",
+            "0.5",
+        ]
+        .map(String::from),
+    );
+    let o = run(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    // 24 training images: 6 held out.
+    assert!(stdout.contains("6 images held out"), "{stdout}");
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).expect("metrics");
+    let recs: Vec<serde_json::Value> = metrics
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json"))
+        .collect();
+    let val: Vec<f64> = recs
+        .iter()
+        .map(|r| r["val_acc"].as_f64().expect("val_acc every epoch"))
+        .collect();
+    // The best epoch is the first with the highest validation accuracy; with patience 1
+    // the run stops one epoch after an epoch that did not improve.
+    let best = val
+        .iter()
+        .enumerate()
+        .fold((0, f64::MIN), |b, (i, &v)| if v > b.1 { (i, v) } else { b });
+    let improved: Vec<bool> = val
+        .iter()
+        .enumerate()
+        .map(|(i, v)| val[..i].iter().all(|p| v > p))
+        .collect();
+    match improved.iter().position(|i| !i) {
+        Some(first_miss) => assert_eq!(recs.len(), first_miss + 1, "{val:?}"),
+        None => assert_eq!(recs.len(), 6),
+    }
+    let meta = resblock_vision::model_file::read_model_meta(&out.join("best.safetensors"))
+        .expect("meta")
+        .expect("best.safetensors is a model file");
+    assert_eq!(meta.weights.as_deref(), Some("best"));
+    assert!(
+        stdout.contains(&format!("best epoch {}", best.0 + 1)),
+        "{stdout} {val:?}"
+    );
+    // Without a validation split there is nothing to select on.
+    assert_fails(&run(&["--keep-best"]), "--val-split");
+    assert_fails(&run(&["--val-split", "1"]), "--val-split");
+}

@@ -38,6 +38,7 @@
 #![warn(missing_docs)]
 #![forbid(unsafe_code)]
 
+pub mod best;
 pub mod checkpoint;
 pub mod clip;
 pub mod confusion;

@@ -33,6 +33,12 @@ pub struct EpochRecord {
     /// Training throughput (samples per second over the training part of the epoch).
     #[serde(with = "nan_as_null", default = "nan")]
     pub images_per_sec: f64,
+    /// Validation loss (absent without a validation set).
+    #[serde(with = "nan_as_null", default = "nan", skip_serializing_if = "is_nan")]
+    pub val_loss: f64,
+    /// Validation top-1 accuracy (absent without a validation set).
+    #[serde(with = "nan_as_null", default = "nan", skip_serializing_if = "is_nan")]
+    pub val_acc: f64,
     /// Test loss of the weights' moving average (absent without `--ema`).
     #[serde(with = "nan_as_null", default = "nan", skip_serializing_if = "is_nan")]
     pub ema_test_loss: f64,
@@ -105,6 +111,9 @@ pub fn format_record(r: &EpochRecord, epochs: usize) -> String {
     if r.train_acc.is_finite() {
         s.push_str(&format!(" acc {:.2}%", 100. * r.train_acc));
     }
+    if r.val_acc.is_finite() {
+        s.push_str(&format!(" | val acc {:.2}%", 100. * r.val_acc));
+    }
     if r.test_loss.is_finite() {
         s.push_str(&format!(" | test loss {:.4}", r.test_loss));
     }
@@ -136,6 +145,8 @@ mod record_tests {
             test_acc: f64::INFINITY,
             seconds: 1.5,
             images_per_sec: 100.,
+            val_loss: f64::NAN,
+            val_acc: f64::NAN,
             ema_test_loss: f64::NAN,
             ema_test_acc: 0.5,
         };

@@ -8,6 +8,7 @@ use candle_core::{ModuleT, Tensor};
 use candle_nn::VarMap;
 use resblock_core::RngHandle;
 
+use crate::best::KeepBest;
 use crate::checkpoint::{write_atomic, Checkpoint};
 use crate::clip::{clip_grad_norm, grad_norm};
 use crate::data::{Batch, BatchSource};
@@ -110,6 +111,10 @@ pub struct Trainer<'m, M: ModuleT> {
     stats: std::cell::OnceCell<Vec<(String, candle_core::Var)>>,
     /// The weights' moving average, updated after every step.
     ema: Option<Ema>,
+    /// Keep-best and early stopping on the validation set.
+    keep_best: Option<KeepBest>,
+    /// The epoch after which early stopping ended the run.
+    stopped_early: Option<usize>,
 }
 
 impl<'m, M: ModuleT> Trainer<'m, M> {
@@ -137,7 +142,28 @@ impl<'m, M: ModuleT> Trainer<'m, M> {
             checkpoint_meta: BTreeMap::new(),
             stats: std::cell::OnceCell::new(),
             ema: None,
+            keep_best: None,
+            stopped_early: None,
         }
+    }
+
+    /// Tracks the best epoch on the validation set given to [`Trainer::fit_validated`]:
+    /// with `save`, its weights go to `best.safetensors` in the run directory (tensors by
+    /// name; metadata `epoch` and `val_score`); with a patience, training stops after that
+    /// many epochs without a better validation score. The state is kept in checkpoints.
+    pub fn with_keep_best(mut self, keep: KeepBest) -> Self {
+        self.keep_best = Some(keep);
+        self
+    }
+
+    /// The best epoch so far and its validation score, when keep-best is on.
+    pub fn best(&self) -> Option<(usize, f64)> {
+        self.keep_best.as_ref().and_then(|k| k.best)
+    }
+
+    /// The epoch after which early stopping ended training, if it did.
+    pub fn stopped_early(&self) -> Option<usize> {
+        self.stopped_early
     }
 
     /// Keeps a moving average of the weights ([`Ema`]), updated after every step,
@@ -449,8 +475,27 @@ impl<'m, M: ModuleT> Trainer<'m, M> {
     pub fn fit(
         &mut self,
         train: &mut dyn BatchSource,
+        test: Option<&mut dyn BatchSource>,
+    ) -> Result<&[EpochRecord]> {
+        self.fit_validated(train, None, test)
+    }
+
+    /// [`Trainer::fit`] with a validation set, evaluated after every epoch (`val_acc`,
+    /// `val_loss`) and the only data keep-best and early stopping look at.
+    ///
+    /// # Errors
+    /// As [`Trainer::fit`]; keep-best without a validation set.
+    pub fn fit_validated(
+        &mut self,
+        train: &mut dyn BatchSource,
+        mut val: Option<&mut dyn BatchSource>,
         mut test: Option<&mut dyn BatchSource>,
     ) -> Result<&[EpochRecord]> {
+        if self.keep_best.is_some() && val.is_none() {
+            return Err(Error::config(
+                "keep-best and early stopping need a validation set (--val-split): the test set is never used to select",
+            ));
+        }
         if let Some(dir) = &self.cfg.out_dir {
             std::fs::create_dir_all(dir).map_err(|e| Error::Checkpoint {
                 path: dir.display().to_string(),
@@ -461,13 +506,17 @@ impl<'m, M: ModuleT> Trainer<'m, M> {
             .cfg
             .stop_after
             .map_or(self.cfg.epochs, |s| s.min(self.cfg.epochs));
-        while self.epoch < last && self.steps_left() {
+        while self.epoch < last && self.steps_left() && self.stopped_early.is_none() {
             let start = Instant::now();
             let (train_loss, train_acc) = self.train_epoch(train)?;
             let train_secs = start.elapsed().as_secs_f64();
             let samples = self.last_epoch_samples;
             let (test_loss, test_acc) = match test.as_deref_mut() {
                 Some(t) => self.evaluate(t)?,
+                None => (f64::NAN, f64::NAN),
+            };
+            let (val_loss, val_acc) = match val.as_deref_mut() {
+                Some(v) => self.evaluate(v)?,
                 None => (f64::NAN, f64::NAN),
             };
             let (ema_test_loss, ema_test_acc) = match test.as_deref_mut() {
@@ -484,10 +533,27 @@ impl<'m, M: ModuleT> Trainer<'m, M> {
                 test_acc,
                 seconds: start.elapsed().as_secs_f64(),
                 images_per_sec: samples as f64 / train_secs.max(1e-9),
+                val_loss,
+                val_acc,
                 ema_test_loss,
                 ema_test_acc,
             };
             self.history.push(rec.clone());
+            let score = if val_acc.is_finite() {
+                val_acc
+            } else {
+                -val_loss
+            };
+            let epoch = self.epoch;
+            let verdict = self.keep_best.as_mut().map(|k| k.observe(epoch, score));
+            if let (Some(v), Some(dir)) = (verdict, self.cfg.out_dir.clone()) {
+                if v.improved && self.keep_best.as_ref().is_some_and(|k| k.save) {
+                    self.save_weights(&dir.join("best.safetensors"), score)?;
+                }
+            }
+            if verdict.is_some_and(|v| v.stop) {
+                self.stopped_early = Some(epoch);
+            }
             if let Some(dir) = self.cfg.out_dir.clone() {
                 self.save_checkpoint(&dir.join("checkpoint.safetensors"))?;
                 self.write_metrics(&dir.join("metrics.jsonl"))?;
@@ -500,6 +566,36 @@ impl<'m, M: ModuleT> Trainer<'m, M> {
             });
         }
         Ok(&self.history)
+    }
+
+    /// Writes the model's variables (tensors by name, metadata `epoch` and `val_score`)
+    /// atomically.
+    fn save_weights(&self, path: &Path, score: f64) -> Result<()> {
+        let tensors: Vec<(String, Tensor)> = {
+            let data = self.varmap.data().lock().unwrap_or_else(|e| e.into_inner());
+            data.iter()
+                .map(|(k, v)| {
+                    Ok((
+                        k.clone(),
+                        v.as_tensor()
+                            .detach()
+                            .to_device(&candle_core::Device::Cpu)?,
+                    ))
+                })
+                .collect::<Result<_>>()?
+        };
+        let meta: std::collections::HashMap<String, String> = [
+            ("epoch".to_string(), self.epoch.to_string()),
+            ("val_score".to_string(), score.to_string()),
+        ]
+        .into();
+        let bytes =
+            safetensors::serialize(tensors.iter().map(|(k, t)| (k.as_str(), t)), Some(meta))
+                .map_err(|e| Error::Checkpoint {
+                    path: path.display().to_string(),
+                    msg: e.to_string(),
+                })?;
+        write_atomic(path, &bytes)
     }
 
     fn write_metrics(&self, path: &Path) -> Result<()> {
@@ -576,6 +672,13 @@ impl<'m, M: ModuleT> Trainer<'m, M> {
             None => Vec::new(),
         };
         let rng = ck.rng(path)?;
+        let saved_best: Option<KeepBest> = match ck.meta.get("keep_best") {
+            Some(text) => Some(
+                serde_json::from_str(text)
+                    .map_err(|e| fail(format!("metadata key \"keep_best\" is invalid: {e}")))?,
+            ),
+            None => None,
+        };
         // Check everything before changing anything.
         let data = self.varmap.data().lock().unwrap_or_else(|e| e.into_inner());
         for (k, var) in data.iter() {
@@ -624,6 +727,10 @@ impl<'m, M: ModuleT> Trainer<'m, M> {
         if let Some(ema) = &mut self.ema {
             let updates: u64 = ck.meta_value("ema_updates", path)?;
             ema.restore(&ck.ema, updates)?;
+        }
+        if let (Some(k), Some(saved)) = (&mut self.keep_best, saved_best) {
+            k.best = saved.best;
+            k.since_best = saved.since_best;
         }
         self.epoch = epoch;
         self.step = step;

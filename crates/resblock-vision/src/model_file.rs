@@ -78,8 +78,9 @@ pub struct ModelMeta {
     #[serde(default)]
     pub source: Option<String>,
     /// Which weights of a run these are: `"ema"` (the moving average, `train --ema`, kept
-    /// because it scored higher) or `"raw"` (the trained weights); absent when the run
-    /// kept no average.
+    /// because it scored higher), `"raw"` (the trained weights, when an average was kept)
+    /// or `"best"` (`best.safetensors` of `train --keep-best`: the epoch with the best
+    /// validation accuracy); absent otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub weights: Option<String>,
 }

@@ -31,7 +31,7 @@ use resblock_core::{seeded_var_builder, RngHandle};
 use resblock_examples::fit::{fit, Plan};
 use resblock_examples::RecipeArgs;
 use resblock_train::freeze::Freeze;
-use resblock_vision::model_file::{read_model_meta, save_model_varmap};
+use resblock_vision::model_file::{read_model_meta, save_model, save_model_varmap};
 use resblock_vision::pretrained::{cache_dir, fetch_pretrained, Pretrained};
 use resblock_vision::weights::{load_state_dict_into_varmap, read_state_dict};
 use resblock_vision::{resnet, ModelMeta, ResNetConfig};
@@ -216,12 +216,16 @@ fn main() -> Result<()> {
         label: arch.clone(),
         flags: Some(serde_json::to_value(&args)?),
     };
-    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-    resblock_io::write_atomic(
-        &out.join("config.toml"),
-        resblock_examples::config_file::effective_config(&serde_json::to_value(&args)?)?.as_bytes(),
-    )
-    .with_context(|| format!("writing {}", out.join("config.toml").display()))?;
+    // A fresh run records its flags as a config file; a resumed one keeps its original.
+    if args.resume.is_none() {
+        std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+        resblock_io::write_atomic(
+            &out.join("config.toml"),
+            resblock_examples::config_file::effective_config(&serde_json::to_value(&args)?)?
+                .as_bytes(),
+        )
+        .with_context(|| format!("writing {}", out.join("config.toml").display()))?;
+    }
     let run = fit(
         &model,
         &varmap,
@@ -264,7 +268,25 @@ fn main() -> Result<()> {
         meta.weights = Some(if use_ema { "ema" } else { "raw" }.into());
     }
     save_model_varmap(&varmap, &meta, &out.join("model.safetensors"))?;
-    if args.max_steps.is_some_and(|m| run.steps >= m) {
+    if let (true, Some((epoch, val_acc))) = (args.recipe.keep_best, run.best) {
+        // The trainer wrote the best epoch's tensors; make them a model file like the last.
+        let best = out.join("best.safetensors");
+        let tensors: std::collections::HashMap<String, candle_core::Tensor> =
+            candle_core::safetensors::load(&best, &candle_core::Device::Cpu)
+                .with_context(|| format!("reading {}", best.display()))?;
+        let mut best_meta = meta.clone();
+        best_meta.test_accuracy = None;
+        best_meta.weights = Some("best".into());
+        save_model(&tensors, &best_meta, &best)?;
+        println!(
+            "best epoch {epoch}: validation accuracy {:.2}%; its weights in {} (`evaluate --model` it for the test accuracy)",
+            100. * val_acc,
+            best.display()
+        );
+    }
+    if let Some(e) = run.stopped_early {
+        println!("stopped early after epoch {e} (--early-stop)");
+    } else if args.max_steps.is_some_and(|m| run.steps >= m) {
         println!("stopped after {} steps (--max-steps)", run.steps);
     } else if last.epoch < args.epochs as usize {
         println!(

@@ -22,6 +22,7 @@ mod loader;
 pub mod rrc;
 mod source;
 mod spec;
+mod subset;
 mod transform;
 
 pub use adapt::ReplicateChannels;
@@ -35,6 +36,7 @@ pub use idx::{read_idx_images, read_idx_labels, read_mnist, verify_sha256sums};
 pub use loader::DataLoader;
 pub use source::{Batch, BatchSource, FixedBatches};
 pub use spec::{bundled_mnist_dir, DataKind, DataSpec, Split};
+pub use subset::{split_validation, Subset};
 pub use transform::Transform;
 
 use crate::error::{Error, Result};
