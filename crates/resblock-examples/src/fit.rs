@@ -92,7 +92,7 @@ pub fn fit(
 ) -> Result<Fitted> {
     let (mut train, mut test) = recipe.loaders(data, device)?;
     let mut val = recipe.val_loader(data, device)?;
-    let steps_per_epoch = train.num_batches() as u64;
+    let steps_per_epoch = train.num_batches().div_ceil(recipe.accumulate as usize) as u64;
     let schedule = recipe.schedule(steps_per_epoch, plan.epochs)?;
     let freeze = plan.freeze;
     let groups = || freeze.apply(param_groups(varmap, recipe.weight_decay, true));
@@ -113,6 +113,7 @@ pub fn fit(
         out_dir: plan.out.clone(),
         stop_after: plan.stop_after.map(|e| e as usize),
         max_steps: plan.max_steps,
+        accumulate: recipe.accumulate as usize,
     };
     let mut show = crate::progress::labelled(&plan.label);
     let mut trainer = Trainer::new(model, varmap, optimizer, schedule, cfg)

@@ -89,6 +89,11 @@ pub struct RecipeArgs {
     /// gets whichever of the average and the trained weights scores higher.
     #[arg(long, value_name = "DECAY")]
     pub ema: Option<f64>,
+    /// Batches per optimizer step (gradient accumulation): the step sees the mean loss of
+    /// K batches' samples, as one batch K times the size would (batch norm still
+    /// normalises each batch by itself). The schedule counts optimizer steps.
+    #[arg(long, value_name = "K", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    pub accumulate: u64,
     /// Hold out this fraction of the training set (seeded) as a validation set, evaluated
     /// after every epoch; keep-best and early stopping select on it, never on the test set.
     #[arg(long, value_name = "F")]

@@ -540,3 +540,17 @@ fn keep_best_and_early_stopping_select_on_a_held_out_validation_split() {
     assert_fails(&run(&["--keep-best"]), "--val-split");
     assert_fails(&run(&["--val-split", "1"]), "--val-split");
 }
+
+#[test]
+fn accumulating_batches_makes_fewer_steps() {
+    let data = folder(&scratch("acc-data"));
+    let out = scratch("acc-out");
+    let mut args = common(&data, &out, "1");
+    args.extend(["--accumulate", "2"].map(String::from));
+    let o = run(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // 24 training images in batches of 8: 3 batches, 2 optimizer steps.
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(stdout.contains("2 steps per epoch"), "{stdout}");
+    assert_fails(&run(&["--accumulate", "0"]), "--accumulate");
+}

@@ -66,6 +66,11 @@ pub struct TrainerConfig {
     /// memory checks). The epoch in progress ends there and is evaluated, recorded and
     /// checkpointed as a whole one; the schedule still spans `epochs`.
     pub max_steps: Option<u64>,
+    /// Batches per optimizer step (gradient accumulation, `train --accumulate K`): each
+    /// batch's loss is weighted by its share of the group's samples, so that a step sees
+    /// the gradient of the group's mean loss, as one batch of all of them would (batch
+    /// norm still normalises each batch with its own statistics). 1 is a step per batch.
+    pub accumulate: usize,
 }
 
 impl Default for TrainerConfig {
@@ -79,6 +84,7 @@ impl Default for TrainerConfig {
             out_dir: None,
             stop_after: None,
             max_steps: None,
+            accumulate: 1,
         }
     }
 }
@@ -256,16 +262,63 @@ impl<'m, M: ModuleT> Trainer<'m, M> {
     /// [`Error::NonFinite`] when the loss or the gradient norm is not finite (the weights
     /// are left as they were), or tensor errors.
     pub fn train_step(&mut self, batch: &Batch) -> Result<(f64, Tensor)> {
+        let (loss, mut outputs) = self.train_step_accumulated(std::slice::from_ref(batch))?;
+        Ok((loss, outputs.remove(0)))
+    }
+
+    /// One optimizer step on the gradient of the mean loss over all of `batches`' samples
+    /// (gradient accumulation); returns that mean loss and each batch's outputs (computed
+    /// before the update).
+    ///
+    /// # Errors
+    /// No batches; otherwise as [`Trainer::train_step`].
+    pub fn train_step_accumulated(&mut self, batches: &[Batch]) -> Result<(f64, Vec<Tensor>)> {
         let lr = self.schedule.lr_at(self.step);
         self.optimizer.set_learning_rate(lr);
-        let outputs = self.model.forward_t(&batch.inputs, true)?;
-        let loss = self.cfg.loss.compute(&outputs, &batch.targets)?;
-        let value = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
-        if !value.is_finite() {
-            return Err(self.non_finite("loss".into(), value));
+        let sizes: Vec<usize> = batches
+            .iter()
+            .map(|b| b.inputs.dim(0))
+            .collect::<candle_core::Result<_>>()?;
+        let total: usize = sizes.iter().sum();
+        if batches.is_empty() || total == 0 {
+            return Err(Error::config("an optimizer step needs at least one sample"));
         }
-        let mut grads = loss.backward()?;
         let params = self.optimizer.params();
+        let mut grads: Option<candle_core::backprop::GradStore> = None;
+        let mut all_outputs = Vec::with_capacity(batches.len());
+        let mut value = 0f64;
+        for (batch, &n) in batches.iter().zip(&sizes) {
+            let outputs = self.model.forward_t(&batch.inputs, true)?;
+            let loss = self.cfg.loss.compute(&outputs, &batch.targets)?;
+            let v = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+            if !v.is_finite() {
+                return Err(self.non_finite("loss".into(), v));
+            }
+            value += v * n as f64 / total as f64;
+            // A single batch keeps its loss as it is (bit for bit what it always was).
+            let weighted = if batches.len() == 1 {
+                loss
+            } else {
+                (loss * (n as f64 / total as f64))?
+            };
+            let g = weighted.backward()?;
+            match &mut grads {
+                None => grads = Some(g),
+                Some(sum) => {
+                    for p in &params {
+                        if let Some(gp) = g.get(p.as_tensor()) {
+                            let next = match sum.get(p.as_tensor()) {
+                                Some(prev) => (prev + gp)?,
+                                None => gp.clone(),
+                            };
+                            sum.insert(p.as_tensor(), next);
+                        }
+                    }
+                }
+            }
+            all_outputs.push(outputs.detach());
+        }
+        let mut grads = grads.ok_or_else(|| Error::config("no gradients"))?;
         let norm = match self.cfg.grad_clip {
             Some(max) => clip_grad_norm(&mut grads, &params, max)?,
             None => grad_norm(&grads, &params)?,
@@ -290,7 +343,7 @@ impl<'m, M: ModuleT> Trainer<'m, M> {
         }
         self.step += 1;
         self.step_losses.push(value);
-        Ok((value, outputs.detach()))
+        Ok((value, all_outputs))
     }
 
     fn non_finite(&self, what: String, value: f64) -> Error {
@@ -375,7 +428,8 @@ impl<'m, M: ModuleT> Trainer<'m, M> {
     /// # Errors
     /// As [`Trainer::train_step`] and the data source.
     pub fn train_epoch(&mut self, data: &mut dyn BatchSource) -> Result<(f64, f64)> {
-        let steps = data.num_batches();
+        let k = self.cfg.accumulate.max(1);
+        let steps = data.num_batches().div_ceil(k);
         let (mut loss_sum, mut hits, mut count) = (0f64, 0usize, 0usize);
         let start = Instant::now();
         let epoch = self.epoch;
@@ -383,14 +437,27 @@ impl<'m, M: ModuleT> Trainer<'m, M> {
             .cfg
             .max_steps
             .map_or(usize::MAX, |m| m.saturating_sub(self.step) as usize);
-        for (i, batch) in data.epoch_prefix(epoch, left)?.enumerate() {
-            let batch = batch?;
-            let (loss, outputs) = self.train_step(&batch)?;
-            let bs = batch.inputs.dim(0)?;
+        let mut batches = data.epoch_prefix(epoch, left.saturating_mul(k))?;
+        let mut i = 0;
+        loop {
+            let group: Vec<Batch> = batches.by_ref().take(k).collect::<Result<_>>()?;
+            if group.is_empty() {
+                break;
+            }
+            let (loss, outputs) = self.train_step_accumulated(&group)?;
+            i += 1;
+            let bs: usize = group
+                .iter()
+                .map(|b| b.inputs.dim(0))
+                .collect::<candle_core::Result<Vec<_>>>()?
+                .iter()
+                .sum();
             loss_sum += loss * bs as f64;
             count += bs;
             if self.is_classification() {
-                hits += topk_hits(&outputs, &batch.targets, 1)?;
+                for (out, b) in outputs.iter().zip(&group) {
+                    hits += topk_hits(out, &b.targets, 1)?;
+                }
             }
             let acc = if self.is_classification() {
                 hits as f64 / count as f64
@@ -400,7 +467,7 @@ impl<'m, M: ModuleT> Trainer<'m, M> {
             let p = Progress::Step {
                 epoch: epoch + 1,
                 epochs: self.cfg.epochs,
-                step: i + 1,
+                step: i,
                 steps,
                 loss: loss_sum / count as f64,
                 acc,
