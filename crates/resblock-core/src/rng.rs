@@ -84,6 +84,13 @@ impl RngHandle {
             .collect()
     }
 
+    /// A draw from Beta(`a`, `b`) (mixup's and cutmix's mixing weight); `None` when a
+    /// parameter is not a positive finite number.
+    pub fn beta(&self, a: f64, b: f64) -> Option<f64> {
+        let d = rand_distr::Beta::new(a, b).ok()?;
+        Some(d.sample(&mut *self.lock()))
+    }
+
     /// `n` values from a normal distribution.
     pub fn normal_vec(&self, n: usize, mean: f64, std: f64) -> Vec<f64> {
         let mut rng = self.lock();

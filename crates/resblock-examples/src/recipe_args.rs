@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
+use resblock_train::data::mix::MixConfig;
 use resblock_train::data::{
     download, split_validation, DataKind, DataSpec, RemoteDataset, ReplicateChannels,
 };
@@ -84,6 +85,14 @@ pub struct RecipeArgs {
     /// normalisation.
     #[arg(long, value_name = "P")]
     pub random_erasing: Option<f64>,
+    /// Mixup with this Beta alpha (e.g. 0.2): each batch blended with its mirror image,
+    /// the targets likewise (timm's Mixup, batch mode; --label-smoothing applies to them).
+    #[arg(long, value_name = "ALPHA")]
+    pub mixup: Option<f64>,
+    /// CutMix with this Beta alpha (e.g. 1.0): a box of the mirror image pasted in, the
+    /// targets mixed by area. With --mixup too, each batch takes one of the two (50 %).
+    #[arg(long, value_name = "ALPHA")]
+    pub cutmix: Option<f64>,
     /// Keep an exponential moving average of the weights with this decay (e.g. 0.999;
     /// timm's ModelEmaV3 with warmup), evaluated after every epoch; `model.safetensors`
     /// gets whichever of the average and the trained weights scores higher.
@@ -174,6 +183,13 @@ impl RecipeArgs {
         if let Some(p) = self.random_erasing {
             if !(0. ..=1.).contains(&p) {
                 bail!("--random-erasing must be a probability in [0, 1], got {p}");
+            }
+        }
+        for (name, a) in [("--mixup", self.mixup), ("--cutmix", self.cutmix)] {
+            if let Some(a) = a {
+                if !(a.is_finite() && a > 0.) {
+                    bail!("{name} must be a positive Beta alpha, got {a}");
+                }
             }
         }
         if let Some(f) = self.val_split {
@@ -318,6 +334,15 @@ impl RecipeArgs {
             .device(device.clone());
         if !self.no_shuffle {
             train = train.shuffle(self.seed);
+        }
+        if self.mixup.is_some() || self.cutmix.is_some() {
+            train = train.mix(MixConfig {
+                mixup_alpha: self.mixup.unwrap_or(0.),
+                cutmix_alpha: self.cutmix.unwrap_or(0.),
+                switch_prob: 0.5,
+                label_smoothing: self.label_smoothing,
+                num_classes: data.num_classes(),
+            })?;
         }
         let test = DataLoader::new(data.test.clone(), self.batch_size as usize)?
             .transforms(data.test_transforms.clone())

@@ -554,3 +554,35 @@ fn accumulating_batches_makes_fewer_steps() {
     assert!(stdout.contains("2 steps per epoch"), "{stdout}");
     assert_fails(&run(&["--accumulate", "0"]), "--accumulate");
 }
+
+#[test]
+fn mixup_and_cutmix_train_with_probability_targets() {
+    let data = folder(&scratch("mix-data"));
+    let out = scratch("mix-out");
+    let mut args = common(&data, &out, "2");
+    args.extend(
+        [
+            "--mixup",
+            "0.2",
+            "--cutmix",
+            "1.0",
+            "--label-smoothing",
+            "0.1",
+        ]
+        .map(String::from),
+    );
+    let o = run(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).expect("metrics");
+    for line in metrics.lines() {
+        let r: serde_json::Value = serde_json::from_str(line).expect("json");
+        let (loss, acc) = (r["train_loss"].as_f64(), r["train_acc"].as_f64());
+        assert!(
+            loss.is_some_and(f64::is_finite) && acc.is_some_and(|a| (0. ..=1.).contains(&a)),
+            "{line}"
+        );
+        assert!(r["test_acc"].as_f64().is_some_and(f64::is_finite), "{line}");
+    }
+    assert_fails(&run(&["--mixup", "0"]), "--mixup");
+    assert_fails(&run(&["--cutmix=-1"]), "--cutmix");
+}

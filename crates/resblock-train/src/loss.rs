@@ -38,6 +38,8 @@ pub fn mse(prediction: &Tensor, target: &Tensor) -> Result<Tensor> {
 ///
 /// # Shapes
 /// - logits: (N, C); targets: (N) of u32/i64 class indices; output: a scalar
+/// - or targets (N, C) of class probabilities (mixup/cutmix, their smoothing included):
+///   [`soft_cross_entropy`], and `label_smoothing` is not applied again
 ///
 /// # Errors
 /// Mismatched batch sizes, a smoothing outside [0, 1], or a target out of range.
@@ -53,6 +55,9 @@ pub fn mse(prediction: &Tensor, target: &Tensor) -> Result<Tensor> {
 /// ```
 pub fn cross_entropy(logits: &Tensor, targets: &Tensor, label_smoothing: f64) -> Result<Tensor> {
     let (n, c) = logits.dims2()?;
+    if targets.rank() == 2 {
+        return soft_cross_entropy(logits, targets);
+    }
     if targets.dims() != [n] {
         return Err(Error::ShapeMismatch {
             op: "cross_entropy (logits vs targets)",
@@ -83,4 +88,46 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor, label_smoothing: f64) ->
     }
     let smooth = log_p.mean(D::Minus1)?.neg()?.mean_all()?;
     Ok(((nll * (1. - label_smoothing))? + (smooth * label_smoothing)?)?)
+}
+
+/// Cross-entropy against class probabilities (PyTorch's `cross_entropy` with probability
+/// targets, timm's `SoftTargetCrossEntropy`): `mean_i(-sum_c targets[i, c] * log_softmax(logits)[i, c])`.
+///
+/// # Errors
+/// Targets of another shape than the logits.
+pub fn soft_cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    if targets.dims() != logits.dims() {
+        return Err(Error::ShapeMismatch {
+            op: "soft cross_entropy (logits vs target probabilities)",
+            a: logits.dims().to_vec(),
+            b: targets.dims().to_vec(),
+        });
+    }
+    let log_p = candle_nn::ops::log_softmax(logits, D::Minus1)?;
+    let t = targets.to_dtype(log_p.dtype())?;
+    Ok((log_p * t)?.sum(D::Minus1)?.neg()?.mean_all()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn soft_targets_agree_with_index_targets_and_smoothing() -> Result<()> {
+        let logits = Tensor::new(&[[2f32, 0.5, -1.], [0., 1., 3.]], &Device::Cpu)?;
+        let idx = Tensor::new(&[0u32, 2], &Device::Cpu)?;
+        // One-hot probabilities give the plain loss; (1 - e) one-hot + e / C the smoothed one.
+        for eps in [0f32, 0.3] {
+            let off = eps / 3.;
+            let on = 1. - eps + off;
+            let probs = Tensor::new(&[[on, off, off], [off, off, on]], &Device::Cpu)?;
+            let soft = cross_entropy(&logits, &probs, 0.9)?.to_scalar::<f32>()?;
+            let hard = cross_entropy(&logits, &idx, f64::from(eps))?.to_scalar::<f32>()?;
+            assert!((soft - hard).abs() < 1e-6, "eps {eps}: {soft} vs {hard}");
+        }
+        let wrong = Tensor::zeros((2, 4), candle_core::DType::F32, &Device::Cpu)?;
+        assert!(soft_cross_entropy(&logits, &wrong).is_err());
+        Ok(())
+    }
 }

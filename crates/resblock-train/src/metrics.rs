@@ -82,7 +82,12 @@ impl TopK {
 /// Non-matching shapes.
 pub fn topk_hits(outputs: &Tensor, targets: &Tensor, k: usize) -> Result<usize> {
     let scores = outputs.to_dtype(DType::F32)?.to_vec2::<f32>()?;
-    let t = targets.to_dtype(DType::U32)?.to_vec1::<u32>()?;
+    // Class probabilities (mixup/cutmix) count their most likely class.
+    let t = if targets.rank() == 2 {
+        targets.argmax(1)?.to_dtype(DType::U32)?.to_vec1::<u32>()?
+    } else {
+        targets.to_dtype(DType::U32)?.to_vec1::<u32>()?
+    };
     Ok(scores
         .iter()
         .zip(&t)

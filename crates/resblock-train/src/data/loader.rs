@@ -8,6 +8,7 @@ use std::thread::JoinHandle;
 use candle_core::{Device, Tensor};
 use resblock_core::RngHandle;
 
+use super::mix::MixConfig;
 use super::{Batch, BatchSource, Dataset, Transform};
 use crate::error::{Error, Result};
 
@@ -38,6 +39,7 @@ pub struct DataLoader {
     workers: usize,
     prefetch: usize,
     device: Device,
+    mix: Option<MixConfig>,
 }
 
 impl DataLoader {
@@ -62,7 +64,20 @@ impl DataLoader {
             workers: 2,
             prefetch: 2,
             device: Device::Cpu,
+            mix: None,
         })
+    }
+
+    /// Mixes each batch (Mixup/CutMix, see [`super::mix`]) after the per-sample
+    /// transforms, with a stream seeded by (seed, epoch, batch); the targets become class
+    /// probabilities, (N, classes) f32.
+    ///
+    /// # Errors
+    /// Invalid settings.
+    pub fn mix(mut self, cfg: MixConfig) -> Result<Self> {
+        cfg.validate()?;
+        self.mix = Some(cfg);
+        Ok(self)
     }
     /// Shuffles each epoch with this seed.
     pub fn shuffle(mut self, seed: u64) -> Self {
@@ -111,12 +126,16 @@ impl DataLoader {
     }
 }
 
+/// Salt of the batch-level mixing streams (distinct from the per-sample ones).
+const MIX_STREAM: u64 = 0x6d69_7875_7063_7574;
+
 fn make_batch(
     ds: &dyn Dataset,
     transforms: &[Transform],
-    idx: &[usize],
+    (idx, batch): (&[usize], usize),
     seed: u64,
     epoch: usize,
+    mixing: Option<&MixConfig>,
 ) -> Result<Batch> {
     let (c, h0, w0) = ds.shape();
     let mut pixels = Vec::new();
@@ -134,9 +153,18 @@ fn make_batch(
         labels.push(label);
     }
     let n = labels.len();
+    let targets = match mixing {
+        Some(cfg) => {
+            let rng = RngHandle::seed_from_u64(mix(seed ^ MIX_STREAM, epoch as u64, batch as u64));
+            let t =
+                super::mix::mix_batch(&mut pixels, &labels, (c, out_hw.0, out_hw.1), cfg, &rng)?;
+            Tensor::from_vec(t, (n, cfg.num_classes), &Device::Cpu)?
+        }
+        None => Tensor::from_vec(labels, n, &Device::Cpu)?,
+    };
     Ok(Batch {
         inputs: Tensor::from_vec(pixels, (n, c, out_hw.0, out_hw.1), &Device::Cpu)?,
-        targets: Tensor::from_vec(labels, n, &Device::Cpu)?,
+        targets,
     })
 }
 
@@ -223,9 +251,17 @@ impl BatchSource for DataLoader {
                 self.transforms.clone(),
             );
             let seed = self.seed;
+            let mixing = self.mix;
             handles.push(std::thread::spawn(move || {
                 for i in (w..chunks.len()).step_by(workers) {
-                    let b = make_batch(ds.as_ref(), &tf, &chunks[i], seed, epoch);
+                    let b = make_batch(
+                        ds.as_ref(),
+                        &tf,
+                        (&chunks[i], i),
+                        seed,
+                        epoch,
+                        mixing.as_ref(),
+                    );
                     let failed = b.is_err();
                     if tx.send(b).is_err() || failed {
                         return;

@@ -19,6 +19,7 @@ pub mod erasing;
 mod folder;
 mod idx;
 mod loader;
+pub mod mix;
 pub mod rrc;
 mod source;
 mod spec;
