@@ -123,6 +123,20 @@ pub fn expand(argv: Vec<OsString>, cmd: &clap::Command) -> Result<Vec<OsString>>
     Ok(out)
 }
 
+/// One JSON flag value as TOML.
+fn scalar(k: &str, v: &serde_json::Value) -> Result<toml::Value> {
+    Ok(match v {
+        serde_json::Value::Bool(b) => toml::Value::Boolean(*b),
+        serde_json::Value::Number(n) => match (n.as_i64(), n.as_f64()) {
+            (Some(i), _) => toml::Value::Integer(i),
+            (None, Some(f)) => toml::Value::Float(f),
+            _ => bail!("flag {k}: number {n} does not fit TOML"),
+        },
+        serde_json::Value::String(s) => toml::Value::String(s.clone()),
+        other => toml::Value::String(other.to_string()),
+    })
+}
+
 /// A run's flags (serialised as [`crate::run_flags`] stores them) as a config file:
 /// unset flags, switches that are off and the command-line-only flags are left out.
 ///
@@ -139,14 +153,10 @@ pub fn effective_config(flags: &serde_json::Value) -> Result<String> {
         }
         let value = match v {
             serde_json::Value::Null | serde_json::Value::Bool(false) => continue,
-            serde_json::Value::Bool(true) => toml::Value::Boolean(true),
-            serde_json::Value::Number(n) => match (n.as_i64(), n.as_f64()) {
-                (Some(i), _) => toml::Value::Integer(i),
-                (None, Some(f)) => toml::Value::Float(f),
-                _ => bail!("flag {k}: number {n} does not fit TOML"),
-            },
-            serde_json::Value::String(s) => toml::Value::String(s.clone()),
-            other => toml::Value::String(other.to_string()),
+            serde_json::Value::Array(items) => {
+                toml::Value::Array(items.iter().map(|x| scalar(k, x)).collect::<Result<_>>()?)
+            }
+            other => scalar(k, other)?,
         };
         table.insert(k.clone(), value);
     }
@@ -177,6 +187,13 @@ mod tests {
         name: Option<String>,
         #[arg(long)]
         out: Option<String>,
+        #[arg(long, value_parser = pair)]
+        pair: Option<(usize, usize)>,
+    }
+
+    fn pair(s: &str) -> std::result::Result<(usize, usize), String> {
+        let (a, b) = s.split_once(',').ok_or("N,M")?;
+        Ok((a.parse().map_err(|_| "N")?, b.parse().map_err(|_| "M")?))
     }
 
     fn parse(cli: &[&str], file: &str) -> Result<T> {
@@ -199,7 +216,8 @@ mod tests {
             (t.lr, t.label_smoothing, t.rrc, t.name.as_deref()),
             (0.5, Some(0.1), true, Some("x"))
         );
-        let t = parse(&["--lr", "0.2"], "lr = 0.5\nrrc = false")?;
+        let t = parse(&["--lr", "0.2"], "lr = 0.5\nrrc = false\npair = [2, 9]")?;
+        assert_eq!(t.pair, Some((2, 9)));
         assert_eq!((t.lr, t.rrc), (0.2, false));
         // The effective config round-trips.
         let flags = serde_json::to_value(&t)?;

@@ -85,6 +85,14 @@ pub struct RecipeArgs {
     /// normalisation.
     #[arg(long, value_name = "P")]
     pub random_erasing: Option<f64>,
+    /// RandAugment: N operations per image at magnitude M of 30 (`2,9` is the paper's
+    /// ImageNet setting); shears, shifts and rotations for grayscale images, all fourteen
+    /// operations for colour ones.
+    #[arg(long, value_name = "N,M", value_parser = parse_n_m, conflicts_with = "trivial_augment")]
+    pub randaugment: Option<(usize, usize)>,
+    /// TrivialAugment Wide: one operation per image at a random magnitude.
+    #[arg(long)]
+    pub trivial_augment: bool,
     /// Mixup with this Beta alpha (e.g. 0.2): each batch blended with its mirror image,
     /// the targets likewise (timm's Mixup, batch mode; --label-smoothing applies to them).
     #[arg(long, value_name = "ALPHA")]
@@ -300,6 +308,8 @@ impl RecipeArgs {
         let extras = AugmentExtras {
             rrc_scale: self.rrc.then_some((self.rrc_scale.unwrap_or(0.08), 1.)),
             random_erasing: self.random_erasing,
+            randaugment: self.randaugment,
+            trivial_augment: self.trivial_augment,
         };
         let train_transforms =
             extras.apply(policy.train_transforms((h, w), &resize, &normalize)?, h)?;
@@ -401,4 +411,23 @@ impl RecipeArgs {
             label_smoothing: self.label_smoothing,
         }
     }
+}
+
+/// Parses `N,M` (RandAugment's operation count and magnitude 0..=30).
+fn parse_n_m(s: &str) -> std::result::Result<(usize, usize), String> {
+    let (n, m) = s
+        .split_once(',')
+        .ok_or_else(|| format!("expected N,M (e.g. 2,9), got {s:?}"))?;
+    let n: usize = n
+        .trim()
+        .parse()
+        .map_err(|_| format!("N must be a count, got {n:?}"))?;
+    let m: usize = m
+        .trim()
+        .parse()
+        .map_err(|_| format!("M must be 0..=30, got {m:?}"))?;
+    if m > 30 {
+        return Err(format!("M must be 0..=30, got {m}"));
+    }
+    Ok((n, m))
 }

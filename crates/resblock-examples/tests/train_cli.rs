@@ -586,3 +586,28 @@ fn mixup_and_cutmix_train_with_probability_targets() {
     assert_fails(&run(&["--mixup", "0"]), "--mixup");
     assert_fails(&run(&["--cutmix=-1"]), "--cutmix");
 }
+
+#[test]
+fn randaugment_and_trivial_augment_train_and_refuse_bad_settings() {
+    let data = folder(&scratch("ra-data"));
+    for (name, extra) in [
+        ("ra", vec!["--randaugment", "2,9"]),
+        ("ta", vec!["--trivial-augment"]),
+    ] {
+        let out = scratch(name);
+        let mut args = common(&data, &out, "1");
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let o = run(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        assert!(
+            o.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    assert_fails(&run(&["--randaugment", "2,31"]), "0..=30");
+    assert_fails(&run(&["--randaugment", "two"]), "N,M");
+    assert_fails(
+        &run(&["--randaugment", "2,9", "--trivial-augment"]),
+        "--trivial-augment",
+    );
+}

@@ -251,6 +251,10 @@ pub struct AugmentExtras {
     /// torchvision's `RandomErasing` with this probability (area 0.02..1/3, ratio
     /// 0.3..3.3, value 0 = the mean), after normalisation.
     pub random_erasing: Option<f64>,
+    /// RandAugment (N operations at magnitude M of 30), after the crop and flips.
+    pub randaugment: Option<(usize, usize)>,
+    /// TrivialAugment Wide, after the crop and flips.
+    pub trivial_augment: bool,
 }
 
 impl AugmentExtras {
@@ -285,6 +289,30 @@ impl AugmentExtras {
                     t.insert(at, rrc);
                 }
             }
+        }
+        let policy = match (self.randaugment, self.trivial_augment) {
+            (Some(_), true) => {
+                return Err(Error::config(
+                    "RandAugment and TrivialAugment are alternatives: choose one",
+                ))
+            }
+            (Some((n, m)), false) => {
+                if m > 30 {
+                    return Err(Error::config(format!(
+                        "the RandAugment magnitude must be 0..=30, got {m}"
+                    )));
+                }
+                Some(Transform::RandAugment { n, m })
+            }
+            (None, true) => Some(Transform::TrivialAugmentWide),
+            (None, false) => None,
+        };
+        if let Some(op) = policy {
+            let at = t
+                .iter()
+                .position(|x| matches!(x, Transform::Normalize { .. }))
+                .unwrap_or(t.len());
+            t.insert(at, op);
         }
         if let Some(p) = self.random_erasing {
             if !(0. ..=1.).contains(&p) {
@@ -414,6 +442,8 @@ mod tests {
         let extras = AugmentExtras {
             rrc_scale: Some((0.25, 1.)),
             random_erasing: Some(0.5),
+            randaugment: Some((2, 9)),
+            trivial_augment: false,
         };
         let t = extras.apply(base, 8)?;
         assert!(matches!(
@@ -425,25 +455,36 @@ mod tests {
             }
         ));
         assert!(matches!(t[1], Transform::RandomHorizontalFlip { .. }));
-        assert_eq!(t[2], norm);
-        assert!(matches!(t[3], Transform::RandomErasing { p: 0.5, .. }));
+        assert_eq!(t[2], Transform::RandAugment { n: 2, m: 9 });
+        assert_eq!(t[3], norm);
+        assert!(matches!(t[4], Transform::RandomErasing { p: 0.5, .. }));
         // No policy: the crop goes just before Normalize.
         let none = AugmentPolicy::None.train_transforms((8, 8), &[], &norm)?;
         let t = extras.apply(none, 8)?;
         assert!(matches!(t[0], Transform::RandomResizedCrop { .. }));
-        assert_eq!(t[1], norm);
+        assert_eq!(t[1], Transform::RandAugment { n: 2, m: 9 });
+        assert_eq!(t[2], norm);
         for bad in [
             AugmentExtras {
                 rrc_scale: Some((0., 1.)),
-                random_erasing: None,
+                ..Default::default()
             },
             AugmentExtras {
                 rrc_scale: Some((0.5, 1.5)),
-                random_erasing: None,
+                ..Default::default()
             },
             AugmentExtras {
-                rrc_scale: None,
                 random_erasing: Some(1.5),
+                ..Default::default()
+            },
+            AugmentExtras {
+                randaugment: Some((2, 31)),
+                ..Default::default()
+            },
+            AugmentExtras {
+                randaugment: Some((2, 9)),
+                trivial_augment: true,
+                ..Default::default()
             },
         ] {
             assert!(bad.apply(vec![norm.clone()], 8).is_err(), "{bad:?}");

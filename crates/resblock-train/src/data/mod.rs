@@ -12,6 +12,7 @@
 //! the same folder decoded up front.
 
 mod adapt;
+pub mod autoaugment;
 mod cifar;
 #[cfg(feature = "download")]
 mod download;

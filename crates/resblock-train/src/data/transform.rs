@@ -51,6 +51,17 @@ pub enum Transform {
         /// The value written.
         value: f32,
     },
+    /// RandAugment: `n` operations at magnitude bin `m` (0..=30), see
+    /// [`super::autoaugment`]; on values in [0, 1], so before `Normalize`.
+    RandAugment {
+        /// Operations per image.
+        n: usize,
+        /// Magnitude bin, 0..=30.
+        m: usize,
+    },
+    /// TrivialAugment Wide: one operation at a random magnitude, see
+    /// [`super::autoaugment`]; before `Normalize`.
+    TrivialAugmentWide,
     /// Bilinear resize to `height` x `width`: PyTorch's
     /// `F.interpolate(x, (height, width), mode="bilinear", align_corners=False)` (no
     /// antialiasing, so prefer it for modest scale changes).
@@ -194,6 +205,36 @@ impl Transform {
                         super::erasing::erase(x, (h, w), b, *value);
                     }
                 }
+                Ok((h, w))
+            }
+            Self::RandAugment { n, m } => {
+                if *m >= super::autoaugment::BINS {
+                    return Err(Error::config(format!(
+                        "RandAugment magnitude {m} is above {}",
+                        super::autoaugment::BINS - 1
+                    )));
+                }
+                for _ in 0..*n {
+                    super::autoaugment::random_op(
+                        x,
+                        c,
+                        (h, w),
+                        super::autoaugment::Table::RandAugment,
+                        Some(*m),
+                        rng,
+                    );
+                }
+                Ok((h, w))
+            }
+            Self::TrivialAugmentWide => {
+                super::autoaugment::random_op(
+                    x,
+                    c,
+                    (h, w),
+                    super::autoaugment::Table::Wide,
+                    None,
+                    rng,
+                );
                 Ok((h, w))
             }
             Self::RandomHorizontalFlip { p } => {
