@@ -42,7 +42,8 @@ pub struct RecipeArgs {
     /// Batch size.
     #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u64).range(1..=65536))]
     pub batch_size: u64,
-    /// Optimizer: sgd, adam or adamw.
+    /// Optimizer: sgd, adam, adamw or lars (SGD with layer-wise trust ratios, for large
+    /// batches).
     #[arg(long, default_value = "sgd")]
     pub optimizer: OptimizerKind,
     /// Learning rate (the maximum for one-cycle).

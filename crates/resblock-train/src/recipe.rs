@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::{Dataset, Transform};
 use crate::error::{Error, Result};
-use crate::optim::{Adam, AdamConfig, Optimizer, ParamGroup, Sgd, SgdConfig};
+use crate::optim::{Adam, AdamConfig, LarsConfig, Optimizer, ParamGroup, Sgd, SgdConfig};
 use crate::schedule::{LrSchedule, Schedule, Warmup};
 
 /// Implements `FromStr`/`Display` over the lowercase names of a fieldless enum.
@@ -49,13 +49,17 @@ pub enum OptimizerKind {
     Adam,
     /// AdamW (decoupled weight decay).
     Adamw,
+    /// LARS: SGD (momentum, Nesterov) with layer-wise trust ratios for large batches
+    /// (timm's `Lars`, trust coefficient 0.001).
+    Lars,
 }
 named!(
     OptimizerKind,
     "optimizer",
     Sgd = "sgd",
     Adam = "adam",
-    Adamw = "adamw"
+    Adamw = "adamw",
+    Lars = "lars"
 );
 
 /// The learning-rate schedules a recipe names (stepped per iteration).
@@ -123,6 +127,16 @@ impl OptimizerConfig {
                     dampening: 0.,
                     nesterov: self.nesterov && self.momentum > 0.,
                 },
+            )?),
+            OptimizerKind::Lars => Box::new(Sgd::lars(
+                groups,
+                SgdConfig {
+                    lr: self.lr,
+                    momentum: self.momentum,
+                    dampening: 0.,
+                    nesterov: self.nesterov && self.momentum > 0.,
+                },
+                LarsConfig::default(),
             )?),
             OptimizerKind::Adam | OptimizerKind::Adamw => Box::new(Adam::with_groups(
                 groups,

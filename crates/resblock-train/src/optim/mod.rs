@@ -6,9 +6,11 @@
 //! compared with PyTorch step by step.
 
 mod adam;
+mod lars;
 mod sgd;
 
 pub use adam::{Adam, AdamConfig, AdamParamState};
+pub use lars::LarsConfig;
 pub use sgd::{Sgd, SgdConfig};
 
 use std::collections::BTreeMap;

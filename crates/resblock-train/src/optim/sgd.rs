@@ -6,6 +6,7 @@ use candle_core::{Tensor, Var};
 use super::{
     check_no_unexpected, flatten_groups, take_state, Optimizer, OptimizerState, ParamGroup,
 };
+use super::LarsConfig;
 use crate::error::{Error, Result};
 
 /// Hyper-parameters of [`Sgd`]; the default is `torch.optim.SGD(lr=0.1)`.
@@ -53,6 +54,7 @@ struct SgdParam {
 pub struct Sgd {
     params: Vec<SgdParam>,
     cfg: SgdConfig,
+    lars: Option<LarsConfig>,
 }
 
 impl Sgd {
@@ -98,7 +100,23 @@ impl Sgd {
                 momentum_buffer: None,
             })
             .collect();
-        Ok(Self { params, cfg })
+        Ok(Self {
+            params,
+            cfg,
+            lars: None,
+        })
+    }
+
+    /// LARS: SGD whose gradients are first scaled by each parameter's trust ratio (see
+    /// [`LarsConfig`]); timm's `Lars`.
+    ///
+    /// # Errors
+    /// Hyper-parameters out of range.
+    pub fn lars(groups: Vec<ParamGroup>, cfg: SgdConfig, lars: LarsConfig) -> Result<Self> {
+        lars.validate()?;
+        let mut s = Self::new(groups, cfg)?;
+        s.lars = Some(lars);
+        Ok(s)
     }
 
     /// The hyper-parameters.
@@ -121,7 +139,13 @@ impl Optimizer for Sgd {
             };
             let w = p.var.as_tensor().detach();
             let mut d = grad.detach();
-            if p.weight_decay != 0. {
+            let adapted = match &self.lars {
+                Some(l) => l.adapt(&w, &d, p.weight_decay, lr)?,
+                None => None,
+            };
+            if let Some(a) = adapted {
+                d = a;
+            } else if p.weight_decay != 0. {
                 d = (d + (&w * p.weight_decay)?)?;
             }
             if momentum != 0. {
@@ -186,6 +210,10 @@ impl Optimizer for Sgd {
     }
 
     fn name(&self) -> &'static str {
-        "sgd"
+        if self.lars.is_some() {
+            "lars"
+        } else {
+            "sgd"
+        }
     }
 }
