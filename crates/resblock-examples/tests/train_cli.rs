@@ -611,3 +611,43 @@ fn randaugment_and_trivial_augment_train_and_refuse_bad_settings() {
         "--trivial-augment",
     );
 }
+
+#[test]
+fn every_shipped_config_parses_and_prints_back_its_flags() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&dir).expect("configs/") {
+        let path = entry.expect("entry").path();
+        if path.extension().and_then(|e| e.to_str()) != Some("toml") {
+            continue;
+        }
+        let o = run(&["--config", s(&path), "--print-config"]);
+        assert!(
+            o.status.success(),
+            "{}: {}",
+            path.display(),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let printed: toml::Table =
+            toml::from_str(&String::from_utf8_lossy(&o.stdout)).expect("TOML");
+        let file: toml::Table =
+            toml::from_str(&std::fs::read_to_string(&path).expect("read")).expect("TOML");
+        // Numbers compare by value (`warmup_epochs = 1` prints back as 1.0).
+        let num = |v: &toml::Value| match v {
+            toml::Value::Integer(i) => Some(*i as f64),
+            toml::Value::Float(f) => Some(*f),
+            _ => None,
+        };
+        for (k, v) in &file {
+            let got = printed
+                .get(k)
+                .unwrap_or_else(|| panic!("{}: {k} missing", path.display()));
+            match (num(v), num(got)) {
+                (Some(a), Some(b)) => assert_eq!(a, b, "{}: {k}", path.display()),
+                _ => assert_eq!(got, v, "{}: {k}", path.display()),
+            }
+        }
+        seen += 1;
+    }
+    assert!(seen >= 5, "{seen} configs");
+}

@@ -11,7 +11,10 @@ fn max_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
 
 #[test]
 fn lars_matches_timm() -> Result<()> {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/lars.safetensors");
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/lars.safetensors"
+    );
     let f = candle_core::safetensors::load(path, &Device::Cpu)?;
     for (clip, tag) in [(false, "plain"), (true, "clip")] {
         let w = Var::from_tensor(&f["w0"])?;

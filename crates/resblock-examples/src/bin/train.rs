@@ -48,6 +48,11 @@ struct Args {
     #[arg(long, value_name = "FILE")]
     #[serde(skip)]
     config: Option<PathBuf>,
+    /// Print the effective flags (defaults, --config and the command line together) as a
+    /// config file, and exit without training.
+    #[arg(long)]
+    #[serde(skip)]
+    print_config: bool,
     /// Architecture: any resblock-vision preset (resnet20, resnet56, plain20, resnet18,
     /// wrn28_10, ...); default resnet20, or the architecture of --pretrained.
     #[arg(long)]
@@ -101,6 +106,13 @@ fn main() -> Result<()> {
     let argv =
         resblock_examples::config_file::expand(std::env::args_os().collect(), &Args::command())?;
     let args = Args::parse_from(argv);
+    if args.print_config {
+        print!(
+            "{}",
+            resblock_examples::config_file::effective_config(&serde_json::to_value(&args)?)?
+        );
+        return Ok(());
+    }
     let device = args.recipe.start()?;
 
     // Fine-tuning starts from a weight file: given, or torchvision's, downloaded once.

@@ -3,10 +3,10 @@
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
 
+use super::LarsConfig;
 use super::{
     check_no_unexpected, flatten_groups, take_state, Optimizer, OptimizerState, ParamGroup,
 };
-use super::LarsConfig;
 use crate::error::{Error, Result};
 
 /// Hyper-parameters of [`Sgd`]; the default is `torch.optim.SGD(lr=0.1)`.
