@@ -131,7 +131,7 @@ pub fn fit(
         )?);
     }
     if let Some(decay) = recipe.ema {
-        trainer = trainer.with_ema(Ema::new(varmap, decay, true)?);
+        trainer = trainer.with_ema(Ema::new(varmap, decay, recipe.ema_warmup)?);
     }
     if let Some(flags) = &plan.flags {
         trainer = trainer.with_checkpoint_meta(RUN_FLAGS_KEY, flags.to_string());

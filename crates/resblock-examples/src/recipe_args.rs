@@ -102,11 +102,16 @@ pub struct RecipeArgs {
     /// targets mixed by area. With --mixup too, each batch takes one of the two (50 %).
     #[arg(long, value_name = "ALPHA")]
     pub cutmix: Option<f64>,
-    /// Keep an exponential moving average of the weights with this decay (e.g. 0.999;
-    /// timm's ModelEmaV3 with warmup), evaluated after every epoch; `model.safetensors`
-    /// gets whichever of the average and the trained weights scores higher.
+    /// Keep an exponential moving average of the weights with this decay (e.g. 0.99 for
+    /// runs of a few thousand steps, 0.9998 for long ones; timm's ModelEmaV3), evaluated
+    /// after every epoch; `model.safetensors` gets whichever of the average and the
+    /// trained weights scores higher.
     #[arg(long, value_name = "DECAY")]
     pub ema: Option<f64>,
+    /// Warm the average up (timm's `use_warmup`): decay min(DECAY, 1 - (1 + t)^(-2/3)) at
+    /// step t, so early weights fade fast.
+    #[arg(long, requires = "ema")]
+    pub ema_warmup: bool,
     /// Batches per optimizer step (gradient accumulation): the step sees the mean loss of
     /// K batches' samples, as one batch K times the size would (batch norm still
     /// normalises each batch by itself). The schedule counts optimizer steps.

@@ -3,10 +3,11 @@
 //! (parameters and batch-norm running statistics); integer buffers
 //! (`num_batches_tracked`) are copied.
 //!
-//! With warmup (timm's default), the decay of update `t` (1-based) is
-//! `min(decay, 1 - (1 + (t - 1)) ^ (-2/3))`: 0 at the first update (the average starts as
-//! the weights), 0.37 at the second, 0.9 near the 32nd, `decay` after that; without it,
-//! `decay` from the first update.
+//! Without warmup (timm's default), every update uses `decay`. With warmup, the decay of
+//! update `t` (1-based) is `min(decay, 1 - (1 + (t - 1)) ^ (-2/3))`: 0 at the first update
+//! (the average starts as the weights), 0.37 at the second, 0.9 near the 32nd, 0.986 at
+//! the 630th, 0.999 only near the 31,600th; so on short runs the warmup, not `decay`,
+//! sets the average.
 
 use std::collections::BTreeMap;
 
