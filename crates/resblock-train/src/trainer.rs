@@ -699,6 +699,12 @@ impl<'m, M: ModuleT> Trainer<'m, M> {
             ck.meta
                 .insert("ema_updates".into(), e.updates().to_string());
         }
+        if let Some(k) = &self.keep_best {
+            ck.meta.insert(
+                "keep_best".into(),
+                serde_json::to_string(k).map_err(|e| Error::config(e.to_string()))?,
+            );
+        }
         ck.meta.insert("epoch".into(), self.epoch.to_string());
         ck.meta.insert("step".into(), self.step.to_string());
         ck.meta
