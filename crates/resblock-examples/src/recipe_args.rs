@@ -65,9 +65,10 @@ pub struct RecipeArgs {
     /// Linear warmup epochs before the schedule.
     #[arg(long, default_value_t = 0.)]
     pub warmup_epochs: f64,
-    /// Label smoothing of the cross-entropy.
-    #[arg(long, default_value_t = 0.)]
-    pub label_smoothing: f64,
+    /// Label smoothing of the cross-entropy (default: 0.1 for `train`, whose default recipe
+    /// reaches 99 % on the bundled digits with it; 0 for the claim programs).
+    #[arg(long)]
+    pub label_smoothing: Option<f64>,
     /// Augment the training data (random shifts; plus flips for CIFAR and folders).
     #[arg(long, overrides_with = "no_augment")]
     pub augment: bool,
@@ -173,6 +174,12 @@ impl PreparedData {
 }
 
 impl RecipeArgs {
+    /// The label smoothing in use: `--label-smoothing`, else 0 (programs with another
+    /// default set the field before [`RecipeArgs::start`]).
+    pub fn smoothing(&self) -> f64 {
+        self.label_smoothing.unwrap_or(0.)
+    }
+
     /// Checks the numeric flags, configures the CPU threads and returns the device.
     ///
     /// # Errors
@@ -188,10 +195,10 @@ impl RecipeArgs {
                 bail!("{name} must be a finite number >= 0, got {v}");
             }
         }
-        if !(0. ..1.).contains(&self.label_smoothing) {
+        if !(0. ..1.).contains(&self.smoothing()) {
             bail!(
                 "--label-smoothing must be in [0, 1), got {}",
-                self.label_smoothing
+                self.smoothing()
             );
         }
         if let Some(p) = self.random_erasing {
@@ -356,7 +363,7 @@ impl RecipeArgs {
                 mixup_alpha: self.mixup.unwrap_or(0.),
                 cutmix_alpha: self.cutmix.unwrap_or(0.),
                 switch_prob: 0.5,
-                label_smoothing: self.label_smoothing,
+                label_smoothing: self.smoothing(),
                 num_classes: data.num_classes(),
             })?;
         }
@@ -414,7 +421,7 @@ impl RecipeArgs {
     /// The loss.
     pub fn loss(&self) -> LossKind {
         LossKind::CrossEntropy {
-            label_smoothing: self.label_smoothing,
+            label_smoothing: self.smoothing(),
         }
     }
 }

@@ -294,7 +294,7 @@ fn a_resume_with_other_flags_is_refused_naming_them() {
         }
         run(&a.iter().map(String::as_str).collect::<Vec<_>>())
     };
-    let o = resume(&["--lr", "0.02", "--label-smoothing", "0.1"]);
+    let o = resume(&["--lr", "0.02", "--label-smoothing", "0.2"]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success());
     assert!(
