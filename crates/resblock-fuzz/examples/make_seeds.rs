@@ -10,9 +10,6 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use resblock_core::RngHandle;
-use resblock_train::optim::{param_groups, Sgd, SgdConfig};
-use resblock_train::schedule::{LrSchedule, Schedule};
-use resblock_train::{Trainer, TrainerConfig};
 use resblock_vision::model_file::{save_model_varmap, ModelMeta};
 use resblock_vision::{resnet, Preprocess, ResNetConfig};
 
@@ -179,28 +176,10 @@ fn model_seeds() -> Result<()> {
 
 /// A checkpoint of the 4 -> 3 linear model that the checkpoint target resumes into.
 fn checkpoint_seeds() -> Result<()> {
-    let varmap = VarMap::new();
-    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
-    let fc = candle_nn::linear(4, 3, vb.pp("fc"))?;
-    let sgd = Sgd::new(
-        param_groups(&varmap, 0.0, true),
-        SgdConfig {
-            lr: 0.1,
-            momentum: 0.9,
-            dampening: 0.0,
-            nesterov: false,
-        },
-    )?;
-    let schedule = LrSchedule::new(0.1, Schedule::Constant, None)?;
-    let trainer = Trainer::new(
-        &fc,
-        &varmap,
-        Box::new(sgd),
-        schedule,
-        TrainerConfig::default(),
-    )
-    .with_rng(RngHandle::seed_from_u64(1))
-    .with_checkpoint_meta("run_flags", r#"{"epochs":1}"#.into());
+    let (fc, varmap) = resblock_fuzz::linear_model()?;
+    let trainer = resblock_fuzz::linear_trainer(&fc, &varmap)?
+        .with_rng(RngHandle::seed_from_u64(1))
+        .with_checkpoint_meta("run_flags", r#"{"epochs":1}"#.into());
     let ok = corpus("checkpoint")?.join("ok-linear-4x3.safetensors");
     trainer.save_checkpoint(&ok)?;
     let bytes = std::fs::read(&ok)?;

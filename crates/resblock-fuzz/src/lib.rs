@@ -14,7 +14,7 @@ mod state;
 mod weights;
 
 pub use data::{cifar10, idx_images, idx_labels, image};
-pub use state::{checkpoint, run_meta};
+pub use state::{checkpoint, linear_model, linear_trainer, run_meta};
 pub use weights::{pth, safetensors};
 
 /// What a target returns: `Ok`, or the reader's error as the user would see it.

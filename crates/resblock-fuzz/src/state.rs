@@ -12,17 +12,28 @@ use resblock_vision::model_file::ModelMeta;
 
 use crate::{scratch, shown, Outcome};
 
-/// A checkpoint file, read and then resumed into a trainer of a 4 -> 3 linear model
-/// (model variables `fc.weight`, `fc.bias`; SGD with momentum).
-pub fn checkpoint(bytes: &[u8]) -> Outcome {
-    let p = scratch::put("checkpoint.safetensors", bytes);
-    let ck = Checkpoint::load(&p).map_err(shown)?;
-    ck.rng(&p).map_err(shown)?;
+/// The 4 -> 3 linear model (`fc.weight`, `fc.bias`) that checkpoints are resumed into.
+///
+/// # Errors
+/// Tensor errors.
+pub fn linear_model() -> Result<(candle_nn::Linear, VarMap), String> {
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
     let fc = candle_nn::linear(4, 3, vb.pp("fc")).map_err(shown)?;
+    Ok((fc, varmap))
+}
+
+/// A trainer of `fc` (from [`linear_model`]) with SGD, momentum 0.9, lr 0.1: the state a
+/// checkpoint of the `checkpoint` target holds.
+///
+/// # Errors
+/// Invalid settings (never, for these).
+pub fn linear_trainer<'m>(
+    fc: &'m candle_nn::Linear,
+    varmap: &VarMap,
+) -> Result<Trainer<'m, candle_nn::Linear>, String> {
     let sgd = Sgd::new(
-        param_groups(&varmap, 0.0, true),
+        param_groups(varmap, 0.0, true),
         SgdConfig {
             lr: 0.1,
             momentum: 0.9,
@@ -32,13 +43,22 @@ pub fn checkpoint(bytes: &[u8]) -> Outcome {
     )
     .map_err(shown)?;
     let schedule = LrSchedule::new(0.1, Schedule::Constant, None).map_err(shown)?;
-    let mut trainer = Trainer::new(
-        &fc,
-        &varmap,
+    Ok(Trainer::new(
+        fc,
+        varmap,
         Box::new(sgd),
         schedule,
         TrainerConfig::default(),
-    );
+    ))
+}
+
+/// A checkpoint file, read and then resumed into [`linear_trainer`].
+pub fn checkpoint(bytes: &[u8]) -> Outcome {
+    let p = scratch::put("checkpoint.safetensors", bytes);
+    let ck = Checkpoint::load(&p).map_err(shown)?;
+    ck.rng(&p).map_err(shown)?;
+    let (fc, varmap) = linear_model()?;
+    let mut trainer = linear_trainer(&fc, &varmap)?;
     trainer.resume(&p).map_err(shown)
 }
 

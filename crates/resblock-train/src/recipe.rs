@@ -118,26 +118,15 @@ impl OptimizerConfig {
                 )));
             }
         }
+        let sgd = SgdConfig {
+            lr: self.lr,
+            momentum: self.momentum,
+            dampening: 0.,
+            nesterov: self.nesterov && self.momentum > 0.,
+        };
         Ok(match self.kind {
-            OptimizerKind::Sgd => Box::new(Sgd::new(
-                groups,
-                SgdConfig {
-                    lr: self.lr,
-                    momentum: self.momentum,
-                    dampening: 0.,
-                    nesterov: self.nesterov && self.momentum > 0.,
-                },
-            )?),
-            OptimizerKind::Lars => Box::new(Sgd::lars(
-                groups,
-                SgdConfig {
-                    lr: self.lr,
-                    momentum: self.momentum,
-                    dampening: 0.,
-                    nesterov: self.nesterov && self.momentum > 0.,
-                },
-                LarsConfig::default(),
-            )?),
+            OptimizerKind::Sgd => Box::new(Sgd::new(groups, sgd)?),
+            OptimizerKind::Lars => Box::new(Sgd::lars(groups, sgd, LarsConfig::default())?),
             OptimizerKind::Adam | OptimizerKind::Adamw => Box::new(Adam::with_groups(
                 groups,
                 AdamConfig {

@@ -54,18 +54,22 @@ pub fn read_state_dict(path: &Path) -> Result<BTreeMap<String, Tensor>> {
             let mut found = Vec::new();
             for key in [None, Some("state_dict"), Some("model")] {
                 // The tensors' claimed sizes are checked against their storages before
-                // Candle allocates them.
-                let infos = match candle_core::pickle::read_pth_tensor_info(path, false, key) {
-                    Ok(infos) => infos,
+                // Candle allocates them; the pickle is parsed once for both.
+                let pth = match candle_core::pickle::PthTensors::new(path, key) {
+                    Ok(pth) => pth,
                     Err(e) if key.is_none() => return Err(format_err(path, e)),
                     Err(_) => continue,
                 };
+                let infos: Vec<_> = pth.tensor_infos().values().cloned().collect();
                 if infos.is_empty() {
                     continue;
                 }
                 crate::pth_bounds::storage_sizes(path, &infos)?;
-                found = candle_core::pickle::read_all_with_key(path, key)
-                    .map_err(|e| format_err(path, e))?;
+                for name in pth.tensor_infos().keys() {
+                    if let Some(t) = pth.get(name).map_err(|e| format_err(path, e))? {
+                        found.push((name.clone(), t));
+                    }
+                }
                 break;
             }
             found

@@ -49,15 +49,8 @@ pub enum Op {
     Equalize,
 }
 
-const GEOMETRIC: &[Op] = &[
-    Op::Identity,
-    Op::ShearX,
-    Op::ShearY,
-    Op::TranslateX,
-    Op::TranslateY,
-    Op::Rotate,
-];
-
+/// Every operation; the first six (identity and the geometric ones) are what grayscale
+/// images get.
 const ALL: &[Op] = &[
     Op::Identity,
     Op::ShearX,
@@ -81,7 +74,7 @@ pub const BINS: usize = 31;
 /// The operations for images of `c` channels.
 pub fn ops_for(c: usize) -> &'static [Op] {
     if c == 1 {
-        GEOMETRIC
+        &ALL[..6]
     } else {
         ALL
     }
