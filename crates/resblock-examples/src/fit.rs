@@ -3,6 +3,7 @@
 //! article's claims all train through here, so a run means the same thing everywhere.
 
 use std::path::PathBuf;
+use std::rc::Rc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -14,7 +15,10 @@ use resblock_train::checkpoint::Checkpoint;
 use resblock_train::ema::Ema;
 use resblock_train::freeze::Freeze;
 use resblock_train::optim::param_groups;
-use resblock_train::{BatchSource, EpochRecord, Progress, Trainer, TrainerConfig};
+use resblock_train::data::Shard;
+use resblock_train::{
+    BatchSource, Communicator, EpochRecord, Progress, SingleProcess, Trainer, TrainerConfig,
+};
 use resblock_vision::ResNet;
 
 use crate::recipe_args::{PreparedData, RecipeArgs};
@@ -23,6 +27,8 @@ use crate::run_flags::{differing_flags, RUN_FLAGS_KEY};
 /// What one run does besides the recipe.
 #[derive(Debug, Clone, Default)]
 pub struct Plan {
+    /// The ranks of a data-parallel run (`train --distributed`); one process without.
+    pub comm: Option<Rc<dyn Communicator>>,
     /// Epochs the run (and its schedule) spans.
     pub epochs: u64,
     /// Where the checkpoint, `metrics.jsonl` and curves go (nothing is written without it).
@@ -90,8 +96,13 @@ pub fn fit(
     plan: &Plan,
     mut on_epoch: impl FnMut(&EpochRecord),
 ) -> Result<Fitted> {
-    let (mut train, mut test) = recipe.loaders(data, device)?;
-    let mut val = recipe.val_loader(data, device)?;
+    let comm = plan
+        .comm
+        .clone()
+        .unwrap_or_else(|| Rc::new(SingleProcess) as Rc<dyn Communicator>);
+    let shard = Shard::new(comm.rank(), comm.size())?;
+    let (mut train, mut test) = recipe.loaders(data, device, shard)?;
+    let mut val = recipe.val_loader(data, device, shard)?;
     let steps_per_epoch = train.num_batches().div_ceil(recipe.accumulate as usize) as u64;
     let schedule = recipe.schedule(steps_per_epoch, plan.epochs)?;
     let freeze = plan.freeze;
@@ -103,7 +114,7 @@ pub fn fit(
             .flat_map(|g| &g.params)
             .map(|(_, v)| v.elem_count())
             .sum();
-        println!("frozen ({freeze:?}): training {n} of {total} parameters");
+        crate::say!("frozen ({freeze:?}): training {n} of {total} parameters");
     }
     let optimizer = recipe.optimizer(groups())?;
     let cfg = TrainerConfig {
@@ -117,6 +128,7 @@ pub fn fit(
     };
     let mut show = crate::progress::labelled(&plan.label);
     let mut trainer = Trainer::new(model, varmap, optimizer, schedule, cfg)
+        .with_communicator(comm.clone())?
         .with_rng(rng.clone())
         .on_progress(move |p| {
             show(p);
@@ -158,14 +170,23 @@ pub fn fit(
             }
         }
         trainer.resume(&ck)?;
-        println!("resumed {} at epoch {}", ck.display(), trainer.epoch());
+        crate::say!("resumed {} at epoch {}", ck.display(), trainer.epoch());
     }
     let to = plan
         .out
         .as_ref()
         .map_or_else(String::new, |d| format!("; writing to {}", d.display()));
-    println!(
-        "training {} ({total} parameters) for {} epochs, {steps_per_epoch} steps per epoch{to}",
+    let ranks = if comm.size() > 1 {
+        format!(
+            " on {} ranks ({} images per step)",
+            comm.size(),
+            comm.size() as u64 * recipe.batch_size
+        )
+    } else {
+        String::new()
+    };
+    crate::say!(
+        "training {} ({total} parameters) for {} epochs{ranks}, {steps_per_epoch} steps per epoch{to}",
         plan.label, plan.epochs,
     );
     let start = Instant::now();
@@ -177,7 +198,7 @@ pub fn fit(
         )?
         .to_vec();
     if let Some(e) = trainer.stopped_early() {
-        println!(
+        crate::say!(
             "early stop after epoch {e}: no better validation accuracy for {} epochs",
             recipe.early_stop.unwrap_or(0)
         );

@@ -4,6 +4,7 @@
 
 pub mod claims;
 pub mod config_file;
+pub mod distributed;
 pub mod fit;
 pub mod model_args;
 pub mod progress;

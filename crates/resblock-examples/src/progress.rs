@@ -31,7 +31,7 @@ pub fn labelled(label: &str) -> impl FnMut(&Progress<'_>) {
             loss,
             acc,
             images_per_sec,
-        } if tty => {
+        } if tty && !crate::distributed::quiet() => {
             let b = bar.get_or_insert_with(|| {
                 let b = ProgressBar::new(steps as u64);
                 let style = ProgressStyle::with_template(&format!(
@@ -54,7 +54,7 @@ pub fn labelled(label: &str) -> impl FnMut(&Progress<'_>) {
             if let Some(b) = bar.take() {
                 b.finish_and_clear();
             }
-            println!("{prefix}{}", format_record(record, epochs));
+            crate::say!("{prefix}{}", format_record(record, epochs));
         }
     }
 }

@@ -9,7 +9,8 @@ use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use resblock_train::data::mix::MixConfig;
 use resblock_train::data::{
-    download, split_validation, DataKind, DataSpec, RemoteDataset, ReplicateChannels,
+    download, split_validation, DataKind, DataSpec, RemoteDataset, ReplicateChannels, Shard,
+    Subset,
 };
 use resblock_train::optim::{Optimizer, ParamGroup};
 use resblock_train::recipe::{
@@ -251,7 +252,7 @@ impl RecipeArgs {
             let ds = RemoteDataset::by_name(kind)?;
             let dir = &spec.dir;
             if !ds.is_present(dir) {
-                println!("downloading {kind} into {}", dir.display());
+                crate::say!("downloading {kind} into {}", dir.display());
             }
             let mirror = std::env::var("RESBLOCK_DATA_MIRROR").ok();
             download(&ds, dir, mirror.as_deref())
@@ -263,7 +264,7 @@ impl RecipeArgs {
         let mnist = matches!(spec.kind, DataKind::Mnist | DataKind::BundledMnist);
         // Grayscale data meets a 3-channel stem (pretrained weights) by replicating its channel.
         if let (Some(3), (1, _, _)) = (model_channels, train.shape()) {
-            println!("grayscale data, 3-channel weights: replicating the channel (as torchvision's Grayscale(3))");
+            crate::say!("grayscale data, 3-channel weights: replicating the channel (as torchvision's Grayscale(3))");
             train = Arc::new(ReplicateChannels::new(train, 3)?);
             test = Arc::new(ReplicateChannels::new(test, 3)?);
         }
@@ -271,7 +272,7 @@ impl RecipeArgs {
             Some(f) => {
                 let (t, v) = split_validation(train, f, self.seed)
                     .with_context(|| format!("--val-split {f}"))?;
-                println!(
+                crate::say!(
                     "--val-split {f}: {} images held out for validation (seed {})",
                     v.len(),
                     self.seed
@@ -292,12 +293,12 @@ impl RecipeArgs {
         };
         let (h, w) = match image_size {
             Some(s) if !resize.is_empty() => {
-                println!("resizing to {s}x{s}");
+                crate::say!("resizing to {s}x{s}");
                 (s, s)
             }
             _ => (h, w),
         };
-        println!(
+        crate::say!(
             "data {}: {} training and {} test images, {c}x{h}x{w}, {} classes",
             self.data,
             train.len(),
@@ -340,7 +341,9 @@ impl RecipeArgs {
     }
 
     /// The training loader (shuffled with the seed unless `--no-shuffle`, augmented per
-    /// (seed, epoch, sample)) and the test loader.
+    /// (seed, epoch, sample)) and the test loader, each with `shard`'s part of the data in
+    /// a data-parallel run (the training set as PyTorch's `DistributedSampler` splits it,
+    /// the test set in disjoint parts; see [`Shard`]).
     ///
     /// # Errors
     /// An empty dataset.
@@ -348,12 +351,14 @@ impl RecipeArgs {
         &self,
         data: &PreparedData,
         device: &Device,
+        shard: Shard,
     ) -> Result<(DataLoader, DataLoader)> {
         let workers = self.workers as usize;
         let mut train = DataLoader::new(data.train.clone(), self.batch_size as usize)?
             .transforms(data.train_transforms.clone())
             .seed(self.seed)
             .workers(workers)
+            .shard(shard)
             .device(device.clone());
         if !self.no_shuffle {
             train = train.shuffle(self.seed);
@@ -367,7 +372,7 @@ impl RecipeArgs {
                 num_classes: data.num_classes(),
             })?;
         }
-        let test = DataLoader::new(data.test.clone(), self.batch_size as usize)?
+        let test = DataLoader::new(eval_part(&data.test, shard)?, self.batch_size as usize)?
             .transforms(data.test_transforms.clone())
             .workers(workers)
             .device(device.clone());
@@ -378,12 +383,17 @@ impl RecipeArgs {
     ///
     /// # Errors
     /// An empty dataset.
-    pub fn val_loader(&self, data: &PreparedData, device: &Device) -> Result<Option<DataLoader>> {
+    pub fn val_loader(
+        &self,
+        data: &PreparedData,
+        device: &Device,
+        shard: Shard,
+    ) -> Result<Option<DataLoader>> {
         let Some(val) = &data.val else {
             return Ok(None);
         };
         Ok(Some(
-            DataLoader::new(val.clone(), self.batch_size as usize)?
+            DataLoader::new(eval_part(val, shard)?, self.batch_size as usize)?
                 .transforms(data.test_transforms.clone())
                 .workers(self.workers as usize)
                 .device(device.clone()),
@@ -424,6 +434,18 @@ impl RecipeArgs {
             label_smoothing: self.smoothing(),
         }
     }
+}
+
+/// `shard`'s part of an evaluation set: all of it alone, else every W-th sample from the
+/// rank's own (each sample evaluated once over the ranks).
+fn eval_part(set: &Arc<dyn Dataset>, shard: Shard) -> Result<Arc<dyn Dataset>> {
+    if shard.world == 1 {
+        return Ok(set.clone());
+    }
+    Ok(Arc::new(Subset::new(
+        set.clone(),
+        shard.eval_indices(set.len()),
+    )?))
 }
 
 /// Parses `N,M` (RandAugment's operation count and magnitude 0..=30).

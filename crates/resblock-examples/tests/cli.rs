@@ -109,3 +109,16 @@ fn cnn_block_shows_shapes_identity_and_a_falling_loss() {
     assert_eq!(losses.len(), 5);
     assert!(losses[4] < losses[0], "{losses:?}");
 }
+
+/// Without the `mpi` feature, `--distributed` says how to get it, before any work.
+#[cfg(not(feature = "mpi"))]
+#[test]
+fn distributed_needs_the_mpi_build() {
+    let out = run(env!("CARGO_BIN_EXE_train"), &["--distributed", "--epochs", "1"]);
+    let err = text(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("--distributed needs a build with MPI") && err.contains("--features mpi"),
+        "{err}"
+    );
+}

@@ -43,6 +43,7 @@ pub mod checkpoint;
 pub mod clip;
 pub mod confusion;
 pub mod data;
+pub mod distributed;
 pub mod ema;
 pub mod error;
 pub mod freeze;
@@ -57,6 +58,7 @@ pub mod schedule;
 pub mod trainer;
 
 pub use data::{Batch, BatchSource, DataLoader, Dataset, FixedBatches, ImageDataset, Transform};
+pub use distributed::{Communicator, SingleProcess};
 pub use error::{Error, Result};
 pub use record::{EpochRecord, Progress};
 pub use trainer::{LossKind, Trainer, TrainerConfig};

@@ -2,6 +2,7 @@
 
 use candle_core::{DType, Tensor, D};
 
+use crate::distributed::Communicator;
 use crate::error::Result;
 
 /// A metric accumulated batch by batch. Implement it for your own metrics and pass them to
@@ -18,6 +19,16 @@ pub trait Metric {
     fn value(&self) -> f64;
     /// Starts over.
     fn reset(&mut self);
+    /// Combines what every rank of a data-parallel run added (each evaluated its part of
+    /// the data), so that [`Metric::value`] is the whole data's on every rank. Metrics that
+    /// keep the default stay per rank.
+    ///
+    /// # Errors
+    /// A failed transfer.
+    fn all_reduce(&mut self, comm: &dyn Communicator) -> Result<()> {
+        let _ = comm;
+        Ok(())
+    }
 }
 
 /// The mean loss, weighted by batch size.
@@ -46,6 +57,12 @@ impl Metric for MeanLoss {
     }
     fn reset(&mut self) {
         *self = Self::default();
+    }
+    fn all_reduce(&mut self, comm: &dyn Communicator) -> Result<()> {
+        let mut v = [self.sum, self.count as f64];
+        comm.all_reduce_sum_f64(&mut v)?;
+        (self.sum, self.count) = (v[0], v[1] as usize);
+        Ok(())
     }
 }
 
@@ -123,6 +140,12 @@ impl Metric for TopK {
     fn reset(&mut self) {
         self.hits = 0;
         self.count = 0;
+    }
+    fn all_reduce(&mut self, comm: &dyn Communicator) -> Result<()> {
+        let mut v = [self.hits as f64, self.count as f64];
+        comm.all_reduce_sum_f64(&mut v)?;
+        (self.hits, self.count) = (v[0] as usize, v[1] as usize);
+        Ok(())
     }
 }
 

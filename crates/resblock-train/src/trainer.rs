@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 use std::time::Instant;
 
 use candle_core::{ModuleT, Tensor};
@@ -12,6 +13,8 @@ use crate::best::KeepBest;
 use crate::checkpoint::{write_atomic, Checkpoint};
 use crate::clip::{clip_grad_norm, grad_norm};
 use crate::data::{Batch, BatchSource};
+use crate::distributed::sync::{all_reduce_gradients, broadcast_tensors, broadcast_vars};
+use crate::distributed::{Communicator, SingleProcess};
 use crate::ema::Ema;
 use crate::error::{Error, Result};
 use crate::loss::{cross_entropy, mse};
@@ -121,6 +124,11 @@ pub struct Trainer<'m, M: ModuleT> {
     keep_best: Option<KeepBest>,
     /// The epoch after which early stopping ended the run.
     stopped_early: Option<usize>,
+    /// The other ranks of a data-parallel run ([`SingleProcess`] when alone).
+    comm: Rc<dyn Communicator>,
+    /// The optimized variables in name order: the gradient buckets' layout, the same on
+    /// every rank (found once).
+    sync_params: std::cell::OnceCell<Vec<candle_core::Var>>,
 }
 
 impl<'m, M: ModuleT> Trainer<'m, M> {
@@ -150,7 +158,54 @@ impl<'m, M: ModuleT> Trainer<'m, M> {
             ema: None,
             keep_best: None,
             stopped_early: None,
+            comm: Rc::new(SingleProcess),
+            sync_params: std::cell::OnceCell::new(),
         }
+    }
+
+    /// Trains data-parallel with the other ranks of `comm` (PyTorch DDP's semantics, see
+    /// [`crate::distributed`]): checks that every rank holds the same variables, gives
+    /// every rank rank 0's values of them, and from then on averages gradients over the
+    /// ranks before each step, reduces the training and evaluation metrics (each rank
+    /// evaluates its part of the data), broadcasts rank 0's batch-norm statistics (and
+    /// moving average) after each epoch, records the rank count in checkpoints (a resume
+    /// needs the same), and writes files on rank 0 only. Call it before
+    /// [`Trainer::with_ema`] and [`Trainer::resume`]. Each rank's data must be its own
+    /// share ([`crate::data::DataLoader::shard`]).
+    ///
+    /// # Errors
+    /// Ranks whose models differ, or a failed transfer.
+    pub fn with_communicator(mut self, comm: Rc<dyn Communicator>) -> Result<Self> {
+        let (vars, elems) = {
+            let data = self.varmap.data().lock().unwrap_or_else(|e| e.into_inner());
+            (data.len(), data.values().map(|v| v.elem_count()).sum::<usize>())
+        };
+        let mut check = [vars as f64, elems as f64, (vars * vars) as f64, 0.];
+        check[3] = (elems as f64) * (elems as f64);
+        comm.all_reduce_sum_f64(&mut check)?;
+        let w = comm.size() as f64;
+        // Equal on all ranks exactly when the sums of values and squares agree with W copies.
+        if check[0] != w * vars as f64
+            || check[1] != w * elems as f64
+            || check[2] != w * (vars * vars) as f64
+            || check[3] != w * (elems as f64) * (elems as f64)
+        {
+            return Err(Error::config(format!(
+                "the ranks' models differ (rank {} has {vars} variables, {elems} values): every rank must build the same model",
+                comm.rank()
+            )));
+        }
+        broadcast_vars(comm.as_ref(), &self.varmap, |_| true)?;
+        if comm.rank() != 0 {
+            self.cfg.out_dir = None;
+        }
+        self.comm = comm;
+        Ok(self)
+    }
+
+    /// The ranks this trainer trains with.
+    pub fn communicator(&self) -> &dyn Communicator {
+        self.comm.as_ref()
     }
 
     /// Tracks the best epoch on the validation set given to [`Trainer::fit_validated`]:
@@ -291,9 +346,11 @@ impl<'m, M: ModuleT> Trainer<'m, M> {
             let outputs = self.model.forward_t(&batch.inputs, true)?;
             let loss = self.cfg.loss.compute(&outputs, &batch.targets)?;
             let v = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
-            if !v.is_finite() {
+            if !v.is_finite() && self.comm.size() == 1 {
                 return Err(self.non_finite("loss".into(), v));
             }
+            // With other ranks, a non-finite loss is reported after the reduction below,
+            // on every rank alike (one rank stopping alone would leave the others waiting).
             value += v * n as f64 / total as f64;
             // A single batch keeps its loss as it is (bit for bit what it always was).
             let weighted = if batches.len() == 1 {
@@ -319,6 +376,26 @@ impl<'m, M: ModuleT> Trainer<'m, M> {
             all_outputs.push(outputs.detach());
         }
         let mut grads = grads.ok_or_else(|| Error::config("no gradients"))?;
+        if self.comm.size() > 1 {
+            let sync = self.sync_params.get_or_init(|| {
+                let ids: std::collections::HashSet<_> =
+                    params.iter().map(|p| p.as_tensor().id()).collect();
+                let data = self.varmap.data().lock().unwrap_or_else(|e| e.into_inner());
+                let mut named: Vec<(&String, &candle_core::Var)> = data
+                    .iter()
+                    .filter(|(_, v)| ids.contains(&v.as_tensor().id()))
+                    .collect();
+                named.sort_by(|a, b| a.0.cmp(b.0));
+                named.into_iter().map(|(_, v)| v.clone()).collect()
+            });
+            all_reduce_gradients(self.comm.as_ref(), sync, &mut grads)?;
+            let mut mean = [value];
+            self.comm.all_reduce_sum_f64(&mut mean)?;
+            value = mean[0] / self.comm.size() as f64;
+            if !value.is_finite() {
+                return Err(self.non_finite("loss (mean over ranks)".into(), value));
+            }
+        }
         let norm = match self.cfg.grad_clip {
             Some(max) => clip_grad_norm(&mut grads, &params, max)?,
             None => grad_norm(&grads, &params)?,
@@ -464,6 +541,8 @@ impl<'m, M: ModuleT> Trainer<'m, M> {
             } else {
                 f64::NAN
             };
+            // Every rank's batches have this rank's sizes, so images/s counts them all.
+            let seen = count * self.comm.size();
             let p = Progress::Step {
                 epoch: epoch + 1,
                 epochs: self.cfg.epochs,
@@ -471,9 +550,16 @@ impl<'m, M: ModuleT> Trainer<'m, M> {
                 steps,
                 loss: loss_sum / count as f64,
                 acc,
-                images_per_sec: count as f64 / start.elapsed().as_secs_f64().max(1e-9),
+                images_per_sec: seen as f64 / start.elapsed().as_secs_f64().max(1e-9),
             };
             self.report(&p);
+        }
+        if self.comm.size() > 1 {
+            drop(batches);
+            let mut sums = [loss_sum, hits as f64, count as f64];
+            self.comm.all_reduce_sum_f64(&mut sums)?;
+            (loss_sum, hits, count) = (sums[0], sums[1] as usize, sums[2] as usize);
+            self.sync_buffers()?;
         }
         self.last_epoch_samples = count;
         let acc = if self.is_classification() && count > 0 {
@@ -482,6 +568,25 @@ impl<'m, M: ModuleT> Trainer<'m, M> {
             f64::NAN
         };
         Ok((loss_sum / count.max(1) as f64, acc))
+    }
+
+    /// Gives every rank rank 0's batch-norm statistics and moving average (each rank's
+    /// moved with its own batches during the epoch), so that all evaluate the model rank 0
+    /// saves, and a resumed run continues from the same state on every rank.
+    fn sync_buffers(&mut self) -> Result<()> {
+        broadcast_vars(
+            self.comm.as_ref(),
+            &self.varmap,
+            resblock_core::params::is_buffer,
+        )?;
+        if let Some(ema) = &mut self.ema {
+            let names: Vec<String> = ema.tensors().keys().cloned().collect();
+            let mut tensors: Vec<Tensor> = ema.tensors().values().cloned().collect();
+            broadcast_tensors(self.comm.as_ref(), &mut tensors)?;
+            let updates = ema.updates();
+            ema.restore(&names.into_iter().zip(tensors).collect(), updates)?;
+        }
+        Ok(())
     }
 
     /// Mean loss and top-1 accuracy (NaN for regression) in eval mode.
@@ -504,7 +609,9 @@ impl<'m, M: ModuleT> Trainer<'m, M> {
         Ok((loss.value(), a))
     }
 
-    /// Runs the model in eval mode over `data`, updating every metric with each batch.
+    /// Runs the model in eval mode over `data`, updating every metric with each batch. In
+    /// a data-parallel run each rank passes its part of the data, and the metrics are then
+    /// combined over the ranks ([`Metric::all_reduce`]).
     ///
     /// # Errors
     /// Tensor errors and the data source.
@@ -527,6 +634,11 @@ impl<'m, M: ModuleT> Trainer<'m, M> {
                 .to_scalar::<f64>()?;
             for m in metrics.iter_mut() {
                 m.update(&out, &batch.targets, loss)?;
+            }
+        }
+        if self.comm.size() > 1 {
+            for m in metrics.iter_mut() {
+                m.all_reduce(self.comm.as_ref())?;
             }
         }
         Ok(())
@@ -705,6 +817,8 @@ impl<'m, M: ModuleT> Trainer<'m, M> {
                 serde_json::to_string(k).map_err(|e| Error::config(e.to_string()))?,
             );
         }
+        ck.meta
+            .insert("world_size".into(), self.comm.size().to_string());
         ck.meta.insert("epoch".into(), self.epoch.to_string());
         ck.meta.insert("step".into(), self.step.to_string());
         ck.meta
@@ -735,6 +849,16 @@ impl<'m, M: ModuleT> Trainer<'m, M> {
             return Err(fail(format!(
                 "the checkpoint's optimizer is {kind}, this run uses {}",
                 self.optimizer.name()
+            )));
+        }
+        let world: usize = match ck.meta.get("world_size") {
+            Some(_) => ck.meta_value("world_size", path)?,
+            None => 1,
+        };
+        if world != self.comm.size() {
+            return Err(fail(format!(
+                "the checkpoint was written by a run of {world} process(es), this run has {}: resume with the same count (mpirun -np {world})",
+                self.comm.size()
             )));
         }
         let epoch: usize = ck.meta_value("epoch", path)?;

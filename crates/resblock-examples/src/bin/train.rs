@@ -22,6 +22,7 @@
 //! `--freeze-backbone` / `--freeze-until STAGE` train only what comes after.
 
 use std::path::PathBuf;
+use std::rc::Rc;
 
 use anyhow::{bail, Context, Result};
 use candle_core::DType;
@@ -29,7 +30,8 @@ use candle_nn::VarMap;
 use clap::{CommandFactory, Parser};
 use resblock_core::{seeded_var_builder, RngHandle};
 use resblock_examples::fit::{fit, Plan};
-use resblock_examples::RecipeArgs;
+use resblock_examples::{say, RecipeArgs};
+use resblock_train::Communicator;
 use resblock_train::freeze::Freeze;
 use resblock_vision::model_file::{read_model_meta, save_model, save_model_varmap};
 use resblock_vision::pretrained::{cache_dir, fetch_pretrained, Pretrained};
@@ -100,6 +102,12 @@ struct Args {
     /// memory checks); the epoch in progress is evaluated and saved as usual.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     max_steps: Option<u64>,
+    /// Data-parallel training on MPI, one process per rank: `mpirun -np W train
+    /// --distributed ...` (PyTorch DDP's semantics: --batch-size is per rank, each rank
+    /// takes every W-th sample of the epoch, gradients are averaged, rank 0 writes). Needs
+    /// a build with `--features mpi`; see docs/distributed.md.
+    #[arg(long)]
+    distributed: bool,
 }
 
 fn main() -> Result<()> {
@@ -116,7 +124,20 @@ fn main() -> Result<()> {
         );
         return Ok(());
     }
-    let device = args.recipe.start()?;
+    // Each rank's threads are this machine's cores shared among its ranks, set while the
+    // process still has one thread (MPI starts its own).
+    let mut runtime = args.recipe.clone();
+    if args.distributed && runtime.threads.is_none() {
+        runtime.threads = resblock_examples::distributed::default_rank_threads();
+    }
+    let device = runtime.start()?;
+    let comm = resblock_examples::distributed::connect(args.distributed)?;
+    resblock_examples::distributed::or_abort(comm.as_ref(), || run(&args, &device, &comm))
+}
+
+/// The run itself, on every rank alike (rank 0 alone prints and writes).
+fn run(args: &Args, device: &candle_core::Device, comm: &Rc<dyn Communicator>) -> Result<()> {
+    let leader = comm.rank() == 0;
 
     // Fine-tuning starts from a weight file: given, or torchvision's, downloaded once.
     let (arch, init) = match &args.pretrained {
@@ -131,7 +152,7 @@ fn main() -> Result<()> {
             let mirror = std::env::var("RESBLOCK_WEIGHTS_MIRROR").ok();
             let file = fetch_pretrained(&p, &cache_dir(), mirror.as_deref())
                 .with_context(|| format!("--pretrained {name}"))?;
-            println!("pretrained {name}: {}", file.display());
+            say!("pretrained {name}: {}", file.display());
             (p.arch.to_string(), Some(file))
         }
         None => (
@@ -191,6 +212,8 @@ fn main() -> Result<()> {
     });
     let data = args.recipe.open_data(init_channels)?;
 
+    // No rank trains before every rank has checked the output directory.
+    comm.barrier()?;
     let mut cfg = base_cfg;
     cfg.in_channels = data.shape.0;
     cfg.num_classes = data.num_classes();
@@ -199,13 +222,13 @@ fn main() -> Result<()> {
     let model = resnet(
         &cfg,
         &rng,
-        seeded_var_builder(&varmap, &rng, DType::F32, &device),
+        seeded_var_builder(&varmap, &rng, DType::F32, device),
     )?;
     if let Some((sd, path)) = &init {
         let file_classes = sd.get("fc.weight").and_then(|t| t.dims().first().copied());
         let new_head = file_classes.is_some_and(|n| n != cfg.num_classes);
         if let (true, Some(n)) = (new_head, file_classes) {
-            println!(
+            say!(
                 "replacing the head: {} has {n} classes, the data {} (fc freshly initialised)",
                 path.display(),
                 cfg.num_classes
@@ -213,7 +236,7 @@ fn main() -> Result<()> {
         }
         load_state_dict_into_varmap(&varmap, sd, path, |k| new_head && k.starts_with("fc."))
             .with_context(|| format!("{} as initial weights for --arch {arch}", path.display()))?;
-        println!("initial weights from {}", path.display());
+        say!("initial weights from {}", path.display());
     }
     let freeze = match (&args.freeze_until, args.freeze_backbone) {
         (Some(stage), _) => Freeze::until(stage, cfg.layers.len())?,
@@ -229,14 +252,15 @@ fn main() -> Result<()> {
         max_steps: args.max_steps,
         freeze,
         label: arch.clone(),
-        flags: Some(serde_json::to_value(&args)?),
+        flags: Some(serde_json::to_value(args)?),
+        comm: Some(comm.clone()),
     };
     // A fresh run records its flags as a config file; a resumed one keeps its original.
-    if args.resume.is_none() {
+    if args.resume.is_none() && leader {
         std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
         resblock_io::write_atomic(
             &out.join("config.toml"),
-            resblock_examples::config_file::effective_config(&serde_json::to_value(&args)?)?
+            resblock_examples::config_file::effective_config(&serde_json::to_value(args)?)?
                 .as_bytes(),
         )
         .with_context(|| format!("writing {}", out.join("config.toml").display()))?;
@@ -247,14 +271,14 @@ fn main() -> Result<()> {
         &rng,
         &args.recipe,
         &data,
-        &device,
+        device,
         &plan,
         |_| {},
     )?;
     let last = run.last()?;
     let mut meta = ModelMeta::new(&arch, &cfg, data.train.class_names(), &data.preprocess);
     meta.dataset = Some(args.recipe.data.clone());
-    meta.train_flags = Some(serde_json::to_value(&args)?);
+    meta.train_flags = Some(serde_json::to_value(args)?);
     meta.test_accuracy = Some(100. * last.test_acc);
     let mut reported = (last.test_acc, last.test_loss);
     if let Some(avg) = &run.ema {
@@ -270,7 +294,7 @@ fn main() -> Result<()> {
             meta.test_accuracy = Some(100. * last.ema_test_acc);
             reported = (last.ema_test_acc, last.ema_test_loss);
         }
-        println!(
+        say!(
             "moving average: {:.2}%, trained weights: {:.2}%; model.safetensors holds the {}",
             100. * last.ema_test_acc,
             100. * last.test_acc,
@@ -282,8 +306,10 @@ fn main() -> Result<()> {
         );
         meta.weights = Some(if use_ema { "ema" } else { "raw" }.into());
     }
-    save_model_varmap(&varmap, &meta, &out.join("model.safetensors"))?;
-    if let (true, Some((epoch, val_acc))) = (args.recipe.keep_best, run.best) {
+    if leader {
+        save_model_varmap(&varmap, &meta, &out.join("model.safetensors"))?;
+    }
+    if let (true, true, Some((epoch, val_acc))) = (leader, args.recipe.keep_best, run.best) {
         // The trainer wrote the best epoch's tensors; make them a model file like the last.
         let best = out.join("best.safetensors");
         let tensors: std::collections::HashMap<String, candle_core::Tensor> =
@@ -293,25 +319,25 @@ fn main() -> Result<()> {
         best_meta.test_accuracy = None;
         best_meta.weights = Some("best".into());
         save_model(&tensors, &best_meta, &best)?;
-        println!(
+        say!(
             "best epoch {epoch}: validation accuracy {:.2}%; its weights in {} (`evaluate --model` it for the test accuracy)",
             100. * val_acc,
             best.display()
         );
     }
     if let Some(e) = run.stopped_early {
-        println!("stopped early after epoch {e} (--early-stop)");
+        say!("stopped early after epoch {e} (--early-stop)");
     } else if args.max_steps.is_some_and(|m| run.steps >= m) {
-        println!("stopped after {} steps (--max-steps)", run.steps);
+        say!("stopped after {} steps (--max-steps)", run.steps);
     } else if last.epoch < args.epochs as usize {
-        println!(
+        say!(
             "stopped after epoch {} of {}: continue with --resume {}",
             last.epoch,
             args.epochs,
             out.display()
         );
     }
-    println!(
+    say!(
         "test accuracy: {:.2}% (test loss {:.4}) after {} epochs; {:.1} s of training in this run; weights in {}",
         100. * reported.0,
         reported.1,

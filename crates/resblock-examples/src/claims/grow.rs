@@ -225,7 +225,7 @@ fn test_logits(
     data: &PreparedData,
     device: &Device,
 ) -> Result<(Tensor, Tensor)> {
-    let (_, mut test) = recipe.loaders(data, device)?;
+    let (_, mut test) = recipe.loaders(data, device, resblock_train::data::Shard::whole())?;
     let mut logits = Vec::new();
     let mut labels = Vec::new();
     for b in test.epoch(0)? {

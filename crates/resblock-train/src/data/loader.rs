@@ -9,7 +9,7 @@ use candle_core::{Device, Tensor};
 use resblock_core::RngHandle;
 
 use super::mix::MixConfig;
-use super::{Batch, BatchSource, Dataset, Transform};
+use super::{Batch, BatchSource, Dataset, Shard, Transform};
 use crate::error::{Error, Result};
 
 /// Mixes (seed, a, b) into one 64-bit seed (splitmix64 steps).
@@ -40,6 +40,7 @@ pub struct DataLoader {
     prefetch: usize,
     device: Device,
     mix: Option<MixConfig>,
+    shard: Shard,
 }
 
 impl DataLoader {
@@ -65,6 +66,7 @@ impl DataLoader {
             prefetch: 2,
             device: Device::Cpu,
             mix: None,
+            shard: Shard::whole(),
         })
     }
 
@@ -116,13 +118,21 @@ impl DataLoader {
         self
     }
 
-    /// The sample order of `epoch`.
+    /// Takes only this rank's share of every epoch (data-parallel training, see
+    /// [`Shard`]): the whole epoch's order is the same on every rank (same seed), and each
+    /// rank's batches are made from its positions of it. Batch mixing is seeded per rank.
+    pub fn shard(mut self, shard: Shard) -> Self {
+        self.shard = shard;
+        self
+    }
+
+    /// The sample order of `epoch` (this rank's share of it, see [`DataLoader::shard`]).
     pub fn order(&self, epoch: usize) -> Vec<usize> {
         let mut idx: Vec<usize> = (0..self.dataset.len()).collect();
         if self.shuffle {
             RngHandle::seed_from_u64(mix(self.seed, epoch as u64, 0x5348_5546)).shuffle(&mut idx);
         }
-        idx
+        self.shard.take(&idx)
     }
 }
 
@@ -132,7 +142,7 @@ const MIX_STREAM: u64 = 0x6d69_7875_7063_7574;
 fn make_batch(
     ds: &dyn Dataset,
     transforms: &[Transform],
-    (idx, batch): (&[usize], usize),
+    (idx, batch): (&[usize], u64),
     seed: u64,
     epoch: usize,
     mixing: Option<&MixConfig>,
@@ -155,7 +165,7 @@ fn make_batch(
     let n = labels.len();
     let targets = match mixing {
         Some(cfg) => {
-            let rng = RngHandle::seed_from_u64(mix(seed ^ MIX_STREAM, epoch as u64, batch as u64));
+            let rng = RngHandle::seed_from_u64(mix(seed ^ MIX_STREAM, epoch as u64, batch));
             let t =
                 super::mix::mix_batch(&mut pixels, &labels, (c, out_hw.0, out_hw.1), cfg, &rng)?;
             Tensor::from_vec(t, (n, cfg.num_classes), &Device::Cpu)?
@@ -214,7 +224,7 @@ impl Drop for InOrder {
 
 impl BatchSource for DataLoader {
     fn num_batches(&self) -> usize {
-        let n = self.dataset.len();
+        let n = self.shard.len(self.dataset.len());
         if self.drop_last {
             n / self.batch_size
         } else {
@@ -252,12 +262,14 @@ impl BatchSource for DataLoader {
             );
             let seed = self.seed;
             let mixing = self.mix;
+            // Mixing streams are per batch and per rank (rank 0's are the single process's).
+            let rank = (self.shard.rank as u64) << 32;
             handles.push(std::thread::spawn(move || {
                 for i in (w..chunks.len()).step_by(workers) {
                     let b = make_batch(
                         ds.as_ref(),
                         &tf,
-                        (&chunks[i], i),
+                        (&chunks[i], rank | i as u64),
                         seed,
                         epoch,
                         mixing.as_ref(),

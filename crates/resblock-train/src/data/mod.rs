@@ -22,6 +22,7 @@ mod idx;
 mod loader;
 pub mod mix;
 pub mod rrc;
+mod shard;
 mod source;
 mod spec;
 mod subset;
@@ -36,6 +37,7 @@ pub use folder::{
 };
 pub use idx::{read_idx_images, read_idx_labels, read_mnist, verify_sha256sums};
 pub use loader::DataLoader;
+pub use shard::Shard;
 pub use source::{Batch, BatchSource, FixedBatches};
 pub use spec::{bundled_mnist_dir, DataKind, DataSpec, Split};
 pub use subset::{split_validation, Subset};
