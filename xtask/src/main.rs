@@ -93,12 +93,78 @@ fn ci() -> Result<()> {
     }
     run("tests (unit, integration, doc)", test)?;
 
+    mpi_tests()?;
+
     let mut doc = cargo();
     doc.args(["doc", "--workspace", "--no-deps"])
         .env("RUSTDOCFLAGS", "-Dwarnings");
     run("rustdoc", doc)?;
     eprintln!("\n== xtask: ci passed");
     Ok(())
+}
+
+/// Data-parallel training on MPI (`--features mpi`): clippy over the feature's code and
+/// the 2-rank `mpirun` test against PyTorch DDP. Needs Open MPI (`mpirun`, `mpicc`) and
+/// libclang (the `mpi` crate's bindings are generated at build time); without them the
+/// step is skipped with a note, unless `RESBLOCK_REQUIRE_MPI=1` (set by `.ci/run`, which
+/// installs them) makes that an error.
+fn mpi_tests() -> Result<()> {
+    let have = |bin: &str| {
+        Command::new(bin)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    let libclang = env::var_os("LIBCLANG_PATH").is_some()
+        || std::fs::read_dir("/usr/lib")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("llvm-"))
+            .any(|e| {
+                std::fs::read_dir(e.path().join("lib"))
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .any(|f| f.file_name().to_string_lossy().starts_with("libclang"))
+            });
+    if !(have("mpirun") && have("mpicc") && libclang) {
+        let msg = "Open MPI (mpirun, mpicc) or libclang is missing: apt-get install openmpi-bin libopenmpi-dev libclang-dev";
+        if env::var_os("RESBLOCK_REQUIRE_MPI").is_some_and(|v| v == "1") {
+            bail!("data-parallel tests: {msg}");
+        }
+        eprintln!("\n== xtask: data-parallel (MPI) tests SKIPPED: {msg}");
+        return Ok(());
+    }
+    let mut clippy = cargo();
+    clippy.args([
+        "clippy",
+        "-p",
+        "resblock-train",
+        "-p",
+        "resblock-examples",
+        "--features",
+        "resblock-examples/mpi",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]);
+    run("clippy (feature mpi)", clippy)?;
+    let mut test = cargo();
+    test.args([
+        "test",
+        "-p",
+        "resblock-examples",
+        "--features",
+        "mpi",
+        "--test",
+        "distributed_cli",
+    ]);
+    if env::var_os("RAYON_NUM_THREADS").is_none() {
+        test.env("RAYON_NUM_THREADS", "1");
+    }
+    run("data-parallel training on MPI (mpirun -np 2)", test)
 }
 
 /// In `docs/benchmarks.md`, everything from this line on is kept when the table is rewritten.

@@ -12,10 +12,10 @@ use candle_nn::VarMap;
 use resblock_core::RngHandle;
 use resblock_train::best::KeepBest;
 use resblock_train::checkpoint::Checkpoint;
+use resblock_train::data::Shard;
 use resblock_train::ema::Ema;
 use resblock_train::freeze::Freeze;
 use resblock_train::optim::param_groups;
-use resblock_train::data::Shard;
 use resblock_train::{
     BatchSource, Communicator, EpochRecord, Progress, SingleProcess, Trainer, TrainerConfig,
 };

@@ -9,8 +9,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use resblock_train::data::mix::MixConfig;
 use resblock_train::data::{
-    download, split_validation, DataKind, DataSpec, RemoteDataset, ReplicateChannels, Shard,
-    Subset,
+    download, split_validation, DataKind, DataSpec, RemoteDataset, ReplicateChannels, Shard, Subset,
 };
 use resblock_train::optim::{Optimizer, ParamGroup};
 use resblock_train::recipe::{

@@ -114,7 +114,10 @@ fn cnn_block_shows_shapes_identity_and_a_falling_loss() {
 #[cfg(not(feature = "mpi"))]
 #[test]
 fn distributed_needs_the_mpi_build() {
-    let out = run(env!("CARGO_BIN_EXE_train"), &["--distributed", "--epochs", "1"]);
+    let out = run(
+        env!("CARGO_BIN_EXE_train"),
+        &["--distributed", "--epochs", "1"],
+    );
     let err = text(&out.stderr);
     assert!(!out.status.success(), "{err}");
     assert!(

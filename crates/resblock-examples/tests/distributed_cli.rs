@@ -54,9 +54,8 @@ fn mpirun(ranks: usize, extra: &[&str]) -> Result<Output> {
         .args(extra)
         // Containers often forbid the cross-process memory copy Open MPI tries first.
         .env("OMPI_MCA_btl_vader_single_copy_mechanism", "none");
-    cmd.output().context(
-        "running mpirun (install Open MPI: apt-get install openmpi-bin libopenmpi-dev)",
-    )
+    cmd.output()
+        .context("running mpirun (install Open MPI: apt-get install openmpi-bin libopenmpi-dev)")
 }
 
 fn ok(out: &Output) -> Result<String> {
@@ -83,7 +82,10 @@ fn two_ranks_match_pytorch_ddp_and_resume() -> Result<()> {
     )?)?;
     // Rank 0 alone prints.
     ensure!(out.matches("epoch 1/1").count() == 1, "{out}");
-    ensure!(out.contains("on 2 ranks (6 images per step), 3 steps per epoch"), "{out}");
+    ensure!(
+        out.contains("on 2 ranks (6 images per step), 3 steps per epoch"),
+        "{out}"
+    );
 
     let expected = load(&fixtures().join("expected.safetensors"))?;
     let model = load(&dir.join("model.safetensors"))?;
@@ -96,13 +98,25 @@ fn two_ranks_match_pytorch_ddp_and_resume() -> Result<()> {
             model.get(k)
         }
         .with_context(|| format!("{k} was not saved"))?;
-        ensure!(ours.dims() == theirs.dims(), "{k}: shape {:?} vs {:?}", ours.dims(), theirs.dims());
+        ensure!(
+            ours.dims() == theirs.dims(),
+            "{k}: shape {:?} vs {:?}",
+            ours.dims(),
+            theirs.dims()
+        );
         let ours = ours.to_dtype(DType::F64)?;
         let theirs = theirs.to_dtype(DType::F64)?;
-        let d = (&ours - &theirs)?.sqr()?.sum_all()?.sqrt()?.to_scalar::<f64>()?;
+        let d = (&ours - &theirs)?
+            .sqr()?
+            .sum_all()?
+            .sqrt()?
+            .to_scalar::<f64>()?;
         let m = theirs.sqr()?.sum_all()?.sqrt()?.to_scalar::<f64>()?;
         let rel = d / m.max(1e-12);
-        ensure!(rel <= 1e-4, "{k}: relative difference {rel:e} from PyTorch DDP");
+        ensure!(
+            rel <= 1e-4,
+            "{k}: relative difference {rel:e} from PyTorch DDP"
+        );
         worst = worst.max(rel);
     }
     let state = expected
@@ -130,10 +144,19 @@ fn two_ranks_match_pytorch_ddp_and_resume() -> Result<()> {
     // Stopped after epoch 1 and resumed: bit-identical to 2 epochs at once.
     let (a, b) = (scratch("stopped"), scratch("whole"));
     let a_s = a.to_str().context("path")?;
-    ok(&mpirun(2, &["--epochs", "2", "--stop-after", "1", "--out", a_s])?)?;
+    ok(&mpirun(
+        2,
+        &["--epochs", "2", "--stop-after", "1", "--out", a_s],
+    )?)?;
     ok(&mpirun(2, &["--epochs", "2", "--resume", a_s])?)?;
-    ok(&mpirun(2, &["--epochs", "2", "--out", b.to_str().context("path")?])?)?;
-    let (ta, tb) = (load(&a.join("model.safetensors"))?, load(&b.join("model.safetensors"))?);
+    ok(&mpirun(
+        2,
+        &["--epochs", "2", "--out", b.to_str().context("path")?],
+    )?)?;
+    let (ta, tb) = (
+        load(&a.join("model.safetensors"))?,
+        load(&b.join("model.safetensors"))?,
+    );
     ensure!(ta.len() == tb.len());
     for (k, x) in &ta {
         let y = &tb[k];
@@ -144,7 +167,10 @@ fn two_ranks_match_pytorch_ddp_and_resume() -> Result<()> {
             .sum_all()?
             .to_scalar::<f64>()?
             == 0.;
-        ensure!(same, "{k} differs between the resumed and the uninterrupted run");
+        ensure!(
+            same,
+            "{k} differs between the resumed and the uninterrupted run"
+        );
     }
     Ok(())
 }

@@ -178,7 +178,10 @@ impl<'m, M: ModuleT> Trainer<'m, M> {
     pub fn with_communicator(mut self, comm: Rc<dyn Communicator>) -> Result<Self> {
         let (vars, elems) = {
             let data = self.varmap.data().lock().unwrap_or_else(|e| e.into_inner());
-            (data.len(), data.values().map(|v| v.elem_count()).sum::<usize>())
+            (
+                data.len(),
+                data.values().map(|v| v.elem_count()).sum::<usize>(),
+            )
         };
         let mut check = [vars as f64, elems as f64, (vars * vars) as f64, 0.];
         check[3] = (elems as f64) * (elems as f64);

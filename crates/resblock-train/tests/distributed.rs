@@ -21,9 +21,7 @@ use resblock_train::distributed::LocalGroup;
 use resblock_train::loss::cross_entropy;
 use resblock_train::optim::{param_groups, Optimizer, Sgd, SgdConfig};
 use resblock_train::schedule::{LrSchedule, Schedule};
-use resblock_train::{
-    Batch, Communicator, Error, FixedBatches, LossKind, Trainer, TrainerConfig,
-};
+use resblock_train::{Batch, Communicator, Error, FixedBatches, LossKind, Trainer, TrainerConfig};
 use resblock_vision::{resnet, ResNetConfig};
 
 /// `steps` batches of `bs` samples of shape `shape` with 10 classes, from `seed`.
@@ -56,10 +54,7 @@ fn part(all: &[Batch], rank: usize, world: usize) -> Result<Vec<Batch>> {
 }
 
 /// Runs `f` on each rank of a `world`-thread group; the results by rank.
-fn on_ranks<T: Send>(
-    world: usize,
-    f: impl Fn(LocalGroup) -> Result<T> + Sync,
-) -> Result<Vec<T>> {
+fn on_ranks<T: Send>(world: usize, f: impl Fn(LocalGroup) -> Result<T> + Sync) -> Result<Vec<T>> {
     let groups = LocalGroup::new(world)?;
     std::thread::scope(|s| {
         let handles: Vec<_> = groups
@@ -208,8 +203,14 @@ fn two_ranks_take_the_steps_of_one_process_on_the_concatenated_batches() -> Resu
     // Training and test metrics are the whole data's on every rank.
     for r in &ranks {
         for (a, b) in r.1.iter().zip(&single.1) {
-            ensure!((a.0 - b.0).abs() <= 1e-5 * b.0.abs(), "train loss {a:?} vs {b:?}");
-            ensure!((a.1 - b.1).abs() <= 1e-5 * b.1.abs(), "test loss {a:?} vs {b:?}");
+            ensure!(
+                (a.0 - b.0).abs() <= 1e-5 * b.0.abs(),
+                "train loss {a:?} vs {b:?}"
+            );
+            ensure!(
+                (a.1 - b.1).abs() <= 1e-5 * b.1.abs(),
+                "test loss {a:?} vs {b:?}"
+            );
             ensure!(a.2 == b.2, "test accuracy {a:?} vs {b:?}");
         }
     }
@@ -263,11 +264,10 @@ fn is_stat(name: &str) -> bool {
 
 fn snapshot_stats(varmap: &VarMap) -> Result<Vec<(candle_core::Var, Tensor)>> {
     let data = varmap.data().lock().expect("lock");
-    Ok(data
-        .iter()
+    data.iter()
         .filter(|(k, _)| is_stat(k))
         .map(|(_, v)| Ok((v.clone(), v.as_tensor().copy()?)))
-        .collect::<Result<_>>()?)
+        .collect()
 }
 
 #[test]
@@ -283,11 +283,19 @@ fn batch_norm_follows_ddp_per_rank_semantics() -> Result<()> {
             .into_iter()
             .chain(part(std::slice::from_ref(b), 1, 2)?)
             .collect::<Vec<_>>();
-        let g0 = cross_entropy(&model.forward_t(&halves[0].inputs, true)?, &halves[0].targets, 0.)?
-            .backward()?;
+        let g0 = cross_entropy(
+            &model.forward_t(&halves[0].inputs, true)?,
+            &halves[0].targets,
+            0.,
+        )?
+        .backward()?;
         let kept = snapshot_stats(&varmap)?;
-        let g1 = cross_entropy(&model.forward_t(&halves[1].inputs, true)?, &halves[1].targets, 0.)?
-            .backward()?;
+        let g1 = cross_entropy(
+            &model.forward_t(&halves[1].inputs, true)?,
+            &halves[1].targets,
+            0.,
+        )?
+        .backward()?;
         for (v, t) in kept {
             v.set(&t)?;
         }
@@ -312,9 +320,8 @@ fn batch_norm_follows_ddp_per_rank_semantics() -> Result<()> {
             },
             ..Default::default()
         };
-        let mut trainer =
-            Trainer::new(&model, &varmap, Box::new(sgd(&varmap)?), constant()?, cfg)
-                .with_communicator(Rc::new(g))?;
+        let mut trainer = Trainer::new(&model, &varmap, Box::new(sgd(&varmap)?), constant()?, cfg)
+            .with_communicator(Rc::new(g))?;
         trainer.fit(&mut FixedBatches(part(&train, rank, 2)?), None)?;
         weights(&varmap)
     })?;
@@ -335,7 +342,10 @@ fn batch_norm_follows_ddp_per_rank_semantics() -> Result<()> {
     trainer.fit(&mut FixedBatches(train.clone()), None)?;
     let whole = weights(&varmap)?;
     let stats = |w: &[(String, Vec<f64>)]| -> Vec<(String, Vec<f64>)> {
-        w.iter().filter(|(k, _)| k.contains("running_mean")).cloned().collect()
+        w.iter()
+            .filter(|(k, _)| k.contains("running_mean"))
+            .cloned()
+            .collect()
     };
     ensure!(
         assert_close(&stats(&whole), &stats(&by_hand), 1e-2).is_err(),

@@ -146,7 +146,9 @@ pub fn run(args: &Args) -> Result<Results> {
     ] {
         let net = build(&name, &data, args.recipe.seed, &device)?;
         let init = conv_grad_norms(&net.model, &net.varmap, &batch, loss)?;
-        let (train_loader, _) = args.recipe.loaders(&data, &device, resblock_train::data::Shard::whole())?;
+        let (train_loader, _) =
+            args.recipe
+                .loaders(&data, &device, resblock_train::data::Shard::whole())?;
         let per_epoch = train_loader.num_batches().max(1) as u64;
         let epochs = args.epochs.max(args.steps.div_ceil(per_epoch));
         let plan = Plan {

@@ -23,7 +23,11 @@ pub struct LocalGroup {
 
 impl std::fmt::Debug for LocalGroup {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "LocalGroup {{ rank: {}, size: {} }}", self.rank, self.size)
+        write!(
+            f,
+            "LocalGroup {{ rank: {}, size: {} }}",
+            self.rank, self.size
+        )
     }
 }
 
@@ -52,10 +56,7 @@ impl LocalGroup {
     /// Every rank's `mine`, by rank.
     fn exchange(&self, mine: Vec<f64>) -> Result<Vec<Vec<f64>>> {
         let n = mine.len();
-        self.shared
-            .slots
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())[self.rank] = mine;
+        self.shared.slots.lock().unwrap_or_else(|e| e.into_inner())[self.rank] = mine;
         self.shared.barrier.wait();
         let all = self
             .shared
@@ -113,7 +114,10 @@ impl Communicator for LocalGroup {
         Ok(())
     }
     fn abort(&self, code: i32) -> ! {
-        panic!("rank {} of {} aborted with status {code}", self.rank, self.size)
+        panic!(
+            "rank {} of {} aborted with status {code}",
+            self.rank, self.size
+        )
     }
 }
 
