@@ -1,6 +1,6 @@
 //! Data-parallel training across processes: what the [`crate::Trainer`] needs from a
 //! communication library ([`Communicator`]), the single-process one ([`SingleProcess`]),
-//! MPI's ([`mpi::MpiCommunicator`], feature `mpi`), threads of one process as ranks
+//! MPI's (`mpi::MpiCommunicator`, feature `mpi`), threads of one process as ranks
 //! ([`LocalGroup`], for tests), and the two collective steps the trainer
 //! takes ([`sync`]: broadcasting variables, averaging gradients in buckets).
 //!
