@@ -104,15 +104,7 @@ fn two_ranks_match_pytorch_ddp_and_resume() -> Result<()> {
             ours.dims(),
             theirs.dims()
         );
-        let ours = ours.to_dtype(DType::F64)?;
-        let theirs = theirs.to_dtype(DType::F64)?;
-        let d = (&ours - &theirs)?
-            .sqr()?
-            .sum_all()?
-            .sqrt()?
-            .to_scalar::<f64>()?;
-        let m = theirs.sqr()?.sum_all()?.sqrt()?.to_scalar::<f64>()?;
-        let rel = d / m.max(1e-12);
+        let rel = resblock_testing::relative_l2(ours, theirs)?;
         ensure!(
             rel <= 1e-4,
             "{k}: relative difference {rel:e} from PyTorch DDP"

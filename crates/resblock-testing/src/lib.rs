@@ -6,7 +6,8 @@
 //! - [`scratch_dir!`]: an empty folder under Cargo's per-crate test scratch space;
 //! - [`images`]: tiny image folders for the programs that train;
 //! - [`http`]: a real HTTP server on loopback serving files (downloads are tested against
-//!   it, never against the internet).
+//!   it, never against the internet);
+//! - [`relative_l2`]: how far a tensor is from a reference, as the parity tests measure it.
 #![forbid(unsafe_code)]
 
 pub mod hash_init;
@@ -16,6 +17,26 @@ pub mod images;
 pub use hash_init::{hash_value, hash_var_builder, hash_var_builder_with_dtype};
 pub use http::serve_files;
 pub use images::two_class_folder;
+
+/// `||ours - theirs|| / ||theirs||` over whole tensors, in f64 (a reference of norm 0
+/// counts as 1e-12): the parity tests' measure against PyTorch.
+///
+/// # Errors
+/// Shapes that do not match.
+pub fn relative_l2(
+    ours: &candle_core::Tensor,
+    theirs: &candle_core::Tensor,
+) -> candle_core::Result<f64> {
+    let ours = ours.to_dtype(candle_core::DType::F64)?;
+    let theirs = theirs.to_dtype(candle_core::DType::F64)?;
+    let d = (&ours - &theirs)?
+        .sqr()?
+        .sum_all()?
+        .sqrt()?
+        .to_scalar::<f64>()?;
+    let m = theirs.sqr()?.sum_all()?.sqrt()?.to_scalar::<f64>()?;
+    Ok(d / m.max(1e-12))
+}
 
 /// An empty folder `$CARGO_TARGET_TMPDIR/<group>/<name>` (removed first if it exists),
 /// for an integration test's files. `CARGO_TARGET_TMPDIR` is the calling test crate's.

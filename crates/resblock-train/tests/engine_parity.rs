@@ -62,20 +62,9 @@ fn check_weights(f: &HashMap<String, Tensor>, varmap: &VarMap, tol: f64) -> Resu
         if k.ends_with("num_batches_tracked") {
             continue;
         }
-        // Relative error of the whole tensor: ||ours - theirs|| / ||theirs||.
-        let ours = data
-            .get(k)
-            .with_context(|| format!("variable {k}"))?
-            .as_tensor()
-            .to_dtype(DType::F64)?;
-        let theirs = theirs.to_dtype(DType::F64)?;
-        let d = (&ours - &theirs)?
-            .sqr()?
-            .sum_all()?
-            .sqrt()?
-            .to_scalar::<f64>()?;
-        let m = theirs.sqr()?.sum_all()?.sqrt()?.to_scalar::<f64>()?;
-        anyhow::ensure!(d <= tol * m.max(1e-12), "{k}: relative error {:e}", d / m);
+        let ours = data.get(k).with_context(|| format!("variable {k}"))?;
+        let rel = resblock_testing::relative_l2(ours.as_tensor(), theirs)?;
+        anyhow::ensure!(rel <= tol, "{k}: relative error {rel:e}");
     }
     Ok(())
 }
