@@ -50,6 +50,6 @@ pub use dispatch::{kernels, set_kernels, simd_in_use, Dispatch, Kernels, Simd};
 pub use eltwise::add_relu;
 pub use error::{Error, Result};
 pub use fused::{conv_batch_norm_add_relu_train, conv_batch_norm_train};
-pub use norm::{batch_norm_train, batch_norm_train_candle, BatchStats};
+pub use norm::{batch_norm_add_relu_train, batch_norm_train, batch_norm_train_candle, BatchStats};
 pub use pool::{max_pool2d, max_pool2d_generic, Pool2dConfig};
 pub use shortcut::{subsample2d, zero_pad_shortcut};

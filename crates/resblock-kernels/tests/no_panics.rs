@@ -7,9 +7,9 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use candle_core::{DType, Device, Tensor, Var};
 use resblock_kernels::{
-    add_relu, batch_norm_train, batch_norm_train_candle, conv_batch_norm_add_relu_train,
-    conv_batch_norm_train, max_pool2d, max_pool2d_generic, set_kernels, subsample2d,
-    zero_pad_shortcut, Kernels, Pool2dConfig,
+    add_relu, batch_norm_add_relu_train, batch_norm_train, batch_norm_train_candle,
+    conv_batch_norm_add_relu_train, conv_batch_norm_train, max_pool2d, max_pool2d_generic,
+    set_kernels, subsample2d, zero_pad_shortcut, Kernels, Pool2dConfig,
 };
 
 fn t(dims: &[usize]) -> Tensor {
@@ -50,6 +50,44 @@ fn cases() -> Vec<(&'static str, Op, bool)> {
         (
             "add_relu empty",
             Box::new(|| ok(add_relu(&t(&[0, 3]), &t(&[0, 3])))),
+            false,
+        ),
+        (
+            "batch_norm_add_relu residual shape",
+            Box::new(|| {
+                ok(batch_norm_add_relu_train(
+                    &t(&[2, 3, 4, 4]),
+                    &t(&[3]),
+                    &t(&[3]),
+                    1e-5,
+                    &t(&[2, 3, 4, 5]),
+                ))
+            }),
+            true,
+        ),
+        (
+            "batch_norm_add_relu one value per channel",
+            Box::new(|| {
+                ok(batch_norm_add_relu_train(
+                    &t(&[1, 3, 1, 1]),
+                    &t(&[3]),
+                    &t(&[3]),
+                    1e-5,
+                    &t(&[1, 3, 1, 1]),
+                ))
+            }),
+            true,
+        ),
+        (
+            "batch_norm_add_relu forward and backward",
+            Box::new(|| {
+                let x = Var::from_tensor(&t(&[2, 3, 4, 4])).map_err(|e| e.to_string())?;
+                with_backward(&x, |x| {
+                    batch_norm_add_relu_train(x, &t(&[3]), &t(&[3]), 1e-5, &t(&[2, 3, 4, 4]))
+                        .map(|(y, _)| y)
+                        .map_err(|e| e.to_string())
+                })
+            }),
             false,
         ),
         (

@@ -45,8 +45,8 @@ pub fn conv_batch_norm_train(
 /// `relu(batch_norm_train(conv2d(x, kernel, ..), weight, bias, eps) + residual)`: the last
 /// convolution and norm of a post-activation residual block with the shortcut's output
 /// `residual` added and the block's ReLU, as one op where [`conv_batch_norm_train`] fuses
-/// (which also saves the separate sum and its gradient bookkeeping); otherwise
-/// [`conv_batch_norm_train`] and [`crate::eltwise::add_relu`].
+/// (which also saves the separate sum and its gradient bookkeeping); otherwise the
+/// convolution and [`crate::norm::batch_norm_add_relu_train`].
 ///
 /// # Errors
 /// As [`conv_batch_norm_train`], or a residual of another shape.
@@ -63,8 +63,11 @@ pub fn conv_batch_norm_add_relu_train(
     match fused_conv_bn(x, kernel, geom, (weight, bias), (eps, true), Some(residual))? {
         Some(out) => Ok(out),
         None => {
-            let (y, stats) = conv_batch_norm_train(x, kernel, geom, weight, bias, eps, false)?;
-            Ok((crate::eltwise::add_relu(residual, &y)?, stats))
+            // The norm, sum and ReLU as one op, so the norm's output is not kept for the
+            // backward (see `crate::norm::batch_norm_add_relu_train`).
+            let (padding, stride, dilation, groups) = geom;
+            let y = crate::conv::conv2d(x, kernel, padding, stride, dilation, groups)?;
+            crate::norm::batch_norm_add_relu_train(&y, weight, bias, eps, residual)
         }
     }
 }

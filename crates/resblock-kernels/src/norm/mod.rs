@@ -15,7 +15,10 @@ use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 
+mod residual;
 pub(crate) mod simd;
+
+pub use residual::batch_norm_add_relu_train;
 
 /// The batch statistics of one training-mode forward, per channel, in f64.
 #[derive(Debug, Clone, PartialEq)]
