@@ -167,6 +167,17 @@ fn mpi_tests() -> Result<()> {
     run("data-parallel training on MPI (mpirun -np 2)", test)
 }
 
+/// Gives a benchmark process `RAYON_NUM_THREADS` (all CPUs) unless the caller set it:
+/// without it Candle re-reads /proc/cpuinfo on every matmul (about 80 us each), which made
+/// the small workloads several times slower (the toy's 1000 steps: 115 ms against 21 ms).
+/// The bench harnesses cannot set it themselves safely once threads run.
+fn pin_threads(cmd: &mut Command) {
+    if env::var_os("RAYON_NUM_THREADS").is_none() {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        cmd.env("RAYON_NUM_THREADS", cpus.to_string());
+    }
+}
+
 /// In `docs/benchmarks.md`, everything from this line on is kept when the table is rewritten.
 const KEEP_MARKER: &str = "<!-- kept by cargo xtask bench: notes below -->";
 
@@ -205,10 +216,10 @@ fn memory(filter: Option<&str>, compare: bool) -> Result<Memory> {
             size.to_string(),
             MEMORY_STEPS.to_string(),
         ];
-        let ours = peak_of(
-            Command::new(&probe).args(&args),
-            &format!("memory probe {id}"),
-        )?;
+        let mut probe_cmd = Command::new(&probe);
+        probe_cmd.args(&args);
+        pin_threads(&mut probe_cmd);
+        let ours = peak_of(&mut probe_cmd, &format!("memory probe {id}"))?;
         let torch = if compare {
             let mut py = Command::new(env::var("PYTHON").unwrap_or_else(|_| "python3".into()));
             py.arg(root().join("benches/torch_bench.py"))
@@ -279,6 +290,7 @@ fn bench(args: &[String]) -> Result<()> {
     let mut cmd = cargo();
     cmd.args(["bench", "-p", "resblock-benches", "--benches", "--"]);
     cmd.args(&filter);
+    pin_threads(&mut cmd);
     run("criterion benchmarks", cmd)?;
     let after = compare.then(|| torch_run("after")).transpose()?;
     let torch = before.zip(after);
@@ -350,7 +362,8 @@ fn table(dir: &Path, meta: &Path, torch: Option<TorchRuns<'_>>, mem: &Memory) ->
     let peak = measured("cpu/gemm/f32_1024");
     let fma = measured("cpu/peak/fma_f32");
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let threads = env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "all".into());
+    let threads =
+        env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| format!("{cpus} (set by the bench)"));
     let mut s = String::new();
     writeln!(s, "# Benchmarks\n")?;
     writeln!(
