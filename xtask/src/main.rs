@@ -386,15 +386,29 @@ fn table(dir: &Path, meta: &Path, torch: Option<TorchRuns<'_>>, mem: &Memory) ->
             .and_then(|t| t.parse::<usize>().ok())
             .unwrap_or(cpus)
             .max(1);
-        write!(
-            s,
-            "Peak: the FMA loop `cpu/peak/fma_f32` runs at {f:.1} GFLOP/s on {threads_used} \
-             threads, i.e. {threads_used} cores x 2 FMA pipes x 8 f32 lanes x 2 flop x \
-             {:.2} GHz effective clock (a core that retires two 256-bit FMAs per cycle, as \
-             AMD Zen 3/4 and Intel client cores do; Zen 4 runs a 512-bit FMA as two halves, so \
-             AVX-512 does not raise this ceiling there).",
-            f / (threads_used as f64 * 32.)
-        )?;
+        // Two FMA pipes per core; 256-bit ones (8 lanes) unless that would need an
+        // implausible clock, then full-width 512-bit ones (16 lanes).
+        let clock8 = f / (threads_used as f64 * 32.);
+        if clock8 <= 5. {
+            write!(
+                s,
+                "Peak: the FMA loop `cpu/peak/fma_f32` runs at {f:.1} GFLOP/s on {threads_used} \
+                 threads, i.e. {threads_used} cores x 2 FMA pipes x 8 f32 lanes x 2 flop x \
+                 {clock8:.2} GHz effective clock (a core that retires two 256-bit FMAs per \
+                 cycle, as AMD Zen 3/4 and Intel client cores do; Zen 4 runs a 512-bit FMA as \
+                 two halves, so AVX-512 does not raise this ceiling there).",
+            )?;
+        } else {
+            write!(
+                s,
+                "Peak: the FMA loop `cpu/peak/fma_f32` (512-bit FMAs) runs at {f:.1} GFLOP/s \
+                 on {threads_used} threads, i.e. {threads_used} cores x 2 FMA pipes x 16 f32 \
+                 lanes x 2 flop x {:.2} GHz effective clock: this CPU retires two full-width \
+                 512-bit FMAs per cycle (as AMD Zen 5 does), twice what 256-bit code (the \
+                 `gemm` crate on a stable compiler) can reach.",
+                clock8 / 2.
+            )?;
+        }
         if let Some(g) = peak {
             write!(
                 s,
