@@ -68,6 +68,19 @@ pub(crate) fn contiguous_slice<'a, T>(
     }
 }
 
+/// The contiguous f32 slice of a custom op's CPU input, or an error naming `op` for any
+/// other dtype (the ops whose kernels take only f32).
+pub(crate) fn f32_slice<'a>(
+    s: &'a candle_core::CpuStorage,
+    l: &candle_core::Layout,
+    op: &str,
+) -> candle_core::Result<&'a [f32]> {
+    match s {
+        candle_core::CpuStorage::F32(v) => contiguous_slice(v, l, op),
+        _ => candle_core::bail!("{op}: the kernel takes f32"),
+    }
+}
+
 /// Runs `f` on the contiguous CPU data of `t` (copied first only if `t` is not contiguous),
 /// without copying it out: custom ops' backward passes read their saved inputs this way.
 pub(crate) fn with_cpu_slice<T: candle_core::WithDType, R>(

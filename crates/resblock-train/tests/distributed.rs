@@ -87,6 +87,21 @@ fn constant() -> Result<LrSchedule> {
     Ok(LrSchedule::new(0.05, Schedule::Constant, None)?)
 }
 
+/// A trainer of `model` with [`sgd`] at a [`constant`] rate.
+fn trainer<'m, M: ModuleT>(
+    model: &'m M,
+    varmap: &VarMap,
+    cfg: TrainerConfig,
+) -> Result<Trainer<'m, M>> {
+    Ok(Trainer::new(
+        model,
+        varmap,
+        Box::new(sgd(varmap)?),
+        constant()?,
+        cfg,
+    ))
+}
+
 /// Every variable by name, as f64 values.
 fn weights(varmap: &VarMap) -> Result<Vec<(String, Vec<f64>)>> {
     let data = varmap.data().lock().expect("lock");
@@ -164,8 +179,7 @@ fn fit_mlp(
         out_dir: Some(out.to_path_buf()),
         ..Default::default()
     };
-    let mut trainer = Trainer::new(&model, &varmap, Box::new(sgd(&varmap)?), constant()?, cfg)
-        .with_communicator(comm)?;
+    let mut trainer = trainer(&model, &varmap, cfg)?.with_communicator(comm)?;
     let history = trainer
         .fit(&mut FixedBatches(train), Some(&mut FixedBatches(test)))?
         .iter()
@@ -226,13 +240,7 @@ fn two_ranks_take_the_steps_of_one_process_on_the_concatenated_batches() -> Resu
     // The checkpoint records 2 ranks; one process refuses to resume it.
     let varmap = VarMap::new();
     let model = mlp(&varmap)?;
-    let mut alone = Trainer::new(
-        &model,
-        &varmap,
-        Box::new(sgd(&varmap)?),
-        constant()?,
-        TrainerConfig::default(),
-    );
+    let mut alone = trainer(&model, &varmap, TrainerConfig::default())?;
     let err = alone
         .resume(&dir.join("rank0/checkpoint.safetensors"))
         .expect_err("a 2-rank checkpoint resumed by 1 process");
@@ -320,8 +328,7 @@ fn batch_norm_follows_ddp_per_rank_semantics() -> Result<()> {
             },
             ..Default::default()
         };
-        let mut trainer = Trainer::new(&model, &varmap, Box::new(sgd(&varmap)?), constant()?, cfg)
-            .with_communicator(Rc::new(g))?;
+        let mut trainer = trainer(&model, &varmap, cfg)?.with_communicator(Rc::new(g))?;
         trainer.fit(&mut FixedBatches(part(&train, rank, 2)?), None)?;
         weights(&varmap)
     })?;
@@ -332,13 +339,7 @@ fn batch_norm_follows_ddp_per_rank_semantics() -> Result<()> {
     // The semantics matter: one process on the whole batches moves the statistics elsewhere.
     let varmap = VarMap::new();
     let model = small_resnet(&varmap)?;
-    let mut trainer = Trainer::new(
-        &model,
-        &varmap,
-        Box::new(sgd(&varmap)?),
-        constant()?,
-        TrainerConfig::default(),
-    );
+    let mut trainer = trainer(&model, &varmap, TrainerConfig::default())?;
     trainer.fit(&mut FixedBatches(train.clone()), None)?;
     let whole = weights(&varmap)?;
     let stats = |w: &[(String, Vec<f64>)]| -> Vec<(String, Vec<f64>)> {
@@ -365,14 +366,8 @@ fn a_non_finite_loss_on_one_rank_stops_every_rank() -> Result<()> {
         }
         let varmap = VarMap::new();
         let model = mlp(&varmap)?;
-        let mut trainer = Trainer::new(
-            &model,
-            &varmap,
-            Box::new(sgd(&varmap)?),
-            constant()?,
-            TrainerConfig::default(),
-        )
-        .with_communicator(Rc::new(g))?;
+        let mut trainer =
+            trainer(&model, &varmap, TrainerConfig::default())?.with_communicator(Rc::new(g))?;
         let err = match trainer.train_epoch(&mut FixedBatches(mine)) {
             Ok(_) => anyhow::bail!("rank {rank} trained through a NaN loss"),
             Err(e) => e,

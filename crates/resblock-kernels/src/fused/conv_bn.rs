@@ -28,7 +28,7 @@ use std::sync::{Arc, OnceLock};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::buffer::vec_written_by;
+use crate::buffer::{f32_slice, vec_written_by};
 use crate::conv::direct;
 use crate::conv::epilogue::Epilogue;
 use crate::conv::gemm::{flip_kernel, for_each_image_summed, gemm_parallelism};
@@ -297,9 +297,9 @@ impl ConvBnTrain {
         res: Option<(&'a CpuStorage, &Layout)>,
     ) -> candle_core::Result<Inputs<'a>> {
         let d = &self.d;
-        let (x, params) = (f32_slice(s1, l1)?, f32_slice(s2, l2)?);
+        let (x, params) = (f32_slice(s1, l1, "conv_bn")?, f32_slice(s2, l2, "conv_bn")?);
         let res = res
-            .map(|(s, l)| f32_slice(s, l).map(|r| (r, l)))
+            .map(|(s, l)| f32_slice(s, l, "conv_bn").map(|r| (r, l)))
             .transpose()?;
         let res_ok = res.is_none_or(|(_, l)| l.dims() == [d.n, d.cout, d.oh, d.ow]);
         if l1.dims() != [d.n, d.c, d.h, d.w] || params.len() != self.param_lens().1 || !res_ok {
@@ -389,13 +389,6 @@ struct Scratch {
     dyp: Vec<Vec<f32>>,
     flat: Vec<f32>,
     dw_n: Vec<f32>,
-}
-
-fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
-    match s {
-        CpuStorage::F32(v) => crate::buffer::contiguous_slice(v, l, "conv_bn"),
-        _ => candle_core::bail!("conv_bn: the fused kernel takes f32"),
-    }
 }
 
 /// `(x, [kernel; gamma; beta])`: `relu?(bn(conv(x)))`.

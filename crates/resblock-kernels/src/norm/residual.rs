@@ -87,13 +87,6 @@ struct BnAddRelu {
     stats: Arc<OnceLock<Stats>>,
 }
 
-fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
-    match s {
-        CpuStorage::F32(v) => crate::buffer::contiguous_slice(v, l, "batch_norm_add_relu"),
-        _ => candle_core::bail!("batch_norm_add_relu: the kernel takes f32"),
-    }
-}
-
 impl CustomOp3 for BnAddRelu {
     fn name(&self) -> &'static str {
         "resblock-batch-norm-add-relu-train"
@@ -110,6 +103,7 @@ impl CustomOp3 for BnAddRelu {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let c = self.channels;
         let s: usize = l1.dims()[2..].iter().product();
+        let slice = |s, l| crate::buffer::f32_slice(s, l, "batch_norm_add_relu");
         let (x, params, res) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
         let moments: Vec<(f64, f64)> = x.par_chunks(s).map(simd::moments).collect();
         let (mean, var) = combine_moments(&moments, c, s);
