@@ -27,7 +27,8 @@
 //! Layout: `conv/` (`mod.rs` the public entry points, `op.rs` the custom ops, `path.rs` which
 //! kernels run, `gemm.rs` the GEMM path, `direct/` the direct kernels with `avx512.rs` and
 //! `avx2.rs` micro-kernels), `norm/` (`mod.rs` the op, `simd.rs` its loops),
-//! `fused/conv_bn.rs`, `pool.rs`, `shortcut/`, `eltwise.rs`, `buffer.rs` (what every op's
+//! `fused/conv_bn.rs`, `sgemm/` (our packed f32 GEMM for AVX-512 CPUs, which the GEMM path
+//! uses there), `pool.rs`, `shortcut/`, `eltwise.rs`, `buffer.rs` (what every op's
 //! CPU side shares), `dispatch.rs`, `alloc.rs`, `peak.rs`, `error.rs`.
 #![warn(missing_docs)]
 
@@ -41,6 +42,7 @@ pub mod fused;
 pub mod norm;
 pub mod peak;
 pub mod pool;
+mod sgemm;
 pub mod shortcut;
 
 pub use conv::{

@@ -148,6 +148,6 @@ pub(crate) fn backward_direct(
         flat: Vec::new(),
         dw_n: Vec::new(),
     };
-    let dw64 = for_each_image_summed(&mut dx, d.chw(), parallel, wlen, scratch, image);
+    let dw64 = for_each_image_summed(&mut dx, d.chw(), parallel, wlen, scratch, image, |_, _| {});
     (dx, dw64.into_iter().map(|v| v as f32).collect())
 }

@@ -274,6 +274,7 @@ impl ConvBnTrain {
             wlen,
             scratch,
             images,
+            |_, _| {},
         );
         if need_dx {
             // SAFETY: with `need_dx` every group wrote all its images' chunks (`unflatten`

@@ -1,0 +1,85 @@
+//! The AVX-512 micro-kernel of [`super::sgemm`]: an `MR x NR` = 8 x 32 tile of `dst` (two
+//! 16-lane registers per row, 16 accumulators of the 32 registers) from a packed `A` panel
+//! (`MR` values per `k`) and a packed `B` panel (`NR` values per `k`).
+//!
+//! Per `k` it loads two `B` vectors and broadcasts eight `A` values into 16 FMAs, so the FMA
+//! units, not the loads, set the pace; 16 independent accumulators cover the FMA latency of
+//! two full-width pipes.
+
+use std::arch::x86_64::*;
+
+use super::{MR, NR};
+
+const LANES: usize = 16;
+const VR: usize = NR / LANES;
+
+/// `c[i * ldc + j] (=|+=) sum_p a[p * MR + i] * b[p * NR + j]` for `i < mr`, `j < nr`.
+///
+/// # Safety
+/// AVX-512 F must be available; `a` readable for `kc * MR` floats, `b` for `kc * NR`, and
+/// `c` writable (and readable when `add`) at `i * ldc + j` for `i < mr`, `j < nr`, with
+/// `mr <= MR` and `nr <= NR`.
+#[target_feature(enable = "avx512f,avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn kernel(
+    kc: usize,
+    a: *const f32,
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    mr: usize,
+    nr: usize,
+    add: bool,
+) {
+    // SAFETY: the caller's contract covers every pointer formed here. (No closures: they
+    // would not inherit the target features.)
+    unsafe {
+        let mut acc = [[_mm512_setzero_ps(); VR]; MR];
+        let mut ap = a;
+        let mut bp = b;
+        for _ in 0..kc {
+            let b0 = _mm512_loadu_ps(bp);
+            let b1 = _mm512_loadu_ps(bp.add(LANES));
+            for (i, row) in acc.iter_mut().enumerate() {
+                let av = _mm512_set1_ps(*ap.add(i));
+                row[0] = _mm512_fmadd_ps(av, b0, row[0]);
+                row[1] = _mm512_fmadd_ps(av, b1, row[1]);
+            }
+            ap = ap.add(MR);
+            bp = bp.add(NR);
+        }
+        if nr == NR {
+            for (i, row) in acc.iter().enumerate().take(mr) {
+                let cp = c.add(i * ldc);
+                for (v, r) in row.iter().enumerate() {
+                    let p = cp.add(v * LANES);
+                    let r = if add {
+                        _mm512_add_ps(_mm512_loadu_ps(p), *r)
+                    } else {
+                        *r
+                    };
+                    _mm512_storeu_ps(p, r);
+                }
+            }
+        } else {
+            // Masked loads and stores touch only the `nr` valid columns.
+            for (i, row) in acc.iter().enumerate().take(mr) {
+                let cp = c.add(i * ldc);
+                for (v, r) in row.iter().enumerate() {
+                    let valid = nr.saturating_sub(v * LANES).min(LANES);
+                    if valid == 0 {
+                        break;
+                    }
+                    let mask: __mmask16 = ((1u32 << valid) - 1) as __mmask16;
+                    let p = cp.add(v * LANES);
+                    let r = if add {
+                        _mm512_add_ps(_mm512_maskz_loadu_ps(mask, p), *r)
+                    } else {
+                        *r
+                    };
+                    _mm512_mask_storeu_ps(p, mask, r);
+                }
+            }
+        }
+    }
+}

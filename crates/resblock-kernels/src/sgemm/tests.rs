@@ -1,0 +1,143 @@
+//! The AVX-512 GEMM against a plain f64 triple loop: edge tiles in every dimension, more
+//! than one block of each size, transposed operands, accumulation, one and two threads.
+
+use super::*;
+
+/// A deterministic pseudo-random matrix of `len` values in [-1, 1).
+fn values(len: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 40) as f32 / (1u64 << 23) as f32 - 1.
+        })
+        .collect()
+}
+
+fn reference(
+    (m, n, k): (usize, usize, usize),
+    init: &[f32],
+    accumulate: bool,
+    a: Operand<'_>,
+    b: Operand<'_>,
+) -> Vec<f64> {
+    let mut out = vec![0f64; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            let mut s = if accumulate {
+                f64::from(init[i * n + j])
+            } else {
+                0.
+            };
+            for p in 0..k {
+                s +=
+                    f64::from(a.data[i * a.rs + p * a.cs]) * f64::from(b.data[p * b.rs + j * b.cs]);
+            }
+            out[i * n + j] = s;
+        }
+    }
+    out
+}
+
+fn check(m: usize, n: usize, k: usize, a_t: bool, b_t: bool, accumulate: bool, threads: usize) {
+    let av = values(m * k, 1 + m as u64);
+    let bv = values(k * n, 2 + n as u64);
+    // Row-major, or stored transposed (column-major) and read through strides.
+    let a = if a_t {
+        Operand {
+            data: &av,
+            rs: 1,
+            cs: m,
+        }
+    } else {
+        Operand {
+            data: &av,
+            rs: k,
+            cs: 1,
+        }
+    };
+    let b = if b_t {
+        Operand {
+            data: &bv,
+            rs: 1,
+            cs: k,
+        }
+    } else {
+        Operand {
+            data: &bv,
+            rs: n,
+            cs: 1,
+        }
+    };
+    let init = values(m * n, 3);
+    let mut dst = init.clone();
+    sgemm((m, n, k), &mut dst, accumulate, a, b, threads);
+    let want = reference((m, n, k), &init, accumulate, a, b);
+    // The same product with `a` packed beforehand.
+    let mut packed = init.clone();
+    sgemm_packed(
+        &PackedA::new(a, m, k),
+        n,
+        &mut packed,
+        accumulate,
+        b,
+        threads,
+    );
+    assert_eq!(packed, dst, "({m}, {n}, {k}): packed lhs differs");
+    for (i, (g, w)) in dst.iter().zip(&want).enumerate() {
+        let tol = 1e-5 * (k as f64).sqrt() * 4. + 1e-6;
+        assert!(
+            (f64::from(*g) - w).abs() <= tol,
+            "({m}, {n}, {k}) a_t {a_t} b_t {b_t} acc {accumulate} threads {threads}: \
+             element {i} is {g}, want {w}"
+        );
+    }
+}
+
+#[test]
+fn matches_the_triple_loop() {
+    if !cpu_ok() {
+        eprintln!("skipped: this CPU (or RESBLOCK_SIMD) does not allow AVX-512");
+        return;
+    }
+    // Edges: 1 row / column, one short of a tile, one past it; several blocks of K, M, N.
+    let shapes = [
+        (1, 1, 1),
+        (7, 31, 5),
+        (8, 32, 16),
+        (9, 33, 17),
+        (17, 65, 300),
+        (130, 40, 20),
+        (64, 49, 576),
+        (3, 1100, 9),
+        (140, 1030, 260),
+    ];
+    for &(m, n, k) in &shapes {
+        for (a_t, b_t) in [(false, false), (true, false), (false, true), (true, true)] {
+            for accumulate in [false, true] {
+                for threads in [1, 2] {
+                    check(m, n, k, a_t, b_t, accumulate, threads);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn empty_depth_clears_or_keeps() {
+    if !cpu_ok() {
+        return;
+    }
+    let a = Operand {
+        data: &[],
+        rs: 0,
+        cs: 1,
+    };
+    let mut dst = vec![2f32; 6];
+    sgemm((2, 3, 0), &mut dst, true, a, a, 1);
+    assert_eq!(dst, vec![2.; 6]);
+    sgemm((2, 3, 0), &mut dst, false, a, a, 1);
+    assert_eq!(dst, vec![0.; 6]);
+}
