@@ -78,6 +78,15 @@ fn every_path_agrees_and_eval_records_no_graph() -> Result<()> {
             },
         ),
         (
+            "gemm crate",
+            Dispatch {
+                direct_conv: false,
+                fused_conv_bn: false,
+                own_gemm: false,
+                ..Dispatch::default()
+            },
+        ),
+        (
             "avx2",
             Dispatch {
                 simd: resblock_core::ops::Simd::Avx2,

@@ -9,6 +9,7 @@
 //! | [`Dispatch::direct_conv`] | `RESBLOCK_DIRECT_CONV=0` | convolutions always on the GEMM path |
 //! | [`Dispatch::fused_conv_bn`] | `RESBLOCK_FUSED_CONV_BN=0` | conv and training BatchNorm as two ops |
 //! | [`Dispatch::simd`] | `RESBLOCK_SIMD=avx2` or `=0` | at most AVX2 (8 lanes), or the portable loops |
+//! | [`Dispatch::own_gemm`] | `RESBLOCK_SGEMM=0` | the `gemm` crate for every f32 GEMM of the convolutions |
 //!
 //! CPU features are detected once ([`cpu`]); a SIMD path runs only when the CPU has it
 //! and [`Dispatch::simd`] allows it, so tests can force every path on any machine, and
@@ -37,6 +38,9 @@ pub struct Dispatch {
     pub fused_conv_bn: bool,
     /// The widest SIMD kernels allowed (each runs only where the CPU has it).
     pub simd: Simd,
+    /// Our packed AVX-512 f32 GEMM (`sgemm/`) for the convolutions' GEMM path where AVX-512
+    /// runs; the `gemm` crate otherwise (and always for f64).
+    pub own_gemm: bool,
 }
 
 /// SIMD instruction sets of our kernels, narrowest first.
@@ -80,6 +84,7 @@ impl Default for Dispatch {
             direct_conv: true,
             fused_conv_bn: true,
             simd: Simd::Avx512,
+            own_gemm: true,
         }
     }
 }
@@ -106,6 +111,7 @@ impl Dispatch {
                 }),
                 Err(_) => Simd::Avx512,
             },
+            own_gemm: !off("RESBLOCK_SGEMM"),
         }
     }
 
@@ -114,6 +120,7 @@ impl Dispatch {
             | u8::from(self.direct_conv) << 1
             | u8::from(self.fused_conv_bn) << 2
             | (self.simd as u8) << 3
+            | u8::from(self.own_gemm) << 5
     }
 
     fn unpack(b: u8) -> Self {
@@ -130,6 +137,7 @@ impl Dispatch {
                 1 => Simd::Avx2,
                 _ => Simd::Avx512,
             },
+            own_gemm: b & 0x20 != 0,
         }
     }
 }
@@ -238,7 +246,7 @@ mod tests {
 
     #[test]
     fn every_choice_packs_and_unpacks() {
-        for b in 0..32u8 {
+        for b in 0..64u8 {
             if (b >> 3) & 3 == 3 {
                 continue;
             }

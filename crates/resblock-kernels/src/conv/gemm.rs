@@ -475,7 +475,7 @@ pub(crate) struct Scratch<T> {
 /// before adding them to its f64 total: the f64 pass over the weights then runs once per
 /// this many images (for a 256-channel 3x3 layer it took a seventh of the backward when it
 /// ran per image), while the long reduction over the batch stays in f64.
-const DW_IMAGES_PER_FLUSH: usize = 1;
+const DW_IMAGES_PER_FLUSH: usize = 4;
 
 /// Adds a worker's pending weight gradient to its f64 total.
 fn flush_dw<T: WithDType>(s: &mut Scratch<T>, acc: &mut [f64]) {

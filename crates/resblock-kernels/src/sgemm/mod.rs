@@ -37,14 +37,10 @@ const MC: usize = 128;
 /// Columns of one packed `B` block (a multiple of `NR`).
 const NC: usize = 1024;
 
-/// Whether the callers use [`sgemm`]: the CPU has AVX-512, the dispatch allows it, and
-/// `RESBLOCK_SGEMM=1` opts in. Opt-in for now: with it the f32 ResNet-20 engine parity test
-/// (`resblock-train/tests/engine_parity.rs`, SGD Nesterov) drifts from PyTorch by 1e-3 in
-/// the loss at step 5 while every unit test against an f64 reference passes; find the
-/// cause (a conv path the unit tests miss, or summation order) before making it default.
+/// Whether the callers use [`sgemm`]: the CPU has AVX-512, and the dispatch allows it and
+/// [`crate::dispatch::Dispatch::own_gemm`] (`RESBLOCK_SGEMM=0` turns it off).
 pub(crate) fn available() -> bool {
-    static OPT_IN: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    cpu_ok() && *OPT_IN.get_or_init(|| std::env::var("RESBLOCK_SGEMM").is_ok_and(|v| v == "1"))
+    cpu_ok() && crate::dispatch::current().own_gemm
 }
 
 /// Whether the kernel can run here: the CPU has AVX-512 and the dispatch allows it.
