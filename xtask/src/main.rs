@@ -170,11 +170,16 @@ fn mpi_tests() -> Result<()> {
 /// Gives a benchmark process `RAYON_NUM_THREADS` (all CPUs) unless the caller set it:
 /// without it Candle re-reads /proc/cpuinfo on every matmul (about 80 us each), which made
 /// the small workloads several times slower (the toy's 1000 steps: 115 ms against 21 ms).
-/// The bench harnesses cannot set it themselves safely once threads run.
+/// The bench harnesses cannot set it themselves safely once threads run. Likewise
+/// `CANDLE_NUM_THREADS=1` (unless set), as `resblock_core::pin_candle_threads` does for the
+/// binaries: Candle's spinning elementwise pool otherwise competes with ours for the cores.
 fn pin_threads(cmd: &mut Command) {
     if env::var_os("RAYON_NUM_THREADS").is_none() {
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         cmd.env("RAYON_NUM_THREADS", cpus.to_string());
+    }
+    if env::var_os("CANDLE_NUM_THREADS").is_none() {
+        cmd.env("CANDLE_NUM_THREADS", "1");
     }
 }
 
@@ -364,6 +369,7 @@ fn table(dir: &Path, meta: &Path, torch: Option<TorchRuns<'_>>, mem: &Memory) ->
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     let threads =
         env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| format!("{cpus} (set by the bench)"));
+    let candle = env::var("CANDLE_NUM_THREADS").unwrap_or_else(|_| "1 (set by the bench)".into());
     let mut s = String::new();
     writeln!(s, "# Benchmarks\n")?;
     writeln!(
@@ -377,7 +383,7 @@ fn table(dir: &Path, meta: &Path, torch: Option<TorchRuns<'_>>, mem: &Memory) ->
     )?;
     writeln!(
         s,
-        "Machine: {}, {cpus} logical CPUs, RAYON_NUM_THREADS={threads}.",
+        "Machine: {}, {cpus} logical CPUs, RAYON_NUM_THREADS={threads}, CANDLE_NUM_THREADS={candle}.",
         machine(),
     )?;
     if let Some(f) = fma {

@@ -74,6 +74,36 @@ pub fn linear_zeros(
     Ok(candle_nn::Linear::new(w, Some(b)))
 }
 
+/// `act(layer(x))` with the activation fused into the layer's op where our kernels run
+/// ([`crate::ops::dense::linear`]: one GEMM and one pass forward, GEMMs backward); SiLU and
+/// tanh run as Candle ops after it.
+///
+/// # Errors
+/// Shapes that do not fit the layer.
+pub fn linear_act(
+    layer: &candle_nn::Linear,
+    x: &Tensor,
+    act: Activation,
+) -> candle_core::Result<Tensor> {
+    use resblock_kernels::dense::{linear, DenseActivation};
+    let fused = match act {
+        Activation::Identity => Some(DenseActivation::Identity),
+        Activation::Relu => Some(DenseActivation::Relu),
+        Activation::Gelu => Some(DenseActivation::Gelu),
+        Activation::Silu | Activation::Tanh => None,
+    };
+    let y = linear(
+        x,
+        layer.weight(),
+        layer.bias(),
+        fused.unwrap_or(DenseActivation::Identity),
+    )?;
+    match fused {
+        Some(_) => Ok(y),
+        None => act.forward(&y),
+    }
+}
+
 /// An element-wise activation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Activation {
@@ -548,8 +578,9 @@ impl BatchNorm {
 /// Layer normalisation over the last dim (PyTorch's `nn.LayerNorm(dim)`: weight 1, bias 0,
 /// eps 1e-5).
 ///
-/// Built from differentiable Candle ops: candle-nn's `LayerNorm` dispatches contiguous
-/// inputs to a fused op that has no backward, so it cannot be trained through.
+/// Runs [`crate::ops::norm::layer_norm`]: our one-op kernel with its backward on the CPU,
+/// differentiable Candle ops elsewhere (candle-nn's `LayerNorm` dispatches contiguous inputs
+/// to a fused op that has no backward, so it cannot be trained through).
 #[derive(Debug, Clone)]
 pub struct LayerNorm {
     weight: Tensor,
@@ -572,14 +603,12 @@ impl Module for LayerNorm {
     /// # Shapes
     /// - input: (..., dim); output: same
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let d = candle_core::D::Minus1;
-        let mean = x.mean_keepdim(d)?;
-        let xc = x.broadcast_sub(&mean)?;
-        let var = xc.sqr()?.mean_keepdim(d)?;
-        let inv = (var + self.eps)?.sqrt()?.recip()?;
-        xc.broadcast_mul(&inv)?
-            .broadcast_mul(&self.weight)?
-            .broadcast_add(&self.bias)
+        Ok(resblock_kernels::norm::layer_norm(
+            x,
+            &self.weight,
+            &self.bias,
+            self.eps,
+        )?)
     }
 }
 

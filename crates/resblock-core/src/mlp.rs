@@ -4,7 +4,7 @@ use candle_core::{Module, ModuleT, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::error::{Error, Result};
-use crate::layers::{layer_norm, linear, linear_zeros, Activation};
+use crate::layers::{layer_norm, linear, linear_act, linear_zeros, Activation};
 use crate::probe::{Probed, ResidualProbe};
 use crate::residual::{Norm, PreActivation, Residual, ResidualScale};
 use crate::rng::RngHandle;
@@ -62,9 +62,9 @@ impl crate::residual::Branch for MlpBranch {}
 
 impl ModuleT for MlpBranch {
     fn forward_t(&self, x: &Tensor, _train: bool) -> candle_core::Result<Tensor> {
-        let y = self.activation.forward(&self.fc1.forward(x)?)?;
+        let y = linear_act(&self.fc1, x, self.activation)?;
         match &self.fc2 {
-            Some(fc2) => fc2.forward(&y),
+            Some(fc2) => linear_act(fc2, &y, Activation::Identity),
             None => Ok(y),
         }
     }

@@ -1,6 +1,6 @@
 //! The shortcut path of a residual block.
 
-use candle_core::{Module, ModuleT, Tensor};
+use candle_core::{ModuleT, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::conv_bn::ConvBn;
@@ -271,7 +271,9 @@ impl Shortcut {
             Self::AvgDown { stride, layer } => {
                 layer.forward_t(&avg_pool_ceil(x, *stride)?, train)?
             }
-            Self::Linear(l) => l.forward(x)?,
+            Self::Linear(l) => {
+                crate::layers::linear_act(l, x, crate::layers::Activation::Identity)?
+            }
             Self::Removed => return Ok(None),
         }))
     }

@@ -5,9 +5,9 @@
 //! Candle's own matmul, which reads `RAYON_NUM_THREADS` on every call and, when it is
 //! unset, works the count out from the system each time (about 65 us a call here, 5x the
 //! cost of a small model's forward). [`configure_threads`] sets the first and never the
-//! environment; [`pin_candle_threads`] sets the variable, only while it can see that the
-//! process has no other thread (so nothing can read the environment at the same time), and
-//! says whether it did.
+//! environment; [`pin_candle_threads`] sets the variable (and keeps Candle's own elementwise
+//! pool from competing with ours), only while it can see that the process has no other
+//! thread (so nothing can read the environment at the same time), and says whether it did.
 
 /// The thread count `threads` asks for: `Some(n)` with `n > 0`, else `RAYON_NUM_THREADS`
 /// when it holds a positive number, else the available parallelism.
@@ -44,11 +44,19 @@ fn process_threads() -> Option<usize> {
     std::fs::read_dir("/proc/self/task").ok().map(|d| d.count())
 }
 
-/// Sets `RAYON_NUM_THREADS` to `n` for Candle's matmul, if and only if this process
-/// verifiably has a single thread (Linux: `/proc/self/task`), so that no other thread can be
-/// reading or writing the environment meanwhile; returns whether it was set. Binaries call
-/// it first thing in `main`; where it returns `false` (other threads already running, or a
-/// system that does not list them) nothing changed and Candle works the count out per call.
+/// Sets `RAYON_NUM_THREADS` to `n` for Candle's matmul, and `CANDLE_NUM_THREADS` to 1 unless
+/// the caller set it, if and only if this process verifiably has a single thread (Linux:
+/// `/proc/self/task`), so that no other thread can be reading or writing the environment
+/// meanwhile; returns whether it set them. Binaries call it first thing in `main`; where it
+/// returns `false` (other threads already running, or a system that does not list them)
+/// nothing changed and Candle works the count out per call.
+///
+/// `CANDLE_NUM_THREADS` sizes Candle 0.11's own pool for its elementwise ops, whose workers
+/// spin for 25,000 iterations after every op before they sleep: beside our rayon pool,
+/// which already has a thread per core, they took cores from our kernels (a residual MLP
+/// block's training step 2.9 ms with them, 1.8 ms without; a ResNet-20 step 193 ms against
+/// 182 ms). With 1 Candle runs those ops on the calling thread; the heavy elementwise work
+/// is in our kernels, on rayon.
 pub fn pin_candle_threads(n: usize) -> bool {
     if n == 0 || process_threads() != Some(1) {
         return false;
@@ -56,5 +64,8 @@ pub fn pin_candle_threads(n: usize) -> bool {
     // Sound: this is the only thread of the process (checked just above), so no other
     // thread can touch the environment concurrently.
     std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
     true
 }

@@ -15,6 +15,9 @@
 //! - [`conv_batch_norm_train`] ([`fused`]): convolution + training-mode batch norm (+ ReLU)
 //!   as one op for the 3x3 "same" convolutions of ResNets; [`conv_batch_norm_add_relu_train`]
 //!   with a residual block's shortcut sum and ReLU as well.
+//! - [`dense::linear`] ([`dense`]): `act(x . w^T + b)` (identity, ReLU or erf GELU) as one op,
+//!   GEMMs forward and backward on our GEMM; [`layer_norm`]: layer normalisation as one op
+//!   with its backward (Candle's fused one has none).
 //! - [`max_pool2d`] ([`pool`]): padding, kernel != stride, dilation; trainable.
 //! - [`subsample2d`]: strided slicing `x[:, :, ::s, ::s]`; [`zero_pad_shortcut`]: the
 //!   option-A shortcut (subsample and zero channels) as one op ([`shortcut`]).
@@ -26,7 +29,9 @@
 //!
 //! Layout: `conv/` (`mod.rs` the public entry points, `op.rs` the custom ops, `path.rs` which
 //! kernels run, `gemm.rs` the GEMM path, `direct/` the direct kernels with `avx512.rs` and
-//! `avx2.rs` micro-kernels), `norm/` (`mod.rs` the op, `simd.rs` its loops),
+//! `avx2.rs` micro-kernels), `norm/` (`mod.rs` the batch-norm op, `simd.rs` its loops,
+//! `residual.rs` with the block's sum and ReLU, `layer.rs` layer norm), `dense/` (`op.rs`,
+//! `gelu.rs`), `matmul.rs` (the one GEMM entry point: ours or the `gemm` crate),
 //! `fused/conv_bn.rs`, `sgemm/` (our packed f32 GEMM for AVX-512 CPUs, which the GEMM path
 //! uses there), `pool.rs`, `shortcut/`, `eltwise.rs`, `buffer.rs` (what every op's
 //! CPU side shares), `dispatch.rs`, `alloc.rs`, `peak.rs`, `error.rs`.
@@ -35,10 +40,12 @@
 pub mod alloc;
 mod buffer;
 pub mod conv;
+pub mod dense;
 pub mod dispatch;
 pub mod eltwise;
 pub mod error;
 pub mod fused;
+mod matmul;
 pub mod norm;
 pub mod peak;
 pub mod pool;
@@ -52,6 +59,9 @@ pub use dispatch::{kernels, set_kernels, simd_in_use, Dispatch, Kernels, Simd};
 pub use eltwise::add_relu;
 pub use error::{Error, Result};
 pub use fused::{conv_batch_norm_add_relu_train, conv_batch_norm_train};
-pub use norm::{batch_norm_add_relu_train, batch_norm_train, batch_norm_train_candle, BatchStats};
+pub use norm::{
+    batch_norm_add_relu_train, batch_norm_train, batch_norm_train_candle, layer_norm,
+    layer_norm_candle, BatchStats,
+};
 pub use pool::{max_pool2d, max_pool2d_generic, Pool2dConfig};
 pub use shortcut::{subsample2d, zero_pad_shortcut};

@@ -15,9 +15,11 @@ use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 
+mod layer;
 mod residual;
 pub(crate) mod simd;
 
+pub use layer::{layer_norm, layer_norm_candle};
 pub use residual::batch_norm_add_relu_train;
 
 /// The batch statistics of one training-mode forward, per channel, in f64.

@@ -1,0 +1,364 @@
+//! The dense custom op: `(x, w[, b])` -> `act(x . w^T + b)` on the CPU, f32 or f64.
+
+use std::sync::OnceLock;
+
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor, WithDType};
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+use super::{gelu, DenseActivation};
+use crate::buffer::{contiguous_slice, with_cpu_slice};
+use crate::matmul::{as_f32, as_f32_mut, gemm_into};
+
+/// Elements per parallel task of the elementwise passes.
+const CHUNK: usize = 1 << 14;
+
+/// `(dx, dw, db)`, `dx` and `db` where asked for.
+type Grads<T> = (Option<Vec<T>>, Vec<T>, Option<Vec<T>>);
+
+/// One application of [`super::linear`] to an `m x k` input and an `n x k` weight.
+pub(super) struct Dense {
+    m: usize,
+    k: usize,
+    n: usize,
+    act: DenseActivation,
+    /// Keep the pre-activation for the backward (GELU's derivative reads it).
+    save: bool,
+    pre: OnceLock<CpuStorage>,
+}
+
+impl Dense {
+    pub(super) fn new((m, k, n): (usize, usize, usize), act: DenseActivation, save: bool) -> Dense {
+        Dense {
+            m,
+            k,
+            n,
+            act,
+            save: save && act == DenseActivation::Gelu,
+            pre: OnceLock::new(),
+        }
+    }
+
+    /// Whether a forward kept the pre-activation.
+    #[cfg(test)]
+    pub(super) fn keeps_pre_activation(&self) -> bool {
+        self.pre.get().is_some()
+    }
+
+    /// Threads for a GEMM of `flop` multiply-adds: below ~64^3 the split costs more than it
+    /// saves.
+    fn par(flop: usize) -> Parallelism {
+        let threads = rayon::current_num_threads();
+        if threads > 1 && flop >= 1 << 18 {
+            Parallelism::Rayon(threads)
+        } else {
+            Parallelism::None
+        }
+    }
+
+    /// `(act(z), z if kept)` with `z = x . w^T + b`.
+    fn forward<T: WithDType>(&self, x: &[T], w: &[T], b: Option<&[T]>) -> (Vec<T>, Option<Vec<T>>) {
+        let (m, k, n) = (self.m, self.k, self.n);
+        let mut z = vec![T::zero(); m * n];
+        gemm_into(
+            (m, n, k),
+            &mut z,
+            false,
+            x,
+            (k, 1),
+            w,
+            (1, k),
+            Self::par(m * n * k),
+        );
+        if let Some(b) = b {
+            z.par_chunks_mut(n * CHUNK.div_ceil(n)).for_each(|rows| {
+                for row in rows.chunks_exact_mut(n) {
+                    for (v, b) in row.iter_mut().zip(b) {
+                        *v += *b;
+                    }
+                }
+            });
+        }
+        match self.act {
+            DenseActivation::Identity => (z, None),
+            DenseActivation::Relu => {
+                let zero = T::zero();
+                // As PyTorch's relu: NaN propagates.
+                z.par_chunks_mut(CHUNK).for_each(|c| {
+                    c.iter_mut()
+                        .for_each(|v| *v = if *v < zero { zero } else { *v })
+                });
+                (z, None)
+            }
+            DenseActivation::Gelu => {
+                let mut y = vec![T::zero(); z.len()];
+                match (as_f32(&z), as_f32_mut(&mut y)) {
+                    (Some(zf), Some(yf)) => {
+                        let simd = crate::dispatch::simd_in_use();
+                        yf.par_chunks_mut(CHUNK)
+                            .zip(zf.par_chunks(CHUNK))
+                            .for_each(|(y, z)| gelu::forward_with(simd, z, y));
+                    }
+                    _ => y
+                        .par_chunks_mut(CHUNK)
+                        .zip(z.par_chunks(CHUNK))
+                        .for_each(|(y, z)| {
+                            for (y, z) in y.iter_mut().zip(z) {
+                                *y = T::from_f64(gelu::forward_f64(z.to_f64()));
+                            }
+                        }),
+                }
+                (y, self.save.then_some(z))
+            }
+        }
+    }
+
+    /// `(dx if need_dx, dw, db if with_bias)` for the output `y` and its gradient `dy`.
+    fn backward<T: WithDType>(
+        &self,
+        (x, w): (&[T], &[T]),
+        (y, dy): (&[T], &[T]),
+        pre: Option<&[T]>,
+        (need_dx, with_bias): (bool, bool),
+    ) -> candle_core::Result<Grads<T>> {
+        let (m, k, n) = (self.m, self.k, self.n);
+        let zero = T::zero();
+        let owned;
+        let dz: &[T] = match self.act {
+            DenseActivation::Identity => dy,
+            DenseActivation::Relu => {
+                owned = y
+                    .par_iter()
+                    .zip(dy.par_iter())
+                    .map(|(y, g)| if *y > zero { *g } else { zero })
+                    .collect::<Vec<T>>();
+                &owned
+            }
+            DenseActivation::Gelu => {
+                let Some(z) = pre else {
+                    candle_core::bail!(
+                        "linear: the GELU backward needs the forward's pre-activation"
+                    )
+                };
+                let mut g = vec![zero; z.len()];
+                match (as_f32(z), as_f32(dy), as_f32_mut(&mut g)) {
+                    (Some(zf), Some(dyf), Some(gf)) => {
+                        let simd = crate::dispatch::simd_in_use();
+                        gf.par_chunks_mut(CHUNK)
+                            .zip(zf.par_chunks(CHUNK).zip(dyf.par_chunks(CHUNK)))
+                            .for_each(|(g, (z, dy))| gelu::backward_with(simd, z, dy, g));
+                    }
+                    _ => g
+                        .par_iter_mut()
+                        .zip(z.par_iter().zip(dy.par_iter()))
+                        .for_each(|(g, (z, d))| {
+                            *g = T::from_f64(d.to_f64() * gelu::grad_f64(z.to_f64()))
+                        }),
+                }
+                owned = g;
+                &owned
+            }
+        };
+        let dx = need_dx.then(|| {
+            let mut dx = vec![zero; m * k];
+            gemm_into(
+                (m, k, n),
+                &mut dx,
+                false,
+                dz,
+                (n, 1),
+                w,
+                (k, 1),
+                Self::par(m * n * k),
+            );
+            dx
+        });
+        let mut dw = vec![zero; n * k];
+        gemm_into(
+            (n, k, m),
+            &mut dw,
+            false,
+            dz,
+            (1, n),
+            x,
+            (k, 1),
+            Self::par(m * n * k),
+        );
+        let db = with_bias.then(|| {
+            let mut acc = vec![0f64; n];
+            for row in dz.chunks_exact(n) {
+                for (a, v) in acc.iter_mut().zip(row) {
+                    *a += v.to_f64();
+                }
+            }
+            acc.into_iter().map(T::from_f64).collect()
+        });
+        Ok((dx, dw, db))
+    }
+
+    /// The forward on the op's CPU inputs, keeping the pre-activation when asked.
+    fn run(
+        &self,
+        (s1, l1): (&CpuStorage, &Layout),
+        (s2, l2): (&CpuStorage, &Layout),
+        bias: Option<(&CpuStorage, &Layout)>,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        const OP: &str = "linear";
+        let shape = Shape::from((self.m, self.n));
+        if l1.shape().elem_count() != self.m * self.k || l2.shape().elem_count() != self.n * self.k
+        {
+            candle_core::bail!(
+                "{OP}: inputs {:?} and {:?} do not match the op",
+                l1.dims(),
+                l2.dims()
+            )
+        }
+        macro_rules! run_as {
+            ($variant:ident, $x:expr, $w:expr) => {{
+                let x = contiguous_slice($x, l1, OP)?;
+                let w = contiguous_slice($w, l2, OP)?;
+                let b = match bias {
+                    Some((CpuStorage::$variant(b), lb)) => Some(contiguous_slice(b, lb, OP)?),
+                    Some(_) => candle_core::bail!("{OP}: the bias has another dtype"),
+                    None => None,
+                };
+                let (y, pre) = self.forward(x, w, b);
+                if let Some(pre) = pre {
+                    if self.pre.set(CpuStorage::$variant(pre)).is_err() {
+                        candle_core::bail!("{OP}: a kernel instance ran twice")
+                    }
+                }
+                Ok((CpuStorage::$variant(y), shape))
+            }};
+        }
+        match (s1, s2) {
+            (CpuStorage::F32(x), CpuStorage::F32(w)) => run_as!(F32, x, w),
+            (CpuStorage::F64(x), CpuStorage::F64(w)) => run_as!(F64, x, w),
+            _ => candle_core::bail!("{OP}: the native kernel takes f32 or f64 of one dtype"),
+        }
+    }
+
+    /// The gradients of `(x, w, b)` (b's only when the op has one).
+    fn grads(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        with_bias: bool,
+        (y, dy): (&Tensor, &Tensor),
+    ) -> candle_core::Result<(Option<Tensor>, Tensor, Option<Tensor>)> {
+        const OP: &str = "linear";
+        let need_dx = x.track_op();
+        macro_rules! grads_as {
+            ($t:ty, $variant:ident) => {{
+                let pre = match self.pre.get() {
+                    Some(CpuStorage::$variant(p)) => Some(p.as_slice()),
+                    _ => None,
+                };
+                with_cpu_slice(x, OP, |xs: &[$t]| {
+                    with_cpu_slice(w, OP, |ws: &[$t]| {
+                        with_cpu_slice(y, OP, |ys: &[$t]| {
+                            with_cpu_slice(dy, OP, |dys: &[$t]| {
+                                self.backward((xs, ws), (ys, dys), pre, (need_dx, with_bias))
+                            })
+                        })
+                    })
+                })?????
+            }};
+        }
+        let (dx, dw, db) = match x.dtype() {
+            candle_core::DType::F32 => {
+                let (dx, dw, db) = grads_as!(f32, F32);
+                (
+                    dx.map(CpuStorage::F32),
+                    CpuStorage::F32(dw),
+                    db.map(CpuStorage::F32),
+                )
+            }
+            candle_core::DType::F64 => {
+                let (dx, dw, db) = grads_as!(f64, F64);
+                (
+                    dx.map(CpuStorage::F64),
+                    CpuStorage::F64(dw),
+                    db.map(CpuStorage::F64),
+                )
+            }
+            dt => candle_core::bail!("{OP}: the native kernel has no {dt:?} backward"),
+        };
+        let dev = x.device();
+        let tensor = |s: CpuStorage, shape: &[usize]| -> candle_core::Result<Tensor> {
+            let t = match s {
+                CpuStorage::F32(v) => Tensor::from_vec(v, shape, dev)?,
+                CpuStorage::F64(v) => Tensor::from_vec(v, shape, dev)?,
+                _ => candle_core::bail!("{OP}: unreachable dtype"),
+            };
+            Ok(t)
+        };
+        Ok((
+            dx.map(|d| tensor(d, x.dims())).transpose()?,
+            tensor(dw, w.dims())?,
+            db.map(|d| tensor(d, &[self.n])).transpose()?,
+        ))
+    }
+}
+
+/// `(x, w)`: `act(x . w^T)`.
+impl CustomOp2 for Dense {
+    fn name(&self) -> &'static str {
+        "resblock-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.run((s1, l1), (s2, l2), None)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        y: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw, _) = self.grads(x, w, false, (y, dy))?;
+        Ok((dx, Some(dw)))
+    }
+}
+
+/// `(x, w, b)`: `act(x . w^T + b)`.
+impl CustomOp3 for Dense {
+    fn name(&self) -> &'static str {
+        "resblock-linear-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        if l3.shape().elem_count() != self.n {
+            candle_core::bail!("linear: bias {:?} for {} outputs", l3.dims(), self.n)
+        }
+        self.run((s1, l1), (s2, l2), Some((s3, l3)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        y: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw, db) = self.grads(x, w, true, (y, dy))?;
+        Ok((dx, Some(dw), db))
+    }
+}
