@@ -65,8 +65,17 @@ pub(crate) fn im2col_channel<T: WithDType>(plane: &[T], d: &Dims, g: &ConvGeom, 
                 out[..lo].fill(T::zero());
                 out[hi..].fill(T::zero());
                 let start = (lo as isize * s as isize + off_x) as usize;
+                let n = hi - lo;
                 if s == 1 {
-                    out[lo..hi].copy_from_slice(&src[start..start + hi - lo]);
+                    out[lo..hi].copy_from_slice(&src[start..start + n]);
+                } else if s == 2 {
+                    // Pairs, so the compiler sees a fixed stride (a shuffle per vector),
+                    // then the last value, whose pair may end past the row.
+                    let src = &src[start..start + 2 * n - 1];
+                    for (o, pair) in out[lo..hi - 1].iter_mut().zip(src.chunks_exact(2)) {
+                        *o = pair[0];
+                    }
+                    out[hi - 1] = src[2 * n - 2];
                 } else {
                     for (o, v) in out[lo..hi].iter_mut().zip(src[start..].iter().step_by(s)) {
                         *o = *v;
@@ -105,6 +114,14 @@ pub(crate) fn col2im<T: WithDType>(dcols: &[T], d: &Dims, g: &ConvGeom, dx: &mut
                         for (o, v) in dst[start..start + hi - lo].iter_mut().zip(src) {
                             *o += *v;
                         }
+                    } else if s == 2 {
+                        // As in `im2col_channel`: pairs, then the last value.
+                        let n = hi - lo;
+                        let dst = &mut dst[start..start + 2 * n - 1];
+                        for (pair, v) in dst.chunks_exact_mut(2).zip(&src[..n - 1]) {
+                            pair[0] += *v;
+                        }
+                        dst[2 * n - 2] += src[n - 1];
                     } else {
                         for (o, v) in dst[start..].iter_mut().step_by(s).zip(src) {
                             *o += *v;
