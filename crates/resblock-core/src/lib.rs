@@ -55,8 +55,8 @@ pub use drop_path::DropPath;
 pub use error::{Error, Result};
 pub use init::{init_tensor, seeded_var_builder};
 pub use layers::{
-    batch_norm, conv2d, layer_norm, linear, linear_zeros, sum_sq, Activation, BatchNorm,
-    BatchNormConfig, Conv2d, Conv2dConfig, ConvInit, LayerNorm,
+    batch_norm, conv2d, layer_norm, linear, linear_act, linear_zeros, sum_sq, Activation,
+    BatchNorm, BatchNormConfig, Conv2d, Conv2dConfig, ConvInit, LayerNorm,
 };
 pub use mlp::{
     mlp_block, residual_mlp, MlpBlock, MlpBlockConfig, MlpBranch, ResidualMlp, ResidualMlpConfig,

@@ -1,6 +1,6 @@
 //! Residual MLP blocks: the article's Linear residual block and stacks of them.
 
-use candle_core::{Module, ModuleT, Tensor};
+use candle_core::{ModuleT, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::error::{Error, Result};
@@ -260,14 +260,14 @@ impl ModuleT for ResidualMlp {
     /// - input: (N, in_dim); output: (N, out_dim or width)
     fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         let mut h = match &self.stem {
-            Some(s) => s.forward(x)?,
+            Some(s) => linear_act(s, x, Activation::Identity)?,
             None => x.clone(),
         };
         for b in &self.blocks {
             h = b.forward_t(&h, train)?;
         }
         match &self.head {
-            Some(head) => head.forward(&h),
+            Some(head) => linear_act(head, &h, Activation::Identity),
             None => Ok(h),
         }
     }

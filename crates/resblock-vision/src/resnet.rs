@@ -768,7 +768,7 @@ impl ModuleT for ResNet {
             other => candle_core::Error::Msg(other.to_string()),
         })?;
         match &self.fc {
-            Some(fc) => fc.forward(&h),
+            Some(fc) => resblock_core::linear_act(fc, &h, resblock_core::Activation::Identity),
             None => Ok(h),
         }
     }

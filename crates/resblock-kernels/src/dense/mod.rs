@@ -76,6 +76,8 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>, act: DenseActivation) 
     }
     let same = |t: &Tensor| t.dtype() == x.dtype() && t.device().same_device(x.device());
     let native = crate::dispatch::kernels() == crate::dispatch::Kernels::Native
+        && out > 0
+        && inp > 0
         && x.device().is_cpu()
         && matches!(x.dtype(), DType::F32 | DType::F64)
         && same(w)

@@ -302,9 +302,26 @@ fn pack_a(dst: &mut Vec<f32>, a: Operand<'_>, i0: usize, mc: usize, p0: usize, k
                 out[..rows].copy_from_slice(&a.data[base..base + rows]);
                 out[rows..].fill(0.);
             }
+        } else if a.cs == 1 {
+            // Row-major: the `MR` rows as slices of exactly `kc` values (a zero row past
+            // `mc`), so the transpose below runs without bounds checks.
+            let zeros = [0f32; KC];
+            let src: [&[f32]; MR] = std::array::from_fn(|i| {
+                if i < rows {
+                    let start = (top + i) * a.rs + p0;
+                    &a.data[start..start + kc]
+                } else {
+                    &zeros[..kc]
+                }
+            });
+            for (p, out) in panel.chunks_exact_mut(MR).enumerate() {
+                for (o, row) in out.iter_mut().zip(&src) {
+                    *o = row[p];
+                }
+            }
         } else {
-            // Row-major (or general strides): walk the `MR` rows side by side, so every
-            // write is sequential and each row is read in order.
+            // General strides: walk the `MR` rows side by side, so every write is
+            // sequential and each row is read in order.
             let mut starts = [0usize; MR];
             for (i, s) in starts.iter_mut().enumerate().take(rows) {
                 *s = (top + i) * a.rs + p0 * a.cs;
