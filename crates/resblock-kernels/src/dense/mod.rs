@@ -5,7 +5,7 @@
 //! tensors; its matmul is the `gemm` crate's AVX2 kernel even on AVX-512 CPUs. Here, on the
 //! CPU in f32/f64 (unless [`crate::dispatch`] chose Candle's ops):
 //!
-//! - forward: one GEMM ([`crate::matmul::gemm_into`]: our AVX-512 GEMM for f32 where it
+//! - forward: one GEMM (`matmul.rs::gemm_into`: our AVX-512 GEMM for f32 where it
 //!   runs), then one pass that adds the bias and applies the activation, keeping the
 //!   pre-activation only where the backward needs it (GELU);
 //! - backward: one pass for the activation's gradient, then `dx = dz . W` and
