@@ -56,6 +56,17 @@ pub(crate) struct Operand<'a> {
     pub cs: usize,
 }
 
+impl Operand<'_> {
+    /// Panics unless every element of a `rows x cols` matrix read through the strides lies
+    /// in the slice.
+    fn check(&self, rows: usize, cols: usize, what: &str) {
+        if rows > 0 && cols > 0 {
+            let last = (rows - 1) * self.rs + (cols - 1) * self.cs;
+            assert!(self.data.len() > last, "sgemm: {what} out of bounds");
+        }
+    }
+}
+
 /// `dst (m x n, row-major) = [dst +] a (m x k) . b (k x n)` on `threads` threads.
 ///
 /// # Panics
@@ -68,10 +79,7 @@ pub(crate) fn sgemm(
     b: Operand<'_>,
     threads: usize,
 ) {
-    if m > 0 && k > 0 {
-        let last = (m - 1) * a.rs + (k - 1) * a.cs;
-        assert!(a.data.len() > last, "sgemm: lhs out of bounds");
-    }
+    a.check(m, k, "lhs");
     run((m, n, k), dst, accumulate, Lhs::Raw(a), b, threads);
 }
 
@@ -110,10 +118,7 @@ impl PackedA {
     /// # Panics
     /// If `a`'s strides reach past its slice.
     pub(crate) fn new(a: Operand<'_>, m: usize, k: usize) -> PackedA {
-        if m > 0 && k > 0 {
-            let last = (m - 1) * a.rs + (k - 1) * a.cs;
-            assert!(a.data.len() > last, "sgemm: packed lhs out of bounds");
-        }
+        a.check(m, k, "packed lhs");
         let m_pad = m.div_ceil(MR) * MR;
         let mut data = Vec::with_capacity(m_pad * k);
         let mut block = Vec::new();
@@ -155,10 +160,7 @@ fn run(
         }
         return;
     }
-    assert!(
-        b.data.len() > (k - 1) * b.rs + (n - 1) * b.cs,
-        "sgemm: rhs out of bounds"
-    );
+    b.check(k, n, "rhs");
     let dst = &mut dst[..m * n];
     let n_panels = n.div_ceil(NR);
     let m_panels = m.div_ceil(MR);
