@@ -106,17 +106,20 @@ pub(crate) fn relu_mask<T: candle_core::WithDType>(
     dy: &candle_core::Tensor,
     op: &str,
 ) -> candle_core::Result<candle_core::Tensor> {
-    use rayon::prelude::*;
-    let zero = T::zero();
     let g = with_cpu_slice(y, op, |y: &[T]| {
-        with_cpu_slice(dy, op, |dy: &[T]| {
-            y.par_iter()
-                .zip(dy.par_iter())
-                .map(|(y, g)| if *y > zero { *g } else { zero })
-                .collect::<Vec<T>>()
-        })
+        with_cpu_slice(dy, op, |dy: &[T]| relu_mask_slice(y, dy))
     })??;
     candle_core::Tensor::from_vec(g, y.shape(), y.device())
+}
+
+/// [`relu_mask`] on slices.
+pub(crate) fn relu_mask_slice<T: candle_core::WithDType>(y: &[T], dy: &[T]) -> Vec<T> {
+    use rayon::prelude::*;
+    let zero = T::zero();
+    y.par_iter()
+        .zip(dy.par_iter())
+        .map(|(y, g)| if *y > zero { *g } else { zero })
+        .collect()
 }
 
 /// A CPU kernel over one tensor, generic over the float types our ops take (f32 and f64):

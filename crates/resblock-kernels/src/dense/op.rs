@@ -7,7 +7,7 @@ use gemm::Parallelism;
 use rayon::prelude::*;
 
 use super::{gelu, DenseActivation};
-use crate::buffer::{contiguous_slice, with_cpu_slice};
+use crate::buffer::{contiguous_slice, relu_mask_slice, with_cpu_slice};
 use crate::matmul::{as_f32, as_f32_mut, gemm_into};
 
 /// Elements per parallel task of the elementwise passes.
@@ -127,11 +127,7 @@ impl Dense {
         let dz: &[T] = match self.act {
             DenseActivation::Identity => dy,
             DenseActivation::Relu => {
-                owned = y
-                    .par_iter()
-                    .zip(dy.par_iter())
-                    .map(|(y, g)| if *y > zero { *g } else { zero })
-                    .collect::<Vec<T>>();
+                owned = relu_mask_slice(y, dy);
                 &owned
             }
             DenseActivation::Gelu => {
