@@ -222,17 +222,23 @@ pub fn cpu() -> CpuFeatures {
 
 /// The SIMD kernels that run: the widest [`Dispatch::simd`] allows and the CPU has.
 pub fn simd_in_use() -> Simd {
-    let f = cpu();
-    [Simd::Avx512, Simd::Avx2]
-        .into_iter()
-        .find(|&s| s <= current().simd && f.has(s))
-        .unwrap_or(Simd::Portable)
+    usable(current().simd)
 }
 
 /// Whether the AVX2 + FMA kernels may run (also true where AVX-512 runs: the AVX-512
 /// kernels leave the AVX2 ones the loops they do not cover).
 pub(crate) fn avx2_fma() -> bool {
     simd_in_use() >= Simd::Avx2
+}
+
+/// The widest level up to `simd` that this CPU has (the one a kernel asked for `simd`
+/// runs).
+pub(crate) fn usable(simd: Simd) -> Simd {
+    let f = cpu();
+    [Simd::Avx512, Simd::Avx2]
+        .into_iter()
+        .find(|&s| s <= simd && f.has(s))
+        .unwrap_or(Simd::Portable)
 }
 
 /// Whether the AVX-512 kernels may run.

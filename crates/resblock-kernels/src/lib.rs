@@ -34,7 +34,8 @@
 //! `gelu.rs`), `matmul.rs` (the one GEMM entry point: ours or the `gemm` crate),
 //! `fused/conv_bn.rs`, `sgemm/` (our packed f32 GEMM for AVX-512 CPUs, which the GEMM path
 //! uses there), `pool.rs`, `shortcut/`, `eltwise.rs`, `buffer.rs` (what every op's
-//! CPU side shares), `dispatch.rs`, `alloc.rs`, `peak.rs`, `error.rs`.
+//! CPU side shares), `simd.rs` (one loop compiled per SIMD level), `dispatch.rs`,
+//! `alloc.rs`, `peak.rs`, `error.rs`.
 #![warn(missing_docs)]
 
 pub mod alloc;
@@ -51,6 +52,7 @@ pub mod peak;
 pub mod pool;
 mod sgemm;
 pub mod shortcut;
+mod simd;
 
 pub use conv::{
     conv2d, conv2d_backward, conv2d_candle, conv2d_fused, conv2d_native, conv2d_scale_shift,

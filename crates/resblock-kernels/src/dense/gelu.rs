@@ -14,6 +14,7 @@
 //! also forms `1 + erf` (the tests check both against f64).
 
 use crate::dispatch::Simd;
+use crate::simd::with_simd;
 
 /// `erf` rounds to +-1 in f32 beyond this.
 const ERF_CLAMP: f32 = 3.92;
@@ -116,35 +117,6 @@ fn backward_body(z: &[f32], dy: &[f32], dz: &mut [f32]) {
     for ((d, z), g) in dz.iter_mut().zip(z).zip(dy) {
         *d = *g * gelu_grad_one(*z);
     }
-}
-
-/// Runs `$body` compiled for the widest of `$simd` the CPU has.
-macro_rules! with_simd {
-    ($simd:expr, $body:ident($($arg:ident: $ty:ty),*)) => {{
-        #[cfg(target_arch = "x86_64")]
-        {
-            #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
-            fn avx512($($arg: $ty),*) {
-                $body($($arg),*)
-            }
-            #[target_feature(enable = "avx2,fma")]
-            fn avx2($($arg: $ty),*) {
-                $body($($arg),*)
-            }
-            let cpu = crate::dispatch::cpu();
-            match $simd {
-                // SAFETY: the CPU has the features (`cpu().has`).
-                Simd::Avx512 if cpu.has(Simd::Avx512) => return unsafe { avx512($($arg),*) },
-                // SAFETY: as above.
-                Simd::Avx512 | Simd::Avx2 if cpu.has(Simd::Avx2) => {
-                    return unsafe { avx2($($arg),*) }
-                }
-                _ => {}
-            }
-        }
-        let _ = $simd;
-        $body($($arg),*)
-    }};
 }
 
 /// `y = gelu(z)` on the given SIMD level (narrower where the CPU lacks it).

@@ -2,51 +2,56 @@
 //! conv + norm op): per-plane moments, normalisation (optionally with a residual sum), the
 //! backward's channel sums and input gradient, a ReLU's gradient.
 //!
-//! Plain loops that LLVM vectorises, compiled for AVX2 on x86-64 CPUs that have it (checked
-//! once at run time), plus explicit AVX2 for the f32 -> f64 sums. No FMA is formed in the
-//! f32 arithmetic (Rust never contracts `a * b + c`), so a backward that recomputes the
-//! ReLU's mask from the norm's input matches the forward's output bit for bit.
+//! Plain loops that LLVM vectorises, compiled for AVX-512, AVX2 + FMA or the build target
+//! ([`crate::simd::with_simd`], the widest [`crate::dispatch::simd_in_use`] allows), plus
+//! explicit AVX-512 and AVX2 kernels for the f32 -> f64 sums. No FMA is formed in the f32
+//! arithmetic (Rust never contracts `a * b + c`), so a backward that recomputes the ReLU's
+//! mask from the norm's input matches the forward's output bit for bit.
 
 use std::mem::MaybeUninit;
 
-use crate::dispatch::avx2_fma as avx2;
+use crate::dispatch::{simd_in_use, usable, Simd};
+use crate::simd::with_simd;
 
-/// Independent f64 accumulators per loop (vector lanes for the compiler).
+/// Floats per step of the explicit sum kernels (one f64 vector of AVX-512, two of AVX2).
 const LANES: usize = 8;
 
 macro_rules! dispatch {
     ($(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),*) -> $ret:ty = $body:ident;) => {
         $(#[$doc])*
         pub(crate) fn $name($($arg: $ty),*) -> $ret {
-            #[cfg(target_arch = "x86_64")]
-            if avx2() {
-                #[target_feature(enable = "avx2,fma")]
-                unsafe fn with_avx2($($arg: $ty),*) -> $ret {
-                    $body($($arg),*)
-                }
-                // SAFETY: `avx2()` found AVX2 and FMA on this CPU.
-                return unsafe { with_avx2($($arg),*) };
-            }
-            $body($($arg),*)
+            with_simd!(simd_in_use(), $body($($arg: $ty),*) -> $ret)
         }
     };
 }
 
 /// One plane's mean and sum of squared deviations from it, in f64.
 pub(crate) fn moments(p: &[f32]) -> (f64, f64) {
-    let mu = shifted_sums(p, 0.).0 / p.len() as f64;
-    (mu, shifted_sums(p, mu).1)
+    moments_with(simd_in_use(), p)
+}
+
+/// [`moments`] with the sum kernels of `simd` (narrower where the CPU lacks it).
+fn moments_with(simd: Simd, p: &[f32]) -> (f64, f64) {
+    let mu = shifted_sums(simd, p, 0.).0 / p.len() as f64;
+    (mu, shifted_sums(simd, p, mu).1)
 }
 
 /// `sum(v - mu)` and `sum((v - mu)^2)` in f64.
-fn shifted_sums(p: &[f32], mu: f64) -> (f64, f64) {
-    let (mut n, mut s, mut q) = (0, 0f64, 0f64);
+fn shifted_sums(simd: Simd, p: &[f32], mu: f64) -> (f64, f64) {
+    let n = p.len() / LANES * LANES;
     #[cfg(target_arch = "x86_64")]
-    if avx2() {
-        n = p.len() / LANES * LANES;
-        // SAFETY: AVX2 and FMA are present (`avx2()`); `n <= p.len()`.
-        (s, q) = unsafe { x86::shifted_sums(p.as_ptr(), n, mu) };
-    }
+    let (n, (mut s, mut q)) = match usable(simd) {
+        // SAFETY: the CPU has AVX-512 (`usable`); `n <= p.len()`, a multiple of 8.
+        Simd::Avx512 => (n, unsafe { x86::shifted_sums512(p.as_ptr(), n, mu) }),
+        // SAFETY: the CPU has AVX2 and FMA (`usable`); as above.
+        Simd::Avx2 => (n, unsafe { x86::shifted_sums(p.as_ptr(), n, mu) }),
+        Simd::Portable => (0, (0., 0.)),
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let (n, (mut s, mut q)) = {
+        let _ = (n, simd);
+        (0, (0f64, 0f64))
+    };
     for v in &p[n..] {
         let d = f64::from(*v) - mu;
         s += d;
@@ -146,14 +151,36 @@ pub(crate) fn grad_sums(
     mu: f64,
     relu: bool,
 ) -> (f64, f64) {
+    grad_sums_with(simd_in_use(), (v, dy), coef, mu, relu)
+}
+
+/// [`grad_sums`] with the sum kernels of `simd` (narrower where the CPU lacks it).
+fn grad_sums_with(
+    simd: Simd,
+    (v, dy): (&[f32], &[f32]),
+    coef: (f32, f32, f32),
+    mu: f64,
+    relu: bool,
+) -> (f64, f64) {
     assert_eq!(v.len(), dy.len(), "conv_bn: gradient size");
-    let (mut n, mut a, mut b) = (0, 0f64, 0f64);
+    let n = v.len() / LANES * LANES;
     #[cfg(target_arch = "x86_64")]
-    if avx2() {
-        n = v.len() / LANES * LANES;
-        // SAFETY: AVX2 and FMA are present (`avx2()`); `n <= v.len() = dy.len()`.
-        (a, b) = unsafe { x86::grad_sums((v.as_ptr(), dy.as_ptr()), n, coef, mu, relu) };
-    }
+    let (n, (mut a, mut b)) = {
+        let ptrs = (v.as_ptr(), dy.as_ptr());
+        match usable(simd) {
+            // SAFETY: the CPU has AVX-512 (`usable`); `n <= v.len() = dy.len()`, a multiple
+            // of 8.
+            Simd::Avx512 => (n, unsafe { x86::grad_sums512(ptrs, n, coef, mu, relu) }),
+            // SAFETY: the CPU has AVX2 and FMA (`usable`); as above.
+            Simd::Avx2 => (n, unsafe { x86::grad_sums(ptrs, n, coef, mu, relu) }),
+            Simd::Portable => (0, (0., 0.)),
+        }
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let (n, (mut a, mut b)) = {
+        let _ = (n, simd);
+        (0, (0f64, 0f64))
+    };
     for (v, g) in v[n..].iter().zip(&dy[n..]) {
         let g = f64::from(masked(*v, *g, coef, relu));
         a += g;
@@ -261,6 +288,96 @@ mod x86 {
         }
         (hsum(_mm256_add_pd(a0, a1)), hsum(_mm256_add_pd(b0, b1)))
     }
+
+    /// Steps of 8 floats per loop turn of the AVX-512 sums (independent accumulators, so
+    /// the f64 additions' latency does not bound the loop).
+    const UNROLL: usize = 4;
+
+    /// [`shifted_sums`] with 8 f64 lanes and 4 accumulators per sum.
+    ///
+    /// # Safety
+    /// AVX-512 F must be available and `p` readable for `n` floats, `n` a multiple of 8.
+    #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+    pub(crate) unsafe fn shifted_sums512(p: *const f32, n: usize, mu: f64) -> (f64, f64) {
+        let m = _mm512_set1_pd(mu);
+        let mut s = [_mm512_setzero_pd(); UNROLL];
+        let mut q = [_mm512_setzero_pd(); UNROLL];
+        let mut step = |j: usize, k: usize| {
+            // SAFETY: `j + 8 <= n` floats are readable (the caller's contract).
+            let x = unsafe { _mm256_loadu_ps(p.add(j)) };
+            let d = _mm512_sub_pd(_mm512_cvtps_pd(x), m);
+            s[k] = _mm512_add_pd(s[k], d);
+            q[k] = _mm512_fmadd_pd(d, d, q[k]);
+        };
+        let mut i = 0;
+        while i + 8 * UNROLL <= n {
+            for k in 0..UNROLL {
+                step(i + 8 * k, k);
+            }
+            i += 8 * UNROLL;
+        }
+        while i < n {
+            step(i, 0);
+            i += 8;
+        }
+        (sum4(s), sum4(q))
+    }
+
+    /// [`grad_sums`] with 8 f64 lanes and 4 accumulators per sum.
+    ///
+    /// # Safety
+    /// AVX-512 F must be available and both pointers readable for `n` floats, `n` a
+    /// multiple of 8.
+    #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+    pub(crate) unsafe fn grad_sums512(
+        (v, dy): (*const f32, *const f32),
+        n: usize,
+        (mu32, scale, shift): (f32, f32, f32),
+        mu: f64,
+        relu: bool,
+    ) -> (f64, f64) {
+        let (mu32, scale, shift) = (
+            _mm256_set1_ps(mu32),
+            _mm256_set1_ps(scale),
+            _mm256_set1_ps(shift),
+        );
+        let m = _mm512_set1_pd(mu);
+        let mut a = [_mm512_setzero_pd(); UNROLL];
+        let mut b = [_mm512_setzero_pd(); UNROLL];
+        let mut step = |j: usize, k: usize| {
+            // SAFETY: `j + 8 <= n` floats of both are readable (the caller's contract).
+            let (x, mut g) = unsafe { (_mm256_loadu_ps(v.add(j)), _mm256_loadu_ps(dy.add(j))) };
+            if relu {
+                // As `masked`: keep `g` unless (x - mu) * scale + shift <= 0 (no FMA).
+                let r = _mm256_add_ps(_mm256_mul_ps(_mm256_sub_ps(x, mu32), scale), shift);
+                g = _mm256_and_ps(g, _mm256_cmp_ps::<_CMP_NLE_UQ>(r, _mm256_setzero_ps()));
+            }
+            let g = _mm512_cvtps_pd(g);
+            a[k] = _mm512_add_pd(a[k], g);
+            b[k] = _mm512_fmadd_pd(g, _mm512_sub_pd(_mm512_cvtps_pd(x), m), b[k]);
+        };
+        let mut i = 0;
+        while i + 8 * UNROLL <= n {
+            for k in 0..UNROLL {
+                step(i + 8 * k, k);
+            }
+            i += 8 * UNROLL;
+        }
+        while i < n {
+            step(i, 0);
+            i += 8;
+        }
+        (sum4(a), sum4(b))
+    }
+
+    /// The sum of every lane of four accumulators.
+    #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+    fn sum4(v: [__m512d; UNROLL]) -> f64 {
+        _mm512_reduce_add_pd(_mm512_add_pd(
+            _mm512_add_pd(v[0], v[1]),
+            _mm512_add_pd(v[2], v[3]),
+        ))
+    }
 }
 
 #[cfg(test)]
@@ -273,33 +390,83 @@ mod tests {
             .collect()
     }
 
-    /// The sums against plain f64 loops, at lengths that are all vector body (32), all
-    /// scalar tail (7: the path of CPUs without AVX2 too) and both (37).
+    const LEVELS: [Simd; 3] = [Simd::Portable, Simd::Avx2, Simd::Avx512];
+
+    /// The sums against plain f64 loops on every SIMD level, at lengths that are all
+    /// scalar tail (7), all vector body (32, 64: whole AVX-512 turns), and both (37, 49: a
+    /// turn, single steps and a tail).
     #[test]
     fn sums_match_plain_loops() {
-        for n in [7, 32, 37] {
-            let (v, dy) = (values(n), values(n + 3)[3..].to_vec());
-            let mu = v.iter().map(|x| f64::from(*x)).sum::<f64>() / n as f64;
-            let q: f64 = v.iter().map(|x| (f64::from(*x) - mu).powi(2)).sum();
-            let (m, m2) = moments(&v);
-            assert!(
-                (m - mu).abs() < 1e-12 && (m2 - q).abs() < 1e-9 * q,
-                "moments at {n}"
-            );
-            let coef = (0.25f32, 1.5f32, -0.125f32);
-            for relu in [false, true] {
-                let (mut a, mut b) = (0f64, 0f64);
-                for (x, g) in v.iter().zip(&dy) {
-                    let g = f64::from(masked(*x, *g, coef, relu));
-                    a += g;
-                    b += g * (f64::from(*x) - 0.25);
-                }
-                let (sa, sb) = grad_sums(&v, &dy, coef, 0.25, relu);
+        for simd in LEVELS {
+            for n in [7, 32, 37, 49, 64] {
+                let (v, dy) = (values(n), values(n + 3)[3..].to_vec());
+                let mu = v.iter().map(|x| f64::from(*x)).sum::<f64>() / n as f64;
+                let q: f64 = v.iter().map(|x| (f64::from(*x) - mu).powi(2)).sum();
+                let (m, m2) = moments_with(simd, &v);
                 assert!(
-                    (sa - a).abs() < 1e-9 && (sb - b).abs() < 1e-9,
-                    "grad_sums at {n}, relu {relu}: ({sa}, {sb}) vs ({a}, {b})"
+                    (m - mu).abs() < 1e-12 && (m2 - q).abs() < 1e-9 * q,
+                    "{simd:?} moments at {n}"
                 );
+                let coef = (0.25f32, 1.5f32, -0.125f32);
+                for relu in [false, true] {
+                    let (mut a, mut b) = (0f64, 0f64);
+                    for (x, g) in v.iter().zip(&dy) {
+                        let g = f64::from(masked(*x, *g, coef, relu));
+                        a += g;
+                        b += g * (f64::from(*x) - 0.25);
+                    }
+                    let (sa, sb) = grad_sums_with(simd, (&v, &dy), coef, 0.25, relu);
+                    assert!(
+                        (sa - a).abs() < 1e-9 && (sb - b).abs() < 1e-9,
+                        "{simd:?} grad_sums at {n}, relu {relu}: ({sa}, {sb}) vs ({a}, {b})"
+                    );
+                }
             }
+        }
+    }
+
+    /// The elementwise loops compiled for each SIMD level give the portable loops' values
+    /// bit for bit (no FMA is formed on any level).
+    #[test]
+    fn elementwise_loops_agree_on_every_level() {
+        let n = 45;
+        let (v, g, r) = (
+            values(n),
+            values(n + 5)[5..].to_vec(),
+            values(n + 9)[9..].to_vec(),
+        );
+        let (fcoef, gcoef) = ((0.25f32, 1.5f32, -0.125f32), (0.3f32, 0.7, -0.2, 0.9));
+        let run = |simd: Simd| {
+            let mut out = Vec::new();
+            let (v, vr, vg) = (
+                v.as_slice(),
+                (v.as_slice(), r.as_slice()),
+                (v.as_slice(), g.as_slice()),
+            );
+            for relu in [false, true] {
+                let mut ys = vec![MaybeUninit::new(0f32); n];
+                let y = ys.as_mut_slice();
+                with_simd!(simd, normalize_body(y: &mut [MaybeUninit<f32>], v: &[f32], fcoef: (f32, f32, f32), relu: bool));
+                let mut zs = vec![MaybeUninit::new(0f32); n];
+                let z = zs.as_mut_slice();
+                with_simd!(simd, normalize_add_body(z: &mut [MaybeUninit<f32>], vr: (&[f32], &[f32]), fcoef: (f32, f32, f32), relu: bool));
+                let mut ds = vec![0f32; n];
+                let d = ds.as_mut_slice();
+                with_simd!(simd, input_grad_body(d: &mut [f32], vg: (&[f32], &[f32]), fcoef: (f32, f32, f32), gcoef: (f32, f32, f32, f32), relu: bool));
+                // SAFETY: every element was initialised above.
+                out.extend(ys.iter().chain(&zs).map(|x| unsafe { x.assume_init() }));
+                out.extend(ds);
+            }
+            let mut ms = vec![MaybeUninit::new(0f32); n];
+            let (m, ydy) = (ms.as_mut_slice(), (r.as_slice(), g.as_slice()));
+            with_simd!(simd, relu_grad_body(m: &mut [MaybeUninit<f32>], ydy: (&[f32], &[f32])));
+            // SAFETY: as above.
+            out.extend(ms.iter().map(|x| unsafe { x.assume_init() }));
+            out.into_iter().map(f32::to_bits).collect::<Vec<_>>()
+        };
+        let want = run(Simd::Portable);
+        for simd in LEVELS {
+            assert_eq!(run(simd), want, "{simd:?}");
         }
     }
 }
