@@ -7,7 +7,9 @@ use rayon::prelude::*;
 use super::epilogue::{epilogue, Affine};
 use super::gemm::{backward, backward_tensors, forward};
 use super::geom::{ConvGeom, Dims};
-use super::path::{backward_direct, direct_backward_plans, forward_f32};
+use super::path::{
+    backward_direct, backward_strided, direct_backward_plans, forward_f32, strided_backward_plan,
+};
 
 /// Per-channel sums of `dy` (N, C, H, W), f64 accumulated: a bias gradient.
 pub(crate) fn channel_sums<T: WithDType>(dy: &Tensor) -> candle_core::Result<Tensor> {
@@ -139,11 +141,17 @@ pub(crate) fn backward_typed<T: WithDType>(
     let plans = (T::DTYPE == candle_core::DType::F32)
         .then(|| direct_backward_plans(&d, g))
         .flatten();
-    let (dx, dw) = match plans {
-        Some(plans) => backward_tensors::<f32>(x, w, &dy, |x, w, dy| {
+    let strided = (T::DTYPE == candle_core::DType::F32 && plans.is_none())
+        .then(|| strided_backward_plan(&d, g))
+        .flatten();
+    let (dx, dw) = match (plans, strided) {
+        (Some(plans), _) => backward_tensors::<f32>(x, w, &dy, |x, w, dy| {
             backward_direct(&plans, x, w, dy, &d, g)
         })?,
-        None => backward_tensors::<T>(x, w, &dy, |x, w, dy| backward(x, w, dy, &d, g))?,
+        (None, Some(plan)) => backward_tensors::<f32>(x, w, &dy, |x, w, dy| {
+            backward_strided(&plan, x, w, dy, &d, g)
+        })?,
+        (None, None) => backward_tensors::<T>(x, w, &dy, |x, w, dy| backward(x, w, dy, &d, g))?,
     };
     let db = if with_bias {
         Some(channel_sums::<T>(&dy)?)
@@ -288,23 +296,28 @@ mod tests {
     /// The direct f32 kernels against the f64 GEMM path: forward (with bias and ReLU), the
     /// input gradient and the weight gradient, over tails of every tile size, paddings below,
     /// at and above `k / 2`, non-square kernels, and a batch of 1 (parallel channel blocks)
-    /// and of 3 (parallel images).
+    /// and of 3 (parallel images); stride 2 (the phase-split layout, whose backward is
+    /// `backward_strided`) at odd and even sizes and the stem's 7x7.
     #[test]
     fn direct_kernels_match_the_gemm_path() {
         let shapes = [
-            // (n, c, h, w, cout, kh, kw, padding)
-            (3, 16, 8, 8, 16, 3, 3, 1),
-            (1, 3, 7, 9, 5, 3, 3, 1),
-            (3, 5, 9, 6, 7, 3, 3, 0),
-            (2, 4, 6, 11, 9, 5, 3, 1),
-            (1, 3, 10, 10, 6, 7, 7, 3),
-            (3, 2, 5, 5, 3, 1, 1, 1),
-            (2, 6, 13, 5, 4, 3, 3, 2),
+            // (n, c, h, w, cout, kh, kw, padding, stride)
+            (3, 16, 8, 8, 16, 3, 3, 1, 1),
+            (1, 3, 7, 9, 5, 3, 3, 1, 1),
+            (3, 5, 9, 6, 7, 3, 3, 0, 1),
+            (2, 4, 6, 11, 9, 5, 3, 1, 1),
+            (1, 3, 10, 10, 6, 7, 7, 3, 1),
+            (3, 2, 5, 5, 3, 1, 1, 1, 1),
+            (2, 6, 13, 5, 4, 3, 3, 2, 1),
+            (3, 16, 8, 8, 16, 3, 3, 1, 2),
+            (2, 4, 9, 10, 5, 3, 3, 1, 2),
+            (1, 3, 12, 11, 8, 7, 7, 3, 2),
+            (5, 3, 4, 4, 9, 3, 3, 1, 2),
         ];
-        for (i, &(n, c, h, w, cout, kh, kw, padding)) in shapes.iter().enumerate() {
+        for (i, &(n, c, h, w, cout, kh, kw, padding, stride)) in shapes.iter().enumerate() {
             let g = ConvGeom {
                 padding,
-                stride: 1,
+                stride,
                 dilation: 1,
                 groups: 1,
             };
@@ -345,11 +358,21 @@ mod tests {
                     "shape {i} bias {bias} scale {scale} relu {relu}: forward off by {e}"
                 );
             }
+            let (dx64, dw64) = backward(&x64, &k64, &dy64, &d, &g);
+            if stride == 2 {
+                let plan = strided_backward_plan(&d, &g).expect("a stride-2 plan");
+                let (dx, dw) = backward_strided(&plan, &x, &k, &dy, &d, &g);
+                let (ex, ew) = (rel_err(&dx, &dx64), rel_err(&dw, &dw64));
+                assert!(
+                    ex < 1e-5 && ew < 1e-5,
+                    "shape {i}: dx off by {ex}, dw by {ew}"
+                );
+                continue;
+            }
             // The input gradient's plan exists exactly when the padding is below the kernel.
             let plans = direct_backward_plans(&d, &g);
             assert_eq!(plans.is_some(), padding < kh.min(kw), "shape {i}");
             let Some(plans) = plans else { continue };
-            let (dx64, dw64) = backward(&x64, &k64, &dy64, &d, &g);
             let (dx, dw) = backward_direct(&plans, &x, &k, &dy, &d, &g);
             let (ex, ew) = (rel_err(&dx, &dx64), rel_err(&dw, &dw64));
             assert!(

@@ -3,8 +3,11 @@
 
 use super::direct;
 use super::epilogue::Epilogue;
-use super::gemm::{flip_kernel, for_each_image, for_each_image_summed, forward, gemm_parallelism};
+use super::gemm::{
+    flip_kernel, for_each_image, for_each_image_summed, forward, gemm_parallelism, WeightLhs,
+};
 use super::geom::{ConvGeom, Dims};
+use super::pack::col2im;
 
 /// Whether the direct kernels may be used ([`crate::dispatch::Dispatch::direct_conv`]; off for
 /// comparison with the GEMM path).
@@ -22,8 +25,10 @@ pub(crate) const DIRECT_MAX_K: usize = 576;
 /// 8 with the direct kernel up to here; the 512-channel 7x7 layers ran slower on it).
 pub(crate) const DIRECT_MAX_K_AVX512_FORWARD: usize = 2304;
 
-/// The direct forward plan when it applies: f32 (the caller's), stride 1, no dilation, one
-/// group, and not a 1x1 unpadded convolution (that one is a plain GEMM already).
+/// The direct forward plan when it applies: f32 (the caller's), stride 1 or 2, no dilation,
+/// one group, and not a 1x1 kernel (at stride 1 unpadded that one is a plain GEMM already;
+/// at stride 2 the GEMM path's unfolding reads a quarter of the input, the phase split all
+/// of it).
 pub(crate) fn direct_plan(d: &Dims, g: &ConvGeom) -> Option<direct::Plan> {
     let plan = direct_plan_up_to(d, g, DIRECT_MAX_K_AVX512_FORWARD)?;
     (plan.isa() == direct::Isa::Avx512 || d.c * d.kh * d.kw <= DIRECT_MAX_K).then_some(plan)
@@ -31,26 +36,34 @@ pub(crate) fn direct_plan(d: &Dims, g: &ConvGeom) -> Option<direct::Plan> {
 
 /// [`direct_plan`] with `C_in * kh * kw` at most `max_k`.
 fn direct_plan_up_to(d: &Dims, g: &ConvGeom, max_k: usize) -> Option<direct::Plan> {
-    if !direct_enabled() || g.stride != 1 || g.dilation != 1 || g.groups != 1 || d.direct(g) {
+    let one_by_one = d.kh * d.kw == 1;
+    let strided = g.stride == 2 && !one_by_one;
+    if !direct_enabled() || !(g.stride == 1 || strided) || g.dilation != 1 || g.groups != 1 {
         return None;
     }
-    if d.c * d.kh * d.kw > max_k {
+    if d.direct(g) || d.c * d.kh * d.kw > max_k {
         return None;
     }
-    direct::Plan::new(
+    direct::Plan::strided(
+        direct::Isa::detect()?,
         (d.c, d.h, d.w),
         d.cout,
         (d.kh, d.kw),
         (g.padding, g.padding),
+        g.stride,
     )
 }
 
 /// The direct plans of the backward: the forward's (weight gradient) and the input
-/// gradient's (`dY` padded by `k - 1 - padding`, flipped kernel), when both apply.
+/// gradient's (`dY` padded by `k - 1 - padding`, flipped kernel), when both apply (stride 1
+/// only: at stride 2 the input gradient is not a plain convolution of `dY`).
 pub(crate) fn direct_backward_plans(
     d: &Dims,
     g: &ConvGeom,
 ) -> Option<(direct::Plan, direct::Plan)> {
+    if g.stride != 1 {
+        return None;
+    }
     let fwd = direct_plan_up_to(d, g, DIRECT_MAX_K)?;
     let pad_y = (d.kh - 1).checked_sub(g.padding)?;
     let pad_x = (d.kw - 1).checked_sub(g.padding)?;
@@ -149,5 +162,90 @@ pub(crate) fn backward_direct(
         dw_n: Vec::new(),
     };
     let dw64 = for_each_image_summed(&mut dx, d.chw(), parallel, wlen, scratch, image, |_, _| {});
+    (dx, dw64.into_iter().map(|v| v as f32).collect())
+}
+
+/// The direct forward plan of a stride-2 convolution whose backward runs on
+/// [`backward_strided`], when it applies.
+pub(crate) fn strided_backward_plan(d: &Dims, g: &ConvGeom) -> Option<direct::Plan> {
+    (g.stride == 2)
+        .then(|| direct_plan_up_to(d, g, DIRECT_MAX_K))
+        .flatten()
+}
+
+/// Scratch buffers of one [`backward_strided`] worker: the phase-split inputs and flattened
+/// output gradients of one image group, the input gradient's patch matrix, the group's
+/// weight gradient.
+struct StridedScratch {
+    xp: Vec<Vec<f32>>,
+    dyf: Vec<Vec<f32>>,
+    dcols: Vec<f32>,
+    dw_n: Vec<f32>,
+}
+
+/// (dx, dw) of a stride-2 convolution: the weight gradient by the direct kernel on the
+/// forward's phase-split input (no `im2col`), summed over image groups as the stride-1
+/// kernel does; the input gradient as the GEMM path's `dcols = W^T . dY` and `col2im`.
+pub(crate) fn backward_strided(
+    plan: &direct::Plan,
+    x: &[f32],
+    w: &[f32],
+    dy: &[f32],
+    d: &Dims,
+    g: &ConvGeom,
+) -> (Vec<f32>, Vec<f32>) {
+    let (parallel, par) = gemm_parallelism(d.n);
+    let (k, ylen) = (d.k_all(), d.cout * d.p());
+    let wlen = w.len();
+    let wt = WeightLhs::new(w, (k, d.cout), (1, k), 1, wlen);
+    let threads = rayon::current_num_threads().max(1);
+    let group = plan.weight_grad_group().min(d.n.div_ceil(threads)).max(1);
+    let mut dx = vec![0f32; d.n * d.chw()];
+    let images = |s: &mut StridedScratch, acc: &mut [f64], gi: usize, dx_g: &mut [f32]| {
+        let (first, m) = (gi * group, dx_g.len() / d.chw());
+        s.xp.resize_with(m.max(s.xp.len()), Vec::new);
+        s.dyf.resize_with(m.max(s.dyf.len()), Vec::new);
+        for (i, (xp, dyf)) in s.xp.iter_mut().zip(&mut s.dyf).take(m).enumerate() {
+            let ni = first + i;
+            plan.pad(&x[ni * d.chw()..(ni + 1) * d.chw()], xp);
+            plan.flatten(&dy[ni * ylen..(ni + 1) * ylen], dyf);
+        }
+        let xps: Vec<&[f32]> = s.xp[..m].iter().map(Vec::as_slice).collect();
+        let dyfs: Vec<&[f32]> = s.dyf[..m].iter().map(Vec::as_slice).collect();
+        s.dw_n.resize(wlen, 0.0);
+        plan.weight_grad_images(&xps, &dyfs, &mut s.dw_n);
+        for (a, v) in acc.iter_mut().zip(&s.dw_n) {
+            *a += f64::from(*v);
+        }
+        s.dcols.resize(k * d.p(), 0.0);
+        for (i, dx_n) in dx_g.chunks_exact_mut(d.chw()).enumerate() {
+            let ni = first + i;
+            wt.gemm(
+                0,
+                d.p(),
+                &mut s.dcols,
+                false,
+                &dy[ni * ylen..],
+                (d.p(), 1),
+                par,
+            );
+            col2im(&s.dcols, d, g, dx_n);
+        }
+    };
+    let scratch = || StridedScratch {
+        xp: Vec::new(),
+        dyf: Vec::new(),
+        dcols: Vec::new(),
+        dw_n: Vec::new(),
+    };
+    let dw64 = for_each_image_summed(
+        &mut dx,
+        group * d.chw(),
+        parallel,
+        wlen,
+        scratch,
+        images,
+        |_, _| {},
+    );
     (dx, dw64.into_iter().map(|v| v as f32).collect())
 }

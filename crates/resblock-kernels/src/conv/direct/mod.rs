@@ -1,4 +1,4 @@
-//! Direct stride-1 convolution for f32 on x86-64 with AVX-512 or AVX2 + FMA: no `im2col`, no
+//! Direct stride-1 and stride-2 convolution for f32 on x86-64 with AVX-512 or AVX2 + FMA: no `im2col`, no
 //! GEMM packing. The micro-kernels are in `avx512.rs` (16 lanes, 32 registers) and `avx2.rs`
 //! (8 lanes, 16 registers); a [`Plan`] is made for the widest the CPU has and
 //! [`crate::dispatch`] allows, and lays its buffers out for that kernel's tile.
@@ -14,6 +14,14 @@
 //! reads input `q + ky * wp + kx` for tap `(ky, kx)`. So one output plane is a 1-D correlation
 //! of the flattened padded plane with `kh * kw` fixed offsets, computed over all
 //! `q < oh * wp` (the columns `ox >= ow` are junk and dropped when the result is copied out).
+//!
+//! Stride 2 is the same code on a polyphase layout: each padded input plane is stored as its
+//! four phases `(y % 2, x % 2)`, each `ceil(hp / 2) x ceil(wp / 2)`, one after the other.
+//! Output `(oy, ox)` at tap `(ky, kx)` reads padded `(2 oy + ky, 2 ox + kx)`, which is phase
+//! `(ky % 2, kx % 2)` at `(oy + ky / 2, ox + kx / 2)`: with the flattened index
+//! `q = oy * wq + ox` (`wq` the phase width) that is `q` plus a fixed offset per tap (the
+//! phase's start included), so the micro-kernels run unchanged. The phase split replaces the
+//! padding copy; `im2col` would write the input `kh * kw / 4` times over.
 //!
 //! - Forward (and the input gradient, which for stride 1 is the forward convolution of the
 //!   padded `dY` with the flipped, transposed kernel): a micro-tile holds `cb` output channels
@@ -97,7 +105,8 @@ impl Isa {
     }
 }
 
-/// The geometry of one stride-1, undilated, ungrouped convolution in the flattened form.
+/// The geometry of one stride-1 or stride-2, undilated, ungrouped convolution in the
+/// flattened form.
 #[derive(Debug, Clone)]
 pub(crate) struct Plan {
     /// The micro-kernels (and so the tile sizes) of this plan.
@@ -117,6 +126,15 @@ pub(crate) struct Plan {
     pub(crate) ow: usize,
     /// Padded input width.
     wp: usize,
+    /// 1 or 2.
+    stride: usize,
+    /// Row pitch of the flattened output and of the (phase) planes the taps read: `wp` at
+    /// stride 1, the phase width `ceil(wp / 2)` at stride 2.
+    pitch: usize,
+    /// Stride 2: the distance between the phases of one input plane (0 at stride 1).
+    phase_len: usize,
+    /// The largest tap offset.
+    max_tap: usize,
     /// Flattened output length: `oh * wp` rounded up to a multiple of the tile's pixels.
     qlen: usize,
     /// Stride between padded input planes: `qlen` plus the largest tap offset, so every read
@@ -127,40 +145,61 @@ pub(crate) struct Plan {
 }
 
 impl Plan {
-    /// The plan for input `(c, h, w)`, `cout` outputs, a `kh x kw` kernel and the given
-    /// zero padding, or `None` when neither AVX-512 nor AVX2/FMA may run or the output is
-    /// empty.
-    pub(crate) fn new(
+    /// The stride-1 plan for input `(c, h, w)`, `cout` outputs, a `kh x kw` kernel and the
+    /// given zero padding on the kernels `isa` (the pair of a backward must share them;
+    /// [`Isa::detect`] gives the widest allowed), or `None` when this CPU lacks them or the
+    /// output is empty.
+    pub(crate) fn with_isa(
+        isa: Isa,
         input: (usize, usize, usize),
         cout: usize,
         kernel: (usize, usize),
         padding: (usize, usize),
     ) -> Option<Plan> {
-        Plan::with_isa(Isa::detect()?, input, cout, kernel, padding)
+        Plan::strided(isa, input, cout, kernel, padding, 1)
     }
 
-    /// As [`Plan::new`] on the kernels `isa` (the pair of a backward must share them), or
-    /// `None` when this CPU lacks them.
-    pub(crate) fn with_isa(
+    /// As [`Plan::with_isa`] with stride 1 or 2 (`None` for others).
+    pub(crate) fn strided(
         isa: Isa,
         (c, h, w): (usize, usize, usize),
         cout: usize,
         (kh, kw): (usize, usize),
         (pad_y, pad_x): (usize, usize),
+        stride: usize,
     ) -> Option<Plan> {
-        if !isa.supported() || c == 0 || cout == 0 || kh == 0 || kw == 0 {
+        if !isa.supported()
+            || c == 0
+            || cout == 0
+            || kh == 0
+            || kw == 0
+            || !(1..=2).contains(&stride)
+        {
             return None;
         }
         let (hp, wp) = (h + 2 * pad_y, w + 2 * pad_x);
         if hp < kh || wp < kw {
             return None;
         }
-        let (oh, ow) = (hp - kh + 1, wp - kw + 1);
-        let qlen = (oh * wp).div_ceil(isa.tq()) * isa.tq();
+        let (oh, ow) = ((hp - kh) / stride + 1, (wp - kw) / stride + 1);
+        let pitch = wp.div_ceil(stride);
+        let qlen = (oh * pitch).div_ceil(isa.tq()) * isa.tq();
+        // Stride 2: one phase holds `ceil(hp / 2)` rows of `pitch`.
+        let phase_len = if stride == 1 {
+            0
+        } else {
+            (hp.div_ceil(2) * pitch).div_ceil(PLANE_ALIGN) * PLANE_ALIGN
+        };
+        let tap = |ky: usize, kx: usize| {
+            let phase = (ky % stride) * stride + kx % stride;
+            phase * phase_len + (ky / stride) * pitch + kx / stride
+        };
         let taps: Vec<usize> = (0..kh)
-            .flat_map(|ky| (0..kw).map(move |kx| ky * wp + kx))
+            .flat_map(|ky| (0..kw).map(move |kx| tap(ky, kx)))
             .collect();
-        let max_tap = (kh - 1) * wp + kw - 1;
+        let max_tap = taps.iter().copied().max().unwrap_or(0);
+        // A plane holds its phases (stride 2), and every tile's reads stay inside it.
+        let held = (stride * stride - 1) * phase_len + hp.div_ceil(stride) * pitch;
         Some(Plan {
             isa,
             c,
@@ -175,8 +214,12 @@ impl Plan {
             oh,
             ow,
             wp,
+            stride,
+            pitch,
+            phase_len,
+            max_tap,
             qlen,
-            ps: (qlen + max_tap).div_ceil(PLANE_ALIGN) * PLANE_ALIGN,
+            ps: (qlen + max_tap).max(held).div_ceil(PLANE_ALIGN) * PLANE_ALIGN,
             taps,
         })
     }
@@ -207,7 +250,8 @@ impl Plan {
         self.cout_r * self.qlen
     }
 
-    /// Copies one image `(c, h, w)` into `dst` as zero-padded planes of stride `ps`.
+    /// Copies one image `(c, h, w)` into `dst` as zero-padded planes of stride `ps` (at
+    /// stride 2, each as its four phases).
     ///
     /// `dst` must be empty or have been filled by this plan before: only the interior is
     /// written, so the zero border of the first call is kept for the next images (zeroing
@@ -227,9 +271,36 @@ impl Plan {
             .zip(img.chunks_exact(self.h * self.w))
         {
             for (y, row) in src.chunks_exact(self.w).enumerate() {
-                let at = (y + self.pad_y) * self.wp + self.pad_x;
-                plane[at..at + self.w].copy_from_slice(row);
+                if self.stride == 1 {
+                    let at = (y + self.pad_y) * self.wp + self.pad_x;
+                    plane[at..at + self.w].copy_from_slice(row);
+                } else {
+                    self.split_row(plane, y + self.pad_y, row);
+                }
             }
+        }
+    }
+
+    /// Stride 2: padded row `py` of one plane, `row` its interior, into its two phases
+    /// (even and odd padded columns) of phase row `py / 2`.
+    fn split_row(&self, plane: &mut [f32], py: usize, row: &[f32]) {
+        let start = (py % 2) * 2 * self.phase_len + (py / 2) * self.pitch;
+        // Interior column `x` is padded column `x + pad_x`: phase `(x + pad_x) % 2`, at
+        // `(x + pad_x) / 2` in it. The even `x` go to one phase, the odd ones to the other.
+        let (even, odd) = (self.pad_x, self.pad_x + 1);
+        let (ne, no) = (row.len().div_ceil(2), row.len() / 2);
+        let (p0, p1) = plane[start..].split_at_mut(self.phase_len);
+        let (e, o) = if even % 2 == 0 {
+            (&mut p0[even / 2..][..ne], &mut p1[odd / 2..][..no])
+        } else {
+            (&mut p1[even / 2..][..ne], &mut p0[odd / 2..][..no])
+        };
+        for ((e, o), pair) in e.iter_mut().zip(o.iter_mut()).zip(row.chunks_exact(2)) {
+            *e = pair[0];
+            *o = pair[1];
+        }
+        if ne > no {
+            e[ne - 1] = row[row.len() - 1];
         }
     }
 
@@ -290,15 +361,14 @@ impl Plan {
 
     /// One micro-tile: `cb` output rows of `o` (stride `qlen`) at `q0..q0 + tq`.
     fn fwd_tile(&self, xp: &[f32], wb: &[f32], q0: usize, o: &mut [f32]) {
-        let (cb, tq) = (self.cb(), self.isa.tq());
-        let max_tap = self.taps.last().copied().unwrap_or(0);
+        let (cb, tq, max_tap) = (self.cb(), self.isa.tq(), self.max_tap);
         // The bounds the kernels rely on.
         assert!(q0 + tq <= self.qlen && self.qlen + max_tap <= self.ps);
         assert!(xp.len() >= self.c * self.ps && wb.len() >= self.c * self.taps.len() * cb);
         assert!(o.len() >= (cb - 1) * self.qlen + q0 + tq);
         let (x, w, out) = (xp[q0..].as_ptr(), wb.as_ptr(), o[q0..].as_mut_ptr());
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: the CPU has the plan's instruction set (`Isa::detect` in `Plan::new`), and
+        // SAFETY: the CPU has the plan's instruction set (`Isa::supported` in `Plan::strided`), and
         // every pointer the kernel forms is in bounds: input reads reach
         // `(c - 1) * ps + q0 + max_tap + tq <= c * ps`, weight reads `c * taps * cb`, output
         // writes `(cb - 1) * qlen + q0 + tq` (asserted above).
@@ -322,7 +392,7 @@ impl Plan {
         for (co, out) in dst.chunks_exact_mut(plane).enumerate() {
             let src = &flat[co * self.qlen..];
             for (oy, row) in out.chunks_exact_mut(self.ow).enumerate() {
-                let s = &src[oy * self.wp..oy * self.wp + self.ow];
+                let s = &src[oy * self.pitch..oy * self.pitch + self.ow];
                 if ep.is_identity() {
                     for (d, v) in row.iter_mut().zip(s) {
                         d.put(*v);
@@ -346,7 +416,7 @@ impl Plan {
         }
         for (row, src) in dst.chunks_exact_mut(self.qlen).zip(dy.chunks_exact(plane)) {
             for (oy, s) in src.chunks_exact(self.ow).enumerate() {
-                row[oy * self.wp..oy * self.wp + self.ow].copy_from_slice(s);
+                row[oy * self.pitch..oy * self.pitch + self.ow].copy_from_slice(s);
             }
         }
     }
@@ -360,6 +430,20 @@ impl Plan {
             "direct conv: flattened gradient size"
         );
         self.weight_grad_rows(&[xp], &[dyf], self.qlen, dw);
+    }
+
+    /// The weight gradient summed over images `i` from their padded inputs `xps[i]` (from
+    /// [`Plan::pad`]) and flattened output gradients `dyfs[i]` (from [`Plan::flatten`]), at
+    /// most [`MAX_GROUP`] images (see [`Plan::weight_grad_group`]).
+    pub(crate) fn weight_grad_images(&self, xps: &[&[f32]], dyfs: &[&[f32]], dw: &mut [f32]) {
+        for dyf in dyfs {
+            assert_eq!(
+                dyf.len(),
+                self.flat_len(),
+                "direct conv: flattened gradient size"
+            );
+        }
+        self.weight_grad_rows(xps, dyfs, self.qlen, dw);
     }
 
     /// A zeroed buffer for [`Plan::interior_row`] with `planes` planes (at least `c`), its
@@ -376,6 +460,10 @@ impl Plan {
         ci: usize,
         y: usize,
     ) -> &'a mut [f32] {
+        assert_eq!(
+            self.stride, 1,
+            "direct conv: interior rows of a stride-1 plan"
+        );
         let at = ci * self.ps + (y + self.pad_y) * self.wp + self.pad_x;
         &mut buf[at..at + self.w]
     }
@@ -398,7 +486,9 @@ impl Plan {
         dw: &mut [f32],
     ) -> Option<()> {
         let off = back.pad_y * back.wp + back.pad_x;
-        let same = back.wp == self.wp
+        let same = self.stride == 1
+            && back.stride == 1
+            && back.wp == self.wp
             && back.c == self.cout
             && back.h == self.oh
             && back.w == self.ow
@@ -442,7 +532,7 @@ impl Plan {
             self.cout * self.c * nt,
             "direct conv: weight gradient size"
         );
-        let max_tap = self.taps.last().copied().unwrap_or(0);
+        let max_tap = self.max_tap;
         assert!(self.qlen.is_multiple_of(self.isa.lanes()) && self.qlen + max_tap <= self.ps);
         let cb = self.cb();
         let mut xs = [std::ptr::null::<f32>(); MAX_GROUP];
@@ -463,7 +553,7 @@ impl Plan {
                     let mut sums = [[0f32; TB]; MAX_CB];
                     let rows = (&xs[..m], &ds[..m]);
                     #[cfg(target_arch = "x86_64")]
-                    // SAFETY: the CPU has the plan's instruction set (`Plan::new`); for each
+                    // SAFETY: the CPU has the plan's instruction set (`Plan::strided`); for each
                     // of the `m` images, reads from its plane pointer reach
                     // `max_tap + qlen <= ps` and from its `dY` pointer
                     // `(cb - 1) * row_stride + qlen` (asserted above); `qlen` is a multiple

@@ -163,3 +163,78 @@ fn padded_weight_gradient_sums_images() {
         assert_close(&format!("{isa:?} summed dw"), &got, &want64, 1e-5);
     }
 }
+
+/// Stride 2 (the polyphase layout): forward and weight gradient against plain f64 loops,
+/// at odd and even sizes and paddings, 2x2 to 7x7 kernels (the ResNet stem's 7x7 / 2 / 3).
+#[test]
+fn stride_two_matches_a_plain_convolution() {
+    let isas: Vec<Isa> = [Isa::Avx512, Isa::Avx2]
+        .into_iter()
+        .filter(|i| i.supported())
+        .collect();
+    // (n, c, cout, h, w, k, pad)
+    let cases = [
+        (2, 3, 6, 7, 9, 3, 1),
+        (2, 4, 16, 8, 8, 3, 1),
+        (1, 3, 8, 12, 11, 7, 3),
+        (2, 2, 5, 10, 9, 5, 2),
+        (1, 3, 4, 6, 6, 3, 0),
+        (1, 2, 3, 9, 8, 2, 0),
+        (1, 2, 9, 1, 1, 3, 1),
+    ];
+    for isa in isas {
+        for (n, c, cout, h, w, k, pad) in cases {
+            let g = ConvGeom {
+                padding: pad,
+                stride: 2,
+                dilation: 1,
+                groups: 1,
+            };
+            let d = Dims::new(&g, &[n, c, h, w], &[cout, c, k, k]).expect("dims");
+            let name = format!("{isa:?} n{n} {c}->{cout} {h}x{w} k{k} p{pad} s2");
+            let plan = Plan::strided(isa, (c, h, w), cout, (k, k), (pad, pad), 2).expect("plan");
+            assert_eq!((plan.oh, plan.ow), (d.oh, d.ow), "{name}: output size");
+            let (x, wt) = (values(n * c * h * w, 4), values(cout * c * k * k, 5));
+            let dy = values(n * cout * d.p(), 6);
+            let mut want_y = vec![0f64; n * cout * d.p()];
+            let mut want_dw = vec![0f64; wt.len()];
+            for i in 0..n {
+                for o in 0..cout {
+                    for oy in 0..d.oh {
+                        for ox in 0..d.ow {
+                            let at = ((i * cout + o) * d.oh + oy) * d.ow + ox;
+                            for ci in 0..c {
+                                for ky in 0..k {
+                                    for kx in 0..k {
+                                        let (iy, ix) = (2 * oy + ky, 2 * ox + kx);
+                                        if iy < pad || ix < pad || iy - pad >= h || ix - pad >= w {
+                                            continue;
+                                        }
+                                        let xv = f64::from(
+                                            x[((i * c + ci) * h + iy - pad) * w + ix - pad],
+                                        );
+                                        let wi = ((o * c + ci) * k + ky) * k + kx;
+                                        want_y[at] += f64::from(wt[wi]) * xv;
+                                        want_dw[wi] += f64::from(dy[at]) * xv;
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            let y = forward_direct(&plan, &x, &wt, Epilogue::NONE, &d);
+            assert_close(&format!("{name} y"), &y, &want_y, 1e-5);
+            let mut dw = vec![0f32; wt.len()];
+            let (mut xp, mut dyf) = (Vec::new(), Vec::new());
+            for i in 0..n {
+                plan.pad(&x[i * d.chw()..(i + 1) * d.chw()], &mut xp);
+                plan.flatten(&dy[i * cout * d.p()..(i + 1) * cout * d.p()], &mut dyf);
+                let mut dw_n = vec![0f32; wt.len()];
+                plan.weight_grad(&xp, &dyf, &mut dw_n);
+                dw.iter_mut().zip(&dw_n).for_each(|(a, b)| *a += b);
+            }
+            assert_close(&format!("{name} dw"), &dw, &want_dw, 1e-5);
+        }
+    }
+}
