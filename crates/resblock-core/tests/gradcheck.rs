@@ -361,22 +361,28 @@ fn add_relu_agrees_with_separate_ops() -> Result<()> {
 /// output, batch statistics and the gradients of input, kernel, gamma and beta. Covers
 /// output channels that are not a multiple of the kernels' block (4 with AVX2, 8 with AVX-512), batch 1 (channel
 /// blocks in parallel) and larger batches (images in parallel), and an input that needs no
-/// gradient (the network's input: the op skips the input-gradient convolution).
+/// gradient (the network's input: the op skips the input-gradient convolution); stride 2
+/// (a downsampling block's first convolution) at odd and even sizes.
 #[test]
 fn fused_conv_batch_norm_agrees_with_separate_ops() -> Result<()> {
     use resblock_core::ops::{batch_norm_train, conv2d, conv_batch_norm_train};
     let rng = RngHandle::seed_from_u64(15);
-    for (n, c, h, w, cout, relu, x_grad) in [
-        (3, 5, 7, 9, 6, true, true),
-        (1, 4, 8, 8, 8, false, true),
-        (4, 16, 6, 5, 16, true, true),
-        (2, 3, 9, 9, 4, true, false),
+    for (n, c, h, w, cout, relu, x_grad, stride) in [
+        (3, 5, 7, 9, 6, true, true, 1),
+        (1, 4, 8, 8, 8, false, true, 1),
+        (4, 16, 6, 5, 16, true, true, 1),
+        (2, 3, 9, 9, 4, true, false, 1),
+        (3, 5, 9, 7, 6, true, true, 2),
+        (1, 4, 8, 8, 8, false, true, 2),
+        (5, 16, 8, 8, 32, true, true, 2),
+        (2, 3, 9, 9, 4, true, false, 2),
     ] {
         let x = randn(&rng, &[n, c, h, w])?.affine(1.5, 0.3)?;
         let k = randn(&rng, &[cout, c, 3, 3])?.affine(0.3, 0.)?;
         let gamma = randn(&rng, &[cout])?.affine(0.5, 1.)?;
         let beta = randn(&rng, &[cout])?.affine(0.5, 0.)?;
-        let r = randn(&rng, &[n, cout, h, w])?;
+        let (oh, ow) = ((h - 1) / stride + 1, (w - 1) / stride + 1);
+        let r = randn(&rng, &[n, cout, oh, ow])?;
         let run = |dtype: DType, fused: bool| -> Result<(Tensor, Vec<f64>, Vec<Option<Tensor>>)> {
             let vars = [&x, &k, &gamma, &beta]
                 .map(|t| Var::from_tensor(&t.to_dtype(dtype).expect("cast")).expect("var"));
@@ -389,14 +395,14 @@ fn fused_conv_batch_norm_agrees_with_separate_ops() -> Result<()> {
                 conv_batch_norm_train(
                     &xin,
                     vars[1].as_tensor(),
-                    (1, 1, 1, 1),
+                    (1, stride, 1, 1),
                     vars[2].as_tensor(),
                     vars[3].as_tensor(),
                     1e-5,
                     relu,
                 )?
             } else {
-                let y = conv2d(&xin, vars[1].as_tensor(), 1, 1, 1, 1)?;
+                let y = conv2d(&xin, vars[1].as_tensor(), 1, stride, 1, 1)?;
                 batch_norm_train(&y, vars[2].as_tensor(), vars[3].as_tensor(), 1e-5, relu)?
             };
             let gs = (&y * r.to_dtype(dtype)?)?.sum_all()?.backward()?;
@@ -405,7 +411,7 @@ fn fused_conv_batch_norm_agrees_with_separate_ops() -> Result<()> {
         };
         let (ya, sa, ga) = run(DType::F32, true)?;
         let (yb, sb, gb) = run(DType::F64, false)?;
-        let name = format!("conv-bn {n}x{c}x{h}x{w} -> {cout} relu {relu}");
+        let name = format!("conv-bn {n}x{c}x{h}x{w} -> {cout} stride {stride} relu {relu}");
         assert_close(&format!("{name} y"), &ya, &yb, 1e-5)?;
         let (sa, sb) = (
             Tensor::new(sa, &Device::Cpu)?,
@@ -447,26 +453,40 @@ fn max_pool_propagates_nan_to_its_windows_only() -> Result<()> {
 
 /// The fused conv + BatchNorm + residual sum + ReLU op (a residual block's end) in f32
 /// against separate ops in f64: output, statistics, and the gradients of input, kernel,
-/// gamma, beta and the residual.
+/// gamma, beta and the residual; at stride 1 and 2.
 #[test]
 fn fused_conv_batch_norm_add_relu_agrees_with_separate_ops() -> Result<()> {
     use resblock_core::ops::{add_relu, batch_norm_train, conv2d, conv_batch_norm_add_relu_train};
     let rng = RngHandle::seed_from_u64(16);
-    for (n, c, h, w, cout) in [(3, 5, 7, 9, 6), (1, 4, 8, 8, 8), (5, 8, 4, 4, 8)] {
+    for (n, c, h, w, cout, stride) in [
+        (3, 5, 7, 9, 6, 1),
+        (1, 4, 8, 8, 8, 1),
+        (5, 8, 4, 4, 8, 1),
+        (3, 5, 9, 7, 6, 2),
+    ] {
         let x = randn(&rng, &[n, c, h, w])?.affine(1.5, 0.3)?;
         let k = randn(&rng, &[cout, c, 3, 3])?.affine(0.3, 0.)?;
         let gamma = randn(&rng, &[cout])?.affine(0.5, 1.)?;
         let beta = randn(&rng, &[cout])?.affine(0.5, 0.)?;
-        let res = randn(&rng, &[n, cout, h, w])?;
-        let r = randn(&rng, &[n, cout, h, w])?;
+        let (oh, ow) = ((h - 1) / stride + 1, (w - 1) / stride + 1);
+        let res = randn(&rng, &[n, cout, oh, ow])?;
+        let r = randn(&rng, &[n, cout, oh, ow])?;
         let run = |dtype: DType, fused: bool| -> Result<(Tensor, Vec<f64>, Vec<Option<Tensor>>)> {
             let vars = [&x, &k, &gamma, &beta, &res]
                 .map(|t| Var::from_tensor(&t.to_dtype(dtype).expect("cast")).expect("var"));
             let t = |i: usize| vars[i].as_tensor();
             let (y, stats) = if fused {
-                conv_batch_norm_add_relu_train(t(0), t(1), (1, 1, 1, 1), t(2), t(3), 1e-5, t(4))?
+                conv_batch_norm_add_relu_train(
+                    t(0),
+                    t(1),
+                    (1, stride, 1, 1),
+                    t(2),
+                    t(3),
+                    1e-5,
+                    t(4),
+                )?
             } else {
-                let y = conv2d(t(0), t(1), 1, 1, 1, 1)?;
+                let y = conv2d(t(0), t(1), 1, stride, 1, 1)?;
                 let (y, stats) = batch_norm_train(&y, t(2), t(3), 1e-5, false)?;
                 (add_relu(t(4), &y)?, stats)
             };
@@ -476,7 +496,7 @@ fn fused_conv_batch_norm_add_relu_agrees_with_separate_ops() -> Result<()> {
         };
         let (ya, sa, ga) = run(DType::F32, true)?;
         let (yb, sb, gb) = run(DType::F64, false)?;
-        let name = format!("conv-bn-add-relu {n}x{c}x{h}x{w} -> {cout}");
+        let name = format!("conv-bn-add-relu {n}x{c}x{h}x{w} -> {cout} stride {stride}");
         assert_close(&format!("{name} y"), &ya, &yb, 1e-5)?;
         let (sa, sb) = (
             Tensor::new(sa, &Device::Cpu)?,

@@ -1,6 +1,7 @@
 //! Convolution + training-mode BatchNorm (+ ReLU) as one op: `relu?(bn(conv(x, w)))` with
-//! the batch statistics of the convolution's output, for f32 "same" 3x3 (stride 1,
-//! `2 * padding = k - 1`) convolutions on the direct kernels.
+//! the batch statistics of the convolution's output, for f32 convolutions with an odd square
+//! kernel and `2 * padding = k - 1` ("same" at stride 1, the halving 3x3 of a downsampling
+//! block at stride 2) on the direct kernels.
 //!
 //! Run as two ops, a conv-BN layer costs a training step about a dozen passes over its
 //! activation besides the kernels: the BatchNorm reads the convolution's output twice for
@@ -18,6 +19,9 @@
 //!   written straight into the padded buffer the input-gradient kernel reads, and the weight
 //!   gradient reads the same buffer (for a "same" convolution the padded `dY` is the
 //!   flattened `dY` shifted by the border, see `Plan::weight_grad_padded`).
+//! - stride 2: the same forward on the polyphase plan; the backward writes each image's
+//!   norm input gradient once, flattens it for the direct weight gradient and multiplies it
+//!   by `W^T` for `col2im` (a stride-2 input gradient is no convolution of `dY`).
 //!
 //! The op's inputs are `x`, the kernel and `[gamma; beta]` concatenated (Candle's custom ops
 //! take at most three tensors); its gradients are those of the three.
@@ -31,8 +35,9 @@ use rayon::prelude::*;
 use crate::buffer::{f32_slice, vec_written_by};
 use crate::conv::direct;
 use crate::conv::epilogue::Epilogue;
-use crate::conv::gemm::{flip_kernel, for_each_image_summed, gemm_parallelism};
+use crate::conv::gemm::{flip_kernel, for_each_image_summed, gemm_parallelism, WeightLhs};
 use crate::conv::geom::{ConvGeom, Dims};
+use crate::conv::pack::col2im;
 use crate::norm::simd as kernels;
 use crate::norm::{combine_moments, grad_coef, inv_std, norm_coef};
 
@@ -44,7 +49,8 @@ pub(crate) struct ConvBnTrain {
     d: Dims,
     geom: ConvGeom,
     fwd: direct::Plan,
-    back: direct::Plan,
+    /// The input gradient's plan (stride 1); `None` at stride 2.
+    back: Option<direct::Plan>,
     eps: f64,
     relu: bool,
     /// Written by the forward: the statistics (also read by the caller, for the running
@@ -65,12 +71,27 @@ impl ConvBnTrain {
         stats: Arc<OnceLock<Stats>>,
     ) -> Option<ConvBnTrain> {
         let same = k.len() == 4 && k[2] == k[3] && k[2] % 2 == 1 && 2 * geom.padding + 1 == k[2];
-        if !same || geom.stride != 1 || geom.dilation != 1 || geom.groups != 1 {
+        let stride_ok = geom.stride == 1 || (geom.stride == 2 && k[2] > 1);
+        if !same || !stride_ok || geom.dilation != 1 || geom.groups != 1 {
             return None;
         }
         let d = Dims::new(&geom, x, k).ok()?;
         if d.n * d.p() < 2 {
             return None;
+        }
+        let op = |fwd, back| ConvBnTrain {
+            d,
+            geom,
+            fwd,
+            back,
+            eps,
+            relu,
+            stats: stats.clone(),
+            conv: OnceLock::new(),
+        };
+        if geom.stride == 2 {
+            let fwd = crate::conv::path::strided_backward_plan(&d, &geom)?;
+            return Some(op(fwd, None));
         }
         let (fwd, back) = crate::conv::path::direct_backward_plans(&d, &geom)?;
         // The shared-buffer weight gradient must apply: checked once on an empty probe.
@@ -78,16 +99,12 @@ impl ConvBnTrain {
         let xp = fwd.padded_buffer(d.c);
         let dyp = back.padded_buffer(fwd.cout_rounded());
         fwd.weight_grad_padded(&[&xp], &back, &[&dyp], &mut probe)?;
-        Some(ConvBnTrain {
-            d,
-            geom,
-            fwd,
-            back,
-            eps,
-            relu,
-            stats,
-            conv: OnceLock::new(),
-        })
+        Some(op(fwd, Some(back)))
+    }
+
+    /// The output's shape `(n, cout, oh, ow)`.
+    pub(crate) fn out_shape(&self) -> [usize; 4] {
+        [self.d.n, self.d.cout, self.d.oh, self.d.ow]
     }
 
     /// Lengths of the kernel and of `[kernel; gamma; beta]`.
@@ -198,8 +215,35 @@ impl ConvBnTrain {
             .collect();
         let m = (d.n * p) as f64;
         let gcoef = grad_coef(&sums, &gb[..cout], mean, &inv, m);
+        let (dx, dw64) = match &self.back {
+            Some(back) => {
+                self.same_grads(back, (x, w), (conv, dy), (&fcoef, &gcoef), (need_dx, relu))
+            }
+            None => self.strided_grads((x, w), (conv, dy), (&fcoef, &gcoef), (need_dx, relu)),
+        };
+        let dparams = dw64
+            .into_iter()
+            .map(|v| v as f32)
+            .chain(sums.iter().map(|s| s.1 as f32))
+            .chain(sums.iter().map(|s| s.0 as f32))
+            .collect();
+        (dx, dparams)
+    }
+
+    /// Stride 1: (dx if `need_dx`, the kernel's gradient in f64) from the norm's
+    /// coefficients, the input-gradient plan `back` running the input gradient.
+    fn same_grads(
+        &self,
+        back: &direct::Plan,
+        (x, w): (&[f32], &[f32]),
+        (conv, dy): (&[f32], &[f32]),
+        (fcoef, gcoef): Coefs<'_>,
+        (need_dx, relu): (bool, bool),
+    ) -> (Option<Vec<f32>>, Vec<f64>) {
+        let d = &self.d;
+        let (p, cout) = (d.p(), d.cout);
         let (parallel, _) = gemm_parallelism(d.n);
-        let wfk = self.back.pack_weights(&flip_kernel(w, d, &self.geom));
+        let wfk = back.pack_weights(&flip_kernel(w, d, &self.geom));
         let wlen = w.len();
         // Images per weight-gradient call (see `Plan::weight_grad_group`), with at least one
         // group per thread.
@@ -223,7 +267,7 @@ impl ConvBnTrain {
                 let first = gi * group;
                 let m = group.min(d.n - first);
                 while s.dyp.len() < m {
-                    s.dyp.push(self.back.padded_buffer(cout_r));
+                    s.dyp.push(back.padded_buffer(cout_r));
                     s.xp.push(Vec::new());
                 }
                 for (k, (dyp, xp)) in s.dyp.iter_mut().zip(&mut s.xp).take(m).enumerate() {
@@ -235,7 +279,7 @@ impl ConvBnTrain {
                         for oy in 0..d.oh {
                             let r = oy * d.ow..(oy + 1) * d.ow;
                             kernels::input_grad(
-                                self.back.interior_row(dyp, co, oy),
+                                back.interior_row(dyp, co, oy),
                                 (&cv[r.clone()], &g[r]),
                                 fcoef[co],
                                 gcoef[co],
@@ -249,15 +293,15 @@ impl ConvBnTrain {
                 let xps: Vec<&[f32]> = s.xp[..m].iter().map(Vec::as_slice).collect();
                 let dyps: Vec<&[f32]> = s.dyp[..m].iter().map(Vec::as_slice).collect();
                 self.fwd
-                    .weight_grad_padded(&xps, &self.back, &dyps, &mut s.dw_n)
+                    .weight_grad_padded(&xps, back, &dyps, &mut s.dw_n)
                     .expect("conv_bn: layouts checked in new");
                 for (a, v) in acc.iter_mut().zip(&s.dw_n) {
                     *a += f64::from(*v);
                 }
                 if need_dx {
                     for (dyp, dx_n) in s.dyp.iter().zip(dx_g.chunks_exact_mut(d.chw())) {
-                        self.back.forward(dyp, &wfk, &mut s.flat, !parallel);
-                        self.back.unflatten(&s.flat, dx_n, Epilogue::NONE);
+                        back.forward(dyp, &wfk, &mut s.flat, !parallel);
+                        back.unflatten(&s.flat, dx_n, Epilogue::NONE);
                     }
                 }
             };
@@ -281,13 +325,82 @@ impl ConvBnTrain {
             // writes a whole chunk), and the groups' chunks cover `xlen`.
             unsafe { dx.set_len(xlen) };
         }
-        let dparams = dw64
-            .into_iter()
-            .map(|v| v as f32)
-            .chain(sums.iter().map(|s| s.1 as f32))
-            .chain(sums.iter().map(|s| s.0 as f32))
-            .collect();
-        (need_dx.then_some(dx), dparams)
+        (need_dx.then_some(dx), dw64)
+    }
+
+    /// Stride 2: as [`ConvBnTrain::same_grads`], the norm's input gradient of each image
+    /// written once (`g`), flattened for the direct weight gradient, and multiplied by
+    /// `W^T` for `col2im` (the input gradient).
+    fn strided_grads(
+        &self,
+        (x, w): (&[f32], &[f32]),
+        (conv, dy): (&[f32], &[f32]),
+        (fcoef, gcoef): Coefs<'_>,
+        (need_dx, relu): (bool, bool),
+    ) -> (Option<Vec<f32>>, Vec<f64>) {
+        let d = &self.d;
+        let (p, cout, k) = (d.p(), d.cout, d.k_all());
+        let (parallel, par) = gemm_parallelism(d.n);
+        let wlen = w.len();
+        let wt = WeightLhs::new(w, (k, cout), (1, k), 1, wlen);
+        let threads = rayon::current_num_threads().max(1);
+        let group = self
+            .fwd
+            .weight_grad_group()
+            .min(d.n.div_ceil(threads))
+            .max(1);
+        // `col2im` zeroes each image's chunk before it scatters; without `need_dx` the
+        // chunks only number the groups.
+        let (xlen, chunk) = if need_dx {
+            (d.n * d.chw(), group * d.chw())
+        } else {
+            (d.n, group)
+        };
+        let mut dx = vec![0f32; xlen];
+        let images = |s: &mut StridedScratch, acc: &mut [f64], gi: usize, dx_g: &mut [f32]| {
+            let first = gi * group;
+            let m = group.min(d.n - first);
+            for v in [&mut s.g, &mut s.dyf, &mut s.xp] {
+                v.resize_with(m.max(v.len()), Vec::new);
+            }
+            for i in 0..m {
+                let ni = first + i;
+                let g = &mut s.g[i];
+                g.resize(cout * p, 0.0);
+                for (co, g_c) in g.chunks_exact_mut(p).enumerate() {
+                    let at = (ni * cout + co) * p;
+                    let vg = (&conv[at..at + p], &dy[at..at + p]);
+                    kernels::input_grad(g_c, vg, fcoef[co], gcoef[co], relu);
+                }
+                self.fwd.flatten(g, &mut s.dyf[i]);
+                self.fwd
+                    .pad(&x[ni * d.chw()..(ni + 1) * d.chw()], &mut s.xp[i]);
+            }
+            let xps: Vec<&[f32]> = s.xp[..m].iter().map(Vec::as_slice).collect();
+            let dyfs: Vec<&[f32]> = s.dyf[..m].iter().map(Vec::as_slice).collect();
+            s.dw_n.resize(wlen, 0.0);
+            self.fwd.weight_grad_images(&xps, &dyfs, &mut s.dw_n);
+            for (a, v) in acc.iter_mut().zip(&s.dw_n) {
+                *a += f64::from(*v);
+            }
+            if need_dx {
+                s.dcols.resize(k * p, 0.0);
+                for (g, dx_n) in s.g.iter().zip(dx_g.chunks_exact_mut(d.chw())) {
+                    wt.gemm(0, p, &mut s.dcols, false, g, (p, 1), par);
+                    col2im(&s.dcols, d, &self.geom, dx_n);
+                }
+            }
+        };
+        let scratch = || StridedScratch {
+            g: Vec::new(),
+            dyf: Vec::new(),
+            xp: Vec::new(),
+            dcols: Vec::new(),
+            dw_n: Vec::new(),
+        };
+        let dw64 =
+            for_each_image_summed(&mut dx, chunk, parallel, wlen, scratch, images, |_, _| {});
+        (need_dx.then_some(dx), dw64)
     }
 
     /// The checked inputs of a forward.
@@ -377,11 +490,26 @@ impl ConvBnTrain {
     }
 }
 
+/// The norm's per-channel coefficients: the forward's (`norm_coef`) and the input
+/// gradient's (`grad_coef`).
+type Coefs<'a> = (&'a [(f32, f32, f32)], &'a [(f32, f32, f32, f32)]);
+
 /// The op's inputs as slices: `x`, `[kernel; gamma; beta]`, the residual if any.
 type Inputs<'a> = (&'a [f32], &'a [f32], Option<&'a [f32]>);
 
 /// One image of the forward: its index, convolution output and per-channel moments.
 type ImageOut<'a> = (usize, (&'a mut [MaybeUninit<f32>], &'a mut [(f64, f64)]));
+
+/// Scratch buffers of one stride-2 backward worker, per image of a group: the norm's input
+/// gradient `g`, it flattened, the phase-split input; and the patch gradients of one image
+/// and the group's weight gradient.
+struct StridedScratch {
+    g: Vec<Vec<f32>>,
+    dyf: Vec<Vec<f32>>,
+    xp: Vec<Vec<f32>>,
+    dcols: Vec<f32>,
+    dw_n: Vec<f32>,
+}
 
 /// Scratch buffers of one backward worker: padded inputs and output gradients of one image
 /// group.
@@ -458,8 +586,9 @@ impl CustomOp3 for ConvBnTrain {
 mod tests {
     use super::*;
 
-    /// The op takes stride-1 "same" convolutions (where the direct kernels run) and nothing
-    /// else; the callers fall back to two ops for the rest.
+    /// The op takes odd square kernels with `2 * padding = k - 1` at stride 1 ("same") and
+    /// stride 2 (where the direct kernels run) and nothing else; the callers fall back to
+    /// two ops for the rest.
     #[test]
     fn applies_to_same_convolutions_only() {
         let geom = |padding, stride| ConvGeom {
@@ -475,7 +604,10 @@ mod tests {
         assert_eq!(op(&[3, 5, 7, 9], &[6, 5, 3, 3], geom(1, 1)), avx2);
         assert_eq!(op(&[1, 16, 32, 32], &[16, 16, 3, 3], geom(1, 1)), avx2);
         assert_eq!(op(&[2, 4, 9, 9], &[4, 4, 5, 5], geom(2, 1)), avx2);
-        assert!(!op(&[3, 5, 8, 8], &[6, 5, 3, 3], geom(1, 2)));
+        assert_eq!(op(&[3, 5, 8, 8], &[6, 5, 3, 3], geom(1, 2)), avx2);
+        assert_eq!(op(&[2, 3, 9, 7], &[4, 3, 7, 7], geom(3, 2)), avx2);
+        assert!(!op(&[3, 5, 8, 8], &[6, 5, 3, 3], geom(1, 3)));
+        assert!(!op(&[3, 5, 8, 8], &[6, 5, 1, 1], geom(0, 2)));
         assert!(!op(&[3, 5, 8, 8], &[6, 5, 3, 3], geom(0, 1)));
         assert!(!op(&[3, 5, 8, 8], &[6, 5, 3, 3], geom(2, 1)));
         assert!(!op(&[3, 5, 8, 8], &[6, 5, 1, 1], geom(0, 1)));

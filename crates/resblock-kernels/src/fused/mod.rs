@@ -13,8 +13,9 @@ mod conv_bn;
 /// `batch_norm_train(conv2d(x, kernel, padding, stride, dilation, groups), weight, bias,
 /// eps, relu)`: a convolution followed by a training-mode batch norm (and a ReLU).
 ///
-/// For f32 "same" convolutions (stride 1, odd square kernel, `2 * padding = k - 1`) on the
-/// CPU with our kernels this is one op (`fused/conv_bn.rs`): the statistics are taken
+/// For f32 convolutions with an odd square kernel and `2 * padding = k - 1` at stride 1
+/// ("same") or 2 (a downsampling block's first) on the CPU with our kernels this is one op
+/// (`fused/conv_bn.rs`): the statistics are taken
 /// while each image's output is in cache, and the backward writes the norm's input gradient
 /// straight into the convolution's padded buffers, which saves most passes over the
 /// activation that two ops make. Elsewhere (and with `RESBLOCK_FUSED_CONV_BN=0`) it runs
@@ -118,8 +119,7 @@ fn fused_conv_bn(
     let y = match residual {
         None => x.apply_op2(&params, op)?,
         Some(r) => {
-            let (n, _, h, w) = x.dims4()?;
-            let want = [n, cout, h, w];
+            let want = op.out_shape();
             if r.dims() != want {
                 return Err(Error::Shape {
                     op: "conv_batch_norm_add_relu",
