@@ -198,8 +198,7 @@ pub(crate) fn backward_strided(
     let (k, ylen) = (d.k_all(), d.cout * d.p());
     let wlen = w.len();
     let wt = WeightLhs::new(w, (k, d.cout), (1, k), 1, wlen);
-    let threads = rayon::current_num_threads().max(1);
-    let group = plan.weight_grad_group().min(d.n.div_ceil(threads)).max(1);
+    let group = plan.images_per_group(d.n);
     let mut dx = vec![0f32; d.n * d.chw()];
     let images = |s: &mut StridedScratch, acc: &mut [f64], gi: usize, dx_g: &mut [f32]| {
         let (first, m) = (gi * group, dx_g.len() / d.chw());

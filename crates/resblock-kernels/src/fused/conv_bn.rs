@@ -245,14 +245,7 @@ impl ConvBnTrain {
         let (parallel, _) = gemm_parallelism(d.n);
         let wfk = back.pack_weights(&flip_kernel(w, d, &self.geom));
         let wlen = w.len();
-        // Images per weight-gradient call (see `Plan::weight_grad_group`), with at least one
-        // group per thread.
-        let threads = rayon::current_num_threads().max(1);
-        let group = self
-            .fwd
-            .weight_grad_group()
-            .min(d.n.div_ceil(threads))
-            .max(1);
+        let group = self.fwd.images_per_group(d.n);
         let (xlen, chunk) = if need_dx {
             (d.n * d.chw(), group * d.chw())
         } else {
@@ -343,12 +336,7 @@ impl ConvBnTrain {
         let (parallel, par) = gemm_parallelism(d.n);
         let wlen = w.len();
         let wt = WeightLhs::new(w, (k, cout), (1, k), 1, wlen);
-        let threads = rayon::current_num_threads().max(1);
-        let group = self
-            .fwd
-            .weight_grad_group()
-            .min(d.n.div_ceil(threads))
-            .max(1);
+        let group = self.fwd.images_per_group(d.n);
         // `col2im` zeroes each image's chunk before it scatters; without `need_dx` the
         // chunks only number the groups.
         let (xlen, chunk) = if need_dx {

@@ -508,6 +508,13 @@ impl Plan {
         (1024 / self.qlen).clamp(1, 8)
     }
 
+    /// Images per weight-gradient call for a batch of `n`: [`Plan::weight_grad_group`],
+    /// but at least one group per rayon thread.
+    pub(crate) fn images_per_group(&self, n: usize) -> usize {
+        let threads = rayon::current_num_threads().max(1);
+        self.weight_grad_group().min(n.div_ceil(threads)).max(1)
+    }
+
     /// The weight gradient summed over images `i`: `dY` row `co` (flattened, `qlen` long) at
     /// `co * row_stride` in `dys[i]`, input `xps[i]`, for all `cout_r` rows.
     fn weight_grad_rows(&self, xps: &[&[f32]], dys: &[&[f32]], row_stride: usize, dw: &mut [f32]) {
