@@ -36,6 +36,10 @@ const KC: usize = 256;
 const MC: usize = 128;
 /// Columns of one packed `B` block (a multiple of `NR`).
 const NC: usize = 1024;
+/// Weights of at least this many floats are packed on all threads ([`PackedA::new`], the
+/// direct convolution's `pack_weights`): below it the rayon hand-off costs more than the
+/// copy.
+pub(crate) const PARALLEL_PACK: usize = 1 << 16;
 
 /// Whether the callers use [`sgemm`]: the CPU has AVX-512, and the dispatch allows it and
 /// [`crate::dispatch::Dispatch::own_gemm`] (`RESBLOCK_SGEMM=0` turns it off).
@@ -120,14 +124,26 @@ impl PackedA {
     pub(crate) fn new(a: Operand<'_>, m: usize, k: usize) -> PackedA {
         a.check(m, k, "packed lhs");
         let m_pad = m.div_ceil(MR) * MR;
-        let mut data = Vec::with_capacity(m_pad * k);
-        let mut block = Vec::new();
+        let mut data = vec![0f32; m_pad * k];
+        // The blocks in order, each `(pc, kc, ic, mc)` and its slice of `data`.
+        let mut blocks = Vec::new();
+        let mut rest = &mut data[..];
         for pc in (0..k).step_by(KC) {
             let kc = KC.min(k - pc);
             for ic in (0..m).step_by(MC) {
-                pack_a(&mut block, a, ic, MC.min(m - ic), pc, kc);
-                data.extend_from_slice(&block);
+                let mc = MC.min(m - ic);
+                let (block, tail) = rest.split_at_mut(mc.div_ceil(MR) * MR * kc);
+                blocks.push(((pc, kc, ic, mc), block));
+                rest = tail;
             }
+        }
+        let pack = |((pc, kc, ic, mc), block): ((usize, usize, usize, usize), &mut [f32])| {
+            pack_a_into(block, a, ic, mc, pc, kc);
+        };
+        if m_pad * k >= PARALLEL_PACK && rayon::current_num_threads() > 1 {
+            blocks.into_par_iter().for_each(pack);
+        } else {
+            blocks.into_iter().for_each(pack);
         }
         PackedA { m, k, data }
     }
@@ -291,9 +307,13 @@ fn serial(
 /// `r` holds, for each `p`, the `MR` values `a[i0 + r * MR + i, p0 + p]` (zero past `mc`).
 /// Reads run along whichever of `a`'s dimensions is contiguous.
 fn pack_a(dst: &mut Vec<f32>, a: Operand<'_>, i0: usize, mc: usize, p0: usize, kc: usize) {
-    let panels = mc.div_ceil(MR);
-    // Every value is written below except the padding rows of a short last panel.
-    dst.resize(panels * kc * MR, 0.);
+    dst.resize(mc.div_ceil(MR) * kc * MR, 0.);
+    pack_a_into(dst, a, i0, mc, p0, kc);
+}
+
+/// [`pack_a`] into a slice of exactly its size; every value is written (zero past `mc`).
+fn pack_a_into(dst: &mut [f32], a: Operand<'_>, i0: usize, mc: usize, p0: usize, kc: usize) {
+    debug_assert_eq!(dst.len(), mc.div_ceil(MR) * kc * MR);
     for (r, panel) in dst.chunks_exact_mut(kc * MR).enumerate() {
         let rows = MR.min(mc - r * MR);
         let top = i0 + r * MR;

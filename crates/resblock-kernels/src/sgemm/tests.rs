@@ -113,6 +113,8 @@ fn matches_the_triple_loop() {
         (64, 49, 576),
         (3, 1100, 9),
         (140, 1030, 260),
+        // `a` above `PARALLEL_PACK` (packed on all threads): 3 x 2 blocks of `MC x KC`.
+        (260, 40, 300),
     ];
     for &(m, n, k) in &shapes {
         for (a_t, b_t) in [(false, false), (true, false), (false, true), (true, true)] {
@@ -123,6 +125,39 @@ fn matches_the_triple_loop() {
             }
         }
     }
+}
+
+#[test]
+fn packing_is_the_same_on_one_and_two_threads() {
+    let (m, k) = (260, 300);
+    assert!(m * k >= PARALLEL_PACK);
+    let av = values(m * k, 9);
+    let a = Operand {
+        data: &av,
+        rs: k,
+        cs: 1,
+    };
+    let packed: Vec<Vec<f32>> = [1, 2]
+        .into_iter()
+        .map(|threads| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .expect("pool");
+            pool.install(|| PackedA::new(a, m, k)).data
+        })
+        .collect();
+    assert_eq!(packed[0], packed[1]);
+    // And the same as packing block by block, as `serial` does with a raw operand.
+    let mut want = Vec::new();
+    let mut block = Vec::new();
+    for pc in (0..k).step_by(KC) {
+        for ic in (0..m).step_by(MC) {
+            pack_a(&mut block, a, ic, MC.min(m - ic), pc, KC.min(k - pc));
+            want.extend_from_slice(&block);
+        }
+    }
+    assert_eq!(packed[0], want);
 }
 
 #[test]

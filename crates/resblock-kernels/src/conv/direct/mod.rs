@@ -305,19 +305,28 @@ impl Plan {
     }
 
     /// The weights `(cout, c, kh, kw)` repacked as `[cout block][ci][tap][cb]`, zero for the
-    /// output channels past `cout`.
+    /// output channels past `cout`. Large layers pack their blocks in parallel: at batch 1
+    /// this pass (a read and a write of all the weights) was 8% of a ResNet-18 inference.
     pub(crate) fn pack_weights(&self, w: &[f32]) -> Vec<f32> {
-        let nt = self.kh * self.kw;
+        let row = self.c * self.kh * self.kw;
         let cb = self.cb();
-        assert_eq!(w.len(), self.cout * self.c * nt, "direct conv: weight size");
-        let mut out = vec![0f32; self.cout_r * self.c * nt];
-        for co in 0..self.cout {
-            let (blk, j) = (co / cb, co % cb);
-            for ci in 0..self.c {
-                for t in 0..nt {
-                    out[((blk * self.c + ci) * nt + t) * cb + j] = w[(co * self.c + ci) * nt + t];
+        assert_eq!(w.len(), self.cout * row, "direct conv: weight size");
+        let mut out = vec![0f32; self.cout_r * row];
+        // Block `blk`: for each (ci, tap) the `cb` output channels side by side, so the
+        // writes run in order and each channel's row is read in order.
+        let pack = |(blk, dst): (usize, &mut [f32])| {
+            let rows = cb.min(self.cout - blk * cb);
+            let src = &w[blk * cb * row..(blk * cb + rows) * row];
+            for (k, o) in dst.chunks_exact_mut(cb).enumerate() {
+                for (j, v) in o[..rows].iter_mut().enumerate() {
+                    *v = src[j * row + k];
                 }
             }
+        };
+        if out.len() >= crate::sgemm::PARALLEL_PACK && rayon::current_num_threads() > 1 {
+            out.par_chunks_mut(cb * row).enumerate().for_each(pack);
+        } else {
+            out.chunks_mut(cb * row).enumerate().for_each(pack);
         }
         out
     }

@@ -238,3 +238,37 @@ fn stride_two_matches_a_plain_convolution() {
         }
     }
 }
+
+/// `pack_weights` against the layout it documents (`[cout block][ci][tap][cb]`, zero past
+/// `cout`), for a layer large enough to pack in parallel, on one thread and on two.
+#[test]
+fn packed_weights_have_the_documented_layout_on_any_thread_count() {
+    for isa in [Isa::Avx512, Isa::Avx2] {
+        // 100 output channels leave the last block of 8 (AVX-512) part empty; 100 * 80 * 9
+        // floats is above `PARALLEL_PACK`.
+        let (cout, c, nt) = (100, 80, 9);
+        assert!(cout * c * nt >= crate::sgemm::PARALLEL_PACK);
+        let Some(plan) = Plan::with_isa(isa, (c, 6, 6), cout, (3, 3), (1, 1)) else {
+            continue;
+        };
+        let w = values(cout * c * nt, 5);
+        let cb = isa.cb();
+        let mut want = vec![0f32; plan.cout_rounded() * c * nt];
+        for co in 0..cout {
+            for ci in 0..c {
+                for t in 0..nt {
+                    want[(((co / cb) * c + ci) * nt + t) * cb + co % cb] =
+                        w[(co * c + ci) * nt + t];
+                }
+            }
+        }
+        for threads in [1, 2] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .expect("pool");
+            let got = pool.install(|| plan.pack_weights(&w));
+            assert_eq!(got, want, "{isa:?} on {threads} thread(s)");
+        }
+    }
+}
