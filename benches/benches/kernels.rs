@@ -1,13 +1,15 @@
 //! Single kernels on the CPU: the peak FMA rate, the GEMM peak (Candle's matmul, the `gemm` crate), 3x3
 //! convolutions at ResNet shapes (forward; backward = input and weight gradient, which our
-//! kernel computes in one pass) and BatchNorm + ReLU training forward + backward.
+//! kernel computes in one pass) and BatchNorm + ReLU training forward + backward (from a
+//! given output gradient, as the convolutions' backward: `backward_from`, PyTorch's
+//! `autograd.grad(y, inputs, dy)`).
 //! PyTorch's side: `benches/torch_bench.py`.
 
 use candle_core::{DType, Device, Tensor, Var};
 use criterion::{criterion_group, criterion_main, Criterion};
 use resblock_benches::{conv3x3_flop, record};
 use resblock_core::ops::{batch_norm_train, conv2d, conv2d_backward};
-use resblock_core::{configure_threads, RngHandle};
+use resblock_core::{backward_from, configure_threads, RngHandle};
 
 fn randn(shape: &[usize], std: f64) -> Tensor {
     RngHandle::seed_from_u64(shape.iter().product::<usize>() as u64)
@@ -86,12 +88,7 @@ fn batch_norm(c: &mut Criterion) {
                 let (y, _) =
                     batch_norm_train(x.as_tensor(), g.as_tensor(), b.as_tensor(), 1e-5, true)
                         .expect("bn");
-                (y * &r)
-                    .expect("mul")
-                    .sum_all()
-                    .expect("sum")
-                    .backward()
-                    .expect("backward")
+                backward_from(&y, &r).expect("backward")
             })
         });
     }

@@ -32,6 +32,7 @@
 #![warn(missing_docs)]
 #![forbid(unsafe_code)]
 
+pub mod backward_from;
 pub mod conv_bn;
 pub mod device;
 pub mod drop_path;
@@ -49,6 +50,7 @@ pub mod threads;
 /// The tensor ops and CPU kernels under the layers (the `resblock-kernels` crate).
 pub use resblock_kernels as ops;
 
+pub use backward_from::backward_from;
 pub use conv_bn::ConvBn;
 pub use device::{best_device, parse_device};
 pub use drop_path::DropPath;
