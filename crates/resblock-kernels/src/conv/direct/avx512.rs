@@ -10,21 +10,21 @@
 
 use std::arch::x86_64::*;
 
-use super::{Isa, MAX_CB, QV, TB};
+use super::{Isa, MAX_CB, TB};
 
 /// Output channels per micro-tile.
 const CB: usize = Isa::Avx512.cb();
 /// f32 lanes of one register.
 const LANES: usize = Isa::Avx512.lanes();
 
-/// With `TQ = LANES * QV` pixels:
+/// With `TQ = LANES * V` pixels (`V` vectors: 2 for the full tiles, 1 for a tail):
 /// `out[j * qlen + 0..TQ] = sum_ci sum_tap w[ci, tap, j] * x[ci * ps + taps[tap] + 0..TQ]`.
 ///
 /// # Safety
 /// AVX-512 F and VL must be available; `x` must be readable for `(c - 1) * ps + max(taps) + TQ`
 /// floats, `w` for `c * taps.len() * CB`, and `out` writable for `(CB - 1) * qlen + TQ`.
 #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
-pub(crate) unsafe fn fwd_tile(
+pub(crate) unsafe fn fwd_tile<const V: usize>(
     x: *const f32,
     ps: usize,
     taps: &[usize],
@@ -36,8 +36,8 @@ pub(crate) unsafe fn fwd_tile(
     // SAFETY: the caller's contract covers every pointer formed here. (No closures: they
     // would not inherit the target features.)
     unsafe {
-        let mut acc = [[_mm512_setzero_ps(); QV]; CB];
-        let mut xv = [_mm512_setzero_ps(); QV];
+        let mut acc = [[_mm512_setzero_ps(); V]; CB];
+        let mut xv = [_mm512_setzero_ps(); V];
         let mut wp = w;
         for ci in 0..c {
             let xc = x.add(ci * ps);

@@ -44,7 +44,8 @@ mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 
-/// Vectors per micro-tile along the flattened pixels (forward).
+/// Vectors per micro-tile along the flattened pixels (forward); a flattened row whose length
+/// is an odd number of vectors ends with a one-vector tile.
 const QV: usize = 2;
 /// Taps per weight-gradient micro-tile.
 const TB: usize = 3;
@@ -135,7 +136,8 @@ pub(crate) struct Plan {
     phase_len: usize,
     /// The largest tap offset.
     max_tap: usize,
-    /// Flattened output length: `oh * wp` rounded up to a multiple of the tile's pixels.
+    /// Flattened output length: `oh * pitch` rounded up to a multiple of one vector (not of
+    /// a whole tile: at 8x8 that was 96 for 80, a third of the FMAs spent on junk).
     qlen: usize,
     /// Stride between padded input planes: `qlen` plus the largest tap offset, so every read
     /// of a tile stays inside its plane.
@@ -183,7 +185,7 @@ impl Plan {
         }
         let (oh, ow) = ((hp - kh) / stride + 1, (wp - kw) / stride + 1);
         let pitch = wp.div_ceil(stride);
-        let qlen = (oh * pitch).div_ceil(isa.tq()) * isa.tq();
+        let qlen = (oh * pitch).div_ceil(isa.lanes()) * isa.lanes();
         // Stride 2: one phase holds `ceil(hp / 2)` rows of `pitch`.
         let phase_len = if stride == 1 {
             0
@@ -345,15 +347,25 @@ impl Plan {
             "direct conv: packed weight size"
         );
         out.resize(self.flat_len(), 0.0);
-        let (cb, tq) = (self.cb(), self.isa.tq());
+        let (cb, tq, lanes) = (self.cb(), self.isa.tq(), self.isa.lanes());
         let wblk = self.c * self.taps.len() * cb;
-        let tiles = self.qlen / tq;
+        // Whole tiles, then at most one one-vector tile: (start, vectors) for each.
+        let full = self.qlen / tq;
+        let tail = (self.qlen % tq) / lanes;
+        let tile = |t: usize| {
+            if t < full {
+                (t * tq, QV)
+            } else {
+                (full * tq, tail)
+            }
+        };
+        let tiles = full + usize::from(tail > 0);
         if parallel {
             out.par_chunks_mut(cb * self.qlen)
                 .zip(wk.par_chunks(wblk))
                 .for_each(|(o, wb)| {
                     for t in 0..tiles {
-                        self.fwd_tile(xp, wb, t * tq, o);
+                        self.fwd_tile(xp, wb, tile(t), o);
                     }
                 });
         } else {
@@ -361,30 +373,35 @@ impl Plan {
             for t0 in (0..tiles).step_by(per_block) {
                 for (o, wb) in out.chunks_mut(cb * self.qlen).zip(wk.chunks(wblk)) {
                     for t in t0..(t0 + per_block).min(tiles) {
-                        self.fwd_tile(xp, wb, t * tq, o);
+                        self.fwd_tile(xp, wb, tile(t), o);
                     }
                 }
             }
         }
     }
 
-    /// One micro-tile: `cb` output rows of `o` (stride `qlen`) at `q0..q0 + tq`.
-    fn fwd_tile(&self, xp: &[f32], wb: &[f32], q0: usize, o: &mut [f32]) {
-        let (cb, tq, max_tap) = (self.cb(), self.isa.tq(), self.max_tap);
+    /// One micro-tile: `cb` output rows of `o` (stride `qlen`) at `q0..q0 + v * lanes`, for
+    /// `v` = [`QV`] or (the tail) 1 vector.
+    fn fwd_tile(&self, xp: &[f32], wb: &[f32], (q0, v): (usize, usize), o: &mut [f32]) {
+        let (cb, max_tap) = (self.cb(), self.max_tap);
+        let len = v * self.isa.lanes();
         // The bounds the kernels rely on.
-        assert!(q0 + tq <= self.qlen && self.qlen + max_tap <= self.ps);
+        assert!((v == 1 || v == QV) && q0 + len <= self.qlen && self.qlen + max_tap <= self.ps);
         assert!(xp.len() >= self.c * self.ps && wb.len() >= self.c * self.taps.len() * cb);
-        assert!(o.len() >= (cb - 1) * self.qlen + q0 + tq);
+        assert!(o.len() >= (cb - 1) * self.qlen + q0 + len);
         let (x, w, out) = (xp[q0..].as_ptr(), wb.as_ptr(), o[q0..].as_mut_ptr());
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the CPU has the plan's instruction set (`Isa::supported` in `Plan::strided`), and
         // every pointer the kernel forms is in bounds: input reads reach
-        // `(c - 1) * ps + q0 + max_tap + tq <= c * ps`, weight reads `c * taps * cb`, output
-        // writes `(cb - 1) * qlen + q0 + tq` (asserted above).
+        // `(c - 1) * ps + q0 + max_tap + len <= c * ps`, weight reads `c * taps * cb`, output
+        // writes `(cb - 1) * qlen + q0 + len` (asserted above).
         unsafe {
-            match self.isa {
-                Isa::Avx2 => avx2::fwd_tile(x, self.ps, &self.taps, self.c, w, out, self.qlen),
-                Isa::Avx512 => avx512::fwd_tile(x, self.ps, &self.taps, self.c, w, out, self.qlen),
+            let (ps, taps, c, qlen) = (self.ps, &self.taps[..], self.c, self.qlen);
+            match (self.isa, v) {
+                (Isa::Avx2, QV) => avx2::fwd_tile::<QV>(x, ps, taps, c, w, out, qlen),
+                (Isa::Avx2, _) => avx2::fwd_tile::<1>(x, ps, taps, c, w, out, qlen),
+                (Isa::Avx512, QV) => avx512::fwd_tile::<QV>(x, ps, taps, c, w, out, qlen),
+                (Isa::Avx512, _) => avx512::fwd_tile::<1>(x, ps, taps, c, w, out, qlen),
             }
         }
         #[cfg(not(target_arch = "x86_64"))]

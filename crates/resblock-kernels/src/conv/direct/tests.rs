@@ -56,7 +56,9 @@ fn every_kernel_set_matches_a_plain_convolution() {
         .filter(|i| i.supported())
         .collect();
     // (n, c, cout, h, w, k, pad): same and valid convolutions, outputs of 3, 6, 13 and 16
-    // channels (no tile of 4 or 8 filled exactly, then exactly), rows of 5 to 17 pixels.
+    // channels (no tile of 4 or 8 filled exactly, then exactly), rows of 5 to 17 pixels;
+    // flattened outputs ending in a one-vector tail tile (AVX-512: the first three, AVX2:
+    // the last) and in whole tiles.
     let cases = [
         (2, 3, 6, 7, 9, 3, 1),
         (3, 5, 13, 6, 5, 3, 1),
