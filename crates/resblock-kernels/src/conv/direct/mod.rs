@@ -14,6 +14,9 @@
 //! reads input `q + ky * wp + kx` for tap `(ky, kx)`. So one output plane is a 1-D correlation
 //! of the flattened padded plane with `kh * kw` fixed offsets, computed over all
 //! `q < oh * wp` (the columns `ox >= ow` are junk and dropped when the result is copied out).
+//! At stride 1 the rows share their padding (`wp = w + pad_x`: one row's right border is the
+//! next one's left border), so a 3x3 "same" convolution computes `w + 1` columns per row for
+//! `w` outputs.
 //!
 //! Stride 2 is the same code on a polyphase layout: each padded input plane is stored as its
 //! four phases `(y % 2, x % 2)`, each `ceil(hp / 2) x ceil(wp / 2)`, one after the other.
@@ -125,7 +128,8 @@ pub(crate) struct Plan {
     pad_x: usize,
     pub(crate) oh: usize,
     pub(crate) ow: usize,
-    /// Padded input width.
+    /// The width of a padded input row in the layout: `w + pad_x` at stride 1 (the rows
+    /// share their padding columns, see [`Plan::strided`]), `w + 2 * pad_x` at stride 2.
     wp: usize,
     /// 1 or 2.
     stride: usize,
@@ -184,7 +188,17 @@ impl Plan {
             return None;
         }
         let (oh, ow) = ((hp - kh) / stride + 1, (wp - kw) / stride + 1);
-        let pitch = wp.div_ceil(stride);
+        // Stride 1: the rows of a plane share their padding columns. The taps of output
+        // column `ox` read input columns `ox + kx - pad_x`, which span `-pad_x..w + pad_x`;
+        // with rows `w + pad_x` apart, one row's right padding is the next row's left
+        // padding, so `pad_x` zero columns between rows serve both (when `pad_x < kw`,
+        // as in every "same" convolution; else, and at stride 2, the full `wp`).
+        let wp = if stride == 1 && pad_x < kw {
+            w + pad_x
+        } else {
+            wp
+        };
+        let pitch = if stride == 1 { wp } else { wp.div_ceil(2) };
         let qlen = (oh * pitch).div_ceil(isa.lanes()) * isa.lanes();
         // Stride 2: one phase holds `ceil(hp / 2)` rows of `pitch`.
         let phase_len = if stride == 1 {
