@@ -27,6 +27,7 @@ use rayon::prelude::*;
 use super::epilogue::Epilogue;
 use super::geom::{ConvGeom, Dims};
 use super::pack::{col2im, im2col};
+use super::weight_sum::WeightSum;
 use crate::matmul::{as_f32, as_f32_mut, gemm_into, threads_of};
 
 /// A convolution's weights as the left operand of its per-image GEMMs: one `m x k` matrix
@@ -151,20 +152,20 @@ pub(crate) fn for_each_image<T: Send, S>(
     }
 }
 
-/// Runs `image(scratch, acc, image index, chunk)` over `out`'s per-image chunks, in parallel
-/// or not, each worker adding into its own f64 accumulator of `acc_len`, and `finish(scratch,
-/// acc)` once at each worker's end (for what its scratch still holds); returns their sum
-/// (the backward's weight gradient, summed over the batch in f64).
+/// Runs `image(scratch, sum, image index, chunk)` over `out`'s per-image chunks, in parallel
+/// or not, each worker adding into its own f64 [`WeightSum`] of `acc_len`, and
+/// `finish(scratch, sum)` once at each worker's end (for what its scratch still holds);
+/// returns their sum (the backward's weight gradient, summed over the batch in f64).
 pub(crate) fn for_each_image_summed<T: Send, S: Send>(
     out: &mut [T],
     chunk: usize,
     parallel: bool,
     acc_len: usize,
     init: impl Fn() -> S + Sync + Send,
-    image: impl Fn(&mut S, &mut [f64], usize, &mut [T]) + Sync + Send,
-    finish: impl Fn(&mut S, &mut [f64]) + Sync + Send,
+    image: impl Fn(&mut S, &mut WeightSum, usize, &mut [T]) + Sync + Send,
+    finish: impl Fn(&mut S, &mut WeightSum) + Sync + Send,
 ) -> Vec<f64> {
-    let worker = || (init(), vec![0f64; acc_len]);
+    let worker = || (init(), WeightSum::new(acc_len));
     if parallel {
         let min_len = per_worker(out.len(), chunk);
         out.par_chunks_mut(chunk)
@@ -178,20 +179,15 @@ pub(crate) fn for_each_image_summed<T: Send, S: Send>(
                 finish(&mut s, &mut acc);
                 acc
             })
-            .reduce(
-                || vec![0f64; acc_len],
-                |mut a, b| {
-                    a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
-                    a
-                },
-            )
+            .reduce(|| WeightSum::new(acc_len), WeightSum::merge)
+            .into_vec()
     } else {
         let (mut s, mut acc) = worker();
         for (i, c) in out.chunks_mut(chunk).enumerate() {
             image(&mut s, &mut acc, i, c);
         }
         finish(&mut s, &mut acc);
-        acc
+        acc.into_vec()
     }
 }
 
@@ -387,11 +383,9 @@ pub(crate) struct Scratch<T> {
 const DW_IMAGES_PER_FLUSH: usize = 4;
 
 /// Adds a worker's pending weight gradient to its f64 total.
-fn flush_dw<T: WithDType>(s: &mut Scratch<T>, acc: &mut [f64]) {
+fn flush_dw<T: WithDType>(s: &mut Scratch<T>, acc: &mut WeightSum) {
     if s.pending > 0 {
-        for (a, v) in acc.iter_mut().zip(&s.dw_n) {
-            *a += v.to_f64();
-        }
+        acc.add(&s.dw_n);
         s.pending = 0;
     }
 }
@@ -416,7 +410,7 @@ pub(crate) fn backward<T: WithDType>(
         }
     };
     let mut dx = vec![T::zero(); d.n * d.chw()];
-    let image = |s: &mut Scratch<T>, acc: &mut [f64], ni: usize, dx_n: &mut [T]| {
+    let image = |s: &mut Scratch<T>, acc: &mut WeightSum, ni: usize, dx_n: &mut [T]| {
         let img = &x[ni * d.chw()..(ni + 1) * d.chw()];
         let dy_n = &dy[ni * d.cout * p..(ni + 1) * d.cout * p];
         let cols: &[T] = if d.direct(g) {

@@ -18,6 +18,7 @@ pub(crate) mod geom;
 pub(crate) mod op;
 pub(crate) mod pack;
 pub(crate) mod path;
+pub(crate) mod weight_sum;
 
 use geom::ConvGeom;
 use op::{NativeConv2d, NativeConv2dBias, NativeConv2dScaleShift};

@@ -8,6 +8,7 @@ use super::gemm::{
 };
 use super::geom::{ConvGeom, Dims};
 use super::pack::col2im;
+use super::weight_sum::WeightSum;
 
 /// Whether the direct kernels may be used ([`crate::dispatch::Dispatch::direct_conv`]; off for
 /// comparison with the GEMM path).
@@ -141,15 +142,13 @@ pub(crate) fn backward_direct(
     let wfk = back.pack_weights(&flip_kernel(w, d, g));
     let ylen = d.cout * d.p();
     let mut dx = vec![0f32; d.n * d.chw()];
-    let image = |s: &mut DirectScratch, acc: &mut [f64], ni: usize, dx_n: &mut [f32]| {
+    let image = |s: &mut DirectScratch, acc: &mut WeightSum, ni: usize, dx_n: &mut [f32]| {
         let dy_n = &dy[ni * ylen..(ni + 1) * ylen];
         fwd.pad(&x[ni * d.chw()..(ni + 1) * d.chw()], &mut s.xp);
         fwd.flatten(dy_n, &mut s.dyf);
         s.dw_n.resize(wlen, 0.0);
         fwd.weight_grad(&s.xp, &s.dyf, &mut s.dw_n);
-        for (a, v) in acc.iter_mut().zip(&s.dw_n) {
-            *a += f64::from(*v);
-        }
+        acc.add(&s.dw_n);
         back.pad(dy_n, &mut s.dyp);
         back.forward(&s.dyp, &wfk, &mut s.flat, !parallel);
         back.unflatten(&s.flat, dx_n, Epilogue::NONE);
@@ -200,7 +199,7 @@ pub(crate) fn backward_strided(
     let wt = WeightLhs::new(w, (k, d.cout), (1, k), 1, wlen);
     let group = plan.images_per_group(d.n);
     let mut dx = vec![0f32; d.n * d.chw()];
-    let images = |s: &mut StridedScratch, acc: &mut [f64], gi: usize, dx_g: &mut [f32]| {
+    let images = |s: &mut StridedScratch, acc: &mut WeightSum, gi: usize, dx_g: &mut [f32]| {
         let (first, m) = (gi * group, dx_g.len() / d.chw());
         s.xp.resize_with(m.max(s.xp.len()), Vec::new);
         s.dyf.resize_with(m.max(s.dyf.len()), Vec::new);
@@ -213,9 +212,7 @@ pub(crate) fn backward_strided(
         let dyfs: Vec<&[f32]> = s.dyf[..m].iter().map(Vec::as_slice).collect();
         s.dw_n.resize(wlen, 0.0);
         plan.weight_grad_images(&xps, &dyfs, &mut s.dw_n);
-        for (a, v) in acc.iter_mut().zip(&s.dw_n) {
-            *a += f64::from(*v);
-        }
+        acc.add(&s.dw_n);
         s.dcols.resize(k * d.p(), 0.0);
         for (i, dx_n) in dx_g.chunks_exact_mut(d.chw()).enumerate() {
             let ni = first + i;

@@ -38,6 +38,7 @@ use crate::conv::epilogue::Epilogue;
 use crate::conv::gemm::{flip_kernel, for_each_image_summed, gemm_parallelism, WeightLhs};
 use crate::conv::geom::{ConvGeom, Dims};
 use crate::conv::pack::col2im;
+use crate::conv::weight_sum::WeightSum;
 use crate::norm::simd as kernels;
 use crate::norm::{combine_moments, grad_coef, inv_std, norm_coef};
 
@@ -256,7 +257,7 @@ impl ConvBnTrain {
         let mut dx: Vec<f32> = Vec::with_capacity(xlen);
         let cout_r = self.fwd.cout_rounded();
         let images =
-            |s: &mut Scratch, acc: &mut [f64], gi: usize, dx_g: &mut [MaybeUninit<f32>]| {
+            |s: &mut Scratch, acc: &mut WeightSum, gi: usize, dx_g: &mut [MaybeUninit<f32>]| {
                 let first = gi * group;
                 let m = group.min(d.n - first);
                 while s.dyp.len() < m {
@@ -288,9 +289,7 @@ impl ConvBnTrain {
                 self.fwd
                     .weight_grad_padded(&xps, back, &dyps, &mut s.dw_n)
                     .expect("conv_bn: layouts checked in new");
-                for (a, v) in acc.iter_mut().zip(&s.dw_n) {
-                    *a += f64::from(*v);
-                }
+                acc.add(&s.dw_n);
                 if need_dx {
                     for (dyp, dx_n) in s.dyp.iter().zip(dx_g.chunks_exact_mut(d.chw())) {
                         back.forward(dyp, &wfk, &mut s.flat, !parallel);
@@ -345,7 +344,7 @@ impl ConvBnTrain {
             (d.n, group)
         };
         let mut dx = vec![0f32; xlen];
-        let images = |s: &mut StridedScratch, acc: &mut [f64], gi: usize, dx_g: &mut [f32]| {
+        let images = |s: &mut StridedScratch, acc: &mut WeightSum, gi: usize, dx_g: &mut [f32]| {
             let first = gi * group;
             let m = group.min(d.n - first);
             for v in [&mut s.g, &mut s.dyf, &mut s.xp] {
@@ -368,9 +367,7 @@ impl ConvBnTrain {
             let dyfs: Vec<&[f32]> = s.dyf[..m].iter().map(Vec::as_slice).collect();
             s.dw_n.resize(wlen, 0.0);
             self.fwd.weight_grad_images(&xps, &dyfs, &mut s.dw_n);
-            for (a, v) in acc.iter_mut().zip(&s.dw_n) {
-                *a += f64::from(*v);
-            }
+            acc.add(&s.dw_n);
             if need_dx {
                 s.dcols.resize(k * p, 0.0);
                 for (g, dx_n) in s.g.iter().zip(dx_g.chunks_exact_mut(d.chw())) {
