@@ -54,6 +54,17 @@ pub(crate) fn im2col_channel<T: WithDType>(plane: &[T], d: &Dims, g: &ConvGeom, 
             r += 1;
             let off_x = (kx * g.dilation) as isize - g.padding as isize;
             let (lo, hi) = valid_range(d.ow, d.w, s, off_x);
+            if s == 1 && d.ow == d.w {
+                shifted_plane(
+                    plane,
+                    d,
+                    (ky * g.dilation) as isize - g.padding as isize,
+                    off_x,
+                    (lo, hi),
+                    row,
+                );
+                continue;
+            }
             for oy in 0..d.oh {
                 let out = &mut row[oy * d.ow..(oy + 1) * d.ow];
                 let iy = (oy * s + ky * g.dilation) as isize - g.padding as isize;
@@ -82,6 +93,45 @@ pub(crate) fn im2col_channel<T: WithDType>(plane: &[T], d: &Dims, g: &ConvGeom, 
                     }
                 }
             }
+        }
+    }
+}
+
+/// One row of `cols` at stride 1 when the output is as wide as the input (every "same"
+/// convolution): the input plane shifted by `off_y` rows and `off_x` columns, which is one
+/// contiguous copy of the rows in range (the columns that wrap to a neighbouring row
+/// zeroed after it), not a copy and two fills per output row. At 14x14 and 7x7 those
+/// per-row calls cost more than the values they moved.
+fn shifted_plane<T: WithDType>(
+    plane: &[T],
+    d: &Dims,
+    off_y: isize,
+    off_x: isize,
+    (lo, hi): (usize, usize),
+    row: &mut [T],
+) {
+    let w = d.w;
+    // Output rows whose input row `oy + off_y` is in the plane.
+    let y0 = (-off_y).clamp(0, d.oh as isize) as usize;
+    let y1 = (d.h as isize - off_y).clamp(y0 as isize, d.oh as isize) as usize;
+    row[..y0 * w].fill(T::zero());
+    row[y1 * w..].fill(T::zero());
+    if y0 == y1 {
+        return;
+    }
+    // Output index `t` (in rows y0..y1) reads input `t + shift`; the ends that would read
+    // before or past the plane are in the zeroed columns below.
+    let shift = off_y * w as isize + off_x;
+    let t0 = (y0 * w).max((-shift).max(0) as usize);
+    let t1 = (y1 * w).min((plane.len() as isize - shift).max(0) as usize);
+    if t0 < t1 {
+        let from = (t0 as isize + shift) as usize;
+        row[t0..t1].copy_from_slice(&plane[from..from + (t1 - t0)]);
+    }
+    for oy in y0..y1 {
+        let (left, rest) = row[oy * w..(oy + 1) * w].split_at_mut(lo);
+        for v in left.iter_mut().chain(rest[hi - lo..].iter_mut()) {
+            *v = T::zero();
         }
     }
 }
@@ -125,6 +175,72 @@ pub(crate) fn col2im<T: WithDType>(dcols: &[T], d: &Dims, g: &ConvGeom, dx: &mut
                     } else {
                         for (o, v) in dst[start..].iter_mut().step_by(s).zip(src) {
                             *o += *v;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::im2col;
+    use crate::conv::geom::{ConvGeom, Dims};
+
+    /// `im2col` against its definition, `cols[(c, ky, kx), (oy, ox)] = x[c, oy * s + ky * dil
+    /// - p, ox * s + kx * dil - p]` (zero outside), over the shifted-plane path (stride 1,
+    /// output as wide as the input: paddings of `dil * (k - 1) / 2`) and the per-row one.
+    #[test]
+    fn unfolds_as_defined() {
+        // (c, h, w, k, padding, stride, dilation)
+        let cases = [
+            (2, 7, 7, 3, 1, 1, 1),
+            (3, 5, 9, 5, 2, 1, 1),
+            (2, 6, 6, 3, 2, 1, 2),
+            (1, 4, 3, 3, 1, 1, 1),
+            (2, 7, 7, 3, 1, 2, 1),
+            (2, 8, 5, 3, 0, 1, 1),
+            (1, 3, 3, 3, 3, 1, 1),
+        ];
+        for (c, h, w, k, padding, stride, dilation) in cases {
+            let g = ConvGeom {
+                padding,
+                stride,
+                dilation,
+                groups: 1,
+            };
+            let d = Dims::new(&g, &[1, c, h, w], &[1, c, k, k]).expect("dims");
+            let x: Vec<f32> = (0..c * h * w).map(|i| i as f32 + 1.).collect();
+            for parallel in [false, true] {
+                let mut cols = vec![f32::NAN; c * k * k * d.p()];
+                im2col(&x, &d, &g, &mut cols, parallel);
+                for ci in 0..c {
+                    for ky in 0..k {
+                        for kx in 0..k {
+                            for oy in 0..d.oh {
+                                for ox in 0..d.ow {
+                                    let iy =
+                                        (oy * stride + ky * dilation) as isize - padding as isize;
+                                    let ix =
+                                        (ox * stride + kx * dilation) as isize - padding as isize;
+                                    let want =
+                                        if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize
+                                        {
+                                            0.
+                                        } else {
+                                            x[(ci * h + iy as usize) * w + ix as usize]
+                                        };
+                                    let r = (ci * k + ky) * k + kx;
+                                    let got = cols[r * d.p() + oy * d.ow + ox];
+                                    assert_eq!(
+                                        got,
+                                        want,
+                                        "case {:?}: row {r}, ({oy}, {ox})",
+                                        (c, h, w, k, padding, stride, dilation)
+                                    );
+                                }
+                            }
                         }
                     }
                 }
