@@ -11,17 +11,18 @@ use std::arch::x86_64::*;
 use super::{MR, NR};
 
 const LANES: usize = 16;
-const VR: usize = NR / LANES;
 
-/// `c[i * ldc + j] (=|+=) sum_p a[p * MR + i] * b[p * NR + j]` for `i < mr`, `j < nr`.
+/// `c[i * ldc + j] (=|+=) sum_p a[p * MR + i] * b[p * NR + j]` for `i < mr`, `j < nr`, on
+/// `VR` vectors per row: 2 (`NR` columns), or 1 for a last panel of at most 16 columns
+/// (the panel keeps its `NR` stride; only its first 16 values per `k` are read).
 ///
 /// # Safety
 /// AVX-512 F must be available; `a` readable for `kc * MR` floats, `b` for `kc * NR`, and
 /// `c` writable (and readable when `add`) at `i * ldc + j` for `i < mr`, `j < nr`, with
-/// `mr <= MR` and `nr <= NR`.
+/// `mr <= MR` and `nr <= VR * 16`.
 #[target_feature(enable = "avx512f,avx2,fma")]
 #[allow(clippy::too_many_arguments)]
-pub(super) unsafe fn kernel(
+pub(super) unsafe fn kernel<const VR: usize>(
     kc: usize,
     a: *const f32,
     b: *const f32,
@@ -38,17 +39,20 @@ pub(super) unsafe fn kernel(
         let mut ap = a;
         let mut bp = b;
         for _ in 0..kc {
-            let b0 = _mm512_loadu_ps(bp);
-            let b1 = _mm512_loadu_ps(bp.add(LANES));
+            let mut bv = [_mm512_setzero_ps(); VR];
+            for (v, b) in bv.iter_mut().enumerate() {
+                *b = _mm512_loadu_ps(bp.add(v * LANES));
+            }
             for (i, row) in acc.iter_mut().enumerate() {
                 let av = _mm512_set1_ps(*ap.add(i));
-                row[0] = _mm512_fmadd_ps(av, b0, row[0]);
-                row[1] = _mm512_fmadd_ps(av, b1, row[1]);
+                for (r, b) in row.iter_mut().zip(&bv) {
+                    *r = _mm512_fmadd_ps(av, *b, *r);
+                }
             }
             ap = ap.add(MR);
             bp = bp.add(NR);
         }
-        if nr == NR {
+        if nr == VR * LANES {
             for (i, row) in acc.iter().enumerate().take(mr) {
                 let cp = c.add(i * ldc);
                 for (v, r) in row.iter().enumerate() {

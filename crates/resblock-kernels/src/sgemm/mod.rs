@@ -282,16 +282,17 @@ fn serial(
                             // `kc * MR` and `kc * NR` floats; the tile's `mr x nr` elements
                             // lie inside this call's `m x n` part of `dst`.
                             unsafe {
-                                avx512::kernel(
-                                    kc,
+                                let (ap, bp) = (
                                     ablock.as_ptr().add(ir * kc * MR),
                                     pb.as_ptr().add(jr * kc * NR),
-                                    tile.0,
-                                    ldc,
-                                    mr,
-                                    nr,
-                                    add,
                                 );
+                                // A last panel of at most 16 columns (e.g. 196 = 6 x 32 + 4
+                                // at 14x14) runs on one vector per row: half the FMAs.
+                                if nr <= NR / 2 {
+                                    avx512::kernel::<1>(kc, ap, bp, tile.0, ldc, mr, nr, add);
+                                } else {
+                                    avx512::kernel::<2>(kc, ap, bp, tile.0, ldc, mr, nr, add);
+                                }
                             }
                             #[cfg(not(target_arch = "x86_64"))]
                             let _ = (tile, mr, nr, add);

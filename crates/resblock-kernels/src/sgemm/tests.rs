@@ -112,6 +112,9 @@ fn matches_the_triple_loop() {
         (130, 40, 20),
         (64, 49, 576),
         (3, 1100, 9),
+        // A last panel of exactly 16 columns (one-vector kernel, unmasked stores) and of 4.
+        (9, 48, 20),
+        (12, 196, 30),
         (140, 1030, 260),
         // `a` above `PARALLEL_PACK` (packed on all threads): 3 x 2 blocks of `MC x KC`.
         (260, 40, 300),
