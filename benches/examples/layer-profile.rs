@@ -1,5 +1,5 @@
 //! Times single layers at CIFAR ResNet shapes (batch 128): convolution forward and forward +
-//! backward, BatchNorm(+ReLU) training forward and forward + backward, with our kernels and
+//! backward (from a given output gradient, `backward_from`), BatchNorm(+ReLU) training forward and forward + backward, with our kernels and
 //! Candle's, and the fused conv + BatchNorm + ReLU training op.
 //! `cargo run --release -p resblock-benches --example layer-profile -- [native|candle|both]
 //! [conv|bn|convbn]`.
@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor, Var};
 use resblock_core::ops::{batch_norm_train, conv2d, conv_batch_norm_train, set_kernels, Kernels};
-use resblock_core::{configure_threads, RngHandle};
+use resblock_core::{backward_from, configure_threads, RngHandle};
 
 /// The fastest of `reps` calls of `f`, in ms (the least disturbed on a shared machine).
 fn time<R>(reps: usize, mut f: impl FnMut() -> anyhow::Result<R>) -> anyhow::Result<f64> {
@@ -51,9 +51,7 @@ fn main() -> anyhow::Result<()> {
         for k in kernels.iter().copied() {
             set_kernels(k);
             let f = time(5, || Ok(conv2d(&x, &w, 1, s, 1, 1)?))?;
-            let fb = time(3, || {
-                Ok((conv2d(&x, &w, 1, s, 1, 1)? * &r)?.sum_all()?.backward()?)
-            })?;
+            let fb = time(3, || Ok(backward_from(&conv2d(&x, &w, 1, s, 1, 1)?, &r)?))?;
             println!(
                 "{k:?} conv {ci}->{co} {hw}x{hw} s{s}: fwd {f:.1} ms ({:.1} GFLOP/s), fwd+bwd {fb:.1} ms ({:.1} GFLOP/s)",
                 flop / f / 1e6,
@@ -73,19 +71,29 @@ fn main() -> anyhow::Result<()> {
             set_kernels(k);
             let f = time(5, || Ok(batch_norm_train(&x, &g, &b, 1e-5, true)?))?;
             let fb = time(3, || {
-                Ok((batch_norm_train(&x, &g, &b, 1e-5, true)?.0 * &r)?
-                    .sum_all()?
-                    .backward()?)
+                Ok(backward_from(
+                    &batch_norm_train(&x, &g, &b, 1e-5, true)?.0,
+                    &r,
+                )?)
             })?;
-            let base = time(3, || Ok((x.as_tensor() * &r)?.sum_all()?.backward()?))?;
-            println!(
-                "{k:?} bn+relu {c}x{hw}x{hw}: fwd {f:.1} ms, fwd+bwd {fb:.1} ms (of which the test loss {base:.1} ms)"
-            );
+            println!("{k:?} bn+relu {c}x{hw}x{hw}: fwd {f:.1} ms, fwd+bwd {fb:.1} ms");
         }
     }
+    // `LAYER_PROFILE_SIZE=C` keeps only the fused layers with C channels, and
+    // `LAYER_PROFILE_REPS` sets the timed repetitions (for a profiler run).
+    let size: Option<usize> = std::env::var("LAYER_PROFILE_SIZE")
+        .ok()
+        .and_then(|v| v.parse().ok());
+    let reps: usize = std::env::var("LAYER_PROFILE_REPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
     for (c, hw) in [(16, 32), (32, 16), (64, 8)] {
         if !only.is_empty() && only != "convbn" {
             break;
+        }
+        if size.is_some_and(|s| s != c) {
+            continue;
         }
         set_kernels(Kernels::Native);
         let x = Var::from_tensor(&rng.normal_tensor((n, c, hw, hw), 0., 1., DType::F32, &dev)?)?;
@@ -95,11 +103,8 @@ fn main() -> anyhow::Result<()> {
         let r = rng.normal_tensor((n, c, hw, hw), 0., 1., DType::F32, &dev)?;
         let run = || conv_batch_norm_train(&x, &w, (1, 1, 1, 1), &g, &b, 1e-5, true);
         let f = time(5, || Ok(run()?))?;
-        let fb = time(5, || Ok((run()?.0 * &r)?.sum_all()?.backward()?))?;
-        let base = time(3, || Ok((x.as_tensor() * &r)?.sum_all()?.backward()?))?;
-        println!(
-            "Native conv+bn+relu {c}x{hw}x{hw}: fwd {f:.1} ms, fwd+bwd {fb:.1} ms (of which the test loss {base:.1} ms)"
-        );
+        let fb = time(reps, || Ok(backward_from(&run()?.0, &r)?))?;
+        println!("Native conv+bn+relu {c}x{hw}x{hw}: fwd {f:.1} ms, fwd+bwd {fb:.1} ms");
     }
     if !only.is_empty() {
         return Ok(());

@@ -121,12 +121,19 @@ pub(crate) fn gemm_parallelism(n: usize) -> (bool, Parallelism) {
     }
 }
 
-/// Images per rayon task: an even share per thread. Each task makes its own scratch (and,
-/// in the backward, a weight-gradient accumulator as large as the weights), so letting
-/// rayon split down to single images cost a fresh, zero-filled set of buffers per image.
-fn per_worker(len: usize, chunk: usize) -> usize {
-    let images = len.div_ceil(chunk.max(1));
-    images.div_ceil(rayon::current_num_threads()).max(1)
+/// The `with_min_len` of a parallel loop over `len / chunk` chunks on `threads` threads: a
+/// share per thread (of a power-of-two count of threads at least `threads`, as rayon splits
+/// in halves), rounded down. Each task makes its own scratch (and, in the backward, a
+/// weight-gradient accumulator as large as the weights), so letting rayon split down to
+/// single images cost a fresh, zero-filled set of buffers per image.
+///
+/// Rounded down, not up: rayon halves a range only while `len / 2 >= min_len`, so with the
+/// share rounded up an odd number of chunks was never split. 43 groups of three 16x16
+/// images on two threads (min 22, and 43 / 2 = 21) ran on one thread, which cost every
+/// 32-channel CIFAR layer half its backward.
+fn per_worker(len: usize, chunk: usize, threads: usize) -> usize {
+    let chunks = len.div_ceil(chunk.max(1));
+    (chunks / threads.max(1).next_power_of_two()).max(1)
 }
 
 /// Runs `f(scratch, image index, chunk)` over `out`'s per-image chunks, in parallel or not;
@@ -139,7 +146,7 @@ pub(crate) fn for_each_image<T: Send, S>(
     f: impl Fn(&mut S, usize, &mut [T]) + Sync + Send,
 ) {
     if parallel {
-        let min_len = per_worker(out.len(), chunk);
+        let min_len = per_worker(out.len(), chunk, rayon::current_num_threads());
         out.par_chunks_mut(chunk)
             .enumerate()
             .with_min_len(min_len)
@@ -167,7 +174,7 @@ pub(crate) fn for_each_image_summed<T: Send, S: Send>(
 ) -> Vec<f64> {
     let worker = || (init(), WeightSum::new(acc_len));
     if parallel {
-        let min_len = per_worker(out.len(), chunk);
+        let min_len = per_worker(out.len(), chunk, rayon::current_num_threads());
         out.par_chunks_mut(chunk)
             .enumerate()
             .with_min_len(min_len)
@@ -493,4 +500,58 @@ pub(crate) fn backward_tensors<T: WithDType>(
         Tensor::from_vec(dx, x.shape(), dev)?,
         Tensor::from_vec(dw, w.shape(), dev)?,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The tasks rayon makes of `len` items with `min_len`: it halves a range while
+    /// `len / 2 >= min_len`.
+    fn tasks(len: usize, min_len: usize) -> usize {
+        if len / 2 >= min_len {
+            tasks(len / 2, min_len) + tasks(len - len / 2, min_len)
+        } else {
+            1
+        }
+    }
+
+    #[test]
+    fn every_count_of_chunks_splits_into_a_task_per_thread() {
+        for threads in 1..=8 {
+            for chunks in 1..300 {
+                let n = tasks(chunks, per_worker(chunks * 5, 5, threads));
+                assert!(
+                    n >= threads.min(chunks) && n <= 2 * threads.next_power_of_two(),
+                    "{chunks} chunks on {threads} threads: {n} tasks"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn an_odd_number_of_image_groups_runs_on_both_threads() {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        // 43 groups of 3 images, as a 32-channel 16x16 backward at batch 128 makes them.
+        let mut out = vec![0u8; 43 * 3];
+        let seen = std::sync::Mutex::new(std::collections::BTreeSet::new());
+        pool.install(|| {
+            for_each_image_summed(
+                &mut out,
+                3,
+                true,
+                1,
+                || (),
+                |_, _, _, _| {
+                    seen.lock().unwrap().insert(rayon::current_thread_index());
+                    std::thread::sleep(std::time::Duration::from_millis(2));
+                },
+                |_, _| {},
+            )
+        });
+        assert_eq!(seen.into_inner().unwrap().len(), 2);
+    }
 }
