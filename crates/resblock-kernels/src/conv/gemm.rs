@@ -534,7 +534,7 @@ mod tests {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(2)
             .build()
-            .unwrap();
+            .expect("a two-thread pool");
         // 43 groups of 3 images, as a 32-channel 16x16 backward at batch 128 makes them.
         let mut out = vec![0u8; 43 * 3];
         let seen = std::sync::Mutex::new(std::collections::BTreeSet::new());
@@ -546,12 +546,14 @@ mod tests {
                 1,
                 || (),
                 |_, _, _, _| {
-                    seen.lock().unwrap().insert(rayon::current_thread_index());
+                    seen.lock()
+                        .expect("not poisoned")
+                        .insert(rayon::current_thread_index());
                     std::thread::sleep(std::time::Duration::from_millis(2));
                 },
                 |_, _| {},
             )
         });
-        assert_eq!(seen.into_inner().unwrap().len(), 2);
+        assert_eq!(seen.into_inner().expect("not poisoned").len(), 2);
     }
 }
