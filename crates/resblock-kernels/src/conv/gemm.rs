@@ -31,9 +31,14 @@ use super::weight_sum::WeightSum;
 use crate::matmul::{as_f32, as_f32_mut, gemm_into, threads_of};
 
 /// A convolution's weights as the left operand of its per-image GEMMs: one `m x k` matrix
-/// per group, `group_stride` apart, read through `strides`. Where [`crate::sgemm`] runs they
-/// are packed once here rather than once per image (for a 256-channel 3x3 layer the
-/// packing cost as much as a third of each image's GEMM).
+/// per group, `group_stride` apart, read through `strides`. Where [`crate::sgemm`] runs and
+/// more than one image uses them they are packed once here rather than once per image (for
+/// a 256-channel 3x3 layer the packing cost as much as a third of each image's GEMM).
+///
+/// For a single image (batch-1 inference) they are not: the GEMM then packs each block of
+/// rows on the thread that multiplies it, into its cache, where packing the whole matrix
+/// first wrote it out to memory and read it back (as large as the layer's weights, 9.4 MB
+/// for a 512-channel 3x3 layer, against 49 output pixels of work per weight).
 pub(crate) struct WeightLhs<'a, T> {
     w: &'a [T],
     m: usize,
@@ -44,15 +49,16 @@ pub(crate) struct WeightLhs<'a, T> {
 }
 
 impl<'a, T: WithDType> WeightLhs<'a, T> {
+    /// The weights of GEMMs over `images` images.
     pub(crate) fn new(
         w: &'a [T],
         (m, k): (usize, usize),
         (rs, cs): (usize, usize),
-        groups: usize,
-        group_stride: usize,
+        (groups, group_stride): (usize, usize),
+        images: usize,
     ) -> WeightLhs<'a, T> {
         let packed = match as_f32(w) {
-            Some(wf) if crate::sgemm::available() => (0..groups)
+            Some(wf) if crate::sgemm::available() && images > 1 => (0..groups)
                 .map(|gi| {
                     let a = crate::sgemm::Operand {
                         data: &wf[gi * group_stride..],
@@ -251,7 +257,7 @@ pub(crate) fn forward_weights<'a, T: WithDType>(
     g: &ConvGeom,
 ) -> WeightLhs<'a, T> {
     let (kg, og) = (d.k_all() / g.groups, d.cout / g.groups);
-    WeightLhs::new(w, (og, kg), (kg, 1), g.groups, og * kg)
+    WeightLhs::new(w, (og, kg), (kg, 1), (g.groups, og * kg), d.n)
 }
 
 /// `y_n = W . cols` per group.
@@ -413,7 +419,7 @@ pub(crate) fn backward<T: WithDType>(
     let dx_weights = match &input_grad {
         InputGrad::Flipped { w, dims, geom } => forward_weights(w, dims, geom),
         InputGrad::Direct | InputGrad::Scatter => {
-            WeightLhs::new(w, (kg, og), (1, kg), g.groups, og * kg)
+            WeightLhs::new(w, (kg, og), (1, kg), (g.groups, og * kg), d.n)
         }
     };
     let mut dx = vec![T::zero(); d.n * d.chw()];

@@ -196,7 +196,7 @@ pub(crate) fn backward_strided(
     let (parallel, par) = gemm_parallelism(d.n);
     let (k, ylen) = (d.k_all(), d.cout * d.p());
     let wlen = w.len();
-    let wt = WeightLhs::new(w, (k, d.cout), (1, k), 1, wlen);
+    let wt = WeightLhs::new(w, (k, d.cout), (1, k), (1, wlen), d.n);
     let group = plan.images_per_group(d.n);
     let mut dx = vec![0f32; d.n * d.chw()];
     let images = |s: &mut StridedScratch, acc: &mut WeightSum, gi: usize, dx_g: &mut [f32]| {

@@ -334,7 +334,7 @@ impl ConvBnTrain {
         let (p, cout, k) = (d.p(), d.cout, d.k_all());
         let (parallel, par) = gemm_parallelism(d.n);
         let wlen = w.len();
-        let wt = WeightLhs::new(w, (k, cout), (1, k), 1, wlen);
+        let wt = WeightLhs::new(w, (k, cout), (1, k), (1, wlen), d.n);
         let group = self.fwd.images_per_group(d.n);
         // `col2im` zeroes each image's chunk before it scatters; without `need_dx` the
         // chunks only number the groups.
