@@ -35,7 +35,8 @@
 //! `fused/conv_bn.rs`, `sgemm/` (our packed f32 GEMM for AVX-512 CPUs, which the GEMM path
 //! uses there), `pool.rs`, `shortcut/`, `eltwise.rs`, `buffer.rs` (what every op's
 //! CPU side shares), `simd.rs` (one loop compiled per SIMD level), `dispatch.rs`,
-//! `alloc.rs`, `peak.rs`, `error.rs`.
+//! `alloc.rs`, `peak.rs`, `error.rs`, `interleave.rs` (the transpose both weight packers
+//! share).
 #![warn(missing_docs)]
 
 pub mod alloc;
@@ -46,6 +47,7 @@ pub mod dispatch;
 pub mod eltwise;
 pub mod error;
 pub mod fused;
+mod interleave;
 mod matmul;
 pub mod norm;
 pub mod peak;

@@ -100,7 +100,9 @@ pub(crate) fn forward_direct(
     d: &Dims,
 ) -> Vec<f32> {
     let (parallel, _) = gemm_parallelism(d.n);
-    let wk = plan.pack_weights(w);
+    // With images in parallel every image reads all the weights: packed once. Otherwise
+    // (fewer images than threads) each channel block packs its own, into its cache.
+    let wk = parallel.then(|| plan.pack_weights(w));
     let scratch = || (Vec::new(), Vec::new());
     let fill = |y: &mut [std::mem::MaybeUninit<f32>]| {
         for_each_image(
@@ -110,7 +112,10 @@ pub(crate) fn forward_direct(
             scratch,
             |(xp, flat), ni, y_n| {
                 plan.pad(&x[ni * d.chw()..(ni + 1) * d.chw()], xp);
-                plan.forward(xp, &wk, flat, !parallel);
+                match &wk {
+                    Some(wk) => plan.forward(xp, wk, flat, false),
+                    None => plan.forward_raw_weights(xp, w, flat),
+                }
                 plan.unflatten(flat, y_n, ep);
             },
         );

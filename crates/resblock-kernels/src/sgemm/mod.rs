@@ -337,11 +337,7 @@ fn pack_a_into(dst: &mut [f32], a: Operand<'_>, i0: usize, mc: usize, p0: usize,
                     &zeros[..kc]
                 }
             });
-            for (p, out) in panel.chunks_exact_mut(MR).enumerate() {
-                for (o, row) in out.iter_mut().zip(&src) {
-                    *o = row[p];
-                }
-            }
+            crate::interleave::interleave_rows(src, panel);
         } else {
             // General strides: walk the `MR` rows side by side, so every write is
             // sequential and each row is read in order.

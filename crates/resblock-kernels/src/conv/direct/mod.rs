@@ -325,20 +325,10 @@ impl Plan {
     /// this pass (a read and a write of all the weights) was 8% of a ResNet-18 inference.
     pub(crate) fn pack_weights(&self, w: &[f32]) -> Vec<f32> {
         let row = self.c * self.kh * self.kw;
-        let cb = self.cb();
         assert_eq!(w.len(), self.cout * row, "direct conv: weight size");
         let mut out = vec![0f32; self.cout_r * row];
-        // Block `blk`: for each (ci, tap) the `cb` output channels side by side, so the
-        // writes run in order and each channel's row is read in order.
-        let pack = |(blk, dst): (usize, &mut [f32])| {
-            let rows = cb.min(self.cout - blk * cb);
-            let src = &w[blk * cb * row..(blk * cb + rows) * row];
-            for (k, o) in dst.chunks_exact_mut(cb).enumerate() {
-                for (j, v) in o[..rows].iter_mut().enumerate() {
-                    *v = src[j * row + k];
-                }
-            }
-        };
+        let pack = |(blk, dst): (usize, &mut [f32])| self.pack_block(w, blk, dst);
+        let cb = self.cb();
         if out.len() >= crate::sgemm::PARALLEL_PACK && rayon::current_num_threads() > 1 {
             out.par_chunks_mut(cb * row).enumerate().for_each(pack);
         } else {
@@ -347,50 +337,119 @@ impl Plan {
         out
     }
 
+    /// Output-channel block `blk` of [`Plan::pack_weights`] into `dst` (`cb * c * kh * kw`
+    /// long): for each (ci, tap) the `cb` output channels side by side, so the writes run in
+    /// order and each channel's row is read in order; zero past `cout`.
+    fn pack_block(&self, w: &[f32], blk: usize, dst: &mut [f32]) {
+        match self.cb() {
+            MAX_CB => self.pack_block_of::<MAX_CB>(w, blk, dst),
+            4 => self.pack_block_of::<4>(w, blk, dst),
+            cb => unreachable!("direct conv: no {cb}-channel tile"),
+        }
+    }
+
+    /// [`Plan::pack_block`] for tiles of `CB` channels: the block's `CB` weight rows
+    /// interleaved (rows past `cout` read as zeros).
+    fn pack_block_of<const CB: usize>(&self, w: &[f32], blk: usize, dst: &mut [f32]) {
+        let row = self.c * self.kh * self.kw;
+        let rows = CB.min(self.cout - blk * CB);
+        let zeros = vec![0f32; if rows < CB { row } else { 0 }];
+        let src: [&[f32]; CB] = std::array::from_fn(|j| {
+            if j < rows {
+                &w[(blk * CB + j) * row..(blk * CB + j + 1) * row]
+            } else {
+                &zeros[..]
+            }
+        });
+        crate::interleave::interleave_rows(src, dst);
+    }
+
     /// The flattened output `(cout_r, qlen)` of one padded image `xp` (from [`Plan::pad`])
     /// with packed weights `wk`. With `parallel`, the output-channel blocks run in parallel
     /// (for a batch smaller than the thread count).
     pub(crate) fn forward(&self, xp: &[f32], wk: &[f32], out: &mut Vec<f32>, parallel: bool) {
-        assert!(
-            xp.len() >= self.padded_len(),
-            "direct conv: padded input size"
-        );
         assert_eq!(
             wk.len(),
             self.cout_r * self.c * self.taps.len(),
             "direct conv: packed weight size"
         );
-        out.resize(self.flat_len(), 0.0);
-        let (cb, tq, lanes) = (self.cb(), self.isa.tq(), self.isa.lanes());
-        let wblk = self.c * self.taps.len() * cb;
-        // Whole tiles, then at most one one-vector tile: (start, vectors) for each.
-        let full = self.qlen / tq;
-        let tail = (self.qlen % tq) / lanes;
-        let tile = |t: usize| {
-            if t < full {
-                (t * tq, QV)
-            } else {
-                (full * tq, tail)
-            }
-        };
-        let tiles = full + usize::from(tail > 0);
+        self.check_forward(xp, out);
+        let wblk = self.c * self.taps.len() * self.cb();
         if parallel {
-            out.par_chunks_mut(cb * self.qlen)
+            out.par_chunks_mut(self.cb() * self.qlen)
                 .zip(wk.par_chunks(wblk))
-                .for_each(|(o, wb)| {
-                    for t in 0..tiles {
-                        self.fwd_tile(xp, wb, tile(t), o);
-                    }
-                });
+                .for_each(|(o, wb)| self.block_tiles(xp, wb, o));
         } else {
-            let per_block = (BLOCK_PIXELS / tq).max(1);
+            // Cache blocking: the loop over output-channel blocks runs inside a block of
+            // pixels, so the input rows those read stay in cache.
+            let per_block = (BLOCK_PIXELS / self.isa.tq()).max(1);
+            let tiles = self.tiles();
+            let mut blocks: Vec<_> = out
+                .chunks_mut(self.cb() * self.qlen)
+                .zip(wk.chunks(wblk))
+                .collect();
             for t0 in (0..tiles).step_by(per_block) {
-                for (o, wb) in out.chunks_mut(cb * self.qlen).zip(wk.chunks(wblk)) {
+                for (o, wb) in &mut blocks {
                     for t in t0..(t0 + per_block).min(tiles) {
-                        self.fwd_tile(xp, wb, tile(t), o);
+                        self.fwd_tile(xp, wb, self.tile(t), o);
                     }
                 }
             }
+        }
+    }
+
+    /// [`Plan::forward`] of one image with the output-channel blocks in parallel, from the
+    /// raw weights `w` `(cout, c, kh, kw)`: each block's weights are packed by the thread
+    /// that runs it, into its cache, just before use. For one image (batch-1 inference)
+    /// packing them all first wrote and re-read as many bytes as the layer's weights.
+    pub(crate) fn forward_raw_weights(&self, xp: &[f32], w: &[f32], out: &mut Vec<f32>) {
+        let wblk = self.c * self.taps.len() * self.cb();
+        assert_eq!(
+            w.len(),
+            self.cout * self.c * self.taps.len(),
+            "direct conv: weight size"
+        );
+        self.check_forward(xp, out);
+        out.par_chunks_mut(self.cb() * self.qlen)
+            .enumerate()
+            .for_each_init(Vec::new, |wb, (blk, o)| {
+                wb.resize(wblk, 0.0);
+                self.pack_block(w, blk, wb);
+                self.block_tiles(xp, wb, o);
+            });
+    }
+
+    /// Checks the padded input's size and sizes `out` for a forward.
+    fn check_forward(&self, xp: &[f32], out: &mut Vec<f32>) {
+        assert!(
+            xp.len() >= self.padded_len(),
+            "direct conv: padded input size"
+        );
+        out.resize(self.flat_len(), 0.0);
+    }
+
+    /// Micro-tiles per output row: whole tiles, then at most one one-vector tile.
+    fn tiles(&self) -> usize {
+        let (tq, lanes) = (self.isa.tq(), self.isa.lanes());
+        self.qlen / tq + usize::from((self.qlen % tq) / lanes > 0)
+    }
+
+    /// Micro-tile `t`: (start, vectors).
+    fn tile(&self, t: usize) -> (usize, usize) {
+        let (tq, lanes) = (self.isa.tq(), self.isa.lanes());
+        let full = self.qlen / tq;
+        if t < full {
+            (t * tq, QV)
+        } else {
+            (full * tq, (self.qlen % tq) / lanes)
+        }
+    }
+
+    /// All micro-tiles of one output-channel block: its output rows `o`, its packed weights
+    /// `wb`.
+    fn block_tiles(&self, xp: &[f32], wb: &[f32], o: &mut [f32]) {
+        for t in 0..self.tiles() {
+            self.fwd_tile(xp, wb, self.tile(t), o);
         }
     }
 

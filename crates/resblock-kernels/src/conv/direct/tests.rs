@@ -274,3 +274,37 @@ fn packed_weights_have_the_documented_layout_on_any_thread_count() {
         }
     }
 }
+
+/// The batch-1 forward that packs each channel block on its own thread gives the same
+/// output as the forward on weights packed whole, on every kernel set, with a last block
+/// part empty.
+#[test]
+fn packing_per_block_matches_packing_whole() {
+    for isa in [Isa::Avx512, Isa::Avx2] {
+        let (c, h, w, cout) = (5, 7, 9, 13);
+        let Some(plan) = Plan::with_isa(isa, (c, h, w), cout, (3, 3), (1, 1)) else {
+            continue;
+        };
+        let (x, k) = (values(c * h * w, 11), values(cout * c * 9, 12));
+        let mut xp = Vec::new();
+        plan.pad(&x, &mut xp);
+        let (mut whole, mut per_block) = (Vec::new(), Vec::new());
+        plan.forward(&xp, &plan.pack_weights(&k), &mut whole, true);
+        plan.forward_raw_weights(&xp, &k, &mut per_block);
+        assert_eq!(whole, per_block, "{isa:?}");
+        let mut y = vec![0f32; cout * h * w];
+        plan.unflatten(&per_block, &mut y, Epilogue::NONE);
+        let d = Dims::new(
+            &ConvGeom {
+                padding: 1,
+                stride: 1,
+                dilation: 1,
+                groups: 1,
+            },
+            &[1, c, h, w],
+            &[cout, c, 3, 3],
+        )
+        .expect("valid test shape");
+        assert_close(&format!("{isa:?}"), &y, &conv_ref(&x, &k, &d, 1), 1e-5);
+    }
+}
