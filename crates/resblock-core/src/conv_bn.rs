@@ -91,6 +91,47 @@ impl ConvBn {
         }
     }
 
+    /// `relu(second.forward_t(relu(self.forward_t(x)), train) + x)`: a post-activation basic
+    /// block's branch (`self`, then `second`) and its identity shortcut. In training on our
+    /// CPU kernels the whole block is one op ([`crate::ops::basic_block_train`]).
+    ///
+    /// # Shapes
+    /// - input and output: (N, C, H, W)
+    ///
+    /// # Errors
+    /// As [`ConvBn::forward_add_relu_t`].
+    pub fn identity_block_t(
+        &self,
+        second: &ConvBn,
+        x: &Tensor,
+        train: bool,
+    ) -> candle_core::Result<Tensor> {
+        let no_bias = self.conv.bias().is_none() && second.conv.bias().is_none();
+        if let (true, true, Some(bn1), Some(bn2)) = (train, no_bias, &self.norm, &second.norm) {
+            let (y, [s1, s2]) =
+                crate::ops::basic_block_train(x, self.fused_layer(bn1), second.fused_layer(bn2))
+                    .map_err(candle_core::Error::wrap)?;
+            bn1.track(&s1)?;
+            bn2.track(&s2)?;
+            return Ok(y);
+        }
+        let y = self.forward_relu_t(x, train)?;
+        second.forward_add_relu_t(&y, x, train)
+    }
+
+    /// This layer as the fused ops take it, with its norm `bn`.
+    fn fused_layer<'a>(&'a self, bn: &'a BatchNorm) -> crate::ops::fused::Layer<'a> {
+        let c = self.conv.config();
+        let geom = (c.padding, c.stride, c.dilation, c.groups);
+        (
+            self.conv.weight(),
+            geom,
+            bn.weight(),
+            bn.bias(),
+            bn.config().eps,
+        )
+    }
+
     fn run(&self, x: &Tensor, train: bool, relu: bool) -> candle_core::Result<Tensor> {
         let conv = &self.conv;
         let c = conv.config();

@@ -107,8 +107,11 @@ impl ModuleT for BasicBranch {
 
 impl Branch for BasicBranch {
     /// `relu(self(x) + s)`, with `conv2`, `bn2`, the sum and the ReLU as one op in training
-    /// where our kernels allow.
+    /// where our kernels allow; with an identity shortcut (`s` is `x`), the whole block.
     fn forward_end(&self, x: &Tensor, s: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        if s.id() == x.id() {
+            return self.first.identity_block_t(&self.second, x, train);
+        }
         let y = self.first.forward_relu_t(x, train)?;
         self.second.forward_add_relu_t(&y, s, train)
     }

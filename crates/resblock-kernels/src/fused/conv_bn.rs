@@ -108,8 +108,13 @@ impl ConvBnTrain {
         [self.d.n, self.d.cout, self.d.oh, self.d.ow]
     }
 
+    /// The input's shape `(n, c, h, w)`.
+    pub(crate) fn in_shape(&self) -> [usize; 4] {
+        [self.d.n, self.d.c, self.d.h, self.d.w]
+    }
+
     /// Lengths of the kernel and of `[kernel; gamma; beta]`.
-    fn param_lens(&self) -> (usize, usize) {
+    pub(crate) fn param_lens(&self) -> (usize, usize) {
         let d = &self.d;
         let wlen = d.cout * d.c * d.kh * d.kw;
         (wlen, wlen + 2 * d.cout)
@@ -420,11 +425,39 @@ impl ConvBnTrain {
         res: Option<&[f32]>,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let d = &self.d;
+        let y = self.forward_saving(x, params, res)?;
+        Ok((CpuStorage::F32(y), Shape::from((d.n, d.cout, d.oh, d.ow))))
+    }
+
+    /// The output for `x` (`(n, c, h, w)`), `[kernel; gamma; beta]` and the residual if any,
+    /// saving the statistics and the convolution's output for
+    /// [`ConvBnTrain::backward_saved`] (an op within another op, as in
+    /// `fused/basic_block.rs`, calls these two).
+    pub(crate) fn forward_saving(
+        &self,
+        x: &[f32],
+        params: &[f32],
+        res: Option<&[f32]>,
+    ) -> candle_core::Result<Vec<f32>> {
         let (y, conv, stats) = self.forward(x, params, res);
         if self.stats.set(stats).is_err() || self.conv.set(conv).is_err() {
             candle_core::bail!("conv_bn: a kernel instance ran twice");
         }
-        Ok((CpuStorage::F32(y), Shape::from((d.n, d.cout, d.oh, d.ow))))
+        Ok(y)
+    }
+
+    /// (dx if `need_dx`, [dkernel; dgamma; dbeta]) for the gradient `dy` of the norm's
+    /// output (of the ReLU's when `relu`) after [`ConvBnTrain::forward_saving`].
+    pub(crate) fn backward_saved(
+        &self,
+        (x, params): (&[f32], &[f32]),
+        dy: &[f32],
+        (need_dx, relu): (bool, bool),
+    ) -> candle_core::Result<(Option<Vec<f32>>, Vec<f32>)> {
+        let Some(conv) = self.conv.get() else {
+            candle_core::bail!("conv_bn: backward before forward")
+        };
+        Ok(self.backward((x, params), conv, dy, (need_dx, relu)))
     }
 
     /// (dx, dparams, dres) for the op's output `y` and its gradient `dy`.

@@ -1,5 +1,6 @@
 //! Convolution + training-mode BatchNorm (+ ReLU, + a residual block's sum) as one op where
-//! it applies, two ops elsewhere; the fused kernel is in `conv_bn.rs`.
+//! it applies, two ops elsewhere; the fused kernel is in `conv_bn.rs`. A whole basic block
+//! with an identity shortcut, two of those, is one op in `basic_block.rs`.
 
 use std::sync::{Arc, OnceLock};
 
@@ -8,6 +9,7 @@ use candle_core::{DType, Tensor};
 use crate::error::{Error, Result};
 use crate::norm::BatchStats;
 
+mod basic_block;
 mod conv_bn;
 
 /// `batch_norm_train(conv2d(x, kernel, padding, stride, dilation, groups), weight, bias,
@@ -73,37 +75,102 @@ pub fn conv_batch_norm_add_relu_train(
     }
 }
 
-/// The fused op's output, or `None` where it does not apply.
-fn fused_conv_bn(
+/// `relu(bn2(conv2(relu(bn1(conv1(x))))) + x)`: a post-activation basic block with an
+/// identity shortcut in training, each layer given as `(kernel, (padding, stride, dilation,
+/// groups), weight, bias, eps)`. The two norms' batch statistics come back with the output.
+///
+/// Where both layers fuse ([`conv_batch_norm_train`]), the second keeps `x`'s shape, and
+/// `RESBLOCK_FUSED_CONV_BN` is not `0`, this is one op (`fused/basic_block.rs`), which saves
+/// Candle's gradient bookkeeping for the middle activation and for `x`'s second use; else
+/// [`conv_batch_norm_train`] then [`conv_batch_norm_add_relu_train`]. Both give the same
+/// values up to f32 rounding.
+///
+/// # Errors
+/// As [`conv_batch_norm_add_relu_train`], or a block whose output has another shape than
+/// its input.
+pub fn basic_block_train(
     x: &Tensor,
-    kernel: &Tensor,
-    (padding, stride, dilation, groups): (usize, usize, usize, usize),
-    (weight, bias): (&Tensor, &Tensor),
-    (eps, relu): (f64, bool),
-    residual: Option<&Tensor>,
-) -> Result<Option<(Tensor, BatchStats)>> {
-    let all_f32 = [x, kernel, weight, bias]
-        .into_iter()
-        .chain(residual)
-        .all(|t| t.dtype() == DType::F32 && t.device().is_cpu());
-    if !(all_f32 && {
-        let d = crate::dispatch::current();
-        d.fused_conv_bn && d.kernels == crate::dispatch::Kernels::Native
-    }) {
+    first: Layer<'_>,
+    second: Layer<'_>,
+) -> Result<(Tensor, [BatchStats; 2])> {
+    if let Some(out) = fused_block(x, first, second)? {
+        return Ok(out);
+    }
+    let (k1, g1, w1, b1, eps1) = first;
+    let (k2, g2, w2, b2, eps2) = second;
+    let (mid, s1) = conv_batch_norm_train(x, k1, g1, w1, b1, eps1, true)?;
+    let (y, s2) = conv_batch_norm_add_relu_train(&mid, k2, g2, w2, b2, eps2, x)?;
+    Ok((y, [s1, s2]))
+}
+
+/// One conv + BatchNorm layer of [`basic_block_train`]: `(kernel, (padding, stride,
+/// dilation, groups), weight, bias, eps)`.
+pub type Layer<'a> = (
+    &'a Tensor,
+    (usize, usize, usize, usize),
+    &'a Tensor,
+    &'a Tensor,
+    f64,
+);
+
+/// The fused block's output, or `None` where it does not apply.
+fn fused_block(
+    x: &Tensor,
+    first: Layer<'_>,
+    second: Layer<'_>,
+) -> Result<Option<(Tensor, [BatchStats; 2])>> {
+    let (k1, g1, w1, b1, eps1) = first;
+    let (k2, g2, w2, b2, eps2) = second;
+    if !fusable(&[x, k1, w1, b1, k2, w2, b2]) {
         return Ok(None);
     }
-    let geom = crate::conv::geom::ConvGeom {
+    let stats = [Arc::new(OnceLock::new()), Arc::new(OnceLock::new())];
+    let layer = |in_dims: &[usize], k: &Tensor, g, eps, relu, s: &Arc<OnceLock<_>>| {
+        conv_bn::ConvBnTrain::new(in_dims, k.dims(), geom(g), eps, relu, s.clone())
+    };
+    let Some(op1) = layer(x.dims(), k1, g1, eps1, true, &stats[0]) else {
+        return Ok(None);
+    };
+    let Some(op2) = layer(&op1.out_shape(), k2, g2, eps2, true, &stats[1]) else {
+        return Ok(None);
+    };
+    let Some(op) = basic_block::BlockTrain::new(x.dims(), op1, op2) else {
+        return Ok(None);
+    };
+    let p1 = packed_params(k1, w1, b1)?;
+    let p2 = packed_params(k2, w2, b2)?;
+    let y = x.contiguous()?.apply_op3(&p1, &p2, op)?;
+    let count = y.elem_count() / k2.dim(0)?;
+    let [s1, s2] = [&stats[0], &stats[1]].map(|s| batch_stats(s, count));
+    Ok(Some((y, [s1?, s2?])))
+}
+
+/// Whether the fused ops may run on these tensors: all f32 on the CPU, and the dispatch
+/// allows them.
+fn fusable(tensors: &[&Tensor]) -> bool {
+    tensors
+        .iter()
+        .all(|t| t.dtype() == DType::F32 && t.device().is_cpu())
+        && {
+            let d = crate::dispatch::current();
+            d.fused_conv_bn && d.kernels == crate::dispatch::Kernels::Native
+        }
+}
+
+fn geom(
+    (padding, stride, dilation, groups): (usize, usize, usize, usize),
+) -> crate::conv::geom::ConvGeom {
+    crate::conv::geom::ConvGeom {
         padding,
         stride,
         dilation,
         groups,
-    };
-    let stats = Arc::new(OnceLock::new());
-    let Some(op) =
-        conv_bn::ConvBnTrain::new(x.dims(), kernel.dims(), geom, eps, relu, stats.clone())
-    else {
-        return Ok(None);
-    };
+    }
+}
+
+/// `[kernel; weight; bias]` flattened, the layout of a fused op's parameters, after checking
+/// that the norm's parameters have one value per output channel.
+fn packed_params(kernel: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
     let cout = kernel.dim(0)?;
     for (name, t) in [("weight", weight), ("bias", bias)] {
         if t.dims() != [cout] {
@@ -114,7 +181,44 @@ fn fused_conv_bn(
             });
         }
     }
-    let params = Tensor::cat(&[&kernel.flatten_all()?, weight, bias], 0)?;
+    Ok(Tensor::cat(&[&kernel.flatten_all()?, weight, bias], 0)?)
+}
+
+/// The statistics a fused op recorded, over `count` values per channel.
+fn batch_stats(stats: &OnceLock<conv_bn::Stats>, count: usize) -> Result<BatchStats> {
+    let (mean, var) = stats
+        .get()
+        .ok_or_else(|| Error::config("conv_bn: the kernel did not record its statistics"))?;
+    Ok(BatchStats {
+        mean: mean.clone(),
+        var: var.clone(),
+        count,
+    })
+}
+
+/// The fused op's output, or `None` where it does not apply.
+fn fused_conv_bn(
+    x: &Tensor,
+    kernel: &Tensor,
+    g: (usize, usize, usize, usize),
+    (weight, bias): (&Tensor, &Tensor),
+    (eps, relu): (f64, bool),
+    residual: Option<&Tensor>,
+) -> Result<Option<(Tensor, BatchStats)>> {
+    let tensors: Vec<&Tensor> = [x, kernel, weight, bias]
+        .into_iter()
+        .chain(residual)
+        .collect();
+    if !fusable(&tensors) {
+        return Ok(None);
+    }
+    let stats = Arc::new(OnceLock::new());
+    let Some(op) =
+        conv_bn::ConvBnTrain::new(x.dims(), kernel.dims(), geom(g), eps, relu, stats.clone())
+    else {
+        return Ok(None);
+    };
+    let params = packed_params(kernel, weight, bias)?;
     let x = x.contiguous()?;
     let y = match residual {
         None => x.apply_op2(&params, op)?,
@@ -130,16 +234,9 @@ fn fused_conv_bn(
             x.apply_op3(&params, &r.contiguous()?, op)?
         }
     };
-    let (mean, var) = stats
-        .get()
-        .ok_or_else(|| Error::config("conv_bn: the kernel did not record its statistics"))?;
-    let count = y.elem_count() / cout;
-    Ok(Some((
-        y,
-        BatchStats {
-            mean: mean.clone(),
-            var: var.clone(),
-            count,
-        },
-    )))
+    let count = y.elem_count() / kernel.dim(0)?;
+    Ok(Some((y, batch_stats(&stats, count)?)))
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,127 @@
+//! The whole-block op against the two conv-BN ops it replaces: output, statistics and every
+//! gradient, with and without an input gradient; and where it does not apply.
+
+use candle_core::{DType, Device, Tensor, Var};
+
+use super::*;
+
+fn values(shape: &[usize], seed: usize, scale: f32) -> Tensor {
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n)
+        .map(|i| ((((i * 7919 + seed * 104_729) % 2003) as f32 / 1001.5) - 1.0) * scale)
+        .collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).expect("test tensor")
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .and_then(|d| d.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>())
+        .expect("difference")
+}
+
+/// A block's parameters: `[k1, w1, b1, k2, w2, b2]` for `c` channels.
+fn params(c: usize) -> Vec<Var> {
+    let kernel = |seed| Var::from_tensor(&values(&[c, c, 3, 3], seed, 0.3)).expect("var");
+    let vector = |seed, base: f32| {
+        Var::from_tensor(&(values(&[c], seed, 0.2) + f64::from(base)).expect("add")).expect("var")
+    };
+    vec![
+        kernel(1),
+        vector(2, 1.0),
+        vector(3, 0.0),
+        kernel(4),
+        vector(5, 1.0),
+        vector(6, 0.0),
+    ]
+}
+
+fn layers(p: &[Var]) -> (Layer<'_>, Layer<'_>) {
+    let geom = (1, 1, 1, 1);
+    (
+        (
+            p[0].as_tensor(),
+            geom,
+            p[1].as_tensor(),
+            p[2].as_tensor(),
+            1e-5,
+        ),
+        (
+            p[3].as_tensor(),
+            geom,
+            p[4].as_tensor(),
+            p[5].as_tensor(),
+            1e-5,
+        ),
+    )
+}
+
+#[test]
+fn one_op_block_matches_two_conv_bn_ops() -> Result<()> {
+    if crate::conv::direct::Isa::detect().is_none() {
+        // No direct kernels on this CPU: the fused ops do not apply.
+        return Ok(());
+    }
+    let (c, shape) = (6, [3, 6, 7, 9]);
+    let dy = values(&shape, 7, 1.0);
+    for input_grad in [true, false] {
+        let p = params(c);
+        let x = Var::from_tensor(&values(&shape, 8, 1.0))?;
+        let x = if input_grad {
+            x.as_tensor().clone()
+        } else {
+            x.as_tensor().detach()
+        };
+        let (l1, l2) = layers(&p);
+        let (y, stats) = fused_block(&x, l1, l2)?.expect("the block fuses");
+        let grads = (&y * &dy)?.sum_all()?.backward()?;
+
+        let (mid, s1) = conv_batch_norm_train(&x, l1.0, l1.1, l1.2, l1.3, l1.4, true)?;
+        let (want, s2) = conv_batch_norm_add_relu_train(&mid, l2.0, l2.1, l2.2, l2.3, l2.4, &x)?;
+        let want_grads = (&want * &dy)?.sum_all()?.backward()?;
+
+        assert!(max_diff(&y, &want) < 1e-5, "output");
+        for (got, want) in stats.iter().zip([s1, s2]) {
+            for (a, b) in got
+                .mean
+                .iter()
+                .zip(&want.mean)
+                .chain(got.var.iter().zip(&want.var))
+            {
+                assert!((a - b).abs() < 1e-9, "statistics {a} against {b}");
+            }
+            assert_eq!(got.count, want.count);
+        }
+        let mut wanted: Vec<&Tensor> = p.iter().map(Var::as_tensor).collect();
+        if input_grad {
+            wanted.push(&x);
+        }
+        for (i, t) in wanted.into_iter().enumerate() {
+            let (a, b) = (grads.get(t), want_grads.get(t));
+            let (a, b) = (a.expect("gradient"), b.expect("gradient"));
+            let scale = b.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?.max(1.0);
+            let e = max_diff(a, b) / scale;
+            assert!(
+                e < 1e-4,
+                "gradient {i} (input_grad {input_grad}) differs by {e}"
+            );
+        }
+        assert_eq!(grads.get(&x).is_some(), input_grad);
+    }
+    Ok(())
+}
+
+#[test]
+fn blocks_that_change_the_shape_are_not_one_op() -> Result<()> {
+    let p = params(6);
+    let (l1, l2) = layers(&p);
+    // A stride-2 first layer halves the size: no identity shortcut.
+    let strided = (l1.0, (1, 2, 1, 1), l1.2, l1.3, l1.4);
+    let x = values(&[2, 6, 8, 8], 9, 1.0);
+    assert!(fused_block(&x, strided, l2)?.is_none());
+    // f64 runs on the separate ops.
+    let x64 = x.to_dtype(DType::F64)?;
+    assert!(fused_block(&x64, l1, l2)?.is_none());
+    // And the public entry point says what is wrong with such a block.
+    assert!(basic_block_train(&x, strided, l2).is_err());
+    Ok(())
+}
