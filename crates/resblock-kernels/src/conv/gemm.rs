@@ -366,16 +366,21 @@ impl<T: WithDType> InputGrad<T> {
 pub(crate) fn flip_kernel<T: WithDType>(w: &[T], d: &Dims, g: &ConvGeom) -> Vec<T> {
     let (cg, og, kk) = (d.c / g.groups, d.cout / g.groups, d.kh * d.kw);
     let mut wf = vec![T::zero(); d.c * og * kk];
-    for gi in 0..g.groups {
-        for o in 0..og {
-            for ci in 0..cg {
-                let src = &w[((gi * og + o) * cg + ci) * kk..][..kk];
-                let dst = &mut wf[((gi * cg + ci) * og + o) * kk..][..kk];
-                for (j, v) in dst.iter_mut().enumerate() {
-                    *v = src[kk - 1 - j];
-                }
+    // Output row `r = gi * cg + ci` in order (its `og` kernels side by side); large kernels
+    // on all threads (a 256-channel 3x3 one, serial, was 2% of its backward).
+    let row = |(r, dst): (usize, &mut [T])| {
+        let (gi, ci) = (r / cg, r % cg);
+        for (o, k) in dst.chunks_exact_mut(kk).enumerate() {
+            let src = &w[((gi * og + o) * cg + ci) * kk..][..kk];
+            for (v, s) in k.iter_mut().zip(src.iter().rev()) {
+                *v = *s;
             }
         }
+    };
+    if wf.len() >= crate::sgemm::PARALLEL_PACK && rayon::current_num_threads() > 1 {
+        wf.par_chunks_mut(og * kk).enumerate().for_each(row);
+    } else {
+        wf.chunks_mut(og * kk).enumerate().for_each(row);
     }
     wf
 }
