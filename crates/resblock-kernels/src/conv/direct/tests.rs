@@ -308,3 +308,39 @@ fn packing_per_block_matches_packing_whole() {
         assert_close(&format!("{isa:?}"), &y, &conv_ref(&x, &k, &d, 1), 1e-5);
     }
 }
+
+/// `pad` writes rows in pieces that can run past a row's end; every value outside the
+/// interior must still be zero, on a fresh buffer and on one an earlier image filled, for
+/// row widths below, at and above a piece and paddings that are and are not shared.
+#[test]
+fn padding_stays_zero_for_every_row_width() {
+    for isa in [Isa::Avx512, Isa::Avx2] {
+        for w in 1..=20 {
+            for (k, pad) in [(3, 1), (3, 0), (1, 1), (5, 2), (3, 2)] {
+                let (c, h) = (2, 3);
+                let Some(plan) = Plan::with_isa(isa, (c, h, w), 4, (k, k), (pad, pad)) else {
+                    continue;
+                };
+                let mut xp = Vec::new();
+                for seed in [1, 2] {
+                    let img = values(c * h * w, seed);
+                    plan.pad(&img, &mut xp);
+                    for (ci, plane) in xp.chunks_exact(plan.ps).enumerate() {
+                        for (i, v) in plane.iter().enumerate() {
+                            let (py, px) = (i / plan.wp, i % plan.wp);
+                            let inside = (pad..pad + h).contains(&py)
+                                && (pad..pad + w).contains(&px)
+                                && i < (pad + h) * plan.wp;
+                            let want = if inside {
+                                img[(ci * h + py - pad) * w + px - pad]
+                            } else {
+                                0.0
+                            };
+                            assert_eq!(*v, want, "{isa:?} w {w} k {k} pad {pad} at {i}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
