@@ -24,6 +24,7 @@ use candle_core::{Tensor, WithDType};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
+use super::direct;
 use super::epilogue::Epilogue;
 use super::geom::{ConvGeom, Dims};
 use super::pack::{col2im, im2col};
@@ -327,6 +328,11 @@ pub(crate) enum InputGrad<T> {
         dims: Dims,
         geom: ConvGeom,
     },
+    /// `Flipped` in f32, ungrouped, where the direct kernels run that forward: its plan and
+    /// packed weights ([`direct::Plan::pack_flipped_weights`], no flipped copy). For the
+    /// 256-channel 3x3 layers `im2col` of `dY` and its packing, 1.8 MB each per image at
+    /// 14x14, were a tenth of the backward.
+    DirectFlipped { plan: direct::Plan, wk: Vec<f32> },
     /// Otherwise `dcols = W^T . dY`, then col2im.
     Scatter,
 }
@@ -340,23 +346,31 @@ impl<T: WithDType> InputGrad<T> {
         if g.stride != 1 || d.kh != d.kw || g.padding > reach {
             return InputGrad::Scatter;
         }
+        let dims = Dims {
+            n: d.n,
+            c: d.cout,
+            h: d.oh,
+            w: d.ow,
+            cout: d.c,
+            kh: d.kh,
+            kw: d.kw,
+            oh: d.h,
+            ow: d.w,
+        };
+        let geom = ConvGeom {
+            padding: reach - g.padding,
+            ..*g
+        };
+        if let (1, Some(wf)) = (g.groups, as_f32(w)) {
+            if let Some(plan) = super::path::direct_plan(&dims, &geom) {
+                let wk = plan.pack_flipped_weights(wf);
+                return InputGrad::DirectFlipped { plan, wk };
+            }
+        }
         InputGrad::Flipped {
             w: flip_kernel(w, d, g),
-            dims: Dims {
-                n: d.n,
-                c: d.cout,
-                h: d.oh,
-                w: d.ow,
-                cout: d.c,
-                kh: d.kh,
-                kw: d.kw,
-                oh: d.h,
-                ow: d.w,
-            },
-            geom: ConvGeom {
-                padding: reach - g.padding,
-                ..*g
-            },
+            dims,
+            geom,
         }
     }
 }
@@ -392,6 +406,9 @@ pub(crate) struct Scratch<T> {
     /// The weight gradient of the last `pending` images, summed by the GEMM in `T`.
     dw_n: Vec<T>,
     pending: usize,
+    /// The direct input gradient's padded `dY` and flattened output (f32 only).
+    dyp: Vec<f32>,
+    flat: Vec<f32>,
 }
 
 /// Images whose weight gradients a worker sums in the GEMM (in the working precision)
@@ -420,12 +437,18 @@ pub(crate) fn backward<T: WithDType>(
     let (parallel, par) = gemm_parallelism(d.n);
     let wlen = d.cout * kg;
     let input_grad = InputGrad::new(w, d, g);
-    // The input gradient's weights: the flipped kernel's, or W^T per group (kg x og).
+    // The GEMMs' weights of the input gradient: the flipped kernel's, or W^T per group
+    // (kg x og); none on the direct kernels.
     let dx_weights = match &input_grad {
-        InputGrad::Flipped { w, dims, geom } => forward_weights(w, dims, geom),
-        InputGrad::Direct | InputGrad::Scatter => {
-            WeightLhs::new(w, (kg, og), (1, kg), (g.groups, og * kg), d.n)
-        }
+        InputGrad::DirectFlipped { .. } => None,
+        InputGrad::Flipped { w, dims, geom } => Some(forward_weights(w, dims, geom)),
+        InputGrad::Direct | InputGrad::Scatter => Some(WeightLhs::new(
+            w,
+            (kg, og),
+            (1, kg),
+            (g.groups, og * kg),
+            d.n,
+        )),
     };
     let mut dx = vec![T::zero(); d.n * d.chw()];
     let image = |s: &mut Scratch<T>, acc: &mut WeightSum, ni: usize, dx_n: &mut [T]| {
@@ -456,18 +479,27 @@ pub(crate) fn backward<T: WithDType>(
         if s.pending == DW_IMAGES_PER_FLUSH {
             flush_dw(s, acc);
         }
-        match &input_grad {
-            InputGrad::Flipped { dims, geom, .. } => {
-                forward_image(dy_n, &dx_weights, dims, geom, dx_n, par);
+        match (&input_grad, &dx_weights) {
+            (InputGrad::DirectFlipped { plan, wk }, _) => {
+                // `T` is f32 here (the variant is only made from f32 weights).
+                let (Some(dyf), Some(dxf)) = (as_f32(dy_n), as_f32_mut(dx_n)) else {
+                    unreachable!("conv backward: direct input gradient on f32 only")
+                };
+                plan.pad(dyf, &mut s.dyp);
+                plan.forward(&s.dyp, wk, &mut s.flat, !parallel);
+                plan.unflatten(&s.flat, dxf, Epilogue::NONE);
             }
-            InputGrad::Direct | InputGrad::Scatter => {
+            (InputGrad::Flipped { dims, geom, .. }, Some(dxw)) => {
+                forward_image(dy_n, dxw, dims, geom, dx_n, par);
+            }
+            (InputGrad::Direct | InputGrad::Scatter, Some(dxw)) => {
                 let direct = matches!(input_grad, InputGrad::Direct);
                 if !direct {
                     s.dcols.resize(d.k_all() * p, T::zero());
                 }
                 let dcols: &mut [T] = if direct { dx_n } else { &mut s.dcols };
                 for gi in 0..g.groups {
-                    dx_weights.gemm(
+                    dxw.gemm(
                         gi,
                         p,
                         &mut dcols[gi * kg * p..(gi + 1) * kg * p],
@@ -481,6 +513,7 @@ pub(crate) fn backward<T: WithDType>(
                     col2im(&s.dcols, d, g, dx_n);
                 }
             }
+            (_, None) => unreachable!("conv backward: input-gradient weights made above"),
         }
     };
     let scratch = || Scratch {
@@ -488,6 +521,8 @@ pub(crate) fn backward<T: WithDType>(
         dcols: Vec::new(),
         dw_n: Vec::new(),
         pending: 0,
+        dyp: Vec::new(),
+        flat: Vec::new(),
     };
     let dw64 = for_each_image_summed(&mut dx, d.chw(), parallel, wlen, scratch, image, flush_dw);
     (dx, dw64.into_iter().map(T::from_f64).collect())
@@ -536,6 +571,43 @@ mod tests {
                     n >= threads.min(chunks) && n <= 2 * threads.next_power_of_two(),
                     "{chunks} chunks on {threads} threads: {n} tasks"
                 );
+            }
+        }
+    }
+
+    /// A stride-1 layer too wide for the direct backward (72 * 9 > `DIRECT_MAX_K`) runs its
+    /// input gradient on the direct forward kernels in f32: against the f64 GEMM path, at
+    /// batch 1 (parallel channel blocks) and 3 (parallel images).
+    #[test]
+    fn direct_input_gradient_in_the_gemm_backward_matches_f64() {
+        let values = |n: usize, seed: usize| -> Vec<f32> {
+            (0..n)
+                .map(|i| (((i * 7919 + seed * 104_729) % 2003) as f32 / 1001.5) - 1.0)
+                .collect()
+        };
+        let to64 = |v: &[f32]| v.iter().map(|&x| f64::from(x)).collect::<Vec<_>>();
+        let g = ConvGeom {
+            padding: 1,
+            stride: 1,
+            dilation: 1,
+            groups: 1,
+        };
+        for n in [1, 3] {
+            let (c, h, w, cout) = (72, 6, 5, 40);
+            let d = Dims::new(&g, &[n, c, h, w], &[cout, c, 3, 3]).expect("valid shape");
+            assert!(super::super::path::direct_backward_plans(&d, &g).is_none());
+            let k = values(cout * c * 9, 2);
+            let direct = matches!(InputGrad::new(&k, &d, &g), InputGrad::DirectFlipped { .. });
+            assert_eq!(direct, crate::conv::direct::Isa::detect().is_some());
+            let (x, dy) = (values(n * c * h * w, 1), values(n * cout * h * w, 3));
+            let (dx, dw) = backward(&x, &k, &dy, &d, &g);
+            let (dx64, dw64) = backward(&to64(&x), &to64(&k), &to64(&dy), &d, &g);
+            for (what, got, want) in [("dx", &dx, &dx64), ("dw", &dw, &dw64)] {
+                let scale = want.iter().fold(1f64, |m, v| m.max(v.abs()));
+                for (a, b) in got.iter().zip(want.iter()) {
+                    let e = (f64::from(*a) - b).abs() / scale;
+                    assert!(e < 1e-5, "batch {n}: {what} off by {e}");
+                }
             }
         }
     }

@@ -3,9 +3,7 @@
 
 use super::direct;
 use super::epilogue::Epilogue;
-use super::gemm::{
-    flip_kernel, for_each_image, for_each_image_summed, forward, gemm_parallelism, WeightLhs,
-};
+use super::gemm::{for_each_image, for_each_image_summed, forward, gemm_parallelism, WeightLhs};
 use super::geom::{ConvGeom, Dims};
 use super::pack::col2im;
 use super::weight_sum::WeightSum;
@@ -140,11 +138,10 @@ pub(crate) fn backward_direct(
     w: &[f32],
     dy: &[f32],
     d: &Dims,
-    g: &ConvGeom,
 ) -> (Vec<f32>, Vec<f32>) {
     let (parallel, _) = gemm_parallelism(d.n);
     let wlen = w.len();
-    let wfk = back.pack_weights(&flip_kernel(w, d, g));
+    let wfk = back.pack_flipped_weights(w);
     let ylen = d.cout * d.p();
     let mut dx = vec![0f32; d.n * d.chw()];
     let image = |s: &mut DirectScratch, acc: &mut WeightSum, ni: usize, dx_n: &mut [f32]| {

@@ -35,7 +35,7 @@ use rayon::prelude::*;
 use crate::buffer::{f32_slice, vec_written_by};
 use crate::conv::direct;
 use crate::conv::epilogue::Epilogue;
-use crate::conv::gemm::{flip_kernel, for_each_image_summed, gemm_parallelism, WeightLhs};
+use crate::conv::gemm::{for_each_image_summed, gemm_parallelism, WeightLhs};
 use crate::conv::geom::{ConvGeom, Dims};
 use crate::conv::pack::col2im;
 use crate::conv::weight_sum::WeightSum;
@@ -249,7 +249,7 @@ impl ConvBnTrain {
         let d = &self.d;
         let (p, cout) = (d.p(), d.cout);
         let (parallel, _) = gemm_parallelism(d.n);
-        let wfk = back.pack_weights(&flip_kernel(w, d, &self.geom));
+        let wfk = back.pack_flipped_weights(w);
         let wlen = w.len();
         let group = self.fwd.images_per_group(d.n);
         let (xlen, chunk) = if need_dx {

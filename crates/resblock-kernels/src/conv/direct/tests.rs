@@ -91,7 +91,7 @@ fn every_kernel_set_matches_a_plain_convolution() {
             let back_pad = k - 1 - pad;
             let back = Plan::with_isa(isa, (cout, d.oh, d.ow), c, (k, k), (back_pad, back_pad))
                 .expect("back plan");
-            let (dx, dw) = backward_direct(&(fwd.clone(), back), &x, &wt, &dy, &d, &g);
+            let (dx, dw) = backward_direct(&(fwd.clone(), back), &x, &wt, &dy, &d);
             let mut want_dx = vec![0f64; n * d.chw()];
             let mut want_dw = vec![0f64; wt.len()];
             for i in 0..n {
@@ -341,6 +341,38 @@ fn padding_stays_zero_for_every_row_width() {
                     }
                 }
             }
+        }
+    }
+}
+
+/// `pack_flipped_weights` of a forward kernel is `pack_weights` of the flipped, transposed
+/// kernel, on every kernel set and on one and two threads (large enough to pack in
+/// parallel), with a last block part empty.
+#[test]
+fn flipped_packing_is_packing_of_the_flipped_kernel() {
+    let (c, cout, k) = (100, 90, 3);
+    let g = ConvGeom {
+        padding: 1,
+        stride: 1,
+        dilation: 1,
+        groups: 1,
+    };
+    let d = Dims::new(&g, &[1, c, 5, 5], &[cout, c, k, k]).expect("valid test shape");
+    let w = values(cout * c * k * k, 13);
+    let flipped = crate::conv::gemm::flip_kernel(&w, &d, &g);
+    for isa in [Isa::Avx512, Isa::Avx2] {
+        // The input gradient's plan: `cout` channels in, `c` out.
+        let Some(back) = Plan::with_isa(isa, (cout, 5, 5), c, (k, k), (1, 1)) else {
+            continue;
+        };
+        for threads in [1, 2] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .expect("pool");
+            let (got, want) =
+                pool.install(|| (back.pack_flipped_weights(&w), back.pack_weights(&flipped)));
+            assert_eq!(got, want, "{isa:?} on {threads} thread(s)");
         }
     }
 }
