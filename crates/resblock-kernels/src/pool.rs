@@ -243,6 +243,12 @@ fn max_keep_first<T: WithDType>(a: T, b: T) -> T {
 /// first (`rows`: h x ow scratch), then down each window's rows, so a k x k window costs
 /// 2k comparisons instead of k^2 with bounds checks. Visiting taps row by row, left to
 /// right, keeps the first maximum, as [`plane_argmax`] does.
+///
+/// Both passes run along contiguous values so that they vectorise: along a row, the
+/// maximum of every window of `kw` taps starting at each column (`full`), from which the
+/// windows wholly inside the row are picked (the few at the borders take their in-bounds
+/// taps one by one); down the rows, whole output rows at a time. One value at a time, the
+/// stem pooling of a batch-1 ResNet-18 took 5% of its inference.
 fn plane_max<T: WithDType>(
     plane: &[T],
     (h, w): (usize, usize),
@@ -268,10 +274,25 @@ fn plane_max<T: WithDType>(
         ((lo + (first * d) as isize).max(0) as usize, count)
     };
     let cols: Vec<(usize, usize)> = (0..ow).map(|ox| taps(ox, sw, pw, dw, kw, w)).collect();
+    // Windows of all `kw` taps start at columns `0..span` of a row.
+    let span = (w + 1).saturating_sub((kw - 1) * dw + 1);
     rows.clear();
-    rows.resize(h * ow, neg);
+    rows.resize(h * ow + span, neg);
+    let (rows, full) = rows.split_at_mut(h * ow);
     for (row, src) in rows.chunks_exact_mut(ow).zip(plane.chunks_exact(w)) {
+        if span > 0 {
+            full.copy_from_slice(&src[..span]);
+            for t in 1..kw {
+                for (m, v) in full.iter_mut().zip(&src[t * dw..t * dw + span]) {
+                    *m = max_keep_first(*m, *v);
+                }
+            }
+        }
         for (r, &(x0, n)) in row.iter_mut().zip(&cols) {
+            if n == kw {
+                *r = full[x0];
+                continue;
+            }
             let mut m = neg;
             for t in 0..n {
                 let v = src[x0 + t * dw];
@@ -282,13 +303,22 @@ fn plane_max<T: WithDType>(
     }
     for (oy, out) in dst.chunks_exact_mut(ow).enumerate() {
         let (y0, n) = taps(oy, sh, ph, dh, kh, h);
-        for (ox, o) in out.iter_mut().enumerate() {
-            let mut m = neg;
-            for t in 0..n {
-                let v = rows[(y0 + t * dh) * ow + ox];
-                m = if t == 0 { v } else { max_keep_first(m, v) };
+        if n == 0 {
+            out.fill(neg);
+            continue;
+        }
+        out.copy_from_slice(&rows[y0 * ow..(y0 + 1) * ow]);
+        for t in 1..n {
+            let y = y0 + t * dh;
+            for (o, v) in out.iter_mut().zip(&rows[y * ow..(y + 1) * ow]) {
+                *o = max_keep_first(*o, *v);
             }
-            *o = if cols[ox].1 == 0 { neg } else { m };
+        }
+        // A window with no in-bounds column is all padding.
+        for (o, &(_, nc)) in out.iter_mut().zip(&cols) {
+            if nc == 0 {
+                *o = neg;
+            }
         }
     }
 }
@@ -381,5 +411,89 @@ impl CustomOp2 for MaxPool2dBackward {
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         Ok((self.map(s1, l1, s2, l2)?, l1.shape().clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// PyTorch's max pooling of one plane by definition: taps visited row by row, left to
+    /// right, a tap replacing the maximum when larger or NaN.
+    fn reference(plane: &[f32], (h, w): (usize, usize), cfg: &Pool2dConfig) -> Vec<f32> {
+        let (oh, ow) = cfg.output_size(h, w).expect("valid test geometry");
+        let mut out = vec![f32::NEG_INFINITY; oh * ow];
+        for oy in 0..oh {
+            for ox in 0..ow {
+                let mut m = f32::NEG_INFINITY;
+                let mut first = true;
+                for ky in 0..cfg.kernel.0 {
+                    for kx in 0..cfg.kernel.1 {
+                        let y = (oy * cfg.stride.0 + ky * cfg.dilation.0) as isize
+                            - cfg.padding.0 as isize;
+                        let x = (ox * cfg.stride.1 + kx * cfg.dilation.1) as isize
+                            - cfg.padding.1 as isize;
+                        if y < 0 || x < 0 || y >= h as isize || x >= w as isize {
+                            continue;
+                        }
+                        let v = plane[y as usize * w + x as usize];
+                        if first || v > m || v.is_nan() {
+                            m = v;
+                            first = false;
+                        }
+                    }
+                }
+                out[oy * ow + ox] = m;
+            }
+        }
+        out
+    }
+
+    /// The vectorised forward against the definition, bit for bit, on planes with NaNs,
+    /// ties and signed zeros, for kernels, strides, paddings and dilations that leave
+    /// border windows of every kind.
+    #[test]
+    fn plane_max_is_the_definition_bit_for_bit() {
+        for (h, w) in [(1, 1), (5, 7), (9, 4), (12, 13)] {
+            let plane: Vec<f32> = (0..h * w)
+                .map(|i| match (i * 37) % 11 {
+                    0 => f32::NAN,
+                    1 => -0.0,
+                    2 => 0.0,
+                    k => (k % 4) as f32 - 1.5,
+                })
+                .collect();
+            for k in 1..=4 {
+                for s in 1..=3 {
+                    for p in 0..=k / 2 {
+                        for d in 1..=2 {
+                            let cfg = Pool2dConfig {
+                                kernel: (k, k),
+                                stride: (s, s),
+                                padding: (p, p),
+                                dilation: (d, d),
+                            };
+                            let Ok((oh, ow)) = cfg.output_size(h, w) else {
+                                continue;
+                            };
+                            let mut got = vec![0f32; oh * ow];
+                            plane_max(&plane, (h, w), &cfg, (oh, ow), &mut Vec::new(), &mut got);
+                            let want = reference(&plane, (h, w), &cfg);
+                            let bits =
+                                |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                            // NaNs compare by being NaN (their payload may differ).
+                            let canon = |v: &[f32]| {
+                                bits(
+                                    &v.iter()
+                                        .map(|x| if x.is_nan() { f32::NAN } else { *x })
+                                        .collect::<Vec<_>>(),
+                                )
+                            };
+                            assert_eq!(canon(&got), canon(&want), "{h}x{w} {cfg:?}");
+                        }
+                    }
+                }
+            }
+        }
     }
 }
