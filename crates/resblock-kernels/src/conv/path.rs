@@ -210,25 +210,22 @@ pub(crate) fn backward_strided(
             plan.pad(&x[ni * d.chw()..(ni + 1) * d.chw()], xp);
             plan.flatten(&dy[ni * ylen..(ni + 1) * ylen], dyf);
         }
-        let xps: Vec<&[f32]> = s.xp[..m].iter().map(Vec::as_slice).collect();
-        let dyfs: Vec<&[f32]> = s.dyf[..m].iter().map(Vec::as_slice).collect();
-        s.dw_n.resize(wlen, 0.0);
-        plan.weight_grad_images(&xps, &dyfs, &mut s.dw_n);
-        acc.add(&s.dw_n);
-        s.dcols.resize(k * d.p(), 0.0);
-        for (i, dx_n) in dx_g.chunks_exact_mut(d.chw()).enumerate() {
-            let ni = first + i;
-            wt.gemm(
-                0,
-                d.p(),
-                &mut s.dcols,
-                false,
-                &dy[ni * ylen..],
-                (d.p(), 1),
-                par,
-            );
-            col2im(&s.dcols, d, g, dx_n);
-        }
+        let dys: Vec<&[f32]> = (first..first + m)
+            .map(|ni| &dy[ni * ylen..(ni + 1) * ylen])
+            .collect();
+        let group = StridedGroup {
+            xps: &s.xp[..m],
+            dyfs: &s.dyf[..m],
+            dys: &dys,
+        };
+        group.grads(
+            (plan, &wt),
+            (d, g),
+            Some(dx_g),
+            (&mut s.dw_n, &mut s.dcols),
+            acc,
+            par,
+        );
     };
     let scratch = || StridedScratch {
         xp: Vec::new(),
@@ -246,4 +243,42 @@ pub(crate) fn backward_strided(
         |_, _| {},
     );
     (dx, dw64.into_iter().map(|v| v as f32).collect())
+}
+
+/// One image group of a stride-2 backward: each image's phase-split input (`xps`), its
+/// output gradient flattened for the direct weight gradient (`dyfs`) and as it is,
+/// `(cout, p)` (`dys`). [`backward_strided`] and the fused conv + BN op's stride-2 backward
+/// share what follows from these.
+pub(crate) struct StridedGroup<'a> {
+    pub(crate) xps: &'a [Vec<f32>],
+    pub(crate) dyfs: &'a [Vec<f32>],
+    pub(crate) dys: &'a [&'a [f32]],
+}
+
+impl StridedGroup<'_> {
+    /// Adds the group's weight gradient (the direct kernel on the phase-split inputs) to
+    /// `acc`, and with `dx_g` writes each image's input gradient: `dcols = W^T . dY` and
+    /// `col2im` (a stride-2 input gradient is no convolution of `dY`). `dw_n` and `dcols`
+    /// are the worker's scratch.
+    pub(crate) fn grads(
+        &self,
+        (plan, wt): (&direct::Plan, &WeightLhs<'_, f32>),
+        (d, g): (&Dims, &ConvGeom),
+        dx_g: Option<&mut [f32]>,
+        (dw_n, dcols): (&mut Vec<f32>, &mut Vec<f32>),
+        acc: &mut WeightSum,
+        par: gemm::Parallelism,
+    ) {
+        let xps: Vec<&[f32]> = self.xps.iter().map(Vec::as_slice).collect();
+        let dyfs: Vec<&[f32]> = self.dyfs.iter().map(Vec::as_slice).collect();
+        dw_n.resize(d.cout * d.k_all(), 0.0);
+        plan.weight_grad_images(&xps, &dyfs, dw_n);
+        acc.add(dw_n);
+        let Some(dx_g) = dx_g else { return };
+        dcols.resize(d.k_all() * d.p(), 0.0);
+        for (dy_n, dx_n) in self.dys.iter().zip(dx_g.chunks_exact_mut(d.chw())) {
+            wt.gemm(0, d.p(), dcols, false, dy_n, (d.p(), 1), par);
+            col2im(dcols, d, g, dx_n);
+        }
+    }
 }

@@ -37,7 +37,7 @@ use crate::conv::direct;
 use crate::conv::epilogue::Epilogue;
 use crate::conv::gemm::{for_each_image_summed, gemm_parallelism, WeightLhs};
 use crate::conv::geom::{ConvGeom, Dims};
-use crate::conv::pack::col2im;
+use crate::conv::path::StridedGroup;
 use crate::conv::weight_sum::WeightSum;
 use crate::norm::simd as kernels;
 use crate::norm::{combine_moments, grad_coef, inv_std, norm_coef};
@@ -368,18 +368,20 @@ impl ConvBnTrain {
                 self.fwd
                     .pad(&x[ni * d.chw()..(ni + 1) * d.chw()], &mut s.xp[i]);
             }
-            let xps: Vec<&[f32]> = s.xp[..m].iter().map(Vec::as_slice).collect();
-            let dyfs: Vec<&[f32]> = s.dyf[..m].iter().map(Vec::as_slice).collect();
-            s.dw_n.resize(wlen, 0.0);
-            self.fwd.weight_grad_images(&xps, &dyfs, &mut s.dw_n);
-            acc.add(&s.dw_n);
-            if need_dx {
-                s.dcols.resize(k * p, 0.0);
-                for (g, dx_n) in s.g.iter().zip(dx_g.chunks_exact_mut(d.chw())) {
-                    wt.gemm(0, p, &mut s.dcols, false, g, (p, 1), par);
-                    col2im(&s.dcols, d, &self.geom, dx_n);
-                }
-            }
+            let dys: Vec<&[f32]> = s.g[..m].iter().map(Vec::as_slice).collect();
+            let group = StridedGroup {
+                xps: &s.xp[..m],
+                dyfs: &s.dyf[..m],
+                dys: &dys,
+            };
+            group.grads(
+                (&self.fwd, &wt),
+                (d, &self.geom),
+                need_dx.then_some(dx_g),
+                (&mut s.dw_n, &mut s.dcols),
+                acc,
+                par,
+            );
         };
         let scratch = || StridedScratch {
             g: Vec::new(),
