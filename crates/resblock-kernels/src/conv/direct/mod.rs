@@ -422,12 +422,9 @@ impl Plan {
             // pixels, so the input rows those read stay in cache.
             let per_block = (BLOCK_PIXELS / self.isa.tq()).max(1);
             let tiles = self.tiles();
-            let mut blocks: Vec<_> = out
-                .chunks_mut(self.cb() * self.qlen)
-                .zip(wk.chunks(wblk))
-                .collect();
             for t0 in (0..tiles).step_by(per_block) {
-                for (o, wb) in &mut blocks {
+                let blocks = out.chunks_mut(self.cb() * self.qlen).zip(wk.chunks(wblk));
+                for (o, wb) in blocks {
                     for t in t0..(t0 + per_block).min(tiles) {
                         self.fwd_tile(xp, wb, self.tile(t), o);
                     }
