@@ -162,8 +162,8 @@ pub(crate) fn backward_direct(
         flat: Vec::new(),
         dw_n: Vec::new(),
     };
-    let dw64 = for_each_image_summed(&mut dx, d.chw(), parallel, wlen, scratch, image, |_, _| {});
-    (dx, dw64.into_iter().map(|v| v as f32).collect())
+    let dw = for_each_image_summed(&mut dx, d.chw(), parallel, wlen, scratch, image, |_, _| {});
+    (dx, dw.total(0))
 }
 
 /// The direct forward plan of a stride-2 convolution whose backward runs on
@@ -233,7 +233,7 @@ pub(crate) fn backward_strided(
         dcols: Vec::new(),
         dw_n: Vec::new(),
     };
-    let dw64 = for_each_image_summed(
+    let dw = for_each_image_summed(
         &mut dx,
         group * d.chw(),
         parallel,
@@ -242,7 +242,7 @@ pub(crate) fn backward_strided(
         images,
         |_, _| {},
     );
-    (dx, dw64.into_iter().map(|v| v as f32).collect())
+    (dx, dw.total(0))
 }
 
 /// One image group of a stride-2 backward: each image's phase-split input (`xps`), its

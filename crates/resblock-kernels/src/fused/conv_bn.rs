@@ -38,7 +38,7 @@ use crate::conv::epilogue::Epilogue;
 use crate::conv::gemm::{for_each_image_summed, gemm_parallelism, WeightLhs};
 use crate::conv::geom::{ConvGeom, Dims};
 use crate::conv::path::StridedGroup;
-use crate::conv::weight_sum::WeightSum;
+use crate::conv::weight_sum::{WeightSum, WeightSums};
 use crate::norm::simd as kernels;
 use crate::norm::{combine_moments, grad_coef, inv_std, norm_coef};
 
@@ -221,22 +221,19 @@ impl ConvBnTrain {
             .collect();
         let m = (d.n * p) as f64;
         let gcoef = grad_coef(&sums, &gb[..cout], mean, &inv, m);
-        let (dx, dw64) = match &self.back {
+        let (dx, dw) = match &self.back {
             Some(back) => {
                 self.same_grads(back, (x, w), (conv, dy), (&fcoef, &gcoef), (need_dx, relu))
             }
             None => self.strided_grads((x, w), (conv, dy), (&fcoef, &gcoef), (need_dx, relu)),
         };
-        let dparams = dw64
-            .into_iter()
-            .map(|v| v as f32)
-            .chain(sums.iter().map(|s| s.1 as f32))
-            .chain(sums.iter().map(|s| s.0 as f32))
-            .collect();
+        let mut dparams = dw.total(2 * cout);
+        dparams.extend(sums.iter().map(|s| s.1 as f32));
+        dparams.extend(sums.iter().map(|s| s.0 as f32));
         (dx, dparams)
     }
 
-    /// Stride 1: (dx if `need_dx`, the kernel's gradient in f64) from the norm's
+    /// Stride 1: (dx if `need_dx`, the workers' f64 sums of the kernel's gradient) from the norm's
     /// coefficients, the input-gradient plan `back` running the input gradient.
     fn same_grads(
         &self,
@@ -245,7 +242,7 @@ impl ConvBnTrain {
         (conv, dy): (&[f32], &[f32]),
         (fcoef, gcoef): Coefs<'_>,
         (need_dx, relu): (bool, bool),
-    ) -> (Option<Vec<f32>>, Vec<f64>) {
+    ) -> (Option<Vec<f32>>, WeightSums) {
         let d = &self.d;
         let (p, cout) = (d.p(), d.cout);
         let (parallel, _) = gemm_parallelism(d.n);
@@ -308,7 +305,7 @@ impl ConvBnTrain {
             flat: Vec::new(),
             dw_n: Vec::new(),
         };
-        let dw64 = for_each_image_summed(
+        let dw = for_each_image_summed(
             &mut dx.spare_capacity_mut()[..xlen],
             chunk,
             parallel,
@@ -322,7 +319,7 @@ impl ConvBnTrain {
             // writes a whole chunk), and the groups' chunks cover `xlen`.
             unsafe { dx.set_len(xlen) };
         }
-        (need_dx.then_some(dx), dw64)
+        (need_dx.then_some(dx), dw)
     }
 
     /// Stride 2: as [`ConvBnTrain::same_grads`], the norm's input gradient of each image
@@ -334,7 +331,7 @@ impl ConvBnTrain {
         (conv, dy): (&[f32], &[f32]),
         (fcoef, gcoef): Coefs<'_>,
         (need_dx, relu): (bool, bool),
-    ) -> (Option<Vec<f32>>, Vec<f64>) {
+    ) -> (Option<Vec<f32>>, WeightSums) {
         let d = &self.d;
         let (p, cout, k) = (d.p(), d.cout, d.k_all());
         let (parallel, par) = gemm_parallelism(d.n);
@@ -390,9 +387,8 @@ impl ConvBnTrain {
             dcols: Vec::new(),
             dw_n: Vec::new(),
         };
-        let dw64 =
-            for_each_image_summed(&mut dx, chunk, parallel, wlen, scratch, images, |_, _| {});
-        (need_dx.then_some(dx), dw64)
+        let dw = for_each_image_summed(&mut dx, chunk, parallel, wlen, scratch, images, |_, _| {});
+        (need_dx.then_some(dx), dw)
     }
 
     /// The checked inputs of a forward.

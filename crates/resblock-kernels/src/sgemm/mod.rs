@@ -378,16 +378,20 @@ fn pack_b(dst: &mut Vec<f32>, b: Operand<'_>, p0: usize, kc: usize, j0: usize, n
                 out[cols..].fill(0.);
             }
         } else {
-            // Column-major (a transposed operand): read each column along `p`.
-            for j in 0..cols {
-                let base = p0 + (left + j) * b.cs;
-                for (p, v) in b.data[base..base + kc].iter().enumerate() {
-                    panel[p * NR + j] = *v;
+            // Column-major (a transposed operand, such as the unfolded input of a weight
+            // gradient): the `NR` columns as slices of exactly `kc` values (a zero column
+            // past `nc`), interleaved in pieces. One value at a time this scatter was 5% of
+            // a 256-channel 3x3 backward.
+            let zeros = [0f32; KC];
+            let src: [&[f32]; NR] = std::array::from_fn(|j| {
+                if j < cols {
+                    let base = p0 + (left + j) * b.cs;
+                    &b.data[base..base + kc]
+                } else {
+                    &zeros[..kc]
                 }
-            }
-            for p in 0..kc {
-                panel[p * NR + cols..(p + 1) * NR].fill(0.);
-            }
+            });
+            crate::interleave::interleave_rows(src, panel);
         }
     }
 }

@@ -349,22 +349,17 @@ impl Plan {
     /// output channels swapped): output channel `co`, input channel `ci`, tap `t` is
     /// `w[ci, co, kh * kw - 1 - t]`. Each block's values for one `ci` come from one
     /// contiguous run of `w`, so this is one pass where flipping first and packing the
-    /// result took two (5% of a 256-channel 3x3 backward).
+    /// result took two (5% of a 256-channel 3x3 backward); per `ci` it is an interleave of
+    /// those runs (see `interleave.rs`) with the taps' order reversed after.
     pub(crate) fn pack_flipped_weights(&self, w: &[f32]) -> Vec<f32> {
         let nt = self.kh * self.kw;
         assert_eq!(w.len(), self.c * self.cout * nt, "direct conv: weight size");
         let cb = self.cb();
         let mut out = vec![0f32; self.cout_r * self.c * nt];
-        let pack = |(blk, dst): (usize, &mut [f32])| {
-            let rows = cb.min(self.cout - blk * cb);
-            for (ci, d) in dst.chunks_exact_mut(nt * cb).enumerate() {
-                let src = &w[(ci * self.cout + blk * cb) * nt..][..rows * nt];
-                for (t, o) in d.chunks_exact_mut(cb).enumerate() {
-                    for (j, v) in o[..rows].iter_mut().enumerate() {
-                        *v = src[j * nt + nt - 1 - t];
-                    }
-                }
-            }
+        let pack = |(blk, dst): (usize, &mut [f32])| match cb {
+            MAX_CB => self.pack_flipped_block_of::<MAX_CB>(w, blk, dst),
+            4 => self.pack_flipped_block_of::<4>(w, blk, dst),
+            cb => unreachable!("direct conv: no {cb}-channel tile"),
         };
         let block = self.c * nt * cb;
         if out.len() >= crate::sgemm::PARALLEL_PACK && rayon::current_num_threads() > 1 {
@@ -373,6 +368,30 @@ impl Plan {
             out.chunks_mut(block).enumerate().for_each(pack);
         }
         out
+    }
+
+    /// Output-channel block `blk` of [`Plan::pack_flipped_weights`] into `dst`, for tiles of
+    /// `CB` channels (rows past `cout` zero).
+    fn pack_flipped_block_of<const CB: usize>(&self, w: &[f32], blk: usize, dst: &mut [f32]) {
+        let nt = self.kh * self.kw;
+        let rows = CB.min(self.cout - blk * CB);
+        let zeros = vec![0f32; if rows < CB { nt } else { 0 }];
+        for (ci, d) in dst.chunks_exact_mut(nt * CB).enumerate() {
+            let src = &w[(ci * self.cout + blk * CB) * nt..][..rows * nt];
+            let taps: [&[f32]; CB] = std::array::from_fn(|j| {
+                if j < rows {
+                    &src[j * nt..(j + 1) * nt]
+                } else {
+                    &zeros[..]
+                }
+            });
+            crate::interleave::interleave_rows(taps, d);
+            // Tap `t` of the flipped kernel is tap `nt - 1 - t` of the forward's.
+            for t in 0..nt / 2 {
+                let (head, rest) = d.split_at_mut((nt - 1 - t) * CB);
+                head[t * CB..(t + 1) * CB].swap_with_slice(&mut rest[..CB]);
+            }
+        }
     }
 
     /// Output-channel block `blk` of [`Plan::pack_weights`] into `dst` (`cb * c * kh * kw`
