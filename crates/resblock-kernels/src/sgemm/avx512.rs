@@ -12,19 +12,24 @@ use super::{MR, NR};
 
 const LANES: usize = 16;
 
-/// `c[i * ldc + j] (=|+=) sum_p a[p * MR + i] * b[p * NR + j]` for `i < mr`, `j < nr`, on
+/// `c[i * ldc + j] (=|+=) sum_p A[i, p] * b[p * NR + j]` for `i < mr`, `j < nr`, on
 /// `VR` vectors per row: 2 (`NR` columns), or 1 for a last panel of at most 16 columns
 /// (the panel keeps its `NR` stride; only its first 16 values per `k` are read).
 ///
+/// `A` is a packed panel, `A[i, p] = a[p * MR + i]`, when `LDA` is `None`; with `Some(lda)`
+/// it is read in place from a row-major matrix, `A[i, p] = a[i * lda + p]` (rows past `mr`
+/// read row 0 again; their sums are not stored): see `STRIDED_A_PANELS` in `mod.rs`.
+///
 /// # Safety
-/// AVX-512 F must be available; `a` readable for `kc * MR` floats, `b` for `kc * NR`, and
-/// `c` writable (and readable when `add`) at `i * ldc + j` for `i < mr`, `j < nr`, with
-/// `mr <= MR` and `nr <= VR * 16`.
+/// AVX-512 F must be available; `a` readable for `kc * MR` floats (packed) or at
+/// `i * lda + p` for `i < mr`, `p < kc` (in place), `b` for `kc * NR`, and `c` writable
+/// (and readable when `add`) at `i * ldc + j` for `i < mr`, `j < nr`, with `1 <= mr <= MR`
+/// and `nr <= VR * 16`.
 #[target_feature(enable = "avx512f,avx2,fma")]
 #[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn kernel<const VR: usize>(
     kc: usize,
-    a: *const f32,
+    (a, lda): (*const f32, Option<usize>),
     b: *const f32,
     c: *mut f32,
     ldc: usize,
@@ -36,21 +41,42 @@ pub(super) unsafe fn kernel<const VR: usize>(
     // would not inherit the target features.)
     unsafe {
         let mut acc = [[_mm512_setzero_ps(); VR]; MR];
-        let mut ap = a;
         let mut bp = b;
-        for _ in 0..kc {
-            let mut bv = [_mm512_setzero_ps(); VR];
-            for (v, b) in bv.iter_mut().enumerate() {
-                *b = _mm512_loadu_ps(bp.add(v * LANES));
-            }
-            for (i, row) in acc.iter_mut().enumerate() {
-                let av = _mm512_set1_ps(*ap.add(i));
-                for (r, b) in row.iter_mut().zip(&bv) {
-                    *r = _mm512_fmadd_ps(av, *b, *r);
+        match lda {
+            None => {
+                let mut ap = a;
+                for _ in 0..kc {
+                    let mut bv = [_mm512_setzero_ps(); VR];
+                    for (v, b) in bv.iter_mut().enumerate() {
+                        *b = _mm512_loadu_ps(bp.add(v * LANES));
+                    }
+                    for (i, row) in acc.iter_mut().enumerate() {
+                        let av = _mm512_set1_ps(*ap.add(i));
+                        for (r, b) in row.iter_mut().zip(&bv) {
+                            *r = _mm512_fmadd_ps(av, *b, *r);
+                        }
+                    }
+                    ap = ap.add(MR);
+                    bp = bp.add(NR);
                 }
             }
-            ap = ap.add(MR);
-            bp = bp.add(NR);
+            Some(lda) => {
+                let rows: [*const f32; MR] =
+                    std::array::from_fn(|i| a.add(if i < mr { i * lda } else { 0 }));
+                for p in 0..kc {
+                    let mut bv = [_mm512_setzero_ps(); VR];
+                    for (v, b) in bv.iter_mut().enumerate() {
+                        *b = _mm512_loadu_ps(bp.add(v * LANES));
+                    }
+                    for (row, ap) in acc.iter_mut().zip(&rows) {
+                        let av = _mm512_set1_ps(*ap.add(p));
+                        for (r, b) in row.iter_mut().zip(&bv) {
+                            *r = _mm512_fmadd_ps(av, *b, *r);
+                        }
+                    }
+                    bp = bp.add(NR);
+                }
+            }
         }
         if nr == VR * LANES {
             for (i, row) in acc.iter().enumerate().take(mr) {

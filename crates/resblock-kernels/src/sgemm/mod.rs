@@ -36,6 +36,12 @@ const KC: usize = 256;
 const MC: usize = 128;
 /// Columns of one packed `B` block (a multiple of `NR`).
 const NC: usize = 1024;
+/// The most `NR` panels of one `B` block for which a row-major `A` is read in place by the
+/// micro-kernel instead of packed: packing costs a read and a write of the block for
+/// reuse by every panel, which a few panels (a batch-1 convolution's 7x7 to 14x14 output:
+/// 2 to 7 panels) do not pay back. At batch 1 the packing of `A` was a tenth of a
+/// ResNet-50 inference.
+const STRIDED_A_PANELS: usize = 8;
 /// Weights of at least this many floats are packed on all threads ([`PackedA::new`], the
 /// direct convolution's `pack_weights`): below it the rayon hand-off costs more than the
 /// copy.
@@ -263,14 +269,25 @@ fn serial(
                 let kc = KC.min(k - pc);
                 let add = accumulate || pc > 0;
                 pack_b(pb, b, pc, kc, jc, nc);
+                let in_place = match a {
+                    Lhs::Raw(a) => a.cs == 1 && nc.div_ceil(NR) <= STRIDED_A_PANELS,
+                    Lhs::Packed(_) => false,
+                };
                 for ic in (0..m).step_by(MC) {
                     let mc = MC.min(m - ic);
                     let ablock: &[f32] = match a {
+                        Lhs::Raw(a) if in_place => &a.data[ic * a.rs + pc..],
                         Lhs::Raw(a) => {
                             pack_a(pa, a, ic, mc, pc, kc);
                             pa
                         }
                         Lhs::Packed(p) => p.block(pc, ic, kc),
+                    };
+                    // The panel of rows `ir * MR..`: packed (`kc * MR` floats each), or in
+                    // place (row stride `rs`).
+                    let (lda, panel_step) = match a {
+                        Lhs::Raw(a) if in_place => (Some(a.rs), MR * a.rs),
+                        _ => (None, kc * MR),
                     };
                     for jr in 0..nc.div_ceil(NR) {
                         let nr = NR.min(nc - jr * NR);
@@ -278,12 +295,15 @@ fn serial(
                             let mr = MR.min(mc - ir * MR);
                             let tile = c.offset((ic + ir * MR) * ldc + jc + jr * NR);
                             #[cfg(target_arch = "x86_64")]
-                            // SAFETY: `cpu_ok()` was checked by `run`; the panels hold
-                            // `kc * MR` and `kc * NR` floats; the tile's `mr x nr` elements
-                            // lie inside this call's `m x n` part of `dst`.
+                            // SAFETY: `cpu_ok()` was checked by `run`; the packed panels hold
+                            // `kc * MR` and `kc * NR` floats, and in place the `mr` rows of
+                            // the panel hold `kc` values each (`a.check` in `sgemm`: rows
+                            // `ic + ir * MR + i < m`, columns `pc + p < k`); the tile's
+                            // `mr x nr` elements lie inside this call's `m x n` part of
+                            // `dst`.
                             unsafe {
                                 let (ap, bp) = (
-                                    ablock.as_ptr().add(ir * kc * MR),
+                                    (ablock.as_ptr().add(ir * panel_step), lda),
                                     pb.as_ptr().add(jr * kc * NR),
                                 );
                                 // A last panel of at most 16 columns (e.g. 196 = 6 x 32 + 4

@@ -111,6 +111,8 @@ fn matches_the_triple_loop() {
         (17, 65, 300),
         (130, 40, 20),
         (64, 49, 576),
+        // With `n` past `STRIDED_A_PANELS` panels `A` is packed; the last `NC` block of
+        // these two (76 and 6 columns), and every shape above, read a row-major `A` in place.
         (3, 1100, 9),
         // A last panel of exactly 16 columns (one-vector kernel, unmasked stores) and of 4.
         (9, 48, 20),
