@@ -55,7 +55,9 @@ impl ConvBn {
 
     /// `relu(self.forward_t(x, train) + residual)`: the end of a post-activation residual
     /// block. In training on our CPU kernels the convolution, the norm, the sum and the ReLU
-    /// run as one op ([`crate::ops::conv_batch_norm_add_relu_train`]).
+    /// run as one op ([`crate::ops::conv_batch_norm_add_relu_train`]); in eval mode, when
+    /// neither input needs a gradient, the norm (or folded bias), the sum and the ReLU are
+    /// the convolution's epilogue ([`crate::ops::conv2d_add_relu`]).
     ///
     /// # Shapes
     /// - input: (N, C_in, H, W); residual and output: (N, C_out, H_out, W_out)
@@ -84,11 +86,49 @@ impl ConvBn {
                 bn.track(&stats)?;
                 Ok(y)
             }
+            _ if !train && !x.track_op() && !residual.track_op() => self.eval_add_relu(x, residual),
             _ => {
                 let y = self.run(x, train, false)?;
                 crate::ops::add_relu(residual, &y).map_err(candle_core::Error::wrap)
             }
         }
+    }
+
+    /// Inference `relu(self(x) + residual)` with the norm (or the folded bias), the sum and
+    /// the ReLU in the convolution's output pass ([`crate::ops::conv2d_add_relu`]); the
+    /// parameters are constants here, as in eval mode's [`ConvBn::forward_t`].
+    fn eval_add_relu(&self, x: &Tensor, residual: &Tensor) -> candle_core::Result<Tensor> {
+        let conv = &self.conv;
+        let c = conv.config();
+        let bias = conv.bias().map(Tensor::detach);
+        let scale_shift = match &self.norm {
+            Some(bn) => {
+                let (scale, shift) = bn.eval_scale_shift().map_err(candle_core::Error::wrap)?;
+                let (scale, shift) = (scale.detach(), shift.detach());
+                let shift = match &bias {
+                    Some(b) => ((b * &scale)? + shift)?,
+                    None => shift,
+                };
+                Some((scale, shift))
+            }
+            None => None,
+        };
+        let affine = match (&scale_shift, &bias) {
+            (Some((scale, shift)), _) => crate::ops::ChannelAffine::ScaleShift(scale, shift),
+            (None, Some(b)) => crate::ops::ChannelAffine::Bias(b),
+            (None, None) => crate::ops::ChannelAffine::None,
+        };
+        crate::ops::conv2d_add_relu(
+            x,
+            &conv.weight().detach(),
+            affine,
+            residual,
+            c.padding,
+            c.stride,
+            c.dilation,
+            c.groups,
+        )
+        .map_err(candle_core::Error::wrap)
     }
 
     /// `relu(second.forward_t(relu(self.forward_t(x)), train) + x)`: a post-activation basic

@@ -9,7 +9,9 @@
 //!   that is right for non-square inputs whose height and width leave different remainders
 //!   under the stride); [`conv2d_fused`]: convolution + bias (+ ReLU) with the epilogue
 //!   fused; [`conv2d_scale_shift`]: convolution + eval-mode BatchNorm (+ ReLU) the same way;
-//!   [`conv2d_backward`]: both gradients for a given output gradient, without a graph.
+//!   [`conv2d_add_relu`]: the last convolution of an inference residual block with its
+//!   shortcut's sum and ReLU in the epilogue too; [`conv2d_backward`]: both gradients for a
+//!   given output gradient, without a graph.
 //! - [`batch_norm_train`] ([`norm`]): training-mode batch normalisation (optionally fused
 //!   with ReLU) as one multithreaded op with its own backward, statistics in f64.
 //! - [`conv_batch_norm_train`] ([`fused`]): convolution + training-mode batch norm (+ ReLU)
@@ -35,8 +37,7 @@
 //! `fused/conv_bn.rs`, `sgemm/` (our packed f32 GEMM for AVX-512 CPUs, which the GEMM path
 //! uses there), `pool.rs`, `shortcut/`, `eltwise.rs`, `buffer.rs` (what every op's
 //! CPU side shares), `simd.rs` (one loop compiled per SIMD level), `dispatch.rs`,
-//! `alloc.rs`, `peak.rs`, `error.rs`, `interleave.rs` (the transpose both weight packers
-//! share).
+//! `alloc.rs`, `peak.rs`, `error.rs`, `interleave.rs` (the transpose the packers share).
 #![warn(missing_docs)]
 
 pub mod alloc;
@@ -57,7 +58,8 @@ pub mod shortcut;
 mod simd;
 
 pub use conv::{
-    conv2d, conv2d_backward, conv2d_candle, conv2d_fused, conv2d_native, conv2d_scale_shift,
+    conv2d, conv2d_add_relu, conv2d_backward, conv2d_candle, conv2d_fused, conv2d_native,
+    conv2d_scale_shift, ChannelAffine,
 };
 pub use dispatch::{kernels, set_kernels, simd_in_use, Dispatch, Kernels, Simd};
 pub use eltwise::add_relu;

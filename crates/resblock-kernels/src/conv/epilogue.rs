@@ -1,16 +1,20 @@
 //! What a convolution does to its output as it writes it: bias or a per-channel
-//! scale + shift (eval-mode BatchNorm), then an optional ReLU.
+//! scale + shift (eval-mode BatchNorm), a residual (an inference block's shortcut), then an
+//! optional ReLU.
 
 use candle_core::WithDType;
 
 /// What a forward applies to each output value while the image's output is in cache:
-/// `relu?(v * scale[c] + bias[c])`, each part optional (a bias; an eval-mode BatchNorm's
-/// scale and shift).
+/// `relu?(residual? + (v * scale[c] + bias[c]))`, each part optional (a bias; an eval-mode
+/// BatchNorm's scale and shift; the shortcut's output of an inference residual block).
 #[derive(Clone, Copy)]
 pub(crate) struct Epilogue<'a, T> {
     pub scale: Option<&'a [T]>,
     pub bias: Option<&'a [T]>,
     pub relu: bool,
+    /// The values added before the ReLU, laid out as the output: the whole batch's, until
+    /// [`Epilogue::image`] narrows them to the image being written.
+    pub residual: Option<&'a [T]>,
 }
 
 impl<'a, T: WithDType> Epilogue<'a, T> {
@@ -19,37 +23,76 @@ impl<'a, T: WithDType> Epilogue<'a, T> {
         scale: None,
         bias: None,
         relu: false,
+        residual: None,
     };
 
     pub(crate) fn is_identity(&self) -> bool {
-        self.scale.is_none() && self.bias.is_none() && !self.relu
+        self.scale.is_none() && self.bias.is_none() && !self.relu && self.residual.is_none()
+    }
+
+    /// The epilogue of image `ni`, whose output is `len` values: the residual narrowed to
+    /// that image's.
+    pub(crate) fn image(self, ni: usize, len: usize) -> Self {
+        Epilogue {
+            residual: self.residual.map(|r| &r[ni * len..(ni + 1) * len]),
+            ..self
+        }
     }
 
     pub(crate) fn apply_in_place(&self, co: usize, plane: &mut [T]) {
         let s = self.scale.map(|s| s[co]);
         let b = self.bias.map_or(T::zero(), |b| b[co]);
         let zero = T::zero();
-        for v in plane {
-            let r = match s {
-                Some(s) => *v * s + b,
-                None => *v + b,
-            };
-            *v = if self.relu && r < zero { zero } else { r };
+        let relu = |r: T| if self.relu && r < zero { zero } else { r };
+        let affine = |v: T| match s {
+            Some(s) => v * s + b,
+            None => v + b,
+        };
+        let len = plane.len();
+        // Zipped, not indexed: the loops vectorise.
+        match self.residual.map(|r| &r[co * len..(co + 1) * len]) {
+            Some(res) => {
+                for (v, r) in plane.iter_mut().zip(res) {
+                    *v = relu(*r + affine(*v));
+                }
+            }
+            None => {
+                for v in plane {
+                    *v = relu(affine(*v));
+                }
+            }
         }
     }
 }
 
 impl Epilogue<'_, f32> {
-    /// Writes the epilogue of output channel `co` applied to the raw values `src` into `dst`.
-    pub(crate) fn apply_to<S: crate::buffer::Slot>(&self, co: usize, src: &[f32], dst: &mut [S]) {
+    /// Writes the epilogue of output channel `co` applied to the raw values `src` into `dst`,
+    /// which starts `at` values into the image's output (where the residual's values are
+    /// read).
+    pub(crate) fn apply_to<S: crate::buffer::Slot>(
+        &self,
+        (co, at): (usize, usize),
+        src: &[f32],
+        dst: &mut [S],
+    ) {
         let s = self.scale.map(|s| s[co]);
         let b = self.bias.map_or(0.0, |b| b[co]);
-        for (o, v) in dst.iter_mut().zip(src) {
-            let r = match s {
-                Some(s) => *v * s + b,
-                None => *v + b,
-            };
-            o.put(if self.relu && r < 0.0 { 0.0 } else { r });
+        let relu = |r: f32| if self.relu && r < 0.0 { 0.0 } else { r };
+        let affine = |v: f32| match s {
+            Some(s) => v * s + b,
+            None => v + b,
+        };
+        match self.residual.map(|r| &r[at..at + dst.len()]) {
+            Some(res) => {
+                for ((o, v), r) in dst.iter_mut().zip(src).zip(res) {
+                    o.put(relu(*r + affine(*v)));
+                }
+            }
+            None => {
+                for (o, v) in dst.iter_mut().zip(src) {
+                    o.put(relu(affine(*v)));
+                }
+            }
         }
     }
 }
@@ -74,11 +117,13 @@ pub(crate) fn epilogue<'a, T>(
             scale: None,
             bias: None,
             relu,
+            residual: None,
         },
         (Some(b), Affine::Bias) => Epilogue {
             scale: None,
             bias: Some(b),
             relu,
+            residual: None,
         },
         (Some(ss), Affine::ScaleShift) => {
             let (scale, shift) = ss.split_at(ss.len() / 2);
@@ -86,6 +131,7 @@ pub(crate) fn epilogue<'a, T>(
                 scale: Some(scale),
                 bias: Some(shift),
                 relu,
+                residual: None,
             }
         }
     }

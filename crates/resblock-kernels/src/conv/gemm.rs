@@ -305,6 +305,7 @@ pub(crate) fn forward<T: WithDType>(
             forward_image(img, &w, d, g, y_n, par);
             // The epilogue, while the image's output is in cache.
             if !ep.is_identity() {
+                let ep = ep.image(ni, d.cout * p);
                 for (o, plane) in y_n.chunks_mut(p).enumerate() {
                     ep.apply_in_place(o, plane);
                 }

@@ -4,7 +4,7 @@
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
-use super::epilogue::{epilogue, Affine};
+use super::epilogue::{epilogue, Affine, Epilogue};
 use super::gemm::{backward, backward_tensors, forward};
 use super::geom::{ConvGeom, Dims};
 use super::path::{
@@ -48,15 +48,25 @@ pub(crate) fn slice<'a, T>(s: &'a [T], l: &Layout) -> candle_core::Result<&'a [T
     crate::buffer::contiguous_slice(s, l, "conv2d")
 }
 
-/// The forward on CPU storages, with an optional third input (see [`Affine`]).
+/// The forward on CPU storages, with an optional third input (see [`Affine`]) and an
+/// optional residual added before the ReLU (laid out as the output).
 pub(crate) fn cpu_forward(
     (s1, l1): (&CpuStorage, &Layout),
     (s2, l2): (&CpuStorage, &Layout),
     third: Option<((&CpuStorage, &Layout), Affine)>,
-    relu: bool,
+    (residual, relu): (Option<(&CpuStorage, &Layout)>, bool),
     g: &ConvGeom,
 ) -> candle_core::Result<(CpuStorage, Shape)> {
     let d = Dims::new(g, l1.dims(), l2.dims())?;
+    if let Some((_, lr)) = residual {
+        if lr.dims() != [d.n, d.cout, d.oh, d.ow] {
+            candle_core::bail!(
+                "conv2d: a residual {:?} for an output {:?}",
+                lr.dims(),
+                [d.n, d.cout, d.oh, d.ow]
+            )
+        }
+    }
     let affine = third.map_or(Affine::Bias, |t| t.1);
     if let Some(((_, lb), affine)) = third {
         let want = match affine {
@@ -80,13 +90,16 @@ pub(crate) fn cpu_forward(
                 (None, _) => None,
                 _ => candle_core::bail!("conv2d: the native kernel takes inputs of one dtype"),
             };
-            CpuStorage::F32(forward_f32(
-                slice(a, l1)?,
-                slice(b, l2)?,
-                epilogue(c, affine, relu),
-                &d,
-                g,
-            ))
+            let residual = match residual {
+                Some((CpuStorage::F32(r), l)) => Some(slice(r, l)?),
+                None => None,
+                _ => candle_core::bail!("conv2d: the native kernel takes inputs of one dtype"),
+            };
+            let ep = Epilogue {
+                residual,
+                ..epilogue(c, affine, relu)
+            };
+            CpuStorage::F32(forward_f32(slice(a, l1)?, slice(b, l2)?, ep, &d, g))
         }
         (CpuStorage::F64(a), CpuStorage::F64(b), c) => {
             let c = match (c, third_layout) {
@@ -94,13 +107,16 @@ pub(crate) fn cpu_forward(
                 (None, _) => None,
                 _ => candle_core::bail!("conv2d: the native kernel takes inputs of one dtype"),
             };
-            CpuStorage::F64(forward(
-                slice(a, l1)?,
-                slice(b, l2)?,
-                epilogue(c, affine, relu),
-                &d,
-                g,
-            ))
+            let residual = match residual {
+                Some((CpuStorage::F64(r), l)) => Some(slice(r, l)?),
+                None => None,
+                _ => candle_core::bail!("conv2d: the native kernel takes inputs of one dtype"),
+            };
+            let ep = Epilogue {
+                residual,
+                ..epilogue(c, affine, relu)
+            };
+            CpuStorage::F64(forward(slice(a, l1)?, slice(b, l2)?, ep, &d, g))
         }
         _ => candle_core::bail!("conv2d: the native kernel takes f32 or f64 of one dtype"),
     };
@@ -173,7 +189,7 @@ impl CustomOp2 for NativeConv2d {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        cpu_forward((s1, l1), (s2, l2), None, self.relu, &self.geom)
+        cpu_forward((s1, l1), (s2, l2), None, (None, self.relu), &self.geom)
     }
 
     fn bwd(
@@ -206,7 +222,7 @@ impl CustomOp3 for NativeConv2dBias {
             (s1, l1),
             (s2, l2),
             Some(((s3, l3), Affine::Bias)),
-            self.relu,
+            (None, self.relu),
             &self.geom,
         )
     }
@@ -250,7 +266,55 @@ impl CustomOp3 for NativeConv2dScaleShift {
             (s1, l1),
             (s2, l2),
             Some(((s3, l3), Affine::ScaleShift)),
-            self.relu,
+            (None, self.relu),
+            &self.geom,
+        )
+    }
+}
+
+/// `relu(residual + conv(x, w) [* scale] [+ bias])`, the per-channel values (a bias, or
+/// `[scale; shift]`) held by the op, on inputs (x, w, residual): the last convolution of an
+/// inference residual block with its shortcut's output and the block's ReLU. No backward
+/// (the caller uses it only when nothing needs a gradient).
+pub(crate) struct NativeConv2dResidual {
+    pub geom: ConvGeom,
+    /// The per-channel values as a contiguous storage of the input's dtype, and their kind.
+    pub affine: Option<(CpuStorage, Affine)>,
+}
+
+impl CustomOp3 for NativeConv2dResidual {
+    fn name(&self) -> &'static str {
+        "resblock-conv2d-add-relu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let layout = self
+            .affine
+            .as_ref()
+            .map(|(s, _)| match s {
+                CpuStorage::F32(v) => v.len(),
+                CpuStorage::F64(v) => v.len(),
+                _ => 0,
+            })
+            .map(|len| Layout::contiguous(Shape::from(len)));
+        let third = self
+            .affine
+            .as_ref()
+            .zip(layout.as_ref())
+            .map(|((s, kind), l)| ((s, l), *kind));
+        cpu_forward(
+            (s1, l1),
+            (s2, l2),
+            third,
+            (Some((s3, l3)), true),
             &self.geom,
         )
     }
@@ -333,29 +397,37 @@ mod tests {
             let (x64, k64, b64, dy64) = (to64(&x), to64(&k), to64(&b), to64(&dy));
             let sc = values(cout, 400 + i as u64);
             let sc64 = to64(&sc);
-            for (bias, scale, relu) in [
-                (false, false, false),
-                (true, false, true),
-                (false, false, true),
-                (true, true, true),
-                (true, true, false),
+            let res = values(d.n * d.cout * d.p(), 500 + i as u64);
+            let res64 = to64(&res);
+            for (bias, scale, relu, residual) in [
+                (false, false, false, false),
+                (true, false, true, false),
+                (false, false, true, false),
+                (true, true, true, false),
+                (true, true, false, false),
+                (false, false, true, true),
+                (true, false, true, true),
+                (true, true, true, true),
             ] {
                 let ep64 = Epilogue {
                     scale: scale.then_some(&sc64[..]),
                     bias: bias.then_some(&b64[..]),
                     relu,
+                    residual: residual.then_some(&res64[..]),
                 };
                 let ep = Epilogue {
                     scale: scale.then_some(&sc[..]),
                     bias: bias.then_some(&b[..]),
                     relu,
+                    residual: residual.then_some(&res[..]),
                 };
                 let want = forward(&x64, &k64, ep64, &d, &g);
                 let got = forward_direct(&plan, &x, &k, ep, &d);
                 let e = rel_err(&got, &want);
                 assert!(
                     e < 1e-5,
-                    "shape {i} bias {bias} scale {scale} relu {relu}: forward off by {e}"
+                    "shape {i} bias {bias} scale {scale} relu {relu} residual {residual}: \
+                     forward off by {e}"
                 );
             }
             let (dx64, dw64) = backward(&x64, &k64, &dy64, &d, &g);

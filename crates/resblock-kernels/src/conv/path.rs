@@ -114,7 +114,7 @@ pub(crate) fn forward_direct(
                     Some(wk) => plan.forward(xp, wk, flat, false),
                     None => plan.forward_raw_weights(xp, w, flat),
                 }
-                plan.unflatten(flat, y_n, ep);
+                plan.unflatten(flat, y_n, ep.image(ni, d.cout * d.p()));
             },
         );
     };

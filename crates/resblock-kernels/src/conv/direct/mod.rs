@@ -561,7 +561,12 @@ impl Plan {
         for (co, out) in dst.chunks_exact_mut(plane).enumerate() {
             let src = &flat[co * self.qlen..];
             for (oy, row) in out.chunks_exact_mut(self.ow).enumerate() {
-                ep.apply_to(co, &src[oy * self.pitch..oy * self.pitch + self.ow], row);
+                let at = co * plane + oy * self.ow;
+                ep.apply_to(
+                    (co, at),
+                    &src[oy * self.pitch..oy * self.pitch + self.ow],
+                    row,
+                );
             }
         }
     }
