@@ -166,16 +166,12 @@ pub fn conv2d_scale_shift(
         groups,
     };
     geom.check("conv2d_scale_shift", x.dims(), kernel.dims())?;
-    let c_out = kernel.dim(0)?;
-    for t in [scale, shift] {
-        if t.dims() != [c_out] {
-            return Err(Error::Shape {
-                op: "conv2d_scale_shift",
-                expected: format!("a scale and shift of shape [{c_out}]"),
-                got: t.dims().to_vec(),
-            });
-        }
-    }
+    per_channel(
+        "conv2d_scale_shift",
+        "a scale and shift",
+        kernel,
+        &[scale, shift],
+    )?;
     let untracked = [x, kernel, scale, shift].iter().all(|t| !t.track_op());
     let same = |t: &Tensor| t.device().is_cpu() && t.dtype() == x.dtype();
     if crate::dispatch::kernels() == crate::dispatch::Kernels::Native
@@ -236,21 +232,12 @@ pub fn conv2d_add_relu(
         groups,
     };
     geom.check("conv2d_add_relu", x.dims(), kernel.dims())?;
-    let c_out = kernel.dim(0)?;
     let values: Vec<&Tensor> = match affine {
         ChannelAffine::None => vec![],
         ChannelAffine::Bias(b) => vec![b],
         ChannelAffine::ScaleShift(s, t) => vec![s, t],
     };
-    for t in &values {
-        if t.dims() != [c_out] {
-            return Err(Error::Shape {
-                op: "conv2d_add_relu",
-                expected: format!("per-channel values of shape [{c_out}]"),
-                got: t.dims().to_vec(),
-            });
-        }
-    }
+    per_channel("conv2d_add_relu", "per-channel values", kernel, &values)?;
     let same = |t: &Tensor| t.device().is_cpu() && t.dtype() == x.dtype();
     let untracked = [x, kernel, residual]
         .iter()
@@ -303,6 +290,20 @@ pub fn conv2d_add_relu(
         }
     };
     crate::eltwise::add_relu(residual, &y)
+}
+
+/// Checks that each of `values` holds one value per output channel of `kernel`; the error
+/// names `op` and `what` they are.
+fn per_channel(op: &'static str, what: &str, kernel: &Tensor, values: &[&Tensor]) -> Result<()> {
+    let c_out = kernel.dim(0)?;
+    match values.iter().find(|t| t.dims() != [c_out]) {
+        Some(t) => Err(Error::Shape {
+            op,
+            expected: format!("{what} of shape [{c_out}]"),
+            got: t.dims().to_vec(),
+        }),
+        None => Ok(()),
+    }
 }
 
 /// `relu?(conv(x, kernel) + bias?)` on our CPU kernel, or `None` where it does not apply.

@@ -82,45 +82,40 @@ pub(crate) fn cpu_forward(
         }
     }
     let shape = Shape::from((d.n, d.cout, d.oh, d.ow));
-    let third_layout = third.map(|t| (t.0).1);
-    let out = match (s1, s2, third.map(|t| (t.0).0)) {
-        (CpuStorage::F32(a), CpuStorage::F32(b), c) => {
-            let c = match (c, third_layout) {
-                (Some(CpuStorage::F32(c)), Some(l)) => Some(slice(c, l)?),
-                (None, _) => None,
-                _ => candle_core::bail!("conv2d: the native kernel takes inputs of one dtype"),
-            };
-            let residual = match residual {
-                Some((CpuStorage::F32(r), l)) => Some(slice(r, l)?),
-                None => None,
-                _ => candle_core::bail!("conv2d: the native kernel takes inputs of one dtype"),
-            };
-            let ep = Epilogue {
-                residual,
-                ..epilogue(c, affine, relu)
-            };
+    let third_storage = third.map(|t| t.0);
+    let out = match (s1, s2) {
+        (CpuStorage::F32(a), CpuStorage::F32(b)) => {
+            let ep = typed_epilogue(third_storage, residual, affine, relu)?;
             CpuStorage::F32(forward_f32(slice(a, l1)?, slice(b, l2)?, ep, &d, g))
         }
-        (CpuStorage::F64(a), CpuStorage::F64(b), c) => {
-            let c = match (c, third_layout) {
-                (Some(CpuStorage::F64(c)), Some(l)) => Some(slice(c, l)?),
-                (None, _) => None,
-                _ => candle_core::bail!("conv2d: the native kernel takes inputs of one dtype"),
-            };
-            let residual = match residual {
-                Some((CpuStorage::F64(r), l)) => Some(slice(r, l)?),
-                None => None,
-                _ => candle_core::bail!("conv2d: the native kernel takes inputs of one dtype"),
-            };
-            let ep = Epilogue {
-                residual,
-                ..epilogue(c, affine, relu)
-            };
+        (CpuStorage::F64(a), CpuStorage::F64(b)) => {
+            let ep = typed_epilogue(third_storage, residual, affine, relu)?;
             CpuStorage::F64(forward(slice(a, l1)?, slice(b, l2)?, ep, &d, g))
         }
         _ => candle_core::bail!("conv2d: the native kernel takes f32 or f64 of one dtype"),
     };
     Ok((out, shape))
+}
+
+/// The epilogue of [`cpu_forward`] in the inputs' dtype `T`, from the optional third input
+/// and residual.
+fn typed_epilogue<'a, T: WithDType>(
+    third: Option<(&'a CpuStorage, &Layout)>,
+    residual: Option<(&'a CpuStorage, &Layout)>,
+    affine: Affine,
+    relu: bool,
+) -> candle_core::Result<Epilogue<'a, T>> {
+    let part = |p: Option<(&'a CpuStorage, &Layout)>| {
+        p.map(|(s, l)| match s.as_slice::<T>() {
+            Ok(v) => slice(v, l),
+            Err(_) => candle_core::bail!("conv2d: the native kernel takes inputs of one dtype"),
+        })
+        .transpose()
+    };
+    Ok(Epilogue {
+        residual: part(residual)?,
+        ..epilogue(part(third)?, affine, relu)
+    })
 }
 
 /// (dx, dw, db if `with_bias`) for the upstream gradient `dy` of `y`.
