@@ -294,13 +294,24 @@ pub(crate) fn forward<T: WithDType>(
     let (parallel, par) = gemm_parallelism(d.n);
     let p = d.p();
     let w = forward_weights(w, d, g);
-    let mut y = vec![T::zero(); d.n * d.cout * p];
+    let len = d.n * d.cout * p;
+    // Each image's chunk is zeroed by the worker that computes it, while it is about to be
+    // in cache, instead of `vec![0; len]`: glibc's `calloc` clears reused heap memory on
+    // the calling thread while the others wait (1.5% of a ResNet-50 batch-8 inference).
+    let mut y: Vec<T> = Vec::with_capacity(len);
     for_each_image(
-        &mut y,
+        &mut y.spare_capacity_mut()[..len],
         d.cout * p,
         parallel,
         || (),
         |_, ni, y_n| {
+            for v in y_n.iter_mut() {
+                v.write(T::zero());
+            }
+            // SAFETY: every element of `y_n` was just initialised, and `MaybeUninit<T>` has
+            // `T`'s layout.
+            let y_n: &mut [T] =
+                unsafe { std::slice::from_raw_parts_mut(y_n.as_mut_ptr().cast(), y_n.len()) };
             let img = &x[ni * d.chw()..(ni + 1) * d.chw()];
             forward_image(img, &w, d, g, y_n, par);
             // The epilogue, while the image's output is in cache.
@@ -312,6 +323,8 @@ pub(crate) fn forward<T: WithDType>(
             }
         },
     );
+    // SAFETY: the images' chunks cover the first `len` values, each initialised above.
+    unsafe { y.set_len(len) };
     y
 }
 
