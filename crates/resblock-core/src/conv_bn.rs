@@ -102,15 +102,7 @@ impl ConvBn {
         let c = conv.config();
         let bias = conv.bias().map(Tensor::detach);
         let scale_shift = match &self.norm {
-            Some(bn) => {
-                let (scale, shift) = bn.eval_scale_shift().map_err(candle_core::Error::wrap)?;
-                let (scale, shift) = (scale.detach(), shift.detach());
-                let shift = match &bias {
-                    Some(b) => ((b * &scale)? + shift)?,
-                    None => shift,
-                };
-                Some((scale, shift))
-            }
+            Some(bn) => Some(self.eval_scale_shift(bn)?),
             None => None,
         };
         let affine = match (&scale_shift, &bias) {
@@ -159,6 +151,18 @@ impl ConvBn {
         second.forward_add_relu_t(&y, x, train)
     }
 
+    /// The eval-mode `(scale, shift)` per output channel of this convolution's bias (if any)
+    /// followed by its norm `bn`, detached (constants, as eval mode takes them).
+    fn eval_scale_shift(&self, bn: &BatchNorm) -> candle_core::Result<(Tensor, Tensor)> {
+        let (scale, shift) = bn.eval_scale_shift().map_err(candle_core::Error::wrap)?;
+        let (scale, shift) = (scale.detach(), shift.detach());
+        let shift = match self.conv.bias() {
+            Some(b) => ((b.detach() * &scale)? + shift)?,
+            None => shift,
+        };
+        Ok((scale, shift))
+    }
+
     /// This layer as the fused ops take it, with its norm `bn`.
     fn fused_layer<'a>(&'a self, bn: &'a BatchNorm) -> crate::ops::fused::Layer<'a> {
         let c = self.conv.config();
@@ -190,12 +194,7 @@ impl ConvBn {
                 return bn.run(&conv.forward(x)?, train, relu);
             }
             // The norm in the convolution's epilogue.
-            let (scale, shift) = bn.eval_scale_shift().map_err(candle_core::Error::wrap)?;
-            let (scale, shift) = (scale.detach(), shift.detach());
-            let shift = match conv.bias() {
-                Some(b) => ((b.detach() * &scale)? + shift)?,
-                None => shift,
-            };
+            let (scale, shift) = self.eval_scale_shift(bn)?;
             return crate::ops::conv2d_scale_shift(
                 x,
                 &conv.weight().detach(),

@@ -258,18 +258,10 @@ pub fn conv2d_add_relu(
                 got: residual.dims().to_vec(),
             });
         }
-        let storage = |t: Tensor| -> Result<candle_core::CpuStorage> {
-            Ok(match x.dtype() {
-                candle_core::DType::F64 => candle_core::CpuStorage::F64(t.to_vec1()?),
-                _ => candle_core::CpuStorage::F32(t.to_vec1()?),
-            })
-        };
         let affine = match affine {
             ChannelAffine::None => None,
-            ChannelAffine::Bias(b) => Some((storage(b.clone())?, Affine::Bias)),
-            ChannelAffine::ScaleShift(s, t) => {
-                Some((storage(Tensor::cat(&[s, t], 0)?)?, Affine::ScaleShift))
-            }
+            ChannelAffine::Bias(b) => Some((b.contiguous()?, Affine::Bias)),
+            ChannelAffine::ScaleShift(s, t) => Some((Tensor::cat(&[s, t], 0)?, Affine::ScaleShift)),
         };
         let (x, k, r) = (
             x.contiguous()?,

@@ -273,8 +273,8 @@ impl CustomOp3 for NativeConv2dScaleShift {
 /// (the caller uses it only when nothing needs a gradient).
 pub(crate) struct NativeConv2dResidual {
     pub geom: ConvGeom,
-    /// The per-channel values as a contiguous storage of the input's dtype, and their kind.
-    pub affine: Option<(CpuStorage, Affine)>,
+    /// The per-channel values (contiguous, the input's dtype) and their kind.
+    pub affine: Option<(Tensor, Affine)>,
 }
 
 impl CustomOp3 for NativeConv2dResidual {
@@ -291,20 +291,17 @@ impl CustomOp3 for NativeConv2dResidual {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let layout = self
+        let held = self
             .affine
             .as_ref()
-            .map(|(s, _)| match s {
-                CpuStorage::F32(v) => v.len(),
-                CpuStorage::F64(v) => v.len(),
-                _ => 0,
-            })
-            .map(|len| Layout::contiguous(Shape::from(len)));
-        let third = self
-            .affine
-            .as_ref()
-            .zip(layout.as_ref())
-            .map(|((s, kind), l)| ((s, l), *kind));
+            .map(|(t, kind)| (t.storage_and_layout(), *kind));
+        let third = match &held {
+            None => None,
+            Some(((storage, layout), kind)) => match &**storage {
+                candle_core::Storage::Cpu(cpu) => Some(((cpu, *layout), *kind)),
+                _ => candle_core::bail!("conv2d: the native kernel runs on the CPU only"),
+            },
+        };
         cpu_forward(
             (s1, l1),
             (s2, l2),

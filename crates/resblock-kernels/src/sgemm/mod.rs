@@ -269,25 +269,20 @@ fn serial(
                 let kc = KC.min(k - pc);
                 let add = accumulate || pc > 0;
                 pack_b(pb, b, pc, kc, jc, nc);
-                let in_place = match a {
-                    Lhs::Raw(a) => a.cs == 1 && nc.div_ceil(NR) <= STRIDED_A_PANELS,
-                    Lhs::Packed(_) => false,
-                };
+                let in_place = nc.div_ceil(NR) <= STRIDED_A_PANELS;
                 for ic in (0..m).step_by(MC) {
                     let mc = MC.min(m - ic);
-                    let ablock: &[f32] = match a {
-                        Lhs::Raw(a) if in_place => &a.data[ic * a.rs + pc..],
+                    // The block, its row stride in place (`None`: packed) and the distance
+                    // between its `MR`-row panels.
+                    let (ablock, lda, panel_step): (&[f32], _, _) = match a {
+                        Lhs::Raw(a) if in_place && a.cs == 1 => {
+                            (&a.data[ic * a.rs + pc..], Some(a.rs), MR * a.rs)
+                        }
                         Lhs::Raw(a) => {
                             pack_a(pa, a, ic, mc, pc, kc);
-                            pa
+                            (pa, None, kc * MR)
                         }
-                        Lhs::Packed(p) => p.block(pc, ic, kc),
-                    };
-                    // The panel of rows `ir * MR..`: packed (`kc * MR` floats each), or in
-                    // place (row stride `rs`).
-                    let (lda, panel_step) = match a {
-                        Lhs::Raw(a) if in_place => (Some(a.rs), MR * a.rs),
-                        _ => (None, kc * MR),
+                        Lhs::Packed(p) => (p.block(pc, ic, kc), None, kc * MR),
                     };
                     for jr in 0..nc.div_ceil(NR) {
                         let nr = NR.min(nc - jr * NR);
