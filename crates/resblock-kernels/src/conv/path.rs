@@ -27,10 +27,11 @@ pub(crate) const DIRECT_MAX_K_AVX512_FORWARD: usize = 2304;
 /// The direct forward plan when it applies: f32 (the caller's), stride 1 or 2, no dilation,
 /// one group, and not a 1x1 kernel (at stride 1 unpadded that one is a plain GEMM already;
 /// at stride 2 the GEMM path's unfolding reads a quarter of the input, the phase split all
-/// of it).
+/// of it). On the copies layout where that saves enough ([`direct::Plan::preferred`]).
 pub(crate) fn direct_plan(d: &Dims, g: &ConvGeom) -> Option<direct::Plan> {
     let plan = direct_plan_up_to(d, g, DIRECT_MAX_K_AVX512_FORWARD)?;
-    (plan.isa() == direct::Isa::Avx512 || d.c * d.kh * d.kw <= DIRECT_MAX_K).then_some(plan)
+    (plan.isa() == direct::Isa::Avx512 || d.c * d.kh * d.kw <= DIRECT_MAX_K)
+        .then(|| plan.preferred())
 }
 
 /// [`direct_plan`] with `C_in * kh * kw` at most `max_k`.

@@ -59,6 +59,10 @@ const MAX_CB: usize = 8;
 const BLOCK_PIXELS: usize = 128;
 /// Planes are padded to a multiple of this many floats (the widest vector).
 const PLANE_ALIGN: usize = 16;
+/// [`Plan::preferred`] takes the copies layout from this many output channels up ...
+const COPIES_MIN_COUT: usize = 64;
+/// ... when it saves at least this fraction of the flattened pixels.
+const COPIES_MIN_SAVING: f64 = 0.03;
 
 /// The kernel set a plan runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -146,8 +150,11 @@ pub(crate) struct Plan {
     /// Stride between padded input planes: `qlen` plus the largest tap offset, so every read
     /// of a tile stays inside its plane.
     ps: usize,
-    /// `ky * wp + kx` for every tap, row-major.
+    /// `ky * wp + kx` for every tap, row-major (on the copies layout, `kx * copy_len` more).
     taps: Vec<usize>,
+    /// The copies layout ([`Plan::with_copies`]): the distance between the `kw` copies of a
+    /// plane; 0 on the shared-padding layout.
+    copy_len: usize,
 }
 
 impl Plan {
@@ -237,7 +244,84 @@ impl Plan {
             qlen,
             ps: (qlen + max_tap).max(held).div_ceil(PLANE_ALIGN) * PLANE_ALIGN,
             taps,
+            copy_len: 0,
         })
+    }
+
+    /// This plan on the copies layout when that saves at least [`COPIES_MIN_SAVING`] of the
+    /// flattened pixels and the output has [`COPIES_MIN_COUT`] channels or more (so that
+    /// the FMAs saved outweigh writing each input plane `kw` times); else this plan.
+    pub(crate) fn preferred(self) -> Plan {
+        match self.with_copies() {
+            Some(p)
+                if self.cout >= COPIES_MIN_COUT
+                    && p.qlen as f64 <= self.qlen as f64 * (1.0 - COPIES_MIN_SAVING) =>
+            {
+                p
+            }
+            _ => self,
+        }
+    }
+
+    /// This stride-1 "same" convolution (`2 * pad_x + 1 = kw`, so `ow = w`) on the
+    /// *copies* layout, `None` for others.
+    ///
+    /// The shared-padding layout spends `pad_x` junk columns per row (at 14x14, 15 flattened
+    /// pixels per 14 outputs; rounded to whole vectors, 224 per 196). Here the rows are `w`
+    /// apart with no padding column at all, and a tap whose column offset `d = kx - pad_x`
+    /// is not 0 would wrap into the neighbouring row at the edges: output `(oy, 0)` at
+    /// `d = -1` reads `(oy - 1, w - 1)`'s place. So each plane is stored `kw` times, copy
+    /// `kx` with the columns such reads reach set to zero (the last `-d` columns for
+    /// `d < 0`, the first `d` for `d > 0`) and read only by the taps of column `kx`; no read
+    /// that does not wrap reaches those columns. Each copy has `pad_y` zero rows above and
+    /// below and `pad_x` zeros before, so tap `(ky, kx)` of output `q = oy * w + ox` is at
+    /// `kx * copy_len + ky * w + kx + q`, a fixed offset again, and the micro-kernels run
+    /// unchanged. At 14x14 the flattened output is 208 pixels per 196 outputs.
+    pub(crate) fn with_copies(&self) -> Option<Plan> {
+        let (h, w, kh, kw) = (self.h, self.w, self.kh, self.kw);
+        if self.stride != 1 || 2 * self.pad_x + 1 != kw || self.pad_x >= w || self.ow != w {
+            return None;
+        }
+        let lanes = self.isa.lanes();
+        let qlen = (self.oh * w).div_ceil(lanes) * lanes;
+        let held = 2 * self.pad_x + (h + 2 * self.pad_y) * w;
+        let copy_len = (qlen + (kh - 1) * w + kw - 1)
+            .max(held)
+            .div_ceil(PLANE_ALIGN)
+            * PLANE_ALIGN;
+        let taps: Vec<usize> = (0..kh)
+            .flat_map(|ky| (0..kw).map(move |kx| kx * copy_len + ky * w + kx))
+            .collect();
+        Some(Plan {
+            wp: w,
+            pitch: w,
+            max_tap: (kw - 1) * copy_len + (kh - 1) * w + kw - 1,
+            qlen,
+            ps: kw * copy_len,
+            taps,
+            copy_len,
+            ..self.clone()
+        })
+    }
+
+    /// Copies one input plane `src` `(h, w)` into its `kw` copies in `plane` (see
+    /// [`Plan::with_copies`]), each with its wrapping columns zero.
+    fn pad_copies(&self, plane: &mut [f32], src: &[f32]) {
+        let (w, len) = (self.w, self.h * self.w);
+        for (kx, copy) in plane.chunks_exact_mut(self.copy_len).enumerate() {
+            let interior = &mut copy[self.pad_x + self.pad_y * w..][..len];
+            interior.copy_from_slice(src);
+            let zero = if kx < self.pad_x {
+                w - (self.pad_x - kx)..w
+            } else {
+                0..kx - self.pad_x
+            };
+            if !zero.is_empty() {
+                for row in interior.chunks_exact_mut(w) {
+                    row[zero.clone()].fill(0.0);
+                }
+            }
+        }
     }
 
     /// Output channels per micro-tile.
@@ -284,6 +368,10 @@ impl Plan {
         }
         let plane_in = self.h * self.w;
         for (ci, plane) in dst.chunks_exact_mut(self.ps).enumerate() {
+            if self.copy_len > 0 {
+                self.pad_copies(plane, &img[ci * plane_in..(ci + 1) * plane_in]);
+                continue;
+            }
             for y in 0..self.h {
                 let from = ci * plane_in + y * self.w;
                 if self.stride == 1 {
@@ -627,9 +715,9 @@ impl Plan {
         ci: usize,
         y: usize,
     ) -> &'a mut [f32] {
-        assert_eq!(
-            self.stride, 1,
-            "direct conv: interior rows of a stride-1 plan"
+        assert!(
+            self.stride == 1 && self.copy_len == 0,
+            "direct conv: interior rows of a stride-1 plan on the shared-padding layout"
         );
         let at = ci * self.ps + (y + self.pad_y) * self.wp + self.pad_x;
         &mut buf[at..at + self.w]
@@ -655,6 +743,8 @@ impl Plan {
         let off = back.pad_y * back.wp + back.pad_x;
         let same = self.stride == 1
             && back.stride == 1
+            && self.copy_len == 0
+            && back.copy_len == 0
             && back.wp == self.wp
             && back.c == self.cout
             && back.h == self.oh

@@ -76,49 +76,73 @@ fn every_kernel_set_matches_a_plain_convolution() {
             };
             let d = Dims::new(&g, &[n, c, h, w], &[cout, c, k, k]).expect("dims");
             let name = format!("{isa:?} n{n} {c}->{cout} {h}x{w} k{k} p{pad}");
-            let fwd = Plan::with_isa(isa, (c, h, w), cout, (k, k), (pad, pad)).expect("plan");
-            let (x, wt) = (values(n * c * h * w, 1), values(cout * c * k * k, 2));
-            let dy = values(n * cout * d.p(), 3);
+            let shared = Plan::with_isa(isa, (c, h, w), cout, (k, k), (pad, pad)).expect("plan");
+            // Both layouts of a "same" convolution (`with_copies` is `None` for the others).
+            for copies in [false, true] {
+                let fwd = if copies {
+                    match shared.with_copies() {
+                        Some(p) => p,
+                        None => {
+                            assert!(2 * pad + 1 != k, "{name}: no copies layout");
+                            continue;
+                        }
+                    }
+                } else {
+                    shared.clone()
+                };
+                let name = format!("{name} copies {copies}");
+                let (x, wt) = (values(n * c * h * w, 1), values(cout * c * k * k, 2));
+                let dy = values(n * cout * d.p(), 3);
 
-            let y = forward_direct(&fwd, &x, &wt, Epilogue::NONE, &d);
-            let want: Vec<f64> = (0..n)
-                .flat_map(|i| conv_ref(&x[i * d.chw()..(i + 1) * d.chw()], &wt, &d, pad))
-                .collect();
-            assert_close(&format!("{name} y"), &y, &want, 1e-5);
+                let y = forward_direct(&fwd, &x, &wt, Epilogue::NONE, &d);
+                let want: Vec<f64> = (0..n)
+                    .flat_map(|i| conv_ref(&x[i * d.chw()..(i + 1) * d.chw()], &wt, &d, pad))
+                    .collect();
+                assert_close(&format!("{name} y"), &y, &want, 1e-5);
 
-            // The input gradient is a stride-1 convolution of dY padded by k - 1 - pad with
-            // the flipped, transposed kernel; the weight gradient a correlation of x and dY.
-            let back_pad = k - 1 - pad;
-            let back = Plan::with_isa(isa, (cout, d.oh, d.ow), c, (k, k), (back_pad, back_pad))
-                .expect("back plan");
-            let (dx, dw) = backward_direct(&(fwd.clone(), back), &x, &wt, &dy, &d);
-            let mut want_dx = vec![0f64; n * d.chw()];
-            let mut want_dw = vec![0f64; wt.len()];
-            for i in 0..n {
-                for o in 0..cout {
-                    for oy in 0..d.oh {
-                        for ox in 0..d.ow {
-                            let gy = f64::from(dy[((i * cout + o) * d.oh + oy) * d.ow + ox]);
-                            for ci in 0..c {
-                                for ky in 0..k {
-                                    for kx in 0..k {
-                                        let (iy, ix) = (oy + ky, ox + kx);
-                                        if iy < pad || ix < pad || iy - pad >= h || ix - pad >= w {
-                                            continue;
+                // The input gradient is a stride-1 convolution of dY padded by k - 1 - pad with
+                // the flipped, transposed kernel; the weight gradient a correlation of x and dY.
+                let back_pad = k - 1 - pad;
+                let back = Plan::with_isa(isa, (cout, d.oh, d.ow), c, (k, k), (back_pad, back_pad))
+                    .expect("back plan");
+                let back = if copies {
+                    back.with_copies().expect("copies")
+                } else {
+                    back
+                };
+                let (dx, dw) = backward_direct(&(fwd.clone(), back), &x, &wt, &dy, &d);
+                let mut want_dx = vec![0f64; n * d.chw()];
+                let mut want_dw = vec![0f64; wt.len()];
+                for i in 0..n {
+                    for o in 0..cout {
+                        for oy in 0..d.oh {
+                            for ox in 0..d.ow {
+                                let gy = f64::from(dy[((i * cout + o) * d.oh + oy) * d.ow + ox]);
+                                for ci in 0..c {
+                                    for ky in 0..k {
+                                        for kx in 0..k {
+                                            let (iy, ix) = (oy + ky, ox + kx);
+                                            if iy < pad
+                                                || ix < pad
+                                                || iy - pad >= h
+                                                || ix - pad >= w
+                                            {
+                                                continue;
+                                            }
+                                            let xi = ((i * c + ci) * h + iy - pad) * w + ix - pad;
+                                            let wi = ((o * c + ci) * k + ky) * k + kx;
+                                            want_dx[xi] += gy * f64::from(wt[wi]);
+                                            want_dw[wi] += gy * f64::from(x[xi]);
                                         }
-                                        let xi = ((i * c + ci) * h + iy - pad) * w + ix - pad;
-                                        let wi = ((o * c + ci) * k + ky) * k + kx;
-                                        want_dx[xi] += gy * f64::from(wt[wi]);
-                                        want_dw[wi] += gy * f64::from(x[xi]);
                                     }
                                 }
                             }
                         }
                     }
                 }
+                assert_close(&format!("{name} dx"), &dx, &want_dx, 1e-5);
+                assert_close(&format!("{name} dw"), &dw, &want_dw, 1e-5);
             }
-            assert_close(&format!("{name} dx"), &dx, &want_dx, 1e-5);
-            assert_close(&format!("{name} dw"), &dw, &want_dw, 1e-5);
         }
     }
 }
