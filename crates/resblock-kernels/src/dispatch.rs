@@ -10,6 +10,7 @@
 //! | [`Dispatch::fused_conv_bn`] | `RESBLOCK_FUSED_CONV_BN=0` | conv and training BatchNorm as two ops |
 //! | [`Dispatch::simd`] | `RESBLOCK_SIMD=avx2` or `=0` | at most AVX2 (8 lanes), or the portable loops |
 //! | [`Dispatch::own_gemm`] | `RESBLOCK_SGEMM=0` | the `gemm` crate for every f32 GEMM of the convolutions |
+//! | [`Dispatch::winograd`] | `RESBLOCK_WINOGRAD=0` | wide 3x3 convolutions on the direct or GEMM path |
 //!
 //! CPU features are detected once ([`cpu`]); a SIMD path runs only when the CPU has it
 //! and [`Dispatch::simd`] allows it, so tests can force every path on any machine, and
@@ -41,6 +42,8 @@ pub struct Dispatch {
     /// Our packed AVX-512 f32 GEMM (`sgemm/`) for the convolutions' GEMM path where AVX-512
     /// runs; the `gemm` crate otherwise (and always for f64).
     pub own_gemm: bool,
+    /// Winograd F(2x2, 3x3) for wide f32 3x3 stride-1 convolutions (`conv/winograd.rs`).
+    pub winograd: bool,
 }
 
 /// SIMD instruction sets of our kernels, narrowest first.
@@ -85,6 +88,7 @@ impl Default for Dispatch {
             fused_conv_bn: true,
             simd: Simd::Avx512,
             own_gemm: true,
+            winograd: true,
         }
     }
 }
@@ -112,6 +116,7 @@ impl Dispatch {
                 Err(_) => Simd::Avx512,
             },
             own_gemm: !off("RESBLOCK_SGEMM"),
+            winograd: !off("RESBLOCK_WINOGRAD"),
         }
     }
 
@@ -121,6 +126,7 @@ impl Dispatch {
             | u8::from(self.fused_conv_bn) << 2
             | (self.simd as u8) << 3
             | u8::from(self.own_gemm) << 5
+            | u8::from(self.winograd) << 6
     }
 
     fn unpack(b: u8) -> Self {
@@ -138,6 +144,7 @@ impl Dispatch {
                 _ => Simd::Avx512,
             },
             own_gemm: b & 0x20 != 0,
+            winograd: b & 0x40 != 0,
         }
     }
 }

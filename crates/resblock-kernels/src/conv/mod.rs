@@ -19,6 +19,7 @@ pub(crate) mod op;
 pub(crate) mod pack;
 pub(crate) mod path;
 pub(crate) mod weight_sum;
+pub(crate) mod winograd;
 
 use epilogue::Affine;
 use geom::ConvGeom;

@@ -77,7 +77,8 @@ pub(crate) fn direct_backward_plans(
     (back.oh == d.h && back.ow == d.w).then_some((fwd, back))
 }
 
-/// The f32 forward: direct when it applies, per-image GEMMs otherwise.
+/// The f32 forward: Winograd for wide 3x3 "same" convolutions, direct where it applies,
+/// per-image GEMMs otherwise.
 pub(crate) fn forward_f32(
     x: &[f32],
     w: &[f32],
@@ -85,6 +86,9 @@ pub(crate) fn forward_f32(
     d: &Dims,
     g: &ConvGeom,
 ) -> Vec<f32> {
+    if super::winograd::applies(d, g) {
+        return super::winograd::forward(x, w, ep, d);
+    }
     match direct_plan(d, g) {
         Some(plan) => forward_direct(&plan, x, w, ep, d),
         None => forward(x, w, ep, d, g),
