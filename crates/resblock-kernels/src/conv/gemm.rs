@@ -347,9 +347,6 @@ pub(crate) enum InputGrad<T> {
     /// 256-channel 3x3 layers `im2col` of `dY` and its packing, 1.8 MB each per image at
     /// 14x14, were a tenth of the backward.
     DirectFlipped { plan: direct::Plan, wk: Vec<f32> },
-    /// `Flipped` in f32 on Winograd (`winograd.rs`), where that convolution is wide enough:
-    /// the flipped kernel's transformed weights and the convolution of one image.
-    Winograd { u: Vec<f32>, dims: Dims },
     /// Otherwise `dcols = W^T . dY`, then col2im.
     Scatter,
 }
@@ -379,13 +376,6 @@ impl<T: WithDType> InputGrad<T> {
             ..*g
         };
         if let (1, Some(wf)) = (g.groups, as_f32(w)) {
-            if super::winograd::applies(&dims, &geom) {
-                let u = super::winograd::transform_weights(&flip_kernel(wf, d, g), d.c, d.cout);
-                return InputGrad::Winograd {
-                    u,
-                    dims: Dims { n: 1, ..dims },
-                };
-            }
             if let Some(plan) = super::path::direct_plan(&dims, &geom) {
                 let wk = plan.pack_flipped_weights(wf);
                 return InputGrad::DirectFlipped { plan, wk };
@@ -464,7 +454,7 @@ pub(crate) fn backward<T: WithDType>(
     // The GEMMs' weights of the input gradient: the flipped kernel's, or W^T per group
     // (kg x og); none on the direct kernels.
     let dx_weights = match &input_grad {
-        InputGrad::DirectFlipped { .. } | InputGrad::Winograd { .. } => None,
+        InputGrad::DirectFlipped { .. } => None,
         InputGrad::Flipped { w, dims, geom } => Some(forward_weights(w, dims, geom)),
         InputGrad::Direct | InputGrad::Scatter => Some(WeightLhs::new(
             w,
@@ -518,12 +508,6 @@ pub(crate) fn backward<T: WithDType>(
                 plan.pad(dyf, &mut s.dyp);
                 plan.forward(&s.dyp, wk, &mut s.flat, !parallel);
                 plan.unflatten(&s.flat, dxf, Epilogue::NONE);
-            }
-            (InputGrad::Winograd { u, dims }, _) => {
-                let (Some(dyf), Some(dxf)) = (as_f32(dy_n), as_f32_mut(dx_n)) else {
-                    unreachable!("conv backward: Winograd input gradient on f32 only")
-                };
-                super::winograd::forward_into(dyf, u, Epilogue::NONE, dims, dxf, !parallel);
             }
             (InputGrad::Flipped { dims, geom, .. }, Some(dxw)) => {
                 forward_image(dy_n, dxw, dims, geom, dx_n, par);
@@ -634,44 +618,6 @@ mod tests {
             let k = values(cout * c * 9, 2);
             let direct = matches!(InputGrad::new(&k, &d, &g), InputGrad::DirectFlipped { .. });
             assert_eq!(direct, crate::conv::direct::Isa::detect().is_some());
-            let (x, dy) = (values(n * c * h * w, 1), values(n * cout * h * w, 3));
-            let (dx, dw) = backward(&x, &k, &dy, &d, &g);
-            let (dx64, dw64) = backward(&to64(&x), &to64(&k), &to64(&dy), &d, &g);
-            for (what, got, want) in [("dx", &dx, &dx64), ("dw", &dw, &dw64)] {
-                let scale = want.iter().fold(1f64, |m, v| m.max(v.abs()));
-                for (a, b) in got.iter().zip(want.iter()) {
-                    let e = (f64::from(*a) - b).abs() / scale;
-                    assert!(e < 1e-5, "batch {n}: {what} off by {e}");
-                }
-            }
-        }
-    }
-
-    /// A 64-channel 3x3 layer with enough tiles runs its input gradient on Winograd (the
-    /// flipped kernel's transform): against the f64 GEMM path, at batch 1 (all threads in
-    /// the one image's Winograd) and 3 (one image per worker).
-    #[test]
-    fn winograd_input_gradient_in_the_gemm_backward_matches_f64() {
-        let values = |n: usize, seed: usize| -> Vec<f32> {
-            (0..n)
-                .map(|i| (((i * 7919 + seed * 104_729) % 2003) as f32 / 1001.5) - 1.0)
-                .collect()
-        };
-        let to64 = |v: &[f32]| v.iter().map(|&x| f64::from(x)).collect::<Vec<_>>();
-        let g = ConvGeom {
-            padding: 1,
-            stride: 1,
-            dilation: 1,
-            groups: 1,
-        };
-        for (n, h, w) in [(1, 21, 19), (3, 12, 11)] {
-            let (c, cout) = (64, 64);
-            let d = Dims::new(&g, &[n, c, h, w], &[cout, c, 3, 3]).expect("valid shape");
-            let k = values(cout * c * 9, 2);
-            assert!(matches!(
-                InputGrad::new(&k, &d, &g),
-                InputGrad::Winograd { .. }
-            ));
             let (x, dy) = (values(n * c * h * w, 1), values(n * cout * h * w, 3));
             let (dx, dw) = backward(&x, &k, &dy, &d, &g);
             let (dx64, dw64) = backward(&to64(&x), &to64(&k), &to64(&dy), &d, &g);

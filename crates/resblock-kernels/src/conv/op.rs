@@ -148,7 +148,15 @@ pub(crate) fn backward_typed<T: WithDType>(
     } else {
         dy.clone()
     };
-    // f32: the direct kernels when they apply; otherwise per-image GEMMs.
+    // f32: Winograd for wide 3x3 "same" layers, the direct kernels when they apply;
+    // otherwise per-image GEMMs.
+    if T::DTYPE == candle_core::DType::F32 && super::winograd::applies(&d, g) {
+        let (dx, dw) = backward_tensors::<f32>(x, w, &dy, |x, w, dy| {
+            super::winograd::backward(x, w, dy, &d)
+        })?;
+        let db = with_bias.then(|| channel_sums::<T>(&dy)).transpose()?;
+        return Ok((dx, dw, db));
+    }
     let plans = (T::DTYPE == candle_core::DType::F32)
         .then(|| direct_backward_plans(&d, g))
         .flatten();

@@ -168,20 +168,7 @@ pub(crate) fn forward_into(
             let t_all = imgs * tp;
             let (v, m) = (&mut v[..d.c * POS * t_all], &mut m[..POS * d.cout * t_all]);
             // The input transform, one input channel of the group per task.
-            each_chunk(parallel, v, POS * t_all, |ci, vc| {
-                let mut rows = Rows::new(tiles);
-                for k in 0..imgs {
-                    rows.pad(
-                        &x[((first + k) * d.c + ci) * d.h * d.w..][..d.h * d.w],
-                        (d.h, d.w),
-                    );
-                    let pp = std::mem::take(&mut rows.pp);
-                    for ty in 0..tiles.th {
-                        rows.input_tiles(&pp, ty, vc, t_all, (k * tiles.th + ty) * tiles.tw);
-                    }
-                    rows.pp = pp;
-                }
-            });
+            transform_inputs(x, d, (first, imgs), v, parallel);
             // The 16 GEMMs.
             let (c, cout) = (d.c, d.cout);
             let v = &*v;
@@ -212,6 +199,146 @@ pub(crate) fn forward_into(
             });
         }
     });
+}
+
+/// The input transform of images `first..first + imgs` of `x` `(n, c, h, w)` into `v`
+/// `[ci][ξ][t]`, one input channel per task.
+fn transform_inputs(
+    x: &[f32],
+    d: &Dims,
+    (first, imgs): (usize, usize),
+    v: &mut [f32],
+    parallel: bool,
+) {
+    let tiles = Tiles::of(d);
+    let t_all = imgs * tiles.per_image();
+    each_chunk(parallel, v, POS * t_all, |ci, vc| {
+        let mut rows = Rows::new(tiles);
+        for k in 0..imgs {
+            rows.pad(
+                &x[((first + k) * d.c + ci) * d.h * d.w..][..d.h * d.w],
+                (d.h, d.w),
+            );
+            let pp = std::mem::take(&mut rows.pp);
+            for ty in 0..tiles.th {
+                rows.input_tiles(&pp, ty, vc, t_all, (k * tiles.th + ty) * tiles.tw);
+            }
+            rows.pp = pp;
+        }
+    });
+}
+
+/// The input and weight gradients `(dx, dw)` of the convolution `d` (one Winograd runs,
+/// see [`applies`]) for the output gradient `dy`.
+///
+/// - `dx` is the forward of `dy` with the flipped, transposed kernel (a "same" 3x3
+///   convolution too), over the whole batch.
+/// - `dw` uses the dual algorithm F(3x3, 2x2): a 3x3 weight gradient is the correlation of
+///   each 4x4 input tile with its 2x2 output-gradient tile, so with the same input
+///   transform `V = B^T d B`, the gradient's `A dY A^T` and the output transform `G^T . G`,
+///   `dw[co][ci] = G^T [ sum_t (A dY_t[co] A^T) ⊙ V_t[ci] ] G`: 16 GEMMs
+///   `(cout x tiles) . (tiles x c)` where the GEMM path's weight gradient multiplies
+///   `(cout x pixels) . (pixels x 9 c)`, 2.25 times the products. Each group of images
+///   sums over its tiles in f32 (as the GEMM path sums an image's pixels) and the groups
+///   are added in f64.
+pub(crate) fn backward(x: &[f32], w: &[f32], dy: &[f32], d: &Dims) -> (Vec<f32>, Vec<f32>) {
+    let g = ConvGeom {
+        padding: 1,
+        stride: 1,
+        dilation: 1,
+        groups: 1,
+    };
+    let back = Dims {
+        c: d.cout,
+        cout: d.c,
+        ..*d
+    };
+    let u = transform_weights(&super::gemm::flip_kernel(w, d, &g), d.c, d.cout);
+    let mut dx = vec![0f32; d.n * d.chw()];
+    forward_into(dy, &u, Epilogue::NONE, &back, &mut dx, true);
+    (dx, weight_grad(x, dy, d))
+}
+
+/// The weight gradient `(cout, c, 3, 3)` of [`backward`].
+fn weight_grad(x: &[f32], dy: &[f32], d: &Dims) -> Vec<f32> {
+    assert_eq!(x.len(), d.n * d.chw(), "winograd: input size");
+    assert_eq!(
+        dy.len(),
+        d.n * d.cout * d.p(),
+        "winograd: output gradient size"
+    );
+    let (c, cout) = (d.c, d.cout);
+    let tiles = Tiles::of(d);
+    let tp = tiles.per_image();
+    let group = (GROUP_BYTES / (POS * tp * (c + cout) * 4)).clamp(1, d.n.max(1));
+    let t_group = group * tp;
+    let (v_len, y_len, m_len) = (c * POS * t_group, cout * POS * t_group, POS * cout * c);
+    let mut total = super::weight_sum::WeightSum::new(cout * c * 9);
+    let mut dw = vec![0f32; cout * c * 9];
+    with_thread_scratch(v_len + y_len + m_len, |scratch: &mut [f32]| {
+        let (v, rest) = scratch.split_at_mut(v_len);
+        let (yv, m) = rest.split_at_mut(y_len);
+        for first in (0..d.n).step_by(group) {
+            let imgs = group.min(d.n - first);
+            let t_all = imgs * tp;
+            let (v, yv) = (&mut v[..c * POS * t_all], &mut yv[..cout * POS * t_all]);
+            transform_inputs(x, d, (first, imgs), v, true);
+            // The output gradient's transform, one output channel per task.
+            each_chunk(true, yv, POS * t_all, |co, yc| {
+                let mut rows = Rows::new(tiles);
+                for k in 0..imgs {
+                    let plane = &dy[((first + k) * cout + co) * d.p()..][..d.p()];
+                    for ty in 0..tiles.th {
+                        let t0 = (k * tiles.th + ty) * tiles.tw;
+                        rows.grad_tiles(plane, (d.h, d.w), ty, yc, (t_all, t0));
+                    }
+                }
+            });
+            // m[ξ] (cout x c) = Y[ξ] (cout x tiles) . V[ξ]^T (tiles x c).
+            let (v, yv) = (&*v, &*yv);
+            each_chunk(true, m, cout * c, |xi, mx| {
+                gemm_into(
+                    (cout, c, t_all),
+                    mx,
+                    false,
+                    &yv[xi * t_all..],
+                    (POS * t_all, 1),
+                    &v[xi * t_all..],
+                    (1, POS * t_all),
+                    Parallelism::None,
+                );
+            });
+            // dw[co][ci] = G^T m G, one output channel per task.
+            let m = &*m;
+            each_chunk(true, &mut dw, c * 9, |co, out| {
+                let mrow = |xi: usize| &m[(xi * cout + co) * c..][..c];
+                let mx: [&[f32]; POS] = std::array::from_fn(mrow);
+                for (ci, k) in out.chunks_exact_mut(9).enumerate() {
+                    // G^T M: rows m0 + (m1 + m2) / 2, (m1 - m2) / 2, (m1 + m2) / 2 + m3
+                    // (of 4); then . G along each.
+                    let at = |i: usize, j: usize| mx[i * 4 + j][ci];
+                    let t: [[f32; 4]; 3] = [
+                        std::array::from_fn(|j| at(0, j) + 0.5 * (at(1, j) + at(2, j))),
+                        std::array::from_fn(|j| 0.5 * (at(1, j) - at(2, j))),
+                        std::array::from_fn(|j| 0.5 * (at(1, j) + at(2, j)) + at(3, j)),
+                    ];
+                    for (i, r) in t.iter().enumerate() {
+                        k[i * 3] = r[0] + 0.5 * (r[1] + r[2]);
+                        k[i * 3 + 1] = 0.5 * (r[1] - r[2]);
+                        k[i * 3 + 2] = 0.5 * (r[1] + r[2]) + r[3];
+                    }
+                }
+            });
+            if group < d.n {
+                total.add(&dw);
+            }
+        }
+    });
+    if group < d.n {
+        super::weight_sum::WeightSums(vec![total]).total(0)
+    } else {
+        dw
+    }
 }
 
 /// [`forward_into`] into a new buffer, weights as given `(cout, c, 3, 3)`.
@@ -301,6 +428,60 @@ impl Rows {
                 d1[tx] = o[tx] + e[tx + 1];
                 d2[tx] = e[tx + 1] - o[tx];
                 d3[tx] = o[tx] - o[tx + 1];
+            }
+        }
+    }
+
+    /// The transformed output-gradient tiles `A dY A^T` of tile row `ty` of one plane
+    /// `(h, w)` (zero past its edges): position `ξ` of tile `tx` into
+    /// `yv[ξ * t_all + t0 + tx]`.
+    fn grad_tiles(
+        &mut self,
+        plane: &[f32],
+        (h, w): (usize, usize),
+        ty: usize,
+        yv: &mut [f32],
+        (t_all, t0): (usize, usize),
+    ) {
+        let tw = self.tiles.tw;
+        // The even and odd columns of rows 2 ty and 2 ty + 1.
+        let [e0, e1, ..] = &mut self.r;
+        let [o0, o1, ..] = &mut self.s;
+        for (r, (e, o)) in [(&mut *e0, &mut *o0), (&mut *e1, &mut *o1)]
+            .into_iter()
+            .enumerate()
+        {
+            let y = 2 * ty + r;
+            e[..tw].fill(0.0);
+            o[..tw].fill(0.0);
+            if y < h {
+                let row = &plane[y * w..(y + 1) * w];
+                for (k, p) in row.chunks(2).enumerate() {
+                    e[k] = p[0];
+                    if let Some(v) = p.get(1) {
+                        o[k] = *v;
+                    }
+                }
+            }
+        }
+        // A dY: the rows y0, y0 + y1, y0 - y1, -y1; then . A^T along each: e, e + o,
+        // e - o, -o.
+        for i in 0..4 {
+            let at = |j: usize| (i * 4 + j) * t_all + t0;
+            let (d0, rest) = yv[at(0)..at(3) + tw].split_at_mut(t_all);
+            let (d1, rest) = rest.split_at_mut(t_all);
+            let (d2, d3) = rest.split_at_mut(t_all);
+            for tx in 0..tw {
+                let (e, o) = match i {
+                    0 => (e0[tx], o0[tx]),
+                    1 => (e0[tx] + e1[tx], o0[tx] + o1[tx]),
+                    2 => (e0[tx] - e1[tx], o0[tx] - o1[tx]),
+                    _ => (-e1[tx], -o1[tx]),
+                };
+                d0[tx] = e;
+                d1[tx] = e + o;
+                d2[tx] = e - o;
+                d3[tx] = -o;
             }
         }
     }
@@ -441,6 +622,57 @@ mod tests {
         }
         let d = dims(10, 64, 3, 32, 32);
         assert!(GROUP_BYTES / (POS * Tiles::of(&d).per_image() * d.c * 4) < d.n);
+    }
+
+    /// Both gradients against f64 sums, for odd and even sizes and a batch split into
+    /// several groups of images (whose weight gradients are added in f64).
+    #[test]
+    fn backward_matches_plain_gradients() {
+        for (n, c, cout, h, w) in [
+            (2, 3, 5, 7, 9),
+            (1, 4, 2, 6, 6),
+            (3, 2, 3, 1, 2),
+            (9, 70, 2, 32, 31),
+        ] {
+            let d = dims(n, c, cout, h, w);
+            let (x, k) = (values(n * c * h * w, 1), values(cout * c * 9, 2));
+            let dy = values(n * cout * d.p(), 3);
+            let (dx, dw) = backward(&x, &k, &dy, &d);
+            let mut want_dx = vec![0f64; x.len()];
+            let mut want_dw = vec![0f64; k.len()];
+            for i in 0..n {
+                for o in 0..cout {
+                    for oy in 0..h {
+                        for ox in 0..w {
+                            let g = f64::from(dy[((i * cout + o) * h + oy) * w + ox]);
+                            for ci in 0..c {
+                                for ky in 0..3 {
+                                    for kx in 0..3 {
+                                        let (iy, ix) = (oy + ky, ox + kx);
+                                        if iy < 1 || ix < 1 || iy > h || ix > w {
+                                            continue;
+                                        }
+                                        let xi = ((i * c + ci) * h + iy - 1) * w + ix - 1;
+                                        let wi = ((o * c + ci) * 3 + ky) * 3 + kx;
+                                        want_dx[xi] += g * f64::from(k[wi]);
+                                        want_dw[wi] += g * f64::from(x[xi]);
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            let name = format!("{n}x{c}x{h}x{w} -> {cout}");
+            assert_close(&format!("{name} dx"), &dx, &want_dx);
+            assert_close(&format!("{name} dw"), &dw, &want_dw);
+        }
+        let d = dims(9, 70, 2, 32, 31);
+        let per_image = POS * Tiles::of(&d).per_image() * (d.c + d.cout) * 4;
+        assert!(
+            GROUP_BYTES / per_image < d.n,
+            "the last case has several groups"
+        );
     }
 
     /// On one thread (inside an outer parallel loop) the result is the same, bit for bit,
