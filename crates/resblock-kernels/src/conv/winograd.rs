@@ -39,15 +39,21 @@ pub(crate) const MIN_CHANNELS: usize = 64;
 /// writes 16 values per weight pair of channels, which a batch-1 7x7 or 14x14 output (16 or
 /// 49 tiles) does not pay back (ResNet-18 at batch 1 ran 10% slower on Winograd there).
 const MIN_TILES: usize = 100;
+/// The narrowest output Winograd runs for: the transforms loop over the tiles of a row,
+/// and rows of 4 tiles (an 8x8 or 7x7 output) spend more on loop set-up than they save
+/// (a ResNet-20 step ran 10% slower with its 8x8 layers on Winograd).
+const MIN_WIDTH: usize = 14;
 /// The most transformed input (bytes) of one group of images: groups keep the transformed
 /// input and the GEMMs' output a few MB each, however large the batch.
 const GROUP_BYTES: usize = 8 << 20;
 
 /// Whether a convolution runs on Winograd: allowed ([`crate::dispatch::Dispatch::winograd`]),
-/// 3x3, stride 1, padding 1, no dilation, one group, wide enough and with enough tiles.
+/// 3x3, stride 1, padding 1, no dilation, one group, with enough channels, a wide enough
+/// output and enough tiles.
 pub(crate) fn applies(d: &Dims, g: &ConvGeom) -> bool {
     crate::dispatch::current().winograd
         && (d.kh, d.kw) == (3, 3)
+        && d.ow >= MIN_WIDTH
         && d.n * Tiles::of(d).per_image() >= MIN_TILES
         && (g.stride, g.padding, g.dilation, g.groups) == (1, 1, 1, 1)
         && d.c >= MIN_CHANNELS
@@ -242,6 +248,11 @@ fn transform_inputs(
 ///   sums over its tiles in f32 (as the GEMM path sums an image's pixels) and the groups
 ///   are added in f64.
 pub(crate) fn backward(x: &[f32], w: &[f32], dy: &[f32], d: &Dims) -> (Vec<f32>, Vec<f32>) {
+    (input_grad(w, dy, d), weight_grad(x, dy, d))
+}
+
+/// The input gradient of [`backward`].
+pub(crate) fn input_grad(w: &[f32], dy: &[f32], d: &Dims) -> Vec<f32> {
     let g = ConvGeom {
         padding: 1,
         stride: 1,
@@ -256,11 +267,11 @@ pub(crate) fn backward(x: &[f32], w: &[f32], dy: &[f32], d: &Dims) -> (Vec<f32>,
     let u = transform_weights(&super::gemm::flip_kernel(w, d, &g), d.c, d.cout);
     let mut dx = vec![0f32; d.n * d.chw()];
     forward_into(dy, &u, Epilogue::NONE, &back, &mut dx, true);
-    (dx, weight_grad(x, dy, d))
+    dx
 }
 
 /// The weight gradient `(cout, c, 3, 3)` of [`backward`].
-fn weight_grad(x: &[f32], dy: &[f32], d: &Dims) -> Vec<f32> {
+pub(crate) fn weight_grad(x: &[f32], dy: &[f32], d: &Dims) -> Vec<f32> {
     assert_eq!(x.len(), d.n * d.chw(), "winograd: input size");
     assert_eq!(
         dy.len(),

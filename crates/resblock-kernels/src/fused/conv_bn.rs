@@ -19,6 +19,9 @@
 //!   written straight into the padded buffer the input-gradient kernel reads, and the weight
 //!   gradient reads the same buffer (for a "same" convolution the padded `dY` is the
 //!   flattened `dY` shifted by the border, see `Plan::weight_grad_padded`).
+//! - Winograd (`conv/winograd.rs`, where it applies: 64 channels and more): the forward
+//!   convolves the batch there and takes each plane's moments after; the backward writes
+//!   the norm's input gradient once and runs Winograd's two gradients on it.
 //! - stride 2: the same forward on the polyphase plan; the backward writes each image's
 //!   norm input gradient once, flattens it for the direct weight gradient and multiplies it
 //!   by `W^T` for `col2im` (a stride-2 input gradient is no convolution of `dY`).
@@ -52,6 +55,8 @@ pub(crate) struct ConvBnTrain {
     fwd: direct::Plan,
     /// The input gradient's plan (stride 1); `None` at stride 2.
     back: Option<direct::Plan>,
+    /// The convolution and its gradients on Winograd instead of the plans.
+    winograd: bool,
     eps: f64,
     relu: bool,
     /// Written by the forward: the statistics (also read by the caller, for the running
@@ -85,6 +90,7 @@ impl ConvBnTrain {
             geom,
             fwd,
             back,
+            winograd: crate::conv::winograd::applies(&d, &geom),
             eps,
             relu,
             stats: stats.clone(),
@@ -101,6 +107,12 @@ impl ConvBnTrain {
         let dyp = back.padded_buffer(fwd.cout_rounded());
         fwd.weight_grad_padded(&[&xp], &back, &[&dyp], &mut probe)?;
         Some(op(fwd, Some(back)))
+    }
+
+    /// Whether the convolution runs on Winograd.
+    #[cfg(test)]
+    pub(crate) fn on_winograd(&self) -> bool {
+        self.winograd
     }
 
     /// The output's shape `(n, cout, oh, ow)`.
@@ -132,10 +144,18 @@ impl ConvBnTrain {
         let (w, gb) = params.split_at(wlen);
         let d = &self.d;
         let (p, cout) = (d.p(), d.cout);
-        let (parallel, _) = gemm_parallelism(d.n);
-        let wk = self.fwd.pack_weights(w);
         // Per (image, channel): the plane's mean and sum of squared deviations.
         let mut moments = vec![(0f64, 0f64); d.n * cout];
+        if self.winograd {
+            let conv = crate::conv::winograd::forward(x, w, Epilogue::NONE, d);
+            moments
+                .par_iter_mut()
+                .zip(conv.par_chunks(p))
+                .for_each(|(m, plane)| *m = kernels::moments(plane));
+            return self.normalize(conv, &moments, gb, res);
+        }
+        let (parallel, _) = gemm_parallelism(d.n);
+        let wk = self.fwd.pack_weights(w);
         let image = |(xp, flat): &mut (Vec<f32>, Vec<f32>), (ni, (y_n, m_n)): ImageOut<'_>| {
             self.fwd.pad(&x[ni * d.chw()..(ni + 1) * d.chw()], xp);
             self.fwd.forward(xp, &wk, flat, !parallel);
@@ -163,7 +183,20 @@ impl ConvBnTrain {
         };
         // SAFETY: the images' chunks cover the buffer and `unflatten` writes each whole.
         let conv = unsafe { vec_written_by(d.n * cout * p, fill) };
-        let (mean, var) = combine_moments(&moments, cout, p);
+        self.normalize(conv, &moments, gb, res)
+    }
+
+    /// (output, convolution output, statistics) from the convolution output `conv` and
+    /// its planes' `moments`: the batch statistics and one normalising pass (adding `res`).
+    fn normalize(
+        &self,
+        conv: Vec<f32>,
+        moments: &[(f64, f64)],
+        gb: &[f32],
+        res: Option<&[f32]>,
+    ) -> (Vec<f32>, Vec<f32>, Stats) {
+        let (p, cout) = (self.d.p(), self.d.cout);
+        let (mean, var) = combine_moments(moments, cout, p);
         let coef = norm_coef(&mean, &inv_std(&var, self.eps), &gb[..cout], &gb[cout..]);
         let fill = |y: &mut [MaybeUninit<f32>]| match res {
             None => y
@@ -221,16 +254,45 @@ impl ConvBnTrain {
             .collect();
         let m = (d.n * p) as f64;
         let gcoef = grad_coef(&sums, &gb[..cout], mean, &inv, m);
-        let (dx, dw) = match &self.back {
+        let coefs = (&fcoef[..], &gcoef[..]);
+        let (dx, mut dparams) = match &self.back {
+            _ if self.winograd => self.winograd_grads((x, w), (conv, dy), coefs, (need_dx, relu)),
             Some(back) => {
-                self.same_grads(back, (x, w), (conv, dy), (&fcoef, &gcoef), (need_dx, relu))
+                let (dx, dw) = self.same_grads(back, (x, w), (conv, dy), coefs, (need_dx, relu));
+                (dx, dw.total(2 * cout))
             }
-            None => self.strided_grads((x, w), (conv, dy), (&fcoef, &gcoef), (need_dx, relu)),
+            None => {
+                let (dx, dw) = self.strided_grads((x, w), (conv, dy), coefs, (need_dx, relu));
+                (dx, dw.total(2 * cout))
+            }
         };
-        let mut dparams = dw.total(2 * cout);
         dparams.extend(sums.iter().map(|s| s.1 as f32));
         dparams.extend(sums.iter().map(|s| s.0 as f32));
         (dx, dparams)
+    }
+
+    /// On Winograd: (dx if `need_dx`, the kernel's gradient with room for `2 * cout` more
+    /// values) from the norm's coefficients. The norm's input gradient is written once,
+    /// for the whole batch, and both of Winograd's gradients read it.
+    fn winograd_grads(
+        &self,
+        (x, w): (&[f32], &[f32]),
+        (conv, dy): (&[f32], &[f32]),
+        (fcoef, gcoef): Coefs<'_>,
+        (need_dx, relu): (bool, bool),
+    ) -> (Option<Vec<f32>>, Vec<f32>) {
+        let d = &self.d;
+        let (p, cout) = (d.p(), d.cout);
+        let mut g = vec![0f32; d.n * cout * p];
+        g.par_chunks_mut(p).enumerate().for_each(|(i, g_c)| {
+            let co = i % cout;
+            let vg = (&conv[i * p..(i + 1) * p], &dy[i * p..(i + 1) * p]);
+            kernels::input_grad(g_c, vg, fcoef[co], gcoef[co], relu);
+        });
+        let dx = need_dx.then(|| crate::conv::winograd::input_grad(w, &g, d));
+        let mut dw = crate::conv::winograd::weight_grad(x, &g, d);
+        dw.reserve(2 * cout);
+        (dx, dw)
     }
 
     /// Stride 1: (dx if `need_dx`, the workers' f64 sums of the kernel's gradient) from the norm's

@@ -110,6 +110,55 @@ fn one_op_block_matches_two_conv_bn_ops() -> Result<()> {
     Ok(())
 }
 
+/// A 64-channel conv + BN layer with enough tiles runs on Winograd inside the fused op:
+/// output, statistics and every gradient against the convolution and the norm as two ops.
+#[test]
+fn winograd_conv_bn_matches_two_ops() -> Result<()> {
+    let (c, shape) = (64, [2, 64, 14, 15]);
+    let geom_t = (1, 1, 1, 1);
+    let probe = conv_bn::ConvBnTrain::new(
+        &shape,
+        &[c, c, 3, 3],
+        geom(geom_t),
+        1e-5,
+        true,
+        Arc::new(OnceLock::new()),
+    );
+    let Some(probe) = probe else {
+        // No direct kernels on this CPU: the fused ops do not apply.
+        return Ok(());
+    };
+    assert!(probe.on_winograd());
+    let kernel = Var::from_tensor(&values(&[c, c, 3, 3], 1, 0.1))?;
+    let gamma = Var::from_tensor(&(values(&[c], 2, 0.2) + 1.0)?)?;
+    let beta = Var::from_tensor(&values(&[c], 3, 0.2))?;
+    let x = Var::from_tensor(&values(&shape, 4, 1.0))?;
+    let dy = values(&shape, 5, 1.0);
+    let (kt, gt, bt, xt) = (
+        kernel.as_tensor(),
+        gamma.as_tensor(),
+        beta.as_tensor(),
+        x.as_tensor(),
+    );
+    let (y, stats) = conv_batch_norm_train(xt, kt, geom_t, gt, bt, 1e-5, true)?;
+    let grads = (&y * &dy)?.sum_all()?.backward()?;
+    let conv = crate::conv::conv2d(xt, kt, 1, 1, 1, 1)?;
+    let (want, want_stats) = crate::norm::batch_norm_train(&conv, gt, bt, 1e-5, true)?;
+    let want_grads = (&want * &dy)?.sum_all()?.backward()?;
+    assert!(max_diff(&y, &want) < 1e-4, "output");
+    for (a, b) in stats.mean.iter().zip(&want_stats.mean) {
+        assert!((a - b).abs() < 1e-6, "mean {a} against {b}");
+    }
+    for (i, t) in [kt, gt, bt, xt].into_iter().enumerate() {
+        let (a, b) = (grads.get(t), want_grads.get(t));
+        let (a, b) = (a.expect("gradient"), b.expect("gradient"));
+        let scale = b.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?.max(1.0);
+        let e = max_diff(a, b) / scale;
+        assert!(e < 1e-4, "gradient {i} differs by {e}");
+    }
+    Ok(())
+}
+
 #[test]
 fn blocks_that_change_the_shape_are_not_one_op() -> Result<()> {
     let p = params(6);
