@@ -150,20 +150,18 @@ pub(crate) fn backward_typed<T: WithDType>(
     };
     // f32: Winograd for wide 3x3 "same" layers, the direct kernels when they apply;
     // otherwise per-image GEMMs.
-    if T::DTYPE == candle_core::DType::F32 && super::winograd::applies(&d, g) {
-        let (dx, dw) = backward_tensors::<f32>(x, w, &dy, |x, w, dy| {
-            super::winograd::backward(x, w, dy, &d)
-        })?;
-        let db = with_bias.then(|| channel_sums::<T>(&dy)).transpose()?;
-        return Ok((dx, dw, db));
-    }
-    let plans = (T::DTYPE == candle_core::DType::F32)
+    let f32 = T::DTYPE == candle_core::DType::F32;
+    let winograd = f32 && super::winograd::applies(&d, g);
+    let plans = (f32 && !winograd)
         .then(|| direct_backward_plans(&d, g))
         .flatten();
-    let strided = (T::DTYPE == candle_core::DType::F32 && plans.is_none())
+    let strided = (f32 && !winograd && plans.is_none())
         .then(|| strided_backward_plan(&d, g))
         .flatten();
     let (dx, dw) = match (plans, strided) {
+        _ if winograd => backward_tensors::<f32>(x, w, &dy, |x, w, dy| {
+            super::winograd::backward(x, w, dy, &d)
+        })?,
         (Some(plans), _) => {
             backward_tensors::<f32>(x, w, &dy, |x, w, dy| backward_direct(&plans, x, w, dy, &d))?
         }

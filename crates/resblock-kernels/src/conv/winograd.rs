@@ -132,6 +132,20 @@ impl Tiles {
     fn per_image(self) -> usize {
         self.th * self.tw
     }
+
+    /// Plane `(h, w)` into `pp` with its zero border (see [`Rows::input_tiles`]); the
+    /// border is written once, by the first plane.
+    fn pad(self, plane: &[f32], (h, w): (usize, usize), pp: &mut Vec<f32>) {
+        let pw = 2 * self.tw + 2;
+        let len = (2 * self.th + 2) * pw;
+        if pp.len() != len {
+            pp.clear();
+            pp.resize(len, 0.0);
+        }
+        for (y, src) in plane.chunks_exact(w).take(h).enumerate() {
+            pp[(y + 1) * pw + 1..][..w].copy_from_slice(src);
+        }
+    }
 }
 
 /// `y` `(n, cout, h, w)` = the convolution of `x` `(n, c, h, w)` with the weights `u`
@@ -219,17 +233,13 @@ fn transform_inputs(
     let tiles = Tiles::of(d);
     let t_all = imgs * tiles.per_image();
     each_chunk(parallel, v, POS * t_all, |ci, vc| {
-        let mut rows = Rows::new(tiles);
+        let (mut rows, mut pp) = (Rows::new(tiles), Vec::new());
         for k in 0..imgs {
-            rows.pad(
-                &x[((first + k) * d.c + ci) * d.h * d.w..][..d.h * d.w],
-                (d.h, d.w),
-            );
-            let pp = std::mem::take(&mut rows.pp);
+            let plane = &x[((first + k) * d.c + ci) * d.h * d.w..][..d.h * d.w];
+            tiles.pad(plane, (d.h, d.w), &mut pp);
             for ty in 0..tiles.th {
                 rows.input_tiles(&pp, ty, vc, t_all, (k * tiles.th + ty) * tiles.tw);
             }
-            rows.pp = pp;
         }
     });
 }
@@ -373,8 +383,6 @@ struct Rows {
     r: [Vec<f32>; 4],
     /// Their odd columns.
     s: [Vec<f32>; 4],
-    /// One padded input plane.
-    pp: Vec<f32>,
 }
 
 impl Rows {
@@ -384,21 +392,6 @@ impl Rows {
             tiles,
             r: std::array::from_fn(|_| vec![0f32; len]),
             s: std::array::from_fn(|_| vec![0f32; len]),
-            pp: Vec::new(),
-        }
-    }
-
-    /// Plane `(h, w)` into `self.pp` with its zero border (see [`Rows::input_tiles`]); the
-    /// border is written once, by the first plane.
-    fn pad(&mut self, plane: &[f32], (h, w): (usize, usize)) {
-        let pw = 2 * self.tiles.tw + 2;
-        let len = (2 * self.tiles.th + 2) * pw;
-        if self.pp.len() != len {
-            self.pp.clear();
-            self.pp.resize(len, 0.0);
-        }
-        for (y, src) in plane.chunks_exact(w).take(h).enumerate() {
-            self.pp[(y + 1) * pw + 1..][..w].copy_from_slice(src);
         }
     }
 
