@@ -86,7 +86,7 @@ pub(crate) fn forward_f32(
     d: &Dims,
     g: &ConvGeom,
 ) -> Vec<f32> {
-    if super::winograd::applies(d, g) {
+    if super::winograd::forward_applies(d, g) {
         return super::winograd::forward(x, w, ep, d);
     }
     match direct_plan(d, g) {

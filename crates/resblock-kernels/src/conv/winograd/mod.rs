@@ -1,0 +1,456 @@
+//! Winograd convolutions for f32 3x3 convolutions with stride 1 and padding 1 between wide
+//! layers (at least [`MIN_CHANNELS`] on each side): F(2x2, 3x3) ([`f2`], 16 multiplies per
+//! 2x2 outputs and input channel where the direct kernel does 36) and F(4x4, 3x3) ([`f4`],
+//! 36 per 4x4 outputs where the direct kernel does 144).
+//!
+//! Lavin & Gray's minimal filtering: with `B^T`, `G`, `A^T` the F(m, 3) matrices, one m x m
+//! output tile is `A^T [ sum_ci (G g G^T) ⊙ (B^T d B) ] A` for its (m + 2) x (m + 2) input
+//! tile `d` (neighbouring tiles overlap by 2). Summing over input channels at each of the
+//! `(m + 2)^2` positions `ξ` of the transformed tile is a GEMM, so a convolution becomes
+//!
+//! 1. the weights transformed once per call, `u[co][ξ][ci]`;
+//! 2. the input transformed, `v[ci][ξ][t]` over the tiles `t` of a group of images;
+//! 3. one GEMM per position, `m[ξ] (cout x tiles) = u[.][ξ][.] . v[.][ξ][.]`, on
+//!    [`gemm_into`] (our AVX-512 GEMM where it runs), one per task;
+//! 4. the output transform, each output plane written once with the epilogue applied while
+//!    it is in cache.
+//!
+//! [`forward`] and the input gradient run F(4x4, 3x3) ([`F4`]) on wide outputs with many
+//! pixels per weight, F(2x2, 3x3) ([`F2`]) otherwise; the weight gradient runs the dual of
+//! F(2x2, 3x3), see [`backward`]. F(2x2)'s transforms multiply only by
+//! halves (exact in binary); F(4x4)'s by 2, 4, 5, 8 and sixths, which costs about one
+//! decimal digit: both are tested against an f64 direct convolution.
+//!
+//! The transforms run over whole rows of tiles: the vertical half combines the `m + 2` image
+//! rows element by element, the horizontal half reads the result's columns split by their
+//! phase (column mod `m`), so every loop is a plain vectorisable loop over a row's tiles.
+
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+use super::epilogue::Epilogue;
+use super::gemm::with_thread_scratch;
+use super::geom::{ConvGeom, Dims};
+use crate::matmul::gemm_into;
+
+mod f2;
+mod f4;
+#[cfg(test)]
+mod tests;
+
+pub(crate) use f2::F2;
+pub(crate) use f4::F4;
+
+/// One Winograd algorithm F(m x m, 3x3): its tile and its transforms, each over a row of
+/// tiles of one plane.
+pub(crate) trait Algo {
+    /// The side of an output tile (its input tile's is `M + 2`).
+    const M: usize;
+    /// The positions of a transformed tile, `(M + 2)^2`.
+    const POS: usize;
+    /// Buffers for one row of tiles.
+    type Rows;
+
+    /// The row buffers for tile rows of `tiles`.
+    fn rows(tiles: Tiles) -> Self::Rows;
+
+    /// `G g G^T` of one 3x3 kernel `g` (9 values, row-major) into `u[..POS]`.
+    fn weight_tile(g: &[f32], u: &mut [f32]);
+
+    /// The transformed input tiles of one plane, read from its padded copy `pp` (see
+    /// [`Tiles::pad`]): position `ξ` of the plane's tile `t` into `v[ξ * t_all + t0 + t]`,
+    /// `at` being `(t_all, t0)`.
+    fn input_tiles(rows: &mut Self::Rows, pp: &[f32], v: &mut [f32], at: (usize, usize));
+
+    /// Output channel `co` of one image from the GEMMs' output `m[ξ][co][t]` (`cout` rows
+    /// of `t_all` per position; the image's tiles from `t0`) into its plane `out` `(h, w)`;
+    /// `at` is `(co, cout, t_all, t0)`, `hw` is `(h, w)`.
+    fn output_tiles(
+        rows: &mut Self::Rows,
+        m: &[f32],
+        at: (usize, usize, usize, usize),
+        out: &mut [f32],
+        hw: (usize, usize),
+    );
+}
+/// The fewest input and output channels Winograd runs for: below it the GEMMs are too
+/// small to pay for the transforms.
+pub(crate) const MIN_CHANNELS: usize = 64;
+/// The fewest 2x2 output tiles (over the batch) Winograd runs for: the weight transform
+/// writes 16 values per weight pair of channels, which a batch-1 7x7 or 14x14 output (16 or
+/// 49 tiles) does not pay back (ResNet-18 at batch 1 ran 10% slower on Winograd there).
+const MIN_TILES: usize = 100;
+/// The narrowest output Winograd runs for: the transforms loop over the tiles of a row,
+/// and rows of 4 tiles (an 8x8 or 7x7 output) spend more on loop set-up than they save
+/// (a ResNet-20 step ran 10% slower with its 8x8 layers on Winograd).
+const MIN_WIDTH: usize = 14;
+/// The most transformed input (bytes) of one group of images: groups keep the transformed
+/// input and the GEMMs' output a few MB each, however large the batch.
+const GROUP_BYTES: usize = 8 << 20;
+
+/// The fewest input channels for which a forward runs on Winograd below [`MIN_WIDTH`]
+/// ([`forward_applies`]): with 256 channels or more the GEMMs are long enough to carry the
+/// short rows of a 7x7 output (ResNet-18's 512-channel 7x7 layer at batch 8: 12.2 ms
+/// direct, 10.8 on F(2x2)).
+const NARROW_MIN_CHANNELS: usize = 256;
+/// The fewest output pixels (over the batch) per weight for which [`forward`] runs
+/// F(4x4, 3x3) rather than F(2x2, 3x3): its weight transform writes 36 values per pair of
+/// channels, not 16, which a 28x28 output at batch 1 does not pay back (1.09 ms on
+/// F(4x4), 0.9 on F(2x2) for 128 channels) and a 56x56 one does (0.80 against 0.87 ms).
+const F4_MIN_PIXELS: usize = 3000;
+/// The narrowest output F(4x4, 3x3) runs for: a 14x14 output is cut into 4x4 tiles that
+/// cover 16x16 (on a 256-channel layer at batch 8 F(4x4) was no faster than F(2x2)).
+const F4_MIN_WIDTH: usize = 28;
+
+/// Whether a convolution runs on Winograd: allowed ([`crate::dispatch::Dispatch::winograd`]),
+/// 3x3, stride 1, padding 1, no dilation, one group, with enough channels, a wide enough
+/// output and enough tiles.
+pub(crate) fn applies(d: &Dims, g: &ConvGeom) -> bool {
+    d.ow >= MIN_WIDTH && shape_allows(d, g)
+}
+
+/// [`applies`] for the convolution op's forward (`path::forward_f32`): also 7x7 outputs of
+/// wide layers ([`NARROW_MIN_CHANNELS`]), measured faster at inference. The backward and
+/// the fused training ops keep to [`applies`] (not measured faster there).
+pub(crate) fn forward_applies(d: &Dims, g: &ConvGeom) -> bool {
+    (d.ow >= MIN_WIDTH || d.c >= NARROW_MIN_CHANNELS) && shape_allows(d, g)
+}
+
+/// [`applies`] but for the width.
+fn shape_allows(d: &Dims, g: &ConvGeom) -> bool {
+    crate::dispatch::current().winograd
+        && (d.kh, d.kw) == (3, 3)
+        && d.n * Tiles::of::<F2>(d).per_image() >= MIN_TILES
+        && (g.stride, g.padding, g.dilation, g.groups) == (1, 1, 1, 1)
+        && d.c >= MIN_CHANNELS
+        && d.cout >= MIN_CHANNELS
+}
+
+/// Whether [`forward`] (and the input gradient) runs F(4x4, 3x3) for `d`.
+fn uses_f4(d: &Dims) -> bool {
+    d.ow >= F4_MIN_WIDTH && d.n * d.p() >= F4_MIN_PIXELS
+}
+
+/// The weights `(cout, c, 3, 3)` transformed for algorithm `A`,
+/// `u[co][ξ][ci] = (G g[co][ci] G^T)[ξ]`.
+pub(crate) fn transform_weights<A: Algo>(w: &[f32], cout: usize, c: usize) -> Vec<f32> {
+    assert_eq!(w.len(), cout * c * 9, "winograd: weight size");
+    let mut u = vec![0f32; cout * A::POS * c];
+    let one = |(co, dst): (usize, &mut [f32])| {
+        let mut tile = [0f32; 36];
+        for ci in 0..c {
+            A::weight_tile(&w[(co * c + ci) * 9..][..9], &mut tile);
+            for (xi, v) in tile[..A::POS].iter().enumerate() {
+                dst[xi * c + ci] = *v;
+            }
+        }
+    };
+    if u.len() >= crate::sgemm::PARALLEL_PACK && rayon::current_num_threads() > 1 {
+        u.par_chunks_mut(A::POS * c).enumerate().for_each(one);
+    } else {
+        u.chunks_mut(A::POS * c).enumerate().for_each(one);
+    }
+    u
+}
+
+/// Runs `f(i, chunk)` on every `len`-long chunk of `data`, on all threads when `parallel`.
+fn each_chunk<T: Send>(
+    parallel: bool,
+    data: &mut [T],
+    len: usize,
+    f: impl Fn(usize, &mut [T]) + Sync + Send,
+) {
+    if parallel {
+        data.par_chunks_mut(len)
+            .enumerate()
+            .for_each(|(i, c)| f(i, c));
+    } else {
+        data.chunks_mut(len).enumerate().for_each(|(i, c)| f(i, c));
+    }
+}
+
+/// The tiles of one image: rows and columns of m x m output tiles.
+#[derive(Clone, Copy)]
+pub(crate) struct Tiles {
+    m: usize,
+    th: usize,
+    tw: usize,
+}
+
+impl Tiles {
+    fn of<A: Algo>(d: &Dims) -> Tiles {
+        Tiles {
+            m: A::M,
+            th: d.oh.div_ceil(A::M),
+            tw: d.ow.div_ceil(A::M),
+        }
+    }
+
+    /// The width of a padded plane: the image with a zero column before it and as many
+    /// after as make `tw + 1` groups of `m` (the last tile's input reaches 2 columns past
+    /// its output).
+    fn padded_width(self) -> usize {
+        self.m * (self.tw + 1)
+    }
+
+    fn per_image(self) -> usize {
+        self.th * self.tw
+    }
+
+    /// Plane `(h, w)` into `pp` with its zero border: `m th + 2` rows (and 2 values) of
+    /// [`Tiles::padded_width`], image column `x` at `x + 1`, row `y` at `y + 1`, zero
+    /// elsewhere. The border is written once, by the first plane.
+    fn pad(self, plane: &[f32], (h, w): (usize, usize), pp: &mut Vec<f32>) {
+        let pw = self.padded_width();
+        // The 2 values past the last row: F(4x4)'s input transform reads them (and
+        // discards what it makes of them).
+        let len = (self.m * self.th + 2) * pw + 2;
+        if pp.len() != len {
+            pp.clear();
+            pp.resize(len, 0.0);
+        }
+        for (y, src) in plane.chunks_exact(w).take(h).enumerate() {
+            pp[(y + 1) * pw + 1..][..w].copy_from_slice(src);
+        }
+    }
+}
+
+/// `y` `(n, cout, h, w)` = the convolution of `x` `(n, c, h, w)` with the weights `u`
+/// (from [`transform_weights`] for `A`), the epilogue `ep` applied. With `parallel`, every phase
+/// runs on all threads; otherwise on this one (a worker of an outer parallel loop).
+///
+/// # Panics
+/// If a slice does not match `d`, or `d` is not a convolution Winograd runs (`applies`).
+pub(crate) fn forward_into<A: Algo>(
+    x: &[f32],
+    u: &[f32],
+    ep: Epilogue<'_, f32>,
+    d: &Dims,
+    y: &mut [f32],
+    parallel: bool,
+) {
+    assert!(
+        (d.kh, d.kw) == (3, 3) && (d.oh, d.ow) == (d.h, d.w),
+        "winograd: a 3x3 'same' convolution"
+    );
+    assert_eq!(x.len(), d.n * d.chw(), "winograd: input size");
+    assert_eq!(
+        u.len(),
+        d.cout * A::POS * d.c,
+        "winograd: transformed weight size"
+    );
+    assert_eq!(y.len(), d.n * d.cout * d.p(), "winograd: output size");
+    let tiles = Tiles::of::<A>(d);
+    let tp = tiles.per_image();
+    let group = (GROUP_BYTES / (A::POS * tp * d.c * 4)).clamp(1, d.n.max(1));
+    let t_group = group * tp;
+    // The transformed input and the GEMMs' output in this thread's scratch memory, both
+    // wholly written before they are read: zero-filling fresh buffers was 5% of a
+    // 256-channel layer's time.
+    let (v_len, m_len) = (d.c * A::POS * t_group, A::POS * d.cout * t_group);
+    with_thread_scratch(v_len + m_len, |scratch: &mut [f32]| {
+        let (v, m) = scratch.split_at_mut(v_len);
+        for first in (0..d.n).step_by(group) {
+            let imgs = group.min(d.n - first);
+            let t_all = imgs * tp;
+            let (v, m) = (
+                &mut v[..d.c * A::POS * t_all],
+                &mut m[..A::POS * d.cout * t_all],
+            );
+            // The input transform, one input channel of the group per task.
+            transform_inputs::<A>(x, d, (first, imgs), v, parallel);
+            // One GEMM per position.
+            let (c, cout) = (d.c, d.cout);
+            let v = &*v;
+            each_chunk(parallel, m, cout * t_all, |xi, mx| {
+                gemm_into(
+                    (cout, t_all, c),
+                    mx,
+                    false,
+                    &u[xi * c..],
+                    (A::POS * c, 1),
+                    &v[xi * t_all..],
+                    (A::POS * t_all, 1),
+                    Parallelism::None,
+                );
+            });
+            // The output transform and the epilogue, one output plane per task.
+            let plane = d.p();
+            let y_group = &mut y[first * cout * plane..(first + imgs) * cout * plane];
+            let m = &*m;
+            each_chunk(parallel, y_group, plane, |i, out| {
+                let (k, co) = (i / cout, i % cout);
+                let mut rows = A::rows(tiles);
+                let t0 = k * tp;
+                A::output_tiles(&mut rows, m, (co, cout, t_all, t0), out, (d.h, d.w));
+                ep.image(first + k, cout * plane).apply_in_place(co, out);
+            });
+        }
+    });
+}
+
+/// The input transform of images `first..first + imgs` of `x` `(n, c, h, w)` into `v`
+/// `[ci][ξ][t]`, one input channel per task.
+fn transform_inputs<A: Algo>(
+    x: &[f32],
+    d: &Dims,
+    (first, imgs): (usize, usize),
+    v: &mut [f32],
+    parallel: bool,
+) {
+    let tiles = Tiles::of::<A>(d);
+    let t_all = imgs * tiles.per_image();
+    each_chunk(parallel, v, A::POS * t_all, |ci, vc| {
+        let (mut rows, mut pp) = (A::rows(tiles), Vec::new());
+        for k in 0..imgs {
+            let plane = &x[((first + k) * d.c + ci) * d.h * d.w..][..d.h * d.w];
+            tiles.pad(plane, (d.h, d.w), &mut pp);
+            A::input_tiles(&mut rows, &pp, vc, (t_all, k * tiles.per_image()));
+        }
+    });
+}
+
+/// The input and weight gradients `(dx, dw)` of the convolution `d` (one Winograd runs,
+/// see [`applies`]) for the output gradient `dy`.
+///
+/// - `dx` is the forward of `dy` with the flipped, transposed kernel (a "same" 3x3
+///   convolution too), over the whole batch.
+/// - `dw` uses the dual algorithm F(3x3, 2x2): a 3x3 weight gradient is the correlation of
+///   each 4x4 input tile with its 2x2 output-gradient tile, so with the same input
+///   transform `V = B^T d B`, the gradient's `A dY A^T` and the output transform `G^T . G`,
+///   `dw[co][ci] = G^T [ sum_t (A dY_t[co] A^T) ⊙ V_t[ci] ] G`: 16 GEMMs
+///   `(cout x tiles) . (tiles x c)` where the GEMM path's weight gradient multiplies
+///   `(cout x pixels) . (pixels x 9 c)`, 2.25 times the products. Each group of images
+///   sums over its tiles in f32 (as the GEMM path sums an image's pixels) and the groups
+///   are added in f64.
+pub(crate) fn backward(x: &[f32], w: &[f32], dy: &[f32], d: &Dims) -> (Vec<f32>, Vec<f32>) {
+    (input_grad(w, dy, d), weight_grad(x, dy, d))
+}
+
+/// The input gradient of [`backward`].
+pub(crate) fn input_grad(w: &[f32], dy: &[f32], d: &Dims) -> Vec<f32> {
+    let g = ConvGeom {
+        padding: 1,
+        stride: 1,
+        dilation: 1,
+        groups: 1,
+    };
+    let back = Dims {
+        c: d.cout,
+        cout: d.c,
+        ..*d
+    };
+    forward(
+        dy,
+        &super::gemm::flip_kernel(w, d, &g),
+        Epilogue::NONE,
+        &back,
+    )
+}
+
+/// The weight gradient `(cout, c, 3, 3)` of [`backward`].
+pub(crate) fn weight_grad(x: &[f32], dy: &[f32], d: &Dims) -> Vec<f32> {
+    assert_eq!(x.len(), d.n * d.chw(), "winograd: input size");
+    assert_eq!(
+        dy.len(),
+        d.n * d.cout * d.p(),
+        "winograd: output gradient size"
+    );
+    let (c, cout) = (d.c, d.cout);
+    const POS: usize = F2::POS;
+    let tiles = Tiles::of::<F2>(d);
+    let tp = tiles.per_image();
+    let group = (GROUP_BYTES / (POS * tp * (c + cout) * 4)).clamp(1, d.n.max(1));
+    let t_group = group * tp;
+    let (v_len, y_len, m_len) = (c * POS * t_group, cout * POS * t_group, POS * cout * c);
+    let mut total = super::weight_sum::WeightSum::new(cout * c * 9);
+    let mut dw = vec![0f32; cout * c * 9];
+    with_thread_scratch(v_len + y_len + m_len, |scratch: &mut [f32]| {
+        let (v, rest) = scratch.split_at_mut(v_len);
+        let (yv, m) = rest.split_at_mut(y_len);
+        for first in (0..d.n).step_by(group) {
+            let imgs = group.min(d.n - first);
+            let t_all = imgs * tp;
+            let (v, yv) = (&mut v[..c * POS * t_all], &mut yv[..cout * POS * t_all]);
+            transform_inputs::<F2>(x, d, (first, imgs), v, true);
+            // The output gradient's transform, one output channel per task.
+            each_chunk(true, yv, POS * t_all, |co, yc| {
+                let mut rows = F2::rows(tiles);
+                for k in 0..imgs {
+                    let plane = &dy[((first + k) * cout + co) * d.p()..][..d.p()];
+                    for ty in 0..tiles.th {
+                        let t0 = (k * tiles.th + ty) * tiles.tw;
+                        rows.grad_tiles(plane, (d.h, d.w), ty, yc, (t_all, t0));
+                    }
+                }
+            });
+            // m[ξ] (cout x c) = Y[ξ] (cout x tiles) . V[ξ]^T (tiles x c).
+            let (v, yv) = (&*v, &*yv);
+            each_chunk(true, m, cout * c, |xi, mx| {
+                gemm_into(
+                    (cout, c, t_all),
+                    mx,
+                    false,
+                    &yv[xi * t_all..],
+                    (POS * t_all, 1),
+                    &v[xi * t_all..],
+                    (1, POS * t_all),
+                    Parallelism::None,
+                );
+            });
+            // dw[co][ci] = G^T m G, one output channel per task.
+            let m = &*m;
+            each_chunk(true, &mut dw, c * 9, |co, out| {
+                let mrow = |xi: usize| &m[(xi * cout + co) * c..][..c];
+                let mx: [&[f32]; POS] = std::array::from_fn(mrow);
+                for (ci, k) in out.chunks_exact_mut(9).enumerate() {
+                    // G^T M: rows m0 + (m1 + m2) / 2, (m1 - m2) / 2, (m1 + m2) / 2 + m3
+                    // (of 4); then . G along each.
+                    let at = |i: usize, j: usize| mx[i * 4 + j][ci];
+                    let t: [[f32; 4]; 3] = [
+                        std::array::from_fn(|j| at(0, j) + 0.5 * (at(1, j) + at(2, j))),
+                        std::array::from_fn(|j| 0.5 * (at(1, j) - at(2, j))),
+                        std::array::from_fn(|j| 0.5 * (at(1, j) + at(2, j)) + at(3, j)),
+                    ];
+                    for (i, r) in t.iter().enumerate() {
+                        k[i * 3] = r[0] + 0.5 * (r[1] + r[2]);
+                        k[i * 3 + 1] = 0.5 * (r[1] - r[2]);
+                        k[i * 3 + 2] = 0.5 * (r[1] + r[2]) + r[3];
+                    }
+                }
+            });
+            if group < d.n {
+                total.add(&dw);
+            }
+        }
+    });
+    if group < d.n {
+        super::weight_sum::WeightSums(vec![total]).total(0)
+    } else {
+        dw
+    }
+}
+
+/// [`forward_into`] into a new buffer, weights as given `(cout, c, 3, 3)`: on F(4x4, 3x3)
+/// for wide outputs with many pixels ([`F4_MIN_WIDTH`], [`F4_MIN_PIXELS`]), else on
+/// F(2x2, 3x3).
+pub(crate) fn forward(x: &[f32], w: &[f32], ep: Epilogue<'_, f32>, d: &Dims) -> Vec<f32> {
+    if uses_f4(d) {
+        forward_with::<F4>(x, w, ep, d)
+    } else {
+        forward_with::<F2>(x, w, ep, d)
+    }
+}
+
+/// [`forward_into`] on algorithm `A` into a new buffer.
+pub(crate) fn forward_with<A: Algo>(
+    x: &[f32],
+    w: &[f32],
+    ep: Epilogue<'_, f32>,
+    d: &Dims,
+) -> Vec<f32> {
+    let u = transform_weights::<A>(w, d.cout, d.c);
+    let mut y = vec![0f32; d.n * d.cout * d.p()];
+    forward_into::<A>(x, &u, ep, d, &mut y, true);
+    y
+}

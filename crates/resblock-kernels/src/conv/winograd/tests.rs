@@ -1,0 +1,259 @@
+use super::*;
+
+fn values(n: usize, seed: usize) -> Vec<f32> {
+    (0..n)
+        .map(|i| (((i * 7919 + seed * 104_729) % 2003) as f32 / 1001.5) - 1.0)
+        .collect()
+}
+
+fn dims(n: usize, c: usize, cout: usize, h: usize, w: usize) -> Dims {
+    let g = ConvGeom {
+        padding: 1,
+        stride: 1,
+        dilation: 1,
+        groups: 1,
+    };
+    Dims::new(&g, &[n, c, h, w], &[cout, c, 3, 3]).expect("valid test shape")
+}
+
+/// The 3x3, padding-1 convolution in f64.
+fn conv_ref(x: &[f32], w: &[f32], d: &Dims) -> Vec<f64> {
+    let mut y = vec![0f64; d.n * d.cout * d.p()];
+    for n in 0..d.n {
+        for o in 0..d.cout {
+            for c in 0..d.c {
+                for ky in 0..3 {
+                    for kx in 0..3 {
+                        let wv = f64::from(w[((o * d.c + c) * 3 + ky) * 3 + kx]);
+                        for oy in 0..d.h {
+                            for ox in 0..d.w {
+                                let (iy, ix) = (oy + ky, ox + kx);
+                                if iy < 1 || ix < 1 || iy > d.h || ix > d.w {
+                                    continue;
+                                }
+                                let xi = ((n * d.c + c) * d.h + iy - 1) * d.w + ix - 1;
+                                y[((n * d.cout + o) * d.h + oy) * d.w + ox] +=
+                                    wv * f64::from(x[xi]);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    y
+}
+
+/// Every element within `tol` of the largest magnitude of `want`.
+fn assert_close(what: &str, got: &[f32], want: &[f64], tol: f64) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let scale = want.iter().fold(1f64, |m, v| m.max(v.abs()));
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        let e = (f64::from(*g) - w).abs() / scale;
+        assert!(
+            e < tol,
+            "{what}: element {i} is {g}, want {w} ({e:.1e} of the scale)"
+        );
+    }
+}
+
+/// The bound of each algorithm's error, relative to the largest output: F(2x2)'s
+/// transforms multiply by halves only, F(4x4)'s by up to 8 and by sixths.
+const F2_TOL: f64 = 1e-5;
+const F4_TOL: f64 = 4e-5;
+
+/// Odd and even sizes (a last tile row or column partly outside the image), one-pixel
+/// images, and a batch split into several groups of images, on both algorithms.
+#[test]
+fn matches_a_plain_convolution() {
+    for (n, c, cout, h, w) in [
+        (2, 3, 5, 7, 9),
+        (1, 4, 6, 6, 6),
+        (3, 2, 3, 1, 1),
+        (2, 5, 4, 8, 3),
+        (1, 2, 2, 2, 5),
+        (2, 3, 2, 13, 10),
+        (16, 64, 3, 32, 32),
+    ] {
+        let d = dims(n, c, cout, h, w);
+        let (x, k) = (values(n * c * h * w, 1), values(cout * c * 9, 2));
+        let want = conv_ref(&x, &k, &d);
+        let name = format!("{n}x{c}x{h}x{w} -> {cout}");
+        let f2 = forward_with::<F2>(&x, &k, Epilogue::NONE, &d);
+        assert_close(&format!("F2 {name}"), &f2, &want, F2_TOL);
+        let f4 = forward_with::<F4>(&x, &k, Epilogue::NONE, &d);
+        assert_close(&format!("F4 {name}"), &f4, &want, F4_TOL);
+        let chosen = if uses_f4(&d) { f4 } else { f2 };
+        assert_eq!(
+            forward(&x, &k, Epilogue::NONE, &d),
+            chosen,
+            "forward's choice"
+        );
+    }
+    let d = dims(16, 64, 3, 32, 32);
+    for per_image in [
+        F2::POS * Tiles::of::<F2>(&d).per_image(),
+        F4::POS * Tiles::of::<F4>(&d).per_image(),
+    ] {
+        assert!(GROUP_BYTES / (per_image * d.c * 4) < d.n, "several groups");
+    }
+}
+
+/// The weight transforms against `G g G^T` with the matrices written out.
+#[test]
+fn weight_tiles_are_g_g_gt() {
+    let k = values(9, 5);
+    let half = 0.5;
+    let g2: [[f64; 3]; 4] = [
+        [1.0, 0.0, 0.0],
+        [half, half, half],
+        [half, -half, half],
+        [0.0, 0.0, 1.0],
+    ];
+    let (s, t, w) = (1.0 / 6.0, 1.0 / 12.0, 1.0 / 24.0);
+    let g4: [[f64; 3]; 6] = [
+        [0.25, 0.0, 0.0],
+        [-s, -s, -s],
+        [-s, s, -s],
+        [w, t, s],
+        [w, -t, s],
+        [0.0, 0.0, 1.0],
+    ];
+    fn check(what: &str, g: &[[f64; 3]], k: &[f32], got: &[f32]) {
+        let p = g.len();
+        for i in 0..p {
+            for j in 0..p {
+                let mut want = 0f64;
+                for a in 0..3 {
+                    for b in 0..3 {
+                        want += g[i][a] * f64::from(k[a * 3 + b]) * g[j][b];
+                    }
+                }
+                let e = (f64::from(got[i * p + j]) - want).abs();
+                assert!(
+                    e < 1e-6,
+                    "{what}: position {i},{j} is {}, want {want}",
+                    got[i * p + j]
+                );
+            }
+        }
+    }
+    let mut u = [0f32; 36];
+    F2::weight_tile(&k, &mut u);
+    check("F2", &g2, &k, &u[..16]);
+    F4::weight_tile(&k, &mut u);
+    check("F4", &g4, &k, &u);
+}
+
+/// Both gradients against f64 sums, for odd and even sizes and a batch split into
+/// several groups of images (whose weight gradients are added in f64); the last case's
+/// input gradient runs on F(4x4), the others' on F(2x2).
+#[test]
+fn backward_matches_plain_gradients() {
+    for (n, c, cout, h, w) in [
+        (2, 3, 5, 7, 9),
+        (1, 4, 2, 6, 6),
+        (3, 2, 3, 1, 2),
+        (9, 70, 2, 32, 31),
+    ] {
+        let d = dims(n, c, cout, h, w);
+        let (x, k) = (values(n * c * h * w, 1), values(cout * c * 9, 2));
+        let dy = values(n * cout * d.p(), 3);
+        let (dx, dw) = backward(&x, &k, &dy, &d);
+        let mut want_dx = vec![0f64; x.len()];
+        let mut want_dw = vec![0f64; k.len()];
+        for i in 0..n {
+            for o in 0..cout {
+                for oy in 0..h {
+                    for ox in 0..w {
+                        let g = f64::from(dy[((i * cout + o) * h + oy) * w + ox]);
+                        for ci in 0..c {
+                            for ky in 0..3 {
+                                for kx in 0..3 {
+                                    let (iy, ix) = (oy + ky, ox + kx);
+                                    if iy < 1 || ix < 1 || iy > h || ix > w {
+                                        continue;
+                                    }
+                                    let xi = ((i * c + ci) * h + iy - 1) * w + ix - 1;
+                                    let wi = ((o * c + ci) * 3 + ky) * 3 + kx;
+                                    want_dx[xi] += g * f64::from(k[wi]);
+                                    want_dw[wi] += g * f64::from(x[xi]);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let name = format!("{n}x{c}x{h}x{w} -> {cout}");
+        assert_close(&format!("{name} dx"), &dx, &want_dx, F4_TOL);
+        assert_close(&format!("{name} dw"), &dw, &want_dw, F2_TOL);
+    }
+    let d = dims(9, 70, 2, 32, 31);
+    assert!(uses_f4(&dims(9, 2, 70, 32, 31)) && !uses_f4(&dims(2, 5, 3, 7, 9)));
+    let per_image = F2::POS * Tiles::of::<F2>(&d).per_image() * (d.c + d.cout) * 4;
+    assert!(
+        GROUP_BYTES / per_image < d.n,
+        "the last case has several groups"
+    );
+}
+
+/// On one thread (inside an outer parallel loop) the result is the same, bit for bit,
+/// and the epilogue (scale, shift, residual, ReLU) is that of the other paths; on both
+/// algorithms and every SIMD level of the transforms.
+#[test]
+fn serial_and_epilogue_agree() {
+    fn check<A: Algo>() {
+        let (n, c, cout, h, w) = (3, 6, 5, 5, 7);
+        let d = dims(n, c, cout, h, w);
+        let (x, k) = (values(n * c * h * w, 3), values(cout * c * 9, 4));
+        let u = transform_weights::<A>(&k, cout, c);
+        let plain = forward_with::<A>(&x, &k, Epilogue::NONE, &d);
+        let mut serial = vec![0f32; plain.len()];
+        forward_into::<A>(&x, &u, Epilogue::NONE, &d, &mut serial, false);
+        assert_eq!(plain, serial);
+        let (scale, shift) = (values(cout, 5), values(cout, 6));
+        let residual = values(plain.len(), 7);
+        let ep = Epilogue {
+            scale: Some(&scale),
+            bias: Some(&shift),
+            relu: true,
+            residual: Some(&residual),
+        };
+        let got = forward_with::<A>(&x, &k, ep, &d);
+        let mut want = plain.clone();
+        for (i, plane) in want.chunks_exact_mut(d.p()).enumerate() {
+            ep.image(i / cout, cout * d.p())
+                .apply_in_place(i % cout, plane);
+        }
+        assert_eq!(got, want);
+    }
+    check::<F2>();
+    check::<F4>();
+}
+
+/// F(4x4)'s transforms compiled for each SIMD level give the portable build's values,
+/// bit for bit (no level contracts a multiply and an add).
+#[test]
+fn f4_transforms_agree_on_every_level() {
+    use crate::dispatch::Simd;
+    use crate::simd::with_simd;
+    use f4::{input_plane, output_row};
+    let (th, tw, t_all) = (3, 5, 17);
+    let pp = values((4 * th + 2) * 4 * (tw + 1) + 2, 8);
+    let m = values(36 * t_all, 9);
+    let run = |simd: Simd| {
+        let mut buf = vec![0f32; 6 * (th * 4 * (tw + 1) + 2) + 36 * th * (tw + 1)];
+        let (pp, b) = (pp.as_slice(), buf.as_mut_slice());
+        with_simd!(simd, input_plane(pp: &[f32], b: &mut [f32], th: usize, tw: usize));
+        let tp = th * tw;
+        let mut y = vec![0f32; 16 * tp];
+        let (ms, ys) = (m.as_slice(), y.as_mut_slice());
+        with_simd!(simd, output_row(ms: &[f32], t_all: usize, ys: &mut [f32], tp: usize));
+        (buf, y)
+    };
+    let portable = run(Simd::Portable);
+    for simd in [Simd::Avx2, Simd::Avx512] {
+        assert!(run(simd) == portable, "{simd:?}");
+    }
+}
