@@ -1,8 +1,9 @@
 //! Where a CIFAR ResNet training step spends its time: forward, backward and optimizer
 //! update, with our kernels and with Candle's, one line each.
 //!
-//! `cargo run --release -p resblock-benches --example step-profile -- [ARCH] [BATCH] [STEPS] [native|candle]`
-//! (defaults: resnet20 128 5, both). For a quick look while working on kernels; the figures we
+//! `cargo run --release -p resblock-benches --example step-profile -- [ARCH] [BATCH] [STEPS]
+//! [native|candle|both] [SIZE] [IN_CHANNELS]` (defaults: resnet20 128 5 both 32, the preset's
+//! input channels; `resnet20 128 20 native 28 1` is the default `train` run's step). For a quick look while working on kernels; the figures we
 //! report come from `cargo xtask bench --compare-torch`.
 
 use std::time::Instant;
@@ -25,12 +26,17 @@ fn main() -> anyhow::Result<()> {
         Some("candle") => vec![Kernels::Candle],
         _ => vec![Kernels::Native, Kernels::Candle],
     };
+    let size: usize = args.get(4).map_or(Ok(32), |s| s.parse())?;
+    let in_channels: Option<usize> = args.get(5).map(|s| s.parse()).transpose()?;
     configure_threads(None);
     for kernels in which {
         set_kernels(kernels);
         let rng = RngHandle::seed_from_u64(0);
         let varmap = VarMap::new();
-        let cfg = ResNetConfig::preset(arch)?;
+        let mut cfg = ResNetConfig::preset(arch)?;
+        if let Some(c) = in_channels {
+            cfg.in_channels = c;
+        }
         let net = resnet(
             &cfg,
             &rng,
@@ -46,7 +52,7 @@ fn main() -> anyhow::Result<()> {
             },
         )?;
         let x = rng.normal_tensor(
-            (batch, cfg.in_channels, 32, 32),
+            (batch, cfg.in_channels, size, size),
             0.,
             1.,
             DType::F32,

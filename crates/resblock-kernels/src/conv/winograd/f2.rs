@@ -6,6 +6,13 @@
 //! into their even and odd columns.
 
 use super::{Algo, Tiles};
+use crate::simd::with_simd;
+
+/// [`Algo::weight_row`]'s body.
+#[inline(always)]
+pub(super) fn weight_row(k: &[f32], dst: &mut [f32], c: usize) {
+    super::weight_lanes::<F2>(k, dst, c);
+}
 
 /// F(2x2, 3x3); also the algorithm whose dual the weight gradient runs
 /// ([`super::weight_grad`], with [`Rows::grad_tiles`]).
@@ -20,16 +27,18 @@ impl Algo for F2 {
         Rows::new(tiles)
     }
 
-    fn weight_tile(g: &[f32], u: &mut [f32]) {
-        // G g: rows g0, (g0 + g1 + g2) / 2, (g0 - g1 + g2) / 2, g2 (of 3 values each).
-        let row = |r: usize| [g[r * 3], g[r * 3 + 1], g[r * 3 + 2]];
-        let (g0, g1, g2) = (row(0), row(1), row(2));
-        let gg: [[f32; 3]; 4] = [
-            g0,
-            std::array::from_fn(|j| (g0[j] + g1[j] + g2[j]) * 0.5),
-            std::array::from_fn(|j| (g0[j] - g1[j] + g2[j]) * 0.5),
-            g2,
-        ];
+    #[inline(always)]
+    fn weight_tile(g: &[f32; 9], u: &mut [f32; 36]) {
+        // G g, column by column: g0, (g0 + g1 + g2) / 2, (g0 - g1 + g2) / 2, g2 (of the
+        // kernel's rows).
+        let mut gg = [[0f32; 3]; 4];
+        for j in 0..3 {
+            let (a, b, c) = (g[j], g[3 + j], g[6 + j]);
+            gg[0][j] = a;
+            gg[1][j] = (a + b + c) * 0.5;
+            gg[2][j] = (a - b + c) * 0.5;
+            gg[3][j] = c;
+        }
         // (G g) G^T: the same combination along each row.
         for (i, r) in gg.iter().enumerate() {
             u[i * 4] = r[0];
@@ -37,6 +46,11 @@ impl Algo for F2 {
             u[i * 4 + 2] = (r[0] - r[1] + r[2]) * 0.5;
             u[i * 4 + 3] = r[2];
         }
+    }
+
+    fn weight_row(k: &[f32], dst: &mut [f32], c: usize) {
+        let simd = crate::dispatch::current().simd;
+        with_simd!(simd, weight_row(k: &[f32], dst: &mut [f32], c: usize));
     }
 
     fn input_tiles(rows: &mut Rows, pp: &[f32], v: &mut [f32], (t_all, t0): (usize, usize)) {

@@ -53,6 +53,7 @@ fn at(a: [f32; 6]) -> [f32; 4] {
 }
 
 /// `G a`.
+#[inline(always)]
 fn g(a: [f32; 3]) -> [f32; 6] {
     let s = a[0] + a[2];
     let t = a[0] / 24.0 + a[2] / 6.0;
@@ -64,6 +65,12 @@ fn g(a: [f32; 3]) -> [f32; 6] {
         t - a[1] / 12.0,
         a[2],
     ]
+}
+
+/// [`Algo::weight_row`]'s body.
+#[inline(always)]
+pub(super) fn weight_row(k: &[f32], dst: &mut [f32], c: usize) {
+    super::weight_lanes::<F4>(k, dst, c);
 }
 
 /// `N` slices of `len` at a stride of `stride` from the start of `v`.
@@ -91,13 +98,22 @@ impl Algo for F4 {
         }
     }
 
-    fn weight_tile(k: &[f32], u: &mut [f32]) {
+    #[inline(always)]
+    fn weight_tile(k: &[f32; 9], u: &mut [f32; 36]) {
         // G k: column by column; then (G k) G^T: G along each row.
-        let cols: [[f32; 6]; 3] = std::array::from_fn(|j| g([k[j], k[3 + j], k[6 + j]]));
+        let mut cols = [[0f32; 6]; 3];
+        for (j, col) in cols.iter_mut().enumerate() {
+            *col = g([k[j], k[3 + j], k[6 + j]]);
+        }
         for i in 0..6 {
             let row = g([cols[0][i], cols[1][i], cols[2][i]]);
             u[i * 6..(i + 1) * 6].copy_from_slice(&row);
         }
+    }
+
+    fn weight_row(k: &[f32], dst: &mut [f32], c: usize) {
+        let simd = crate::dispatch::current().simd;
+        with_simd!(simd, weight_row(k: &[f32], dst: &mut [f32], c: usize));
     }
 
     fn input_tiles(rows: &mut Rows, pp: &[f32], v: &mut [f32], (t_all, t0): (usize, usize)) {

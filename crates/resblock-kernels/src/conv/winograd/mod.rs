@@ -54,8 +54,14 @@ pub(crate) trait Algo {
     /// The row buffers for tile rows of `tiles`.
     fn rows(tiles: Tiles) -> Self::Rows;
 
-    /// `G g G^T` of one 3x3 kernel `g` (9 values, row-major) into `u[..POS]`.
-    fn weight_tile(g: &[f32], u: &mut [f32]);
+    /// `G g G^T` of one 3x3 kernel `g` (row-major) into `u[..POS]`. Inlined into
+    /// [`Algo::weight_row`]'s SIMD loops, so no closures (they would be compiled without
+    /// the level's features).
+    fn weight_tile(g: &[f32; 9], u: &mut [f32; 36]);
+
+    /// One output channel's weights `k` `(c, 3, 3)` transformed into `dst[ξ * c + ci]`,
+    /// compiled for the widest SIMD level (a `with_simd!` of [`weight_lanes`]).
+    fn weight_row(k: &[f32], dst: &mut [f32], c: usize);
 
     /// The transformed input tiles of one plane, read from its padded copy `pp` (see
     /// [`Tiles::pad`]): position `ξ` of the plane's tile `t` into `v[ξ * t_all + t0 + t]`,
@@ -136,21 +142,44 @@ fn uses_f4(d: &Dims) -> bool {
 pub(crate) fn transform_weights<A: Algo>(w: &[f32], cout: usize, c: usize) -> Vec<f32> {
     assert_eq!(w.len(), cout * c * 9, "winograd: weight size");
     let mut u = vec![0f32; cout * A::POS * c];
-    let one = |(co, dst): (usize, &mut [f32])| {
-        let mut tile = [0f32; 36];
-        for ci in 0..c {
-            A::weight_tile(&w[(co * c + ci) * 9..][..9], &mut tile);
-            for (xi, v) in tile[..A::POS].iter().enumerate() {
-                dst[xi * c + ci] = *v;
-            }
-        }
-    };
+    let one = |(co, dst): (usize, &mut [f32])| A::weight_row(&w[co * c * 9..][..c * 9], dst, c);
     if u.len() >= crate::sgemm::PARALLEL_PACK && rayon::current_num_threads() > 1 {
         u.par_chunks_mut(A::POS * c).enumerate().for_each(one);
     } else {
         u.chunks_mut(A::POS * c).enumerate().for_each(one);
     }
     u
+}
+
+/// Input channels per step of [`weight_lanes`].
+const WEIGHT_LANES: usize = 16;
+
+/// [`Algo::weight_row`]'s loop: [`WEIGHT_LANES`] input channels at a time through local
+/// arrays, so each position's values are stored contiguously (one kernel at a time
+/// scattered 16 or 36 values `c` apart).
+#[inline(always)]
+pub(crate) fn weight_lanes<A: Algo>(k: &[f32], dst: &mut [f32], c: usize) {
+    const L: usize = WEIGHT_LANES;
+    let mut ci = 0;
+    while ci < c {
+        let n = L.min(c - ci);
+        let mut g = [[0f32; 9]; L];
+        for (l, g) in g.iter_mut().enumerate().take(n) {
+            *g = k[(ci + l) * 9..][..9].try_into().expect("9 values");
+        }
+        let mut u = [[0f32; L]; 36];
+        for (l, g) in g.iter().enumerate() {
+            let mut tile = [0f32; 36];
+            A::weight_tile(g, &mut tile);
+            for xi in 0..A::POS {
+                u[xi][l] = tile[xi];
+            }
+        }
+        for (xi, u) in u.iter().enumerate().take(A::POS) {
+            dst[xi * c + ci..][..n].copy_from_slice(&u[..n]);
+        }
+        ci += L;
+    }
 }
 
 /// Runs `f(i, chunk)` on every `len`-long chunk of `data`, on all threads when `parallel`.

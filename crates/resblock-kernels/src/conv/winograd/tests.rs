@@ -138,6 +138,7 @@ fn weight_tiles_are_g_g_gt() {
             }
         }
     }
+    let k: [f32; 9] = k.try_into().expect("9 values");
     let mut u = [0f32; 36];
     F2::weight_tile(&k, &mut u);
     check("F2", &g2, &k, &u[..16]);
@@ -255,5 +256,37 @@ fn f4_transforms_agree_on_every_level() {
     let portable = run(Simd::Portable);
     for simd in [Simd::Avx2, Simd::Avx512] {
         assert!(run(simd) == portable, "{simd:?}");
+    }
+}
+
+/// The weight rows (16 input channels at a time, and a remainder) on each SIMD level are
+/// the single-kernel transforms, bit for bit.
+#[test]
+fn weight_rows_match_single_tiles_on_every_level() {
+    use crate::dispatch::Simd;
+    use crate::simd::with_simd;
+    use f2::weight_row as f2_row;
+    use f4::weight_row as f4_row;
+    let c = 21;
+    let k = values(c * 9, 11);
+    let single = |tile: fn(&[f32; 9], &mut [f32; 36]), pos: usize| {
+        let mut want = vec![0f32; pos * c];
+        for ci in 0..c {
+            let mut u = [0f32; 36];
+            tile(k[ci * 9..][..9].try_into().expect("9 values"), &mut u);
+            for xi in 0..pos {
+                want[xi * c + ci] = u[xi];
+            }
+        }
+        want
+    };
+    let (want2, want4) = (single(F2::weight_tile, 16), single(F4::weight_tile, 36));
+    for simd in [Simd::Portable, Simd::Avx2, Simd::Avx512] {
+        let (mut got2, mut got4) = (vec![0f32; 16 * c], vec![0f32; 36 * c]);
+        let (k, d2, d4) = (k.as_slice(), got2.as_mut_slice(), got4.as_mut_slice());
+        with_simd!(simd, f2_row(k: &[f32], d2: &mut [f32], c: usize));
+        with_simd!(simd, f4_row(k: &[f32], d4: &mut [f32], c: usize));
+        assert!(got2 == want2, "F2 {simd:?}");
+        assert!(got4 == want4, "F4 {simd:?}");
     }
 }
