@@ -11,6 +11,7 @@
 
 use candle_core::Tensor;
 
+pub(crate) mod batched;
 pub(crate) mod direct;
 pub(crate) mod epilogue;
 pub(crate) mod gemm;

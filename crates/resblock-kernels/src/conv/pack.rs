@@ -36,21 +36,29 @@ pub(crate) fn im2col<T: WithDType>(
     if parallel {
         cols.par_chunks_mut(rows)
             .zip(img.par_chunks(plane))
-            .for_each(|(r, p)| im2col_channel(p, d, g, r));
+            .for_each(|(r, p)| im2col_channel(p, d, g, r, d.p()));
     } else {
         cols.chunks_mut(rows)
             .zip(img.chunks(plane))
-            .for_each(|(r, p)| im2col_channel(p, d, g, r));
+            .for_each(|(r, p)| im2col_channel(p, d, g, r, d.p()));
     }
 }
 
-/// The `kh * kw` rows of `cols` that one input channel's `plane` gives.
-pub(crate) fn im2col_channel<T: WithDType>(plane: &[T], d: &Dims, g: &ConvGeom, rows: &mut [T]) {
+/// The `kh * kw` rows of `cols` that one input channel's `plane` gives, `row_stride`
+/// apart in `rows` (`d.p()` for one image's `cols`; more where several images' columns
+/// lie side by side, see `conv/batched.rs`).
+pub(crate) fn im2col_channel<T: WithDType>(
+    plane: &[T],
+    d: &Dims,
+    g: &ConvGeom,
+    rows: &mut [T],
+    row_stride: usize,
+) {
     let (p, s) = (d.p(), g.stride);
     let mut r = 0;
     for ky in 0..d.kh {
         for kx in 0..d.kw {
-            let row = &mut rows[r * p..(r + 1) * p];
+            let row = &mut rows[r * row_stride..r * row_stride + p];
             r += 1;
             let off_x = (kx * g.dilation) as isize - g.padding as isize;
             let (lo, hi) = valid_range(d.ow, d.w, s, off_x);

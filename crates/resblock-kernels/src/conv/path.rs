@@ -78,7 +78,8 @@ pub(crate) fn direct_backward_plans(
 }
 
 /// The f32 forward: Winograd for wide 3x3 "same" convolutions, direct where it applies,
-/// per-image GEMMs otherwise.
+/// one GEMM over several images for small outputs (`batched.rs`), per-image GEMMs
+/// otherwise.
 pub(crate) fn forward_f32(
     x: &[f32],
     w: &[f32],
@@ -91,6 +92,7 @@ pub(crate) fn forward_f32(
     }
     match direct_plan(d, g) {
         Some(plan) => forward_direct(&plan, x, w, ep, d),
+        None if super::batched::applies(d, g) => super::batched::forward(x, w, ep, d, g),
         None => forward(x, w, ep, d, g),
     }
 }
