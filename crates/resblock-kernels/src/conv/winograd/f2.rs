@@ -2,9 +2,10 @@
 //!
 //! `B^T` = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]],
 //! `G` = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]],
-//! `A^T` = [[1, 1, 1, 0], [0, 1, -1, -1]]. The padded rows (see [`Tiles::pad`]) are split
-//! into their even and odd columns.
+//! `A^T` = [[1, 1, 1, 0], [0, 1, -1, -1]]. The forward's transforms are [`plane`]'s with
+//! these, compiled for the widest SIMD level the CPU has ([`with_simd!`]).
 
+use super::plane::{self, Lines};
 use super::{Algo, Tiles};
 use crate::simd::with_simd;
 
@@ -12,6 +13,25 @@ use crate::simd::with_simd;
 #[inline(always)]
 pub(super) fn weight_row(k: &[f32], dst: &mut [f32], c: usize) {
     super::weight_lanes::<F2>(k, dst, c);
+}
+
+/// The input transform of one padded plane ([`plane::input_plane`]).
+#[inline(always)]
+pub(super) fn input_plane(
+    pp: &[f32],
+    buf: &mut [f32],
+    offsets: &[u32],
+    tiles: (usize, usize),
+    v: &mut [f32],
+    t_all: usize,
+) {
+    plane::input_plane::<F2, 4, 2>(pp, buf, offsets, tiles, v, t_all);
+}
+
+/// The output transform of `tp` tiles ([`plane::output_plane`]).
+#[inline(always)]
+pub(super) fn output_row(m: &[f32], stride: usize, buf: &mut [f32], tp: usize) {
+    plane::output_plane::<F2, 4, 2>(m, stride, buf, tp);
 }
 
 /// F(2x2, 3x3); also the algorithm whose dual the weight gradient runs
@@ -54,10 +74,11 @@ impl Algo for F2 {
     }
 
     fn input_tiles(rows: &mut Rows, pp: &[f32], v: &mut [f32], (t_all, t0): (usize, usize)) {
-        let tw = rows.tiles.tw;
-        for ty in 0..rows.tiles.th {
-            rows.input_tiles(pp, ty, v, t_all, t0 + ty * tw);
-        }
+        let Tiles { th, tw, .. } = rows.tiles;
+        let simd = crate::dispatch::current().simd;
+        let (buf, offsets) = (rows.buf.as_mut_slice(), rows.offsets.as_slice());
+        let (tiles, v) = ((th, tw), &mut v[t0..]);
+        with_simd!(simd, input_plane(pp: &[f32], buf: &mut [f32], offsets: &[u32], tiles: (usize, usize), v: &mut [f32], t_all: usize));
     }
 
     fn output_tiles(
@@ -67,74 +88,51 @@ impl Algo for F2 {
         out: &mut [f32],
         hw: (usize, usize),
     ) {
-        let tw = rows.tiles.tw;
-        for ty in 0..rows.tiles.th {
-            rows.output_tiles(m, (co, cout, t_all, t0 + ty * tw), out, hw, ty);
-        }
+        let Tiles { th, tw, .. } = rows.tiles;
+        let tp = th * tw;
+        let m = &m[co * t_all + t0..];
+        let stride = cout * t_all;
+        let buf = &mut rows.buf[..4 * tp];
+        let simd = crate::dispatch::current().simd;
+        with_simd!(simd, output_row(m: &[f32], stride: usize, buf: &mut [f32], tp: usize));
+        plane::scatter_rows::<2>(buf, (th, tw), out, hw);
     }
 }
 
-/// The (even, odd) column pairs of a row.
-fn pairs(r: &[f32]) -> impl Iterator<Item = (f32, f32)> + '_ {
-    r.chunks_exact(2).map(|p| (p[0], p[1]))
+impl Lines<4, 2> for F2 {
+    #[inline(always)]
+    fn bt(a: [f32; 4]) -> [f32; 4] {
+        [a[0] - a[2], a[1] + a[2], a[2] - a[1], a[1] - a[3]]
+    }
+
+    #[inline(always)]
+    fn at(a: [f32; 4]) -> [f32; 2] {
+        [a[0] + a[1] + a[2], a[1] - a[2] - a[3]]
+    }
 }
 
-/// Row buffers of the transforms: one row of tiles at a time.
+/// The transforms' buffers: [`plane`]'s, and the weight gradient's rows.
 pub(crate) struct Rows {
     tiles: Tiles,
-    /// The even columns of the four combined rows of the input transform (in the output
-    /// transform, the output rows' even and odd columns).
-    r: [Vec<f32>; 4],
+    buf: Vec<f32>,
+    /// Where each tile starts in a row of the input transform ([`plane::tile_offsets`]).
+    offsets: Vec<u32>,
+    /// The even columns of two output-gradient rows ([`Rows::grad_tiles`]).
+    r: [Vec<f32>; 2],
     /// Their odd columns.
-    s: [Vec<f32>; 4],
+    s: [Vec<f32>; 2],
 }
 
 impl Rows {
     fn new(tiles: Tiles) -> Rows {
-        let len = tiles.tw + 1;
+        let (th, tw) = (tiles.th, tiles.tw);
+        let input = plane::input_buffer_len(4, 2, th, tw);
         Rows {
             tiles,
-            r: std::array::from_fn(|_| vec![0f32; len]),
-            s: std::array::from_fn(|_| vec![0f32; len]),
-        }
-    }
-
-    /// [`Algo::input_tiles`] for tile row `ty`, its first tile at `t0`.
-    fn input_tiles(&mut self, pp: &[f32], ty: usize, v: &mut [f32], t_all: usize, t0: usize) {
-        let tw = self.tiles.tw;
-        let pw = self.tiles.padded_width();
-        let row = |r: usize| &pp[(2 * ty + r) * pw..][..pw];
-        let (r0, r1, r2, r3) = (row(0), row(1), row(2), row(3));
-        // B^T d: the rows r0 - r2, r1 + r2, r2 - r1, r1 - r3, split into their even and
-        // odd columns (e_i, o_i); then d B along each from those.
-        let [e0, e1, e2, e3] = &mut self.r;
-        let [o0, o1, o2, o3] = &mut self.s;
-        let it = pairs(r0).zip(pairs(r1)).zip(pairs(r2)).zip(pairs(r3));
-        for (k, (((a, b), c), d)) in it.enumerate() {
-            e0[k] = a.0 - c.0;
-            o0[k] = a.1 - c.1;
-            e1[k] = b.0 + c.0;
-            o1[k] = b.1 + c.1;
-            e2[k] = c.0 - b.0;
-            o2[k] = c.1 - b.1;
-            e3[k] = b.0 - d.0;
-            o3[k] = b.1 - d.1;
-        }
-        for (i, (e, o)) in [(&*e0, &*o0), (&*e1, &*o1), (&*e2, &*o2), (&*e3, &*o3)]
-            .into_iter()
-            .enumerate()
-        {
-            let (e, o) = (&e[..=tw], &o[..=tw]);
-            let at = |j: usize| (i * 4 + j) * t_all + t0;
-            let (d0, rest) = v[at(0)..at(3) + tw].split_at_mut(t_all);
-            let (d1, rest) = rest.split_at_mut(t_all);
-            let (d2, d3) = rest.split_at_mut(t_all);
-            for tx in 0..tw {
-                d0[tx] = e[tx] - e[tx + 1];
-                d1[tx] = o[tx] + e[tx + 1];
-                d2[tx] = e[tx + 1] - o[tx];
-                d3[tx] = o[tx] - o[tx + 1];
-            }
+            offsets: plane::tile_offsets(2, th, tw),
+            buf: vec![0f32; input.max(4 * th * tw)],
+            r: std::array::from_fn(|_| vec![0f32; tw]),
+            s: std::array::from_fn(|_| vec![0f32; tw]),
         }
     }
 
@@ -151,8 +149,8 @@ impl Rows {
     ) {
         let tw = self.tiles.tw;
         // The even and odd columns of rows 2 ty and 2 ty + 1.
-        let [e0, e1, ..] = &mut self.r;
-        let [o0, o1, ..] = &mut self.s;
+        let [e0, e1] = &mut self.r;
+        let [o0, o1] = &mut self.s;
         for (r, (e, o)) in [(&mut *e0, &mut *o0), (&mut *e1, &mut *o1)]
             .into_iter()
             .enumerate()
@@ -188,61 +186,6 @@ impl Rows {
                 d1[tx] = e + o;
                 d2[tx] = e - o;
                 d3[tx] = -o;
-            }
-        }
-    }
-
-    /// Tile row `ty` of output channel `co` from the GEMMs' output `m[ξ][co][t]` (`cout`
-    /// rows of `t_all` per position), tiles `t0..t0 + tw`, into `out` `(h, w)`.
-    fn output_tiles(
-        &mut self,
-        m: &[f32],
-        (co, cout, t_all, t0): (usize, usize, usize, usize),
-        out: &mut [f32],
-        (h, w): (usize, usize),
-        ty: usize,
-    ) {
-        let tw = self.tiles.tw;
-        let mrow = |xi: usize| &m[(xi * cout + co) * t_all + t0..][..tw];
-        // A^T M: for each column j, s0 = m0j + m1j + m2j and s1 = m1j - m2j - m3j (`mij`
-        // at position 4 i + j); then (A^T M) A along each: the two output rows' even
-        // (y0e, y1e) and odd (y0o, y1o) columns.
-        let [y0e, y0o, y1e, y1o] = &mut self.r;
-        let (m0, m1, m2, m3) = (mrow(0), mrow(1), mrow(2), mrow(3));
-        let (m4, m5, m6, m7) = (mrow(4), mrow(5), mrow(6), mrow(7));
-        let (m8, m9, m10, m11) = (mrow(8), mrow(9), mrow(10), mrow(11));
-        let (m12, m13, m14, m15) = (mrow(12), mrow(13), mrow(14), mrow(15));
-        for tx in 0..tw {
-            let s0 = [
-                m0[tx] + m4[tx] + m8[tx],
-                m1[tx] + m5[tx] + m9[tx],
-                m2[tx] + m6[tx] + m10[tx],
-                m3[tx] + m7[tx] + m11[tx],
-            ];
-            let s1 = [
-                m4[tx] - m8[tx] - m12[tx],
-                m5[tx] - m9[tx] - m13[tx],
-                m6[tx] - m10[tx] - m14[tx],
-                m7[tx] - m11[tx] - m15[tx],
-            ];
-            y0e[tx] = s0[0] + s0[1] + s0[2];
-            y0o[tx] = s0[1] - s0[2] - s0[3];
-            y1e[tx] = s1[0] + s1[1] + s1[2];
-            y1o[tx] = s1[1] - s1[2] - s1[3];
-        }
-        for (r, (ye, yo)) in [(0, (&*y0e, &*y0o)), (1, (&*y1e, &*y1o))] {
-            let oy = 2 * ty + r;
-            if oy >= h {
-                break;
-            }
-            let row = &mut out[oy * w..(oy + 1) * w];
-            let mut pairs = row.chunks_exact_mut(2);
-            for ((p, e), o) in (&mut pairs).zip(&ye[..tw]).zip(&yo[..tw]) {
-                p[0] = *e;
-                p[1] = *o;
-            }
-            if let [last] = pairs.into_remainder() {
-                *last = ye[tw - 1];
             }
         }
     }

@@ -35,6 +35,7 @@ use crate::matmul::gemm_into;
 
 mod f2;
 mod f4;
+mod plane;
 #[cfg(test)]
 mod tests;
 

@@ -233,29 +233,41 @@ fn serial_and_epilogue_agree() {
     check::<F4>();
 }
 
-/// F(4x4)'s transforms compiled for each SIMD level give the portable build's values,
-/// bit for bit (no level contracts a multiply and an add).
+/// Both algorithms' plane transforms compiled for each SIMD level give the portable
+/// build's values, bit for bit (no level contracts a multiply and an add).
 #[test]
-fn f4_transforms_agree_on_every_level() {
+fn plane_transforms_agree_on_every_level() {
     use crate::dispatch::Simd;
     use crate::simd::with_simd;
-    use f4::{input_plane, output_row};
+    use f2::{input_plane as f2_in, output_row as f2_out};
+    use f4::{input_plane as f4_in, output_row as f4_out};
+    // 3 x 5 tiles (a partial step of 16 and, for F(2x2)'s 40 padded columns, a whole one).
     let (th, tw, t_all) = (3, 5, 17);
-    let pp = values((4 * th + 2) * 4 * (tw + 1) + 2, 8);
-    let m = values(36 * t_all, 9);
-    let run = |simd: Simd| {
-        let mut buf = vec![0f32; 6 * (th * 4 * (tw + 1) + 2) + 36 * th * (tw + 1)];
-        let (pp, b) = (pp.as_slice(), buf.as_mut_slice());
-        with_simd!(simd, input_plane(pp: &[f32], b: &mut [f32], th: usize, tw: usize));
-        let tp = th * tw;
-        let mut y = vec![0f32; 16 * tp];
-        let (ms, ys) = (m.as_slice(), y.as_mut_slice());
-        with_simd!(simd, output_row(ms: &[f32], t_all: usize, ys: &mut [f32], tp: usize));
-        (buf, y)
-    };
-    let portable = run(Simd::Portable);
-    for simd in [Simd::Avx2, Simd::Avx512] {
-        assert!(run(simd) == portable, "{simd:?}");
+    for (n, m) in [(4, 2), (6, 4)] {
+        let pp = values((m * th + 2) * m * (tw + 1) + 2, 8);
+        let mt = values(n * n * t_all, 9);
+        let offsets = plane::tile_offsets(m, th, tw);
+        let run = |simd: Simd| {
+            let mut buf = vec![0f32; plane::input_buffer_len(n, m, th, tw)];
+            let mut v = vec![0f32; n * n * t_all];
+            let (pp, b, vs) = (pp.as_slice(), buf.as_mut_slice(), v.as_mut_slice());
+            let (o, tiles) = (offsets.as_slice(), (th, tw));
+            let tp = th * tw;
+            let mut y = vec![0f32; m * m * tp];
+            let (ms, ys) = (mt.as_slice(), y.as_mut_slice());
+            if m == 2 {
+                with_simd!(simd, f2_in(pp: &[f32], b: &mut [f32], o: &[u32], tiles: (usize, usize), vs: &mut [f32], t_all: usize));
+                with_simd!(simd, f2_out(ms: &[f32], t_all: usize, ys: &mut [f32], tp: usize));
+            } else {
+                with_simd!(simd, f4_in(pp: &[f32], b: &mut [f32], o: &[u32], tiles: (usize, usize), vs: &mut [f32], t_all: usize));
+                with_simd!(simd, f4_out(ms: &[f32], t_all: usize, ys: &mut [f32], tp: usize));
+            }
+            (buf, v, y)
+        };
+        let portable = run(Simd::Portable);
+        for simd in [Simd::Avx2, Simd::Avx512] {
+            assert!(run(simd) == portable, "F({m}x{m}) {simd:?}");
+        }
     }
 }
 

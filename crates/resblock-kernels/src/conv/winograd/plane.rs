@@ -1,0 +1,199 @@
+//! The input and output transforms of one plane, for any F(m x m, 3x3) given its 1-D
+//! transforms ([`Lines`]): `n = m + 2` input values per tile side.
+//!
+//! Every loop runs [`LANES`] tiles (or columns) at a time through local arrays: loaded
+//! with fixed-size copies, combined lane by lane, stored with fixed-size copies. The
+//! compiler vectorises those where it does not vectorise a plain loop with a dozen input
+//! and output slices (too many pairs to check for overlap), and a plane's tiles go through
+//! in one loop however short its rows (a 7x7 output has rows of 2 or 4 tiles). The callers
+//! compile these for the widest SIMD level (`with_simd!`), so nothing here is a closure
+//! (a closure would be compiled without the level's features).
+
+/// Tiles or columns per step: one AVX-512 vector.
+pub(super) const LANES: usize = 16;
+const L: usize = LANES;
+
+/// The 1-D transforms of F(m, 3): `B^T a` of `N = m + 2` values, `A^T a` to `M = m`.
+pub(crate) trait Lines<const N: usize, const M: usize> {
+    fn bt(a: [f32; N]) -> [f32; N];
+    fn at(a: [f32; N]) -> [f32; M];
+}
+
+/// `count` values from `src` into `dst`: a fixed-size copy for a whole step.
+#[inline(always)]
+fn load(dst: &mut [f32; L], src: &[f32], count: usize) {
+    if count == L {
+        *dst = src[..L].try_into().expect("LANES values");
+    } else {
+        dst[..count].copy_from_slice(&src[..count]);
+    }
+}
+
+/// `count` values of `src` into `dst`.
+#[inline(always)]
+fn store(dst: &mut [f32], src: &[f32; L], count: usize) {
+    if count == L {
+        dst[..L].copy_from_slice(src);
+    } else {
+        dst[..count].copy_from_slice(&src[..count]);
+    }
+}
+
+/// `B^T` of each lane's `N` values `a[.][lane]`.
+#[inline(always)]
+fn bt_lanes<T: Lines<N, M>, const N: usize, const M: usize>(a: &[[f32; L]; N]) -> [[f32; L]; N] {
+    let mut b = [[0f32; L]; N];
+    for l in 0..L {
+        let mut col = [0f32; N];
+        for (k, v) in col.iter_mut().enumerate() {
+            *v = a[k][l];
+        }
+        let t = T::bt(col);
+        for (i, v) in t.into_iter().enumerate() {
+            b[i][l] = v;
+        }
+    }
+    b
+}
+
+/// The length of [`input_plane`]'s buffer for tiles `th x tw`: `N` combined rows of
+/// `th (tw + 1) m + 2` values.
+pub(super) fn input_buffer_len(n: usize, m: usize, th: usize, tw: usize) -> usize {
+    n * (th * (tw + 1) * m + 2)
+}
+
+/// Where each of a plane's `th x tw` tiles starts in a row of [`input_plane`]'s combined
+/// rows: tile `(ty, tx)` at `m (ty (tw + 1) + tx)`.
+pub(super) fn tile_offsets(m: usize, th: usize, tw: usize) -> Vec<u32> {
+    (0..th)
+        .flat_map(|ty| (0..tw).map(move |tx| (m * (ty * (tw + 1) + tx)) as u32))
+        .collect()
+}
+
+/// The input transform of one padded plane `pp` (`m th + 2` rows of `pw = m (tw + 1)`, then
+/// 2 more values; see `Tiles::pad`): `B^T d` of each tile row's `N` rows into `buf` (row
+/// `i` of tile row `ty` at `i (th pw + 2) + ty pw`), then `B^T d B` of every tile into `v`,
+/// position `ξ` of the plane's tile `t` at `v[ξ * t_all + t]`. Tile `t` starts at
+/// `offsets[t]` ([`tile_offsets`]) in each combined row, so the horizontal half is one loop
+/// over the plane's tiles however short its rows.
+#[inline(always)]
+pub(super) fn input_plane<T: Lines<N, M>, const N: usize, const M: usize>(
+    pp: &[f32],
+    buf: &mut [f32],
+    offsets: &[u32],
+    (th, tw): (usize, usize),
+    v: &mut [f32],
+    t_all: usize,
+) {
+    let pw = M * (tw + 1);
+    let len = th * pw + 2;
+    let vert = &mut buf[..N * len];
+    for ty in 0..th {
+        let mut c = 0;
+        while c < pw {
+            let count = L.min(pw - c);
+            let mut a = [[0f32; L]; N];
+            for (k, a) in a.iter_mut().enumerate() {
+                load(a, &pp[(M * ty + k) * pw + c..], count);
+            }
+            let b = bt_lanes::<T, N, M>(&a);
+            for (i, b) in b.iter().enumerate() {
+                store(&mut vert[i * len + ty * pw + c..], b, count);
+            }
+            c += L;
+        }
+    }
+    let tp = th * tw;
+    let offsets = &offsets[..tp];
+    for i in 0..N {
+        let row = &vert[i * len..(i + 1) * len];
+        let mut t = 0;
+        while t < tp {
+            let count = L.min(tp - t);
+            let mut a = [[0f32; L]; N];
+            for (l, &o) in offsets[t..t + count].iter().enumerate() {
+                let q = &row[o as usize..o as usize + N];
+                for (k, a) in a.iter_mut().enumerate() {
+                    a[l] = q[k];
+                }
+            }
+            let b = bt_lanes::<T, N, M>(&a);
+            for (k, b) in b.iter().enumerate() {
+                store(&mut v[(i * N + k) * t_all + t..], b, count);
+            }
+            t += L;
+        }
+    }
+}
+
+/// The output transform of `tp` tiles: `A^T M A` of each, from `mt` (position `ξ` of tile
+/// `t` at `mt[ξ * stride + t]`), output row `i` and column `q` of each tile into
+/// `buf[(M i + q) * tp + t]`.
+#[inline(always)]
+pub(super) fn output_plane<T: Lines<N, M>, const N: usize, const M: usize>(
+    mt: &[f32],
+    stride: usize,
+    buf: &mut [f32],
+    tp: usize,
+) {
+    let mut t = 0;
+    while t < tp {
+        let count = L.min(tp - t);
+        let mut x = [[0f32; L]; 36];
+        for (xi, x) in x.iter_mut().enumerate().take(N * N) {
+            load(x, &mt[xi * stride + t..], count);
+        }
+        let mut y = [[0f32; L]; 16];
+        for l in 0..L {
+            // A^T M: column j of the M x N product from column j of M.
+            let mut s = [[0f32; M]; N];
+            for (j, s) in s.iter_mut().enumerate() {
+                let mut col = [0f32; N];
+                for (k, v) in col.iter_mut().enumerate() {
+                    *v = x[k * N + j][l];
+                }
+                *s = T::at(col);
+            }
+            // (A^T M) A: row i from row i of A^T M.
+            for i in 0..M {
+                let mut row = [0f32; N];
+                for (j, v) in row.iter_mut().enumerate() {
+                    *v = s[j][i];
+                }
+                for (q, v) in T::at(row).into_iter().enumerate() {
+                    y[i * M + q][l] = v;
+                }
+            }
+        }
+        for (r, y) in y.iter().enumerate().take(M * M) {
+            store(&mut buf[r * tp + t..], y, count);
+        }
+        t += L;
+    }
+}
+
+/// [`output_plane`]'s values into the output plane `out` `(h, w)`, cut at its edges.
+pub(super) fn scatter_rows<const M: usize>(
+    buf: &[f32],
+    (th, tw): (usize, usize),
+    out: &mut [f32],
+    (h, w): (usize, usize),
+) {
+    let tp = th * tw;
+    for (oy, row) in out.chunks_exact_mut(w).take(h).enumerate() {
+        let (ty, i) = (oy / M, oy % M);
+        let mut ys: [&[f32]; M] = [&[]; M];
+        for (q, y) in ys.iter_mut().enumerate() {
+            *y = &buf[(i * M + q) * tp + ty * tw..][..tw];
+        }
+        let mut tiles = row.chunks_exact_mut(M);
+        for (tx, o) in (&mut tiles).enumerate() {
+            for (q, o) in o.iter_mut().enumerate() {
+                *o = ys[q][tx];
+            }
+        }
+        for (q, o) in tiles.into_remainder().iter_mut().enumerate() {
+            *o = ys[q][w / M];
+        }
+    }
+}
