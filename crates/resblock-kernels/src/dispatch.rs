@@ -42,7 +42,8 @@ pub struct Dispatch {
     /// Our packed AVX-512 f32 GEMM (`sgemm/`) for the convolutions' GEMM path where AVX-512
     /// runs; the `gemm` crate otherwise (and always for f64).
     pub own_gemm: bool,
-    /// Winograd F(2x2, 3x3) for wide f32 3x3 stride-1 convolutions (`conv/winograd.rs`).
+    /// Winograd F(2x2, 3x3) and F(4x4, 3x3) for wide f32 3x3 stride-1 convolutions
+    /// (`conv/winograd/`).
     pub winograd: bool,
 }
 

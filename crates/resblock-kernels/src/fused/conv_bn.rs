@@ -19,7 +19,7 @@
 //!   written straight into the padded buffer the input-gradient kernel reads, and the weight
 //!   gradient reads the same buffer (for a "same" convolution the padded `dY` is the
 //!   flattened `dY` shifted by the border, see `Plan::weight_grad_padded`).
-//! - Winograd (`conv/winograd.rs`, where it applies: 64 channels and more): the forward
+//! - Winograd (`conv/winograd/`, where it applies: 64 channels and more): the forward
 //!   convolves the batch there and takes each plane's moments after; the backward writes
 //!   the norm's input gradient once and runs Winograd's two gradients on it.
 //! - stride 2: the same forward on the polyphase plan; the backward writes each image's
