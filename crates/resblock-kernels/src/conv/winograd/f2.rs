@@ -5,14 +5,14 @@
 //! `A^T` = [[1, 1, 1, 0], [0, 1, -1, -1]]. The forward's transforms are [`plane`]'s with
 //! these, compiled for the widest SIMD level the CPU has ([`with_simd!`]).
 
-use super::plane::{self, Lines};
+use super::plane::{self, Buffers, Lines};
 use super::{Algo, Tiles};
 use crate::simd::with_simd;
 
 /// [`Algo::weight_row`]'s body.
 #[inline(always)]
 pub(super) fn weight_row(k: &[f32], dst: &mut [f32], c: usize) {
-    super::weight_lanes::<F2>(k, dst, c);
+    super::weight_lanes::<F2, 16>(k, dst, c);
 }
 
 /// The input transform of one padded plane ([`plane::input_plane`]).
@@ -31,7 +31,7 @@ pub(super) fn input_plane(
 /// The output transform of `tp` tiles ([`plane::output_plane`]).
 #[inline(always)]
 pub(super) fn output_row(m: &[f32], stride: usize, buf: &mut [f32], tp: usize) {
-    plane::output_plane::<F2, 4, 2>(m, stride, buf, tp);
+    plane::output_plane::<F2, 4, 2, 16, 4>(m, stride, buf, tp);
 }
 
 /// F(2x2, 3x3); also the algorithm whose dual the weight gradient runs
@@ -76,7 +76,8 @@ impl Algo for F2 {
     fn input_tiles(rows: &mut Rows, pp: &[f32], v: &mut [f32], (t_all, t0): (usize, usize)) {
         let Tiles { th, tw, .. } = rows.tiles;
         let simd = crate::dispatch::current().simd;
-        let (buf, offsets) = (rows.buf.as_mut_slice(), rows.offsets.as_slice());
+        rows.plane.for_input(4);
+        let (buf, offsets) = (rows.plane.buf.as_mut_slice(), rows.plane.offsets.as_slice());
         let (tiles, v) = ((th, tw), &mut v[t0..]);
         with_simd!(simd, input_plane(pp: &[f32], buf: &mut [f32], offsets: &[u32], tiles: (usize, usize), v: &mut [f32], t_all: usize));
     }
@@ -92,7 +93,8 @@ impl Algo for F2 {
         let tp = th * tw;
         let m = &m[co * t_all + t0..];
         let stride = cout * t_all;
-        let buf = &mut rows.buf[..4 * tp];
+        rows.plane.grow(4 * tp);
+        let buf = &mut rows.plane.buf[..4 * tp];
         let simd = crate::dispatch::current().simd;
         with_simd!(simd, output_row(m: &[f32], stride: usize, buf: &mut [f32], tp: usize));
         plane::scatter_rows::<2>(buf, (th, tw), out, hw);
@@ -114,9 +116,7 @@ impl Lines<4, 2> for F2 {
 /// The transforms' buffers: [`plane`]'s, and the weight gradient's rows.
 pub(crate) struct Rows {
     tiles: Tiles,
-    buf: Vec<f32>,
-    /// Where each tile starts in a row of the input transform ([`plane::tile_offsets`]).
-    offsets: Vec<u32>,
+    plane: Buffers,
     /// The even columns of two output-gradient rows ([`Rows::grad_tiles`]).
     r: [Vec<f32>; 2],
     /// Their odd columns.
@@ -125,12 +125,10 @@ pub(crate) struct Rows {
 
 impl Rows {
     fn new(tiles: Tiles) -> Rows {
-        let (th, tw) = (tiles.th, tiles.tw);
-        let input = plane::input_buffer_len(4, 2, th, tw);
+        let tw = tiles.tw;
         Rows {
             tiles,
-            offsets: plane::tile_offsets(2, th, tw),
-            buf: vec![0f32; input.max(4 * th * tw)],
+            plane: Buffers::new(tiles),
             r: std::array::from_fn(|_| vec![0f32; tw]),
             s: std::array::from_fn(|_| vec![0f32; tw]),
         }

@@ -12,20 +12,12 @@
 //! The transforms are [`plane`]'s with this algorithm's `B^T` and `A^T`, compiled for the
 //! widest SIMD level the CPU has ([`with_simd!`]).
 
-use super::plane::{self, Lines};
+use super::plane::{self, Buffers, Lines};
 use super::{Algo, Tiles};
 use crate::simd::with_simd;
 
 /// F(4x4, 3x3), the algorithm of [`super::forward`] and of the input gradient.
 pub(crate) struct F4;
-
-/// The transforms' buffer (see [`plane::input_plane`] and [`plane::output_plane`]).
-pub(crate) struct Rows {
-    tiles: Tiles,
-    buf: Vec<f32>,
-    /// Where each tile starts in a row of the input transform ([`plane::tile_offsets`]).
-    offsets: Vec<u32>,
-}
 
 /// `G a`.
 #[inline(always)]
@@ -45,22 +37,16 @@ fn g(a: [f32; 3]) -> [f32; 6] {
 /// [`Algo::weight_row`]'s body.
 #[inline(always)]
 pub(super) fn weight_row(k: &[f32], dst: &mut [f32], c: usize) {
-    super::weight_lanes::<F4>(k, dst, c);
+    super::weight_lanes::<F4, 36>(k, dst, c);
 }
 
 impl Algo for F4 {
     const M: usize = 4;
     const POS: usize = 36;
-    type Rows = Rows;
+    type Rows = Buffers;
 
-    fn rows(tiles: Tiles) -> Rows {
-        let (th, tw) = (tiles.th, tiles.tw);
-        let input = plane::input_buffer_len(6, 4, th, tw);
-        Rows {
-            tiles,
-            offsets: plane::tile_offsets(4, th, tw),
-            buf: vec![0f32; input.max(16 * th * tw)],
-        }
+    fn rows(tiles: Tiles) -> Buffers {
+        Buffers::new(tiles)
     }
 
     #[inline(always)]
@@ -81,16 +67,17 @@ impl Algo for F4 {
         with_simd!(simd, weight_row(k: &[f32], dst: &mut [f32], c: usize));
     }
 
-    fn input_tiles(rows: &mut Rows, pp: &[f32], v: &mut [f32], (t_all, t0): (usize, usize)) {
+    fn input_tiles(rows: &mut Buffers, pp: &[f32], v: &mut [f32], (t_all, t0): (usize, usize)) {
         let Tiles { th, tw, .. } = rows.tiles;
         let simd = crate::dispatch::current().simd;
+        rows.for_input(6);
         let (buf, offsets) = (rows.buf.as_mut_slice(), rows.offsets.as_slice());
         let (tiles, v) = ((th, tw), &mut v[t0..]);
         with_simd!(simd, input_plane(pp: &[f32], buf: &mut [f32], offsets: &[u32], tiles: (usize, usize), v: &mut [f32], t_all: usize));
     }
 
     fn output_tiles(
-        rows: &mut Rows,
+        rows: &mut Buffers,
         m: &[f32],
         (co, cout, t_all, t0): (usize, usize, usize, usize),
         out: &mut [f32],
@@ -100,6 +87,7 @@ impl Algo for F4 {
         let tp = th * tw;
         let m = &m[co * t_all + t0..];
         let stride = cout * t_all;
+        rows.grow(16 * tp);
         let buf = &mut rows.buf[..16 * tp];
         let simd = crate::dispatch::current().simd;
         with_simd!(simd, output_row(m: &[f32], stride: usize, buf: &mut [f32], tp: usize));
@@ -149,5 +137,5 @@ pub(super) fn input_plane(
 /// The output transform of `tp` tiles ([`plane::output_plane`]).
 #[inline(always)]
 pub(super) fn output_row(m: &[f32], stride: usize, buf: &mut [f32], tp: usize) {
-    plane::output_plane::<F4, 6, 4>(m, stride, buf, tp);
+    plane::output_plane::<F4, 6, 4, 36, 16>(m, stride, buf, tp);
 }

@@ -35,7 +35,7 @@ use crate::matmul::gemm_into;
 
 mod f2;
 mod f4;
-mod plane;
+pub(crate) mod plane;
 #[cfg(test)]
 mod tests;
 
@@ -159,7 +159,7 @@ const WEIGHT_LANES: usize = 16;
 /// arrays, so each position's values are stored contiguously (one kernel at a time
 /// scattered 16 or 36 values `c` apart).
 #[inline(always)]
-pub(crate) fn weight_lanes<A: Algo>(k: &[f32], dst: &mut [f32], c: usize) {
+pub(crate) fn weight_lanes<A: Algo, const POS: usize>(k: &[f32], dst: &mut [f32], c: usize) {
     const L: usize = WEIGHT_LANES;
     let mut ci = 0;
     while ci < c {
@@ -168,15 +168,15 @@ pub(crate) fn weight_lanes<A: Algo>(k: &[f32], dst: &mut [f32], c: usize) {
         for (l, g) in g.iter_mut().enumerate().take(n) {
             *g = k[(ci + l) * 9..][..9].try_into().expect("9 values");
         }
-        let mut u = [[0f32; L]; 36];
+        let mut u = [[0f32; L]; POS];
         for (l, g) in g.iter().enumerate() {
             let mut tile = [0f32; 36];
             A::weight_tile(g, &mut tile);
-            for xi in 0..A::POS {
-                u[xi][l] = tile[xi];
+            for (xi, u) in u.iter_mut().enumerate() {
+                u[l] = tile[xi];
             }
         }
-        for (xi, u) in u.iter().enumerate().take(A::POS) {
+        for (xi, u) in u.iter().enumerate() {
             dst[xi * c + ci..][..n].copy_from_slice(&u[..n]);
         }
         ci += L;
@@ -196,6 +196,27 @@ fn each_chunk<T: Send>(
             .for_each(|(i, c)| f(i, c));
     } else {
         data.chunks_mut(len).enumerate().for_each(|(i, c)| f(i, c));
+    }
+}
+
+/// [`each_chunk`] with a state made by `init` once per run of chunks on one thread (rayon's
+/// `for_each_init`), not once per chunk: the transforms' buffers.
+fn each_chunk_with<T: Send, S>(
+    parallel: bool,
+    data: &mut [T],
+    len: usize,
+    init: impl Fn() -> S + Sync + Send,
+    f: impl Fn(&mut S, usize, &mut [T]) + Sync + Send,
+) {
+    if parallel {
+        data.par_chunks_mut(len)
+            .enumerate()
+            .for_each_init(&init, |s, (i, c)| f(s, i, c));
+    } else {
+        let mut s = init();
+        data.chunks_mut(len)
+            .enumerate()
+            .for_each(|(i, c)| f(&mut s, i, c));
     }
 }
 
@@ -308,11 +329,11 @@ pub(crate) fn forward_into<A: Algo>(
             let plane = d.p();
             let y_group = &mut y[first * cout * plane..(first + imgs) * cout * plane];
             let m = &*m;
-            each_chunk(parallel, y_group, plane, |i, out| {
+            let rows = || A::rows(tiles);
+            each_chunk_with(parallel, y_group, plane, rows, |rows, i, out| {
                 let (k, co) = (i / cout, i % cout);
-                let mut rows = A::rows(tiles);
                 let t0 = k * tp;
-                A::output_tiles(&mut rows, m, (co, cout, t_all, t0), out, (d.h, d.w));
+                A::output_tiles(rows, m, (co, cout, t_all, t0), out, (d.h, d.w));
                 ep.image(first + k, cout * plane).apply_in_place(co, out);
             });
         }
@@ -330,12 +351,12 @@ fn transform_inputs<A: Algo>(
 ) {
     let tiles = Tiles::of::<A>(d);
     let t_all = imgs * tiles.per_image();
-    each_chunk(parallel, v, A::POS * t_all, |ci, vc| {
-        let (mut rows, mut pp) = (A::rows(tiles), Vec::new());
+    let init = || (A::rows(tiles), Vec::new());
+    each_chunk_with(parallel, v, A::POS * t_all, init, |(rows, pp), ci, vc| {
         for k in 0..imgs {
             let plane = &x[((first + k) * d.c + ci) * d.h * d.w..][..d.h * d.w];
-            tiles.pad(plane, (d.h, d.w), &mut pp);
-            A::input_tiles(&mut rows, &pp, vc, (t_all, k * tiles.per_image()));
+            tiles.pad(plane, (d.h, d.w), pp);
+            A::input_tiles(rows, pp, vc, (t_all, k * tiles.per_image()));
         }
     });
 }

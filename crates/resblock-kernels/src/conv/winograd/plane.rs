@@ -56,6 +56,41 @@ fn bt_lanes<T: Lines<N, M>, const N: usize, const M: usize>(a: &[[f32; L]; N]) -
     b
 }
 
+/// The buffers of one thread's transforms, sized on first use (an output transform needs
+/// only `m^2` values per tile, and the same buffers serve every plane a thread takes).
+pub(crate) struct Buffers {
+    pub(super) tiles: super::Tiles,
+    pub(super) buf: Vec<f32>,
+    /// [`tile_offsets`], made by the first input transform.
+    pub(super) offsets: Vec<u32>,
+}
+
+impl Buffers {
+    pub(super) fn new(tiles: super::Tiles) -> Buffers {
+        Buffers {
+            tiles,
+            buf: Vec::new(),
+            offsets: Vec::new(),
+        }
+    }
+
+    /// Ready for [`input_plane`] with `n` values per tile side.
+    pub(super) fn for_input(&mut self, n: usize) {
+        let super::Tiles { m, th, tw } = self.tiles;
+        if self.offsets.is_empty() {
+            self.offsets = tile_offsets(m, th, tw);
+        }
+        self.grow(input_buffer_len(n, m, th, tw));
+    }
+
+    /// At least `len` values in `buf`.
+    pub(super) fn grow(&mut self, len: usize) {
+        if self.buf.len() < len {
+            self.buf.resize(len, 0.0);
+        }
+    }
+}
+
 /// The length of [`input_plane`]'s buffer for tiles `th x tw`: `N` combined rows of
 /// `th (tw + 1) m + 2` values.
 pub(super) fn input_buffer_len(n: usize, m: usize, th: usize, tw: usize) -> usize {
@@ -105,6 +140,12 @@ pub(super) fn input_plane<T: Lines<N, M>, const N: usize, const M: usize>(
     }
     let tp = th * tw;
     let offsets = &offsets[..tp];
+    // Every tile's `N` values lie inside a combined row: checked once here, so the loop's
+    // reads need no checks of their own (with them it ran at half the speed).
+    assert!(
+        offsets.iter().all(|&o| o as usize + N <= len),
+        "winograd: a tile past its row"
+    );
     for i in 0..N {
         let row = &vert[i * len..(i + 1) * len];
         let mut t = 0;
@@ -112,9 +153,9 @@ pub(super) fn input_plane<T: Lines<N, M>, const N: usize, const M: usize>(
             let count = L.min(tp - t);
             let mut a = [[0f32; L]; N];
             for (l, &o) in offsets[t..t + count].iter().enumerate() {
-                let q = &row[o as usize..o as usize + N];
                 for (k, a) in a.iter_mut().enumerate() {
-                    a[l] = q[k];
+                    // SAFETY: `o + N <= len = row.len()` (asserted above) and `k < N`.
+                    a[l] = unsafe { *row.get_unchecked(o as usize + k) };
                 }
             }
             let b = bt_lanes::<T, N, M>(&a);
@@ -128,9 +169,16 @@ pub(super) fn input_plane<T: Lines<N, M>, const N: usize, const M: usize>(
 
 /// The output transform of `tp` tiles: `A^T M A` of each, from `mt` (position `ξ` of tile
 /// `t` at `mt[ξ * stride + t]`), output row `i` and column `q` of each tile into
-/// `buf[(M i + q) * tp + t]`.
+/// `buf[(M i + q) * tp + t]`. `P` is `N^2` and `Q` is `M^2` (the local arrays' sizes:
+/// zero-filling unused rows of fixed 36 and 16 cost more than the F(2x2) transform).
 #[inline(always)]
-pub(super) fn output_plane<T: Lines<N, M>, const N: usize, const M: usize>(
+pub(super) fn output_plane<
+    T: Lines<N, M>,
+    const N: usize,
+    const M: usize,
+    const P: usize,
+    const Q: usize,
+>(
     mt: &[f32],
     stride: usize,
     buf: &mut [f32],
@@ -139,11 +187,11 @@ pub(super) fn output_plane<T: Lines<N, M>, const N: usize, const M: usize>(
     let mut t = 0;
     while t < tp {
         let count = L.min(tp - t);
-        let mut x = [[0f32; L]; 36];
-        for (xi, x) in x.iter_mut().enumerate().take(N * N) {
+        let mut x = [[0f32; L]; P];
+        for (xi, x) in x.iter_mut().enumerate() {
             load(x, &mt[xi * stride + t..], count);
         }
-        let mut y = [[0f32; L]; 16];
+        let mut y = [[0f32; L]; Q];
         for l in 0..L {
             // A^T M: column j of the M x N product from column j of M.
             let mut s = [[0f32; M]; N];
@@ -165,7 +213,7 @@ pub(super) fn output_plane<T: Lines<N, M>, const N: usize, const M: usize>(
                 }
             }
         }
-        for (r, y) in y.iter().enumerate().take(M * M) {
+        for (r, y) in y.iter().enumerate() {
             store(&mut buf[r * tp + t..], y, count);
         }
         t += L;
