@@ -15,24 +15,7 @@ pub(super) fn weight_row(k: &[f32], dst: &mut [f32], c: usize) {
     super::weight_lanes::<F2, 16>(k, dst, c);
 }
 
-/// The input transform of one padded plane ([`plane::input_plane`]).
-#[inline(always)]
-pub(super) fn input_plane(
-    pp: &[f32],
-    buf: &mut [f32],
-    offsets: &[u32],
-    tiles: (usize, usize),
-    v: &mut [f32],
-    t_all: usize,
-) {
-    plane::input_plane::<F2, 4, 2>(pp, buf, offsets, tiles, v, t_all);
-}
-
-/// The output transform of `tp` tiles ([`plane::output_plane`]).
-#[inline(always)]
-pub(super) fn output_row(m: &[f32], stride: usize, buf: &mut [f32], tp: usize) {
-    plane::output_plane::<F2, 4, 2, 16, 4>(m, stride, buf, tp);
-}
+plane::plane_transforms!(F2, 4, 2, 16, 4);
 
 /// F(2x2, 3x3); also the algorithm whose dual the weight gradient runs
 /// ([`super::weight_grad`], with [`Rows::grad_tiles`]).
@@ -73,31 +56,18 @@ impl Algo for F2 {
         with_simd!(simd, weight_row(k: &[f32], dst: &mut [f32], c: usize));
     }
 
-    fn input_tiles(rows: &mut Rows, pp: &[f32], v: &mut [f32], (t_all, t0): (usize, usize)) {
-        let Tiles { th, tw, .. } = rows.tiles;
-        let simd = crate::dispatch::current().simd;
-        rows.plane.for_input(4);
-        let (buf, offsets) = (rows.plane.buf.as_mut_slice(), rows.plane.offsets.as_slice());
-        let (tiles, v) = ((th, tw), &mut v[t0..]);
-        with_simd!(simd, input_plane(pp: &[f32], buf: &mut [f32], offsets: &[u32], tiles: (usize, usize), v: &mut [f32], t_all: usize));
+    fn input_tiles(rows: &mut Rows, pp: &[f32], v: &mut [f32], at: (usize, usize)) {
+        rows.plane.input_tiles(4, pp, (v, at), input_simd);
     }
 
     fn output_tiles(
         rows: &mut Rows,
         m: &[f32],
-        (co, cout, t_all, t0): (usize, usize, usize, usize),
+        at: (usize, usize, usize, usize),
         out: &mut [f32],
         hw: (usize, usize),
     ) {
-        let Tiles { th, tw, .. } = rows.tiles;
-        let tp = th * tw;
-        let m = &m[co * t_all + t0..];
-        let stride = cout * t_all;
-        rows.plane.grow(4 * tp);
-        let buf = &mut rows.plane.buf[..4 * tp];
-        let simd = crate::dispatch::current().simd;
-        with_simd!(simd, output_row(m: &[f32], stride: usize, buf: &mut [f32], tp: usize));
-        plane::scatter_rows::<2>(buf, (th, tw), out, hw);
+        rows.plane.output_tiles::<2>(m, at, (out, hw), output_simd);
     }
 }
 

@@ -67,31 +67,18 @@ impl Algo for F4 {
         with_simd!(simd, weight_row(k: &[f32], dst: &mut [f32], c: usize));
     }
 
-    fn input_tiles(rows: &mut Buffers, pp: &[f32], v: &mut [f32], (t_all, t0): (usize, usize)) {
-        let Tiles { th, tw, .. } = rows.tiles;
-        let simd = crate::dispatch::current().simd;
-        rows.for_input(6);
-        let (buf, offsets) = (rows.buf.as_mut_slice(), rows.offsets.as_slice());
-        let (tiles, v) = ((th, tw), &mut v[t0..]);
-        with_simd!(simd, input_plane(pp: &[f32], buf: &mut [f32], offsets: &[u32], tiles: (usize, usize), v: &mut [f32], t_all: usize));
+    fn input_tiles(rows: &mut Buffers, pp: &[f32], v: &mut [f32], at: (usize, usize)) {
+        rows.input_tiles(6, pp, (v, at), input_simd);
     }
 
     fn output_tiles(
         rows: &mut Buffers,
         m: &[f32],
-        (co, cout, t_all, t0): (usize, usize, usize, usize),
+        at: (usize, usize, usize, usize),
         out: &mut [f32],
         hw: (usize, usize),
     ) {
-        let Tiles { th, tw, .. } = rows.tiles;
-        let tp = th * tw;
-        let m = &m[co * t_all + t0..];
-        let stride = cout * t_all;
-        rows.grow(16 * tp);
-        let buf = &mut rows.buf[..16 * tp];
-        let simd = crate::dispatch::current().simd;
-        with_simd!(simd, output_row(m: &[f32], stride: usize, buf: &mut [f32], tp: usize));
-        plane::scatter_rows::<4>(buf, (th, tw), out, hw);
+        rows.output_tiles::<4>(m, at, (out, hw), output_simd);
     }
 }
 
@@ -121,21 +108,4 @@ impl Lines<6, 4> for F4 {
     }
 }
 
-/// The input transform of one padded plane ([`plane::input_plane`]).
-#[inline(always)]
-pub(super) fn input_plane(
-    pp: &[f32],
-    buf: &mut [f32],
-    offsets: &[u32],
-    tiles: (usize, usize),
-    v: &mut [f32],
-    t_all: usize,
-) {
-    plane::input_plane::<F4, 6, 4>(pp, buf, offsets, tiles, v, t_all);
-}
-
-/// The output transform of `tp` tiles ([`plane::output_plane`]).
-#[inline(always)]
-pub(super) fn output_row(m: &[f32], stride: usize, buf: &mut [f32], tp: usize) {
-    plane::output_plane::<F4, 6, 4, 36, 16>(m, stride, buf, tp);
-}
+plane::plane_transforms!(F4, 6, 4, 36, 16);

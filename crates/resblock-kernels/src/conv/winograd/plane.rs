@@ -75,7 +75,7 @@ impl Buffers {
     }
 
     /// Ready for [`input_plane`] with `n` values per tile side.
-    pub(super) fn for_input(&mut self, n: usize) {
+    fn for_input(&mut self, n: usize) {
         let super::Tiles { m, th, tw } = self.tiles;
         if self.offsets.is_empty() {
             self.offsets = tile_offsets(m, th, tw);
@@ -84,12 +84,57 @@ impl Buffers {
     }
 
     /// At least `len` values in `buf`.
-    pub(super) fn grow(&mut self, len: usize) {
+    fn grow(&mut self, len: usize) {
         if self.buf.len() < len {
             self.buf.resize(len, 0.0);
         }
     }
+
+    /// `Algo::input_tiles` for `n` values per tile side: `run` is the algorithm's
+    /// [`input_plane`] compiled for the SIMD level in use.
+    pub(super) fn input_tiles(
+        &mut self,
+        n: usize,
+        pp: &[f32],
+        (v, (t_all, t0)): (&mut [f32], (usize, usize)),
+        run: InputPlane,
+    ) {
+        self.for_input(n);
+        let super::Tiles { th, tw, .. } = self.tiles;
+        run(
+            pp,
+            &mut self.buf,
+            &self.offsets,
+            (th, tw),
+            &mut v[t0..],
+            t_all,
+        );
+    }
+
+    /// `Algo::output_tiles` for `M x M` output tiles: `run` is the algorithm's
+    /// [`output_plane`] compiled for the SIMD level in use.
+    pub(super) fn output_tiles<const M: usize>(
+        &mut self,
+        mt: &[f32],
+        (co, cout, t_all, t0): (usize, usize, usize, usize),
+        (out, hw): (&mut [f32], (usize, usize)),
+        run: OutputPlane,
+    ) {
+        let super::Tiles { th, tw, .. } = self.tiles;
+        let tp = th * tw;
+        self.grow(M * M * tp);
+        let buf = &mut self.buf[..M * M * tp];
+        run(&mt[co * t_all + t0..], cout * t_all, buf, tp);
+        scatter_rows::<M>(buf, (th, tw), out, hw);
+    }
 }
+
+/// An algorithm's [`input_plane`] on the SIMD level in use:
+/// `(pp, buf, offsets, (th, tw), v, t_all)`.
+pub(super) type InputPlane = fn(&[f32], &mut [f32], &[u32], (usize, usize), &mut [f32], usize);
+
+/// An algorithm's [`output_plane`] on the SIMD level in use: `(mt, stride, buf, tp)`.
+pub(super) type OutputPlane = fn(&[f32], usize, &mut [f32], usize);
 
 /// The length of [`input_plane`]'s buffer for tiles `th x tw`: `N` combined rows of
 /// `th (tw + 1) m + 2` values.
@@ -245,3 +290,55 @@ pub(super) fn scatter_rows<const M: usize>(
         }
     }
 }
+
+/// An algorithm's plane transforms for `with_simd!` and for [`Buffers`]: `input_plane` and
+/// `output_row` (the inlined bodies, [`input_plane`] and [`output_plane`] for this
+/// algorithm), and `input_simd` / `output_simd` (those on the SIMD level in use, the
+/// [`InputPlane`] and [`OutputPlane`] that `Algo::input_tiles` and `Algo::output_tiles`
+/// hand to [`Buffers`]). Arguments: the algorithm, `N`, `M`, `N^2`, `M^2`.
+macro_rules! plane_transforms {
+    ($algo:ty, $n:literal, $m:literal, $p:literal, $q:literal) => {
+        /// The input transform of one padded plane ([`plane::input_plane`]).
+        #[inline(always)]
+        pub(super) fn input_plane(
+            pp: &[f32],
+            buf: &mut [f32],
+            offsets: &[u32],
+            tiles: (usize, usize),
+            v: &mut [f32],
+            t_all: usize,
+        ) {
+            $crate::conv::winograd::plane::input_plane::<$algo, $n, $m>(
+                pp, buf, offsets, tiles, v, t_all,
+            );
+        }
+
+        /// The output transform of `tp` tiles ([`plane::output_plane`]).
+        #[inline(always)]
+        pub(super) fn output_row(m: &[f32], stride: usize, buf: &mut [f32], tp: usize) {
+            $crate::conv::winograd::plane::output_plane::<$algo, $n, $m, $p, $q>(
+                m, stride, buf, tp,
+            );
+        }
+
+        /// [`input_plane`] on the SIMD level in use ([`plane::InputPlane`]).
+        fn input_simd(
+            pp: &[f32],
+            buf: &mut [f32],
+            offsets: &[u32],
+            tiles: (usize, usize),
+            v: &mut [f32],
+            t_all: usize,
+        ) {
+            let simd = $crate::dispatch::current().simd;
+            $crate::simd::with_simd!(simd, input_plane(pp: &[f32], buf: &mut [f32], offsets: &[u32], tiles: (usize, usize), v: &mut [f32], t_all: usize));
+        }
+
+        /// [`output_row`] on the SIMD level in use ([`plane::OutputPlane`]).
+        fn output_simd(m: &[f32], stride: usize, buf: &mut [f32], tp: usize) {
+            let simd = $crate::dispatch::current().simd;
+            $crate::simd::with_simd!(simd, output_row(m: &[f32], stride: usize, buf: &mut [f32], tp: usize));
+        }
+    };
+}
+pub(super) use plane_transforms;
