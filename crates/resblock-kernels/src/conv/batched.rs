@@ -19,6 +19,7 @@ use super::gemm::with_thread_scratch;
 use super::geom::{ConvGeom, Dims};
 use super::pack::im2col_channel;
 use crate::matmul::gemm_into;
+use crate::sgemm::computed_columns;
 
 /// The smallest share of a per-image GEMM's columns wasted on padding its last panel for
 /// which the images share a GEMM (a 7x7 output wastes 23%, 14x14 6%, 28x28 and 56x56
@@ -26,19 +27,6 @@ use crate::matmul::gemm_into;
 const MIN_WASTE: f64 = 0.1;
 /// The most unfolded input (bytes) of one group of images.
 const GROUP_BYTES: usize = 16 << 20;
-
-/// The columns the micro-kernel computes for `p` columns: whole panels of
-/// [`crate::sgemm::NR`], a last one of half that if it fits.
-fn padded(p: usize) -> usize {
-    let nr = crate::sgemm::NR;
-    let rest = p % nr;
-    p - rest
-        + match rest {
-            0 => 0,
-            r if r <= nr / 2 => nr / 2,
-            _ => nr,
-        }
-}
 
 /// Whether an f32 convolution's forward runs here: one group, more than one image, and
 /// per-image GEMMs that would waste at least [`MIN_WASTE`] of their columns.
@@ -48,7 +36,7 @@ pub(crate) fn applies(d: &Dims, g: &ConvGeom) -> bool {
         && d.n > 1
         && p > 0
         && crate::sgemm::available()
-        && (padded(p) - p) as f64 >= MIN_WASTE * padded(p) as f64
+        && (computed_columns(p) - p) as f64 >= MIN_WASTE * computed_columns(p) as f64
 }
 
 /// `y` `(n, cout, oh, ow)` = the convolution of `x` with `w` `(cout, c, kh, kw)`, the
@@ -143,11 +131,11 @@ mod tests {
 
     #[test]
     fn padded_columns() {
-        assert_eq!(padded(49), 64);
-        assert_eq!(padded(196), 208);
-        assert_eq!(padded(784), 784);
-        assert_eq!(padded(392), 400);
-        assert_eq!(padded(1), 16);
+        assert_eq!(computed_columns(49), 64);
+        assert_eq!(computed_columns(196), 208);
+        assert_eq!(computed_columns(784), 784);
+        assert_eq!(computed_columns(392), 400);
+        assert_eq!(computed_columns(1), 16);
     }
 
     /// Against the per-image GEMM path (which the plain convolution tests check against

@@ -30,6 +30,19 @@ use rayon::prelude::*;
 pub(crate) const MR: usize = 8;
 /// Columns of a micro-tile.
 pub(crate) const NR: usize = 32;
+
+/// The columns the micro-kernel computes for an `n`-column product: whole panels of
+/// [`NR`], and a last one of `NR / 2` where the rest fits in it (the kernel choice in the
+/// macro-kernel's loop). A 7x7 output (49 columns) costs 64.
+pub(crate) fn computed_columns(n: usize) -> usize {
+    let rest = n % NR;
+    n - rest
+        + match rest {
+            0 => 0,
+            r if r <= NR / 2 => NR / 2,
+            _ => NR,
+        }
+}
 /// Depth of one packed block.
 const KC: usize = 256;
 /// Rows of one packed `A` block (a multiple of `MR`).
@@ -302,7 +315,8 @@ fn serial(
                                     pb.as_ptr().add(jr * kc * NR),
                                 );
                                 // A last panel of at most 16 columns (e.g. 196 = 6 x 32 + 4
-                                // at 14x14) runs on one vector per row: half the FMAs.
+                                // at 14x14) runs on one vector per row: half the FMAs
+                                // (see `computed_columns`).
                                 if nr <= NR / 2 {
                                     avx512::kernel::<1>(kc, ap, bp, tile.0, ldc, mr, nr, add);
                                 } else {

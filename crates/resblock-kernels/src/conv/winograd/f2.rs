@@ -85,7 +85,6 @@ impl Lines<4, 2> for F2 {
 
 /// The transforms' buffers: [`plane`]'s, and the weight gradient's rows.
 pub(crate) struct Rows {
-    tiles: Tiles,
     plane: Buffers,
     /// The even columns of two output-gradient rows ([`Rows::grad_tiles`]).
     r: [Vec<f32>; 2],
@@ -97,7 +96,6 @@ impl Rows {
     fn new(tiles: Tiles) -> Rows {
         let tw = tiles.tw;
         Rows {
-            tiles,
             plane: Buffers::new(tiles),
             r: std::array::from_fn(|_| vec![0f32; tw]),
             s: std::array::from_fn(|_| vec![0f32; tw]),
@@ -115,7 +113,7 @@ impl Rows {
         yv: &mut [f32],
         (t_all, t0): (usize, usize),
     ) {
-        let tw = self.tiles.tw;
+        let tw = self.plane.tiles.tw;
         // The even and odd columns of rows 2 ty and 2 ty + 1.
         let [e0, e1] = &mut self.r;
         let [o0, o1] = &mut self.s;

@@ -190,13 +190,7 @@ fn each_chunk<T: Send>(
     len: usize,
     f: impl Fn(usize, &mut [T]) + Sync + Send,
 ) {
-    if parallel {
-        data.par_chunks_mut(len)
-            .enumerate()
-            .for_each(|(i, c)| f(i, c));
-    } else {
-        data.chunks_mut(len).enumerate().for_each(|(i, c)| f(i, c));
-    }
+    each_chunk_with(parallel, data, len, || (), |_, i, c| f(i, c));
 }
 
 /// [`each_chunk`] with a state made by `init` once per run of chunks on one thread (rayon's
