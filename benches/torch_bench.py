@@ -6,6 +6,11 @@ optimizer settings) with PyTorch eager on the CPU, with as many threads as resbl
 
     python3 benches/torch_bench.py --out target/torch-bench.json [--filter SUBSTRING]
     python3 benches/torch_bench.py --memory ARCH BATCH SIZE STEPS   # peak RSS, one JSON line
+    python3 benches/torch_bench.py --device cuda --min-time 1 --out torch-cuda.json
+
+`--device cuda` times the same workloads on the GPU (every tensor and model made there, the
+device synchronised after each call, PyTorch's default TF32 settings) under `cuda/...` ids,
+for `benches/examples/gpu-check.rs --torch FILE`; it adds a 4096 GEMM row.
 
 Needs only torch (pip install torch). The CIFAR ResNets come from
 crates/resblock-vision/tests/fixtures/cifar_resnet.py (the same definitions the parity fixtures
@@ -39,6 +44,11 @@ except ImportError:
 
 BENCHES = {}
 
+# After each timed call: torch.cuda.synchronize on the GPU (`--device cuda`).
+SYNC = lambda: None  # noqa: E731
+# `--min-time`: every row's minimum measuring time, in place of its own (None: its own).
+MIN_TIME = None
+
 
 def bench(name):
     def reg(f):
@@ -50,11 +60,15 @@ def bench(name):
 
 def measure(step, min_time=3.0, min_iters=5, warmup=2):
     """Mean seconds per call of step() over at least min_iters calls and min_time seconds."""
+    if MIN_TIME is not None:
+        min_time = MIN_TIME
     for _ in range(warmup):
         step()
+        SYNC()
     n, start = 0, time.perf_counter()
     while n < min_iters or time.perf_counter() - start < min_time:
         step()
+        SYNC()
         n += 1
     return (time.perf_counter() - start) / n
 
@@ -259,7 +273,23 @@ def main():
         metavar=("ARCH", "BATCH", "SIZE", "STEPS"),
         help="print the peak RSS of STEPS training steps instead of timing",
     )
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--min-time", type=float, help="each row's minimum measuring time (s)")
     args = ap.parse_args()
+    global SYNC, MIN_TIME
+    MIN_TIME = args.min_time
+    meta = {}
+    if args.device == "cuda":
+        torch.set_default_device("cuda")
+        SYNC = torch.cuda.synchronize
+        BENCHES["cpu/gemm/f32_4096"] = lambda: (
+            lambda a: measure(lambda: a @ a)
+        )(torch.randn(4096, 4096))
+        meta = {
+            "device": torch.cuda.get_device_name(),
+            "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+            "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+        }
     threads = int(os.environ.get("RAYON_NUM_THREADS") or os.cpu_count())
     torch.set_num_threads(threads)
     if args.memory:
@@ -270,6 +300,7 @@ def main():
         ap.error("--out is required when timing")
     results = {}
     for name, f in BENCHES.items():
+        name = name.replace("cpu/", f"{args.device}/", 1)
         if args.filter in name:
             results[name] = f()
             print(f"torch {name}: {results[name] * 1e3:.3f} ms", file=sys.stderr)
@@ -277,6 +308,7 @@ def main():
         "torch": torch.__version__,
         "threads": threads,
         "imagenet_models": IMAGENET_SOURCE,
+        **meta,
     }
     tmp = args.out + ".tmp"
     with open(tmp, "w") as fh:

@@ -47,6 +47,12 @@ pub fn conv3x3_flop(n: usize, c_in: usize, c_out: usize, size: usize, stride: us
 /// A torchvision-style network `arch` on plain tensors (no variables, so no backprop graph is recorded), with
 /// seeded weights and randomised BatchNorm statistics.
 pub fn inference_net(arch: &str) -> (ResNet, ResNetConfig) {
+    inference_net_on(arch, &Device::Cpu)
+}
+
+/// [`inference_net`] on `device`: the same weights on every device (they are drawn on the
+/// CPU and copied).
+pub fn inference_net_on(arch: &str, device: &Device) -> (ResNet, ResNetConfig) {
     let cfg = ResNetConfig::preset(arch).expect("preset");
     let rng = RngHandle::seed_from_u64(0);
     let varmap = VarMap::new();
@@ -74,7 +80,7 @@ pub fn inference_net(arch: &str) -> (ResNet, ResNetConfig) {
     let net = resnet(
         &cfg,
         &rng,
-        VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu),
+        VarBuilder::from_tensors(tensors, DType::F32, device),
     )
     .expect("net");
     (net, cfg)
@@ -96,13 +102,19 @@ pub struct TrainWorkload {
 impl TrainWorkload {
     /// `arch` (a preset) on `batch` random `size`x`size` images.
     pub fn new(arch: &str, batch: usize, size: usize) -> TrainWorkload {
+        TrainWorkload::new_on(arch, batch, size, &Device::Cpu)
+    }
+
+    /// [`TrainWorkload::new`] on `device`: the same weights and batch on every device (drawn
+    /// on the CPU and copied).
+    pub fn new_on(arch: &str, batch: usize, size: usize, device: &Device) -> TrainWorkload {
         let rng = RngHandle::seed_from_u64(0);
         let varmap = VarMap::new();
         let cfg = ResNetConfig::preset(arch).expect("preset");
         let net = resnet(
             &cfg,
             &rng,
-            seeded_var_builder(&varmap, &rng, DType::F32, &Device::Cpu),
+            seeded_var_builder(&varmap, &rng, DType::F32, device),
         )
         .expect("net");
         let macs = net.summary(size, size).expect("summary").total_macs() as f64;
@@ -115,14 +127,14 @@ impl TrainWorkload {
                     0.,
                     1.,
                     DType::F32,
-                    &Device::Cpu,
+                    device,
                 )
                 .expect("x"),
             targets: Tensor::new(
                 (0..batch as u32)
                     .map(|i| i % 10 % classes)
                     .collect::<Vec<_>>(),
-                &Device::Cpu,
+                device,
             )
             .expect("y"),
         };
