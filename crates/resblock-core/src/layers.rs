@@ -198,12 +198,20 @@ pub struct Conv2d {
     weight: Tensor,
     bias: Option<Tensor>,
     cfg: Conv2dConfig,
+    /// Set by [`Conv2d::fold_batch_norm`]: `weight` is this frozen kernel, whose derived
+    /// forms our forward keeps (see [`crate::ops::FrozenKernel`]).
+    frozen: Option<crate::ops::FrozenKernel>,
 }
 
 impl Conv2d {
     /// A convolution from existing tensors: weight (C_out, C_in/groups, k, k), bias (C_out).
     pub fn new(weight: Tensor, bias: Option<Tensor>, cfg: Conv2dConfig) -> Self {
-        Self { weight, bias, cfg }
+        Self {
+            weight,
+            bias,
+            cfg,
+            frozen: None,
+        }
     }
     /// The kernel, (C_out, C_in/groups, kh, kw).
     pub fn weight(&self) -> &Tensor {
@@ -217,12 +225,18 @@ impl Conv2d {
     pub fn config(&self) -> &Conv2dConfig {
         &self.cfg
     }
+    /// Whether the kernel is frozen for inference, as [`Conv2d::fold_batch_norm`] leaves it:
+    /// what our forward derives from it is made once and kept.
+    pub fn is_frozen(&self) -> bool {
+        self.frozen.is_some()
+    }
 }
 
 impl Conv2d {
     /// This convolution followed by `bn` in eval mode, as one convolution with a bias:
     /// `W' = W * gamma / sigma`, `b' = (b - mean) * gamma / sigma + beta`. The result holds
-    /// plain tensors (no variables), for inference.
+    /// plain tensors (no variables), for inference, its kernel frozen
+    /// ([`crate::ops::FrozenKernel`]).
     ///
     /// # Errors
     /// A norm whose channels differ from the convolution's outputs.
@@ -243,13 +257,17 @@ impl Conv2d {
             Some(b) => ((b.detach() * &scale)? + &shift)?,
             None => shift,
         };
+        // A folded convolution is for inference: its kernel is frozen, so the transforms
+        // our forward derives from it are made once, not on every call.
+        let frozen = crate::ops::FrozenKernel::new(&w)?;
         Ok(Conv2d {
-            weight: w,
+            weight: frozen.kernel().clone(),
             bias: Some(b),
             cfg: Conv2dConfig {
                 bias: true,
                 ..self.cfg
             },
+            frozen: Some(frozen),
         })
     }
 }
@@ -345,7 +363,7 @@ pub fn conv2d(
     } else {
         None
     };
-    Ok(Conv2d { weight, bias, cfg })
+    Ok(Conv2d::new(weight, bias, cfg))
 }
 
 /// Configuration of a [`BatchNorm`], PyTorch's defaults.

@@ -125,3 +125,24 @@ fn every_path_agrees_and_eval_records_no_graph() -> Result<()> {
     assert!(max_diff(&y, &composed)? < 1e-5);
     Ok(())
 }
+
+/// Folding freezes the kernel (its derived forms kept for inference) and leaves the trained
+/// layer's kernel a variable; the folded layer gives the eval output.
+#[test]
+fn folding_freezes_the_kernel_and_keeps_the_eval_output() -> Result<()> {
+    let layer = layer()?;
+    let folded = layer.folded()?;
+    assert!(folded.conv().is_frozen());
+    assert!(!layer.conv().is_frozen());
+    assert!(layer.conv().weight().is_variable());
+    let x = RngHandle::seed_from_u64(4).normal_tensor(
+        (2, 5, 7, 7),
+        0.,
+        1.,
+        DType::F32,
+        &Device::Cpu,
+    )?;
+    let d = max_diff(&folded.forward_t(&x, false)?, &layer.forward_t(&x, false)?)?;
+    assert!(d < 1e-5, "folded vs eval: {d}");
+    Ok(())
+}

@@ -57,6 +57,7 @@ mod sgemm;
 pub mod shortcut;
 mod simd;
 
+pub use conv::frozen::FrozenKernel;
 pub use conv::{
     conv2d, conv2d_add_relu, conv2d_backward, conv2d_candle, conv2d_fused, conv2d_native,
     conv2d_scale_shift, ChannelAffine,

@@ -14,6 +14,7 @@ use candle_core::Tensor;
 pub(crate) mod batched;
 pub(crate) mod direct;
 pub(crate) mod epilogue;
+pub(crate) mod frozen;
 pub(crate) mod gemm;
 pub(crate) mod geom;
 pub(crate) mod op;
@@ -184,7 +185,9 @@ pub fn conv2d_scale_shift(
     {
         let ss = Tensor::cat(&[scale, shift], 0)?;
         let (x, k) = (x.contiguous()?, kernel.contiguous()?);
-        return Ok(x.apply_op3_no_bwd(&k, &ss, &NativeConv2dScaleShift { geom, relu })?);
+        let frozen = frozen::forms_of(kernel);
+        let op = NativeConv2dScaleShift { geom, relu, frozen };
+        return Ok(x.apply_op3_no_bwd(&k, &ss, &op)?);
     }
     let y = conv2d(x, kernel, padding, stride, dilation, groups)?
         .broadcast_mul(&scale.reshape((1, (), 1, 1))?)?
@@ -270,7 +273,13 @@ pub fn conv2d_add_relu(
             kernel.contiguous()?,
             residual.contiguous()?,
         );
-        return Ok(x.apply_op3_no_bwd(&k, &r, &NativeConv2dResidual { geom, affine })?);
+        let frozen = frozen::forms_of(kernel);
+        let op = NativeConv2dResidual {
+            geom,
+            affine,
+            frozen,
+        };
+        return Ok(x.apply_op3_no_bwd(&k, &r, &op)?);
     }
     let y = match affine {
         ChannelAffine::ScaleShift(s, t) => {
@@ -311,10 +320,14 @@ fn try_native(
     if !native_fits(x, kernel, bias, &geom)? {
         return Ok(None);
     }
+    let frozen = frozen::forms_of(kernel);
     let (x, k) = (x.contiguous()?, kernel.contiguous()?);
     Ok(Some(match bias {
-        None => x.apply_op2(&k, NativeConv2d { geom, relu })?,
-        Some(b) => x.apply_op3(&k, &b.contiguous()?, NativeConv2dBias { geom, relu })?,
+        None => x.apply_op2(&k, NativeConv2d { geom, relu, frozen })?,
+        Some(b) => {
+            let op = NativeConv2dBias { geom, relu, frozen };
+            x.apply_op3(&k, &b.contiguous()?, op)?
+        }
     }))
 }
 

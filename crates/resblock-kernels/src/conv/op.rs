@@ -1,10 +1,13 @@
 //! The convolution as Candle custom ops (forward and backward, bias and scale-shift
 //! epilogues): dtype and layout dispatch around the two paths.
 
+use std::sync::Arc;
+
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
 use super::epilogue::{epilogue, Affine, Epilogue};
+use super::frozen::Forms;
 use super::gemm::{backward, backward_tensors, forward};
 use super::geom::{ConvGeom, Dims};
 use super::path::{
@@ -36,12 +39,16 @@ pub(crate) fn channel_sums<T: WithDType>(dy: &Tensor) -> candle_core::Result<Ten
 pub(crate) struct NativeConv2d {
     pub geom: ConvGeom,
     pub relu: bool,
+    /// The kernel's forms when it is frozen ([`super::frozen`]).
+    pub frozen: Option<Arc<Forms>>,
 }
 
 /// See [`NativeConv2d`].
 pub(crate) struct NativeConv2dBias {
     pub geom: ConvGeom,
     pub relu: bool,
+    /// As [`NativeConv2d::frozen`].
+    pub frozen: Option<Arc<Forms>>,
 }
 
 pub(crate) fn slice<'a, T>(s: &'a [T], l: &Layout) -> candle_core::Result<&'a [T]> {
@@ -49,13 +56,15 @@ pub(crate) fn slice<'a, T>(s: &'a [T], l: &Layout) -> candle_core::Result<&'a [T
 }
 
 /// The forward on CPU storages, with an optional third input (see [`Affine`]) and an
-/// optional residual added before the ReLU (laid out as the output).
+/// optional residual added before the ReLU (laid out as the output); `frozen`: the forms of
+/// the kernel `s2` when it is frozen.
 pub(crate) fn cpu_forward(
     (s1, l1): (&CpuStorage, &Layout),
     (s2, l2): (&CpuStorage, &Layout),
     third: Option<((&CpuStorage, &Layout), Affine)>,
     (residual, relu): (Option<(&CpuStorage, &Layout)>, bool),
     g: &ConvGeom,
+    frozen: Option<&Forms>,
 ) -> candle_core::Result<(CpuStorage, Shape)> {
     let d = Dims::new(g, l1.dims(), l2.dims())?;
     if let Some((_, lr)) = residual {
@@ -86,7 +95,8 @@ pub(crate) fn cpu_forward(
     let out = match (s1, s2) {
         (CpuStorage::F32(a), CpuStorage::F32(b)) => {
             let ep = typed_epilogue(third_storage, residual, affine, relu)?;
-            CpuStorage::F32(forward_f32(slice(a, l1)?, slice(b, l2)?, ep, &d, g))
+            let (x, w) = (slice(a, l1)?, slice(b, l2)?);
+            CpuStorage::F32(forward_f32(x, w, frozen, ep, &d, g))
         }
         (CpuStorage::F64(a), CpuStorage::F64(b)) => {
             let ep = typed_epilogue(third_storage, residual, affine, relu)?;
@@ -190,7 +200,15 @@ impl CustomOp2 for NativeConv2d {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        cpu_forward((s1, l1), (s2, l2), None, (None, self.relu), &self.geom)
+        let frozen = self.frozen.as_deref();
+        cpu_forward(
+            (s1, l1),
+            (s2, l2),
+            None,
+            (None, self.relu),
+            &self.geom,
+            frozen,
+        )
     }
 
     fn bwd(
@@ -225,6 +243,7 @@ impl CustomOp3 for NativeConv2dBias {
             Some(((s3, l3), Affine::Bias)),
             (None, self.relu),
             &self.geom,
+            self.frozen.as_deref(),
         )
     }
 
@@ -247,6 +266,8 @@ impl CustomOp3 for NativeConv2dBias {
 pub(crate) struct NativeConv2dScaleShift {
     pub geom: ConvGeom,
     pub relu: bool,
+    /// As [`NativeConv2d::frozen`].
+    pub frozen: Option<Arc<Forms>>,
 }
 
 impl CustomOp3 for NativeConv2dScaleShift {
@@ -269,6 +290,7 @@ impl CustomOp3 for NativeConv2dScaleShift {
             Some(((s3, l3), Affine::ScaleShift)),
             (None, self.relu),
             &self.geom,
+            self.frozen.as_deref(),
         )
     }
 }
@@ -281,6 +303,8 @@ pub(crate) struct NativeConv2dResidual {
     pub geom: ConvGeom,
     /// The per-channel values (contiguous, the input's dtype) and their kind.
     pub affine: Option<(Tensor, Affine)>,
+    /// As [`NativeConv2d::frozen`].
+    pub frozen: Option<Arc<Forms>>,
 }
 
 impl CustomOp3 for NativeConv2dResidual {
@@ -314,6 +338,7 @@ impl CustomOp3 for NativeConv2dResidual {
             third,
             (Some((s3, l3)), true),
             &self.geom,
+            self.frozen.as_deref(),
         )
     }
 }

@@ -3,6 +3,7 @@
 
 use super::direct;
 use super::epilogue::Epilogue;
+use super::frozen::Forms;
 use super::gemm::{for_each_image, for_each_image_summed, forward, gemm_parallelism, WeightLhs};
 use super::geom::{ConvGeom, Dims};
 use super::pack::col2im;
@@ -79,16 +80,20 @@ pub(crate) fn direct_backward_plans(
 
 /// The f32 forward: Winograd for wide 3x3 "same" convolutions, direct where it applies,
 /// one GEMM over several images for small outputs (`batched.rs`), per-image GEMMs
-/// otherwise.
+/// otherwise. `frozen`: the forms of a frozen kernel `w` ([`super::frozen`]).
 pub(crate) fn forward_f32(
     x: &[f32],
     w: &[f32],
+    frozen: Option<&Forms>,
     ep: Epilogue<'_, f32>,
     d: &Dims,
     g: &ConvGeom,
 ) -> Vec<f32> {
-    if super::winograd::forward_applies(d, g) {
-        return super::winograd::forward(x, w, ep, d);
+    if super::winograd::forward_applies(d, g, frozen.is_some()) {
+        return match frozen {
+            Some(forms) => super::winograd::forward_frozen(x, w, forms, ep, d),
+            None => super::winograd::forward(x, w, ep, d),
+        };
     }
     match direct_plan(d, g) {
         Some(plan) => forward_direct(&plan, x, w, ep, d),

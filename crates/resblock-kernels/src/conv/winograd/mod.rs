@@ -29,6 +29,7 @@ use gemm::Parallelism;
 use rayon::prelude::*;
 
 use super::epilogue::Epilogue;
+use super::frozen::Forms;
 use super::gemm::with_thread_scratch;
 use super::geom::{ConvGeom, Dims};
 use crate::matmul::gemm_into;
@@ -105,6 +106,9 @@ const NARROW_MIN_CHANNELS: usize = 256;
 /// channels, not 16, which a 28x28 output at batch 1 does not pay back (1.09 ms on
 /// F(4x4), 0.9 on F(2x2) for 128 channels) and a 56x56 one does (0.80 against 0.87 ms).
 const F4_MIN_PIXELS: usize = 3000;
+/// [`F4_MIN_PIXELS`] for a frozen kernel, whose transform is made once: a 28x28 output at
+/// batch 1 runs F(4x4, 3x3) (ResNet-18 at batch 1, folded, ran 5% faster so).
+const FROZEN_F4_MIN_PIXELS: usize = 700;
 /// The narrowest output F(4x4, 3x3) runs for: a 14x14 output is cut into 4x4 tiles that
 /// cover 16x16 (on a 256-channel layer at batch 8 F(4x4) was no faster than F(2x2)).
 const F4_MIN_WIDTH: usize = 28;
@@ -113,29 +117,37 @@ const F4_MIN_WIDTH: usize = 28;
 /// 3x3, stride 1, padding 1, no dilation, one group, with enough channels, a wide enough
 /// output and enough tiles.
 pub(crate) fn applies(d: &Dims, g: &ConvGeom) -> bool {
-    d.ow >= MIN_WIDTH && shape_allows(d, g)
+    d.ow >= MIN_WIDTH && shape_allows(d, g, MIN_TILES)
 }
 
 /// [`applies`] for the convolution op's forward (`path::forward_f32`): also 7x7 outputs of
 /// wide layers ([`NARROW_MIN_CHANNELS`]), measured faster at inference. The backward and
-/// the fused training ops keep to [`applies`] (not measured faster there).
-pub(crate) fn forward_applies(d: &Dims, g: &ConvGeom) -> bool {
-    (d.ow >= MIN_WIDTH || d.c >= NARROW_MIN_CHANNELS) && shape_allows(d, g)
+/// the fused training ops keep to [`applies`] (not measured faster there). A `frozen`
+/// kernel's transform is made once ([`super::frozen`]), so any number of tiles pays.
+pub(crate) fn forward_applies(d: &Dims, g: &ConvGeom, frozen: bool) -> bool {
+    let min_tiles = if frozen { 1 } else { MIN_TILES };
+    (d.ow >= MIN_WIDTH || d.c >= NARROW_MIN_CHANNELS) && shape_allows(d, g, min_tiles)
 }
 
-/// [`applies`] but for the width.
-fn shape_allows(d: &Dims, g: &ConvGeom) -> bool {
+/// [`applies`] but for the width, with at least `min_tiles` F(2x2) tiles over the batch.
+fn shape_allows(d: &Dims, g: &ConvGeom, min_tiles: usize) -> bool {
     crate::dispatch::current().winograd
         && (d.kh, d.kw) == (3, 3)
-        && d.n * Tiles::of::<F2>(d).per_image() >= MIN_TILES
+        && d.n * Tiles::of::<F2>(d).per_image() >= min_tiles
         && (g.stride, g.padding, g.dilation, g.groups) == (1, 1, 1, 1)
         && d.c >= MIN_CHANNELS
         && d.cout >= MIN_CHANNELS
 }
 
-/// Whether [`forward`] (and the input gradient) runs F(4x4, 3x3) for `d`.
-fn uses_f4(d: &Dims) -> bool {
-    d.ow >= F4_MIN_WIDTH && d.n * d.p() >= F4_MIN_PIXELS
+/// Whether [`forward`] (and the input gradient), or with `frozen` [`forward_frozen`], runs
+/// F(4x4, 3x3) for `d`.
+fn uses_f4(d: &Dims, frozen: bool) -> bool {
+    let min_pixels = if frozen {
+        FROZEN_F4_MIN_PIXELS
+    } else {
+        F4_MIN_PIXELS
+    };
+    d.ow >= F4_MIN_WIDTH && d.n * d.p() >= min_pixels
 }
 
 /// The weights `(cout, c, 3, 3)` transformed for algorithm `A`,
@@ -480,10 +492,26 @@ pub(crate) fn weight_grad(x: &[f32], dy: &[f32], d: &Dims) -> Vec<f32> {
 /// for wide outputs with many pixels ([`F4_MIN_WIDTH`], [`F4_MIN_PIXELS`]), else on
 /// F(2x2, 3x3).
 pub(crate) fn forward(x: &[f32], w: &[f32], ep: Epilogue<'_, f32>, d: &Dims) -> Vec<f32> {
-    if uses_f4(d) {
+    if uses_f4(d, false) {
         forward_with::<F4>(x, w, ep, d)
     } else {
         forward_with::<F2>(x, w, ep, d)
+    }
+}
+
+/// [`forward`] for a frozen kernel `w`: its transformed weights from `forms`, made there
+/// on the first call.
+pub(crate) fn forward_frozen(
+    x: &[f32],
+    w: &[f32],
+    forms: &Forms,
+    ep: Epilogue<'_, f32>,
+    d: &Dims,
+) -> Vec<f32> {
+    if uses_f4(d, true) {
+        forward_transformed::<F4>(x, forms.winograd::<F4>(w, d.cout, d.c), ep, d)
+    } else {
+        forward_transformed::<F2>(x, forms.winograd::<F2>(w, d.cout, d.c), ep, d)
     }
 }
 
@@ -494,8 +522,13 @@ pub(crate) fn forward_with<A: Algo>(
     ep: Epilogue<'_, f32>,
     d: &Dims,
 ) -> Vec<f32> {
-    let u = transform_weights::<A>(w, d.cout, d.c);
+    forward_transformed::<A>(x, &transform_weights::<A>(w, d.cout, d.c), ep, d)
+}
+
+/// [`forward_into`] on algorithm `A`, with weights `u` already transformed, into a new
+/// buffer.
+fn forward_transformed<A: Algo>(x: &[f32], u: &[f32], ep: Epilogue<'_, f32>, d: &Dims) -> Vec<f32> {
     let mut y = vec![0f32; d.n * d.cout * d.p()];
-    forward_into::<A>(x, &u, ep, d, &mut y, true);
+    forward_into::<A>(x, u, ep, d, &mut y, true);
     y
 }

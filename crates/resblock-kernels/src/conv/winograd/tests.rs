@@ -83,7 +83,7 @@ fn matches_a_plain_convolution() {
         assert_close(&format!("F2 {name}"), &f2, &want, F2_TOL);
         let f4 = forward_with::<F4>(&x, &k, Epilogue::NONE, &d);
         assert_close(&format!("F4 {name}"), &f4, &want, F4_TOL);
-        let chosen = if uses_f4(&d) { f4 } else { f2 };
+        let chosen = if uses_f4(&d, false) { f4 } else { f2 };
         assert_eq!(
             forward(&x, &k, Epilogue::NONE, &d),
             chosen,
@@ -191,7 +191,7 @@ fn backward_matches_plain_gradients() {
         assert_close(&format!("{name} dw"), &dw, &want_dw, F2_TOL);
     }
     let d = dims(9, 70, 2, 32, 31);
-    assert!(uses_f4(&dims(9, 2, 70, 32, 31)) && !uses_f4(&dims(2, 5, 3, 7, 9)));
+    assert!(uses_f4(&dims(9, 2, 70, 32, 31), false) && !uses_f4(&dims(2, 5, 3, 7, 9), false));
     let per_image = F2::POS * Tiles::of::<F2>(&d).per_image() * (d.c + d.cout) * 4;
     assert!(
         GROUP_BYTES / per_image < d.n,
