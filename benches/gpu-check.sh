@@ -4,7 +4,7 @@
 #
 #   bash benches/gpu-check.sh GPU_CHECK TRAIN OUT
 #
-# GPU_CHECK and TRAIN: `benches/examples/gpu-check.rs` and the `train` binary, built with
+# GPU_CHECK and TRAIN: `benches/examples/gpu-check/` and the `train` binary, built with
 # `--features cuda` (docs/benchmarks.md, "GPU", says how they were built without a GPU).
 # OUT: a folder for the logs and JSON. In order:
 #   1. the GPU and driver (nvidia-smi), and which CUDA libraries the binaries load;
