@@ -10,7 +10,7 @@ optimizer settings) with PyTorch eager on the CPU, with as many threads as resbl
 
 `--device cuda` times the same workloads on the GPU (every tensor and model made there, the
 device synchronised after each call, PyTorch's default TF32 settings) under `cuda/...` ids,
-for `benches/examples/gpu-check/ --torch FILE`; it adds a 4096 GEMM row.
+for the GPU check's `--torch FILE` (`benches/examples/gpu-check/`); it adds a 4096 GEMM row.
 
 Needs only torch (pip install torch). The CIFAR ResNets come from
 crates/resblock-vision/tests/fixtures/cifar_resnet.py (the same definitions the parity fixtures
