@@ -23,7 +23,10 @@ use crate::error::Result;
 
 /// A convolution kernel `(C_out, C_in / groups, kh, kw)` frozen for inference: a private
 /// copy of the values, and the forms our forward derives from them, made on first use.
-/// Clones share both.
+/// Clones share both. The forms cost memory beside the kernel: 16/9 of a 3x3 kernel's size
+/// for F(2x2, 3x3), 4 times for F(4x4, 3x3), each only once a call has used it (by its
+/// layer shapes, a folded ResNet-50 holds about 63 MB of them after a batch-1 call, beside
+/// 102 MB of weights).
 #[derive(Clone)]
 pub struct FrozenKernel {
     kernel: Tensor,
