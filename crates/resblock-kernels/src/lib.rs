@@ -56,6 +56,8 @@ pub mod pool;
 mod sgemm;
 pub mod shortcut;
 mod simd;
+#[cfg(test)]
+mod test_support;
 
 pub use conv::frozen::FrozenKernel;
 pub use conv::{

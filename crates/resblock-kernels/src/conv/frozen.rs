@@ -109,7 +109,7 @@ impl Forms {
 
 #[cfg(test)]
 mod tests {
-    use candle_core::{Device, Var};
+    use candle_core::Var;
 
     use super::*;
     use crate::conv::{conv2d_add_relu, conv2d_candle, conv2d_fused, ChannelAffine};
@@ -117,17 +117,7 @@ mod tests {
     type R<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
     fn randn(shape: &[usize], seed: u64) -> R<Tensor> {
-        let n: usize = shape.iter().product();
-        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        let v: Vec<f32> = (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-            })
-            .collect();
-        Ok(Tensor::from_vec(v, shape, &Device::Cpu)?)
+        Ok(crate::test_support::uniform_tensor(shape, seed, 1.))
     }
 
     /// `max |a - b| / max |b|`.

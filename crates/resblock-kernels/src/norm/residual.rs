@@ -168,18 +168,7 @@ mod tests {
     use candle_core::{Device, Var};
 
     fn randn(dims: &[usize], seed: u64) -> Tensor {
-        // A fixed pseudo-random fill (xorshift), symmetric around 0.
-        let n: usize = dims.iter().product();
-        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        let v: Vec<f32> = (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                (s >> 40) as f32 / (1u64 << 24) as f32 * 4. - 2.
-            })
-            .collect();
-        Tensor::from_vec(v, dims, &Device::Cpu).expect("tensor")
+        crate::test_support::uniform_tensor(dims, seed, 2.)
     }
 
     /// The fused op against the two ops it replaces: the same output, statistics and
