@@ -10,8 +10,8 @@
 //!
 //! With the transform paid once, Winograd pays for smaller layers than it does per call: a
 //! frozen kernel runs it from one tile up and F(4x4, 3x3) from [`super::winograd`]'s
-//! smaller pixel count (ResNet-18 at batch 1, folded: 19.5 -> 15.1 ms; ResNet-50 47.7 ->
-//! 42.9 ms; at batch 8, 4-5% faster).
+//! smaller pixel count (interleaved against the build before: ResNet-18 at batch 1, folded,
+//! 19.7 -> 15.5 ms; ResNet-50 48.0 -> 44.4 ms; at batch 8, 4-5% faster).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
