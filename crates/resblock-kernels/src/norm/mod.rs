@@ -423,13 +423,17 @@ fn backward_f32(
         (sd, sdx * inv_std[ci])
     });
     let coef = grad_coef(&sums, w, mean, &inv_std, m);
-    let mut dx = vec![0f32; x.len()];
-    dx.par_chunks_mut(s)
-        .zip(x.par_chunks(s).zip(dy.par_chunks(s)))
-        .enumerate()
-        .for_each(|(i, (dxp, (xp, gp)))| {
-            k::input_grad(dxp, (xp, gp), fcoef[i % c], coef[i % c], relu)
-        });
+    let fill = |dx: &mut [std::mem::MaybeUninit<f32>]| {
+        dx.par_chunks_mut(s)
+            .zip(x.par_chunks(s).zip(dy.par_chunks(s)))
+            .enumerate()
+            .for_each(|(i, (dxp, (xp, gp)))| {
+                k::input_grad_uninit(dxp, (xp, gp), fcoef[i % c], coef[i % c], relu)
+            })
+    };
+    // SAFETY: the planes cover the buffer and `input_grad_uninit` writes every element of
+    // its own (not zero-filled first: one pass less over a buffer the size of `x`).
+    let dx = unsafe { crate::buffer::vec_written_by(x.len(), fill) };
     let dw = sums.iter().map(|p| p.1 as f32).collect();
     let db = sums.iter().map(|p| p.0 as f32).collect();
     (dx, dw, db)

@@ -10,6 +10,7 @@
 
 use std::mem::MaybeUninit;
 
+use crate::buffer::Slot;
 use crate::dispatch::{simd_in_use, usable, Simd};
 use crate::simd::with_simd;
 
@@ -195,16 +196,21 @@ dispatch! {
     fn input_grad(out: &mut [f32], vg: (&[f32], &[f32]), fcoef: (f32, f32, f32), gcoef: (f32, f32, f32, f32), relu: bool) -> () = input_grad_body;
 }
 
+dispatch! {
+    /// [`input_grad`] into memory not yet written (a `vec_written_by` buffer).
+    fn input_grad_uninit(out: &mut [MaybeUninit<f32>], vg: (&[f32], &[f32]), fcoef: (f32, f32, f32), gcoef: (f32, f32, f32, f32), relu: bool) -> () = input_grad_body;
+}
+
 #[inline(always)]
-fn input_grad_body(
-    out: &mut [f32],
+fn input_grad_body<S: Slot>(
+    out: &mut [S],
     (v, g): (&[f32], &[f32]),
     fcoef: (f32, f32, f32),
     (mu, a, mdy, k): (f32, f32, f32, f32),
     relu: bool,
 ) {
     for ((o, v), g) in out.iter_mut().zip(v).zip(g) {
-        *o = a * (masked(*v, *g, fcoef, relu) - mdy - (*v - mu) * k);
+        o.put(a * (masked(*v, *g, fcoef, relu) - mdy - (*v - mu) * k));
     }
 }
 
@@ -453,6 +459,13 @@ mod tests {
                 let mut ds = vec![0f32; n];
                 let d = ds.as_mut_slice();
                 with_simd!(simd, input_grad_body(d: &mut [f32], vg: (&[f32], &[f32]), fcoef: (f32, f32, f32), gcoef: (f32, f32, f32, f32), relu: bool));
+                // The same body into memory not yet written (`input_grad_uninit`).
+                let mut us = vec![MaybeUninit::new(f32::NAN); n];
+                let u = us.as_mut_slice();
+                with_simd!(simd, input_grad_body(u: &mut [MaybeUninit<f32>], vg: (&[f32], &[f32]), fcoef: (f32, f32, f32), gcoef: (f32, f32, f32, f32), relu: bool));
+                // SAFETY: every element was initialised above.
+                let us: Vec<f32> = us.iter().map(|x| unsafe { x.assume_init() }).collect();
+                assert_eq!(us, ds, "{simd:?}: input_grad into uninitialised memory");
                 // SAFETY: every element was initialised above.
                 out.extend(ys.iter().chain(&zs).map(|x| unsafe { x.assume_init() }));
                 out.extend(ds);
