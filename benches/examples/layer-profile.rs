@@ -79,8 +79,9 @@ fn main() -> anyhow::Result<()> {
             println!("{k:?} bn+relu {c}x{hw}x{hw}: fwd {f:.1} ms, fwd+bwd {fb:.1} ms");
         }
     }
-    // `LAYER_PROFILE_SIZE=C` keeps only the fused layers with C channels, and
-    // `LAYER_PROFILE_REPS` sets the timed repetitions (for a profiler run).
+    // `LAYER_PROFILE_SIZE=C` keeps only the fused layers with C channels,
+    // `LAYER_PROFILE_REPS` sets the timed repetitions (for a profiler run) and
+    // `LAYER_PROFILE_SIDE=S` the first stage's side (default 32; 28 for the MNIST `train`).
     let size: Option<usize> = std::env::var("LAYER_PROFILE_SIZE")
         .ok()
         .and_then(|v| v.parse().ok());
@@ -88,7 +89,11 @@ fn main() -> anyhow::Result<()> {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(20);
-    for (c, hw) in [(16, 32), (32, 16), (64, 8)] {
+    let side: usize = std::env::var("LAYER_PROFILE_SIDE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(32);
+    for (c, hw) in [(16, side), (32, side / 2), (64, side / 4)] {
         if !only.is_empty() && only != "convbn" {
             break;
         }

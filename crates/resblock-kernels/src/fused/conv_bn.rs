@@ -43,7 +43,7 @@ use crate::conv::geom::{ConvGeom, Dims};
 use crate::conv::path::StridedGroup;
 use crate::conv::weight_sum::{WeightSum, WeightSums};
 use crate::norm::simd as kernels;
-use crate::norm::{combine_moments, grad_coef, inv_std, norm_coef};
+use crate::norm::{channel_grad_sums, combine_moments, grad_coef, inv_std, norm_coef};
 
 /// Per-channel batch mean and biased variance, f64.
 pub(crate) type Stats = (Vec<f64>, Vec<f64>);
@@ -233,24 +233,10 @@ impl ConvBnTrain {
         let (mean, var) = self.stats.get().expect("conv_bn: backward after forward");
         let inv = inv_std(var, self.eps);
         let fcoef = norm_coef(mean, &inv, &gb[..cout], &gb[cout..]);
-        let sums: Vec<(f64, f64)> = (0..cout)
-            .into_par_iter()
-            .map(|co| {
-                let (mut sd, mut sdx) = (0f64, 0f64);
-                for ni in 0..d.n {
-                    let at = (ni * cout + co) * p;
-                    let (a, b) = kernels::grad_sums(
-                        &conv[at..at + p],
-                        &dy[at..at + p],
-                        fcoef[co],
-                        mean[co],
-                        relu,
-                    );
-                    sd += a;
-                    sdx += b;
-                }
-                (sd, sdx * inv[co])
-            })
+        let sums: Vec<(f64, f64)> = channel_grad_sums((conv, dy), (cout, p), &fcoef, mean, relu)
+            .into_iter()
+            .zip(&inv)
+            .map(|((sd, sdx), inv)| (sd, sdx * inv))
             .collect();
         let m = (d.n * p) as f64;
         let gcoef = grad_coef(&sums, &gb[..cout], mean, &inv, m);

@@ -357,6 +357,40 @@ fn backward<T: WithDType>(
 /// plane of `s` values, planes in (N, C) order: equal counts per plane, so the mean of the
 /// means, and the squared deviations plus each plane's offset from the channel mean
 /// (Chan et al.'s exact combination).
+/// Per channel, `sum(g)` and `sum(g * (x - mean))` of the f32 planes of `x` and `dy`
+/// (`c` channels of `s` values per image; `g` is `dy` through the ReLU when `relu`, see
+/// [`simd::grad_sums`]). The planes are read in memory order, in parallel, and each
+/// channel's sums are added over the images in order (the same f64 sums as a loop per
+/// channel). A loop per channel read one plane per image, strided by the image: at
+/// 28x28 and 32x32 a plane is one 4 KiB page, where the hardware prefetcher stops, and
+/// that pass ran at about half the speed of the in-order passes around it.
+pub(crate) fn channel_grad_sums(
+    (x, dy): (&[f32], &[f32]),
+    (c, s): (usize, usize),
+    fcoef: &[(f32, f32, f32)],
+    mean: &[f64],
+    relu: bool,
+) -> Vec<(f64, f64)> {
+    assert!(
+        x.len() == dy.len() && x.len().is_multiple_of(c * s) && fcoef.len() == c,
+        "batch_norm: gradient sums' sizes"
+    );
+    let per_plane: Vec<(f64, f64)> = x
+        .par_chunks(s)
+        .zip(dy.par_chunks(s))
+        .enumerate()
+        .map(|(i, (xp, gp))| simd::grad_sums(xp, gp, fcoef[i % c], mean[i % c], relu))
+        .collect();
+    let mut sums = vec![(0f64, 0f64); c];
+    for image in per_plane.chunks_exact(c) {
+        for (acc, (a, b)) in sums.iter_mut().zip(image) {
+            acc.0 += a;
+            acc.1 += b;
+        }
+    }
+    sums
+}
+
 pub(crate) fn combine_moments(moments: &[(f64, f64)], c: usize, s: usize) -> Stats {
     let n = moments.len() / c;
     (0..c)
@@ -413,15 +447,11 @@ fn backward_f32(
     let m = (x.len() / c) as f64;
     let inv_std = inv_std(var, eps);
     let fcoef = norm_coef(mean, &inv_std, w, b);
-    let sums: Vec<(f64, f64)> = per_channel(c, |ci| {
-        let (mut sd, mut sdx) = (0f64, 0f64);
-        for (xp, gp) in planes(x, (c, s), ci).zip(planes(dy, (c, s), ci)) {
-            let (a, b) = k::grad_sums(xp, gp, fcoef[ci], mean[ci], relu);
-            sd += a;
-            sdx += b;
-        }
-        (sd, sdx * inv_std[ci])
-    });
+    let sums: Vec<(f64, f64)> = channel_grad_sums((x, dy), (c, s), &fcoef, mean, relu)
+        .into_iter()
+        .zip(&inv_std)
+        .map(|((sd, sdx), inv)| (sd, sdx * inv))
+        .collect();
     let coef = grad_coef(&sums, w, mean, &inv_std, m);
     let fill = |dx: &mut [std::mem::MaybeUninit<f32>]| {
         dx.par_chunks_mut(s)

@@ -63,6 +63,42 @@ pub(crate) unsafe fn fwd_tile<const V: usize>(
     }
 }
 
+/// [`fwd_tile`] for the half-vector tile that ends a flattened row of `16 k + 8` pixels:
+/// `out[j * qlen + 0..8]` from 256-bit vectors (AVX-512 VL reaches all 32 registers at that
+/// width), 8 accumulators. A 512-bit tile there would do twice the FMAs for the same outputs.
+///
+/// # Safety
+/// As [`fwd_tile`] with `TQ = 8`.
+#[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+pub(crate) unsafe fn fwd_tile_half(
+    x: *const f32,
+    ps: usize,
+    taps: &[usize],
+    c: usize,
+    w: *const f32,
+    out: *mut f32,
+    qlen: usize,
+) {
+    // SAFETY: the caller's contract covers every pointer formed here.
+    unsafe {
+        let mut acc = [_mm256_setzero_ps(); CB];
+        let mut wp = w;
+        for ci in 0..c {
+            let xc = x.add(ci * ps);
+            for &off in taps {
+                let xv = _mm256_loadu_ps(xc.add(off));
+                for (j, a) in acc.iter_mut().enumerate() {
+                    *a = _mm256_fmadd_ps(xv, _mm256_set1_ps(*wp.add(j)), *a);
+                }
+                wp = wp.add(CB);
+            }
+        }
+        for (j, a) in acc.iter().enumerate() {
+            _mm256_storeu_ps(out.add(j * qlen), *a);
+        }
+    }
+}
+
 /// `sums[j][t] = sum_i sum_{q < qlen} dys[i][j * stride + q] * xs[i][offs[t] + q]` for every
 /// `j < CB`: all `CB` rows by `TB` taps in 24 accumulators, summed over the images before
 /// one reduction; each loaded input vector feeds 8 FMAs and each `dY` vector 3.
@@ -73,8 +109,9 @@ pub(crate) unsafe fn fwd_tile<const V: usize>(
 /// spilled 8 of them: hence VL is required.
 ///
 /// # Safety
-/// AVX-512 F and VL must be available, `qlen` a multiple of 16, every `xs[i]` readable for
-/// `max(offs) + qlen` floats and every `dys[i]` for `(CB - 1) * stride + qlen`.
+/// AVX-512 F and VL must be available, `qlen` a multiple of 8 (a last half vector is read
+/// with masked loads), every `xs[i]` readable for `max(offs) + qlen` floats and every
+/// `dys[i]` for `(CB - 1) * stride + qlen`.
 #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
 pub(crate) unsafe fn wgrad_tile(
     (xs, dys): (&[*const f32], &[*const f32]),
@@ -93,7 +130,7 @@ pub(crate) unsafe fn wgrad_tile(
                 for (&x, &dy) in xs.iter().zip(dys) {
                     let (x0, x1, x2) = (x.add(offs[0]), x.add(offs[1]), x.add(offs[2]));
                     let mut q = 0;
-                    while q < qlen {
+                    while q + LANES <= qlen {
                         let (v0, v1, v2) = (
                             _mm512_loadu_ps(x0.add(q)),
                             _mm512_loadu_ps(x1.add(q)),
@@ -106,6 +143,22 @@ pub(crate) unsafe fn wgrad_tile(
                             $a2 = _mm512_fmadd_ps(v2, d, $a2);
                         )*
                         q += LANES;
+                    }
+                    if q < qlen {
+                        // The last half vector: the masked lanes read as zeros (and are
+                        // not read at all, so past the end is never touched).
+                        let k: __mmask16 = 0x00ff;
+                        let (v0, v1, v2) = (
+                            _mm512_maskz_loadu_ps(k, x0.add(q)),
+                            _mm512_maskz_loadu_ps(k, x1.add(q)),
+                            _mm512_maskz_loadu_ps(k, x2.add(q)),
+                        );
+                        $(
+                            let d = _mm512_maskz_loadu_ps(k, dy.add($j * stride + q));
+                            $a0 = _mm512_fmadd_ps(v0, d, $a0);
+                            $a1 = _mm512_fmadd_ps(v1, d, $a1);
+                            $a2 = _mm512_fmadd_ps(v2, d, $a2);
+                        )*
                     }
                 }
                 $(

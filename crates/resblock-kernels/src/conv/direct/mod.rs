@@ -30,7 +30,10 @@
 //!   padded `dY` with the flipped, transposed kernel): a micro-tile holds `cb` output channels
 //!   by `tq` flattened pixels in `cb * QV` vector registers (AVX2: 4 x 2 of 8 lanes, AVX-512:
 //!   8 x 2 of 16); each step loads `QV` vectors of one input plane at one tap offset,
-//!   broadcasts `cb` weights and does `cb * QV` FMAs.
+//!   broadcasts `cb` weights and does `cb * QV` FMAs. A flattened row is a multiple of 8
+//!   pixels ([`QUANTUM`]); on AVX-512 one that ends in half a vector ends with a tile of
+//!   256-bit vectors (`fwd_tile_half`), and the weight gradient reads that half with
+//!   masked loads.
 //! - Weight gradient: `dW[co, ci, tap] = sum_q dY[co, q] * x[ci, q + offset(tap)]` with `dY`
 //!   flattened the same way and zero in the junk columns; a micro-tile holds `cb` output
 //!   channels by `TB` taps as vector partial sums over `q`.
@@ -59,6 +62,11 @@ const MAX_CB: usize = 8;
 const BLOCK_PIXELS: usize = 128;
 /// Planes are padded to a multiple of this many floats (the widest vector).
 const PLANE_ALIGN: usize = 16;
+/// Flattened outputs are a multiple of this many pixels: one AVX2 vector, half an AVX-512
+/// one (whose kernels end such a row with a half-width tile). Rounding to whole AVX-512
+/// vectors made a 7x7 output 64 pixels for 56 (8 rows of the shared-padding pitch), an
+/// eighth of its FMAs spent on nothing.
+const QUANTUM: usize = 8;
 /// [`Plan::preferred`] takes the copies layout from this many output channels up ...
 const COPIES_MIN_COUT: usize = 64;
 /// ... when it saves at least this fraction of the flattened pixels.
@@ -144,8 +152,8 @@ pub(crate) struct Plan {
     phase_len: usize,
     /// The largest tap offset.
     max_tap: usize,
-    /// Flattened output length: `oh * pitch` rounded up to a multiple of one vector (not of
-    /// a whole tile: at 8x8 that was 96 for 80, a third of the FMAs spent on junk).
+    /// Flattened output length: `oh * pitch` rounded up to a multiple of [`QUANTUM`] (not
+    /// of a whole tile: at 8x8 that was 96 for 80, a third of the FMAs spent on junk).
     qlen: usize,
     /// Stride between padded input planes: `qlen` plus the largest tap offset, so every read
     /// of a tile stays inside its plane.
@@ -206,7 +214,7 @@ impl Plan {
             wp
         };
         let pitch = if stride == 1 { wp } else { wp.div_ceil(2) };
-        let qlen = (oh * pitch).div_ceil(isa.lanes()) * isa.lanes();
+        let qlen = (oh * pitch).div_ceil(QUANTUM) * QUANTUM;
         // Stride 2: one phase holds `ceil(hp / 2)` rows of `pitch`.
         let phase_len = if stride == 1 {
             0
@@ -282,8 +290,7 @@ impl Plan {
         if self.stride != 1 || 2 * self.pad_x + 1 != kw || self.pad_x >= w || self.ow != w {
             return None;
         }
-        let lanes = self.isa.lanes();
-        let qlen = (self.oh * w).div_ceil(lanes) * lanes;
+        let qlen = (self.oh * w).div_ceil(QUANTUM) * QUANTUM;
         let held = 2 * self.pad_x + (h + 2 * self.pad_y) * w;
         let copy_len = (qlen + (kh - 1) * w + kw - 1)
             .max(held)
@@ -570,20 +577,25 @@ impl Plan {
         out.resize(self.flat_len(), 0.0);
     }
 
-    /// Micro-tiles per output row: whole tiles, then at most one one-vector tile.
+    /// Micro-tiles per output row: whole tiles, then at most one one-vector tile and (AVX-512)
+    /// at most one half-vector tile.
     fn tiles(&self) -> usize {
         let (tq, lanes) = (self.isa.tq(), self.isa.lanes());
-        self.qlen / tq + usize::from((self.qlen % tq) / lanes > 0)
+        let rest = self.qlen % tq;
+        self.qlen / tq + usize::from(rest >= lanes) + usize::from(!rest.is_multiple_of(lanes))
     }
 
-    /// Micro-tile `t`: (start, vectors).
+    /// Micro-tile `t`: (start, pixels), the pixels [`Isa::tq`], one vector or [`QUANTUM`].
     fn tile(&self, t: usize) -> (usize, usize) {
         let (tq, lanes) = (self.isa.tq(), self.isa.lanes());
         let full = self.qlen / tq;
+        let rest = self.qlen % tq;
         if t < full {
-            (t * tq, QV)
+            (t * tq, tq)
+        } else if t == full && rest >= lanes {
+            (full * tq, lanes)
         } else {
-            (full * tq, (self.qlen % tq) / lanes)
+            (self.qlen - rest % lanes, rest % lanes)
         }
     }
 
@@ -595,13 +607,16 @@ impl Plan {
         }
     }
 
-    /// One micro-tile: `cb` output rows of `o` (stride `qlen`) at `q0..q0 + v * lanes`, for
-    /// `v` = [`QV`] or (the tail) 1 vector.
-    fn fwd_tile(&self, xp: &[f32], wb: &[f32], (q0, v): (usize, usize), o: &mut [f32]) {
-        let (cb, max_tap) = (self.cb(), self.max_tap);
-        let len = v * self.isa.lanes();
+    /// One micro-tile: `cb` output rows of `o` (stride `qlen`) at `q0..q0 + len`, for `len`
+    /// [`QV`] vectors or (the tail) one vector or [`QUANTUM`] pixels.
+    fn fwd_tile(&self, xp: &[f32], wb: &[f32], (q0, len): (usize, usize), o: &mut [f32]) {
+        let (cb, max_tap, lanes) = (self.cb(), self.max_tap, self.isa.lanes());
         // The bounds the kernels rely on.
-        assert!((v == 1 || v == QV) && q0 + len <= self.qlen && self.qlen + max_tap <= self.ps);
+        assert!(
+            [self.isa.tq(), lanes, QUANTUM].contains(&len)
+                && q0 + len <= self.qlen
+                && self.qlen + max_tap <= self.ps
+        );
         assert!(xp.len() >= self.c * self.ps && wb.len() >= self.c * self.taps.len() * cb);
         assert!(o.len() >= (cb - 1) * self.qlen + q0 + len);
         let (x, w, out) = (xp[q0..].as_ptr(), wb.as_ptr(), o[q0..].as_mut_ptr());
@@ -612,11 +627,14 @@ impl Plan {
         // writes `(cb - 1) * qlen + q0 + len` (asserted above).
         unsafe {
             let (ps, taps, c, qlen) = (self.ps, &self.taps[..], self.c, self.qlen);
-            match (self.isa, v) {
-                (Isa::Avx2, QV) => avx2::fwd_tile::<QV>(x, ps, taps, c, w, out, qlen),
-                (Isa::Avx2, _) => avx2::fwd_tile::<1>(x, ps, taps, c, w, out, qlen),
-                (Isa::Avx512, QV) => avx512::fwd_tile::<QV>(x, ps, taps, c, w, out, qlen),
-                (Isa::Avx512, _) => avx512::fwd_tile::<1>(x, ps, taps, c, w, out, qlen),
+            match self.isa {
+                Isa::Avx2 if len == lanes => avx2::fwd_tile::<1>(x, ps, taps, c, w, out, qlen),
+                Isa::Avx2 => avx2::fwd_tile::<QV>(x, ps, taps, c, w, out, qlen),
+                Isa::Avx512 if len == QUANTUM => {
+                    avx512::fwd_tile_half(x, ps, taps, c, w, out, qlen)
+                }
+                Isa::Avx512 if len == lanes => avx512::fwd_tile::<1>(x, ps, taps, c, w, out, qlen),
+                Isa::Avx512 => avx512::fwd_tile::<QV>(x, ps, taps, c, w, out, qlen),
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
@@ -797,7 +815,7 @@ impl Plan {
             "direct conv: weight gradient size"
         );
         let max_tap = self.max_tap;
-        assert!(self.qlen.is_multiple_of(self.isa.lanes()) && self.qlen + max_tap <= self.ps);
+        assert!(self.qlen.is_multiple_of(QUANTUM) && self.qlen + max_tap <= self.ps);
         let cb = self.cb();
         let mut xs = [std::ptr::null::<f32>(); MAX_GROUP];
         let mut ds = [std::ptr::null::<f32>(); MAX_GROUP];
@@ -821,7 +839,7 @@ impl Plan {
                     // of the `m` images, reads from its plane pointer reach
                     // `max_tap + qlen <= ps` and from its `dY` pointer
                     // `(cb - 1) * row_stride + qlen` (asserted above); `qlen` is a multiple
-                    // of the lanes.
+                    // of [`QUANTUM`], half an AVX-512 vector (whose kernel masks the rest).
                     unsafe {
                         match self.isa {
                             Isa::Avx2 => {

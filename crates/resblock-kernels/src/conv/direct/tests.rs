@@ -57,8 +57,9 @@ fn every_kernel_set_matches_a_plain_convolution() {
         .collect();
     // (n, c, cout, h, w, k, pad): same and valid convolutions, outputs of 3, 6, 13 and 16
     // channels (no tile of 4 or 8 filled exactly, then exactly), rows of 5 to 17 pixels;
-    // flattened outputs ending in a one-vector tail tile (AVX-512: the first three, AVX2:
-    // the last) and in whole tiles.
+    // flattened outputs ending in whole tiles and in tail tiles: on AVX-512 a half vector
+    // (the first four, shared padding: 72, 40, 72 and 136 pixels), one vector (the fourth
+    // on copies: 112) and both (the last: 120); on AVX2 one vector (the last).
     let cases = [
         (2, 3, 6, 7, 9, 3, 1),
         (3, 5, 13, 6, 5, 3, 1),
@@ -330,6 +331,54 @@ fn packing_per_block_matches_packing_whole() {
         )
         .expect("valid test shape");
         assert_close(&format!("{isa:?}"), &y, &conv_ref(&x, &k, &d, 1), 1e-5);
+    }
+}
+
+/// The micro-tiles of a flattened row cover it once, in order, with whole tiles first and
+/// at most one tail of each kind; over the shapes of
+/// [`every_kernel_set_matches_a_plain_convolution`], AVX-512 plans reach all three tile
+/// sizes (so that test runs each AVX-512 forward kernel and the masked weight-gradient
+/// tail).
+#[test]
+fn tiles_cover_each_row_once() {
+    let mut seen = std::collections::BTreeSet::new();
+    let shapes = [
+        (3, 7, 9, 3, 1),
+        (5, 6, 5, 3, 1),
+        (2, 11, 10, 5, 2),
+        (4, 9, 17, 3, 0),
+    ];
+    for isa in [Isa::Avx512, Isa::Avx2] {
+        for (c, h, w, k, pad) in shapes {
+            let Some(shared) = Plan::with_isa(isa, (c, h, w), 8, (k, k), (pad, pad)) else {
+                continue;
+            };
+            for plan in [Some(shared.clone()), shared.with_copies()]
+                .into_iter()
+                .flatten()
+            {
+                let mut next = 0;
+                let mut lens = Vec::new();
+                for t in 0..plan.tiles() {
+                    let (q0, len) = plan.tile(t);
+                    assert_eq!(q0, next, "{isa:?} {h}x{w}: tile {t} starts at {q0}");
+                    next += len;
+                    lens.push(len);
+                }
+                assert_eq!(next, plan.qlen, "{isa:?} {h}x{w}: tiles cover the row");
+                let mut sorted = lens.clone();
+                sorted.sort_unstable_by(|a, b| b.cmp(a));
+                assert_eq!(lens, sorted, "{isa:?} {h}x{w}: whole tiles first");
+                let tails = lens.iter().filter(|&&l| l != isa.tq()).count();
+                assert!(tails <= 2, "{isa:?} {h}x{w}: {lens:?}");
+                if isa == Isa::Avx512 {
+                    seen.extend(lens);
+                }
+            }
+        }
+    }
+    if Isa::Avx512.supported() {
+        assert_eq!(seen.into_iter().collect::<Vec<_>>(), [8, 16, 32]);
     }
 }
 
