@@ -7,14 +7,15 @@
 //! the first convolution and by the sum). Those zero fills and adds run on the calling
 //! thread, one at a time, while the kernels' threads wait: about a tenth of a ResNet-20
 //! training step. Here the block's input gradient is the first convolution's plus the
-//! residual's, summed on all threads, and Candle sees one input of activation size.
+//! residual's, added as the first layer writes its input gradient (where it runs on the
+//! direct kernels; after, on all threads, elsewhere), and Candle sees one input of
+//! activation size.
 //!
 //! The op's inputs are `x` and the two layers' `[kernel; gamma; beta]`.
 
 use std::sync::OnceLock;
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
-use rayon::prelude::*;
 
 use super::conv_bn::ConvBnTrain;
 use crate::buffer::{f32_slice, with_cpu_slice as with};
@@ -145,18 +146,17 @@ impl BlockTrain {
         (mid, need_dx): (&[f32], bool),
     ) -> candle_core::Result<BlockGrads> {
         let g = relu_grad(y, dy);
-        let (dmid, dp2) = self.second.backward_saved((mid, p2), &g, (true, false))?;
+        let (dmid, dp2) = self
+            .second
+            .backward_saved((mid, p2), &g, (true, false), None)?;
         let Some(dmid) = dmid else {
             candle_core::bail!("basic_block: the second layer gave no input gradient")
         };
-        let (dx, dp1) = self.first.backward_saved((x, p1), &dmid, (need_dx, true))?;
-        let dx = dx.map(|mut dx| {
-            const CHUNK: usize = 1 << 14;
-            dx.par_chunks_mut(CHUNK)
-                .zip(g.par_chunks(CHUNK))
-                .for_each(|(d, r)| d.iter_mut().zip(r).for_each(|(d, r)| *d += r));
-            dx
-        });
+        // The residual's gradient `g` is added to the first layer's input gradient as that
+        // is written.
+        let (dx, dp1) = self
+            .first
+            .backward_saved((x, p1), &dmid, (need_dx, true), Some(&g))?;
         Ok((dx, dp1, dp2))
     }
 }

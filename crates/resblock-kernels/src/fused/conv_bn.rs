@@ -218,13 +218,15 @@ impl ConvBnTrain {
     }
 
     /// (dx if `need_dx`, [dkernel; dgamma; dbeta]) for the gradient `dy` of the norm's
-    /// output (after the ReLU when `relu`).
+    /// output (after the ReLU when `relu`); `dx_add` (laid out as `x`), when given, is
+    /// added to dx (the residual's gradient of a block whose input this layer reads).
     fn backward(
         &self,
         (x, params): (&[f32], &[f32]),
         conv: &[f32],
         dy: &[f32],
         (need_dx, relu): (bool, bool),
+        dx_add: Option<&[f32]>,
     ) -> (Option<Vec<f32>>, Vec<f32>) {
         let (wlen, _) = self.param_lens();
         let (w, gb) = params.split_at(wlen);
@@ -242,14 +244,18 @@ impl ConvBnTrain {
         let gcoef = grad_coef(&sums, &gb[..cout], mean, &inv, m);
         let coefs = (&fcoef[..], &gcoef[..]);
         let (dx, mut dparams) = match &self.back {
-            _ if self.winograd => self.winograd_grads((x, w), (conv, dy), coefs, (need_dx, relu)),
+            _ if self.winograd => {
+                let (dx, dw) = self.winograd_grads((x, w), (conv, dy), coefs, (need_dx, relu));
+                (add_into(dx, dx_add), dw)
+            }
             Some(back) => {
-                let (dx, dw) = self.same_grads(back, (x, w), (conv, dy), coefs, (need_dx, relu));
+                let (dx, dw) =
+                    self.same_grads(back, (x, w), (conv, dy), coefs, (need_dx, relu), dx_add);
                 (dx, dw.total(2 * cout))
             }
             None => {
                 let (dx, dw) = self.strided_grads((x, w), (conv, dy), coefs, (need_dx, relu));
-                (dx, dw.total(2 * cout))
+                (add_into(dx, dx_add), dw.total(2 * cout))
             }
         };
         dparams.extend(sums.iter().map(|s| s.1 as f32));
@@ -282,7 +288,9 @@ impl ConvBnTrain {
     }
 
     /// Stride 1: (dx if `need_dx`, the workers' f64 sums of the kernel's gradient) from the norm's
-    /// coefficients, the input-gradient plan `back` running the input gradient.
+    /// coefficients, the input-gradient plan `back` running the input gradient. `dx_add` is
+    /// added to each image's dx as it is copied out of the kernel's layout (one pass over
+    /// dx less than adding it after).
     fn same_grads(
         &self,
         back: &direct::Plan,
@@ -290,6 +298,7 @@ impl ConvBnTrain {
         (conv, dy): (&[f32], &[f32]),
         (fcoef, gcoef): Coefs<'_>,
         (need_dx, relu): (bool, bool),
+        dx_add: Option<&[f32]>,
     ) -> (Option<Vec<f32>>, WeightSums) {
         let d = &self.d;
         let (p, cout) = (d.p(), d.cout);
@@ -341,9 +350,14 @@ impl ConvBnTrain {
                     .expect("conv_bn: layouts checked in new");
                 acc.add(&s.dw_n);
                 if need_dx {
-                    for (dyp, dx_n) in s.dyp.iter().zip(dx_g.chunks_exact_mut(d.chw())) {
+                    let chunks = s.dyp.iter().zip(dx_g.chunks_exact_mut(d.chw()));
+                    for (k, (dyp, dx_n)) in chunks.enumerate() {
                         back.forward(dyp, &wfk, &mut s.flat, !parallel);
-                        back.unflatten(&s.flat, dx_n, Epilogue::NONE);
+                        let ep = Epilogue {
+                            residual: dx_add,
+                            ..Epilogue::NONE
+                        };
+                        back.unflatten(&s.flat, dx_n, ep.image(first + k, d.chw()));
                     }
                 }
             };
@@ -492,18 +506,20 @@ impl ConvBnTrain {
         Ok(y)
     }
 
-    /// (dx if `need_dx`, [dkernel; dgamma; dbeta]) for the gradient `dy` of the norm's
-    /// output (of the ReLU's when `relu`) after [`ConvBnTrain::forward_saving`].
+    /// (dx if `need_dx`, with `dx_add` added when given; [dkernel; dgamma; dbeta]) for the
+    /// gradient `dy` of the norm's output (of the ReLU's when `relu`) after
+    /// [`ConvBnTrain::forward_saving`].
     pub(crate) fn backward_saved(
         &self,
         (x, params): (&[f32], &[f32]),
         dy: &[f32],
         (need_dx, relu): (bool, bool),
+        dx_add: Option<&[f32]>,
     ) -> candle_core::Result<(Option<Vec<f32>>, Vec<f32>)> {
         let Some(conv) = self.conv.get() else {
             candle_core::bail!("conv_bn: backward before forward")
         };
-        Ok(self.backward((x, params), conv, dy, (need_dx, relu)))
+        Ok(self.backward((x, params), conv, dy, (need_dx, relu), dx_add))
     }
 
     /// (dx, dparams, dres) for the op's output `y` and its gradient `dy`.
@@ -524,7 +540,8 @@ impl ConvBnTrain {
             with(params, "conv_bn", |ps: &[f32]| {
                 with(dy, "conv_bn", |dys: &[f32]| match res {
                     None => {
-                        let (dx, dp) = self.backward((xs, ps), conv, dys, (need_dx, self.relu));
+                        let (dx, dp) =
+                            self.backward((xs, ps), conv, dys, (need_dx, self.relu), None);
                         Ok((dx, dp, None))
                     }
                     Some(_) => with(y, "conv_bn", |ys: &[f32]| {
@@ -535,7 +552,7 @@ impl ConvBnTrain {
                         } else {
                             dys.to_vec()
                         };
-                        let (dx, dp) = self.backward((xs, ps), conv, &g, (need_dx, false));
+                        let (dx, dp) = self.backward((xs, ps), conv, &g, (need_dx, false), None);
                         (dx, dp, Some(g))
                     }),
                 })
@@ -551,6 +568,21 @@ impl ConvBnTrain {
                 _ => None,
             },
         ))
+    }
+}
+
+/// `dx + add` in place, on all threads (where a path cannot add it while writing dx).
+fn add_into(dx: Option<Vec<f32>>, add: Option<&[f32]>) -> Option<Vec<f32>> {
+    const CHUNK: usize = 1 << 14;
+    match (dx, add) {
+        (Some(mut dx), Some(add)) => {
+            assert_eq!(dx.len(), add.len(), "conv_bn: dx_add size");
+            dx.par_chunks_mut(CHUNK)
+                .zip(add.par_chunks(CHUNK))
+                .for_each(|(d, r)| d.iter_mut().zip(r).for_each(|(d, r)| *d += r));
+            Some(dx)
+        }
+        (dx, _) => dx,
     }
 }
 

@@ -61,9 +61,14 @@ fn one_op_block_matches_two_conv_bn_ops() -> Result<()> {
         // No direct kernels on this CPU: the fused ops do not apply.
         return Ok(());
     }
-    let (c, shape) = (6, [3, 6, 7, 9]);
-    let dy = values(&shape, 7, 1.0);
-    for input_grad in [true, false] {
+    // Direct kernels (the residual's gradient added as dx is written) and, at 64 channels
+    // and 3 x 49 tiles, Winograd (added after).
+    let cases = [(6, [3, 6, 7, 9], false), (64, [3, 64, 14, 14], true)];
+    for ((c, shape, winograd), input_grad) in cases
+        .into_iter()
+        .flat_map(|case| [(case, true), (case, false)])
+    {
+        let dy = values(&shape, 7, 1.0);
         let p = params(c);
         let x = Var::from_tensor(&values(&shape, 8, 1.0))?;
         let x = if input_grad {
@@ -72,6 +77,18 @@ fn one_op_block_matches_two_conv_bn_ops() -> Result<()> {
             x.as_tensor().detach()
         };
         let (l1, l2) = layers(&p);
+        let g = crate::conv::geom::ConvGeom {
+            padding: 1,
+            stride: 1,
+            dilation: 1,
+            groups: 1,
+        };
+        let d = crate::conv::geom::Dims::new(&g, &shape, &[c, c, 3, 3]).expect("dims");
+        assert_eq!(
+            crate::conv::winograd::applies(&d, &g),
+            winograd,
+            "{shape:?}"
+        );
         let (y, stats) = fused_block(&x, l1, l2)?.expect("the block fuses");
         let grads = (&y * &dy)?.sum_all()?.backward()?;
 
