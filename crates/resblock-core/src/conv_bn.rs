@@ -151,6 +151,43 @@ impl ConvBn {
         second.forward_add_relu_t(&y, x, train)
     }
 
+    /// `relu(second.forward_t(relu(self.forward_t(x)), train) + zero_pad(x))`: a
+    /// post-activation basic block's branch with the option-A shortcut
+    /// ([`crate::ops::zero_pad_shortcut`] with `(stride, front, back)`), a CIFAR ResNet's
+    /// downsampling block. In training on our CPU kernels the whole block is one op
+    /// ([`crate::ops::zero_pad_block_train`]).
+    ///
+    /// # Shapes
+    /// - input: (N, C, H, W); output: (N, front + C + back, ceil(H/s), ceil(W/s))
+    ///
+    /// # Errors
+    /// As [`ConvBn::forward_add_relu_t`].
+    pub fn zero_pad_block_t(
+        &self,
+        second: &ConvBn,
+        x: &Tensor,
+        (stride, front, back): (usize, usize, usize),
+        train: bool,
+    ) -> candle_core::Result<Tensor> {
+        let no_bias = self.conv.bias().is_none() && second.conv.bias().is_none();
+        if let (true, true, Some(bn1), Some(bn2)) = (train, no_bias, &self.norm, &second.norm) {
+            let (y, [s1, s2]) = crate::ops::zero_pad_block_train(
+                x,
+                self.fused_layer(bn1),
+                second.fused_layer(bn2),
+                (stride, front, back),
+            )
+            .map_err(candle_core::Error::wrap)?;
+            bn1.track(&s1)?;
+            bn2.track(&s2)?;
+            return Ok(y);
+        }
+        let y = self.forward_relu_t(x, train)?;
+        let s = crate::ops::zero_pad_shortcut(x, stride, front, back)
+            .map_err(candle_core::Error::wrap)?;
+        second.forward_add_relu_t(&y, &s, train)
+    }
+
     /// The eval-mode `(scale, shift)` per output channel of this convolution's bias (if any)
     /// followed by its norm `bn`, detached (constants, as eval mode takes them).
     fn eval_scale_shift(&self, bn: &BatchNorm) -> candle_core::Result<(Tensor, Tensor)> {

@@ -127,6 +127,22 @@ pub trait Branch: ModuleT {
         }
         crate::ops::add_relu(shortcut, &r).map_err(candle_core::Error::wrap)
     }
+
+    /// The whole post-activation block `relu(shortcut.apply(x) + self.forward_t(x, train))`
+    /// where the branch has a better way with this shortcut (one op for the block), else
+    /// `None`: then the block applies the shortcut and calls [`Branch::forward_end`]. The
+    /// default is `None` (`resblock_vision::BasicBranch` fuses the option-A shortcut).
+    ///
+    /// # Errors
+    /// As [`Branch::forward_end`].
+    fn forward_block(
+        &self,
+        _x: &Tensor,
+        _shortcut: &Shortcut,
+        _train: bool,
+    ) -> Option<candle_core::Result<Tensor>> {
+        None
+    }
 }
 
 impl Branch for candle_nn::Linear {}
@@ -289,6 +305,11 @@ impl<G: Branch> ModuleT for Residual<G> {
             && (self.drop_path.is_none() || !train)
             && !self.probe.is_enabled();
         if plain {
+            if self.pre.is_none() {
+                if let Some(y) = self.branch.forward_block(x, &self.shortcut, train) {
+                    return y;
+                }
+            }
             let a = match &self.pre {
                 Some(p) => p.forward_t(x, train)?,
                 None => x.clone(),

@@ -115,6 +115,29 @@ impl Branch for BasicBranch {
         let y = self.first.forward_relu_t(x, train)?;
         self.second.forward_add_relu_t(&y, s, train)
     }
+
+    /// In training, a block with the option-A shortcut is one op
+    /// ([`ConvBn::zero_pad_block_t`]); other shortcuts go through [`Branch::forward_end`].
+    fn forward_block(
+        &self,
+        x: &Tensor,
+        shortcut: &Shortcut,
+        train: bool,
+    ) -> Option<candle_core::Result<Tensor>> {
+        match shortcut {
+            Shortcut::ZeroPad {
+                stride,
+                front,
+                back,
+            } if train => {
+                Some(
+                    self.first
+                        .zero_pad_block_t(&self.second, x, (*stride, *front, *back), train),
+                )
+            }
+            _ => None,
+        }
+    }
 }
 
 /// A ResNet basic block: two 3x3 convolutions and a shortcut.

@@ -11,6 +11,11 @@
 //! direct kernels; after, on all threads, elsewhere), and Candle sees one input of
 //! activation size.
 //!
+//! A downsampling block with the option-A shortcut (`conv1` of stride 2, the block's sum
+//! taking `zero_pad(x)` for `x`) is the same op with the shortcut computed inside: Candle's
+//! bookkeeping for the middle activation, the shortcut's output and `x`'s second use goes
+//! too.
+//!
 //! The op's inputs are `x` and the two layers' `[kernel; gamma; beta]`.
 
 use std::sync::OnceLock;
@@ -20,6 +25,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use super::conv_bn::ConvBnTrain;
 use crate::buffer::{f32_slice, with_cpu_slice as with};
 use crate::norm::simd::relu_grad;
+use crate::shortcut::zero_pad::{self, ZeroPad};
 
 /// The fused block; see the module docs.
 pub(crate) struct BlockTrain {
@@ -27,23 +33,46 @@ pub(crate) struct BlockTrain {
     second: ConvBnTrain,
     /// The first layer's output (the second's input), saved by the forward.
     mid: OnceLock<Vec<f32>>,
-    /// `(n, c, h, w)`: the input's and the output's dims.
+    /// `(n, c, h, w)`: the input's dims.
     dims: [usize; 4],
+    /// The option-A shortcut; `None` for the identity.
+    shortcut: Option<ZeroPad>,
 }
 
 impl BlockTrain {
     /// The block of `first` (with its ReLU) and `second` (with the sum and the ReLU) on
-    /// input dims `x`, or `None` unless the second's output has `x`'s shape (stride 1, as
-    /// many channels out as in) and the first's output is the second's input.
-    pub(crate) fn new(x: &[usize], first: ConvBnTrain, second: ConvBnTrain) -> Option<BlockTrain> {
+    /// input dims `x`, with the option-A shortcut `shortcut` when given, else the identity;
+    /// `None` unless the first's output is the second's input and the second's output has
+    /// the shortcut's output shape (`x`'s for the identity: stride 1, as many channels out
+    /// as in).
+    pub(crate) fn with_shortcut(
+        x: &[usize],
+        first: ConvBnTrain,
+        second: ConvBnTrain,
+        shortcut: Option<ZeroPad>,
+    ) -> Option<BlockTrain> {
         let dims: [usize; 4] = x.try_into().ok()?;
-        let ok = first.out_shape() == second.in_shape() && second.out_shape() == dims;
+        let out = match &shortcut {
+            None => dims,
+            Some(z) => {
+                let (n, c, h, w) = z.out_dims((dims[0], dims[1], dims[2], dims[3]));
+                [n, c, h, w]
+            }
+        };
+        let ok = first.out_shape() == second.in_shape() && second.out_shape() == out;
         ok.then(|| BlockTrain {
             first,
             second,
             mid: OnceLock::new(),
             dims,
+            shortcut,
         })
+    }
+
+    /// `x`'s dims as a tuple.
+    fn dims4(&self) -> (usize, usize, usize, usize) {
+        let [n, c, h, w] = self.dims;
+        (n, c, h, w)
     }
 
     /// The checked slices of `x` and the two parameter vectors.
@@ -91,11 +120,20 @@ impl CustomOp3 for BlockTrain {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (x, p1, p2) = self.inputs((s1, l1), (s2, l2), (s3, l3))?;
         let mid = self.first.forward_saving(x, p1, None)?;
-        let y = self.second.forward_saving(&mid, p2, Some(x))?;
+        let y = match &self.shortcut {
+            None => self.second.forward_saving(&mid, p2, Some(x))?,
+            Some(z) => {
+                let res = zero_pad::forward(x, self.dims4(), z);
+                self.second.forward_saving(&mid, p2, Some(&res))?
+            }
+        };
         if self.mid.set(mid).is_err() {
             candle_core::bail!("basic_block: a kernel instance ran twice");
         }
-        Ok((CpuStorage::F32(y), Shape::from(self.dims.to_vec())))
+        Ok((
+            CpuStorage::F32(y),
+            Shape::from(self.second.out_shape().to_vec()),
+        ))
     }
 
     fn bwd(
@@ -152,11 +190,15 @@ impl BlockTrain {
         let Some(dmid) = dmid else {
             candle_core::bail!("basic_block: the second layer gave no input gradient")
         };
-        // The residual's gradient `g` is added to the first layer's input gradient as that
-        // is written.
-        let (dx, dp1) = self
+        // With the identity, the residual's gradient `g` is added to the first layer's input
+        // gradient as that is written; the zero-pad shortcut's is scattered into it after.
+        let add = self.shortcut.is_none().then_some(&g[..]);
+        let (mut dx, dp1) = self
             .first
-            .backward_saved((x, p1), &dmid, (need_dx, true), Some(&g))?;
+            .backward_saved((x, p1), &dmid, (need_dx, true), add)?;
+        if let (Some(z), Some(dx)) = (&self.shortcut, &mut dx) {
+            zero_pad::add_backward(dx, &g, self.dims4(), z);
+        }
         Ok((dx, dp1, dp2))
     }
 }

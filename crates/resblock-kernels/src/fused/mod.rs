@@ -1,6 +1,7 @@
 //! Convolution + training-mode BatchNorm (+ ReLU, + a residual block's sum) as one op where
 //! it applies, two ops elsewhere; the fused kernel is in `conv_bn.rs`. A whole basic block
-//! with an identity shortcut, two of those, is one op in `basic_block.rs`.
+//! with an identity or an option-A (zero-pad) shortcut, two of those, is one op in
+//! `basic_block.rs`.
 
 use std::sync::{Arc, OnceLock};
 
@@ -93,7 +94,7 @@ pub fn basic_block_train(
     first: Layer<'_>,
     second: Layer<'_>,
 ) -> Result<(Tensor, [BatchStats; 2])> {
-    if let Some(out) = fused_block(x, first, second)? {
+    if let Some(out) = fused_block(x, first, second, None)? {
         return Ok(out);
     }
     let (k1, g1, w1, b1, eps1) = first;
@@ -113,11 +114,50 @@ pub type Layer<'a> = (
     f64,
 );
 
-/// The fused block's output, or `None` where it does not apply.
+/// `relu(bn2(conv2(relu(bn1(conv1(x))))) + zero_pad_shortcut(x, stride, front, back))`:
+/// a post-activation basic block with the option-A shortcut in training (a CIFAR ResNet's
+/// downsampling block: `conv1` of stride `stride`, `front + C + back` output channels), the
+/// layers as in [`basic_block_train`].
+///
+/// Where both layers fuse and the shapes agree this is one op (`fused/basic_block.rs`),
+/// which saves Candle's gradient bookkeeping for the middle activation, the shortcut's
+/// output and `x`'s second use; else [`conv_batch_norm_train`],
+/// [`crate::zero_pad_shortcut`] and [`conv_batch_norm_add_relu_train`]. Both give the
+/// same values up to f32 rounding.
+///
+/// # Errors
+/// As those three ops.
+pub fn zero_pad_block_train(
+    x: &Tensor,
+    first: Layer<'_>,
+    second: Layer<'_>,
+    (stride, front, back): (usize, usize, usize),
+) -> Result<(Tensor, [BatchStats; 2])> {
+    let shortcut = crate::shortcut::zero_pad::ZeroPad {
+        stride,
+        front,
+        back,
+    };
+    if stride > 0 {
+        if let Some(out) = fused_block(x, first, second, Some(shortcut))? {
+            return Ok(out);
+        }
+    }
+    let (k1, g1, w1, b1, eps1) = first;
+    let (k2, g2, w2, b2, eps2) = second;
+    let (mid, s1) = conv_batch_norm_train(x, k1, g1, w1, b1, eps1, true)?;
+    let res = crate::zero_pad_shortcut(x, stride, front, back)?;
+    let (y, s2) = conv_batch_norm_add_relu_train(&mid, k2, g2, w2, b2, eps2, &res)?;
+    Ok((y, [s1, s2]))
+}
+
+/// The fused block's output (with the option-A `shortcut` when given, else the identity),
+/// or `None` where it does not apply.
 fn fused_block(
     x: &Tensor,
     first: Layer<'_>,
     second: Layer<'_>,
+    shortcut: Option<crate::shortcut::zero_pad::ZeroPad>,
 ) -> Result<Option<(Tensor, [BatchStats; 2])>> {
     let (k1, g1, w1, b1, eps1) = first;
     let (k2, g2, w2, b2, eps2) = second;
@@ -134,7 +174,7 @@ fn fused_block(
     let Some(op2) = layer(&op1.out_shape(), k2, g2, eps2, true, &stats[1]) else {
         return Ok(None);
     };
-    let Some(op) = basic_block::BlockTrain::new(x.dims(), op1, op2) else {
+    let Some(op) = basic_block::BlockTrain::with_shortcut(x.dims(), op1, op2, shortcut) else {
         return Ok(None);
     };
     let p1 = packed_params(k1, w1, b1)?;

@@ -1,5 +1,6 @@
-//! The whole-block op against the two conv-BN ops it replaces: output, statistics and every
-//! gradient, with and without an input gradient; and where it does not apply.
+//! The whole-block op (identity and zero-pad shortcuts) against the conv-BN ops (and the
+//! zero-pad shortcut op) it replaces: output, statistics and every gradient, with and
+//! without an input gradient; and where it does not apply.
 
 use candle_core::{DType, Device, Tensor, Var};
 
@@ -17,6 +18,56 @@ fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
     (a - b)
         .and_then(|d| d.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>())
         .expect("difference")
+}
+
+/// Runs the fused block (with the option-A `shortcut` when given) and the separate ops it
+/// replaces on `x`, and checks the output, the statistics and the gradients (of the
+/// parameters `p`, and of `x` exactly when `input_grad`) agree within f32 rounding; returns
+/// the fused block's output.
+fn check_block(
+    what: &str,
+    (x, input_grad): (&Tensor, bool),
+    (l1, l2): (Layer<'_>, Layer<'_>),
+    shortcut: Option<crate::shortcut::zero_pad::ZeroPad>,
+    p: &[Var],
+) -> Result<Tensor> {
+    let (y, stats) = fused_block(x, l1, l2, shortcut)?.expect("the block fuses");
+    let dy = values(y.dims(), 7, 1.0);
+    let grads = (&y * &dy)?.sum_all()?.backward()?;
+
+    let (mid, s1) = conv_batch_norm_train(x, l1.0, l1.1, l1.2, l1.3, l1.4, true)?;
+    let res = match shortcut {
+        Some(z) => crate::zero_pad_shortcut(x, z.stride, z.front, z.back)?,
+        None => x.clone(),
+    };
+    let (want, s2) = conv_batch_norm_add_relu_train(&mid, l2.0, l2.1, l2.2, l2.3, l2.4, &res)?;
+    let want_grads = (&want * &dy)?.sum_all()?.backward()?;
+
+    assert!(max_diff(&y, &want) < 1e-5, "{what}: output");
+    for (got, want) in stats.iter().zip([s1, s2]) {
+        for (a, b) in got
+            .mean
+            .iter()
+            .zip(&want.mean)
+            .chain(got.var.iter().zip(&want.var))
+        {
+            assert!((a - b).abs() < 1e-9, "{what}: statistics {a} against {b}");
+        }
+        assert_eq!(got.count, want.count, "{what}: count");
+    }
+    assert_eq!(grads.get(x).is_some(), input_grad, "{what}: input gradient");
+    let mut wanted: Vec<&Tensor> = p.iter().map(Var::as_tensor).collect();
+    if input_grad {
+        wanted.push(x);
+    }
+    for (i, t) in wanted.into_iter().enumerate() {
+        let (a, b) = (grads.get(t), want_grads.get(t));
+        let (a, b) = (a.expect("gradient"), b.expect("gradient"));
+        let scale = b.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?.max(1.0);
+        let e = max_diff(a, b) / scale;
+        assert!(e < 1e-4, "{what}: gradient {i} differs by {e}");
+    }
+    Ok(y)
 }
 
 /// A block's parameters: `[k1, w1, b1, k2, w2, b2]` for `c` channels.
@@ -68,7 +119,6 @@ fn one_op_block_matches_two_conv_bn_ops() -> Result<()> {
         .into_iter()
         .flat_map(|case| [(case, true), (case, false)])
     {
-        let dy = values(&shape, 7, 1.0);
         let p = params(c);
         let x = Var::from_tensor(&values(&shape, 8, 1.0))?;
         let x = if input_grad {
@@ -89,40 +139,8 @@ fn one_op_block_matches_two_conv_bn_ops() -> Result<()> {
             winograd,
             "{shape:?}"
         );
-        let (y, stats) = fused_block(&x, l1, l2)?.expect("the block fuses");
-        let grads = (&y * &dy)?.sum_all()?.backward()?;
-
-        let (mid, s1) = conv_batch_norm_train(&x, l1.0, l1.1, l1.2, l1.3, l1.4, true)?;
-        let (want, s2) = conv_batch_norm_add_relu_train(&mid, l2.0, l2.1, l2.2, l2.3, l2.4, &x)?;
-        let want_grads = (&want * &dy)?.sum_all()?.backward()?;
-
-        assert!(max_diff(&y, &want) < 1e-5, "output");
-        for (got, want) in stats.iter().zip([s1, s2]) {
-            for (a, b) in got
-                .mean
-                .iter()
-                .zip(&want.mean)
-                .chain(got.var.iter().zip(&want.var))
-            {
-                assert!((a - b).abs() < 1e-9, "statistics {a} against {b}");
-            }
-            assert_eq!(got.count, want.count);
-        }
-        let mut wanted: Vec<&Tensor> = p.iter().map(Var::as_tensor).collect();
-        if input_grad {
-            wanted.push(&x);
-        }
-        for (i, t) in wanted.into_iter().enumerate() {
-            let (a, b) = (grads.get(t), want_grads.get(t));
-            let (a, b) = (a.expect("gradient"), b.expect("gradient"));
-            let scale = b.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?.max(1.0);
-            let e = max_diff(a, b) / scale;
-            assert!(
-                e < 1e-4,
-                "gradient {i} (input_grad {input_grad}) differs by {e}"
-            );
-        }
-        assert_eq!(grads.get(&x).is_some(), input_grad);
+        let what = format!("identity block, {shape:?}, input_grad {input_grad}");
+        check_block(&what, (&x, input_grad), (l1, l2), None, &p)?;
     }
     Ok(())
 }
@@ -183,11 +201,71 @@ fn blocks_that_change_the_shape_are_not_one_op() -> Result<()> {
     // A stride-2 first layer halves the size: no identity shortcut.
     let strided = (l1.0, (1, 2, 1, 1), l1.2, l1.3, l1.4);
     let x = values(&[2, 6, 8, 8], 9, 1.0);
-    assert!(fused_block(&x, strided, l2)?.is_none());
+    assert!(fused_block(&x, strided, l2, None)?.is_none());
     // f64 runs on the separate ops.
     let x64 = x.to_dtype(DType::F64)?;
-    assert!(fused_block(&x64, l1, l2)?.is_none());
+    assert!(fused_block(&x64, l1, l2, None)?.is_none());
     // And the public entry point says what is wrong with such a block.
     assert!(basic_block_train(&x, strided, l2).is_err());
+    Ok(())
+}
+
+/// A downsampling block with the option-A shortcut as one op, against the conv-BN ops and
+/// the zero-pad shortcut it replaces: output, statistics and every gradient (the input's
+/// too, whose two parts are the first convolution's and the shortcut's); odd and even
+/// sides, with and without an input gradient.
+#[test]
+fn zero_pad_block_matches_the_separate_ops() -> Result<()> {
+    if crate::conv::direct::Isa::detect().is_none() {
+        return Ok(());
+    }
+    let (c, cout, front) = (6, 12, 3);
+    for (side, input_grad) in [(8usize, true), (9, true), (8, false)] {
+        let shape = [3, c, side, side];
+        let out = side.div_ceil(2);
+        let vector = |seed, base: f32| {
+            Var::from_tensor(&(values(&[cout], seed, 0.2) + f64::from(base)).expect("add"))
+                .expect("var")
+        };
+        let p = [
+            Var::from_tensor(&values(&[cout, c, 3, 3], 1, 0.3))?,
+            vector(2, 1.0),
+            vector(3, 0.0),
+            Var::from_tensor(&values(&[cout, cout, 3, 3], 4, 0.3))?,
+            vector(5, 1.0),
+            vector(6, 0.0),
+        ];
+        let l1 = (
+            p[0].as_tensor(),
+            (1, 2, 1, 1),
+            p[1].as_tensor(),
+            p[2].as_tensor(),
+            1e-5,
+        );
+        let l2 = (
+            p[3].as_tensor(),
+            (1, 1, 1, 1),
+            p[4].as_tensor(),
+            p[5].as_tensor(),
+            1e-5,
+        );
+        let xv = Var::from_tensor(&values(&shape, 8, 1.0))?;
+        let x = if input_grad {
+            xv.as_tensor().clone()
+        } else {
+            xv.as_tensor().detach()
+        };
+        let zp = crate::shortcut::zero_pad::ZeroPad {
+            stride: 2,
+            front,
+            back: cout - c - front,
+        };
+        let what = format!("zero-pad block, side {side}, input_grad {input_grad}");
+        let y = check_block(&what, (&x, input_grad), (l1, l2), Some(zp), &p)?;
+        assert_eq!(y.dims(), [3, cout, out, out]);
+        // The public entry point takes the fused op too, with the same output.
+        let (y2, _) = zero_pad_block_train(&x, l1, l2, (2, zp.front, zp.back))?;
+        assert!(max_diff(&y2, &y) < 1e-6);
+    }
     Ok(())
 }

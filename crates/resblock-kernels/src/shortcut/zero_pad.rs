@@ -57,15 +57,19 @@ pub fn zero_pad_shortcut(x: &Tensor, stride: usize, front: usize, back: usize) -
     Ok(x.contiguous()?.apply_op1(op)?)
 }
 
+/// The option-A shortcut's geometry (see [`zero_pad_shortcut`]).
 #[derive(Debug, Clone, Copy)]
-struct ZeroPad {
-    stride: usize,
-    front: usize,
-    back: usize,
+pub(crate) struct ZeroPad {
+    pub(crate) stride: usize,
+    pub(crate) front: usize,
+    pub(crate) back: usize,
 }
 
 impl ZeroPad {
-    fn out_dims(&self, (n, c, h, w): (usize, usize, usize, usize)) -> (usize, usize, usize, usize) {
+    pub(crate) fn out_dims(
+        &self,
+        (n, c, h, w): (usize, usize, usize, usize),
+    ) -> (usize, usize, usize, usize) {
         (
             n,
             self.front + c + self.back,
@@ -76,7 +80,11 @@ impl ZeroPad {
 }
 
 /// The output (N, front + C + back, ceil(H/s), ceil(W/s)) of `x` (N, C, H, W).
-fn forward<T: WithDType>(x: &[T], dims: (usize, usize, usize, usize), op: &ZeroPad) -> Vec<T> {
+pub(crate) fn forward<T: WithDType>(
+    x: &[T],
+    dims: (usize, usize, usize, usize),
+    op: &ZeroPad,
+) -> Vec<T> {
     let (n, c, h, w) = dims;
     let (_, co, oh, ow) = op.out_dims(dims);
     let mut y = vec![T::zero(); n * co * oh * ow];
@@ -101,8 +109,26 @@ fn forward<T: WithDType>(x: &[T], dims: (usize, usize, usize, usize), op: &ZeroP
 /// `dx` (N, C, H, W) from `dy` of the output's shape.
 fn backward<T: WithDType>(dy: &[T], dims: (usize, usize, usize, usize), op: &ZeroPad) -> Vec<T> {
     let (n, c, h, w) = dims;
-    let (_, co, oh, ow) = op.out_dims(dims);
     let mut dx = vec![T::zero(); n * c * h * w];
+    add_backward(&mut dx, dy, dims, op);
+    dx
+}
+
+/// Adds the shortcut's gradient for `dy` (of the output's shape) into `dx` (N, C, H, W):
+/// [`backward`] into a buffer that holds something already, for a block whose input also
+/// gets the first convolution's gradient (`fused/basic_block.rs`).
+pub(crate) fn add_backward<T: WithDType>(
+    dx: &mut [T],
+    dy: &[T],
+    dims: (usize, usize, usize, usize),
+    op: &ZeroPad,
+) {
+    let (n, c, h, w) = dims;
+    let (_, co, oh, ow) = op.out_dims(dims);
+    assert!(
+        dx.len() == n * c * h * w && dy.len() == n * co * oh * ow,
+        "zero_pad_shortcut: gradient sizes"
+    );
     dx.par_chunks_mut(c * h * w)
         .zip(dy.par_chunks(co * oh * ow))
         .for_each(|(dx_n, dy_n)| {
@@ -114,12 +140,11 @@ fn backward<T: WithDType>(dy: &[T], dims: (usize, usize, usize, usize), op: &Zer
                     .zip(g.chunks_exact(ow))
                 {
                     for (d, v) in row.iter_mut().step_by(op.stride).zip(grow) {
-                        *d = *v;
+                        *d += *v;
                     }
                 }
             }
         });
-    dx
 }
 
 impl Map1 for ZeroPad {
