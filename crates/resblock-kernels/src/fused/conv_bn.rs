@@ -235,11 +235,7 @@ impl ConvBnTrain {
         let (mean, var) = self.stats.get().expect("conv_bn: backward after forward");
         let inv = inv_std(var, self.eps);
         let fcoef = norm_coef(mean, &inv, &gb[..cout], &gb[cout..]);
-        let sums: Vec<(f64, f64)> = channel_grad_sums((conv, dy), (cout, p), &fcoef, mean, relu)
-            .into_iter()
-            .zip(&inv)
-            .map(|((sd, sdx), inv)| (sd, sdx * inv))
-            .collect();
+        let sums = channel_grad_sums((conv, dy), (cout, p), &fcoef, (mean, &inv), relu);
         let m = (d.n * p) as f64;
         let gcoef = grad_coef(&sums, &gb[..cout], mean, &inv, m);
         let coefs = (&fcoef[..], &gcoef[..]);

@@ -357,9 +357,9 @@ fn backward<T: WithDType>(
 /// plane of `s` values, planes in (N, C) order: equal counts per plane, so the mean of the
 /// means, and the squared deviations plus each plane's offset from the channel mean
 /// (Chan et al.'s exact combination).
-/// Per channel, `sum(g)` and `sum(g * (x - mean))` of the f32 planes of `x` and `dy`
-/// (`c` channels of `s` values per image; `g` is `dy` through the ReLU when `relu`, see
-/// [`simd::grad_sums`]). The planes are read in memory order, in parallel, and each
+/// Per channel, `sum(g)` and `sum(g * (x - mean)) * inv_std` of the f32 planes of `x` and
+/// `dy` (`c` channels of `s` values per image; `g` is `dy` through the ReLU when `relu`, see
+/// [`simd::grad_sums`]): the sums [`grad_coef`] takes. The planes are read in memory order, in parallel, and each
 /// channel's sums are added over the images in order (the same f64 sums as a loop per
 /// channel). A loop per channel read one plane per image, strided by the image: at
 /// 28x28 and 32x32 a plane is one 4 KiB page, where the hardware prefetcher stops, and
@@ -368,7 +368,7 @@ pub(crate) fn channel_grad_sums(
     (x, dy): (&[f32], &[f32]),
     (c, s): (usize, usize),
     fcoef: &[(f32, f32, f32)],
-    mean: &[f64],
+    (mean, inv_std): (&[f64], &[f64]),
     relu: bool,
 ) -> Vec<(f64, f64)> {
     assert!(
@@ -387,6 +387,9 @@ pub(crate) fn channel_grad_sums(
             acc.0 += a;
             acc.1 += b;
         }
+    }
+    for (acc, inv) in sums.iter_mut().zip(inv_std) {
+        acc.1 *= inv;
     }
     sums
 }
@@ -447,11 +450,7 @@ fn backward_f32(
     let m = (x.len() / c) as f64;
     let inv_std = inv_std(var, eps);
     let fcoef = norm_coef(mean, &inv_std, w, b);
-    let sums: Vec<(f64, f64)> = channel_grad_sums((x, dy), (c, s), &fcoef, mean, relu)
-        .into_iter()
-        .zip(&inv_std)
-        .map(|((sd, sdx), inv)| (sd, sdx * inv))
-        .collect();
+    let sums = channel_grad_sums((x, dy), (c, s), &fcoef, (mean, &inv_std), relu);
     let coef = grad_coef(&sums, w, mean, &inv_std, m);
     let fill = |dx: &mut [std::mem::MaybeUninit<f32>]| {
         dx.par_chunks_mut(s)
