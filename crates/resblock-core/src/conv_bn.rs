@@ -138,11 +138,10 @@ impl ConvBn {
         x: &Tensor,
         train: bool,
     ) -> candle_core::Result<Tensor> {
-        let no_bias = self.conv.bias().is_none() && second.conv.bias().is_none();
-        if let (true, true, Some(bn1), Some(bn2)) = (train, no_bias, &self.norm, &second.norm) {
+        let layers = (self.fused_train_layer(), second.fused_train_layer());
+        if let (true, (Some((l1, bn1)), Some((l2, bn2)))) = (train, layers) {
             let (y, [s1, s2]) =
-                crate::ops::basic_block_train(x, self.fused_layer(bn1), second.fused_layer(bn2))
-                    .map_err(candle_core::Error::wrap)?;
+                crate::ops::basic_block_train(x, l1, l2).map_err(candle_core::Error::wrap)?;
             bn1.track(&s1)?;
             bn2.track(&s2)?;
             return Ok(y);
@@ -169,15 +168,10 @@ impl ConvBn {
         (stride, front, back): (usize, usize, usize),
         train: bool,
     ) -> candle_core::Result<Tensor> {
-        let no_bias = self.conv.bias().is_none() && second.conv.bias().is_none();
-        if let (true, true, Some(bn1), Some(bn2)) = (train, no_bias, &self.norm, &second.norm) {
-            let (y, [s1, s2]) = crate::ops::zero_pad_block_train(
-                x,
-                self.fused_layer(bn1),
-                second.fused_layer(bn2),
-                (stride, front, back),
-            )
-            .map_err(candle_core::Error::wrap)?;
+        let layers = (self.fused_train_layer(), second.fused_train_layer());
+        if let (true, (Some((l1, bn1)), Some((l2, bn2)))) = (train, layers) {
+            let (y, [s1, s2]) = crate::ops::zero_pad_block_train(x, l1, l2, (stride, front, back))
+                .map_err(candle_core::Error::wrap)?;
             bn1.track(&s1)?;
             bn2.track(&s2)?;
             return Ok(y);
@@ -186,6 +180,16 @@ impl ConvBn {
         let s = crate::ops::zero_pad_shortcut(x, stride, front, back)
             .map_err(candle_core::Error::wrap)?;
         second.forward_add_relu_t(&y, &s, train)
+    }
+
+    /// The fused ops' view of this layer, or `None` where it has a convolution bias or no
+    /// norm.
+    fn fused_train_layer(&self) -> Option<(crate::ops::fused::Layer<'_>, &BatchNorm)> {
+        let bn = self.norm.as_ref()?;
+        self.conv
+            .bias()
+            .is_none()
+            .then(|| (self.fused_layer(bn), bn))
     }
 
     /// The eval-mode `(scale, shift)` per output channel of this convolution's bias (if any)
@@ -270,4 +274,51 @@ impl ModuleT for ConvBn {
     fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         self.run(x, train, false)
     }
+}
+
+/// One basic block of [`basic_block_chain_t`]: its two layers (`conv1` + `bn1`, `conv2` +
+/// `bn2`) and its shortcut, the option-A one `(stride, front, back)` or `None` for the
+/// identity.
+pub type ChainedBlock<'a> = (&'a ConvBn, &'a ConvBn, Option<(usize, usize, usize)>);
+
+/// A run of post-activation basic blocks in training, each block's output the next one's
+/// input: the blocks' [`ConvBn::identity_block_t`] or [`ConvBn::zero_pad_block_t`] in turn,
+/// as one op on our CPU kernels ([`crate::ops::basic_block_chain_train`]), which saves
+/// Candle's gradient bookkeeping for every block output but the last. The norms' running
+/// statistics are updated as those calls would.
+///
+/// `None` where a layer has a convolution bias or no norm: then run the blocks one by one.
+///
+/// # Shapes
+/// - input: the first block's (N, C, H, W); output: the last block's
+///
+/// # Errors
+/// As [`ConvBn::identity_block_t`] and [`ConvBn::zero_pad_block_t`].
+pub fn basic_block_chain_t(
+    x: &Tensor,
+    blocks: &[ChainedBlock<'_>],
+) -> candle_core::Result<Option<Tensor>> {
+    let mut chain = Vec::with_capacity(blocks.len());
+    let mut norms = Vec::with_capacity(blocks.len());
+    for &(first, second, zero_pad) in blocks {
+        let (Some((l1, bn1)), Some((l2, bn2))) =
+            (first.fused_train_layer(), second.fused_train_layer())
+        else {
+            return Ok(None);
+        };
+        chain.push(crate::ops::ChainBlock {
+            first: l1,
+            second: l2,
+            zero_pad,
+        });
+        norms.push([bn1, bn2]);
+    }
+    let (y, stats) =
+        crate::ops::basic_block_chain_train(x, &chain).map_err(candle_core::Error::wrap)?;
+    for (bns, ss) in norms.iter().zip(&stats) {
+        for (bn, s) in bns.iter().zip(ss) {
+            bn.track(s)?;
+        }
+    }
+    Ok(Some(y))
 }

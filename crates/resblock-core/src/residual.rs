@@ -267,6 +267,21 @@ impl<G> Residual<G> {
     pub fn probe(&self) -> &ResidualProbe {
         &self.probe
     }
+
+    /// Whether this block computes exactly `relu(shortcut(x) + g(x))` in this mode: a ReLU
+    /// after the sum and a shortcut, but no ReZero, fixed scale, enabled probe or (in
+    /// training) drop-path. Such a block's end is the branch's business
+    /// ([`Branch::forward_end`]); with no pre-activation either, so is the whole block
+    /// ([`Branch::forward_block`]), and a network may run a run of such blocks as one op
+    /// (`resblock_vision::ResNet` does, through [`crate::conv_bn::basic_block_chain_t`]).
+    pub fn is_plain_post_relu(&self, train: bool) -> bool {
+        self.post == Some(Activation::Relu)
+            && !matches!(self.shortcut, Shortcut::Removed)
+            && self.alpha.is_none()
+            && self.fixed_scale.is_none()
+            && (self.drop_path.is_none() || !train)
+            && !self.probe.is_enabled()
+    }
 }
 
 impl<G: Branch> Residual<G> {
@@ -298,13 +313,7 @@ impl<G: Branch> ModuleT for Residual<G> {
     fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         // The usual post-activation block: its end is the branch's business (one fused op
         // where the branch has one).
-        let plain = self.post == Some(Activation::Relu)
-            && !matches!(self.shortcut, Shortcut::Removed)
-            && self.alpha.is_none()
-            && self.fixed_scale.is_none()
-            && (self.drop_path.is_none() || !train)
-            && !self.probe.is_enabled();
-        if plain {
+        if self.is_plain_post_relu(train) {
             if self.pre.is_none() {
                 if let Some(y) = self.branch.forward_block(x, &self.shortcut, train) {
                     return y;

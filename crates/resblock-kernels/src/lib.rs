@@ -68,7 +68,8 @@ pub use dispatch::{kernels, set_kernels, simd_in_use, Dispatch, Kernels, Simd};
 pub use eltwise::add_relu;
 pub use error::{Error, Result};
 pub use fused::{
-    basic_block_train, conv_batch_norm_add_relu_train, conv_batch_norm_train, zero_pad_block_train,
+    basic_block_chain_train, basic_block_train, conv_batch_norm_add_relu_train,
+    conv_batch_norm_train, zero_pad_block_train, ChainBlock,
 };
 pub use norm::{
     batch_norm_add_relu_train, batch_norm_train, batch_norm_train_candle, layer_norm,

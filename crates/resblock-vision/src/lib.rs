@@ -33,6 +33,7 @@
 #![forbid(unsafe_code)]
 
 pub mod basic_block;
+mod block_run;
 pub mod bottleneck;
 pub mod error;
 pub mod grow;

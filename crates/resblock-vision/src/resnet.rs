@@ -673,7 +673,7 @@ impl ResNet {
         &self.stages
     }
 
-    fn run_stem(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+    pub(crate) fn run_stem(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         let mut h = x.clone();
         let stem = &self.stem;
         let relu_at = |i: usize| matches!(stem.get(i), Some(StemLayer::Relu));
@@ -721,9 +721,7 @@ impl ResNet {
         let mut h = self.run_stem(x, train)?;
         let mut out = Vec::with_capacity(self.stages.len());
         for stage in &self.stages {
-            for b in stage {
-                h = b.forward_t(&h, train)?;
-            }
+            h = crate::block_run::run_blocks(h, stage, train)?;
             out.push(h.clone());
         }
         Ok(out)
@@ -734,10 +732,13 @@ impl ResNet {
     /// # Errors
     /// An input of the wrong shape.
     pub fn embed(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let last = self
-            .features(x, train)?
-            .pop()
-            .ok_or_else(|| Error::config("a ResNet needs at least one stage"))?;
+        self.check_input(x)?;
+        if self.stages.is_empty() {
+            return Err(Error::config("a ResNet needs at least one stage"));
+        }
+        // Only the last stage's output is wanted: runs of blocks may cross stages.
+        let h = self.run_stem(x, train)?;
+        let last = crate::block_run::run_blocks(h, self.stages.iter().flatten(), train)?;
         let h = match &self.final_norm {
             Some(n) => n.forward_relu_t(&last, train)?,
             None => last,

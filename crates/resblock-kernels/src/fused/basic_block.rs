@@ -1,6 +1,6 @@
 //! A post-activation basic block with an identity shortcut,
-//! `relu(bn2(conv2(relu(bn1(conv1(x))))) + x)`, as one training op: the two fused conv-BN
-//! ops of `conv_bn.rs` run inside it.
+//! `relu(bn2(conv2(relu(bn1(conv1(x))))) + x)`, on the slices of one training op
+//! (`block_chain.rs`): the two fused conv-BN layers of `conv_bn.rs`, the sum and the ReLU.
 //!
 //! Run as two ops, Candle's backward allocates a zero tensor and adds into it for the
 //! gradient of every op input: for the block's middle activation, and twice for `x` (read by
@@ -8,26 +8,20 @@
 //! thread, one at a time, while the kernels' threads wait: about a tenth of a ResNet-20
 //! training step. Here the block's input gradient is the first convolution's plus the
 //! residual's, added as the first layer writes its input gradient (where it runs on the
-//! direct kernels; after, on all threads, elsewhere), and Candle sees one input of
-//! activation size.
+//! direct kernels; after, on all threads, elsewhere).
 //!
 //! A downsampling block with the option-A shortcut (`conv1` of stride 2, the block's sum
-//! taking `zero_pad(x)` for `x`) is the same op with the shortcut computed inside: Candle's
+//! taking `zero_pad(x)` for `x`) is the same block with the shortcut computed inside: the
 //! bookkeeping for the middle activation, the shortcut's output and `x`'s second use goes
 //! too.
-//!
-//! The op's inputs are `x` and the two layers' `[kernel; gamma; beta]`.
 
 use std::sync::OnceLock;
 
-use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
-
 use super::conv_bn::ConvBnTrain;
-use crate::buffer::{f32_slice, with_cpu_slice as with};
 use crate::norm::simd::relu_grad;
 use crate::shortcut::zero_pad::{self, ZeroPad};
 
-/// The fused block; see the module docs.
+/// One fused block; see the module docs.
 pub(crate) struct BlockTrain {
     first: ConvBnTrain,
     second: ConvBnTrain,
@@ -75,50 +69,29 @@ impl BlockTrain {
         (n, c, h, w)
     }
 
-    /// The checked slices of `x` and the two parameter vectors.
-    fn inputs<'a>(
-        &self,
-        (s1, l1): (&'a CpuStorage, &Layout),
-        (s2, l2): (&'a CpuStorage, &Layout),
-        (s3, l3): (&'a CpuStorage, &Layout),
-    ) -> candle_core::Result<(&'a [f32], &'a [f32], &'a [f32])> {
-        let op = "basic_block";
-        let (x, p1, p2) = (
-            f32_slice(s1, l1, op)?,
-            f32_slice(s2, l2, op)?,
-            f32_slice(s3, l3, op)?,
-        );
-        if l1.dims() != self.dims
-            || p1.len() != self.first.param_lens().1
-            || p2.len() != self.second.param_lens().1
-        {
-            candle_core::bail!(
-                "basic_block: input {:?} and {} + {} parameters do not match the block's shapes",
-                l1.dims(),
-                p1.len(),
-                p2.len()
-            )
-        }
-        Ok((x, p1, p2))
-    }
-}
-
-/// `(x, [kernel1; gamma1; beta1], [kernel2; gamma2; beta2])`: the block's output.
-impl CustomOp3 for BlockTrain {
-    fn name(&self) -> &'static str {
-        "resblock-basic-block-train"
+    /// The input's dims.
+    pub(crate) fn in_dims(&self) -> [usize; 4] {
+        self.dims
     }
 
-    fn cpu_fwd(
+    /// The output's dims.
+    pub(crate) fn out_dims(&self) -> [usize; 4] {
+        self.second.out_shape()
+    }
+
+    /// The lengths of the two layers' `[kernel; gamma; beta]`.
+    pub(crate) fn param_lens(&self) -> [usize; 2] {
+        [self.first.param_lens().1, self.second.param_lens().1]
+    }
+
+    /// The block's output on `x` with the layers' parameters `p1` and `p2`, keeping the
+    /// middle activation for [`BlockTrain::grads`].
+    pub(crate) fn forward(
         &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (x, p1, p2) = self.inputs((s1, l1), (s2, l2), (s3, l3))?;
+        x: &[f32],
+        p1: &[f32],
+        p2: &[f32],
+    ) -> candle_core::Result<Vec<f32>> {
         let mid = self.first.forward_saving(x, p1, None)?;
         let y = match &self.shortcut {
             None => self.second.forward_saving(&mid, p2, Some(x))?,
@@ -130,59 +103,28 @@ impl CustomOp3 for BlockTrain {
         if self.mid.set(mid).is_err() {
             candle_core::bail!("basic_block: a kernel instance ran twice");
         }
-        Ok((
-            CpuStorage::F32(y),
-            Shape::from(self.second.out_shape().to_vec()),
-        ))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        p1: &Tensor,
-        p2: &Tensor,
-        y: &Tensor,
-        dy: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let Some(mid) = self.mid.get() else {
-            candle_core::bail!("basic_block: backward before forward")
-        };
-        // The input of a network needs no gradient: skip the first input-gradient convolution.
-        let need_dx = x.track_op();
-        let (dx, dp1, dp2) = with(x, "basic_block", |xs: &[f32]| {
-            with(p1, "basic_block", |p1s: &[f32]| {
-                with(p2, "basic_block", |p2s: &[f32]| {
-                    with(y, "basic_block", |ys: &[f32]| {
-                        with(dy, "basic_block", |dys: &[f32]| {
-                            self.grads((xs, p1s, p2s), (ys, dys), (mid, need_dx))
-                        })
-                    })
-                })
-            })
-        })??????;
-        let dev = x.device();
-        Ok((
-            dx.map(|dx| Tensor::from_vec(dx, x.shape(), dev))
-                .transpose()?,
-            Some(Tensor::from_vec(dp1, p1.shape(), dev)?),
-            Some(Tensor::from_vec(dp2, p2.shape(), dev)?),
-        ))
+        Ok(y)
     }
 }
 
 /// The gradients of `x` (when wanted) and of the two parameter vectors.
-type BlockGrads = (Option<Vec<f32>>, Vec<f32>, Vec<f32>);
+pub(crate) type BlockGrads = (Option<Vec<f32>>, Vec<f32>, Vec<f32>);
 
 impl BlockTrain {
-    /// [`CustomOp3::bwd`] on the slices: `g`, the gradient through the block's ReLU, is the
+    /// The gradients of the block with input `x`, parameters `p1` and `p2` and output `y`
+    /// for the output gradient `dy` (of `x` only when `need_dx`), after
+    /// [`BlockTrain::forward`]. `g`, the gradient through the block's ReLU, is the
     /// residual's and the second norm's output gradient; the first layer's input gradient
     /// plus `g` is the block's.
-    fn grads(
+    pub(crate) fn grads(
         &self,
         (x, p1, p2): (&[f32], &[f32], &[f32]),
         (y, dy): (&[f32], &[f32]),
-        (mid, need_dx): (&[f32], bool),
+        need_dx: bool,
     ) -> candle_core::Result<BlockGrads> {
+        let Some(mid) = self.mid.get() else {
+            candle_core::bail!("basic_block: backward before forward")
+        };
         let g = relu_grad(y, dy);
         let (dmid, dp2) = self
             .second

@@ -1,7 +1,7 @@
 //! Convolution + training-mode BatchNorm (+ ReLU, + a residual block's sum) as one op where
 //! it applies, two ops elsewhere; the fused kernel is in `conv_bn.rs`. A whole basic block
-//! with an identity or an option-A (zero-pad) shortcut, two of those, is one op in
-//! `basic_block.rs`.
+//! with an identity or an option-A (zero-pad) shortcut, two of those, is one op
+//! (`basic_block.rs`), and so is a run of such blocks (`block_chain.rs`).
 
 use std::sync::{Arc, OnceLock};
 
@@ -11,6 +11,7 @@ use crate::error::{Error, Result};
 use crate::norm::BatchStats;
 
 mod basic_block;
+mod block_chain;
 mod conv_bn;
 
 /// `batch_norm_train(conv2d(x, kernel, padding, stride, dilation, groups), weight, bias,
@@ -151,6 +152,49 @@ pub fn zero_pad_block_train(
     Ok((y, [s1, s2]))
 }
 
+/// One block of [`basic_block_chain_train`]: its two layers and its shortcut, the option-A
+/// one `(stride, front, back)` ([`crate::zero_pad_shortcut`]) or `None` for the identity.
+#[derive(Clone, Copy)]
+pub struct ChainBlock<'a> {
+    /// `conv1` and `bn1` (with the ReLU).
+    pub first: Layer<'a>,
+    /// `conv2` and `bn2` (with the sum and the ReLU).
+    pub second: Layer<'a>,
+    /// The option-A shortcut, or `None` for the identity.
+    pub zero_pad: Option<(usize, usize, usize)>,
+}
+
+/// A run of post-activation basic blocks in training, each block's output the next one's
+/// input: [`basic_block_train`] or [`zero_pad_block_train`] for each block in turn. The
+/// blocks' batch statistics come back with the output, in block order.
+///
+/// Where every block fuses and the shapes link up this is one op (`fused/block_chain.rs`),
+/// which saves Candle's gradient bookkeeping for each block's output but the last (a zero
+/// fill and an add of activation size each, on one thread); else one op per block. Both
+/// give the same values up to f32 rounding.
+///
+/// # Errors
+/// As [`basic_block_train`] and [`zero_pad_block_train`].
+pub fn basic_block_chain_train(
+    x: &Tensor,
+    blocks: &[ChainBlock<'_>],
+) -> Result<(Tensor, Vec<[BatchStats; 2]>)> {
+    if let Some(out) = fused_chain(x, blocks)? {
+        return Ok(out);
+    }
+    let mut h = x.clone();
+    let mut stats = Vec::with_capacity(blocks.len());
+    for b in blocks {
+        let (y, s) = match b.zero_pad {
+            None => basic_block_train(&h, b.first, b.second)?,
+            Some(z) => zero_pad_block_train(&h, b.first, b.second, z)?,
+        };
+        h = y;
+        stats.push(s);
+    }
+    Ok((h, stats))
+}
+
 /// The fused block's output (with the option-A `shortcut` when given, else the identity),
 /// or `None` where it does not apply.
 fn fused_block(
@@ -159,30 +203,75 @@ fn fused_block(
     second: Layer<'_>,
     shortcut: Option<crate::shortcut::zero_pad::ZeroPad>,
 ) -> Result<Option<(Tensor, [BatchStats; 2])>> {
-    let (k1, g1, w1, b1, eps1) = first;
-    let (k2, g2, w2, b2, eps2) = second;
-    if !fusable(&[x, k1, w1, b1, k2, w2, b2]) {
+    let block = ChainBlock {
+        first,
+        second,
+        zero_pad: shortcut.map(|z| (z.stride, z.front, z.back)),
+    };
+    Ok(fused_chain(x, &[block])?.and_then(|(y, mut s)| Some((y, s.pop()?))))
+}
+
+/// The fused chain's output, or `None` where it does not apply.
+fn fused_chain(
+    x: &Tensor,
+    blocks: &[ChainBlock<'_>],
+) -> Result<Option<(Tensor, Vec<[BatchStats; 2]>)>> {
+    let mut tensors = vec![x];
+    for b in blocks {
+        let (k1, _, w1, b1, _) = b.first;
+        let (k2, _, w2, b2, _) = b.second;
+        tensors.extend([k1, w1, b1, k2, w2, b2]);
+    }
+    if blocks.is_empty() || !fusable(&tensors) {
         return Ok(None);
     }
-    let stats = [Arc::new(OnceLock::new()), Arc::new(OnceLock::new())];
-    let layer = |in_dims: &[usize], k: &Tensor, g, eps, relu, s: &Arc<OnceLock<_>>| {
-        conv_bn::ConvBnTrain::new(in_dims, k.dims(), geom(g), eps, relu, s.clone())
-    };
-    let Some(op1) = layer(x.dims(), k1, g1, eps1, true, &stats[0]) else {
+    let mut ops = Vec::with_capacity(blocks.len());
+    let mut stats = Vec::with_capacity(blocks.len());
+    let mut pieces = Vec::with_capacity(6 * blocks.len());
+    let mut dims = x.dims().to_vec();
+    for b in blocks {
+        let s = [Arc::new(OnceLock::new()), Arc::new(OnceLock::new())];
+        let layer = |in_dims: &[usize], (k, g, _, _, eps): Layer<'_>, s: &Arc<OnceLock<_>>| {
+            conv_bn::ConvBnTrain::new(in_dims, k.dims(), geom(g), eps, true, s.clone())
+        };
+        let Some(op1) = layer(&dims, b.first, &s[0]) else {
+            return Ok(None);
+        };
+        let Some(op2) = layer(&op1.out_shape(), b.second, &s[1]) else {
+            return Ok(None);
+        };
+        // Values per channel in each layer's statistics.
+        let count = |[n, _, h, w]: [usize; 4]| n * h * w;
+        let counts = [count(op1.out_shape()), count(op2.out_shape())];
+        let shortcut = match b.zero_pad {
+            Some((0, _, _)) => return Ok(None),
+            Some((stride, front, back)) => Some(crate::shortcut::zero_pad::ZeroPad {
+                stride,
+                front,
+                back,
+            }),
+            None => None,
+        };
+        let Some(op) = basic_block::BlockTrain::with_shortcut(&dims, op1, op2, shortcut) else {
+            return Ok(None);
+        };
+        dims = op.out_dims().to_vec();
+        for (k, _, w, bias, _) in [b.first, b.second] {
+            pieces.extend(param_pieces(k, w, bias)?);
+        }
+        ops.push(op);
+        stats.push((s, counts));
+    }
+    let Some(op) = block_chain::BlockChain::new(ops) else {
         return Ok(None);
     };
-    let Some(op2) = layer(&op1.out_shape(), k2, g2, eps2, true, &stats[1]) else {
-        return Ok(None);
-    };
-    let Some(op) = basic_block::BlockTrain::with_shortcut(x.dims(), op1, op2, shortcut) else {
-        return Ok(None);
-    };
-    let p1 = packed_params(k1, w1, b1)?;
-    let p2 = packed_params(k2, w2, b2)?;
-    let y = x.contiguous()?.apply_op3(&p1, &p2, op)?;
-    let count = y.elem_count() / k2.dim(0)?;
-    let [s1, s2] = [&stats[0], &stats[1]].map(|s| batch_stats(s, count));
-    Ok(Some((y, [s1?, s2?])))
+    let params = Tensor::cat(&pieces, 0)?;
+    let y = x.contiguous()?.apply_op2(&params, op)?;
+    let out = stats
+        .iter()
+        .map(|([s1, s2], [c1, c2])| Ok([batch_stats(s1, *c1)?, batch_stats(s2, *c2)?]))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Some((y, out)))
 }
 
 /// Whether the fused ops may run on these tensors: all f32 on the CPU, and the dispatch
@@ -211,6 +300,11 @@ fn geom(
 /// `[kernel; weight; bias]` flattened, the layout of a fused op's parameters, after checking
 /// that the norm's parameters have one value per output channel.
 fn packed_params(kernel: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    Ok(Tensor::cat(&param_pieces(kernel, weight, bias)?, 0)?)
+}
+
+/// The three parts of [`packed_params`], flattened and checked.
+fn param_pieces(kernel: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<[Tensor; 3]> {
     let cout = kernel.dim(0)?;
     for (name, t) in [("weight", weight), ("bias", bias)] {
         if t.dims() != [cout] {
@@ -221,7 +315,7 @@ fn packed_params(kernel: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tens
             });
         }
     }
-    Ok(Tensor::cat(&[&kernel.flatten_all()?, weight, bias], 0)?)
+    Ok([kernel.flatten_all()?, weight.clone(), bias.clone()])
 }
 
 /// The statistics a fused op recorded, over `count` values per channel.

@@ -1,6 +1,7 @@
 //! The whole-block op (identity and zero-pad shortcuts) against the conv-BN ops (and the
 //! zero-pad shortcut op) it replaces: output, statistics and every gradient, with and
-//! without an input gradient; and where it does not apply.
+//! without an input gradient; a run of blocks as one op against one op per block; and where
+//! they do not apply.
 
 use candle_core::{DType, Device, Tensor, Var};
 
@@ -267,5 +268,141 @@ fn zero_pad_block_matches_the_separate_ops() -> Result<()> {
         let (y2, _) = zero_pad_block_train(&x, l1, l2, (2, zp.front, zp.back))?;
         assert!(max_diff(&y2, &y) < 1e-6);
     }
+    Ok(())
+}
+
+/// A run of blocks as one op (identity, option-A downsampling, identity) against the same
+/// blocks as one op each: output, every block's statistics and every gradient, with and
+/// without an input gradient; and an empty or mislinked run does not fuse.
+#[test]
+fn block_chain_matches_one_op_per_block() -> Result<()> {
+    if crate::conv::direct::Isa::detect().is_none() {
+        return Ok(());
+    }
+    let (c, cout) = (6, 12);
+    let narrow = params(c);
+    let wide = params(cout);
+    let kernel = |seed| Var::from_tensor(&values(&[cout, c, 3, 3], seed, 0.3)).expect("var");
+    let vector = |seed, base: f32| {
+        Var::from_tensor(&(values(&[cout], seed, 0.2) + f64::from(base)).expect("add"))
+            .expect("var")
+    };
+    let down = [
+        kernel(11),
+        vector(12, 1.0),
+        vector(13, 0.0),
+        Var::from_tensor(&values(&[cout, cout, 3, 3], 14, 0.3))?,
+        vector(15, 1.0),
+        vector(16, 0.0),
+    ];
+    let (n1, n2) = layers(&narrow);
+    let (w1, w2) = layers(&wide);
+    let d1 = (
+        down[0].as_tensor(),
+        (1, 2, 1, 1),
+        down[1].as_tensor(),
+        down[2].as_tensor(),
+        1e-5,
+    );
+    let d2 = (
+        down[3].as_tensor(),
+        (1, 1, 1, 1),
+        down[4].as_tensor(),
+        down[5].as_tensor(),
+        1e-5,
+    );
+    let zp = (2, 2, cout - c - 2);
+    let blocks = [
+        ChainBlock {
+            first: n1,
+            second: n2,
+            zero_pad: None,
+        },
+        ChainBlock {
+            first: d1,
+            second: d2,
+            zero_pad: Some(zp),
+        },
+        ChainBlock {
+            first: w1,
+            second: w2,
+            zero_pad: None,
+        },
+    ];
+    for input_grad in [true, false] {
+        let what = format!("chain, input_grad {input_grad}");
+        let xv = Var::from_tensor(&values(&[3, c, 9, 9], 8, 1.0))?;
+        let x = if input_grad {
+            xv.as_tensor().clone()
+        } else {
+            xv.as_tensor().detach()
+        };
+        let (y, stats) = fused_chain(&x, &blocks)?.expect("the chain fuses");
+        assert_eq!(y.dims(), [3, cout, 5, 5]);
+        let dy = values(y.dims(), 7, 1.0);
+        let grads = (&y * &dy)?.sum_all()?.backward()?;
+
+        let mut h = x.clone();
+        let mut want_stats = Vec::new();
+        for b in &blocks {
+            let (out, s) = fused_block(
+                &h,
+                b.first,
+                b.second,
+                b.zero_pad
+                    .map(|(stride, front, back)| crate::shortcut::zero_pad::ZeroPad {
+                        stride,
+                        front,
+                        back,
+                    }),
+            )?
+            .expect("the block fuses");
+            h = out;
+            want_stats.extend(s);
+        }
+        let want_grads = (&h * &dy)?.sum_all()?.backward()?;
+        assert!(max_diff(&y, &h) < 1e-5, "{what}: output");
+        for (got, want) in stats.iter().flatten().zip(&want_stats) {
+            for (a, b) in got
+                .mean
+                .iter()
+                .zip(&want.mean)
+                .chain(got.var.iter().zip(&want.var))
+            {
+                assert!((a - b).abs() < 1e-9, "{what}: statistics {a} against {b}");
+            }
+            assert_eq!(got.count, want.count, "{what}: count");
+        }
+        assert_eq!(stats.len(), 3);
+        assert_eq!(
+            grads.get(&x).is_some(),
+            input_grad,
+            "{what}: input gradient"
+        );
+        let mut wanted: Vec<&Tensor> = narrow
+            .iter()
+            .chain(&down)
+            .chain(&wide)
+            .map(Var::as_tensor)
+            .collect();
+        if input_grad {
+            wanted.push(&x);
+        }
+        for (i, t) in wanted.into_iter().enumerate() {
+            let (a, b) = (grads.get(t), want_grads.get(t));
+            let (a, b) = (a.expect("gradient"), b.expect("gradient"));
+            let scale = b.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?.max(1.0);
+            let e = max_diff(a, b) / scale;
+            assert!(e < 1e-5, "{what}: gradient {i} differs by {e}");
+        }
+        // The public entry point takes the fused op, with the same output.
+        let (y2, _) = basic_block_chain_train(&x, &blocks)?;
+        assert!(max_diff(&y2, &y) < 1e-6);
+    }
+    let x = values(&[3, c, 9, 9], 8, 1.0);
+    assert!(fused_chain(&x, &[])?.is_none());
+    // The wide block cannot take the narrow input first.
+    assert!(fused_chain(&x, &[blocks[2], blocks[0]])?.is_none());
+    assert!(basic_block_chain_train(&x, &[blocks[2]]).is_err());
     Ok(())
 }
