@@ -35,7 +35,7 @@ use std::sync::{Arc, OnceLock};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::buffer::{f32_slice, vec_written_by};
+use crate::buffer::{f32_slice, vec_written_by, zeroed};
 use crate::conv::direct;
 use crate::conv::epilogue::Epilogue;
 use crate::conv::gemm::{for_each_image_summed, gemm_parallelism, WeightLhs};
@@ -271,12 +271,18 @@ impl ConvBnTrain {
     ) -> (Option<Vec<f32>>, Vec<f32>) {
         let d = &self.d;
         let (p, cout) = (d.p(), d.cout);
-        let mut g = vec![0f32; d.n * cout * p];
-        g.par_chunks_mut(p).enumerate().for_each(|(i, g_c)| {
-            let co = i % cout;
-            let vg = (&conv[i * p..(i + 1) * p], &dy[i * p..(i + 1) * p]);
-            kernels::input_grad(g_c, vg, fcoef[co], gcoef[co], relu);
-        });
+        // Written on all threads, not zero-filled first on the calling one.
+        // SAFETY: `input_grad_uninit` writes each plane's `p` values, and the planes cover
+        // the vector.
+        let g = unsafe {
+            vec_written_by(d.n * cout * p, |g| {
+                g.par_chunks_mut(p).enumerate().for_each(|(i, g_c)| {
+                    let co = i % cout;
+                    let vg = (&conv[i * p..(i + 1) * p], &dy[i * p..(i + 1) * p]);
+                    kernels::input_grad_uninit(g_c, vg, fcoef[co], gcoef[co], relu);
+                });
+            })
+        };
         let dx = need_dx.then(|| crate::conv::winograd::input_grad(w, &g, d));
         let mut dw = crate::conv::winograd::weight_grad(x, &g, d);
         dw.reserve(2 * cout);
@@ -403,8 +409,12 @@ impl ConvBnTrain {
         } else {
             (d.n, group)
         };
-        let mut dx = vec![0f32; xlen];
-        let images = |s: &mut StridedScratch, acc: &mut WeightSum, gi: usize, dx_g: &mut [f32]| {
+        // Each group zeroes its own chunk on its thread (not the calling thread, before).
+        let mut dx: Vec<f32> = Vec::with_capacity(xlen);
+        let images = |s: &mut StridedScratch,
+                      acc: &mut WeightSum,
+                      gi: usize,
+                      dx_g: &mut [MaybeUninit<f32>]| {
             let first = gi * group;
             let m = group.min(d.n - first);
             for v in [&mut s.g, &mut s.dyf, &mut s.xp] {
@@ -432,7 +442,7 @@ impl ConvBnTrain {
             group.grads(
                 (&self.fwd, &wt),
                 (d, &self.geom),
-                need_dx.then_some(dx_g),
+                need_dx.then(|| zeroed(dx_g)),
                 (&mut s.dw_n, &mut s.dcols),
                 acc,
                 par,
@@ -445,7 +455,20 @@ impl ConvBnTrain {
             dcols: Vec::new(),
             dw_n: Vec::new(),
         };
-        let dw = for_each_image_summed(&mut dx, chunk, parallel, wlen, scratch, images, |_, _| {});
+        let dw = for_each_image_summed(
+            &mut dx.spare_capacity_mut()[..xlen],
+            chunk,
+            parallel,
+            wlen,
+            scratch,
+            images,
+            |_, _| {},
+        );
+        if need_dx {
+            // SAFETY: with `need_dx` every group zeroed its whole chunk, and the groups'
+            // chunks cover `xlen`.
+            unsafe { dx.set_len(xlen) };
+        }
         (need_dx.then_some(dx), dw)
     }
 

@@ -87,22 +87,35 @@ pub(crate) fn forward<T: WithDType>(
 ) -> Vec<T> {
     let (n, c, h, w) = dims;
     let (_, co, oh, ow) = op.out_dims(dims);
-    let mut y = vec![T::zero(); n * co * oh * ow];
-    y.par_chunks_mut(co * oh * ow)
+    let len = n * co * oh * ow;
+    // Each image written whole on its thread (zeros and values), not zero-filled first on
+    // the calling thread.
+    let mut y = Vec::with_capacity(len);
+    y.spare_capacity_mut()[..len]
+        .par_chunks_mut(co * oh * ow)
         .zip(x.par_chunks(c * h * w))
         .for_each(|(y_n, x_n)| {
-            let mid = &mut y_n[op.front * oh * ow..(op.front + c) * oh * ow];
+            let (before, rest) = y_n.split_at_mut(op.front * oh * ow);
+            let (mid, after) = rest.split_at_mut(c * oh * ow);
+            for z in before.iter_mut().chain(after) {
+                z.write(T::zero());
+            }
             for (out, plane) in mid.chunks_exact_mut(oh * ow).zip(x_n.chunks_exact(h * w)) {
                 for (orow, row) in out
                     .chunks_exact_mut(ow)
                     .zip(plane.chunks_exact(w).step_by(op.stride))
                 {
                     for (o, v) in orow.iter_mut().zip(row.iter().step_by(op.stride)) {
-                        *o = *v;
+                        o.write(*v);
                     }
                 }
             }
         });
+    // SAFETY: each image's chunk is its `front` and `back` zero planes and its `c`
+    // subsampled planes, whose `oh` rows of `ow` values are each written (`oh` and `ow` are
+    // the subsampled sizes, so the row and column iterators are that long); the images'
+    // chunks cover `len`.
+    unsafe { y.set_len(len) };
     y
 }
 
