@@ -315,7 +315,6 @@ impl ConvBnTrain {
         };
         // Written image by image when `need_dx` (see below); otherwise a placeholder whose
         // chunks only number the groups.
-        let mut dx: Vec<f32> = Vec::with_capacity(xlen);
         let cout_r = self.fwd.cout_rounded();
         let images =
             |s: &mut Scratch, acc: &mut WeightSum, gi: usize, dx_g: &mut [MaybeUninit<f32>]| {
@@ -369,21 +368,8 @@ impl ConvBnTrain {
             flat: Vec::new(),
             dw_n: Vec::new(),
         };
-        let dw = for_each_image_summed(
-            &mut dx.spare_capacity_mut()[..xlen],
-            chunk,
-            parallel,
-            wlen,
-            scratch,
-            images,
-            |_, _| {},
-        );
-        if need_dx {
-            // SAFETY: with `need_dx` every group wrote all its images' chunks (`unflatten`
-            // writes a whole chunk), and the groups' chunks cover `xlen`.
-            unsafe { dx.set_len(xlen) };
-        }
-        (need_dx.then_some(dx), dw)
+        // SAFETY: with `need_dx` each group's `unflatten` writes all its images' chunks.
+        unsafe { grads_by_group((xlen, chunk), (parallel, need_dx), wlen, scratch, images) }
     }
 
     /// Stride 2: as [`ConvBnTrain::same_grads`], the norm's input gradient of each image
@@ -410,7 +396,6 @@ impl ConvBnTrain {
             (d.n, group)
         };
         // Each group zeroes its own chunk on its thread (not the calling thread, before).
-        let mut dx: Vec<f32> = Vec::with_capacity(xlen);
         let images = |s: &mut StridedScratch,
                       acc: &mut WeightSum,
                       gi: usize,
@@ -455,21 +440,8 @@ impl ConvBnTrain {
             dcols: Vec::new(),
             dw_n: Vec::new(),
         };
-        let dw = for_each_image_summed(
-            &mut dx.spare_capacity_mut()[..xlen],
-            chunk,
-            parallel,
-            wlen,
-            scratch,
-            images,
-            |_, _| {},
-        );
-        if need_dx {
-            // SAFETY: with `need_dx` every group zeroed its whole chunk, and the groups'
-            // chunks cover `xlen`.
-            unsafe { dx.set_len(xlen) };
-        }
-        (need_dx.then_some(dx), dw)
+        // SAFETY: with `need_dx` each group zeroes its whole chunk before `col2im`.
+        unsafe { grads_by_group((xlen, chunk), (parallel, need_dx), wlen, scratch, images) }
     }
 
     /// The checked inputs of a forward.
@@ -588,6 +560,37 @@ impl ConvBnTrain {
             },
         ))
     }
+}
+
+/// [`for_each_image_summed`] over the groups of a backward: `images` gets each group's
+/// chunk (`chunk` values) of a new input gradient of `xlen` values; returns that gradient
+/// when `need_dx` and the weight gradient's sums.
+///
+/// # Safety
+/// With `need_dx`, `images` must write every value of each chunk it gets.
+unsafe fn grads_by_group<S: Send>(
+    (xlen, chunk): (usize, usize),
+    (parallel, need_dx): (bool, bool),
+    wlen: usize,
+    scratch: impl Fn() -> S + Sync + Send,
+    images: impl Fn(&mut S, &mut WeightSum, usize, &mut [MaybeUninit<f32>]) + Sync + Send,
+) -> (Option<Vec<f32>>, WeightSums) {
+    let mut dx: Vec<f32> = Vec::with_capacity(xlen);
+    let dw = for_each_image_summed(
+        &mut dx.spare_capacity_mut()[..xlen],
+        chunk,
+        parallel,
+        wlen,
+        scratch,
+        images,
+        |_, _| {},
+    );
+    if need_dx {
+        // SAFETY: the groups' chunks cover `xlen`, and the caller guarantees each was
+        // written whole.
+        unsafe { dx.set_len(xlen) };
+    }
+    (need_dx.then_some(dx), dw)
 }
 
 /// `dx + add` in place, on all threads (where a path cannot add it while writing dx).

@@ -21,6 +21,21 @@ fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
         .expect("difference")
 }
 
+/// Asserts that each pair of batch statistics agrees: means and variances within f64
+/// rounding, the same count.
+fn assert_same_stats<'a>(
+    what: &str,
+    pairs: impl Iterator<Item = (&'a BatchStats, &'a BatchStats)>,
+) {
+    for (got, want) in pairs {
+        let values = got.mean.iter().zip(&want.mean);
+        for (a, b) in values.chain(got.var.iter().zip(&want.var)) {
+            assert!((a - b).abs() < 1e-9, "{what}: statistics {a} against {b}");
+        }
+        assert_eq!(got.count, want.count, "{what}: count");
+    }
+}
+
 /// Runs the fused block (with the option-A `shortcut` when given) and the separate ops it
 /// replaces on `x`, and checks the output, the statistics and the gradients (of the
 /// parameters `p`, and of `x` exactly when `input_grad`) agree within f32 rounding; returns
@@ -45,17 +60,7 @@ fn check_block(
     let want_grads = (&want * &dy)?.sum_all()?.backward()?;
 
     assert!(max_diff(&y, &want) < 1e-5, "{what}: output");
-    for (got, want) in stats.iter().zip([s1, s2]) {
-        for (a, b) in got
-            .mean
-            .iter()
-            .zip(&want.mean)
-            .chain(got.var.iter().zip(&want.var))
-        {
-            assert!((a - b).abs() < 1e-9, "{what}: statistics {a} against {b}");
-        }
-        assert_eq!(got.count, want.count, "{what}: count");
-    }
+    assert_same_stats(what, stats.iter().zip(&[s1, s2]));
     assert_eq!(grads.get(x).is_some(), input_grad, "{what}: input gradient");
     let mut wanted: Vec<&Tensor> = p.iter().map(Var::as_tensor).collect();
     if input_grad {
@@ -105,6 +110,31 @@ fn layers(p: &[Var]) -> (Layer<'_>, Layer<'_>) {
             1e-5,
         ),
     )
+}
+
+/// A downsampling block's parameters `[k1, w1, b1, k2, w2, b2]` from `c` to `cout`
+/// channels, seeded from `seed + 1` on.
+fn down_params(c: usize, cout: usize, seed: usize) -> Vec<Var> {
+    let vector = |s, base: f32| {
+        Var::from_tensor(&(values(&[cout], seed + s, 0.2) + f64::from(base)).expect("add"))
+            .expect("var")
+    };
+    let kernel =
+        |s, cin| Var::from_tensor(&values(&[cout, cin, 3, 3], seed + s, 0.3)).expect("var");
+    vec![
+        kernel(1, c),
+        vector(2, 1.0),
+        vector(3, 0.0),
+        kernel(4, cout),
+        vector(5, 1.0),
+        vector(6, 0.0),
+    ]
+}
+
+/// The layers of [`down_params`]: the first at stride 2.
+fn down_layers(p: &[Var]) -> (Layer<'_>, Layer<'_>) {
+    let (l1, l2) = layers(p);
+    ((l1.0, (1, 2, 1, 1), l1.2, l1.3, l1.4), l2)
 }
 
 #[test]
@@ -224,32 +254,8 @@ fn zero_pad_block_matches_the_separate_ops() -> Result<()> {
     for (side, input_grad) in [(8usize, true), (9, true), (8, false)] {
         let shape = [3, c, side, side];
         let out = side.div_ceil(2);
-        let vector = |seed, base: f32| {
-            Var::from_tensor(&(values(&[cout], seed, 0.2) + f64::from(base)).expect("add"))
-                .expect("var")
-        };
-        let p = [
-            Var::from_tensor(&values(&[cout, c, 3, 3], 1, 0.3))?,
-            vector(2, 1.0),
-            vector(3, 0.0),
-            Var::from_tensor(&values(&[cout, cout, 3, 3], 4, 0.3))?,
-            vector(5, 1.0),
-            vector(6, 0.0),
-        ];
-        let l1 = (
-            p[0].as_tensor(),
-            (1, 2, 1, 1),
-            p[1].as_tensor(),
-            p[2].as_tensor(),
-            1e-5,
-        );
-        let l2 = (
-            p[3].as_tensor(),
-            (1, 1, 1, 1),
-            p[4].as_tensor(),
-            p[5].as_tensor(),
-            1e-5,
-        );
+        let p = down_params(c, cout, 0);
+        let (l1, l2) = down_layers(&p);
         let xv = Var::from_tensor(&values(&shape, 8, 1.0))?;
         let x = if input_grad {
             xv.as_tensor().clone()
@@ -282,35 +288,10 @@ fn block_chain_matches_one_op_per_block() -> Result<()> {
     let (c, cout) = (6, 12);
     let narrow = params(c);
     let wide = params(cout);
-    let kernel = |seed| Var::from_tensor(&values(&[cout, c, 3, 3], seed, 0.3)).expect("var");
-    let vector = |seed, base: f32| {
-        Var::from_tensor(&(values(&[cout], seed, 0.2) + f64::from(base)).expect("add"))
-            .expect("var")
-    };
-    let down = [
-        kernel(11),
-        vector(12, 1.0),
-        vector(13, 0.0),
-        Var::from_tensor(&values(&[cout, cout, 3, 3], 14, 0.3))?,
-        vector(15, 1.0),
-        vector(16, 0.0),
-    ];
+    let down = down_params(c, cout, 10);
     let (n1, n2) = layers(&narrow);
     let (w1, w2) = layers(&wide);
-    let d1 = (
-        down[0].as_tensor(),
-        (1, 2, 1, 1),
-        down[1].as_tensor(),
-        down[2].as_tensor(),
-        1e-5,
-    );
-    let d2 = (
-        down[3].as_tensor(),
-        (1, 1, 1, 1),
-        down[4].as_tensor(),
-        down[5].as_tensor(),
-        1e-5,
-    );
+    let (d1, d2) = down_layers(&down);
     let zp = (2, 2, cout - c - 2);
     let blocks = [
         ChainBlock {
@@ -362,17 +343,7 @@ fn block_chain_matches_one_op_per_block() -> Result<()> {
         }
         let want_grads = (&h * &dy)?.sum_all()?.backward()?;
         assert!(max_diff(&y, &h) < 1e-5, "{what}: output");
-        for (got, want) in stats.iter().flatten().zip(&want_stats) {
-            for (a, b) in got
-                .mean
-                .iter()
-                .zip(&want.mean)
-                .chain(got.var.iter().zip(&want.var))
-            {
-                assert!((a - b).abs() < 1e-9, "{what}: statistics {a} against {b}");
-            }
-            assert_eq!(got.count, want.count, "{what}: count");
-        }
+        assert_same_stats(&what, stats.iter().flatten().zip(&want_stats));
         assert_eq!(stats.len(), 3);
         assert_eq!(
             grads.get(&x).is_some(),
