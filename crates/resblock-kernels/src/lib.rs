@@ -16,7 +16,9 @@
 //!   with ReLU) as one multithreaded op with its own backward, statistics in f64.
 //! - [`conv_batch_norm_train`] ([`fused`]): convolution + training-mode batch norm (+ ReLU)
 //!   as one op for the 3x3 convolutions of ResNets (stride 1 and 2);
-//!   [`conv_batch_norm_add_relu_train`] with a residual block's shortcut sum and ReLU as well.
+//!   [`conv_batch_norm_add_relu_train`] with a residual block's shortcut sum and ReLU as well;
+//!   [`basic_block_train`] and [`zero_pad_block_train`] a whole basic block, and
+//!   [`basic_block_chain_train`] a run of them (a CIFAR ResNet's body), as one op.
 //! - [`dense::linear`] ([`dense`]): `act(x . w^T + b)` (identity, ReLU or erf GELU) as one op,
 //!   GEMMs forward and backward on our GEMM; [`layer_norm`]: layer normalisation as one op
 //!   with its backward (Candle's fused one has none).
