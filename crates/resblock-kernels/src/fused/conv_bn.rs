@@ -396,6 +396,9 @@ impl ConvBnTrain {
             (d.n, group)
         };
         // Each group zeroes its own chunk on its thread (not the calling thread, before).
+        // `col2im` zeroes each image's part again before it scatters: the first fill only
+        // makes the chunk initialised memory (a `col2im` writing into `MaybeUninit` would
+        // save it, here and in `conv::path`).
         let images = |s: &mut StridedScratch,
                       acc: &mut WeightSum,
                       gi: usize,

@@ -139,10 +139,9 @@ pub fn zero_pad_block_train(
         front,
         back,
     };
-    if stride > 0 {
-        if let Some(out) = fused_block(x, first, second, Some(shortcut))? {
-            return Ok(out);
-        }
+    // A stride of 0 does not fuse (`fused_chain`) and errors in the separate ops below.
+    if let Some(out) = fused_block(x, first, second, Some(shortcut))? {
+        return Ok(out);
     }
     let (k1, g1, w1, b1, eps1) = first;
     let (k2, g2, w2, b2, eps2) = second;
