@@ -27,7 +27,7 @@ use rayon::prelude::*;
 use super::direct;
 use super::epilogue::Epilogue;
 use super::geom::{ConvGeom, Dims};
-use super::pack::{col2im, im2col};
+use super::pack::{col2im_add, im2col};
 use super::weight_sum::{WeightSum, WeightSums};
 use crate::matmul::{as_f32, as_f32_mut, gemm_into, threads_of};
 
@@ -530,7 +530,8 @@ pub(crate) fn backward<T: WithDType>(
                     );
                 }
                 if !direct {
-                    col2im(&s.dcols, d, g, dx_n);
+                    // `dx` is zero-filled above (`vec!`).
+                    col2im_add(&s.dcols, d, g, dx_n);
                 }
             }
             (_, None) => unreachable!("conv backward: input-gradient weights made above"),

@@ -1,5 +1,5 @@
 //! Unfolding an image into GEMM columns (`im2col`, rows `[c, ky, kx]`, columns `[oy, ox]`)
-//! and folding column gradients back (`col2im`).
+//! and folding column gradients back (`col2im_add`).
 
 use candle_core::WithDType;
 use rayon::prelude::*;
@@ -144,10 +144,11 @@ fn shifted_plane<T: WithDType>(
     }
 }
 
-/// Scatter-adds one image's patch gradients `dcols` back into `dx` (zeroed first).
-pub(crate) fn col2im<T: WithDType>(dcols: &[T], d: &Dims, g: &ConvGeom, dx: &mut [T]) {
+/// Scatter-adds one image's patch gradients `dcols` into `dx`, which the callers hand over
+/// zeroed: each zeroes its whole buffer once, on the thread that fills it, and a fill here
+/// as well was a second pass over every input gradient of a stride-2 layer.
+pub(crate) fn col2im_add<T: WithDType>(dcols: &[T], d: &Dims, g: &ConvGeom, dx: &mut [T]) {
     let (p, s) = (d.p(), g.stride);
-    dx.fill(T::zero());
     let mut r = 0;
     for ci in 0..d.c {
         let plane = &mut dx[ci * d.h * d.w..(ci + 1) * d.h * d.w];

@@ -6,7 +6,7 @@ use super::epilogue::Epilogue;
 use super::frozen::Forms;
 use super::gemm::{for_each_image, for_each_image_summed, forward, gemm_parallelism, WeightLhs};
 use super::geom::{ConvGeom, Dims};
-use super::pack::col2im;
+use super::pack::col2im_add;
 use super::weight_sum::WeightSum;
 
 /// Whether the direct kernels may be used ([`crate::dispatch::Dispatch::direct_conv`]; off for
@@ -198,7 +198,7 @@ struct StridedScratch {
 
 /// (dx, dw) of a stride-2 convolution: the weight gradient by the direct kernel on the
 /// forward's phase-split input (no `im2col`), summed over image groups as the stride-1
-/// kernel does; the input gradient as the GEMM path's `dcols = W^T . dY` and `col2im`.
+/// kernel does; the input gradient as the GEMM path's `dcols = W^T . dY` and `col2im_add`.
 pub(crate) fn backward_strided(
     plan: &direct::Plan,
     x: &[f32],
@@ -212,6 +212,7 @@ pub(crate) fn backward_strided(
     let wlen = w.len();
     let wt = WeightLhs::new(w, (k, d.cout), (1, k), (1, wlen), d.n);
     let group = plan.images_per_group(d.n);
+    // Zeroed: `col2im_add` scatters into it.
     let mut dx = vec![0f32; d.n * d.chw()];
     let images = |s: &mut StridedScratch, acc: &mut WeightSum, gi: usize, dx_g: &mut [f32]| {
         let (first, m) = (gi * group, dx_g.len() / d.chw());
@@ -270,7 +271,8 @@ pub(crate) struct StridedGroup<'a> {
 impl StridedGroup<'_> {
     /// Adds the group's weight gradient (the direct kernel on the phase-split inputs) to
     /// `acc`, and with `dx_g` writes each image's input gradient: `dcols = W^T . dY` and
-    /// `col2im` (a stride-2 input gradient is no convolution of `dY`). `dw_n` and `dcols`
+    /// `col2im_add` (a stride-2 input gradient is no convolution of `dY`), into `dx_g` as
+    /// handed over: zeroed by the caller. `dw_n` and `dcols`
     /// are the worker's scratch.
     pub(crate) fn grads(
         &self,
@@ -290,7 +292,7 @@ impl StridedGroup<'_> {
         dcols.resize(d.k_all() * d.p(), 0.0);
         for (dy_n, dx_n) in self.dys.iter().zip(dx_g.chunks_exact_mut(d.chw())) {
             wt.gemm(0, d.p(), dcols, false, dy_n, (d.p(), 1), par);
-            col2im(dcols, d, g, dx_n);
+            col2im_add(dcols, d, g, dx_n);
         }
     }
 }

@@ -24,7 +24,7 @@
 //!   the norm's input gradient once and runs Winograd's two gradients on it.
 //! - stride 2: the same forward on the polyphase plan; the backward writes each image's
 //!   norm input gradient once, flattens it for the direct weight gradient and multiplies it
-//!   by `W^T` for `col2im` (a stride-2 input gradient is no convolution of `dY`).
+//!   by `W^T` for `col2im_add` (a stride-2 input gradient is no convolution of `dY`).
 //!
 //! The op's inputs are `x`, the kernel and `[gamma; beta]` concatenated (Candle's custom ops
 //! take at most three tensors); its gradients are those of the three.
@@ -374,7 +374,7 @@ impl ConvBnTrain {
 
     /// Stride 2: as [`ConvBnTrain::same_grads`], the norm's input gradient of each image
     /// written once (`g`), flattened for the direct weight gradient, and multiplied by
-    /// `W^T` for `col2im` (the input gradient).
+    /// `W^T` for `col2im_add` (the input gradient).
     fn strided_grads(
         &self,
         (x, w): (&[f32], &[f32]),
@@ -388,17 +388,14 @@ impl ConvBnTrain {
         let wlen = w.len();
         let wt = WeightLhs::new(w, (k, cout), (1, k), (1, wlen), d.n);
         let group = self.fwd.images_per_group(d.n);
-        // `col2im` zeroes each image's chunk before it scatters; without `need_dx` the
-        // chunks only number the groups.
+        // Without `need_dx` the chunks only number the groups.
         let (xlen, chunk) = if need_dx {
             (d.n * d.chw(), group * d.chw())
         } else {
             (d.n, group)
         };
-        // Each group zeroes its own chunk on its thread (not the calling thread, before).
-        // `col2im` zeroes each image's part again before it scatters: the first fill only
-        // makes the chunk initialised memory (a `col2im` writing into `MaybeUninit` would
-        // save it, here and in `conv::path`).
+        // Each group zeroes its own chunk on its thread (not the calling thread, before),
+        // the one fill `col2im_add` scatters into.
         let images = |s: &mut StridedScratch,
                       acc: &mut WeightSum,
                       gi: usize,
@@ -443,7 +440,7 @@ impl ConvBnTrain {
             dcols: Vec::new(),
             dw_n: Vec::new(),
         };
-        // SAFETY: with `need_dx` each group zeroes its whole chunk before `col2im`.
+        // SAFETY: with `need_dx` each group zeroes its whole chunk before `col2im_add`.
         unsafe { grads_by_group((xlen, chunk), (parallel, need_dx), wlen, scratch, images) }
     }
 
