@@ -15,6 +15,8 @@
 //!   time (the two runs bracket ours in time on a host whose speed drifts), the ratio
 //!   (PyTorch time / ours: above 1 means resblock is faster) and PyTorch's peak memory for
 //!   the same steps (`torch_bench.py --memory`).
+//! - `aarch64 [crate...]`: the kernel-bearing crates' tests built for 64-bit ARM and run
+//!   under user-mode QEMU (`aarch64.rs`; not part of `ci`).
 #![forbid(unsafe_code)]
 
 use std::collections::HashMap;
@@ -26,6 +28,7 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
+mod aarch64;
 mod fuzz;
 mod layers;
 
@@ -35,11 +38,14 @@ fn main() -> Result<()> {
         Some("ci") => ci(),
         Some("bench") => bench(&args[1..]),
         Some("fuzz") => fuzz::run(&root(), &args[1..]),
+        Some("aarch64") => aarch64::run(&args[1..]),
         Some("help" | "--help" | "-h") | None => {
-            println!("usage: cargo xtask <ci | bench [--compare-torch] [filter] | fuzz [--seconds N] [target...]>");
+            println!("usage: cargo xtask <ci | bench [--compare-torch] [filter] | fuzz [--seconds N] [target...] | aarch64 [crate...]>");
             Ok(())
         }
-        Some(other) => bail!("unknown xtask command {other:?}: expected ci, bench or fuzz"),
+        Some(other) => {
+            bail!("unknown xtask command {other:?}: expected ci, bench, fuzz or aarch64")
+        }
     }
 }
 
