@@ -1,5 +1,6 @@
 //! Where a CIFAR ResNet training step spends its time: forward, backward and optimizer
-//! update, with our kernels and with Candle's, one line each.
+//! update, with our kernels and with Candle's, one line each; and an eval-mode forward of
+//! the same batch.
 //!
 //! `cargo run --release -p resblock-benches --example step-profile -- [ARCH] [BATCH] [STEPS]
 //! [native|candle|both] [SIZE] [IN_CHANNELS]` (defaults: resnet20 128 5 both 32, the preset's
@@ -80,7 +81,19 @@ fn main() -> anyhow::Result<()> {
                 fastest = fastest.min((t3 - t0).as_secs_f64());
             }
         }
+        // Eval mode on the same network and batch (what `train` runs on its test set after
+        // every epoch): the fastest of `steps` forwards.
+        let mut eval = f64::INFINITY;
+        for _ in 0..=steps {
+            let t0 = Instant::now();
+            net.forward_t(&x, false)?;
+            eval = eval.min(t0.elapsed().as_secs_f64());
+        }
         let n = steps as f64;
+        println!(
+            "{kernels:?}: {arch} bs{batch}: eval-mode forward {:.1} ms (fastest)",
+            1e3 * eval
+        );
         println!(
             "{kernels:?}: {arch} bs{batch}: forward {:.0} ms, backward {:.0} ms, update {:.0} ms, step {:.0} ms = {:.1} img/s (fastest step {:.0} ms)",
             1e3 * tf / n,
