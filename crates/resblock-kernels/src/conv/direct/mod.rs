@@ -369,11 +369,26 @@ impl Plan {
             self.c * self.h * self.w,
             "direct conv: image size"
         );
+        let plane_in = self.h * self.w;
+        if dst.len() != self.padded_len() && self.stride == 1 && self.copy_len == 0 {
+            // A new buffer on the shared-padding layout: its border written as zeros with
+            // the rows, rather than the whole buffer zero-filled before the interior is
+            // copied over it (at batch 1 that fill ran for every convolution, on the
+            // calling thread: 1.8% of a ResNet-18 inference).
+            let fill = |planes: &mut [std::mem::MaybeUninit<f32>]| {
+                for (ci, plane) in planes.chunks_exact_mut(self.ps).enumerate() {
+                    self.pad_plane_fresh(plane, &img[ci * plane_in..(ci + 1) * plane_in]);
+                }
+            };
+            // SAFETY: `pad_plane_fresh` writes every value of each plane, and the planes
+            // cover the buffer.
+            *dst = unsafe { crate::buffer::vec_written_by(self.padded_len(), fill) };
+            return;
+        }
         if dst.len() != self.padded_len() {
             dst.clear();
             dst.resize(self.padded_len(), 0.0);
         }
-        let plane_in = self.h * self.w;
         for (ci, plane) in dst.chunks_exact_mut(self.ps).enumerate() {
             if self.copy_len > 0 {
                 self.pad_copies(plane, &img[ci * plane_in..(ci + 1) * plane_in]);
@@ -396,6 +411,26 @@ impl Plan {
                     self.split_row(plane, y + self.pad_y, &img[from..from + self.w]);
                 }
             }
+        }
+    }
+
+    /// One plane of a new padded buffer on the stride-1 shared-padding layout, every value
+    /// written: the zeros before the first row, each row of `src` and the zeros after it
+    /// up to the next row (or the plane's end).
+    fn pad_plane_fresh(&self, plane: &mut [std::mem::MaybeUninit<f32>], src: &[f32]) {
+        let zero = std::mem::MaybeUninit::new(0.0);
+        let first = self.pad_y * self.wp + self.pad_x;
+        plane[..first].fill(zero);
+        for (y, row) in src.chunks_exact(self.w).enumerate() {
+            let at = first + y * self.wp;
+            // What the piece writes past the row lies before `end`, zeroed next.
+            copy_row(&mut plane[at..], row, self.w, self.wp);
+            let end = if y + 1 < self.h {
+                at + self.wp
+            } else {
+                plane.len()
+            };
+            plane[at + self.w..end].fill(zero);
         }
     }
 
