@@ -211,13 +211,32 @@ pub(crate) fn for_each_image_summed<T: Send, S: Send>(
 /// large as `im2col`'s own. A nested call on the same thread (rayon can run another task
 /// while this one waits) gets a fresh buffer.
 pub(crate) fn with_thread_scratch<T: WithDType, R>(len: usize, f: impl FnOnce(&mut [T]) -> R) -> R {
+    with_thread_scratch_in(ScratchMemory::Work, len, f)
+}
+
+/// The separate scratch memories of [`with_thread_scratch_in`], for buffers alive while
+/// another scratch user runs on the same thread.
+#[derive(Clone, Copy)]
+pub(crate) enum ScratchMemory {
+    /// Work buffers: `cols`, Winograd's transformed inputs and products.
+    Work,
+    /// A Winograd forward's transformed weights, held while its work buffers are in use.
+    Weights,
+}
+
+/// [`with_thread_scratch`] in the scratch memory `which`.
+pub(crate) fn with_thread_scratch_in<T: WithDType, R>(
+    which: ScratchMemory,
+    len: usize,
+    f: impl FnOnce(&mut [T]) -> R,
+) -> R {
     use std::cell::RefCell;
     thread_local! {
-        static BUF: RefCell<Vec<u64>> = const { RefCell::new(Vec::new()) };
+        static BUF: [RefCell<Vec<u64>>; 2] = const { [RefCell::new(Vec::new()), RefCell::new(Vec::new())] };
     }
     // 8-byte words: aligned for every dtype Candle has, all of which are plain bits.
     let words = (len * std::mem::size_of::<T>()).div_ceil(8);
-    BUF.with(|cell| match cell.try_borrow_mut() {
+    BUF.with(|bufs| match bufs[which as usize].try_borrow_mut() {
         Ok(mut buf) => {
             if buf.len() < words {
                 buf.resize(words, 0);
