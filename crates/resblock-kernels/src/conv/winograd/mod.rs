@@ -529,9 +529,11 @@ pub(crate) fn forward_frozen(
 
 /// [`forward_into`] on algorithm `A` into a new buffer.
 ///
-/// The transformed weights go to this thread's weight scratch ([`ScratchMemory::Weights`]), which
-/// `transform_weights_into` overwrites whole: a new zero-filled vector per call was 1.5% of
-/// a ResNet-18 batch-1 inference (unfolded; a frozen kernel keeps its transform).
+/// The transformed weights go to this thread's weight scratch
+/// ([`ScratchMemory::Weights`]), which `transform_weights_into` overwrites whole: a new
+/// zero-filled vector per call was 1.5% of a ResNet-18 batch-1 inference (unfolded; a
+/// frozen kernel keeps its transform). The scratch keeps the largest such transform the
+/// thread has made (4 MB for a 256-channel layer on F(2x2, 3x3), 17 MB for 512 channels).
 pub(crate) fn forward_with<A: Algo>(
     x: &[f32],
     w: &[f32],
