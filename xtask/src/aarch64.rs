@@ -70,24 +70,18 @@ fn check_tools() -> Result<()> {
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
         .unwrap_or_default();
-    let have = |bin: &str| {
-        Command::new(bin)
-            .arg("--version")
-            .output()
-            .is_ok_and(|o| o.status.success())
-    };
     let mut missing = Vec::new();
     if !targets.lines().any(|t| t.trim() == TARGET) {
         missing.push(format!("the Rust target (rustup target add {TARGET})"));
     }
-    if !have(LINKER) || !Path::new(SYSROOT).join("lib").is_dir() {
+    if !super::have_tool(LINKER) || !Path::new(SYSROOT).join("lib").is_dir() {
         missing.push(
             "the cross linker and ARM C library (apt-get install gcc-aarch64-linux-gnu \
              libc6-dev-arm64-cross)"
                 .to_string(),
         );
     }
-    if !have("qemu-aarch64") {
+    if !super::have_tool("qemu-aarch64") {
         missing.push("QEMU (apt-get install qemu-user)".to_string());
     }
     if !missing.is_empty() {

@@ -115,12 +115,6 @@ fn ci() -> Result<()> {
 /// step is skipped with a note, unless `RESBLOCK_REQUIRE_MPI=1` (set by `.ci/run`, which
 /// installs them) makes that an error.
 fn mpi_tests() -> Result<()> {
-    let have = |bin: &str| {
-        Command::new(bin)
-            .arg("--version")
-            .output()
-            .is_ok_and(|o| o.status.success())
-    };
     let libclang = env::var_os("LIBCLANG_PATH").is_some()
         || std::fs::read_dir("/usr/lib")
             .into_iter()
@@ -134,7 +128,7 @@ fn mpi_tests() -> Result<()> {
                     .flatten()
                     .any(|f| f.file_name().to_string_lossy().starts_with("libclang"))
             });
-    if !(have("mpirun") && have("mpicc") && libclang) {
+    if !(have_tool("mpirun") && have_tool("mpicc") && libclang) {
         let msg = "Open MPI (mpirun, mpicc) or libclang is missing: apt-get install openmpi-bin libopenmpi-dev libclang-dev";
         if env::var_os("RESBLOCK_REQUIRE_MPI").is_some_and(|v| v == "1") {
             bail!("data-parallel tests: {msg}");
@@ -171,6 +165,14 @@ fn mpi_tests() -> Result<()> {
         test.env("RAYON_NUM_THREADS", "1");
     }
     run("data-parallel training on MPI (mpirun -np 2)", test)
+}
+
+/// Whether `bin --version` runs and succeeds: a tool a step needs is installed.
+fn have_tool(bin: &str) -> bool {
+    Command::new(bin)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
 }
 
 /// Gives a benchmark process `RAYON_NUM_THREADS` (all CPUs) unless the caller set it:

@@ -370,18 +370,19 @@ impl Plan {
             "direct conv: image size"
         );
         let plane_in = self.h * self.w;
-        if dst.len() != self.padded_len() && self.stride == 1 && self.copy_len == 0 {
+        let shared = self.stride == 1 && self.copy_len == 0;
+        if dst.len() != self.padded_len() && shared {
             // A new buffer on the shared-padding layout: its border written as zeros with
             // the rows, rather than the whole buffer zero-filled before the interior is
             // copied over it (at batch 1 that fill ran for every convolution, on the
             // calling thread: 1.8% of a ResNet-18 inference).
             let fill = |planes: &mut [std::mem::MaybeUninit<f32>]| {
                 for (ci, plane) in planes.chunks_exact_mut(self.ps).enumerate() {
-                    self.pad_plane_fresh(plane, &img[ci * plane_in..(ci + 1) * plane_in]);
+                    self.pad_plane(plane, &img[ci * plane_in..(ci + 1) * plane_in], true);
                 }
             };
-            // SAFETY: `pad_plane_fresh` writes every value of each plane, and the planes
-            // cover the buffer.
+            // SAFETY: `pad_plane` with `fresh` writes every value of each plane, and the
+            // planes cover the buffer.
             *dst = unsafe { crate::buffer::vec_written_by(self.padded_len(), fill) };
             return;
         }
@@ -390,47 +391,42 @@ impl Plan {
             dst.resize(self.padded_len(), 0.0);
         }
         for (ci, plane) in dst.chunks_exact_mut(self.ps).enumerate() {
+            let src = &img[ci * plane_in..(ci + 1) * plane_in];
             if self.copy_len > 0 {
-                self.pad_copies(plane, &img[ci * plane_in..(ci + 1) * plane_in]);
-                continue;
-            }
-            for y in 0..self.h {
-                let from = ci * plane_in + y * self.w;
-                if self.stride == 1 {
-                    let at = (y + self.pad_y) * self.wp + self.pad_x;
-                    // At most the padding after the row and the next row's interior past it:
-                    // the zeros are restored here, the next row is copied next.
-                    let over = copy_row(&mut plane[at..], &img[from..], self.w, self.wp);
-                    let zeros = if y + 1 < self.h {
-                        (self.wp - self.w).min(over)
-                    } else {
-                        over
-                    };
-                    plane[at + self.w..at + self.w + zeros].fill(0.0);
-                } else {
-                    self.split_row(plane, y + self.pad_y, &img[from..from + self.w]);
+                self.pad_copies(plane, src);
+            } else if shared {
+                self.pad_plane(plane, src, false);
+            } else {
+                for (y, row) in src.chunks_exact(self.w).enumerate() {
+                    self.split_row(plane, y + self.pad_y, row);
                 }
             }
         }
     }
 
-    /// One plane of a new padded buffer on the stride-1 shared-padding layout, every value
-    /// written: the zeros before the first row, each row of `src` and the zeros after it
-    /// up to the next row (or the plane's end).
-    fn pad_plane_fresh(&self, plane: &mut [std::mem::MaybeUninit<f32>], src: &[f32]) {
-        let zero = std::mem::MaybeUninit::new(0.0);
+    /// One plane of the stride-1 shared-padding layout: each row of `src` and the zeros
+    /// after it up to the next row. With `fresh` (a new buffer) every value is written:
+    /// the zeros before the first row and after the last too. Otherwise the border is
+    /// already zero and only what the last row's piece wrote past it is restored.
+    fn pad_plane<S: Slot>(&self, plane: &mut [S], src: &[f32], fresh: bool) {
+        let zero = |vals: &mut [S]| vals.iter_mut().for_each(|v| v.put(0.0));
         let first = self.pad_y * self.wp + self.pad_x;
-        plane[..first].fill(zero);
+        if fresh {
+            zero(&mut plane[..first]);
+        }
         for (y, row) in src.chunks_exact(self.w).enumerate() {
             let at = first + y * self.wp;
-            // What the piece writes past the row lies before `end`, zeroed next.
-            copy_row(&mut plane[at..], row, self.w, self.wp);
+            // The piece may run past the row, into the padding after it and the next row's
+            // interior (copied next): the padding is written as zeros here.
+            let over = copy_row(&mut plane[at..], row, self.w, self.wp);
             let end = if y + 1 < self.h {
                 at + self.wp
-            } else {
+            } else if fresh {
                 plane.len()
+            } else {
+                at + self.w + over
             };
-            plane[at + self.w..end].fill(zero);
+            zero(&mut plane[at + self.w..end]);
         }
     }
 
