@@ -391,11 +391,13 @@ impl Plan {
             dst.resize(self.padded_len(), 0.0);
         }
         for (ci, plane) in dst.chunks_exact_mut(self.ps).enumerate() {
-            let src = &img[ci * plane_in..(ci + 1) * plane_in];
+            // From this plane on: `pad_plane` reads past the plane (see there).
+            let rest = &img[ci * plane_in..];
+            let src = &rest[..plane_in];
             if self.copy_len > 0 {
                 self.pad_copies(plane, src);
             } else if shared {
-                self.pad_plane(plane, &img[ci * plane_in..], false);
+                self.pad_plane(plane, rest, false);
             } else {
                 for (y, row) in src.chunks_exact(self.w).enumerate() {
                     self.split_row(plane, y + self.pad_y, row);
@@ -815,8 +817,8 @@ impl Plan {
 
     /// How many images [`Plan::weight_grad_padded`] should sum per call: enough for a pass
     /// of about 2048 values (at most 8 images; one for planes of 32x32 and more, whose f32
-    /// sums then match the single-image kernel's). Each call ends in a reduction of its 24
-    /// accumulators: at 28x28 two images per call instead of one took the ResNet-20 step's
+    /// sums then match the single-image kernel's). Each call ends in a reduction of its
+    /// accumulators (24 on AVX-512): at 28x28 two images per call instead of one took the ResNet-20 step's
     /// backward from 110-111 ms to 109 ms. Splitting a call's pixels instead, so that its
     /// `dY` rows stay in L1, cost 5% (twice the reductions).
     ///
