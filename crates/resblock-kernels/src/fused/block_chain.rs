@@ -91,12 +91,21 @@ impl CustomOp2 for BlockChain {
         let offsets = self.check(l1, p.len())?;
         let mut outputs = Vec::with_capacity(self.blocks.len() - 1);
         let mut y: Option<Vec<f32>> = None;
-        for (b, [a, m, e]) in self.blocks.iter().zip(offsets) {
-            let input = y.as_deref().unwrap_or(x);
-            let out = b.forward(input, &p[a..m], &p[m..e])?;
+        // Each block's output also in the next block's first padded layout, where it takes
+        // one: written with the output, not copied from it by the next block's forward and
+        // again by its backward.
+        let mut padded: Option<Vec<f32>> = None;
+        for (k, (b, [a, m, e])) in self.blocks.iter().zip(offsets).enumerate() {
+            let input = (y.as_deref().unwrap_or(x), padded.take());
+            let next = self.blocks.get(k + 1);
+            let (out, out_padded) = b.forward(input, &p[a..m], &p[m..e], next)?;
+            let Some(out) = out else {
+                candle_core::bail!("basic_block: a block wrote no output")
+            };
             if let Some(prev) = y.replace(out) {
                 outputs.push(prev);
             }
+            padded = out_padded;
         }
         if self.outputs.set(outputs).is_err() {
             candle_core::bail!("basic_block: a kernel instance ran twice");

@@ -38,7 +38,7 @@ use rayon::prelude::*;
 use crate::buffer::{f32_slice, vec_written_by, zeroed};
 use crate::conv::direct;
 use crate::conv::epilogue::Epilogue;
-use crate::conv::gemm::{for_each_image_summed, gemm_parallelism, WeightLhs};
+use crate::conv::gemm::{for_each_image_summed, gemm_parallelism, with_thread_scratch, WeightLhs};
 use crate::conv::geom::{ConvGeom, Dims};
 use crate::conv::path::StridedGroup;
 use crate::conv::weight_sum::{WeightSum, WeightSums};
@@ -133,31 +133,40 @@ impl ConvBnTrain {
     }
 
     /// (output, convolution output, statistics) from `x`, the packed parameters
-    /// `[kernel; gamma; beta]` and the residual `res` when the op has one.
+    /// `[kernel; gamma; beta]` and the residual `res` when the op has one; the output written
+    /// as `out` says. A padded `x` must be in this op's [`ConvBnTrain::padded_input`] layout.
     fn forward(
         &self,
-        x: &[f32],
+        x: Input<'_>,
         params: &[f32],
         res: Option<&[f32]>,
-    ) -> (Vec<f32>, Vec<f32>, Stats) {
+        out: Output<'_>,
+    ) -> (Written, Vec<f32>, Stats) {
         let (wlen, _) = self.param_lens();
         let (w, gb) = params.split_at(wlen);
         let d = &self.d;
         let (p, cout) = (d.p(), d.cout);
         // Per (image, channel): the plane's mean and sum of squared deviations.
         let mut moments = vec![(0f64, 0f64); d.n * cout];
-        if self.winograd {
+        if let (true, Input::Plain(x)) = (self.winograd, x) {
             let conv = crate::conv::winograd::forward(x, w, Epilogue::NONE, d);
             moments
                 .par_iter_mut()
                 .zip(conv.par_chunks(p))
                 .for_each(|(m, plane)| *m = kernels::moments(plane));
-            return self.normalize(conv, &moments, gb, res);
+            return self.normalize(conv, &moments, gb, res, out);
         }
         let (parallel, _) = gemm_parallelism(d.n);
         let wk = self.fwd.pack_weights(w);
+        let plen = self.fwd.padded_len();
         let image = |(xp, flat): &mut (Vec<f32>, Vec<f32>), (ni, (y_n, m_n)): ImageOut<'_>| {
-            self.fwd.pad(&x[ni * d.chw()..(ni + 1) * d.chw()], xp);
+            let xp: &[f32] = match x {
+                Input::Plain(x) => {
+                    self.fwd.pad(&x[ni * d.chw()..(ni + 1) * d.chw()], xp);
+                    xp
+                }
+                Input::Padded(xb) => &xb[ni * plen..(ni + 1) * plen],
+            };
             self.fwd.forward(xp, &wk, flat, !parallel);
             self.fwd.unflatten(flat, y_n, Epilogue::NONE);
             // SAFETY: `unflatten` just wrote every element of `y_n`.
@@ -183,38 +192,86 @@ impl ConvBnTrain {
         };
         // SAFETY: the images' chunks cover the buffer and `unflatten` writes each whole.
         let conv = unsafe { vec_written_by(d.n * cout * p, fill) };
-        self.normalize(conv, &moments, gb, res)
+        self.normalize(conv, &moments, gb, res, out)
     }
 
     /// (output, convolution output, statistics) from the convolution output `conv` and
-    /// its planes' `moments`: the batch statistics and one normalising pass (adding `res`).
+    /// its planes' `moments`: the batch statistics and one normalising pass (adding `res`),
+    /// writing the output as `out` says.
     fn normalize(
         &self,
         conv: Vec<f32>,
         moments: &[(f64, f64)],
         gb: &[f32],
         res: Option<&[f32]>,
-    ) -> (Vec<f32>, Vec<f32>, Stats) {
+        out: Output<'_>,
+    ) -> (Written, Vec<f32>, Stats) {
         let (p, cout) = (self.d.p(), self.d.cout);
         let (mean, var) = combine_moments(moments, cout, p);
         let coef = norm_coef(&mean, &inv_std(&var, self.eps), &gb[..cout], &gb[cout..]);
-        let fill = |y: &mut [MaybeUninit<f32>]| match res {
-            None => y
-                .par_chunks_mut(p)
-                .zip(conv.par_chunks(p))
-                .enumerate()
-                .for_each(|(i, (yp, vp))| kernels::normalize(yp, vp, coef[i % cout], self.relu)),
-            Some(res) => y
-                .par_chunks_mut(p)
-                .zip(conv.par_chunks(p).zip(res.par_chunks(p)))
-                .enumerate()
-                .for_each(|(i, (yp, (vp, rp)))| {
-                    kernels::normalize_add(yp, (vp, rp), coef[i % cout], self.relu)
-                }),
+        // Plane `i` normalised (the residual added) into `o`.
+        let values = |i: usize, o: &mut [MaybeUninit<f32>]| {
+            let (v, c) = (&conv[i * p..(i + 1) * p], coef[i % cout]);
+            match res {
+                None => kernels::normalize(o, v, c, self.relu),
+                Some(r) => kernels::normalize_add(o, (v, &r[i * p..(i + 1) * p]), c, self.relu),
+            }
         };
-        // SAFETY: the planes cover the buffer and the kernels write every element of theirs.
-        let y = unsafe { vec_written_by(conv.len(), fill) };
-        (y, conv, (mean, var))
+        let (next, plain) = match out {
+            Output::Plain => {
+                let fill = |y: &mut [MaybeUninit<f32>]| {
+                    y.par_chunks_mut(p)
+                        .enumerate()
+                        .for_each(|(i, yp)| values(i, yp))
+                };
+                // SAFETY: the planes cover the buffer and the kernels write every element.
+                let y = unsafe { vec_written_by(conv.len(), fill) };
+                return ((Some(y), None), conv, (mean, var));
+            }
+            Output::Padded(next) => (next, false),
+            Output::Both(next) => (next, true),
+        };
+        assert_eq!(
+            next.padded_len(),
+            cout * next.plane_stride(),
+            "conv_bn: a padded output has the next layer's input planes"
+        );
+        // Each plane is normalised into a thread's scratch (in cache), then written out:
+        // into the padded layout (in whole pieces, see `direct::copy_row`) and plainly when
+        // asked. Normalised straight into the padded rows, 7 to 28 values long, the loop
+        // ran scalar; padded by the next layer, the output was read back from memory.
+        let ps = next.plane_stride();
+        let write = |i, pp: &mut [_], yp: Option<&mut [MaybeUninit<f32>]>| {
+            with_thread_scratch(p + direct::ROW_SLACK, |tmp: &mut [f32]| {
+                // SAFETY: `MaybeUninit<f32>` has the layout of `f32`, and the kernels write
+                // only initialised values through it.
+                let o = unsafe { &mut *(&mut tmp[..p] as *mut [f32] as *mut [MaybeUninit<f32>]) };
+                values(i, o);
+                next.write_padded_plane(pp, tmp, true);
+                if let Some(yp) = yp {
+                    yp.iter_mut().zip(&tmp[..p]).for_each(|(o, v)| {
+                        o.write(*v);
+                    });
+                }
+            })
+        };
+        let len = if plain { conv.len() } else { 0 };
+        let mut y: Vec<f32> = Vec::with_capacity(len);
+        let fill = |pb: &mut [MaybeUninit<f32>]| {
+            let pb = pb.par_chunks_mut(ps);
+            if plain {
+                pb.zip(y.spare_capacity_mut()[..len].par_chunks_mut(p))
+                    .enumerate()
+                    .for_each(|(i, (pp, yp))| write(i, pp, Some(yp)));
+            } else {
+                pb.enumerate().for_each(|(i, pp)| write(i, pp, None));
+            }
+        };
+        // SAFETY: the planes cover the buffer and `write_padded_plane` writes each whole.
+        let padded = unsafe { vec_written_by(self.d.n * cout * ps, fill) };
+        // SAFETY: with `plain`, each plane of `y` was written whole from the scratch.
+        unsafe { y.set_len(len) };
+        ((plain.then_some(y), Some(padded)), conv, (mean, var))
     }
 
     /// (dx if `need_dx`, [dkernel; dgamma; dbeta]) for the gradient `dy` of the norm's
@@ -222,7 +279,7 @@ impl ConvBnTrain {
     /// added to dx (the residual's gradient of a block whose input this layer reads).
     fn backward(
         &self,
-        (x, params): (&[f32], &[f32]),
+        (x, params): (Input<'_>, &[f32]),
         conv: &[f32],
         dy: &[f32],
         (need_dx, relu): (bool, bool),
@@ -239,17 +296,18 @@ impl ConvBnTrain {
         let m = (d.n * p) as f64;
         let gcoef = grad_coef(&sums, &gb[..cout], mean, &inv, m);
         let coefs = (&fcoef[..], &gcoef[..]);
-        let (dx, mut dparams) = match &self.back {
-            _ if self.winograd => {
-                let (dx, dw) = self.winograd_grads((x, w), (conv, dy), coefs, (need_dx, relu));
-                (add_into(dx, dx_add), dw)
-            }
-            Some(back) => {
+        let (dx, mut dparams) = match (&self.back, x) {
+            (Some(back), _) if !self.winograd => {
                 let (dx, dw) =
                     self.same_grads(back, (x, w), (conv, dy), coefs, (need_dx, relu), dx_add);
                 (dx, dw.total(2 * cout))
             }
-            None => {
+            (_, Input::Padded(_)) => panic!("conv_bn: a padded input off the direct kernels"),
+            (_, Input::Plain(x)) if self.winograd => {
+                let (dx, dw) = self.winograd_grads((x, w), (conv, dy), coefs, (need_dx, relu));
+                (add_into(dx, dx_add), dw)
+            }
+            (_, Input::Plain(x)) => {
                 let (dx, dw) = self.strided_grads((x, w), (conv, dy), coefs, (need_dx, relu));
                 (add_into(dx, dx_add), dw.total(2 * cout))
             }
@@ -296,7 +354,7 @@ impl ConvBnTrain {
     fn same_grads(
         &self,
         back: &direct::Plan,
-        (x, w): (&[f32], &[f32]),
+        (x, w): (Input<'_>, &[f32]),
         (conv, dy): (&[f32], &[f32]),
         (fcoef, gcoef): Coefs<'_>,
         (need_dx, relu): (bool, bool),
@@ -307,6 +365,7 @@ impl ConvBnTrain {
         let (parallel, _) = gemm_parallelism(d.n);
         let wfk = back.pack_flipped_weights(w);
         let wlen = w.len();
+        let plen = self.fwd.padded_len();
         let group = self.fwd.images_per_group(d.n);
         let (xlen, chunk) = if need_dx {
             (d.n * d.chw(), group * d.chw())
@@ -326,25 +385,29 @@ impl ConvBnTrain {
                 }
                 for (k, (dyp, xp)) in s.dyp.iter_mut().zip(&mut s.xp).take(m).enumerate() {
                     let ni = first + k;
-                    // The norm's input gradient, straight into the padded layout.
-                    for co in 0..cout {
+                    // The norm's input gradient, each plane computed in the scratch `tmp`
+                    // (in cache) and copied into the padded layout in whole pieces.
+                    s.tmp.resize(p + direct::ROW_SLACK, 0.0);
+                    let planes = dyp.chunks_exact_mut(back.plane_stride()).take(cout);
+                    for (co, plane) in planes.enumerate() {
                         let at = (ni * cout + co) * p;
                         let (cv, g) = (&conv[at..at + p], &dy[at..at + p]);
-                        for oy in 0..d.oh {
-                            let r = oy * d.ow..(oy + 1) * d.ow;
-                            kernels::input_grad(
-                                back.interior_row(dyp, co, oy),
-                                (&cv[r.clone()], &g[r]),
-                                fcoef[co],
-                                gcoef[co],
-                                relu,
-                            );
-                        }
+                        let t = &mut s.tmp[..p];
+                        kernels::input_grad(t, (cv, g), fcoef[co], gcoef[co], relu);
+                        back.write_padded_plane(plane, &s.tmp, false);
                     }
-                    self.fwd.pad(&x[ni * d.chw()..(ni + 1) * d.chw()], xp);
+                    if let Input::Plain(x) = x {
+                        self.fwd.pad(&x[ni * d.chw()..(ni + 1) * d.chw()], xp);
+                    }
                 }
                 s.dw_n.resize(wlen, 0.0);
-                let xps: Vec<&[f32]> = s.xp[..m].iter().map(Vec::as_slice).collect();
+                let xps: Vec<&[f32]> = match x {
+                    Input::Plain(_) => s.xp[..m].iter().map(Vec::as_slice).collect(),
+                    // Written by the layer before, in the forward: nothing to pad.
+                    Input::Padded(xb) => xb[first * plen..(first + m) * plen]
+                        .chunks_exact(plen)
+                        .collect(),
+                };
                 let dyps: Vec<&[f32]> = s.dyp[..m].iter().map(Vec::as_slice).collect();
                 self.fwd
                     .weight_grad_padded(&xps, back, &dyps, &mut s.dw_n)
@@ -367,6 +430,7 @@ impl ConvBnTrain {
             dyp: Vec::new(),
             flat: Vec::new(),
             dw_n: Vec::new(),
+            tmp: Vec::new(),
         };
         // SAFETY: with `need_dx` each group's `unflatten` writes all its images' chunks.
         unsafe { grads_by_group((xlen, chunk), (parallel, need_dx), wlen, scratch, images) }
@@ -476,7 +540,7 @@ impl ConvBnTrain {
         res: Option<&[f32]>,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let d = &self.d;
-        let y = self.forward_saving(x, params, res)?;
+        let y = self.forward_saving(Input::Plain(x), params, res)?;
         Ok((CpuStorage::F32(y), Shape::from((d.n, d.cout, d.oh, d.ow))))
     }
 
@@ -486,15 +550,71 @@ impl ConvBnTrain {
     /// `fused/basic_block.rs`, calls these two).
     pub(crate) fn forward_saving(
         &self,
-        x: &[f32],
+        x: Input<'_>,
         params: &[f32],
         res: Option<&[f32]>,
     ) -> candle_core::Result<Vec<f32>> {
-        let (y, conv, stats) = self.forward(x, params, res);
+        let (plain, _) = self.forward_saving_to(x, params, res, Output::Plain)?;
+        Ok(plain.unwrap_or_default())
+    }
+
+    /// As [`ConvBnTrain::forward_saving`], the output also (`plain`) or only written in the
+    /// padded layout of `next`'s input, for `next`'s [`Input::Padded`]; `next` may be `None`
+    /// or not take one ([`ConvBnTrain::padded_input`]): then the output is written plainly.
+    pub(crate) fn forward_saving_for(
+        &self,
+        x: Input<'_>,
+        params: &[f32],
+        res: Option<&[f32]>,
+        (next, plain): (Option<&ConvBnTrain>, bool),
+    ) -> candle_core::Result<Written> {
+        let plan = next
+            .filter(|n| n.in_shape() == self.out_shape())
+            .and_then(ConvBnTrain::padded_input);
+        let out = match (plan, plain) {
+            (None, _) => Output::Plain,
+            (Some(p), false) => Output::Padded(p),
+            (Some(p), true) => Output::Both(p),
+        };
+        self.forward_saving_to(x, params, res, out)
+    }
+
+    /// [`ConvBnTrain::forward_saving`] writing the output as `out` says.
+    fn forward_saving_to(
+        &self,
+        x: Input<'_>,
+        params: &[f32],
+        res: Option<&[f32]>,
+        out: Output<'_>,
+    ) -> candle_core::Result<Written> {
+        self.check_input(x)?;
+        let (y, conv, stats) = self.forward(x, params, res, out);
         if self.stats.set(stats).is_err() || self.conv.set(conv).is_err() {
             candle_core::bail!("conv_bn: a kernel instance ran twice");
         }
         Ok(y)
+    }
+
+    /// The plan whose padded layout this op takes its input in ([`Input::Padded`]): the
+    /// forward's, when the op runs on the stride-1 direct kernels; else `None` (Winograd and
+    /// stride 2 read the input as it is).
+    pub(crate) fn padded_input(&self) -> Option<&direct::Plan> {
+        (!self.winograd && self.back.is_some() && self.fwd.takes_written_planes())
+            .then_some(&self.fwd)
+    }
+
+    /// Checks an input's length against the op's shapes (and that a padded one is taken).
+    fn check_input(&self, x: Input<'_>) -> candle_core::Result<()> {
+        let d = &self.d;
+        let ok = match (x, self.padded_input()) {
+            (Input::Plain(x), _) => x.len() == d.n * d.chw(),
+            (Input::Padded(x), Some(plan)) => x.len() == d.n * plan.padded_len(),
+            (Input::Padded(_), None) => false,
+        };
+        if !ok {
+            candle_core::bail!("conv_bn: the input does not match the op's shape or layout")
+        }
+        Ok(())
     }
 
     /// (dx if `need_dx`, with `dx_add` added when given; [dkernel; dgamma; dbeta]) for the
@@ -502,7 +622,7 @@ impl ConvBnTrain {
     /// [`ConvBnTrain::forward_saving`].
     pub(crate) fn backward_saved(
         &self,
-        (x, params): (&[f32], &[f32]),
+        (x, params): (Input<'_>, &[f32]),
         dy: &[f32],
         (need_dx, relu): (bool, bool),
         dx_add: Option<&[f32]>,
@@ -510,6 +630,7 @@ impl ConvBnTrain {
         let Some(conv) = self.conv.get() else {
             candle_core::bail!("conv_bn: backward before forward")
         };
+        self.check_input(x)?;
         Ok(self.backward((x, params), conv, dy, (need_dx, relu), dx_add))
     }
 
@@ -531,8 +652,13 @@ impl ConvBnTrain {
             with(params, "conv_bn", |ps: &[f32]| {
                 with(dy, "conv_bn", |dys: &[f32]| match res {
                     None => {
-                        let (dx, dp) =
-                            self.backward((xs, ps), conv, dys, (need_dx, self.relu), None);
+                        let (dx, dp) = self.backward(
+                            (Input::Plain(xs), ps),
+                            conv,
+                            dys,
+                            (need_dx, self.relu),
+                            None,
+                        );
                         Ok((dx, dp, None))
                     }
                     Some(_) => with(y, "conv_bn", |ys: &[f32]| {
@@ -543,7 +669,8 @@ impl ConvBnTrain {
                         } else {
                             dys.to_vec()
                         };
-                        let (dx, dp) = self.backward((xs, ps), conv, &g, (need_dx, false), None);
+                        let (dx, dp) =
+                            self.backward((Input::Plain(xs), ps), conv, &g, (need_dx, false), None);
                         (dx, dp, Some(g))
                     }),
                 })
@@ -612,6 +739,31 @@ fn add_into(dx: Option<Vec<f32>>, add: Option<&[f32]>) -> Option<Vec<f32>> {
 /// gradient's (`grad_coef`).
 type Coefs<'a> = (&'a [(f32, f32, f32)], &'a [(f32, f32, f32, f32)]);
 
+/// A layer's input `x`: as the tensor lays it out, `(n, c, h, w)`; or `n` images in the
+/// padded layout of the layer's forward plan ([`ConvBnTrain::padded_input`]), written there
+/// by the layer before ([`ConvBnTrain::forward_saving_for`]), so that neither the forward
+/// nor the backward pads it.
+#[derive(Clone, Copy)]
+pub(crate) enum Input<'a> {
+    Plain(&'a [f32]),
+    Padded(&'a [f32]),
+}
+
+/// Where a forward writes its output.
+#[derive(Clone, Copy)]
+enum Output<'a> {
+    /// As `(n, cout, oh, ow)`.
+    Plain,
+    /// Only in the padded layout of the next layer's input, whose forward plan this is.
+    Padded(&'a direct::Plan),
+    /// Both.
+    Both(&'a direct::Plan),
+}
+
+/// A forward's output: plainly (`(n, cout, oh, ow)`) and in the padded layout of the next
+/// layer's input, each where it was asked for.
+pub(crate) type Written = (Option<Vec<f32>>, Option<Vec<f32>>);
+
 /// The op's inputs as slices: `x`, `[kernel; gamma; beta]`, the residual if any.
 type Inputs<'a> = (&'a [f32], &'a [f32], Option<&'a [f32]>);
 
@@ -630,12 +782,13 @@ struct StridedScratch {
 }
 
 /// Scratch buffers of one backward worker: padded inputs and output gradients of one image
-/// group.
+/// group, the flattened input gradient and weight gradient of one image, and one plane.
 struct Scratch {
     xp: Vec<Vec<f32>>,
     dyp: Vec<Vec<f32>>,
     flat: Vec<f32>,
     dw_n: Vec<f32>,
+    tmp: Vec<f32>,
 }
 
 /// `(x, [kernel; gamma; beta])`: `relu?(bn(conv(x)))`.

@@ -348,13 +348,43 @@ impl Plan {
     }
 
     /// Length of a padded image (`c` planes of `ps`).
-    fn padded_len(&self) -> usize {
+    pub(crate) fn padded_len(&self) -> usize {
         self.c * self.ps
     }
 
     /// Length of a flattened output (`cout_r` rows of `qlen`).
     fn flat_len(&self) -> usize {
         self.cout_r * self.qlen
+    }
+
+    /// The distance between the planes of a padded image.
+    pub(crate) fn plane_stride(&self) -> usize {
+        self.ps
+    }
+
+    /// Whether an input can be written straight into this plan's layout by
+    /// [`Plan::write_padded_plane`] (stride 1, shared padding).
+    pub(crate) fn takes_written_planes(&self) -> bool {
+        self.stride == 1 && self.copy_len == 0
+    }
+
+    /// Writes one input plane (`ps` values, as [`Plan::pad`] lays it out): the `h * w` values
+    /// at the front of `src` and, when `fresh` (memory not yet written), the zero border;
+    /// otherwise the border must be zero already (a [`Plan::padded_buffer`], or a plane
+    /// written before), and only the padding between rows is rewritten. `src` should run
+    /// at least [`ROW_SLACK`] values past the plane's values, so that the last row is copied
+    /// in whole pieces too (see [`copy_row`]).
+    ///
+    /// A layer whose output only this convolution reads can write its planes here from a
+    /// thread's scratch in cache, rather than write them plainly for [`Plan::pad`] to read
+    /// back from memory; and rows of 7 to 28 values, each written by its own call, ran
+    /// scalar.
+    pub(crate) fn write_padded_plane<S: Slot>(&self, plane: &mut [S], src: &[f32], fresh: bool) {
+        assert!(
+            self.takes_written_planes() && plane.len() == self.ps && src.len() >= self.h * self.w,
+            "direct conv: a written plane of a stride-1 plan on the shared-padding layout"
+        );
+        self.pad_plane(plane, src, fresh);
     }
 
     /// Copies one image `(c, h, w)` into `dst` as zero-padded planes of stride `ps` (at
@@ -758,26 +788,10 @@ impl Plan {
         self.weight_grad_rows(xps, dyfs, self.qlen, dw);
     }
 
-    /// A zeroed buffer for [`Plan::interior_row`] with `planes` planes (at least `c`), its
-    /// border and tail kept zero by writing only interior rows.
+    /// A zeroed buffer for [`Plan::write_padded_plane`] with `planes` planes (at least `c`),
+    /// its border and tail kept zero by writing only the planes' values.
     pub(crate) fn padded_buffer(&self, planes: usize) -> Vec<f32> {
         vec![0f32; planes.max(self.c) * self.ps]
-    }
-
-    /// Row `y` of plane `ci` inside the zero border of a padded buffer (as [`Plan::pad`]
-    /// lays it out): writing every interior row is writing a padded image.
-    pub(crate) fn interior_row<'a>(
-        &self,
-        buf: &'a mut [f32],
-        ci: usize,
-        y: usize,
-    ) -> &'a mut [f32] {
-        assert!(
-            self.stride == 1 && self.copy_len == 0,
-            "direct conv: interior rows of a stride-1 plan on the shared-padding layout"
-        );
-        let at = ci * self.ps + (y + self.pad_y) * self.wp + self.pad_x;
-        &mut buf[at..at + self.w]
     }
 
     /// The weight gradient of this (forward) plan from `dY` held in the padded buffer `dyp`
@@ -923,6 +937,9 @@ pub(crate) const MAX_GROUP: usize = 8;
 
 /// Values per piece of [`copy_row`].
 const ROW_PIECE: usize = 8;
+/// How far a source plane should run past its values for [`Plan::write_padded_plane`] to
+/// copy its last row in whole pieces.
+pub(crate) const ROW_SLACK: usize = ROW_PIECE;
 
 /// Copies `len` values from the front of `src` to the front of `dst`, in whole pieces of
 /// [`ROW_PIECE`] where both slices are long enough for the last piece to run past `len` and

@@ -168,11 +168,9 @@ fn padded_weight_gradient_sums_images() {
             let mut xp = Vec::new();
             fwd.pad(&x, &mut xp);
             let mut dyp = back.padded_buffer(fwd.cout_rounded());
-            for co in 0..cout {
-                for y in 0..h {
-                    back.interior_row(&mut dyp, co, y)
-                        .copy_from_slice(&dy[(co * h + y) * w..][..w]);
-                }
+            let planes = dyp.chunks_exact_mut(back.plane_stride());
+            for (co, plane) in planes.take(cout).enumerate() {
+                back.write_padded_plane(plane, &dy[co * h * w..], false);
             }
             let (mut dyf, mut dw) = (Vec::new(), vec![0f32; want.len()]);
             fwd.flatten(&dy, &mut dyf);
@@ -188,6 +186,41 @@ fn padded_weight_gradient_sums_images() {
             .expect("same layouts");
         let want64: Vec<f64> = want.iter().map(|v| f64::from(*v)).collect();
         assert_close(&format!("{isa:?} summed dw"), &got, &want64, 1e-5);
+    }
+}
+
+/// A plane written by `write_padded_plane` (into new memory, and over a zeroed buffer; from
+/// a source with and without slack past the plane) is the plane `pad` writes.
+#[test]
+fn written_planes_are_padded_planes() {
+    for isa in [Isa::Avx512, Isa::Avx2]
+        .into_iter()
+        .filter(|i| i.supported())
+    {
+        for (c, h, w, k) in [(3, 6, 7, 3), (2, 5, 16, 3), (2, 7, 7, 5), (1, 9, 3, 1)] {
+            let plan = Plan::with_isa(isa, (c, h, w), 4, (k, k), (k / 2, k / 2)).expect("plan");
+            assert!(plan.takes_written_planes());
+            let x = values(c * h * w, 3);
+            let mut want = Vec::new();
+            plan.pad(&x, &mut want);
+            let ps = plan.plane_stride();
+            // SAFETY: `write_padded_plane` with `fresh` writes each plane whole.
+            let fresh = unsafe {
+                crate::buffer::vec_written_by(c * ps, |buf| {
+                    for (ci, plane) in buf.chunks_exact_mut(ps).enumerate() {
+                        plan.write_padded_plane(plane, &x[ci * h * w..], true);
+                    }
+                })
+            };
+            let mut reused = plan.padded_buffer(c);
+            for (ci, plane) in reused.chunks_exact_mut(ps).enumerate() {
+                // The plane alone: no slack past its values.
+                plan.write_padded_plane(plane, &x[ci * h * w..(ci + 1) * h * w], false);
+            }
+            let what = format!("{isa:?} {c}x{h}x{w} k{k}");
+            assert_eq!(fresh, want, "{what}: fresh");
+            assert_eq!(reused[..want.len()], want[..], "{what}: reused");
+        }
     }
 }
 
