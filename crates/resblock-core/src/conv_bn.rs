@@ -298,6 +298,36 @@ pub fn basic_block_chain_t(
     x: &Tensor,
     blocks: &[ChainedBlock<'_>],
 ) -> candle_core::Result<Option<Tensor>> {
+    chain_t(x, None, blocks)
+}
+
+/// `lead.forward_relu_t(x, true)` (a CIFAR ResNet's stem), then [`basic_block_chain_t`] on
+/// its output, as one op on our CPU kernels ([`crate::ops::conv_bn_relu_chain_train`]),
+/// which also saves Candle's gradient bookkeeping for the stem's output (a zero fill and an
+/// add of its size, on one thread while the kernels' threads wait).
+///
+/// `None` where a layer (the lead's too) has a convolution bias or no norm: then run the
+/// lead and the blocks apart.
+///
+/// # Shapes
+/// - input: the lead's (N, C_in, H, W); output: the last block's
+///
+/// # Errors
+/// As [`ConvBn::forward_relu_t`] and [`basic_block_chain_t`].
+pub fn conv_bn_relu_chain_t(
+    x: &Tensor,
+    lead: &ConvBn,
+    blocks: &[ChainedBlock<'_>],
+) -> candle_core::Result<Option<Tensor>> {
+    chain_t(x, Some(lead), blocks)
+}
+
+/// [`basic_block_chain_t`] after the layer `lead` with its ReLU, if given.
+fn chain_t(
+    x: &Tensor,
+    lead: Option<&ConvBn>,
+    blocks: &[ChainedBlock<'_>],
+) -> candle_core::Result<Option<Tensor>> {
     let mut chain = Vec::with_capacity(blocks.len());
     let mut norms = Vec::with_capacity(blocks.len());
     for &(first, second, zero_pad) in blocks {
@@ -313,8 +343,18 @@ pub fn basic_block_chain_t(
         });
         norms.push([bn1, bn2]);
     }
-    let (y, stats) =
-        crate::ops::basic_block_chain_train(x, &chain).map_err(candle_core::Error::wrap)?;
+    let (y, stats) = match lead {
+        None => crate::ops::basic_block_chain_train(x, &chain).map_err(candle_core::Error::wrap)?,
+        Some(lead) => {
+            let Some((l, bn)) = lead.fused_train_layer() else {
+                return Ok(None);
+            };
+            let (y, s, stats) = crate::ops::conv_bn_relu_chain_train(x, l, &chain)
+                .map_err(candle_core::Error::wrap)?;
+            bn.track(&s)?;
+            (y, stats)
+        }
+    };
     for (bns, ss) in norms.iter().zip(&stats) {
         for (bn, s) in bns.iter().zip(ss) {
             bn.track(s)?;

@@ -18,7 +18,8 @@
 //!   as one op for the 3x3 convolutions of ResNets (stride 1 and 2);
 //!   [`conv_batch_norm_add_relu_train`] with a residual block's shortcut sum and ReLU as well;
 //!   [`basic_block_train`] and [`zero_pad_block_train`] a whole basic block, and
-//!   [`basic_block_chain_train`] a run of them (a CIFAR ResNet's body), as one op.
+//!   [`basic_block_chain_train`] a run of them (a CIFAR ResNet's body), as one op;
+//!   [`conv_bn_relu_chain_train`] the stem and the body together.
 //! - [`dense::linear`] ([`dense`]): `act(x . w^T + b)` (identity, ReLU or erf GELU) as one op,
 //!   GEMMs forward and backward on our GEMM; [`layer_norm`]: layer normalisation as one op
 //!   with its backward (Candle's fused one has none).
@@ -71,7 +72,7 @@ pub use eltwise::add_relu;
 pub use error::{Error, Result};
 pub use fused::{
     basic_block_chain_train, basic_block_train, conv_batch_norm_add_relu_train,
-    conv_batch_norm_train, zero_pad_block_train, ChainBlock,
+    conv_batch_norm_train, conv_bn_relu_chain_train, zero_pad_block_train, ChainBlock,
 };
 pub use norm::{
     batch_norm_add_relu_train, batch_norm_train, batch_norm_train_candle, layer_norm,

@@ -5,10 +5,13 @@
 //! every block output, on one thread while the kernels' threads wait; one op per run leaves
 //! it one, for the run's output. A CIFAR ResNet's blocks (identity and option-A shortcuts)
 //! all chain, so its whole body is one op in [`crate::ResNet::embed`], and one per stage in
-//! [`crate::ResNet::features`], which returns each stage's output.
+//! [`crate::ResNet::features`], which returns each stage's output. A conv + norm + ReLU stem
+//! (the CIFAR one) joins the first run as its lead layer
+//! ([`resblock_core::conv_bn::conv_bn_relu_chain_t`]), which saves that bookkeeping for the
+//! stem's output too.
 
 use candle_core::{ModuleT, Tensor};
-use resblock_core::conv_bn::{basic_block_chain_t, ChainedBlock};
+use resblock_core::conv_bn::{basic_block_chain_t, conv_bn_relu_chain_t, ChainedBlock, ConvBn};
 use resblock_core::Shortcut;
 
 use crate::resnet::Block;
@@ -37,42 +40,53 @@ impl Block {
     }
 }
 
-/// `blocks` applied to `x` in order, each run of consecutive blocks with a
-/// [`Block::chain_link`] as one op where the layers allow (else block by block).
+/// `blocks` applied to `x` in order, after `lead` (a conv + norm + ReLU stem) if given, each
+/// run of consecutive blocks with a [`Block::chain_link`] as one op where the layers allow
+/// (else block by block), the lead layer in the first run's op.
 pub(crate) fn run_blocks<'a>(
     x: Tensor,
+    lead: Option<&ConvBn>,
     blocks: impl IntoIterator<Item = &'a Block>,
     train: bool,
 ) -> candle_core::Result<Tensor> {
     let mut h = x;
+    let mut lead = lead;
     let mut run: Vec<(&Block, ChainedBlock<'_>)> = Vec::new();
     for b in blocks {
         match b.chain_link(train) {
             Some(link) => run.push((b, link)),
             None => {
-                h = run_chain(h, &run, train)?;
+                h = run_chain(h, lead.take(), &run, train)?;
                 run.clear();
                 h = b.forward_t(&h, train)?;
             }
         }
     }
-    run_chain(h, &run, train)
+    run_chain(h, lead, &run, train)
 }
 
-/// The blocks of `run` on `x`: one op where [`basic_block_chain_t`] takes them.
+/// The blocks of `run` on `x` after `lead` if given: one op where [`basic_block_chain_t`]
+/// or [`conv_bn_relu_chain_t`] takes them.
 fn run_chain(
     x: Tensor,
+    lead: Option<&ConvBn>,
     run: &[(&Block, ChainedBlock<'_>)],
     train: bool,
 ) -> candle_core::Result<Tensor> {
-    if run.is_empty() {
-        return Ok(x);
-    }
     let links: Vec<ChainedBlock<'_>> = run.iter().map(|(_, l)| *l).collect();
-    if let Some(y) = basic_block_chain_t(&x, &links)? {
+    let fused = match (lead, run.is_empty()) {
+        (_, true) => None,
+        (None, false) => basic_block_chain_t(&x, &links)?,
+        (Some(l), false) => conv_bn_relu_chain_t(&x, l, &links)?,
+    };
+    if let Some(y) = fused {
         return Ok(y);
     }
-    run.iter().try_fold(x, |h, (b, _)| b.forward_t(&h, train))
+    let h = match lead {
+        Some(l) => l.forward_relu_t(&x, train)?,
+        None => x,
+    };
+    run.iter().try_fold(h, |h, (b, _)| b.forward_t(&h, train))
 }
 
 #[cfg(test)]

@@ -673,6 +673,22 @@ impl ResNet {
         &self.stages
     }
 
+    /// In training, a stem of exactly conv + norm + ReLU (the CIFAR one) as the lead layer of
+    /// the blocks' first run, with `x` for its input (see `block_run.rs`); else the stem's
+    /// output and no lead layer.
+    fn stem_or_lead(
+        &self,
+        x: &Tensor,
+        train: bool,
+    ) -> candle_core::Result<(Tensor, Option<ConvBn>)> {
+        match self.stem.as_slice() {
+            [StemLayer::Conv(c), StemLayer::Norm(n), StemLayer::Relu] if train => {
+                Ok((x.clone(), Some(ConvBn::new(c.clone(), Some(n.clone())))))
+            }
+            _ => Ok((self.run_stem(x, train)?, None)),
+        }
+    }
+
     pub(crate) fn run_stem(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         let mut h = x.clone();
         let stem = &self.stem;
@@ -718,10 +734,10 @@ impl ResNet {
     /// An input of the wrong shape.
     pub fn features(&self, x: &Tensor, train: bool) -> Result<Vec<Tensor>> {
         self.check_input(x)?;
-        let mut h = self.run_stem(x, train)?;
+        let (mut h, mut lead) = self.stem_or_lead(x, train)?;
         let mut out = Vec::with_capacity(self.stages.len());
         for stage in &self.stages {
-            h = crate::block_run::run_blocks(h, stage, train)?;
+            h = crate::block_run::run_blocks(h, lead.take().as_ref(), stage, train)?;
             out.push(h.clone());
         }
         Ok(out)
@@ -737,8 +753,9 @@ impl ResNet {
             return Err(Error::config("a ResNet needs at least one stage"));
         }
         // Only the last stage's output is wanted: runs of blocks may cross stages.
-        let h = self.run_stem(x, train)?;
-        let last = crate::block_run::run_blocks(h, self.stages.iter().flatten(), train)?;
+        let (h, lead) = self.stem_or_lead(x, train)?;
+        let blocks = self.stages.iter().flatten();
+        let last = crate::block_run::run_blocks(h, lead.as_ref(), blocks, train)?;
         let h = match &self.final_norm {
             Some(n) => n.forward_relu_t(&last, train)?,
             None => last,

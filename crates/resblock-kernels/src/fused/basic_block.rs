@@ -84,6 +84,11 @@ impl BlockTrain {
         self.dims
     }
 
+    /// The first layer (conv1 + bn1 + ReLU).
+    pub(crate) fn first(&self) -> &ConvBnTrain {
+        &self.first
+    }
+
     /// The output's dims.
     pub(crate) fn out_dims(&self) -> [usize; 4] {
         self.second.out_shape()

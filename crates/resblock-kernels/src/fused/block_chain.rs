@@ -8,32 +8,55 @@
 //! input gradient goes straight to the block before it, and Candle sees only the chain's
 //! input.
 //!
-//! The op's inputs are `x` and every layer's `[kernel; gamma; beta]`, concatenated in block
-//! order (first layer, then second).
+//! A chain may start with a lead layer, conv + BatchNorm + ReLU (a CIFAR ResNet's stem):
+//! then Candle sees neither the stem's output nor its gradient, whose zero fill and add
+//! (activation-sized, on the calling thread while the kernels' threads wait) were the
+//! largest of that bookkeeping left, and the stem writes its output straight into the first
+//! block's padded layout.
+//!
+//! The op's inputs are `x` and every layer's `[kernel; gamma; beta]`, concatenated in order
+//! (the lead layer, then each block's first layer and second).
 
 use std::sync::OnceLock;
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 
 use super::basic_block::BlockTrain;
+use super::conv_bn::{ConvBnTrain, Input};
 use crate::buffer::{f32_slice, with_cpu_slice as with};
 
 /// The fused chain; see the module docs.
 pub(crate) struct BlockChain {
+    /// The conv + BatchNorm + ReLU before the blocks, if any.
+    lead: Option<ConvBnTrain>,
     blocks: Vec<BlockTrain>,
-    /// Each block's output but the last (the op's output), saved by the forward.
-    outputs: OnceLock<Vec<Vec<f32>>>,
+    /// Each block's input but the op's `x` (the lead's output, then each block's output but
+    /// the last), saved by the forward.
+    inputs: OnceLock<Vec<Vec<f32>>>,
 }
 
 impl BlockChain {
-    /// The chain of `blocks`, or `None` unless each block's output has the next one's input
-    /// dims (and there is a block).
-    pub(crate) fn new(blocks: Vec<BlockTrain>) -> Option<BlockChain> {
+    /// The chain of `blocks` after the layer `lead` (with its ReLU) if given, or `None`
+    /// unless each output has the next one's input dims (and there is a block).
+    pub(crate) fn new(lead: Option<ConvBnTrain>, blocks: Vec<BlockTrain>) -> Option<BlockChain> {
         let linked = blocks.windows(2).all(|w| w[0].out_dims() == w[1].in_dims());
-        (linked && !blocks.is_empty()).then(|| BlockChain {
+        let led = match (&lead, blocks.first()) {
+            (Some(l), Some(b)) => l.out_shape() == b.in_dims(),
+            _ => true,
+        };
+        (linked && led && !blocks.is_empty()).then(|| BlockChain {
+            lead,
             blocks,
-            outputs: OnceLock::new(),
+            inputs: OnceLock::new(),
         })
+    }
+
+    /// The chain's input dims.
+    fn in_dims(&self) -> [usize; 4] {
+        match &self.lead {
+            Some(l) => l.in_shape(),
+            None => self.blocks[0].in_dims(),
+        }
     }
 
     /// The chain's output dims.
@@ -41,10 +64,15 @@ impl BlockChain {
         self.blocks.last().map_or([0; 4], BlockTrain::out_dims)
     }
 
+    /// The length of the lead layer's parameters (0 without one); they come first.
+    fn lead_len(&self) -> usize {
+        self.lead.as_ref().map_or(0, |l| l.param_lens().1)
+    }
+
     /// Where each block's two parameter vectors start in the op's parameter input, and the
     /// total length.
     fn param_offsets(&self) -> (Vec<[usize; 3]>, usize) {
-        let mut at = 0;
+        let mut at = self.lead_len();
         let offsets = self
             .blocks
             .iter()
@@ -61,12 +89,12 @@ impl BlockChain {
     /// Checks the input's dims and the parameters' length.
     fn check(&self, x: &Layout, params: usize) -> candle_core::Result<Vec<[usize; 3]>> {
         let (offsets, total) = self.param_offsets();
-        if x.dims() != self.blocks[0].in_dims() || params != total {
+        if x.dims() != self.in_dims() || params != total {
             candle_core::bail!(
-                "basic_block: input {:?} and {params} parameters do not match the blocks' \
+                "basic_block: input {:?} and {params} parameters do not match the chain's \
                  {:?} and {total}",
                 x.dims(),
-                self.blocks[0].in_dims()
+                self.in_dims()
             )
         }
         Ok(offsets)
@@ -89,12 +117,19 @@ impl CustomOp2 for BlockChain {
         let op = "basic_block";
         let (x, p) = (f32_slice(s1, l1, op)?, f32_slice(s2, l2, op)?);
         let offsets = self.check(l1, p.len())?;
-        let mut outputs = Vec::with_capacity(self.blocks.len() - 1);
+        let mut inputs = Vec::with_capacity(self.blocks.len());
         let mut y: Option<Vec<f32>> = None;
         // Each block's output also in the next block's first padded layout, where it takes
         // one: written with the output, not copied from it by the next block's forward and
         // again by its backward.
         let mut padded: Option<Vec<f32>> = None;
+        if let Some(lead) = &self.lead {
+            let next = (Some(self.blocks[0].first()), true);
+            let p_lead = &p[..self.lead_len()];
+            let (out, out_padded) = lead.forward_saving_for(Input::Plain(x), p_lead, None, next)?;
+            y = out;
+            padded = out_padded;
+        }
         for (k, (b, [a, m, e])) in self.blocks.iter().zip(offsets).enumerate() {
             let input = (y.as_deref().unwrap_or(x), padded.take());
             let next = self.blocks.get(k + 1);
@@ -103,11 +138,11 @@ impl CustomOp2 for BlockChain {
                 candle_core::bail!("basic_block: a block wrote no output")
             };
             if let Some(prev) = y.replace(out) {
-                outputs.push(prev);
+                inputs.push(prev);
             }
             padded = out_padded;
         }
-        if self.outputs.set(outputs).is_err() {
+        if self.inputs.set(inputs).is_err() {
             candle_core::bail!("basic_block: a kernel instance ran twice");
         }
         let y = y.unwrap_or_default();
@@ -143,7 +178,8 @@ impl CustomOp2 for BlockChain {
 
 impl BlockChain {
     /// [`CustomOp2::bwd`] on the slices: the blocks in reverse, each block's input gradient
-    /// the output gradient of the one before; the first block's only when `need_dx`.
+    /// the output gradient of the one before (or of the lead layer); the chain's input's
+    /// only when `need_dx`.
     fn grads(
         &self,
         x: &[f32],
@@ -151,29 +187,48 @@ impl BlockChain {
         (y, dy): (&[f32], &[f32]),
         need_dx: bool,
     ) -> candle_core::Result<(Option<Vec<f32>>, Vec<f32>)> {
-        let Some(outputs) = self.outputs.get() else {
+        let Some(inputs) = self.inputs.get() else {
             candle_core::bail!("basic_block: backward before forward")
+        };
+        // Block `k`'s input is `inputs[k - skip]`, or `x` (block 0 without a lead); block
+        // `k + 1`'s input is block `k`'s output, and the last block's is `y`.
+        let skip = usize::from(self.lead.is_none());
+        let input = |k: usize| {
+            k.checked_sub(skip)
+                .and_then(|i| inputs.get(i))
+                .map(Vec::as_slice)
         };
         let (offsets, total) = self.param_offsets();
         let mut dp = vec![0f32; total];
         let mut grad: Option<Vec<f32>> = None;
         for (k, (b, [a, m, e])) in self.blocks.iter().zip(offsets).enumerate().rev() {
-            let input = if k == 0 { x } else { &outputs[k - 1] };
-            let output = outputs.get(k).map_or(y, Vec::as_slice);
+            let output = input(k + 1).unwrap_or(y);
             let g = grad.as_deref().unwrap_or(dy);
-            let (dx, dp1, dp2) =
-                b.grads((input, &p[a..m], &p[m..e]), (output, g), k > 0 || need_dx)?;
+            let want_dx = k > 0 || self.lead.is_some() || need_dx;
+            let x_k = input(k).unwrap_or(x);
+            let (dx, dp1, dp2) = b.grads((x_k, &p[a..m], &p[m..e]), (output, g), want_dx)?;
             dp[a..m].copy_from_slice(&dp1);
             dp[m..e].copy_from_slice(&dp2);
-            if k > 0 {
-                let Some(dx) = dx else {
-                    candle_core::bail!("basic_block: a block gave no input gradient")
-                };
-                grad = Some(dx);
-            } else {
-                return Ok((dx, dp));
+            if !want_dx {
+                return Ok((None, dp));
             }
+            let Some(dx) = dx else {
+                candle_core::bail!("basic_block: a block gave no input gradient")
+            };
+            grad = Some(dx);
         }
-        candle_core::bail!("basic_block: a chain without blocks")
+        let Some(g) = grad else {
+            candle_core::bail!("basic_block: a chain without blocks")
+        };
+        match &self.lead {
+            Some(lead) => {
+                let n = self.lead_len();
+                let (dx, dp_lead) =
+                    lead.backward_saved((Input::Plain(x), &p[..n]), &g, (need_dx, true), None)?;
+                dp[..n].copy_from_slice(&dp_lead);
+                Ok((dx, dp))
+            }
+            None => Ok((Some(g), dp)),
+        }
     }
 }

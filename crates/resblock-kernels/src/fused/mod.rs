@@ -178,8 +178,8 @@ pub fn basic_block_chain_train(
     x: &Tensor,
     blocks: &[ChainBlock<'_>],
 ) -> Result<(Tensor, Vec<[BatchStats; 2]>)> {
-    if let Some(out) = fused_chain(x, blocks)? {
-        return Ok(out);
+    if let Some((y, _, stats)) = fused_chain(x, None, blocks)? {
+        return Ok((y, stats));
     }
     let mut h = x.clone();
     let mut stats = Vec::with_capacity(blocks.len());
@@ -192,6 +192,30 @@ pub fn basic_block_chain_train(
         stats.push(s);
     }
     Ok((h, stats))
+}
+
+/// `relu(bn(conv(x)))` by `lead` ([`conv_batch_norm_train`] with the ReLU), then
+/// [`basic_block_chain_train`] on its output: a CIFAR ResNet's stem and body. The lead
+/// layer's batch statistics come back after the output, then the blocks'.
+///
+/// Where the lead layer and every block fuse this is one op (`fused/block_chain.rs`), which
+/// also saves Candle's gradient bookkeeping for the lead layer's output; else the two calls.
+/// Both give the same values up to f32 rounding.
+///
+/// # Errors
+/// As [`conv_batch_norm_train`] and [`basic_block_chain_train`].
+pub fn conv_bn_relu_chain_train(
+    x: &Tensor,
+    lead: Layer<'_>,
+    blocks: &[ChainBlock<'_>],
+) -> Result<(Tensor, BatchStats, Vec<[BatchStats; 2]>)> {
+    if let Some((y, Some(s), stats)) = fused_chain(x, Some(lead), blocks)? {
+        return Ok((y, s, stats));
+    }
+    let (k, g, w, b, eps) = lead;
+    let (h, s) = conv_batch_norm_train(x, k, g, w, b, eps, true)?;
+    let (y, stats) = basic_block_chain_train(&h, blocks)?;
+    Ok((y, s, stats))
 }
 
 /// The fused block's output (with the option-A `shortcut` when given, else the identity),
@@ -207,15 +231,23 @@ fn fused_block(
         second,
         zero_pad: shortcut.map(|z| (z.stride, z.front, z.back)),
     };
-    Ok(fused_chain(x, &[block])?.and_then(|(y, mut s)| Some((y, s.pop()?))))
+    Ok(fused_chain(x, None, &[block])?.and_then(|(y, _, mut s)| Some((y, s.pop()?))))
 }
+
+/// The output of the blocks after the lead layer (conv + norm + ReLU) if any, and the
+/// statistics of the lead layer and of the blocks.
+type ChainOut = (Tensor, Option<BatchStats>, Vec<[BatchStats; 2]>);
 
 /// The fused chain's output, or `None` where it does not apply.
 fn fused_chain(
     x: &Tensor,
+    lead: Option<Layer<'_>>,
     blocks: &[ChainBlock<'_>],
-) -> Result<Option<(Tensor, Vec<[BatchStats; 2]>)>> {
+) -> Result<Option<ChainOut>> {
     let mut tensors = vec![x];
+    if let Some((k, _, w, b, _)) = lead {
+        tensors.extend([k, w, b]);
+    }
     for b in blocks {
         let (k1, _, w1, b1, _) = b.first;
         let (k2, _, w2, b2, _) = b.second;
@@ -226,21 +258,35 @@ fn fused_chain(
     }
     let mut ops = Vec::with_capacity(blocks.len());
     let mut stats = Vec::with_capacity(blocks.len());
-    let mut pieces = Vec::with_capacity(6 * blocks.len());
+    let mut pieces = Vec::with_capacity(6 * blocks.len() + 3);
     let mut dims = x.dims().to_vec();
+    let layer = |in_dims: &[usize], (k, g, _, _, eps): Layer<'_>, s: &Arc<OnceLock<_>>| {
+        conv_bn::ConvBnTrain::new(in_dims, k.dims(), geom(g), eps, true, s.clone())
+    };
+    let lead_stats = Arc::new(OnceLock::new());
+    let lead_op = match lead {
+        None => None,
+        Some(l) => {
+            let Some(op) = layer(&dims, l, &lead_stats) else {
+                return Ok(None);
+            };
+            let (k, _, w, bias, _) = l;
+            pieces.extend(param_pieces(k, w, bias)?);
+            dims = op.out_shape().to_vec();
+            Some(op)
+        }
+    };
+    // Values per channel in a layer's statistics.
+    let count = |[n, _, h, w]: [usize; 4]| n * h * w;
+    let lead_count = lead_op.as_ref().map(|op| count(op.out_shape()));
     for b in blocks {
         let s = [Arc::new(OnceLock::new()), Arc::new(OnceLock::new())];
-        let layer = |in_dims: &[usize], (k, g, _, _, eps): Layer<'_>, s: &Arc<OnceLock<_>>| {
-            conv_bn::ConvBnTrain::new(in_dims, k.dims(), geom(g), eps, true, s.clone())
-        };
         let Some(op1) = layer(&dims, b.first, &s[0]) else {
             return Ok(None);
         };
         let Some(op2) = layer(&op1.out_shape(), b.second, &s[1]) else {
             return Ok(None);
         };
-        // Values per channel in each layer's statistics.
-        let count = |[n, _, h, w]: [usize; 4]| n * h * w;
         let counts = [count(op1.out_shape()), count(op2.out_shape())];
         let shortcut = match b.zero_pad {
             Some((0, _, _)) => return Ok(None),
@@ -261,16 +307,19 @@ fn fused_chain(
         ops.push(op);
         stats.push((s, counts));
     }
-    let Some(op) = block_chain::BlockChain::new(ops) else {
+    let Some(op) = block_chain::BlockChain::new(lead_op, ops) else {
         return Ok(None);
     };
     let params = Tensor::cat(&pieces, 0)?;
     let y = x.contiguous()?.apply_op2(&params, op)?;
+    let lead_out = lead_count
+        .map(|c| batch_stats(&lead_stats, c))
+        .transpose()?;
     let out = stats
         .iter()
         .map(|([s1, s2], [c1, c2])| Ok([batch_stats(s1, *c1)?, batch_stats(s2, *c2)?]))
         .collect::<Result<Vec<_>>>()?;
-    Ok(Some((y, out)))
+    Ok(Some((y, lead_out, out)))
 }
 
 /// Whether the fused ops may run on these tensors: all f32 on the CPU, and the dispatch

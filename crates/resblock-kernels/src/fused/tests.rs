@@ -318,7 +318,7 @@ fn block_chain_matches_one_op_per_block() -> Result<()> {
         } else {
             xv.as_tensor().detach()
         };
-        let (y, stats) = fused_chain(&x, &blocks)?.expect("the chain fuses");
+        let (y, _, stats) = fused_chain(&x, None, &blocks)?.expect("the chain fuses");
         assert_eq!(y.dims(), [3, cout, 5, 5]);
         let dy = values(y.dims(), 7, 1.0);
         let grads = (&y * &dy)?.sum_all()?.backward()?;
@@ -371,9 +371,94 @@ fn block_chain_matches_one_op_per_block() -> Result<()> {
         assert!(max_diff(&y2, &y) < 1e-6);
     }
     let x = values(&[3, c, 9, 9], 8, 1.0);
-    assert!(fused_chain(&x, &[])?.is_none());
+    assert!(fused_chain(&x, None, &[])?.is_none());
     // The wide block cannot take the narrow input first.
-    assert!(fused_chain(&x, &[blocks[2], blocks[0]])?.is_none());
+    assert!(fused_chain(&x, None, &[blocks[2], blocks[0]])?.is_none());
     assert!(basic_block_chain_train(&x, &[blocks[2]]).is_err());
+    Ok(())
+}
+
+/// A chain with a lead conv + norm + ReLU layer (a CIFAR stem) against that layer's op
+/// followed by the chain's op: output, every statistic and every gradient, with and without
+/// an input gradient.
+#[test]
+fn lead_layer_joins_the_chain() -> Result<()> {
+    if crate::conv::direct::Isa::detect().is_none() {
+        return Ok(());
+    }
+    let (cin, c, cout) = (3, 6, 12);
+    let stem = down_params(cin, c, 30);
+    let lead: Layer<'_> = (
+        stem[0].as_tensor(),
+        (1, 1, 1, 1),
+        stem[1].as_tensor(),
+        stem[2].as_tensor(),
+        1e-5,
+    );
+    let narrow = params(c);
+    let down = down_params(c, cout, 10);
+    let wide = params(cout);
+    let ((n1, n2), (d1, d2), (w1, w2)) = (layers(&narrow), down_layers(&down), layers(&wide));
+    let chain_block = |(first, second), zero_pad| ChainBlock {
+        first,
+        second,
+        zero_pad,
+    };
+    // The down block's output feeds the wide block's padded first layer; the lead's output,
+    // the narrow block's.
+    let blocks = [
+        chain_block((n1, n2), None),
+        chain_block((d1, d2), Some((2, 2, cout - c - 2))),
+        chain_block((w1, w2), None),
+    ];
+    for input_grad in [true, false] {
+        let what = format!("lead and chain, input_grad {input_grad}");
+        let xv = Var::from_tensor(&values(&[3, cin, 9, 9], 8, 1.0))?;
+        let x = if input_grad {
+            xv.as_tensor().clone()
+        } else {
+            xv.as_tensor().detach()
+        };
+        let (y, s, stats) = conv_bn_relu_chain_train(&x, lead, &blocks)?;
+        assert_eq!(y.dims(), [3, cout, 5, 5]);
+        let dy = values(y.dims(), 7, 1.0);
+        let grads = (&y * &dy)?.sum_all()?.backward()?;
+
+        let (h, want_s) = conv_batch_norm_train(&x, lead.0, lead.1, lead.2, lead.3, lead.4, true)?;
+        let (want, want_stats) = basic_block_chain_train(&h, &blocks)?;
+        let want_grads = (&want * &dy)?.sum_all()?.backward()?;
+        assert!(max_diff(&y, &want) < 1e-5, "{what}: output");
+        assert_same_stats(&what, std::iter::once((&s, &want_s)));
+        assert_same_stats(
+            &what,
+            stats.iter().flatten().zip(want_stats.iter().flatten()),
+        );
+        assert_eq!(stats.len(), 3);
+        assert_eq!(
+            grads.get(&x).is_some(),
+            input_grad,
+            "{what}: input gradient"
+        );
+        let mut wanted: Vec<&Tensor> = stem[..3]
+            .iter()
+            .chain(&narrow)
+            .chain(&down)
+            .chain(&wide)
+            .map(Var::as_tensor)
+            .collect();
+        if input_grad {
+            wanted.push(&x);
+        }
+        for (i, t) in wanted.into_iter().enumerate() {
+            let (a, b) = (grads.get(t), want_grads.get(t));
+            let (a, b) = (a.expect("gradient"), b.expect("gradient"));
+            let scale = b.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?.max(1.0);
+            let e = max_diff(a, b) / scale;
+            assert!(e < 1e-5, "{what}: gradient {i} differs by {e}");
+        }
+    }
+    // A lead layer whose output is not the first block's input does not fuse.
+    let x = values(&[3, cin, 9, 9], 8, 1.0);
+    assert!(fused_chain(&x, Some(lead), &blocks[2..])?.is_none());
     Ok(())
 }
