@@ -464,7 +464,16 @@ impl Plan {
             } else {
                 at + self.w + over
             };
-            zero(&mut plane[at + self.w..end]);
+            let gap = at + self.w..end;
+            if gap.len() <= ROW_PIECE && gap.start + ROW_PIECE <= plane.len() {
+                // One whole piece of zeros, a store rather than a `memset` call for one or
+                // two values (1% of a ResNet-20 training step). What it writes past the gap
+                // is the next rows' (written after) or the border (zero).
+                let piece = &mut plane[gap.start..gap.start + ROW_PIECE];
+                piece.iter_mut().for_each(|v| v.put(0.0));
+            } else {
+                zero(&mut plane[gap]);
+            }
         }
     }
 
