@@ -11,6 +11,9 @@ use resblock_benches::{conv3x3_flop, record};
 use resblock_core::ops::{batch_norm_train, conv2d, conv2d_backward};
 use resblock_core::{backward_from, configure_threads, RngHandle};
 
+#[global_allocator]
+static ALLOC: resblock_core::ops::alloc::HugePageAlloc = resblock_core::ops::alloc::HugePageAlloc;
+
 fn randn(shape: &[usize], std: f64) -> Tensor {
     RngHandle::seed_from_u64(shape.iter().product::<usize>() as u64)
         .normal_tensor(shape, 0., std, DType::F32, &Device::Cpu)

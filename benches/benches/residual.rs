@@ -12,6 +12,9 @@ use resblock_train::loss::mse;
 use resblock_train::optim::{Adam, AdamConfig, Optimizer};
 use resblock_vision::{basic_block, BasicBlockConfig};
 
+#[global_allocator]
+static ALLOC: resblock_core::ops::alloc::HugePageAlloc = resblock_core::ops::alloc::HugePageAlloc;
+
 fn toy_program(c: &mut Criterion) {
     configure_threads(None);
     c.bench_function("cpu/toy_residual/1000_epochs", |b| {

@@ -8,6 +8,9 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use resblock_benches::{inference_net, record, TrainWorkload};
 use resblock_core::{configure_threads, RngHandle};
 
+#[global_allocator]
+static ALLOC: resblock_core::ops::alloc::HugePageAlloc = resblock_core::ops::alloc::HugePageAlloc;
+
 fn inference(c: &mut Criterion) {
     configure_threads(None);
     for arch in ["resnet18", "resnet50"] {

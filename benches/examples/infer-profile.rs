@@ -11,6 +11,9 @@ use candle_core::{DType, Device, ModuleT};
 use resblock_benches::inference_net;
 use resblock_core::{configure_threads, RngHandle};
 
+#[global_allocator]
+static ALLOC: resblock_core::ops::alloc::HugePageAlloc = resblock_core::ops::alloc::HugePageAlloc;
+
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let arch = args.first().map_or("resnet50", String::as_str);

@@ -10,6 +10,9 @@ use candle_core::{DType, Device, Tensor, Var};
 use resblock_core::ops::{batch_norm_train, conv2d, conv_batch_norm_train, set_kernels, Kernels};
 use resblock_core::{backward_from, configure_threads, RngHandle};
 
+#[global_allocator]
+static ALLOC: resblock_core::ops::alloc::HugePageAlloc = resblock_core::ops::alloc::HugePageAlloc;
+
 /// The fastest of `reps` calls of `f`, in ms (the least disturbed on a shared machine).
 fn time<R>(reps: usize, mut f: impl FnMut() -> anyhow::Result<R>) -> anyhow::Result<f64> {
     f()?;

@@ -16,6 +16,9 @@ use candle_core::ModuleT;
 use resblock_benches::{peak_rss_bytes, rss_bytes, TrainWorkload};
 use resblock_core::configure_threads;
 
+#[global_allocator]
+static ALLOC: resblock_core::ops::alloc::HugePageAlloc = resblock_core::ops::alloc::HugePageAlloc;
+
 fn mib(b: u64) -> f64 {
     b as f64 / f64::from(1 << 20)
 }

@@ -13,6 +13,9 @@ use anyhow::{bail, Context};
 use resblock_benches::{peak_rss_bytes, rss_bytes, TrainWorkload};
 use resblock_core::configure_threads;
 
+#[global_allocator]
+static ALLOC: resblock_core::ops::alloc::HugePageAlloc = resblock_core::ops::alloc::HugePageAlloc;
+
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if !(3..=4).contains(&args.len()) {

@@ -17,6 +17,9 @@ use resblock_train::loss::cross_entropy;
 use resblock_train::optim::{param_groups, Optimizer, Sgd, SgdConfig};
 use resblock_vision::{resnet, ResNetConfig};
 
+#[global_allocator]
+static ALLOC: resblock_core::ops::alloc::HugePageAlloc = resblock_core::ops::alloc::HugePageAlloc;
+
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let arch = args.first().map_or("resnet20", String::as_str);

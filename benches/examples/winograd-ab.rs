@@ -11,6 +11,9 @@ use candle_core::{DType, Device};
 use resblock_core::ops::{conv2d, dispatch};
 use resblock_core::{configure_threads, RngHandle};
 
+#[global_allocator]
+static ALLOC: resblock_core::ops::alloc::HugePageAlloc = resblock_core::ops::alloc::HugePageAlloc;
+
 fn main() -> anyhow::Result<()> {
     let args: Vec<usize> = std::env::args()
         .skip(1)

@@ -21,6 +21,9 @@ use resblock_vision::imagenet::{class_names, load_image, preprocess};
 use resblock_vision::weights::{load_resnet, read_state_dict, save_tensors};
 use resblock_vision::ResNetConfig;
 
+#[global_allocator]
+static ALLOC: resblock_core::ops::alloc::HugePageAlloc = resblock_core::ops::alloc::HugePageAlloc;
+
 /// Classify images or a tensor with a ResNet from torchvision weights.
 #[derive(Debug, Parser)]
 #[command(version, about)]

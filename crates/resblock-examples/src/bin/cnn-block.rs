@@ -21,6 +21,9 @@ use resblock_train::loss::mse;
 use resblock_train::optim::{Adam, AdamConfig, Optimizer};
 use resblock_vision::{basic_block, BasicBlockConfig};
 
+#[global_allocator]
+static ALLOC: resblock_core::ops::alloc::HugePageAlloc = resblock_core::ops::alloc::HugePageAlloc;
+
 /// Build, inspect and train the article's CNN residual block.
 #[derive(Debug, Parser)]
 #[command(version, about)]

@@ -16,6 +16,9 @@
 use clap::Parser;
 use resblock_examples::claims::degradation::{run, Args};
 
+#[global_allocator]
+static ALLOC: resblock_core::ops::alloc::HugePageAlloc = resblock_core::ops::alloc::HugePageAlloc;
+
 fn main() -> anyhow::Result<()> {
     run(&Args::parse())?;
     Ok(())

@@ -29,6 +29,9 @@ use resblock_train::{Dataset, Transform};
 use resblock_vision::{ModelMeta, Preprocess};
 use serde::Serialize;
 
+#[global_allocator]
+static ALLOC: resblock_core::ops::alloc::HugePageAlloc = resblock_core::ops::alloc::HugePageAlloc;
+
 /// Evaluate a model file on a dataset's test split.
 #[derive(Debug, Parser)]
 #[command(version, about)]

@@ -26,6 +26,9 @@ use clap::Parser;
 use resblock_examples::ModelArgs;
 use resblock_onnx::ExportOptions;
 
+#[global_allocator]
+static ALLOC: resblock_core::ops::alloc::HugePageAlloc = resblock_core::ops::alloc::HugePageAlloc;
+
 /// Export a model file (or torchvision weights) to ONNX.
 #[derive(Debug, Parser)]
 #[command(version, about)]

@@ -13,6 +13,9 @@
 use clap::Parser;
 use resblock_examples::claims::gradient_flow::{run, Args};
 
+#[global_allocator]
+static ALLOC: resblock_core::ops::alloc::HugePageAlloc = resblock_core::ops::alloc::HugePageAlloc;
+
 fn main() -> anyhow::Result<()> {
     run(&Args::parse())?;
     Ok(())

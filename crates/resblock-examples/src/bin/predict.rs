@@ -21,6 +21,9 @@ use resblock_examples::{collect_images, ModelArgs, RuntimeArgs};
 use resblock_train::data::decode_image;
 use serde::Serialize;
 
+#[global_allocator]
+static ALLOC: resblock_core::ops::alloc::HugePageAlloc = resblock_core::ops::alloc::HugePageAlloc;
+
 /// Classify images with a model file from `train` or torchvision weights.
 #[derive(Debug, Parser)]
 #[command(version, about)]

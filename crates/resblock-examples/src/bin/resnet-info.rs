@@ -16,6 +16,9 @@ use resblock_core::{seeded_var_builder, RngHandle};
 use resblock_vision::weights::save_varmap;
 use resblock_vision::{resnet, ResNetConfig};
 
+#[global_allocator]
+static ALLOC: resblock_core::ops::alloc::HugePageAlloc = resblock_core::ops::alloc::HugePageAlloc;
+
 /// Summarise a ResNet preset, optionally saving freshly initialised weights.
 #[derive(Debug, Parser)]
 #[command(version, about)]

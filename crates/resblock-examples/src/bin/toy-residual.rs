@@ -16,6 +16,9 @@ use resblock_train::optim::{Adam, AdamConfig};
 use resblock_train::schedule::{LrSchedule, Schedule};
 use resblock_train::{Batch, Error as TrainError, LossKind, Trainer, TrainerConfig};
 
+#[global_allocator]
+static ALLOC: resblock_core::ops::alloc::HugePageAlloc = resblock_core::ops::alloc::HugePageAlloc;
+
 /// Fit the article's Linear(10,10) residual block to random data with MSE + Adam.
 #[derive(Debug, Parser)]
 #[command(version, about)]

@@ -39,6 +39,9 @@ use resblock_vision::weights::{load_state_dict_into_varmap, read_state_dict};
 use resblock_vision::{resnet, ModelMeta, ResNetConfig};
 use serde::Serialize;
 
+#[global_allocator]
+static ALLOC: resblock_core::ops::alloc::HugePageAlloc = resblock_core::ops::alloc::HugePageAlloc;
+
 /// Train a ResNet (any resblock-vision preset) on MNIST, CIFAR or an image folder.
 /// The parsed flags are recorded in the model file's metadata (`train_flags`).
 #[derive(Debug, Parser, Serialize)]

@@ -1,0 +1,68 @@
+//! `alloc::HugePageAlloc` as this test binary's global allocator: blocks keep their contents
+//! through `alloc`, `alloc_zeroed` and `realloc`, and a large block's memory is advised for
+//! transparent huge pages where the kernel offers them (its own test binary: the allocator
+//! is the whole process's).
+
+use resblock_kernels::alloc::{HugePageAlloc, HUGE_PAGE_BLOCK};
+
+#[global_allocator]
+static ALLOC: HugePageAlloc = HugePageAlloc;
+
+/// Whether the kernel gives huge pages to advised memory (THP mode `always` or `madvise`).
+fn thp_offered() -> bool {
+    std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
+        .is_ok_and(|s| s.contains("[always]") || s.contains("[madvise]"))
+}
+
+/// The `THPeligible` flag of the mapping that holds `addr`, from `/proc/self/smaps`.
+fn thp_eligible(addr: usize) -> Option<bool> {
+    let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
+    let mut inside = false;
+    for line in smaps.lines() {
+        let first = line.split_whitespace().next().unwrap_or("");
+        if let Some((lo, hi)) = first.split_once('-') {
+            if let (Ok(lo), Ok(hi)) = (usize::from_str_radix(lo, 16), usize::from_str_radix(hi, 16))
+            {
+                inside = (lo..hi).contains(&addr);
+                continue;
+            }
+        }
+        if inside {
+            if let Some(v) = line.strip_prefix("THPeligible:") {
+                return Some(v.trim() == "1");
+            }
+        }
+    }
+    None
+}
+
+#[test]
+fn large_blocks_keep_their_contents_and_get_huge_pages() {
+    let len = 4 * HUGE_PAGE_BLOCK / 4; // f32s: a 4x-threshold block
+    let mut v: Vec<f32> = (0..len).map(|i| i as f32).collect();
+    assert!(v.iter().enumerate().all(|(i, x)| *x == i as f32));
+    let zeros = vec![0f32; len];
+    assert!(zeros.iter().all(|x| *x == 0.0), "alloc_zeroed");
+    // Grown by realloc, the old values stay.
+    v.reserve_exact(len);
+    v.extend((0..len).map(|i| -(i as f32)));
+    assert!(v[..len].iter().enumerate().all(|(i, x)| *x == i as f32));
+    assert!(v[len..].iter().enumerate().all(|(i, x)| *x == -(i as f32)));
+    let small: Vec<u8> = vec![7; 1000];
+    assert!(small.iter().all(|x| *x == 7));
+    if cfg!(target_os = "linux") && thp_offered() {
+        // The middle of a large block lies in a whole advised huge page.
+        let mid = v.as_ptr() as usize + v.len() * 2;
+        assert_eq!(
+            thp_eligible(mid),
+            Some(true),
+            "a large block is not THP-eligible"
+        );
+        let mid = zeros.as_ptr() as usize + zeros.len() * 2;
+        assert_eq!(
+            thp_eligible(mid),
+            Some(true),
+            "a zeroed block is not THP-eligible"
+        );
+    }
+}
