@@ -302,7 +302,8 @@ impl ConvBnTrain {
                     self.same_grads(back, (x, w), (conv, dy), coefs, (need_dx, relu), dx_add);
                 (dx, dw.total(2 * cout))
             }
-            (_, Input::Padded(_)) => panic!("conv_bn: a padded input off the direct kernels"),
+            // `check_input` takes a padded input only where `padded_input` is the direct plan.
+            (_, Input::Padded(_)) => unreachable!("conv_bn: a padded input off the direct kernels"),
             (_, Input::Plain(x)) if self.winograd => {
                 let (dx, dw) = self.winograd_grads((x, w), (conv, dy), coefs, (need_dx, relu));
                 (add_into(dx, dx_add), dw)

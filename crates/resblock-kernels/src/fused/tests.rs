@@ -3,6 +3,7 @@
 //! without an input gradient; a run of blocks as one op against one op per block; and where
 //! they do not apply.
 
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
 
 use super::*;
@@ -36,6 +37,24 @@ fn assert_same_stats<'a>(
     }
 }
 
+/// Asserts that two backward passes give each of `tensors` a gradient, the same within
+/// `tol` relative to the larger of 1 and the wanted gradient's largest magnitude.
+fn assert_same_grads(
+    what: &str,
+    (got, want): (&GradStore, &GradStore),
+    tensors: &[&Tensor],
+    tol: f32,
+) -> Result<()> {
+    for (i, t) in tensors.iter().enumerate() {
+        let (a, b) = (got.get(t), want.get(t));
+        let (a, b) = (a.expect("gradient"), b.expect("gradient"));
+        let scale = b.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?.max(1.0);
+        let e = max_diff(a, b) / scale;
+        assert!(e < tol, "{what}: gradient {i} differs by {e}");
+    }
+    Ok(())
+}
+
 /// Runs the fused block (with the option-A `shortcut` when given) and the separate ops it
 /// replaces on `x`, and checks the output, the statistics and the gradients (of the
 /// parameters `p`, and of `x` exactly when `input_grad`) agree within f32 rounding; returns
@@ -66,13 +85,7 @@ fn check_block(
     if input_grad {
         wanted.push(x);
     }
-    for (i, t) in wanted.into_iter().enumerate() {
-        let (a, b) = (grads.get(t), want_grads.get(t));
-        let (a, b) = (a.expect("gradient"), b.expect("gradient"));
-        let scale = b.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?.max(1.0);
-        let e = max_diff(a, b) / scale;
-        assert!(e < 1e-4, "{what}: gradient {i} differs by {e}");
-    }
+    assert_same_grads(what, (&grads, &want_grads), &wanted, 1e-4)?;
     Ok(y)
 }
 
@@ -359,13 +372,7 @@ fn block_chain_matches_one_op_per_block() -> Result<()> {
         if input_grad {
             wanted.push(&x);
         }
-        for (i, t) in wanted.into_iter().enumerate() {
-            let (a, b) = (grads.get(t), want_grads.get(t));
-            let (a, b) = (a.expect("gradient"), b.expect("gradient"));
-            let scale = b.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?.max(1.0);
-            let e = max_diff(a, b) / scale;
-            assert!(e < 1e-5, "{what}: gradient {i} differs by {e}");
-        }
+        assert_same_grads(&what, (&grads, &want_grads), &wanted, 1e-5)?;
         // The public entry point takes the fused op, with the same output.
         let (y2, _) = basic_block_chain_train(&x, &blocks)?;
         assert!(max_diff(&y2, &y) < 1e-6);
@@ -449,13 +456,7 @@ fn lead_layer_joins_the_chain() -> Result<()> {
         if input_grad {
             wanted.push(&x);
         }
-        for (i, t) in wanted.into_iter().enumerate() {
-            let (a, b) = (grads.get(t), want_grads.get(t));
-            let (a, b) = (a.expect("gradient"), b.expect("gradient"));
-            let scale = b.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?.max(1.0);
-            let e = max_diff(a, b) / scale;
-            assert!(e < 1e-5, "{what}: gradient {i} differs by {e}");
-        }
+        assert_same_grads(&what, (&grads, &want_grads), &wanted, 1e-5)?;
     }
     // A lead layer whose output is not the first block's input does not fuse.
     let x = values(&[3, cin, 9, 9], 8, 1.0);
