@@ -1,9 +1,10 @@
-//! Inference latency of torchvision ResNets at 224x224, unfolded and with BatchNorm folded,
+//! Inference latency of torchvision ResNets (224x224 unless told), unfolded and with BatchNorm folded,
 //! one line per (arch, batch, form): for a quick look while working on kernels; the figures
 //! we report come from `cargo xtask bench --compare-torch`.
 //!
 //! `cargo run --release -p resblock-benches --example infer-profile -- [ARCH] [BATCH] [REPS]
-//! [folded|unfolded]` (defaults: resnet50 8 5, both forms).
+//! [folded|unfolded] [SIZE]` (defaults: resnet50 8 5, both forms, 224; the form must be given
+//! for a size).
 
 use std::time::Instant;
 
@@ -20,11 +21,12 @@ fn main() -> anyhow::Result<()> {
     let batch: usize = args.get(1).map_or(Ok(8), |s| s.parse())?;
     let reps: usize = args.get(2).map_or(Ok(5), |s| s.parse::<usize>())?.max(1);
     let only = args.get(3).map(String::as_str);
+    let size: usize = args.get(4).map_or(Ok(224), |s| s.parse())?;
     configure_threads(None);
     let (net, cfg) = inference_net(arch);
     let folded = net.folded()?;
     let x = RngHandle::seed_from_u64(1).normal_tensor(
-        (batch, cfg.in_channels, 224, 224),
+        (batch, cfg.in_channels, size, size),
         0.,
         1.,
         DType::F32,
