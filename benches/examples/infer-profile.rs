@@ -1,6 +1,6 @@
-//! Inference latency of torchvision ResNets (224x224 unless told), unfolded and with BatchNorm folded,
-//! one line per (arch, batch, form): for a quick look while working on kernels; the figures
-//! we report come from `cargo xtask bench --compare-torch`.
+//! Inference latency of torchvision ResNets (224x224 unless told), unfolded and with
+//! BatchNorm folded, one line per (arch, batch, form): for a quick look while working on
+//! kernels; the figures we report come from `cargo xtask bench --compare-torch`.
 //!
 //! `cargo run --release -p resblock-benches --example infer-profile -- [ARCH] [BATCH] [REPS]
 //! [folded|unfolded] [SIZE]` (defaults: resnet50 8 5, both forms, 224; the form must be given
