@@ -113,10 +113,7 @@ impl BlockTrain {
         p2: &[f32],
         next: Option<&BlockTrain>,
     ) -> candle_core::Result<Written> {
-        let input = match &x_padded {
-            Some(xp) => Input::Padded(xp),
-            None => Input::Plain(x),
-        };
+        let input = Input::of(x, x_padded.as_deref());
         // The middle activation is read by the second convolution only: where that takes
         // a padded input it is written there alone, not written plainly to be copied into
         // that layout in the forward and again in the backward.
@@ -175,10 +172,7 @@ impl BlockTrain {
         // With the identity, the residual's gradient `g` is added to the first layer's input
         // gradient as that is written; the zero-pad shortcut's is scattered into it after.
         let add = self.shortcut.is_none().then_some(&g[..]);
-        let input = match x_padded {
-            Some(xp) => Input::Padded(xp),
-            None => Input::Plain(x),
-        };
+        let input = Input::of(x, x_padded.as_deref());
         let (mut dx, dp1) = self
             .first
             .backward_saved((input, p1), &dmid, (need_dx, true), add)?;

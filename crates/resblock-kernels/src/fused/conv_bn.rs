@@ -555,8 +555,10 @@ impl ConvBnTrain {
         params: &[f32],
         res: Option<&[f32]>,
     ) -> candle_core::Result<Vec<f32>> {
-        let (plain, _) = self.forward_saving_to(x, params, res, Output::Plain)?;
-        Ok(plain.unwrap_or_default())
+        match self.forward_saving_to(x, params, res, Output::Plain)? {
+            (Some(plain), _) => Ok(plain),
+            (None, _) => candle_core::bail!("conv_bn: no plain output written"),
+        }
     }
 
     /// As [`ConvBnTrain::forward_saving`], the output also (`plain`) or only written in the
@@ -748,6 +750,13 @@ type Coefs<'a> = (&'a [(f32, f32, f32)], &'a [(f32, f32, f32, f32)]);
 pub(crate) enum Input<'a> {
     Plain(&'a [f32]),
     Padded(&'a [f32]),
+}
+
+impl<'a> Input<'a> {
+    /// `x` in the padded layout when that copy is given, else as it is.
+    pub(crate) fn of(x: &'a [f32], padded: Option<&'a [f32]>) -> Input<'a> {
+        padded.map_or(Input::Plain(x), Input::Padded)
+    }
 }
 
 /// Where a forward writes its output.
