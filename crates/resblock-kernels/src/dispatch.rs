@@ -11,12 +11,13 @@
 //! | [`Dispatch::simd`] | `RESBLOCK_SIMD=avx2` or `=0` | at most AVX2 (8 lanes), or the portable loops |
 //! | [`Dispatch::own_gemm`] | `RESBLOCK_SGEMM=0` | the `gemm` crate for every f32 GEMM of the convolutions |
 //! | [`Dispatch::winograd`] | `RESBLOCK_WINOGRAD=0` | wide 3x3 convolutions on the direct or GEMM path |
+//! | [`Dispatch::masked_taps`] | `RESBLOCK_MASKED_TAPS=0` | AVX-512 direct convolutions on the shared-padding layout |
 //!
 //! CPU features are detected once ([`cpu`]); a SIMD path runs only when the CPU has it
 //! and [`Dispatch::simd`] allows it, so tests can force every path on any machine, and
 //! [`simd_in_use`] says which one runs.
 
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::OnceLock;
 
 /// Which implementation the ops with two use.
@@ -45,6 +46,10 @@ pub struct Dispatch {
     /// Winograd F(2x2, 3x3) and F(4x4, 3x3) for wide f32 3x3 stride-1 convolutions
     /// (`conv/winograd/`).
     pub winograd: bool,
+    /// The masked layout for the AVX-512 direct kernels of stride-1 "same" convolutions:
+    /// rows without padding columns, the taps that would wrap masked off (no junk columns
+    /// computed; see `conv/direct`).
+    pub masked_taps: bool,
 }
 
 /// SIMD instruction sets of our kernels, narrowest first.
@@ -90,6 +95,7 @@ impl Default for Dispatch {
             simd: Simd::Avx512,
             own_gemm: true,
             winograd: true,
+            masked_taps: true,
         }
     }
 }
@@ -118,19 +124,22 @@ impl Dispatch {
             },
             own_gemm: !off("RESBLOCK_SGEMM"),
             winograd: !off("RESBLOCK_WINOGRAD"),
+            masked_taps: !off("RESBLOCK_MASKED_TAPS"),
         }
     }
 
-    fn pack(self) -> u8 {
-        0x80 | u8::from(self.kernels == Kernels::Candle)
-            | u8::from(self.direct_conv) << 1
-            | u8::from(self.fused_conv_bn) << 2
-            | (self.simd as u8) << 3
-            | u8::from(self.own_gemm) << 5
-            | u8::from(self.winograd) << 6
+    fn pack(self) -> u16 {
+        0x8000
+            | u16::from(self.kernels == Kernels::Candle)
+            | u16::from(self.direct_conv) << 1
+            | u16::from(self.fused_conv_bn) << 2
+            | (self.simd as u16) << 3
+            | u16::from(self.own_gemm) << 5
+            | u16::from(self.winograd) << 6
+            | u16::from(self.masked_taps) << 7
     }
 
-    fn unpack(b: u8) -> Self {
+    fn unpack(b: u16) -> Self {
         Self {
             kernels: if b & 1 != 0 {
                 Kernels::Candle
@@ -146,12 +155,13 @@ impl Dispatch {
             },
             own_gemm: b & 0x20 != 0,
             winograd: b & 0x40 != 0,
+            masked_taps: b & 0x80 != 0,
         }
     }
 }
 
 /// 0: not chosen yet; else [`Dispatch::pack`].
-static STATE: AtomicU8 = AtomicU8::new(0);
+static STATE: AtomicU16 = AtomicU16::new(0);
 
 /// Sets the choice for the whole process (ops built afterwards follow it).
 pub fn set(d: Dispatch) {
@@ -260,11 +270,11 @@ mod tests {
 
     #[test]
     fn every_choice_packs_and_unpacks() {
-        for b in 0..64u8 {
+        for b in 0..256u16 {
             if (b >> 3) & 3 == 3 {
                 continue;
             }
-            let d = Dispatch::unpack(0x80 | b);
+            let d = Dispatch::unpack(0x8000 | b);
             assert_eq!(Dispatch::unpack(d.pack()), d);
         }
     }

@@ -17,17 +17,33 @@ const CB: usize = Isa::Avx512.cb();
 /// f32 lanes of one register.
 const LANES: usize = Isa::Avx512.lanes();
 
+/// Where a tile's taps read: the input planes `x` (`ps` apart), the tap offsets `taps`
+/// (row-major, `kw` per kernel row), and the lane masks of the tile's pixels, the mask of
+/// kernel column `kx` for the 16 pixels starting `16 v` into the tile at `masks[kx * nq +
+/// 2 v]` (a lane whose bit is clear reads zero: on the masked layout that is a tap that
+/// would wrap into the neighbouring row, see `Plan::masked`).
+#[derive(Clone, Copy)]
+pub(crate) struct Reads<'a> {
+    pub(crate) x: *const f32,
+    pub(crate) ps: usize,
+    pub(crate) taps: &'a [usize],
+    pub(crate) kw: usize,
+    pub(crate) masks: *const u16,
+    pub(crate) nq: usize,
+}
+
 /// With `TQ = LANES * V` pixels (`V` vectors: 2 for the full tiles, 1 for a tail):
-/// `out[j * qlen + 0..TQ] = sum_ci sum_tap w[ci, tap, j] * x[ci * ps + taps[tap] + 0..TQ]`.
+/// `out[j * qlen + 0..TQ] = sum_ci sum_tap w[ci, tap, j] * x[ci * ps + taps[tap] + 0..TQ]`,
+/// each loaded vector masked by its tap column's mask.
 ///
 /// # Safety
 /// AVX-512 F and VL must be available; `x` must be readable for `(c - 1) * ps + max(taps) + TQ`
-/// floats, `w` for `c * taps.len() * CB`, and `out` writable for `(CB - 1) * qlen + TQ`.
+/// floats, `masks` for `(kw - 1) * nq + 2 * V - 1` values, `taps.len()` a multiple of
+/// `kw`, `w` readable for `c * taps.len() * CB`, and `out` writable for
+/// `(CB - 1) * qlen + TQ`.
 #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
 pub(crate) unsafe fn fwd_tile<const V: usize>(
-    x: *const f32,
-    ps: usize,
-    taps: &[usize],
+    r: Reads<'_>,
     c: usize,
     w: *const f32,
     out: *mut f32,
@@ -40,19 +56,22 @@ pub(crate) unsafe fn fwd_tile<const V: usize>(
         let mut xv = [_mm512_setzero_ps(); V];
         let mut wp = w;
         for ci in 0..c {
-            let xc = x.add(ci * ps);
-            for &off in taps {
-                let p = xc.add(off);
-                for (v, xv) in xv.iter_mut().enumerate() {
-                    *xv = _mm512_loadu_ps(p.add(v * LANES));
-                }
-                for (j, row) in acc.iter_mut().enumerate() {
-                    let b = _mm512_set1_ps(*wp.add(j));
-                    for (a, xv) in row.iter_mut().zip(&xv) {
-                        *a = _mm512_fmadd_ps(*xv, b, *a);
+            let xc = r.x.add(ci * r.ps);
+            for row in r.taps.chunks_exact(r.kw) {
+                for (kx, &off) in row.iter().enumerate() {
+                    let p = xc.add(off);
+                    let m = r.masks.add(kx * r.nq);
+                    for (v, xv) in xv.iter_mut().enumerate() {
+                        *xv = _mm512_maskz_loadu_ps(*m.add(2 * v), p.add(v * LANES));
                     }
+                    for (j, row) in acc.iter_mut().enumerate() {
+                        let b = _mm512_set1_ps(*wp.add(j));
+                        for (a, xv) in row.iter_mut().zip(&xv) {
+                            *a = _mm512_fmadd_ps(*xv, b, *a);
+                        }
+                    }
+                    wp = wp.add(CB);
                 }
-                wp = wp.add(CB);
             }
         }
         for (j, row) in acc.iter().enumerate() {
@@ -68,12 +87,10 @@ pub(crate) unsafe fn fwd_tile<const V: usize>(
 /// width), 8 accumulators. A 512-bit tile there would do twice the FMAs for the same outputs.
 ///
 /// # Safety
-/// As [`fwd_tile`] with `TQ = 8`.
+/// As [`fwd_tile`] with `TQ = 8` (the low 8 bits of each mask).
 #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
 pub(crate) unsafe fn fwd_tile_half(
-    x: *const f32,
-    ps: usize,
-    taps: &[usize],
+    r: Reads<'_>,
     c: usize,
     w: *const f32,
     out: *mut f32,
@@ -84,13 +101,16 @@ pub(crate) unsafe fn fwd_tile_half(
         let mut acc = [_mm256_setzero_ps(); CB];
         let mut wp = w;
         for ci in 0..c {
-            let xc = x.add(ci * ps);
-            for &off in taps {
-                let xv = _mm256_loadu_ps(xc.add(off));
-                for (j, a) in acc.iter_mut().enumerate() {
-                    *a = _mm256_fmadd_ps(xv, _mm256_set1_ps(*wp.add(j)), *a);
+            let xc = r.x.add(ci * r.ps);
+            for row in r.taps.chunks_exact(r.kw) {
+                for (kx, &off) in row.iter().enumerate() {
+                    let k = *r.masks.add(kx * r.nq) as __mmask8;
+                    let xv = _mm256_maskz_loadu_ps(k, xc.add(off));
+                    for (j, a) in acc.iter_mut().enumerate() {
+                        *a = _mm256_fmadd_ps(xv, _mm256_set1_ps(*wp.add(j)), *a);
+                    }
+                    wp = wp.add(CB);
                 }
-                wp = wp.add(CB);
             }
         }
         for (j, a) in acc.iter().enumerate() {
@@ -101,7 +121,8 @@ pub(crate) unsafe fn fwd_tile_half(
 
 /// `sums[j][t] = sum_i sum_{q < qlen} dys[i][j * stride + q] * xs[i][offs[t] + q]` for every
 /// `j < CB`: all `CB` rows by `TB` taps in 24 accumulators, summed over the images before
-/// one reduction; each loaded input vector feeds 8 FMAs and each `dY` vector 3.
+/// one reduction; each loaded input vector feeds 8 FMAs and each `dY` vector 3. The input
+/// vector of tap `t` at `q` is masked by `masks[t][q / 8]` (see [`Reads`]).
 ///
 /// The accumulators are named variables (a macro writes them out). Without AVX-512VL in the
 /// target features, 128- and 256-bit instructions (the zeroing idiom, the halves of the
@@ -110,12 +131,13 @@ pub(crate) unsafe fn fwd_tile_half(
 ///
 /// # Safety
 /// AVX-512 F and VL must be available, `qlen` a multiple of 8 (a last half vector is read
-/// with masked loads), every `xs[i]` readable for `max(offs) + qlen` floats and every
-/// `dys[i]` for `(CB - 1) * stride + qlen`.
+/// with masked loads), every `xs[i]` readable for `max(offs) + qlen` floats, every
+/// `dys[i]` for `(CB - 1) * stride + qlen`, and every `masks[t]` for `qlen / 8` values.
 #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
 pub(crate) unsafe fn wgrad_tile(
     (xs, dys): (&[*const f32], &[*const f32]),
     offs: [usize; TB],
+    masks: [*const u16; TB],
     stride: usize,
     qlen: usize,
     sums: &mut [[f32; TB]; MAX_CB],
@@ -130,11 +152,13 @@ pub(crate) unsafe fn wgrad_tile(
                 for (&x, &dy) in xs.iter().zip(dys) {
                     let (x0, x1, x2) = (x.add(offs[0]), x.add(offs[1]), x.add(offs[2]));
                     let mut q = 0;
+                    let (m0, m1, m2) = (masks[0], masks[1], masks[2]);
                     while q + LANES <= qlen {
+                        let i = q / 8;
                         let (v0, v1, v2) = (
-                            _mm512_loadu_ps(x0.add(q)),
-                            _mm512_loadu_ps(x1.add(q)),
-                            _mm512_loadu_ps(x2.add(q)),
+                            _mm512_maskz_loadu_ps(*m0.add(i), x0.add(q)),
+                            _mm512_maskz_loadu_ps(*m1.add(i), x1.add(q)),
+                            _mm512_maskz_loadu_ps(*m2.add(i), x2.add(q)),
                         );
                         $(
                             let d = _mm512_loadu_ps(dy.add($j * stride + q));
@@ -147,11 +171,11 @@ pub(crate) unsafe fn wgrad_tile(
                     if q < qlen {
                         // The last half vector: the masked lanes read as zeros (and are
                         // not read at all, so past the end is never touched).
-                        let k: __mmask16 = 0x00ff;
+                        let (k, i): (__mmask16, usize) = (0x00ff, q / 8);
                         let (v0, v1, v2) = (
-                            _mm512_maskz_loadu_ps(k, x0.add(q)),
-                            _mm512_maskz_loadu_ps(k, x1.add(q)),
-                            _mm512_maskz_loadu_ps(k, x2.add(q)),
+                            _mm512_maskz_loadu_ps(k & *m0.add(i), x0.add(q)),
+                            _mm512_maskz_loadu_ps(k & *m1.add(i), x1.add(q)),
+                            _mm512_maskz_loadu_ps(k & *m2.add(i), x2.add(q)),
                         );
                         $(
                             let d = _mm512_maskz_loadu_ps(k, dy.add($j * stride + q));

@@ -16,7 +16,10 @@
 //! `q < oh * wp` (the columns `ox >= ow` are junk and dropped when the result is copied out).
 //! At stride 1 the rows share their padding (`wp = w + pad_x`: one row's right border is the
 //! next one's left border), so a 3x3 "same" convolution computes `w + 1` columns per row for
-//! `w` outputs.
+//! `w` outputs. On AVX-512 a "same" convolution drops even that column (the *masked*
+//! layout, see [`Plan::strided`]): the rows are `w` apart, and the lanes of a tap that would
+//! read the neighbouring row's edge are loaded as zeros with masked loads, one 16-bit mask
+//! per tap column and vector from a table the plan holds.
 //!
 //! Stride 2 is the same code on a polyphase layout: each padded input plane is stored as its
 //! four phases `(y % 2, x % 2)`, each `ceil(hp / 2) x ceil(wp / 2)`, one after the other.
@@ -141,7 +144,8 @@ pub(crate) struct Plan {
     pub(crate) oh: usize,
     pub(crate) ow: usize,
     /// The width of a padded input row in the layout: `w + pad_x` at stride 1 (the rows
-    /// share their padding columns, see [`Plan::strided`]), `w + 2 * pad_x` at stride 2.
+    /// share their padding columns, see [`Plan::unmasked`]), `w` on the masked and copies
+    /// layouts, `w + 2 * pad_x` at stride 2.
     wp: usize,
     /// 1 or 2.
     stride: usize,
@@ -163,6 +167,14 @@ pub(crate) struct Plan {
     /// The copies layout ([`Plan::with_copies`]): the distance between the `kw` copies of a
     /// plane; 0 on the shared-padding layout.
     copy_len: usize,
+    /// The masked layout (AVX-512, stride 1, "same"; see [`Plan::strided`]): rows `w`
+    /// apart with no padding columns, the taps that would wrap into the neighbouring row
+    /// masked off.
+    masked: bool,
+    /// AVX-512 plans: the lane masks of the taps, `kw` rows of `qlen / 8`: entry `i` of row
+    /// `kx` has bit `b` set when tap column `kx` of flattened pixel `8 i + b` reads the
+    /// input (all set but on the masked layout). Empty on AVX2.
+    masks: Vec<u16>,
 }
 
 impl Plan {
@@ -181,7 +193,34 @@ impl Plan {
     }
 
     /// As [`Plan::with_isa`] with stride 1 or 2 (`None` for others).
+    ///
+    /// On AVX-512 a stride-1 "same" convolution (`2 * pad_x + 1 = kw`) takes the *masked*
+    /// layout: the rows are `w` apart with no padding column, so the flattened output has
+    /// no junk columns at all (the shared-padding layout computes `w + pad_x` columns per
+    /// `w` outputs: 4% of the FMAs at 28x28, 10% at 14x14, 14% at 7x7). Tap `(ky, kx)` of
+    /// output `q = oy * w + ox` reads `q + ky * w + kx` past the plane's start (each plane
+    /// has `pad_y` zero rows and `pad_x` zeros before its values), which for `ox + kx <
+    /// pad_x` or `ox + kx >= w + pad_x` is a value of the row above or below: the kernels
+    /// load those lanes as zeros with AVX-512's masked loads, which cost what a plain load
+    /// does. AVX2 has no such load; its plans keep the shared-padding layout (or the copies
+    /// one, see [`Plan::with_copies`]).
     pub(crate) fn strided(
+        isa: Isa,
+        input: (usize, usize, usize),
+        cout: usize,
+        kernel: (usize, usize),
+        padding: (usize, usize),
+        stride: usize,
+    ) -> Option<Plan> {
+        let plan = Plan::unmasked(isa, input, cout, kernel, padding, stride)?;
+        Some(match plan.with_masks() {
+            Some(p) if crate::dispatch::current().masked_taps => p,
+            _ => plan,
+        })
+    }
+
+    /// [`Plan::strided`] on the shared-padding (stride 1) or polyphase (stride 2) layout.
+    pub(crate) fn unmasked(
         isa: Isa,
         (c, h, w): (usize, usize, usize),
         cout: usize,
@@ -231,35 +270,103 @@ impl Plan {
         let max_tap = taps.iter().copied().max().unwrap_or(0);
         // A plane holds its phases (stride 2), and every tile's reads stay inside it.
         let held = (stride * stride - 1) * phase_len + hp.div_ceil(stride) * pitch;
-        Some(Plan {
-            isa,
-            c,
-            h,
-            w,
-            cout,
-            cout_r: cout.div_ceil(isa.cb()) * isa.cb(),
-            kh,
-            kw,
-            pad_y,
-            pad_x,
-            oh,
-            ow,
-            wp,
-            stride,
-            pitch,
-            phase_len,
-            max_tap,
-            qlen,
-            ps: (qlen + max_tap).max(held).div_ceil(PLANE_ALIGN) * PLANE_ALIGN,
-            taps,
-            copy_len: 0,
-        })
+        Some(
+            Plan {
+                isa,
+                c,
+                h,
+                w,
+                cout,
+                cout_r: cout.div_ceil(isa.cb()) * isa.cb(),
+                kh,
+                kw,
+                pad_y,
+                pad_x,
+                oh,
+                ow,
+                wp,
+                stride,
+                pitch,
+                phase_len,
+                max_tap,
+                qlen,
+                ps: (qlen + max_tap).max(held).div_ceil(PLANE_ALIGN) * PLANE_ALIGN,
+                taps,
+                copy_len: 0,
+                masked: false,
+                masks: Vec::new(),
+            }
+            .with_mask_table(),
+        )
+    }
+
+    /// This plan on the masked layout (see [`Plan::strided`]): AVX-512, a stride-1 "same"
+    /// convolution; `None` for others.
+    fn with_masks(&self) -> Option<Plan> {
+        let (h, w, kh, kw) = (self.h, self.w, self.kh, self.kw);
+        if self.isa != Isa::Avx512
+            || self.stride != 1
+            || 2 * self.pad_x + 1 != kw
+            || self.pad_x >= w
+            || self.ow != w
+        {
+            return None;
+        }
+        let qlen = (self.oh * w).div_ceil(QUANTUM) * QUANTUM;
+        let taps: Vec<usize> = (0..kh)
+            .flat_map(|ky| (0..kw).map(move |kx| ky * w + kx))
+            .collect();
+        let max_tap = (kh - 1) * w + kw - 1;
+        let held = 2 * self.pad_x + (h + 2 * self.pad_y) * w;
+        Some(
+            Plan {
+                wp: w,
+                pitch: w,
+                max_tap,
+                qlen,
+                ps: (qlen + max_tap).max(held).div_ceil(PLANE_ALIGN) * PLANE_ALIGN,
+                taps,
+                copy_len: 0,
+                masked: true,
+                ..self.clone()
+            }
+            .with_mask_table(),
+        )
+    }
+
+    /// This plan with its [`Plan::masks`] filled in for its layout.
+    fn with_mask_table(self) -> Plan {
+        if self.isa != Isa::Avx512 {
+            return Plan {
+                masks: Vec::new(),
+                ..self
+            };
+        }
+        let nq = self.qlen / QUANTUM;
+        let (w, pad_x) = (self.w, self.pad_x);
+        let reads = |kx: usize, q: usize| {
+            let col = q % w + kx;
+            !self.masked || (col >= pad_x && col < w + pad_x)
+        };
+        let masks = (0..self.kw)
+            .flat_map(|kx| {
+                (0..nq).map(move |i| {
+                    (0..16).fold(0u16, |m, b| {
+                        m | (u16::from(reads(kx, QUANTUM * i + b)) << b)
+                    })
+                })
+            })
+            .collect();
+        Plan { masks, ..self }
     }
 
     /// This plan on the copies layout when that saves at least [`COPIES_MIN_SAVING`] of the
     /// flattened pixels and the output has [`COPIES_MIN_COUT`] channels or more (so that
     /// the FMAs saved outweigh writing each input plane `kw` times); else this plan.
     pub(crate) fn preferred(self) -> Plan {
+        if self.masked {
+            return self;
+        }
         match self.with_copies() {
             Some(p)
                 if self.cout >= COPIES_MIN_COUT
@@ -299,16 +406,20 @@ impl Plan {
         let taps: Vec<usize> = (0..kh)
             .flat_map(|ky| (0..kw).map(move |kx| kx * copy_len + ky * w + kx))
             .collect();
-        Some(Plan {
-            wp: w,
-            pitch: w,
-            max_tap: (kw - 1) * copy_len + (kh - 1) * w + kw - 1,
-            qlen,
-            ps: kw * copy_len,
-            taps,
-            copy_len,
-            ..self.clone()
-        })
+        Some(
+            Plan {
+                wp: w,
+                pitch: w,
+                max_tap: (kw - 1) * copy_len + (kh - 1) * w + kw - 1,
+                qlen,
+                ps: kw * copy_len,
+                taps,
+                copy_len,
+                masked: false,
+                ..self.clone()
+            }
+            .with_mask_table(),
+        )
     }
 
     /// Copies one input plane `src` `(h, w)` into its `kw` copies in `plane` (see
@@ -451,6 +562,17 @@ impl Plan {
         let first = self.pad_y * self.wp + self.pad_x;
         if fresh {
             zero(&mut plane[..first]);
+        }
+        if self.masked {
+            // The rows are contiguous: one copy, then (fresh) the zeros after.
+            let len = self.h * self.w;
+            for (d, s) in plane[first..first + len].iter_mut().zip(&src[..len]) {
+                d.put(*s);
+            }
+            if fresh {
+                zero(&mut plane[first + len..]);
+            }
+            return;
         }
         for y in 0..self.h {
             let at = first + y * self.wp;
@@ -702,21 +824,41 @@ impl Plan {
         // SAFETY: the CPU has the plan's instruction set (`Isa::supported` in `Plan::strided`), and
         // every pointer the kernel forms is in bounds: input reads reach
         // `(c - 1) * ps + q0 + max_tap + len <= c * ps`, weight reads `c * taps * cb`, output
-        // writes `(cb - 1) * qlen + q0 + len` (asserted above).
+        // writes `(cb - 1) * qlen + q0 + len` (asserted above); on AVX-512, mask reads
+        // `(kw - 1) * nq + q0 / 8 + 2 * (len / 16 - 1) < kw * nq` (`q0 + len <= qlen`; the
+        // table's size is asserted in `mask_reads`).
         unsafe {
             let (ps, taps, c, qlen) = (self.ps, &self.taps[..], self.c, self.qlen);
             match self.isa {
                 Isa::Avx2 if len == lanes => avx2::fwd_tile::<1>(x, ps, taps, c, w, out, qlen),
                 Isa::Avx2 => avx2::fwd_tile::<QV>(x, ps, taps, c, w, out, qlen),
-                Isa::Avx512 if len == QUANTUM => {
-                    avx512::fwd_tile_half(x, ps, taps, c, w, out, qlen)
+                Isa::Avx512 => {
+                    let r = self.mask_reads(x, q0);
+                    match len {
+                        QUANTUM => avx512::fwd_tile_half(r, c, w, out, qlen),
+                        16 => avx512::fwd_tile::<1>(r, c, w, out, qlen),
+                        _ => avx512::fwd_tile::<QV>(r, c, w, out, qlen),
+                    }
                 }
-                Isa::Avx512 if len == lanes => avx512::fwd_tile::<1>(x, ps, taps, c, w, out, qlen),
-                Isa::Avx512 => avx512::fwd_tile::<QV>(x, ps, taps, c, w, out, qlen),
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
         let _ = (x, w, out);
+    }
+
+    /// The AVX-512 kernels' reads of a tile at `q0` whose input starts at `x`.
+    #[cfg(target_arch = "x86_64")]
+    fn mask_reads(&self, x: *const f32, q0: usize) -> avx512::Reads<'_> {
+        let nq = self.qlen / QUANTUM;
+        assert!(self.masks.len() == self.kw * nq && q0 < self.qlen && q0.is_multiple_of(QUANTUM));
+        avx512::Reads {
+            x,
+            ps: self.ps,
+            taps: &self.taps,
+            kw: self.kw,
+            masks: self.masks[q0 / QUANTUM..].as_ptr(),
+            nq,
+        }
     }
 
     /// Copies the valid columns of a flattened output into `dst` `(cout, oh, ow)`, applying
@@ -726,6 +868,18 @@ impl Plan {
     pub(crate) fn unflatten<S: Slot>(&self, flat: &[f32], dst: &mut [S], ep: Epilogue<'_, f32>) {
         let plane = self.oh * self.ow;
         assert_eq!(dst.len(), self.cout * plane, "direct conv: output size");
+        if self.pitch == self.ow {
+            // No junk columns (the masked layout): each plane is contiguous.
+            for (co, out) in dst.chunks_exact_mut(plane).enumerate() {
+                let src = &flat[co * self.qlen..][..plane];
+                if ep.is_identity() {
+                    out.iter_mut().zip(src).for_each(|(d, s)| d.put(*s));
+                } else {
+                    ep.apply_to((co, co * plane), src, out);
+                }
+            }
+            return;
+        }
         if ep.is_identity() {
             // Row by row in order: a row's last piece may run into the next row, which is
             // written after it.
@@ -825,6 +979,7 @@ impl Plan {
             && back.stride == 1
             && self.copy_len == 0
             && back.copy_len == 0
+            && self.masked == back.masked
             && back.wp == self.wp
             && back.c == self.cout
             && back.h == self.oh
@@ -901,6 +1056,14 @@ impl Plan {
                     let offs: [usize; TB] = std::array::from_fn(|i| self.taps[t0 + i.min(n - 1)]);
                     let mut sums = [[0f32; TB]; MAX_CB];
                     let rows = (&xs[..m], &ds[..m]);
+                    // Each tap's mask row (AVX-512): `qlen / 8` values from `kx * nq`.
+                    let nq = self.qlen / QUANTUM;
+                    let masks: [*const u16; TB] = std::array::from_fn(|i| {
+                        let kx = (t0 + i.min(n - 1)) % self.kw;
+                        self.masks
+                            .get(kx * nq..(kx + 1) * nq)
+                            .map_or(std::ptr::null(), <[u16]>::as_ptr)
+                    });
                     #[cfg(target_arch = "x86_64")]
                     // SAFETY: the CPU has the plan's instruction set (`Plan::strided`); for each
                     // of the `m` images, reads from its plane pointer reach
@@ -913,7 +1076,10 @@ impl Plan {
                                 avx2::wgrad_tile(rows, offs, row_stride, self.qlen, &mut sums)
                             }
                             Isa::Avx512 => {
-                                avx512::wgrad_tile(rows, offs, row_stride, self.qlen, &mut sums)
+                                assert!(masks.iter().all(|m| !m.is_null()));
+                                avx512::wgrad_tile(
+                                    rows, offs, masks, row_stride, self.qlen, &mut sums,
+                                )
                             }
                         }
                     };

@@ -58,14 +58,16 @@ fn every_kernel_set_matches_a_plain_convolution() {
     // (n, c, cout, h, w, k, pad): same and valid convolutions, outputs of 3, 6, 13 and 16
     // channels (no tile of 4 or 8 filled exactly, then exactly), rows of 5 to 17 pixels;
     // flattened outputs ending in whole tiles and in tail tiles: on AVX-512 a half vector
-    // (the first four, shared padding: 72, 40, 72 and 136 pixels), one vector (the fourth
-    // on copies: 112) and both (the last: 120); on AVX2 one vector (the last).
+    // (the first four, shared padding: 72, 40, 72 and 136 pixels; the last, masked: 40),
+    // one vector (the fourth on copies and masked: 112) and both (the fifth: 120); on AVX2
+    // one vector (the fifth).
     let cases = [
         (2, 3, 6, 7, 9, 3, 1),
         (3, 5, 13, 6, 5, 3, 1),
         (1, 4, 16, 8, 8, 3, 1),
         (2, 2, 3, 11, 10, 5, 2),
         (2, 4, 8, 9, 17, 3, 0),
+        (2, 3, 5, 5, 8, 3, 1),
     ];
     for isa in isas {
         for (n, c, cout, h, w, k, pad) in cases {
@@ -77,21 +79,36 @@ fn every_kernel_set_matches_a_plain_convolution() {
             };
             let d = Dims::new(&g, &[n, c, h, w], &[cout, c, k, k]).expect("dims");
             let name = format!("{isa:?} n{n} {c}->{cout} {h}x{w} k{k} p{pad}");
-            let shared = Plan::with_isa(isa, (c, h, w), cout, (k, k), (pad, pad)).expect("plan");
-            // Both layouts of a "same" convolution (`with_copies` is `None` for the others).
-            for copies in [false, true] {
-                let fwd = if copies {
-                    match shared.with_copies() {
-                        Some(p) => p,
-                        None => {
-                            assert!(2 * pad + 1 != k, "{name}: no copies layout");
-                            continue;
-                        }
-                    }
-                } else {
-                    shared.clone()
+            let shared = Plan::unmasked(isa, (c, h, w), cout, (k, k), (pad, pad), 1).expect("plan");
+            let back_pad = k - 1 - pad;
+            let back_shared =
+                Plan::unmasked(isa, (cout, d.oh, d.ow), c, (k, k), (back_pad, back_pad), 1)
+                    .expect("back plan");
+            // Every layout of a "same" convolution (`with_copies` is `None` for the others,
+            // `with_masks` also on AVX2).
+            let layouts = [
+                ("shared", Some((shared.clone(), back_shared.clone()))),
+                (
+                    "copies",
+                    shared.with_copies().zip(back_shared.with_copies()),
+                ),
+                ("masked", shared.with_masks().zip(back_shared.with_masks())),
+            ];
+            assert_eq!(
+                layouts[1].1.is_some(),
+                2 * pad + 1 == k,
+                "{name}: copies layout"
+            );
+            assert_eq!(
+                layouts[2].1.is_some(),
+                2 * pad + 1 == k && isa == Isa::Avx512,
+                "{name}: masked layout"
+            );
+            for (layout, plans) in layouts {
+                let Some((fwd, back)) = plans else {
+                    continue;
                 };
-                let name = format!("{name} copies {copies}");
+                let name = format!("{name} {layout}");
                 let (x, wt) = (values(n * c * h * w, 1), values(cout * c * k * k, 2));
                 let dy = values(n * cout * d.p(), 3);
 
@@ -103,14 +120,6 @@ fn every_kernel_set_matches_a_plain_convolution() {
 
                 // The input gradient is a stride-1 convolution of dY padded by k - 1 - pad with
                 // the flipped, transposed kernel; the weight gradient a correlation of x and dY.
-                let back_pad = k - 1 - pad;
-                let back = Plan::with_isa(isa, (cout, d.oh, d.ow), c, (k, k), (back_pad, back_pad))
-                    .expect("back plan");
-                let back = if copies {
-                    back.with_copies().expect("copies")
-                } else {
-                    back
-                };
                 let (dx, dw) = backward_direct(&(fwd.clone(), back), &x, &wt, &dy, &d);
                 let mut want_dx = vec![0f64; n * d.chw()];
                 let mut want_dw = vec![0f64; wt.len()];
@@ -157,8 +166,23 @@ fn padded_weight_gradient_sums_images() {
         .filter(|i| i.supported())
     {
         let (c, cout, h, w) = (3, 10, 6, 7);
-        let fwd = Plan::with_isa(isa, (c, h, w), cout, (3, 3), (1, 1)).expect("plan");
-        let back = Plan::with_isa(isa, (cout, h, w), c, (3, 3), (1, 1)).expect("back");
+        let shared = Plan::unmasked(isa, (c, h, w), cout, (3, 3), (1, 1), 1).expect("plan");
+        let back_shared = Plan::unmasked(isa, (cout, h, w), c, (3, 3), (1, 1), 1).expect("back");
+        let masked = shared.with_masks().zip(back_shared.with_masks());
+        for (fwd, back) in [Some((shared, back_shared)), masked].into_iter().flatten() {
+            summed_weight_gradient_matches(isa, &fwd, &back, (c, cout, h, w));
+        }
+    }
+}
+
+/// [`padded_weight_gradient_sums_images`] on one pair of plans.
+fn summed_weight_gradient_matches(
+    isa: Isa,
+    fwd: &Plan,
+    back: &Plan,
+    (c, cout, h, w): (usize, usize, usize, usize),
+) {
+    {
         let images = 3;
         let (mut xps, mut dyps) = (Vec::new(), Vec::new());
         let mut want = vec![0f32; cout * c * 9];
@@ -182,10 +206,11 @@ fn padded_weight_gradient_sums_images() {
         let mut got = vec![0f32; want.len()];
         let xr: Vec<&[f32]> = xps.iter().map(Vec::as_slice).collect();
         let dr: Vec<&[f32]> = dyps.iter().map(Vec::as_slice).collect();
-        fwd.weight_grad_padded(&xr, &back, &dr, &mut got)
+        fwd.weight_grad_padded(&xr, back, &dr, &mut got)
             .expect("same layouts");
         let want64: Vec<f64> = want.iter().map(|v| f64::from(*v)).collect();
-        assert_close(&format!("{isa:?} summed dw"), &got, &want64, 1e-5);
+        let what = format!("{isa:?} masked {} summed dw", fwd.masked);
+        assert_close(&what, &got, &want64, 1e-5);
     }
 }
 
@@ -197,8 +222,22 @@ fn written_planes_are_padded_planes() {
         .into_iter()
         .filter(|i| i.supported())
     {
-        for (c, h, w, k) in [(3, 6, 7, 3), (2, 5, 16, 3), (2, 7, 7, 5), (1, 9, 3, 1)] {
-            let plan = Plan::with_isa(isa, (c, h, w), 4, (k, k), (k / 2, k / 2)).expect("plan");
+        let shapes = [(3, 6, 7, 3), (2, 5, 16, 3), (2, 7, 7, 5), (1, 9, 3, 1)];
+        for (c, h, w, k) in shapes {
+            let shared =
+                Plan::unmasked(isa, (c, h, w), 4, (k, k), (k / 2, k / 2), 1).expect("plan");
+            let masked = shared.with_masks();
+            for plan in [Some(shared), masked].into_iter().flatten() {
+                written_plane_matches(isa, &plan, (c, h, w, k));
+            }
+        }
+    }
+}
+
+/// [`written_planes_are_padded_planes`] on one plan.
+fn written_plane_matches(isa: Isa, plan: &Plan, (c, h, w, k): (usize, usize, usize, usize)) {
+    {
+        {
             assert!(plan.takes_written_planes());
             let x = values(c * h * w, 3);
             let mut want = Vec::new();
@@ -217,7 +256,7 @@ fn written_planes_are_padded_planes() {
                 // The plane alone: no slack past its values.
                 plan.write_padded_plane(plane, &x[ci * h * w..(ci + 1) * h * w], false);
             }
-            let what = format!("{isa:?} {c}x{h}x{w} k{k}");
+            let what = format!("{isa:?} {c}x{h}x{w} k{k} masked {}", plan.masked);
             assert_eq!(fresh, want, "{what}: fresh");
             assert_eq!(reused[..want.len()], want[..], "{what}: reused");
         }
@@ -383,12 +422,16 @@ fn tiles_cover_each_row_once() {
     ];
     for isa in [Isa::Avx512, Isa::Avx2] {
         for (c, h, w, k, pad) in shapes {
-            let Some(shared) = Plan::with_isa(isa, (c, h, w), 8, (k, k), (pad, pad)) else {
+            let Some(shared) = Plan::unmasked(isa, (c, h, w), 8, (k, k), (pad, pad), 1) else {
                 continue;
             };
-            for plan in [Some(shared.clone()), shared.with_copies()]
-                .into_iter()
-                .flatten()
+            for plan in [
+                Some(shared.clone()),
+                shared.with_copies(),
+                shared.with_masks(),
+            ]
+            .into_iter()
+            .flatten()
             {
                 let mut next = 0;
                 let mut lens = Vec::new();
@@ -424,25 +467,35 @@ fn padding_stays_zero_for_every_row_width() {
         for w in 1..=20 {
             for (k, pad) in [(3, 1), (3, 0), (1, 1), (5, 2), (3, 2)] {
                 let (c, h) = (2, 3);
-                let Some(plan) = Plan::with_isa(isa, (c, h, w), 4, (k, k), (pad, pad)) else {
+                let Some(shared) = Plan::unmasked(isa, (c, h, w), 4, (k, k), (pad, pad), 1) else {
                     continue;
                 };
-                let mut xp = Vec::new();
-                for seed in [1, 2] {
-                    let img = values(c * h * w, seed);
-                    plan.pad(&img, &mut xp);
-                    for (ci, plane) in xp.chunks_exact(plan.ps).enumerate() {
-                        for (i, v) in plane.iter().enumerate() {
-                            let (py, px) = (i / plan.wp, i % plan.wp);
-                            let inside = (pad..pad + h).contains(&py)
-                                && (pad..pad + w).contains(&px)
-                                && i < (pad + h) * plan.wp;
-                            let want = if inside {
-                                img[(ci * h + py - pad) * w + px - pad]
-                            } else {
-                                0.0
-                            };
-                            assert_eq!(*v, want, "{isa:?} w {w} k {k} pad {pad} at {i}");
+                for plan in [Some(shared.clone()), shared.with_masks()]
+                    .into_iter()
+                    .flatten()
+                {
+                    let mut xp = Vec::new();
+                    for seed in [1, 2] {
+                        let img = values(c * h * w, seed);
+                        plan.pad(&img, &mut xp);
+                        for (ci, plane) in xp.chunks_exact(plan.ps).enumerate() {
+                            for (i, v) in plane.iter().enumerate() {
+                                // The masked layout's rows have no padding columns: its
+                                // values are one run after `pad` rows and `pad` zeros.
+                                let at = if plan.masked {
+                                    let first = pad * w + pad;
+                                    (first..first + h * w).contains(&i).then(|| i - first)
+                                } else {
+                                    let (py, px) = (i / plan.wp, i % plan.wp);
+                                    let inside = (pad..pad + h).contains(&py)
+                                        && (pad..pad + w).contains(&px)
+                                        && i < (pad + h) * plan.wp;
+                                    inside.then(|| (py - pad) * w + px - pad)
+                                };
+                                let want = at.map_or(0.0, |at| img[ci * h * w + at]);
+                                let what = format!("{isa:?} w {w} k {k} pad {pad} at {i}");
+                                assert_eq!(*v, want, "{what} masked {}", plan.masked);
+                            }
                         }
                     }
                 }
