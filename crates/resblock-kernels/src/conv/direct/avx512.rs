@@ -82,6 +82,57 @@ pub(crate) unsafe fn fwd_tile<const V: usize>(
     }
 }
 
+/// [`fwd_tile`] for kernels 3 wide (`kw = 3`), with the column loop unrolled and the tile's
+/// `3 * V` masks loaded once, before the loop over input channels, rather than once per tap.
+///
+/// # Safety
+/// As [`fwd_tile`] with `kw = 3`.
+#[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+pub(crate) unsafe fn fwd_tile_k3<const V: usize>(
+    r: Reads<'_>,
+    c: usize,
+    w: *const f32,
+    out: *mut f32,
+    qlen: usize,
+) {
+    // SAFETY: the caller's contract covers every pointer formed here.
+    unsafe {
+        let mut k = [[0 as __mmask16; V]; 3];
+        for (kx, kv) in k.iter_mut().enumerate() {
+            for (v, m) in kv.iter_mut().enumerate() {
+                *m = *r.masks.add(kx * r.nq + 2 * v);
+            }
+        }
+        let mut acc = [[_mm512_setzero_ps(); V]; CB];
+        let mut xv = [_mm512_setzero_ps(); V];
+        let mut wp = w;
+        for ci in 0..c {
+            let xc = r.x.add(ci * r.ps);
+            for row in r.taps.chunks_exact(3) {
+                let offs = [row[0], row[1], row[2]];
+                for (off, kv) in offs.iter().zip(&k) {
+                    let p = xc.add(*off);
+                    for (v, xv) in xv.iter_mut().enumerate() {
+                        *xv = _mm512_maskz_loadu_ps(kv[v], p.add(v * LANES));
+                    }
+                    for (j, row) in acc.iter_mut().enumerate() {
+                        let b = _mm512_set1_ps(*wp.add(j));
+                        for (a, xv) in row.iter_mut().zip(&xv) {
+                            *a = _mm512_fmadd_ps(*xv, b, *a);
+                        }
+                    }
+                    wp = wp.add(CB);
+                }
+            }
+        }
+        for (j, row) in acc.iter().enumerate() {
+            for (v, a) in row.iter().enumerate() {
+                _mm512_storeu_ps(out.add(j * qlen + v * LANES), *a);
+            }
+        }
+    }
+}
+
 /// [`fwd_tile`] for the half-vector tile that ends a flattened row of `16 k + 8` pixels:
 /// `out[j * qlen + 0..8]` from 256-bit vectors (AVX-512 VL reaches all 32 registers at that
 /// width), 8 accumulators. A 512-bit tile there would do twice the FMAs for the same outputs.

@@ -836,7 +836,9 @@ impl Plan {
                     let r = self.mask_reads(x, q0);
                     match len {
                         QUANTUM => avx512::fwd_tile_half(r, c, w, out, qlen),
+                        16 if self.kw == 3 => avx512::fwd_tile_k3::<1>(r, c, w, out, qlen),
                         16 => avx512::fwd_tile::<1>(r, c, w, out, qlen),
+                        _ if self.kw == 3 => avx512::fwd_tile_k3::<QV>(r, c, w, out, qlen),
                         _ => avx512::fwd_tile::<QV>(r, c, w, out, qlen),
                     }
                 }
