@@ -167,9 +167,13 @@ impl ConvBnTrain {
                 }
                 Input::Padded(xb) => &xb[ni * plen..(ni + 1) * plen],
             };
-            self.fwd.forward(xp, &wk, flat, !parallel);
-            self.fwd.unflatten(flat, y_n, Epilogue::NONE);
-            // SAFETY: `unflatten` just wrote every element of `y_n`.
+            if self.fwd.writes_plain() {
+                self.fwd.forward_plain(xp, &wk, y_n, !parallel);
+            } else {
+                self.fwd.forward(xp, &wk, flat, !parallel);
+                self.fwd.unflatten(flat, y_n, Epilogue::NONE);
+            }
+            // SAFETY: `forward_plain` or `unflatten` just wrote every element of `y_n`.
             let y_n = unsafe { std::slice::from_raw_parts(y_n.as_ptr().cast::<f32>(), y_n.len()) };
             for (m, plane) in m_n.iter_mut().zip(y_n.chunks_exact(p)) {
                 *m = kernels::moments(plane);
@@ -190,7 +194,8 @@ impl ConvBnTrain {
                     .for_each(|item| image(&mut s, item));
             }
         };
-        // SAFETY: the images' chunks cover the buffer and `unflatten` writes each whole.
+        // SAFETY: the images' chunks cover the buffer and `forward_plain` or `unflatten`
+        // writes each whole.
         let conv = unsafe { vec_written_by(d.n * cout * p, fill) };
         self.normalize(conv, &moments, gb, res, out)
     }

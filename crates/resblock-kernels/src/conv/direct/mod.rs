@@ -720,12 +720,46 @@ impl Plan {
     /// with packed weights `wk`. With `parallel`, the output-channel blocks run in parallel
     /// (for a batch smaller than the thread count).
     pub(crate) fn forward(&self, xp: &[f32], wk: &[f32], out: &mut Vec<f32>, parallel: bool) {
+        self.check_forward(xp, out);
+        self.forward_into(xp, wk, out, parallel);
+    }
+
+    /// Whether the flattened output is the plain one `(cout, oh, ow)`: no junk columns (the
+    /// masked layout), no tail, and whole channel tiles. Then [`Plan::forward_plain`] writes
+    /// the output without [`Plan::unflatten`]'s copy (at 28x28, 16 channels: a 3x3 "same"
+    /// layer's output, 2% of a ResNet-20 step).
+    pub(crate) fn writes_plain(&self) -> bool {
+        self.pitch == self.ow && self.qlen == self.oh * self.ow && self.cout_r == self.cout
+    }
+
+    /// [`Plan::forward`] straight into the plain output `out` `(cout, oh, ow)` of one
+    /// image, which may be memory not yet written: every element is written. Only where
+    /// [`Plan::writes_plain`].
+    pub(crate) fn forward_plain<S: Slot>(
+        &self,
+        xp: &[f32],
+        wk: &[f32],
+        out: &mut [S],
+        parallel: bool,
+    ) {
+        assert!(
+            self.writes_plain() && out.len() == self.flat_len(),
+            "direct conv: a plain output of a plan that writes one"
+        );
+        assert!(
+            xp.len() >= self.padded_len(),
+            "direct conv: padded input size"
+        );
+        self.forward_into(xp, wk, out, parallel);
+    }
+
+    /// [`Plan::forward`] into `out`, `flat_len` values (every tile written).
+    fn forward_into<S: Slot>(&self, xp: &[f32], wk: &[f32], out: &mut [S], parallel: bool) {
         assert_eq!(
             wk.len(),
             self.cout_r * self.c * self.taps.len(),
             "direct conv: packed weight size"
         );
-        self.check_forward(xp, out);
         let wblk = self.c * self.taps.len() * self.cb();
         if parallel {
             out.par_chunks_mut(self.cb() * self.qlen)
@@ -801,7 +835,7 @@ impl Plan {
 
     /// All micro-tiles of one output-channel block: its output rows `o`, its packed weights
     /// `wb`.
-    fn block_tiles(&self, xp: &[f32], wb: &[f32], o: &mut [f32]) {
+    fn block_tiles<S: Slot>(&self, xp: &[f32], wb: &[f32], o: &mut [S]) {
         for t in 0..self.tiles() {
             self.fwd_tile(xp, wb, self.tile(t), o);
         }
@@ -809,7 +843,7 @@ impl Plan {
 
     /// One micro-tile: `cb` output rows of `o` (stride `qlen`) at `q0..q0 + len`, for `len`
     /// [`QV`] vectors or (the tail) one vector or [`QUANTUM`] pixels.
-    fn fwd_tile(&self, xp: &[f32], wb: &[f32], (q0, len): (usize, usize), o: &mut [f32]) {
+    fn fwd_tile<S: Slot>(&self, xp: &[f32], wb: &[f32], (q0, len): (usize, usize), o: &mut [S]) {
         let (cb, max_tap, lanes) = (self.cb(), self.max_tap, self.isa.lanes());
         // The bounds the kernels rely on.
         assert!(
@@ -819,7 +853,14 @@ impl Plan {
         );
         assert!(xp.len() >= self.c * self.ps && wb.len() >= self.c * self.taps.len() * cb);
         assert!(o.len() >= (cb - 1) * self.qlen + q0 + len);
-        let (x, w, out) = (xp[q0..].as_ptr(), wb.as_ptr(), o[q0..].as_mut_ptr());
+        // A `Slot` is an `f32` or a `MaybeUninit<f32>`: the same layout (the kernel only
+        // writes the output).
+        const { assert!(std::mem::size_of::<S>() == 4 && std::mem::align_of::<S>() == 4) };
+        let (x, w, out) = (
+            xp[q0..].as_ptr(),
+            wb.as_ptr(),
+            o[q0..].as_mut_ptr().cast::<f32>(),
+        );
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the CPU has the plan's instruction set (`Isa::supported` in `Plan::strided`), and
         // every pointer the kernel forms is in bounds: input reads reach

@@ -535,3 +535,44 @@ fn flipped_packing_is_packing_of_the_flipped_kernel() {
         }
     }
 }
+
+/// Where the flattened output is the plain one (masked layout, no tail, whole channel
+/// tiles), `forward_plain` writes into fresh memory what `forward` and `unflatten` write, on
+/// one thread's loop and on the parallel one; elsewhere the plan says it does not.
+#[test]
+fn plain_forward_matches_the_flattened_one() {
+    if !Isa::Avx512.supported() {
+        return;
+    }
+    let (c, h, w, cout) = (3, 4, 8, 16);
+    let plan = Plan::unmasked(Isa::Avx512, (c, h, w), cout, (3, 3), (1, 1), 1)
+        .and_then(|p| p.with_masks())
+        .expect("masked plan");
+    assert!(plan.writes_plain());
+    let (x, k) = (values(c * h * w, 21), values(cout * c * 9, 22));
+    let mut xp = Vec::new();
+    plan.pad(&x, &mut xp);
+    let wk = plan.pack_weights(&k);
+    let mut flat = Vec::new();
+    plan.forward(&xp, &wk, &mut flat, false);
+    let mut want = vec![0f32; cout * h * w];
+    plan.unflatten(&flat, &mut want, Epilogue::NONE);
+    for parallel in [false, true] {
+        // SAFETY: `forward_plain` writes every element.
+        let got = unsafe {
+            crate::buffer::vec_written_by(cout * h * w, |out| {
+                plan.forward_plain(&xp, &wk, out, parallel);
+            })
+        };
+        assert_eq!(got, want, "parallel {parallel}");
+    }
+    // A tail (5x5: 25 pixels in 32), a part-empty channel tile, the shared layout: no.
+    let tail = Plan::unmasked(Isa::Avx512, (c, 5, 5), cout, (3, 3), (1, 1), 1)
+        .and_then(|p| p.with_masks());
+    let part = Plan::unmasked(Isa::Avx512, (c, h, w), 12, (3, 3), (1, 1), 1)
+        .and_then(|p| p.with_masks());
+    let shared = Plan::unmasked(Isa::Avx512, (c, h, w), cout, (3, 3), (1, 1), 1);
+    for p in [tail, part, shared] {
+        assert!(!p.expect("plan").writes_plain());
+    }
+}
