@@ -60,7 +60,8 @@ fn every_kernel_set_matches_a_plain_convolution() {
     // flattened outputs ending in whole tiles and in tail tiles: on AVX-512 a half vector
     // (the first four, shared padding: 72, 40, 72 and 136 pixels; the last, masked: 40),
     // one vector (the fourth on copies and masked: 112) and both (the fifth: 120); on AVX2
-    // one vector (the fifth).
+    // one vector (the fifth). The last is shorter than a vector on every layout (6 pixels
+    // masked, 8 shared).
     let cases = [
         (2, 3, 6, 7, 9, 3, 1),
         (3, 5, 13, 6, 5, 3, 1),
@@ -68,6 +69,7 @@ fn every_kernel_set_matches_a_plain_convolution() {
         (2, 2, 3, 11, 10, 5, 2),
         (2, 4, 8, 9, 17, 3, 0),
         (2, 3, 5, 5, 8, 3, 1),
+        (2, 3, 5, 2, 3, 3, 1),
     ];
     for isa in isas {
         for (n, c, cout, h, w, k, pad) in cases {
