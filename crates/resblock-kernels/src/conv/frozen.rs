@@ -131,6 +131,7 @@ mod tests {
     /// 28x28 one (F(4x4) only when frozen: 784 pixels), and paths Winograd does not take.
     #[test]
     fn frozen_kernels_match_candle_and_keep_their_transforms() -> R<()> {
+        crate::conv::winograd::force_for_tests();
         // (n, c, size, cout, k, padding, stride, the Winograd forms it makes)
         let cases = [
             (1, 64, 14, 64, 3, 1, 1, [true, false]),

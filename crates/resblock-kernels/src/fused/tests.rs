@@ -178,6 +178,7 @@ fn one_op_block_matches_two_conv_bn_ops() -> Result<()> {
             groups: 1,
         };
         let d = crate::conv::geom::Dims::new(&g, &shape, &[c, c, 3, 3]).expect("dims");
+        crate::conv::winograd::force_for_tests();
         assert_eq!(
             crate::conv::winograd::applies(&d, &g),
             winograd,
@@ -193,6 +194,7 @@ fn one_op_block_matches_two_conv_bn_ops() -> Result<()> {
 /// output, statistics and every gradient against the convolution and the norm as two ops.
 #[test]
 fn winograd_conv_bn_matches_two_ops() -> Result<()> {
+    crate::conv::winograd::force_for_tests();
     let (c, shape) = (64, [2, 64, 14, 15]);
     let geom_t = (1, 1, 1, 1);
     let probe = conv_bn::ConvBnTrain::new(

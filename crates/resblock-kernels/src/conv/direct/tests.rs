@@ -571,8 +571,8 @@ fn plain_forward_matches_the_flattened_one() {
     // A tail (5x5: 25 pixels in 32), a part-empty channel tile, the shared layout: no.
     let tail = Plan::unmasked(Isa::Avx512, (c, 5, 5), cout, (3, 3), (1, 1), 1)
         .and_then(|p| p.with_masks());
-    let part = Plan::unmasked(Isa::Avx512, (c, h, w), 12, (3, 3), (1, 1), 1)
-        .and_then(|p| p.with_masks());
+    let part =
+        Plan::unmasked(Isa::Avx512, (c, h, w), 12, (3, 3), (1, 1), 1).and_then(|p| p.with_masks());
     let shared = Plan::unmasked(Isa::Avx512, (c, h, w), cout, (3, 3), (1, 1), 1);
     for p in [tail, part, shared] {
         assert!(!p.expect("plan").writes_plain());

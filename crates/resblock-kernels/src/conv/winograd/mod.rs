@@ -115,6 +115,34 @@ const FROZEN_F4_MIN_PIXELS: usize = 700;
 /// cover 16x16 (on a 256-channel layer at batch 8 F(4x4) was no faster than F(2x2)).
 const F4_MIN_WIDTH: usize = 28;
 
+/// Whether Winograd pays on this CPU: not where 512-bit FMAs run at full width
+/// ([`crate::peak::full_width_fma`]; on an Intel Xeon host with two 512-bit FMA units the
+/// direct kernels ran a 64-channel 56x56 layer 25-30% faster and ResNet-18 inference at
+/// batch 8 10% faster), unless `RESBLOCK_WINOGRAD=1` (or, in this crate's tests,
+/// [`force_for_tests`]) asks for it anyway.
+fn pays_on_this_cpu() -> bool {
+    static PAYS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    #[cfg(test)]
+    if FORCED.load(std::sync::atomic::Ordering::Relaxed) {
+        return true;
+    }
+    *PAYS.get_or_init(|| {
+        std::env::var("RESBLOCK_WINOGRAD").is_ok_and(|v| v == "1") || !crate::peak::full_width_fma()
+    })
+}
+
+/// Set by [`force_for_tests`].
+#[cfg(test)]
+static FORCED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Lets Winograd run wherever its shapes allow, on any CPU, for the rest of this test
+/// process (so that its tests cover it on every host; every path is correct, so other
+/// tests running meanwhile only change which one they check).
+#[cfg(test)]
+pub(crate) fn force_for_tests() {
+    FORCED.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// Whether a convolution runs on Winograd: allowed ([`crate::dispatch::Dispatch::winograd`]),
 /// 3x3, stride 1, padding 1, no dilation, one group, with enough channels, a wide enough
 /// output and enough tiles.
@@ -134,6 +162,7 @@ pub(crate) fn forward_applies(d: &Dims, g: &ConvGeom, frozen: bool) -> bool {
 /// [`applies`] but for the width, with at least `min_tiles` F(2x2) tiles over the batch.
 fn shape_allows(d: &Dims, g: &ConvGeom, min_tiles: usize) -> bool {
     crate::dispatch::current().winograd
+        && pays_on_this_cpu()
         && (d.kh, d.kw) == (3, 3)
         && d.n * Tiles::of::<F2>(d).per_image() >= min_tiles
         && (g.stride, g.padding, g.dilation, g.groups) == (1, 1, 1, 1)
