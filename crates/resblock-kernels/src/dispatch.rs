@@ -10,7 +10,7 @@
 //! | [`Dispatch::fused_conv_bn`] | `RESBLOCK_FUSED_CONV_BN=0` | conv and training BatchNorm as two ops |
 //! | [`Dispatch::simd`] | `RESBLOCK_SIMD=avx2` or `=0` | at most AVX2 (8 lanes), or the portable loops |
 //! | [`Dispatch::own_gemm`] | `RESBLOCK_SGEMM=0` | the `gemm` crate for every f32 GEMM of the convolutions |
-//! | [`Dispatch::winograd`] | `RESBLOCK_WINOGRAD=0` | wide 3x3 convolutions on the direct or GEMM path |
+//! | [`Dispatch::winograd`] | `RESBLOCK_WINOGRAD=0` | wide 3x3 convolutions on the direct or GEMM path (the default where 512-bit FMAs run at full width, see [`crate::peak::full_width_fma`]; `=1` takes Winograd there too) |
 //! | [`Dispatch::masked_taps`] | `RESBLOCK_MASKED_TAPS=0` | AVX-512 direct convolutions on the shared-padding layout |
 //!
 //! CPU features are detected once ([`cpu`]); a SIMD path runs only when the CPU has it
