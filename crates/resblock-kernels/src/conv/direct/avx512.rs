@@ -53,31 +53,60 @@ pub(crate) unsafe fn fwd_tile<const V: usize>(
     // would not inherit the target features.)
     unsafe {
         let mut acc = [[_mm512_setzero_ps(); V]; CB];
-        let mut xv = [_mm512_setzero_ps(); V];
         let mut wp = w;
         for ci in 0..c {
             let xc = r.x.add(ci * r.ps);
             for row in r.taps.chunks_exact(r.kw) {
                 for (kx, &off) in row.iter().enumerate() {
-                    let p = xc.add(off);
                     let m = r.masks.add(kx * r.nq);
-                    for (v, xv) in xv.iter_mut().enumerate() {
-                        *xv = _mm512_maskz_loadu_ps(*m.add(2 * v), p.add(v * LANES));
-                    }
-                    for (j, row) in acc.iter_mut().enumerate() {
-                        let b = _mm512_set1_ps(*wp.add(j));
-                        for (a, xv) in row.iter_mut().zip(&xv) {
-                            *a = _mm512_fmadd_ps(*xv, b, *a);
-                        }
-                    }
+                    let k: [__mmask16; V] = std::array::from_fn(|v| *m.add(2 * v));
+                    tap(&mut acc, xc.add(off), k, wp);
                     wp = wp.add(CB);
                 }
             }
         }
-        for (j, row) in acc.iter().enumerate() {
-            for (v, a) in row.iter().enumerate() {
-                _mm512_storeu_ps(out.add(j * qlen + v * LANES), *a);
+        store(&acc, out, qlen);
+    }
+}
+
+/// One tap of a forward tile: `V` vectors loaded from `p` under the masks `k`, each times
+/// the `CB` weights at `w` into the accumulators `acc`.
+///
+/// # Safety
+/// AVX-512 F and VL must be available, `p` readable for `V * 16` floats (where the masks
+/// are set) and `w` for `CB`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+unsafe fn tap<const V: usize>(
+    acc: &mut [[__m512; V]; CB],
+    p: *const f32,
+    k: [__mmask16; V],
+    w: *const f32,
+) {
+    // SAFETY: the caller's contract covers every pointer formed here.
+    unsafe {
+        let xv: [__m512; V] =
+            std::array::from_fn(|v| _mm512_maskz_loadu_ps(k[v], p.add(v * LANES)));
+        for (j, row) in acc.iter_mut().enumerate() {
+            let b = _mm512_set1_ps(*w.add(j));
+            for (a, xv) in row.iter_mut().zip(&xv) {
+                *a = _mm512_fmadd_ps(*xv, b, *a);
             }
+        }
+    }
+}
+
+/// A forward tile's accumulators into `out[j * qlen + 0..16 V]`.
+///
+/// # Safety
+/// AVX-512 F must be available and `out` writable for `(CB - 1) * qlen + 16 V` floats.
+#[inline]
+#[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+unsafe fn store<const V: usize>(acc: &[[__m512; V]; CB], out: *mut f32, qlen: usize) {
+    for (j, row) in acc.iter().enumerate() {
+        for (v, a) in row.iter().enumerate() {
+            // SAFETY: in bounds by the caller's contract.
+            unsafe { _mm512_storeu_ps(out.add(j * qlen + v * LANES), *a) };
         }
     }
 }
@@ -104,32 +133,18 @@ pub(crate) unsafe fn fwd_tile_k3<const V: usize>(
             }
         }
         let mut acc = [[_mm512_setzero_ps(); V]; CB];
-        let mut xv = [_mm512_setzero_ps(); V];
         let mut wp = w;
         for ci in 0..c {
             let xc = r.x.add(ci * r.ps);
             for row in r.taps.chunks_exact(3) {
                 let offs = [row[0], row[1], row[2]];
                 for (off, kv) in offs.iter().zip(&k) {
-                    let p = xc.add(*off);
-                    for (v, xv) in xv.iter_mut().enumerate() {
-                        *xv = _mm512_maskz_loadu_ps(kv[v], p.add(v * LANES));
-                    }
-                    for (j, row) in acc.iter_mut().enumerate() {
-                        let b = _mm512_set1_ps(*wp.add(j));
-                        for (a, xv) in row.iter_mut().zip(&xv) {
-                            *a = _mm512_fmadd_ps(*xv, b, *a);
-                        }
-                    }
+                    tap(&mut acc, xc.add(*off), *kv, wp);
                     wp = wp.add(CB);
                 }
             }
         }
-        for (j, row) in acc.iter().enumerate() {
-            for (v, a) in row.iter().enumerate() {
-                _mm512_storeu_ps(out.add(j * qlen + v * LANES), *a);
-            }
-        }
+        store(&acc, out, qlen);
     }
 }
 
