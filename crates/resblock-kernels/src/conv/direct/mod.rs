@@ -1036,16 +1036,21 @@ impl Plan {
         Some(())
     }
 
-    /// How many images [`Plan::weight_grad_padded`] should sum per call: enough for a pass
-    /// of about 2048 values (at most 8 images; one for planes of 32x32 and more, whose f32
-    /// sums then match the single-image kernel's). Each call ends in a reduction of its
-    /// accumulators (24 on AVX-512): at 28x28 two images per call instead of one took the ResNet-20 step's
-    /// backward from 110-111 ms to 109 ms. Splitting a call's pixels instead, so that its
-    /// `dY` rows stay in L1, cost 5% (twice the reductions).
+    /// How many images [`Plan::weight_grad_padded`] should sum per call: as many as keep the
+    /// `dY` rows one call streams ([`Isa::cb`] rows of `qlen` values per image) within
+    /// [`WGRAD_PASS_BYTES`], at least one and at most [`MAX_GROUP`] (one image for planes
+    /// of 28x28 and more, whose f32 sums then match the single-image kernel's).
     ///
-    /// (Measured in the fifteenth session: interleaved `step-profile` pairs.)
+    /// Each call ends in a reduction of its accumulators (24 on AVX-512), so small planes
+    /// want several images per call; but each tap block of a call re-reads all its `dY`
+    /// rows, which must stay in L1. At 28x28 two images (50 KiB of `dY` on AVX-512) were
+    /// 1% faster than one on Zen 4 (fifteenth session) but 4-5% slower on the Intel Xeon of
+    /// the seventeenth, whose two FMA units consume operands twice as fast: ResNet-20 bs128
+    /// 28x28 backward 119-121 ms against 125-128 ms, four interleaved `step-profile` pairs
+    /// (eighteenth session). Splitting one image's pixels instead cost 5% on Zen 4 (twice
+    /// the reductions) and was no faster on the Xeon at 56x56 or 32x32.
     pub(crate) fn weight_grad_group(&self) -> usize {
-        (2048 / self.qlen).clamp(1, 8)
+        (WGRAD_PASS_BYTES / (self.cb() * self.qlen * size_of::<f32>())).clamp(1, MAX_GROUP)
     }
 
     /// Images per weight-gradient call for a batch of `n`: [`Plan::weight_grad_group`],
@@ -1152,6 +1157,11 @@ impl Plan {
 
 /// The most images one weight-gradient call sums.
 pub(crate) const MAX_GROUP: usize = 8;
+
+/// The `dY` bytes one weight-gradient call should stream (see [`Plan::weight_grad_group`]):
+/// half of a 48 KiB L1 data cache, three quarters of a 32 KiB one, leaving room for the
+/// input rows.
+const WGRAD_PASS_BYTES: usize = 24 << 10;
 
 /// Values per piece of [`copy_row`].
 const ROW_PIECE: usize = 8;
