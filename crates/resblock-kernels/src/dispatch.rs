@@ -12,6 +12,7 @@
 //! | [`Dispatch::own_gemm`] | `RESBLOCK_SGEMM=0` | the `gemm` crate for every f32 GEMM of the convolutions |
 //! | [`Dispatch::winograd`] | `RESBLOCK_WINOGRAD=0` | wide 3x3 convolutions on the direct or GEMM path (the default where 512-bit FMAs run at full width, see [`crate::peak::full_width_fma`]; `=1` takes Winograd there too) |
 //! | [`Dispatch::masked_taps`] | `RESBLOCK_MASKED_TAPS=0` | AVX-512 direct convolutions on the shared-padding layout |
+//! | [`Dispatch::transposed_wgrad`] | `RESBLOCK_TRANSPOSED_WGRAD=0` | the masked layout's 3x3 weight gradients on the per-tap tile |
 //!
 //! CPU features are detected once ([`cpu`]); a SIMD path runs only when the CPU has it
 //! and [`Dispatch::simd`] allows it, so tests can force every path on any machine, and
@@ -50,6 +51,10 @@ pub struct Dispatch {
     /// rows without padding columns, the taps that would wrap masked off (no junk columns
     /// computed; see `conv/direct`).
     pub masked_taps: bool,
+    /// The transposed weight gradient of 3x3 "same" convolutions on the masked layout with
+    /// whole blocks of 16 output channels: the output channels in the vector lanes, the
+    /// input values broadcast (`conv/direct`, `avx512::wgrad_t_tile`).
+    pub transposed_wgrad: bool,
 }
 
 /// SIMD instruction sets of our kernels, narrowest first.
@@ -96,6 +101,7 @@ impl Default for Dispatch {
             own_gemm: true,
             winograd: true,
             masked_taps: true,
+            transposed_wgrad: true,
         }
     }
 }
@@ -125,6 +131,7 @@ impl Dispatch {
             own_gemm: !off("RESBLOCK_SGEMM"),
             winograd: !off("RESBLOCK_WINOGRAD"),
             masked_taps: !off("RESBLOCK_MASKED_TAPS"),
+            transposed_wgrad: !off("RESBLOCK_TRANSPOSED_WGRAD"),
         }
     }
 
@@ -137,6 +144,7 @@ impl Dispatch {
             | u16::from(self.own_gemm) << 5
             | u16::from(self.winograd) << 6
             | u16::from(self.masked_taps) << 7
+            | u16::from(self.transposed_wgrad) << 8
     }
 
     fn unpack(b: u16) -> Self {
@@ -156,6 +164,7 @@ impl Dispatch {
             own_gemm: b & 0x20 != 0,
             winograd: b & 0x40 != 0,
             masked_taps: b & 0x80 != 0,
+            transposed_wgrad: b & 0x100 != 0,
         }
     }
 }
@@ -270,7 +279,7 @@ mod tests {
 
     #[test]
     fn every_choice_packs_and_unpacks() {
-        for b in 0..256u16 {
+        for b in 0..512u16 {
             if (b >> 3) & 3 == 3 {
                 continue;
             }

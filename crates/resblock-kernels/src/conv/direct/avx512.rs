@@ -297,3 +297,151 @@ fn sum8(v: [__m256; CB]) -> [f32; CB] {
     unsafe { _mm256_storeu_ps(out.as_mut_ptr(), _mm256_add_ps(lo, hi)) };
     out
 }
+
+/// The transposed weight gradient of a 3x3 "same" convolution on the masked layout, for
+/// `NC` input channels and 16 output channels: `out[(c * 9 + tap) * 16 + j] += sum_q
+/// dyt[q * co_stride + j] * x[c * ps + q + ky * w + kx]` over the `oh * w` pixels `q = oy *
+/// w + ox`, leaving out the taps that would wrap into the neighbouring row (`kx = 0` at `ox
+/// = 0`, `kx = 2` at `ox = w - 1`).
+///
+/// One vector holds the 16 output channels' `dY` of a pixel and each input value is
+/// broadcast (an embedded-broadcast operand of its FMA): one vector load and `9 NC` scalar
+/// loads per `9 NC` FMAs, against [`wgrad_tile`]'s 11 vector loads per 24 FMAs, whose load
+/// bandwidth bounds it on a CPU with two full-width FMA units. No reduction across lanes:
+/// the lanes are the output channels.
+///
+/// # Safety
+/// AVX-512 F and VL must be available; `x` readable at `c * ps + q + 2 * w + 2` for `c <
+/// NC`, `q < oh * w` (the masked layout's planes), `dyt` at `q * co_stride + 0..16`, and
+/// `out` readable and writable for `NC * 9 * 16` floats.
+#[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+pub(crate) unsafe fn wgrad_t_tile<const NC: usize>(
+    (x, ps): (*const f32, usize),
+    (w, oh): (usize, usize),
+    (dyt, co_stride): (*const f32, usize),
+    out: *mut f32,
+) {
+    // SAFETY: the caller's contract covers every pointer formed here.
+    unsafe {
+        let mut acc = [[_mm512_setzero_ps(); 9]; NC];
+        for oy in 0..oh {
+            let row = oy * w;
+            // The interior pixels: every tap reads inside its row.
+            for q in row + 1..row + w.saturating_sub(1) {
+                wgrad_t_step::<NC, true>(
+                    &mut acc,
+                    (x, ps, w),
+                    dyt.add(q * co_stride),
+                    q,
+                    [true; 3],
+                );
+            }
+            // The two edge pixels (one when `w = 1`), without their wrapping taps.
+            let first = [false, true, w > 1];
+            wgrad_t_step::<NC, false>(&mut acc, (x, ps, w), dyt.add(row * co_stride), row, first);
+            if w > 1 {
+                let q = row + w - 1;
+                let last = [true, true, false];
+                wgrad_t_step::<NC, false>(&mut acc, (x, ps, w), dyt.add(q * co_stride), q, last);
+            }
+        }
+        for (c, taps) in acc.iter().enumerate() {
+            for (t, a) in taps.iter().enumerate() {
+                let p = out.add((c * 9 + t) * LANES);
+                _mm512_storeu_ps(p, _mm512_add_ps(_mm512_loadu_ps(p), *a));
+            }
+        }
+    }
+}
+
+/// One pixel `q` of [`wgrad_t_tile`]: its `dY` vector at `d` times the input values of
+/// its taps; with `ALL` every tap, else those whose column `kx` has `cols[kx]`.
+///
+/// # Safety
+/// As [`wgrad_t_tile`] for the pixel `q`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+unsafe fn wgrad_t_step<const NC: usize, const ALL: bool>(
+    acc: &mut [[__m512; 9]; NC],
+    (x, ps, w): (*const f32, usize, usize),
+    d: *const f32,
+    q: usize,
+    cols: [bool; 3],
+) {
+    // SAFETY: the caller's contract covers every pointer formed here.
+    unsafe {
+        let d = _mm512_loadu_ps(d);
+        for (c, taps) in acc.iter_mut().enumerate() {
+            let b = x.add(c * ps + q);
+            for ky in 0..3 {
+                for kx in 0..3 {
+                    if ALL || cols[kx] {
+                        let a = &mut taps[ky * 3 + kx];
+                        *a = _mm512_fmadd_ps(d, _mm512_set1_ps(*b.add(ky * w + kx)), *a);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `dst[q * rows + r] = src[r * stride + q]` for `r < rows`, `q < pix`: the `dY` rows of
+/// [`wgrad_t_tile`] transposed to one row of `rows` output channels per pixel, in 8x8
+/// blocks through registers (a scalar loop's strided stores cost a third of the kernel).
+///
+/// # Safety
+/// AVX2 must be available; `rows` a multiple of 8, `src` readable at `r * stride + q` and
+/// `dst` writable for `pix * rows` floats.
+#[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+pub(crate) unsafe fn transpose_rows(
+    (src, stride): (*const f32, usize),
+    (rows, pix): (usize, usize),
+    dst: *mut f32,
+) {
+    // SAFETY: the caller's contract covers every pointer formed here.
+    unsafe {
+        for r0 in (0..rows).step_by(8) {
+            let mut q0 = 0;
+            while q0 + 8 <= pix {
+                let r: [__m256; 8] =
+                    std::array::from_fn(|i| _mm256_loadu_ps(src.add((r0 + i) * stride + q0)));
+                // Pairs of rows interleaved, then pairs of pairs, then the 128-bit halves.
+                let t: [__m256; 8] = std::array::from_fn(|i| {
+                    let (a, b) = (r[i / 2 * 2], r[i / 2 * 2 + 1]);
+                    if i % 2 == 0 {
+                        _mm256_unpacklo_ps(a, b)
+                    } else {
+                        _mm256_unpackhi_ps(a, b)
+                    }
+                });
+                let s: [__m256; 8] = std::array::from_fn(|i| {
+                    // i = 4 h + 2 u + v: rows 4h..4h+4, unpack half u, column pair v.
+                    let (h, u, v) = (i / 4, i / 2 % 2, i % 2);
+                    let (a, b) = (t[4 * h + u], t[4 * h + 2 + u]);
+                    if v == 0 {
+                        _mm256_shuffle_ps::<0x44>(a, b)
+                    } else {
+                        _mm256_shuffle_ps::<0xEE>(a, b)
+                    }
+                });
+                // s[j] holds column j of rows 0-3 in its low half and column 4 + j in its
+                // high half; s[4 + j] the same of rows 4-7.
+                for k in 0..8 {
+                    let j = k % 4;
+                    let o = if k < 4 {
+                        _mm256_permute2f128_ps::<0x20>(s[j], s[4 + j])
+                    } else {
+                        _mm256_permute2f128_ps::<0x31>(s[j], s[4 + j])
+                    };
+                    _mm256_storeu_ps(dst.add((q0 + k) * rows + r0), o);
+                }
+                q0 += 8;
+            }
+            for q in q0..pix {
+                for i in 0..8 {
+                    *dst.add(q * rows + r0 + i) = *src.add((r0 + i) * stride + q);
+                }
+            }
+        }
+    }
+}

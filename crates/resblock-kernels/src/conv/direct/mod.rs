@@ -39,7 +39,9 @@
 //!   masked loads.
 //! - Weight gradient: `dW[co, ci, tap] = sum_q dY[co, q] * x[ci, q + offset(tap)]` with `dY`
 //!   flattened the same way and zero in the junk columns; a micro-tile holds `cb` output
-//!   channels by `TB` taps as vector partial sums over `q`.
+//!   channels by `TB` taps as vector partial sums over `q`. On AVX-512, 3x3 "same" layers
+//!   on the masked layout with output channels in blocks of 16 transpose `dY` instead and
+//!   hold 16 output channels per vector (`transposed.rs`).
 //!
 //! Each image is summed in f32 (as the GEMM path does) and the caller adds images in f64.
 
@@ -52,6 +54,8 @@ use crate::buffer::Slot;
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+#[cfg(target_arch = "x86_64")]
+mod transposed;
 
 /// Vectors per micro-tile along the flattened pixels (forward); a flattened row whose length
 /// is an odd number of vectors ends with a one-vector tile.
@@ -1086,6 +1090,11 @@ impl Plan {
         );
         let max_tap = self.max_tap;
         assert!(self.qlen.is_multiple_of(QUANTUM) && self.qlen + max_tap <= self.ps);
+        #[cfg(target_arch = "x86_64")]
+        if self.takes_transposed_weight_grad() {
+            self.weight_grad_transposed(xps, dys, row_stride, dw);
+            return;
+        }
         let cb = self.cb();
         let mut xs = [std::ptr::null::<f32>(); MAX_GROUP];
         let mut ds = [std::ptr::null::<f32>(); MAX_GROUP];

@@ -60,8 +60,12 @@ fn every_kernel_set_matches_a_plain_convolution() {
     // flattened outputs ending in whole tiles and in tail tiles: on AVX-512 a half vector
     // (the first four, shared padding: 72, 40, 72 and 136 pixels; the last, masked: 40),
     // one vector (the fourth on copies and masked: 112) and both (the fifth: 120); on AVX2
-    // one vector (the fifth). The last is shorter than a vector on every layout (6 pixels
-    // masked, 8 shared).
+    // one vector (the fifth). The seventh is shorter than a vector on every layout (6
+    // pixels masked, 8 shared). The third and the last three have whole blocks of 16 output
+    // channels, so that on AVX-512 their masked weight gradient is the transposed one
+    // (`avx512::wgrad_t_tile`): 4 input channels (a block of 3 and one of 1), 5 (3 and 2)
+    // with 32 output channels, rows 2 wide (edge columns only), and 7 input channels at
+    // 7x7.
     let cases = [
         (2, 3, 6, 7, 9, 3, 1),
         (3, 5, 13, 6, 5, 3, 1),
@@ -70,6 +74,9 @@ fn every_kernel_set_matches_a_plain_convolution() {
         (2, 4, 8, 9, 17, 3, 0),
         (2, 3, 5, 5, 8, 3, 1),
         (2, 3, 5, 2, 3, 3, 1),
+        (2, 5, 32, 4, 3, 3, 1),
+        (1, 2, 16, 3, 2, 3, 1),
+        (2, 7, 16, 7, 7, 3, 1),
     ];
     for isa in isas {
         for (n, c, cout, h, w, k, pad) in cases {
@@ -167,12 +174,15 @@ fn padded_weight_gradient_sums_images() {
         .into_iter()
         .filter(|i| i.supported())
     {
-        let (c, cout, h, w) = (3, 10, 6, 7);
-        let shared = Plan::unmasked(isa, (c, h, w), cout, (3, 3), (1, 1), 1).expect("plan");
-        let back_shared = Plan::unmasked(isa, (cout, h, w), c, (3, 3), (1, 1), 1).expect("back");
-        let masked = shared.with_masks().zip(back_shared.with_masks());
-        for (fwd, back) in [Some((shared, back_shared)), masked].into_iter().flatten() {
-            summed_weight_gradient_matches(isa, &fwd, &back, (c, cout, h, w));
+        // The second shape's masked plans take the transposed kernel on AVX-512.
+        for (c, cout, h, w) in [(3, 10, 6, 7), (4, 16, 5, 6)] {
+            let shared = Plan::unmasked(isa, (c, h, w), cout, (3, 3), (1, 1), 1).expect("plan");
+            let back_shared =
+                Plan::unmasked(isa, (cout, h, w), c, (3, 3), (1, 1), 1).expect("back");
+            let masked = shared.with_masks().zip(back_shared.with_masks());
+            for (fwd, back) in [Some((shared, back_shared)), masked].into_iter().flatten() {
+                summed_weight_gradient_matches(isa, &fwd, &back, (c, cout, h, w));
+            }
         }
     }
 }

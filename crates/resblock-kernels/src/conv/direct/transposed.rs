@@ -1,0 +1,74 @@
+//! The transposed weight gradient of the AVX-512 direct convolutions (3x3 "same" layers on
+//! the masked layout, output channels in whole blocks of 16): each image's `dY` is
+//! transposed to one row of output channels per pixel, so that one vector holds 16 output
+//! channels and the input values are broadcast ([`avx512::wgrad_t_tile`]). Per 27 FMAs it
+//! loads one vector and 27 floats, where the per-tap tile ([`avx512::wgrad_tile`]) loads 11
+//! vectors per 24 FMAs; on a CPU with two full-width FMA units that tile is bound by its
+//! loads (ARCHITECTURE.md, eighteenth session).
+
+use super::{avx512, Isa, Plan};
+
+impl Plan {
+    /// Whether [`Plan::weight_grad_rows`] runs [`avx512::wgrad_t_tile`]: a 3x3 "same"
+    /// convolution on the masked layout with whole blocks of 16 output channels, unless
+    /// [`crate::dispatch::Dispatch::transposed_wgrad`] is off.
+    pub(super) fn takes_transposed_weight_grad(&self) -> bool {
+        self.isa == Isa::Avx512
+            && self.masked
+            && (self.kh, self.kw, self.pad_y, self.pad_x) == (3, 3, 1, 1)
+            && self.cout.is_multiple_of(16)
+            && crate::dispatch::current().transposed_wgrad
+    }
+
+    /// [`Plan::weight_grad_rows`] on [`avx512::wgrad_t_tile`]: each image's `dY` transposed
+    /// to one row of `cout` values per pixel, then per block of 16 output channels and 3
+    /// input channels one pass over the pixels; the sums of all images land in `dw` at the
+    /// end.
+    pub(super) fn weight_grad_transposed(
+        &self,
+        xps: &[&[f32]],
+        dys: &[&[f32]],
+        row_stride: usize,
+        dw: &mut [f32],
+    ) {
+        const NC: usize = 3;
+        let (c, cout, w, oh) = (self.c, self.cout, self.w, self.oh);
+        let pix = oh * w;
+        assert!(self.takes_transposed_weight_grad() && pix <= self.qlen);
+        let blocks = cout / 16;
+        let mut dyt = vec![0f32; pix * cout];
+        // `sums[((b * c + ci) * 9 + tap) * 16 + j]`: output channel `16 b + j`.
+        let mut sums = vec![0f32; cout * c * 9];
+        for (xp, dy) in xps.iter().zip(dys) {
+            // Bounds (checked by the caller's asserts): `dy` holds `cout_r` rows of `qlen`
+            // values `row_stride` apart, `xp` `c` planes of `ps` values, and every tap of a
+            // pixel `q < oh * w` reads below `q + max_tap < ps` in its plane.
+            assert!(dy.len() >= (cout - 1) * row_stride + pix && xp.len() >= c * self.ps);
+            // SAFETY: AVX-512 (the plan's instruction set, `Plan::strided`); the reads and
+            // writes stay inside `dy`, `xp`, `dyt` and `sums` by the bounds above.
+            unsafe {
+                avx512::transpose_rows((dy.as_ptr(), row_stride), (cout, pix), dyt.as_mut_ptr());
+                for b in 0..blocks {
+                    let d = (dyt[b * 16..].as_ptr(), cout);
+                    for ci in (0..c).step_by(NC) {
+                        let x = (xp[ci * self.ps..].as_ptr(), self.ps);
+                        let out = sums[(b * c + ci) * 9 * 16..].as_mut_ptr();
+                        match NC.min(c - ci) {
+                            3 => avx512::wgrad_t_tile::<3>(x, (w, oh), d, out),
+                            2 => avx512::wgrad_t_tile::<2>(x, (w, oh), d, out),
+                            _ => avx512::wgrad_t_tile::<1>(x, (w, oh), d, out),
+                        }
+                    }
+                }
+            }
+        }
+        for (co, dw_co) in dw.chunks_exact_mut(c * 9).enumerate() {
+            let (b, j) = (co / 16, co % 16);
+            for (ci, dw_ci) in dw_co.chunks_exact_mut(9).enumerate() {
+                for (t, d) in dw_ci.iter_mut().enumerate() {
+                    *d = sums[((b * c + ci) * 9 + t) * 16 + j];
+                }
+            }
+        }
+    }
+}
