@@ -6,7 +6,16 @@
 //! vectors per 24 FMAs; on a CPU with two full-width FMA units that tile is bound by its
 //! loads (ARCHITECTURE.md, eighteenth session).
 
+use std::cell::RefCell;
+
 use super::{avx512, Isa, Plan};
+
+thread_local! {
+    /// Each thread's transposed `dY` and channel-block sums, kept between calls (one call
+    /// per image group of every layer: at 28x28 a fresh zeroed `dY` copy was 50 KiB per
+    /// image, all of it overwritten by the transpose).
+    static SCRATCH: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+}
 
 impl Plan {
     /// Whether [`Plan::weight_grad_rows`] runs [`avx512::wgrad_t_tile`]: a 3x3 "same"
@@ -36,39 +45,48 @@ impl Plan {
         let pix = oh * w;
         assert!(self.takes_transposed_weight_grad() && pix <= self.qlen);
         let blocks = cout / 16;
-        let mut dyt = vec![0f32; pix * cout];
-        // `sums[((b * c + ci) * 9 + tap) * 16 + j]`: output channel `16 b + j`.
-        let mut sums = vec![0f32; cout * c * 9];
-        for (xp, dy) in xps.iter().zip(dys) {
-            // Bounds (checked by the caller's asserts): `dy` holds `cout_r` rows of `qlen`
-            // values `row_stride` apart, `xp` `c` planes of `ps` values, and every tap of a
-            // pixel `q < oh * w` reads below `q + max_tap < ps` in its plane.
-            assert!(dy.len() >= (cout - 1) * row_stride + pix && xp.len() >= c * self.ps);
-            // SAFETY: AVX-512 (the plan's instruction set, `Plan::strided`); the reads and
-            // writes stay inside `dy`, `xp`, `dyt` and `sums` by the bounds above.
-            unsafe {
-                avx512::transpose_rows((dy.as_ptr(), row_stride), (cout, pix), dyt.as_mut_ptr());
-                for b in 0..blocks {
-                    let d = (dyt[b * 16..].as_ptr(), cout);
-                    for ci in (0..c).step_by(NC) {
-                        let x = (xp[ci * self.ps..].as_ptr(), self.ps);
-                        let out = sums[(b * c + ci) * 9 * 16..].as_mut_ptr();
-                        match NC.min(c - ci) {
-                            3 => avx512::wgrad_t_tile::<3>(x, (w, oh), d, out),
-                            2 => avx512::wgrad_t_tile::<2>(x, (w, oh), d, out),
-                            _ => avx512::wgrad_t_tile::<1>(x, (w, oh), d, out),
+        SCRATCH.with(|s| {
+            let (dyt, sums) = &mut *s.borrow_mut();
+            // Every value is written by the transpose before it is read.
+            dyt.resize(pix * cout, 0.0);
+            // `sums[((b * c + ci) * 9 + tap) * 16 + j]`: output channel `16 b + j`.
+            sums.clear();
+            sums.resize(cout * c * 9, 0.0);
+            for (xp, dy) in xps.iter().zip(dys) {
+                // Bounds (checked by the caller's asserts): `dy` holds `cout_r` rows of `qlen`
+                // values `row_stride` apart, `xp` `c` planes of `ps` values, and every tap of a
+                // pixel `q < oh * w` reads below `q + max_tap < ps` in its plane.
+                assert!(dy.len() >= (cout - 1) * row_stride + pix && xp.len() >= c * self.ps);
+                // SAFETY: AVX-512 (the plan's instruction set, `Plan::strided`); the reads and
+                // writes stay inside `dy`, `xp`, `dyt` and `sums` by the bounds above.
+                unsafe {
+                    avx512::transpose_rows(
+                        (dy.as_ptr(), row_stride),
+                        (cout, pix),
+                        dyt.as_mut_ptr(),
+                    );
+                    for b in 0..blocks {
+                        let d = (dyt[b * 16..].as_ptr(), cout);
+                        for ci in (0..c).step_by(NC) {
+                            let x = (xp[ci * self.ps..].as_ptr(), self.ps);
+                            let out = sums[(b * c + ci) * 9 * 16..].as_mut_ptr();
+                            match NC.min(c - ci) {
+                                3 => avx512::wgrad_t_tile::<3>(x, (w, oh), d, out),
+                                2 => avx512::wgrad_t_tile::<2>(x, (w, oh), d, out),
+                                _ => avx512::wgrad_t_tile::<1>(x, (w, oh), d, out),
+                            }
                         }
                     }
                 }
             }
-        }
-        for (co, dw_co) in dw.chunks_exact_mut(c * 9).enumerate() {
-            let (b, j) = (co / 16, co % 16);
-            for (ci, dw_ci) in dw_co.chunks_exact_mut(9).enumerate() {
-                for (t, d) in dw_ci.iter_mut().enumerate() {
-                    *d = sums[((b * c + ci) * 9 + t) * 16 + j];
+            for (co, dw_co) in dw.chunks_exact_mut(c * 9).enumerate() {
+                let (b, j) = (co / 16, co % 16);
+                for (ci, dw_ci) in dw_co.chunks_exact_mut(9).enumerate() {
+                    for (t, d) in dw_ci.iter_mut().enumerate() {
+                        *d = sums[((b * c + ci) * 9 + t) * 16 + j];
+                    }
                 }
             }
-        }
+        });
     }
 }
