@@ -43,6 +43,7 @@
 //! `alloc.rs`, `peak.rs`, `error.rs`, `interleave.rs` (the transpose the packers share).
 #![warn(missing_docs)]
 
+mod aligned;
 pub mod alloc;
 mod buffer;
 pub mod conv;

@@ -26,6 +26,8 @@ use std::cell::RefCell;
 
 use rayon::prelude::*;
 
+use crate::aligned::aligned_mut;
+
 /// Rows of a micro-tile.
 pub(crate) const MR: usize = 8;
 /// Columns of a micro-tile.
@@ -281,7 +283,7 @@ fn serial(
             for pc in (0..k).step_by(KC) {
                 let kc = KC.min(k - pc);
                 let add = accumulate || pc > 0;
-                pack_b(pb, b, pc, kc, jc, nc);
+                let pb = pack_b(pb, b, pc, kc, jc, nc);
                 let in_place = nc.div_ceil(NR) <= STRIDED_A_PANELS;
                 for ic in (0..m).step_by(MC) {
                     let mc = MC.min(m - ic);
@@ -387,10 +389,19 @@ fn pack_a_into(dst: &mut [f32], a: Operand<'_>, i0: usize, mc: usize, p0: usize,
 
 /// Packs depth `p0..p0 + kc`, columns `j0..j0 + nc` of `b` into panels of `NR` columns:
 /// panel `q` holds, for each `p`, the `NR` values `b[p0 + p, j0 + q * NR + j]` (zero past
-/// `nc`). Reads run along whichever of `b`'s dimensions is contiguous.
-fn pack_b(dst: &mut Vec<f32>, b: Operand<'_>, p0: usize, kc: usize, j0: usize, nc: usize) {
+/// `nc`). Reads run along whichever of `b`'s dimensions is contiguous. The panels are
+/// written into `dst` from a cache line on ([`aligned_mut`]: the micro-kernel reads them
+/// with whole-vector loads) and returned.
+fn pack_b<'d>(
+    dst: &'d mut Vec<f32>,
+    b: Operand<'_>,
+    p0: usize,
+    kc: usize,
+    j0: usize,
+    nc: usize,
+) -> &'d [f32] {
     let panels = nc.div_ceil(NR);
-    dst.resize(panels * kc * NR, 0.);
+    let dst = aligned_mut(dst, panels * kc * NR);
     for (q, panel) in dst.chunks_exact_mut(kc * NR).enumerate() {
         let cols = NR.min(nc - q * NR);
         let left = j0 + q * NR;
@@ -423,6 +434,7 @@ fn pack_b(dst: &mut Vec<f32>, b: Operand<'_>, p0: usize, kc: usize, j0: usize, n
             crate::interleave::interleave_rows(src, panel);
         }
     }
+    dst
 }
 
 #[cfg(test)]

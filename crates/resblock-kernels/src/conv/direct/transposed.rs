@@ -9,6 +9,7 @@
 use std::cell::RefCell;
 
 use super::{avx512, Isa, Plan};
+use crate::aligned::aligned_mut;
 
 thread_local! {
     /// Each thread's transposed `dY` and channel-block sums, kept between calls (one call
@@ -47,11 +48,13 @@ impl Plan {
         let blocks = cout / 16;
         SCRATCH.with(|s| {
             let (dyt, sums) = &mut *s.borrow_mut();
-            // Every value is written by the transpose before it is read.
-            dyt.resize(pix * cout, 0.0);
+            // Both from a cache line on, so that the kernel's vector loads and stores of 16
+            // channels never split one. Every value of `dyt` is written by the transpose
+            // before it is read.
+            let dyt = aligned_mut(dyt, pix * cout);
             // `sums[((b * c + ci) * 9 + tap) * 16 + j]`: output channel `16 b + j`.
-            sums.clear();
-            sums.resize(cout * c * 9, 0.0);
+            let sums = aligned_mut(sums, cout * c * 9);
+            sums.fill(0.0);
             for (xp, dy) in xps.iter().zip(dys) {
                 // Bounds (checked by the caller's asserts): `dy` holds `cout_r` rows of `qlen`
                 // values `row_stride` apart, `xp` `c` planes of `ps` values, and every tap of a
