@@ -477,6 +477,68 @@ mod tests {
         }
     }
 
+    /// The forwards that write the plain output directly and apply the epilogue in place
+    /// (`Plan::writes_plain`: the masked layout, whole tiles): at batch 1 on two threads
+    /// (channel blocks in parallel, each block's epilogue applied by its thread) and at
+    /// batch 3 and on one thread (images in parallel, the epilogue after each image), with
+    /// every epilogue, against the f64 GEMM path.
+    #[test]
+    fn plain_output_forwards_apply_every_epilogue() {
+        let g = ConvGeom {
+            padding: 1,
+            stride: 1,
+            dilation: 1,
+            groups: 1,
+        };
+        for (n, threads) in [(1, 2), (1, 1), (3, 2)] {
+            let d = Dims::new(&g, &[n, 5, 8, 6], &[24, 5, 3, 3]).expect("valid test shape");
+            let Some(plan) = direct_plan(&d, &g) else {
+                return;
+            };
+            if !plan.writes_plain() {
+                // The AVX2 kernels keep the shared-padding layout: no plain output here.
+                continue;
+            }
+            let x = values(n * 5 * 48, 11);
+            let k = values(24 * 5 * 9, 12);
+            let (b, sc, res) = (values(24, 13), values(24, 14), values(n * 24 * 48, 15));
+            let (x64, k64, b64, sc64, res64) =
+                (to64(&x), to64(&k), to64(&b), to64(&sc), to64(&res));
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .expect("a thread pool");
+            for (bias, scale, relu, residual) in [
+                (false, false, false, false),
+                (true, false, true, false),
+                (true, true, false, false),
+                (false, false, true, true),
+                (true, true, true, true),
+            ] {
+                let ep64 = Epilogue {
+                    scale: scale.then_some(&sc64[..]),
+                    bias: bias.then_some(&b64[..]),
+                    relu,
+                    residual: residual.then_some(&res64[..]),
+                };
+                let ep = Epilogue {
+                    scale: scale.then_some(&sc[..]),
+                    bias: bias.then_some(&b[..]),
+                    relu,
+                    residual: residual.then_some(&res[..]),
+                };
+                let want = forward(&x64, &k64, ep64, &d, &g);
+                let got = pool.install(|| forward_direct(&plan, &x, &k, ep, &d));
+                let e = rel_err(&got, &want);
+                assert!(
+                    e < 1e-5,
+                    "n {n} threads {threads} bias {bias} scale {scale} relu {relu} \
+                     residual {residual}: off by {e}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn valid_range_covers_exactly_the_in_bounds_columns() {
         for w in 1..9usize {

@@ -122,15 +122,40 @@ pub(crate) fn forward_direct(
             scratch,
             |(xp, flat), ni, y_n| {
                 plan.pad(&x[ni * d.chw()..(ni + 1) * d.chw()], xp);
+                let ep = ep.image(ni, d.cout * d.p());
                 match &wk {
-                    Some(wk) => plan.forward(xp, wk, flat, false),
-                    None => plan.forward_raw_weights(xp, w, flat),
+                    // The plain output written directly (no `unflatten` copy), the
+                    // epilogue applied in place after.
+                    Some(wk) if plan.writes_plain() => {
+                        plan.forward_plain(xp, wk, y_n, false);
+                        if !ep.is_identity() {
+                            // SAFETY: `forward_plain` wrote every element of `y_n`.
+                            let y_n = unsafe {
+                                std::slice::from_raw_parts_mut(
+                                    y_n.as_mut_ptr().cast::<f32>(),
+                                    y_n.len(),
+                                )
+                            };
+                            for (co, plane) in y_n.chunks_exact_mut(d.p()).enumerate() {
+                                ep.apply_in_place(co, plane);
+                            }
+                        }
+                    }
+                    Some(wk) => {
+                        plan.forward(xp, wk, flat, false);
+                        plan.unflatten(flat, y_n, ep);
+                    }
+                    None if plan.writes_plain() => plan.forward_raw_weights_plain(xp, w, y_n, ep),
+                    None => {
+                        plan.forward_raw_weights(xp, w, flat);
+                        plan.unflatten(flat, y_n, ep);
+                    }
                 }
-                plan.unflatten(flat, y_n, ep.image(ni, d.cout * d.p()));
             },
         );
     };
-    // SAFETY: the images' chunks cover `y`, and `unflatten` writes the whole chunk.
+    // SAFETY: the images' chunks cover `y`, and `unflatten` or the plain forwards write
+    // each whole chunk.
     unsafe { crate::buffer::vec_written_by(d.n * d.cout * d.p(), fill) }
 }
 

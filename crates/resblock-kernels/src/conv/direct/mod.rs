@@ -790,19 +790,68 @@ impl Plan {
     /// that runs it, into its cache, just before use. For one image (batch-1 inference)
     /// packing them all first wrote and re-read as many bytes as the layer's weights.
     pub(crate) fn forward_raw_weights(&self, xp: &[f32], w: &[f32], out: &mut Vec<f32>) {
-        let wblk = self.c * self.taps.len() * self.cb();
+        self.check_forward(xp, out);
+        self.raw_weight_blocks(xp, w, out, Epilogue::NONE);
+    }
+
+    /// [`Plan::forward_raw_weights`] straight into the plain output `out` `(cout, oh, ow)`
+    /// of one image (memory not yet written is fine: every element is written), with the
+    /// epilogue `ep` (already narrowed to this image) applied to each block of channels by
+    /// the thread that computed it, while the block is in its cache. Only where
+    /// [`Plan::writes_plain`]: at batch 1 this drops [`Plan::unflatten`]'s copy of every
+    /// output.
+    pub(crate) fn forward_raw_weights_plain<S: Slot>(
+        &self,
+        xp: &[f32],
+        w: &[f32],
+        out: &mut [S],
+        ep: Epilogue<'_, f32>,
+    ) {
+        assert!(
+            self.writes_plain() && out.len() == self.flat_len(),
+            "direct conv: a plain output of a plan that writes one"
+        );
+        assert!(
+            xp.len() >= self.padded_len(),
+            "direct conv: padded input size"
+        );
+        self.raw_weight_blocks(xp, w, out, ep);
+    }
+
+    /// The output-channel blocks of one image in parallel, each packing its own weights
+    /// from the raw `w` and then applying `ep` to its rows (`flat_len` values of `out`; `ep`
+    /// only where the rows are the plain output's planes).
+    fn raw_weight_blocks<S: Slot>(
+        &self,
+        xp: &[f32],
+        w: &[f32],
+        out: &mut [S],
+        ep: Epilogue<'_, f32>,
+    ) {
+        let (cb, qlen) = (self.cb(), self.qlen);
+        let wblk = self.c * self.taps.len() * cb;
         assert_eq!(
             w.len(),
             self.cout * self.c * self.taps.len(),
             "direct conv: weight size"
         );
-        self.check_forward(xp, out);
-        out.par_chunks_mut(self.cb() * self.qlen)
+        assert!(ep.is_identity() || self.writes_plain());
+        out.par_chunks_mut(cb * qlen)
             .enumerate()
             .for_each_init(Vec::new, |wb, (blk, o)| {
                 wb.resize(wblk, 0.0);
                 self.pack_block(w, blk, wb);
                 self.block_tiles(xp, wb, o);
+                if !ep.is_identity() {
+                    // SAFETY: `block_tiles` wrote every element of the block (whole tiles
+                    // of every row), and `S` is `f32` or `MaybeUninit<f32>` (one layout).
+                    let o = unsafe {
+                        std::slice::from_raw_parts_mut(o.as_mut_ptr().cast::<f32>(), o.len())
+                    };
+                    for (j, plane) in o.chunks_exact_mut(qlen).enumerate() {
+                        ep.apply_in_place(blk * cb + j, plane);
+                    }
+                }
             });
     }
 
