@@ -114,10 +114,16 @@ unsafe fn store<const V: usize>(acc: &[[__m512; V]; CB], out: *mut f32, qlen: us
 /// [`fwd_tile`] for kernels 3 wide (`kw = 3`), with the column loop unrolled and the tile's
 /// `3 * V` masks loaded once, before the loop over input channels, rather than once per tap.
 ///
+/// With `PREFETCH`, each input channel's step first prefetches the next channel's rows of
+/// the tile (`V + 1` cache lines per kernel row, one plane on): where a tile's rows over all
+/// input channels do not fit in L1 (see `PREFETCH_MIN_BYTES` in `mod.rs`) they come from
+/// L2 one plane apart, a stride the hardware prefetchers did not cover. (The last channel's
+/// prefetches point past the input; a prefetch never faults.)
+///
 /// # Safety
 /// As [`fwd_tile`] with `kw = 3`.
 #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
-pub(crate) unsafe fn fwd_tile_k3<const V: usize>(
+pub(crate) unsafe fn fwd_tile_k3<const V: usize, const PREFETCH: bool>(
     r: Reads<'_>,
     c: usize,
     w: *const f32,
@@ -136,6 +142,14 @@ pub(crate) unsafe fn fwd_tile_k3<const V: usize>(
         let mut wp = w;
         for ci in 0..c {
             let xc = r.x.add(ci * r.ps);
+            if PREFETCH {
+                let next = xc.wrapping_add(r.ps);
+                for row in r.taps.chunks_exact(3) {
+                    for l in 0..=V {
+                        _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(row[0] + l * LANES).cast());
+                    }
+                }
+            }
             for row in r.taps.chunks_exact(3) {
                 let offs = [row[0], row[1], row[2]];
                 for (off, kv) in offs.iter().zip(&k) {

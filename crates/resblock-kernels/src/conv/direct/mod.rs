@@ -67,6 +67,10 @@ const MAX_CB: usize = 8;
 /// Flattened pixels per forward cache block: the loop over output-channel blocks runs inside
 /// a block of this many pixels, so the input rows the block reads stay in cache.
 const BLOCK_PIXELS: usize = 128;
+/// [`Plan::prefetches`] from this many bytes of a tile's input rows (a third of the 48 KiB
+/// L1 of the host it was measured on: the rows share it with the weights and the next
+/// tiles').
+const PREFETCH_MIN_BYTES: usize = 16 << 10;
 /// Planes are padded to a multiple of this many floats (the widest vector).
 const PLANE_ALIGN: usize = 16;
 /// Flattened outputs are a multiple of this many pixels: one AVX2 vector, half an AVX-512
@@ -930,9 +934,15 @@ impl Plan {
                     let r = self.mask_reads(x, q0);
                     match len {
                         QUANTUM => avx512::fwd_tile_half(r, c, w, out, qlen),
-                        16 if self.kw == 3 => avx512::fwd_tile_k3::<1>(r, c, w, out, qlen),
+                        16 if self.kw == 3 && self.prefetches() => {
+                            avx512::fwd_tile_k3::<1, true>(r, c, w, out, qlen)
+                        }
+                        16 if self.kw == 3 => avx512::fwd_tile_k3::<1, false>(r, c, w, out, qlen),
                         16 => avx512::fwd_tile::<1>(r, c, w, out, qlen),
-                        _ if self.kw == 3 => avx512::fwd_tile_k3::<QV>(r, c, w, out, qlen),
+                        _ if self.kw == 3 && self.prefetches() => {
+                            avx512::fwd_tile_k3::<QV, true>(r, c, w, out, qlen)
+                        }
+                        _ if self.kw == 3 => avx512::fwd_tile_k3::<QV, false>(r, c, w, out, qlen),
                         _ => avx512::fwd_tile::<QV>(r, c, w, out, qlen),
                     }
                 }
@@ -940,6 +950,16 @@ impl Plan {
         }
         #[cfg(not(target_arch = "x86_64"))]
         let _ = (x, w, out);
+    }
+
+    /// Whether the AVX-512 3-wide forward tiles prefetch each next input channel's rows:
+    /// where the rows one full tile reads over all input channels take at least
+    /// [`PREFETCH_MIN_BYTES`]. Interleaved on the Intel Xeon host (ARCHITECTURE.md,
+    /// nineteenth session) that made the 64-channel 56x56, 256-channel 14x14 and stride-2
+    /// bench layers' forwards 3-6% faster, and the 16-channel 32x32 one (6.5 KiB of rows) 3%
+    /// slower.
+    pub(super) fn prefetches(&self) -> bool {
+        self.c * self.kh * (self.isa.tq() + self.kw - 1) * 4 >= PREFETCH_MIN_BYTES
     }
 
     /// The AVX-512 kernels' reads of a tile at `q0` whose input starts at `x`.

@@ -65,7 +65,8 @@ fn every_kernel_set_matches_a_plain_convolution() {
     // channels, so that on AVX-512 their masked weight gradient is the transposed one
     // (`avx512::wgrad_t_tile`): 4 input channels (a block of 3 and one of 1), 5 (3 and 2)
     // with 32 output channels, rows 2 wide (edge columns only), and 7 input channels at
-    // 7x7.
+    // 7x7. The last has 48 input channels, enough that the 3-wide forward tiles prefetch
+    // each next channel (`Plan::prefetches`).
     let cases = [
         (2, 3, 6, 7, 9, 3, 1),
         (3, 5, 13, 6, 5, 3, 1),
@@ -77,6 +78,7 @@ fn every_kernel_set_matches_a_plain_convolution() {
         (2, 5, 32, 4, 3, 3, 1),
         (1, 2, 16, 3, 2, 3, 1),
         (2, 7, 16, 7, 7, 3, 1),
+        (1, 48, 8, 6, 9, 3, 1),
     ];
     for isa in isas {
         for (n, c, cout, h, w, k, pad) in cases {
@@ -89,6 +91,9 @@ fn every_kernel_set_matches_a_plain_convolution() {
             let d = Dims::new(&g, &[n, c, h, w], &[cout, c, k, k]).expect("dims");
             let name = format!("{isa:?} n{n} {c}->{cout} {h}x{w} k{k} p{pad}");
             let shared = Plan::unmasked(isa, (c, h, w), cout, (k, k), (pad, pad), 1).expect("plan");
+            if isa == Isa::Avx512 {
+                assert_eq!(shared.prefetches(), c == 48, "{name}: prefetching");
+            }
             let back_pad = k - 1 - pad;
             let back_shared =
                 Plan::unmasked(isa, (cout, d.oh, d.ow), c, (k, k), (back_pad, back_pad), 1)
