@@ -369,6 +369,22 @@ mod tests {
         v.iter().map(|v| f64::from(*v)).collect()
     }
 
+    /// The epilogue with the parts (bias, scale, ReLU, residual) that are on, from the
+    /// given values.
+    fn epilogue_of<'a, T: WithDType>(
+        (bias, scale, relu, residual): (bool, bool, bool, bool),
+        b: &'a [T],
+        sc: &'a [T],
+        res: &'a [T],
+    ) -> Epilogue<'a, T> {
+        Epilogue {
+            scale: scale.then_some(sc),
+            bias: bias.then_some(b),
+            relu,
+            residual: residual.then_some(res),
+        }
+    }
+
     /// Largest |a - b| relative to the largest |b| (at least 1).
     fn rel_err(a: &[f32], b: &[f64]) -> f64 {
         assert_eq!(a.len(), b.len());
@@ -432,18 +448,9 @@ mod tests {
                 (true, false, true, true),
                 (true, true, true, true),
             ] {
-                let ep64 = Epilogue {
-                    scale: scale.then_some(&sc64[..]),
-                    bias: bias.then_some(&b64[..]),
-                    relu,
-                    residual: residual.then_some(&res64[..]),
-                };
-                let ep = Epilogue {
-                    scale: scale.then_some(&sc[..]),
-                    bias: bias.then_some(&b[..]),
-                    relu,
-                    residual: residual.then_some(&res[..]),
-                };
+                let parts = (bias, scale, relu, residual);
+                let ep64 = epilogue_of(parts, &b64, &sc64, &res64);
+                let ep = epilogue_of(parts, &b, &sc, &res);
                 let want = forward(&x64, &k64, ep64, &d, &g);
                 let got = forward_direct(&plan, &x, &k, ep, &d);
                 let e = rel_err(&got, &want);
@@ -515,18 +522,9 @@ mod tests {
                 (false, false, true, true),
                 (true, true, true, true),
             ] {
-                let ep64 = Epilogue {
-                    scale: scale.then_some(&sc64[..]),
-                    bias: bias.then_some(&b64[..]),
-                    relu,
-                    residual: residual.then_some(&res64[..]),
-                };
-                let ep = Epilogue {
-                    scale: scale.then_some(&sc[..]),
-                    bias: bias.then_some(&b[..]),
-                    relu,
-                    residual: residual.then_some(&res[..]),
-                };
+                let parts = (bias, scale, relu, residual);
+                let ep64 = epilogue_of(parts, &b64, &sc64, &res64);
+                let ep = epilogue_of(parts, &b, &sc, &res);
                 let want = forward(&x64, &k64, ep64, &d, &g);
                 let got = pool.install(|| forward_direct(&plan, &x, &k, ep, &d));
                 let e = rel_err(&got, &want);

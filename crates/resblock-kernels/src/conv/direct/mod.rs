@@ -750,14 +750,7 @@ impl Plan {
         out: &mut [S],
         parallel: bool,
     ) {
-        assert!(
-            self.writes_plain() && out.len() == self.flat_len(),
-            "direct conv: a plain output of a plan that writes one"
-        );
-        assert!(
-            xp.len() >= self.padded_len(),
-            "direct conv: padded input size"
-        );
+        self.check_plain(xp, out.len());
         self.forward_into(xp, wk, out, parallel);
     }
 
@@ -811,14 +804,7 @@ impl Plan {
         out: &mut [S],
         ep: Epilogue<'_, f32>,
     ) {
-        assert!(
-            self.writes_plain() && out.len() == self.flat_len(),
-            "direct conv: a plain output of a plan that writes one"
-        );
-        assert!(
-            xp.len() >= self.padded_len(),
-            "direct conv: padded input size"
-        );
+        self.check_plain(xp, out.len());
         self.raw_weight_blocks(xp, w, out, ep);
     }
 
@@ -857,6 +843,19 @@ impl Plan {
                     }
                 }
             });
+    }
+
+    /// Checks that this plan writes a plain output, that it is `out_len` values, and the
+    /// padded input's size (the plain forwards).
+    fn check_plain(&self, xp: &[f32], out_len: usize) {
+        assert!(
+            self.writes_plain() && out_len == self.flat_len(),
+            "direct conv: a plain output of a plan that writes one"
+        );
+        assert!(
+            xp.len() >= self.padded_len(),
+            "direct conv: padded input size"
+        );
     }
 
     /// Checks the padded input's size and sizes `out` for a forward.
