@@ -1,4 +1,5 @@
-//! Single kernels on the CPU: the peak FMA rate, the GEMM peak (Candle's matmul, the `gemm` crate), 3x3
+//! Single kernels on the CPU: the peak FMA rate, the GEMM peak (ours: the dense op every linear
+//! layer runs, on [`resblock_core::ops`]' own AVX-512 sgemm where the CPU has it), 3x3
 //! convolutions at ResNet shapes (forward; backward = input and weight gradient, which our
 //! kernel computes in one pass) and BatchNorm + ReLU training forward + backward (from a
 //! given output gradient, as the convolutions' backward: `backward_from`, PyTorch's
@@ -8,6 +9,7 @@
 use candle_core::{DType, Device, Tensor, Var};
 use criterion::{criterion_group, criterion_main, Criterion};
 use resblock_benches::{conv3x3_flop, record};
+use resblock_core::ops::dense::{linear, DenseActivation};
 use resblock_core::ops::{batch_norm_train, conv2d, conv2d_backward};
 use resblock_core::{backward_from, configure_threads, RngHandle};
 
@@ -31,12 +33,21 @@ fn peak(c: &mut Criterion) {
     });
 }
 
+/// `a . b` for two 1024 x 1024 matrices (PyTorch's `a @ b`) through our dense op, which
+/// computes `x . w^T`: `b` is handed over transposed, as a linear layer holds its weight.
+/// This is the GEMM of our linear layers and of the convolutions' GEMM path (not Candle's
+/// `matmul`, whose `gemm` crate runs 256-bit kernels: about two thirds of this rate here), so
+/// the table's "% GEMM" column is against the best GEMM the library has.
 fn gemm(c: &mut Criterion) {
     configure_threads(None);
     let a = randn(&[1024, 1024], 1.);
+    let b_t = randn(&[1024, 1024], 1.)
+        .t()
+        .and_then(|t| t.contiguous())
+        .expect("b^T");
     record("cpu/gemm/f32_1024", None, Some(2. * 1024f64.powi(3)));
     c.bench_function("cpu/gemm/f32_1024", |bch| {
-        bch.iter(|| a.matmul(&a).expect("matmul"))
+        bch.iter(|| linear(&a, &b_t, None, DenseActivation::Identity).expect("gemm"))
     });
 }
 

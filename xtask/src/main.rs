@@ -426,8 +426,9 @@ fn table(dir: &Path, meta: &Path, torch: Option<TorchRuns<'_>>, mem: &Memory) ->
         if let Some(g) = peak {
             write!(
                 s,
-                " The best measured GEMM, `cpu/gemm/f32_1024`, reaches {g:.1} GFLOP/s, \
-                 {:.0}% of it.",
+                " The best measured GEMM, `cpu/gemm/f32_1024` (our own, the one the linear \
+                 layers and the convolutions' GEMM path run), reaches {g:.1} GFLOP/s, {:.0}% of \
+                 it.",
                 100. * g / f
             )?;
         }

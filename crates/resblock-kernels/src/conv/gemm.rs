@@ -20,6 +20,8 @@
 //! batch is the long one, and f32 partial sums drift from PyTorch's in training.
 //! See `../shared/notes/cpu-training-kernels.md`.
 
+use std::mem::MaybeUninit;
+
 use candle_core::{Tensor, WithDType};
 use gemm::Parallelism;
 use rayon::prelude::*;
@@ -29,7 +31,9 @@ use super::epilogue::Epilogue;
 use super::geom::{ConvGeom, Dims};
 use super::pack::{col2im_add, im2col};
 use super::weight_sum::{WeightSum, WeightSums};
-use crate::matmul::{as_f32, as_f32_mut, gemm_into, threads_of};
+use crate::matmul::{
+    as_f32, as_f32_mut, as_f32_uninit, as_uninit_mut, gemm_into, gemm_uninit, threads_of,
+};
 
 /// A convolution's weights as the left operand of its per-image GEMMs: one `m x k` matrix
 /// per group, `group_stride` apart, read through `strides`. Where [`crate::sgemm`] runs and
@@ -114,6 +118,41 @@ impl<'a, T: WithDType> WeightLhs<'a, T> {
             (b_rs, b_cs),
             par,
         );
+    }
+
+    /// `dst (m x n) = W[gi] . b` into uninitialised memory ([`gemm_uninit`]), returned
+    /// initialised.
+    pub(crate) fn gemm_uninit<'d>(
+        &self,
+        gi: usize,
+        n: usize,
+        dst: &'d mut [MaybeUninit<T>],
+        b: &[T],
+        (b_rs, b_cs): (usize, usize),
+        par: Parallelism,
+    ) -> &'d mut [T] {
+        if let Some(p) = self.packed.get(gi) {
+            if let (Some(dstf), Some(b)) = (as_f32_uninit(dst), as_f32(b)) {
+                let b = crate::sgemm::Operand {
+                    data: b,
+                    rs: b_rs,
+                    cs: b_cs,
+                };
+                let len = self.m * n;
+                crate::sgemm::sgemm_packed_uninit(p, n, &mut dstf[..len], b, threads_of(par));
+                // SAFETY: the GEMM wrote the first `m * n` values.
+                return unsafe { std::slice::from_raw_parts_mut(dst.as_mut_ptr().cast(), len) };
+            }
+        }
+        gemm_uninit(
+            (self.m, n, self.k),
+            dst,
+            &self.w[gi * self.group_stride..],
+            self.strides,
+            b,
+            (b_rs, b_cs),
+            par,
+        )
     }
 }
 
@@ -257,7 +296,7 @@ pub(crate) fn forward_image<T: WithDType>(
     w: &WeightLhs<'_, T>,
     d: &Dims,
     g: &ConvGeom,
-    y_n: &mut [T],
+    y_n: &mut [MaybeUninit<T>],
     par: Parallelism,
 ) {
     if d.direct(g) {
@@ -280,22 +319,21 @@ pub(crate) fn forward_weights<'a, T: WithDType>(
     WeightLhs::new(w, (og, kg), (kg, 1), (g.groups, og * kg), d.n)
 }
 
-/// `y_n = W . cols` per group.
+/// `y_n = W . cols` per group, every value of `y_n` written (none read).
 pub(crate) fn forward_cols<T: WithDType>(
     cols: &[T],
     w: &WeightLhs<'_, T>,
     d: &Dims,
     g: &ConvGeom,
-    y_n: &mut [T],
+    y_n: &mut [MaybeUninit<T>],
     par: Parallelism,
 ) {
     let (p, kg, og) = (d.p(), d.k_all() / g.groups, d.cout / g.groups);
     for gi in 0..g.groups {
-        w.gemm(
+        w.gemm_uninit(
             gi,
             p,
             &mut y_n[gi * og * p..(gi + 1) * og * p],
-            false,
             &cols[gi * kg * p..],
             (p, 1),
             par,
@@ -314,9 +352,9 @@ pub(crate) fn forward<T: WithDType>(
     let p = d.p();
     let w = forward_weights(w, d, g);
     let len = d.n * d.cout * p;
-    // Each image's chunk is zeroed by the worker that computes it, while it is about to be
-    // in cache, instead of `vec![0; len]`: glibc's `calloc` clears reused heap memory on
-    // the calling thread while the others wait (1.5% of a ResNet-50 batch-8 inference).
+    // The GEMMs write each image's output without reading it, so it is never zero-filled
+    // (neither `vec![0; len]`, whose `calloc` clears reused heap memory on the calling
+    // thread while the others wait, nor per image: 3-5% of a ResNet-50 batch-1 inference).
     let mut y: Vec<T> = Vec::with_capacity(len);
     for_each_image(
         &mut y.spare_capacity_mut()[..len],
@@ -324,15 +362,12 @@ pub(crate) fn forward<T: WithDType>(
         parallel,
         || (),
         |_, ni, y_n| {
-            for v in y_n.iter_mut() {
-                v.write(T::zero());
-            }
-            // SAFETY: every element of `y_n` was just initialised, and `MaybeUninit<T>` has
-            // `T`'s layout.
-            let y_n: &mut [T] =
-                unsafe { std::slice::from_raw_parts_mut(y_n.as_mut_ptr().cast(), y_n.len()) };
             let img = &x[ni * d.chw()..(ni + 1) * d.chw()];
             forward_image(img, &w, d, g, y_n, par);
+            // SAFETY: `forward_image` wrote every element of `y_n` (its groups' GEMMs cover
+            // it), and `MaybeUninit<T>` has `T`'s layout.
+            let y_n: &mut [T] =
+                unsafe { std::slice::from_raw_parts_mut(y_n.as_mut_ptr().cast(), y_n.len()) };
             // The epilogue, while the image's output is in cache.
             if !ep.is_identity() {
                 let ep = ep.image(ni, d.cout * p);
@@ -529,6 +564,8 @@ pub(crate) fn backward<T: WithDType>(
                 plan.unflatten(&s.flat, dxf, Epilogue::NONE);
             }
             (InputGrad::Flipped { dims, geom, .. }, Some(dxw)) => {
+                // SAFETY: `forward_image` stores only computed values into `dx_n`.
+                let dx_n = unsafe { as_uninit_mut(dx_n) };
                 forward_image(dy_n, dxw, dims, geom, dx_n, par);
             }
             (InputGrad::Direct | InputGrad::Scatter, Some(dxw)) => {

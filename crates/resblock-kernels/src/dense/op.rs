@@ -8,7 +8,7 @@ use rayon::prelude::*;
 
 use super::{gelu, DenseActivation};
 use crate::buffer::{contiguous_slice, relu_mask_slice, with_cpu_slice};
-use crate::matmul::{as_f32, as_f32_mut, gemm_into};
+use crate::matmul::{as_f32, as_f32_mut, gemm_new};
 
 /// Elements per parallel task of the elementwise passes.
 const CHUNK: usize = 1 << 14;
@@ -59,17 +59,7 @@ impl Dense {
     /// `(act(z), z if kept)` with `z = x . w^T + b`.
     fn forward<T: WithDType>(&self, x: &[T], w: &[T], b: Option<&[T]>) -> (Vec<T>, Option<Vec<T>>) {
         let (m, k, n) = (self.m, self.k, self.n);
-        let mut z = vec![T::zero(); m * n];
-        gemm_into(
-            (m, n, k),
-            &mut z,
-            false,
-            x,
-            (k, 1),
-            w,
-            (1, k),
-            Self::par(m * n * k),
-        );
+        let mut z = gemm_new((m, n, k), x, (k, 1), w, (1, k), Self::par(m * n * k));
         if let Some(b) = b {
             z.par_chunks_mut(n * CHUNK.div_ceil(n)).for_each(|rows| {
                 for row in rows.chunks_exact_mut(n) {
@@ -155,31 +145,8 @@ impl Dense {
                 &owned
             }
         };
-        let dx = need_dx.then(|| {
-            let mut dx = vec![zero; m * k];
-            gemm_into(
-                (m, k, n),
-                &mut dx,
-                false,
-                dz,
-                (n, 1),
-                w,
-                (k, 1),
-                Self::par(m * n * k),
-            );
-            dx
-        });
-        let mut dw = vec![zero; n * k];
-        gemm_into(
-            (n, k, m),
-            &mut dw,
-            false,
-            dz,
-            (1, n),
-            x,
-            (k, 1),
-            Self::par(m * n * k),
-        );
+        let dx = need_dx.then(|| gemm_new((m, k, n), dz, (n, 1), w, (k, 1), Self::par(m * n * k)));
+        let dw = gemm_new((n, k, m), dz, (1, n), x, (k, 1), Self::par(m * n * k));
         let db = with_bias.then(|| {
             let mut acc = vec![0f64; n];
             for row in dz.chunks_exact(n) {

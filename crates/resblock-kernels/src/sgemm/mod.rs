@@ -23,6 +23,8 @@
 mod avx512;
 
 use std::cell::RefCell;
+use std::marker::PhantomData;
+use std::mem::MaybeUninit;
 
 use rayon::prelude::*;
 
@@ -105,7 +107,23 @@ pub(crate) fn sgemm(
     threads: usize,
 ) {
     a.check(m, k, "lhs");
-    run((m, n, k), dst, accumulate, Lhs::Raw(a), b, threads);
+    run((m, n, k), Dst::of(dst), accumulate, Lhs::Raw(a), b, threads);
+}
+
+/// [`sgemm`] into uninitialised memory (`dst = a . b`): the product writes each of its
+/// `m * n` values without reading any, so a fresh output needs no zero-filling first.
+///
+/// # Panics
+/// As [`sgemm`].
+pub(crate) fn sgemm_uninit(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [MaybeUninit<f32>],
+    a: Operand<'_>,
+    b: Operand<'_>,
+    threads: usize,
+) {
+    a.check(m, k, "lhs");
+    run((m, n, k), Dst::uninit(dst), false, Lhs::Raw(a), b, threads);
 }
 
 /// [`sgemm`] with `a` packed beforehand ([`PackedA`]): for a left operand shared by many
@@ -118,7 +136,62 @@ pub(crate) fn sgemm_packed(
     b: Operand<'_>,
     threads: usize,
 ) {
-    run((a.m, n, a.k), dst, accumulate, Lhs::Packed(a), b, threads);
+    run(
+        (a.m, n, a.k),
+        Dst::of(dst),
+        accumulate,
+        Lhs::Packed(a),
+        b,
+        threads,
+    );
+}
+
+/// [`sgemm_packed`] into uninitialised memory, as [`sgemm_uninit`].
+pub(crate) fn sgemm_packed_uninit(
+    a: &PackedA,
+    n: usize,
+    dst: &mut [MaybeUninit<f32>],
+    b: Operand<'_>,
+    threads: usize,
+) {
+    run(
+        (a.m, n, a.k),
+        Dst::uninit(dst),
+        false,
+        Lhs::Packed(a),
+        b,
+        threads,
+    );
+}
+
+/// The destination of [`run`]: `len` values from `ptr`, borrowed mutably for `'a`, either
+/// initialised or not. The kernels never read a value they have not written unless asked to
+/// accumulate, which only an initialised destination allows ([`run`] checks).
+struct Dst<'a> {
+    ptr: DstPtr,
+    len: usize,
+    init: bool,
+    _borrow: PhantomData<&'a mut [f32]>,
+}
+
+impl<'a> Dst<'a> {
+    fn of(dst: &'a mut [f32]) -> Dst<'a> {
+        Dst {
+            ptr: DstPtr(dst.as_mut_ptr()),
+            len: dst.len(),
+            init: true,
+            _borrow: PhantomData,
+        }
+    }
+
+    fn uninit(dst: &'a mut [MaybeUninit<f32>]) -> Dst<'a> {
+        Dst {
+            ptr: DstPtr(dst.as_mut_ptr().cast()),
+            len: dst.len(),
+            init: false,
+            _borrow: PhantomData,
+        }
+    }
 }
 
 /// The left operand: read through strides and packed per block, or packed already.
@@ -180,36 +253,40 @@ impl PackedA {
 
 fn run(
     (m, n, k): (usize, usize, usize),
-    dst: &mut [f32],
+    dst: Dst<'_>,
     accumulate: bool,
     a: Lhs<'_>,
     b: Operand<'_>,
     threads: usize,
 ) {
     assert!(cpu_ok(), "sgemm: AVX-512 kernel called without AVX-512");
+    assert!(
+        dst.init || !accumulate,
+        "sgemm: accumulating into an uninitialised destination"
+    );
     if m == 0 || n == 0 {
         return;
     }
-    assert!(dst.len() >= m * n, "sgemm: destination too small");
+    assert!(dst.len >= m * n, "sgemm: destination too small");
+    let c = dst.ptr;
     if k == 0 {
         if !accumulate {
-            dst[..m * n].fill(0.);
+            // SAFETY: `dst` holds at least `m * n` values, borrowed mutably.
+            unsafe { std::ptr::write_bytes(c.0, 0, m * n) };
         }
         return;
     }
     b.check(k, n, "rhs");
-    let dst = &mut dst[..m * n];
     let n_panels = n.div_ceil(NR);
     let m_panels = m.div_ceil(MR);
     if threads <= 1 || (n_panels < 2 && m_panels < 2) {
-        serial(m, n, k, DstPtr(dst.as_mut_ptr()), n, accumulate, a, b);
+        serial(m, n, k, c, n, accumulate, a, b);
         return;
     }
     let split_rows = matches!(a, Lhs::Raw(_)) && m_panels > n_panels && m_panels >= threads;
     if !split_rows {
         // Column parts: whole NR panels per thread.
         let per = n_panels.div_ceil(threads) * NR;
-        let c = DstPtr(dst.as_mut_ptr());
         (0..n.div_ceil(per)).into_par_iter().for_each(|t| {
             let j0 = t * per;
             let nn = per.min(n - j0);
@@ -221,27 +298,18 @@ fn run(
             serial(m, nn, k, c.offset(j0), n, accumulate, a, bt);
         });
     } else if let Lhs::Raw(a) = a {
+        // Row parts: whole MR panels per thread.
         let per = m_panels.div_ceil(threads) * MR;
-        dst.par_chunks_mut(per * n)
-            .enumerate()
-            .for_each(|(t, rows)| {
-                let i0 = t * per;
-                let mm = rows.len() / n;
-                let at = Operand {
-                    data: &a.data[i0 * a.rs..],
-                    ..a
-                };
-                serial(
-                    mm,
-                    n,
-                    k,
-                    DstPtr(rows.as_mut_ptr()),
-                    n,
-                    accumulate,
-                    Lhs::Raw(at),
-                    b,
-                );
-            });
+        (0..m.div_ceil(per)).into_par_iter().for_each(|t| {
+            let i0 = t * per;
+            let mm = per.min(m - i0);
+            let at = Operand {
+                data: &a.data[i0 * a.rs..],
+                ..a
+            };
+            // Each part writes only its own rows i0..i0 + mm of `dst`.
+            serial(mm, n, k, c.offset(i0 * n), n, accumulate, Lhs::Raw(at), b);
+        });
     }
 }
 

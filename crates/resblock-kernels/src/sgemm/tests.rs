@@ -86,6 +86,29 @@ fn check(m: usize, n: usize, k: usize, a_t: bool, b_t: bool, accumulate: bool, t
         threads,
     );
     assert_eq!(packed, dst, "({m}, {n}, {k}): packed lhs differs");
+    if !accumulate {
+        // Into uninitialised memory, here NaN (which any value read would carry into the
+        // result): the same product, bit for bit.
+        let mut fresh = vec![MaybeUninit::new(f32::NAN); m * n];
+        sgemm_uninit((m, n, k), &mut fresh, a, b, threads);
+        let mut fresh_packed = vec![MaybeUninit::new(f32::NAN); m * n];
+        sgemm_packed_uninit(&PackedA::new(a, m, k), n, &mut fresh_packed, b, threads);
+        for (what, out) in [("plain", fresh), ("packed", fresh_packed)] {
+            // SAFETY: every value was initialised (to NaN) above.
+            let out: Vec<f32> = out
+                .into_iter()
+                .map(|v| unsafe { v.assume_init() })
+                .collect();
+            let same = out
+                .iter()
+                .zip(&dst)
+                .all(|(x, y)| x.to_bits() == y.to_bits());
+            assert!(
+                same,
+                "({m}, {n}, {k}) threads {threads}: uninit {what} differs"
+            );
+        }
+    }
     for (i, (g, w)) in dst.iter().zip(&want).enumerate() {
         let tol = 1e-5 * (k as f64).sqrt() * 4. + 1e-6;
         assert!(
@@ -180,4 +203,8 @@ fn empty_depth_clears_or_keeps() {
     assert_eq!(dst, vec![2.; 6]);
     sgemm((2, 3, 0), &mut dst, false, a, a, 1);
     assert_eq!(dst, vec![0.; 6]);
+    let mut fresh = vec![MaybeUninit::new(f32::NAN); 6];
+    sgemm_uninit((2, 3, 0), &mut fresh, a, a, 1);
+    // SAFETY: initialised (to NaN) above.
+    assert!(fresh.iter().all(|v| unsafe { v.assume_init() } == 0.));
 }
