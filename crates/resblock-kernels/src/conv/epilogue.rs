@@ -39,6 +39,18 @@ impl<'a, T: WithDType> Epilogue<'a, T> {
         }
     }
 
+    /// Applies the epilogue in place to consecutive output planes of `plane_len` values,
+    /// the first of channel `first_co` (nothing to do for the identity): the forwards that
+    /// write their raw output in its final place and finish it while it is in cache.
+    pub(crate) fn apply_planes(&self, first_co: usize, planes: &mut [T], plane_len: usize) {
+        if self.is_identity() {
+            return;
+        }
+        for (j, plane) in planes.chunks_exact_mut(plane_len).enumerate() {
+            self.apply_in_place(first_co + j, plane);
+        }
+    }
+
     pub(crate) fn apply_in_place(&self, co: usize, plane: &mut [T]) {
         let s = self.scale.map(|s| s[co]);
         let b = self.bias.map_or(T::zero(), |b| b[co]);

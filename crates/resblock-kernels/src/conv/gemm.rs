@@ -369,12 +369,7 @@ pub(crate) fn forward<T: WithDType>(
             let y_n: &mut [T] =
                 unsafe { std::slice::from_raw_parts_mut(y_n.as_mut_ptr().cast(), y_n.len()) };
             // The epilogue, while the image's output is in cache.
-            if !ep.is_identity() {
-                let ep = ep.image(ni, d.cout * p);
-                for (o, plane) in y_n.chunks_mut(p).enumerate() {
-                    ep.apply_in_place(o, plane);
-                }
-            }
+            ep.image(ni, d.cout * p).apply_planes(0, y_n, p);
         },
     );
     // SAFETY: the images' chunks cover the first `len` values, each initialised above.

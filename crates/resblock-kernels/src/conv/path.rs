@@ -128,18 +128,14 @@ pub(crate) fn forward_direct(
                     // epilogue applied in place after.
                     Some(wk) if plan.writes_plain() => {
                         plan.forward_plain(xp, wk, y_n, false);
-                        if !ep.is_identity() {
-                            // SAFETY: `forward_plain` wrote every element of `y_n`.
-                            let y_n = unsafe {
-                                std::slice::from_raw_parts_mut(
-                                    y_n.as_mut_ptr().cast::<f32>(),
-                                    y_n.len(),
-                                )
-                            };
-                            for (co, plane) in y_n.chunks_exact_mut(d.p()).enumerate() {
-                                ep.apply_in_place(co, plane);
-                            }
-                        }
+                        // SAFETY: `forward_plain` wrote every element of `y_n`.
+                        let y_n = unsafe {
+                            std::slice::from_raw_parts_mut(
+                                y_n.as_mut_ptr().cast::<f32>(),
+                                y_n.len(),
+                            )
+                        };
+                        ep.apply_planes(0, y_n, d.p());
                     }
                     Some(wk) => {
                         plan.forward(xp, wk, flat, false);

@@ -832,16 +832,12 @@ impl Plan {
                 wb.resize(wblk, 0.0);
                 self.pack_block(w, blk, wb);
                 self.block_tiles(xp, wb, o);
-                if !ep.is_identity() {
-                    // SAFETY: `block_tiles` wrote every element of the block (whole tiles
-                    // of every row), and `S` is `f32` or `MaybeUninit<f32>` (one layout).
-                    let o = unsafe {
-                        std::slice::from_raw_parts_mut(o.as_mut_ptr().cast::<f32>(), o.len())
-                    };
-                    for (j, plane) in o.chunks_exact_mut(qlen).enumerate() {
-                        ep.apply_in_place(blk * cb + j, plane);
-                    }
-                }
+                // SAFETY: `block_tiles` wrote every element of the block (whole tiles of
+                // every row), and `S` is `f32` or `MaybeUninit<f32>` (one layout).
+                let o = unsafe {
+                    std::slice::from_raw_parts_mut(o.as_mut_ptr().cast::<f32>(), o.len())
+                };
+                ep.apply_planes(blk * cb, o, qlen);
             });
     }
 
