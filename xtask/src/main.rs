@@ -366,6 +366,11 @@ fn table(dir: &Path, meta: &Path, torch: Option<TorchRuns<'_>>, mem: &Memory) ->
     collect(dir, dir, &mut rows)?;
     rows.sort_by(|a, b| a.0.cmp(&b.0));
     let meta = read_meta(meta);
+    // Only the benchmarks the benches define now (each records its id when it is set up,
+    // filtered out or not): criterion keeps the estimates of renamed or removed ones.
+    if !meta.is_empty() {
+        rows.retain(|(id, _)| meta.contains_key(id));
+    }
     let gflops = |id: &str, ns: f64| meta.get(id).and_then(|m| m.1).map(|f| f / ns);
     let measured = |name: &str| {
         rows.iter()

@@ -1,8 +1,10 @@
-//! The one entry point of our CPU GEMMs: `dst = [dst +] a . b` over strided operands, on
-//! our AVX-512 [`crate::sgemm`] for f32 where it runs ([`crate::dispatch::Dispatch::own_gemm`]),
+//! The one way into our CPU GEMMs: `dst = [dst +] a . b` over strided operands, on our
+//! AVX-512 [`crate::sgemm`] for f32 where it runs ([`crate::dispatch::Dispatch::own_gemm`]),
 //! else the `gemm` crate (the kernel Candle's own matmul uses: AVX2/FMA, NEON or portable),
 //! which also takes every f64 product. The convolutions' GEMM path (`conv/gemm.rs`) and the
-//! dense layers (`dense/`) call it.
+//! dense layers (`dense/`) call it: [`gemm_into`] into initialised memory (accumulating or
+//! not), [`gemm_uninit`] and [`gemm_new`] into fresh memory, which neither GEMM reads when
+//! it does not accumulate, so no output is zero-filled first.
 
 use std::mem::MaybeUninit;
 
