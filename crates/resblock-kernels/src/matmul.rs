@@ -148,7 +148,7 @@ unsafe fn gemm_raw<T: WithDType>(
             } else {
                 let dst =
                     unsafe { std::slice::from_raw_parts_mut(dst.cast::<MaybeUninit<f32>>(), len) };
-                crate::sgemm::sgemm_uninit((m, n, k), dst, a, b, threads);
+                crate::sgemm::sgemm_uninit((m, n, k), dst, a, b, None, threads);
             }
             return;
         }

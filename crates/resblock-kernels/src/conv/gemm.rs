@@ -121,7 +121,9 @@ impl<'a, T: WithDType> WeightLhs<'a, T> {
     }
 
     /// `dst (m x n) = W[gi] . b` into uninitialised memory ([`gemm_uninit`]), returned
-    /// initialised.
+    /// initialised, with whether `finish` was applied: where our `sgemm` runs it finishes
+    /// the values in its last stores; elsewhere the caller applies the epilogue after.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn gemm_uninit<'d>(
         &self,
         gi: usize,
@@ -130,21 +132,46 @@ impl<'a, T: WithDType> WeightLhs<'a, T> {
         b: &[T],
         (b_rs, b_cs): (usize, usize),
         par: Parallelism,
-    ) -> &'d mut [T] {
-        if let Some(p) = self.packed.get(gi) {
-            if let (Some(dstf), Some(b)) = (as_f32_uninit(dst), as_f32(b)) {
-                let b = crate::sgemm::Operand {
-                    data: b,
-                    rs: b_rs,
-                    cs: b_cs,
+        finish: Option<crate::sgemm::Finish<'_>>,
+    ) -> (&'d mut [T], bool) {
+        let len = self.m * n;
+        if let (Some(dstf), Some(bf)) = (as_f32_uninit(dst), as_f32(b)) {
+            let b = crate::sgemm::Operand {
+                data: bf,
+                rs: b_rs,
+                cs: b_cs,
+            };
+            let done = if let Some(p) = self.packed.get(gi) {
+                crate::sgemm::sgemm_packed_uninit(
+                    p,
+                    n,
+                    &mut dstf[..len],
+                    b,
+                    finish,
+                    threads_of(par),
+                );
+                true
+            } else if finish.is_some() && self.k > 0 && crate::sgemm::available() {
+                // As `gemm_uninit` would run it, with the finish.
+                let wf = as_f32(&self.w[gi * self.group_stride..]).expect("f32 weights");
+                let a = crate::sgemm::Operand {
+                    data: wf,
+                    rs: self.strides.0,
+                    cs: self.strides.1,
                 };
-                let len = self.m * n;
-                crate::sgemm::sgemm_packed_uninit(p, n, &mut dstf[..len], b, threads_of(par));
+                let dims = (self.m, n, self.k);
+                crate::sgemm::sgemm_uninit(dims, &mut dstf[..len], a, b, finish, threads_of(par));
+                true
+            } else {
+                false
+            };
+            if done {
                 // SAFETY: the GEMM wrote the first `m * n` values.
-                return unsafe { std::slice::from_raw_parts_mut(dst.as_mut_ptr().cast(), len) };
+                let out = unsafe { std::slice::from_raw_parts_mut(dst.as_mut_ptr().cast(), len) };
+                return (out, finish.is_some());
             }
         }
-        gemm_uninit(
+        let out = gemm_uninit(
             (self.m, n, self.k),
             dst,
             &self.w[gi * self.group_stride..],
@@ -152,7 +179,8 @@ impl<'a, T: WithDType> WeightLhs<'a, T> {
             b,
             (b_rs, b_cs),
             par,
-        )
+        );
+        (out, false)
     }
 }
 
@@ -298,13 +326,14 @@ pub(crate) fn forward_image<T: WithDType>(
     g: &ConvGeom,
     y_n: &mut [MaybeUninit<T>],
     par: Parallelism,
+    ep: Epilogue<'_, T>,
 ) {
     if d.direct(g) {
-        forward_cols(img, w, d, g, y_n, par);
+        forward_cols(img, w, d, g, y_n, par, ep);
     } else {
         with_thread_scratch(d.k_all() * d.p(), |cols: &mut [T]| {
             im2col(img, d, g, cols, !matches!(par, Parallelism::None));
-            forward_cols(cols, w, d, g, y_n, par);
+            forward_cols(cols, w, d, g, y_n, par, ep);
         });
     }
 }
@@ -319,7 +348,8 @@ pub(crate) fn forward_weights<'a, T: WithDType>(
     WeightLhs::new(w, (og, kg), (kg, 1), (g.groups, og * kg), d.n)
 }
 
-/// `y_n = W . cols` per group, every value of `y_n` written (none read).
+/// `y_n = ep(W . cols)` per group (`ep` the image's epilogue), every value of `y_n`
+/// written (none read).
 pub(crate) fn forward_cols<T: WithDType>(
     cols: &[T],
     w: &WeightLhs<'_, T>,
@@ -327,18 +357,43 @@ pub(crate) fn forward_cols<T: WithDType>(
     g: &ConvGeom,
     y_n: &mut [MaybeUninit<T>],
     par: Parallelism,
+    ep: Epilogue<'_, T>,
 ) {
     let (p, kg, og) = (d.p(), d.k_all() / g.groups, d.cout / g.groups);
     for gi in 0..g.groups {
-        w.gemm_uninit(
+        let (out, finished) = w.gemm_uninit(
             gi,
             p,
             &mut y_n[gi * og * p..(gi + 1) * og * p],
             &cols[gi * kg * p..],
             (p, 1),
             par,
+            finish_of(&ep, gi * og, p),
         );
+        // The epilogue, while the output is in cache, where the GEMM did not apply it.
+        if !finished {
+            ep.apply_planes(gi * og, out, p);
+        }
     }
+}
+
+/// `ep` from output channel `co` on (planes of `p` values) as our `sgemm`'s finish: f32
+/// only, and none for the identity.
+fn finish_of<'a, T: WithDType>(
+    ep: &Epilogue<'a, T>,
+    co: usize,
+    p: usize,
+) -> Option<crate::sgemm::Finish<'a>> {
+    if ep.is_identity() || T::DTYPE != candle_core::DType::F32 {
+        return None;
+    }
+    let f32s = |v: &'a [T]| as_f32(v).expect("f32 (checked above)");
+    Some(crate::sgemm::Finish {
+        scale: ep.scale.map(|v| f32s(&v[co..])),
+        bias: ep.bias.map(|v| f32s(&v[co..])),
+        residual: ep.residual.map(|v| f32s(&v[co * p..])),
+        relu: ep.relu,
+    })
 }
 
 pub(crate) fn forward<T: WithDType>(
@@ -363,16 +418,12 @@ pub(crate) fn forward<T: WithDType>(
         || (),
         |_, ni, y_n| {
             let img = &x[ni * d.chw()..(ni + 1) * d.chw()];
-            forward_image(img, &w, d, g, y_n, par);
-            // SAFETY: `forward_image` wrote every element of `y_n` (its groups' GEMMs cover
-            // it), and `MaybeUninit<T>` has `T`'s layout.
-            let y_n: &mut [T] =
-                unsafe { std::slice::from_raw_parts_mut(y_n.as_mut_ptr().cast(), y_n.len()) };
-            // The epilogue, while the image's output is in cache.
-            ep.image(ni, d.cout * p).apply_planes(0, y_n, p);
+            // The epilogue applied as the output is written, or right after, in cache.
+            forward_image(img, &w, d, g, y_n, par, ep.image(ni, d.cout * p));
         },
     );
-    // SAFETY: the images' chunks cover the first `len` values, each initialised above.
+    // SAFETY: the images' chunks cover the first `len` values, each written by
+    // `forward_image` (its groups' GEMMs cover it).
     unsafe { y.set_len(len) };
     y
 }
@@ -561,7 +612,7 @@ pub(crate) fn backward<T: WithDType>(
             (InputGrad::Flipped { dims, geom, .. }, Some(dxw)) => {
                 // SAFETY: `forward_image` stores only computed values into `dx_n`.
                 let dx_n = unsafe { as_uninit_mut(dx_n) };
-                forward_image(dy_n, dxw, dims, geom, dx_n, par);
+                forward_image(dy_n, dxw, dims, geom, dx_n, par, Epilogue::NONE);
             }
             (InputGrad::Direct | InputGrad::Scatter, Some(dxw)) => {
                 let direct = matches!(input_grad, InputGrad::Direct);

@@ -20,11 +20,13 @@ const LANES: usize = 16;
 /// it is read in place from a row-major matrix, `A[i, p] = a[i * lda + p]` (rows past `mr`
 /// read row 0 again; their sums are not stored): see `STRIDED_A_PANELS` in `mod.rs`.
 ///
+/// With `fin`, each stored value is finished first ([`TileFinish`]).
+///
 /// # Safety
 /// AVX-512 F must be available; `a` readable for `kc * MR` floats (packed) or at
 /// `i * lda + p` for `i < mr`, `p < kc` (in place), `b` for `kc * NR`, and `c` writable
 /// (and readable when `add`) at `i * ldc + j` for `i < mr`, `j < nr`, with `1 <= mr <= MR`
-/// and `nr <= VR * 16`.
+/// and `nr <= VR * 16`; `fin`'s pointers as [`TileFinish`] says.
 #[target_feature(enable = "avx512f,avx2,fma")]
 #[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn kernel<const VR: usize>(
@@ -36,6 +38,7 @@ pub(super) unsafe fn kernel<const VR: usize>(
     mr: usize,
     nr: usize,
     add: bool,
+    fin: Option<TileFinish>,
 ) {
     // SAFETY: the caller's contract covers every pointer formed here. (No closures: they
     // would not inherit the target features.)
@@ -88,6 +91,10 @@ pub(super) unsafe fn kernel<const VR: usize>(
                     } else {
                         *r
                     };
+                    let r = match fin {
+                        Some(f) => f.apply(r, i, i * ldc + v * LANES, 0xffff),
+                        None => r,
+                    };
                     _mm512_storeu_ps(p, r);
                 }
             }
@@ -107,9 +114,65 @@ pub(super) unsafe fn kernel<const VR: usize>(
                     } else {
                         *r
                     };
+                    let r = match fin {
+                        Some(f) => f.apply(r, i, i * ldc + v * LANES, mask),
+                        None => r,
+                    };
                     _mm512_mask_storeu_ps(p, mask, r);
                 }
             }
+        }
+    }
+}
+
+/// What a micro-tile applies to its values as it stores them the last time:
+/// `relu?(residual? + (v * scale? + bias?))`, the scale and bias per row, the residual laid
+/// out as the tile (row stride `ldc`), as the separate pass of a convolution's epilogue
+/// computes it (multiply, then add the bias or zero: no fused multiply-add, so both give
+/// the same bits). Null pointers are the parts not applied.
+#[derive(Clone, Copy)]
+pub(super) struct TileFinish {
+    /// The tile's first row's scale (`mr` values readable), or null.
+    pub scale: *const f32,
+    /// The tile's first row's bias (`mr` values readable), or null.
+    pub bias: *const f32,
+    /// The residual's value at the tile's first element, readable where the tile is
+    /// written, or null.
+    pub residual: *const f32,
+    pub relu: bool,
+}
+
+impl TileFinish {
+    /// `r` finished as row `i`'s values at offset `at` from the tile's first element (the
+    /// lanes of `mask`: only those of the residual are read).
+    ///
+    /// # Safety
+    /// AVX-512 F must be available, and the pointers readable as the fields say.
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    #[inline]
+    unsafe fn apply(self, r: __m512, i: usize, at: usize, mask: __mmask16) -> __m512 {
+        // SAFETY: the caller's contract.
+        unsafe {
+            let mut r = r;
+            if !self.scale.is_null() {
+                r = _mm512_mul_ps(r, _mm512_set1_ps(*self.scale.add(i)));
+            }
+            // The bias, or zero (as the scalar pass adds, which turns -0 into +0).
+            let b = if self.bias.is_null() {
+                0.
+            } else {
+                *self.bias.add(i)
+            };
+            r = _mm512_add_ps(r, _mm512_set1_ps(b));
+            if !self.residual.is_null() {
+                r = _mm512_add_ps(_mm512_maskz_loadu_ps(mask, self.residual.add(at)), r);
+            }
+            if self.relu {
+                // `max(0, r)` returns `r` when it is NaN (the second operand), as the scalar
+                // `if r < 0 { 0 } else { r }` does, and keeps -0.
+                r = _mm512_max_ps(_mm512_setzero_ps(), r);
+            }
+            r
         }
     }
 }

@@ -90,24 +90,21 @@ fn check(m: usize, n: usize, k: usize, a_t: bool, b_t: bool, accumulate: bool, t
         // Into uninitialised memory, here NaN (which any value read would carry into the
         // result): the same product, bit for bit.
         let mut fresh = vec![MaybeUninit::new(f32::NAN); m * n];
-        sgemm_uninit((m, n, k), &mut fresh, a, b, threads);
+        sgemm_uninit((m, n, k), &mut fresh, a, b, None, threads);
         let mut fresh_packed = vec![MaybeUninit::new(f32::NAN); m * n];
-        sgemm_packed_uninit(&PackedA::new(a, m, k), n, &mut fresh_packed, b, threads);
+        sgemm_packed_uninit(
+            &PackedA::new(a, m, k),
+            n,
+            &mut fresh_packed,
+            b,
+            None,
+            threads,
+        );
         for (what, out) in [("plain", fresh), ("packed", fresh_packed)] {
-            // SAFETY: every value was initialised (to NaN) above.
-            let out: Vec<f32> = out
-                .into_iter()
-                .map(|v| unsafe { v.assume_init() })
-                .collect();
-            let same = out
-                .iter()
-                .zip(&dst)
-                .all(|(x, y)| x.to_bits() == y.to_bits());
-            assert!(
-                same,
-                "({m}, {n}, {k}) threads {threads}: uninit {what} differs"
-            );
+            let what = format!("({m}, {n}, {k}) threads {threads}: uninit {what}");
+            assert_same(&assume_init(out), &dst, &what);
         }
+        check_finishes((m, n, k), &dst, a, b, threads);
     }
     for (i, (g, w)) in dst.iter().zip(&want).enumerate() {
         let tol = 1e-5 * (k as f64).sqrt() * 4. + 1e-6;
@@ -116,6 +113,70 @@ fn check(m: usize, n: usize, k: usize, a_t: bool, b_t: bool, accumulate: bool, t
             "({m}, {n}, {k}) a_t {a_t} b_t {b_t} acc {accumulate} threads {threads}: \
              element {i} is {g}, want {w}"
         );
+    }
+}
+
+/// `v`, every value initialised.
+fn assume_init(v: Vec<MaybeUninit<f32>>) -> Vec<f32> {
+    // SAFETY: the callers' buffers were filled (with NaN) before the GEMMs wrote them.
+    v.into_iter().map(|v| unsafe { v.assume_init() }).collect()
+}
+
+fn assert_same(got: &[f32], want: &[f32], what: &str) {
+    let same = got.len() == want.len()
+        && got
+            .iter()
+            .zip(want)
+            .all(|(x, y)| x.to_bits() == y.to_bits());
+    assert!(same, "{what} differs");
+}
+
+/// Each kind of finish, plain and packed, against the product `plain` with the
+/// convolutions' separate epilogue pass applied: the same bits.
+fn check_finishes(
+    (m, n, k): (usize, usize, usize),
+    plain: &[f32],
+    a: Operand<'_>,
+    b: Operand<'_>,
+    threads: usize,
+) {
+    let scale = values(m, 5);
+    let bias = values(m, 6);
+    let residual = values(m * n, 7);
+    let kinds = [
+        (Some(&scale[..]), Some(&bias[..]), None, true),
+        (None, Some(&bias[..]), Some(&residual[..]), true),
+        (Some(&scale[..]), None, Some(&residual[..]), false),
+        (None, None, None, true),
+    ];
+    let packed = PackedA::new(a, m, k);
+    for (scale, bias, residual, relu) in kinds {
+        let ep = crate::conv::epilogue::Epilogue {
+            scale,
+            bias,
+            relu,
+            residual,
+        };
+        let mut want = plain.to_vec();
+        ep.apply_planes(0, &mut want, n);
+        let finish = Finish {
+            scale,
+            bias,
+            residual,
+            relu,
+        };
+        let mut got = vec![MaybeUninit::new(f32::NAN); m * n];
+        sgemm_uninit((m, n, k), &mut got, a, b, Some(finish), threads);
+        let mut got_packed = vec![MaybeUninit::new(f32::NAN); m * n];
+        sgemm_packed_uninit(&packed, n, &mut got_packed, b, Some(finish), threads);
+        let what = format!(
+            "({m}, {n}, {k}) threads {threads} finish (scale {}, bias {}, residual {}, relu {relu})",
+            scale.is_some(),
+            bias.is_some(),
+            residual.is_some()
+        );
+        assert_same(&assume_init(got), &want, &what);
+        assert_same(&assume_init(got_packed), &want, &format!("{what}, packed"));
     }
 }
 
@@ -204,7 +265,7 @@ fn empty_depth_clears_or_keeps() {
     sgemm((2, 3, 0), &mut dst, false, a, a, 1);
     assert_eq!(dst, vec![0.; 6]);
     let mut fresh = vec![MaybeUninit::new(f32::NAN); 6];
-    sgemm_uninit((2, 3, 0), &mut fresh, a, a, 1);
+    sgemm_uninit((2, 3, 0), &mut fresh, a, a, None, 1);
     // SAFETY: initialised (to NaN) above.
     assert!(fresh.iter().all(|v| unsafe { v.assume_init() } == 0.));
 }
