@@ -17,6 +17,7 @@ static ALLOC: resblock_core::ops::alloc::HugePageAlloc = resblock_core::ops::all
 
 fn toy_program(c: &mut Criterion) {
     configure_threads(None);
+    resblock_benches::record("cpu/toy_residual/1000_epochs", None, None);
     c.bench_function("cpu/toy_residual/1000_epochs", |b| {
         b.iter(|| -> candle_core::Result<()> {
             let rng = RngHandle::seed_from_u64(42);

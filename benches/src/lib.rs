@@ -24,7 +24,9 @@ pub fn meta_path() -> PathBuf {
 }
 
 /// Records that one iteration of benchmark `id` processes `images` images (or samples) and
-/// `flop` floating-point operations (multiply-adds count two); either may be unknown.
+/// `flop` floating-point operations (multiply-adds count two); either may be unknown. Every
+/// benchmark records itself (with `None`s where nothing is known): `cargo xtask bench`
+/// lists only recorded ids, so that criterion's leftovers of removed ones stay out.
 pub fn record(id: &str, images: Option<f64>, flop: Option<f64>) {
     let line = serde_json::json!({ "id": id, "images": images, "flop": flop });
     let path = meta_path();
