@@ -135,6 +135,8 @@ impl<'a, T: WithDType> WeightLhs<'a, T> {
         finish: Option<crate::sgemm::Finish<'_>>,
     ) -> (&'d mut [T], bool) {
         let len = self.m * n;
+        // No depth (no input channels): the product is zeros, which the caller finishes.
+        let finish = finish.filter(|_| self.k > 0);
         if let (Some(dstf), Some(bf)) = (as_f32_uninit(dst), as_f32(b)) {
             let b = crate::sgemm::Operand {
                 data: bf,
@@ -151,7 +153,7 @@ impl<'a, T: WithDType> WeightLhs<'a, T> {
                     threads_of(par),
                 );
                 true
-            } else if finish.is_some() && self.k > 0 && crate::sgemm::available() {
+            } else if finish.is_some() && crate::sgemm::available() {
                 // As `gemm_uninit` would run it, with the finish.
                 let wf = as_f32(&self.w[gi * self.group_stride..]).expect("f32 weights");
                 let a = crate::sgemm::Operand {

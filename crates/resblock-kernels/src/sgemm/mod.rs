@@ -349,6 +349,10 @@ fn run(
     assert!(dst.len >= m * n, "sgemm: destination too small");
     let c = dst.ptr;
     if k == 0 {
+        assert!(
+            finish.is_none(),
+            "sgemm: a finish needs a depth of at least 1"
+        );
         if !accumulate {
             // SAFETY: `dst` holds at least `m * n` values, borrowed mutably.
             unsafe { std::ptr::write_bytes(c.0, 0, m * n) };
