@@ -9,7 +9,8 @@
 //! - the micro-kernel ([`avx512::kernel`]) computes an `MR x NR` tile of `dst` from one `A`
 //!   panel and one `B` panel; the `B` panel (`KC * NR` floats, 32 KiB) stays in L1 while
 //!   the `A` block (`MC * KC`, 128 KiB) streams from L2;
-//! - the first `KC` block writes (or adds to) `dst`, the others add.
+//! - the first `KC` block writes (or adds to) `dst`, the others add; the last can finish
+//!   each value as it stores it ([`Finish`]: a convolution's per-channel epilogue).
 //!
 //! Packing reads `a` and `b` through any row and column strides, so transposed operands
 //! cost nothing extra. With several threads the larger of `n` and `m` is split into one
