@@ -33,18 +33,22 @@ pub(crate) fn gemm_into<T: WithDType>(
             accumulate,
             (a, a_strides),
             (b, b_strides),
+            None,
             par,
-        )
+        );
     }
 }
 
 /// `dst (m x n, row-major) = a (m x k) . b (k x n)` into uninitialised memory, which it
 /// returns initialised: each of the `m * n` values is written without being read, so a
 /// fresh output needs no zero-filling first (a pass over it that cost 3-5% of a ResNet-50
-/// batch-1 inference).
+/// batch-1 inference). Where our `sgemm` runs it the values are also finished as they are
+/// stored ([`crate::sgemm::Finish`]); the second value says whether `finish` was applied
+/// (elsewhere, and for a product with no depth, the caller applies it after).
 ///
 /// # Panics
 /// If `dst` is shorter than `m * n` or an operand's strides reach past its slice.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn gemm_uninit<'d, T: WithDType>(
     (m, n, k): (usize, usize, usize),
     dst: &'d mut [MaybeUninit<T>],
@@ -52,21 +56,24 @@ pub(crate) fn gemm_uninit<'d, T: WithDType>(
     a_strides: (usize, usize),
     b: &[T],
     b_strides: (usize, usize),
+    finish: Option<crate::sgemm::Finish<'_>>,
     par: Parallelism,
-) -> &'d mut [T] {
+) -> (&'d mut [T], bool) {
     let dst = &mut dst[..m * n];
     // SAFETY: `dst` is `m * n` values, borrowed mutably for the call; not accumulating,
     // `gemm_raw` writes them all without reading them, so they are initialised after it.
     unsafe {
-        gemm_raw(
+        let finished = gemm_raw(
             (m, n, k),
             (dst.as_mut_ptr().cast(), m * n, false),
             false,
             (a, a_strides),
             (b, b_strides),
+            finish,
             par,
         );
-        std::slice::from_raw_parts_mut(dst.as_mut_ptr().cast(), m * n)
+        let out = std::slice::from_raw_parts_mut(dst.as_mut_ptr().cast(), m * n);
+        (out, finished)
     }
 }
 
@@ -87,6 +94,7 @@ pub(crate) fn gemm_new<T: WithDType>(
         a_strides,
         b,
         b_strides,
+        None,
         par,
     );
     // SAFETY: `gemm_uninit` initialised the first `m * n` values.
@@ -95,7 +103,8 @@ pub(crate) fn gemm_new<T: WithDType>(
 }
 
 /// The GEMM behind [`gemm_into`] and [`gemm_uninit`], into `len` values at `dst`
-/// (initialised where `init`).
+/// (initialised where `init`), finished where our `sgemm` runs a product with depth into
+/// uninitialised memory; returns whether `finish` was applied.
 ///
 /// # Safety
 /// `dst` must be valid for writes of `len` values, not aliased for the call, and, where
@@ -107,14 +116,19 @@ unsafe fn gemm_raw<T: WithDType>(
     accumulate: bool,
     (a, (a_rs, a_cs)): (&[T], (usize, usize)),
     (b, (b_rs, b_cs)): (&[T], (usize, usize)),
+    finish: Option<crate::sgemm::Finish<'_>>,
     par: Parallelism,
-) {
+) -> bool {
     assert!(
         init || !accumulate,
         "gemm: accumulating into uninitialised memory"
     );
+    assert!(
+        finish.is_none() || !init,
+        "gemm: a finish is for a fresh product"
+    );
     if m == 0 || n == 0 {
-        return;
+        return finish.is_some();
     }
     let last = |rows: usize, cols: usize, rs: usize, cs: usize| (rows - 1) * rs + (cols - 1) * cs;
     assert!(len >= m * n, "gemm: destination too small");
@@ -123,7 +137,7 @@ unsafe fn gemm_raw<T: WithDType>(
             // SAFETY: `dst` is valid for `len >= m * n` writes (the caller's contract).
             unsafe { std::ptr::write_bytes(dst, 0, m * n) };
         }
-        return;
+        return false;
     }
     assert!(a.len() > last(m, k, a_rs, a_cs), "gemm: lhs out of bounds");
     assert!(b.len() > last(k, n, b_rs, b_cs), "gemm: rhs out of bounds");
@@ -148,9 +162,9 @@ unsafe fn gemm_raw<T: WithDType>(
             } else {
                 let dst =
                     unsafe { std::slice::from_raw_parts_mut(dst.cast::<MaybeUninit<f32>>(), len) };
-                crate::sgemm::sgemm_uninit((m, n, k), dst, a, b, None, threads);
+                crate::sgemm::sgemm_uninit((m, n, k), dst, a, b, finish, threads);
             }
-            return;
+            return finish.is_some();
         }
     }
     // SAFETY: every index the GEMM touches is in bounds (checked above), `dst` does not alias
@@ -177,8 +191,9 @@ unsafe fn gemm_raw<T: WithDType>(
             false,
             false,
             par,
-        )
+        );
     }
+    false
 }
 
 /// `s` as f32 when `T` is f32.

@@ -121,8 +121,8 @@ impl<'a, T: WithDType> WeightLhs<'a, T> {
     }
 
     /// `dst (m x n) = W[gi] . b` into uninitialised memory ([`gemm_uninit`]), returned
-    /// initialised, with whether `finish` was applied: where our `sgemm` runs it finishes
-    /// the values in its last stores; elsewhere the caller applies the epilogue after.
+    /// initialised, with whether `finish` was applied (where our `sgemm` runs, in its last
+    /// stores); elsewhere the caller applies the epilogue after.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn gemm_uninit<'d>(
         &self,
@@ -134,55 +134,33 @@ impl<'a, T: WithDType> WeightLhs<'a, T> {
         par: Parallelism,
         finish: Option<crate::sgemm::Finish<'_>>,
     ) -> (&'d mut [T], bool) {
-        let len = self.m * n;
         // No depth (no input channels): the product is zeros, which the caller finishes.
         let finish = finish.filter(|_| self.k > 0);
-        if let (Some(dstf), Some(bf)) = (as_f32_uninit(dst), as_f32(b)) {
-            let b = crate::sgemm::Operand {
-                data: bf,
-                rs: b_rs,
-                cs: b_cs,
-            };
-            let done = if let Some(p) = self.packed.get(gi) {
-                crate::sgemm::sgemm_packed_uninit(
-                    p,
-                    n,
-                    &mut dstf[..len],
-                    b,
-                    finish,
-                    threads_of(par),
-                );
-                true
-            } else if finish.is_some() && crate::sgemm::available() {
-                // As `gemm_uninit` would run it, with the finish.
-                let wf = as_f32(&self.w[gi * self.group_stride..]).expect("f32 weights");
-                let a = crate::sgemm::Operand {
-                    data: wf,
-                    rs: self.strides.0,
-                    cs: self.strides.1,
+        if let Some(p) = self.packed.get(gi) {
+            if let (Some(dstf), Some(bf)) = (as_f32_uninit(dst), as_f32(b)) {
+                let b = crate::sgemm::Operand {
+                    data: bf,
+                    rs: b_rs,
+                    cs: b_cs,
                 };
-                let dims = (self.m, n, self.k);
-                crate::sgemm::sgemm_uninit(dims, &mut dstf[..len], a, b, finish, threads_of(par));
-                true
-            } else {
-                false
-            };
-            if done {
+                let len = self.m * n;
+                let threads = threads_of(par);
+                crate::sgemm::sgemm_packed_uninit(p, n, &mut dstf[..len], b, finish, threads);
                 // SAFETY: the GEMM wrote the first `m * n` values.
                 let out = unsafe { std::slice::from_raw_parts_mut(dst.as_mut_ptr().cast(), len) };
                 return (out, finish.is_some());
             }
         }
-        let out = gemm_uninit(
+        gemm_uninit(
             (self.m, n, self.k),
             dst,
             &self.w[gi * self.group_stride..],
             self.strides,
             b,
             (b_rs, b_cs),
+            finish,
             par,
-        );
-        (out, false)
+        )
     }
 }
 
