@@ -35,7 +35,7 @@ use std::sync::{Arc, OnceLock};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::buffer::{f32_slice, vec_written_by, zeroed};
+use crate::buffer::{f32_slice, vec_written_by};
 use crate::conv::direct;
 use crate::conv::epilogue::Epilogue;
 use crate::conv::gemm::{for_each_image_summed, gemm_parallelism, with_thread_scratch, WeightLhs};
@@ -354,9 +354,10 @@ impl ConvBnTrain {
     }
 
     /// Stride 1: (dx if `need_dx`, the workers' f64 sums of the kernel's gradient) from the norm's
-    /// coefficients, the input-gradient plan `back` running the input gradient. `dx_add` is
-    /// added to each image's dx as it is copied out of the kernel's layout (one pass over
-    /// dx less than adding it after).
+    /// coefficients, the input-gradient plan `back` running the input gradient. Each image's
+    /// dx is written straight into place where `back` writes the plain layout, `dx_add`
+    /// added in place after while the image is in cache; otherwise `dx_add` is added as dx
+    /// is copied out of the kernel's flattened layout.
     fn same_grads(
         &self,
         back: &direct::Plan,
@@ -422,12 +423,27 @@ impl ConvBnTrain {
                 if need_dx {
                     let chunks = s.dyp.iter().zip(dx_g.chunks_exact_mut(d.chw()));
                     for (k, (dyp, dx_n)) in chunks.enumerate() {
-                        back.forward(dyp, &wfk, &mut s.flat, !parallel);
                         let ep = Epilogue {
                             residual: dx_add,
                             ..Epilogue::NONE
                         };
-                        back.unflatten(&s.flat, dx_n, ep.image(first + k, d.chw()));
+                        let ep = ep.image(first + k, d.chw());
+                        if back.writes_plain() {
+                            // Straight into `dx` (no flattened copy), the residual's
+                            // gradient added in place while the image is in cache.
+                            back.forward_plain(dyp, &wfk, dx_n, !parallel);
+                            // SAFETY: `forward_plain` wrote every element of `dx_n`.
+                            let dx_n = unsafe {
+                                std::slice::from_raw_parts_mut(
+                                    dx_n.as_mut_ptr().cast::<f32>(),
+                                    dx_n.len(),
+                                )
+                            };
+                            ep.apply_planes(0, dx_n, d.h * d.w);
+                        } else {
+                            back.forward(dyp, &wfk, &mut s.flat, !parallel);
+                            back.unflatten(&s.flat, dx_n, ep);
+                        }
                     }
                 }
             };
@@ -438,7 +454,8 @@ impl ConvBnTrain {
             dw_n: Vec::new(),
             tmp: Vec::new(),
         };
-        // SAFETY: with `need_dx` each group's `unflatten` writes all its images' chunks.
+        // SAFETY: with `need_dx` each group's `forward_plain` or `unflatten` writes all its
+        // images' chunks.
         unsafe { grads_by_group((xlen, chunk), (parallel, need_dx), wlen, scratch, images) }
     }
 
@@ -464,8 +481,8 @@ impl ConvBnTrain {
         } else {
             (d.n, group)
         };
-        // Each group zeroes its own chunk on its thread (not the calling thread, before),
-        // the one fill `col2im_add` scatters into.
+        // `StridedGroup::grads` zeroes each image's chunk on its thread just before
+        // `col2im_add` scatters into it.
         let images = |s: &mut StridedScratch,
                       acc: &mut WeightSum,
                       gi: usize,
@@ -497,7 +514,7 @@ impl ConvBnTrain {
             group.grads(
                 (&self.fwd, &wt),
                 (d, &self.geom),
-                need_dx.then(|| zeroed(dx_g)),
+                need_dx.then_some(dx_g),
                 (&mut s.dw_n, &mut s.dcols),
                 acc,
                 par,
@@ -510,7 +527,7 @@ impl ConvBnTrain {
             dcols: Vec::new(),
             dw_n: Vec::new(),
         };
-        // SAFETY: with `need_dx` each group zeroes its whole chunk before `col2im_add`.
+        // SAFETY: with `need_dx`, `StridedGroup::grads` writes each image's whole chunk.
         unsafe { grads_by_group((xlen, chunk), (parallel, need_dx), wlen, scratch, images) }
     }
 
