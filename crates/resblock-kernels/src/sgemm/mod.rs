@@ -484,6 +484,7 @@ fn serial(
                             // `dst`, and so inside the finish's parts (`Finish::check`
                             // in `run`, shifted with `dst` by `Finish::from`).
                             unsafe {
+                                prefetch_tile(tile.0, ldc, mr, nr);
                                 let fin = finish.filter(|_| last).map(|f| f.tile(ti, tj, ldc));
                                 let (ap, bp) = (
                                     (ablock.as_ptr().add(ir * panel_step), lda),
@@ -506,6 +507,26 @@ fn serial(
             }
         }
     });
+}
+
+/// Asks for the `mr x nr` tile of `dst` at `c` (rows `ldc` apart) to be brought into L1
+/// while its sums run: with a short depth (a weight gradient's `k` is one image's output
+/// plane, 196 at 14x14) the micro-kernel stalled on the stores of tiles not in cache
+/// (interleaved: ResNet-50 batch-32 training step 6.75-6.80 against 7.07-7.14 s). Done
+/// here, not in the micro-kernel: there the change made the compiler keep the sums in
+/// memory as well as in registers, storing them on every step of `k` (half the speed).
+#[cfg(target_arch = "x86_64")]
+fn prefetch_tile(c: *mut f32, ldc: usize, mr: usize, nr: usize) {
+    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+    for i in 0..mr {
+        let row = c.wrapping_add(i * ldc).cast::<i8>().cast_const();
+        // SAFETY: a prefetch is a hint; it reads nothing and cannot fault.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(row) };
+        if nr > 16 {
+            // SAFETY: as above.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(64)) };
+        }
+    }
 }
 
 /// Packs rows `i0..i0 + mc`, depth `p0..p0 + kc` of `a` into panels of `MR` rows: panel
