@@ -222,17 +222,6 @@ pub(crate) fn as_f32_uninit<T: WithDType>(
     })
 }
 
-/// An initialised slice as the destination of a function that writes uninitialised memory
-/// ([`gemm_uninit`], the convolutions' `forward_image`).
-///
-/// # Safety
-/// Whatever is given the result must store only initialised values into it (never
-/// `MaybeUninit::uninit()`), as those functions do, so that `s` stays initialised.
-pub(crate) unsafe fn as_uninit_mut<T>(s: &mut [T]) -> &mut [MaybeUninit<T>] {
-    // SAFETY: `MaybeUninit<T>` has `T`'s layout; the caller keeps the values initialised.
-    unsafe { std::slice::from_raw_parts_mut(s.as_mut_ptr().cast(), s.len()) }
-}
-
 /// The thread count of a [`Parallelism`].
 pub(crate) fn threads_of(par: Parallelism) -> usize {
     match par {

@@ -31,9 +31,7 @@ use super::epilogue::Epilogue;
 use super::geom::{ConvGeom, Dims};
 use super::pack::{col2im_add, im2col};
 use super::weight_sum::{WeightSum, WeightSums};
-use crate::matmul::{
-    as_f32, as_f32_mut, as_f32_uninit, as_uninit_mut, gemm_into, gemm_uninit, threads_of,
-};
+use crate::matmul::{as_f32, as_f32_mut, as_f32_uninit, gemm_into, gemm_uninit, threads_of};
 
 /// A convolution's weights as the left operand of its per-image GEMMs: one `m x k` matrix
 /// per group, `group_stride` apart, read through `strides`. Where [`crate::sgemm`] runs and
@@ -544,81 +542,96 @@ pub(crate) fn backward<T: WithDType>(
             d.n,
         )),
     };
-    let mut dx = vec![T::zero(); d.n * d.chw()];
-    let image = |s: &mut Scratch<T>, acc: &mut WeightSum, ni: usize, dx_n: &mut [T]| {
-        let img = &x[ni * d.chw()..(ni + 1) * d.chw()];
-        let dy_n = &dy[ni * d.cout * p..(ni + 1) * d.cout * p];
-        s.dw_n.resize(wlen, T::zero());
-        let add = s.pending > 0;
-        let weight_grad = |dw_n: &mut [T], cols: &[T]| {
-            for gi in 0..g.groups {
-                gemm_into(
-                    (og, kg, p),
-                    &mut dw_n[gi * og * kg..(gi + 1) * og * kg],
-                    add,
-                    &dy_n[gi * og * p..],
-                    (p, 1),
-                    &cols[gi * kg * p..],
-                    (1, p),
-                    par,
-                );
-            }
-        };
-        if d.direct(g) {
-            weight_grad(&mut s.dw_n, img);
-        } else {
-            // The unfolded input in this thread's scratch memory, as in the forward: a
-            // worker's own buffer was zero-filled for every backward (1.8 MB per image for
-            // a 256-channel 3x3 layer at 14x14) before `im2col` overwrote it.
-            with_thread_scratch(d.k_all() * p, |cols: &mut [T]| {
-                im2col(img, d, g, cols, !matches!(par, Parallelism::None));
-                weight_grad(&mut s.dw_n, cols);
-            });
-        }
-        s.pending += 1;
-        if s.pending == DW_IMAGES_PER_FLUSH {
-            flush_dw(s, acc);
-        }
-        match (&input_grad, &dx_weights) {
-            (InputGrad::DirectFlipped { plan, wk }, _) => {
-                // `T` is f32 here (the variant is only made from f32 weights).
-                let (Some(dyf), Some(dxf)) = (as_f32(dy_n), as_f32_mut(dx_n)) else {
-                    unreachable!("conv backward: direct input gradient on f32 only")
-                };
-                plan.pad(dyf, &mut s.dyp);
-                plan.forward(&s.dyp, wk, &mut s.flat, !parallel);
-                plan.unflatten(&s.flat, dxf, Epilogue::NONE);
-            }
-            (InputGrad::Flipped { dims, geom, .. }, Some(dxw)) => {
-                // SAFETY: `forward_image` stores only computed values into `dx_n`.
-                let dx_n = unsafe { as_uninit_mut(dx_n) };
-                forward_image(dy_n, dxw, dims, geom, dx_n, par, Epilogue::NONE);
-            }
-            (InputGrad::Direct | InputGrad::Scatter, Some(dxw)) => {
-                let direct = matches!(input_grad, InputGrad::Direct);
-                if !direct {
-                    s.dcols.resize(d.k_all() * p, T::zero());
-                }
-                let dcols: &mut [T] = if direct { dx_n } else { &mut s.dcols };
+    // `dx` is not zero-filled up front: each image's chunk is written whole by its input
+    // gradient below (zeroed, in cache, only where `col2im_add` scatters into it). The
+    // up-front fill was a pass over all of `dx` in memory.
+    let image =
+        |s: &mut Scratch<T>, acc: &mut WeightSum, ni: usize, dx_n: &mut [MaybeUninit<T>]| {
+            let img = &x[ni * d.chw()..(ni + 1) * d.chw()];
+            let dy_n = &dy[ni * d.cout * p..(ni + 1) * d.cout * p];
+            s.dw_n.resize(wlen, T::zero());
+            let add = s.pending > 0;
+            let weight_grad = |dw_n: &mut [T], cols: &[T]| {
                 for gi in 0..g.groups {
-                    dxw.gemm(
-                        gi,
-                        p,
-                        &mut dcols[gi * kg * p..(gi + 1) * kg * p],
-                        false,
+                    gemm_into(
+                        (og, kg, p),
+                        &mut dw_n[gi * og * kg..(gi + 1) * og * kg],
+                        add,
                         &dy_n[gi * og * p..],
                         (p, 1),
+                        &cols[gi * kg * p..],
+                        (1, p),
                         par,
                     );
                 }
-                if !direct {
-                    // `dx` is zero-filled above (`vec!`).
+            };
+            if d.direct(g) {
+                weight_grad(&mut s.dw_n, img);
+            } else {
+                // The unfolded input in this thread's scratch memory, as in the forward: a
+                // worker's own buffer was zero-filled for every backward (1.8 MB per image for
+                // a 256-channel 3x3 layer at 14x14) before `im2col` overwrote it.
+                with_thread_scratch(d.k_all() * p, |cols: &mut [T]| {
+                    im2col(img, d, g, cols, !matches!(par, Parallelism::None));
+                    weight_grad(&mut s.dw_n, cols);
+                });
+            }
+            s.pending += 1;
+            if s.pending == DW_IMAGES_PER_FLUSH {
+                flush_dw(s, acc);
+            }
+            match (&input_grad, &dx_weights) {
+                (InputGrad::DirectFlipped { plan, wk }, _) => {
+                    // `T` is f32 here (the variant is only made from f32 weights).
+                    let (Some(dyf), Some(dxf)) = (as_f32(dy_n), as_f32_uninit(dx_n)) else {
+                        unreachable!("conv backward: direct input gradient on f32 only")
+                    };
+                    plan.pad(dyf, &mut s.dyp);
+                    if plan.writes_plain() {
+                        plan.forward_plain(&s.dyp, wk, dxf, !parallel);
+                    } else {
+                        plan.forward(&s.dyp, wk, &mut s.flat, !parallel);
+                        plan.unflatten(&s.flat, dxf, Epilogue::NONE);
+                    }
+                }
+                (InputGrad::Flipped { dims, geom, .. }, Some(dxw)) => {
+                    forward_image(dy_n, dxw, dims, geom, dx_n, par, Epilogue::NONE);
+                }
+                (InputGrad::Direct, Some(dxw)) => {
+                    // A 1x1 unpadded kernel: `dx = W^T . dY` per group, written whole.
+                    for gi in 0..g.groups {
+                        dxw.gemm_uninit(
+                            gi,
+                            p,
+                            &mut dx_n[gi * kg * p..(gi + 1) * kg * p],
+                            &dy_n[gi * og * p..],
+                            (p, 1),
+                            par,
+                            None,
+                        );
+                    }
+                }
+                (InputGrad::Scatter, Some(dxw)) => {
+                    s.dcols.resize(d.k_all() * p, T::zero());
+                    for gi in 0..g.groups {
+                        dxw.gemm(
+                            gi,
+                            p,
+                            &mut s.dcols[gi * kg * p..(gi + 1) * kg * p],
+                            false,
+                            &dy_n[gi * og * p..],
+                            (p, 1),
+                            par,
+                        );
+                    }
+                    dx_n.fill(MaybeUninit::new(T::zero()));
+                    // SAFETY: every element was just written.
+                    let dx_n = unsafe { &mut *(std::ptr::from_mut(dx_n) as *mut [T]) };
                     col2im_add(&s.dcols, d, g, dx_n);
                 }
+                (_, None) => unreachable!("conv backward: input-gradient weights made above"),
             }
-            (_, None) => unreachable!("conv backward: input-gradient weights made above"),
-        }
-    };
+        };
     let scratch = || Scratch {
         dcols: Vec::new(),
         dw_n: Vec::new(),
@@ -626,7 +639,20 @@ pub(crate) fn backward<T: WithDType>(
         dyp: Vec::new(),
         flat: Vec::new(),
     };
-    let dw = for_each_image_summed(&mut dx, d.chw(), parallel, wlen, scratch, image, flush_dw);
+    let len = d.n * d.chw();
+    let mut dx: Vec<T> = Vec::with_capacity(len);
+    let dw = for_each_image_summed(
+        &mut dx.spare_capacity_mut()[..len],
+        d.chw(),
+        parallel,
+        wlen,
+        scratch,
+        image,
+        flush_dw,
+    );
+    // SAFETY: the images' chunks cover `len` values and every branch above writes its
+    // image's chunk whole.
+    unsafe { dx.set_len(len) };
     (dx, dw.total(0))
 }
 
