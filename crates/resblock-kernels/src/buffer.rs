@@ -58,10 +58,12 @@ pub(crate) unsafe fn vec_written_by(
 /// `slice` filled with zeros, as the initialised values it now holds: for a thread's part
 /// of a [`Vec::spare_capacity_mut`] that is scatter-added into, zeroed by the thread that
 /// writes it rather than all at once on the calling thread.
-pub(crate) fn zeroed(slice: &mut [std::mem::MaybeUninit<f32>]) -> &mut [f32] {
-    slice.fill(std::mem::MaybeUninit::new(0.0));
-    // SAFETY: every element was just written, and `MaybeUninit<f32>` has `f32`'s layout.
-    unsafe { &mut *(std::ptr::from_mut(slice) as *mut [f32]) }
+pub(crate) fn zeroed<T: candle_core::WithDType>(
+    slice: &mut [std::mem::MaybeUninit<T>],
+) -> &mut [T] {
+    slice.fill(std::mem::MaybeUninit::new(T::zero()));
+    // SAFETY: every element was just written, and `MaybeUninit<T>` has `T`'s layout.
+    unsafe { &mut *(std::ptr::from_mut(slice) as *mut [T]) }
 }
 
 /// The contiguous slice of a CPU buffer that a layout covers (custom ops' inputs are made

@@ -624,10 +624,7 @@ pub(crate) fn backward<T: WithDType>(
                             par,
                         );
                     }
-                    dx_n.fill(MaybeUninit::new(T::zero()));
-                    // SAFETY: every element was just written.
-                    let dx_n = unsafe { &mut *(std::ptr::from_mut(dx_n) as *mut [T]) };
-                    col2im_add(&s.dcols, d, g, dx_n);
+                    col2im_add(&s.dcols, d, g, crate::buffer::zeroed(dx_n));
                 }
                 (_, None) => unreachable!("conv backward: input-gradient weights made above"),
             }
