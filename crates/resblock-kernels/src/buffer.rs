@@ -21,37 +21,65 @@ impl Slot for std::mem::MaybeUninit<f32> {
     }
 }
 
-/// A NaN with a payload that arithmetic never produces: what debug builds put in a
-/// [`vec_written_by`] buffer first, to check that `fill` overwrote every element.
+/// NaNs with a payload that arithmetic never produces (signalling: any operation on them
+/// gives a quiet NaN): what debug builds put in a [`vec_written_by`] buffer first, to check
+/// that `fill` overwrote every element.
 const UNWRITTEN: u32 = 0x7fa5_5a5a;
+const UNWRITTEN_F64: u64 = 0x7ff5_5a5a_5a5a_5a5a;
+
+/// The marker of [`UNWRITTEN`] as a `T`, for f32 and f64 (other types are not checked).
+fn unwritten<T: candle_core::WithDType>() -> Option<T> {
+    // SAFETY: each arm copies a value of exactly `T`'s type (checked by its dtype).
+    match T::DTYPE {
+        candle_core::DType::F32 => {
+            Some(unsafe { std::mem::transmute_copy(&f32::from_bits(UNWRITTEN)) })
+        }
+        candle_core::DType::F64 => {
+            Some(unsafe { std::mem::transmute_copy(&f64::from_bits(UNWRITTEN_F64)) })
+        }
+        _ => None,
+    }
+}
+
+/// Whether `v` is bit for bit the marker `m`.
+fn same_bits<T>(v: &T, m: &T) -> bool {
+    let bytes = |t: &T| {
+        // SAFETY: any initialised value can be read as its bytes (f32 and f64 have no
+        // padding).
+        unsafe { std::slice::from_raw_parts(std::ptr::from_ref(t).cast::<u8>(), size_of::<T>()) }
+    };
+    bytes(v) == bytes(m)
+}
 
 /// A vector of `len` values filled by `fill` without zero-filling it first: for the large
 /// outputs of our kernels, `vec![0.0; len]` is one more pass over the buffer (glibc's
 /// `calloc` clears reused heap memory), measured at about 5% of a training step. Debug
-/// builds (the tests) pre-fill a marker and assert that `fill` overwrote all of it.
+/// builds (the tests) pre-fill a marker (f32 and f64) and assert that `fill` overwrote all
+/// of it.
 ///
 /// # Safety
 /// `fill` must write every element of the slice it gets (`MaybeUninit::write`, or
 /// [`Slot::put`]); the vector's elements are read as initialised afterwards.
-pub(crate) unsafe fn vec_written_by(
+pub(crate) unsafe fn vec_written_by<T: candle_core::WithDType>(
     len: usize,
-    fill: impl FnOnce(&mut [std::mem::MaybeUninit<f32>]),
-) -> Vec<f32> {
+    fill: impl FnOnce(&mut [std::mem::MaybeUninit<T>]),
+) -> Vec<T> {
     let mut v = Vec::with_capacity(len);
     let spare = &mut v.spare_capacity_mut()[..len];
-    if cfg!(debug_assertions) {
-        for s in spare.iter_mut() {
-            s.write(f32::from_bits(UNWRITTEN));
-        }
+    let marker = unwritten::<T>().filter(|_| cfg!(debug_assertions));
+    if let Some(m) = marker {
+        spare.fill(std::mem::MaybeUninit::new(m));
     }
     fill(spare);
     // SAFETY: the capacity is at least `len`, and the caller guarantees `fill` initialised
     // all `len` elements.
     unsafe { v.set_len(len) };
-    debug_assert!(
-        v.iter().all(|x| x.to_bits() != UNWRITTEN),
-        "vec_written_by: an element was not written"
-    );
+    if let Some(m) = marker {
+        assert!(
+            !v.iter().any(|x| same_bits(x, &m)),
+            "vec_written_by: an element was not written"
+        );
+    }
     v
 }
 

@@ -636,20 +636,15 @@ pub(crate) fn backward<T: WithDType>(
         dyp: Vec::new(),
         flat: Vec::new(),
     };
-    let len = d.n * d.chw();
-    let mut dx: Vec<T> = Vec::with_capacity(len);
-    let dw = for_each_image_summed(
-        &mut dx.spare_capacity_mut()[..len],
-        d.chw(),
-        parallel,
-        wlen,
-        scratch,
-        image,
-        flush_dw,
-    );
-    // SAFETY: the images' chunks cover `len` values and every branch above writes its
-    // image's chunk whole.
-    unsafe { dx.set_len(len) };
+    let mut dw = None;
+    let fill = |dx: &mut [MaybeUninit<T>]| {
+        let sums = for_each_image_summed(dx, d.chw(), parallel, wlen, scratch, image, flush_dw);
+        dw = Some(sums);
+    };
+    // SAFETY: the images' chunks cover `dx` and every branch above writes its image's
+    // chunk whole.
+    let dx = unsafe { crate::buffer::vec_written_by(d.n * d.chw(), fill) };
+    let dw = dw.expect("the fill ran");
     (dx, dw.total(0))
 }
 
