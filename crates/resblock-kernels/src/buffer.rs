@@ -64,13 +64,26 @@ pub(crate) unsafe fn vec_written_by<T: candle_core::WithDType>(
     len: usize,
     fill: impl FnOnce(&mut [std::mem::MaybeUninit<T>]),
 ) -> Vec<T> {
+    // SAFETY: the caller's contract.
+    unsafe { vec_written_with(len, fill) }.0
+}
+
+/// [`vec_written_by`] with what `fill` returns besides (a backward's weight gradient,
+/// computed while it writes the input gradient).
+///
+/// # Safety
+/// As [`vec_written_by`].
+pub(crate) unsafe fn vec_written_with<T: candle_core::WithDType, R>(
+    len: usize,
+    fill: impl FnOnce(&mut [std::mem::MaybeUninit<T>]) -> R,
+) -> (Vec<T>, R) {
     let mut v = Vec::with_capacity(len);
     let spare = &mut v.spare_capacity_mut()[..len];
     let marker = unwritten::<T>().filter(|_| cfg!(debug_assertions));
     if let Some(m) = marker {
         spare.fill(std::mem::MaybeUninit::new(m));
     }
-    fill(spare);
+    let r = fill(spare);
     // SAFETY: the capacity is at least `len`, and the caller guarantees `fill` initialised
     // all `len` elements.
     unsafe { v.set_len(len) };
@@ -80,7 +93,7 @@ pub(crate) unsafe fn vec_written_by<T: candle_core::WithDType>(
             "vec_written_by: an element was not written"
         );
     }
-    v
+    (v, r)
 }
 
 /// `slice` filled with zeros, as the initialised values it now holds: for a thread's part

@@ -636,15 +636,12 @@ pub(crate) fn backward<T: WithDType>(
         dyp: Vec::new(),
         flat: Vec::new(),
     };
-    let mut dw = None;
     let fill = |dx: &mut [MaybeUninit<T>]| {
-        let sums = for_each_image_summed(dx, d.chw(), parallel, wlen, scratch, image, flush_dw);
-        dw = Some(sums);
+        for_each_image_summed(dx, d.chw(), parallel, wlen, scratch, image, flush_dw)
     };
     // SAFETY: the images' chunks cover `dx` and every branch above writes its image's
     // chunk whole.
-    let dx = unsafe { crate::buffer::vec_written_by(d.n * d.chw(), fill) };
-    let dw = dw.expect("the fill ran");
+    let (dx, dw) = unsafe { crate::buffer::vec_written_with(d.n * d.chw(), fill) };
     (dx, dw.total(0))
 }
 

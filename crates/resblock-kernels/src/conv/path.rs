@@ -204,15 +204,13 @@ pub(crate) fn backward_direct(
         flat: Vec::new(),
         dw_n: Vec::new(),
     };
-    let mut dw = None;
     let fill = |dx: &mut [MaybeUninit<f32>]| {
-        let sums = for_each_image_summed(dx, d.chw(), parallel, wlen, scratch, image, |_, _| {});
-        dw = Some(sums.total(0));
+        for_each_image_summed(dx, d.chw(), parallel, wlen, scratch, image, |_, _| {})
     };
     // SAFETY: the images' chunks cover `dx`, and `forward_plain` or `unflatten` writes each
     // whole chunk.
-    let dx = unsafe { crate::buffer::vec_written_by(d.n * d.chw(), fill) };
-    (dx, dw.expect("the fill ran"))
+    let (dx, dw) = unsafe { crate::buffer::vec_written_with(d.n * d.chw(), fill) };
+    (dx, dw.total(0))
 }
 
 /// The direct forward plan of a stride-2 convolution whose backward runs on
@@ -282,16 +280,14 @@ pub(crate) fn backward_strided(
         dcols: Vec::new(),
         dw_n: Vec::new(),
     };
-    let mut dw = None;
+    let chunk = group * d.chw();
     let fill = |dx: &mut [MaybeUninit<f32>]| {
-        let chunk = group * d.chw();
-        let sums = for_each_image_summed(dx, chunk, parallel, wlen, scratch, images, |_, _| {});
-        dw = Some(sums.total(0));
+        for_each_image_summed(dx, chunk, parallel, wlen, scratch, images, |_, _| {})
     };
     // SAFETY: the groups' chunks cover `dx`, and `StridedGroup::grads` writes each image's
     // whole chunk (zeroing it before `col2im_add`).
-    let dx = unsafe { crate::buffer::vec_written_by(d.n * d.chw(), fill) };
-    (dx, dw.expect("the fill ran"))
+    let (dx, dw) = unsafe { crate::buffer::vec_written_with(d.n * d.chw(), fill) };
+    (dx, dw.total(0))
 }
 
 /// One image group of a stride-2 backward: each image's phase-split input (`xps`), its
