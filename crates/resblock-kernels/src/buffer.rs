@@ -103,7 +103,17 @@ pub(crate) fn zeroed<T: candle_core::WithDType>(
     slice: &mut [std::mem::MaybeUninit<T>],
 ) -> &mut [T] {
     slice.fill(std::mem::MaybeUninit::new(T::zero()));
-    // SAFETY: every element was just written, and `MaybeUninit<T>` has `T`'s layout.
+    // SAFETY: every element was just written.
+    unsafe { assume_written(slice) }
+}
+
+/// `slice` as the initialised values a kernel has just written into it.
+///
+/// # Safety
+/// Every element of `slice` must have been written.
+pub(crate) unsafe fn assume_written<T>(slice: &mut [std::mem::MaybeUninit<T>]) -> &mut [T] {
+    // SAFETY: `MaybeUninit<T>` has `T`'s layout, and the caller guarantees every element is
+    // initialised.
     unsafe { &mut *(std::ptr::from_mut(slice) as *mut [T]) }
 }
 

@@ -145,7 +145,7 @@ impl<'a, T: WithDType> WeightLhs<'a, T> {
                 let threads = threads_of(par);
                 crate::sgemm::sgemm_packed_uninit(p, n, &mut dstf[..len], b, finish, threads);
                 // SAFETY: the GEMM wrote the first `m * n` values.
-                let out = unsafe { std::slice::from_raw_parts_mut(dst.as_mut_ptr().cast(), len) };
+                let out = unsafe { crate::buffer::assume_written(&mut dst[..len]) };
                 return (out, finish.is_some());
             }
         }

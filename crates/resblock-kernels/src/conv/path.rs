@@ -131,12 +131,7 @@ pub(crate) fn forward_direct(
                     Some(wk) if plan.writes_plain() => {
                         plan.forward_plain(xp, wk, y_n, false);
                         // SAFETY: `forward_plain` wrote every element of `y_n`.
-                        let y_n = unsafe {
-                            std::slice::from_raw_parts_mut(
-                                y_n.as_mut_ptr().cast::<f32>(),
-                                y_n.len(),
-                            )
-                        };
+                        let y_n = unsafe { crate::buffer::assume_written(y_n) };
                         ep.apply_planes(0, y_n, d.p());
                     }
                     Some(wk) => {

@@ -433,12 +433,7 @@ impl ConvBnTrain {
                             // gradient added in place while the image is in cache.
                             back.forward_plain(dyp, &wfk, dx_n, !parallel);
                             // SAFETY: `forward_plain` wrote every element of `dx_n`.
-                            let dx_n = unsafe {
-                                std::slice::from_raw_parts_mut(
-                                    dx_n.as_mut_ptr().cast::<f32>(),
-                                    dx_n.len(),
-                                )
-                            };
+                            let dx_n = unsafe { crate::buffer::assume_written(dx_n) };
                             ep.apply_planes(0, dx_n, d.h * d.w);
                         } else {
                             back.forward(dyp, &wfk, &mut s.flat, !parallel);
