@@ -11,7 +11,7 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use resblock_benches::{conv3x3_flop, record};
 use resblock_core::ops::dense::{linear, DenseActivation};
 use resblock_core::ops::{batch_norm_train, conv2d, conv2d_backward};
-use resblock_core::{backward_from, configure_threads, RngHandle};
+use resblock_core::{backward_from, configure_threads_here, RngHandle};
 
 #[global_allocator]
 static ALLOC: resblock_core::ops::alloc::HugePageAlloc = resblock_core::ops::alloc::HugePageAlloc;
@@ -24,7 +24,7 @@ fn randn(shape: &[usize], std: f64) -> Tensor {
 
 /// The CPU's peak FMA rate (every thread, widest SIMD): the ceiling of the table's % column.
 fn peak(c: &mut Criterion) {
-    configure_threads(None);
+    configure_threads_here(None);
     const ITERS: u64 = 2_000_000;
     let (flop, _) = resblock_core::ops::peak::fma_peak(ITERS);
     record("cpu/peak/fma_f32", None, Some(flop));
@@ -39,7 +39,7 @@ fn peak(c: &mut Criterion) {
 /// `matmul`, whose `gemm` crate runs 256-bit kernels: about two thirds of this rate here), so
 /// the table's "% GEMM" column is against the best GEMM the library has.
 fn gemm(c: &mut Criterion) {
-    configure_threads(None);
+    configure_threads_here(None);
     let a = randn(&[1024, 1024], 1.);
     let b_t = randn(&[1024, 1024], 1.)
         .t()
@@ -60,7 +60,7 @@ const CONVS: [(&str, usize, usize, usize, usize, usize); 4] = [
 ];
 
 fn convs(c: &mut Criterion) {
-    configure_threads(None);
+    configure_threads_here(None);
     for (name, n, ci, co, hw, s) in CONVS {
         let x = Var::from_tensor(&randn(&[n, ci, hw, hw], 1.)).expect("x");
         let w = Var::from_tensor(&randn(&[co, ci, 3, 3], 0.1)).expect("w");
@@ -84,7 +84,7 @@ fn convs(c: &mut Criterion) {
 }
 
 fn batch_norm(c: &mut Criterion) {
-    configure_threads(None);
+    configure_threads_here(None);
     for (name, n, ch, hw) in [
         ("c16_32x32_bs128", 128, 16, 32),
         ("c64_56x56_bs8", 8, 64, 56),

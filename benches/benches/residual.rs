@@ -6,7 +6,7 @@ use candle_core::{DType, Device, ModuleT};
 use candle_nn::VarMap;
 use criterion::{criterion_group, criterion_main, Criterion};
 use resblock_core::{
-    configure_threads, mlp_block, seeded_var_builder, Activation, MlpBlockConfig, RngHandle,
+    configure_threads_here, mlp_block, seeded_var_builder, Activation, MlpBlockConfig, RngHandle,
 };
 use resblock_train::loss::mse;
 use resblock_train::optim::{Adam, AdamConfig, Optimizer};
@@ -16,7 +16,7 @@ use resblock_vision::{basic_block, BasicBlockConfig};
 static ALLOC: resblock_core::ops::alloc::HugePageAlloc = resblock_core::ops::alloc::HugePageAlloc;
 
 fn toy_program(c: &mut Criterion) {
-    configure_threads(None);
+    configure_threads_here(None);
     resblock_benches::record("cpu/toy_residual/1000_epochs", None, None);
     c.bench_function("cpu/toy_residual/1000_epochs", |b| {
         b.iter(|| -> candle_core::Result<()> {
@@ -42,7 +42,7 @@ fn toy_program(c: &mut Criterion) {
 }
 
 fn mlp_fwd_bwd(c: &mut Criterion) {
-    configure_threads(None);
+    configure_threads_here(None);
     let rng = RngHandle::seed_from_u64(0);
     let varmap = VarMap::new();
     let vb = seeded_var_builder(&varmap, &rng, DType::F32, &Device::Cpu);
@@ -72,7 +72,7 @@ fn mlp_fwd_bwd(c: &mut Criterion) {
 }
 
 fn cnn_block_step(c: &mut Criterion) {
-    configure_threads(None);
+    configure_threads_here(None);
     let rng = RngHandle::seed_from_u64(0);
     let varmap = VarMap::new();
     let vb = seeded_var_builder(&varmap, &rng, DType::F32, &Device::Cpu);

@@ -6,13 +6,13 @@
 use candle_core::{DType, Device, ModuleT};
 use criterion::{criterion_group, criterion_main, Criterion};
 use resblock_benches::{inference_net, record, TrainWorkload};
-use resblock_core::{configure_threads, RngHandle};
+use resblock_core::{configure_threads_here, RngHandle};
 
 #[global_allocator]
 static ALLOC: resblock_core::ops::alloc::HugePageAlloc = resblock_core::ops::alloc::HugePageAlloc;
 
 fn inference(c: &mut Criterion) {
-    configure_threads(None);
+    configure_threads_here(None);
     for arch in ["resnet18", "resnet50"] {
         let (net, cfg) = inference_net(arch);
         let folded = net.folded().expect("fold");
@@ -40,7 +40,7 @@ fn inference(c: &mut Criterion) {
 
 /// One SGD step (forward, backward, update) of `arch` at `batch` images of `size`x`size`.
 fn train_step(c: &mut Criterion, arch: &str, batch: usize, size: usize) {
-    configure_threads(None);
+    configure_threads_here(None);
     let work = TrainWorkload::new(arch, batch, size);
     let mut trainer = work.trainer();
     let id = format!("cpu/{arch}/train_step/bs{batch}");

@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, ModuleT};
 use resblock_benches::inference_net;
-use resblock_core::{configure_threads, RngHandle};
+use resblock_core::{configure_threads_here, RngHandle};
 
 #[global_allocator]
 static ALLOC: resblock_core::ops::alloc::HugePageAlloc = resblock_core::ops::alloc::HugePageAlloc;
@@ -22,7 +22,7 @@ fn main() -> anyhow::Result<()> {
     let reps: usize = args.get(2).map_or(Ok(5), |s| s.parse::<usize>())?.max(1);
     let only = args.get(3).map(String::as_str);
     let size: usize = args.get(4).map_or(Ok(224), |s| s.parse())?;
-    configure_threads(None);
+    configure_threads_here(None);
     let (net, cfg) = inference_net(arch);
     let folded = net.folded()?;
     let x = RngHandle::seed_from_u64(1).normal_tensor(

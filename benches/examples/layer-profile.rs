@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor, Var};
 use resblock_core::ops::{batch_norm_train, conv2d, conv_batch_norm_train, set_kernels, Kernels};
-use resblock_core::{backward_from, configure_threads, RngHandle};
+use resblock_core::{backward_from, configure_threads_here, RngHandle};
 
 #[global_allocator]
 static ALLOC: resblock_core::ops::alloc::HugePageAlloc = resblock_core::ops::alloc::HugePageAlloc;
@@ -26,7 +26,7 @@ fn time<R>(reps: usize, mut f: impl FnMut() -> anyhow::Result<R>) -> anyhow::Res
 }
 
 fn main() -> anyhow::Result<()> {
-    configure_threads(None);
+    configure_threads_here(None);
     let kernels = match std::env::args().nth(1).as_deref() {
         Some("native") => vec![Kernels::Native],
         Some("candle") => vec![Kernels::Candle],

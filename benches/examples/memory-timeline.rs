@@ -14,7 +14,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use candle_core::ModuleT;
 use resblock_benches::{peak_rss_bytes, rss_bytes, TrainWorkload};
-use resblock_core::configure_threads;
+use resblock_core::configure_threads_here;
 
 #[global_allocator]
 static ALLOC: resblock_core::ops::alloc::HugePageAlloc = resblock_core::ops::alloc::HugePageAlloc;
@@ -34,7 +34,7 @@ fn main() -> anyhow::Result<()> {
     };
     let batch: usize = batch.parse().with_context(|| format!("BATCH {batch:?}"))?;
     let size: usize = size.parse().with_context(|| format!("SIZE {size:?}"))?;
-    configure_threads(None);
+    configure_threads_here(None);
     let work = TrainWorkload::new(arch, batch, size);
     println!("model and batch built: {:.0} MiB", mib(rss()?));
     let stop = Arc::new(AtomicBool::new(false));

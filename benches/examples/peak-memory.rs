@@ -11,7 +11,7 @@
 
 use anyhow::{bail, Context};
 use resblock_benches::{peak_rss_bytes, rss_bytes, TrainWorkload};
-use resblock_core::configure_threads;
+use resblock_core::configure_threads_here;
 
 #[global_allocator]
 static ALLOC: resblock_core::ops::alloc::HugePageAlloc = resblock_core::ops::alloc::HugePageAlloc;
@@ -32,7 +32,7 @@ fn main() -> anyhow::Result<()> {
         Some(s) => s.parse().with_context(|| format!("STEPS {s:?}"))?,
         None => 3,
     };
-    configure_threads(None);
+    configure_threads_here(None);
     let base = rss_bytes().context("no VmRSS in /proc/self/status")?;
     let work = TrainWorkload::new(arch, batch, size);
     let mut trainer = work.trainer();

@@ -12,7 +12,7 @@ use std::time::Instant;
 use candle_core::{DType, Device, ModuleT, Tensor};
 use candle_nn::VarMap;
 use resblock_core::ops::{set_kernels, Kernels};
-use resblock_core::{configure_threads, seeded_var_builder, RngHandle};
+use resblock_core::{configure_threads_here, seeded_var_builder, RngHandle};
 use resblock_train::loss::cross_entropy;
 use resblock_train::optim::{param_groups, Optimizer, Sgd, SgdConfig};
 use resblock_vision::{resnet, ResNetConfig};
@@ -32,7 +32,7 @@ fn main() -> anyhow::Result<()> {
     };
     let size: usize = args.get(4).map_or(Ok(32), |s| s.parse())?;
     let in_channels: Option<usize> = args.get(5).map(|s| s.parse()).transpose()?;
-    configure_threads(None);
+    configure_threads_here(None);
     for kernels in which {
         set_kernels(kernels);
         let rng = RngHandle::seed_from_u64(0);

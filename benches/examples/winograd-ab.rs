@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Device};
 use resblock_core::ops::{conv2d, dispatch};
-use resblock_core::{configure_threads, RngHandle};
+use resblock_core::{configure_threads_here, RngHandle};
 
 #[global_allocator]
 static ALLOC: resblock_core::ops::alloc::HugePageAlloc = resblock_core::ops::alloc::HugePageAlloc;
@@ -22,7 +22,7 @@ fn main() -> anyhow::Result<()> {
     let [n, c, hw, cout, reps] = args[..] else {
         anyhow::bail!("usage: winograd-ab N C HW COUT REPS");
     };
-    configure_threads(None);
+    configure_threads_here(None);
     let rng = RngHandle::seed_from_u64(1);
     let x = rng.normal_tensor((n, c, hw, hw), 0., 1., DType::F32, &Device::Cpu)?;
     let w = rng.normal_tensor((cout, c, 3, 3), 0., 0.1, DType::F32, &Device::Cpu)?;

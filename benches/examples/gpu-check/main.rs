@@ -31,7 +31,7 @@ mod rows;
 
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
-use resblock_core::configure_threads;
+use resblock_core::configure_threads_here;
 
 use parity::{infer_parity, train_parity, Parity};
 use rows::Rows;
@@ -62,7 +62,7 @@ fn main() -> Result<()> {
             ),
         }
     }
-    configure_threads(None);
+    configure_threads_here(None);
     let gpu = resblock_core::parse_device(&device)
         .with_context(|| format!("--device {device} (CUDA needs a build with --features cuda)"))?;
 

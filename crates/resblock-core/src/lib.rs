@@ -67,4 +67,4 @@ pub use probe::{ProbeReading, Probed, ResidualProbe};
 pub use residual::{Branch, Norm, PreActivation, Residual, ResidualScale};
 pub use rng::{RngHandle, RngState};
 pub use shortcut::{ProjectionConfig, Shortcut, ShortcutPolicy};
-pub use threads::{configure_threads, pin_candle_threads, thread_count};
+pub use threads::{configure_threads, configure_threads_here, pin_candle_threads, thread_count};

@@ -19,11 +19,13 @@ use candle_core::Tensor;
 /// The binaries' thread set-up, first thing in `main` (before any other thread starts):
 /// pins Candle's matmul to the count ([`resblock_core::pin_candle_threads`], which sets
 /// `RAYON_NUM_THREADS` only while the process has one thread), then sizes rayon's pool for
-/// our kernels. `threads`: `--threads`, else `RAYON_NUM_THREADS`, else all cores.
+/// our kernels with `main` as one of its threads ([`resblock_core::configure_threads_here`]:
+/// the ops' parallel loops run on it instead of being handed to the pool while it sleeps).
+/// `threads`: `--threads`, else `RAYON_NUM_THREADS`, else all cores.
 pub fn start_threads(threads: Option<u64>) -> usize {
     let n = resblock_core::thread_count(threads.map(|n| n as usize));
     resblock_core::pin_candle_threads(n);
-    resblock_core::configure_threads(Some(n))
+    resblock_core::configure_threads_here(Some(n))
 }
 
 /// Parses a finite, strictly positive float (for learning rates and the like).
