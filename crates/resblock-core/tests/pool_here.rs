@@ -55,7 +55,12 @@ fn main() {
     assert_eq!(nested, 28 * 4950);
 
     // With one thread the caller is not made the pool's only thread (another thread's loop
-    // would then wait for it forever): checked in a process of its own.
+    // would then wait for it forever): checked in a process of its own. Under user-mode
+    // QEMU (`cargo xtask aarch64`) this binary cannot start itself without the emulator.
+    if std::env::var_os("RESBLOCK_UNDER_QEMU").is_some() {
+        println!("pool_here: ok (the one-thread case skipped under QEMU)");
+        return;
+    }
     let mut child = std::process::Command::new(std::env::current_exe().expect("this test"))
         .env("POOL_HERE_ONE_THREAD", "1")
         .spawn()
