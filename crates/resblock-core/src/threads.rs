@@ -38,7 +38,7 @@ pub fn configure_threads(threads: Option<usize>) -> usize {
 /// this thread starts then run on it and the pool's other threads, instead of being handed
 /// to the pool while this thread sleeps until they finish. That hand-off is two thread
 /// wake-ups per parallel loop, and a training step runs hundreds of loops: interleaved on
-/// 2 cores, a residual MLP block's forward + backward took 3.3 against 3.7 ms, a basic
+/// 2 cores, a residual MLP block's forward + backward took 3.4-3.6 against 3.9 ms, a basic
 /// block's 6.1-6.5 against 7.7-8.0 ms.
 ///
 /// Call it from the thread that runs the work for the rest of the process (the binaries

@@ -87,8 +87,9 @@ fn exp_neg(t: f32) -> f32 {
     }
     // 2^-n for 0 <= n <= 126 (n is a small non-negative integer here), its exponent read
     // from the bits of n + 2^23, whose low mantissa bits hold n exactly: `n as i32` is a
-    // saturating conversion, which the compiler did lane by lane (a NaN test per value),
-    // two thirds of this backward's time.
+    // saturating conversion, which the compiler did lane by lane (a NaN test per value):
+    // with it, this GELU backward was 5.5 % of a residual MLP block's forward + backward,
+    // without it 3.2 %.
     let n = (n + 8_388_608.0).to_bits() - 0x4B00_0000;
     let scale = f32::from_bits((127 - n) << 23);
     e * scale
