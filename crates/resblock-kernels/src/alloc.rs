@@ -30,6 +30,12 @@ pub fn keep_freed_memory() {
 /// Blocks from this size up get transparent huge pages from [`HugePageAlloc`].
 pub const HUGE_PAGE_BLOCK: usize = 4 << 20;
 
+/// Zeroed blocks from this size up are fresh mappings of the kernel's zero page where it
+/// offers its huge one (see `zero_map`). Smaller ones gained nothing: at 1 MiB (a residual
+/// MLP block's weight gradients) the heap's zero-filled block was still in L2 when Candle's
+/// add read it, and the fill's time went to the add's reads from the zero page.
+pub const ZERO_MAP_BLOCK: usize = HUGE_PAGE_BLOCK;
+
 /// The size of a transparent huge page on x86-64 and most ARM64 kernels.
 const HUGE_PAGE: usize = 2 << 20;
 
@@ -107,6 +113,11 @@ unsafe impl std::alloc::GlobalAlloc for HugePageAlloc {
     }
 
     unsafe fn alloc_zeroed(&self, layout: std::alloc::Layout) -> *mut u8 {
+        if layout.size() >= ZERO_MAP_BLOCK {
+            if let Some(p) = zero_map::alloc(layout) {
+                return p;
+            }
+        }
         if layout.size() < HUGE_PAGE_BLOCK {
             // SAFETY: forwarded with the caller's layout.
             return unsafe { std::alloc::System.alloc_zeroed(layout) };
@@ -123,16 +134,213 @@ unsafe impl std::alloc::GlobalAlloc for HugePageAlloc {
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        if layout.size() >= ZERO_MAP_BLOCK && zero_map::free(ptr, layout.size()) {
+            return;
+        }
         // SAFETY: `ptr` came from `alloc` with this layout, which `System` served.
         unsafe { std::alloc::System.dealloc(ptr, layout) }
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new: usize) -> *mut u8 {
+        if layout.size() >= ZERO_MAP_BLOCK && zero_map::holds(ptr) {
+            // A zero mapping moves to the heap: copied, then unmapped.
+            // SAFETY: `new` is non-zero and, rounded to the alignment, fits `isize` (the
+            // caller's contract); the old block is readable for `layout.size()` bytes.
+            unsafe {
+                let to = std::alloc::Layout::from_size_align_unchecked(new, layout.align());
+                let p = self.alloc(to);
+                if !p.is_null() {
+                    std::ptr::copy_nonoverlapping(ptr, p, layout.size().min(new));
+                    self.dealloc(ptr, layout);
+                }
+                return p;
+            }
+        }
         // SAFETY: forwarded; `ptr` came from this allocator (so from `System`) with `layout`.
         let p = unsafe { std::alloc::System.realloc(ptr, layout, new) };
         if !p.is_null() && new >= HUGE_PAGE_BLOCK {
             Self::advise(p, new);
         }
         p
+    }
+}
+
+/// Whether `ptr` is a block [`HugePageAlloc`] serves from a fresh mapping of zero pages (a
+/// zeroed block of at least [`HUGE_PAGE_BLOCK`] bytes where the kernel maps its huge zero
+/// page): for tests.
+#[doc(hidden)]
+pub fn is_zero_mapped(ptr: *const u8) -> bool {
+    zero_map::holds(ptr.cast_mut())
+}
+
+/// Zeroed blocks as fresh anonymous mappings that nothing has touched.
+///
+/// Candle's backward starts every gradient it accumulates as `zeros_like` (a `vec![0; n]`,
+/// so `alloc_zeroed`) and adds the op's gradient to it on one thread. Zero-filled on the
+/// heap, that block cost a write of its size and a read back from memory: with the add,
+/// half of a BatchNorm + ReLU forward + backward at 16 channels, 128 images 32x32. A fresh
+/// mapping advised for huge pages reads as the kernel's huge zero page (one 2 MiB page for
+/// every read, so it stays in cache) until something writes to it; written, it faults in
+/// huge pages the kernel zeroes, as the heap block would have been. Only where the kernel
+/// maps the huge zero page (THP `always` or `madvise`, `use_zero_page` 1): with 4 KiB zero
+/// pages each page read would fault. `RESBLOCK_ZERO_PAGES=0` turns it off.
+mod zero_map {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+
+    /// The most zero mappings alive at once; past it, zeroed blocks come from the heap.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    const SLOTS: usize = 512;
+
+    /// The addresses of the live zero mappings (0: a free slot).
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    static LIVE: [AtomicUsize; SLOTS] = [const { AtomicUsize::new(0) }; SLOTS];
+
+    /// 0: not yet read, 1: on, 2: off.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    static STATE: AtomicU8 = AtomicU8::new(0);
+
+    /// The mapping's length for a block of `size` bytes: whole huge pages.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    fn mapped_len(size: usize) -> usize {
+        size.next_multiple_of(super::HUGE_PAGE)
+    }
+
+    /// Whether the kernel maps its huge zero page into advised memory, and the environment
+    /// does not turn zero mappings off. Read without allocating (this runs inside the
+    /// allocator).
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    fn on() -> bool {
+        match STATE.load(Ordering::Relaxed) {
+            1 => return true,
+            2 => return false,
+            _ => {}
+        }
+        let read = |path: &std::ffi::CStr, buf: &mut [u8; 128]| -> usize {
+            // SAFETY: `path` is NUL-terminated; `read` writes at most `buf.len()` bytes into
+            // `buf`; the descriptor is closed once read.
+            unsafe {
+                let fd = libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC);
+                if fd < 0 {
+                    return 0;
+                }
+                let n = libc::read(fd, buf.as_mut_ptr().cast(), buf.len());
+                libc::close(fd);
+                n.max(0) as usize
+            }
+        };
+        let contains = |hay: &[u8], needle: &[u8]| hay.windows(needle.len()).any(|w| w == needle);
+        let mut buf = [0u8; 128];
+        let n = read(c"/sys/kernel/mm/transparent_hugepage/enabled", &mut buf);
+        let thp = contains(&buf[..n], b"[always]") || contains(&buf[..n], b"[madvise]");
+        let n = read(
+            c"/sys/kernel/mm/transparent_hugepage/use_zero_page",
+            &mut buf,
+        );
+        let zero_page = buf[..n].first() == Some(&b'1');
+        // SAFETY: the name is NUL-terminated; the value is only read, at once.
+        let off = unsafe {
+            let v = libc::getenv(c"RESBLOCK_ZERO_PAGES".as_ptr());
+            !v.is_null() && std::ffi::CStr::from_ptr(v).to_bytes() == b"0"
+        };
+        let on = thp && zero_page && !off;
+        STATE.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+        on
+    }
+
+    /// A fresh zero mapping for `layout`, huge-page aligned, or `None` (off, an alignment
+    /// over a huge page, the kernel refused, or every slot taken).
+    pub(super) fn alloc(layout: std::alloc::Layout) -> Option<*mut u8> {
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        {
+            if layout.align() > super::HUGE_PAGE || !on() {
+                return None;
+            }
+            let len = mapped_len(layout.size());
+            let total = len + super::HUGE_PAGE;
+            // SAFETY: a new private anonymous mapping; the parts outside the aligned
+            // `len` bytes are unmapped again, and those bytes are advised, never touched.
+            unsafe {
+                let p = libc::mmap(
+                    std::ptr::null_mut(),
+                    total,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                );
+                if p == libc::MAP_FAILED {
+                    return None;
+                }
+                let base = p as usize;
+                let start = base.next_multiple_of(super::HUGE_PAGE);
+                if start > base {
+                    libc::munmap(p, start - base);
+                }
+                let tail = base + total - (start + len);
+                if tail > 0 {
+                    libc::munmap((start + len) as *mut libc::c_void, tail);
+                }
+                libc::madvise(start as *mut libc::c_void, len, libc::MADV_HUGEPAGE);
+                for slot in &LIVE {
+                    if slot
+                        .compare_exchange(0, start, Ordering::AcqRel, Ordering::Relaxed)
+                        .is_ok()
+                    {
+                        return Some(start as *mut u8);
+                    }
+                }
+                libc::munmap(start as *mut libc::c_void, len);
+                None
+            }
+        }
+        #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+        {
+            let _ = layout;
+            None
+        }
+    }
+
+    /// Whether `ptr` is a live zero mapping.
+    pub(super) fn holds(ptr: *mut u8) -> bool {
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        {
+            STATE.load(Ordering::Relaxed) == 1
+                && LIVE
+                    .iter()
+                    .any(|s| s.load(Ordering::Acquire) == ptr as usize)
+        }
+        #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+        {
+            let _ = ptr;
+            false
+        }
+    }
+
+    /// Unmaps `ptr` (a block of `size` bytes) if it is a zero mapping; false if it is not.
+    pub(super) fn free(ptr: *mut u8, size: usize) -> bool {
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        {
+            if STATE.load(Ordering::Relaxed) != 1 {
+                return false;
+            }
+            for slot in &LIVE {
+                if slot
+                    .compare_exchange(ptr as usize, 0, Ordering::AcqRel, Ordering::Relaxed)
+                    .is_ok()
+                {
+                    // SAFETY: `alloc` mapped `mapped_len(size)` bytes at `ptr` for this block,
+                    // which its owner frees now.
+                    unsafe { libc::munmap(ptr.cast(), mapped_len(size)) };
+                    return true;
+                }
+            }
+            false
+        }
+        #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+        {
+            let _ = (ptr, size);
+            false
+        }
     }
 }

@@ -1,9 +1,10 @@
 //! `alloc::HugePageAlloc` as this test binary's global allocator: blocks keep their contents
 //! through `alloc`, `alloc_zeroed` and `realloc`, and a large block's memory is advised for
 //! transparent huge pages where the kernel offers them (its own test binary: the allocator
-//! is the whole process's).
+//! is the whole process's). Large zeroed blocks are fresh zero-page mappings where the kernel
+//! maps its huge zero page, and behave as any other block.
 
-use resblock_kernels::alloc::{HugePageAlloc, HUGE_PAGE_BLOCK};
+use resblock_kernels::alloc::{is_zero_mapped, HugePageAlloc, HUGE_PAGE_BLOCK, ZERO_MAP_BLOCK};
 
 #[global_allocator]
 static ALLOC: HugePageAlloc = HugePageAlloc;
@@ -12,6 +13,13 @@ static ALLOC: HugePageAlloc = HugePageAlloc;
 fn thp_offered() -> bool {
     std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
         .is_ok_and(|s| s.contains("[always]") || s.contains("[madvise]"))
+}
+
+/// Whether the kernel maps its huge zero page into advised memory that is only read.
+fn huge_zero_page() -> bool {
+    thp_offered()
+        && std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/use_zero_page")
+            .is_ok_and(|s| s.trim() == "1")
 }
 
 /// The `THPeligible` flag of the mapping that holds `addr`, from `/proc/self/smaps`.
@@ -68,4 +76,45 @@ fn large_blocks_keep_their_contents_and_get_huge_pages() {
             "a zeroed block is not THP-eligible"
         );
     }
+}
+
+#[test]
+fn large_zeroed_blocks_are_zero_mappings_that_read_write_grow_and_free() {
+    let len = 3 * ZERO_MAP_BLOCK / 4 + 5; // f32s: not a whole number of huge pages
+    let mut z = vec![0f32; len];
+    let emulated = std::env::var_os("RESBLOCK_UNDER_QEMU").is_some();
+    let expected = cfg!(all(target_os = "linux", target_env = "gnu"))
+        && huge_zero_page()
+        && !emulated
+        && std::env::var_os("RESBLOCK_ZERO_PAGES").is_none_or(|v| v != "0");
+    assert_eq!(is_zero_mapped(z.as_ptr().cast()), expected);
+    assert!(z.iter().all(|x| *x == 0.0), "a zero mapping reads zeros");
+    // Written, it holds what was written (the pages fault in as the writes reach them).
+    for (i, x) in z.iter_mut().enumerate().step_by(1000) {
+        *x = i as f32;
+    }
+    assert!(z
+        .iter()
+        .enumerate()
+        .all(|(i, x)| *x == if i % 1000 == 0 { i as f32 } else { 0.0 }));
+    // Grown by realloc, it moves to the heap with its values.
+    z.extend(std::iter::repeat_n(-1f32, len));
+    assert!(!is_zero_mapped(z.as_ptr().cast()));
+    assert!(z[..len]
+        .iter()
+        .enumerate()
+        .all(|(i, x)| *x == if i % 1000 == 0 { i as f32 } else { 0.0 }));
+    assert!(z[len..].iter().all(|x| *x == -1.0));
+    // Blocks freed and allocated again many times (more than there are slots for live
+    // mappings) stay zero and come back as mappings.
+    for round in 0..600 {
+        let mut b = vec![0u8; ZERO_MAP_BLOCK];
+        assert_eq!(is_zero_mapped(b.as_ptr()), expected);
+        assert!(b[round * 7 % ZERO_MAP_BLOCK] == 0 && b[ZERO_MAP_BLOCK - 1] == 0);
+        b[round] = 1;
+    }
+    // Below the threshold, zeroed blocks come from the heap.
+    let small = vec![0f32; ZERO_MAP_BLOCK / 8];
+    assert!(!is_zero_mapped(small.as_ptr().cast()));
+    assert!(small.iter().all(|x| *x == 0.0));
 }
