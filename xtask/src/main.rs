@@ -179,15 +179,20 @@ fn have_tool(bin: &str) -> bool {
 /// without it Candle re-reads /proc/cpuinfo on every matmul (about 80 us each), which made
 /// the small workloads several times slower (the toy's 1000 steps: 115 ms against 21 ms).
 /// The bench harnesses cannot set it themselves safely once threads run. Likewise
-/// `CANDLE_NUM_THREADS=1` (unless set), as `resblock_core::pin_candle_threads` does for the
-/// binaries: Candle's spinning elementwise pool otherwise competes with ours for the cores.
+/// `CANDLE_NUM_THREADS` (the same count) and `CANDLE_BARRIER_POOL_SPIN_LIMIT=0` (unless
+/// set), as `resblock_core::pin_candle_threads` does for the binaries: Candle's
+/// elementwise pool then sleeps as soon as an op is done instead of spinning beside ours.
 fn pin_threads(cmd: &mut Command) {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| cpus.to_string());
     if env::var_os("RAYON_NUM_THREADS").is_none() {
-        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-        cmd.env("RAYON_NUM_THREADS", cpus.to_string());
+        cmd.env("RAYON_NUM_THREADS", &threads);
     }
     if env::var_os("CANDLE_NUM_THREADS").is_none() {
-        cmd.env("CANDLE_NUM_THREADS", "1");
+        cmd.env("CANDLE_NUM_THREADS", &threads);
+    }
+    if env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
+        cmd.env("CANDLE_BARRIER_POOL_SPIN_LIMIT", "0");
     }
 }
 
@@ -382,7 +387,12 @@ fn table(dir: &Path, meta: &Path, torch: Option<TorchRuns<'_>>, mem: &Memory) ->
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     let threads =
         env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| format!("{cpus} (set by the bench)"));
-    let candle = env::var("CANDLE_NUM_THREADS").unwrap_or_else(|_| "1 (set by the bench)".into());
+    let candle = env::var("CANDLE_NUM_THREADS").unwrap_or_else(|_| {
+        let n = env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| cpus.to_string());
+        format!("{n} (set by the bench)")
+    });
+    let spin = env::var("CANDLE_BARRIER_POOL_SPIN_LIMIT")
+        .unwrap_or_else(|_| "0 (set by the bench)".into());
     let mut s = String::new();
     writeln!(s, "# Benchmarks\n")?;
     writeln!(
@@ -396,7 +406,7 @@ fn table(dir: &Path, meta: &Path, torch: Option<TorchRuns<'_>>, mem: &Memory) ->
     )?;
     writeln!(
         s,
-        "Machine: {}, {cpus} logical CPUs, RAYON_NUM_THREADS={threads}, CANDLE_NUM_THREADS={candle}.",
+        "Machine: {}, {cpus} logical CPUs, RAYON_NUM_THREADS={threads}, CANDLE_NUM_THREADS={candle}, CANDLE_BARRIER_POOL_SPIN_LIMIT={spin}.",
         machine(),
     )?;
     if let Some(f) = fma {

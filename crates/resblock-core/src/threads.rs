@@ -72,19 +72,26 @@ fn process_threads() -> Option<usize> {
     std::fs::read_dir("/proc/self/task").ok().map(|d| d.count())
 }
 
-/// Sets `RAYON_NUM_THREADS` to `n` for Candle's matmul, and `CANDLE_NUM_THREADS` to 1 unless
-/// the caller set it, if and only if this process verifiably has a single thread (Linux:
-/// `/proc/self/task`), so that no other thread can be reading or writing the environment
-/// meanwhile; returns whether it set them. Binaries call it first thing in `main`; where it
-/// returns `false` (other threads already running, or a system that does not list them)
-/// nothing changed and Candle works the count out per call.
+/// Sets `RAYON_NUM_THREADS` to `n` for Candle's matmul, and `CANDLE_NUM_THREADS` to `n` and
+/// `CANDLE_BARRIER_POOL_SPIN_LIMIT` to 0 unless the caller set them, if and only if this
+/// process verifiably has a single thread (Linux: `/proc/self/task`), so that no other
+/// thread can be reading or writing the environment meanwhile; returns whether it set
+/// them. Binaries call it first thing in `main`; where it returns `false` (other threads
+/// already running, or a system that does not list them) nothing changed and Candle works
+/// the count out per call.
 ///
-/// `CANDLE_NUM_THREADS` sizes Candle 0.11's own pool for its elementwise ops, whose workers
-/// spin for 25,000 iterations after every op before they sleep: beside our rayon pool,
-/// which already has a thread per core, they took cores from our kernels (a residual MLP
-/// block's training step 2.9 ms with them, 1.8 ms without; a ResNet-20 step 193 ms against
-/// 182 ms). With 1 Candle runs those ops on the calling thread; the heavy elementwise work
-/// is in our kernels, on rayon.
+/// `CANDLE_NUM_THREADS` sizes Candle 0.11's own pool for its elementwise ops, which include
+/// the add that starts every gradient of its backward (`zeros_like` + the op's gradient).
+/// Its workers spin for 25,000 iterations after every op before they sleep: beside our
+/// rayon pool, which already has a thread per core, they took cores from our kernels (a
+/// residual MLP block's training step 2.9 ms with them, 1.8 ms with one Candle thread, in
+/// the third session). With a spin limit of 0 they sleep as soon as an op is done, and
+/// since the caller is one of rayon's threads ([`configure_threads_here`]) neither pool
+/// spins while the other works. Interleaved on 2 cores (twenty-third session), against
+/// `CANDLE_NUM_THREADS=1`: BatchNorm + ReLU at 16 channels, 128 images 32x32, forward +
+/// backward 3.3 against 4.5-5.2 ms; the residual MLP block 2.2-2.5 against 2.5-2.8 ms; the
+/// basic block 4.4-4.9 against 6.0-7.3 ms; ResNet-18 batch-1 inference 14.6-15.2 against
+/// 16.0-16.9 ms; a ResNet-20 training step unchanged (fastest 125 against 124 ms).
 pub fn pin_candle_threads(n: usize) -> bool {
     if n == 0 || process_threads() != Some(1) {
         return false;
@@ -93,7 +100,10 @@ pub fn pin_candle_threads(n: usize) -> bool {
     // thread can touch the environment concurrently.
     std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
-        std::env::set_var("CANDLE_NUM_THREADS", "1");
+        std::env::set_var("CANDLE_NUM_THREADS", n.to_string());
+    }
+    if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
+        std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "0");
     }
     true
 }

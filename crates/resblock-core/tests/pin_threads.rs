@@ -1,5 +1,5 @@
-//! `pin_candle_threads` sets `RAYON_NUM_THREADS` (and `CANDLE_NUM_THREADS` unless set) only
-//! while the process has one thread.
+//! `pin_candle_threads` sets `RAYON_NUM_THREADS` (and `CANDLE_NUM_THREADS` and
+//! `CANDLE_BARRIER_POOL_SPIN_LIMIT` unless set) only while the process has one thread.
 //! Runs without the test harness (`harness = false`): `main` is the process's only thread
 //! until it starts one.
 
@@ -12,16 +12,26 @@ fn main() {
     }
     std::env::remove_var("RAYON_NUM_THREADS");
     std::env::remove_var("CANDLE_NUM_THREADS");
+    std::env::remove_var("CANDLE_BARRIER_POOL_SPIN_LIMIT");
     assert!(
         resblock_core::pin_candle_threads(3),
         "single-threaded: must set"
     );
     assert_eq!(std::env::var("RAYON_NUM_THREADS").as_deref(), Ok("3"));
-    assert_eq!(std::env::var("CANDLE_NUM_THREADS").as_deref(), Ok("1"));
-    // A count the caller chose for Candle's pool stands.
+    assert_eq!(std::env::var("CANDLE_NUM_THREADS").as_deref(), Ok("3"));
+    assert_eq!(
+        std::env::var("CANDLE_BARRIER_POOL_SPIN_LIMIT").as_deref(),
+        Ok("0")
+    );
+    // A count and a spin limit the caller chose for Candle's pool stand.
     std::env::set_var("CANDLE_NUM_THREADS", "4");
+    std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "100");
     assert!(resblock_core::pin_candle_threads(3));
     assert_eq!(std::env::var("CANDLE_NUM_THREADS").as_deref(), Ok("4"));
+    assert_eq!(
+        std::env::var("CANDLE_BARRIER_POOL_SPIN_LIMIT").as_deref(),
+        Ok("100")
+    );
     assert!(
         !resblock_core::pin_candle_threads(0),
         "0 threads is not a count"
