@@ -184,6 +184,11 @@ pub fn is_zero_mapped(ptr: *const u8) -> bool {
 /// huge pages the kernel zeroes, as the heap block would have been. Only where the kernel
 /// maps the huge zero page (THP `always` or `madvise`, `use_zero_page` 1): with 4 KiB zero
 /// pages each page read would fault. `RESBLOCK_ZERO_PAGES=0` turns it off.
+///
+/// A block read before it is written (a sum accumulated into zeros) faults in 4 KiB pages
+/// on its writes, the kernel splitting the huge zero page: a ResNet-50 batch-32 step bench
+/// run took 51K page faults against 34K, in the same time within the noise (4.52-4.71
+/// against 4.37-5.11 s per step, interleaved).
 mod zero_map {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
