@@ -37,6 +37,7 @@ pub const HUGE_PAGE_BLOCK: usize = 4 << 20;
 pub const ZERO_MAP_BLOCK: usize = HUGE_PAGE_BLOCK;
 
 /// The size of a transparent huge page on x86-64 and most ARM64 kernels.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
 const HUGE_PAGE: usize = 2 << 20;
 
 /// The system allocator, with every block of [`HUGE_PAGE_BLOCK`] bytes or more advised to
@@ -51,7 +52,7 @@ const HUGE_PAGE: usize = 2 << 20;
 /// equivalent (`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`), which a program cannot set for
 /// itself once started. Only whole huge pages inside a block are advised, so no memory
 /// outside the block is touched; the advice is one system call per large block. Off Linux
-/// it is the system allocator.
+/// with glibc it is the system allocator.
 pub struct HugePageAlloc;
 
 /// The program break up to which [`HugePageAlloc`] has advised the main heap.
@@ -81,7 +82,7 @@ impl HugePageAlloc {
 
     /// Advises the whole huge pages of `[p, p + len)`.
     fn advise(p: *mut u8, len: usize) {
-        #[cfg(target_os = "linux")]
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
         {
             let start = (p as usize).next_multiple_of(HUGE_PAGE);
             let end = (p as usize + len) / HUGE_PAGE * HUGE_PAGE;
@@ -94,7 +95,7 @@ impl HugePageAlloc {
                 }
             }
         }
-        #[cfg(not(target_os = "linux"))]
+        #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
         let _ = (p, len);
     }
 }
@@ -189,24 +190,20 @@ pub fn is_zero_mapped(ptr: *const u8) -> bool {
 /// on its writes, the kernel splitting the huge zero page: a ResNet-50 batch-32 step bench
 /// run took 51K page faults against 34K, in the same time within the noise (4.52-4.71
 /// against 4.37-5.11 s per step, interleaved).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
 mod zero_map {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
     use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 
     /// The most zero mappings alive at once; past it, zeroed blocks come from the heap.
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
     const SLOTS: usize = 512;
 
     /// The addresses of the live zero mappings (0: a free slot).
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
     static LIVE: [AtomicUsize; SLOTS] = [const { AtomicUsize::new(0) }; SLOTS];
 
     /// 0: not yet read, 1: on, 2: off.
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
     static STATE: AtomicU8 = AtomicU8::new(0);
 
     /// The mapping's length for a block of `size` bytes: whole huge pages.
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
     fn mapped_len(size: usize) -> usize {
         size.next_multiple_of(super::HUGE_PAGE)
     }
@@ -214,7 +211,6 @@ mod zero_map {
     /// Whether the kernel maps its huge zero page into advised memory, and the environment
     /// does not turn zero mappings off. Read without allocating (this runs inside the
     /// allocator).
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
     fn on() -> bool {
         match STATE.load(Ordering::Relaxed) {
             1 => return true,
@@ -256,96 +252,88 @@ mod zero_map {
     /// A fresh zero mapping for `layout`, huge-page aligned, or `None` (off, an alignment
     /// over a huge page, the kernel refused, or every slot taken).
     pub(super) fn alloc(layout: std::alloc::Layout) -> Option<*mut u8> {
-        #[cfg(all(target_os = "linux", target_env = "gnu"))]
-        {
-            if layout.align() > super::HUGE_PAGE || !on() {
+        if layout.align() > super::HUGE_PAGE || !on() {
+            return None;
+        }
+        let len = mapped_len(layout.size());
+        let total = len + super::HUGE_PAGE;
+        // SAFETY: a new private anonymous mapping; the parts outside the aligned
+        // `len` bytes are unmapped again, and those bytes are advised, never touched.
+        unsafe {
+            let p = libc::mmap(
+                std::ptr::null_mut(),
+                total,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            );
+            if p == libc::MAP_FAILED {
                 return None;
             }
-            let len = mapped_len(layout.size());
-            let total = len + super::HUGE_PAGE;
-            // SAFETY: a new private anonymous mapping; the parts outside the aligned
-            // `len` bytes are unmapped again, and those bytes are advised, never touched.
-            unsafe {
-                let p = libc::mmap(
-                    std::ptr::null_mut(),
-                    total,
-                    libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                    -1,
-                    0,
-                );
-                if p == libc::MAP_FAILED {
-                    return None;
-                }
-                let base = p as usize;
-                let start = base.next_multiple_of(super::HUGE_PAGE);
-                if start > base {
-                    libc::munmap(p, start - base);
-                }
-                let tail = base + total - (start + len);
-                if tail > 0 {
-                    libc::munmap((start + len) as *mut libc::c_void, tail);
-                }
-                libc::madvise(start as *mut libc::c_void, len, libc::MADV_HUGEPAGE);
-                for slot in &LIVE {
-                    if slot
-                        .compare_exchange(0, start, Ordering::AcqRel, Ordering::Relaxed)
-                        .is_ok()
-                    {
-                        return Some(start as *mut u8);
-                    }
-                }
-                libc::munmap(start as *mut libc::c_void, len);
-                None
+            let base = p as usize;
+            let start = base.next_multiple_of(super::HUGE_PAGE);
+            if start > base {
+                libc::munmap(p, start - base);
             }
-        }
-        #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-        {
-            let _ = layout;
+            let tail = base + total - (start + len);
+            if tail > 0 {
+                libc::munmap((start + len) as *mut libc::c_void, tail);
+            }
+            super::HugePageAlloc::advise(start as *mut u8, len);
+            for slot in &LIVE {
+                if slot
+                    .compare_exchange(0, start, Ordering::AcqRel, Ordering::Relaxed)
+                    .is_ok()
+                {
+                    return Some(start as *mut u8);
+                }
+            }
+            libc::munmap(start as *mut libc::c_void, len);
             None
         }
     }
 
     /// Whether `ptr` is a live zero mapping.
     pub(super) fn holds(ptr: *mut u8) -> bool {
-        #[cfg(all(target_os = "linux", target_env = "gnu"))]
-        {
-            STATE.load(Ordering::Relaxed) == 1
-                && LIVE
-                    .iter()
-                    .any(|s| s.load(Ordering::Acquire) == ptr as usize)
-        }
-        #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-        {
-            let _ = ptr;
-            false
-        }
+        STATE.load(Ordering::Relaxed) == 1
+            && LIVE
+                .iter()
+                .any(|s| s.load(Ordering::Acquire) == ptr as usize)
     }
 
     /// Unmaps `ptr` (a block of `size` bytes) if it is a zero mapping; false if it is not.
     pub(super) fn free(ptr: *mut u8, size: usize) -> bool {
-        #[cfg(all(target_os = "linux", target_env = "gnu"))]
-        {
-            if STATE.load(Ordering::Relaxed) != 1 {
-                return false;
-            }
-            for slot in &LIVE {
-                if slot
-                    .compare_exchange(ptr as usize, 0, Ordering::AcqRel, Ordering::Relaxed)
-                    .is_ok()
-                {
-                    // SAFETY: `alloc` mapped `mapped_len(size)` bytes at `ptr` for this block,
-                    // which its owner frees now.
-                    unsafe { libc::munmap(ptr.cast(), mapped_len(size)) };
-                    return true;
-                }
-            }
-            false
+        if STATE.load(Ordering::Relaxed) != 1 {
+            return false;
         }
-        #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-        {
-            let _ = (ptr, size);
-            false
+        for slot in &LIVE {
+            if slot
+                .compare_exchange(ptr as usize, 0, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+            {
+                // SAFETY: `alloc` mapped `mapped_len(size)` bytes at `ptr` for this block,
+                // which its owner frees now.
+                unsafe { libc::munmap(ptr.cast(), mapped_len(size)) };
+                return true;
+            }
         }
+        false
+    }
+}
+
+/// Elsewhere zeroed blocks come from the heap.
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+mod zero_map {
+    pub(super) fn alloc(_layout: std::alloc::Layout) -> Option<*mut u8> {
+        None
+    }
+
+    pub(super) fn holds(_ptr: *mut u8) -> bool {
+        false
+    }
+
+    pub(super) fn free(_ptr: *mut u8, _size: usize) -> bool {
+        false
     }
 }
