@@ -3,43 +3,53 @@
 //! (with Winograd allowed, `winograd::forward_applies` and `uses_f4` pick F(2x2) or
 //! F(4x4) or neither). The figures we report come from `cargo xtask bench`.
 //!
-//! `cargo run --release -p resblock-benches --example winograd-ab -- N C HW COUT REPS`.
+//! `cargo run --release -p resblock-benches --example winograd-ab -- N C HW COUT REPS [bwd]`:
+//! with `bwd`, the backward (both gradients for a given upstream gradient, as the
+//! `bwd_data_and_weight` bench rows) instead of the forward.
 
 use std::time::Instant;
 
 use candle_core::{DType, Device};
-use resblock_core::ops::{conv2d, dispatch};
+use resblock_core::ops::{conv2d, conv2d_backward, dispatch};
 use resblock_core::{configure_threads_here, RngHandle};
 
 #[global_allocator]
 static ALLOC: resblock_core::ops::alloc::HugePageAlloc = resblock_core::ops::alloc::HugePageAlloc;
 
 fn main() -> anyhow::Result<()> {
-    let args: Vec<usize> = std::env::args()
-        .skip(1)
-        .map(|s| s.parse())
-        .collect::<Result<_, _>>()?;
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    let bwd = args.last().is_some_and(|a| a == "bwd");
+    if bwd {
+        args.pop();
+    }
+    let args: Vec<usize> = args.iter().map(|s| s.parse()).collect::<Result<_, _>>()?;
     let [n, c, hw, cout, reps] = args[..] else {
-        anyhow::bail!("usage: winograd-ab N C HW COUT REPS");
+        anyhow::bail!("usage: winograd-ab N C HW COUT REPS [bwd]");
     };
     configure_threads_here(None);
     let rng = RngHandle::seed_from_u64(1);
     let x = rng.normal_tensor((n, c, hw, hw), 0., 1., DType::F32, &Device::Cpu)?;
     let w = rng.normal_tensor((cout, c, 3, 3), 0., 0.1, DType::F32, &Device::Cpu)?;
+    let r = rng.normal_tensor((n, cout, hw, hw), 0., 1., DType::F32, &Device::Cpu)?;
     let base = dispatch::current();
     let mut times = [Vec::new(), Vec::new()];
     for i in 0..2 * reps.max(1) {
         let winograd = i % 2 == 1;
         dispatch::set(dispatch::Dispatch { winograd, ..base });
         let t = Instant::now();
-        conv2d(&x, &w, 1, 1, 1, 1)?;
+        if bwd {
+            conv2d_backward(&x, &w, &r, 1, 1, 1, 1)?;
+        } else {
+            conv2d(&x, &w, 1, 1, 1, 1)?;
+        }
         times[usize::from(winograd)].push(1e3 * t.elapsed().as_secs_f64());
     }
     dispatch::set(base);
     for (name, t) in ["off", "allowed"].iter().zip(&mut times) {
         t.sort_by(f64::total_cmp);
         println!(
-            "{n}x{c}x{hw}x{hw} -> {cout}, Winograd {name}: min {:.2} ms, median {:.2} ms",
+            "{n}x{c}x{hw}x{hw} -> {cout}{}, Winograd {name}: min {:.2} ms, median {:.2} ms",
+            if bwd { " backward" } else { "" },
             t[0],
             t[t.len() / 2]
         );

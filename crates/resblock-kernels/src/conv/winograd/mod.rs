@@ -115,11 +115,10 @@ const FROZEN_F4_MIN_PIXELS: usize = 700;
 /// cover 16x16 (on a 256-channel layer at batch 8 F(4x4) was no faster than F(2x2)).
 const F4_MIN_WIDTH: usize = 28;
 
-/// Whether Winograd pays on this CPU: not where 512-bit FMAs run at full width
-/// ([`crate::peak::full_width_fma`]; on an Intel Xeon host with two 512-bit FMA units the
-/// direct kernels ran a 64-channel 56x56 layer 25-30% faster and ResNet-18 inference at
-/// batch 8 10% faster), unless `RESBLOCK_WINOGRAD=1` (or, in this crate's tests,
-/// [`force_for_tests`]) asks for it anyway.
+/// Whether Winograd pays on this CPU for every shape the other thresholds allow: not where
+/// 512-bit FMAs run at full width ([`crate::peak::full_width_fma`]), where it pays only for
+/// [`pays_at_full_width`]'s shapes; `RESBLOCK_WINOGRAD=1` (or, in this crate's tests,
+/// [`force_for_tests`]) asks for it everywhere anyway.
 fn pays_on_this_cpu() -> bool {
     static PAYS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     #[cfg(test)]
@@ -129,6 +128,35 @@ fn pays_on_this_cpu() -> bool {
     *PAYS.get_or_init(|| {
         std::env::var("RESBLOCK_WINOGRAD").is_ok_and(|v| v == "1") || !crate::peak::full_width_fma()
     })
+}
+
+/// The fewest input and output channels for which Winograd pays where 512-bit FMAs run at
+/// full width ...
+const FULL_WIDTH_MIN_CHANNELS: usize = 128;
+/// ... with at least this many 2x2 output tiles over the batch (as [`MIN_TILES`]).
+const FULL_WIDTH_MIN_TILES: usize = 300;
+
+/// Whether Winograd pays for `d` on a CPU that runs 512-bit FMAs at full width, where the
+/// direct kernels reach 75-80% of the FMA peak: for 128 channels and more on outputs of at
+/// least [`MIN_WIDTH`], with [`FULL_WIDTH_MIN_TILES`] tiles. Measured on the Intel Xeon host
+/// (two 512-bit FMA units; `winograd-ab`, interleaved minima, and the conv bench rows):
+///
+/// | layer (forward) | direct | Winograd |
+/// |---|---|---|
+/// | 128 ch 28x28, batch 8 (F(4x4)) | 6.36 ms | 4.62 ms |
+/// | 256 ch 14x14, batch 8 (F(2x2)) | 7.26 ms | 5.67 ms |
+/// | 256 ch 14x14, batch 32 | 25.7 ms | 20.0 ms |
+/// | 64 ch 56x56, batch 8 (F(4x4)) | 6.86 ms | 6.90 ms |
+/// | 512 ch 7x7, batch 8 (F(2x2)) | 7.17 ms | 8.34 ms |
+/// | 128 ch 28x28, batch 1 (196 tiles) | 0.87 ms | 1.00 ms |
+///
+/// and the bench's 3x3 backward (input gradient on Winograd, weight gradient direct):
+/// 256 channels 14x14 batch 8 13.4 against 16.6 ms, 64 channels 56x56 19.7 against 13.7.
+fn pays_at_full_width(d: &Dims) -> bool {
+    d.c >= FULL_WIDTH_MIN_CHANNELS
+        && d.cout >= FULL_WIDTH_MIN_CHANNELS
+        && d.ow >= MIN_WIDTH
+        && d.n * Tiles::of::<F2>(d).per_image() >= FULL_WIDTH_MIN_TILES
 }
 
 /// Set by [`force_for_tests`].
@@ -147,7 +175,16 @@ pub(crate) fn force_for_tests() {
 /// 3x3, stride 1, padding 1, no dilation, one group, with enough channels, a wide enough
 /// output and enough tiles.
 pub(crate) fn applies(d: &Dims, g: &ConvGeom) -> bool {
-    d.ow >= MIN_WIDTH && shape_allows(d, g, MIN_TILES)
+    d.ow >= MIN_WIDTH && shape_allows(d, g, MIN_TILES, true)
+}
+
+/// [`applies`] for the fused conv + BatchNorm training op (`fused::conv_bn`), which on the
+/// direct kernels takes its input padded by the op before it and hands its input gradient
+/// on the same way: where 512-bit FMAs run at full width it stays there even for
+/// [`pays_at_full_width`]'s shapes (ResNet-50 batch-32 training step, two interleaved
+/// pairs: 5.00-5.06 s direct, 5.11-5.22 s with those layers on Winograd).
+pub(crate) fn applies_fused(d: &Dims, g: &ConvGeom) -> bool {
+    d.ow >= MIN_WIDTH && shape_allows(d, g, MIN_TILES, false)
 }
 
 /// [`applies`] for the convolution op's forward (`path::forward_f32`): also 7x7 outputs of
@@ -156,13 +193,15 @@ pub(crate) fn applies(d: &Dims, g: &ConvGeom) -> bool {
 /// kernel's transform is made once ([`super::frozen`]), so any number of tiles pays.
 pub(crate) fn forward_applies(d: &Dims, g: &ConvGeom, frozen: bool) -> bool {
     let min_tiles = if frozen { 1 } else { MIN_TILES };
-    (d.ow >= MIN_WIDTH || d.c >= NARROW_MIN_CHANNELS) && shape_allows(d, g, min_tiles)
+    (d.ow >= MIN_WIDTH || d.c >= NARROW_MIN_CHANNELS) && shape_allows(d, g, min_tiles, true)
 }
 
-/// [`applies`] but for the width, with at least `min_tiles` F(2x2) tiles over the batch.
-fn shape_allows(d: &Dims, g: &ConvGeom, min_tiles: usize) -> bool {
+/// [`applies`] but for the width, with at least `min_tiles` F(2x2) tiles over the batch;
+/// `full_width_shapes`: also [`pays_at_full_width`]'s shapes where Winograd does not pay
+/// for every shape ([`pays_on_this_cpu`]).
+fn shape_allows(d: &Dims, g: &ConvGeom, min_tiles: usize, full_width_shapes: bool) -> bool {
     crate::dispatch::current().winograd
-        && pays_on_this_cpu()
+        && (pays_on_this_cpu() || (full_width_shapes && pays_at_full_width(d)))
         && (d.kh, d.kw) == (3, 3)
         && d.n * Tiles::of::<F2>(d).per_image() >= min_tiles
         && (g.stride, g.padding, g.dilation, g.groups) == (1, 1, 1, 1)
