@@ -133,7 +133,8 @@ fn pays_on_this_cpu() -> bool {
 /// The fewest input and output channels for which Winograd pays where 512-bit FMAs run at
 /// full width ...
 const FULL_WIDTH_MIN_CHANNELS: usize = 128;
-/// ... with at least this many 2x2 output tiles over the batch (as [`MIN_TILES`]).
+/// ... with at least this many 2x2 output tiles over the batch (as [`MIN_TILES`]), but for a
+/// frozen kernel, whose transform is made once: any number.
 const FULL_WIDTH_MIN_TILES: usize = 300;
 
 /// Whether Winograd pays for `d` on a CPU that runs 512-bit FMAs at full width, where the
@@ -152,11 +153,16 @@ const FULL_WIDTH_MIN_TILES: usize = 300;
 ///
 /// and the bench's 3x3 backward (input gradient on Winograd, weight gradient direct):
 /// 256 channels 14x14 batch 8 13.4 against 16.6 ms, 64 channels 56x56 19.7 against 13.7.
-fn pays_at_full_width(d: &Dims) -> bool {
+///
+/// A frozen kernel at batch 1 (ResNet-18 folded, interleaved minima of 40 calls, two runs):
+/// 13.4 / 12.8 ms against 15.0 / 13.6 ms direct; unfrozen (the transform made per call) at
+/// batch 1 it was 1-2% slower, hence the tile minimum there.
+fn pays_at_full_width(d: &Dims, frozen: bool) -> bool {
+    let min_tiles = if frozen { 1 } else { FULL_WIDTH_MIN_TILES };
     d.c >= FULL_WIDTH_MIN_CHANNELS
         && d.cout >= FULL_WIDTH_MIN_CHANNELS
         && d.ow >= MIN_WIDTH
-        && d.n * Tiles::of::<F2>(d).per_image() >= FULL_WIDTH_MIN_TILES
+        && d.n * Tiles::of::<F2>(d).per_image() >= min_tiles
 }
 
 /// Set by [`force_for_tests`].
@@ -175,7 +181,7 @@ pub(crate) fn force_for_tests() {
 /// 3x3, stride 1, padding 1, no dilation, one group, with enough channels, a wide enough
 /// output and enough tiles.
 pub(crate) fn applies(d: &Dims, g: &ConvGeom) -> bool {
-    d.ow >= MIN_WIDTH && shape_allows(d, g, MIN_TILES, true)
+    d.ow >= MIN_WIDTH && shape_allows(d, g, MIN_TILES, Some(false))
 }
 
 /// [`applies`] for the fused conv + BatchNorm training op (`fused::conv_bn`), which on the
@@ -184,7 +190,7 @@ pub(crate) fn applies(d: &Dims, g: &ConvGeom) -> bool {
 /// [`pays_at_full_width`]'s shapes (ResNet-50 batch-32 training step, two interleaved
 /// pairs: 5.00-5.06 s direct, 5.11-5.22 s with those layers on Winograd).
 pub(crate) fn applies_fused(d: &Dims, g: &ConvGeom) -> bool {
-    d.ow >= MIN_WIDTH && shape_allows(d, g, MIN_TILES, false)
+    d.ow >= MIN_WIDTH && shape_allows(d, g, MIN_TILES, None)
 }
 
 /// [`applies`] for the convolution op's forward (`path::forward_f32`): also 7x7 outputs of
@@ -193,15 +199,15 @@ pub(crate) fn applies_fused(d: &Dims, g: &ConvGeom) -> bool {
 /// kernel's transform is made once ([`super::frozen`]), so any number of tiles pays.
 pub(crate) fn forward_applies(d: &Dims, g: &ConvGeom, frozen: bool) -> bool {
     let min_tiles = if frozen { 1 } else { MIN_TILES };
-    (d.ow >= MIN_WIDTH || d.c >= NARROW_MIN_CHANNELS) && shape_allows(d, g, min_tiles, true)
+    (d.ow >= MIN_WIDTH || d.c >= NARROW_MIN_CHANNELS) && shape_allows(d, g, min_tiles, Some(frozen))
 }
 
 /// [`applies`] but for the width, with at least `min_tiles` F(2x2) tiles over the batch;
-/// `full_width_shapes`: also [`pays_at_full_width`]'s shapes where Winograd does not pay
-/// for every shape ([`pays_on_this_cpu`]).
-fn shape_allows(d: &Dims, g: &ConvGeom, min_tiles: usize, full_width_shapes: bool) -> bool {
+/// with `full_width: Some(frozen)` also [`pays_at_full_width`]'s shapes where Winograd does
+/// not pay for every shape ([`pays_on_this_cpu`]).
+fn shape_allows(d: &Dims, g: &ConvGeom, min_tiles: usize, full_width: Option<bool>) -> bool {
     crate::dispatch::current().winograd
-        && (pays_on_this_cpu() || (full_width_shapes && pays_at_full_width(d)))
+        && (pays_on_this_cpu() || full_width.is_some_and(|frozen| pays_at_full_width(d, frozen)))
         && (d.kh, d.kw) == (3, 3)
         && d.n * Tiles::of::<F2>(d).per_image() >= min_tiles
         && (g.stride, g.padding, g.dilation, g.groups) == (1, 1, 1, 1)

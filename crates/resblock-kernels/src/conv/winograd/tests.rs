@@ -308,12 +308,17 @@ fn weight_rows_match_single_tiles_on_every_level() {
 #[test]
 fn full_width_shapes() {
     // ResNet-18/50 at batch 8: 128 channels 28x28 (1568 tiles), 256 channels 14x14 (392).
-    assert!(pays_at_full_width(&dims(8, 128, 128, 28, 28)));
-    assert!(pays_at_full_width(&dims(8, 256, 256, 14, 14)));
+    assert!(pays_at_full_width(&dims(8, 128, 128, 28, 28), false));
+    assert!(pays_at_full_width(&dims(8, 256, 256, 14, 14), false));
     // 64 channels at 56x56 (no faster forward, slower backward), 512 channels at 7x7
-    // (slower), 128 channels at 28x28 at batch 1 (196 tiles: slower).
-    assert!(!pays_at_full_width(&dims(8, 64, 64, 56, 56)));
-    assert!(!pays_at_full_width(&dims(8, 128, 64, 28, 28)));
-    assert!(!pays_at_full_width(&dims(8, 512, 512, 7, 7)));
-    assert!(!pays_at_full_width(&dims(1, 128, 128, 28, 28)));
+    // (slower), 128 channels at 28x28 at batch 1 (196 tiles: slower) unless the kernel is
+    // frozen (its transform made once).
+    for frozen in [false, true] {
+        assert!(!pays_at_full_width(&dims(8, 64, 64, 56, 56), frozen));
+        assert!(!pays_at_full_width(&dims(8, 128, 64, 28, 28), frozen));
+        assert!(!pays_at_full_width(&dims(8, 512, 512, 7, 7), frozen));
+    }
+    assert!(!pays_at_full_width(&dims(1, 128, 128, 28, 28), false));
+    assert!(pays_at_full_width(&dims(1, 128, 128, 28, 28), true));
+    assert!(pays_at_full_width(&dims(1, 256, 256, 14, 14), true));
 }
