@@ -4,8 +4,10 @@
 //! Every loop runs [`LANES`] tiles (or columns) at a time through local arrays: loaded
 //! with fixed-size copies, combined lane by lane, stored with fixed-size copies. The
 //! compiler vectorises those where it does not vectorise a plain loop with a dozen input
-//! and output slices (too many pairs to check for overlap), and a plane's tiles go through
-//! in one loop however short its rows (a 7x7 output has rows of 2 or 4 tiles). The callers
+//! and output slices (too many pairs to check for overlap). The output transform takes a
+//! plane's tiles in one loop however short its rows (a 7x7 output has rows of 2 or 4
+//! tiles); the input transform's horizontal half goes tile row by tile row, reading each
+//! step's tiles from whole vectors (see [`input_plane`]). The callers
 //! compile these for the widest SIMD level (`with_simd!`), so nothing here is a closure
 //! (a closure would be compiled without the level's features).
 
@@ -61,8 +63,6 @@ fn bt_lanes<T: Lines<N, M>, const N: usize, const M: usize>(a: &[[f32; L]; N]) -
 pub(crate) struct Buffers {
     pub(super) tiles: super::Tiles,
     pub(super) buf: Vec<f32>,
-    /// [`tile_offsets`], made by the first input transform.
-    pub(super) offsets: Vec<u32>,
 }
 
 impl Buffers {
@@ -70,16 +70,12 @@ impl Buffers {
         Buffers {
             tiles,
             buf: Vec::new(),
-            offsets: Vec::new(),
         }
     }
 
     /// Ready for [`input_plane`] with `n` values per tile side.
     fn for_input(&mut self, n: usize) {
         let super::Tiles { m, th, tw } = self.tiles;
-        if self.offsets.is_empty() {
-            self.offsets = tile_offsets(m, th, tw);
-        }
         self.grow(input_buffer_len(n, m, th, tw));
     }
 
@@ -101,14 +97,7 @@ impl Buffers {
     ) {
         self.for_input(n);
         let super::Tiles { th, tw, .. } = self.tiles;
-        run(
-            pp,
-            &mut self.buf,
-            &self.offsets,
-            (th, tw),
-            &mut v[t0..],
-            t_all,
-        );
+        run(pp, &mut self.buf, (th, tw), &mut v[t0..], t_all);
     }
 
     /// `Algo::output_tiles` for `M x M` output tiles: `run` is the algorithm's
@@ -130,8 +119,8 @@ impl Buffers {
 }
 
 /// An algorithm's [`input_plane`] on the SIMD level in use:
-/// `(pp, buf, offsets, (th, tw), v, t_all)`.
-pub(super) type InputPlane = fn(&[f32], &mut [f32], &[u32], (usize, usize), &mut [f32], usize);
+/// `(pp, buf, (th, tw), v, t_all)`.
+pub(super) type InputPlane = fn(&[f32], &mut [f32], (usize, usize), &mut [f32], usize);
 
 /// An algorithm's [`output_plane`] on the SIMD level in use: `(mt, stride, buf, tp)`.
 pub(super) type OutputPlane = fn(&[f32], usize, &mut [f32], usize);
@@ -139,34 +128,37 @@ pub(super) type OutputPlane = fn(&[f32], usize, &mut [f32], usize);
 /// The length of [`input_plane`]'s buffer for tiles `th x tw`: `N` combined rows of
 /// `th (tw + 1) m + 2` values.
 pub(super) fn input_buffer_len(n: usize, m: usize, th: usize, tw: usize) -> usize {
-    n * (th * (tw + 1) * m + 2)
+    n * combined_row_len(m, th, tw)
 }
 
-/// Where each of a plane's `th x tw` tiles starts in a row of [`input_plane`]'s combined
-/// rows: tile `(ty, tx)` at `m (ty (tw + 1) + tx)`.
-pub(super) fn tile_offsets(m: usize, th: usize, tw: usize) -> Vec<u32> {
-    (0..th)
-        .flat_map(|ty| (0..tw).map(move |tx| (m * (ty * (tw + 1) + tx)) as u32))
-        .collect()
+/// The values of one tile row's window from its first tile: `L` tiles `m` apart and the
+/// `n - m` more the last one reads (`n <= 2 m` for F(2x2) and F(4x4)), read as whole steps
+/// of `L`: the largest, F(4x4)'s, `4 (L + 1)` rounded up to 5 steps.
+const WINDOW: usize = WINDOW_STEPS * L;
+/// [`WINDOW`] in steps of `L`.
+const WINDOW_STEPS: usize = 5;
+
+/// The length of one of [`input_plane`]'s combined rows: `th pw + 2` values, and
+/// [`WINDOW`] more so that every tile row's window lies inside it.
+fn combined_row_len(m: usize, th: usize, tw: usize) -> usize {
+    th * (tw + 1) * m + 2 + WINDOW
 }
 
 /// The input transform of one padded plane `pp` (`m th + 2` rows of `pw = m (tw + 1)`, then
 /// 2 more values; see `Tiles::pad`): `B^T d` of each tile row's `N` rows into `buf` (row
-/// `i` of tile row `ty` at `i (th pw + 2) + ty pw`), then `B^T d B` of every tile into `v`,
-/// position `ξ` of the plane's tile `t` at `v[ξ * t_all + t]`. Tile `t` starts at
-/// `offsets[t]` ([`tile_offsets`]) in each combined row, so the horizontal half is one loop
-/// over the plane's tiles however short its rows.
+/// `i` of tile row `ty` at `i len + ty pw`, `len` = [`combined_row_len`]), then `B^T d B`
+/// of every tile into `v`, position `ξ` of the plane's tile `t` at `v[ξ * t_all + t]`.
+/// Tile `(ty, tx)` starts at `ty pw + m tx` in each combined row.
 #[inline(always)]
 pub(super) fn input_plane<T: Lines<N, M>, const N: usize, const M: usize>(
     pp: &[f32],
     buf: &mut [f32],
-    offsets: &[u32],
     (th, tw): (usize, usize),
     v: &mut [f32],
     t_all: usize,
 ) {
     let pw = M * (tw + 1);
-    let len = th * pw + 2;
+    let len = combined_row_len(M, th, tw);
     let vert = &mut buf[..N * len];
     for ty in 0..th {
         let mut c = 0;
@@ -183,31 +175,46 @@ pub(super) fn input_plane<T: Lines<N, M>, const N: usize, const M: usize>(
             c += L;
         }
     }
+    // The horizontal half, tile row by tile row: tile `tx` of tile row `ty` starts at
+    // `ty pw + M tx`, so a step of `L` tiles reads a window
+    // of whole vectors from its first tile, and value `k` of tile `l` is the window's value
+    // `M l + k`: fixed positions, which the compiler turns into shuffles of the window's
+    // vectors. (Gathered tile by tile through a table of tile offsets, the values went through the stack
+    // one at a time: a fifth of a 256-channel 14x14 forward.)
+    let steps = (M * (L + 1)).div_ceil(L);
     let tp = th * tw;
-    let offsets = &offsets[..tp];
-    // Every tile's `N` values lie inside a combined row: checked once here, so the loop's
-    // reads need no checks of their own (with them it ran at half the speed).
-    assert!(
-        offsets.iter().all(|&o| o as usize + N <= len),
-        "winograd: a tile past its row"
-    );
+    assert!(N <= 2 * M && steps <= WINDOW_STEPS);
     for i in 0..N {
         let row = &vert[i * len..(i + 1) * len];
-        let mut t = 0;
-        while t < tp {
-            let count = L.min(tp - t);
-            let mut a = [[0f32; L]; N];
-            for (l, &o) in offsets[t..t + count].iter().enumerate() {
-                for (k, a) in a.iter_mut().enumerate() {
-                    // SAFETY: `o + N <= len = row.len()` (asserted above) and `k < N`.
-                    a[l] = unsafe { *row.get_unchecked(o as usize + k) };
+        for ty in 0..th {
+            let mut tx = 0;
+            while tx < tw {
+                let count = L.min(tw - tx);
+                let start = ty * pw + M * tx;
+                // Inside the row: `start + WINDOW <= th pw + WINDOW <= len`.
+                let win = &row[start..start + WINDOW];
+                let mut w = [[0f32; L]; WINDOW_STEPS];
+                for (s, w) in w.iter_mut().enumerate().take(steps) {
+                    *w = win[s * L..(s + 1) * L].try_into().expect("L values");
                 }
+                let mut a = [[0f32; L]; N];
+                for (k, a) in a.iter_mut().enumerate() {
+                    for (l, a) in a.iter_mut().enumerate() {
+                        let at = M * l + k;
+                        *a = w[at / L][at % L];
+                    }
+                }
+                let b = bt_lanes::<T, N, M>(&a);
+                let t = ty * tw + tx;
+                // Whole vectors but for the plane's last step: the lanes past `count` are
+                // this plane's next tiles, which the next step writes (with a short row, a
+                // copy of `count` values was a `memcpy` call per step and position).
+                let n = if t + L < tp { L } else { count };
+                for (k, b) in b.iter().enumerate() {
+                    store(&mut v[(i * N + k) * t_all + t..], b, n);
+                }
+                tx += L;
             }
-            let b = bt_lanes::<T, N, M>(&a);
-            for (k, b) in b.iter().enumerate() {
-                store(&mut v[(i * N + k) * t_all + t..], b, count);
-            }
-            t += L;
         }
     }
 }
@@ -303,13 +310,12 @@ macro_rules! plane_transforms {
         pub(super) fn input_plane(
             pp: &[f32],
             buf: &mut [f32],
-            offsets: &[u32],
             tiles: (usize, usize),
             v: &mut [f32],
             t_all: usize,
         ) {
             $crate::conv::winograd::plane::input_plane::<$algo, $n, $m>(
-                pp, buf, offsets, tiles, v, t_all,
+                pp, buf, tiles, v, t_all,
             );
         }
 
@@ -325,13 +331,12 @@ macro_rules! plane_transforms {
         fn input_simd(
             pp: &[f32],
             buf: &mut [f32],
-            offsets: &[u32],
             tiles: (usize, usize),
             v: &mut [f32],
             t_all: usize,
         ) {
             let simd = $crate::dispatch::current().simd;
-            $crate::simd::with_simd!(simd, input_plane(pp: &[f32], buf: &mut [f32], offsets: &[u32], tiles: (usize, usize), v: &mut [f32], t_all: usize));
+            $crate::simd::with_simd!(simd, input_plane(pp: &[f32], buf: &mut [f32], tiles: (usize, usize), v: &mut [f32], t_all: usize));
         }
 
         /// [`output_row`] on the SIMD level in use ([`plane::OutputPlane`]).

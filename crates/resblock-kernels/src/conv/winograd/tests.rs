@@ -246,20 +246,19 @@ fn plane_transforms_agree_on_every_level() {
     for (n, m) in [(4, 2), (6, 4)] {
         let pp = values((m * th + 2) * m * (tw + 1) + 2, 8);
         let mt = values(n * n * t_all, 9);
-        let offsets = plane::tile_offsets(m, th, tw);
         let run = |simd: Simd| {
             let mut buf = vec![0f32; plane::input_buffer_len(n, m, th, tw)];
             let mut v = vec![0f32; n * n * t_all];
             let (pp, b, vs) = (pp.as_slice(), buf.as_mut_slice(), v.as_mut_slice());
-            let (o, tiles) = (offsets.as_slice(), (th, tw));
+            let tiles = (th, tw);
             let tp = th * tw;
             let mut y = vec![0f32; m * m * tp];
             let (ms, ys) = (mt.as_slice(), y.as_mut_slice());
             if m == 2 {
-                with_simd!(simd, f2_in(pp: &[f32], b: &mut [f32], o: &[u32], tiles: (usize, usize), vs: &mut [f32], t_all: usize));
+                with_simd!(simd, f2_in(pp: &[f32], b: &mut [f32], tiles: (usize, usize), vs: &mut [f32], t_all: usize));
                 with_simd!(simd, f2_out(ms: &[f32], t_all: usize, ys: &mut [f32], tp: usize));
             } else {
-                with_simd!(simd, f4_in(pp: &[f32], b: &mut [f32], o: &[u32], tiles: (usize, usize), vs: &mut [f32], t_all: usize));
+                with_simd!(simd, f4_in(pp: &[f32], b: &mut [f32], tiles: (usize, usize), vs: &mut [f32], t_all: usize));
                 with_simd!(simd, f4_out(ms: &[f32], t_all: usize, ys: &mut [f32], tp: usize));
             }
             (buf, v, y)
