@@ -117,8 +117,9 @@ const F4_MIN_WIDTH: usize = 28;
 
 /// Whether Winograd pays on this CPU for every shape the other thresholds allow: not where
 /// 512-bit FMAs run at full width ([`crate::peak::full_width_fma`]), where it pays only for
-/// [`pays_at_full_width`]'s shapes; `RESBLOCK_WINOGRAD=1` (or, in this crate's tests,
-/// [`force_for_tests`]) asks for it everywhere anyway.
+/// [`forward_pays_at_full_width`]'s and [`backward_pays_at_full_width`]'s shapes;
+/// `RESBLOCK_WINOGRAD=1` (or, in this crate's tests, [`force_for_tests`]) asks for it
+/// everywhere anyway.
 fn pays_on_this_cpu() -> bool {
     static PAYS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     #[cfg(test)]
@@ -130,39 +131,54 @@ fn pays_on_this_cpu() -> bool {
     })
 }
 
-/// The fewest input and output channels for which Winograd pays where 512-bit FMAs run at
-/// full width ...
-const FULL_WIDTH_MIN_CHANNELS: usize = 128;
-/// ... with at least this many 2x2 output tiles over the batch (as [`MIN_TILES`]), but for a
-/// frozen kernel, whose transform is made once: any number.
-const FULL_WIDTH_MIN_TILES: usize = 300;
-
-/// Whether Winograd pays for `d` on a CPU that runs 512-bit FMAs at full width, where the
-/// direct kernels reach 75-80% of the FMA peak: for 128 channels and more on outputs of at
-/// least [`MIN_WIDTH`], with [`FULL_WIDTH_MIN_TILES`] tiles. Measured on the Intel Xeon host
-/// (two 512-bit FMA units; `winograd-ab`, interleaved minima, and the conv bench rows):
+/// Whether the convolution op's forward pays on Winograd for `d` on a CPU that runs 512-bit
+/// FMAs at full width, where the direct kernels reach 75-80% of the FMA peak: for outputs
+/// at least [`MIN_WIDTH`] wide (no 7x7 outputs, [`NARROW_MIN_CHANNELS`]), the other
+/// thresholds as elsewhere. Measured on the Intel Xeon host (two 512-bit FMA units;
+/// `winograd-ab`, interleaved minima of 10-20 calls), with the input transform reading
+/// whole vectors (before it, 64 channels at 56x56 and 128 at 28x28 at batch 1 were no
+/// faster or slower on Winograd):
 ///
 /// | layer (forward) | direct | Winograd |
 /// |---|---|---|
-/// | 128 ch 28x28, batch 8 (F(4x4)) | 6.36 ms | 4.62 ms |
+/// | 64 ch 56x56, batch 8 (F(4x4)) | 5.86 / 5.80 ms | 5.14 / 5.17 ms |
+/// | 64 ch 56x56, batch 1 (F(4x4)) | 0.84 ms | 0.69 ms |
+/// | 128 ch 28x28, batch 8 (F(4x4)) | 6.33 ms | 4.51 ms |
+/// | 128 ch 28x28, batch 1 (F(2x2)) | 0.81 / 0.79 ms | 0.75 / 0.75 ms |
 /// | 256 ch 14x14, batch 8 (F(2x2)) | 7.26 ms | 5.67 ms |
-/// | 256 ch 14x14, batch 32 | 25.7 ms | 20.0 ms |
-/// | 64 ch 56x56, batch 8 (F(4x4)) | 6.86 ms | 6.90 ms |
-/// | 512 ch 7x7, batch 8 (F(2x2)) | 7.17 ms | 8.34 ms |
-/// | 128 ch 28x28, batch 1 (196 tiles) | 0.87 ms | 1.00 ms |
-///
-/// and the bench's 3x3 backward (input gradient on Winograd, weight gradient direct):
-/// 256 channels 14x14 batch 8 13.4 against 16.6 ms, 64 channels 56x56 19.7 against 13.7.
+/// | 256 ch 14x14, batch 2 (98 tiles, below [`MIN_TILES`]) | 1.98 ms | 2.04 ms |
+/// | 512 ch 7x7, batch 8 (F(2x2)) | 7.23 ms | 8.77 ms |
 ///
 /// A frozen kernel at batch 1 (ResNet-18 folded, interleaved minima of 40 calls, two runs):
-/// 13.4 / 12.8 ms against 15.0 / 13.6 ms direct; unfrozen (the transform made per call) at
-/// batch 1 it was 1-2% slower, hence the tile minimum there.
-fn pays_at_full_width(d: &Dims, frozen: bool) -> bool {
-    let min_tiles = if frozen { 1 } else { FULL_WIDTH_MIN_TILES };
-    d.c >= FULL_WIDTH_MIN_CHANNELS
-        && d.cout >= FULL_WIDTH_MIN_CHANNELS
+/// 13.4 / 12.8 ms against 15.0 / 13.6 ms direct.
+fn forward_pays_at_full_width(d: &Dims) -> bool {
+    d.ow >= MIN_WIDTH
+}
+
+/// The fewest input and output channels for which the backward pays on Winograd where
+/// 512-bit FMAs run at full width ...
+const FULL_WIDTH_BACKWARD_MIN_CHANNELS: usize = 128;
+/// ... with at least this many 2x2 output tiles over the batch (as [`MIN_TILES`]).
+const FULL_WIDTH_BACKWARD_MIN_TILES: usize = 300;
+
+/// Whether the convolution op's backward (both gradients for a given `dY`) pays on
+/// Winograd for `d` where 512-bit FMAs run at full width: from
+/// [`FULL_WIDTH_BACKWARD_MIN_CHANNELS`] channels with [`FULL_WIDTH_BACKWARD_MIN_TILES`]
+/// tiles (its weight gradient, F(3x3, 2x2), gains less than the forward). Measured as
+/// [`forward_pays_at_full_width`]: 128 channels 28x28 batch 8 11.7-12.9 against 14.3-15.2
+/// ms, 256 channels 14x14 batch 8 13.3 against 15.6 ms, but 64 channels 56x56 batch 8 13.5
+/// against 12.3 ms and batch 32 58.4 against 51.7 ms.
+fn backward_pays_at_full_width(d: &Dims) -> bool {
+    d.c >= FULL_WIDTH_BACKWARD_MIN_CHANNELS
+        && d.cout >= FULL_WIDTH_BACKWARD_MIN_CHANNELS
         && d.ow >= MIN_WIDTH
-        && d.n * Tiles::of::<F2>(d).per_image() >= min_tiles
+        && d.n * Tiles::of::<F2>(d).per_image() >= FULL_WIDTH_BACKWARD_MIN_TILES
+}
+
+/// Never: the fused conv + BatchNorm training op keeps to the direct chain where 512-bit
+/// FMAs run at full width (see [`applies_fused`]).
+fn never(_: &Dims) -> bool {
+    false
 }
 
 /// Set by [`force_for_tests`].
@@ -181,33 +197,40 @@ pub(crate) fn force_for_tests() {
 /// 3x3, stride 1, padding 1, no dilation, one group, with enough channels, a wide enough
 /// output and enough tiles.
 pub(crate) fn applies(d: &Dims, g: &ConvGeom) -> bool {
-    d.ow >= MIN_WIDTH && shape_allows(d, g, MIN_TILES, Some(false))
+    d.ow >= MIN_WIDTH && shape_allows(d, g, MIN_TILES, backward_pays_at_full_width)
 }
 
 /// [`applies`] for the fused conv + BatchNorm training op (`fused::conv_bn`), which on the
 /// direct kernels takes its input padded by the op before it and hands its input gradient
 /// on the same way: where 512-bit FMAs run at full width it stays there even for
-/// [`pays_at_full_width`]'s shapes (ResNet-50 batch-32 training step, two interleaved
-/// pairs: 5.00-5.06 s direct, 5.11-5.22 s with those layers on Winograd).
+/// [`backward_pays_at_full_width`]'s shapes (ResNet-50 batch-32 training step, two
+/// interleaved pairs: 5.00-5.06 s direct, 5.11-5.22 s with those layers on Winograd).
 pub(crate) fn applies_fused(d: &Dims, g: &ConvGeom) -> bool {
-    d.ow >= MIN_WIDTH && shape_allows(d, g, MIN_TILES, None)
+    d.ow >= MIN_WIDTH && shape_allows(d, g, MIN_TILES, never)
 }
 
 /// [`applies`] for the convolution op's forward (`path::forward_f32`): also 7x7 outputs of
-/// wide layers ([`NARROW_MIN_CHANNELS`]), measured faster at inference. The backward and
-/// the fused training ops keep to [`applies`] (not measured faster there). A `frozen`
-/// kernel's transform is made once ([`super::frozen`]), so any number of tiles pays.
+/// wide layers ([`NARROW_MIN_CHANNELS`]), measured faster at inference, and where 512-bit
+/// FMAs run at full width [`forward_pays_at_full_width`]'s shapes. The backward and the
+/// fused training ops keep to [`applies`] (not measured faster there). A `frozen` kernel's
+/// transform is made once ([`super::frozen`]), so any number of tiles pays.
 pub(crate) fn forward_applies(d: &Dims, g: &ConvGeom, frozen: bool) -> bool {
     let min_tiles = if frozen { 1 } else { MIN_TILES };
-    (d.ow >= MIN_WIDTH || d.c >= NARROW_MIN_CHANNELS) && shape_allows(d, g, min_tiles, Some(frozen))
+    (d.ow >= MIN_WIDTH || d.c >= NARROW_MIN_CHANNELS)
+        && shape_allows(d, g, min_tiles, forward_pays_at_full_width)
 }
 
 /// [`applies`] but for the width, with at least `min_tiles` F(2x2) tiles over the batch;
-/// with `full_width: Some(frozen)` also [`pays_at_full_width`]'s shapes where Winograd does
-/// not pay for every shape ([`pays_on_this_cpu`]).
-fn shape_allows(d: &Dims, g: &ConvGeom, min_tiles: usize, full_width: Option<bool>) -> bool {
+/// where Winograd does not pay for every shape ([`pays_on_this_cpu`]), only for those of
+/// `full_width_pays`.
+fn shape_allows(
+    d: &Dims,
+    g: &ConvGeom,
+    min_tiles: usize,
+    full_width_pays: fn(&Dims) -> bool,
+) -> bool {
     crate::dispatch::current().winograd
-        && (pays_on_this_cpu() || full_width.is_some_and(|frozen| pays_at_full_width(d, frozen)))
+        && (pays_on_this_cpu() || full_width_pays(d))
         && (d.kh, d.kw) == (3, 3)
         && d.n * Tiles::of::<F2>(d).per_image() >= min_tiles
         && (g.stride, g.padding, g.dilation, g.groups) == (1, 1, 1, 1)

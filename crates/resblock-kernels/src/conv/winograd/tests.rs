@@ -303,21 +303,21 @@ fn weight_rows_match_single_tiles_on_every_level() {
 }
 
 /// Where 512-bit FMAs run at full width Winograd keeps to the shapes it was measured faster
-/// on: 128 channels and more, outputs 14 wide and more, 300 tiles and more.
+/// on: forwards of outputs 14 wide and more; backwards of 128 channels and more, 14 wide and
+/// more, 300 tiles and more.
 #[test]
 fn full_width_shapes() {
-    // ResNet-18/50 at batch 8: 128 channels 28x28 (1568 tiles), 256 channels 14x14 (392).
-    assert!(pays_at_full_width(&dims(8, 128, 128, 28, 28), false));
-    assert!(pays_at_full_width(&dims(8, 256, 256, 14, 14), false));
-    // 64 channels at 56x56 (no faster forward, slower backward), 512 channels at 7x7
-    // (slower), 128 channels at 28x28 at batch 1 (196 tiles: slower) unless the kernel is
-    // frozen (its transform made once).
-    for frozen in [false, true] {
-        assert!(!pays_at_full_width(&dims(8, 64, 64, 56, 56), frozen));
-        assert!(!pays_at_full_width(&dims(8, 128, 64, 28, 28), frozen));
-        assert!(!pays_at_full_width(&dims(8, 512, 512, 7, 7), frozen));
+    for (n, c, hw) in [(8, 64, 56), (1, 64, 56), (1, 128, 28), (8, 256, 14)] {
+        assert!(forward_pays_at_full_width(&dims(n, c, c, hw, hw)));
     }
-    assert!(!pays_at_full_width(&dims(1, 128, 128, 28, 28), false));
-    assert!(pays_at_full_width(&dims(1, 128, 128, 28, 28), true));
-    assert!(pays_at_full_width(&dims(1, 256, 256, 14, 14), true));
+    assert!(!forward_pays_at_full_width(&dims(8, 512, 512, 7, 7)));
+    // ResNet-18/50 at batch 8: 128 channels 28x28 (1568 tiles), 256 channels 14x14 (392).
+    assert!(backward_pays_at_full_width(&dims(8, 128, 128, 28, 28)));
+    assert!(backward_pays_at_full_width(&dims(8, 256, 256, 14, 14)));
+    // 64 channels at 56x56 (slower), 512 channels at 7x7, 128 channels at batch 1 (196
+    // tiles).
+    assert!(!backward_pays_at_full_width(&dims(8, 64, 64, 56, 56)));
+    assert!(!backward_pays_at_full_width(&dims(8, 128, 64, 28, 28)));
+    assert!(!backward_pays_at_full_width(&dims(8, 512, 512, 7, 7)));
+    assert!(!backward_pays_at_full_width(&dims(1, 128, 128, 28, 28)));
 }
