@@ -108,51 +108,114 @@ impl Rows {
     pub(super) fn grad_tiles(
         &mut self,
         plane: &[f32],
-        (h, w): (usize, usize),
+        hw: (usize, usize),
         ty: usize,
         yv: &mut [f32],
-        (t_all, t0): (usize, usize),
+        at: (usize, usize),
     ) {
         let tw = self.plane.tiles.tw;
-        // The even and odd columns of rows 2 ty and 2 ty + 1.
         let [e0, e1] = &mut self.r;
         let [o0, o1] = &mut self.s;
-        for (r, (e, o)) in [(&mut *e0, &mut *o0), (&mut *e1, &mut *o1)]
-            .into_iter()
-            .enumerate()
-        {
-            let y = 2 * ty + r;
-            e[..tw].fill(0.0);
-            o[..tw].fill(0.0);
-            if y < h {
-                let row = &plane[y * w..(y + 1) * w];
-                for (k, p) in row.chunks(2).enumerate() {
-                    e[k] = p[0];
-                    if let Some(v) = p.get(1) {
-                        o[k] = *v;
-                    }
+        let cols = [&mut e0[..tw], &mut e1[..tw], &mut o0[..tw], &mut o1[..tw]];
+        let simd = crate::dispatch::current().simd;
+        with_simd!(simd, grad_tile_row(plane: &[f32], hw: (usize, usize), ty: usize, cols: [&mut [f32]; 4], yv: &mut [f32], at: (usize, usize)));
+    }
+}
+
+/// [`Rows::grad_tiles`]' body, compiled for the SIMD level in use (no closures: they would
+/// be compiled without the level's features): the even and odd columns of rows `2 ty` and
+/// `2 ty + 1` into `cols` = `[e0, e1, o0, o1]` (`tw` values each, zero past the plane),
+/// then `A dY A^T` of each tile.
+#[inline(always)]
+fn grad_tile_row(
+    plane: &[f32],
+    (h, w): (usize, usize),
+    ty: usize,
+    [e0, e1, o0, o1]: [&mut [f32]; 4],
+    yv: &mut [f32],
+    (t_all, t0): (usize, usize),
+) {
+    let tw = e0.len();
+    for (r, (e, o)) in [(&mut *e0, &mut *o0), (&mut *e1, &mut *o1)]
+        .into_iter()
+        .enumerate()
+    {
+        let y = 2 * ty + r;
+        if y < h {
+            split_even_odd(&plane[y * w..(y + 1) * w], e, o);
+        } else {
+            e.fill(0.0);
+            o.fill(0.0);
+        }
+    }
+    // A dY: the rows y0, y0 + y1, y0 - y1, -y1; then . A^T along each: e, e + o, e - o,
+    // -o. One loop per row of `A dY`, each a plain elementwise loop.
+    for i in 0..4 {
+        let at = |j: usize| (i * 4 + j) * t_all + t0;
+        let (d0, rest) = yv[at(0)..at(3) + tw].split_at_mut(t_all);
+        let (d1, rest) = rest.split_at_mut(t_all);
+        let (d2, d3) = rest.split_at_mut(t_all);
+        let (d0, d1, d2, d3) = (&mut d0[..tw], &mut d1[..tw], &mut d2[..tw], &mut d3[..tw]);
+        match i {
+            0 => {
+                for tx in 0..tw {
+                    put((d0, d1, d2, d3), tx, e0[tx], o0[tx]);
+                }
+            }
+            1 => {
+                for tx in 0..tw {
+                    put((d0, d1, d2, d3), tx, e0[tx] + e1[tx], o0[tx] + o1[tx]);
+                }
+            }
+            2 => {
+                for tx in 0..tw {
+                    put((d0, d1, d2, d3), tx, e0[tx] - e1[tx], o0[tx] - o1[tx]);
+                }
+            }
+            _ => {
+                for tx in 0..tw {
+                    put((d0, d1, d2, d3), tx, -e1[tx], -o1[tx]);
                 }
             }
         }
-        // A dY: the rows y0, y0 + y1, y0 - y1, -y1; then . A^T along each: e, e + o,
-        // e - o, -o.
-        for i in 0..4 {
-            let at = |j: usize| (i * 4 + j) * t_all + t0;
-            let (d0, rest) = yv[at(0)..at(3) + tw].split_at_mut(t_all);
-            let (d1, rest) = rest.split_at_mut(t_all);
-            let (d2, d3) = rest.split_at_mut(t_all);
-            for tx in 0..tw {
-                let (e, o) = match i {
-                    0 => (e0[tx], o0[tx]),
-                    1 => (e0[tx] + e1[tx], o0[tx] + o1[tx]),
-                    2 => (e0[tx] - e1[tx], o0[tx] - o1[tx]),
-                    _ => (-e1[tx], -o1[tx]),
-                };
-                d0[tx] = e;
-                d1[tx] = e + o;
-                d2[tx] = e - o;
-                d3[tx] = -o;
-            }
+    }
+}
+
+/// One tile's row of `A dY A^T` from its row of `A dY`, even column `e`, odd column `o`.
+#[inline(always)]
+fn put(
+    (d0, d1, d2, d3): (&mut [f32], &mut [f32], &mut [f32], &mut [f32]),
+    tx: usize,
+    e: f32,
+    o: f32,
+) {
+    d0[tx] = e;
+    d1[tx] = e + o;
+    d2[tx] = e - o;
+    d3[tx] = -o;
+}
+
+/// `e[k] = row[2 k]`, `o[k] = row[2 k + 1]` (zero past the row) for `k < e.len()`: steps
+/// of [`plane::LANES`] pairs from two whole vectors of the row (fixed positions, which the compiler
+/// turns into shuffles), then one value at a time.
+#[inline(always)]
+fn split_even_odd(row: &[f32], e: &mut [f32], o: &mut [f32]) {
+    const L: usize = plane::LANES;
+    let n = e.len();
+    let mut k = 0;
+    while k + L <= n && 2 * (k + L) <= row.len() {
+        let win: [f32; 2 * L] = row[2 * k..2 * (k + L)].try_into().expect("2 L values");
+        let (mut ev, mut ov) = ([0f32; L], [0f32; L]);
+        for l in 0..L {
+            ev[l] = win[2 * l];
+            ov[l] = win[2 * l + 1];
         }
+        e[k..k + L].copy_from_slice(&ev);
+        o[k..k + L].copy_from_slice(&ov);
+        k += L;
+    }
+    for k in k..n {
+        e[k] = row.get(2 * k).copied().unwrap_or(0.0);
+        o[k] = row.get(2 * k + 1).copied().unwrap_or(0.0);
     }
 }

@@ -146,7 +146,8 @@ fn weight_tiles_are_g_g_gt() {
     check("F4", &g4, &k, &u);
 }
 
-/// Both gradients against f64 sums, for odd and even sizes and a batch split into
+/// Both gradients against f64 sums, for odd and even sizes (35 wide: whole vectors of the
+/// weight gradient's row split, then single values) and a batch split into
 /// several groups of images (whose weight gradients are added in f64); the last case's
 /// input gradient runs on F(4x4), the others' on F(2x2).
 #[test]
@@ -155,6 +156,7 @@ fn backward_matches_plain_gradients() {
         (2, 3, 5, 7, 9),
         (1, 4, 2, 6, 6),
         (3, 2, 3, 1, 2),
+        (1, 3, 2, 5, 35),
         (9, 70, 2, 32, 31),
     ] {
         let d = dims(n, c, cout, h, w);
