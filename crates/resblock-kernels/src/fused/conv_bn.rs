@@ -90,7 +90,7 @@ impl ConvBnTrain {
             geom,
             fwd,
             back,
-            winograd: crate::conv::winograd::applies_fused(&d, &geom),
+            winograd: crate::conv::winograd::applies(&d, &geom),
             eps,
             relu,
             stats: stats.clone(),

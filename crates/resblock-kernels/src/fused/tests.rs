@@ -180,7 +180,7 @@ fn one_op_block_matches_two_conv_bn_ops() -> Result<()> {
         let d = crate::conv::geom::Dims::new(&g, &shape, &[c, c, 3, 3]).expect("dims");
         crate::conv::winograd::force_for_tests();
         assert_eq!(
-            crate::conv::winograd::applies_fused(&d, &g),
+            crate::conv::winograd::applies(&d, &g),
             winograd,
             "{shape:?}"
         );

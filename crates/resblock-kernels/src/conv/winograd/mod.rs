@@ -161,24 +161,20 @@ const FULL_WIDTH_BACKWARD_MIN_CHANNELS: usize = 128;
 /// ... with at least this many 2x2 output tiles over the batch (as [`MIN_TILES`]).
 const FULL_WIDTH_BACKWARD_MIN_TILES: usize = 300;
 
-/// Whether the convolution op's backward (both gradients for a given `dY`) pays on
-/// Winograd for `d` where 512-bit FMAs run at full width: from
-/// [`FULL_WIDTH_BACKWARD_MIN_CHANNELS`] channels with [`FULL_WIDTH_BACKWARD_MIN_TILES`]
-/// tiles (its weight gradient, F(3x3, 2x2), gains less than the forward). Measured as
-/// [`forward_pays_at_full_width`]: 128 channels 28x28 batch 8 11.7-12.9 against 14.3-15.2
-/// ms, 256 channels 14x14 batch 8 13.3 against 15.6 ms, but 64 channels 56x56 batch 8 13.5
-/// against 12.3 ms and batch 32 58.4 against 51.7 ms.
+/// Whether the convolution op's backward (both gradients for a given `dY`) and the fused
+/// conv + BatchNorm training op pay on Winograd for `d` where 512-bit FMAs run at full
+/// width ([`applies`]): from [`FULL_WIDTH_BACKWARD_MIN_CHANNELS`] channels with
+/// [`FULL_WIDTH_BACKWARD_MIN_TILES`] tiles (the weight gradient, F(3x3, 2x2), gains less
+/// than the forward). Measured as [`forward_pays_at_full_width`], backward: 128 channels
+/// 28x28 batch 8 9.97 against 13.08 ms, 256 channels 14x14 batch 8 13.3 against 15.6 ms,
+/// but 64 channels 56x56 batch 8 11.1-12.0 against 10.9-11.8 ms and batch 32 50.2 against
+/// 48.0 ms. The ResNet-50 batch-32 training step (its fused ops; `step-profile`, two
+/// interleaved pairs, fastest steps): 3.80 / 4.46 s against 4.43 / 4.92 s direct.
 fn backward_pays_at_full_width(d: &Dims) -> bool {
     d.c >= FULL_WIDTH_BACKWARD_MIN_CHANNELS
         && d.cout >= FULL_WIDTH_BACKWARD_MIN_CHANNELS
         && d.ow >= MIN_WIDTH
         && d.n * Tiles::of::<F2>(d).per_image() >= FULL_WIDTH_BACKWARD_MIN_TILES
-}
-
-/// Never: the fused conv + BatchNorm training op keeps to the direct chain where 512-bit
-/// FMAs run at full width (see [`applies_fused`]).
-fn never(_: &Dims) -> bool {
-    false
 }
 
 /// Set by [`force_for_tests`].
@@ -200,19 +196,10 @@ pub(crate) fn applies(d: &Dims, g: &ConvGeom) -> bool {
     d.ow >= MIN_WIDTH && shape_allows(d, g, MIN_TILES, backward_pays_at_full_width)
 }
 
-/// [`applies`] for the fused conv + BatchNorm training op (`fused::conv_bn`), which on the
-/// direct kernels takes its input padded by the op before it and hands its input gradient
-/// on the same way: where 512-bit FMAs run at full width it stays there even for
-/// [`backward_pays_at_full_width`]'s shapes (ResNet-50 batch-32 training step, two
-/// interleaved pairs: 5.00-5.06 s direct, 5.11-5.22 s with those layers on Winograd).
-pub(crate) fn applies_fused(d: &Dims, g: &ConvGeom) -> bool {
-    d.ow >= MIN_WIDTH && shape_allows(d, g, MIN_TILES, never)
-}
-
 /// [`applies`] for the convolution op's forward (`path::forward_f32`): also 7x7 outputs of
 /// wide layers ([`NARROW_MIN_CHANNELS`]), measured faster at inference, and where 512-bit
 /// FMAs run at full width [`forward_pays_at_full_width`]'s shapes. The backward and the
-/// fused training ops keep to [`applies`] (not measured faster there). A `frozen` kernel's
+/// fused training ops keep to [`applies`] (not measured faster there beyond it). A `frozen` kernel's
 /// transform is made once ([`super::frozen`]), so any number of tiles pays.
 pub(crate) fn forward_applies(d: &Dims, g: &ConvGeom, frozen: bool) -> bool {
     let min_tiles = if frozen { 1 } else { MIN_TILES };
