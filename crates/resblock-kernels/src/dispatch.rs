@@ -10,7 +10,7 @@
 //! | [`Dispatch::fused_conv_bn`] | `RESBLOCK_FUSED_CONV_BN=0` | conv and training BatchNorm as two ops |
 //! | [`Dispatch::simd`] | `RESBLOCK_SIMD=avx2` or `=0` | at most AVX2 (8 lanes), or the portable loops |
 //! | [`Dispatch::own_gemm`] | `RESBLOCK_SGEMM=0` | the `gemm` crate for every f32 GEMM of the convolutions |
-//! | [`Dispatch::winograd`] | `RESBLOCK_WINOGRAD=0` | wide 3x3 convolutions on the direct or GEMM path (where 512-bit FMAs run at full width, see [`crate::peak::full_width_fma`], the default but for layers of 128 channels and more at 14x14 and wider outside the fused conv + BatchNorm training op; `=1` takes Winograd there for every shape) |
+//! | [`Dispatch::winograd`] | `RESBLOCK_WINOGRAD=0` | wide 3x3 convolutions on the direct or GEMM path (where 512-bit FMAs run at full width, see [`crate::peak::full_width_fma`], only forwards with outputs 14 wide and more, and backwards and fused training ops from 128 channels; `=1` takes Winograd there for every shape) |
 //! | [`Dispatch::masked_taps`] | `RESBLOCK_MASKED_TAPS=0` | AVX-512 direct convolutions on the shared-padding layout |
 //! | [`Dispatch::transposed_wgrad`] | `RESBLOCK_TRANSPOSED_WGRAD=0` | the masked layout's 3x3 weight gradients on the per-tap tile |
 //!

@@ -196,8 +196,8 @@ fn put(
 }
 
 /// `e[k] = row[2 k]`, `o[k] = row[2 k + 1]` (zero past the row) for `k < e.len()`: steps
-/// of [`plane::LANES`] pairs from two whole vectors of the row (fixed positions, which the compiler
-/// turns into shuffles), then one value at a time.
+/// of [`plane::LANES`] pairs from two whole vectors of the row (fixed positions, which the
+/// compiler turns into shuffles), then one value at a time.
 #[inline(always)]
 fn split_even_odd(row: &[f32], e: &mut [f32], o: &mut [f32]) {
     const L: usize = plane::LANES;

@@ -199,8 +199,9 @@ pub(crate) fn applies(d: &Dims, g: &ConvGeom) -> bool {
 /// [`applies`] for the convolution op's forward (`path::forward_f32`): also 7x7 outputs of
 /// wide layers ([`NARROW_MIN_CHANNELS`]), measured faster at inference, and where 512-bit
 /// FMAs run at full width [`forward_pays_at_full_width`]'s shapes. The backward and the
-/// fused training ops keep to [`applies`] (not measured faster there beyond it). A `frozen` kernel's
-/// transform is made once ([`super::frozen`]), so any number of tiles pays.
+/// fused training ops keep to [`applies`] (at full width, [`backward_pays_at_full_width`]).
+/// A `frozen` kernel's transform is made once ([`super::frozen`]), so any number of tiles
+/// pays.
 pub(crate) fn forward_applies(d: &Dims, g: &ConvGeom, frozen: bool) -> bool {
     let min_tiles = if frozen { 1 } else { MIN_TILES };
     (d.ow >= MIN_WIDTH || d.c >= NARROW_MIN_CHANNELS)

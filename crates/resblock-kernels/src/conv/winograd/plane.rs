@@ -125,8 +125,8 @@ pub(super) type InputPlane = fn(&[f32], &mut [f32], (usize, usize), &mut [f32], 
 /// An algorithm's [`output_plane`] on the SIMD level in use: `(mt, stride, buf, tp)`.
 pub(super) type OutputPlane = fn(&[f32], usize, &mut [f32], usize);
 
-/// The length of [`input_plane`]'s buffer for tiles `th x tw`: `N` combined rows of
-/// `th (tw + 1) m + 2` values.
+/// The length of [`input_plane`]'s buffer for tiles `th x tw`: `n` combined rows of
+/// [`combined_row_len`] values.
 pub(super) fn input_buffer_len(n: usize, m: usize, th: usize, tw: usize) -> usize {
     n * combined_row_len(m, th, tw)
 }
@@ -176,11 +176,11 @@ pub(super) fn input_plane<T: Lines<N, M>, const N: usize, const M: usize>(
         }
     }
     // The horizontal half, tile row by tile row: tile `tx` of tile row `ty` starts at
-    // `ty pw + M tx`, so a step of `L` tiles reads a window
-    // of whole vectors from its first tile, and value `k` of tile `l` is the window's value
-    // `M l + k`: fixed positions, which the compiler turns into shuffles of the window's
-    // vectors. (Gathered tile by tile through a table of tile offsets, the values went through the stack
-    // one at a time: a fifth of a 256-channel 14x14 forward.)
+    // `ty pw + M tx`, so a step of `L` tiles reads a window of whole vectors from its first
+    // tile, and value `k` of tile `l` is the window's value `M l + k`: fixed positions,
+    // which the compiler turns into shuffles of the window's vectors. (Gathered tile by
+    // tile through a table of tile offsets, the values went through the stack one at a
+    // time: a fifth of a 256-channel 14x14 forward.)
     let steps = (M * (L + 1)).div_ceil(L);
     let tp = th * tw;
     assert!(N <= 2 * M && steps <= WINDOW_STEPS);
