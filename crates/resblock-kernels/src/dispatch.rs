@@ -12,7 +12,7 @@
 //! | [`Dispatch::own_gemm`] | `RESBLOCK_SGEMM=0` | the `gemm` crate for every f32 GEMM of the convolutions |
 //! | [`Dispatch::winograd`] | `RESBLOCK_WINOGRAD=0` | wide 3x3 convolutions on the direct or GEMM path (where 512-bit FMAs run at full width, see [`crate::peak::full_width_fma`], only forwards with outputs 14 wide and more, and backwards and fused training ops from 128 channels; `=1` takes Winograd there for every shape) |
 //! | [`Dispatch::masked_taps`] | `RESBLOCK_MASKED_TAPS=0` | AVX-512 direct convolutions on the shared-padding layout |
-//! | [`Dispatch::transposed_wgrad`] | `RESBLOCK_TRANSPOSED_WGRAD=0` | the masked layout's 3x3 weight gradients on the per-tap tile |
+//! | [`Dispatch::transposed_wgrad`] | `RESBLOCK_TRANSPOSED_WGRAD=0` | the 3x3 weight gradients of the masked and stride-2 layouts on the per-tap tile |
 //!
 //! CPU features are detected once ([`cpu`]); a SIMD path runs only when the CPU has it
 //! and [`Dispatch::simd`] allows it, so tests can force every path on any machine, and
@@ -51,9 +51,9 @@ pub struct Dispatch {
     /// rows without padding columns, the taps that would wrap masked off (no junk columns
     /// computed; see `conv/direct`).
     pub masked_taps: bool,
-    /// The transposed weight gradient of 3x3 "same" convolutions on the masked layout with
-    /// whole blocks of 16 output channels: the output channels in the vector lanes, the
-    /// input values broadcast (`conv/direct`, `avx512::wgrad_t_tile`).
+    /// The transposed weight gradient of 3x3 "same" convolutions on the masked layout and
+    /// of 3x3 stride-2 ones, with whole blocks of 16 output channels: the output channels
+    /// in the vector lanes, the input values broadcast (`conv/direct/transposed.rs`).
     pub transposed_wgrad: bool,
 }
 

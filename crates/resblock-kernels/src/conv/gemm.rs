@@ -29,7 +29,7 @@ use rayon::prelude::*;
 use super::direct;
 use super::epilogue::Epilogue;
 use super::geom::{ConvGeom, Dims};
-use super::pack::{col2im_add, im2col};
+use super::pack::{col2im_into, im2col};
 use super::weight_sum::{WeightSum, WeightSums};
 use crate::matmul::{as_f32, as_f32_mut, as_f32_uninit, gemm_into, gemm_uninit, threads_of};
 
@@ -543,7 +543,7 @@ pub(crate) fn backward<T: WithDType>(
         )),
     };
     // `dx` is not zero-filled up front: each image's chunk is written whole by its input
-    // gradient below (zeroed, in cache, only where `col2im_add` scatters into it). The
+    // gradient below (`col2im_into` zeroes it, in cache, only where it scatters). The
     // up-front fill was a pass over all of `dx` in memory.
     let image =
         |s: &mut Scratch<T>, acc: &mut WeightSum, ni: usize, dx_n: &mut [MaybeUninit<T>]| {
@@ -624,7 +624,7 @@ pub(crate) fn backward<T: WithDType>(
                             par,
                         );
                     }
-                    col2im_add(&s.dcols, d, g, crate::buffer::zeroed(dx_n));
+                    col2im_into(&s.dcols, d, g, dx_n);
                 }
                 (_, None) => unreachable!("conv backward: input-gradient weights made above"),
             }

@@ -14,6 +14,7 @@ use candle_core::Tensor;
 pub(crate) mod batched;
 pub(crate) mod direct;
 pub(crate) mod epilogue;
+pub(crate) mod fold_s2;
 pub(crate) mod frozen;
 pub(crate) mod gemm;
 pub(crate) mod geom;

@@ -1,5 +1,5 @@
 //! Unfolding an image into GEMM columns (`im2col`, rows `[c, ky, kx]`, columns `[oy, ox]`)
-//! and folding column gradients back (`col2im_add`).
+//! and folding column gradients back (`col2im_add`, `col2im_into`).
 
 use candle_core::WithDType;
 use rayon::prelude::*;
@@ -142,6 +142,26 @@ fn shifted_plane<T: WithDType>(
             *v = T::zero();
         }
     }
+}
+
+/// One image's input gradient `dx` from its patch gradients `dcols`, every value written:
+/// [`super::fold_s2`] where it applies (f32), else zeroed and [`col2im_add`].
+pub(crate) fn col2im_into<T: WithDType>(
+    dcols: &[T],
+    d: &Dims,
+    g: &ConvGeom,
+    dx: &mut [std::mem::MaybeUninit<T>],
+) {
+    if super::fold_s2::applies(d, g) {
+        if let (Some(dcols), Some(dx)) = (
+            crate::matmul::as_f32(dcols),
+            crate::matmul::as_f32_uninit(dx),
+        ) {
+            super::fold_s2::fold(dcols, d, g, dx, crate::dispatch::simd_in_use());
+            return;
+        }
+    }
+    col2im_add(dcols, d, g, crate::buffer::zeroed(dx));
 }
 
 /// Scatter-adds one image's patch gradients `dcols` into `dx`, which the callers hand over

@@ -8,7 +8,7 @@ use super::epilogue::Epilogue;
 use super::frozen::Forms;
 use super::gemm::{for_each_image, for_each_image_summed, forward, gemm_parallelism, WeightLhs};
 use super::geom::{ConvGeom, Dims};
-use super::pack::col2im_add;
+use super::pack::col2im_into;
 use super::weight_sum::WeightSum;
 
 /// Whether the direct kernels may be used ([`crate::dispatch::Dispatch::direct_conv`]; off for
@@ -228,7 +228,7 @@ struct StridedScratch {
 
 /// (dx, dw) of a stride-2 convolution: the weight gradient by the direct kernel on the
 /// forward's phase-split input (no `im2col`), summed over image groups as the stride-1
-/// kernel does; the input gradient as the GEMM path's `dcols = W^T . dY` and `col2im_add`.
+/// kernel does; the input gradient as the GEMM path's `dcols = W^T . dY` and `col2im_into`.
 pub(crate) fn backward_strided(
     plan: &direct::Plan,
     x: &[f32],
@@ -280,7 +280,7 @@ pub(crate) fn backward_strided(
         for_each_image_summed(dx, chunk, parallel, wlen, scratch, images, |_, _| {})
     };
     // SAFETY: the groups' chunks cover `dx`, and `StridedGroup::grads` writes each image's
-    // whole chunk (zeroing it before `col2im_add`).
+    // whole chunk (`col2im_into`).
     let (dx, dw) = unsafe { crate::buffer::vec_written_with(d.n * d.chw(), fill) };
     (dx, dw.total(0))
 }
@@ -298,11 +298,11 @@ pub(crate) struct StridedGroup<'a> {
 impl StridedGroup<'_> {
     /// Adds the group's weight gradient (the direct kernel on the phase-split inputs) to
     /// `acc`, and with `dx_g` writes each image's input gradient: `dcols = W^T . dY` and
-    /// `col2im_add` (a stride-2 input gradient is no convolution of `dY`) into the image's
-    /// chunk of `dx_g`, zeroed first (every value is written; zeroed here, just before the
-    /// scatter, the chunk is still in cache for it: zero-filling the whole `dx` up front
-    /// was 3% of a 64-channel 56x56 stride-2 backward). `dw_n` and `dcols` are the
-    /// worker's scratch.
+    /// `col2im_into` (a stride-2 input gradient is no convolution of `dY`) into the image's
+    /// chunk of `dx_g`, every value written (3x3 layers with padding 1 by
+    /// [`super::fold_s2`] in one pass; others zeroed just before `col2im_add`'s scatter,
+    /// while the chunk is in cache: zero-filling the whole `dx` up front was 3% of a
+    /// 64-channel 56x56 stride-2 backward). `dw_n` and `dcols` are the worker's scratch.
     pub(crate) fn grads(
         &self,
         (plan, wt): (&direct::Plan, &WeightLhs<'_, f32>),
@@ -321,7 +321,7 @@ impl StridedGroup<'_> {
         dcols.resize(d.k_all() * d.p(), 0.0);
         for (dy_n, dx_n) in self.dys.iter().zip(dx_g.chunks_exact_mut(d.chw())) {
             wt.gemm(0, d.p(), dcols, false, dy_n, (d.p(), 1), par);
-            col2im_add(dcols, d, g, crate::buffer::zeroed(dx_n));
+            col2im_into(dcols, d, g, dx_n);
         }
     }
 }

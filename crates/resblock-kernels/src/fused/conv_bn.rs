@@ -24,7 +24,7 @@
 //!   the norm's input gradient once and runs Winograd's two gradients on it.
 //! - stride 2: the same forward on the polyphase plan; the backward writes each image's
 //!   norm input gradient once, flattens it for the direct weight gradient and multiplies it
-//!   by `W^T` for `col2im_add` (a stride-2 input gradient is no convolution of `dY`).
+//!   by `W^T` for `col2im_into` (a stride-2 input gradient is no convolution of `dY`).
 //!
 //! The op's inputs are `x`, the kernel and `[gamma; beta]` concatenated (Candle's custom ops
 //! take at most three tensors); its gradients are those of the three.
@@ -456,7 +456,7 @@ impl ConvBnTrain {
 
     /// Stride 2: as [`ConvBnTrain::same_grads`], the norm's input gradient of each image
     /// written once (`g`), flattened for the direct weight gradient, and multiplied by
-    /// `W^T` for `col2im_add` (the input gradient).
+    /// `W^T` for `col2im_into` (the input gradient).
     fn strided_grads(
         &self,
         (x, w): (&[f32], &[f32]),
@@ -476,8 +476,7 @@ impl ConvBnTrain {
         } else {
             (d.n, group)
         };
-        // `StridedGroup::grads` zeroes each image's chunk on its thread just before
-        // `col2im_add` scatters into it.
+        // `StridedGroup::grads` writes each image's chunk on its thread (`col2im_into`).
         let images = |s: &mut StridedScratch,
                       acc: &mut WeightSum,
                       gi: usize,

@@ -148,6 +148,15 @@ pub(crate) unsafe fn fwd_tile_k3<const V: usize, const PREFETCH: bool>(
                     for l in 0..=V {
                         _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(row[0] + l * LANES).cast());
                     }
+                    // On the polyphase layout (stride 2) the middle column reads another
+                    // phase: its rows too.
+                    if row[1] != row[0] + 1 {
+                        for l in 0..=V {
+                            _mm_prefetch::<_MM_HINT_T0>(
+                                next.wrapping_add(row[1] + l * LANES).cast(),
+                            );
+                        }
+                    }
                 }
             }
             for row in r.taps.chunks_exact(3) {
@@ -394,6 +403,54 @@ unsafe fn wgrad_t_step<const NC: usize, const ALL: bool>(
                         *a = _mm512_fmadd_ps(d, _mm512_set1_ps(*b.add(ky * w + kx)), *a);
                     }
                 }
+            }
+        }
+    }
+}
+
+/// [`wgrad_t_tile`] for the stride-2 polyphase layout, whose junk columns and tail have
+/// zero `dY`: `out[(c * 9 + t) * 16 + j] += sum_q dyt[q * co_stride + j] * x[c * ps + q +
+/// tap(t)]` over every flattened pixel `q < pix`, with no edge cases (the junk pixels add
+/// zeros). Kernel row `ky` reads two phases: its taps are `rows[2 ky]`, `rows[2 ky + 1]`
+/// and `rows[2 ky] + 1` (columns 0, 1, 2).
+///
+/// The loads are addressed as a phase row's start plus the channel's offset plus a column
+/// of 0 or 1, so 6 + `NC` registers hold them; with the 27 taps' own pointers half of them
+/// were reloaded from the stack on every pixel, 42 loads per 27 FMAs.
+///
+/// # Safety
+/// AVX-512 F and VL must be available; `x` readable at `c * ps + q + rows[r] + 1` for `c <
+/// NC`, `q < pix`, `dyt` at `q * co_stride + 0..16`, and `out` readable and writable for
+/// `NC * 9 * 16` floats.
+#[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+pub(crate) unsafe fn wgrad_s2_tile<const NC: usize>(
+    (x, ps): (*const f32, usize),
+    rows: &[usize; 6],
+    pix: usize,
+    (dyt, co_stride): (*const f32, usize),
+    out: *mut f32,
+) {
+    // SAFETY: the caller's contract covers every pointer formed here.
+    unsafe {
+        let mut acc = [[_mm512_setzero_ps(); 9]; NC];
+        let base: [*const f32; 6] = std::array::from_fn(|r| x.add(rows[r]));
+        for q in 0..pix {
+            let d = _mm512_loadu_ps(dyt.add(q * co_stride));
+            for (c, taps) in acc.iter_mut().enumerate() {
+                let at = c * ps + q;
+                for ky in 0..3 {
+                    let (a, b) = (base[2 * ky].add(at), base[2 * ky + 1].add(at));
+                    for (kx, p) in [a, b, a.add(1)].into_iter().enumerate() {
+                        let t = &mut taps[ky * 3 + kx];
+                        *t = _mm512_fmadd_ps(d, _mm512_set1_ps(*p), *t);
+                    }
+                }
+            }
+        }
+        for (c, taps) in acc.iter().enumerate() {
+            for (t, a) in taps.iter().enumerate() {
+                let p = out.add((c * 9 + t) * LANES);
+                _mm512_storeu_ps(p, _mm512_add_ps(_mm512_loadu_ps(p), *a));
             }
         }
     }

@@ -40,8 +40,8 @@
 //! - Weight gradient: `dW[co, ci, tap] = sum_q dY[co, q] * x[ci, q + offset(tap)]` with `dY`
 //!   flattened the same way and zero in the junk columns; a micro-tile holds `cb` output
 //!   channels by `TB` taps as vector partial sums over `q`. On AVX-512, 3x3 "same" layers
-//!   on the masked layout with output channels in blocks of 16 transpose `dY` instead and
-//!   hold 16 output channels per vector (`transposed.rs`).
+//!   on the masked layout and 3x3 stride-2 layers, with output channels in blocks of 16,
+//!   transpose `dY` instead and hold 16 output channels per vector (`transposed.rs`).
 //!
 //! Each image is summed in f32 (as the GEMM path does) and the caller adds images in f64.
 

@@ -292,6 +292,9 @@ fn stride_two_matches_a_plain_convolution() {
     let cases = [
         (2, 3, 6, 7, 9, 3, 1),
         (2, 4, 16, 8, 8, 3, 1),
+        // 3x3 with whole blocks of 16 output channels: on AVX-512 the transposed weight
+        // gradient, with 3 + 2 input channels per pass.
+        (2, 5, 32, 9, 7, 3, 1),
         (1, 3, 8, 12, 11, 7, 3),
         (2, 2, 5, 10, 9, 5, 2),
         (1, 3, 4, 6, 6, 3, 0),

@@ -1,10 +1,11 @@
 //! The transposed weight gradient of the AVX-512 direct convolutions (3x3 "same" layers on
-//! the masked layout, output channels in whole blocks of 16): each image's `dY` is
-//! transposed to one row of output channels per pixel, so that one vector holds 16 output
-//! channels and the input values are broadcast ([`avx512::wgrad_t_tile`]). Per 27 FMAs it
-//! loads one vector and 27 floats, where the per-tap tile ([`avx512::wgrad_tile`]) loads 11
-//! vectors per 24 FMAs; on a CPU with two full-width FMA units that tile is bound by its
-//! loads (ARCHITECTURE.md, eighteenth session).
+//! the masked layout, and 3x3 stride-2 layers on the polyphase one, output channels in whole
+//! blocks of 16): each image's `dY` is transposed to one row of output channels per pixel,
+//! so that one vector holds 16 output channels and the input values are broadcast
+//! ([`avx512::wgrad_t_tile`], [`avx512::wgrad_s2_tile`]). Per 27 FMAs it loads one vector
+//! and 27 floats, where the per-tap tile ([`avx512::wgrad_tile`]) loads 11 vectors per 24
+//! FMAs; on a CPU with two full-width FMA units that tile is bound by its loads
+//! (ARCHITECTURE.md, eighteenth session; for stride 2, twenty-fifth).
 
 use std::cell::RefCell;
 
@@ -19,13 +20,15 @@ thread_local! {
 }
 
 impl Plan {
-    /// Whether [`Plan::weight_grad_rows`] runs [`avx512::wgrad_t_tile`]: a 3x3 "same"
-    /// convolution on the masked layout with whole blocks of 16 output channels, unless
+    /// Whether [`Plan::weight_grad_rows`] runs the transposed kernels: a 3x3 "same"
+    /// convolution on the masked layout ([`avx512::wgrad_t_tile`]) or a 3x3 stride-2 one
+    /// ([`avx512::wgrad_s2_tile`]), with whole blocks of 16 output channels, unless
     /// [`crate::dispatch::Dispatch::transposed_wgrad`] is off.
     pub(super) fn takes_transposed_weight_grad(&self) -> bool {
+        let same = self.masked && (self.pad_y, self.pad_x) == (1, 1);
         self.isa == Isa::Avx512
-            && self.masked
-            && (self.kh, self.kw, self.pad_y, self.pad_x) == (3, 3, 1, 1)
+            && (same || self.stride == 2)
+            && (self.kh, self.kw) == (3, 3)
             && self.cout.is_multiple_of(16)
             && crate::dispatch::current().transposed_wgrad
     }
@@ -43,7 +46,15 @@ impl Plan {
     ) {
         const NC: usize = 3;
         let (c, cout, w, oh) = (self.c, self.cout, self.w, self.oh);
-        let pix = oh * w;
+        // The masked layout's pixels are the output's; the polyphase layout's include the
+        // junk columns and the tail, where `dY` is zero.
+        let pix = if self.masked { oh * w } else { self.qlen };
+        // The stride-2 kernel's phase rows: columns 0 and 1 of each kernel row (column 2
+        // reads column 0's phase one value on).
+        let t = &self.taps;
+        let rows = [t[0], t[1], t[3], t[4], t[6], t[7]];
+        assert!(self.masked || (0..3).all(|ky| t[3 * ky + 2] == t[3 * ky] + 1));
+        let rows = &rows;
         assert!(self.takes_transposed_weight_grad() && pix <= self.qlen);
         let blocks = cout / 16;
         SCRATCH.with(|s| {
@@ -73,10 +84,13 @@ impl Plan {
                         for ci in (0..c).step_by(NC) {
                             let x = (xp[ci * self.ps..].as_ptr(), self.ps);
                             let out = sums[(b * c + ci) * 9 * 16..].as_mut_ptr();
-                            match NC.min(c - ci) {
-                                3 => avx512::wgrad_t_tile::<3>(x, (w, oh), d, out),
-                                2 => avx512::wgrad_t_tile::<2>(x, (w, oh), d, out),
-                                _ => avx512::wgrad_t_tile::<1>(x, (w, oh), d, out),
+                            match (self.masked, NC.min(c - ci)) {
+                                (true, 3) => avx512::wgrad_t_tile::<3>(x, (w, oh), d, out),
+                                (true, 2) => avx512::wgrad_t_tile::<2>(x, (w, oh), d, out),
+                                (true, _) => avx512::wgrad_t_tile::<1>(x, (w, oh), d, out),
+                                (false, 3) => avx512::wgrad_s2_tile::<3>(x, rows, pix, d, out),
+                                (false, 2) => avx512::wgrad_s2_tile::<2>(x, rows, pix, d, out),
+                                (false, _) => avx512::wgrad_s2_tile::<1>(x, rows, pix, d, out),
                             }
                         }
                     }
