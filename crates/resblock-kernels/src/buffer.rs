@@ -3,8 +3,14 @@
 
 /// An output element a kernel writes: an initialised `f32`, or a `MaybeUninit<f32>` of a
 /// buffer filled for the first time (see [`vec_written_by`]).
-pub(crate) trait Slot: Send {
+pub(crate) trait Slot: Send + Sized {
     fn put(&mut self, v: f32);
+
+    /// The slots as the values written into them.
+    ///
+    /// # Safety
+    /// Every slot must have been written ([`Slot::put`]) or initialised before.
+    unsafe fn written(slots: &mut [Self]) -> &mut [f32];
 }
 
 impl Slot for f32 {
@@ -12,12 +18,21 @@ impl Slot for f32 {
     fn put(&mut self, v: f32) {
         *self = v;
     }
+
+    unsafe fn written(slots: &mut [f32]) -> &mut [f32] {
+        slots
+    }
 }
 
 impl Slot for std::mem::MaybeUninit<f32> {
     #[inline(always)]
     fn put(&mut self, v: f32) {
         self.write(v);
+    }
+
+    unsafe fn written(slots: &mut [Self]) -> &mut [f32] {
+        // SAFETY: the caller's contract.
+        unsafe { assume_written(slots) }
     }
 }
 

@@ -7,6 +7,7 @@
 
 use super::plane::{self, Buffers, Lines};
 use super::{Algo, Tiles};
+use crate::buffer::Slot;
 use crate::simd::with_simd;
 
 /// [`Algo::weight_row`]'s body.
@@ -60,14 +61,15 @@ impl Algo for F2 {
         rows.plane.input_tiles(4, pp, (v, at), input_simd);
     }
 
-    fn output_tiles(
+    fn output_tiles<S: Slot>(
         rows: &mut Rows,
         m: &[f32],
         at: (usize, usize, usize, usize),
-        out: &mut [f32],
+        out: &mut [S],
         hw: (usize, usize),
     ) {
-        rows.plane.output_tiles::<2>(m, at, (out, hw), output_simd);
+        rows.plane
+            .output_tiles::<2, S>(m, at, (out, hw), output_simd);
     }
 }
 

@@ -14,6 +14,7 @@
 
 use super::plane::{self, Buffers, Lines};
 use super::{Algo, Tiles};
+use crate::buffer::Slot;
 use crate::simd::with_simd;
 
 /// F(4x4, 3x3), the algorithm of [`super::forward`] and of the input gradient.
@@ -71,14 +72,14 @@ impl Algo for F4 {
         rows.input_tiles(6, pp, (v, at), input_simd);
     }
 
-    fn output_tiles(
+    fn output_tiles<S: Slot>(
         rows: &mut Buffers,
         m: &[f32],
         at: (usize, usize, usize, usize),
-        out: &mut [f32],
+        out: &mut [S],
         hw: (usize, usize),
     ) {
-        rows.output_tiles::<4>(m, at, (out, hw), output_simd);
+        rows.output_tiles::<4, S>(m, at, (out, hw), output_simd);
     }
 }
 

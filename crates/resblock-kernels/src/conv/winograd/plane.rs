@@ -11,6 +11,8 @@
 //! compile these for the widest SIMD level (`with_simd!`), so nothing here is a closure
 //! (a closure would be compiled without the level's features).
 
+use crate::buffer::Slot;
+
 /// Tiles or columns per step: one AVX-512 vector.
 pub(super) const LANES: usize = 16;
 const L: usize = LANES;
@@ -102,11 +104,11 @@ impl Buffers {
 
     /// `Algo::output_tiles` for `M x M` output tiles: `run` is the algorithm's
     /// [`output_plane`] compiled for the SIMD level in use.
-    pub(super) fn output_tiles<const M: usize>(
+    pub(super) fn output_tiles<const M: usize, S: Slot>(
         &mut self,
         mt: &[f32],
         (co, cout, t_all, t0): (usize, usize, usize, usize),
-        (out, hw): (&mut [f32], (usize, usize)),
+        (out, hw): (&mut [S], (usize, usize)),
         run: OutputPlane,
     ) {
         let super::Tiles { th, tw, .. } = self.tiles;
@@ -114,7 +116,7 @@ impl Buffers {
         self.grow(M * M * tp);
         let buf = &mut self.buf[..M * M * tp];
         run(&mt[co * t_all + t0..], cout * t_all, buf, tp);
-        scatter_rows::<M>(buf, (th, tw), out, hw);
+        scatter_rows::<M, S>(buf, (th, tw), out, hw);
     }
 }
 
@@ -273,10 +275,10 @@ pub(super) fn output_plane<
 }
 
 /// [`output_plane`]'s values into the output plane `out` `(h, w)`, cut at its edges.
-pub(super) fn scatter_rows<const M: usize>(
+pub(super) fn scatter_rows<const M: usize, S: Slot>(
     buf: &[f32],
     (th, tw): (usize, usize),
-    out: &mut [f32],
+    out: &mut [S],
     (h, w): (usize, usize),
 ) {
     let tp = th * tw;
@@ -289,11 +291,11 @@ pub(super) fn scatter_rows<const M: usize>(
         let mut tiles = row.chunks_exact_mut(M);
         for (tx, o) in (&mut tiles).enumerate() {
             for (q, o) in o.iter_mut().enumerate() {
-                *o = ys[q][tx];
+                o.put(ys[q][tx]);
             }
         }
         for (q, o) in tiles.into_remainder().iter_mut().enumerate() {
-            *o = ys[q][w / M];
+            o.put(ys[q][w / M]);
         }
     }
 }

@@ -213,7 +213,7 @@ fn serial_and_epilogue_agree() {
         let u = transform_weights::<A>(&k, cout, c);
         let plain = forward_with::<A>(&x, &k, Epilogue::NONE, &d);
         let mut serial = vec![0f32; plain.len()];
-        forward_into::<A>(&x, &u, Epilogue::NONE, &d, &mut serial, false);
+        forward_into::<A, f32>(&x, &u, Epilogue::NONE, &d, &mut serial, false);
         assert_eq!(plain, serial);
         let (scale, shift) = (values(cout, 5), values(cout, 6));
         let residual = values(plain.len(), 7);
