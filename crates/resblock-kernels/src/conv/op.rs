@@ -12,6 +12,7 @@ use super::gemm::{backward, backward_tensors, forward};
 use super::geom::{ConvGeom, Dims};
 use super::path::{
     backward_direct, backward_strided, direct_backward_plans, forward_f32, strided_backward_plan,
+    weight_grad_direct,
 };
 
 /// Per-channel sums of `dy` (N, C, H, W), f64 accumulated: a bias gradient.
@@ -168,9 +169,16 @@ pub(crate) fn backward_typed<T: WithDType>(
     let strided = (f32 && !winograd && plans.is_none())
         .then(|| strided_backward_plan(&d, g))
         .flatten();
+    // Where only the input gradient pays on Winograd: that one from it, the weight gradient
+    // from the direct kernels.
+    let split = plans.is_some() && super::winograd::input_grad_applies(&d, g);
     let (dx, dw) = match (plans, strided) {
         _ if winograd => backward_tensors::<f32>(x, w, &dy, |x, w, dy| {
             super::winograd::backward(x, w, dy, &d)
+        })?,
+        (Some(plans), _) if split => backward_tensors::<f32>(x, w, &dy, |x, w, dy| {
+            let dx = super::winograd::input_grad(w, dy, &d);
+            (dx, weight_grad_direct(&plans.0, x, dy, &d))
         })?,
         (Some(plans), _) => {
             backward_tensors::<f32>(x, w, &dy, |x, w, dy| backward_direct(&plans, x, w, dy, &d))?
@@ -481,6 +489,10 @@ mod tests {
                 ex < 1e-5 && ew < 1e-5,
                 "shape {i}: dx off by {ex}, dw by {ew}"
             );
+            // The weight gradient alone (the backward that takes its input gradient from
+            // Winograd).
+            let ew = rel_err(&weight_grad_direct(&plans.0, &x, &dy, &d), &dw64);
+            assert!(ew < 1e-5, "shape {i}: weight gradient alone off by {ew}");
         }
     }
 

@@ -208,6 +208,33 @@ pub(crate) fn backward_direct(
     (dx, dw.total(0))
 }
 
+/// The weight gradient alone by the direct kernels (the forward plan `fwd`), summed over
+/// the images as [`backward_direct`] sums it: for the backward that takes its input
+/// gradient from Winograd (`winograd::input_grad_applies`).
+pub(crate) fn weight_grad_direct(fwd: &direct::Plan, x: &[f32], dy: &[f32], d: &Dims) -> Vec<f32> {
+    let (parallel, _) = gemm_parallelism(d.n);
+    let wlen = d.cout * d.k_all();
+    let ylen = d.cout * d.p();
+    let image = |s: &mut DirectScratch, acc: &mut WeightSum, ni: usize, _: &mut [u8]| {
+        let dy_n = &dy[ni * ylen..(ni + 1) * ylen];
+        fwd.pad(&x[ni * d.chw()..(ni + 1) * d.chw()], &mut s.xp);
+        fwd.flatten(dy_n, &mut s.dyf);
+        s.dw_n.resize(wlen, 0.0);
+        fwd.weight_grad(&s.xp, &s.dyf, &mut s.dw_n);
+        acc.add(&s.dw_n);
+    };
+    let scratch = || DirectScratch {
+        xp: Vec::new(),
+        dyf: Vec::new(),
+        dyp: Vec::new(),
+        flat: Vec::new(),
+        dw_n: Vec::new(),
+    };
+    // One byte per image: the chunks only number the images.
+    let mut images = vec![0u8; d.n];
+    for_each_image_summed(&mut images, 1, parallel, wlen, scratch, image, |_, _| {}).total(0)
+}
+
 /// The direct forward plan of a stride-2 convolution whose backward runs on
 /// [`backward_strided`], when it applies.
 pub(crate) fn strided_backward_plan(d: &Dims, g: &ConvGeom) -> Option<direct::Plan> {

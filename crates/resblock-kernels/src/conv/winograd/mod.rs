@@ -178,6 +178,30 @@ fn backward_pays_at_full_width(d: &Dims) -> bool {
         && d.n * Tiles::of::<F2>(d).per_image() >= FULL_WIDTH_BACKWARD_MIN_TILES
 }
 
+/// The narrowest output for which the convolution op's input gradient alone pays on
+/// Winograd where 512-bit FMAs run at full width (see [`input_grad_applies`]).
+const FULL_WIDTH_INPUT_GRAD_MIN_WIDTH: usize = 56;
+
+/// Whether the convolution op's backward, where [`applies`] does not hold (512-bit FMAs at
+/// full width, fewer than [`FULL_WIDTH_BACKWARD_MIN_CHANNELS`] channels; elsewhere it holds
+/// for these shapes and comes first), takes its input gradient from [`input_grad`] and its
+/// weight gradient from the direct kernels: for outputs at least
+/// [`FULL_WIDTH_INPUT_GRAD_MIN_WIDTH`] wide, the other thresholds as elsewhere. The
+/// input gradient is a forward of `dY` (F(4x4, 3x3) at those sizes), which pays there as
+/// the forward does; F(3x3, 2x2)'s weight gradient does not. Measured (`winograd-ab`,
+/// interleaved minima of 15-30 calls), 64 channels, backward against the direct one: 56x56
+/// batch 8 9.54-10.11 against 10.43-11.24 ms, batch 2 2.84 against 2.93 ms, batch 1 2.07
+/// against 2.44 ms; but 28x28 batch 8 3.21 against 3.15 ms and 14x14 batch 4 0.70 against
+/// 0.51 ms.
+pub(crate) fn input_grad_applies(d: &Dims, g: &ConvGeom) -> bool {
+    input_grad_pays(d) && shape_allows(d, g, MIN_TILES, |_| true)
+}
+
+/// [`input_grad_applies`]'s width rule.
+fn input_grad_pays(d: &Dims) -> bool {
+    d.ow >= FULL_WIDTH_INPUT_GRAD_MIN_WIDTH
+}
+
 /// Set by [`force_for_tests`].
 #[cfg(test)]
 static FORCED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);

@@ -306,7 +306,7 @@ fn weight_rows_match_single_tiles_on_every_level() {
 
 /// Where 512-bit FMAs run at full width Winograd keeps to the shapes it was measured faster
 /// on: forwards of outputs 14 wide and more; backwards of 128 channels and more, 14 wide and
-/// more, 300 tiles and more.
+/// more, 300 tiles and more; the input gradient alone of outputs 56 wide and more.
 #[test]
 fn full_width_shapes() {
     for (n, c, hw) in [(8, 64, 56), (1, 64, 56), (1, 128, 28), (8, 256, 14)] {
@@ -322,4 +322,17 @@ fn full_width_shapes() {
     assert!(!backward_pays_at_full_width(&dims(8, 128, 64, 28, 28)));
     assert!(!backward_pays_at_full_width(&dims(8, 512, 512, 7, 7)));
     assert!(!backward_pays_at_full_width(&dims(1, 128, 128, 28, 28)));
+    // The input gradient alone: 64 channels at 56x56 from batch 1, not at 28x28 or 14x14.
+    let g = ConvGeom {
+        padding: 1,
+        stride: 1,
+        dilation: 1,
+        groups: 1,
+    };
+    assert!(input_grad_pays(&dims(8, 64, 64, 56, 56)));
+    assert!(input_grad_pays(&dims(1, 64, 64, 56, 56)));
+    assert!(!input_grad_pays(&dims(8, 64, 64, 28, 28)));
+    assert!(!input_grad_applies(&dims(8, 64, 64, 28, 28), &g));
+    assert!(!input_grad_applies(&dims(4, 64, 64, 14, 14), &g));
+    assert!(!input_grad_applies(&dims(8, 32, 64, 56, 56), &g));
 }
