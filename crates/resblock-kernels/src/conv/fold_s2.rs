@@ -4,7 +4,7 @@
 //! [`super::pack::col2im_add`] adds each of the 9 rows of a channel into its plane, one
 //! tap at a time: the plane must be zeroed first, and at stride 2 each row lands on every
 //! other value (a read, an add and a write per value, none of them whole vectors). That
-//! fill and scatter were 13% of a 64-to-128-channel 56x56 stride-2 backward. Here each
+//! fill and scatter were 11-13% of a 64-to-128-channel 56x56 stride-2 backward. Here each
 //! row `iy = 2 oy + ky - 1` of the plane is summed from the (one or two) kernel rows that
 //! reach it, into its even columns `2 j` (tap column 1, `ox = j`) and odd ones `2 j + 1`
 //! (tap column 0 at `ox = j + 1`, column 2 at `ox = j`) as contiguous runs, then written
