@@ -153,12 +153,31 @@ pub(crate) fn forward_direct(
 }
 
 /// Scratch buffers of one direct backward worker.
+#[derive(Default)]
 pub(crate) struct DirectScratch {
     xp: Vec<f32>,
     dyf: Vec<f32>,
     dyp: Vec<f32>,
     flat: Vec<f32>,
     dw_n: Vec<f32>,
+}
+
+impl DirectScratch {
+    /// Adds one image's weight gradient (`wlen` values; input `x_n`, output gradient
+    /// `dy_n`) by the forward plan `fwd` to `acc`.
+    fn add_weight_grad(
+        &mut self,
+        fwd: &direct::Plan,
+        (x_n, dy_n): (&[f32], &[f32]),
+        wlen: usize,
+        acc: &mut WeightSum,
+    ) {
+        fwd.pad(x_n, &mut self.xp);
+        fwd.flatten(dy_n, &mut self.dyf);
+        self.dw_n.resize(wlen, 0.0);
+        fwd.weight_grad(&self.xp, &self.dyf, &mut self.dw_n);
+        acc.add(&self.dw_n);
+    }
 }
 
 /// (dx, dw) by the direct kernels. `dx` is written image by image into fresh memory: by
@@ -179,11 +198,7 @@ pub(crate) fn backward_direct(
     let image =
         |s: &mut DirectScratch, acc: &mut WeightSum, ni: usize, dx_n: &mut [MaybeUninit<f32>]| {
             let dy_n = &dy[ni * ylen..(ni + 1) * ylen];
-            fwd.pad(&x[ni * d.chw()..(ni + 1) * d.chw()], &mut s.xp);
-            fwd.flatten(dy_n, &mut s.dyf);
-            s.dw_n.resize(wlen, 0.0);
-            fwd.weight_grad(&s.xp, &s.dyf, &mut s.dw_n);
-            acc.add(&s.dw_n);
+            s.add_weight_grad(fwd, (&x[ni * d.chw()..(ni + 1) * d.chw()], dy_n), wlen, acc);
             back.pad(dy_n, &mut s.dyp);
             if back.writes_plain() {
                 back.forward_plain(&s.dyp, &wfk, dx_n, !parallel);
@@ -192,13 +207,7 @@ pub(crate) fn backward_direct(
                 back.unflatten(&s.flat, dx_n, Epilogue::NONE);
             }
         };
-    let scratch = || DirectScratch {
-        xp: Vec::new(),
-        dyf: Vec::new(),
-        dyp: Vec::new(),
-        flat: Vec::new(),
-        dw_n: Vec::new(),
-    };
+    let scratch = DirectScratch::default;
     let fill = |dx: &mut [MaybeUninit<f32>]| {
         for_each_image_summed(dx, d.chw(), parallel, wlen, scratch, image, |_, _| {})
     };
@@ -217,19 +226,9 @@ pub(crate) fn weight_grad_direct(fwd: &direct::Plan, x: &[f32], dy: &[f32], d: &
     let ylen = d.cout * d.p();
     let image = |s: &mut DirectScratch, acc: &mut WeightSum, ni: usize, _: &mut [u8]| {
         let dy_n = &dy[ni * ylen..(ni + 1) * ylen];
-        fwd.pad(&x[ni * d.chw()..(ni + 1) * d.chw()], &mut s.xp);
-        fwd.flatten(dy_n, &mut s.dyf);
-        s.dw_n.resize(wlen, 0.0);
-        fwd.weight_grad(&s.xp, &s.dyf, &mut s.dw_n);
-        acc.add(&s.dw_n);
+        s.add_weight_grad(fwd, (&x[ni * d.chw()..(ni + 1) * d.chw()], dy_n), wlen, acc);
     };
-    let scratch = || DirectScratch {
-        xp: Vec::new(),
-        dyf: Vec::new(),
-        dyp: Vec::new(),
-        flat: Vec::new(),
-        dw_n: Vec::new(),
-    };
+    let scratch = DirectScratch::default;
     // One byte per image: the chunks only number the images.
     let mut images = vec![0u8; d.n];
     for_each_image_summed(&mut images, 1, parallel, wlen, scratch, image, |_, _| {}).total(0)

@@ -69,7 +69,8 @@ impl Plan {
             for (xp, dy) in xps.iter().zip(dys) {
                 // Bounds (checked by the caller's asserts): `dy` holds `cout_r` rows of `qlen`
                 // values `row_stride` apart, `xp` `c` planes of `ps` values, and every tap of a
-                // pixel `q < oh * w` reads below `q + max_tap < ps` in its plane.
+                // pixel `q < pix <= qlen` reads below `q + max_tap < ps` in its plane (the
+                // stride-2 kernel's column-2 taps, a phase row plus one, are taps too).
                 assert!(dy.len() >= (cout - 1) * row_stride + pix && xp.len() >= c * self.ps);
                 // SAFETY: AVX-512 (the plan's instruction set, `Plan::strided`); the reads and
                 // writes stay inside `dy`, `xp`, `dyt` and `sums` by the bounds above.
