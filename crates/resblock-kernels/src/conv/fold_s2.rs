@@ -60,7 +60,9 @@ fn fold_plane(
     for iy in 0..h {
         e.fill(0.0);
         o.fill(0.0);
-        // The kernel rows reaching `iy = 2 oy + ky - 1`, as (ky, oy).
+        // The kernel rows reaching `iy = 2 oy + ky - 1`, as (ky, oy); an even row has one
+        // (the second pair, `oy = oh`, is left out by the filter below, as is a last odd
+        // row's `oy = m + 1 = oh`).
         let m = iy / 2;
         let terms = if iy % 2 == 0 {
             [(1, m), (1, oh)]
