@@ -7,7 +7,7 @@
 //! [s2] [FLAG]`: with `bwd`, the backward (both gradients for a given upstream gradient, as
 //! the `bwd_data_and_weight` bench rows) instead of the forward; with `s2`, stride 2; with
 //! `FLAG`, that `Dispatch` switch toggled instead of `winograd`: `transposed_wgrad`,
-//! `masked_taps`, `own_gemm`, `direct_conv`.
+//! `masked_taps`, `own_gemm`, `direct_conv`, `s2_lanes`.
 
 use std::time::Instant;
 
@@ -25,10 +25,16 @@ fn main() -> anyhow::Result<()> {
         found.map(|i| args.remove(i)).is_some()
     };
     let (bwd, stride) = (take("bwd"), if take("s2") { 2 } else { 1 });
-    let flag = ["transposed_wgrad", "masked_taps", "own_gemm", "direct_conv"]
-        .into_iter()
-        .find(|f| take(f))
-        .unwrap_or("winograd");
+    let flag = [
+        "transposed_wgrad",
+        "masked_taps",
+        "own_gemm",
+        "direct_conv",
+        "s2_lanes",
+    ]
+    .into_iter()
+    .find(|f| take(f))
+    .unwrap_or("winograd");
     let args: Vec<usize> = args.iter().map(|s| s.parse()).collect::<Result<_, _>>()?;
     let [n, c, hw, cout, reps] = args[..] else {
         anyhow::bail!("usage: winograd-ab N C HW COUT REPS [bwd] [s2] [FLAG]");
@@ -49,6 +55,7 @@ fn main() -> anyhow::Result<()> {
             "masked_taps" => &mut d.masked_taps,
             "own_gemm" => &mut d.own_gemm,
             "direct_conv" => &mut d.direct_conv,
+            "s2_lanes" => &mut d.s2_lanes,
             _ => &mut d.winograd,
         } = on;
         dispatch::set(d);

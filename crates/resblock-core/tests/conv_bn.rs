@@ -16,20 +16,39 @@ fn max_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
     Ok((a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)
 }
 
-/// A fresh 3x3 "same" conv (5 -> 6 channels) + BN, the same weights every time.
+/// A fresh 3x3 conv (5 -> 6 channels, "same") + BN, the same weights every time.
 fn layer() -> Result<ConvBn> {
+    layer_of(6, 1)
+}
+
+/// A fresh 3x3 conv (5 -> `cout` channels, padding 1, `stride`) + BN, the same weights
+/// every time.
+fn layer_of(cout: usize, stride: usize) -> Result<ConvBn> {
     let rng = RngHandle::seed_from_u64(3);
     let varmap = VarMap::new();
     let vb = seeded_var_builder(&varmap, &rng, DType::F32, &Device::Cpu);
     let cfg = Conv2dConfig {
         padding: 1,
+        stride,
         bias: false,
         ..Default::default()
     };
     Ok(ConvBn::new(
-        conv2d(5, 6, 3, cfg, vb.pp("conv"))?,
-        Some(batch_norm(6, BatchNormConfig::default(), vb.pp("bn"))?),
+        conv2d(5, cout, 3, cfg, vb.pp("conv"))?,
+        Some(batch_norm(cout, BatchNormConfig::default(), vb.pp("bn"))?),
     ))
+}
+
+/// (output, d/dx, d/dkernel) of a training step of the stride-2 layer (5 -> 32 channels).
+fn run_strided(d: Dispatch, x: &Tensor, g: &Tensor) -> Result<[Tensor; 3]> {
+    dispatch::set(d);
+    let l = layer_of(32, 2)?;
+    let xv = Var::from_tensor(x)?;
+    let y = l.forward_relu_t(xv.as_tensor(), true)?;
+    let grads: GradStore = (&y * g)?.sum_all()?.backward()?;
+    let dx = grads.get(xv.as_tensor()).expect("dx").clone();
+    let dw = grads.get(l.conv().weight()).expect("dw").clone();
+    Ok([y, dx, dw])
 }
 
 /// (output, d/dx, d/dkernel, running mean) of a training step, and of the block end.
@@ -111,6 +130,51 @@ fn every_path_agrees_and_eval_records_no_graph() -> Result<()> {
         {
             let e = max_diff(a, b)?;
             assert!(e < 2e-4, "{name}: {what} differs from Candle's by {e}");
+        }
+    }
+    // A stride-2 layer with 32 output channels on an even input: its forward on
+    // `conv/s2_lanes` where AVX-512 runs (fused and not), else on the polyphase plan.
+    let xs = rng.normal_tensor((3, 5, 10, 8), 0., 1., DType::F32, &Device::Cpu)?;
+    let gs = rng.normal_tensor((3, 32, 5, 4), 0., 1., DType::F32, &Device::Cpu)?;
+    let want = run_strided(candle, &xs, &gs)?;
+    let strided = [
+        ("default", Dispatch::default()),
+        (
+            "unfused",
+            Dispatch {
+                fused_conv_bn: false,
+                ..Dispatch::default()
+            },
+        ),
+        (
+            "no s2_lanes",
+            Dispatch {
+                s2_lanes: false,
+                ..Dispatch::default()
+            },
+        ),
+        (
+            "unfused, no s2_lanes",
+            Dispatch {
+                s2_lanes: false,
+                fused_conv_bn: false,
+                ..Dispatch::default()
+            },
+        ),
+    ];
+    for (name, d) in strided {
+        let got = run_strided(d, &xs, &gs)?;
+        for (what, a, b) in ["y", "dx", "dw"]
+            .iter()
+            .zip(&got)
+            .zip(&want)
+            .map(|((w, a), b)| (w, a, b))
+        {
+            let e = max_diff(a, b)?;
+            assert!(
+                e < 2e-4,
+                "stride 2, {name}: {what} differs from Candle's by {e}"
+            );
         }
     }
     dispatch::set(Dispatch::default());

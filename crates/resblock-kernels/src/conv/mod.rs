@@ -21,6 +21,8 @@ pub(crate) mod geom;
 pub(crate) mod op;
 pub(crate) mod pack;
 pub(crate) mod path;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod s2_lanes;
 pub(crate) mod weight_sum;
 pub(crate) mod winograd;
 

@@ -80,7 +80,8 @@ pub(crate) fn direct_backward_plans(
     (back.oh == d.h && back.ow == d.w).then_some((fwd, back))
 }
 
-/// The f32 forward: Winograd for wide 3x3 "same" convolutions, direct where it applies,
+/// The f32 forward: Winograd for wide 3x3 "same" convolutions, 3x3 stride-2 ones with the
+/// output channels in the lanes (`s2_lanes`) where they apply, direct where it applies,
 /// one GEMM over several images for small outputs (`batched.rs`), per-image GEMMs
 /// otherwise. `frozen`: the forms of a frozen kernel `w` ([`super::frozen`]).
 pub(crate) fn forward_f32(
@@ -96,6 +97,10 @@ pub(crate) fn forward_f32(
             Some(forms) => super::winograd::forward_frozen(x, w, forms, ep, d),
             None => super::winograd::forward(x, w, ep, d),
         };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if super::s2_lanes::applies(d, g) {
+        return super::s2_lanes::forward(x, w, ep, d);
     }
     match direct_plan(d, g) {
         Some(plan) => forward_direct(&plan, x, w, ep, d),

@@ -22,7 +22,8 @@
 //! - Winograd (`conv/winograd/`, where it applies: 64 channels and more): the forward
 //!   convolves the batch there and takes each plane's moments after; the backward writes
 //!   the norm's input gradient once and runs Winograd's two gradients on it.
-//! - stride 2: the same forward on the polyphase plan; the backward writes each image's
+//! - stride 2: the forward on `conv/s2_lanes` where it applies (the batch convolved
+//!   there, the moments taken after, as on Winograd), else on the polyphase plan; the backward writes each image's
 //!   norm input gradient once, flattens it for the direct weight gradient and multiplies it
 //!   by `W^T` for `col2im_into` (a stride-2 input gradient is no convolution of `dY`).
 //!
@@ -48,6 +49,28 @@ use crate::norm::{channel_grad_sums, combine_moments, grad_coef, inv_std, norm_c
 /// Per-channel batch mean and biased variance, f64.
 pub(crate) type Stats = (Vec<f64>, Vec<f64>);
 
+/// Whether the forward runs on `conv/s2_lanes` (x86-64 only).
+fn s2_lanes_applies(d: &Dims, g: &ConvGeom) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return crate::conv::s2_lanes::applies(d, g);
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (d, g);
+        false
+    }
+}
+
+/// The plain convolution on `conv/s2_lanes`, where [`s2_lanes_applies`].
+fn s2_lanes_forward(x: &[f32], w: &[f32], d: &Dims) -> Vec<f32> {
+    #[cfg(target_arch = "x86_64")]
+    return crate::conv::s2_lanes::forward(x, w, Epilogue::NONE, d);
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (x, w, d);
+        unreachable!("conv_bn: s2_lanes off x86-64")
+    }
+}
+
 /// The fused op; see the module docs.
 pub(crate) struct ConvBnTrain {
     d: Dims,
@@ -57,6 +80,8 @@ pub(crate) struct ConvBnTrain {
     back: Option<direct::Plan>,
     /// The convolution and its gradients on Winograd instead of the plans.
     winograd: bool,
+    /// The forward on `conv/s2_lanes` instead of the polyphase plan (stride 2).
+    s2_lanes: bool,
     eps: f64,
     relu: bool,
     /// Written by the forward: the statistics (also read by the caller, for the running
@@ -91,6 +116,7 @@ impl ConvBnTrain {
             fwd,
             back,
             winograd: crate::conv::winograd::applies(&d, &geom),
+            s2_lanes: s2_lanes_applies(&d, &geom),
             eps,
             relu,
             stats: stats.clone(),
@@ -148,8 +174,12 @@ impl ConvBnTrain {
         let (p, cout) = (d.p(), d.cout);
         // Per (image, channel): the plane's mean and sum of squared deviations.
         let mut moments = vec![(0f64, 0f64); d.n * cout];
-        if let (true, Input::Plain(x)) = (self.winograd, x) {
-            let conv = crate::conv::winograd::forward(x, w, Epilogue::NONE, d);
+        if let (true, Input::Plain(x)) = (self.winograd || self.s2_lanes, x) {
+            let conv = if self.winograd {
+                crate::conv::winograd::forward(x, w, Epilogue::NONE, d)
+            } else {
+                s2_lanes_forward(x, w, d)
+            };
             moments
                 .par_iter_mut()
                 .zip(conv.par_chunks(p))

@@ -1,0 +1,237 @@
+//! The AVX-512 tile of the stride-2 forward with the output channels in the lanes: `P`
+//! consecutive output pixels of one row by [`CO`] = 32 output channels (two vectors of 16),
+//! `2 P` accumulators (28 for the widest tile, [`MAX_P`] = 14 pixels).
+//!
+//! Per tap and input channel it loads the two weight vectors once and broadcasts each
+//! pixel's input value into two FMAs: `P + 2` loads per `2 P` FMAs, all of them from the
+//! plain input rows (pixel `i`'s tap `kx` reads column `2 i + kx` from the tile's first
+//! column), so there is no padded or phase-split copy of the input and no junk column.
+//! The sums are transposed in registers (16 x 16) to the output's rows of pixels as they
+//! are stored.
+
+use std::arch::x86_64::*;
+
+/// Output channels of one block (the packed weights' innermost dimension).
+pub(crate) const CO: usize = 32;
+/// The most pixels of one tile.
+pub(crate) const MAX_P: usize = 14;
+/// f32 lanes of one register.
+const LANES: usize = 16;
+
+/// Where a tile reads: `x` is the input value at channel 0, the first valid kernel row's
+/// input row and the column left of the tile's first tap (`2 ox0 - 1`: one before the
+/// row for the row's first tile, formed with wrapping arithmetic and never read, see
+/// `LEFT`). Channels are `plane` values apart, rows `w`; `rows` kernel rows are valid.
+#[derive(Clone, Copy)]
+pub(crate) struct Src {
+    pub(crate) x: *const f32,
+    pub(crate) plane: usize,
+    pub(crate) w: usize,
+    pub(crate) rows: usize,
+}
+
+/// The sums a tile starts from and ends in, pixel by pixel (`[P][CO]`), where the input
+/// channels are taken in parts: `from` null: zero; `to` null: the output ([`Dst`]).
+#[derive(Clone, Copy)]
+pub(crate) struct Part {
+    pub(crate) from: *const f32,
+    pub(crate) to: *mut f32,
+}
+
+/// Where a tile writes: `out` is output channel 0 of the block at the tile's first pixel,
+/// channels `plane` values apart. With `finish`, each value becomes
+/// `relu?(residual? + (v * scale? + bias-or-0))` as `conv::epilogue` computes it
+/// (multiply, then add: the same bits); the scale and bias per channel (null: not applied),
+/// the residual laid out as the output from `residual` (null: none).
+#[derive(Clone, Copy)]
+pub(crate) struct Dst {
+    pub(crate) out: *mut f32,
+    pub(crate) plane: usize,
+    pub(crate) finish: bool,
+    pub(crate) scale: *const f32,
+    pub(crate) bias: *const f32,
+    pub(crate) residual: *const f32,
+    pub(crate) relu: bool,
+}
+
+/// `out[j * plane + i] = from[i * CO + j] + sum_ci sum_(ky, kx) wk[t * CO + j] * x[ci *
+/// plane + ky * w + 2 i + kx]`, with `t = ci * 9 + ky * 3 + kx`, for the `rows` valid
+/// kernel rows, pixels `i < P` and channels `j < CO` (then finished, see [`Dst`]), or the same sums into
+/// `to[i * CO + j]` ([`Part`]: the sums over one part of the input channels). With `LEFT`
+/// the tile starts a row: its first pixel's column-0 taps read the left padding (zero) and
+/// are skipped.
+///
+/// # Safety
+/// AVX-512 F and VL must be available; `x` readable at every offset above but the skipped
+/// ones, `wk` for `(c - 1) * 9 * CO + rows * 3 * CO` floats, `part`'s pointers (where not
+/// null) for `P * CO` floats; without `part.to`, `out` writable (and `residual` readable)
+/// at `j * plane + i`, and `scale` and `bias` readable for `CO` floats where not null.
+#[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+pub(crate) unsafe fn tile<const P: usize, const LEFT: bool>(
+    s: Src,
+    c: usize,
+    wk: *const f32,
+    part: Part,
+    d: Dst,
+) {
+    // SAFETY: the caller's contract covers every pointer read here. (No closures: they
+    // would not inherit the target features.)
+    unsafe {
+        // Built and handed on by value: with the sums read or written in place through
+        // references, LLVM kept them in memory as well and stored every one after each FMA.
+        let mut acc: [[__m512; 2]; P] = if part.from.is_null() {
+            [[_mm512_setzero_ps(); 2]; P]
+        } else {
+            std::array::from_fn(|i| {
+                std::array::from_fn(|v| _mm512_loadu_ps(part.from.add(i * CO + v * LANES)))
+            })
+        };
+        for ci in 0..c {
+            let xc = s.x.wrapping_add(ci * s.plane);
+            let wc = wk.add(ci * 9 * CO);
+            for r in 0..s.rows {
+                let xr = xc.wrapping_add(r * s.w);
+                let wr = wc.add(r * 3 * CO);
+                for kx in 0..3 {
+                    let w0 = _mm512_loadu_ps(wr.add(kx * CO));
+                    let w1 = _mm512_loadu_ps(wr.add(kx * CO + LANES));
+                    let xk = xr.wrapping_add(opaque(kx));
+                    for (i, a) in acc.iter_mut().enumerate() {
+                        if LEFT && i == 0 && kx == 0 {
+                            continue;
+                        }
+                        let b = _mm512_set1_ps(*xk.wrapping_add(2 * i));
+                        a[0] = _mm512_fmadd_ps(b, w0, a[0]);
+                        a[1] = _mm512_fmadd_ps(b, w1, a[1]);
+                    }
+                }
+            }
+        }
+        if part.to.is_null() {
+            store(acc, d);
+        } else {
+            save(acc, part.to);
+        }
+    }
+}
+
+/// The tile's sums (`acc[i][v]`: pixel `i`, channels `16 v..16 v + 16`) into the output
+/// rows, finished as [`Dst`] says.
+///
+/// # Safety
+/// As [`tile`].
+#[inline]
+#[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+unsafe fn store<const P: usize>(acc: [[__m512; 2]; P], d: Dst) {
+    let mask = ((1u32 << P) - 1) as __mmask16;
+    // SAFETY: the caller's contract.
+    unsafe {
+        for v in 0..2 {
+            let co0 = v * LANES;
+            let mut rows = [_mm512_setzero_ps(); LANES];
+            for (r, a) in rows.iter_mut().zip(&acc) {
+                *r = a[v];
+            }
+            if d.finish {
+                // Per channel, and the channels are the lanes here: before the transpose.
+                let s = (!d.scale.is_null()).then(|| _mm512_loadu_ps(d.scale.add(co0)));
+                let b = if d.bias.is_null() {
+                    _mm512_setzero_ps()
+                } else {
+                    _mm512_loadu_ps(d.bias.add(co0))
+                };
+                for r in rows.iter_mut().take(P) {
+                    if let Some(s) = s {
+                        *r = _mm512_mul_ps(*r, s);
+                    }
+                    *r = _mm512_add_ps(*r, b);
+                }
+            }
+            let t = transpose16(rows);
+            for (j, t) in t.iter().enumerate() {
+                let at = (co0 + j) * d.plane;
+                let mut r = *t;
+                if d.finish {
+                    if !d.residual.is_null() {
+                        r = _mm512_add_ps(_mm512_maskz_loadu_ps(mask, d.residual.add(at)), r);
+                    }
+                    if d.relu {
+                        // `max(0, r)` keeps a NaN (the second operand) and -0, as the
+                        // scalar `if r < 0 { 0 } else { r }` does.
+                        r = _mm512_max_ps(_mm512_setzero_ps(), r);
+                    }
+                }
+                _mm512_mask_storeu_ps(d.out.add(at), mask, r);
+            }
+        }
+    }
+}
+
+/// `v`, through an empty `asm!` the compiler cannot see into (the tile's column offset).
+/// Pixel `i`'s column-2 tap reads the value of pixel `i + 1`'s column-0 tap: with the
+/// addresses in sight LLVM loaded it once and kept it in a register between the two, which
+/// with 28 accumulators live pushed them onto the stack (the 14-pixel tile ran at about
+/// 60% of its speed).
+#[inline(always)]
+fn opaque(v: usize) -> usize {
+    let out: usize;
+    // SAFETY: moves a register; reads and writes nothing else.
+    unsafe {
+        std::arch::asm!(
+            "mov {0}, {1}",
+            out(reg) out,
+            in(reg) v,
+            options(pure, nomem, nostack, preserves_flags)
+        );
+    }
+    out
+}
+
+/// The tile's sums into `to` as they are (`[P][CO]`).
+///
+/// # Safety
+/// AVX-512 F must be available and `to` writable for `P * CO` floats.
+#[inline]
+#[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+unsafe fn save<const P: usize>(acc: [[__m512; 2]; P], to: *mut f32) {
+    for (i, a) in acc.iter().enumerate() {
+        for (v, a) in a.iter().enumerate() {
+            // SAFETY: in bounds by the caller's contract.
+            unsafe { _mm512_storeu_ps(to.add(i * CO + v * LANES), *a) };
+        }
+    }
+}
+
+/// The transpose of 16 rows of 16: `out[j]` lane `i` is `v[i]` lane `j`. Pairs of rows
+/// interleaved, then pairs of pairs (each 128-bit lane then holds one column of four rows),
+/// then the 128-bit lanes gathered in two steps.
+#[inline]
+#[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+pub(crate) fn transpose16(v: [__m512; 16]) -> [__m512; 16] {
+    let mut t = [_mm512_setzero_ps(); 16];
+    for q in 0..4 {
+        let (a, b, c, e) = (v[4 * q], v[4 * q + 1], v[4 * q + 2], v[4 * q + 3]);
+        let lo_ab = _mm512_unpacklo_ps(a, b);
+        let hi_ab = _mm512_unpackhi_ps(a, b);
+        let lo_ce = _mm512_unpacklo_ps(c, e);
+        let hi_ce = _mm512_unpackhi_ps(c, e);
+        // Lane `l` of `t[4 q + k]`: element `4 l + k` of rows `4 q..4 q + 4`.
+        t[4 * q] = _mm512_shuffle_ps::<0x44>(lo_ab, lo_ce);
+        t[4 * q + 1] = _mm512_shuffle_ps::<0xee>(lo_ab, lo_ce);
+        t[4 * q + 2] = _mm512_shuffle_ps::<0x44>(hi_ab, hi_ce);
+        t[4 * q + 3] = _mm512_shuffle_ps::<0xee>(hi_ab, hi_ce);
+    }
+    let mut out = [_mm512_setzero_ps(); 16];
+    for k in 0..4 {
+        // Lanes 0 and 2 (`e`) or 1 and 3 (`o`) of rows 0-3 and 4-7, and of 8-11 and 12-15.
+        let e0 = _mm512_shuffle_f32x4::<0x88>(t[k], t[4 + k]);
+        let o0 = _mm512_shuffle_f32x4::<0xdd>(t[k], t[4 + k]);
+        let e1 = _mm512_shuffle_f32x4::<0x88>(t[8 + k], t[12 + k]);
+        let o1 = _mm512_shuffle_f32x4::<0xdd>(t[8 + k], t[12 + k]);
+        out[k] = _mm512_shuffle_f32x4::<0x88>(e0, e1);
+        out[8 + k] = _mm512_shuffle_f32x4::<0xdd>(e0, e1);
+        out[4 + k] = _mm512_shuffle_f32x4::<0x88>(o0, o1);
+        out[12 + k] = _mm512_shuffle_f32x4::<0xdd>(o0, o1);
+    }
+    out
+}

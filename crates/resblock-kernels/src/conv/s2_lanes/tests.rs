@@ -1,0 +1,198 @@
+use std::arch::x86_64::*;
+
+use super::*;
+
+fn values(n: usize, seed: usize) -> Vec<f32> {
+    (0..n)
+        .map(|i| (((i * 7919 + seed * 104_729) % 2003) as f32 / 1001.5) - 1.0)
+        .collect()
+}
+
+fn dims(n: usize, c: usize, h: usize, w: usize, cout: usize) -> Dims {
+    Dims::new(&GEOM, &[n, c, h, w], &[cout, c, 3, 3]).expect("dims")
+}
+
+const GEOM: ConvGeom = ConvGeom {
+    padding: 1,
+    stride: 2,
+    dilation: 1,
+    groups: 1,
+};
+
+/// The convolution in f64, every image.
+fn conv_ref(x: &[f32], w: &[f32], d: &Dims) -> Vec<f64> {
+    let mut y = vec![0f64; d.n * d.cout * d.p()];
+    for i in 0..d.n {
+        for o in 0..d.cout {
+            for oy in 0..d.oh {
+                for ox in 0..d.ow {
+                    let mut s = 0f64;
+                    for ci in 0..d.c {
+                        for ky in 0..3 {
+                            for kx in 0..3 {
+                                let (iy, ix) = (2 * oy + ky, 2 * ox + kx);
+                                if iy < 1 || ix < 1 || iy > d.h || ix > d.w {
+                                    continue;
+                                }
+                                let xv = x[((i * d.c + ci) * d.h + iy - 1) * d.w + ix - 1];
+                                let wv = w[((o * d.c + ci) * 3 + ky) * 3 + kx];
+                                s += f64::from(xv) * f64::from(wv);
+                            }
+                        }
+                    }
+                    y[((i * d.cout + o) * d.oh + oy) * d.ow + ox] = s;
+                }
+            }
+        }
+    }
+    y
+}
+
+fn pool(threads: usize) -> rayon::ThreadPool {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .expect("pool")
+}
+
+#[test]
+fn transpose16_transposes() {
+    if !crate::dispatch::avx512() {
+        return;
+    }
+    let v: Vec<f32> = (0..256).map(|i| i as f32).collect();
+    // SAFETY: AVX-512 runs (checked above); each load reads 16 of the 256 values.
+    let t = unsafe {
+        let rows: [__m512; 16] = std::array::from_fn(|i| _mm512_loadu_ps(v[16 * i..].as_ptr()));
+        avx512::transpose16(rows)
+    };
+    let mut got = [0f32; 256];
+    for (j, t) in t.iter().enumerate() {
+        // SAFETY: as above; each store writes 16 of the 256 values.
+        unsafe { _mm512_storeu_ps(got[16 * j..].as_mut_ptr(), *t) };
+    }
+    for j in 0..16 {
+        for i in 0..16 {
+            assert_eq!(got[16 * j + i], v[16 * i + j], "row {j}, lane {i}");
+        }
+    }
+}
+
+#[test]
+fn tiles_cover_the_row_evenly() {
+    for ow in 1..100 {
+        let t = tiles(ow);
+        assert_eq!(t.len(), ow.div_ceil(MAX_P), "{ow}");
+        let mut next = 0;
+        for &(first, p) in &t {
+            assert_eq!(first, next, "{ow}: tiles in order, no gap");
+            assert!(
+                (1..=MAX_P).contains(&p) && p + 1 >= t[0].1,
+                "{ow}: tile of {p}"
+            );
+            next += p;
+        }
+        assert_eq!(next, ow);
+    }
+    assert_eq!(tiles(28), [(0, 14), (14, 14)]);
+    assert_eq!(tiles(16), [(0, 8), (8, 8)]);
+}
+
+/// Every tile width (1 to 14 pixels, a row's first or not), odd and even heights, one
+/// input channel to several passes of 16 (the sums kept between passes), one block of
+/// output channels to four, batch 1 (the channel blocks shared among the threads) and
+/// more, on one thread and on three.
+#[test]
+fn matches_a_plain_convolution() {
+    if !crate::dispatch::avx512() {
+        return;
+    }
+    let cases = [
+        (2, 3, 8, 8, 32),
+        (1, 5, 7, 6, 64),
+        (1, 2, 2, 2, 32),
+        (1, 1, 3, 4, 32),
+        (1, 4, 9, 30, 32),
+        (1, 2, 5, 58, 32),
+        (2, 16, 6, 56, 32),
+        (1, 8, 2, 14, 96),
+        (3, 7, 11, 20, 64),
+        (1, 3, 4, 26, 32),
+        (1, 40, 6, 30, 32),
+        (2, 33, 5, 16, 64),
+        (1, 17, 14, 14, 128),
+    ];
+    for (n, c, h, w, cout) in cases {
+        let d = dims(n, c, h, w, cout);
+        let (x, wt) = (values(n * c * h * w, 1), values(cout * c * 9, 2));
+        let want = conv_ref(&x, &wt, &d);
+        let scale = want.iter().fold(1f64, |m, v| m.max(v.abs()));
+        for threads in [1, 3] {
+            let y = pool(threads).install(|| forward(&x, &wt, Epilogue::NONE, &d));
+            assert_eq!(y.len(), want.len());
+            for (i, (g, w)) in y.iter().zip(&want).enumerate() {
+                let e = (f64::from(*g) - w).abs() / scale;
+                assert!(
+                    e < 1e-5,
+                    "n{n} {c}->{cout} {h}x{w}, {threads} threads: element {i} is {g}, want {w}"
+                );
+            }
+        }
+    }
+}
+
+/// The finish in the tile's stores gives the bits of the epilogue's separate pass over
+/// the raw output, for every combination of its parts.
+#[test]
+fn finish_matches_the_epilogue_pass() {
+    if !crate::dispatch::avx512() {
+        return;
+    }
+    // Two passes over the input channels: the finish follows a pass's partial sums.
+    let (n, c, h, w, cout) = (2, 20, 9, 18, 64);
+    let d = dims(n, c, h, w, cout);
+    let (x, wt) = (values(n * c * h * w, 3), values(cout * c * 9, 4));
+    let scale = values(cout, 5);
+    let bias = values(cout, 6);
+    let residual = values(n * cout * d.p(), 7);
+    let raw = forward(&x, &wt, Epilogue::NONE, &d);
+    for parts in 0..16 {
+        let ep = Epilogue {
+            scale: (parts & 1 != 0).then_some(&scale[..]),
+            bias: (parts & 2 != 0).then_some(&bias[..]),
+            residual: (parts & 4 != 0).then_some(&residual[..]),
+            relu: parts & 8 != 0,
+        };
+        let got = forward(&x, &wt, ep, &d);
+        let mut want = raw.clone();
+        let len = cout * d.p();
+        for (ni, img) in want.chunks_exact_mut(len).enumerate() {
+            ep.image(ni, len).apply_planes(0, img, d.p());
+        }
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(g.to_bits(), w.to_bits(), "parts {parts:04b}: element {i}");
+        }
+    }
+}
+
+#[test]
+fn applies_only_where_it_can() {
+    let ok = |n, c, h, w, cout| applies(&dims(n, c, h, w, cout), &GEOM);
+    if !crate::dispatch::avx512() {
+        assert!(!ok(1, 3, 8, 8, 32));
+        return;
+    }
+    assert!(ok(1, 3, 8, 8, 32) && ok(8, 64, 56, 56, 128) && ok(1, 2, 7, 8, 64));
+    // An odd width (a tap right of the row), a part block of output channels.
+    assert!(!ok(1, 3, 8, 7, 32) && !ok(1, 3, 8, 8, 48) && !ok(1, 3, 8, 8, 16));
+    let d = dims(1, 3, 8, 8, 32);
+    for g in [
+        ConvGeom { padding: 0, ..GEOM },
+        ConvGeom { stride: 1, ..GEOM },
+    ] {
+        let d = Dims::new(&g, &[1, 3, 8, 8], &[32, 3, 3, 3]).expect("dims");
+        assert!(!applies(&d, &g));
+    }
+    let d5 = Dims::new(&GEOM, &[1, 3, 8, 8], &[32, 3, 5, 5]).expect("dims");
+    assert!(!applies(&d5, &GEOM) && applies(&d, &GEOM));
+}
