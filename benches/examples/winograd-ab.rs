@@ -7,7 +7,7 @@
 //! [s2] [FLAG]`: with `bwd`, the backward (both gradients for a given upstream gradient, as
 //! the `bwd_data_and_weight` bench rows) instead of the forward; with `s2`, stride 2; with
 //! `FLAG`, that `Dispatch` switch toggled instead of `winograd`: `transposed_wgrad`,
-//! `masked_taps`, `own_gemm`, `direct_conv`, `s2_lanes`.
+//! `masked_taps`, `own_gemm`, `direct_conv`, `channel_lanes`.
 
 use std::time::Instant;
 
@@ -30,7 +30,7 @@ fn main() -> anyhow::Result<()> {
         "masked_taps",
         "own_gemm",
         "direct_conv",
-        "s2_lanes",
+        "channel_lanes",
     ]
     .into_iter()
     .find(|f| take(f))
@@ -55,7 +55,7 @@ fn main() -> anyhow::Result<()> {
             "masked_taps" => &mut d.masked_taps,
             "own_gemm" => &mut d.own_gemm,
             "direct_conv" => &mut d.direct_conv,
-            "s2_lanes" => &mut d.s2_lanes,
+            "channel_lanes" => &mut d.channel_lanes,
             _ => &mut d.winograd,
         } = on;
         dispatch::set(d);

@@ -18,12 +18,12 @@ fn max_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
 
 /// A fresh 3x3 conv (5 -> 6 channels, "same") + BN, the same weights every time.
 fn layer() -> Result<ConvBn> {
-    layer_of(6, 1)
+    layer_of(5, 6, 1)
 }
 
-/// A fresh 3x3 conv (5 -> `cout` channels, padding 1, `stride`) + BN, the same weights
+/// A fresh 3x3 conv (`cin` -> `cout` channels, padding 1, `stride`) + BN, the same weights
 /// every time.
-fn layer_of(cout: usize, stride: usize) -> Result<ConvBn> {
+fn layer_of(cin: usize, cout: usize, stride: usize) -> Result<ConvBn> {
     let rng = RngHandle::seed_from_u64(3);
     let varmap = VarMap::new();
     let vb = seeded_var_builder(&varmap, &rng, DType::F32, &Device::Cpu);
@@ -34,15 +34,20 @@ fn layer_of(cout: usize, stride: usize) -> Result<ConvBn> {
         ..Default::default()
     };
     Ok(ConvBn::new(
-        conv2d(5, cout, 3, cfg, vb.pp("conv"))?,
+        conv2d(cin, cout, 3, cfg, vb.pp("conv"))?,
         Some(batch_norm(cout, BatchNormConfig::default(), vb.pp("bn"))?),
     ))
 }
 
-/// (output, d/dx, d/dkernel) of a training step of the stride-2 layer (5 -> 32 channels).
-fn run_strided(d: Dispatch, x: &Tensor, g: &Tensor) -> Result<[Tensor; 3]> {
+/// (output, d/dx, d/dkernel) of a training step of a layer (`cin` from `x`'s shape).
+fn run_layer(
+    d: Dispatch,
+    (cout, stride): (usize, usize),
+    x: &Tensor,
+    g: &Tensor,
+) -> Result<[Tensor; 3]> {
     dispatch::set(d);
-    let l = layer_of(32, 2)?;
+    let l = layer_of(x.dim(1)?, cout, stride)?;
     let xv = Var::from_tensor(x)?;
     let y = l.forward_relu_t(xv.as_tensor(), true)?;
     let grads: GradStore = (&y * g)?.sum_all()?.backward()?;
@@ -132,12 +137,16 @@ fn every_path_agrees_and_eval_records_no_graph() -> Result<()> {
             assert!(e < 2e-4, "{name}: {what} differs from Candle's by {e}");
         }
     }
-    // A stride-2 layer with 32 output channels on an even input: its forward on
-    // `conv/s2_lanes` where AVX-512 runs (fused and not), else on the polyphase plan.
-    let xs = rng.normal_tensor((3, 5, 10, 8), 0., 1., DType::F32, &Device::Cpu)?;
-    let gs = rng.normal_tensor((3, 32, 5, 4), 0., 1., DType::F32, &Device::Cpu)?;
-    let want = run_strided(candle, &xs, &gs)?;
-    let strided = [
+    // Where AVX-512 runs, on `conv/lanes` (fused and not): a stride-2 layer with 32 output
+    // channels on an even input (its forward); a stride-1 one from 32 input channels (its
+    // input gradient), and one to 32 output channels (its forward). Elsewhere, and with
+    // `channel_lanes` off, on the direct plans.
+    let layers = [
+        ((5, 10, 8), (32, 2), (5, 4)),
+        ((32, 6, 5), (8, 1), (6, 5)),
+        ((5, 7, 9), (32, 1), (7, 9)),
+    ];
+    let paths = [
         ("default", Dispatch::default()),
         (
             "unfused",
@@ -147,34 +156,39 @@ fn every_path_agrees_and_eval_records_no_graph() -> Result<()> {
             },
         ),
         (
-            "no s2_lanes",
+            "no channel_lanes",
             Dispatch {
-                s2_lanes: false,
+                channel_lanes: false,
                 ..Dispatch::default()
             },
         ),
         (
-            "unfused, no s2_lanes",
+            "unfused, no channel_lanes",
             Dispatch {
-                s2_lanes: false,
+                channel_lanes: false,
                 fused_conv_bn: false,
                 ..Dispatch::default()
             },
         ),
     ];
-    for (name, d) in strided {
-        let got = run_strided(d, &xs, &gs)?;
-        for (what, a, b) in ["y", "dx", "dw"]
-            .iter()
-            .zip(&got)
-            .zip(&want)
-            .map(|((w, a), b)| (w, a, b))
-        {
-            let e = max_diff(a, b)?;
-            assert!(
-                e < 2e-4,
-                "stride 2, {name}: {what} differs from Candle's by {e}"
-            );
+    for ((cin, h, w), (cout, stride), (oh, ow)) in layers {
+        let xs = rng.normal_tensor((3, cin, h, w), 0., 1., DType::F32, &Device::Cpu)?;
+        let gs = rng.normal_tensor((3, cout, oh, ow), 0., 1., DType::F32, &Device::Cpu)?;
+        let want = run_layer(candle, (cout, stride), &xs, &gs)?;
+        for (name, d) in paths {
+            let got = run_layer(d, (cout, stride), &xs, &gs)?;
+            for (what, a, b) in ["y", "dx", "dw"]
+                .iter()
+                .zip(&got)
+                .zip(&want)
+                .map(|((w, a), b)| (w, a, b))
+            {
+                let e = max_diff(a, b)?;
+                assert!(
+                    e < 2e-4,
+                    "{cin}->{cout} stride {stride}, {name}: {what} differs from Candle's by {e}"
+                );
+            }
         }
     }
     dispatch::set(Dispatch::default());

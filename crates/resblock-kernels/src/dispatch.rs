@@ -13,7 +13,7 @@
 //! | [`Dispatch::winograd`] | `RESBLOCK_WINOGRAD=0` | wide 3x3 convolutions on the direct or GEMM path (where 512-bit FMAs run at full width, see [`crate::peak::full_width_fma`], only forwards with outputs 14 wide and more, and backwards and fused training ops from 128 channels; `=1` takes Winograd there for every shape) |
 //! | [`Dispatch::masked_taps`] | `RESBLOCK_MASKED_TAPS=0` | AVX-512 direct convolutions on the shared-padding layout |
 //! | [`Dispatch::transposed_wgrad`] | `RESBLOCK_TRANSPOSED_WGRAD=0` | the 3x3 weight gradients of the masked and stride-2 layouts on the per-tap tile |
-//! | [`Dispatch::s2_lanes`] | `RESBLOCK_S2_LANES=0` | 3x3 stride-2 forwards on the direct (polyphase) or GEMM path |
+//! | [`Dispatch::channel_lanes`] | `RESBLOCK_CHANNEL_LANES=0` | 3x3 stride-2 forwards on the direct (polyphase) or GEMM path |
 //!
 //! CPU features are detected once ([`cpu`]); a SIMD path runs only when the CPU has it
 //! and [`Dispatch::simd`] allows it, so tests can force every path on any machine, and
@@ -57,8 +57,8 @@ pub struct Dispatch {
     /// in the vector lanes, the input values broadcast (`conv/direct/transposed.rs`).
     pub transposed_wgrad: bool,
     /// The AVX-512 forward of 3x3 stride-2 convolutions with the output channels in the
-    /// vector lanes, reading the plain input (`conv/s2_lanes/`): no polyphase copy of it.
-    pub s2_lanes: bool,
+    /// vector lanes, reading the plain input (`conv/lanes/`): no polyphase copy of it.
+    pub channel_lanes: bool,
 }
 
 /// SIMD instruction sets of our kernels, narrowest first.
@@ -106,7 +106,7 @@ impl Default for Dispatch {
             winograd: true,
             masked_taps: true,
             transposed_wgrad: true,
-            s2_lanes: true,
+            channel_lanes: true,
         }
     }
 }
@@ -137,7 +137,7 @@ impl Dispatch {
             winograd: !off("RESBLOCK_WINOGRAD"),
             masked_taps: !off("RESBLOCK_MASKED_TAPS"),
             transposed_wgrad: !off("RESBLOCK_TRANSPOSED_WGRAD"),
-            s2_lanes: !off("RESBLOCK_S2_LANES"),
+            channel_lanes: !off("RESBLOCK_CHANNEL_LANES"),
         }
     }
 
@@ -151,7 +151,7 @@ impl Dispatch {
             | u16::from(self.winograd) << 6
             | u16::from(self.masked_taps) << 7
             | u16::from(self.transposed_wgrad) << 8
-            | u16::from(self.s2_lanes) << 9
+            | u16::from(self.channel_lanes) << 9
     }
 
     fn unpack(b: u16) -> Self {
@@ -172,7 +172,7 @@ impl Dispatch {
             winograd: b & 0x40 != 0,
             masked_taps: b & 0x80 != 0,
             transposed_wgrad: b & 0x100 != 0,
-            s2_lanes: b & 0x200 != 0,
+            channel_lanes: b & 0x200 != 0,
         }
     }
 }

@@ -87,6 +87,9 @@ pub(crate) fn forms_of(kernel: &Tensor) -> Option<Arc<Forms>> {
 pub(crate) struct Forms {
     /// The Winograd weights `u[co][ξ][ci]` of F(2x2, 3x3) and of F(4x4, 3x3).
     winograd: [OnceLock<Vec<f32>>; 2],
+    /// The weights packed for `conv/lanes` (x86-64 only).
+    #[cfg(target_arch = "x86_64")]
+    lanes: OnceLock<super::lanes::Packed>,
 }
 
 impl Forms {
@@ -98,6 +101,18 @@ impl Forms {
         let u = slot.get_or_init(|| transform_weights::<A>(w, cout, c));
         assert_eq!(u.len(), cout * A::POS * c, "frozen kernel: weight size");
         u
+    }
+
+    /// The kernel `w` `(cout, c, 3, 3)` packed for `conv/lanes`, made on the first call (as
+    /// [`Forms::winograd`]).
+    #[cfg(target_arch = "x86_64")]
+    pub(crate) fn lanes(&self, w: &[f32], cout: usize, c: usize) -> &[f32] {
+        let p = self
+            .lanes
+            .get_or_init(|| super::lanes::Packed::new(w, cout, c))
+            .values();
+        assert_eq!(p.len(), cout * c * 9, "frozen kernel: weight size");
+        p
     }
 
     /// Which Winograd forms have been made (F(2x2), F(4x4)), for tests.
@@ -128,7 +143,8 @@ mod tests {
 
     /// A frozen kernel gives Candle's convolution's values on every path, the Winograd ones
     /// from forms made once: a 14x14 output at batch 1 (F(2x2) only when frozen: 49 tiles), a
-    /// 28x28 one (F(4x4) only when frozen: 784 pixels), and paths Winograd does not take.
+    /// 28x28 one (F(4x4) only when frozen: 784 pixels), and paths Winograd does not take
+    /// (`conv/lanes` from its packed form at stride 2 and 32 output channels).
     #[test]
     fn frozen_kernels_match_candle_and_keep_their_transforms() -> R<()> {
         crate::conv::winograd::force_for_tests();
@@ -137,6 +153,8 @@ mod tests {
             (1, 64, 14, 64, 3, 1, 1, [true, false]),
             (1, 64, 28, 64, 3, 1, 1, [false, true]),
             (2, 16, 9, 24, 3, 1, 2, [false, false]),
+            // `conv/lanes` where AVX-512 runs, from the packed form.
+            (2, 16, 10, 32, 3, 1, 2, [false, false]),
             (1, 64, 7, 32, 1, 0, 1, [false, false]),
         ];
         for (i, (n, c, hw, cout, k, p, s, made)) in cases.into_iter().enumerate() {

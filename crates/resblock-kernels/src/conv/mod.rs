@@ -18,11 +18,11 @@ pub(crate) mod fold_s2;
 pub(crate) mod frozen;
 pub(crate) mod gemm;
 pub(crate) mod geom;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod lanes;
 pub(crate) mod op;
 pub(crate) mod pack;
 pub(crate) mod path;
-#[cfg(target_arch = "x86_64")]
-pub(crate) mod s2_lanes;
 pub(crate) mod weight_sum;
 pub(crate) mod winograd;
 

@@ -80,8 +80,9 @@ pub(crate) fn direct_backward_plans(
     (back.oh == d.h && back.ow == d.w).then_some((fwd, back))
 }
 
-/// The f32 forward: Winograd for wide 3x3 "same" convolutions, 3x3 stride-2 ones with the
-/// output channels in the lanes (`s2_lanes`) where they apply, direct where it applies,
+/// The f32 forward: Winograd for wide 3x3 "same" convolutions, other 3x3 ones (stride 1
+/// or 2) with the output channels in the lanes (`conv/lanes`) where they apply, direct
+/// where it applies,
 /// one GEMM over several images for small outputs (`batched.rs`), per-image GEMMs
 /// otherwise. `frozen`: the forms of a frozen kernel `w` ([`super::frozen`]).
 pub(crate) fn forward_f32(
@@ -92,15 +93,18 @@ pub(crate) fn forward_f32(
     d: &Dims,
     g: &ConvGeom,
 ) -> Vec<f32> {
-    if super::winograd::forward_applies(d, g, frozen.is_some()) {
+    let winograd = super::winograd::forward_applies(d, g, frozen.is_some());
+    // At stride 1 Winograd, where it applies, does fewer multiplications.
+    #[cfg(target_arch = "x86_64")]
+    if super::lanes::applies(d, g) && !(g.stride == 1 && winograd) {
+        let packed = frozen.map(|f| f.lanes(w, d.cout, d.c));
+        return super::lanes::forward(x, (w, packed), ep, d, g.stride);
+    }
+    if winograd {
         return match frozen {
             Some(forms) => super::winograd::forward_frozen(x, w, forms, ep, d),
             None => super::winograd::forward(x, w, ep, d),
         };
-    }
-    #[cfg(target_arch = "x86_64")]
-    if super::s2_lanes::applies(d, g) {
-        return super::s2_lanes::forward(x, w, ep, d);
     }
     match direct_plan(d, g) {
         Some(plan) => forward_direct(&plan, x, w, ep, d),

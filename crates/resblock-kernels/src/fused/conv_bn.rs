@@ -22,7 +22,7 @@
 //! - Winograd (`conv/winograd/`, where it applies: 64 channels and more): the forward
 //!   convolves the batch there and takes each plane's moments after; the backward writes
 //!   the norm's input gradient once and runs Winograd's two gradients on it.
-//! - stride 2: the forward on `conv/s2_lanes` where it applies (the batch convolved
+//! - stride 2: the forward on `conv/lanes` where it applies (the batch convolved
 //!   there, the moments taken after, as on Winograd), else on the polyphase plan; the backward writes each image's
 //!   norm input gradient once, flattens it for the direct weight gradient and multiplies it
 //!   by `W^T` for `col2im_into` (a stride-2 input gradient is no convolution of `dY`).
@@ -49,25 +49,14 @@ use crate::norm::{channel_grad_sums, combine_moments, grad_coef, inv_std, norm_c
 /// Per-channel batch mean and biased variance, f64.
 pub(crate) type Stats = (Vec<f64>, Vec<f64>);
 
-/// Whether the forward runs on `conv/s2_lanes` (x86-64 only).
-fn s2_lanes_applies(d: &Dims, g: &ConvGeom) -> bool {
+/// Whether the forward runs on `conv/lanes` (x86-64 only).
+fn lanes_applies(d: &Dims, g: &ConvGeom) -> bool {
     #[cfg(target_arch = "x86_64")]
-    return crate::conv::s2_lanes::applies(d, g);
+    return crate::conv::lanes::applies(d, g);
     #[cfg(not(target_arch = "x86_64"))]
     {
         let _ = (d, g);
         false
-    }
-}
-
-/// The plain convolution on `conv/s2_lanes`, where [`s2_lanes_applies`].
-fn s2_lanes_forward(x: &[f32], w: &[f32], d: &Dims) -> Vec<f32> {
-    #[cfg(target_arch = "x86_64")]
-    return crate::conv::s2_lanes::forward(x, w, Epilogue::NONE, d);
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        let _ = (x, w, d);
-        unreachable!("conv_bn: s2_lanes off x86-64")
     }
 }
 
@@ -80,8 +69,9 @@ pub(crate) struct ConvBnTrain {
     back: Option<direct::Plan>,
     /// The convolution and its gradients on Winograd instead of the plans.
     winograd: bool,
-    /// The forward on `conv/s2_lanes` instead of the polyphase plan (stride 2).
-    s2_lanes: bool,
+    /// The forward on `conv/lanes` instead of the plan (where Winograd does not run); at
+    /// stride 1 it reads a padded input in the plan's layout too.
+    lanes: bool,
     eps: f64,
     relu: bool,
     /// Written by the forward: the statistics (also read by the caller, for the running
@@ -116,7 +106,7 @@ impl ConvBnTrain {
             fwd,
             back,
             winograd: crate::conv::winograd::applies(&d, &geom),
-            s2_lanes: s2_lanes_applies(&d, &geom),
+            lanes: lanes_applies(&d, &geom) && !crate::conv::winograd::applies(&d, &geom),
             eps,
             relu,
             stats: stats.clone(),
@@ -174,12 +164,7 @@ impl ConvBnTrain {
         let (p, cout) = (d.p(), d.cout);
         // Per (image, channel): the plane's mean and sum of squared deviations.
         let mut moments = vec![(0f64, 0f64); d.n * cout];
-        if let (true, Input::Plain(x)) = (self.winograd || self.s2_lanes, x) {
-            let conv = if self.winograd {
-                crate::conv::winograd::forward(x, w, Epilogue::NONE, d)
-            } else {
-                s2_lanes_forward(x, w, d)
-            };
+        if let Some(conv) = self.whole_batch_forward(x, w) {
             moments
                 .par_iter_mut()
                 .zip(conv.par_chunks(p))
@@ -228,6 +213,34 @@ impl ConvBnTrain {
         // writes each whole.
         let conv = unsafe { vec_written_by(d.n * cout * p, fill) };
         self.normalize(conv, &moments, gb, res, out)
+    }
+
+    /// The convolution of the whole batch on Winograd (a plain input) or on `conv/lanes`
+    /// (a plain input, or at stride 1 one in the plan's padded layout), where the op runs
+    /// there; `None` for the plan's per-image forward.
+    fn whole_batch_forward(&self, x: Input<'_>, w: &[f32]) -> Option<Vec<f32>> {
+        let d = &self.d;
+        match x {
+            Input::Plain(x) if self.winograd => {
+                Some(crate::conv::winograd::forward(x, w, Epilogue::NONE, d))
+            }
+            #[cfg(target_arch = "x86_64")]
+            Input::Plain(x) if self.lanes => Some(crate::conv::lanes::forward(
+                x,
+                (w, None),
+                Epilogue::NONE,
+                d,
+                self.geom.stride,
+            )),
+            #[cfg(target_arch = "x86_64")]
+            Input::Padded(x) if self.lanes => {
+                let layout = self.fwd.lanes_layout()?;
+                let x = (x, layout);
+                let conv = crate::conv::lanes::forward_in(x, (w, None), Epilogue::NONE, d, 1);
+                Some(conv)
+            }
+            _ => None,
+        }
     }
 
     /// (output, convolution output, statistics) from the convolution output `conv` and
@@ -353,6 +366,28 @@ impl ConvBnTrain {
         (dx, dparams)
     }
 
+    /// The input gradient's convolution on `conv/lanes` where it applies (x86-64, the
+    /// input's channels in whole blocks of 32): the flipped kernel packed, the layout of
+    /// `back`'s padded `dY` and the dimensions of that convolution (one image).
+    #[cfg(target_arch = "x86_64")]
+    fn lanes_input_grad(
+        &self,
+        back: &direct::Plan,
+        w: &[f32],
+    ) -> Option<(crate::conv::lanes::Packed, crate::conv::lanes::Layout, Dims)> {
+        let d = &self.d;
+        let bd = Dims::new(&self.geom, &[1, d.cout, d.h, d.w], &[d.c, d.cout, 3, 3]).ok()?;
+        if self.geom.stride != 1 || !lanes_applies(&bd, &self.geom) {
+            return None;
+        }
+        let layout = back.lanes_layout()?;
+        Some((
+            crate::conv::lanes::Packed::flipped(w, d.cout, d.c),
+            layout,
+            bd,
+        ))
+    }
+
     /// On Winograd: (dx if `need_dx`, the kernel's gradient with room for `2 * cout` more
     /// values) from the norm's coefficients. The norm's input gradient is written once,
     /// for the whole batch, and both of Winograd's gradients read it.
@@ -400,7 +435,17 @@ impl ConvBnTrain {
         let d = &self.d;
         let (p, cout) = (d.p(), d.cout);
         let (parallel, _) = gemm_parallelism(d.n);
-        let wfk = back.pack_flipped_weights(w);
+        #[cfg(target_arch = "x86_64")]
+        let lanes_dx = need_dx.then(|| self.lanes_input_grad(back, w)).flatten();
+        #[cfg(target_arch = "x86_64")]
+        let on_lanes = lanes_dx.is_some();
+        #[cfg(not(target_arch = "x86_64"))]
+        let on_lanes = false;
+        let wfk = if on_lanes {
+            Vec::new()
+        } else {
+            back.pack_flipped_weights(w)
+        };
         let wlen = w.len();
         let plen = self.fwd.padded_len();
         let group = self.fwd.images_per_group(d.n);
@@ -458,6 +503,17 @@ impl ConvBnTrain {
                             ..Epilogue::NONE
                         };
                         let ep = ep.image(first + k, d.chw());
+                        #[cfg(target_arch = "x86_64")]
+                        if let Some((wl, layout, bd)) = &lanes_dx {
+                            // The padded `dY` as it is (each buffer holds one image).
+                            let layout = crate::conv::lanes::Layout {
+                                image: dyp.len(),
+                                ..*layout
+                            };
+                            let (x, wl) = ((&dyp[..], layout), wl.values());
+                            crate::conv::lanes::forward_into(x, wl, (ep, bd, 1), dx_n, !parallel);
+                            continue;
+                        }
                         if back.writes_plain() {
                             // Straight into `dx` (no flattened copy), the residual's
                             // gradient added in place while the image is in cache.

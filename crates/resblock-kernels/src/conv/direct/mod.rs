@@ -481,6 +481,23 @@ impl Plan {
         self.ps
     }
 
+    /// This plan's padded input as `conv/lanes` reads it (x86-64), for a 3x3 stride-1
+    /// convolution with padding 1 on the masked or shared-padding layout: each image's
+    /// planes `ps` apart, rows `wp` apart from `pad_y * wp + pad_x` on, zero rows above and
+    /// below.
+    #[cfg(target_arch = "x86_64")]
+    pub(crate) fn lanes_layout(&self) -> Option<crate::conv::lanes::Layout> {
+        let ok = self.takes_written_planes()
+            && (self.kh, self.kw, self.pad_y, self.pad_x) == (3, 3, 1, 1);
+        ok.then(|| crate::conv::lanes::Layout {
+            image: self.padded_len(),
+            origin: self.pad_y * self.wp + self.pad_x,
+            plane: self.ps,
+            row: self.wp,
+            zero_rows: true,
+        })
+    }
+
     /// Whether an input can be written straight into this plan's layout by
     /// [`Plan::write_padded_plane`] (stride 1, shared padding).
     pub(crate) fn takes_written_planes(&self) -> bool {

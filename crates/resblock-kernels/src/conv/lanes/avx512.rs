@@ -1,10 +1,11 @@
-//! The AVX-512 tile of the stride-2 forward with the output channels in the lanes: `P`
+//! The AVX-512 tile of the 3x3 forward with the output channels in the lanes: `P`
 //! consecutive output pixels of one row by [`CO`] = 32 output channels (two vectors of 16),
-//! `2 P` accumulators (28 for the widest tile, [`MAX_P`] = 14 pixels).
+//! `2 P` accumulators (28 for the widest tile, [`MAX_P`] = 14 pixels), at stride `S` (1 or
+//! 2).
 //!
 //! Per tap and input channel it loads the two weight vectors once and broadcasts each
 //! pixel's input value into two FMAs: `P + 2` loads per `2 P` FMAs, all of them from the
-//! plain input rows (pixel `i`'s tap `kx` reads column `2 i + kx` from the tile's first
+//! plain input rows (pixel `i`'s tap `kx` reads column `S i + kx` from the tile's first
 //! column), so there is no padded or phase-split copy of the input and no junk column.
 //! The sums are transposed in registers (16 x 16) to the output's rows of pixels as they
 //! are stored.
@@ -19,7 +20,7 @@ pub(crate) const MAX_P: usize = 14;
 const LANES: usize = 16;
 
 /// Where a tile reads: `x` is the input value at channel 0, the first valid kernel row's
-/// input row and the column left of the tile's first tap (`2 ox0 - 1`: one before the
+/// input row and the column left of the tile's first tap (`S ox0 - 1`: one before the
 /// row for the row's first tile, formed with wrapping arithmetic and never read, see
 /// `LEFT`). Channels are `plane` values apart, rows `w`; `rows` kernel rows are valid.
 #[derive(Clone, Copy)]
@@ -55,11 +56,12 @@ pub(crate) struct Dst {
 }
 
 /// `out[j * plane + i] = from[i * CO + j] + sum_ci sum_(ky, kx) wk[t * CO + j] * x[ci *
-/// plane + ky * w + 2 i + kx]`, with `t = ci * 9 + ky * 3 + kx`, for the `rows` valid
-/// kernel rows, pixels `i < P` and channels `j < CO` (then finished, see [`Dst`]), or the same sums into
-/// `to[i * CO + j]` ([`Part`]: the sums over one part of the input channels). With `LEFT`
-/// the tile starts a row: its first pixel's column-0 taps read the left padding (zero) and
-/// are skipped.
+/// plane + ky * w + S i + kx]`, with `t = ci * 9 + ky * 3 + kx`, for the `rows` valid
+/// kernel rows, pixels `i < P` and channels `j < CO` (then finished, see [`Dst`]), or the
+/// same sums into `to[i * CO + j]` ([`Part`]: the sums over one part of the input
+/// channels). With `LEFT` the tile starts a row: its first pixel's column-0 taps read the
+/// left padding (zero) and are skipped; with `RIGHT` (stride 1) it ends the row, and its
+/// last pixel's column-2 taps, reading the right padding, are skipped.
 ///
 /// # Safety
 /// AVX-512 F and VL must be available; `x` readable at every offset above but the skipped
@@ -67,7 +69,7 @@ pub(crate) struct Dst {
 /// null) for `P * CO` floats; without `part.to`, `out` writable (and `residual` readable)
 /// at `j * plane + i`, and `scale` and `bias` readable for `CO` floats where not null.
 #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
-pub(crate) unsafe fn tile<const P: usize, const LEFT: bool>(
+pub(crate) unsafe fn tile<const P: usize, const S: usize, const LEFT: bool, const RIGHT: bool>(
     s: Src,
     c: usize,
     wk: *const f32,
@@ -97,10 +99,10 @@ pub(crate) unsafe fn tile<const P: usize, const LEFT: bool>(
                     let w1 = _mm512_loadu_ps(wr.add(kx * CO + LANES));
                     let xk = xr.wrapping_add(opaque(kx));
                     for (i, a) in acc.iter_mut().enumerate() {
-                        if LEFT && i == 0 && kx == 0 {
+                        if (LEFT && i == 0 && kx == 0) || (RIGHT && i + 1 == P && kx == 2) {
                             continue;
                         }
-                        let b = _mm512_set1_ps(*xk.wrapping_add(2 * i));
+                        let b = _mm512_set1_ps(*xk.wrapping_add(S * i));
                         a[0] = _mm512_fmadd_ps(b, w0, a[0]);
                         a[1] = _mm512_fmadd_ps(b, w1, a[1]);
                     }
@@ -168,7 +170,8 @@ unsafe fn store<const P: usize>(acc: [[__m512; 2]; P], d: Dst) {
 }
 
 /// `v`, through an empty `asm!` the compiler cannot see into (the tile's column offset).
-/// Pixel `i`'s column-2 tap reads the value of pixel `i + 1`'s column-0 tap: with the
+/// Pixel `i`'s column-2 tap reads the value of pixel `i + 1`'s column-0 tap (at stride 2;
+/// at stride 1, of pixel `i + 1`'s column-1 and pixel `i + 2`'s column-0 taps): with the
 /// addresses in sight LLVM loaded it once and kept it in a register between the two, which
 /// with 28 accumulators live pushed them onto the stack (the 14-pixel tile ran at about
 /// 60% of its speed).

@@ -9,7 +9,12 @@ fn values(n: usize, seed: usize) -> Vec<f32> {
 }
 
 fn dims(n: usize, c: usize, h: usize, w: usize, cout: usize) -> Dims {
-    Dims::new(&GEOM, &[n, c, h, w], &[cout, c, 3, 3]).expect("dims")
+    dims_at(2, n, c, h, w, cout)
+}
+
+fn dims_at(stride: usize, n: usize, c: usize, h: usize, w: usize, cout: usize) -> Dims {
+    let g = ConvGeom { stride, ..GEOM };
+    Dims::new(&g, &[n, c, h, w], &[cout, c, 3, 3]).expect("dims")
 }
 
 const GEOM: ConvGeom = ConvGeom {
@@ -19,8 +24,8 @@ const GEOM: ConvGeom = ConvGeom {
     groups: 1,
 };
 
-/// The convolution in f64, every image.
-fn conv_ref(x: &[f32], w: &[f32], d: &Dims) -> Vec<f64> {
+/// The convolution at `stride` in f64, every image.
+fn conv_ref(x: &[f32], w: &[f32], d: &Dims, stride: usize) -> Vec<f64> {
     let mut y = vec![0f64; d.n * d.cout * d.p()];
     for i in 0..d.n {
         for o in 0..d.cout {
@@ -30,7 +35,7 @@ fn conv_ref(x: &[f32], w: &[f32], d: &Dims) -> Vec<f64> {
                     for ci in 0..d.c {
                         for ky in 0..3 {
                             for kx in 0..3 {
-                                let (iy, ix) = (2 * oy + ky, 2 * ox + kx);
+                                let (iy, ix) = (stride * oy + ky, stride * ox + kx);
                                 if iy < 1 || ix < 1 || iy > d.h || ix > d.w {
                                     continue;
                                 }
@@ -98,10 +103,10 @@ fn tiles_cover_the_row_evenly() {
     assert_eq!(tiles(16), [(0, 8), (8, 8)]);
 }
 
-/// Every tile width (1 to 14 pixels, a row's first or not), odd and even heights, one
-/// input channel to several passes of 16 (the sums kept between passes), one block of
-/// output channels to four, batch 1 (the channel blocks shared among the threads) and
-/// more, on one thread and on three.
+/// Every tile width (1 to 14 pixels, a row's first, last, both or neither), odd and even
+/// heights (and, at stride 1, widths), one input channel to several passes of 16 (the sums
+/// kept between passes), one block of output channels to four, batch 1 (the channel blocks
+/// shared among the threads) and more, at strides 1 and 2, on one thread and on three.
 #[test]
 fn matches_a_plain_convolution() {
     if !crate::dispatch::avx512() {
@@ -122,19 +127,29 @@ fn matches_a_plain_convolution() {
         (2, 33, 5, 16, 64),
         (1, 17, 14, 14, 128),
     ];
-    for (n, c, h, w, cout) in cases {
-        let d = dims(n, c, h, w, cout);
+    // At stride 1 the cases' widths give every tile width too (1 and 2 from the 2 and 4
+    // wide inputs at stride 2, here their own widths), and odd widths.
+    let strided = cases.iter().map(|&case| (2, case));
+    let same = cases
+        .iter()
+        .map(|&(n, c, h, w, cout)| (1, (n, c, h, (w / 2).max(1) + w % 3, cout)));
+    for (stride, (n, c, h, w, cout)) in strided.chain(same) {
+        let d = dims_at(stride, n, c, h, w, cout);
+        if !applies(&d, &ConvGeom { stride, ..GEOM }) {
+            assert!(stride == 1 && w < 2, "{stride} {w}");
+            continue;
+        }
         let (x, wt) = (values(n * c * h * w, 1), values(cout * c * 9, 2));
-        let want = conv_ref(&x, &wt, &d);
+        let want = conv_ref(&x, &wt, &d, stride);
         let scale = want.iter().fold(1f64, |m, v| m.max(v.abs()));
         for threads in [1, 3] {
-            let y = pool(threads).install(|| forward(&x, &wt, Epilogue::NONE, &d));
+            let y = pool(threads).install(|| forward(&x, (&wt, None), Epilogue::NONE, &d, stride));
             assert_eq!(y.len(), want.len());
             for (i, (g, w)) in y.iter().zip(&want).enumerate() {
                 let e = (f64::from(*g) - w).abs() / scale;
                 assert!(
                     e < 1e-5,
-                    "n{n} {c}->{cout} {h}x{w}, {threads} threads: element {i} is {g}, want {w}"
+                    "s{stride} n{n} {c}->{cout} {h}x{w}, {threads} threads: element {i} is {g}, want {w}"
                 );
             }
         }
@@ -155,7 +170,7 @@ fn finish_matches_the_epilogue_pass() {
     let scale = values(cout, 5);
     let bias = values(cout, 6);
     let residual = values(n * cout * d.p(), 7);
-    let raw = forward(&x, &wt, Epilogue::NONE, &d);
+    let raw = forward(&x, (&wt, None), Epilogue::NONE, &d, 2);
     for parts in 0..16 {
         let ep = Epilogue {
             scale: (parts & 1 != 0).then_some(&scale[..]),
@@ -163,7 +178,7 @@ fn finish_matches_the_epilogue_pass() {
             residual: (parts & 4 != 0).then_some(&residual[..]),
             relu: parts & 8 != 0,
         };
-        let got = forward(&x, &wt, ep, &d);
+        let got = forward(&x, (&wt, None), ep, &d, 2);
         let mut want = raw.clone();
         let len = cout * d.p();
         for (ni, img) in want.chunks_exact_mut(len).enumerate() {
@@ -183,12 +198,20 @@ fn applies_only_where_it_can() {
         return;
     }
     assert!(ok(1, 3, 8, 8, 32) && ok(8, 64, 56, 56, 128) && ok(1, 2, 7, 8, 64));
-    // An odd width (a tap right of the row), a part block of output channels.
+    // An odd width at stride 2 (a tap right of the row), a part block of output channels.
     assert!(!ok(1, 3, 8, 7, 32) && !ok(1, 3, 8, 8, 48) && !ok(1, 3, 8, 8, 16));
+    // Stride 1, any width from 2.
+    let same = ConvGeom { stride: 1, ..GEOM };
+    assert!(applies(&dims_at(1, 1, 3, 8, 7, 32), &same));
+    assert!(!applies(&dims_at(1, 1, 3, 8, 1, 32), &same));
     let d = dims(1, 3, 8, 8, 32);
     for g in [
         ConvGeom { padding: 0, ..GEOM },
-        ConvGeom { stride: 1, ..GEOM },
+        ConvGeom { stride: 3, ..GEOM },
+        ConvGeom {
+            dilation: 2,
+            ..GEOM
+        },
     ] {
         let d = Dims::new(&g, &[1, 3, 8, 8], &[32, 3, 3, 3]).expect("dims");
         assert!(!applies(&d, &g));
