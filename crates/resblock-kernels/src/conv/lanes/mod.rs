@@ -209,10 +209,11 @@ pub(crate) fn forward_in(
             Err(_) => &mut own,
         };
         let wk = match packed {
-            Some(p) => p,
-            None => pack_weights(w, d.cout, d.c, buf),
+            Some(p) => Weights::Packed(p),
+            None if packs_per_block(d) => Weights::Raw(w),
+            None => Weights::Packed(pack_weights(w, d.cout, d.c, buf)),
         };
-        assert_eq!(wk.len(), d.cout * d.c * 9, "lanes: packed weights' length");
+        wk.check(d);
         // SAFETY: the work items write every value of the output (each row of pixels of
         // each image, for every block of output channels).
         unsafe {
@@ -243,7 +244,8 @@ pub(crate) fn forward_into(
     parallel: bool,
 ) {
     check(x, ep, d, stride);
-    assert_eq!(wk.len(), d.cout * d.c * 9, "lanes: packed weights' length");
+    let wk = Weights::Packed(wk);
+    wk.check(d);
     assert_eq!(out.len(), d.n * d.cout * d.p(), "lanes: output length");
     run(
         x,
@@ -301,7 +303,7 @@ const PIXELS_PER_ITEM: usize = 56;
 
 thread_local! {
     /// Each worker's partial sums, kept between calls.
-    static PARTS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    static PARTS: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
 /// `len` items split into `parts` runs as even as can be: run `i`'s range.
@@ -316,7 +318,7 @@ fn share(len: usize, parts: usize, i: usize) -> std::ops::Range<usize> {
 /// are too few to share among the threads (a batch-1 7x7 output), over part of them.
 fn run(
     x: (&[f32], Layout),
-    wk: &[f32],
+    wk: Weights<'_>,
     ep: Epilogue<'_, f32>,
     (d, stride): (&Dims, usize),
     (out, parallel): (Out, bool),
@@ -327,7 +329,7 @@ fn run(
         1
     };
     let blocks = d.cout / CO;
-    let row_runs = d.oh.div_ceil(PIXELS_PER_ITEM.div_ceil(d.ow).min(d.oh));
+    let row_runs = row_runs(d);
     let runs = d.n * row_runs;
     let groups = if threads <= 1 || runs >= 4 * threads {
         1
@@ -344,7 +346,10 @@ fn run(
             rows: share(d.oh, row_runs, r),
             blocks: share(blocks, groups, g),
         };
-        PARTS.with(|parts| work.run(x, wk, ep, d, out, &tiles, &mut parts.borrow_mut()));
+        PARTS.with(|scratch| {
+            let (parts, block) = &mut *scratch.borrow_mut();
+            work.run(x, (wk, block), ep, d, out, &tiles, parts);
+        });
     };
     if threads > 1 {
         (0..runs * groups).into_par_iter().for_each(item);
@@ -352,6 +357,39 @@ fn run(
         (0..runs * groups).for_each(item);
     }
 }
+
+/// The weights as [`run`] takes them: packed whole ([`pack_weights`]), or as they are, each
+/// work item packing a block's weights for a pass as it comes to them.
+#[derive(Clone, Copy)]
+enum Weights<'a> {
+    Packed(&'a [f32]),
+    Raw(&'a [f32]),
+}
+
+impl Weights<'_> {
+    /// Panics unless the weights are as long as `d` says.
+    fn check(&self, d: &Dims) {
+        let (Weights::Packed(w) | Weights::Raw(w)) = self;
+        assert_eq!(w.len(), d.cout * d.c * 9, "lanes: weights' length");
+    }
+}
+
+/// Whether [`forward_in`] leaves unpacked weights to the work items ([`Weights::Raw`]): where
+/// few of them read each block of output channels (at batch 1, up to 14x14 outputs). Packed
+/// whole, the weights go out to memory and come back; at batch 1 that was an eighth of a
+/// ResNet-18 inference.
+fn packs_per_block(d: &Dims) -> bool {
+    d.n * row_runs(d) <= RAW_MAX_RUNS
+}
+
+/// The runs of output rows of one image that the work items take: about
+/// [`PIXELS_PER_ITEM`] pixels each.
+fn row_runs(d: &Dims) -> usize {
+    d.oh.div_ceil(PIXELS_PER_ITEM.div_ceil(d.ow).min(d.oh))
+}
+
+/// The most runs of rows (over the batch) for which the work items pack their own blocks.
+const RAW_MAX_RUNS: usize = 4;
 
 /// One work item: output rows `rows` of image `ni`, channel blocks `blocks`, at `stride`.
 struct Work {
@@ -370,7 +408,7 @@ impl Work {
     fn run(
         &self,
         x: (&[f32], Layout),
-        wk: &[f32],
+        (wk, block): (Weights<'_>, &mut Vec<f32>),
         ep: Epilogue<'_, f32>,
         d: &Dims,
         out: Out,
@@ -396,6 +434,18 @@ impl Work {
             let ch0 = pass * CHANNELS_PER_PASS;
             let cc = CHANNELS_PER_PASS.min(d.c - ch0);
             for (bi, b) in self.blocks.clone().enumerate() {
+                // The block's weights for the pass: `[ci][tap][CO]`, `cc` channels.
+                let wb: &[f32] = match wk {
+                    Weights::Packed(wk) => &wk[(b * k + ch0 * 9) * CO..][..cc * 9 * CO],
+                    Weights::Raw(w) => {
+                        let len = cc * 9;
+                        let rows: [&[f32]; CO] =
+                            std::array::from_fn(|j| &w[(b * CO + j) * k + ch0 * 9..][..len]);
+                        let block = aligned_mut(block, len * CO);
+                        crate::interleave::interleave_rows(rows, block);
+                        block
+                    }
+                };
                 for (ri, oy) in self.rows.clone().enumerate() {
                     // Kernel rows `ky0..ky1` read input rows `s oy - 1 + ky` inside `0..h`
                     // (or the zero rows of a padded layout).
@@ -404,7 +454,7 @@ impl Work {
                     } else {
                         (usize::from(oy == 0), 3.min(d.h + 1 - s * oy))
                     };
-                    let w = &wk[(b * k + ch0 * 9 + ky0 * 3) * CO..];
+                    let w = &wb[ky0 * 3 * CO..];
                     for (t, &(ox0, pw)) in tiles.iter().enumerate() {
                         // Channel `ch0`, row `s oy - 1 + ky0`, column `s ox0 - 1` (one
                         // before the row where `ox0 = 0`, or its padding column).

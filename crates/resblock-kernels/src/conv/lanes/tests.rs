@@ -133,12 +133,15 @@ fn matches_a_plain_convolution() {
     let same = cases
         .iter()
         .map(|&(n, c, h, w, cout)| (1, (n, c, h, (w / 2).max(1) + w % 3, cout)));
+    // Weights packed whole and packed by the work items, block by block.
+    let mut packings = [false, false];
     for (stride, (n, c, h, w, cout)) in strided.chain(same) {
         let d = dims_at(stride, n, c, h, w, cout);
         if !applies(&d, &ConvGeom { stride, ..GEOM }) {
             assert!(stride == 1 && w < 2, "{stride} {w}");
             continue;
         }
+        packings[usize::from(packs_per_block(&d))] = true;
         let (x, wt) = (values(n * c * h * w, 1), values(cout * c * 9, 2));
         let want = conv_ref(&x, &wt, &d, stride);
         let scale = want.iter().fold(1f64, |m, v| m.max(v.abs()));
@@ -154,6 +157,7 @@ fn matches_a_plain_convolution() {
             }
         }
     }
+    assert_eq!(packings, [true, true], "both packings covered");
 }
 
 /// The finish in the tile's stores gives the bits of the epilogue's separate pass over
