@@ -1,5 +1,7 @@
 use std::arch::x86_64::*;
 
+use super::avx512::MAX_P;
+use super::work::tiles;
 use super::*;
 
 fn values(n: usize, seed: usize) -> Vec<f32> {
