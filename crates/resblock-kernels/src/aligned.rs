@@ -23,6 +23,12 @@ fn offset(buf: &mut Vec<f32>, len: usize) -> usize {
     if buf.len() < len + LINE - 1 {
         buf.resize(len + LINE - 1, 0.0);
     }
+    first_line(buf)
+}
+
+/// The index of `buf`'s first value on a 64-byte boundary, where [`aligned_mut`]'s slice
+/// starts (while `buf` is not moved).
+pub(crate) fn first_line(buf: &[f32]) -> usize {
     // `align_offset` may answer `usize::MAX` where it cannot compute an offset; an
     // unaligned start is then only slower.
     buf.as_ptr().align_offset(64).min(LINE - 1)

@@ -82,9 +82,9 @@ pub(crate) fn direct_backward_plans(
 
 /// The f32 forward: Winograd for wide 3x3 "same" convolutions, other 3x3 ones (stride 1
 /// or 2) with the output channels in the lanes (`conv/lanes`) where they apply, direct
-/// where it applies,
-/// one GEMM over several images for small outputs (`batched.rs`), per-image GEMMs
-/// otherwise. `frozen`: the forms of a frozen kernel `w` ([`super::frozen`]).
+/// where it applies, one GEMM over several images for small outputs (`batched.rs`),
+/// per-image GEMMs otherwise. `frozen`: the forms of a frozen kernel `w`
+/// ([`super::frozen`]).
 pub(crate) fn forward_f32(
     x: &[f32],
     w: &[f32],

@@ -22,10 +22,15 @@
 //! - Winograd (`conv/winograd/`, where it applies: 64 channels and more): the forward
 //!   convolves the batch there and takes each plane's moments after; the backward writes
 //!   the norm's input gradient once and runs Winograd's two gradients on it.
-//! - stride 2: the forward on `conv/lanes` where it applies (the batch convolved
-//!   there, the moments taken after, as on Winograd), else on the polyphase plan; the backward writes each image's
-//!   norm input gradient once, flattens it for the direct weight gradient and multiplies it
-//!   by `W^T` for `col2im_into` (a stride-2 input gradient is no convolution of `dY`).
+//! - `conv/lanes` (x86-64 with AVX-512, output channels in whole blocks of 32, where
+//!   Winograd does not run): the forward convolves the batch there (a plain input, or at
+//!   stride 1 one in the plan's padded layout) and takes each plane's moments after; at
+//!   stride 1 with input channels in whole blocks of 32 the input gradient runs there too,
+//!   image by image on the padded `dY` above.
+//! - stride 2: the forward on `conv/lanes` or the polyphase plan; the backward writes each
+//!   image's norm input gradient once, flattens it for the direct weight gradient and
+//!   multiplies it by `W^T` for `col2im_into` (a stride-2 input gradient is no convolution
+//!   of `dY`).
 //!
 //! The op's inputs are `x`, the kernel and `[gamma; beta]` concatenated (Candle's custom ops
 //! take at most three tensors); its gradients are those of the three.

@@ -25,8 +25,7 @@ impl Packed {
     pub(crate) fn new(w: &[f32], cout: usize, c: usize) -> Packed {
         let mut buf = Vec::new();
         let len = pack_weights(w, cout, c, &mut buf).len();
-        // `aligned_mut` returns the slice from the buffer's first cache line.
-        let start = buf.as_ptr().align_offset(64).min(15);
+        let start = crate::aligned::first_line(&buf);
         Packed { buf, start, len }
     }
 

@@ -22,7 +22,8 @@ const CHANNELS_PER_PASS: usize = 16;
 const PIXELS_PER_ITEM: usize = 56;
 
 thread_local! {
-    /// Each worker's partial sums, kept between calls.
+    /// Each worker's partial sums, and the weights of the block and pass it is on where it
+    /// packs them itself ([`Weights::Raw`]), kept between calls.
     static PARTS: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
@@ -170,17 +171,23 @@ impl Work {
                             w: row,
                             rows: ky1 - ky0,
                         };
-                        let at_part = ((ri * tiles.len() + t) * nb + bi) * slot;
+                        // The tile's partial sums (one pointer for both ends: the tile
+                        // reads them, then writes them).
+                        let sums = if passes > 1 {
+                            parts[((ri * tiles.len() + t) * nb + bi) * slot..].as_mut_ptr()
+                        } else {
+                            std::ptr::null_mut()
+                        };
                         let part = Part {
                             from: if pass == 0 {
                                 std::ptr::null()
                             } else {
-                                parts[at_part..].as_ptr()
+                                sums.cast_const()
                             },
                             to: if pass + 1 == passes {
                                 std::ptr::null_mut()
                             } else {
-                                parts[at_part..].as_mut_ptr()
+                                sums
                             },
                         };
                         let first = b * CO * p + oy * d.ow + ox0;
@@ -193,7 +200,7 @@ impl Work {
                             residual: ptr(ep.residual, first),
                             relu: ep.relu,
                         };
-                        // SAFETY: AVX-512 runs (`forward`'s assert). Reads: pixel `i < pw` of
+                        // SAFETY: AVX-512 runs (`check`'s assert). Reads: pixel `i < pw` of
                         // kernel row `r < rows` reads `x[ci * plane + r * row + s i + kx]`
                         // from `src.x`, that is input channel `ch0 + ci < c` of this image,
                         // row `s oy - 1 + ky0 + r` in `0..h` (`ky0`, `ky1` above; -1 and `h`
@@ -201,10 +208,10 @@ impl Work {
                         // `s (ox0 + i) + kx - 1` in `0..w` (column -1 only for `ox0 = 0`,
                         // `i = 0`, `kx = 0`, which `LEFT` skips; column `w` only at stride 1
                         // for the row's last pixel and `kx = 2`, which `RIGHT` skips: at
-                        // stride 2 `w` is even, so `2 (ow - 1) + 1 = w - 1`); the weights
-                        // hold `k * CO` floats per block, the pass's from channel `ch0`,
-                        // kernel row `ky0` on; `parts` holds a `MAX_P * CO` slot per (row,
-                        // tile, block) of the item. Writes: channel `b * CO + j` (`b < cout
+                        // stride 2 `w` is even, so `2 (ow - 1) + 1 = w - 1`); the pass's
+                        // weights `wb` hold `cc * 9 * CO` floats, read from kernel row `ky0`
+                        // on; `parts` holds a `MAX_P * CO` slot per (row, tile, block) of
+                        // the item where there are several passes. Writes: channel `b * CO + j` (`b < cout
                         // / CO`), pixel `oy * ow + ox0 + i < p` of image `ni < n` in the
                         // `n * cout * p` output, and the residual (checked as long as the
                         // output) and scale and bias (`cout` long) at the same places.
