@@ -45,8 +45,9 @@ thread_local! {
 }
 
 /// Whether [`forward`] takes this convolution: f32 (the caller's), a 3x3 kernel, stride 1
-/// or 2 (with an even input width), padding 1, no dilation, one group, whole blocks of 32
-/// output channels, AVX-512 in use and the dispatch's `direct_conv` and `channel_lanes` on.
+/// or 2 (with an even input width), padding 1, no dilation, one group, an input of at
+/// least 2x2, whole blocks of 32 output channels, AVX-512 in use and the dispatch's
+/// `direct_conv` and `channel_lanes` on.
 pub(crate) fn applies(d: &Dims, g: &ConvGeom) -> bool {
     let dispatch = crate::dispatch::current();
     let stride_ok = match g.stride {
