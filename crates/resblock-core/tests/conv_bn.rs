@@ -70,6 +70,15 @@ fn run(d: Dispatch, x: &Tensor, r: &Tensor, g: &Tensor) -> Result<[Tensor; 5]> {
     Ok([y, dx, dw, mean, end])
 }
 
+/// Panics unless each of `got` is within 2e-4 of Candle's `want` (named by `whats`).
+fn assert_agree(label: &str, whats: &[&str], got: &[Tensor], want: &[Tensor]) -> Result<()> {
+    for ((what, a), b) in whats.iter().zip(got).zip(want) {
+        let e = max_diff(a, b)?;
+        assert!(e < 2e-4, "{label}: {what} differs from Candle's by {e}");
+    }
+    Ok(())
+}
+
 #[test]
 fn every_path_agrees_and_eval_records_no_graph() -> Result<()> {
     let rng = RngHandle::seed_from_u64(9);
@@ -127,15 +136,8 @@ fn every_path_agrees_and_eval_records_no_graph() -> Result<()> {
     ];
     for (name, d) in paths {
         let got = run(d, &x, &r, &g)?;
-        for (what, a, b) in ["y", "dx", "dw", "running mean", "block end"]
-            .iter()
-            .zip(&got)
-            .zip(&want)
-            .map(|((w, a), b)| (w, a, b))
-        {
-            let e = max_diff(a, b)?;
-            assert!(e < 2e-4, "{name}: {what} differs from Candle's by {e}");
-        }
+        let whats = ["y", "dx", "dw", "running mean", "block end"];
+        assert_agree(name, &whats, &got, &want)?;
     }
     // Where AVX-512 runs, on `conv/lanes` (fused and not): a stride-2 layer with 32 output
     // channels on an even input (its forward); a stride-1 one from 32 input channels (its
@@ -177,18 +179,8 @@ fn every_path_agrees_and_eval_records_no_graph() -> Result<()> {
         let want = run_layer(candle, (cout, stride), &xs, &gs)?;
         for (name, d) in paths {
             let got = run_layer(d, (cout, stride), &xs, &gs)?;
-            for (what, a, b) in ["y", "dx", "dw"]
-                .iter()
-                .zip(&got)
-                .zip(&want)
-                .map(|((w, a), b)| (w, a, b))
-            {
-                let e = max_diff(a, b)?;
-                assert!(
-                    e < 2e-4,
-                    "{cin}->{cout} stride {stride}, {name}: {what} differs from Candle's by {e}"
-                );
-            }
+            let label = format!("{cin}->{cout} stride {stride}, {name}");
+            assert_agree(&label, &["y", "dx", "dw"], &got, &want)?;
         }
     }
     dispatch::set(Dispatch::default());

@@ -107,13 +107,14 @@ impl ConvBnTrain {
         if d.n * d.p() < 2 {
             return None;
         }
+        let winograd = crate::conv::winograd::applies(&d, &geom);
         let op = |fwd, back| ConvBnTrain {
             d,
             geom,
             fwd,
             back,
-            winograd: crate::conv::winograd::applies(&d, &geom),
-            lanes: lanes_applies(&d, &geom) && !crate::conv::winograd::applies(&d, &geom),
+            winograd,
+            lanes: lanes_applies(&d, &geom) && !winograd,
             eps,
             relu,
             stats: stats.clone(),
