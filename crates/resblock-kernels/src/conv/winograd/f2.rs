@@ -88,7 +88,8 @@ impl Lines<4, 2> for F2 {
 /// The transforms' buffers: [`plane`]'s, and the weight gradient's rows.
 pub(crate) struct Rows {
     plane: Buffers,
-    /// The even columns of two output-gradient rows ([`Rows::grad_tiles`]).
+    /// The even columns of the output gradient's even and odd rows, tile row after tile
+    /// row ([`Rows::grad_tiles`]).
     r: [Vec<f32>; 2],
     /// Their odd columns.
     s: [Vec<f32>; 2],
@@ -96,87 +97,92 @@ pub(crate) struct Rows {
 
 impl Rows {
     fn new(tiles: Tiles) -> Rows {
-        let tw = tiles.tw;
+        let tp = tiles.per_image();
         Rows {
             plane: Buffers::new(tiles),
-            r: std::array::from_fn(|_| vec![0f32; tw]),
-            s: std::array::from_fn(|_| vec![0f32; tw]),
+            r: std::array::from_fn(|_| vec![0f32; tp]),
+            s: std::array::from_fn(|_| vec![0f32; tp]),
         }
     }
 
-    /// The transformed output-gradient tiles `A dY A^T` of tile row `ty` of one plane
-    /// `(h, w)` (zero past its edges): position `ξ` of tile `tx` into
-    /// `yv[ξ * t_all + t0 + tx]`.
+    /// The transformed output-gradient tiles `A dY A^T` of one plane `(h, w)` (zero past
+    /// its edges): position `ξ` of tile `t` into `yv[ξ * t_all + t0 + t]`.
     pub(super) fn grad_tiles(
         &mut self,
         plane: &[f32],
         hw: (usize, usize),
-        ty: usize,
         yv: &mut [f32],
         at: (usize, usize),
     ) {
-        let tw = self.plane.tiles.tw;
+        let tiles = self.plane.tiles;
         let [e0, e1] = &mut self.r;
         let [o0, o1] = &mut self.s;
-        let cols = [&mut e0[..tw], &mut e1[..tw], &mut o0[..tw], &mut o1[..tw]];
+        let cols = [&mut e0[..], &mut e1[..], &mut o0[..], &mut o1[..]];
+        let tiles = (tiles.th, tiles.tw);
         let simd = crate::dispatch::current().simd;
-        with_simd!(simd, grad_tile_row(plane: &[f32], hw: (usize, usize), ty: usize, cols: [&mut [f32]; 4], yv: &mut [f32], at: (usize, usize)));
+        with_simd!(simd, grad_tile_plane(plane: &[f32], hw: (usize, usize), tiles: (usize, usize), cols: [&mut [f32]; 4], yv: &mut [f32], at: (usize, usize)));
     }
 }
 
 /// [`Rows::grad_tiles`]' body, compiled for the SIMD level in use (no closures: they would
 /// be compiled without the level's features): the even and odd columns of rows `2 ty` and
-/// `2 ty + 1` into `cols` = `[e0, e1, o0, o1]` (`tw` values each, zero past the plane),
-/// then `A dY A^T` of each tile.
+/// `2 ty + 1` of each tile row `ty` into `cols` = `[e0, e1, o0, o1]` (`tw` values a tile
+/// row, zero past the plane), then `A dY A^T` of every tile of the plane in one loop (tile
+/// row by tile row, a 14x14 plane's 7 tiles a row made loops too short to vectorise).
 #[inline(always)]
-fn grad_tile_row(
+fn grad_tile_plane(
     plane: &[f32],
     (h, w): (usize, usize),
-    ty: usize,
+    (th, tw): (usize, usize),
     [e0, e1, o0, o1]: [&mut [f32]; 4],
     yv: &mut [f32],
     (t_all, t0): (usize, usize),
 ) {
-    let tw = e0.len();
-    for (r, (e, o)) in [(&mut *e0, &mut *o0), (&mut *e1, &mut *o1)]
-        .into_iter()
-        .enumerate()
-    {
-        let y = 2 * ty + r;
-        if y < h {
-            split_even_odd(&plane[y * w..(y + 1) * w], e, o);
-        } else {
-            e.fill(0.0);
-            o.fill(0.0);
+    let tp = th * tw;
+    for ty in 0..th {
+        let cols = ty * tw..(ty + 1) * tw;
+        for (r, (e, o)) in [(&mut *e0, &mut *o0), (&mut *e1, &mut *o1)]
+            .into_iter()
+            .enumerate()
+        {
+            let (e, o) = (&mut e[cols.clone()], &mut o[cols.clone()]);
+            let y = 2 * ty + r;
+            if y < h {
+                split_even_odd(&plane[y * w..(y + 1) * w], e, o);
+            } else {
+                e.fill(0.0);
+                o.fill(0.0);
+            }
         }
     }
+    let (e0, e1, o0, o1) = (&e0[..tp], &e1[..tp], &o0[..tp], &o1[..tp]);
     // A dY: the rows y0, y0 + y1, y0 - y1, -y1; then . A^T along each: e, e + o, e - o,
     // -o. One loop per row of `A dY`, each a plain elementwise loop.
     for i in 0..4 {
         let at = |j: usize| (i * 4 + j) * t_all + t0;
-        let (d0, rest) = yv[at(0)..at(3) + tw].split_at_mut(t_all);
+        let (d0, rest) = yv[at(0)..at(3) + tp].split_at_mut(t_all);
         let (d1, rest) = rest.split_at_mut(t_all);
         let (d2, d3) = rest.split_at_mut(t_all);
-        let (d0, d1, d2, d3) = (&mut d0[..tw], &mut d1[..tw], &mut d2[..tw], &mut d3[..tw]);
+        let (d0, d1, d2, d3) = (&mut d0[..tp], &mut d1[..tp], &mut d2[..tp], &mut d3[..tp]);
         match i {
             0 => {
-                for tx in 0..tw {
-                    put((d0, d1, d2, d3), tx, e0[tx], o0[tx]);
+                for t in 0..tp {
+                    put((d0, d1, d2, d3), t, e0[t], o0[t]);
                 }
             }
             1 => {
-                for tx in 0..tw {
-                    put((d0, d1, d2, d3), tx, e0[tx] + e1[tx], o0[tx] + o1[tx]);
+                for t in 0..tp {
+                    put((d0, d1, d2, d3), t, e0[t] + e1[t], o0[t] + o1[t]);
                 }
             }
             2 => {
-                for tx in 0..tw {
-                    put((d0, d1, d2, d3), tx, e0[tx] - e1[tx], o0[tx] - o1[tx]);
+                for t in 0..tp {
+                    put((d0, d1, d2, d3), t, e0[t] - e1[t], o0[t] - o1[t]);
                 }
             }
             _ => {
-                for tx in 0..tw {
-                    put((d0, d1, d2, d3), tx, -e1[tx], -o1[tx]);
+                for t in 0..tp {
+                    put((d0, d1, d2, d3), t, -e1[t], -o1[t]);
                 }
             }
         }

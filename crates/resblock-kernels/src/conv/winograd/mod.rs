@@ -559,10 +559,7 @@ pub(crate) fn weight_grad(x: &[f32], dy: &[f32], d: &Dims) -> Vec<f32> {
                 let mut rows = F2::rows(tiles);
                 for k in 0..imgs {
                     let plane = &dy[((first + k) * cout + co) * d.p()..][..d.p()];
-                    for ty in 0..tiles.th {
-                        let t0 = (k * tiles.th + ty) * tiles.tw;
-                        rows.grad_tiles(plane, (d.h, d.w), ty, yc, (t_all, t0));
-                    }
+                    rows.grad_tiles(plane, (d.h, d.w), yc, (t_all, k * tp));
                 }
             });
             // m[ξ] (cout x c) = Y[ξ] (cout x tiles) . V[ξ]^T (tiles x c).

@@ -177,45 +177,106 @@ pub(super) fn input_plane<T: Lines<N, M>, const N: usize, const M: usize>(
             c += L;
         }
     }
-    // The horizontal half, tile row by tile row: tile `tx` of tile row `ty` starts at
-    // `ty pw + M tx`, so a step of `L` tiles reads a window of whole vectors from its first
-    // tile, and value `k` of tile `l` is the window's value `M l + k`: fixed positions,
-    // which the compiler turns into shuffles of the window's vectors. (Gathered tile by
-    // tile through a table of tile offsets, the values went through the stack one at a
-    // time: a fifth of a 256-channel 14x14 forward.)
+    // The horizontal half: tile `tx` of tile row `ty` starts at `ty pw + M tx` in each
+    // combined row, and a step of `L` tiles reads a window of whole vectors from its first
+    // ([`horizontal_step`]); tile row by tile row, or whole tile rows per step where they
+    // fit ([`horizontal_rows`]).
     let steps = (M * (L + 1)).div_ceil(L);
-    let tp = th * tw;
     assert!(N <= 2 * M && steps <= WINDOW_STEPS);
-    for i in 0..N {
-        let row = &vert[i * len..(i + 1) * len];
-        for ty in 0..th {
-            let mut tx = 0;
-            while tx < tw {
-                let count = L.min(tw - tx);
-                let start = ty * pw + M * tx;
-                // Inside the row: `start + WINDOW <= th pw + WINDOW <= len`.
-                let win = &row[start..start + WINDOW];
-                let mut w = [[0f32; L]; WINDOW_STEPS];
-                for (s, w) in w.iter_mut().enumerate().take(steps) {
-                    *w = win[s * L..(s + 1) * L].try_into().expect("L values");
-                }
-                let mut a = [[0f32; L]; N];
-                for (k, a) in a.iter_mut().enumerate() {
-                    for (l, a) in a.iter_mut().enumerate() {
-                        let at = M * l + k;
-                        *a = w[at / L][at % L];
+    match tw + 1 {
+        // A padded row holds `tw + 1` tiles' worth (the last one past the image): where
+        // that divides a step, one step covers whole tile rows ([`horizontal_rows`]).
+        4 => horizontal_rows::<T, N, M, 3>(vert, len, th, v, t_all, steps),
+        8 => horizontal_rows::<T, N, M, 7>(vert, len, th, v, t_all, steps),
+        _ => {
+            let tp = th * tw;
+            for i in 0..N {
+                let row = &vert[i * len..(i + 1) * len];
+                for ty in 0..th {
+                    let mut tx = 0;
+                    while tx < tw {
+                        let count = L.min(tw - tx);
+                        let b = horizontal_step::<T, N, M>(row, ty * pw + M * tx, steps);
+                        let t = ty * tw + tx;
+                        // Whole vectors but for the plane's last step: the lanes past
+                        // `count` are this plane's next tiles, which the next step writes
+                        // (with a short row, a copy of `count` values was a `memcpy` call
+                        // per step and position).
+                        let n = if t + L < tp { L } else { count };
+                        for (k, b) in b.iter().enumerate() {
+                            store(&mut v[(i * N + k) * t_all + t..], b, n);
+                        }
+                        tx += L;
                     }
                 }
-                let b = bt_lanes::<T, N, M>(&a);
-                let t = ty * tw + tx;
-                // Whole vectors but for the plane's last step: the lanes past `count` are
-                // this plane's next tiles, which the next step writes (with a short row, a
-                // copy of `count` values was a `memcpy` call per step and position).
-                let n = if t + L < tp { L } else { count };
-                for (k, b) in b.iter().enumerate() {
-                    store(&mut v[(i * N + k) * t_all + t..], b, n);
+            }
+        }
+    }
+}
+
+/// `B^T` along a combined row (the horizontal half of `B^T d B`) of the `L` tiles whose
+/// windows start `M` apart from `row[start]`: value `k` of tile `l` is the window's value
+/// `M l + k`, fixed positions, which the compiler turns into shuffles of the window's
+/// vectors. (Gathered tile by tile through a table of tile offsets, the values went
+/// through the stack one at a time: a fifth of a 256-channel 14x14 forward.) `steps`
+/// vectors of the window are read; `start + WINDOW` must lie inside the row.
+#[inline(always)]
+fn horizontal_step<T: Lines<N, M>, const N: usize, const M: usize>(
+    row: &[f32],
+    start: usize,
+    steps: usize,
+) -> [[f32; L]; N] {
+    let win = &row[start..start + WINDOW];
+    let mut w = [[0f32; L]; WINDOW_STEPS];
+    for (s, w) in w.iter_mut().enumerate().take(steps) {
+        *w = win[s * L..(s + 1) * L].try_into().expect("L values");
+    }
+    let mut a = [[0f32; L]; N];
+    for (k, a) in a.iter_mut().enumerate() {
+        for (l, a) in a.iter_mut().enumerate() {
+            let at = M * l + k;
+            *a = w[at / L][at % L];
+        }
+    }
+    bt_lanes::<T, N, M>(&a)
+}
+
+/// The horizontal half for planes `TW` tiles wide, `s = TW + 1` dividing [`LANES`]: tile
+/// row `ty`'s windows start at `ty pw = M s ty`, so the combined row is `s` tiles per tile
+/// row `M` apart, the last of each past the image, and one step takes `L / s` whole tile
+/// rows. The lanes past the image are squeezed out with fixed positions (shuffles), and the
+/// step stored as whole vectors: its last `L / s` lanes land on the next step's first tiles,
+/// which the next step overwrites; the plane's last step stores only its own tiles. At
+/// 14x14 (7 tiles a row) this is 4 steps a row of `B^T d` where one per tile row took 7.
+/// (Stored as one copy of `s` lanes per tile row, the compiler took the step apart into
+/// single values.)
+#[inline(always)]
+fn horizontal_rows<T: Lines<N, M>, const N: usize, const M: usize, const TW: usize>(
+    vert: &[f32],
+    len: usize,
+    th: usize,
+    v: &mut [f32],
+    t_all: usize,
+    steps: usize,
+) {
+    let (tw, s) = (TW, TW + 1);
+    let tp = th * tw;
+    for i in 0..N {
+        let row = &vert[i * len..(i + 1) * len];
+        for ty0 in (0..th).step_by(L / s) {
+            // Inside the row: `M s ty0 + WINDOW <= (th - 1) pw + WINDOW < len`.
+            let b = horizontal_step::<T, N, M>(row, M * s * ty0, steps);
+            let t = ty0 * tw;
+            let n = L.min(tp - t);
+            for (k, b) in b.iter().enumerate() {
+                // Lane `l` of the squeezed step is tile `l` of the step's tiles, lane
+                // `l + l / tw` of the window's.
+                let mut c = [0f32; L];
+                for (l, c) in c.iter_mut().enumerate() {
+                    let from = l + l / tw;
+                    *c = if from < L { b[from] } else { 0.0 };
                 }
-                tx += L;
+                store(&mut v[(i * N + k) * t_all + t..], &c, n);
             }
         }
     }

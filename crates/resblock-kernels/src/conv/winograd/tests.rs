@@ -63,7 +63,9 @@ const F2_TOL: f64 = 1e-5;
 const F4_TOL: f64 = 4e-5;
 
 /// Odd and even sizes (a last tile row or column partly outside the image), one-pixel
-/// images, and a batch split into several groups of images, on both algorithms.
+/// images, and a batch split into several groups of images, on both algorithms. Planes 3
+/// and 7 tiles wide (6, 9-13, 14 and 28 wide) take the input transform's whole-tile-row
+/// steps, with an even and an odd number of tile rows.
 #[test]
 fn matches_a_plain_convolution() {
     for (n, c, cout, h, w) in [
@@ -73,6 +75,9 @@ fn matches_a_plain_convolution() {
         (2, 5, 4, 8, 3),
         (1, 2, 2, 2, 5),
         (2, 3, 2, 13, 10),
+        (2, 3, 5, 14, 14),
+        (1, 3, 4, 9, 13),
+        (1, 2, 3, 6, 28),
         (16, 64, 3, 32, 32),
     ] {
         let d = dims(n, c, cout, h, w);
@@ -147,7 +152,8 @@ fn weight_tiles_are_g_g_gt() {
 }
 
 /// Both gradients against f64 sums, for odd and even sizes (35 wide: whole vectors of the
-/// weight gradient's row split, then single values) and a batch split into
+/// weight gradient's row split, then single values; 13, 14 and 28 wide: the input
+/// transform's whole-tile-row steps) and a batch split into
 /// several groups of images (whose weight gradients are added in f64); the last case's
 /// input gradient runs on F(4x4), the others' on F(2x2).
 #[test]
@@ -157,6 +163,9 @@ fn backward_matches_plain_gradients() {
         (1, 4, 2, 6, 6),
         (3, 2, 3, 1, 2),
         (1, 3, 2, 5, 35),
+        (2, 3, 5, 14, 14),
+        (1, 3, 4, 9, 13),
+        (1, 2, 3, 6, 28),
         (9, 70, 2, 32, 31),
     ] {
         let d = dims(n, c, cout, h, w);
@@ -243,9 +252,13 @@ fn plane_transforms_agree_on_every_level() {
     use crate::simd::with_simd;
     use f2::{input_plane as f2_in, output_row as f2_out};
     use f4::{input_plane as f4_in, output_row as f4_out};
-    // 3 x 5 tiles (a partial step of 16 and, for F(2x2)'s 40 padded columns, a whole one).
-    let (th, tw, t_all) = (3, 5, 17);
-    for (n, m) in [(4, 2), (6, 4)] {
+    // 3 x 5 tiles (a partial step of 16 and, for F(2x2)'s 40 padded columns, a whole one);
+    // 3 x 7 and 5 x 3 (whole tile rows per step, the last step partial).
+    for (n, m, th, tw) in [(4, 2), (6, 4)]
+        .into_iter()
+        .flat_map(|(n, m)| [(n, m, 3, 5), (n, m, 3, 7), (n, m, 5, 3)])
+    {
+        let t_all = th * tw + 2;
         let pp = values((m * th + 2) * m * (tw + 1) + 2, 8);
         let mt = values(n * n * t_all, 9);
         let run = |simd: Simd| {
@@ -267,7 +280,7 @@ fn plane_transforms_agree_on_every_level() {
         };
         let portable = run(Simd::Portable);
         for simd in [Simd::Avx2, Simd::Avx512] {
-            assert!(run(simd) == portable, "F({m}x{m}) {simd:?}");
+            assert!(run(simd) == portable, "F({m}x{m}) {th}x{tw} {simd:?}");
         }
     }
 }
