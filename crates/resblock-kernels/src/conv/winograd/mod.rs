@@ -311,7 +311,15 @@ pub(crate) fn weight_lanes<A: Algo, const POS: usize>(k: &[f32], dst: &mut [f32]
             }
         }
         for (xi, u) in u.iter().enumerate() {
-            dst[xi * c + ci..][..n].copy_from_slice(&u[..n]);
+            if n == L {
+                // A fixed-size copy: one of `n` values is a `memcpy` call per position
+                // (4% of a 256-channel 14x14 forward).
+                let row: &mut [f32; L] =
+                    (&mut dst[xi * c + ci..][..L]).try_into().expect("L values");
+                *row = *u;
+            } else {
+                dst[xi * c + ci..][..n].copy_from_slice(&u[..n]);
+            }
         }
         ci += L;
     }
