@@ -14,7 +14,8 @@
 //!
 //! Packing reads `a` and `b` through any row and column strides, so transposed operands
 //! cost nothing extra. With several threads the larger of `n` and `m` is split into one
-//! part per thread (whole panels each), and each thread packs what it reads.
+//! part per thread (whole panels each; the columns where that spares packing the whole of
+//! `b` on every thread, `columns_pay`), and each thread packs what it reads.
 //!
 //! [`available`] says whether it may run (AVX-512 present and allowed by
 //! [`crate::dispatch`]); elsewhere the callers keep the `gemm` crate, which covers AVX2,
@@ -370,7 +371,10 @@ fn run(
         serial(m, n, k, c, n, accumulate, a, b, finish);
         return;
     }
-    let split_rows = matches!(a, Lhs::Raw(_)) && m_panels > n_panels && m_panels >= threads;
+    let split_rows = match a {
+        Lhs::Raw(a) => m_panels > n_panels && m_panels >= threads && !columns_pay(a, m, n, threads),
+        Lhs::Packed(_) => false,
+    };
     if !split_rows {
         // Column parts: whole NR panels per thread.
         let per = n_panels.div_ceil(threads) * NR;
@@ -410,6 +414,21 @@ fn run(
             );
         });
     }
+}
+
+/// Whether column parts beat row parts for a raw `a` (`m x k`) and an `n`-column product
+/// where the rows outnumber the columns: with whole `NR` panels per thread, each column
+/// part reads `a` in place (at most [`STRIDED_A_PANELS`] panels, a row-major `a`), so
+/// each thread packs only its own `1 / threads` of `b` and reads all of `a`, where a row
+/// part packs the whole of `b` and reads its rows of `a`. Per thread that trades
+/// `2 k n (1 - 1 / threads)` floats packed (read and written) for `m k (1 - 1 / threads)`
+/// read: worth it where `2 n > m`, such as a linear layer's product at batch 128 with 256
+/// outputs (the residual MLP block: its second layer's forward and its first layer's
+/// input gradient, each thread packing a whole 1 MiB weight for 64 rows).
+/// Only where the columns split evenly (whole panels, as many per thread): a 14x14 output's
+/// 196 columns would split 128 / 68, where the rows split evenly.
+fn columns_pay(a: Operand<'_>, m: usize, n: usize, threads: usize) -> bool {
+    a.cs == 1 && n.is_multiple_of(NR * threads) && n / NR / threads <= STRIDED_A_PANELS && 2 * n > m
 }
 
 /// `dst`'s base pointer, shared by the column parts (each writes its own columns).
@@ -547,8 +566,17 @@ fn pack_a_into(dst: &mut [f32], a: Operand<'_>, i0: usize, mc: usize, p0: usize,
             // Column-major (a transposed operand): a panel's rows are contiguous per `p`.
             for (p, out) in panel.chunks_exact_mut(MR).enumerate() {
                 let base = top + (p0 + p) * a.cs;
-                out[..rows].copy_from_slice(&a.data[base..base + rows]);
-                out[rows..].fill(0.);
+                if rows == MR {
+                    // A fixed-size copy: with a length known only at run time every 32
+                    // bytes were a `memcpy` call (a weight gradient's transposed output
+                    // gradient: 1.7% of the residual MLP block's samples, in `memmove`).
+                    let src: &[f32; MR] = a.data[base..base + MR].try_into().expect("MR");
+                    let out: &mut [f32; MR] = out.try_into().expect("MR");
+                    *out = *src;
+                } else {
+                    out[..rows].copy_from_slice(&a.data[base..base + rows]);
+                    out[rows..].fill(0.);
+                }
             }
         } else if a.cs == 1 {
             // Row-major: the `MR` rows as slices of exactly `kc` values (a zero row past
@@ -602,14 +630,22 @@ fn pack_b<'d>(
         if b.cs == 1 || b.rs != 1 {
             for (p, out) in panel.chunks_exact_mut(NR).enumerate() {
                 let base = (p0 + p) * b.rs + left * b.cs;
-                if b.cs == 1 {
-                    out[..cols].copy_from_slice(&b.data[base..base + cols]);
+                if b.cs == 1 && cols == NR {
+                    // A fixed-size copy: with a length known only at run time every row
+                    // was a `memcpy` call.
+                    let row: &[f32; NR] = b.data[base..base + NR].try_into().expect("NR");
+                    let out: &mut [f32; NR] = out.try_into().expect("NR");
+                    *out = *row;
                 } else {
-                    for (j, o) in out[..cols].iter_mut().enumerate() {
-                        *o = b.data[base + j * b.cs];
+                    if b.cs == 1 {
+                        out[..cols].copy_from_slice(&b.data[base..base + cols]);
+                    } else {
+                        for (j, o) in out[..cols].iter_mut().enumerate() {
+                            *o = b.data[base + j * b.cs];
+                        }
                     }
+                    out[cols..].fill(0.);
                 }
-                out[cols..].fill(0.);
             }
         } else {
             // Column-major (a transposed operand, such as the unfolded input of a weight

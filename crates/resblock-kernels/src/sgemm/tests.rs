@@ -204,6 +204,9 @@ fn matches_the_triple_loop() {
         (140, 1030, 260),
         // `a` above `PARALLEL_PACK` (packed on all threads): 3 x 2 blocks of `MC x KC`.
         (260, 40, 300),
+        // More rows than columns, split by columns on two threads (`columns_pay`, for a
+        // row-major `a`): each part reads `a` in place; 100 rows end in a 4-row panel.
+        (100, 128, 300),
     ];
     for &(m, n, k) in &shapes {
         for (a_t, b_t) in [(false, false), (true, false), (false, true), (true, true)] {
@@ -214,6 +217,24 @@ fn matches_the_triple_loop() {
             }
         }
     }
+}
+
+#[test]
+fn columns_split_where_they_spare_packing_all_of_b() {
+    let a = |cs: usize| Operand {
+        data: &[],
+        rs: 1,
+        cs,
+    };
+    // The MLP block's second layer at batch 128: 256 columns, 4 panels a thread.
+    assert!(columns_pay(a(1), 128, 256, 2));
+    assert!(columns_pay(a(1), 100, 128, 2));
+    // A transposed `a` is packed by every column part: rows stay the split.
+    assert!(!columns_pay(a(128), 128, 256, 2));
+    // Uneven parts (196 = 128 + 68), too many panels for `a` in place, or many rows.
+    assert!(!columns_pay(a(1), 256, 196, 2));
+    assert!(!columns_pay(a(1), 128, 1024, 2));
+    assert!(!columns_pay(a(1), 2048, 256, 2));
 }
 
 #[test]
