@@ -60,44 +60,51 @@ impl Dense {
     fn forward<T: WithDType>(&self, x: &[T], w: &[T], b: Option<&[T]>) -> (Vec<T>, Option<Vec<T>>) {
         let (m, k, n) = (self.m, self.k, self.n);
         let mut z = gemm_new((m, n, k), x, (k, 1), w, (1, k), Self::par(m * n * k));
-        if let Some(b) = b {
-            z.par_chunks_mut(n * CHUNK.div_ceil(n)).for_each(|rows| {
-                for row in rows.chunks_exact_mut(n) {
+        // Whole rows per task, about `CHUNK` values: each task adds the bias to its rows and
+        // applies the activation while they are in cache (one pass over `z`, not two).
+        let rows = n * CHUNK.div_ceil(n);
+        let add_bias = |z: &mut [T]| {
+            if let Some(b) = b {
+                for row in z.chunks_exact_mut(n) {
                     for (v, b) in row.iter_mut().zip(b) {
                         *v += *b;
                     }
                 }
-            });
-        }
+            }
+        };
         match self.act {
-            DenseActivation::Identity => (z, None),
+            DenseActivation::Identity => {
+                if b.is_some() {
+                    z.par_chunks_mut(rows).for_each(add_bias);
+                }
+                (z, None)
+            }
             DenseActivation::Relu => {
                 let zero = T::zero();
-                // As PyTorch's relu: NaN propagates.
-                z.par_chunks_mut(CHUNK).for_each(|c| {
-                    c.iter_mut()
-                        .for_each(|v| *v = if *v < zero { zero } else { *v })
+                z.par_chunks_mut(rows).for_each(|z| {
+                    add_bias(z);
+                    // As PyTorch's relu: NaN propagates.
+                    z.iter_mut()
+                        .for_each(|v| *v = if *v < zero { zero } else { *v });
                 });
                 (z, None)
             }
             DenseActivation::Gelu => {
                 let mut y = vec![T::zero(); z.len()];
-                match (as_f32(&z), as_f32_mut(&mut y)) {
-                    (Some(zf), Some(yf)) => {
-                        let simd = crate::dispatch::simd_in_use();
-                        yf.par_chunks_mut(CHUNK)
-                            .zip(zf.par_chunks(CHUNK))
-                            .for_each(|(y, z)| gelu::forward_with(simd, z, y));
-                    }
-                    _ => y
-                        .par_chunks_mut(CHUNK)
-                        .zip(z.par_chunks(CHUNK))
-                        .for_each(|(y, z)| {
-                            for (y, z) in y.iter_mut().zip(z) {
-                                *y = T::from_f64(gelu::forward_f64(z.to_f64()));
+                let simd = crate::dispatch::simd_in_use();
+                y.par_chunks_mut(rows)
+                    .zip(z.par_chunks_mut(rows))
+                    .for_each(|(y, z)| {
+                        add_bias(z);
+                        match (as_f32(z), as_f32_mut(y)) {
+                            (Some(zf), Some(yf)) => gelu::forward_with(simd, zf, yf),
+                            _ => {
+                                for (y, z) in y.iter_mut().zip(z.iter()) {
+                                    *y = T::from_f64(gelu::forward_f64(z.to_f64()));
+                                }
                             }
-                        }),
-                }
+                        }
+                    });
                 (y, self.save.then_some(z))
             }
         }
