@@ -182,9 +182,8 @@ impl DirectScratch {
         acc: &mut WeightSum,
     ) {
         fwd.pad(x_n, &mut self.xp);
-        fwd.flatten(dy_n, &mut self.dyf);
         self.dw_n.resize(wlen, 0.0);
-        fwd.weight_grad(&self.xp, &self.dyf, &mut self.dw_n);
+        fwd.weight_grad_plain(&self.xp, dy_n, &mut self.dyf, &mut self.dw_n);
         acc.add(&self.dw_n);
     }
 }
