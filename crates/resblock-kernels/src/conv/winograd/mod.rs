@@ -94,8 +94,12 @@ const MIN_TILES: usize = 100;
 /// (a ResNet-20 step ran 10% slower with its 8x8 layers on Winograd).
 const MIN_WIDTH: usize = 14;
 /// The most transformed input (bytes) of one group of images: groups keep the transformed
-/// input and the GEMMs' output a few MB each, however large the batch.
-const GROUP_BYTES: usize = 8 << 20;
+/// input and the GEMMs' output bounded however large the batch. Each group costs a pass of
+/// its own (the weight gradient writes and sums a `(16, cout, c)` product per group), so
+/// the bound is wide enough that a batch of 8 at 56x56 x 64 channels or 14x14 x 256 channels
+/// is one group: at 8 MB both were two (4 + 4 and 5 + 3 images), and the 64-channel
+/// forward ran 3-4% slower, the 256-channel backward 12-15% ([`group_of`]).
+const GROUP_BYTES: usize = 16 << 20;
 
 /// The fewest input channels for which a forward runs on Winograd below [`MIN_WIDTH`]
 /// ([`forward_applies`]): with 256 channels or more the GEMMs are long enough to carry the
@@ -429,7 +433,7 @@ pub(crate) fn forward_into<A: Algo, S: Slot>(
     assert_eq!(y.len(), d.n * d.cout * d.p(), "winograd: output size");
     let tiles = Tiles::of::<A>(d);
     let tp = tiles.per_image();
-    let group = (GROUP_BYTES / (A::POS * tp * d.c * 4)).clamp(1, d.n.max(1));
+    let group = group_of(A::POS * tp * d.c * 4, d.n);
     let t_group = group * tp;
     // The transformed input and the GEMMs' output in this thread's scratch memory, both
     // wholly written before they are read: zero-filling fresh buffers was 5% of a
@@ -476,6 +480,14 @@ pub(crate) fn forward_into<A: Algo, S: Slot>(
             });
         }
     });
+}
+
+/// The images per group of a batch of `n` whose transformed input takes `per_image` bytes an
+/// image: as few groups as [`GROUP_BYTES`] allows, of equal size but for the last (8 images
+/// in at most 5 a group are 4 + 4, not 5 + 3, so no group is a short pass of its own).
+fn group_of(per_image: usize, n: usize) -> usize {
+    let most = (GROUP_BYTES / per_image.max(1)).clamp(1, n.max(1));
+    n.max(1).div_ceil(n.max(1).div_ceil(most))
 }
 
 /// The input transform of images `first..first + imgs` of `x` `(n, c, h, w)` into `v`
@@ -549,7 +561,7 @@ pub(crate) fn weight_grad(x: &[f32], dy: &[f32], d: &Dims) -> Vec<f32> {
     const POS: usize = F2::POS;
     let tiles = Tiles::of::<F2>(d);
     let tp = tiles.per_image();
-    let group = (GROUP_BYTES / (POS * tp * (c + cout) * 4)).clamp(1, d.n.max(1));
+    let group = group_of(POS * tp * (c + cout) * 4, d.n);
     let t_group = group * tp;
     let (v_len, y_len, m_len) = (c * POS * t_group, cout * POS * t_group, POS * cout * c);
     let mut total = super::weight_sum::WeightSum::new(cout * c * 9);

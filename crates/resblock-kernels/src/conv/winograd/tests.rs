@@ -78,7 +78,7 @@ fn matches_a_plain_convolution() {
         (2, 3, 5, 14, 14),
         (1, 3, 4, 9, 13),
         (1, 2, 3, 6, 28),
-        (16, 64, 3, 32, 32),
+        (16, 128, 3, 32, 32),
     ] {
         let d = dims(n, c, cout, h, w);
         let (x, k) = (values(n * c * h * w, 1), values(cout * c * 9, 2));
@@ -95,13 +95,33 @@ fn matches_a_plain_convolution() {
             "forward's choice"
         );
     }
-    let d = dims(16, 64, 3, 32, 32);
+    let d = dims(16, 128, 3, 32, 32);
     for per_image in [
         F2::POS * Tiles::of::<F2>(&d).per_image(),
         F4::POS * Tiles::of::<F4>(&d).per_image(),
     ] {
         assert!(GROUP_BYTES / (per_image * d.c * 4) < d.n, "several groups");
     }
+}
+
+/// Groups are as few as the bound allows and of equal size but for the last.
+#[test]
+fn groups_split_the_batch_evenly() {
+    let per_image = GROUP_BYTES / 5;
+    assert_eq!(
+        group_of(per_image, 8),
+        4,
+        "8 images, at most 5 a group: 4 + 4"
+    );
+    assert_eq!(group_of(per_image, 11), 4, "11 images: 4 + 4 + 3");
+    assert_eq!(group_of(per_image, 5), 5, "one group");
+    assert_eq!(group_of(per_image, 3), 3, "a batch smaller than the bound");
+    assert_eq!(
+        group_of(2 * GROUP_BYTES, 3),
+        1,
+        "an image larger than the bound"
+    );
+    assert_eq!(group_of(per_image, 0), 1, "no images");
 }
 
 /// The weight transforms against `G g G^T` with the matrices written out.
@@ -166,7 +186,7 @@ fn backward_matches_plain_gradients() {
         (2, 3, 5, 14, 14),
         (1, 3, 4, 9, 13),
         (1, 2, 3, 6, 28),
-        (9, 70, 2, 32, 31),
+        (9, 140, 2, 32, 31),
     ] {
         let d = dims(n, c, cout, h, w);
         let (x, k) = (values(n * c * h * w, 1), values(cout * c * 9, 2));
@@ -201,8 +221,8 @@ fn backward_matches_plain_gradients() {
         assert_close(&format!("{name} dx"), &dx, &want_dx, F4_TOL);
         assert_close(&format!("{name} dw"), &dw, &want_dw, F2_TOL);
     }
-    let d = dims(9, 70, 2, 32, 31);
-    assert!(uses_f4(&dims(9, 2, 70, 32, 31), false) && !uses_f4(&dims(2, 5, 3, 7, 9), false));
+    let d = dims(9, 140, 2, 32, 31);
+    assert!(uses_f4(&dims(9, 2, 140, 32, 31), false) && !uses_f4(&dims(2, 5, 3, 7, 9), false));
     let per_image = F2::POS * Tiles::of::<F2>(&d).per_image() * (d.c + d.cout) * 4;
     assert!(
         GROUP_BYTES / per_image < d.n,
