@@ -35,6 +35,7 @@ use super::geom::{ConvGeom, Dims};
 use crate::buffer::Slot;
 use crate::matmul::gemm_into;
 
+mod blocked;
 mod f2;
 mod f4;
 pub(crate) mod plane;
@@ -388,27 +389,43 @@ impl Tiles {
         self.th * self.tw
     }
 
-    /// Plane `(h, w)` into `pp` with its zero border: `m th + 2` rows (and 2 values) of
+    /// Plane `(h, w)` into `pp` with its zero border: `m th + 2` rows (and a vector's worth) of
     /// [`Tiles::padded_width`], image column `x` at `x + 1`, row `y` at `y + 1`, zero
-    /// elsewhere. The border is written once, by the first plane.
-    fn pad(self, plane: &[f32], (h, w): (usize, usize), pp: &mut Vec<f32>) {
+    /// elsewhere.
+    fn pad(self, plane: &[f32], hw: (usize, usize), pp: &mut Vec<f32>) {
+        self.pad_rows(plane, hw, 0, pp);
+    }
+
+    /// [`Tiles::pad`]'s rows `first..first + m th + 2` of plane `(h, w)`, for the `th` tile
+    /// rows from tile row `first / m` (a band of [`blocked`]'s): padded row `r` is image row
+    /// `first + r - 1`, zero where that is outside the image. The columns outside the image
+    /// are zero-filled when `pp` takes this length, and never written after.
+    fn pad_rows(self, plane: &[f32], (h, w): (usize, usize), first: usize, pp: &mut Vec<f32>) {
         let pw = self.padded_width();
-        // The 2 values past the last row: F(4x4)'s input transform reads them (and
-        // discards what it makes of them).
-        let len = (self.m * self.th + 2) * pw + 2;
+        let rows = self.m * self.th + 2;
+        // A vector's worth past the last row: the input transform reads whole vectors
+        // (F(4x4) 2 values past the row's end at least) and discards what it makes of the
+        // values past it.
+        let len = rows * pw + plane::LANES;
         if pp.len() != len {
             pp.clear();
             pp.resize(len, 0.0);
         }
-        for (y, src) in plane.chunks_exact(w).take(h).enumerate() {
-            pp[(y + 1) * pw + 1..][..w].copy_from_slice(src);
+        for r in 0..rows {
+            let dst = &mut pp[r * pw + 1..][..w];
+            match (first + r).checked_sub(1).filter(|&y| y < h) {
+                Some(y) => dst.copy_from_slice(&plane[y * w..][..w]),
+                None => dst.fill(0.0),
+            }
         }
     }
 }
 
 /// `y` `(n, cout, h, w)` = the convolution of `x` `(n, c, h, w)` with the weights `u`
-/// (from [`transform_weights`] for `A`), the epilogue `ep` applied. With `parallel`, every phase
-/// runs on all threads; otherwise on this one (a worker of an outer parallel loop).
+/// (from [`transform_weights`] for `A`), the epilogue `ep` applied. With `parallel`, on all
+/// threads, in blocks per thread where those pay ([`blocked`]), else each step over a group
+/// of images on all threads ([`grouped`]); otherwise on this one (a worker of an outer
+/// parallel loop).
 ///
 /// # Panics
 /// If a slice does not match `d`, or `d` is not a convolution Winograd runs (`applies`).
@@ -431,6 +448,23 @@ pub(crate) fn forward_into<A: Algo, S: Slot>(
         "winograd: transformed weight size"
     );
     assert_eq!(y.len(), d.n * d.cout * d.p(), "winograd: output size");
+    if parallel && blocked::pays::<A>(d, rayon::current_num_threads()) {
+        blocked::forward::<A, S>(x, u, ep, d, y);
+    } else {
+        grouped::<A, S>(x, u, ep, d, y, parallel);
+    }
+}
+
+/// [`forward_into`] a group of images at a time, each step over the group on all threads
+/// when `parallel`.
+fn grouped<A: Algo, S: Slot>(
+    x: &[f32],
+    u: &[f32],
+    ep: Epilogue<'_, f32>,
+    d: &Dims,
+    y: &mut [S],
+    parallel: bool,
+) {
     let tiles = Tiles::of::<A>(d);
     let tp = tiles.per_image();
     let group = group_of(A::POS * tp * d.c * 4, d.n);

@@ -147,10 +147,11 @@ fn combined_row_len(m: usize, th: usize, tw: usize) -> usize {
 }
 
 /// The input transform of one padded plane `pp` (`m th + 2` rows of `pw = m (tw + 1)`, then
-/// 2 more values; see `Tiles::pad`): `B^T d` of each tile row's `N` rows into `buf` (row
+/// at least 2 more values, best a vector's worth; see `Tiles::pad`): `B^T d` of each tile row's `N` rows into `buf` (row
 /// `i` of tile row `ty` at `i len + ty pw`, `len` = [`combined_row_len`]), then `B^T d B`
 /// of every tile into `v`, position `ξ` of the plane's tile `t` at `v[ξ * t_all + t]`.
-/// Tile `(ty, tx)` starts at `ty pw + m tx` in each combined row.
+/// Tile `(ty, tx)` starts at `ty pw + m tx` in each combined row. `wide`: compiled for
+/// AVX-512, so the horizontal steps gather their tiles with its shuffles ([`x86`]).
 #[inline(always)]
 pub(super) fn input_plane<T: Lines<N, M>, const N: usize, const M: usize>(
     pp: &[f32],
@@ -158,6 +159,7 @@ pub(super) fn input_plane<T: Lines<N, M>, const N: usize, const M: usize>(
     (th, tw): (usize, usize),
     v: &mut [f32],
     t_all: usize,
+    wide: bool,
 ) {
     let pw = M * (tw + 1);
     let len = combined_row_len(M, th, tw);
@@ -165,14 +167,20 @@ pub(super) fn input_plane<T: Lines<N, M>, const N: usize, const M: usize>(
     for ty in 0..th {
         let mut c = 0;
         while c < pw {
+            // Whole vectors wherever the plane has `L` values from here (a copy of `count`
+            // values is a `memcpy` call: 11% of a 64-channel 56x56 forward's samples). The
+            // lanes past `count` are the next row's first values; stored, they land on the
+            // start of the next tile row's combined row, which is written after, or past
+            // the last one, in the buffer's slack ([`combined_row_len`]).
             let count = L.min(pw - c);
             let mut a = [[0f32; L]; N];
             for (k, a) in a.iter_mut().enumerate() {
-                load(a, &pp[(M * ty + k) * pw + c..], count);
+                let src = &pp[(M * ty + k) * pw + c..];
+                load(a, src, if src.len() >= L { L } else { count });
             }
             let b = bt_lanes::<T, N, M>(&a);
             for (i, b) in b.iter().enumerate() {
-                store(&mut vert[i * len + ty * pw + c..], b, count);
+                store(&mut vert[i * len + ty * pw + c..], b, L);
             }
             c += L;
         }
@@ -186,8 +194,8 @@ pub(super) fn input_plane<T: Lines<N, M>, const N: usize, const M: usize>(
     match tw + 1 {
         // A padded row holds `tw + 1` tiles' worth (the last one past the image): where
         // that divides a step, one step covers whole tile rows ([`horizontal_rows`]).
-        4 => horizontal_rows::<T, N, M, 3>(vert, len, th, v, t_all, steps),
-        8 => horizontal_rows::<T, N, M, 7>(vert, len, th, v, t_all, steps),
+        4 => horizontal_rows::<T, N, M, 3>(vert, len, th, (v, t_all), steps, wide),
+        8 => horizontal_rows::<T, N, M, 7>(vert, len, th, (v, t_all), steps, wide),
         _ => {
             let tp = th * tw;
             for i in 0..N {
@@ -196,7 +204,8 @@ pub(super) fn input_plane<T: Lines<N, M>, const N: usize, const M: usize>(
                     let mut tx = 0;
                     while tx < tw {
                         let count = L.min(tw - tx);
-                        let b = horizontal_step::<T, N, M>(row, ty * pw + M * tx, steps);
+                        let start = ty * pw + M * tx;
+                        let b = horizontal_step::<T, N, M>(row, start, steps, wide);
                         let t = ty * tw + tx;
                         // Whole vectors but for the plane's last step: the lanes past
                         // `count` are this plane's next tiles, which the next step writes
@@ -219,18 +228,31 @@ pub(super) fn input_plane<T: Lines<N, M>, const N: usize, const M: usize>(
 /// `M l + k`, fixed positions, which the compiler turns into shuffles of the window's
 /// vectors. (Gathered tile by tile through a table of tile offsets, the values went
 /// through the stack one at a time: a fifth of a 256-channel 14x14 forward.) `steps`
-/// vectors of the window are read; `start + WINDOW` must lie inside the row.
+/// vectors of the window are read; `start + WINDOW` must lie inside the row. With `wide`
+/// (compiled for AVX-512), F(4x4) gathers with [`x86`]'s shuffles: the compiler built some
+/// of those fixed positions one value at a time on the stack, and reading them
+/// back as vectors stalled on the partial writes (41% of the F(4x4) input transform's
+/// samples on one load).
 #[inline(always)]
 fn horizontal_step<T: Lines<N, M>, const N: usize, const M: usize>(
     row: &[f32],
     start: usize,
     steps: usize,
+    wide: bool,
 ) -> [[f32; L]; N] {
     let win = &row[start..start + WINDOW];
     let mut w = [[0f32; L]; WINDOW_STEPS];
     for (s, w) in w.iter_mut().enumerate().take(steps) {
         *w = win[s * L..(s + 1) * L].try_into().expect("L values");
     }
+    #[cfg(target_arch = "x86_64")]
+    if wide {
+        if let Some(a) = x86::gather::<N, M>(&w) {
+            return bt_lanes::<T, N, M>(&a);
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = wide;
     let mut a = [[0f32; L]; N];
     for (k, a) in a.iter_mut().enumerate() {
         for (l, a) in a.iter_mut().enumerate() {
@@ -255,9 +277,9 @@ fn horizontal_rows<T: Lines<N, M>, const N: usize, const M: usize, const TW: usi
     vert: &[f32],
     len: usize,
     th: usize,
-    v: &mut [f32],
-    t_all: usize,
+    (v, t_all): (&mut [f32], usize),
     steps: usize,
+    wide: bool,
 ) {
     let (tw, s) = (TW, TW + 1);
     let tp = th * tw;
@@ -265,7 +287,7 @@ fn horizontal_rows<T: Lines<N, M>, const N: usize, const M: usize, const TW: usi
         let row = &vert[i * len..(i + 1) * len];
         for ty0 in (0..th).step_by(L / s) {
             // Inside the row: `M s ty0 + WINDOW <= (th - 1) pw + WINDOW < len`.
-            let b = horizontal_step::<T, N, M>(row, M * s * ty0, steps);
+            let b = horizontal_step::<T, N, M>(row, M * s * ty0, steps, wide);
             let t = ty0 * tw;
             let n = L.min(tp - t);
             for (k, b) in b.iter().enumerate() {
@@ -376,9 +398,10 @@ macro_rules! plane_transforms {
             tiles: (usize, usize),
             v: &mut [f32],
             t_all: usize,
+            wide: bool,
         ) {
             $crate::conv::winograd::plane::input_plane::<$algo, $n, $m>(
-                pp, buf, tiles, v, t_all,
+                pp, buf, tiles, v, t_all, wide,
             );
         }
 
@@ -399,7 +422,9 @@ macro_rules! plane_transforms {
             t_all: usize,
         ) {
             let simd = $crate::dispatch::current().simd;
-            $crate::simd::with_simd!(simd, input_plane(pp: &[f32], buf: &mut [f32], tiles: (usize, usize), v: &mut [f32], t_all: usize));
+            // The level `with_simd!` compiles the transform for.
+            let wide = $crate::dispatch::usable(simd) == $crate::dispatch::Simd::Avx512;
+            $crate::simd::with_simd!(simd, input_plane(pp: &[f32], buf: &mut [f32], tiles: (usize, usize), v: &mut [f32], t_all: usize, wide: bool));
         }
 
         /// [`output_row`] on the SIMD level in use ([`plane::OutputPlane`]).
@@ -410,3 +435,63 @@ macro_rules! plane_transforms {
     };
 }
 pub(super) use plane_transforms;
+
+/// The horizontal steps' gather on AVX-512 ([`horizontal_step`]).
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::{L, WINDOW_STEPS};
+
+    /// Value `k` of each of the `L` tiles whose windows start `M` apart, `a[k][l] = w[M l +
+    /// k]` over the window's vectors `w`, for F(4x4) (`N = 6`, `M = 4`); `None` for another
+    /// algorithm. (F(2x2)'s even and odd values the compiler shuffles well: with this
+    /// module's shuffles its transforms ran no faster.) Only called where the CPU has
+    /// AVX-512 (`wide`).
+    #[inline(always)]
+    pub(super) fn gather<const N: usize, const M: usize>(
+        w: &[[f32; L]; WINDOW_STEPS],
+    ) -> Option<[[f32; L]; N]> {
+        if (N, M) != (6, 4) {
+            return None;
+        }
+        // SAFETY: `wide` is set only where the transform runs at the AVX-512 level, which
+        // `dispatch::usable` grants only on a CPU with AVX-512F.
+        let a = unsafe { stride4(w) };
+        Some(std::array::from_fn(|k| a[k]))
+    }
+
+    /// `a[k][l] = w[4 l + k]`, `k < 6`: lanes 0-7 of `a[k]`, `k < 4`, from the first 32
+    /// values and lanes 8-15 from the next 32; then `a[4]` and `a[5]`, `a[0]` and `a[1]`
+    /// shifted down one lane (one tile), their last lanes the window's values 64 and 65.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn stride4(w: &[[f32; L]; WINDOW_STEPS]) -> [[f32; L]; 6] {
+        let v = |s: usize| -> __m512 {
+            // SAFETY: `w[s]` holds 16 values.
+            unsafe { _mm512_loadu_ps(w[s].as_ptr()) }
+        };
+        let (w0, w1, w2, w3, w4) = (v(0), v(1), v(2), v(3), v(4));
+        let base = _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 4, 8, 12, 16, 20, 24, 28);
+        let a = |k: i32| {
+            let idx = _mm512_add_epi32(base, _mm512_set1_epi32(k));
+            let lo = _mm512_permutex2var_ps(w0, idx, w1);
+            let hi = _mm512_permutex2var_ps(w2, idx, w3);
+            _mm512_mask_blend_ps(0xFF00, lo, hi)
+        };
+        let shift = |a: __m512, j: i32| {
+            let idx = _mm512_setr_epi32(1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16 + j);
+            _mm512_permutex2var_ps(a, idx, w4)
+        };
+        let (a0, a1) = (a(0), a(1));
+        let mut out = [[0f32; L]; 6];
+        for (o, v) in out
+            .iter_mut()
+            .zip([a0, a1, a(2), a(3), shift(a0, 0), shift(a1, 1)])
+        {
+            // SAFETY: `o` holds 16 values.
+            unsafe { _mm512_storeu_ps(o.as_mut_ptr(), v) };
+        }
+        out
+    }
+}

@@ -104,6 +104,58 @@ fn matches_a_plain_convolution() {
     }
 }
 
+/// The blocked forward (each thread whole images, a band of tile rows at a time) gives the
+/// grouped one's values, bit for bit (the same transforms, and GEMMs that sum the input
+/// channels in the same order), with an epilogue: odd sizes (a last tile row and column
+/// partly outside the image), several bands of tile rows and a last one shorter, several
+/// groups of images for the grouped forward, on both algorithms.
+#[test]
+fn blocked_and_grouped_agree() {
+    if !crate::sgemm::available() {
+        return;
+    }
+    fn both<A: Algo>(d: &Dims, x: &[f32], k: &[f32], ep: Epilogue<'_, f32>, want: &[f64]) {
+        let u = transform_weights::<A>(k, d.cout, d.c);
+        let len = d.n * d.cout * d.p();
+        let (mut by_blocks, mut by_groups) = (vec![0f32; len], vec![0f32; len]);
+        blocked::forward::<A, f32>(x, &u, ep, d, &mut by_blocks);
+        grouped::<A, f32>(x, &u, ep, d, &mut by_groups, true);
+        let name = format!("F{} {:?}", A::M, (d.n, d.c, d.cout, d.h, d.w));
+        assert!(by_blocks == by_groups, "{name}");
+        let mut plain = vec![0f32; len];
+        blocked::forward::<A, f32>(x, &u, Epilogue::NONE, d, &mut plain);
+        assert_close(&name, &plain, want, if A::M == 2 { F2_TOL } else { F4_TOL });
+    }
+    for (n, c, cout, h, w) in [(2, 3, 5, 7, 9), (3, 5, 4, 13, 10), (20, 96, 16, 34, 30)] {
+        let d = dims(n, c, cout, h, w);
+        let (x, k) = (values(n * c * h * w, 1), values(cout * c * 9, 2));
+        let (scale, bias) = (values(cout, 3), values(cout, 4));
+        let residual = values(n * cout * h * w, 5);
+        let ep = Epilogue {
+            scale: Some(&scale),
+            bias: Some(&bias),
+            relu: true,
+            residual: Some(&residual),
+        };
+        let want = conv_ref(&x, &k, &d);
+        both::<F2>(&d, &x, &k, ep, &want);
+        both::<F4>(&d, &x, &k, ep, &want);
+    }
+    let d = dims(20, 96, 16, 34, 30);
+    for (pos, m) in [(F2::POS, 2), (F4::POS, 4)] {
+        let (th, tw) = (34usize.div_ceil(m), 30usize.div_ceil(m));
+        let band = blocked::band_rows_for(pos, &d, tw);
+        assert!(
+            band < th && th % band != 0,
+            "F{m}: several bands, the last shorter"
+        );
+        assert!(
+            GROUP_BYTES / (pos * th * tw * d.c * 4) < d.n,
+            "F{m}: several groups"
+        );
+    }
+}
+
 /// Groups are as few as the bound allows and of equal size but for the last.
 #[test]
 fn groups_split_the_batch_evenly() {
@@ -289,11 +341,12 @@ fn plane_transforms_agree_on_every_level() {
             let tp = th * tw;
             let mut y = vec![0f32; m * m * tp];
             let (ms, ys) = (mt.as_slice(), y.as_mut_slice());
+            let wide = crate::dispatch::usable(simd) == Simd::Avx512;
             if m == 2 {
-                with_simd!(simd, f2_in(pp: &[f32], b: &mut [f32], tiles: (usize, usize), vs: &mut [f32], t_all: usize));
+                with_simd!(simd, f2_in(pp: &[f32], b: &mut [f32], tiles: (usize, usize), vs: &mut [f32], t_all: usize, wide: bool));
                 with_simd!(simd, f2_out(ms: &[f32], t_all: usize, ys: &mut [f32], tp: usize));
             } else {
-                with_simd!(simd, f4_in(pp: &[f32], b: &mut [f32], tiles: (usize, usize), vs: &mut [f32], t_all: usize));
+                with_simd!(simd, f4_in(pp: &[f32], b: &mut [f32], tiles: (usize, usize), vs: &mut [f32], t_all: usize, wide: bool));
                 with_simd!(simd, f4_out(ms: &[f32], t_all: usize, ys: &mut [f32], tp: usize));
             }
             (buf, v, y)
