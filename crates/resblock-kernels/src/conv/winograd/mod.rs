@@ -15,6 +15,10 @@
 //! 4. the output transform, each output plane written once with the epilogue applied while
 //!    it is in cache.
 //!
+//! Steps 2-4 run either each over a group of images on all threads ([`grouped`]), or, for
+//! narrow layers whose weights stay in cache, per thread on a band of one image's tile rows
+//! at a time, so that the transformed input and products never leave the core ([`blocked`]).
+//!
 //! [`forward`] and the input gradient run F(4x4, 3x3) ([`F4`]) on wide outputs with many
 //! pixels per weight, F(2x2, 3x3) ([`F2`]) otherwise; the weight gradient runs the dual of
 //! F(2x2, 3x3), see [`backward`]. F(2x2)'s transforms multiply only by
