@@ -393,8 +393,8 @@ impl Tiles {
         self.th * self.tw
     }
 
-    /// Plane `(h, w)` into `pp` with its zero border: `m th + 2` rows (and a vector's worth) of
-    /// [`Tiles::padded_width`], image column `x` at `x + 1`, row `y` at `y + 1`, zero
+    /// Plane `(h, w)` into `pp` with its zero border: `m th + 2` rows (and a vector's worth)
+    /// of [`Tiles::padded_width`], image column `x` at `x + 1`, row `y` at `y + 1`, zero
     /// elsewhere.
     fn pad(self, plane: &[f32], hw: (usize, usize), pp: &mut Vec<f32>) {
         self.pad_rows(plane, hw, 0, pp);

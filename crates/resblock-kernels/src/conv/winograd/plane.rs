@@ -147,9 +147,10 @@ fn combined_row_len(m: usize, th: usize, tw: usize) -> usize {
 }
 
 /// The input transform of one padded plane `pp` (`m th + 2` rows of `pw = m (tw + 1)`, then
-/// at least 2 more values, best a vector's worth; see `Tiles::pad`): `B^T d` of each tile row's `N` rows into `buf` (row
-/// `i` of tile row `ty` at `i len + ty pw`, `len` = [`combined_row_len`]), then `B^T d B`
-/// of every tile into `v`, position `ξ` of the plane's tile `t` at `v[ξ * t_all + t]`.
+/// at least 2 more values, best a vector's worth; see `Tiles::pad`): `B^T d` of each tile
+/// row's `N` rows into `buf` (row `i` of tile row `ty` at `i len + ty pw`, `len` =
+/// [`combined_row_len`]), then `B^T d B` of every tile into `v`, position `ξ` of the plane's
+/// tile `t` at `v[ξ * t_all + t]`.
 /// Tile `(ty, tx)` starts at `ty pw + m tx` in each combined row. `wide`: compiled for
 /// AVX-512, so the horizontal steps gather their tiles with its shuffles ([`x86`]).
 #[inline(always)]
