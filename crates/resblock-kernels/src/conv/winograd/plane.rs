@@ -8,8 +8,9 @@
 //! plane's tiles in one loop however short its rows (a 7x7 output has rows of 2 or 4
 //! tiles); the input transform's horizontal half goes tile row by tile row, reading each
 //! step's tiles from whole vectors (see [`input_plane`]). The callers
-//! compile these for the widest SIMD level (`with_simd!`), so nothing here is a closure
-//! (a closure would be compiled without the level's features).
+//! compile these for the widest SIMD level (`with_simd!`), so nothing generic here is a
+//! closure (a closure would be compiled without the level's features); [`x86`]'s
+//! intrinsics are compiled for AVX-512 whatever the caller.
 
 use crate::buffer::Slot;
 
@@ -162,6 +163,9 @@ pub(super) fn input_plane<T: Lines<N, M>, const N: usize, const M: usize>(
     t_all: usize,
     wide: bool,
 ) {
+    // Only where the CPU has AVX-512, whatever the caller says: [`x86`]'s gather runs its
+    // instructions.
+    let wide = wide && crate::dispatch::cpu().avx512;
     let pw = M * (tw + 1);
     let len = combined_row_len(M, th, tw);
     let vert = &mut buf[..N * len];
@@ -248,7 +252,8 @@ fn horizontal_step<T: Lines<N, M>, const N: usize, const M: usize>(
     }
     #[cfg(target_arch = "x86_64")]
     if wide {
-        if let Some(a) = x86::gather::<N, M>(&w) {
+        // SAFETY: `wide` holds only where the CPU has AVX-512 ([`input_plane`] checks).
+        if let Some(a) = unsafe { x86::gather::<N, M>(&w) } {
             return bt_lanes::<T, N, M>(&a);
         }
     }
@@ -447,17 +452,18 @@ mod x86 {
     /// Value `k` of each of the `L` tiles whose windows start `M` apart, `a[k][l] = w[M l +
     /// k]` over the window's vectors `w`, for F(4x4) (`N = 6`, `M = 4`); `None` for another
     /// algorithm. (F(2x2)'s even and odd values the compiler shuffles well: with this
-    /// module's shuffles its transforms ran no faster.) Only called where the CPU has
-    /// AVX-512 (`wide`).
+    /// module's shuffles its 14x14 layers ran 3-5% slower.)
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F.
     #[inline(always)]
-    pub(super) fn gather<const N: usize, const M: usize>(
+    pub(super) unsafe fn gather<const N: usize, const M: usize>(
         w: &[[f32; L]; WINDOW_STEPS],
     ) -> Option<[[f32; L]; N]> {
         if (N, M) != (6, 4) {
             return None;
         }
-        // SAFETY: `wide` is set only where the transform runs at the AVX-512 level, which
-        // `dispatch::usable` grants only on a CPU with AVX-512F.
+        // SAFETY: the caller's.
         let a = unsafe { stride4(w) };
         Some(std::array::from_fn(|k| a[k]))
     }
