@@ -1092,7 +1092,10 @@ impl Plan {
                 "direct conv: weight gradient size"
             );
             // The masked layout's rows are the output's (`w == ow`, no junk columns).
-            assert_eq!(self.w, self.ow);
+            assert_eq!(
+                self.w, self.ow,
+                "direct conv: masked rows as wide as the output's"
+            );
             self.weight_grad_transposed(&[xp], &[dy], plane, dw);
             return;
         }

@@ -44,13 +44,8 @@ pub(super) fn pays<A: Algo>(d: &Dims, threads: usize) -> bool {
         && (d.n.is_multiple_of(threads) || d.n >= 4 * threads)
 }
 
-/// The tile rows of one band: as many as [`BAND_BYTES`] holds, at least one.
-fn band_rows<A: Algo>(d: &Dims, tiles: Tiles) -> usize {
-    band_rows_for(A::POS, d, tiles.tw).min(tiles.th.max(1))
-}
-
-/// [`band_rows`] for `pos` positions and tile rows `tw` tiles wide, before the limit of the
-/// image's tile rows.
+/// The tile rows of one band for `pos` positions and tile rows `tw` tiles wide: as many as
+/// [`BAND_BYTES`] holds, at least one (before the limit of the image's tile rows).
 pub(super) fn band_rows_for(pos: usize, d: &Dims, tw: usize) -> usize {
     (BAND_BYTES / (pos * (d.c + d.cout) * 4 * tw).max(1)).max(1)
 }
@@ -68,7 +63,7 @@ pub(super) fn forward<A: Algo, S: Slot>(
 ) {
     let (c, cout) = (d.c, d.cout);
     let tiles = Tiles::of::<A>(d);
-    let band = band_rows::<A>(d, tiles);
+    let band = band_rows_for(A::POS, d, tiles.tw).min(tiles.th.max(1));
     // `u[co][ξ][ci]`: position ξ's weights are `cout x c`, rows `POS c` apart.
     let packed: Vec<PackedA> = (0..A::POS)
         .into_par_iter()
