@@ -8,14 +8,16 @@
 //!   per `k`, zero-padded), `A` into `MC x KC` blocks packed into panels of `MR` rows;
 //! - the micro-kernel ([`avx512::kernel`]) computes an `MR x NR` tile of `dst` from one `A`
 //!   panel and one `B` panel; the `B` panel (`KC * NR` floats, 32 KiB) stays in L1 while
-//!   the `A` block (`MC * KC`, 128 KiB) streams from L2;
+//!   the `A` block (`MC * KC`, 128 KiB) streams from L2 (an `A` read in place by a
+//!   column part is walked the other way round: see `serial`);
 //! - the first `KC` block writes (or adds to) `dst`, the others add; the last can finish
 //!   each value as it stores it ([`Finish`]: a convolution's per-channel epilogue).
 //!
 //! Packing reads `a` and `b` through any row and column strides, so transposed operands
 //! cost nothing extra. With several threads the larger of `n` and `m` is split into one
 //! part per thread (whole panels each; the columns where that spares packing the whole of
-//! `b` on every thread, `columns_pay`), and each thread packs what it reads.
+//! `b` on every thread, `columns_pay`, each column part then reading a row-major `a` in
+//! place), and each thread packs what it reads.
 //!
 //! [`available`] says whether it may run (AVX-512 present and allowed by
 //! [`crate::dispatch`]); elsewhere the callers keep the `gemm` crate, which covers AVX2,
@@ -51,6 +53,12 @@ pub(crate) fn computed_columns(n: usize) -> usize {
 }
 /// Depth of one packed block.
 const KC: usize = 256;
+/// Depth of one block where a column part reads `A` in place ([`columns_pay`]): no `A`
+/// block is packed, so the depth is not bound by one, and half as many passes store and
+/// reload the `C` tiles. The `B` panels (64 KiB) then stream from L2 while the `A` panel
+/// (8 rows of 2 KiB) stays in L1 (the tiles are walked along the rows, see [`serial`]).
+/// 1024^3 on two threads: 4.86-4.90 against 4.96-5.02 ms at [`KC`].
+const KC_IN_PLACE: usize = 512;
 /// Rows of one packed `A` block (a multiple of `MR`).
 const MC: usize = 128;
 /// Columns of one packed `B` block (a multiple of `NR`).
@@ -59,7 +67,8 @@ const NC: usize = 1024;
 /// micro-kernel instead of packed: packing costs a read and a write of the block for
 /// reuse by every panel, which a few panels (a batch-1 convolution's 7x7 to 14x14 output:
 /// 2 to 7 panels) do not pay back. At batch 1 the packing of `A` was a tenth of a
-/// ResNet-50 inference.
+/// ResNet-50 inference. (A column part of [`columns_pay`] reads it in place whatever the
+/// count: there every part would pack all of `A`.)
 const STRIDED_A_PANELS: usize = 8;
 /// Weights of at least this many floats are packed on all threads ([`PackedA::new`], the
 /// direct convolution's `pack_weights`): below it the rayon hand-off costs more than the
@@ -365,19 +374,12 @@ fn run(
     if let Some(f) = &finish {
         f.check(m, n);
     }
-    let n_panels = n.div_ceil(NR);
-    let m_panels = m.div_ceil(MR);
-    if threads <= 1 || (n_panels < 2 && m_panels < 2) {
-        serial(m, n, k, c, n, accumulate, a, b, finish);
-        return;
-    }
-    let split_rows = match a {
-        Lhs::Raw(a) => m_panels > n_panels && m_panels >= threads && !columns_pay(a, m, n, threads),
-        Lhs::Packed(_) => false,
-    };
-    if !split_rows {
+    let parts = parts(a, m, n, threads);
+    if parts == Parts::One {
+        serial(m, n, k, c, n, accumulate, a, b, finish, false);
+    } else if let Parts::Columns { a_in_place } = parts {
         // Column parts: whole NR panels per thread.
-        let per = n_panels.div_ceil(threads) * NR;
+        let per = n.div_ceil(NR).div_ceil(threads) * NR;
         (0..n.div_ceil(per)).into_par_iter().for_each(|t| {
             let j0 = t * per;
             let nn = per.min(n - j0);
@@ -387,11 +389,11 @@ fn run(
             };
             // Each part writes only its own columns j0..j0 + nn of `dst`.
             let ft = finish.map(|f| f.from(0, j0, n));
-            serial(m, nn, k, c.offset(j0), n, accumulate, a, bt, ft);
+            serial(m, nn, k, c.offset(j0), n, accumulate, a, bt, ft, a_in_place);
         });
     } else if let Lhs::Raw(a) = a {
         // Row parts: whole MR panels per thread.
-        let per = m_panels.div_ceil(threads) * MR;
+        let per = m.div_ceil(MR).div_ceil(threads) * MR;
         (0..m.div_ceil(per)).into_par_iter().for_each(|t| {
             let i0 = t * per;
             let mm = per.min(m - i0);
@@ -411,24 +413,58 @@ fn run(
                 Lhs::Raw(at),
                 b,
                 ft,
+                false,
             );
         });
     }
 }
 
+/// How [`run`] splits a product between threads.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Parts {
+    /// One thread does it all.
+    One,
+    /// One part of whole `MR` panels of rows per thread, each packing all of `b`.
+    Rows,
+    /// One part of whole `NR` panels of columns per thread; with `a_in_place` (a raw,
+    /// row-major `a` where [`columns_pay`]) each reads `a` in place as [`serial`] says.
+    Columns { a_in_place: bool },
+}
+
+/// The split of an `m x n` product with left operand `a` on `threads` threads: rows where
+/// their panels outnumber the columns' (a raw `a`), unless column parts reading a
+/// row-major `a` in place pay ([`columns_pay`]); else columns.
+fn parts(a: Lhs<'_>, m: usize, n: usize, threads: usize) -> Parts {
+    let (m_panels, n_panels) = (m.div_ceil(MR), n.div_ceil(NR));
+    if threads <= 1 || (n_panels < 2 && m_panels < 2) {
+        return Parts::One;
+    }
+    match a {
+        Lhs::Raw(a) if m_panels > n_panels && m_panels >= threads => {
+            if columns_pay(a, m, n, threads) {
+                Parts::Columns { a_in_place: true }
+            } else {
+                Parts::Rows
+            }
+        }
+        _ => Parts::Columns { a_in_place: false },
+    }
+}
+
 /// Whether column parts beat row parts for a raw `a` (`m x k`) and an `n`-column product
 /// where the rows outnumber the columns: with whole `NR` panels per thread, each column
-/// part reads `a` in place (at most [`STRIDED_A_PANELS`] panels, a row-major `a`), so
-/// each thread packs only its own `1 / threads` of `b` and reads all of `a`, where a row
-/// part packs the whole of `b` and reads its rows of `a`. Per thread that trades
-/// `2 k n (1 - 1 / threads)` floats packed (read and written) for `m k (1 - 1 / threads)`
-/// read: worth it where `2 n > m`, such as a linear layer's product at batch 128 with 256
-/// outputs (the residual MLP block: its second layer's forward and its first layer's
-/// input gradient, each thread packing a whole 1 MiB weight for 64 rows).
+/// part reads a row-major `a` in place (neither part packs it), so each thread packs only
+/// its own `1 / threads` of `b` and reads all of `a`, where a row part packs the whole of
+/// `b` and its rows of `a`. Per thread that trades `2 k n (1 - 1 / threads)` floats packed
+/// (read and written) for `m k (1 - 1 / threads)` read: worth it where `2 n > m`, such as
+/// a linear layer's product at batch 128 with 256 outputs (the residual MLP block: its
+/// second layer's forward and its first layer's input gradient, each thread packing a
+/// whole 1 MiB weight for 64 rows), or a square one (1024^3 on two threads: 4.86-4.90 ms
+/// against 5.26-5.36 split by rows; PyTorch's MKL 4.91-4.94 in the same minutes).
 /// Only where the columns split evenly (whole panels, as many per thread): a 14x14 output's
 /// 196 columns would split 128 / 68, where the rows split evenly.
 fn columns_pay(a: Operand<'_>, m: usize, n: usize, threads: usize) -> bool {
-    a.cs == 1 && n.is_multiple_of(NR * threads) && n / NR / threads <= STRIDED_A_PANELS && 2 * n > m
+    a.cs == 1 && n.is_multiple_of(NR * threads) && 2 * n > m
 }
 
 /// `dst`'s base pointer, shared by the column parts (each writes its own columns).
@@ -452,6 +488,11 @@ thread_local! {
 
 /// One thread's GEMM into `c` (row stride `ldc`, `m x n` of it ours to write), finished
 /// (`finish`, its residual with the same row stride) in the last depth block's stores.
+/// With `a_in_place` (a column part of [`columns_pay`]; `a` raw and row-major) `a` is read
+/// in place in blocks [`KC_IN_PLACE`] deep, and the tiles are walked along each row of
+/// panels (every `B` panel past one `A` panel, which stays in L1), not down each column
+/// (one `B` panel past every `A` panel of the block): in place an `A` panel is `MR` rows,
+/// each a stream of its own, where a packed one is one stream.
 #[allow(clippy::too_many_arguments)]
 fn serial(
     m: usize,
@@ -463,17 +504,19 @@ fn serial(
     a: Lhs<'_>,
     b: Operand<'_>,
     finish: Option<Finish<'_>>,
+    a_in_place: bool,
 ) {
+    let depth = if a_in_place { KC_IN_PLACE } else { KC };
     PACKS.with(|p| {
         let (pa, pb) = &mut *p.borrow_mut();
         for jc in (0..n).step_by(NC) {
             let nc = NC.min(n - jc);
-            for pc in (0..k).step_by(KC) {
-                let kc = KC.min(k - pc);
+            for pc in (0..k).step_by(depth) {
+                let kc = depth.min(k - pc);
                 let add = accumulate || pc > 0;
                 let last = pc + kc == k;
                 let pb = pack_b(pb, b, pc, kc, jc, nc);
-                let in_place = nc.div_ceil(NR) <= STRIDED_A_PANELS;
+                let in_place = a_in_place || nc.div_ceil(NR) <= STRIDED_A_PANELS;
                 for ic in (0..m).step_by(MC) {
                     let mc = MC.min(m - ic);
                     // The block, its row stride in place (`None`: packed) and the distance
@@ -488,39 +531,43 @@ fn serial(
                         }
                         Lhs::Packed(p) => (p.block(pc, ic, kc), None, kc * MR),
                     };
-                    for jr in 0..nc.div_ceil(NR) {
+                    let (jrs, irs) = (nc.div_ceil(NR), mc.div_ceil(MR));
+                    for t in 0..jrs * irs {
+                        let (jr, ir) = if a_in_place {
+                            (t % jrs, t / jrs)
+                        } else {
+                            (t / irs, t % irs)
+                        };
                         let nr = NR.min(nc - jr * NR);
-                        for ir in 0..mc.div_ceil(MR) {
-                            let mr = MR.min(mc - ir * MR);
-                            let (ti, tj) = (ic + ir * MR, jc + jr * NR);
-                            let tile = c.offset(ti * ldc + tj);
-                            #[cfg(target_arch = "x86_64")]
-                            // SAFETY: `cpu_ok()` was checked by `run`; the packed panels hold
-                            // `kc * MR` and `kc * NR` floats, and in place the `mr` rows of
-                            // the panel hold `kc` values each (`a.check` in `sgemm`: rows
-                            // `ic + ir * MR + i < m`, columns `pc + p < k`); the tile's
-                            // `mr x nr` elements lie inside this call's `m x n` part of
-                            // `dst`, and so inside the finish's parts (`Finish::check`
-                            // in `run`, shifted with `dst` by `Finish::from`).
-                            unsafe {
-                                prefetch_tile(tile.0, ldc, mr, nr);
-                                let fin = finish.filter(|_| last).map(|f| f.tile(ti, tj, ldc));
-                                let (ap, bp) = (
-                                    (ablock.as_ptr().add(ir * panel_step), lda),
-                                    pb.as_ptr().add(jr * kc * NR),
-                                );
-                                // A last panel of at most 16 columns (e.g. 196 = 6 x 32 + 4
-                                // at 14x14) runs on one vector per row: half the FMAs
-                                // (see `computed_columns`).
-                                if nr <= NR / 2 {
-                                    avx512::kernel::<1>(kc, ap, bp, tile.0, ldc, mr, nr, add, fin);
-                                } else {
-                                    avx512::kernel::<2>(kc, ap, bp, tile.0, ldc, mr, nr, add, fin);
-                                }
+                        let mr = MR.min(mc - ir * MR);
+                        let (ti, tj) = (ic + ir * MR, jc + jr * NR);
+                        let tile = c.offset(ti * ldc + tj);
+                        #[cfg(target_arch = "x86_64")]
+                        // SAFETY: `cpu_ok()` was checked by `run`; the packed panels hold
+                        // `kc * MR` and `kc * NR` floats, and in place the `mr` rows of
+                        // the panel hold `kc` values each (`a.check` in `sgemm`: rows
+                        // `ic + ir * MR + i < m`, columns `pc + p < k`); the tile's
+                        // `mr x nr` elements lie inside this call's `m x n` part of
+                        // `dst`, and so inside the finish's parts (`Finish::check`
+                        // in `run`, shifted with `dst` by `Finish::from`).
+                        unsafe {
+                            prefetch_tile(tile.0, ldc, mr, nr);
+                            let fin = finish.filter(|_| last).map(|f| f.tile(ti, tj, ldc));
+                            let (ap, bp) = (
+                                (ablock.as_ptr().add(ir * panel_step), lda),
+                                pb.as_ptr().add(jr * kc * NR),
+                            );
+                            // A last panel of at most 16 columns (e.g. 196 = 6 x 32 + 4
+                            // at 14x14) runs on one vector per row: half the FMAs
+                            // (see `computed_columns`).
+                            if nr <= NR / 2 {
+                                avx512::kernel::<1>(kc, ap, bp, tile.0, ldc, mr, nr, add, fin);
+                            } else {
+                                avx512::kernel::<2>(kc, ap, bp, tile.0, ldc, mr, nr, add, fin);
                             }
-                            #[cfg(not(target_arch = "x86_64"))]
-                            let _ = (tile, mr, nr, add, last, &finish);
                         }
+                        #[cfg(not(target_arch = "x86_64"))]
+                        let _ = (tile, mr, nr, add, last, &finish);
                     }
                 }
             }
@@ -652,7 +699,7 @@ fn pack_b<'d>(
             // gradient): the `NR` columns as slices of exactly `kc` values (a zero column
             // past `nc`), interleaved in pieces. One value at a time this scatter was 5% of
             // a 256-channel 3x3 backward.
-            let zeros = [0f32; KC];
+            let zeros = [0f32; if KC > KC_IN_PLACE { KC } else { KC_IN_PLACE }];
             let src: [&[f32]; NR] = std::array::from_fn(|j| {
                 if j < cols {
                     let base = p0 + (left + j) * b.cs;

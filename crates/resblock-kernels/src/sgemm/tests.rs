@@ -85,7 +85,14 @@ fn check(m: usize, n: usize, k: usize, a_t: bool, b_t: bool, accumulate: bool, t
         b,
         threads,
     );
-    assert_eq!(packed, dst, "({m}, {n}, {k}): packed lhs differs");
+    // The same bits, but where the raw product's column parts read `a` in place in
+    // blocks of another depth (`KC_IN_PLACE`), which sum in another order (checked against
+    // the triple loop as `dst` is, below).
+    if parts(Lhs::Raw(a), m, n, threads) == (Parts::Columns { a_in_place: true }) {
+        assert_close(&packed, &want, k, &format!("({m}, {n}, {k}) packed lhs"));
+    } else {
+        assert_eq!(packed, dst, "({m}, {n}, {k}): packed lhs differs");
+    }
     if !accumulate {
         // Into uninitialised memory, here NaN (which any value read would carry into the
         // result): the same product, bit for bit.
@@ -100,26 +107,31 @@ fn check(m: usize, n: usize, k: usize, a_t: bool, b_t: bool, accumulate: bool, t
             None,
             threads,
         );
-        for (what, out) in [("plain", fresh), ("packed", fresh_packed)] {
+        for (what, out, same) in [("plain", fresh, &dst), ("packed", fresh_packed, &packed)] {
             let what = format!("({m}, {n}, {k}) threads {threads}: uninit {what}");
-            assert_same(&assume_init(out), &dst, &what);
+            assert_same(&assume_init(out), same, &what);
         }
-        check_finishes((m, n, k), &dst, a, b, threads);
+        check_finishes((m, n, k), (&dst, &packed), a, b, threads);
     }
-    for (i, (g, w)) in dst.iter().zip(&want).enumerate() {
-        let tol = 1e-5 * (k as f64).sqrt() * 4. + 1e-6;
-        assert!(
-            (f64::from(*g) - w).abs() <= tol,
-            "({m}, {n}, {k}) a_t {a_t} b_t {b_t} acc {accumulate} threads {threads}: \
-             element {i} is {g}, want {w}"
-        );
-    }
+    let what = format!("({m}, {n}, {k}) a_t {a_t} b_t {b_t} acc {accumulate} threads {threads}");
+    assert_close(&dst, &want, k, &what);
 }
 
 /// `v`, every value initialised.
 fn assume_init(v: Vec<MaybeUninit<f32>>) -> Vec<f32> {
     // SAFETY: the callers' buffers were filled (with NaN) before the GEMMs wrote them.
     v.into_iter().map(|v| unsafe { v.assume_init() }).collect()
+}
+
+/// Within the triple loop's tolerance of `want` (a product `k` deep).
+fn assert_close(got: &[f32], want: &[f64], k: usize, what: &str) {
+    let tol = 1e-5 * (k as f64).sqrt() * 4. + 1e-6;
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!(
+            (f64::from(*g) - w).abs() <= tol,
+            "{what}: element {i} is {g}, want {w}"
+        );
+    }
 }
 
 fn assert_same(got: &[f32], want: &[f32], what: &str) {
@@ -131,11 +143,12 @@ fn assert_same(got: &[f32], want: &[f32], what: &str) {
     assert!(same, "{what} differs");
 }
 
-/// Each kind of finish, plain and packed, against the product `plain` with the
-/// convolutions' separate epilogue pass applied: the same bits.
+/// Each kind of finish, plain and packed, against the products `plain` and `packed` (the
+/// same two unfinished) with the convolutions' separate epilogue pass applied: the same
+/// bits.
 fn check_finishes(
     (m, n, k): (usize, usize, usize),
-    plain: &[f32],
+    (plain, plain_packed): (&[f32], &[f32]),
     a: Operand<'_>,
     b: Operand<'_>,
     threads: usize,
@@ -159,6 +172,8 @@ fn check_finishes(
         };
         let mut want = plain.to_vec();
         ep.apply_planes(0, &mut want, n);
+        let mut want_packed = plain_packed.to_vec();
+        ep.apply_planes(0, &mut want_packed, n);
         let finish = Finish {
             scale,
             bias,
@@ -176,7 +191,11 @@ fn check_finishes(
             residual.is_some()
         );
         assert_same(&assume_init(got), &want, &what);
-        assert_same(&assume_init(got_packed), &want, &format!("{what}, packed"));
+        assert_same(
+            &assume_init(got_packed),
+            &want_packed,
+            &format!("{what}, packed"),
+        );
     }
 }
 
@@ -207,6 +226,10 @@ fn matches_the_triple_loop() {
         // More rows than columns, split by columns on two threads (`columns_pay`, for a
         // row-major `a`): each part reads `a` in place; 100 rows end in a 4-row panel.
         (100, 128, 300),
+        // The same with more panels a part than `STRIDED_A_PANELS` (10), two blocks of
+        // `MC` rows (the second ending in a 4-row panel) and two of `KC_IN_PLACE` depth
+        // (512 + 8), walked along the rows.
+        (204, 640, 520),
     ];
     for &(m, n, k) in &shapes {
         for (a_t, b_t) in [(false, false), (true, false), (false, true), (true, true)] {
@@ -229,12 +252,23 @@ fn columns_split_where_they_spare_packing_all_of_b() {
     // The MLP block's second layer at batch 128: 256 columns, 4 panels a thread.
     assert!(columns_pay(a(1), 128, 256, 2));
     assert!(columns_pay(a(1), 100, 128, 2));
+    // A square product: 16 panels a thread, `a` in place all the same.
+    assert!(columns_pay(a(1), 1024, 1024, 2));
     // A transposed `a` is packed by every column part: rows stay the split.
     assert!(!columns_pay(a(128), 128, 256, 2));
-    // Uneven parts (196 = 128 + 68), too many panels for `a` in place, or many rows.
+    assert!(!columns_pay(a(1024), 1024, 1024, 2));
+    // Uneven parts (196 = 128 + 68), or many rows (each part would read all of them).
     assert!(!columns_pay(a(1), 256, 196, 2));
-    assert!(!columns_pay(a(1), 128, 1024, 2));
     assert!(!columns_pay(a(1), 2048, 256, 2));
+    // The split that follows: where the rows outnumber the columns, and only there.
+    let split =
+        |cs: usize, m: usize, n: usize, threads: usize| parts(Lhs::Raw(a(cs)), m, n, threads);
+    assert_eq!(split(1, 1024, 1024, 2), Parts::Columns { a_in_place: true });
+    assert_eq!(split(1, 204, 640, 2), Parts::Columns { a_in_place: true });
+    assert_eq!(split(1024, 1024, 1024, 2), Parts::Rows);
+    assert_eq!(split(1, 2048, 256, 2), Parts::Rows);
+    assert_eq!(split(1, 128, 1024, 2), Parts::Columns { a_in_place: false });
+    assert_eq!(split(1, 1024, 1024, 1), Parts::One);
 }
 
 #[test]
