@@ -374,10 +374,10 @@ fn run(
     if let Some(f) = &finish {
         f.check(m, n);
     }
-    let parts = parts(a, m, n, threads);
-    if parts == Parts::One {
+    let split = parts(a, m, n, threads);
+    if split == Parts::One {
         serial(m, n, k, c, n, accumulate, a, b, finish, false);
-    } else if let Parts::Columns { a_in_place } = parts {
+    } else if let Parts::Columns { a_in_place } = split {
         // Column parts: whole NR panels per thread.
         let per = n.div_ceil(NR).div_ceil(threads) * NR;
         (0..n.div_ceil(per)).into_par_iter().for_each(|t| {
@@ -506,6 +506,11 @@ fn serial(
     finish: Option<Finish<'_>>,
     a_in_place: bool,
 ) {
+    // A packed `a` is laid out in `KC` blocks, and only a row-major one is read in place.
+    assert!(
+        !a_in_place || matches!(a, Lhs::Raw(a) if a.cs == 1),
+        "sgemm: only a raw row-major lhs is read in place"
+    );
     let depth = if a_in_place { KC_IN_PLACE } else { KC };
     PACKS.with(|p| {
         let (pa, pb) = &mut *p.borrow_mut();
