@@ -13,6 +13,8 @@
 //! about 2e-7 * |z| of the exact value, as close as PyTorch's vectorised CPU kernel, which
 //! also forms `1 + erf` (the tests check both against f64).
 
+use std::mem::MaybeUninit;
+
 use crate::dispatch::Simd;
 use crate::simd::with_simd;
 
@@ -104,36 +106,44 @@ fn gelu_one(z: f32) -> f32 {
     0.5 * z * (1.0 + erf(z * FRAC_1_SQRT_2))
 }
 
+/// `(gelu(z), gelu'(z))`, sharing `Phi(z)`.
 #[inline(always)]
-fn gelu_grad_one(z: f32) -> f32 {
+fn gelu_and_grad_one(z: f32) -> (f32, f32) {
     let cdf = 0.5 * (1.0 + erf(z * FRAC_1_SQRT_2));
-    cdf + z * FRAC_1_SQRT_2PI * exp_neg(0.5 * z * z)
+    (z * cdf, cdf + z * FRAC_1_SQRT_2PI * exp_neg(0.5 * z * z))
 }
 
 #[inline(always)]
-fn forward_body(z: &[f32], y: &mut [f32]) {
+fn forward_body(z: &[f32], y: &mut [MaybeUninit<f32>]) {
     for (y, z) in y.iter_mut().zip(z) {
-        *y = gelu_one(*z);
+        y.write(gelu_one(*z));
     }
 }
 
 #[inline(always)]
-fn backward_body(z: &[f32], dy: &[f32], dz: &mut [f32]) {
-    for ((d, z), g) in dz.iter_mut().zip(z).zip(dy) {
-        *d = *g * gelu_grad_one(*z);
+fn forward_keeping_grad_body(z: &mut [f32], y: &mut [MaybeUninit<f32>]) {
+    for (y, z) in y.iter_mut().zip(z) {
+        let (v, g) = gelu_and_grad_one(*z);
+        y.write(v);
+        *z = g;
     }
 }
 
-/// `y = gelu(z)` on the given SIMD level (narrower where the CPU lacks it).
-pub(crate) fn forward_with(simd: Simd, z: &[f32], y: &mut [f32]) {
+/// `y = gelu(z)` on the given SIMD level (narrower where the CPU lacks it), writing every
+/// value of `y` (which need not be initialised: the callers' outputs are fresh buffers, not
+/// zero-filled first).
+pub(crate) fn forward_with(simd: Simd, z: &[f32], y: &mut [MaybeUninit<f32>]) {
     assert_eq!(z.len(), y.len(), "gelu: sizes");
-    with_simd!(simd, forward_body(z: &[f32], y: &mut [f32]))
+    with_simd!(simd, forward_body(z: &[f32], y: &mut [MaybeUninit<f32>]))
 }
 
-/// `dz = dy * gelu'(z)` on the given SIMD level.
-pub(crate) fn backward_with(simd: Simd, z: &[f32], dy: &[f32], dz: &mut [f32]) {
-    assert!(z.len() == dy.len() && z.len() == dz.len(), "gelu: sizes");
-    with_simd!(simd, backward_body(z: &[f32], dy: &[f32], dz: &mut [f32]))
+/// `y = gelu(z)`, and `z` replaced by `gelu'(z)`, on the given SIMD level: the forward of a
+/// layer that will be trained keeps the derivative for its backward (which is then one
+/// multiply, `dz = dy * gelu'(z)`), computed here from the same `Phi(z)`: the backward no
+/// longer evaluates `erf` again, and its division.
+pub(crate) fn forward_keeping_grad_with(simd: Simd, z: &mut [f32], y: &mut [MaybeUninit<f32>]) {
+    assert_eq!(z.len(), y.len(), "gelu: sizes");
+    with_simd!(simd, forward_keeping_grad_body(z: &mut [f32], y: &mut [MaybeUninit<f32>]))
 }
 
 /// `gelu(z)` in f64 (Candle's scalar `erf`).
@@ -158,25 +168,30 @@ mod tests {
     fn every_path_matches_f64() {
         let z: Vec<f32> = (0..4001).map(|i| (i as f32 - 2000.) / 200.).collect();
         for simd in [Simd::Portable, Simd::Avx2, Simd::Avx512] {
-            let mut y = vec![0f32; z.len()];
-            forward_with(simd, &z, &mut y);
-            let dy: Vec<f32> = z.iter().map(|v| 1.0 + 0.1 * v).collect();
-            let mut dz = vec![0f32; z.len()];
-            backward_with(simd, &z, &dy, &mut dz);
+            // SAFETY: each call writes every value of its output.
+            let y: Vec<f32> =
+                unsafe { crate::buffer::vec_written_by(z.len(), |y| forward_with(simd, &z, y)) };
+            let mut grad = z.clone();
+            let y_kept: Vec<f32> = unsafe {
+                crate::buffer::vec_written_by(z.len(), |y| {
+                    forward_keeping_grad_with(simd, &mut grad, y)
+                })
+            };
+            assert_eq!(y, y_kept, "{simd:?}: the same gelu keeping its derivative");
             for (i, &v) in z.iter().enumerate() {
                 let v64 = f64::from(v);
-                let (want, gwant) = (forward_f64(v64), grad_f64(v64) * f64::from(dy[i]));
+                let (want, gwant) = (forward_f64(v64), grad_f64(v64));
                 let e = (f64::from(y[i]) - want).abs();
                 assert!(
                     e <= 3e-7 * v64.abs().max(1.0),
                     "{simd:?} gelu({v}) = {} vs {want}",
                     y[i]
                 );
-                let e = (f64::from(dz[i]) - gwant).abs();
+                let e = (f64::from(grad[i]) - gwant).abs();
                 assert!(
                     e <= 1e-6 * gwant.abs().max(1.0),
                     "{simd:?} gelu'({v}) = {} vs {gwant}",
-                    dz[i]
+                    grad[i]
                 );
             }
         }
@@ -201,6 +216,7 @@ mod tests {
         }
         // 3.26e-7 measured (the fit script's float32 model of this code: 3.19e-7).
         assert!(worst <= 3.5e-7, "erf: max error {worst:e}");
-        assert!(gelu_one(f32::NAN).is_nan() && gelu_grad_one(f32::NAN).is_nan());
+        let (v, g) = gelu_and_grad_one(f32::NAN);
+        assert!(gelu_one(f32::NAN).is_nan() && v.is_nan() && g.is_nan());
     }
 }

@@ -7,8 +7,9 @@
 //!
 //! - forward: one GEMM (`matmul.rs::gemm_into`: our AVX-512 GEMM for f32 where it
 //!   runs), then one pass that adds the bias and applies the activation, keeping the
-//!   pre-activation only where the backward needs it (GELU);
-//! - backward: one pass for the activation's gradient, then `dx = dz . W` and
+//!   activation's derivative at the pre-activation only where the backward needs it (GELU's,
+//!   computed with the value from the same `erf`);
+//! - backward: one pass for the activation's gradient (a multiply, for GELU), then `dx = dz . W` and
 //!   `dW = dz^T . x` as GEMMs (no transposed copies: the GEMM reads either layout) and the
 //!   bias gradient as column sums in f64; `dx` is skipped when `x` needs no gradient.
 //!
@@ -88,7 +89,7 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>, act: DenseActivation) 
     let m: usize = lead.iter().product();
     let x2 = x.contiguous()?.reshape((m, inp))?;
     let w = w.contiguous()?;
-    // The pre-activation is kept for the backward only when there will be one.
+    // GELU's derivative is kept for the backward only when there will be one.
     let training = x.track_op() || w.track_op() || b.is_some_and(Tensor::track_op);
     let op = op::Dense::new((m, inp, out), act, training);
     let y = match b {

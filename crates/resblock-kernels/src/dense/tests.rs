@@ -157,9 +157,9 @@ fn bad_shapes_are_named() {
     assert!(linear(&x, &w3, None, DenseActivation::Identity).is_err());
 }
 
-/// The pre-activation is kept only when a backward will read it.
+/// GELU's derivative is kept only when a backward will read it.
 #[test]
-fn pre_activation_kept_only_for_training() {
+fn derivative_kept_only_for_training() {
     use candle_core::{CustomOp2, Storage};
     let x = tensor(&[8, 16], 1, DType::F32);
     let w = tensor(&[32, 16], 2, DType::F32);
@@ -175,6 +175,6 @@ fn pre_activation_kept_only_for_training() {
             panic!("cpu tensors")
         };
         op.cpu_fwd(cx, lx, cw, lw).expect("forward");
-        assert_eq!(op.keeps_pre_activation(), kept, "{act:?} save {save}");
+        assert_eq!(op.keeps_derivative(), kept, "{act:?} save {save}");
     }
 }

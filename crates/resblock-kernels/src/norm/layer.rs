@@ -8,12 +8,13 @@
 //! `dx = (g - mean(g) - x_hat * mean(g * x_hat)) / sigma` with `g = dy * gamma`, while
 //! `dgamma = sum(dy * x_hat)` and `dbeta = sum(dy)` are summed over the rows in f64.
 
+use std::mem::MaybeUninit;
 use std::sync::OnceLock;
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
-use crate::buffer::{contiguous_slice, with_cpu_slice};
+use crate::buffer::{contiguous_slice, vec_written_by, vec_written_with, with_cpu_slice};
 use crate::error::{Error, Result};
 
 /// `(x - mean) / sqrt(var + eps) * weight + bias` over the last dim of `x` (PyTorch's
@@ -89,90 +90,148 @@ fn rows_per_task(d: usize) -> usize {
     (1usize << 14).div_ceil(d).max(1)
 }
 
+/// Partial sums kept apart in a row's reductions: independent additions the compiler can
+/// overlap or vectorise (one running sum waits about four cycles for each addition).
+const LANES: usize = 8;
+
+/// `sum f(v)` over `xs` in f64, as [`LANES`] interleaved partial sums added at the end.
+#[inline(always)]
+fn sum_f64<T: WithDType>(xs: &[T], f: impl Fn(f64) -> f64) -> f64 {
+    let mut acc = [0f64; LANES];
+    let mut chunks = xs.chunks_exact(LANES);
+    for c in &mut chunks {
+        for (a, v) in acc.iter_mut().zip(c) {
+            *a += f(v.to_f64());
+        }
+    }
+    let tail: f64 = chunks.remainder().iter().map(|v| f(v.to_f64())).sum();
+    acc.iter().sum::<f64>() + tail
+}
+
+/// One row of the backward: `g = dy * gamma` into `g`, the row's terms of `dgamma` and
+/// `dbeta` added into `dw` and `db`; returns `(mean(g), mean(g * x_hat))`.
+#[inline(always)]
+fn row_sums<T: WithDType>(
+    (x, dy, w): (&[T], &[T], &[T]),
+    (mean, inv): (f64, f64),
+    (dw, db, g): (&mut [f64], &mut [f64], &mut [f64]),
+) -> (f64, f64) {
+    let d = x.len();
+    let (mut sg, mut sgx) = ([0f64; LANES], [0f64; LANES]);
+    let mut j0 = 0;
+    while j0 < d {
+        let lanes = LANES.min(d - j0);
+        for l in 0..lanes {
+            let j = j0 + l;
+            let xh = (x[j].to_f64() - mean) * inv;
+            let t = dy[j].to_f64();
+            let gi = t * w[j].to_f64();
+            g[j] = gi;
+            sg[l] += gi;
+            sgx[l] += gi * xh;
+            dw[j] += t * xh;
+            db[j] += t;
+        }
+        j0 += lanes;
+    }
+    let n = d as f64;
+    (sg.iter().sum::<f64>() / n, sgx.iter().sum::<f64>() / n)
+}
+
+/// Per-task sums of `dgamma` and `dbeta`, and the task's `g` row.
+type Partial = (Vec<f64>, Vec<f64>, Vec<f64>);
+
+/// The backward's gradients: `dx` (where asked), `dgamma`, `dbeta`.
+type Grads<T> = (Option<Vec<T>>, Vec<T>, Vec<T>);
+
+/// A task's rows of `x` and `dy`, with their `(mean, 1 / sigma)`.
+type RowsIn<'a, T> = ((&'a [T], &'a [T]), &'a [(f64, f64)]);
+
 impl LayerNorm {
     fn forward<T: WithDType>(&self, x: &[T], w: &[T], b: &[T]) -> (Vec<T>, Vec<(f64, f64)>) {
         let d = self.d;
         let rows = x.len() / d;
-        let mut y = vec![T::zero(); x.len()];
         let mut stats = vec![(0f64, 0f64); rows];
         let per = rows_per_task(d);
-        y.par_chunks_mut(per * d)
-            .zip(x.par_chunks(per * d))
-            .zip(stats.par_chunks_mut(per))
-            .for_each(|((y, x), st)| {
-                for ((y, x), st) in y.chunks_exact_mut(d).zip(x.chunks_exact(d)).zip(st) {
-                    let mean = x.iter().map(|v| v.to_f64()).sum::<f64>() / d as f64;
-                    let var = x.iter().map(|v| (v.to_f64() - mean).powi(2)).sum::<f64>() / d as f64;
-                    let inv = 1.0 / (var + self.eps).sqrt();
-                    *st = (mean, inv);
-                    let (m, s) = (T::from_f64(mean), T::from_f64(inv));
-                    for (((o, v), g), b) in y.iter_mut().zip(x).zip(w).zip(b) {
-                        *o = (*v - m) * s * *g + *b;
+        let fill = |y: &mut [MaybeUninit<T>]| {
+            y.par_chunks_mut(per * d)
+                .zip(x.par_chunks(per * d))
+                .zip(stats.par_chunks_mut(per))
+                .for_each(|((y, x), st)| {
+                    for ((y, x), st) in y.chunks_exact_mut(d).zip(x.chunks_exact(d)).zip(st) {
+                        let mean = sum_f64(x, |v| v) / d as f64;
+                        let var = sum_f64(x, |v| (v - mean) * (v - mean)) / d as f64;
+                        let inv = 1.0 / (var + self.eps).sqrt();
+                        *st = (mean, inv);
+                        let (m, s) = (T::from_f64(mean), T::from_f64(inv));
+                        for (((o, v), g), b) in y.iter_mut().zip(x).zip(w).zip(b) {
+                            o.write((*v - m) * s * *g + *b);
+                        }
                     }
-                }
-            });
+                })
+        };
+        // SAFETY: the tasks cover `y` in whole rows, and each row is written whole.
+        let y = unsafe { vec_written_by(x.len(), fill) };
         (y, stats)
     }
 
-    /// `(dx, dweight, dbias)`.
+    /// `(dx where asked, dweight, dbias)`.
     fn backward<T: WithDType>(
         &self,
         x: &[T],
         w: &[T],
         dy: &[T],
-    ) -> candle_core::Result<(Vec<T>, Vec<T>, Vec<T>)> {
+        need_dx: bool,
+    ) -> candle_core::Result<Grads<T>> {
         let Some(stats) = self.stats.get() else {
             candle_core::bail!("layer_norm: backward before forward")
         };
         let d = self.d;
         let per = rows_per_task(d);
-        let mut dx = vec![T::zero(); x.len()];
-        let (dw, db) = dx
-            .par_chunks_mut(per * d)
-            .zip(x.par_chunks(per * d).zip(dy.par_chunks(per * d)))
-            .zip(stats.par_chunks(per))
-            .fold(
-                || (vec![0f64; d], vec![0f64; d], vec![0f64; d]),
-                |(mut dw, mut db, mut g), ((dx, (x, dy)), st)| {
-                    let rows = dx
-                        .chunks_exact_mut(d)
-                        .zip(x.chunks_exact(d).zip(dy.chunks_exact(d)));
-                    for ((dx, (x, dy)), &(mean, inv)) in rows.zip(st) {
-                        // g = dy * gamma; the row's sums of g and g * x_hat.
-                        let (mut sg, mut sgx) = (0f64, 0f64);
-                        for ((((gi, v), t), wj), (dwj, dbj)) in g
-                            .iter_mut()
-                            .zip(x)
-                            .zip(dy)
-                            .zip(w)
-                            .zip(dw.iter_mut().zip(db.iter_mut()))
-                        {
-                            let xh = (v.to_f64() - mean) * inv;
-                            let t = t.to_f64();
-                            *gi = t * wj.to_f64();
-                            sg += *gi;
-                            sgx += *gi * xh;
-                            *dwj += t * xh;
-                            *dbj += t;
-                        }
-                        let (mg, mgx) = (sg / d as f64, sgx / d as f64);
-                        for ((o, v), gi) in dx.iter_mut().zip(x).zip(&g) {
-                            let xh = (v.to_f64() - mean) * inv;
-                            *o = T::from_f64(inv * (gi - mg - xh * mgx));
-                        }
+        let zeros = || (vec![0f64; d], vec![0f64; d], vec![0f64; d]);
+        let inputs = x
+            .par_chunks(per * d)
+            .zip(dy.par_chunks(per * d))
+            .zip(stats.par_chunks(per));
+        // Each task's rows: their sums, and `dx = (g - mean(g) - x_hat * mean(g x_hat)) /
+        // sigma` where asked (an input that tracks no gradient, the first layer's, gets none).
+        let rows = |(mut dw, mut db, mut g): Partial,
+                    ((x, dy), st): RowsIn<'_, T>,
+                    mut dx: Option<&mut [MaybeUninit<T>]>| {
+            for (r, &(mean, inv)) in st.iter().enumerate() {
+                let span = r * d..(r + 1) * d;
+                let (x, dy) = (&x[span.clone()], &dy[span.clone()]);
+                let (mg, mgx) = row_sums((x, dy, w), (mean, inv), (&mut dw, &mut db, &mut g));
+                if let Some(dx) = dx.as_deref_mut() {
+                    for ((o, v), gi) in dx[span].iter_mut().zip(x).zip(&g) {
+                        let xh = (v.to_f64() - mean) * inv;
+                        o.write(T::from_f64(inv * (gi - mg - xh * mgx)));
                     }
-                    (dw, db, g)
-                },
-            )
-            .map(|(dw, db, _)| (dw, db))
-            .reduce(
-                || (vec![0f64; d], vec![0f64; d]),
-                |(mut a, mut b), (c, e)| {
-                    a.iter_mut().zip(&c).for_each(|(a, c)| *a += c);
-                    b.iter_mut().zip(&e).for_each(|(b, e)| *b += e);
-                    (a, b)
-                },
-            );
+                }
+            }
+            (dw, db, g)
+        };
+        let sum = |(mut a, mut b, g): Partial, (c, e, _): Partial| {
+            a.iter_mut().zip(&c).for_each(|(a, c)| *a += c);
+            b.iter_mut().zip(&e).for_each(|(b, e)| *b += e);
+            (a, b, g)
+        };
+        let (dx, (dw, db, _)) = if need_dx {
+            let fill = |dx: &mut [MaybeUninit<T>]| {
+                dx.par_chunks_mut(per * d)
+                    .zip(inputs)
+                    .fold(zeros, |acc, (dx, inp)| rows(acc, inp, Some(dx)))
+                    .reduce(zeros, sum)
+            };
+            // SAFETY: the tasks cover `dx` in whole rows, and each row is written whole.
+            let (dx, sums) = unsafe { vec_written_with(x.len(), fill) };
+            (Some(dx), sums)
+        } else {
+            let sums = inputs
+                .fold(zeros, |acc, inp| rows(acc, inp, None))
+                .reduce(zeros, sum);
+            (None, sums)
+        };
         let cast = |v: Vec<f64>| v.into_iter().map(T::from_f64).collect::<Vec<T>>();
         Ok((dx, cast(dw), cast(db)))
     }
@@ -232,16 +291,20 @@ impl CustomOp3 for LayerNorm {
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         const OP: &str = "layer_norm";
+        // An input that tracks no gradient (a network's input) gets none: no pass to compute
+        // it, and no zero-filled buffer for Candle to add it into.
+        let need_dx = x.track_op();
         macro_rules! grads_as {
             ($t:ty) => {{
                 let (dx, dw, db) = with_cpu_slice(x, OP, |xs: &[$t]| {
                     with_cpu_slice(w, OP, |ws: &[$t]| {
-                        with_cpu_slice(dy, OP, |dys: &[$t]| self.backward(xs, ws, dys))
+                        with_cpu_slice(dy, OP, |dys: &[$t]| self.backward(xs, ws, dys, need_dx))
                     })
                 })????;
                 let dev = x.device();
                 (
-                    Tensor::from_vec(dx, x.shape(), dev)?,
+                    dx.map(|dx| Tensor::from_vec(dx, x.shape(), dev))
+                        .transpose()?,
                     Tensor::from_vec(dw, w.shape(), dev)?,
                     Tensor::from_vec(db, w.shape(), dev)?,
                 )
@@ -252,7 +315,7 @@ impl CustomOp3 for LayerNorm {
             DType::F64 => grads_as!(f64),
             dt => candle_core::bail!("{OP}: the native kernel has no {dt:?} backward"),
         };
-        Ok((Some(dx), Some(dw), Some(db)))
+        Ok((dx, Some(dw), Some(db)))
     }
 }
 
@@ -322,6 +385,56 @@ mod tests {
                     );
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// An input that tracks no gradient (a network's input) gets none, and the weight's and
+    /// bias's gradients are those it gets when the input is a variable.
+    #[test]
+    fn untracked_input_gets_no_gradient() -> Result<()> {
+        let dims = (6usize, 19usize);
+        let x = Tensor::from_vec(
+            (0..dims.0 * dims.1)
+                .map(|i| ((i * 37 % 101) as f32 - 50.) / 17.)
+                .collect(),
+            dims,
+            &Device::Cpu,
+        )?;
+        let ramp = |lo: f32, step: f32| -> Result<Var> {
+            let v = (0..dims.1).map(|i| lo + step * i as f32).collect();
+            Ok(Var::from_tensor(&Tensor::from_vec(
+                v,
+                dims.1,
+                &Device::Cpu,
+            )?)?)
+        };
+        let (w, b) = (ramp(0.5, 0.08)?, ramp(-1., 0.1)?);
+        let r = Tensor::from_vec(
+            (0..dims.0 * dims.1)
+                .map(|i| ((i * 13 % 29) as f32 - 14.) / 9.)
+                .collect(),
+            dims,
+            &Device::Cpu,
+        )?;
+        let grads = |x: &Tensor| -> Result<candle_core::backprop::GradStore> {
+            let y = layer_norm(x, w.as_tensor(), b.as_tensor(), 1e-5)?;
+            Ok((y * &r)?.sum_all()?.backward()?)
+        };
+        let plain = grads(&x)?;
+        let xv = Var::from_tensor(&x)?;
+        let tracked = grads(xv.as_tensor())?;
+        assert!(
+            plain.get(&x).is_none(),
+            "no gradient for an untracked input"
+        );
+        assert!(tracked.get(xv.as_tensor()).is_some());
+        for (what, p) in [("weight", &w), ("bias", &b)] {
+            let (got, want) = (
+                plain.get(p.as_tensor()).expect("grad").to_vec1::<f32>()?,
+                tracked.get(p.as_tensor()).expect("grad").to_vec1::<f32>()?,
+            );
+            assert_eq!(got, want, "{what}");
         }
         Ok(())
     }
