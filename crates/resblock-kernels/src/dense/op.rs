@@ -143,6 +143,14 @@ impl Dense {
                 let Some(gp) = grad else {
                     candle_core::bail!("linear: the GELU backward needs the forward's derivative")
                 };
+                // The fill below writes every value only if the two are as long.
+                if gp.len() != dy.len() {
+                    candle_core::bail!(
+                        "linear: an output gradient of {} values for {} outputs",
+                        dy.len(),
+                        gp.len()
+                    )
+                }
                 let fill = |g: &mut [MaybeUninit<T>]| {
                     g.par_chunks_mut(CHUNK)
                         .zip(gp.par_chunks(CHUNK).zip(dy.par_chunks(CHUNK)))

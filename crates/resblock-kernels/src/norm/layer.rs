@@ -5,8 +5,10 @@
 //! candle-nn's fused `LayerNorm` has no backward at all. Here each row is one task: its
 //! mean and variance in f64, then `y = (x - mean) / sigma * gamma + beta` in one pass; the
 //! backward recomputes `x_hat` from the saved per-row mean and `1 / sigma` and writes
-//! `dx = (g - mean(g) - x_hat * mean(g * x_hat)) / sigma` with `g = dy * gamma`, while
-//! `dgamma = sum(dy * x_hat)` and `dbeta = sum(dy)` are summed over the rows in f64.
+//! `dx = (g - mean(g) - x_hat * mean(g * x_hat)) / sigma` with `g = dy * gamma` (only for
+//! an input that tracks a gradient), while `dgamma = sum(dy * x_hat)` and `dbeta = sum(dy)`
+//! are summed over the rows in f64. Outputs are written into fresh buffers, never
+//! zero-filled first.
 
 use std::mem::MaybeUninit;
 use std::sync::OnceLock;
@@ -186,6 +188,14 @@ impl LayerNorm {
         let Some(stats) = self.stats.get() else {
             candle_core::bail!("layer_norm: backward before forward")
         };
+        // The tasks below cover `dx` (written without a zero fill) only if these agree.
+        if dy.len() != x.len() || stats.len() * self.d != x.len() {
+            candle_core::bail!(
+                "layer_norm: an output gradient of {} values for an input of {}",
+                dy.len(),
+                x.len()
+            )
+        }
         let d = self.d;
         let per = rows_per_task(d);
         let zeros = || (vec![0f64; d], vec![0f64; d], vec![0f64; d]);
