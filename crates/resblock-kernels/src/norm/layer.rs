@@ -404,13 +404,15 @@ mod tests {
     #[test]
     fn untracked_input_gets_no_gradient() -> Result<()> {
         let dims = (6usize, 19usize);
-        let x = Tensor::from_vec(
-            (0..dims.0 * dims.1)
-                .map(|i| ((i * 37 % 101) as f32 - 50.) / 17.)
-                .collect(),
-            dims,
-            &Device::Cpu,
-        )?;
+        // A (6, 19) tensor of scattered values `((i * step % modulus) - modulus / 2) / scale`.
+        let scattered = |step: usize, modulus: usize, scale: f32| -> Result<Tensor> {
+            let half = (modulus / 2) as f32;
+            let v = (0..dims.0 * dims.1)
+                .map(|i| ((i * step % modulus) as f32 - half) / scale)
+                .collect();
+            Ok(Tensor::from_vec(v, dims, &Device::Cpu)?)
+        };
+        let x = scattered(37, 101, 17.)?;
         let ramp = |lo: f32, step: f32| -> Result<Var> {
             let v = (0..dims.1).map(|i| lo + step * i as f32).collect();
             Ok(Var::from_tensor(&Tensor::from_vec(
@@ -420,13 +422,7 @@ mod tests {
             )?)?)
         };
         let (w, b) = (ramp(0.5, 0.08)?, ramp(-1., 0.1)?);
-        let r = Tensor::from_vec(
-            (0..dims.0 * dims.1)
-                .map(|i| ((i * 13 % 29) as f32 - 14.) / 9.)
-                .collect(),
-            dims,
-            &Device::Cpu,
-        )?;
+        let r = scattered(13, 29, 9.)?;
         let grads = |x: &Tensor| -> Result<candle_core::backprop::GradStore> {
             let y = layer_norm(x, w.as_tensor(), b.as_tensor(), 1e-5)?;
             Ok((y * &r)?.sum_all()?.backward()?)
