@@ -491,10 +491,9 @@ pub(crate) fn flip_kernel<T: WithDType>(w: &[T], d: &Dims, g: &ConvGeom) -> Vec<
     wf
 }
 
-/// Scratch buffers of one backward worker (the unfolded input is in the thread's scratch,
-/// [`with_thread_scratch`]).
+/// Scratch buffers of one backward worker (the unfolded input and the patch gradients are
+/// in the thread's scratch, [`with_thread_scratch`]).
 pub(crate) struct Scratch<T> {
-    dcols: Vec<T>,
     /// The weight gradient of the last `pending` images, summed by the GEMM in `T`.
     dw_n: Vec<T>,
     pending: usize,
@@ -612,25 +611,28 @@ pub(crate) fn backward<T: WithDType>(
                     }
                 }
                 (InputGrad::Scatter, Some(dxw)) => {
-                    s.dcols.resize(d.k_all() * p, T::zero());
-                    for gi in 0..g.groups {
-                        dxw.gemm(
-                            gi,
-                            p,
-                            &mut s.dcols[gi * kg * p..(gi + 1) * kg * p],
-                            false,
-                            &dy_n[gi * og * p..],
-                            (p, 1),
-                            par,
-                        );
-                    }
-                    col2im_into(&s.dcols, d, g, dx_n);
+                    // The patch gradients in this thread's scratch memory (the unfolded input's
+                    // above is released by now): the groups' products write every value before
+                    // `col2im_into` reads them.
+                    with_thread_scratch(d.k_all() * p, |dcols: &mut [T]| {
+                        for gi in 0..g.groups {
+                            dxw.gemm(
+                                gi,
+                                p,
+                                &mut dcols[gi * kg * p..(gi + 1) * kg * p],
+                                false,
+                                &dy_n[gi * og * p..],
+                                (p, 1),
+                                par,
+                            );
+                        }
+                        col2im_into(dcols, d, g, dx_n);
+                    });
                 }
                 (_, None) => unreachable!("conv backward: input-gradient weights made above"),
             }
         };
     let scratch = || Scratch {
-        dcols: Vec::new(),
         dw_n: Vec::new(),
         pending: 0,
         dyp: Vec::new(),

@@ -6,7 +6,10 @@ use std::mem::MaybeUninit;
 use super::direct;
 use super::epilogue::Epilogue;
 use super::frozen::Forms;
-use super::gemm::{for_each_image, for_each_image_summed, forward, gemm_parallelism, WeightLhs};
+use super::gemm::{
+    for_each_image, for_each_image_summed, forward, gemm_parallelism, with_thread_scratch,
+    WeightLhs,
+};
 use super::geom::{ConvGeom, Dims};
 use super::pack::col2im_into;
 use super::weight_sum::WeightSum;
@@ -256,7 +259,6 @@ pub(crate) fn strided_backward_plan(d: &Dims, g: &ConvGeom) -> Option<direct::Pl
 struct StridedScratch {
     xp: Vec<Vec<f32>>,
     dyf: Vec<Vec<f32>>,
-    dcols: Vec<f32>,
     dw_n: Vec<f32>,
 }
 
@@ -294,19 +296,11 @@ pub(crate) fn backward_strided(
                 dyfs: &s.dyf[..m],
                 dys: &dys,
             };
-            group.grads(
-                (plan, &wt),
-                (d, g),
-                Some(dx_g),
-                (&mut s.dw_n, &mut s.dcols),
-                acc,
-                par,
-            );
+            group.grads((plan, &wt), (d, g), Some(dx_g), &mut s.dw_n, acc, par);
         };
     let scratch = || StridedScratch {
         xp: Vec::new(),
         dyf: Vec::new(),
-        dcols: Vec::new(),
         dw_n: Vec::new(),
     };
     let chunk = group * d.chw();
@@ -342,7 +336,7 @@ impl StridedGroup<'_> {
         (plan, wt): (&direct::Plan, &WeightLhs<'_, f32>),
         (d, g): (&Dims, &ConvGeom),
         dx_g: Option<&mut [MaybeUninit<f32>]>,
-        (dw_n, dcols): (&mut Vec<f32>, &mut Vec<f32>),
+        dw_n: &mut Vec<f32>,
         acc: &mut WeightSum,
         par: gemm::Parallelism,
     ) {
@@ -352,10 +346,14 @@ impl StridedGroup<'_> {
         plan.weight_grad_images(&xps, &dyfs, dw_n);
         acc.add(dw_n);
         let Some(dx_g) = dx_g else { return };
-        dcols.resize(d.k_all() * d.p(), 0.0);
-        for (dy_n, dx_n) in self.dys.iter().zip(dx_g.chunks_exact_mut(d.chw())) {
-            wt.gemm(0, d.p(), dcols, false, dy_n, (d.p(), 1), par);
-            col2im_into(dcols, d, g, dx_n);
-        }
+        // Every value of `dcols` is written by the product before `col2im_into` reads it, so
+        // it lives in the thread's scratch memory: a zero-filled one per worker and call
+        // (3.6 MB at 128 channels 28x28) was 2.7% of that layer's backward.
+        with_thread_scratch(d.k_all() * d.p(), |dcols: &mut [f32]| {
+            for (dy_n, dx_n) in self.dys.iter().zip(dx_g.chunks_exact_mut(d.chw())) {
+                wt.gemm(0, d.p(), dcols, false, dy_n, (d.p(), 1), par);
+                col2im_into(dcols, d, g, dx_n);
+            }
+        });
     }
 }

@@ -603,7 +603,7 @@ impl ConvBnTrain {
                 (&self.fwd, &wt),
                 (d, &self.geom),
                 need_dx.then_some(dx_g),
-                (&mut s.dw_n, &mut s.dcols),
+                &mut s.dw_n,
                 acc,
                 par,
             );
@@ -612,7 +612,6 @@ impl ConvBnTrain {
             g: Vec::new(),
             dyf: Vec::new(),
             xp: Vec::new(),
-            dcols: Vec::new(),
             dw_n: Vec::new(),
         };
         // SAFETY: with `need_dx`, `StridedGroup::grads` writes each image's whole chunk.
@@ -897,7 +896,6 @@ struct StridedScratch {
     g: Vec<Vec<f32>>,
     dyf: Vec<Vec<f32>>,
     xp: Vec<Vec<f32>>,
-    dcols: Vec<f32>,
     dw_n: Vec<f32>,
 }
 
