@@ -8,36 +8,65 @@
 /// ([`crate::dispatch::Simd`]) that this CPU has (`crate::dispatch::usable`, so
 /// a test may ask for any level on any machine); the macro's value is the body's.
 macro_rules! with_simd {
-    ($simd:expr, $body:ident($($arg:ident: $ty:ty),*) -> $ret:ty) => {{
+    // `fused body(..)`: a body generic over `const FUSED: bool` (see [`mul_add`]), run with
+    // `FUSED` on the AVX levels (they have FMA) and [`NATIVE_FMA`] on the build target.
+    ($simd:expr, fused $body:ident($($arg:ident: $ty:ty),*)) => {
+        $crate::simd::with_simd!(@run $simd, $body, [::<true>],
+            [::<{ $crate::simd::NATIVE_FMA }>], ($($arg: $ty),*) -> ())
+    };
+    ($simd:expr, $body:ident($($arg:ident: $ty:ty),*) -> $ret:ty) => {
+        $crate::simd::with_simd!(@run $simd, $body, [], [], ($($arg: $ty),*) -> $ret)
+    };
+    ($simd:expr, $body:ident($($arg:ident: $ty:ty),*)) => {
+        $crate::simd::with_simd!(@run $simd, $body, [], [], ($($arg: $ty),*) -> ())
+    };
+    // The body called as `$body $($avx)*(..)` on the AVX levels, `$body $($plain)*(..)` on
+    // the build target.
+    (@run $simd:expr, $body:ident, [$($avx:tt)*], [$($plain:tt)*],
+        ($($arg:ident: $ty:ty),*) -> $ret:ty) => {{
         #[cfg(target_arch = "x86_64")]
         let out = {
             use $crate::dispatch::Simd;
             #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
             fn avx512($($arg: $ty),*) -> $ret {
-                $body($($arg),*)
+                $body $($avx)*($($arg),*)
             }
             #[target_feature(enable = "avx2,fma")]
             fn avx2($($arg: $ty),*) -> $ret {
-                $body($($arg),*)
+                $body $($avx)*($($arg),*)
             }
             match $crate::dispatch::usable($simd) {
                 // SAFETY: the CPU has the features (`usable`).
                 Simd::Avx512 => unsafe { avx512($($arg),*) },
                 // SAFETY: as above.
                 Simd::Avx2 => unsafe { avx2($($arg),*) },
-                Simd::Portable => $body($($arg),*),
+                Simd::Portable => $body $($plain)*($($arg),*),
             }
         };
         #[cfg(not(target_arch = "x86_64"))]
         let out = {
             let _ = $simd;
-            $body($($arg),*)
+            $body $($plain)*($($arg),*)
         };
         out
     }};
-    ($simd:expr, $body:ident($($arg:ident: $ty:ty),*)) => {
-        with_simd!($simd, $body($($arg: $ty),*) -> ())
-    };
 }
 
 pub(crate) use with_simd;
+
+/// Whether the build target itself has a fused multiply-add instruction (every ARM64 CPU;
+/// x86-64 only when built for a CPU with FMA): where it has not, `f32::mul_add` is a call
+/// to the C library's `fmaf`, many times slower than a multiply and an add.
+pub(crate) const NATIVE_FMA: bool = cfg!(any(target_arch = "aarch64", target_feature = "fma"));
+
+/// `a * b + c`: one fused multiply-add (one rounding) where `FUSED`, else a multiply and an
+/// add. Rust never contracts the two by itself, so a polynomial by Horner's rule written as
+/// `r * t + c` is a chain of twice the instructions, and twice the latency, of FMAs.
+#[inline(always)]
+pub(crate) fn mul_add<const FUSED: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if FUSED {
+        a.mul_add(b, c)
+    } else {
+        a * b + c
+    }
+}
