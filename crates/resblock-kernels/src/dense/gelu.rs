@@ -116,37 +116,76 @@ fn gelu_and_grad_one<const FUSED: bool>(z: f32) -> (f32, f32) {
     )
 }
 
+/// `gelu(z + b)` into `y`, `b` added along each row of `z` (none where `b` is empty).
 #[inline(always)]
-fn forward_body<const FUSED: bool>(z: &[f32], y: &mut [MaybeUninit<f32>]) {
-    for (y, z) in y.iter_mut().zip(z) {
-        y.write(gelu_one::<FUSED>(*z));
+fn forward_body<const FUSED: bool>(z: &[f32], y: &mut [MaybeUninit<f32>], b: &[f32]) {
+    if b.is_empty() {
+        for (y, z) in y.iter_mut().zip(z) {
+            y.write(gelu_one::<FUSED>(*z));
+        }
+        return;
+    }
+    for (y, z) in y.chunks_exact_mut(b.len()).zip(z.chunks_exact(b.len())) {
+        for ((y, z), b) in y.iter_mut().zip(z).zip(b) {
+            y.write(gelu_one::<FUSED>(*z + *b));
+        }
     }
 }
 
+/// As [`forward_body`], with `z` replaced by `gelu'(z + b)`.
 #[inline(always)]
-fn forward_keeping_grad_body<const FUSED: bool>(z: &mut [f32], y: &mut [MaybeUninit<f32>]) {
-    for (y, z) in y.iter_mut().zip(z) {
-        let (v, g) = gelu_and_grad_one::<FUSED>(*z);
-        y.write(v);
-        *z = g;
+fn forward_keeping_grad_body<const FUSED: bool>(
+    z: &mut [f32],
+    y: &mut [MaybeUninit<f32>],
+    b: &[f32],
+) {
+    if b.is_empty() {
+        for (y, z) in y.iter_mut().zip(z) {
+            let (v, g) = gelu_and_grad_one::<FUSED>(*z);
+            y.write(v);
+            *z = g;
+        }
+        return;
+    }
+    for (y, z) in y.chunks_exact_mut(b.len()).zip(z.chunks_exact_mut(b.len())) {
+        for ((y, z), b) in y.iter_mut().zip(z).zip(b) {
+            let (v, g) = gelu_and_grad_one::<FUSED>(*z + *b);
+            y.write(v);
+            *z = g;
+        }
     }
 }
 
-/// `y = gelu(z)` on the given SIMD level (narrower where the CPU lacks it), writing every
-/// value of `y` (which need not be initialised: the callers' outputs are fresh buffers, not
+/// `y = gelu(z + b)` on the given SIMD level (narrower where the CPU lacks it), `b` a bias
+/// added along each row of `z` (`b.len()` values a row; empty: none), writing every value
+/// of `y` (which need not be initialised: the callers' outputs are fresh buffers, not
 /// zero-filled first).
-pub(crate) fn forward_with(simd: Simd, z: &[f32], y: &mut [MaybeUninit<f32>]) {
-    assert_eq!(z.len(), y.len(), "gelu: sizes");
-    with_simd!(simd, fused forward_body(z: &[f32], y: &mut [MaybeUninit<f32>]))
+pub(crate) fn forward_with(simd: Simd, z: &[f32], y: &mut [MaybeUninit<f32>], b: &[f32]) {
+    check(z.len(), y.len(), b.len());
+    with_simd!(simd, fused forward_body(z: &[f32], y: &mut [MaybeUninit<f32>], b: &[f32]))
 }
 
-/// `y = gelu(z)`, and `z` replaced by `gelu'(z)`, on the given SIMD level: the forward of a
-/// layer that will be trained keeps the derivative for its backward (which is then one
-/// multiply, `dz = dy * gelu'(z)`), computed here from the same `Phi(z)`: the backward no
-/// longer evaluates `erf` again, and its division.
-pub(crate) fn forward_keeping_grad_with(simd: Simd, z: &mut [f32], y: &mut [MaybeUninit<f32>]) {
-    assert_eq!(z.len(), y.len(), "gelu: sizes");
-    with_simd!(simd, fused forward_keeping_grad_body(z: &mut [f32], y: &mut [MaybeUninit<f32>]))
+/// The lengths of `z`, `y` and `b` that write every value of `y`.
+fn check(z: usize, y: usize, b: usize) {
+    assert_eq!(z, y, "gelu: sizes");
+    assert!(
+        b == 0 || z.is_multiple_of(b),
+        "gelu: {z} values in rows of {b}"
+    );
+}
+
+/// `y = gelu(z + b)`, and `z` replaced by `gelu'(z + b)`, on the given SIMD level (`b` as
+/// in [`forward_with`]): the forward of a layer that will be trained keeps the derivative
+/// for its backward (which is then one multiply, `dz = dy * gelu'(z)`), computed here from
+/// the same `Phi(z)`: the backward no longer evaluates `erf` again, and its division.
+pub(crate) fn forward_keeping_grad_with(
+    simd: Simd,
+    z: &mut [f32],
+    y: &mut [MaybeUninit<f32>],
+    b: &[f32],
+) {
+    check(z.len(), y.len(), b.len());
+    with_simd!(simd, fused forward_keeping_grad_body(z: &mut [f32], y: &mut [MaybeUninit<f32>], b: &[f32]))
 }
 
 /// `gelu(z)` in f64 (Candle's scalar `erf`).
@@ -172,15 +211,47 @@ mod tests {
         let z: Vec<f32> = (0..4001).map(|i| (i as f32 - 2000.) / 200.).collect();
         for simd in [Simd::Portable, Simd::Avx2, Simd::Avx512] {
             // SAFETY: each call writes every value of its output.
-            let y: Vec<f32> =
-                unsafe { crate::buffer::vec_written_by(z.len(), |y| forward_with(simd, &z, y)) };
+            let y: Vec<f32> = unsafe {
+                crate::buffer::vec_written_by(z.len(), |y| forward_with(simd, &z, y, &[]))
+            };
             let mut grad = z.clone();
             let y_kept: Vec<f32> = unsafe {
                 crate::buffer::vec_written_by(z.len(), |y| {
-                    forward_keeping_grad_with(simd, &mut grad, y)
+                    forward_keeping_grad_with(simd, &mut grad, y, &[])
                 })
             };
             assert_eq!(y, y_kept, "{simd:?}: the same gelu keeping its derivative");
+            // With a bias along rows of 127 (4001 = 31 * 127 + 64: the first 31 rows), the
+            // same values as with the bias added first, bit for bit. (Each call below writes
+            // every value of its output, as above.)
+            let (n, rows) = (127, 31);
+            let b: Vec<f32> = (0..n).map(|j| (j as f32 - 60.) / 50.).collect();
+            let zb = &z[..n * rows];
+            let added: Vec<f32> = zb.iter().enumerate().map(|(i, v)| v + b[i % n]).collect();
+            let (mut g_b, mut g_added) = (zb.to_vec(), added.clone());
+            let with = |z: &[f32], b: &[f32]| -> Vec<f32> {
+                unsafe { crate::buffer::vec_written_by(z.len(), |y| forward_with(simd, z, y, b)) }
+            };
+            assert_eq!(
+                with(zb, &b),
+                with(&added, &[]),
+                "{simd:?}: gelu with a bias"
+            );
+            let kept_b: Vec<f32> = unsafe {
+                crate::buffer::vec_written_by(zb.len(), |y| {
+                    forward_keeping_grad_with(simd, &mut g_b, y, &b)
+                })
+            };
+            let kept_added: Vec<f32> = unsafe {
+                crate::buffer::vec_written_by(zb.len(), |y| {
+                    forward_keeping_grad_with(simd, &mut g_added, y, &[])
+                })
+            };
+            assert_eq!(
+                (kept_b, g_b),
+                (kept_added, g_added),
+                "{simd:?}: kept, with a bias"
+            );
             for (i, &v) in z.iter().enumerate() {
                 let v64 = f64::from(v);
                 let (want, gwant) = (forward_f64(v64), grad_f64(v64));

@@ -9,13 +9,38 @@ use rayon::prelude::*;
 
 use super::{gelu, DenseActivation};
 use crate::buffer::{contiguous_slice, relu_mask_slice, vec_written_by, with_cpu_slice};
-use crate::matmul::{as_f32_mut, as_f32_uninit, gemm_new};
+use crate::dispatch::Simd;
+use crate::matmul::{as_f32, as_f32_mut, as_f32_uninit, gemm_new};
+use crate::simd::with_simd;
 
 /// Elements per parallel task of the elementwise passes.
 const CHUNK: usize = 1 << 14;
 
 /// `(dx, dw, db)`, `dx` and `db` where asked for.
 type Grads<T> = (Option<Vec<T>>, Vec<T>, Option<Vec<T>>);
+
+/// `z[i * n + j] += b[j]` over the rows of `z` (`n = b.len()`).
+#[inline(always)]
+fn add_rows<T: WithDType>(z: &mut [T], b: &[T]) {
+    for row in z.chunks_exact_mut(b.len()) {
+        for (v, b) in row.iter_mut().zip(b) {
+            *v += *b;
+        }
+    }
+}
+
+/// [`add_rows`] in f32, for [`with_simd!`].
+#[inline(always)]
+fn add_rows_f32(z: &mut [f32], b: &[f32]) {
+    add_rows(z, b)
+}
+
+/// [`add_rows`] in f32 compiled for `simd` (the widest of it the CPU has): at the build
+/// target's level it ran four lanes wide, about 1.3% of a residual MLP block's forward +
+/// backward for its two layers' biases. Every level adds the same values.
+pub(super) fn add_rows_with(simd: Simd, z: &mut [f32], b: &[f32]) {
+    with_simd!(simd, add_rows_f32(z: &mut [f32], b: &[f32]))
+}
 
 /// One application of [`super::linear`] to an `m x k` input and an `n x k` weight.
 pub(super) struct Dense {
@@ -64,12 +89,12 @@ impl Dense {
         // Whole rows per task, about `CHUNK` values: each task adds the bias to its rows and
         // applies the activation while they are in cache (one pass over `z`, not two).
         let rows = n * CHUNK.div_ceil(n);
+        let simd = crate::dispatch::simd_in_use();
         let add_bias = |z: &mut [T]| {
             if let Some(b) = b {
-                for row in z.chunks_exact_mut(n) {
-                    for (v, b) in row.iter_mut().zip(b) {
-                        *v += *b;
-                    }
+                match (as_f32_mut(z), as_f32(b)) {
+                    (Some(z), Some(b)) => add_rows_with(simd, z, b),
+                    _ => add_rows(z, b),
                 }
             }
         };
@@ -91,20 +116,24 @@ impl Dense {
                 (z, None)
             }
             DenseActivation::Gelu => {
-                let simd = crate::dispatch::simd_in_use();
                 let (len, keep) = (z.len(), self.save);
                 // Kept for a backward, `z` is overwritten with `gelu'(z)` as `y` is written.
                 let fill = |y: &mut [MaybeUninit<T>]| {
                     y.par_chunks_mut(rows)
                         .zip(z.par_chunks_mut(rows))
                         .for_each(|(y, z)| {
-                            add_bias(z);
-                            match (as_f32_mut(z), as_f32_uninit(y)) {
-                                (Some(zf), Some(yf)) if keep => {
-                                    gelu::forward_keeping_grad_with(simd, zf, yf)
+                            // In f32 the GELU pass adds the bias itself (one pass over the
+                            // rows, not two).
+                            let bf = b.map(as_f32).unwrap_or(Some(&[]));
+                            match (as_f32_mut(z), as_f32_uninit(y), bf) {
+                                (Some(zf), Some(yf), Some(bf)) if keep => {
+                                    gelu::forward_keeping_grad_with(simd, zf, yf, bf)
                                 }
-                                (Some(zf), Some(yf)) => gelu::forward_with(simd, zf, yf),
+                                (Some(zf), Some(yf), Some(bf)) => {
+                                    gelu::forward_with(simd, zf, yf, bf)
+                                }
                                 _ => {
+                                    add_bias(z);
                                     for (y, z) in y.iter_mut().zip(z.iter_mut()) {
                                         let v = z.to_f64();
                                         y.write(T::from_f64(gelu::forward_f64(v)));

@@ -178,3 +178,19 @@ fn derivative_kept_only_for_training() {
         assert_eq!(op.keeps_derivative(), kept, "{act:?} save {save}");
     }
 }
+
+/// The bias rows added on every SIMD level, bit for bit the same (plain f32 adds), over rows
+/// that leave vector tails.
+#[test]
+fn bias_rows_agree_on_every_simd_level() {
+    use crate::dispatch::Simd;
+    let (rows, n) = (5, 37);
+    let z: Vec<f32> = values(rows * n, 7).into_iter().map(|v| v as f32).collect();
+    let b: Vec<f32> = values(n, 8).into_iter().map(|v| v as f32).collect();
+    let want: Vec<f32> = z.iter().enumerate().map(|(i, v)| v + b[i % n]).collect();
+    for simd in [Simd::Portable, Simd::Avx2, Simd::Avx512] {
+        let mut got = z.clone();
+        super::op::add_rows_with(simd, &mut got, &b);
+        assert_eq!(got, want, "{simd:?}");
+    }
+}
