@@ -194,3 +194,21 @@ fn bias_rows_agree_on_every_simd_level() {
         assert_eq!(got, want, "{simd:?}");
     }
 }
+
+/// The bias gradient's column sums on every SIMD level, bit for bit the same (the same f64
+/// additions in the same order), over rows that leave vector tails.
+#[test]
+fn column_sums_agree_on_every_simd_level() {
+    use crate::dispatch::Simd;
+    let (rows, n) = (6, 29);
+    let z: Vec<f32> = values(rows * n, 11).into_iter().map(|v| v as f32).collect();
+    let mut want = vec![0.5f64; n];
+    for (i, v) in z.iter().enumerate() {
+        want[i % n] += f64::from(*v);
+    }
+    for simd in [Simd::Portable, Simd::Avx2, Simd::Avx512] {
+        let mut got = vec![0.5f64; n];
+        super::op::column_sums_with(simd, &mut got, &z);
+        assert_eq!(got, want, "{simd:?}");
+    }
+}
