@@ -1,12 +1,17 @@
 //! One macro for the loops that are written once and compiled per SIMD level: the body is
 //! a plain (`#[inline(always)]`) Rust function, which [`with_simd!`] runs compiled for
 //! AVX-512, AVX2 + FMA or the build target, the widest of the level asked for that the CPU
-//! has. The norm loops (`norm/simd.rs`) and the GELU (`dense/gelu.rs`) use it; the explicit
-//! intrinsics kernels (`sgemm/`, `conv/direct/`) dispatch on their own.
+//! has. The norm loops (`norm/simd.rs`, the layer norm backward's rows), the GELU
+//! (`dense/gelu.rs`) and the dense layers' bias and bias sums (`dense/op.rs`) use it; the
+//! explicit intrinsics kernels (`sgemm/`, `conv/direct/`) dispatch on their own. Its `fused`
+//! form is for bodies whose `a * b + c` should be one FMA where the level has it
+//! ([`mul_add`]).
 
 /// `with_simd!(simd, body(a: A, b: B))`: `body(a, b)` compiled for the widest of `simd`
 /// ([`crate::dispatch::Simd`]) that this CPU has (`crate::dispatch::usable`, so
 /// a test may ask for any level on any machine); the macro's value is the body's.
+/// `with_simd!(simd, fused body(a: A))`: `body::<FUSED>(a)` the same way, with `FUSED` true
+/// on the AVX levels and [`NATIVE_FMA`] on the build target.
 macro_rules! with_simd {
     // `fused body(..)`: a body generic over `const FUSED: bool` (see [`mul_add`]), run with
     // `FUSED` on the AVX levels (they have FMA) and [`NATIVE_FMA`] on the build target.
