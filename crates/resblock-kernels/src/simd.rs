@@ -11,13 +11,19 @@
 /// ([`crate::dispatch::Simd`]) that this CPU has (`crate::dispatch::usable`, so
 /// a test may ask for any level on any machine); the macro's value is the body's.
 /// `with_simd!(simd, fused body(a: A))`: `body::<FUSED>(a)` the same way, with `FUSED` true
-/// on the AVX levels and [`NATIVE_FMA`] on the build target.
+/// on the AVX levels and [`NATIVE_FMA`] on the build target; `with_simd!(simd,
+/// body::<f32>(a: A))`: a generic body at the given type arguments.
 macro_rules! with_simd {
     // `fused body(..)`: a body generic over `const FUSED: bool` (see [`mul_add`]), run with
     // `FUSED` on the AVX levels (they have FMA) and [`NATIVE_FMA`] on the build target.
     ($simd:expr, fused $body:ident($($arg:ident: $ty:ty),*)) => {
         $crate::simd::with_simd!(@run $simd, $body, [::<true>],
             [::<{ $crate::simd::NATIVE_FMA }>], ($($arg: $ty),*) -> ())
+    };
+    // `body::<T>(..)`: a generic body at the given type arguments.
+    ($simd:expr, $body:ident::<$($g:ty),+>($($arg:ident: $ty:ty),*)) => {
+        $crate::simd::with_simd!(@run $simd, $body, [::<$($g),+>], [::<$($g),+>],
+            ($($arg: $ty),*) -> ())
     };
     ($simd:expr, $body:ident($($arg:ident: $ty:ty),*) -> $ret:ty) => {
         $crate::simd::with_simd!(@run $simd, $body, [], [], ($($arg: $ty),*) -> $ret)

@@ -29,17 +29,11 @@ fn add_rows<T: WithDType>(z: &mut [T], b: &[T]) {
     }
 }
 
-/// [`add_rows`] in f32, for [`with_simd!`].
-#[inline(always)]
-fn add_rows_f32(z: &mut [f32], b: &[f32]) {
-    add_rows(z, b)
-}
-
 /// [`add_rows`] in f32 compiled for `simd` (the widest of it the CPU has): at the build
 /// target's level it ran four lanes wide, about 1.3% of a residual MLP block's forward +
 /// backward for its two layers' biases. Every level adds the same values.
 pub(super) fn add_rows_with(simd: Simd, z: &mut [f32], b: &[f32]) {
-    with_simd!(simd, add_rows_f32(z: &mut [f32], b: &[f32]))
+    with_simd!(simd, add_rows::<f32>(z: &mut [f32], b: &[f32]))
 }
 
 /// `acc[j] += sum_i rows[i * n + j]` in f64 (`n = acc.len()`).
@@ -52,17 +46,11 @@ fn column_sums<T: WithDType>(acc: &mut [f64], rows: &[T]) {
     }
 }
 
-/// [`column_sums`] of f32 rows, for [`with_simd!`].
-#[inline(always)]
-fn column_sums_f32(acc: &mut [f64], rows: &[f32]) {
-    column_sums(acc, rows)
-}
-
 /// [`column_sums`] of f32 rows compiled for `simd` (the widest of it the CPU has): the bias
 /// gradient, which at the build target's level ran two f64 lanes wide (0.9% of a residual
 /// MLP block's forward + backward). Every level adds the same values in the same order.
 pub(super) fn column_sums_with(simd: Simd, acc: &mut [f64], rows: &[f32]) {
-    with_simd!(simd, column_sums_f32(acc: &mut [f64], rows: &[f32]))
+    with_simd!(simd, column_sums::<f32>(acc: &mut [f64], rows: &[f32]))
 }
 
 /// One application of [`super::linear`] to an `m x k` input and an `n x k` weight.

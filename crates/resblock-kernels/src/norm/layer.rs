@@ -177,18 +177,6 @@ fn backward_rows<T: WithDType>(
     }
 }
 
-/// [`backward_rows`] in f32, for [`with_simd!`].
-#[inline(always)]
-fn backward_rows_f32(
-    w: &[f32],
-    xdy: (&[f32], &[f32]),
-    st: &[(f64, f64)],
-    sums: (&mut [f64], &mut [f64], &mut [f64]),
-    dx: Option<&mut [MaybeUninit<f32>]>,
-) {
-    backward_rows(w, xdy, st, sums, dx)
-}
-
 /// [`backward_rows`] in f32 compiled for `simd` (the widest of it the CPU has): at the
 /// build target's level the f64 loops ran two lanes wide, 1.7% of a residual MLP block's
 /// forward + backward. Every level computes the same values (the same f64 operations in
@@ -201,7 +189,7 @@ fn backward_rows_with(
     sums: (&mut [f64], &mut [f64], &mut [f64]),
     dx: Option<&mut [MaybeUninit<f32>]>,
 ) {
-    with_simd!(simd, backward_rows_f32(w: &[f32], xdy: (&[f32], &[f32]), st: &[(f64, f64)], sums: (&mut [f64], &mut [f64], &mut [f64]), dx: Option<&mut [MaybeUninit<f32>]>))
+    with_simd!(simd, backward_rows::<f32>(w: &[f32], xdy: (&[f32], &[f32]), st: &[(f64, f64)], sums: (&mut [f64], &mut [f64], &mut [f64]), dx: Option<&mut [MaybeUninit<f32>]>))
 }
 
 /// Per-task sums of `dgamma` and `dbeta`, and the task's `g` row.
