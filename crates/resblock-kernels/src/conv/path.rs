@@ -254,8 +254,8 @@ pub(crate) fn strided_backward_plan(d: &Dims, g: &ConvGeom) -> Option<direct::Pl
 }
 
 /// Scratch buffers of one [`backward_strided`] worker: the phase-split inputs and flattened
-/// output gradients of one image group, the input gradient's patch matrix, the group's
-/// weight gradient.
+/// output gradients of one image group, the group's weight gradient (the input gradient's
+/// patch matrix is in the thread's scratch, [`StridedGroup::grads`]).
 struct StridedScratch {
     xp: Vec<Vec<f32>>,
     dyf: Vec<Vec<f32>>,
@@ -330,7 +330,8 @@ impl StridedGroup<'_> {
     /// chunk of `dx_g`, every value written (3x3 layers with padding 1 by
     /// [`super::fold_s2`] in one pass; others zeroed just before `col2im_add`'s scatter,
     /// while the chunk is in cache: zero-filling the whole `dx` up front was 3% of a
-    /// 64-channel 56x56 stride-2 backward). `dw_n` and `dcols` are the worker's scratch.
+    /// 64-channel 56x56 stride-2 backward). `dw_n` is the worker's scratch;
+    /// `dcols` lives in the thread's ([`with_thread_scratch`]).
     pub(crate) fn grads(
         &self,
         (plan, wt): (&direct::Plan, &WeightLhs<'_, f32>),

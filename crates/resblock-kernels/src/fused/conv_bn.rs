@@ -890,8 +890,8 @@ type Inputs<'a> = (&'a [f32], &'a [f32], Option<&'a [f32]>);
 type ImageOut<'a> = (usize, (&'a mut [MaybeUninit<f32>], &'a mut [(f64, f64)]));
 
 /// Scratch buffers of one stride-2 backward worker, per image of a group: the norm's input
-/// gradient `g`, it flattened, the phase-split input; and the patch gradients of one image
-/// and the group's weight gradient.
+/// gradient `g`, it flattened, the phase-split input; and the group's weight gradient (the
+/// patch gradients are in the thread's scratch, `StridedGroup::grads`).
 struct StridedScratch {
     g: Vec<Vec<f32>>,
     dyf: Vec<Vec<f32>>,

@@ -386,8 +386,6 @@ mod tests {
 
     use super::*;
 
-    /// Ours against the Candle composition in f64: output and all three gradients, f32 and
-    /// f64, 2-D and 3-D inputs, a constant row (variance 0).
     /// The backward's rows in f32 give the same values, bit for bit, on every SIMD level,
     /// over rows with whole blocks of `LANES` and a tail, with and without `dx`.
     #[test]
@@ -428,6 +426,8 @@ mod tests {
         }
     }
 
+    /// Ours against the Candle composition in f64: output and all three gradients, f32 and
+    /// f64, 2-D and 3-D inputs, a constant row (variance 0).
     #[test]
     fn matches_candle_ops() -> Result<()> {
         for dims in [vec![5usize, 7], vec![2, 3, 33]] {
