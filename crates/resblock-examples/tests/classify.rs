@@ -170,6 +170,11 @@ fn tensor_mode_works_for_presets_with_matching_weights() {
             s(&output),
         ]);
         assert_fails(&out, "fc.");
+        // The larger presets' weights are 50-100 MB each: gone before the next is written,
+        // so the suite's scratch space stays small (a CI host once ran out of disk here).
+        for file in [&weights, &output] {
+            std::fs::remove_file(file).expect("remove scratch file");
+        }
     }
 }
 
