@@ -35,9 +35,10 @@ fn peak(c: &mut Criterion) {
 
 /// `a . b` for two 1024 x 1024 matrices (PyTorch's `a @ b`) through our dense op, which
 /// computes `x . w^T`: `b` is handed over transposed, as a linear layer holds its weight.
-/// This is the GEMM of our linear layers and of the convolutions' GEMM path (not Candle's
-/// `matmul`, whose `gemm` crate runs 256-bit kernels: about two thirds of this rate here), so
-/// the table's "% GEMM" column is against the best GEMM the library has.
+/// This is the GEMM of our linear layers and of the convolutions' GEMM path (on AVX-512 our
+/// own, not Candle's `matmul`, whose `gemm` crate runs 256-bit kernels: about two thirds of
+/// its rate; without AVX-512 the `gemm` crate's), so the table's "% GEMM" column is against
+/// the best GEMM the library has on the machine.
 fn gemm(c: &mut Criterion) {
     configure_threads_here(None);
     let a = randn(&[1024, 1024], 1.);
