@@ -350,19 +350,39 @@ fn read_meta(path: &Path) -> HashMap<String, (Option<f64>, Option<f64>)> {
     m
 }
 
-/// Whether the bench's GEMM rows run on our own GEMM (`resblock_kernels::sgemm`): the CPU
-/// has AVX-512 F and VL, and neither `RESBLOCK_SGEMM=0` nor a narrower `RESBLOCK_SIMD`
-/// turns it off (the library's dispatch rules, read here without linking it).
-fn own_gemm_runs() -> bool {
+/// Which GEMM the bench's GEMM rows run, in words for the table's header: our own
+/// (`resblock_kernels::sgemm`) where the CPU has AVX-512 F and VL and neither
+/// `RESBLOCK_SGEMM=0` nor a narrower `RESBLOCK_SIMD` turns it off (the library's dispatch
+/// rules, read here without linking it), the `gemm` crate's otherwise.
+fn gemm_in_use() -> &'static str {
     #[cfg(target_arch = "x86_64")]
-    let avx512 = std::arch::is_x86_feature_detected!("avx512f")
-        && std::arch::is_x86_feature_detected!("avx512vl");
+    let (avx512, avx2) = (
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512vl"),
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma"),
+    );
     #[cfg(not(target_arch = "x86_64"))]
-    let avx512 = false;
+    let (avx512, avx2) = (false, false);
     let sgemm_off = env::var("RESBLOCK_SGEMM").is_ok_and(|v| v == "0");
     let narrower = env::var("RESBLOCK_SIMD")
         .is_ok_and(|v| matches!(v.as_str(), "0" | "off" | "portable" | "avx2"));
-    avx512 && !sgemm_off && !narrower
+    match (avx512, sgemm_off || narrower) {
+        (true, false) => {
+            "our own AVX-512 GEMM, the one the linear layers and the convolutions' GEMM path run"
+        }
+        (true, true) => {
+            "the `gemm` crate's: RESBLOCK_SGEMM=0 or a narrower RESBLOCK_SIMD turned our own \
+             AVX-512 GEMM off"
+        }
+        (false, _) if avx2 => {
+            "the `gemm` crate's AVX2 kernels, which the linear layers and the convolutions' \
+             GEMM path run on a CPU without AVX-512 (our own GEMM needs it)"
+        }
+        (false, _) => {
+            "the `gemm` crate's, which the linear layers and the convolutions' GEMM path run \
+             on a CPU without AVX-512 (our own GEMM needs it)"
+        }
+    }
 }
 
 fn machine() -> String {
@@ -454,13 +474,7 @@ fn table(dir: &Path, meta: &Path, torch: Option<TorchRuns<'_>>, mem: &Memory) ->
             )?;
         }
         if let Some(g) = peak {
-            let which = if own_gemm_runs() {
-                "our own AVX-512 GEMM, the one the linear layers and the convolutions' GEMM \
-                 path run"
-            } else {
-                "the `gemm` crate's AVX2 kernels, which the linear layers and the \
-                 convolutions' GEMM path run on a CPU without AVX-512 (our own GEMM needs it)"
-            };
+            let which = gemm_in_use();
             write!(
                 s,
                 " The best measured GEMM, `cpu/gemm/f32_1024` ({which}), reaches {g:.1} \
