@@ -364,8 +364,12 @@ fn gemm_in_use() -> &'static str {
     #[cfg(not(target_arch = "x86_64"))]
     let (avx512, avx2) = (false, false);
     let sgemm_off = env::var("RESBLOCK_SGEMM").is_ok_and(|v| v == "0");
-    let narrower = env::var("RESBLOCK_SIMD")
-        .is_ok_and(|v| matches!(v.as_str(), "0" | "off" | "portable" | "avx2"));
+    let narrower = env::var("RESBLOCK_SIMD").is_ok_and(|v| {
+        matches!(
+            v.to_ascii_lowercase().as_str(),
+            "0" | "off" | "portable" | "avx2"
+        )
+    });
     match (avx512, sgemm_off || narrower) {
         (true, false) => {
             "our own AVX-512 GEMM, the one the linear layers and the convolutions' GEMM path run"
