@@ -1,5 +1,5 @@
 //! Single kernels on the CPU: the peak FMA rate, the GEMM peak (ours: the dense op every linear
-//! layer runs, on [`resblock_core::ops`]' own AVX-512 sgemm where the CPU has it), 3x3
+//! layer runs, on [`resblock_core::ops`]' own sgemm where the CPU has AVX-512 or AVX2), 3x3
 //! convolutions at ResNet shapes (forward; backward = input and weight gradient, which our
 //! kernel computes in one pass) and BatchNorm + ReLU training forward + backward (from a
 //! given output gradient, as the convolutions' backward: `backward_from`, PyTorch's
@@ -35,10 +35,10 @@ fn peak(c: &mut Criterion) {
 
 /// `a . b` for two 1024 x 1024 matrices (PyTorch's `a @ b`) through our dense op, which
 /// computes `x . w^T`: `b` is handed over transposed, as a linear layer holds its weight.
-/// This is the GEMM of our linear layers and of the convolutions' GEMM path (on AVX-512 our
-/// own, not Candle's `matmul`, whose `gemm` crate runs 256-bit kernels: about two thirds of
-/// its rate; without AVX-512 the `gemm` crate's), so the table's "% GEMM" column is against
-/// the best GEMM the library has on the machine.
+/// This is the GEMM of our linear layers and of the convolutions' GEMM path (our own on
+/// AVX-512 and on AVX2, not Candle's `matmul`, whose `gemm` crate runs 256-bit kernels: about
+/// two thirds of the AVX-512 rate; elsewhere the `gemm` crate's), so the table's "% GEMM"
+/// column is against the best GEMM the library has on the machine.
 fn gemm(c: &mut Criterion) {
     configure_threads_here(None);
     let a = randn(&[1024, 1024], 1.);

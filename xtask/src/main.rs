@@ -351,9 +351,11 @@ fn read_meta(path: &Path) -> HashMap<String, (Option<f64>, Option<f64>)> {
 }
 
 /// Which GEMM the bench's GEMM rows run, in words for the table's header: our own
-/// (`resblock_kernels::sgemm`) where the CPU has AVX-512 F and VL and neither
-/// `RESBLOCK_SGEMM=0` nor a narrower `RESBLOCK_SIMD` turns it off (the library's dispatch
-/// rules, read here without linking it), the `gemm` crate's otherwise.
+/// (`resblock_kernels::sgemm`) on its AVX-512 kernel where the CPU has AVX-512 F and VL and
+/// `RESBLOCK_SIMD` allows it, on its AVX2 kernel where the CPU has AVX2 and FMA (and
+/// `RESBLOCK_SIMD` is not `portable`), unless `RESBLOCK_SGEMM=0`; the `gemm` crate's
+/// otherwise. These are the library's dispatch rules (`sgemm::isa`), restated here because
+/// xtask does not link the library: a change to one is a change to both.
 fn gemm_in_use() -> &'static str {
     #[cfg(target_arch = "x86_64")]
     let (avx512, avx2) = (
@@ -364,28 +366,24 @@ fn gemm_in_use() -> &'static str {
     #[cfg(not(target_arch = "x86_64"))]
     let (avx512, avx2) = (false, false);
     let sgemm_off = env::var("RESBLOCK_SGEMM").is_ok_and(|v| v == "0");
-    let narrower = env::var("RESBLOCK_SIMD").is_ok_and(|v| {
-        matches!(
-            v.to_ascii_lowercase().as_str(),
-            "0" | "off" | "portable" | "avx2"
-        )
-    });
-    match (avx512, sgemm_off || narrower) {
-        (true, false) => {
-            "our own AVX-512 GEMM, the one the linear layers and the convolutions' GEMM path run"
-        }
-        (true, true) => {
-            "the `gemm` crate's: RESBLOCK_SGEMM=0 or a narrower RESBLOCK_SIMD turned our own \
-             AVX-512 GEMM off"
-        }
-        (false, _) if avx2 => {
-            "the `gemm` crate's AVX2 kernels, which the linear layers and the convolutions' \
-             GEMM path run on a CPU without AVX-512 (our own GEMM needs it)"
-        }
-        (false, _) => {
-            "the `gemm` crate's, which the linear layers and the convolutions' GEMM path run \
-             on a CPU without AVX-512 (our own GEMM needs it)"
-        }
+    let simd = env::var("RESBLOCK_SIMD")
+        .map(|v| v.to_ascii_lowercase())
+        .unwrap_or_default();
+    let portable = matches!(simd.as_str(), "0" | "off" | "portable");
+    let at_most_avx2 = portable || simd == "avx2";
+    if sgemm_off && (avx2 || avx512) {
+        "the `gemm` crate's: RESBLOCK_SGEMM=0 turned our own GEMM off"
+    } else if avx512 && !at_most_avx2 {
+        "our own GEMM's AVX-512 kernel (8 x 32 tiles), the one the linear layers and the \
+         convolutions' GEMM path run"
+    } else if avx2 && !portable {
+        "our own GEMM's AVX2 kernel (6 x 16 tiles), the one the linear layers and the \
+         convolutions' GEMM path run"
+    } else if avx2 {
+        "the `gemm` crate's: RESBLOCK_SIMD=portable turned our own GEMM's kernels off"
+    } else {
+        "the `gemm` crate's, which the linear layers and the convolutions' GEMM path run on a \
+         CPU without AVX2 and FMA (our own GEMM's kernels need them)"
     }
 }
 

@@ -605,7 +605,7 @@ fn zero_pad_shortcut_agrees_with_candle_ops() -> Result<()> {
 /// `conv2d_backward` (both gradients for a given output gradient, no graph) against Candle's
 /// autograd through its own convolution: f64 on the GEMM and flipped-kernel paths, f32 on
 /// the direct kernels and on the GEMM path (1x1, strided grouped scatter, `C_in * 9` above
-/// the direct kernels' limit: the AVX-512 GEMM where it runs); a wrong output-gradient shape
+/// the direct kernels' limit: our own GEMM where it runs); a wrong output-gradient shape
 /// is an error that names the shapes.
 #[test]
 fn conv_backward_without_a_graph_matches_autograd() -> Result<()> {

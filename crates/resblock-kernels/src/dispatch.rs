@@ -9,7 +9,7 @@
 //! | [`Dispatch::direct_conv`] | `RESBLOCK_DIRECT_CONV=0` | convolutions always on the GEMM path |
 //! | [`Dispatch::fused_conv_bn`] | `RESBLOCK_FUSED_CONV_BN=0` | conv and training BatchNorm as two ops |
 //! | [`Dispatch::simd`] | `RESBLOCK_SIMD=avx2` or `=0` | at most AVX2 (8 lanes), or the portable loops |
-//! | [`Dispatch::own_gemm`] | `RESBLOCK_SGEMM=0` | the `gemm` crate for every f32 GEMM of the convolutions |
+//! | [`Dispatch::own_gemm`] | `RESBLOCK_SGEMM=0` | the `gemm` crate for every f32 GEMM (linear layers, the convolutions' GEMM path) |
 //! | [`Dispatch::winograd`] | `RESBLOCK_WINOGRAD=0` | wide 3x3 convolutions on the direct or GEMM path (where 512-bit FMAs run at full width, see [`crate::peak::full_width_fma`], only forwards with outputs 14 wide and more, and backwards and fused training ops from 128 channels; `=1` takes Winograd there for every shape) |
 //! | [`Dispatch::masked_taps`] | `RESBLOCK_MASKED_TAPS=0` | AVX-512 direct convolutions on the shared-padding layout |
 //! | [`Dispatch::transposed_wgrad`] | `RESBLOCK_TRANSPOSED_WGRAD=0` | the 3x3 weight gradients of the masked and stride-2 layouts on the per-tap tile |
@@ -42,8 +42,9 @@ pub struct Dispatch {
     pub fused_conv_bn: bool,
     /// The widest SIMD kernels allowed (each runs only where the CPU has it).
     pub simd: Simd,
-    /// Our packed AVX-512 f32 GEMM (`sgemm/`) for the convolutions' GEMM path where AVX-512
-    /// runs; the `gemm` crate otherwise (and always for f64).
+    /// Our packed f32 GEMM (`sgemm/`: its AVX-512 kernel, or its AVX2 one where that is the
+    /// widest level that runs) for the linear layers and the convolutions' GEMM path; the
+    /// `gemm` crate otherwise (and always for f64).
     pub own_gemm: bool,
     /// Winograd F(2x2, 3x3) and F(4x4, 3x3) for wide f32 3x3 stride-1 convolutions
     /// (`conv/winograd/`).

@@ -37,8 +37,8 @@
 //! `avx2.rs` micro-kernels), `norm/` (`mod.rs` the batch-norm op, `simd.rs` its loops,
 //! `residual.rs` with the block's sum and ReLU, `layer.rs` layer norm), `dense/` (`op.rs`,
 //! `gelu.rs`), `matmul.rs` (the one GEMM entry point: ours or the `gemm` crate),
-//! `fused/conv_bn.rs`, `sgemm/` (our packed f32 GEMM for AVX-512 CPUs, which the GEMM path
-//! uses there), `pool.rs`, `shortcut/`, `eltwise.rs`, `buffer.rs` (what every op's
+//! `fused/conv_bn.rs`, `sgemm/` (our packed f32 GEMM, an AVX-512 and an AVX2 micro-kernel,
+//! which `matmul.rs` uses where one runs), `pool.rs`, `shortcut/`, `eltwise.rs`, `buffer.rs` (what every op's
 //! CPU side shares), `simd.rs` (one loop compiled per SIMD level), `dispatch.rs`,
 //! `alloc.rs`, `peak.rs`, `error.rs`, `interleave.rs` (the transpose the packers share).
 #![warn(missing_docs)]

@@ -3,7 +3,7 @@
 //!
 //! Candle's CPU conv runs at about a quarter of GEMM speed forward, and its backward computes
 //! the input gradient with a direct transposed-convolution loop (4-13x slower than the
-//! forward). Here all three products are GEMMs (for f32 on AVX-512 CPUs our own
+//! forward). Here all three products are GEMMs (for f32 on AVX-512 and AVX2 CPUs our own
 //! [`crate::sgemm`], else the `gemm` crate, the kernel Candle's own matmul uses) over one image's unfolded input `cols` (K x P; rows `[c, ky, kx]`, columns
 //! `[oy, ox]`; K = C/groups * kh * kw per group, P = Hout * Wout), per group g:
 //!

@@ -5,8 +5,8 @@
 //! tensors; its matmul is the `gemm` crate's AVX2 kernel even on AVX-512 CPUs. Here, on the
 //! CPU in f32/f64 (unless [`crate::dispatch`] chose Candle's ops):
 //!
-//! - forward: one GEMM (`matmul.rs::gemm_into`: our AVX-512 GEMM for f32 where it
-//!   runs), then one pass that adds the bias and applies the activation, keeping the
+//! - forward: one GEMM (`matmul.rs::gemm_into`: our own GEMM for f32 where it runs,
+//!   AVX-512 or AVX2), then one pass that adds the bias and applies the activation, keeping the
 //!   activation's derivative at the pre-activation only where the backward needs it (GELU's,
 //!   computed with the value from the same `erf`);
 //! - backward: one pass for the activation's gradient (a multiply, for GELU), then `dx = dz . W` and

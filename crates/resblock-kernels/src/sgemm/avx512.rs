@@ -8,7 +8,10 @@
 
 use std::arch::x86_64::*;
 
-use super::{MR, NR};
+use super::{Avx512Kernel, Micro, TileFinish};
+
+const MR: usize = Avx512Kernel::MR;
+const NR: usize = Avx512Kernel::NR;
 
 const LANES: usize = 16;
 /// How far ahead (floats) the in-place loop asks for its `B` panel: 32 steps of `k`, 4 KiB.
@@ -27,7 +30,7 @@ const PF: usize = 32 * NR;
 /// it is read in place from a row-major matrix, `A[i, p] = a[i * lda + p]` (rows past `mr`
 /// read row 0 again; their sums are not stored): see `STRIDED_A_PANELS` in `mod.rs`.
 ///
-/// With `fin`, each stored value is finished first ([`TileFinish`]).
+/// With `fin`, each stored value is finished first ([`finish`]).
 ///
 /// # Safety
 /// AVX-512 F must be available; `a` readable for `kc * MR` floats (packed) or at
@@ -101,7 +104,7 @@ pub(super) unsafe fn kernel<const VR: usize>(
                         *r
                     };
                     let r = match fin {
-                        Some(f) => f.apply(r, i, i * ldc + v * LANES, 0xffff),
+                        Some(f) => finish(f, r, i, i * ldc + v * LANES, 0xffff),
                         None => r,
                     };
                     _mm512_storeu_ps(p, r);
@@ -124,7 +127,7 @@ pub(super) unsafe fn kernel<const VR: usize>(
                         *r
                     };
                     let r = match fin {
-                        Some(f) => f.apply(r, i, i * ldc + v * LANES, mask),
+                        Some(f) => finish(f, r, i, i * ldc + v * LANES, mask),
                         None => r,
                     };
                     _mm512_mask_storeu_ps(p, mask, r);
@@ -134,54 +137,31 @@ pub(super) unsafe fn kernel<const VR: usize>(
     }
 }
 
-/// What a micro-tile applies to its values as it stores them the last time:
-/// `relu?(residual? + (v * scale? + bias?))`, the scale and bias per row, the residual laid
-/// out as the tile (row stride `ldc`), as the separate pass of a convolution's epilogue
-/// computes it (multiply, then add the bias or zero: no fused multiply-add, so both give
-/// the same bits). Null pointers are the parts not applied.
-#[derive(Clone, Copy)]
-pub(super) struct TileFinish {
-    /// The tile's first row's scale (`mr` values readable), or null.
-    pub scale: *const f32,
-    /// The tile's first row's bias (`mr` values readable), or null.
-    pub bias: *const f32,
-    /// The residual's value at the tile's first element, readable where the tile is
-    /// written, or null.
-    pub residual: *const f32,
-    pub relu: bool,
-}
-
-impl TileFinish {
-    /// `r` finished as row `i`'s values at offset `at` from the tile's first element (the
-    /// lanes of `mask`: only those of the residual are read).
-    ///
-    /// # Safety
-    /// AVX-512 F must be available, and the pointers readable as the fields say.
-    #[target_feature(enable = "avx512f,avx2,fma")]
-    #[inline]
-    unsafe fn apply(self, r: __m512, i: usize, at: usize, mask: __mmask16) -> __m512 {
-        // SAFETY: the caller's contract.
-        unsafe {
-            let mut r = r;
-            if !self.scale.is_null() {
-                r = _mm512_mul_ps(r, _mm512_set1_ps(*self.scale.add(i)));
-            }
-            // The bias, or zero (as the scalar pass adds, which turns -0 into +0).
-            let b = if self.bias.is_null() {
-                0.
-            } else {
-                *self.bias.add(i)
-            };
-            r = _mm512_add_ps(r, _mm512_set1_ps(b));
-            if !self.residual.is_null() {
-                r = _mm512_add_ps(_mm512_maskz_loadu_ps(mask, self.residual.add(at)), r);
-            }
-            if self.relu {
-                // `max(0, r)` returns `r` when it is NaN (the second operand), as the scalar
-                // `if r < 0 { 0 } else { r }` does, and keeps -0.
-                r = _mm512_max_ps(_mm512_setzero_ps(), r);
-            }
-            r
+/// `r` finished by `f` as row `i`'s values at offset `at` from the tile's first element
+/// (the lanes of `mask`: only those of the residual are read).
+///
+/// # Safety
+/// AVX-512 F must be available, and `f`'s pointers readable as its fields say.
+#[target_feature(enable = "avx512f,avx2,fma")]
+#[inline]
+unsafe fn finish(f: TileFinish, r: __m512, i: usize, at: usize, mask: __mmask16) -> __m512 {
+    // SAFETY: the caller's contract.
+    unsafe {
+        let mut r = r;
+        if !f.scale.is_null() {
+            r = _mm512_mul_ps(r, _mm512_set1_ps(*f.scale.add(i)));
         }
+        // The bias, or zero (as the scalar pass adds, which turns -0 into +0).
+        let b = if f.bias.is_null() { 0. } else { *f.bias.add(i) };
+        r = _mm512_add_ps(r, _mm512_set1_ps(b));
+        if !f.residual.is_null() {
+            r = _mm512_add_ps(_mm512_maskz_loadu_ps(mask, f.residual.add(at)), r);
+        }
+        if f.relu {
+            // `max(0, r)` returns `r` when it is NaN (the second operand), as the scalar
+            // `if r < 0 { 0 } else { r }` does, and keeps -0.
+            r = _mm512_max_ps(_mm512_setzero_ps(), r);
+        }
+        r
     }
 }

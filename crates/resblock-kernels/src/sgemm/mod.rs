@@ -1,8 +1,12 @@
-//! Our f32 GEMM for CPUs with AVX-512: `dst (m x n, row-major) = [dst +] a . b`.
+//! Our f32 GEMM for x86-64 CPUs with AVX-512 or AVX2 + FMA: `dst (m x n, row-major) =
+//! [dst +] a . b`.
 //!
 //! The `gemm` crate (Candle's matmul, and our convolutions' GEMM path before this) uses
 //! 8-lane AVX2 kernels on stable Rust, which reach under half the FMA rate of a CPU that
-//! retires two 16-lane FMAs per cycle. This is the classic packed design (Goto / BLIS):
+//! retires two 16-lane FMAs per cycle, and about 64% of it on an AVX2-only CPU (its tile
+//! leaves the FMAs waiting on loads). This is the classic packed design (Goto / BLIS), with
+//! one micro-kernel per instruction set, each with its own tile ([`Micro`]): 8 x 32 on
+//! AVX-512 ([`avx512`]), 6 x 16 on AVX2 ([`avx2`]):
 //!
 //! - `B` is cut into `KC x NC` blocks and packed into panels of `NR` columns (`NR` values
 //!   per `k`, zero-padded), `A` into `MC x KC` blocks packed into panels of `MR` rows;
@@ -19,10 +23,12 @@
 //! `b` on every thread, `columns_pay`, each column part then reading a row-major `a` in
 //! place), and each thread packs what it reads.
 //!
-//! [`available`] says whether it may run (AVX-512 present and allowed by
-//! [`crate::dispatch`]); elsewhere the callers keep the `gemm` crate, which covers AVX2,
-//! ARM NEON and the portable fallback.
+//! [`available`] says whether it may run ([`isa`]: AVX-512, or AVX2 + FMA, present and
+//! allowed by [`crate::dispatch`]); elsewhere the callers keep the `gemm` crate, which
+//! covers ARM NEON and the portable fallback (and f64 everywhere).
 
+#[cfg(target_arch = "x86_64")]
+mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 
@@ -34,21 +40,191 @@ use rayon::prelude::*;
 
 use crate::aligned::aligned_mut;
 
-/// Rows of a micro-tile.
-pub(crate) const MR: usize = 8;
-/// Columns of a micro-tile.
-pub(crate) const NR: usize = 32;
+/// A micro-kernel: the `MR x NR` tile of `dst` it computes from an `A` panel of `MR` rows
+/// and a `B` panel of `NR` columns (both packed, `A` also read in place), on `VR` vectors
+/// per row (`VR = 2`: the whole `NR`; `VR = 1`: a last panel of at most `NR / 2` columns).
+/// The packers and the macro-kernel ([`serial`]) take the tile as const parameters beside
+/// the kernel (`<K, MR, NR>`, checked equal to `K`'s at compile time): array lengths cannot
+/// come from a trait's constants on stable Rust.
+pub(crate) trait Micro {
+    /// Rows of a micro-tile.
+    const MR: usize;
+    /// Columns of a micro-tile.
+    const NR: usize;
+    /// Rows of one packed `A` block: a multiple of `MR` (the packed layout relies on it).
+    const MC: usize = 128 / Self::MR * Self::MR;
+
+    /// `c[i * ldc + j] (=|+=) sum_p A[i, p] * b[p * NR + j]` for `i < mr`, `j < nr`,
+    /// finished by `fin` as it is stored; `A` packed (`lda` `None`, `A[i, p] = a[p * MR +
+    /// i]`) or read in place from a row-major matrix (`Some(lda)`, `A[i, p] = a[i * lda +
+    /// p]`; rows past `mr` read row 0 again, their sums not stored).
+    ///
+    /// # Safety
+    /// The kernel's instruction set must be available ([`Isa::runs_here`]); `a` readable
+    /// for `kc * MR` floats (packed) or at `i * lda + p` for `i < mr`, `p < kc` (in place),
+    /// `b` for `kc * NR`, and `c` writable (and readable when `add`) at `i * ldc + j` for
+    /// `i < mr`, `j < nr`, with `1 <= mr <= MR` and `nr <= VR * NR / 2`; `fin`'s pointers
+    /// as [`TileFinish`] says.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn tile<const VR: usize>(
+        kc: usize,
+        a: (*const f32, Option<usize>),
+        b: *const f32,
+        c: *mut f32,
+        ldc: usize,
+        mr: usize,
+        nr: usize,
+        add: bool,
+        fin: Option<TileFinish>,
+    );
+}
+
+/// The AVX-512 micro-kernel ([`avx512::kernel`]): 8 x 32, 16 of the 32 registers summing.
+pub(crate) struct Avx512Kernel;
+/// The AVX2 + FMA micro-kernel ([`avx2::kernel`]): 6 x 16, 12 of the 16 registers summing.
+pub(crate) struct Avx2Kernel;
+
+impl Micro for Avx512Kernel {
+    const MR: usize = 8;
+    const NR: usize = 32;
+
+    unsafe fn tile<const VR: usize>(
+        kc: usize,
+        a: (*const f32, Option<usize>),
+        b: *const f32,
+        c: *mut f32,
+        ldc: usize,
+        mr: usize,
+        nr: usize,
+        add: bool,
+        fin: Option<TileFinish>,
+    ) {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the caller's contract is the kernel's.
+        unsafe {
+            avx512::kernel::<VR>(kc, a, b, c, ldc, mr, nr, add, fin)
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = (kc, a, b, c, ldc, mr, nr, add, fin);
+            unreachable!("sgemm: AVX-512 kernel on another architecture")
+        }
+    }
+}
+
+impl Micro for Avx2Kernel {
+    const MR: usize = 6;
+    const NR: usize = 16;
+
+    unsafe fn tile<const VR: usize>(
+        kc: usize,
+        a: (*const f32, Option<usize>),
+        b: *const f32,
+        c: *mut f32,
+        ldc: usize,
+        mr: usize,
+        nr: usize,
+        add: bool,
+        fin: Option<TileFinish>,
+    ) {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the caller's contract is the kernel's.
+        unsafe {
+            avx2::kernel::<VR>(kc, a, b, c, ldc, mr, nr, add, fin)
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = (kc, a, b, c, ldc, mr, nr, add, fin);
+            unreachable!("sgemm: AVX2 kernel on another architecture")
+        }
+    }
+}
+
+/// Which micro-kernel a product runs on.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Isa {
+    /// [`Avx512Kernel`].
+    Avx512,
+    /// [`Avx2Kernel`].
+    Avx2,
+}
+
+impl Isa {
+    /// Every kernel, widest first.
+    #[cfg(test)]
+    pub(crate) const ALL: [Isa; 2] = [Isa::Avx512, Isa::Avx2];
+
+    /// Whether this CPU has the kernel's instructions (whatever the dispatch allows).
+    pub(crate) fn runs_here(self) -> bool {
+        let cpu = crate::dispatch::cpu();
+        cfg!(target_arch = "x86_64")
+            && match self {
+                Isa::Avx512 => cpu.has(crate::dispatch::Simd::Avx512),
+                Isa::Avx2 => cpu.has(crate::dispatch::Simd::Avx2),
+            }
+    }
+
+    /// Columns of the kernel's tile.
+    pub(crate) fn nr(self) -> usize {
+        match self {
+            Isa::Avx512 => Avx512Kernel::NR,
+            Isa::Avx2 => Avx2Kernel::NR,
+        }
+    }
+}
+
+#[cfg(test)]
+thread_local! {
+    /// The kernel this thread's products run on, whatever the dispatch says ([`force`]).
+    static FORCED: std::cell::Cell<Option<Isa>> = const { std::cell::Cell::new(None) };
+}
+
+/// Runs `f` with this thread's products (and packed operands) on `isa`: the tests check
+/// every kernel the CPU has, on any CPU, without changing the process's dispatch.
+#[cfg(test)]
+pub(crate) fn force<T>(isa: Isa, f: impl FnOnce() -> T) -> T {
+    assert!(isa.runs_here(), "sgemm: {isa:?} forced on a CPU without it");
+    let before = FORCED.with(|c| c.replace(Some(isa)));
+    let out = f();
+    FORCED.with(|c| c.set(before));
+    out
+}
+
+/// The kernel our GEMM runs on here: the widest the CPU has and [`crate::dispatch`]
+/// allows (`RESBLOCK_SIMD`), unless [`crate::dispatch::Dispatch::own_gemm`] is off
+/// (`RESBLOCK_SGEMM=0`); `None` where none runs (the callers then use the `gemm` crate).
+pub(crate) fn isa() -> Option<Isa> {
+    #[cfg(test)]
+    if let Some(isa) = FORCED.with(std::cell::Cell::get) {
+        return Some(isa);
+    }
+    if !cfg!(target_arch = "x86_64") || !crate::dispatch::current().own_gemm {
+        None
+    } else if crate::dispatch::avx512() {
+        Some(Isa::Avx512)
+    } else if crate::dispatch::avx2_fma() {
+        Some(Isa::Avx2)
+    } else {
+        None
+    }
+}
 
 /// The columns the micro-kernel computes for an `n`-column product: whole panels of
-/// [`NR`], and a last one of `NR / 2` where the rest fits in it (the kernel choice in the
-/// macro-kernel's loop). A 7x7 output (49 columns) costs 64.
+/// `NR` ([`Isa::nr`] of the kernel that runs), and a last one of `NR / 2` where the rest
+/// fits in it (the kernel choice in the macro-kernel's loop). A 7x7 output (49 columns)
+/// costs 64 at `NR = 32`, 56 at 16. Where no kernel runs, `n`.
 pub(crate) fn computed_columns(n: usize) -> usize {
-    let rest = n % NR;
+    isa().map_or(n, |isa| columns_on(isa.nr(), n))
+}
+
+/// [`computed_columns`] for panels of `nr` columns.
+fn columns_on(nr: usize, n: usize) -> usize {
+    let rest = n % nr;
     n - rest
         + match rest {
             0 => 0,
-            r if r <= NR / 2 => NR / 2,
-            _ => NR,
+            r if r <= nr / 2 => nr / 2,
+            _ => nr,
         }
 }
 /// Depth of one packed block.
@@ -59,9 +235,7 @@ const KC: usize = 256;
 /// (8 rows of 2 KiB) stays in L1 (the tiles are walked along the rows, see [`serial`]).
 /// 1024^3 on two threads: 4.86-4.90 against 4.96-5.02 ms at [`KC`].
 const KC_IN_PLACE: usize = 512;
-/// Rows of one packed `A` block (a multiple of `MR`).
-const MC: usize = 128;
-/// Columns of one packed `B` block (a multiple of `NR`).
+/// Columns of one packed `B` block (a multiple of every kernel's `NR`).
 const NC: usize = 1024;
 /// The most `NR` panels of one `B` block for which a row-major `A` is read in place by the
 /// micro-kernel instead of packed: packing costs a read and a write of the block for
@@ -75,15 +249,9 @@ const STRIDED_A_PANELS: usize = 8;
 /// copy.
 pub(crate) const PARALLEL_PACK: usize = 1 << 16;
 
-/// Whether the callers use [`sgemm`]: the CPU has AVX-512, and the dispatch allows it and
-/// [`crate::dispatch::Dispatch::own_gemm`] (`RESBLOCK_SGEMM=0` turns it off).
+/// Whether the callers use [`sgemm`]: a micro-kernel runs here ([`isa`]).
 pub(crate) fn available() -> bool {
-    cpu_ok() && crate::dispatch::current().own_gemm
-}
-
-/// Whether the kernel can run here: the CPU has AVX-512 and the dispatch allows it.
-pub(crate) fn cpu_ok() -> bool {
-    cfg!(target_arch = "x86_64") && crate::dispatch::avx512()
+    isa().is_some()
 }
 
 /// A matrix operand: its slice and (row, column) strides.
@@ -237,16 +405,33 @@ impl<'a> Finish<'a> {
     }
 
     /// The micro-kernel's view of the tile at row `i`, column `j` (rows `ldc` apart).
-    #[cfg(target_arch = "x86_64")]
-    fn tile(&self, i: usize, j: usize, ldc: usize) -> avx512::TileFinish {
+    fn tile(&self, i: usize, j: usize, ldc: usize) -> TileFinish {
         let at = |v: Option<&[f32]>, off: usize| v.map_or(std::ptr::null(), |v| v[off..].as_ptr());
-        avx512::TileFinish {
+        TileFinish {
             scale: at(self.scale, i),
             bias: at(self.bias, i),
             residual: at(self.residual, i * ldc + j),
             relu: self.relu,
         }
     }
+}
+
+/// What a micro-tile applies to its values as it stores them the last time:
+/// `relu?(residual? + (v * scale? + bias?))`, the scale and bias per row, the residual laid
+/// out as the tile (row stride `ldc`), as the separate pass of a convolution's epilogue
+/// computes it (multiply, then add the bias or zero: no fused multiply-add, so both give
+/// the same bits). Null pointers are the parts not applied. Each kernel applies it with
+/// its own vectors (`avx512::finish`, `avx2::finish`).
+#[derive(Clone, Copy)]
+pub(crate) struct TileFinish {
+    /// The tile's first row's scale (`mr` values readable), or null.
+    pub scale: *const f32,
+    /// The tile's first row's bias (`mr` values readable), or null.
+    pub bias: *const f32,
+    /// The residual's value at the tile's first element, readable where the tile is
+    /// written, or null.
+    pub residual: *const f32,
+    pub relu: bool,
 }
 
 /// The destination of [`run`]: `len` values from `ptr`, borrowed mutably for `'a`, either
@@ -286,57 +471,96 @@ enum Lhs<'a> {
     Packed(&'a PackedA),
 }
 
-/// `a` packed whole, block by block in the order [`serial`] reads them: for each `KC` step
-/// of depth `pc`, the `MC` blocks of rows, each as [`pack_a`] lays it out; block
-/// `(pc, ic)` starts at `pc * m_pad + ic * kc` (`m_pad`: `m` rounded up to `MR`).
+/// `a` packed whole for one kernel ([`Isa`], the one [`isa`] named when it was packed),
+/// block by block in the order [`serial`] reads them: for each `KC` step of depth `pc`,
+/// the `MC` blocks of rows, each as [`pack_a`] lays it out; block `(pc, ic)` starts at
+/// `pc * m_pad + ic * kc` (`m_pad`: `m` rounded up to `MR`).
 pub(crate) struct PackedA {
+    isa: Isa,
     m: usize,
     k: usize,
     data: Vec<f32>,
 }
 
 impl PackedA {
-    /// Packs `a` (`m x k`).
+    /// Packs `a` (`m x k`) for the kernel that runs here.
     ///
     /// # Panics
-    /// If `a`'s strides reach past its slice.
+    /// If `a`'s strides reach past its slice, or no kernel runs ([`available`]).
     pub(crate) fn new(a: Operand<'_>, m: usize, k: usize) -> PackedA {
         a.check(m, k, "packed lhs");
-        let m_pad = m.div_ceil(MR) * MR;
-        let mut data = vec![0f32; m_pad * k];
-        // The blocks in order, each `(pc, kc, ic, mc)` and its slice of `data`.
-        let mut blocks = Vec::new();
-        let mut rest = &mut data[..];
-        for pc in (0..k).step_by(KC) {
-            let kc = KC.min(k - pc);
-            for ic in (0..m).step_by(MC) {
-                let mc = MC.min(m - ic);
-                let (block, tail) = rest.split_at_mut(mc.div_ceil(MR) * MR * kc);
-                blocks.push(((pc, kc, ic, mc), block));
-                rest = tail;
-            }
-        }
-        let pack = |((pc, kc, ic, mc), block): ((usize, usize, usize, usize), &mut [f32])| {
-            pack_a_into(block, a, ic, mc, pc, kc);
+        let isa = isa().expect("sgemm: packing for a GEMM that does not run here");
+        let data = match isa {
+            Isa::Avx512 => pack_whole::<Avx512Kernel, { Avx512Kernel::MR }>(a, m, k),
+            Isa::Avx2 => pack_whole::<Avx2Kernel, { Avx2Kernel::MR }>(a, m, k),
         };
-        if m_pad * k >= PARALLEL_PACK && rayon::current_num_threads() > 1 {
-            blocks.into_par_iter().for_each(pack);
-        } else {
-            blocks.into_iter().for_each(pack);
-        }
-        PackedA { m, k, data }
+        PackedA { isa, m, k, data }
     }
 
-    /// The packed block at depth `pc`, rows from `ic`, of depth `kc`.
-    fn block(&self, pc: usize, ic: usize, kc: usize) -> &[f32] {
-        let m_pad = self.m.div_ceil(MR) * MR;
+    /// The packed block at depth `pc`, rows from `ic`, of depth `kc`, for kernel `K`.
+    fn block<K: Micro>(&self, pc: usize, ic: usize, kc: usize) -> &[f32] {
+        let m_pad = self.m.div_ceil(K::MR) * K::MR;
         let start = pc * m_pad + ic * kc;
-        let rows = MC.min(self.m - ic).div_ceil(MR) * MR;
+        let rows = K::MC.min(self.m - ic).div_ceil(K::MR) * K::MR;
         &self.data[start..start + rows * kc]
     }
 }
 
+/// [`PackedA::new`]'s data for kernel `K` (`MR` its rows).
+fn pack_whole<K: Micro, const MR: usize>(a: Operand<'_>, m: usize, k: usize) -> Vec<f32> {
+    const { assert!(K::MR == MR) };
+    let m_pad = m.div_ceil(MR) * MR;
+    let mut data = vec![0f32; m_pad * k];
+    // The blocks in order, each `(pc, kc, ic, mc)` and its slice of `data`.
+    let mut blocks = Vec::new();
+    let mut rest = &mut data[..];
+    for pc in (0..k).step_by(KC) {
+        let kc = KC.min(k - pc);
+        for ic in (0..m).step_by(K::MC) {
+            let mc = K::MC.min(m - ic);
+            let (block, tail) = rest.split_at_mut(mc.div_ceil(MR) * MR * kc);
+            blocks.push(((pc, kc, ic, mc), block));
+            rest = tail;
+        }
+    }
+    let pack = |((pc, kc, ic, mc), block): ((usize, usize, usize, usize), &mut [f32])| {
+        pack_a_into::<MR>(block, a, ic, mc, pc, kc);
+    };
+    if m_pad * k >= PARALLEL_PACK && rayon::current_num_threads() > 1 {
+        blocks.into_par_iter().for_each(pack);
+    } else {
+        blocks.into_iter().for_each(pack);
+    }
+    data
+}
+
+/// The product on the kernel of a packed `a`, else on [`isa`]'s.
 fn run(
+    dims: (usize, usize, usize),
+    dst: Dst<'_>,
+    accumulate: bool,
+    a: Lhs<'_>,
+    b: Operand<'_>,
+    finish: Option<Finish<'_>>,
+    threads: usize,
+) {
+    let isa = match a {
+        Lhs::Packed(p) => p.isa,
+        Lhs::Raw(_) => isa().expect("sgemm: called where no kernel runs (see `available`)"),
+    };
+    assert!(isa.runs_here(), "sgemm: {isa:?} kernel on a CPU without it");
+    match isa {
+        Isa::Avx512 => run_on::<Avx512Kernel, { Avx512Kernel::MR }, { Avx512Kernel::NR }>(
+            dims, dst, accumulate, a, b, finish, threads,
+        ),
+        Isa::Avx2 => run_on::<Avx2Kernel, { Avx2Kernel::MR }, { Avx2Kernel::NR }>(
+            dims, dst, accumulate, a, b, finish, threads,
+        ),
+    }
+}
+
+/// [`run`] on kernel `K` (`MR x NR` its tile).
+fn run_on<K: Micro, const MR: usize, const NR: usize>(
     (m, n, k): (usize, usize, usize),
     dst: Dst<'_>,
     accumulate: bool,
@@ -345,7 +569,6 @@ fn run(
     finish: Option<Finish<'_>>,
     threads: usize,
 ) {
-    assert!(cpu_ok(), "sgemm: AVX-512 kernel called without AVX-512");
     assert!(
         finish.is_none() || !accumulate,
         "sgemm: a finish applies to a product, not to a sum into dst"
@@ -374,9 +597,9 @@ fn run(
     if let Some(f) = &finish {
         f.check(m, n);
     }
-    let split = parts(a, m, n, threads);
+    let split = parts(a, (m, n), (MR, NR), threads);
     if split == Parts::One {
-        serial(m, n, k, c, n, accumulate, a, b, finish, false);
+        serial::<K, MR, NR>(m, n, k, c, n, accumulate, a, b, finish, false);
     } else if let Parts::Columns { a_in_place } = split {
         // Column parts: whole NR panels per thread.
         let per = n.div_ceil(NR).div_ceil(threads) * NR;
@@ -389,7 +612,7 @@ fn run(
             };
             // Each part writes only its own columns j0..j0 + nn of `dst`.
             let ft = finish.map(|f| f.from(0, j0, n));
-            serial(m, nn, k, c.offset(j0), n, accumulate, a, bt, ft, a_in_place);
+            serial::<K, MR, NR>(m, nn, k, c.offset(j0), n, accumulate, a, bt, ft, a_in_place);
         });
     } else if let Lhs::Raw(a) = a {
         // Row parts: whole MR panels per thread.
@@ -403,7 +626,7 @@ fn run(
             };
             // Each part writes only its own rows i0..i0 + mm of `dst`.
             let ft = finish.map(|f| f.from(i0, 0, n));
-            serial(
+            serial::<K, MR, NR>(
                 mm,
                 n,
                 k,
@@ -431,17 +654,17 @@ enum Parts {
     Columns { a_in_place: bool },
 }
 
-/// The split of an `m x n` product with left operand `a` on `threads` threads: rows where
-/// their panels outnumber the columns' (a raw `a`), unless column parts reading a
-/// row-major `a` in place pay ([`columns_pay`]); else columns.
-fn parts(a: Lhs<'_>, m: usize, n: usize, threads: usize) -> Parts {
-    let (m_panels, n_panels) = (m.div_ceil(MR), n.div_ceil(NR));
+/// The split of an `m x n` product with left operand `a` on `threads` threads, on a kernel
+/// of `mr x nr` tiles: rows where their panels outnumber the columns' (a raw `a`), unless
+/// column parts reading a row-major `a` in place pay ([`columns_pay`]); else columns.
+fn parts(a: Lhs<'_>, (m, n): (usize, usize), (mr, nr): (usize, usize), threads: usize) -> Parts {
+    let (m_panels, n_panels) = (m.div_ceil(mr), n.div_ceil(nr));
     if threads <= 1 || (n_panels < 2 && m_panels < 2) {
         return Parts::One;
     }
     match a {
         Lhs::Raw(a) if m_panels > n_panels && m_panels >= threads => {
-            if columns_pay(a, m, n, threads) {
+            if columns_pay(a, (m, n), nr, threads) {
                 Parts::Columns { a_in_place: true }
             } else {
                 Parts::Rows
@@ -461,10 +684,10 @@ fn parts(a: Lhs<'_>, m: usize, n: usize, threads: usize) -> Parts {
 /// second layer's forward and its first layer's input gradient, each thread packing a
 /// whole 1 MiB weight for 64 rows), or a square one (1024^3 on two threads: 4.86-4.90 ms
 /// against 5.26-5.36 split by rows; PyTorch's MKL 4.91-4.94 in the same minutes).
-/// Only where the columns split evenly (whole panels, as many per thread): a 14x14 output's
-/// 196 columns would split 128 / 68, where the rows split evenly.
-fn columns_pay(a: Operand<'_>, m: usize, n: usize, threads: usize) -> bool {
-    a.cs == 1 && n.is_multiple_of(NR * threads) && 2 * n > m
+/// Only where the columns split evenly (whole panels of `nr`, as many per thread): a 14x14
+/// output's 196 columns would split 128 / 68, where the rows split evenly.
+fn columns_pay(a: Operand<'_>, (m, n): (usize, usize), nr: usize, threads: usize) -> bool {
+    a.cs == 1 && n.is_multiple_of(nr * threads) && 2 * n > m
 }
 
 /// `dst`'s base pointer, shared by the column parts (each writes its own columns).
@@ -494,7 +717,7 @@ thread_local! {
 /// (one `B` panel past every `A` panel of the block): in place an `A` panel is `MR` rows,
 /// each a stream of its own, where a packed one is one stream.
 #[allow(clippy::too_many_arguments)]
-fn serial(
+fn serial<K: Micro, const MR: usize, const NR: usize>(
     m: usize,
     n: usize,
     k: usize,
@@ -511,6 +734,7 @@ fn serial(
         !a_in_place || matches!(a, Lhs::Raw(a) if a.cs == 1),
         "sgemm: only a raw row-major lhs is read in place"
     );
+    const { assert!(K::MR == MR && K::NR == NR) };
     let depth = if a_in_place { KC_IN_PLACE } else { KC };
     PACKS.with(|p| {
         let (pa, pb) = &mut *p.borrow_mut();
@@ -520,10 +744,10 @@ fn serial(
                 let kc = depth.min(k - pc);
                 let add = accumulate || pc > 0;
                 let last = pc + kc == k;
-                let pb = pack_b(pb, b, pc, kc, jc, nc);
+                let pb = pack_b::<NR>(pb, b, pc, kc, jc, nc);
                 let in_place = a_in_place || nc.div_ceil(NR) <= STRIDED_A_PANELS;
-                for ic in (0..m).step_by(MC) {
-                    let mc = MC.min(m - ic);
+                for ic in (0..m).step_by(K::MC) {
+                    let mc = K::MC.min(m - ic);
                     // The block, its row stride in place (`None`: packed) and the distance
                     // between its `MR`-row panels.
                     let (ablock, lda, panel_step): (&[f32], _, _) = match a {
@@ -531,10 +755,10 @@ fn serial(
                             (&a.data[ic * a.rs + pc..], Some(a.rs), MR * a.rs)
                         }
                         Lhs::Raw(a) => {
-                            pack_a(pa, a, ic, mc, pc, kc);
+                            pack_a::<MR>(pa, a, ic, mc, pc, kc);
                             (pa, None, kc * MR)
                         }
-                        Lhs::Packed(p) => (p.block(pc, ic, kc), None, kc * MR),
+                        Lhs::Packed(p) => (p.block::<K>(pc, ic, kc), None, kc * MR),
                     };
                     let (jrs, irs) = (nc.div_ceil(NR), mc.div_ceil(MR));
                     for t in 0..jrs * irs {
@@ -547,32 +771,30 @@ fn serial(
                         let mr = MR.min(mc - ir * MR);
                         let (ti, tj) = (ic + ir * MR, jc + jr * NR);
                         let tile = c.offset(ti * ldc + tj);
-                        #[cfg(target_arch = "x86_64")]
-                        // SAFETY: `cpu_ok()` was checked by `run`; the packed panels hold
-                        // `kc * MR` and `kc * NR` floats, and in place the `mr` rows of
-                        // the panel hold `kc` values each (`a.check` in `sgemm`: rows
-                        // `ic + ir * MR + i < m`, columns `pc + p < k`); the tile's
-                        // `mr x nr` elements lie inside this call's `m x n` part of
-                        // `dst`, and so inside the finish's parts (`Finish::check`
-                        // in `run`, shifted with `dst` by `Finish::from`).
+                        // SAFETY: `run` checked that `K`'s instructions run here; the packed
+                        // panels hold `kc * MR` and `kc * NR` floats, and in place the `mr`
+                        // rows of the panel hold `kc` values each (`a.check` in `sgemm`:
+                        // rows `ic + ir * MR + i < m`, columns `pc + p < k`); the tile's
+                        // `mr x nr` elements lie inside this call's `m x n` part of `dst`,
+                        // and so inside the finish's parts (`Finish::check` in `run_on`,
+                        // shifted with `dst` by `Finish::from`).
                         unsafe {
+                            #[cfg(target_arch = "x86_64")]
                             prefetch_tile(tile.0, ldc, mr, nr);
                             let fin = finish.filter(|_| last).map(|f| f.tile(ti, tj, ldc));
                             let (ap, bp) = (
                                 (ablock.as_ptr().add(ir * panel_step), lda),
                                 pb.as_ptr().add(jr * kc * NR),
                             );
-                            // A last panel of at most 16 columns (e.g. 196 = 6 x 32 + 4
-                            // at 14x14) runs on one vector per row: half the FMAs
-                            // (see `computed_columns`).
+                            // A last panel of at most `NR / 2` columns (e.g. 196 = 6 x 32 +
+                            // 4 at 14x14 on AVX-512) runs on one vector per row: half the
+                            // FMAs (see `computed_columns`).
                             if nr <= NR / 2 {
-                                avx512::kernel::<1>(kc, ap, bp, tile.0, ldc, mr, nr, add, fin);
+                                K::tile::<1>(kc, ap, bp, tile.0, ldc, mr, nr, add, fin);
                             } else {
-                                avx512::kernel::<2>(kc, ap, bp, tile.0, ldc, mr, nr, add, fin);
+                                K::tile::<2>(kc, ap, bp, tile.0, ldc, mr, nr, add, fin);
                             }
                         }
-                        #[cfg(not(target_arch = "x86_64"))]
-                        let _ = (tile, mr, nr, add, last, &finish);
                     }
                 }
             }
@@ -593,6 +815,7 @@ fn prefetch_tile(c: *mut f32, ldc: usize, mr: usize, nr: usize) {
         let row = c.wrapping_add(i * ldc).cast::<i8>().cast_const();
         // SAFETY: a prefetch is a hint; it reads nothing and cannot fault.
         unsafe { _mm_prefetch::<_MM_HINT_T0>(row) };
+        // A second cache line where the row's values may reach it.
         if nr > 16 {
             // SAFETY: as above.
             unsafe { _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(64)) };
@@ -603,13 +826,27 @@ fn prefetch_tile(c: *mut f32, ldc: usize, mr: usize, nr: usize) {
 /// Packs rows `i0..i0 + mc`, depth `p0..p0 + kc` of `a` into panels of `MR` rows: panel
 /// `r` holds, for each `p`, the `MR` values `a[i0 + r * MR + i, p0 + p]` (zero past `mc`).
 /// Reads run along whichever of `a`'s dimensions is contiguous.
-fn pack_a(dst: &mut Vec<f32>, a: Operand<'_>, i0: usize, mc: usize, p0: usize, kc: usize) {
+fn pack_a<const MR: usize>(
+    dst: &mut Vec<f32>,
+    a: Operand<'_>,
+    i0: usize,
+    mc: usize,
+    p0: usize,
+    kc: usize,
+) {
     dst.resize(mc.div_ceil(MR) * kc * MR, 0.);
-    pack_a_into(dst, a, i0, mc, p0, kc);
+    pack_a_into::<MR>(dst, a, i0, mc, p0, kc);
 }
 
 /// [`pack_a`] into a slice of exactly its size; every value is written (zero past `mc`).
-fn pack_a_into(dst: &mut [f32], a: Operand<'_>, i0: usize, mc: usize, p0: usize, kc: usize) {
+fn pack_a_into<const MR: usize>(
+    dst: &mut [f32],
+    a: Operand<'_>,
+    i0: usize,
+    mc: usize,
+    p0: usize,
+    kc: usize,
+) {
     debug_assert_eq!(dst.len(), mc.div_ceil(MR) * kc * MR);
     for (r, panel) in dst.chunks_exact_mut(kc * MR).enumerate() {
         let rows = MR.min(mc - r * MR);
@@ -666,7 +903,7 @@ fn pack_a_into(dst: &mut [f32], a: Operand<'_>, i0: usize, mc: usize, p0: usize,
 /// `nc`). Reads run along whichever of `b`'s dimensions is contiguous. The panels are
 /// written into `dst` from a cache line on ([`aligned_mut`]: the micro-kernel reads them
 /// with whole-vector loads) and returned.
-fn pack_b<'d>(
+fn pack_b<'d, const NR: usize>(
     dst: &'d mut Vec<f32>,
     b: Operand<'_>,
     p0: usize,

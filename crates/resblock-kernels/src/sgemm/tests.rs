@@ -1,7 +1,31 @@
-//! The AVX-512 GEMM against a plain f64 triple loop: edge tiles in every dimension, more
-//! than one block of each size, transposed operands, accumulation, one and two threads.
+//! Each micro-kernel's GEMM (AVX-512 and AVX2, every one this CPU has, forced with
+//! [`force`]) against a plain f64 triple loop: edge tiles in every dimension, more than one
+//! block of each size, transposed operands, accumulation, one and two threads.
 
 use super::*;
+
+/// The kernels this CPU has (whatever `RESBLOCK_SIMD` says), each named on stderr when
+/// skipped.
+fn kernels_here() -> Vec<Isa> {
+    Isa::ALL
+        .into_iter()
+        .filter(|isa| {
+            let runs = isa.runs_here();
+            if !runs {
+                eprintln!("{isa:?} kernel skipped: not on this CPU");
+            }
+            runs
+        })
+        .collect()
+}
+
+/// The tile (`MR`, `NR`) of the kernel products run on in this thread.
+fn tile() -> (usize, usize) {
+    match isa().expect("a kernel is forced") {
+        Isa::Avx512 => (Avx512Kernel::MR, Avx512Kernel::NR),
+        Isa::Avx2 => (Avx2Kernel::MR, Avx2Kernel::NR),
+    }
+}
 
 /// A deterministic pseudo-random matrix of `len` values in [-1, 1).
 fn values(len: usize, seed: u64) -> Vec<f32> {
@@ -88,7 +112,7 @@ fn check(m: usize, n: usize, k: usize, a_t: bool, b_t: bool, accumulate: bool, t
     // The same bits, but where the raw product's column parts read `a` in place in
     // blocks of another depth (`KC_IN_PLACE`), which sum in another order (checked against
     // the triple loop as `dst` is, below).
-    if parts(Lhs::Raw(a), m, n, threads) == (Parts::Columns { a_in_place: true }) {
+    if parts(Lhs::Raw(a), (m, n), tile(), threads) == (Parts::Columns { a_in_place: true }) {
         assert_close(&packed, &want, k, &format!("({m}, {n}, {k}) packed lhs"));
     } else {
         assert_eq!(packed, dst, "({m}, {n}, {k}): packed lhs differs");
@@ -113,7 +137,10 @@ fn check(m: usize, n: usize, k: usize, a_t: bool, b_t: bool, accumulate: bool, t
         }
         check_finishes((m, n, k), (&dst, &packed), a, b, threads);
     }
-    let what = format!("({m}, {n}, {k}) a_t {a_t} b_t {b_t} acc {accumulate} threads {threads}");
+    let what = format!(
+        "{:?} ({m}, {n}, {k}) a_t {a_t} b_t {b_t} acc {accumulate} threads {threads}",
+        isa()
+    );
     assert_close(&dst, &want, k, &what);
 }
 
@@ -201,13 +228,15 @@ fn check_finishes(
 
 #[test]
 fn matches_the_triple_loop() {
-    if !cpu_ok() {
-        eprintln!("skipped: this CPU (or RESBLOCK_SIMD) does not allow AVX-512");
-        return;
-    }
     // Edges: 1 row / column, one short of a tile, one past it; several blocks of K, M, N.
     let shapes = [
         (1, 1, 1),
+        // AVX2's 6 x 16 tile: exact, one past, and last panels of exactly 8 columns (one
+        // vector, unmasked) and of 4 (one vector, masked).
+        (6, 16, 16),
+        (7, 17, 3),
+        (12, 40, 33),
+        (11, 20, 9),
         (7, 31, 5),
         (8, 32, 16),
         (9, 33, 17),
@@ -231,14 +260,18 @@ fn matches_the_triple_loop() {
         // (512 + 8), walked along the rows.
         (204, 640, 520),
     ];
-    for &(m, n, k) in &shapes {
-        for (a_t, b_t) in [(false, false), (true, false), (false, true), (true, true)] {
-            for accumulate in [false, true] {
-                for threads in [1, 2] {
-                    check(m, n, k, a_t, b_t, accumulate, threads);
+    for isa in kernels_here() {
+        force(isa, || {
+            for &(m, n, k) in &shapes {
+                for (a_t, b_t) in [(false, false), (true, false), (false, true), (true, true)] {
+                    for accumulate in [false, true] {
+                        for threads in [1, 2] {
+                            check(m, n, k, a_t, b_t, accumulate, threads);
+                        }
+                    }
                 }
             }
-        }
+        });
     }
 }
 
@@ -249,30 +282,80 @@ fn columns_split_where_they_spare_packing_all_of_b() {
         rs: 1,
         cs,
     };
+    let pays = |cs: usize, m: usize, n: usize, nr: usize| columns_pay(a(cs), (m, n), nr, 2);
     // The MLP block's second layer at batch 128: 256 columns, 4 panels a thread.
-    assert!(columns_pay(a(1), 128, 256, 2));
-    assert!(columns_pay(a(1), 100, 128, 2));
+    assert!(pays(1, 128, 256, 32));
+    assert!(pays(1, 100, 128, 32));
     // A square product: 16 panels a thread, `a` in place all the same.
-    assert!(columns_pay(a(1), 1024, 1024, 2));
+    assert!(pays(1, 1024, 1024, 32));
     // A transposed `a` is packed by every column part: rows stay the split.
-    assert!(!columns_pay(a(128), 128, 256, 2));
-    assert!(!columns_pay(a(1024), 1024, 1024, 2));
+    assert!(!pays(128, 128, 256, 32));
+    assert!(!pays(1024, 1024, 1024, 32));
     // Uneven parts (196 = 128 + 68), or many rows (each part would read all of them).
-    assert!(!columns_pay(a(1), 256, 196, 2));
-    assert!(!columns_pay(a(1), 2048, 256, 2));
+    assert!(!pays(1, 256, 196, 32));
+    assert!(!pays(1, 2048, 256, 32));
+    // Whole panels of the kernel's own width: 96 columns are 6 of AVX2's 16 (3 a thread)
+    // but 3 of AVX-512's 32; 48 are uneven on both.
+    assert!(pays(1, 64, 96, 16));
+    assert!(!pays(1, 64, 96, 32));
+    assert!(!pays(1, 64, 48, 16));
+    assert!(!pays(1, 64, 48, 32));
     // The split that follows: where the rows outnumber the columns, and only there.
-    let split =
-        |cs: usize, m: usize, n: usize, threads: usize| parts(Lhs::Raw(a(cs)), m, n, threads);
+    let split = |cs: usize, m: usize, n: usize, threads: usize| {
+        parts(Lhs::Raw(a(cs)), (m, n), (8, 32), threads)
+    };
     assert_eq!(split(1, 1024, 1024, 2), Parts::Columns { a_in_place: true });
     assert_eq!(split(1, 204, 640, 2), Parts::Columns { a_in_place: true });
     assert_eq!(split(1024, 1024, 1024, 2), Parts::Rows);
     assert_eq!(split(1, 2048, 256, 2), Parts::Rows);
     assert_eq!(split(1, 128, 1024, 2), Parts::Columns { a_in_place: false });
     assert_eq!(split(1, 1024, 1024, 1), Parts::One);
+    // Panels are counted in the kernel's tile: 40 rows x 60 columns are 5 x 2 panels of
+    // 8 x 32 (rows the split) but 7 x 4 of 6 x 16 (rows again), 20 x 60 are 3 x 2 and
+    // 4 x 4 (columns: as many row panels as column panels).
+    let split_on =
+        |m: usize, n: usize, tile: (usize, usize)| parts(Lhs::Raw(a(7)), (m, n), tile, 2);
+    assert_eq!(split_on(40, 60, (8, 32)), Parts::Rows);
+    assert_eq!(split_on(40, 60, (6, 16)), Parts::Rows);
+    assert_eq!(split_on(20, 60, (8, 32)), Parts::Rows);
+    assert_eq!(
+        split_on(20, 60, (6, 16)),
+        Parts::Columns { a_in_place: false }
+    );
+}
+
+#[test]
+fn padded_columns() {
+    // AVX-512's panels of 32 (a last one of 16 where the rest fits in it) ...
+    assert_eq!(columns_on(32, 49), 64);
+    assert_eq!(columns_on(32, 196), 208);
+    assert_eq!(columns_on(32, 784), 784);
+    assert_eq!(columns_on(32, 392), 400);
+    assert_eq!(columns_on(32, 1), 16);
+    // ... and AVX2's of 16 (a last one of 8).
+    assert_eq!(columns_on(16, 49), 56);
+    assert_eq!(columns_on(16, 196), 200);
+    assert_eq!(columns_on(16, 392), 392);
+    assert_eq!(columns_on(16, 1), 8);
+    for isa in kernels_here() {
+        force(isa, || {
+            assert_eq!(computed_columns(49), columns_on(isa.nr(), 49))
+        });
+    }
 }
 
 #[test]
 fn packing_is_the_same_on_one_and_two_threads() {
+    for isa in kernels_here() {
+        match isa {
+            Isa::Avx512 => packs_alike::<Avx512Kernel, { Avx512Kernel::MR }>(isa),
+            Isa::Avx2 => packs_alike::<Avx2Kernel, { Avx2Kernel::MR }>(isa),
+        }
+    }
+}
+
+/// [`packing_is_the_same_on_one_and_two_threads`] for kernel `K` (`isa`, `MR` its rows).
+fn packs_alike<K: Micro, const MR: usize>(isa: Isa) {
     let (m, k) = (260, 300);
     assert!(m * k >= PARALLEL_PACK);
     let av = values(m * k, 9);
@@ -288,7 +371,7 @@ fn packing_is_the_same_on_one_and_two_threads() {
                 .num_threads(threads)
                 .build()
                 .expect("pool");
-            pool.install(|| PackedA::new(a, m, k)).data
+            pool.install(|| force(isa, || PackedA::new(a, m, k))).data
         })
         .collect();
     assert_eq!(packed[0], packed[1]);
@@ -296,8 +379,8 @@ fn packing_is_the_same_on_one_and_two_threads() {
     let mut want = Vec::new();
     let mut block = Vec::new();
     for pc in (0..k).step_by(KC) {
-        for ic in (0..m).step_by(MC) {
-            pack_a(&mut block, a, ic, MC.min(m - ic), pc, KC.min(k - pc));
+        for ic in (0..m).step_by(K::MC) {
+            pack_a::<MR>(&mut block, a, ic, K::MC.min(m - ic), pc, KC.min(k - pc));
             want.extend_from_slice(&block);
         }
     }
@@ -306,9 +389,12 @@ fn packing_is_the_same_on_one_and_two_threads() {
 
 #[test]
 fn empty_depth_clears_or_keeps() {
-    if !cpu_ok() {
-        return;
+    for isa in kernels_here() {
+        force(isa, empty_depth);
     }
+}
+
+fn empty_depth() {
     let a = Operand {
         data: &[],
         rs: 0,

@@ -11,7 +11,7 @@
 //! 1. the weights transformed once per call, `u[co][ξ][ci]`;
 //! 2. the input transformed, `v[ci][ξ][t]` over the tiles `t` of a group of images;
 //! 3. one GEMM per position, `m[ξ] (cout x tiles) = u[.][ξ][.] . v[.][ξ][.]`, on
-//!    [`gemm_into`] (our AVX-512 GEMM where it runs), one per task;
+//!    [`gemm_into`] (our own GEMM where it runs), one per task;
 //! 4. the output transform, each output plane written once with the epilogue applied while
 //!    it is in cache.
 //!
