@@ -36,8 +36,25 @@ pub(crate) const DIRECT_MAX_K_AVX512_FORWARD: usize = 2304;
 /// of it). On the copies layout where that saves enough ([`direct::Plan::preferred`]).
 pub(crate) fn direct_plan(d: &Dims, g: &ConvGeom) -> Option<direct::Plan> {
     let plan = direct_plan_up_to(d, g, DIRECT_MAX_K_AVX512_FORWARD)?;
-    (plan.isa() == direct::Isa::Avx512 || d.c * d.kh * d.kw <= DIRECT_MAX_K)
-        .then(|| plan.preferred())
+    (d.c * d.kh * d.kw <= direct_forward_max_k(plan.isa(), g.stride)).then(|| plan.preferred())
+}
+
+/// The largest `C_in * kh * kw` of an AVX2 stride-2 forward on the direct kernel: above it
+/// (64 input channels of a 3x3 kernel) the GEMM path's unfolding of a quarter of the input
+/// and one GEMM win. Measured on the Zen 3 host (`winograd-ab ... s2 direct_conv`,
+/// interleaved minima): 64 -> 128 channels at 56x56, batch 8, 7.0 ms on the GEMM path (our
+/// AVX2 GEMM; 7.6 on the `gemm` crate's) against 9.6 direct, batch 1 0.92 against 1.35; but
+/// 32 -> 64 at 16x16, batch 128, 4.38 against 3.67 direct, and 16 -> 32 at 32x32 4.74
+/// against 3.41.
+pub(crate) const DIRECT_MAX_K_AVX2_STRIDED_FORWARD: usize = 288;
+
+/// The largest `C_in * kh * kw` a forward at `stride` takes on the direct kernels of `isa`.
+fn direct_forward_max_k(isa: direct::Isa, stride: usize) -> usize {
+    match isa {
+        direct::Isa::Avx512 => DIRECT_MAX_K_AVX512_FORWARD,
+        direct::Isa::Avx2 if stride == 2 => DIRECT_MAX_K_AVX2_STRIDED_FORWARD,
+        direct::Isa::Avx2 => DIRECT_MAX_K,
+    }
 }
 
 /// [`direct_plan`] with `C_in * kh * kw` at most `max_k`.
@@ -356,5 +373,26 @@ impl StridedGroup<'_> {
                 col2im_into(dcols, d, g, dx_n);
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The forward's direct-kernel limits per kernel and stride: on AVX2 a stride-2 layer
+    /// with 64 input channels (ResNet-18's first stride-2 3x3 layer) goes to the GEMM path,
+    /// one with 32 (CIFAR ResNets') stays direct; stride 1 and AVX-512 keep theirs.
+    #[test]
+    fn forward_limits_per_kernel_and_stride() {
+        let k = |c: usize| c * 9;
+        assert!(k(32) <= direct_forward_max_k(direct::Isa::Avx2, 2));
+        assert!(k(64) > direct_forward_max_k(direct::Isa::Avx2, 2));
+        assert!(k(64) <= direct_forward_max_k(direct::Isa::Avx2, 1));
+        assert!(k(128) > direct_forward_max_k(direct::Isa::Avx2, 1));
+        for stride in [1, 2] {
+            assert!(k(256) <= direct_forward_max_k(direct::Isa::Avx512, stride));
+            assert!(k(512) > direct_forward_max_k(direct::Isa::Avx512, stride));
+        }
     }
 }
