@@ -11,8 +11,9 @@
 //! - `B` is cut into `KC x NC` blocks and packed into panels of `NR` columns (`NR` values
 //!   per `k`, zero-padded), `A` into `MC x KC` blocks packed into panels of `MR` rows;
 //! - the micro-kernel ([`avx512::kernel`]) computes an `MR x NR` tile of `dst` from one `A`
-//!   panel and one `B` panel; the `B` panel (`KC * NR` floats, 32 KiB) stays in L1 while
-//!   the `A` block (`MC * KC`, 128 KiB) streams from L2 (an `A` read in place by a
+//!   panel and one `B` panel; the `B` panel (`KC * NR` floats, 32 KiB on AVX-512, 16 on
+//!   AVX2) stays in L1 while the `A` block (`MC * KC`, 128 KiB) streams from L2 (an `A`
+//!   read in place by a
 //!   column part is walked the other way round: see `serial`);
 //! - the first `KC` block writes (or adds to) `dst`, the others add; the last can finish
 //!   each value as it stores it ([`Finish`]: a convolution's per-channel epilogue).
@@ -231,8 +232,9 @@ fn columns_on(nr: usize, n: usize) -> usize {
 const KC: usize = 256;
 /// Depth of one block where a column part reads `A` in place ([`columns_pay`]): no `A`
 /// block is packed, so the depth is not bound by one, and half as many passes store and
-/// reload the `C` tiles. The `B` panels (64 KiB) then stream from L2 while the `A` panel
-/// (8 rows of 2 KiB) stays in L1 (the tiles are walked along the rows, see [`serial`]).
+/// reload the `C` tiles. The `B` panels (64 KiB on AVX-512) then stream from L2 while the
+/// `A` panel (8 rows of 2 KiB) stays in L1 (the tiles are walked along the rows, see
+/// [`serial`]). (Chosen on AVX-512, kept for AVX2's 6 x 16 tile unmeasured.)
 /// 1024^3 on two threads: 4.86-4.90 against 4.96-5.02 ms at [`KC`].
 const KC_IN_PLACE: usize = 512;
 /// Columns of one packed `B` block (a multiple of every kernel's `NR`).
@@ -242,7 +244,8 @@ const NC: usize = 1024;
 /// reuse by every panel, which a few panels (a batch-1 convolution's 7x7 to 14x14 output:
 /// 2 to 7 panels) do not pay back. At batch 1 the packing of `A` was a tenth of a
 /// ResNet-50 inference. (A column part of [`columns_pay`] reads it in place whatever the
-/// count: there every part would pack all of `A`.)
+/// count: there every part would pack all of `A`.) Counted on AVX-512's 32-column panels;
+/// on AVX2's 16-column ones the same count is half as many columns (kept unmeasured).
 const STRIDED_A_PANELS: usize = 8;
 /// Weights of at least this many floats are packed on all threads ([`PackedA::new`], the
 /// direct convolution's `pack_weights`): below it the rayon hand-off costs more than the
@@ -421,8 +424,9 @@ impl<'a> Finish<'a> {
 /// out as the tile (row stride `ldc`), as the separate pass of a convolution's epilogue
 /// computes it (multiply, then add the bias or zero: no fused multiply-add, so both give
 /// the same bits). Null pointers are the parts not applied. Each kernel applies it with
-/// its own vectors (`avx512::finish`, `avx2::finish`).
+/// its own vectors (`avx512::finish`, `avx2::finish`); off x86-64 no kernel reads it.
 #[derive(Clone, Copy)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) struct TileFinish {
     /// The tile's first row's scale (`mr` values readable), or null.
     pub scale: *const f32,
