@@ -1,12 +1,14 @@
-//! `cargo xtask aarch64 [crate...]`: the tests of the kernel-bearing crates (and the
-//! training engine) built for
-//! 64-bit ARM (`aarch64-unknown-linux-gnu`) and run under user-mode QEMU.
+//! `cargo xtask aarch64 [crate...]`: clippy (`-D warnings`) over the kernel-bearing crates
+//! (and the training engine) as 64-bit ARM (`aarch64-unknown-linux-gnu`) compiles them, then
+//! their tests built for it and run under user-mode QEMU.
 //!
 //! No ARM machine is at hand here, and CI runs on x86-64, where the portable kernels are
 //! tested only by forcing them (`RESBLOCK_SIMD=0` and `resblock_kernels::dispatch`). This
 //! builds the crates as an ARM CPU gets them (every `cfg(target_arch = "x86_64")` path
 //! compiled out, the `gemm` crate's NEON kernels in) and runs their tests on an emulated
 //! aarch64 CPU. It checks correctness only: QEMU's timings say nothing about an ARM CPU's.
+//! The clippy pass comes first because items compiled only off x86-64 (the portable
+//! fallbacks) are linted nowhere else: CI's clippy runs on x86-64.
 //!
 //! Needs the Rust target, a cross linker and QEMU:
 //! `rustup target add aarch64-unknown-linux-gnu` and
@@ -33,16 +35,27 @@ const DEFAULT_CRATES: [&str; 4] = [
     "resblock-train",
 ];
 
-/// Runs the tests of `crates` (default [`DEFAULT_CRATES`]) for [`TARGET`] under QEMU.
+/// Lints `crates` (default [`DEFAULT_CRATES`]) for [`TARGET`], then runs their tests under
+/// QEMU.
 pub fn run(crates: &[String]) -> Result<()> {
     check_tools()?;
-    let mut test = super::cargo();
-    test.args(["test", "--release", "--no-fail-fast", "--target", TARGET]);
     let crates: Vec<&str> = if crates.is_empty() {
         DEFAULT_CRATES.to_vec()
     } else {
         crates.iter().map(String::as_str).collect()
     };
+    let mut clippy = super::cargo();
+    clippy.args(["clippy", "--release", "--all-targets", "--target", TARGET]);
+    for c in &crates {
+        clippy.args(["-p", c]);
+    }
+    clippy.args(["--", "-D", "warnings"]);
+    super::run(
+        &format!("clippy of {} on aarch64", crates.join(", ")),
+        clippy,
+    )?;
+    let mut test = super::cargo();
+    test.args(["test", "--release", "--no-fail-fast", "--target", TARGET]);
     for c in &crates {
         test.args(["-p", c]);
     }

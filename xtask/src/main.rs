@@ -15,8 +15,9 @@
 //!   time (the two runs bracket ours in time on a host whose speed drifts), the ratio
 //!   (PyTorch time / ours: above 1 means resblock is faster) and PyTorch's peak memory for
 //!   the same steps (`torch_bench.py --memory`).
-//! - `aarch64 [crate...]`: the kernel-bearing crates' tests built for 64-bit ARM and run
-//!   under user-mode QEMU (`aarch64.rs`; not part of `ci`).
+//! - `aarch64 [crate...]`: clippy on the kernel-bearing crates as 64-bit ARM compiles them,
+//!   then their tests built for it and run under user-mode QEMU (`aarch64.rs`; not part
+//!   of `ci`).
 #![forbid(unsafe_code)]
 
 use std::collections::HashMap;

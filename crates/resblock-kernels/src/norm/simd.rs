@@ -11,7 +11,9 @@
 use std::mem::MaybeUninit;
 
 use crate::buffer::Slot;
-use crate::dispatch::{simd_in_use, usable, Simd};
+#[cfg(target_arch = "x86_64")]
+use crate::dispatch::usable;
+use crate::dispatch::{simd_in_use, Simd};
 use crate::simd::with_simd;
 
 /// Floats per step of the explicit sum kernels (one f64 vector of AVX-512, two of AVX2).

@@ -85,61 +85,43 @@ pub(crate) struct Avx512Kernel;
 /// The AVX2 + FMA micro-kernel ([`avx2::kernel`]): 6 x 16, 12 of the 16 registers summing.
 pub(crate) struct Avx2Kernel;
 
-impl Micro for Avx512Kernel {
-    const MR: usize = 8;
-    const NR: usize = 32;
+/// Implements [`Micro`] for a kernel type: its tile (`MR` x `NR`) and the module whose
+/// `kernel::<VR>` it runs. The entry point exists only on x86-64; elsewhere [`isa`] never
+/// names a kernel, so `tile` is unreachable there.
+macro_rules! micro_kernel {
+    ($kernel:ty, $mr:literal x $nr:literal, $module:ident, $name:literal) => {
+        impl Micro for $kernel {
+            const MR: usize = $mr;
+            const NR: usize = $nr;
 
-    unsafe fn tile<const VR: usize>(
-        kc: usize,
-        a: (*const f32, Option<usize>),
-        b: *const f32,
-        c: *mut f32,
-        ldc: usize,
-        mr: usize,
-        nr: usize,
-        add: bool,
-        fin: Option<TileFinish>,
-    ) {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: the caller's contract is the kernel's.
-        unsafe {
-            avx512::kernel::<VR>(kc, a, b, c, ldc, mr, nr, add, fin)
+            unsafe fn tile<const VR: usize>(
+                kc: usize,
+                a: (*const f32, Option<usize>),
+                b: *const f32,
+                c: *mut f32,
+                ldc: usize,
+                mr: usize,
+                nr: usize,
+                add: bool,
+                fin: Option<TileFinish>,
+            ) {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: the caller's contract is the kernel's.
+                unsafe {
+                    $module::kernel::<VR>(kc, a, b, c, ldc, mr, nr, add, fin)
+                }
+                #[cfg(not(target_arch = "x86_64"))]
+                {
+                    let _ = (kc, a, b, c, ldc, mr, nr, add, fin);
+                    unreachable!(concat!("sgemm: ", $name, " kernel on another architecture"))
+                }
+            }
         }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            let _ = (kc, a, b, c, ldc, mr, nr, add, fin);
-            unreachable!("sgemm: AVX-512 kernel on another architecture")
-        }
-    }
+    };
 }
 
-impl Micro for Avx2Kernel {
-    const MR: usize = 6;
-    const NR: usize = 16;
-
-    unsafe fn tile<const VR: usize>(
-        kc: usize,
-        a: (*const f32, Option<usize>),
-        b: *const f32,
-        c: *mut f32,
-        ldc: usize,
-        mr: usize,
-        nr: usize,
-        add: bool,
-        fin: Option<TileFinish>,
-    ) {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: the caller's contract is the kernel's.
-        unsafe {
-            avx2::kernel::<VR>(kc, a, b, c, ldc, mr, nr, add, fin)
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            let _ = (kc, a, b, c, ldc, mr, nr, add, fin);
-            unreachable!("sgemm: AVX2 kernel on another architecture")
-        }
-    }
-}
+micro_kernel!(Avx512Kernel, 8 x 32, avx512, "AVX-512");
+micro_kernel!(Avx2Kernel, 6 x 16, avx2, "AVX2");
 
 /// Which micro-kernel a product runs on.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]

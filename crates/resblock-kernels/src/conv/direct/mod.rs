@@ -70,6 +70,7 @@ const BLOCK_PIXELS: usize = 128;
 /// [`Plan::prefetches`] from this many bytes of a tile's input rows (a third of the 48 KiB
 /// L1 of the host it was measured on: the rows share it with the weights and the next
 /// tiles').
+#[cfg(target_arch = "x86_64")]
 const PREFETCH_MIN_BYTES: usize = 16 << 10;
 /// Planes are padded to a multiple of this many floats (the widest vector).
 const PLANE_ALIGN: usize = 16;
@@ -970,6 +971,7 @@ impl Plan {
     /// nineteenth session) that made the 64-channel 56x56, 256-channel 14x14 and stride-2
     /// bench layers' forwards 3-6% faster, and the 16-channel 32x32 one (6.5 KiB of rows) 3%
     /// slower.
+    #[cfg(target_arch = "x86_64")]
     pub(super) fn prefetches(&self) -> bool {
         self.c * self.kh * (self.isa.tq() + self.kw - 1) * 4 >= PREFETCH_MIN_BYTES
     }
@@ -1259,8 +1261,9 @@ impl Plan {
                             }
                         }
                     };
+                    // Off x86-64 no direct plan is made (`Isa::detect` finds no instruction set).
                     #[cfg(not(target_arch = "x86_64"))]
-                    let _ = rows;
+                    let _ = (rows, offs, masks, &mut sums);
                     for (j, s) in sums.iter().take(cb).enumerate() {
                         let co = blk * cb + j;
                         if co < self.cout {
