@@ -22,7 +22,7 @@
 //! cost nothing extra. With several threads the larger of `n` and `m` is split into one
 //! part per thread (whole panels each; the columns where that spares packing the whole of
 //! `b` on every thread, `columns_pay`, each column part then reading a row-major `a` in
-//! place), and each thread packs what it reads.
+//! place, in `PARTS_PER_THREAD` parts a thread), and each part packs what it reads.
 //!
 //! [`available`] says whether it may run ([`isa`]: AVX-512, or AVX2 + FMA, present and
 //! allowed by [`crate::dispatch`]); elsewhere the callers keep the `gemm` crate, which
@@ -229,6 +229,17 @@ const NC: usize = 1024;
 /// count: there every part would pack all of `A`.) Counted on AVX-512's 32-column panels;
 /// on AVX2's 16-column ones the same count is half as many columns (kept unmeasured).
 const STRIDED_A_PANELS: usize = 8;
+/// Column parts per thread where each part reads a row-major `a` in place
+/// ([`columns_pay`]): rayon hands the parts to whichever thread is free, so a core slowed
+/// by a neighbour (these hosts are shared) does fewer of them, where one part per thread
+/// left the other waiting. More parts cost nothing but more reads of `a` (in place, from
+/// L2/L3): each part packs only its own columns of `b`. Not for the other splits, whose
+/// parts each pack all of `a` or of `b`. On the 2-core Zen 3 host, process against process
+/// alternated (minima of 8 calls): 1024^3 11.40-11.99 against 11.62-12.79 ms (8 of 8
+/// pairs) and 14.57-16.08 against 14.84-16.90 (4 of 4) in a busier spell; the residual MLP
+/// block's 128 x 256 . 256 x 256 the same (0.121-0.144 against 0.122-0.145 ms). Measured
+/// on AVX2 only.
+const PARTS_PER_THREAD: usize = 4;
 /// Weights of at least this many floats are packed on all threads ([`PackedA::new`], the
 /// direct convolution's `pack_weights`): below it the rayon hand-off costs more than the
 /// copy.
@@ -587,8 +598,10 @@ fn run_on<K: Micro, const MR: usize, const NR: usize>(
     if split == Parts::One {
         serial::<K, MR, NR>(m, n, k, c, n, accumulate, a, b, finish, false);
     } else if let Parts::Columns { a_in_place } = split {
-        // Column parts: whole NR panels per thread.
-        let per = n.div_ceil(NR).div_ceil(threads) * NR;
+        // Column parts of whole NR panels: one per thread, or where each reads `a` in
+        // place (and so packs only its own columns of `b`) `PARTS_PER_THREAD` per thread.
+        let parts = threads * if a_in_place { PARTS_PER_THREAD } else { 1 };
+        let per = n.div_ceil(NR).div_ceil(parts) * NR;
         (0..n.div_ceil(per)).into_par_iter().for_each(|t| {
             let j0 = t * per;
             let nn = per.min(n - j0);
@@ -636,7 +649,8 @@ enum Parts {
     /// One part of whole `MR` panels of rows per thread, each packing all of `b`.
     Rows,
     /// One part of whole `NR` panels of columns per thread; with `a_in_place` (a raw,
-    /// row-major `a` where [`columns_pay`]) each reads `a` in place as [`serial`] says.
+    /// row-major `a` where [`columns_pay`]) [`PARTS_PER_THREAD`] parts a thread, each
+    /// reading `a` in place as [`serial`] says.
     Columns { a_in_place: bool },
 }
 
@@ -670,8 +684,10 @@ fn parts(a: Lhs<'_>, (m, n): (usize, usize), (mr, nr): (usize, usize), threads: 
 /// second layer's forward and its first layer's input gradient, each thread packing a
 /// whole 1 MiB weight for 64 rows), or a square one (1024^3 on two threads: 4.86-4.90 ms
 /// against 5.26-5.36 split by rows; PyTorch's MKL 4.91-4.94 in the same minutes).
-/// Only where the columns split evenly (whole panels of `nr`, as many per thread): a 14x14
-/// output's 196 columns would split 128 / 68, where the rows split evenly.
+/// (Split into [`PARTS_PER_THREAD`] parts a thread, each part reads all of `a`: more reads,
+/// still no packing.) Only where the columns split evenly (whole panels of `nr`, as many
+/// per thread): a 14x14 output's 196 columns would split 128 / 68, where the rows split
+/// evenly.
 fn columns_pay(a: Operand<'_>, (m, n): (usize, usize), nr: usize, threads: usize) -> bool {
     a.cs == 1 && n.is_multiple_of(nr * threads) && 2 * n > m
 }

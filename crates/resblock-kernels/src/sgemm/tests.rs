@@ -254,10 +254,11 @@ fn matches_the_triple_loop() {
         (260, 40, 300),
         // More rows than columns, split by columns on two threads (`columns_pay`, for a
         // row-major `a`): each part reads `a` in place; 100 rows end in a 4-row panel.
+        // `PARTS_PER_THREAD` parts a thread: one panel each (4 on AVX-512, 8 on AVX2).
         (100, 128, 300),
-        // The same with more panels a part than `STRIDED_A_PANELS` (10), two blocks of
-        // `MC` rows (the second ending in a 4-row panel) and two of `KC_IN_PLACE` depth
-        // (512 + 8), walked along the rows.
+        // The same with parts of several panels (AVX-512: 20 panels in parts of 3, the last
+        // of 2; AVX2: 40 in parts of 5), two blocks of `MC` rows (the second ending in a
+        // 4-row panel) and two of `KC_IN_PLACE` depth (512 + 8), walked along the rows.
         (204, 640, 520),
     ];
     for isa in kernels_here() {
