@@ -173,19 +173,50 @@ pub(crate) fn gemm_parallelism(n: usize) -> (bool, Parallelism) {
     }
 }
 
-/// The `with_min_len` of a parallel loop over `len / chunk` chunks on `threads` threads: a
-/// share per thread (of a power-of-two count of threads at least `threads`, as rayon splits
-/// in halves), rounded down. Each task makes its own scratch (and, in the backward, a
-/// weight-gradient accumulator as large as the weights), so letting rayon split down to
-/// single images cost a fresh, zero-filled set of buffers per image.
+/// Shares per thread that [`for_each_image`] and [`for_each_image_summed`] let rayon split
+/// their images into (the latter only where each share's weight-gradient sum is at most
+/// [`SMALL_SUM`] values). On a shared host one core is often slowed by a neighbour (on the
+/// 2-core Zen 3 host, one core's in-L1 GEMM kernel ran at 97 GFLOP/s and the other's at
+/// 67-69 in the same minute); with one share per thread the fast thread then waited for the
+/// slow one. The shares bound how far rayon may split, not how far it does: its adaptive
+/// splitter makes about two tasks per thread and splits further only where a thread has
+/// run dry and steals. Process against process alternated
+/// (`step-profile resnet20 128 8 native 28 1`, the default `train` step): backward
+/// 208-280 ms (mean 254) against 258-299 (mean 271), faster in 6 of 8 pairs; ResNet-50
+/// inference at batch 8 (`infer-profile resnet50 8 3 unfolded`, the per-image GEMM path's
+/// [`for_each_image`]) 584-795 ms against 736-798, 3 of 3.
+const SHARES_PER_THREAD: usize = 4;
+
+/// The largest weight-gradient sum (values) for which [`for_each_image_summed`] splits into
+/// [`SHARES_PER_THREAD`] shares a thread: every task that runs fills and adds up a sum of
+/// its own (f64), which at the widest layers (ResNet-50's 512-channel 3x3: 2.4 M values, 19
+/// MB) would cost more than a balanced split saves. 64-channel 3x3 layers have 36 864.
+const SMALL_SUM: usize = 1 << 16;
+
+/// The shares of [`for_each_image_summed`] on `threads` threads with weight-gradient sums
+/// of `acc_len` values: [`SHARES_PER_THREAD`] a thread up to [`SMALL_SUM`], else one.
+fn summed_shares(threads: usize, acc_len: usize) -> usize {
+    threads
+        * if acc_len <= SMALL_SUM {
+            SHARES_PER_THREAD
+        } else {
+            1
+        }
+}
+
+/// The `with_min_len` of a parallel loop over `len / chunk` chunks in `shares` shares: one
+/// share (of a power-of-two count at least `shares`, as rayon splits in halves), rounded
+/// down. Each task makes its own scratch (and, in the backward, a weight-gradient
+/// accumulator as large as the weights), so letting rayon split down to single images cost
+/// a fresh, zero-filled set of buffers per image.
 ///
 /// Rounded down, not up: rayon halves a range only while `len / 2 >= min_len`, so with the
 /// share rounded up an odd number of chunks was never split. 43 groups of three 16x16
 /// images on two threads (min 22, and 43 / 2 = 21) ran on one thread, which cost every
 /// 32-channel CIFAR layer half its backward.
-fn per_worker(len: usize, chunk: usize, threads: usize) -> usize {
+fn per_worker(len: usize, chunk: usize, shares: usize) -> usize {
     let chunks = len.div_ceil(chunk.max(1));
-    (chunks / threads.max(1).next_power_of_two()).max(1)
+    (chunks / shares.max(1).next_power_of_two()).max(1)
 }
 
 /// Runs `f(scratch, image index, chunk)` over `out`'s per-image chunks, in parallel or not;
@@ -198,7 +229,8 @@ pub(crate) fn for_each_image<T: Send, S>(
     f: impl Fn(&mut S, usize, &mut [T]) + Sync + Send,
 ) {
     if parallel {
-        let min_len = per_worker(out.len(), chunk, rayon::current_num_threads());
+        let shares = rayon::current_num_threads() * SHARES_PER_THREAD;
+        let min_len = per_worker(out.len(), chunk, shares);
         out.par_chunks_mut(chunk)
             .enumerate()
             .with_min_len(min_len)
@@ -226,7 +258,8 @@ pub(crate) fn for_each_image_summed<T: Send, S: Send>(
 ) -> WeightSums {
     let worker = || (init(), WeightSum::new(acc_len));
     let sums = if parallel {
-        let min_len = per_worker(out.len(), chunk, rayon::current_num_threads());
+        let shares = summed_shares(rayon::current_num_threads(), acc_len);
+        let min_len = per_worker(out.len(), chunk, shares);
         out.par_chunks_mut(chunk)
             .enumerate()
             .with_min_len(min_len)
@@ -682,16 +715,27 @@ mod tests {
     }
 
     #[test]
-    fn every_count_of_chunks_splits_into_a_task_per_thread() {
-        for threads in 1..=8 {
+    fn every_count_of_chunks_splits_into_a_task_per_share() {
+        for shares in 1..=32 {
             for chunks in 1..300 {
-                let n = tasks(chunks, per_worker(chunks * 5, 5, threads));
+                let n = tasks(chunks, per_worker(chunks * 5, 5, shares));
                 assert!(
-                    n >= threads.min(chunks) && n <= 2 * threads.next_power_of_two(),
-                    "{chunks} chunks on {threads} threads: {n} tasks"
+                    n >= shares.min(chunks) && n <= 2 * shares.next_power_of_two(),
+                    "{chunks} chunks in {shares} shares: {n} tasks"
                 );
             }
         }
+    }
+
+    /// Small weight-gradient sums split finer than one share a thread; the widest layers'
+    /// (each task fills and adds a sum of its own) do not.
+    #[test]
+    fn only_small_weight_sums_split_finer() {
+        // A 64-channel 3x3 layer's sum, and a 512-channel one's (ResNet-50).
+        assert_eq!(summed_shares(2, 64 * 64 * 9), 2 * SHARES_PER_THREAD);
+        assert_eq!(summed_shares(2, 512 * 512 * 9), 2);
+        assert_eq!(summed_shares(3, SMALL_SUM), 3 * SHARES_PER_THREAD);
+        assert_eq!(summed_shares(3, SMALL_SUM + 1), 3);
     }
 
     /// A stride-1 layer too wide for the direct backward (72 * 9 > `DIRECT_MAX_K`) runs its
