@@ -10,7 +10,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{Avx2Kernel, Micro, TileFinish};
+use super::{Avx2Kernel, Micro, TileDst, TileFinish};
 
 const MR: usize = Avx2Kernel::MR;
 const NR: usize = Avx2Kernel::NR;
@@ -20,33 +20,26 @@ const LANES: usize = 8;
 /// (as the AVX-512 kernel's, whose `B` panels also stream from L2 there).
 const PF: usize = 32 * NR;
 
-/// `c[i * ldc + j] (=|+=) sum_p A[i, p] * b[p * NR + j]` for `i < mr`, `j < nr`, on
-/// `VR` vectors per row: 2 (`NR` columns), or 1 for a last panel of at most 8 columns
+/// `c[i * ldc + j] (=|+=) sum_p A[i, p] * b[p * NR + j]` for `i < mr`, `j < nr` (the
+/// fields of `dst`), on `VR` vectors per row: 2 (`NR` columns), or 1 for a last panel of at most 8 columns
 /// (the panel keeps its `NR` stride; only its first 8 values per `k` are read).
 ///
 /// `A` is a packed panel, `A[i, p] = a[p * MR + i]`, when `LDA` is `None`; with `Some(lda)`
 /// it is read in place from a row-major matrix, `A[i, p] = a[i * lda + p]` (rows past `mr`
 /// read row 0 again; their sums are not stored): see `STRIDED_A_PANELS` in `mod.rs`.
 ///
-/// With `fin`, each stored value is finished first ([`finish`]).
+/// With `dst.fin`, each stored value is finished first ([`finish`]).
 ///
 /// # Safety
 /// AVX2 and FMA must be available; `a` readable for `kc * MR` floats (packed) or at
-/// `i * lda + p` for `i < mr`, `p < kc` (in place), `b` for `kc * NR`, and `c` writable
-/// (and readable when `add`) at `i * ldc + j` for `i < mr`, `j < nr`, with `1 <= mr <= MR`
-/// and `nr <= VR * 8`; `fin`'s pointers as [`TileFinish`] says.
+/// `i * lda + p` for `i < mr`, `p < kc` (in place), `b` for `kc * NR`, and `dst` as
+/// [`TileDst`] says, with `nr <= VR * 8`.
 #[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn kernel<const VR: usize>(
     kc: usize,
     (a, lda): (*const f32, Option<usize>),
     b: *const f32,
-    c: *mut f32,
-    ldc: usize,
-    mr: usize,
-    nr: usize,
-    add: bool,
-    fin: Option<TileFinish>,
+    dst: TileDst,
 ) {
     // SAFETY: the caller's contract covers every pointer formed here. (No closures: they
     // would not inherit the target features.)
@@ -73,7 +66,7 @@ pub(super) unsafe fn kernel<const VR: usize>(
             }
             Some(lda) => {
                 let rows: [*const f32; MR] =
-                    std::array::from_fn(|i| a.add(if i < mr { i * lda } else { 0 }));
+                    std::array::from_fn(|i| a.add(if i < dst.mr { i * lda } else { 0 }));
                 for p in 0..kc {
                     let mut bv = [_mm256_setzero_ps(); VR];
                     for (v, b) in bv.iter_mut().enumerate() {
@@ -91,7 +84,7 @@ pub(super) unsafe fn kernel<const VR: usize>(
                 }
             }
         }
-        store(&acc, c, ldc, mr, nr, add, fin);
+        store(&acc, dst);
     }
 }
 
@@ -100,18 +93,18 @@ pub(super) unsafe fn kernel<const VR: usize>(
 /// and stored all 12 on every step of `k`.
 ///
 /// # Safety
-/// As [`kernel`]'s for `c` and `fin`.
+/// As [`kernel`]'s for `dst`.
 #[target_feature(enable = "avx2,fma")]
 #[inline(never)]
-unsafe fn store<const VR: usize>(
-    acc: &[[__m256; VR]; MR],
-    c: *mut f32,
-    ldc: usize,
-    mr: usize,
-    nr: usize,
-    add: bool,
-    fin: Option<TileFinish>,
-) {
+unsafe fn store<const VR: usize>(acc: &[[__m256; VR]; MR], dst: TileDst) {
+    let TileDst {
+        c,
+        ldc,
+        mr,
+        nr,
+        add,
+        fin,
+    } = dst;
     // SAFETY: the caller's contract.
     unsafe {
         if nr == VR * LANES {

@@ -8,7 +8,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{Avx512Kernel, Micro, TileFinish};
+use super::{Avx512Kernel, Micro, TileDst, TileFinish};
 
 const MR: usize = Avx512Kernel::MR;
 const NR: usize = Avx512Kernel::NR;
@@ -22,33 +22,26 @@ const LANES: usize = 16;
 /// it the accumulators still live in registers only (no stack stores in the loop).
 const PF: usize = 32 * NR;
 
-/// `c[i * ldc + j] (=|+=) sum_p A[i, p] * b[p * NR + j]` for `i < mr`, `j < nr`, on
-/// `VR` vectors per row: 2 (`NR` columns), or 1 for a last panel of at most 16 columns
+/// `c[i * ldc + j] (=|+=) sum_p A[i, p] * b[p * NR + j]` for `i < mr`, `j < nr` (the
+/// fields of `dst`), on `VR` vectors per row: 2 (`NR` columns), or 1 for a last panel of at most 16 columns
 /// (the panel keeps its `NR` stride; only its first 16 values per `k` are read).
 ///
 /// `A` is a packed panel, `A[i, p] = a[p * MR + i]`, when `LDA` is `None`; with `Some(lda)`
 /// it is read in place from a row-major matrix, `A[i, p] = a[i * lda + p]` (rows past `mr`
 /// read row 0 again; their sums are not stored): see `STRIDED_A_PANELS` in `mod.rs`.
 ///
-/// With `fin`, each stored value is finished first ([`finish`]).
+/// With `dst.fin`, each stored value is finished first ([`finish`]).
 ///
 /// # Safety
 /// AVX-512 F must be available; `a` readable for `kc * MR` floats (packed) or at
-/// `i * lda + p` for `i < mr`, `p < kc` (in place), `b` for `kc * NR`, and `c` writable
-/// (and readable when `add`) at `i * ldc + j` for `i < mr`, `j < nr`, with `1 <= mr <= MR`
-/// and `nr <= VR * 16`; `fin`'s pointers as [`TileFinish`] says.
+/// `i * lda + p` for `i < mr`, `p < kc` (in place), `b` for `kc * NR`, and `dst` as
+/// [`TileDst`] says, with `nr <= VR * 16`.
 #[target_feature(enable = "avx512f,avx2,fma")]
-#[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn kernel<const VR: usize>(
     kc: usize,
     (a, lda): (*const f32, Option<usize>),
     b: *const f32,
-    c: *mut f32,
-    ldc: usize,
-    mr: usize,
-    nr: usize,
-    add: bool,
-    fin: Option<TileFinish>,
+    dst: TileDst,
 ) {
     // SAFETY: the caller's contract covers every pointer formed here. (No closures: they
     // would not inherit the target features.)
@@ -75,7 +68,7 @@ pub(super) unsafe fn kernel<const VR: usize>(
             }
             Some(lda) => {
                 let rows: [*const f32; MR] =
-                    std::array::from_fn(|i| a.add(if i < mr { i * lda } else { 0 }));
+                    std::array::from_fn(|i| a.add(if i < dst.mr { i * lda } else { 0 }));
                 for p in 0..kc {
                     let mut bv = [_mm512_setzero_ps(); VR];
                     for (v, b) in bv.iter_mut().enumerate() {
@@ -93,6 +86,31 @@ pub(super) unsafe fn kernel<const VR: usize>(
                 }
             }
         }
+        let sums = acc;
+        store(&sums, dst);
+    }
+}
+
+/// Stores (adds, finishes) the sums `acc` of [`kernel`]'s tile, as it says. Out of line, as
+/// AVX2's `store`: with these loops inside the kernel the compiler kept the sums in memory
+/// as well as in registers and stored all 16 on every step of `k` (found in the assembly;
+/// this host has no AVX-512 to time it on).
+///
+/// # Safety
+/// As [`kernel`]'s for `dst`.
+#[target_feature(enable = "avx512f,avx2,fma")]
+#[inline(never)]
+unsafe fn store<const VR: usize>(acc: &[[__m512; VR]; MR], dst: TileDst) {
+    let TileDst {
+        c,
+        ldc,
+        mr,
+        nr,
+        add,
+        fin,
+    } = dst;
+    // SAFETY: the caller's contract.
+    unsafe {
         if nr == VR * LANES {
             for (i, row) in acc.iter().enumerate().take(mr) {
                 let cp = c.add(i * ldc);

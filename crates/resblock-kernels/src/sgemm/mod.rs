@@ -55,28 +55,20 @@ pub(crate) trait Micro {
     /// Rows of one packed `A` block: a multiple of `MR` (the packed layout relies on it).
     const MC: usize = 128 / Self::MR * Self::MR;
 
-    /// `c[i * ldc + j] (=|+=) sum_p A[i, p] * b[p * NR + j]` for `i < mr`, `j < nr`,
-    /// finished by `fin` as it is stored; `A` packed (`lda` `None`, `A[i, p] = a[p * MR +
-    /// i]`) or read in place from a row-major matrix (`Some(lda)`, `A[i, p] = a[i * lda +
-    /// p]`; rows past `mr` read row 0 again, their sums not stored).
+    /// `c[i * ldc + j] (=|+=) sum_p A[i, p] * b[p * NR + j]` for `i < mr`, `j < nr` (the
+    /// fields of `dst`), finished by `dst.fin` as it is stored; `A` packed (`lda` `None`,
+    /// `A[i, p] = a[p * MR + i]`) or read in place from a row-major matrix (`Some(lda)`,
+    /// `A[i, p] = a[i * lda + p]`; rows past `mr` read row 0 again, their sums not stored).
     ///
     /// # Safety
     /// The kernel's instruction set must be available ([`Isa::runs_here`]); `a` readable
     /// for `kc * MR` floats (packed) or at `i * lda + p` for `i < mr`, `p < kc` (in place),
-    /// `b` for `kc * NR`, and `c` writable (and readable when `add`) at `i * ldc + j` for
-    /// `i < mr`, `j < nr`, with `1 <= mr <= MR` and `nr <= VR * NR / 2`; `fin`'s pointers
-    /// as [`TileFinish`] says.
-    #[allow(clippy::too_many_arguments)]
+    /// `b` for `kc * NR`, and `dst` as [`TileDst`] says, with `nr <= VR * NR / 2`.
     unsafe fn tile<const VR: usize>(
         kc: usize,
         a: (*const f32, Option<usize>),
         b: *const f32,
-        c: *mut f32,
-        ldc: usize,
-        mr: usize,
-        nr: usize,
-        add: bool,
-        fin: Option<TileFinish>,
+        dst: TileDst,
     );
 }
 
@@ -98,21 +90,16 @@ macro_rules! micro_kernel {
                 kc: usize,
                 a: (*const f32, Option<usize>),
                 b: *const f32,
-                c: *mut f32,
-                ldc: usize,
-                mr: usize,
-                nr: usize,
-                add: bool,
-                fin: Option<TileFinish>,
+                dst: TileDst,
             ) {
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: the caller's contract is the kernel's.
                 unsafe {
-                    $module::kernel::<VR>(kc, a, b, c, ldc, mr, nr, add, fin)
+                    $module::kernel::<VR>(kc, a, b, dst)
                 }
                 #[cfg(not(target_arch = "x86_64"))]
                 {
-                    let _ = (kc, a, b, c, ldc, mr, nr, add, fin);
+                    let _ = (kc, a, b, dst);
                     unreachable!(concat!("sgemm: ", $name, " kernel on another architecture"))
                 }
             }
@@ -410,6 +397,23 @@ impl<'a> Finish<'a> {
             relu: self.relu,
         }
     }
+}
+
+/// Where a micro-tile's sums go: the `mr x nr` values of `dst` from `c`, rows `ldc` apart,
+/// written, or added to with `add`, and finished by `fin` (the last depth block's).
+///
+/// Valid for a kernel's [`Micro::tile`] when `c` is writable (and readable when `add`) at
+/// `i * ldc + j` for `i < mr`, `j < nr`, with `1 <= mr <= MR`, and `fin`'s pointers are
+/// as [`TileFinish`] says.
+#[derive(Clone, Copy)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+pub(crate) struct TileDst {
+    pub c: *mut f32,
+    pub ldc: usize,
+    pub mr: usize,
+    pub nr: usize,
+    pub add: bool,
+    pub fin: Option<TileFinish>,
 }
 
 /// What a micro-tile applies to its values as it stores them the last time:
@@ -791,10 +795,18 @@ fn serial<K: Micro, const MR: usize, const NR: usize>(
                             // A last panel of at most `NR / 2` columns (e.g. 196 = 6 x 32 +
                             // 4 at 14x14 on AVX-512) runs on one vector per row: half the
                             // FMAs (see `computed_columns`).
+                            let dst = TileDst {
+                                c: tile.0,
+                                ldc,
+                                mr,
+                                nr,
+                                add,
+                                fin,
+                            };
                             if nr <= NR / 2 {
-                                K::tile::<1>(kc, ap, bp, tile.0, ldc, mr, nr, add, fin);
+                                K::tile::<1>(kc, ap, bp, dst);
                             } else {
-                                K::tile::<2>(kc, ap, bp, tile.0, ldc, mr, nr, add, fin);
+                                K::tile::<2>(kc, ap, bp, dst);
                             }
                         }
                     }
