@@ -18,6 +18,9 @@
 //! - `aarch64 [crate...]`: clippy on the kernel-bearing crates as 64-bit ARM compiles them,
 //!   then their tests built for it and run under user-mode QEMU (`aarch64.rs`; not part
 //!   of `ci`).
+//! - `asm`: the kernels crate's release assembly, checked for inner FMA loops that store
+//!   vector registers to the stack, i.e. keep their sums in memory (`asm.rs`; not part of
+//!   `ci`: run it after changing a kernel).
 #![forbid(unsafe_code)]
 
 use std::collections::HashMap;
@@ -30,6 +33,7 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 
 mod aarch64;
+mod asm;
 mod fuzz;
 mod layers;
 
@@ -40,12 +44,13 @@ fn main() -> Result<()> {
         Some("bench") => bench(&args[1..]),
         Some("fuzz") => fuzz::run(&root(), &args[1..]),
         Some("aarch64") => aarch64::run(&args[1..]),
+        Some("asm") => asm::run(),
         Some("help" | "--help" | "-h") | None => {
-            println!("usage: cargo xtask <ci | bench [--compare-torch] [filter] | fuzz [--seconds N] [target...] | aarch64 [crate...]>");
+            println!("usage: cargo xtask <ci | bench [--compare-torch] [filter] | fuzz [--seconds N] [target...] | aarch64 [crate...] | asm>");
             Ok(())
         }
         Some(other) => {
-            bail!("unknown xtask command {other:?}: expected ci, bench, fuzz or aarch64")
+            bail!("unknown xtask command {other:?}: expected ci, bench, fuzz, aarch64 or asm")
         }
     }
 }
