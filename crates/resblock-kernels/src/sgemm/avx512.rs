@@ -18,8 +18,9 @@ const LANES: usize = 16;
 /// A column part of `columns_pay` walks along a row of panels, each new `B` panel coming
 /// from L2 (64 KiB at `KC_IN_PLACE`), and the FMAs waited on its loads: 1024^3 on two
 /// threads 4.81-4.85 ms against 4.95-5.20 without (16 steps ahead 4.87-5.11, 64 the same
-/// as 32). The prefetch stays out of the packed loop, whose `B` panel stays in L1; with
-/// it the accumulators still live in registers only (no stack stores in the loop).
+/// as 32). The prefetch stays out of the packed loop, whose `B` panel stays in L1. (That
+/// timing was taken while the loop also stored its sums to the stack on every step, see
+/// [`store`]; `cargo xtask asm` now checks it does not.)
 const PF: usize = 32 * NR;
 
 /// `c[i * ldc + j] (=|+=) sum_p A[i, p] * b[p * NR + j]` for `i < mr`, `j < nr` (the
