@@ -300,6 +300,9 @@ pub(crate) enum ScratchMemory {
     Work,
     /// A Winograd forward's transformed weights, held while its work buffers are in use.
     Weights,
+    /// A stride-2 `im2col`'s polyphase planes ([`super::pack::im2col_channel`]), held while
+    /// its `cols` (in `Work`) are filled.
+    Phases,
 }
 
 /// [`with_thread_scratch`] in the scratch memory `which`.
@@ -310,7 +313,9 @@ pub(crate) fn with_thread_scratch_in<T: WithDType, R>(
 ) -> R {
     use std::cell::RefCell;
     thread_local! {
-        static BUF: [RefCell<Vec<u64>>; 2] = const { [RefCell::new(Vec::new()), RefCell::new(Vec::new())] };
+        static BUF: [RefCell<Vec<u64>>; 3] = const {
+            [RefCell::new(Vec::new()), RefCell::new(Vec::new()), RefCell::new(Vec::new())]
+        };
     }
     // 8-byte words: aligned for every dtype Candle has, all of which are plain bits.
     let words = (len * std::mem::size_of::<T>()).div_ceil(8);
