@@ -54,9 +54,9 @@ fn main() {
         .sum();
     assert_eq!(nested, 28 * 4950);
 
-    // With one thread the caller is not made the pool's only thread (another thread's loop
-    // would then wait for it forever): checked in a process of its own. Under user-mode
-    // QEMU (`cargo xtask aarch64`) this binary cannot start itself without the emulator.
+    // With one thread the caller is the only thread of a private pool and the global pool
+    // has a thread of its own: checked in a process of its own. Under user-mode QEMU
+    // (`cargo xtask aarch64`) this binary cannot start itself without the emulator.
     if std::env::var_os("RESBLOCK_UNDER_QEMU").is_some() {
         println!("pool_here: ok (the one-thread case skipped under QEMU)");
         return;
@@ -80,21 +80,58 @@ fn main() {
     println!("pool_here: ok");
 }
 
-/// `configure_threads_here(Some(1))`: a pool of one thread of its own, not the caller.
+/// `configure_threads_here(Some(1))`: the caller alone in a private pool, whose loops run
+/// on the caller itself (no hand-off), while the global pool keeps a thread of its own for
+/// the loops other threads start (else they would wait for the caller forever).
 fn one_thread() {
     assert_eq!(resblock_core::configure_threads_here(Some(1)), 1);
     assert_eq!(
         rayon::current_thread_index(),
-        None,
-        "the caller stays outside"
+        Some(0),
+        "the caller is its pool's thread"
     );
+    assert_eq!(rayon::current_num_threads(), 1);
+    // A second call changes nothing and reports the same size.
+    assert_eq!(resblock_core::configure_threads_here(Some(1)), 1);
+    assert_eq!(rayon::current_thread_index(), Some(0));
+
+    // The caller's loops, nested ones too, run on the caller.
+    let me = std::thread::current().id();
+    let on: std::collections::BTreeSet<bool> = (0..64)
+        .into_par_iter()
+        .map(|_| {
+            let inner: Vec<bool> = (0..4)
+                .into_par_iter()
+                .map(|_| std::thread::current().id() == me)
+                .collect();
+            inner.iter().all(|&b| b) && std::thread::current().id() == me
+        })
+        .collect();
+    assert_eq!(on, [true].into(), "every iteration ran on the caller");
+    let sum: u64 = (0..10_000u64).into_par_iter().sum();
+    assert_eq!(sum, 49_995_000);
+
+    // Another thread's loop runs on the global pool's thread while the caller waits for it
+    // outside any loop.
     let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
+    let other = std::thread::spawn(move || {
+        let ran_on = std::thread::current().id();
         let s: u64 = (0..1000u64).into_par_iter().sum();
-        tx.send(s).expect("send");
+        let here: Vec<bool> = (0..4)
+            .into_par_iter()
+            .map(|_| std::thread::current().id() == ran_on)
+            .collect();
+        tx.send((s, here, rayon::current_num_threads()))
+            .expect("send");
     });
-    let got = rx
+    let (got, here, size) = rx
         .recv_timeout(std::time::Duration::from_secs(60))
         .expect("another thread's loop finished while the caller waited");
     assert_eq!(got, 499_500);
+    assert_eq!(size, 1, "the global pool has one thread");
+    assert!(
+        here.iter().all(|&b| !b),
+        "the other thread's loop ran on the global pool, not on the other thread"
+    );
+    other.join().expect("join");
 }
