@@ -44,6 +44,7 @@ pub(super) unsafe fn kernel<const VR: usize>(
     // SAFETY: the caller's contract covers every pointer formed here. (No closures: they
     // would not inherit the target features.)
     unsafe {
+        dst.prefetch();
         let mut acc = [[_mm256_setzero_ps(); VR]; MR];
         let mut bp = b;
         match lda {

@@ -47,7 +47,7 @@ pub(super) unsafe fn kernel<const VR: usize>(
     // SAFETY: the caller's contract covers every pointer formed here. (No closures: they
     // would not inherit the target features.)
     unsafe {
-        prefetch_tile(&dst);
+        dst.prefetch();
         let mut acc = [[_mm512_setzero_ps(); VR]; MR];
         let mut bp = b;
         match lda {
@@ -90,31 +90,6 @@ pub(super) unsafe fn kernel<const VR: usize>(
         }
         let sums = acc;
         store(&sums, dst);
-    }
-}
-
-/// Asks for the lines of `dst` that [`store`] will write (and read, when it adds) and of
-/// the residual it will add, before the loop over `k` that fills the sums: the store then
-/// finds them in L1 where it waited for memory. In ResNet-50's unfolded inference at batch
-/// 8 the epilogue's residual loads, which miss every cache (the shortcut was written a
-/// whole block earlier), held 10% of the samples in `store`.
-///
-/// A row's `nr <= 32` values from `s` meet at most three cache lines, each holding one of
-/// `s`, `s + 16` and `s + nr - 1`.
-#[target_feature(enable = "avx512f,avx2,fma")]
-#[inline]
-fn prefetch_tile(dst: &TileDst) {
-    let residual = dst.fin.map_or(std::ptr::null(), |f| f.residual);
-    let last = dst.nr.saturating_sub(1);
-    for i in 0..dst.mr {
-        for j in [0, LANES.min(last), last] {
-            let at = i * dst.ldc + j;
-            // Hints: they read nothing and cannot fault.
-            _mm_prefetch::<_MM_HINT_T0>(dst.c.wrapping_add(at).cast::<i8>());
-            if !residual.is_null() {
-                _mm_prefetch::<_MM_HINT_T0>(residual.wrapping_add(at).cast::<i8>());
-            }
-        }
     }
 }
 
