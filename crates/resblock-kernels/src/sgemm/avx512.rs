@@ -96,7 +96,8 @@ pub(super) unsafe fn kernel<const VR: usize>(
 /// Stores (adds, finishes) the sums `acc` of [`kernel`]'s tile, as it says. Out of line, as
 /// AVX2's `store`: with these loops inside the kernel the compiler kept the sums in memory
 /// as well as in registers and stored all 16 on every step of `k` (found in the assembly;
-/// this host has no AVX-512 to time it on).
+/// on the Xeon of the thirty-seventh session the loop with the stores ran as fast: 1024^3
+/// on two threads 7.07-7.47 against 6.96-7.49 ms).
 ///
 /// # Safety
 /// As [`kernel`]'s for `dst`.
