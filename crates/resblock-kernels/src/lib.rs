@@ -62,6 +62,7 @@ pub mod shortcut;
 mod simd;
 #[cfg(test)]
 mod test_support;
+pub mod warm;
 
 pub use conv::frozen::FrozenKernel;
 pub use conv::{

@@ -577,6 +577,10 @@ fn run(
     finish: Option<Finish<'_>>,
     threads: usize,
 ) {
+    if threads > 1 {
+        // The block's small loops between GEMMs find the other threads awake.
+        crate::warm::keep_warm();
+    }
     let isa = match a {
         Lhs::Packed(p) => p.isa,
         Lhs::Raw(_) => isa().expect("sgemm: called where no kernel runs (see `available`)"),
