@@ -92,6 +92,8 @@ pub(crate) unsafe fn vec_written_with<T: candle_core::WithDType, R>(
     len: usize,
     fill: impl FnOnce(&mut [std::mem::MaybeUninit<T>]) -> R,
 ) -> (Vec<T>, R) {
+    // An op starts: the pool's other threads spin for its loops (see `warm`).
+    crate::warm::keep_warm();
     let mut v = Vec::with_capacity(len);
     let spare = &mut v.spare_capacity_mut()[..len];
     let marker = unwritten::<T>().filter(|_| cfg!(debug_assertions));

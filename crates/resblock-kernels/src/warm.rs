@@ -7,7 +7,8 @@
 //! virtual machine, the vCPU's way back from halt on the worker's. OpenMP's workers (which
 //! PyTorch runs on) spin for a while before they sleep instead.
 //!
-//! [`keep_warm`], called where a parallel loop starts (the GEMM calls it), hands each other
+//! [`keep_warm`], called where an op starts (every op's output buffer,
+//! `buffer::vec_written_with`, and every GEMM call), hands each other
 //! thread of the current pool a job that runs the pool's pending jobs as they come
 //! (`rayon::yield_now`) and gives its core away (`sched_yield`) while there are none, so a
 //! thread of another pool or of the data loader runs as soon as it is ready. It returns
@@ -17,10 +18,11 @@
 //!
 //! `RESBLOCK_SPIN_US` sets the limit in microseconds (read once; default 200, 0: no
 //! spinning, rayon's own sleep as before). On the Xeon of the thirty-eighth session, two
-//! threads, the MLP block's forward + backward (`mlp-profile`, alternated processes)
-//! median 2.46-2.52 ms with spinning against 2.73-2.79 without; at 50 us the gaps between
-//! its GEMMs outlast the limit (2.65-2.73 ms); ResNet-20's training step and ResNet-18's
-//! batch-1 inference unchanged.
+//! threads, alternated processes: started by the GEMMs only, the MLP block's forward +
+//! backward (`mlp-profile`) median 2.46-2.55 ms against 2.73-2.85 without (at 50 us the
+//! gaps between its GEMMs outlast the limit: 2.65-2.73 ms); started by every op too, 2.36-2.38
+//! against 2.40-2.44 (GEMMs only) and ResNet-20's training step 164-180 against 173-179 ms
+//! (lower in 5 of 7 pairs); ResNet-18 and ResNet-50 inference unchanged.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
