@@ -6,7 +6,7 @@ use candle_core::{DType, Device, ModuleT};
 use candle_nn::VarMap;
 use criterion::{criterion_group, criterion_main, Criterion};
 use resblock_core::{
-    configure_threads_here, mlp_block, seeded_var_builder, Activation, MlpBlockConfig, RngHandle,
+    configure_threads_here, mlp_block, seeded_var_builder, MlpBlockConfig, RngHandle,
 };
 use resblock_train::loss::mse;
 use resblock_train::optim::{Adam, AdamConfig, Optimizer};
@@ -43,19 +43,8 @@ fn toy_program(c: &mut Criterion) {
 
 fn mlp_fwd_bwd(c: &mut Criterion) {
     configure_threads_here(None);
-    let rng = RngHandle::seed_from_u64(0);
     let varmap = VarMap::new();
-    let vb = seeded_var_builder(&varmap, &rng, DType::F32, &Device::Cpu);
-    let cfg = MlpBlockConfig {
-        hidden: Some(1024),
-        activation: Activation::Gelu,
-        layer_norm: true,
-        ..Default::default()
-    };
-    let block = mlp_block(256, 256, cfg, &rng, vb).expect("block");
-    let x = rng
-        .normal_tensor((128, 256), 0., 1., DType::F32, &Device::Cpu)
-        .expect("x");
+    let (block, x) = resblock_benches::mlp_bench_block(&varmap);
     // LayerNorm, 256 -> 1024 -> 256: forward 2 * 128 * 2 * 256 * 1024, backward twice that.
     resblock_benches::record(
         "cpu/residual_mlp_block/fwd_bwd/w256_h1024_bs128",

@@ -8,11 +8,9 @@
 
 use std::time::Instant;
 
-use candle_core::{DType, Device, ModuleT};
+use candle_core::ModuleT;
 use candle_nn::VarMap;
-use resblock_core::{
-    configure_threads_here, mlp_block, seeded_var_builder, Activation, MlpBlockConfig, RngHandle,
-};
+use resblock_core::configure_threads_here;
 
 #[global_allocator]
 static ALLOC: resblock_core::ops::alloc::HugePageAlloc = resblock_core::ops::alloc::HugePageAlloc;
@@ -22,18 +20,9 @@ fn main() -> anyhow::Result<()> {
     let steps: usize = args.first().map_or(Ok(2000), |s| s.parse())?;
     let threads: Option<usize> = args.get(1).map(|s| s.parse()).transpose()?;
     let pool = configure_threads_here(threads);
-    let rng = RngHandle::seed_from_u64(0);
     let varmap = VarMap::new();
-    let vb = seeded_var_builder(&varmap, &rng, DType::F32, &Device::Cpu);
     // The bench's block: LayerNorm, 256 -> 1024 (GELU) -> 256, batch 128.
-    let cfg = MlpBlockConfig {
-        hidden: Some(1024),
-        activation: Activation::Gelu,
-        layer_norm: true,
-        ..Default::default()
-    };
-    let block = mlp_block(256, 256, cfg, &rng, vb)?;
-    let x = rng.normal_tensor((128, 256), 0., 1., DType::F32, &Device::Cpu)?;
+    let (block, x) = resblock_benches::mlp_bench_block(&varmap);
     let mut times = Vec::with_capacity(steps);
     for _ in 0..steps {
         let t = Instant::now();

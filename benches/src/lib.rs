@@ -46,6 +46,25 @@ pub fn conv3x3_flop(n: usize, c_in: usize, c_out: usize, size: usize, stride: us
     2. * (n * c_out * out * out * c_in * 9) as f64
 }
 
+/// The residual MLP block of `cpu/residual_mlp_block/fwd_bwd/w256_h1024_bs128` (LayerNorm,
+/// 256 -> 1024 with GELU -> 256, seeded) and its batch of 128 inputs: the bench's and
+/// `mlp-profile`'s. The varmap holds the block's variables.
+pub fn mlp_bench_block(varmap: &VarMap) -> (resblock_core::MlpBlock, Tensor) {
+    let rng = RngHandle::seed_from_u64(0);
+    let vb = seeded_var_builder(varmap, &rng, DType::F32, &Device::Cpu);
+    let cfg = resblock_core::MlpBlockConfig {
+        hidden: Some(1024),
+        activation: resblock_core::Activation::Gelu,
+        layer_norm: true,
+        ..Default::default()
+    };
+    let block = resblock_core::mlp_block(256, 256, cfg, &rng, vb).expect("block");
+    let x = rng
+        .normal_tensor((128, 256), 0., 1., DType::F32, &Device::Cpu)
+        .expect("x");
+    (block, x)
+}
+
 /// A torchvision-style network `arch` on plain tensors (no variables, so no backprop graph is recorded), with
 /// seeded weights and randomised BatchNorm statistics.
 pub fn inference_net(arch: &str) -> (ResNet, ResNetConfig) {
