@@ -57,10 +57,10 @@ pub struct Dispatch {
     /// of 3x3 stride-2 ones, with whole blocks of 16 output channels: the output channels
     /// in the vector lanes, the input values broadcast (`conv/direct/transposed.rs`).
     pub transposed_wgrad: bool,
-    /// The AVX-512 3x3 kernel with the output channels in the vector lanes, reading the
-    /// plain input (`conv/lanes/`: no padded or polyphase copy of it): forwards at stride 2,
-    /// and at stride 1 where Winograd does not run, and the fused conv + BN training op's
-    /// stride-1 input gradient.
+    /// The AVX-512 and AVX2 3x3 kernels with the output channels in the vector lanes,
+    /// reading the plain input (`conv/lanes/`: no padded or polyphase copy of it): forwards
+    /// at stride 2, and at stride 1 where Winograd does not run, and the fused conv + BN
+    /// training op's stride-1 input gradient.
     pub channel_lanes: bool,
 }
 

@@ -106,12 +106,11 @@ impl Forms {
     /// The kernel `w` `(cout, c, 3, 3)` packed for `conv/lanes`, made on the first call (as
     /// [`Forms::winograd`]).
     #[cfg(target_arch = "x86_64")]
-    pub(crate) fn lanes(&self, w: &[f32], cout: usize, c: usize) -> &[f32] {
+    pub(crate) fn lanes(&self, w: &[f32], cout: usize, c: usize) -> &super::lanes::Packed {
         let p = self
             .lanes
-            .get_or_init(|| super::lanes::Packed::new(w, cout, c))
-            .values();
-        assert_eq!(p.len(), cout * c * 9, "frozen kernel: weight size");
+            .get_or_init(|| super::lanes::Packed::new(w, cout, c));
+        assert_eq!(p.values().len(), cout * c * 9, "frozen kernel: weight size");
         p
     }
 
@@ -144,7 +143,8 @@ mod tests {
     /// A frozen kernel gives Candle's convolution's values on every path, the Winograd ones
     /// from forms made once: a 14x14 output at batch 1 (F(2x2) only when frozen: 49 tiles), a
     /// 28x28 one (F(4x4) only when frozen: 784 pixels), and paths Winograd does not take
-    /// (`conv/lanes` from its packed form at stride 2 and 32 output channels).
+    /// (`conv/lanes` from its packed form at stride 2 and 32 output channels, on AVX-512 or
+    /// AVX2).
     #[test]
     fn frozen_kernels_match_candle_and_keep_their_transforms() -> R<()> {
         crate::conv::winograd::force_for_tests();
@@ -153,7 +153,7 @@ mod tests {
             (1, 64, 14, 64, 3, 1, 1, [true, false]),
             (1, 64, 28, 64, 3, 1, 1, [false, true]),
             (2, 16, 9, 24, 3, 1, 2, [false, false]),
-            // `conv/lanes` where AVX-512 runs, from the packed form.
+            // `conv/lanes` where AVX-512 or AVX2 runs, from the packed form.
             (2, 16, 10, 32, 3, 1, 2, [false, false]),
             (1, 64, 7, 32, 1, 0, 1, [false, false]),
         ];

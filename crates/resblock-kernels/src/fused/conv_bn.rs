@@ -22,10 +22,11 @@
 //! - Winograd (`conv/winograd/`, where it applies: 64 channels and more): the forward
 //!   convolves the batch there and takes each plane's moments after; the backward writes
 //!   the norm's input gradient once and runs Winograd's two gradients on it.
-//! - `conv/lanes` (x86-64 with AVX-512, output channels in whole blocks of 32, where
-//!   Winograd does not run): the forward convolves the batch there (a plain input, or at
-//!   stride 1 one in the plan's padded layout) and takes each plane's moments after; at
-//!   stride 1 with input channels in whole blocks of 32 the input gradient runs there too,
+//! - `conv/lanes` (x86-64 with AVX-512 or AVX2, output channels in whole blocks of its
+//!   tile's 32 or 16, where Winograd does not run): the forward convolves the batch there
+//!   (a plain input, or at stride 1 one in the plan's padded layout) and takes each plane's
+//!   moments after; at stride 1 with input channels in whole blocks of the tile's the
+//!   input gradient runs there too,
 //!   image by image on the padded `dY` above.
 //! - stride 2: the forward on `conv/lanes` or the polyphase plan; the backward writes each
 //!   image's norm input gradient once, flattens it for the direct weight gradient and
@@ -375,8 +376,8 @@ impl ConvBnTrain {
     }
 
     /// The input gradient's convolution on `conv/lanes` where it applies (x86-64, the
-    /// input's channels in whole blocks of 32): the flipped kernel packed, the layout of
-    /// `back`'s padded `dY` and the dimensions of that convolution (one image).
+    /// input's channels in whole blocks of the tile's): the flipped kernel packed, the
+    /// layout of `back`'s padded `dY` and the dimensions of that convolution (one image).
     #[cfg(target_arch = "x86_64")]
     fn lanes_input_grad(
         &self,
@@ -518,7 +519,7 @@ impl ConvBnTrain {
                                 image: dyp.len(),
                                 ..*layout
                             };
-                            let (x, wl) = ((&dyp[..], layout), wl.values());
+                            let x = (&dyp[..], layout);
                             crate::conv::lanes::forward_into(x, wl, (ep, bd, 1), dx_n, !parallel);
                             continue;
                         }

@@ -267,7 +267,7 @@ fn zero_pad_block_matches_the_separate_ops() -> Result<()> {
     }
     let front = 3;
     // 32 output channels on an even side: the first convolution's forward on
-    // `conv/lanes` (where AVX-512 runs); the others on the polyphase plan.
+    // `conv/lanes` (where AVX-512 or AVX2 runs); the others on the polyphase plan.
     for (c, cout, side, input_grad) in [
         (6, 12, 8usize, true),
         (6, 12, 9, true),

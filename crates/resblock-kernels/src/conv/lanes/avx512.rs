@@ -1,6 +1,6 @@
 //! The AVX-512 tile of the 3x3 forward with the output channels in the lanes: `P`
 //! consecutive output pixels of one row by [`CO`] = 32 output channels (two vectors of 16),
-//! `2 P` accumulators (28 for the widest tile, [`MAX_P`] = 14 pixels), at stride `S` (1 or
+//! `2 P` accumulators (28 for the widest tile, 14 pixels), at stride `S` (1 or
 //! 2).
 //!
 //! Per tap and input channel it loads the two weight vectors once and broadcasts each
@@ -12,47 +12,37 @@
 
 use std::arch::x86_64::*;
 
+use super::tile::{opaque, tile_widths, Dst, Kernel, Part, Src};
+
 /// Output channels of one block (the packed weights' innermost dimension).
-pub(crate) const CO: usize = 32;
-/// The most pixels of one tile.
-pub(crate) const MAX_P: usize = 14;
+const CO: usize = 32;
 /// f32 lanes of one register.
 const LANES: usize = 16;
 
-/// Where a tile reads: `x` is the input value at channel 0, the first valid kernel row's
-/// input row and the column left of the tile's first tap (`S ox0 - 1`: one before the
-/// row for the row's first tile, formed with wrapping arithmetic and never read, see
-/// `LEFT`). Channels are `plane` values apart, rows `w`; `rows` kernel rows are valid.
-#[derive(Clone, Copy)]
-pub(crate) struct Src {
-    pub(crate) x: *const f32,
-    pub(crate) plane: usize,
-    pub(crate) w: usize,
-    pub(crate) rows: usize,
-}
+/// The AVX-512 tile ([`tile`]).
+pub(crate) struct Avx512;
 
-/// The sums a tile starts from and ends in, pixel by pixel (`[P][CO]`), where the input
-/// channels are taken in parts: `from` null: zero; `to` null: the output ([`Dst`]).
-#[derive(Clone, Copy)]
-pub(crate) struct Part {
-    pub(crate) from: *const f32,
-    pub(crate) to: *mut f32,
-}
+impl Kernel for Avx512 {
+    const CO: usize = CO;
+    const MAX_P: usize = 14;
+    const MAX_P_ROW: usize = 14;
 
-/// Where a tile writes: `out` is output channel 0 of the block at the tile's first pixel,
-/// channels `plane` values apart. With `finish`, each value becomes
-/// `relu?(residual? + (v * scale? + bias-or-0))` as `conv::epilogue` computes it
-/// (multiply, then add: the same bits); the scale and bias per channel (null: not applied),
-/// the residual laid out as the output from `residual` (null: none).
-#[derive(Clone, Copy)]
-pub(crate) struct Dst {
-    pub(crate) out: *mut f32,
-    pub(crate) plane: usize,
-    pub(crate) finish: bool,
-    pub(crate) scale: *const f32,
-    pub(crate) bias: *const f32,
-    pub(crate) residual: *const f32,
-    pub(crate) relu: bool,
+    fn runs() -> bool {
+        crate::dispatch::cpu().has(crate::dispatch::Simd::Avx512)
+    }
+
+    unsafe fn tile(
+        pw_s: (usize, usize),
+        edges: (bool, bool),
+        src: Src,
+        c: usize,
+        wk: *const f32,
+        part: Part,
+        d: Dst,
+    ) {
+        tile_widths!(tile, pw_s, edges, (src, c, wk, part, d);
+            1 2 3 4 5 6 7 8 9 10 11 12 13 14; 1 2 3 4 5 6 7 8 9 10 11 12 13 14)
+    }
 }
 
 /// `out[j * plane + i] = from[i * CO + j] + sum_ci sum_(ky, kx) wk[t * CO + j] * x[ci *
@@ -69,7 +59,7 @@ pub(crate) struct Dst {
 /// null) for `P * CO` floats; without `part.to`, `out` writable (and `residual` readable)
 /// at `j * plane + i`, and `scale` and `bias` readable for `CO` floats where not null.
 #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
-pub(crate) unsafe fn tile<const P: usize, const S: usize, const LEFT: bool, const RIGHT: bool>(
+unsafe fn tile<const P: usize, const S: usize, const LEFT: bool, const RIGHT: bool>(
     s: Src,
     c: usize,
     wk: *const f32,
@@ -167,27 +157,6 @@ unsafe fn store<const P: usize>(acc: [[__m512; 2]; P], d: Dst) {
             }
         }
     }
-}
-
-/// `v`, through an empty `asm!` the compiler cannot see into (the tile's column offset).
-/// Pixel `i`'s column-2 tap reads the value of pixel `i + 1`'s column-0 tap (at stride 2;
-/// at stride 1, of pixel `i + 1`'s column-1 and pixel `i + 2`'s column-0 taps): with the
-/// addresses in sight LLVM loaded it once and kept it in a register between the two, which
-/// with 28 accumulators live pushed them onto the stack (the 14-pixel tile ran at about
-/// 60% of its speed).
-#[inline(always)]
-fn opaque(v: usize) -> usize {
-    let out: usize;
-    // SAFETY: moves a register; reads and writes nothing else.
-    unsafe {
-        std::arch::asm!(
-            "mov {0}, {1}",
-            out(reg) out,
-            in(reg) v,
-            options(pure, nomem, nostack, preserves_flags)
-        );
-    }
-    out
 }
 
 /// The tile's sums into `to` as they are (`[P][CO]`).

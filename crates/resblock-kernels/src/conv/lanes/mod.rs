@@ -1,8 +1,8 @@
-//! The forward of 3x3 convolutions (padding 1, stride 1 or 2) on AVX-512 (x86-64 only)
-//! with the output channels in the vector lanes: a tile is up to 14 output pixels of one
-//! row by 32 output channels ([`avx512::tile`]), the weights packed per block of 32 output
-//! channels as `[ci][tap][32]`, the input values broadcast straight from the plain NCHW
-//! input.
+//! The forward of 3x3 convolutions (padding 1, stride 1 or 2) on AVX-512 or AVX2 (x86-64
+//! only) with the output channels in the vector lanes: a tile is up to 14 output pixels of
+//! one row by 32 output channels on AVX-512 (`avx512.rs`), up to 6 by 16 on AVX2
+//! (`avx2.rs`), the weights packed per block of a tile's output channels (`co`) as
+//! `[ci][tap][co]`, the input values broadcast straight from the plain NCHW input.
 //!
 //! The direct kernels of `conv/direct` put the pixels in the lanes, and at stride 2 their
 //! vector loads need the input split into its four phases first (the polyphase layout):
@@ -12,28 +12,62 @@
 //! a tile's input rows (3 per input channel, 2 P + 1 values each) stay in L1 over all the
 //! output channel blocks, and the weights stream in order from L2.
 //!
-//! It applies ([`applies`]) where AVX-512 runs and the dispatch allows it
-//! ([`crate::dispatch::Dispatch::channel_lanes`]), to whole blocks of 32 output channels
-//! and, at stride 2, even input widths (so that no tap reads right of the row); the rest
-//! keeps the direct or GEMM path. At stride 1 the caller takes Winograd where that applies.
+//! It applies ([`applies`]) where AVX-512 or AVX2 runs and the dispatch allows it
+//! ([`crate::dispatch::Dispatch::channel_lanes`]), to whole blocks of the tile's output
+//! channels and, at stride 2, even input widths (so that no tap reads right of the row);
+//! the rest keeps the direct or GEMM path. At stride 1 the caller takes Winograd where
+//! that applies.
 
 //!
-//! `mod.rs` the entry points and the input layouts, `pack.rs` the weights, `work.rs` the
-//! work items, `avx512.rs` the tile.
+//! `mod.rs` the entry points, the choice of tile and the input layouts, `pack.rs` the
+//! weights, `work.rs` the work items, `tile.rs` what every tile takes, `avx512.rs` and
+//! `avx2.rs` the tiles.
 
+mod avx2;
 mod avx512;
 mod pack;
 #[cfg(test)]
 mod tests;
+mod tile;
 mod work;
 
 use std::cell::RefCell;
 
 pub(crate) use pack::Packed;
 
-use avx512::CO;
+use avx2::Avx2;
+use avx512::Avx512;
 use pack::{pack_weights, packs_per_block, Weights};
+use tile::Kernel;
 use work::{run, Out};
+
+/// Which tile runs: the widest the dispatch allows and the CPU has.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Isa {
+    Avx512,
+    Avx2,
+}
+
+impl Isa {
+    /// The tile for this CPU and dispatch (none without AVX2 and FMA).
+    pub(crate) fn detect() -> Option<Isa> {
+        if crate::dispatch::avx512() {
+            Some(Isa::Avx512)
+        } else if crate::dispatch::avx2_fma() {
+            Some(Isa::Avx2)
+        } else {
+            None
+        }
+    }
+
+    /// The output channels of the tile's block.
+    pub(crate) fn co(self) -> usize {
+        match self {
+            Isa::Avx512 => Avx512::CO,
+            Isa::Avx2 => Avx2::CO,
+        }
+    }
+}
 
 use super::epilogue::Epilogue;
 use super::geom::{ConvGeom, Dims};
@@ -46,17 +80,19 @@ thread_local! {
 
 /// Whether [`forward`] takes this convolution: f32 (the caller's), a 3x3 kernel, stride 1
 /// or 2 (with an even input width), padding 1, no dilation, one group, an input of at
-/// least 2x2, whole blocks of 32 output channels, AVX-512 in use and the dispatch's
-/// `direct_conv` and `channel_lanes` on.
+/// least 2x2, whole blocks of the tile's output channels ([`Isa::co`]), a tile for this
+/// CPU ([`Isa::detect`]) and the dispatch's `direct_conv` and `channel_lanes` on.
 pub(crate) fn applies(d: &Dims, g: &ConvGeom) -> bool {
+    let Some(isa) = Isa::detect() else {
+        return false;
+    };
     let dispatch = crate::dispatch::current();
     let stride_ok = match g.stride {
         1 => true,
         2 => d.w.is_multiple_of(2),
         _ => false,
     };
-    crate::dispatch::avx512()
-        && dispatch.direct_conv
+    dispatch.direct_conv
         && dispatch.channel_lanes
         && stride_ok
         && (g.padding, g.dilation, g.groups) == (1, 1, 1)
@@ -64,7 +100,7 @@ pub(crate) fn applies(d: &Dims, g: &ConvGeom) -> bool {
         && d.w >= 2
         && d.h >= 2
         && d.c > 0
-        && d.cout.is_multiple_of(CO)
+        && d.cout.is_multiple_of(isa.co())
         && d.cout > 0
 }
 
@@ -95,14 +131,15 @@ impl Layout {
 }
 
 /// The convolution `(n, c, h, w) * (cout, c, 3, 3)`, stride `stride`, padding 1, finished
-/// by `ep`; the kernel `w`, or `packed` beforehand ([`Packed`]).
+/// by `ep`; the kernel `w`, and `packed` beforehand where there is ([`Packed`]: used where
+/// it was packed for the tile that runs).
 ///
 /// # Panics
 /// If [`applies`] does not hold (the caller checks it), or an operand or the epilogue's
 /// parts are shorter than the dimensions say.
 pub(crate) fn forward(
     x: &[f32],
-    w: (&[f32], Option<&[f32]>),
+    w: (&[f32], Option<&Packed>),
     ep: Epilogue<'_, f32>,
     d: &Dims,
     stride: usize,
@@ -117,13 +154,38 @@ pub(crate) fn forward(
 /// the input's or its images do not hold their planes (and, with `zero_rows`, the rows
 /// above and below).
 pub(crate) fn forward_in(
-    (x, layout): (&[f32], Layout),
-    (w, packed): (&[f32], Option<&[f32]>),
+    x: (&[f32], Layout),
+    w: (&[f32], Option<&Packed>),
     ep: Epilogue<'_, f32>,
     d: &Dims,
     stride: usize,
 ) -> Vec<f32> {
-    check((x, layout), ep, d, stride);
+    match tile_isa() {
+        Isa::Avx512 => forward_with::<Avx512>(x, w, ep, d, stride),
+        Isa::Avx2 => forward_with::<Avx2>(x, w, ep, d, stride),
+    }
+}
+
+/// The tile that runs.
+///
+/// # Panics
+/// Without one (the callers check [`applies`]).
+fn tile_isa() -> Isa {
+    Isa::detect().expect("lanes: called on a CPU or dispatch without AVX2")
+}
+
+/// [`forward_in`] on the tile `K`.
+///
+/// # Panics
+/// As [`forward_in`], and if `K`'s instruction set does not run.
+fn forward_with<K: Kernel>(
+    (x, layout): (&[f32], Layout),
+    (w, packed): (&[f32], Option<&Packed>),
+    ep: Epilogue<'_, f32>,
+    d: &Dims,
+    stride: usize,
+) -> Vec<f32> {
+    check::<K>((x, layout), ep, d, stride);
     PACKED.with(|cell| {
         let mut own = Vec::new();
         // Busy when this thread runs a nested call while it waits on its own work items.
@@ -132,17 +194,17 @@ pub(crate) fn forward_in(
             Ok(b) => &mut **b,
             Err(_) => &mut own,
         };
-        let wk = match packed {
+        let wk = match packed.and_then(|p| p.values_for(K::CO)) {
             Some(p) => Weights::Packed(p),
             None if packs_per_block(d) => Weights::Raw(w),
-            None => Weights::Packed(pack_weights(w, d.cout, d.c, buf)),
+            None => Weights::Packed(pack_weights(w, (d.cout, K::CO), d.c, buf)),
         };
         wk.check(d);
         // SAFETY: the work items write every value of the output (each row of pixels of
         // each image, for every block of output channels).
         unsafe {
             crate::buffer::vec_written_by(d.n * d.cout * d.p(), |y| {
-                run(
+                run::<K>(
                     (x, layout),
                     wk,
                     ep,
@@ -155,38 +217,55 @@ pub(crate) fn forward_in(
 }
 
 /// [`forward_in`] into `out` (`n * cout * oh * ow` values, each written) with the weights
-/// packed beforehand ([`Packed`]), on the calling thread alone unless `parallel`: for a
-/// caller that runs its own images in parallel (a training op's input gradient).
+/// packed beforehand ([`Packed`], for the tile that runs), on the calling thread alone
+/// unless `parallel`: for a caller that runs its own images in parallel (a training op's
+/// input gradient).
 ///
 /// # Panics
-/// As [`forward_in`], and if `out` or `wk` is not as long as the shapes say.
+/// As [`forward_in`], and if `out` or `wk` is not as long as the shapes say or `wk` was
+/// packed for another tile.
 pub(crate) fn forward_into(
     x: (&[f32], Layout),
-    wk: &[f32],
+    wk: &Packed,
     (ep, d, stride): (Epilogue<'_, f32>, &Dims, usize),
     out: &mut [std::mem::MaybeUninit<f32>],
     parallel: bool,
 ) {
-    check(x, ep, d, stride);
-    let wk = Weights::Packed(wk);
-    wk.check(d);
-    assert_eq!(out.len(), d.n * d.cout * d.p(), "lanes: output length");
-    run(
-        x,
-        wk,
-        ep,
-        (d, stride),
-        (Out(out.as_mut_ptr().cast()), parallel),
-    );
+    fn on<K: Kernel>(
+        x: (&[f32], Layout),
+        wk: &Packed,
+        (ep, d, stride): (Epilogue<'_, f32>, &Dims, usize),
+        out: &mut [std::mem::MaybeUninit<f32>],
+        parallel: bool,
+    ) {
+        check::<K>(x, ep, d, stride);
+        let wk = Weights::Packed(
+            wk.values_for(K::CO)
+                .expect("lanes: weights packed for another tile"),
+        );
+        wk.check(d);
+        assert_eq!(out.len(), d.n * d.cout * d.p(), "lanes: output length");
+        run::<K>(
+            x,
+            wk,
+            ep,
+            (d, stride),
+            (Out(out.as_mut_ptr().cast()), parallel),
+        );
+    }
+    match tile_isa() {
+        Isa::Avx512 => on::<Avx512>(x, wk, (ep, d, stride), out, parallel),
+        Isa::Avx2 => on::<Avx2>(x, wk, (ep, d, stride), out, parallel),
+    }
 }
 
 /// Panics unless [`forward_in`]'s operands fit the shapes (see there).
-fn check((x, layout): (&[f32], Layout), ep: Epilogue<'_, f32>, d: &Dims, stride: usize) {
+fn check<K: Kernel>((x, layout): (&[f32], Layout), ep: Epilogue<'_, f32>, d: &Dims, stride: usize) {
     assert!(
-        crate::dispatch::avx512(),
-        "lanes: AVX-512 kernel called without AVX-512"
+        K::runs(),
+        "lanes: a tile called where its instruction set does not run"
     );
-    assert!((d.kh, d.kw) == (3, 3) && d.cout.is_multiple_of(CO));
+    assert!((d.kh, d.kw) == (3, 3) && d.cout.is_multiple_of(K::CO));
     match stride {
         1 => assert_eq!((d.oh, d.ow), (d.h, d.w)),
         2 => assert!(d.w.is_multiple_of(2) && (d.oh, d.ow) == ((d.h - 1) / 2 + 1, d.w / 2)),

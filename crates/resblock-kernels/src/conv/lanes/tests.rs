@@ -1,8 +1,39 @@
 use std::arch::x86_64::*;
 
-use super::avx512::MAX_P;
 use super::work::tiles;
 use super::*;
+
+/// The tiles this CPU runs, whatever the dispatch says.
+fn isas() -> Vec<Isa> {
+    [(Isa::Avx512, Avx512::runs()), (Isa::Avx2, Avx2::runs())]
+        .into_iter()
+        .filter_map(|(isa, runs)| runs.then_some(isa))
+        .collect()
+}
+
+/// [`forward`] on the tile of `isa`.
+fn forward_on(
+    isa: Isa,
+    x: &[f32],
+    w: (&[f32], Option<&Packed>),
+    ep: Epilogue<'_, f32>,
+    d: &Dims,
+    stride: usize,
+) -> Vec<f32> {
+    let x = (x, Layout::plain(d));
+    match isa {
+        Isa::Avx512 => forward_with::<Avx512>(x, w, ep, d, stride),
+        Isa::Avx2 => forward_with::<Avx2>(x, w, ep, d, stride),
+    }
+}
+
+/// The most pixels of `isa`'s tile.
+fn max_p(isa: Isa) -> usize {
+    match isa {
+        Isa::Avx512 => Avx512::MAX_P,
+        Isa::Avx2 => Avx2::MAX_P,
+    }
+}
 
 fn values(n: usize, seed: usize) -> Vec<f32> {
     (0..n)
@@ -87,34 +118,72 @@ fn transpose16_transposes() {
 
 #[test]
 fn tiles_cover_the_row_evenly() {
-    for ow in 1..100 {
-        let t = tiles(ow);
-        assert_eq!(t.len(), ow.div_ceil(MAX_P), "{ow}");
-        let mut next = 0;
-        for &(first, p) in &t {
-            assert_eq!(first, next, "{ow}: tiles in order, no gap");
-            assert!(
-                (1..=MAX_P).contains(&p) && p + 1 >= t[0].1,
-                "{ow}: tile of {p}"
-            );
-            next += p;
+    for (max_p, max_row) in [
+        (Avx512::MAX_P, Avx512::MAX_P_ROW),
+        (Avx2::MAX_P, Avx2::MAX_P_ROW),
+    ] {
+        for ow in 1..100 {
+            let t = tiles(ow, (max_p, max_row));
+            let count = if ow <= max_row {
+                1
+            } else {
+                ow.div_ceil(max_p).max(2)
+            };
+            assert_eq!(t.len(), count, "{ow}");
+            let mut next = 0;
+            for &(first, p) in &t {
+                assert_eq!(first, next, "{ow}: tiles in order, no gap");
+                assert!(
+                    (1..=max_p).contains(&p) && p + 1 >= t[0].1,
+                    "{ow}: tile of {p}"
+                );
+                next += p;
+            }
+            assert_eq!(next, ow);
         }
-        assert_eq!(next, ow);
     }
-    assert_eq!(tiles(28), [(0, 14), (14, 14)]);
-    assert_eq!(tiles(16), [(0, 8), (8, 8)]);
+    assert_eq!(tiles(28, (14, 14)), [(0, 14), (14, 14)]);
+    assert_eq!(tiles(16, (14, 14)), [(0, 8), (8, 8)]);
+    assert_eq!(
+        tiles(28, (6, 5)),
+        [(0, 6), (6, 6), (12, 6), (18, 5), (23, 5)]
+    );
+    assert_eq!(tiles(6, (6, 5)), [(0, 3), (3, 3)]);
+    assert_eq!(tiles(5, (6, 5)), [(0, 5)]);
 }
 
-/// Every tile width (1 to 14 pixels, a row's first, last, both or neither), odd and even
-/// heights (and, at stride 1, widths), one input channel to several passes of 16 (the sums
-/// kept between passes), one block of output channels to four, batch 1 (the channel blocks
-/// shared among the threads) and more, at strides 1 and 2, on one thread and on three.
 #[test]
-fn matches_a_plain_convolution() {
-    if !crate::dispatch::avx512() {
+fn transpose8_transposes() {
+    if !Avx2::runs() {
         return;
     }
-    let cases = [
+    let v: Vec<f32> = (0..64).map(|i| i as f32).collect();
+    // SAFETY: AVX2 runs (checked above); each load reads 8 of the 64 values.
+    let t = unsafe {
+        let rows: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(v[8 * i..].as_ptr()));
+        avx2::transpose8(rows)
+    };
+    let mut got = [0f32; 64];
+    for (j, t) in t.iter().enumerate() {
+        // SAFETY: as above; each store writes 8 of the 64 values.
+        unsafe { _mm256_storeu_ps(got[8 * j..].as_mut_ptr(), *t) };
+    }
+    for j in 0..8 {
+        for i in 0..8 {
+            assert_eq!(got[8 * j + i], v[8 * i + j], "({j}, {i})");
+        }
+    }
+}
+
+/// On every tile the CPU has: every tile width (1 to 14 pixels on AVX-512, 1 to 6 on AVX2,
+/// a row's first, last, both or neither), odd and even heights (and, at stride 1, widths),
+/// one input channel to several passes of 16 (the sums kept between passes), one block of
+/// output channels to eight, batch 1 (the channel blocks shared among the threads) and
+/// more, at strides 1 and 2, on one thread and on three; with the weights packed whole,
+/// by the work items, and beforehand ([`Packed`]).
+#[test]
+fn matches_a_plain_convolution() {
+    let cases: [(usize, usize, usize, usize, usize); 16] = [
         (2, 3, 8, 8, 32),
         (1, 5, 7, 6, 64),
         (1, 2, 2, 2, 32),
@@ -128,47 +197,62 @@ fn matches_a_plain_convolution() {
         (1, 40, 6, 30, 32),
         (2, 33, 5, 16, 64),
         (1, 17, 14, 14, 128),
+        (2, 5, 6, 12, 16),
+        (1, 18, 7, 10, 48),
+        (1, 3, 3, 14, 16),
     ];
     // At stride 1 the cases' widths give every tile width too (1 and 2 from the 2 and 4
     // wide inputs at stride 2, here their own widths), and odd widths.
     let strided = cases.iter().map(|&case| (2, case));
+    let max_tile = isas().into_iter().map(max_p).max().unwrap_or(0);
+    assert!(
+        max_tile == 0 || cases.iter().any(|c| c.3 / 2 >= 2 * max_tile),
+        "a row of full tiles"
+    );
     let same = cases
         .iter()
-        .map(|&(n, c, h, w, cout)| (1, (n, c, h, (w / 2).max(1) + w % 3, cout)));
-    // Weights packed whole and packed by the work items, block by block.
-    let mut packings = [false, false];
-    for (stride, (n, c, h, w, cout)) in strided.chain(same) {
-        let d = dims_at(stride, n, c, h, w, cout);
-        if !applies(&d, &ConvGeom { stride, ..GEOM }) {
-            assert!(stride == 1 && w < 2, "{stride} {w}");
-            continue;
-        }
-        packings[usize::from(packs_per_block(&d))] = true;
-        let (x, wt) = (values(n * c * h * w, 1), values(cout * c * 9, 2));
-        let want = conv_ref(&x, &wt, &d, stride);
-        let scale = want.iter().fold(1f64, |m, v| m.max(v.abs()));
-        for threads in [1, 3] {
-            let y = pool(threads).install(|| forward(&x, (&wt, None), Epilogue::NONE, &d, stride));
-            assert_eq!(y.len(), want.len());
-            for (i, (g, w)) in y.iter().zip(&want).enumerate() {
-                let e = (f64::from(*g) - w).abs() / scale;
-                assert!(
-                    e < 1e-5,
-                    "s{stride} n{n} {c}->{cout} {h}x{w}, {threads} threads: element {i} is {g}, want {w}"
-                );
+        .map(|&(n, c, h, w, cout)| (1, (n, c, h, (w / 2).max(1) + w % 3, cout)))
+        // Rows of one AVX2 tile (5 wide) and of two where one would fit (6 wide).
+        .chain([(1, (1, 4, 5, 5, 16)), (1, (2, 3, 4, 6, 32))]);
+    for isa in isas() {
+        // Weights packed whole and packed by the work items, block by block.
+        let mut packings = [false, false];
+        for &(stride, (n, c, h, w, cout)) in strided
+            .clone()
+            .chain(same.clone())
+            .collect::<Vec<_>>()
+            .iter()
+        {
+            if !cout.is_multiple_of(isa.co()) || (stride == 1 && w < 2) {
+                continue;
+            }
+            let d = dims_at(stride, n, c, h, w, cout);
+            packings[usize::from(packs_per_block(&d))] = true;
+            let (x, wt) = (values(n * c * h * w, 1), values(cout * c * 9, 2));
+            let want = conv_ref(&x, &wt, &d, stride);
+            let scale = want.iter().fold(1f64, |m, v| m.max(v.abs()));
+            let packed = Packed::packed_for(&wt, (cout, isa.co()), c);
+            for (threads, pre) in [(1, None), (3, None), (2, Some(&packed))] {
+                let y = pool(threads)
+                    .install(|| forward_on(isa, &x, (&wt, pre), Epilogue::NONE, &d, stride));
+                assert_eq!(y.len(), want.len());
+                for (i, (g, w)) in y.iter().zip(&want).enumerate() {
+                    let e = (f64::from(*g) - w).abs() / scale;
+                    assert!(
+                        e < 1e-5,
+                        "{isa:?} s{stride} n{n} {c}->{cout} {h}x{w}, {threads} threads: element {i} is {g}, want {w}"
+                    );
+                }
             }
         }
+        assert_eq!(packings, [true, true], "{isa:?}: both packings covered");
     }
-    assert_eq!(packings, [true, true], "both packings covered");
 }
 
 /// The finish in the tile's stores gives the bits of the epilogue's separate pass over
 /// the raw output, for every combination of its parts.
 #[test]
 fn finish_matches_the_epilogue_pass() {
-    if !crate::dispatch::avx512() {
-        return;
-    }
     // Two passes over the input channels: the finish follows a pass's partial sums.
     let (n, c, h, w, cout) = (2, 20, 9, 18, 64);
     let d = dims(n, c, h, w, cout);
@@ -176,22 +260,28 @@ fn finish_matches_the_epilogue_pass() {
     let scale = values(cout, 5);
     let bias = values(cout, 6);
     let residual = values(n * cout * d.p(), 7);
-    let raw = forward(&x, (&wt, None), Epilogue::NONE, &d, 2);
-    for parts in 0..16 {
-        let ep = Epilogue {
-            scale: (parts & 1 != 0).then_some(&scale[..]),
-            bias: (parts & 2 != 0).then_some(&bias[..]),
-            residual: (parts & 4 != 0).then_some(&residual[..]),
-            relu: parts & 8 != 0,
-        };
-        let got = forward(&x, (&wt, None), ep, &d, 2);
-        let mut want = raw.clone();
-        let len = cout * d.p();
-        for (ni, img) in want.chunks_exact_mut(len).enumerate() {
-            ep.image(ni, len).apply_planes(0, img, d.p());
-        }
-        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-            assert_eq!(g.to_bits(), w.to_bits(), "parts {parts:04b}: element {i}");
+    for isa in isas() {
+        let raw = forward_on(isa, &x, (&wt, None), Epilogue::NONE, &d, 2);
+        for parts in 0..16 {
+            let ep = Epilogue {
+                scale: (parts & 1 != 0).then_some(&scale[..]),
+                bias: (parts & 2 != 0).then_some(&bias[..]),
+                residual: (parts & 4 != 0).then_some(&residual[..]),
+                relu: parts & 8 != 0,
+            };
+            let got = forward_on(isa, &x, (&wt, None), ep, &d, 2);
+            let mut want = raw.clone();
+            let len = cout * d.p();
+            for (ni, img) in want.chunks_exact_mut(len).enumerate() {
+                ep.image(ni, len).apply_planes(0, img, d.p());
+            }
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert_eq!(
+                    g.to_bits(),
+                    w.to_bits(),
+                    "{isa:?} parts {parts:04b}: element {i}"
+                );
+            }
         }
     }
 }
@@ -199,13 +289,16 @@ fn finish_matches_the_epilogue_pass() {
 #[test]
 fn applies_only_where_it_can() {
     let ok = |n, c, h, w, cout| applies(&dims(n, c, h, w, cout), &GEOM);
-    if !crate::dispatch::avx512() {
+    let Some(isa) = Isa::detect() else {
         assert!(!ok(1, 3, 8, 8, 32));
         return;
-    }
+    };
     assert!(ok(1, 3, 8, 8, 32) && ok(8, 64, 56, 56, 128) && ok(1, 2, 7, 8, 64));
-    // An odd width at stride 2 (a tap right of the row), a part block of output channels.
-    assert!(!ok(1, 3, 8, 7, 32) && !ok(1, 3, 8, 8, 48) && !ok(1, 3, 8, 8, 16));
+    // An odd width at stride 2 (a tap right of the row).
+    assert!(!ok(1, 3, 8, 7, 32));
+    // Whole blocks of the tile's output channels: 16 on AVX2, 32 on AVX-512.
+    let halves = isa == Isa::Avx2;
+    assert!(ok(1, 3, 8, 8, 48) == halves && ok(1, 3, 8, 8, 16) == halves && !ok(1, 3, 8, 8, 8));
     // Stride 1, any width from 2.
     let same = ConvGeom { stride: 1, ..GEOM };
     assert!(applies(&dims_at(1, 1, 3, 8, 7, 32), &same));

@@ -5,15 +5,16 @@ use std::cell::RefCell;
 
 use rayon::prelude::*;
 
-use super::avx512::{self, Dst, Part, Src, CO, MAX_P};
-use super::pack::Weights;
+use super::pack::{interleave_block, Weights};
+use super::tile::{Dst, Kernel, Part, Src};
 use super::Layout;
 use crate::aligned::aligned_mut;
 use crate::conv::epilogue::Epilogue;
 use crate::conv::geom::Dims;
 
-/// Input channels per pass over the output channel blocks: 16 keep a block's weights for
-/// them (18 KiB) and the input rows a work item reads for them in L1 together.
+/// Input channels per pass over the output channel blocks: 16 keep a block's weights for them
+/// (18 KiB at 32 channels a block, 9 at 16) and the input rows a work item reads for them in L1
+/// together.
 const CHANNELS_PER_PASS: usize = 16;
 
 /// The output pixels a work item aims at: its rows read each weight once from L2 (`36 *
@@ -51,7 +52,7 @@ unsafe impl Sync for Out {}
 /// The work items of [`super::forward`]: runs of output rows of one image, about
 /// [`PIXELS_PER_ITEM`] pixels each, over all the output channel blocks, or, where there
 /// are too few to share among the threads (a batch-1 7x7 output), over part of them.
-pub(super) fn run(
+pub(super) fn run<K: Kernel>(
     x: (&[f32], Layout),
     wk: Weights<'_>,
     ep: Epilogue<'_, f32>,
@@ -63,7 +64,7 @@ pub(super) fn run(
     } else {
         1
     };
-    let blocks = d.cout / CO;
+    let blocks = d.cout / K::CO;
     let row_runs = row_runs(d);
     let runs = d.n * row_runs;
     let groups = if threads <= 1 || runs >= 4 * threads {
@@ -71,7 +72,7 @@ pub(super) fn run(
     } else {
         (4 * threads).div_ceil(runs).min(blocks)
     };
-    let tiles = tiles(d.ow);
+    let tiles = tiles(d.ow, (K::MAX_P, K::MAX_P_ROW));
     let item = |it: usize| {
         let (run, g) = (it / groups, it % groups);
         let (ni, r) = (run / row_runs, run % row_runs);
@@ -83,7 +84,7 @@ pub(super) fn run(
         };
         PARTS.with(|scratch| {
             let (parts, block) = &mut *scratch.borrow_mut();
-            work.run(x, (wk, block), ep, d, out, &tiles, parts);
+            work.run::<K>(x, (wk, block), ep, d, out, &tiles, parts);
         });
     };
     if threads > 1 {
@@ -107,7 +108,7 @@ impl Work {
     /// L1), the sums kept in `parts` between passes and finished into the output by the
     /// last.
     #[allow(clippy::too_many_arguments)]
-    fn run(
+    fn run<K: Kernel>(
         &self,
         x: (&[f32], Layout),
         (wk, block): (Weights<'_>, &mut Vec<f32>),
@@ -122,7 +123,7 @@ impl Work {
         let image = &x[self.ni * layout.image..(self.ni + 1) * layout.image];
         let ep = ep.image(self.ni, d.cout * p);
         let k = d.c * 9;
-        let slot = MAX_P * CO;
+        let (co, slot) = (K::CO, K::MAX_P * K::CO);
         let nb = self.blocks.len();
         let passes = d.c.div_ceil(CHANNELS_PER_PASS);
         let parts = if passes > 1 {
@@ -136,15 +137,12 @@ impl Work {
             let ch0 = pass * CHANNELS_PER_PASS;
             let cc = CHANNELS_PER_PASS.min(d.c - ch0);
             for (bi, b) in self.blocks.clone().enumerate() {
-                // The block's weights for the pass: `[ci][tap][CO]`, `cc` channels.
+                // The block's weights for the pass: `[ci][tap][co]`, `cc` channels.
                 let wb: &[f32] = match wk {
-                    Weights::Packed(wk) => &wk[(b * k + ch0 * 9) * CO..][..cc * 9 * CO],
+                    Weights::Packed(wk) => &wk[(b * k + ch0 * 9) * co..][..cc * 9 * co],
                     Weights::Raw(w) => {
-                        let len = cc * 9;
-                        let rows: [&[f32]; CO] =
-                            std::array::from_fn(|j| &w[(b * CO + j) * k + ch0 * 9..][..len]);
-                        let block = aligned_mut(block, len * CO);
-                        crate::interleave::interleave_rows(rows, block);
+                        let block = aligned_mut(block, cc * 9 * co);
+                        interleave_block(w, (k, co), (b * co, ch0 * 9), block);
                         block
                     }
                 };
@@ -156,7 +154,7 @@ impl Work {
                     } else {
                         (usize::from(oy == 0), 3.min(d.h + 1 - s * oy))
                     };
-                    let w = &wb[ky0 * 3 * CO..];
+                    let w = &wb[ky0 * 3 * co..];
                     for (t, &(ox0, pw)) in tiles.iter().enumerate() {
                         // Channel `ch0`, row `s oy - 1 + ky0`, column `s ox0 - 1` (one
                         // before the row where `ox0 = 0`, or its padding column).
@@ -190,33 +188,35 @@ impl Work {
                                 sums
                             },
                         };
-                        let first = b * CO * p + oy * d.ow + ox0;
+                        let first = b * co * p + oy * d.ow + ox0;
                         let dst = Dst {
                             out: out.0.wrapping_add(self.ni * d.cout * p + first),
                             plane: p,
                             finish: !ep.is_identity(),
-                            scale: ptr(ep.scale, b * CO),
-                            bias: ptr(ep.bias, b * CO),
+                            scale: ptr(ep.scale, b * co),
+                            bias: ptr(ep.bias, b * co),
                             residual: ptr(ep.residual, first),
                             relu: ep.relu,
                         };
-                        // SAFETY: AVX-512 runs (`check`'s assert). Reads: pixel `i < pw` of
-                        // kernel row `r < rows` reads `x[ci * plane + r * row + s i + kx]`
-                        // from `src.x`, that is input channel `ch0 + ci < c` of this image,
-                        // row `s oy - 1 + ky0 + r` in `0..h` (`ky0`, `ky1` above; -1 and `h`
-                        // on a padded layout, inside the image by `forward_in`'s check) and column
-                        // `s (ox0 + i) + kx - 1` in `0..w` (column -1 only for `ox0 = 0`,
-                        // `i = 0`, `kx = 0`, which `LEFT` skips; column `w` only at stride 1
-                        // for the row's last pixel and `kx = 2`, which `RIGHT` skips: at
-                        // stride 2 `w` is even, so `2 (ow - 1) + 1 = w - 1`); the pass's
-                        // weights `wb` hold `cc * 9 * CO` floats, read from kernel row `ky0`
-                        // on; `parts` holds a `MAX_P * CO` slot per (row, tile, block) of
-                        // the item where there are several passes. Writes: channel `b * CO + j` (`b < cout
-                        // / CO`), pixel `oy * ow + ox0 + i < p` of image `ni < n` in the
-                        // `n * cout * p` output, and the residual (checked as long as the
-                        // output) and scale and bias (`cout` long) at the same places.
+                        // SAFETY: `K`'s instruction set runs (`check`'s assert, the caller's).
+                        // Reads: pixel `i < pw` of kernel row `r < rows` reads `x[ci * plane +
+                        // r * row + s i + kx]` from `src.x`, that is input channel `ch0 + ci <
+                        // c` of this image, row `s oy - 1 + ky0 + r` in `0..h` (`ky0`, `ky1`
+                        // above; -1 and `h` on a padded layout, inside the image by
+                        // `forward_in`'s check) and column `s (ox0 + i) + kx - 1` in `0..w`
+                        // (column -1 only for `ox0 = 0`, `i = 0`, `kx = 0`, which `LEFT` skips;
+                        // column `w` only at stride 1 for the row's last pixel and `kx = 2`,
+                        // which `RIGHT` skips: at stride 2 `w` is even, so `2 (ow - 1) + 1 = w
+                        // - 1`); the pass's weights `wb` hold `cc * 9 * co` floats, read from
+                        // kernel row `ky0` on; `parts` holds a `MAX_P * co` slot per (row,
+                        // tile, block) of the item where there are several passes. Writes:
+                        // channel `b * co + j` (`b < cout / co`), pixel `oy * ow + ox0 + i < p`
+                        // of image `ni < n` in the `n * cout * p` output, and the residual
+                        // (checked as long as the output) and scale and bias (`cout` long) at
+                        // the same places. `1 <= pw <= MAX_P`, `MAX_P_ROW` for a whole row
+                        // ([`tiles`]).
                         let edges = (ox0 == 0, s == 1 && ox0 + pw == d.ow);
-                        unsafe { tile((pw, s), edges, src, cc, w.as_ptr(), part, dst) };
+                        unsafe { K::tile((pw, s), edges, src, cc, w.as_ptr(), part, dst) };
                     }
                 }
             }
@@ -225,9 +225,10 @@ impl Work {
 }
 
 /// The tiles of an output row `ow` wide: `(first pixel, pixels)`, as few as fit
-/// [`MAX_P`] and as even as can be (28: 14 + 14; 16: 8 + 8).
-pub(super) fn tiles(ow: usize) -> Vec<(usize, usize)> {
-    let count = ow.div_ceil(MAX_P);
+/// `max_p` pixels and as even as can be (`max_p` 14: 28 as 14 + 14, 16 as 8 + 8), and at
+/// least two where the row is wider than `max_row` (see [`Kernel::MAX_P_ROW`]).
+pub(super) fn tiles(ow: usize, (max_p, max_row): (usize, usize)) -> Vec<(usize, usize)> {
+    let count = ow.div_ceil(max_p).max(if ow > max_row { 2 } else { 1 });
     let (base, extra) = (ow / count, ow % count);
     let mut first = 0;
     (0..count)
@@ -238,37 +239,4 @@ pub(super) fn tiles(ow: usize) -> Vec<(usize, usize)> {
             tile
         })
         .collect()
-}
-
-/// [`avx512::tile`] for `pw` pixels at stride `s`, with `LEFT` and `RIGHT` as `edges`
-/// say (`RIGHT` only at stride 1).
-///
-/// # Safety
-/// As [`avx512::tile`], with `1 <= pw <= MAX_P`.
-unsafe fn tile(
-    (pw, s): (usize, usize),
-    edges: (bool, bool),
-    src: Src,
-    c: usize,
-    wk: *const f32,
-    part: Part,
-    d: Dst,
-) {
-    macro_rules! widths {
-        ($($p:literal)*) => {
-            match (pw, s, edges) {
-                $(
-                    // SAFETY (each arm): the caller's contract.
-                    ($p, 2, (true, false)) => unsafe { avx512::tile::<$p, 2, true, false>(src, c, wk, part, d) },
-                    ($p, 2, (false, false)) => unsafe { avx512::tile::<$p, 2, false, false>(src, c, wk, part, d) },
-                    ($p, 1, (true, true)) => unsafe { avx512::tile::<$p, 1, true, true>(src, c, wk, part, d) },
-                    ($p, 1, (true, false)) => unsafe { avx512::tile::<$p, 1, true, false>(src, c, wk, part, d) },
-                    ($p, 1, (false, true)) => unsafe { avx512::tile::<$p, 1, false, true>(src, c, wk, part, d) },
-                    ($p, 1, (false, false)) => unsafe { avx512::tile::<$p, 1, false, false>(src, c, wk, part, d) },
-                )*
-                _ => unreachable!("lanes: a tile of {pw} pixels at stride {s}, edges {edges:?}"),
-            }
-        };
-    }
-    widths!(1 2 3 4 5 6 7 8 9 10 11 12 13 14);
 }
