@@ -45,7 +45,9 @@ pub(crate) fn direct_plan(d: &Dims, g: &ConvGeom) -> Option<direct::Plan> {
 /// interleaved minima): 64 -> 128 channels at 56x56, batch 8, 7.0 ms on the GEMM path (our
 /// AVX2 GEMM; 7.6 on the `gemm` crate's) against 9.6 direct, batch 1 0.92 against 1.35; but
 /// 32 -> 64 at 16x16, batch 128, 4.38 against 3.67 direct, and 16 -> 32 at 32x32 4.74
-/// against 3.41.
+/// against 3.41. (Those 3x3 padding-1 layers now run on `conv/lanes`, which [`forward_f32`]
+/// asks first, in about a quarter less time than direct, interleaved minima; this limit is
+/// for the stride-2 layers it does not take.)
 pub(crate) const DIRECT_MAX_K_AVX2_STRIDED_FORWARD: usize = 288;
 
 /// The largest `C_in * kh * kw` a forward at `stride` takes on the direct kernels of `isa`.

@@ -23,15 +23,12 @@ pub(crate) struct Avx2;
 
 impl Kernel for Avx2 {
     const CO: usize = CO;
+    const ISA: crate::conv::direct::Isa = crate::conv::direct::Isa::Avx2;
     const MAX_P: usize = 6;
     /// Compiled for a 6-pixel row at stride 1 (the first pixel's left and the last one's
     /// right taps skipped), the tile kept one sum on the stack, stored on every step
     /// (`cargo xtask asm`): such rows are cut in two.
     const MAX_P_ROW: usize = 5;
-
-    fn runs() -> bool {
-        crate::dispatch::cpu().has(crate::dispatch::Simd::Avx2)
-    }
 
     unsafe fn tile(
         pw_s: (usize, usize),

@@ -24,12 +24,9 @@ pub(crate) struct Avx512;
 
 impl Kernel for Avx512 {
     const CO: usize = CO;
+    const ISA: crate::conv::direct::Isa = crate::conv::direct::Isa::Avx512;
     const MAX_P: usize = 14;
     const MAX_P_ROW: usize = 14;
-
-    fn runs() -> bool {
-        crate::dispatch::cpu().has(crate::dispatch::Simd::Avx512)
-    }
 
     unsafe fn tile(
         pw_s: (usize, usize),

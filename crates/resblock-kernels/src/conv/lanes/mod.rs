@@ -41,31 +41,14 @@ use pack::{pack_weights, packs_per_block, Weights};
 use tile::Kernel;
 use work::{run, Out};
 
-/// Which tile runs: the widest the dispatch allows and the CPU has.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Isa {
-    Avx512,
-    Avx2,
-}
+use crate::conv::direct::Isa;
 
-impl Isa {
-    /// The tile for this CPU and dispatch (none without AVX2 and FMA).
-    pub(crate) fn detect() -> Option<Isa> {
-        if crate::dispatch::avx512() {
-            Some(Isa::Avx512)
-        } else if crate::dispatch::avx2_fma() {
-            Some(Isa::Avx2)
-        } else {
-            None
-        }
-    }
-
-    /// The output channels of the tile's block.
-    pub(crate) fn co(self) -> usize {
-        match self {
-            Isa::Avx512 => Avx512::CO,
-            Isa::Avx2 => Avx2::CO,
-        }
+/// The output channels of a block of `isa`'s tile (the tile that runs is the one of
+/// [`Isa::detect`]: the widest the dispatch allows and the CPU has).
+pub(crate) fn block_of(isa: Isa) -> usize {
+    match isa {
+        Isa::Avx512 => Avx512::CO,
+        Isa::Avx2 => Avx2::CO,
     }
 }
 
@@ -80,7 +63,7 @@ thread_local! {
 
 /// Whether [`forward`] takes this convolution: f32 (the caller's), a 3x3 kernel, stride 1
 /// or 2 (with an even input width), padding 1, no dilation, one group, an input of at
-/// least 2x2, whole blocks of the tile's output channels ([`Isa::co`]), a tile for this
+/// least 2x2, whole blocks of the tile's output channels ([`block_of`]), a tile for this
 /// CPU ([`Isa::detect`]) and the dispatch's `direct_conv` and `channel_lanes` on.
 pub(crate) fn applies(d: &Dims, g: &ConvGeom) -> bool {
     let Some(isa) = Isa::detect() else {
@@ -100,7 +83,7 @@ pub(crate) fn applies(d: &Dims, g: &ConvGeom) -> bool {
         && d.w >= 2
         && d.h >= 2
         && d.c > 0
-        && d.cout.is_multiple_of(isa.co())
+        && d.cout.is_multiple_of(block_of(isa))
         && d.cout > 0
 }
 
@@ -262,7 +245,7 @@ pub(crate) fn forward_into(
 /// Panics unless [`forward_in`]'s operands fit the shapes (see there).
 fn check<K: Kernel>((x, layout): (&[f32], Layout), ep: Epilogue<'_, f32>, d: &Dims, stride: usize) {
     assert!(
-        K::runs(),
+        K::ISA.supported(),
         "lanes: a tile called where its instruction set does not run"
     );
     assert!((d.kh, d.kw) == (3, 3) && d.cout.is_multiple_of(K::CO));

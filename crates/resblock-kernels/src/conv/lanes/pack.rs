@@ -7,6 +7,7 @@ use rayon::prelude::*;
 
 use super::work::row_runs;
 use crate::aligned::aligned_mut;
+use crate::conv::direct::Isa;
 use crate::conv::geom::Dims;
 
 /// Packed weights of at least this many floats are packed on all threads.
@@ -24,9 +25,9 @@ pub(crate) struct Packed {
 
 impl Packed {
     /// `w` (`cout x c x 3 x 3`) packed as [`pack_weights`] packs it for the tile that runs
-    /// now ([`super::Isa::detect`]; for none, as for AVX2: never read then).
+    /// now ([`Isa::detect`]; for none, as for AVX2: never read then).
     pub(crate) fn new(w: &[f32], cout: usize, c: usize) -> Packed {
-        let co = super::Isa::detect().map_or(16, super::Isa::co);
+        let co = Isa::detect().map_or(16, super::block_of);
         Packed::packed_for(w, (cout, co), c)
     }
 

@@ -5,9 +5,9 @@ use super::*;
 
 /// The tiles this CPU runs, whatever the dispatch says.
 fn isas() -> Vec<Isa> {
-    [(Isa::Avx512, Avx512::runs()), (Isa::Avx2, Avx2::runs())]
+    [Isa::Avx512, Isa::Avx2]
         .into_iter()
-        .filter_map(|(isa, runs)| runs.then_some(isa))
+        .filter(|isa| isa.supported())
         .collect()
 }
 
@@ -154,7 +154,7 @@ fn tiles_cover_the_row_evenly() {
 
 #[test]
 fn transpose8_transposes() {
-    if !Avx2::runs() {
+    if !Isa::Avx2.supported() {
         return;
     }
     let v: Vec<f32> = (0..64).map(|i| i as f32).collect();
@@ -223,7 +223,7 @@ fn matches_a_plain_convolution() {
             .collect::<Vec<_>>()
             .iter()
         {
-            if !cout.is_multiple_of(isa.co()) || (stride == 1 && w < 2) {
+            if !cout.is_multiple_of(block_of(isa)) || (stride == 1 && w < 2) {
                 continue;
             }
             let d = dims_at(stride, n, c, h, w, cout);
@@ -231,7 +231,7 @@ fn matches_a_plain_convolution() {
             let (x, wt) = (values(n * c * h * w, 1), values(cout * c * 9, 2));
             let want = conv_ref(&x, &wt, &d, stride);
             let scale = want.iter().fold(1f64, |m, v| m.max(v.abs()));
-            let packed = Packed::packed_for(&wt, (cout, isa.co()), c);
+            let packed = Packed::packed_for(&wt, (cout, block_of(isa)), c);
             for (threads, pre) in [(1, None), (3, None), (2, Some(&packed))] {
                 let y = pool(threads)
                     .install(|| forward_on(isa, &x, (&wt, pre), Epilogue::NONE, &d, stride));

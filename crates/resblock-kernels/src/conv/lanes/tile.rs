@@ -50,9 +50,8 @@ pub(crate) trait Kernel {
     /// at most [`Kernel::MAX_P`] pixels is cut in two ([`super::work::tiles`]).
     const MAX_P_ROW: usize;
 
-    /// Whether this CPU runs the tile (whatever the dispatch allows: tests run every tile
-    /// the CPU has).
-    fn runs() -> bool;
+    /// The instruction set the tile runs on.
+    const ISA: crate::conv::direct::Isa;
 
     /// `out[j * plane + i] = from[i * CO + j] + sum_ci sum_(ky, kx) wk[t * CO + j] * x[ci *
     /// plane + ky * w + s i + kx]`, with `t = ci * 9 + ky * 3 + kx`, for the `rows` valid
