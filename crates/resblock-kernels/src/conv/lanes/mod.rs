@@ -41,6 +41,8 @@ use pack::{pack_weights, packs_per_block, Weights};
 use tile::Kernel;
 use work::{run, Out};
 
+use super::epilogue::Epilogue;
+use super::geom::{ConvGeom, Dims};
 use crate::conv::direct::Isa;
 
 /// The output channels of a block of `isa`'s tile (the tile that runs is the one of
@@ -51,9 +53,6 @@ pub(crate) fn block_of(isa: Isa) -> usize {
         Isa::Avx2 => Avx2::CO,
     }
 }
-
-use super::epilogue::Epilogue;
-use super::geom::{ConvGeom, Dims};
 
 thread_local! {
     /// The calling thread's packed weights, kept between calls (up to 4.5 MiB for a
@@ -143,7 +142,19 @@ pub(crate) fn forward_in(
     d: &Dims,
     stride: usize,
 ) -> Vec<f32> {
-    match tile_isa() {
+    forward_on_tile(tile_isa(), x, w, ep, d, stride)
+}
+
+/// [`forward_in`] on the tile of `isa` (the tests run every tile the CPU has).
+fn forward_on_tile(
+    isa: Isa,
+    x: (&[f32], Layout),
+    w: (&[f32], Option<&Packed>),
+    ep: Epilogue<'_, f32>,
+    d: &Dims,
+    stride: usize,
+) -> Vec<f32> {
+    match isa {
         Isa::Avx512 => forward_with::<Avx512>(x, w, ep, d, stride),
         Isa::Avx2 => forward_with::<Avx2>(x, w, ep, d, stride),
     }

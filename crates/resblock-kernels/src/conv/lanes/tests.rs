@@ -20,11 +20,7 @@ fn forward_on(
     d: &Dims,
     stride: usize,
 ) -> Vec<f32> {
-    let x = (x, Layout::plain(d));
-    match isa {
-        Isa::Avx512 => forward_with::<Avx512>(x, w, ep, d, stride),
-        Isa::Avx2 => forward_with::<Avx2>(x, w, ep, d, stride),
-    }
+    forward_on_tile(isa, (x, Layout::plain(d)), w, ep, d, stride)
 }
 
 /// The most pixels of `isa`'s tile.
