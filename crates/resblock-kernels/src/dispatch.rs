@@ -13,7 +13,7 @@
 //! | [`Dispatch::winograd`] | `RESBLOCK_WINOGRAD=0` | wide 3x3 convolutions on the direct or GEMM path (where 512-bit FMAs run at full width, see [`crate::peak::full_width_fma`], only forwards with outputs 14 wide and more, and backwards and fused training ops from 128 channels; `=1` takes Winograd there for every shape) |
 //! | [`Dispatch::masked_taps`] | `RESBLOCK_MASKED_TAPS=0` | AVX-512 direct convolutions on the shared-padding layout |
 //! | [`Dispatch::transposed_wgrad`] | `RESBLOCK_TRANSPOSED_WGRAD=0` | the 3x3 weight gradients of the masked and stride-2 layouts on the per-tap tile |
-//! | [`Dispatch::channel_lanes`] | `RESBLOCK_CHANNEL_LANES=0` | 3x3 forwards (stride 2, and stride 1 where Winograd does not run) and the fused training op's stride-1 input gradients on the direct or GEMM path |
+//! | [`Dispatch::channel_lanes`] | `RESBLOCK_CHANNEL_LANES=0` | 3x3 forwards (stride 2, and stride 1 where Winograd does not run) and stride-1 input gradients (the convolution's direct backward and the fused training op's) on the direct or GEMM path |
 //!
 //! CPU features are detected once ([`cpu`]); a SIMD path runs only when the CPU has it
 //! and [`Dispatch::simd`] allows it, so tests can force every path on any machine, and
@@ -59,8 +59,8 @@ pub struct Dispatch {
     pub transposed_wgrad: bool,
     /// The AVX-512 and AVX2 3x3 kernels with the output channels in the vector lanes,
     /// reading the plain input (`conv/lanes/`: no padded or polyphase copy of it): forwards
-    /// at stride 2, and at stride 1 where Winograd does not run, and the fused conv + BN
-    /// training op's stride-1 input gradient.
+    /// at stride 2, and at stride 1 where Winograd does not run, and the stride-1 input
+    /// gradients of the direct backward and of the fused conv + BN training op.
     pub channel_lanes: bool,
 }
 

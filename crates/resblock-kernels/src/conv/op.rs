@@ -180,9 +180,9 @@ pub(crate) fn backward_typed<T: WithDType>(
             let dx = super::winograd::input_grad(w, dy, &d);
             (dx, weight_grad_direct(&plans.0, x, dy, &d))
         })?,
-        (Some(plans), _) => {
-            backward_tensors::<f32>(x, w, &dy, |x, w, dy| backward_direct(&plans, x, w, dy, &d))?
-        }
+        (Some(plans), _) => backward_tensors::<f32>(x, w, &dy, |x, w, dy| {
+            backward_direct(&plans, x, w, dy, &d, g)
+        })?,
         (None, Some(plan)) => backward_tensors::<f32>(x, w, &dy, |x, w, dy| {
             backward_strided(&plan, x, w, dy, &d, g)
         })?,
@@ -407,13 +407,15 @@ mod tests {
     /// The direct f32 kernels against the f64 GEMM path: forward (with bias and ReLU), the
     /// input gradient and the weight gradient, over tails of every tile size, paddings below,
     /// at and above `k / 2`, non-square kernels, and a batch of 1 (parallel channel blocks)
-    /// and of 3 (parallel images); stride 2 (the phase-split layout, whose backward is
-    /// `backward_strided`) at odd and even sizes and the stem's 7x7.
+    /// and of 3 (parallel images), input gradients of 16 and 32 channels on `conv/lanes`;
+    /// stride 2 (the phase-split layout, whose backward is `backward_strided`) at odd and
+    /// even sizes and the stem's 7x7.
     #[test]
     fn direct_kernels_match_the_gemm_path() {
         let shapes = [
             // (n, c, h, w, cout, kh, kw, padding, stride)
             (3, 16, 8, 8, 16, 3, 3, 1, 1),
+            (2, 32, 6, 7, 16, 3, 3, 1, 1),
             (1, 3, 7, 9, 5, 3, 3, 1, 1),
             (3, 5, 9, 6, 7, 3, 3, 0, 1),
             (2, 4, 6, 11, 9, 5, 3, 1, 1),
@@ -483,7 +485,14 @@ mod tests {
             let plans = direct_backward_plans(&d, &g);
             assert_eq!(plans.is_some(), padding < kh.min(kw), "shape {i}");
             let Some(plans) = plans else { continue };
-            let (dx, dw) = backward_direct(&plans, &x, &k, &dy, &d);
+            // With 32 input channels (3x3, padding 1) the input gradient runs on
+            // `conv/lanes` (whole blocks of either tile); with 16 on AVX2's tile alone.
+            #[cfg(target_arch = "x86_64")]
+            if c == 32 && crate::dispatch::current().channel_lanes {
+                let lanes = crate::conv::lanes::input_grad(&k, &d, &g);
+                assert!(lanes.is_some(), "shape {i}: input gradient on lanes");
+            }
+            let (dx, dw) = backward_direct(&plans, &x, &k, &dy, &d, &g);
             let (ex, ew) = (rel_err(&dx, &dx64), rel_err(&dw, &dw64));
             assert!(
                 ex < 1e-5 && ew < 1e-5,

@@ -210,8 +210,10 @@ impl DirectScratch {
     }
 }
 
-/// (dx, dw) by the direct kernels. `dx` is written image by image into fresh memory: by
-/// the input gradient's forward straight into its plain layout where the plan writes it
+/// (dx, dw) by the direct kernels. `dx` is written image by image into fresh memory: on
+/// `conv/lanes` from the plain `dY` where that applies (3x3, padding 1, the input's
+/// channels in whole blocks of the tile's: no padded copy of `dY`), else by the input
+/// gradient's direct forward straight into its plain layout where the plan writes it
 /// ([`direct::Plan::writes_plain`]), else through the flattened scratch and `unflatten`
 /// (zero-filling `dx` first and that copy were 7% of a 64-channel 56x56 backward).
 pub(crate) fn backward_direct(
@@ -220,15 +222,34 @@ pub(crate) fn backward_direct(
     w: &[f32],
     dy: &[f32],
     d: &Dims,
+    g: &ConvGeom,
 ) -> (Vec<f32>, Vec<f32>) {
     let (parallel, _) = gemm_parallelism(d.n);
     let wlen = w.len();
-    let wfk = back.pack_flipped_weights(w);
+    #[cfg(target_arch = "x86_64")]
+    let lanes_dx = super::lanes::input_grad(w, d, g);
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = g;
+    #[cfg(target_arch = "x86_64")]
+    let on_lanes = lanes_dx.is_some();
+    #[cfg(not(target_arch = "x86_64"))]
+    let on_lanes = false;
+    let wfk = if on_lanes {
+        Vec::new()
+    } else {
+        back.pack_flipped_weights(w)
+    };
     let ylen = d.cout * d.p();
     let image =
         |s: &mut DirectScratch, acc: &mut WeightSum, ni: usize, dx_n: &mut [MaybeUninit<f32>]| {
             let dy_n = &dy[ni * ylen..(ni + 1) * ylen];
             s.add_weight_grad(fwd, (&x[ni * d.chw()..(ni + 1) * d.chw()], dy_n), wlen, acc);
+            #[cfg(target_arch = "x86_64")]
+            if let Some((wl, bd)) = &lanes_dx {
+                let dy_n = (dy_n, super::lanes::Layout::plain(bd));
+                super::lanes::forward_into(dy_n, wl, (Epilogue::NONE, bd, 1), dx_n, !parallel);
+                return;
+            }
             back.pad(dy_n, &mut s.dyp);
             if back.writes_plain() {
                 back.forward_plain(&s.dyp, &wfk, dx_n, !parallel);

@@ -384,17 +384,9 @@ impl ConvBnTrain {
         back: &direct::Plan,
         w: &[f32],
     ) -> Option<(crate::conv::lanes::Packed, crate::conv::lanes::Layout, Dims)> {
-        let d = &self.d;
-        let bd = Dims::new(&self.geom, &[1, d.cout, d.h, d.w], &[d.c, d.cout, 3, 3]).ok()?;
-        if self.geom.stride != 1 || !lanes_applies(&bd, &self.geom) {
-            return None;
-        }
         let layout = back.lanes_layout()?;
-        Some((
-            crate::conv::lanes::Packed::flipped(w, d.cout, d.c),
-            layout,
-            bd,
-        ))
+        let (packed, bd) = crate::conv::lanes::input_grad(w, &self.d, &self.geom)?;
+        Some((packed, layout, bd))
     }
 
     /// On Winograd: (dx if `need_dx`, the kernel's gradient with room for `2 * cout` more

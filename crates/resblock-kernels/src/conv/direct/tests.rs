@@ -135,7 +135,7 @@ fn every_kernel_set_matches_a_plain_convolution() {
 
                 // The input gradient is a stride-1 convolution of dY padded by k - 1 - pad with
                 // the flipped, transposed kernel; the weight gradient a correlation of x and dY.
-                let (dx, dw) = backward_direct(&(fwd.clone(), back), &x, &wt, &dy, &d);
+                let (dx, dw) = backward_direct(&(fwd.clone(), back), &x, &wt, &dy, &d, &g);
                 let mut want_dx = vec![0f64; n * d.chw()];
                 let mut want_dw = vec![0f64; wt.len()];
                 for i in 0..n {

@@ -16,7 +16,9 @@
 //! ([`crate::dispatch::Dispatch::channel_lanes`]), to whole blocks of the tile's output
 //! channels and, at stride 2, even input widths (so that no tap reads right of the row);
 //! the rest keeps the direct or GEMM path. At stride 1 the caller takes Winograd where
-//! that applies.
+//! that applies. A stride-1 input gradient is such a convolution too, of `dY` with the
+//! flipped kernel ([`input_grad`]): the direct backward's and the fused conv + BN op's run
+//! here where it applies.
 
 //!
 //! `mod.rs` the entry points, the choice of tile and the input layouts, `pack.rs` the
@@ -84,6 +86,19 @@ pub(crate) fn applies(d: &Dims, g: &ConvGeom) -> bool {
         && d.c > 0
         && d.cout.is_multiple_of(block_of(isa))
         && d.cout > 0
+}
+
+/// The input gradient of the stride-1 convolution `d` (3x3, padding 1) on [`forward_into`]
+/// where that applies: `dX = dY * W` flipped and transposed, a 3x3 padding-1 convolution
+/// of `dY` with `d.c` output channels (whole blocks of the tile's). The flipped kernel
+/// packed and that convolution's dimensions for one image (`1 x cout x oh x ow`).
+pub(crate) fn input_grad(w: &[f32], d: &Dims, g: &ConvGeom) -> Option<(Packed, Dims)> {
+    if g.stride != 1 {
+        return None;
+    }
+    let bd = Dims::new(g, &[1, d.cout, d.oh, d.ow], &[d.c, d.cout, d.kh, d.kw]).ok()?;
+    let same = (bd.oh, bd.ow) == (d.h, d.w);
+    (same && applies(&bd, g)).then(|| (Packed::flipped(w, d.cout, d.c), bd))
 }
 
 /// Where the input's values lie: image `ni`'s channel `ci`, row `iy`, column `ix` at
