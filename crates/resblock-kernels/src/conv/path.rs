@@ -231,14 +231,9 @@ pub(crate) fn backward_direct(
     #[cfg(not(target_arch = "x86_64"))]
     let _ = g;
     #[cfg(target_arch = "x86_64")]
-    let on_lanes = lanes_dx.is_some();
+    let wfk = flipped_for_direct(back, w, lanes_dx.is_some());
     #[cfg(not(target_arch = "x86_64"))]
-    let on_lanes = false;
-    let wfk = if on_lanes {
-        Vec::new()
-    } else {
-        back.pack_flipped_weights(w)
-    };
+    let wfk = flipped_for_direct(back, w, false);
     let ylen = d.cout * d.p();
     let image =
         |s: &mut DirectScratch, acc: &mut WeightSum, ni: usize, dx_n: &mut [MaybeUninit<f32>]| {
@@ -266,6 +261,16 @@ pub(crate) fn backward_direct(
     // whole chunk.
     let (dx, dw) = unsafe { crate::buffer::vec_written_with(d.n * d.chw(), fill) };
     (dx, dw.total(0))
+}
+
+/// The flipped kernel packed for `back`'s direct input gradient, or nothing where that runs
+/// on `conv/lanes` instead (`on_lanes`; [`super::lanes::input_grad`] packs its own).
+pub(crate) fn flipped_for_direct(back: &direct::Plan, w: &[f32], on_lanes: bool) -> Vec<f32> {
+    if on_lanes {
+        Vec::new()
+    } else {
+        back.pack_flipped_weights(w)
+    }
 }
 
 /// The weight gradient alone by the direct kernels (the forward plan `fwd`), summed over

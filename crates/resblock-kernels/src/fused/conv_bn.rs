@@ -47,7 +47,7 @@ use crate::conv::direct;
 use crate::conv::epilogue::Epilogue;
 use crate::conv::gemm::{for_each_image_summed, gemm_parallelism, with_thread_scratch, WeightLhs};
 use crate::conv::geom::{ConvGeom, Dims};
-use crate::conv::path::StridedGroup;
+use crate::conv::path::{flipped_for_direct, StridedGroup};
 use crate::conv::weight_sum::{WeightSum, WeightSums};
 use crate::norm::simd as kernels;
 use crate::norm::{channel_grad_sums, combine_moments, grad_coef, inv_std, norm_coef};
@@ -439,14 +439,9 @@ impl ConvBnTrain {
         #[cfg(target_arch = "x86_64")]
         let lanes_dx = need_dx.then(|| self.lanes_input_grad(back, w)).flatten();
         #[cfg(target_arch = "x86_64")]
-        let on_lanes = lanes_dx.is_some();
+        let wfk = flipped_for_direct(back, w, lanes_dx.is_some());
         #[cfg(not(target_arch = "x86_64"))]
-        let on_lanes = false;
-        let wfk = if on_lanes {
-            Vec::new()
-        } else {
-            back.pack_flipped_weights(w)
-        };
+        let wfk = flipped_for_direct(back, w, false);
         let wlen = w.len();
         let plen = self.fwd.padded_len();
         let group = self.fwd.images_per_group(d.n);

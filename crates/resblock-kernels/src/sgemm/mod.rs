@@ -213,6 +213,7 @@ const KC_IN_PLACE: usize = 512;
 /// (`infer-profile`, processes alternated): `pack_b` 7.4% of the samples before, 5.8%
 /// after; minima 423-605 against 417-630 ms, lower in 7 of 9 pairs (the host's spread
 /// is larger than the gain). Measured on AVX2 only.
+#[cfg(target_arch = "x86_64")]
 const PACK_B_AHEAD: usize = 8;
 /// Columns of one packed `B` block (a multiple of every kernel's `NR`).
 const NC: usize = 1024;
