@@ -141,12 +141,14 @@ fn every_path_agrees_and_eval_records_no_graph() -> Result<()> {
     }
     // Where AVX-512 runs, on `conv/lanes` (fused and not): a stride-2 layer with 32 output
     // channels on an even input (its forward); a stride-1 one from 32 input channels (its
-    // input gradient), and one to 32 output channels (its forward). Elsewhere, and with
-    // `channel_lanes` off, on the direct plans.
+    // input gradient), and one to 32 output channels (its forward); a 16-channel one (both,
+    // on AVX-512's 16-channel tile and on AVX2's). Elsewhere, and with `channel_lanes` off,
+    // on the direct plans.
     let layers = [
         ((5, 10, 8), (32, 2), (5, 4)),
         ((32, 6, 5), (8, 1), (6, 5)),
         ((5, 7, 9), (32, 1), (7, 9)),
+        ((16, 6, 7), (16, 1), (6, 7)),
     ];
     let paths = [
         ("default", Dispatch::default()),

@@ -1,10 +1,11 @@
-//! The AVX-512 tile of the 3x3 forward with the output channels in the lanes: `P`
-//! consecutive output pixels of one row by [`CO`] = 32 output channels (two vectors of 16),
-//! `2 P` accumulators (28 for the widest tile, 14 pixels), at stride `S` (1 or
-//! 2).
+//! The AVX-512 tiles of the 3x3 forward with the output channels in the lanes: `P`
+//! consecutive output pixels of one row by `CO` = 16 `V` output channels (`V` vectors of
+//! 16: [`Avx512`]`<2>` 32 channels by up to 14 pixels, 28 accumulators; `Avx512<1>` 16
+//! channels by up to 16 pixels, for layers whose channels are not whole blocks of 32:
+//! CIFAR ResNets' 16-channel stage), at stride `S` (1 or 2).
 //!
-//! Per tap and input channel it loads the two weight vectors once and broadcasts each
-//! pixel's input value into two FMAs: `P + 2` loads per `2 P` FMAs, all of them from the
+//! Per tap and input channel it loads the `V` weight vectors once and broadcasts each
+//! pixel's input value into `V` FMAs: `P + V` loads per `V P` FMAs, all of them from the
 //! plain input rows (pixel `i`'s tap `kx` reads column `S i + kx` from the tile's first
 //! column), so there is no padded or phase-split copy of the input and no junk column.
 //! The sums are transposed in registers (16 x 16) to the output's rows of pixels as they
@@ -14,16 +15,14 @@ use std::arch::x86_64::*;
 
 use super::tile::{opaque, tile_widths, Dst, Kernel, Part, Src};
 
-/// Output channels of one block (the packed weights' innermost dimension).
-const CO: usize = 32;
 /// f32 lanes of one register.
 const LANES: usize = 16;
 
-/// The AVX-512 tile ([`tile`]).
-pub(crate) struct Avx512;
+/// The AVX-512 tile of `V` vectors of output channels ([`tile`]).
+pub(crate) struct Avx512<const V: usize>;
 
-impl Kernel for Avx512 {
-    const CO: usize = CO;
+impl Kernel for Avx512<2> {
+    const CO: usize = 2 * LANES;
     const ISA: crate::conv::direct::Isa = crate::conv::direct::Isa::Avx512;
     const MAX_P: usize = 14;
     const MAX_P_ROW: usize = 14;
@@ -37,13 +36,35 @@ impl Kernel for Avx512 {
         part: Part,
         d: Dst,
     ) {
-        tile_widths!(tile, pw_s, edges, (src, c, wk, part, d);
+        tile_widths!(tile_of_2, pw_s, edges, (src, c, wk, part, d);
             1 2 3 4 5 6 7 8 9 10 11 12 13 14; 1 2 3 4 5 6 7 8 9 10 11 12 13 14)
     }
 }
 
-/// `out[j * plane + i] = from[i * CO + j] + sum_ci sum_(ky, kx) wk[t * CO + j] * x[ci *
-/// plane + ky * w + S i + kx]`, with `t = ci * 9 + ky * 3 + kx`, for the `rows` valid
+impl Kernel for Avx512<1> {
+    const CO: usize = LANES;
+    const ISA: crate::conv::direct::Isa = crate::conv::direct::Isa::Avx512;
+    // 16 sums, a weight vector and a broadcast value; the store transposes 16 pixels.
+    const MAX_P: usize = 16;
+    const MAX_P_ROW: usize = 16;
+
+    unsafe fn tile(
+        pw_s: (usize, usize),
+        edges: (bool, bool),
+        src: Src,
+        c: usize,
+        wk: *const f32,
+        part: Part,
+        d: Dst,
+    ) {
+        tile_widths!(tile_of_1, pw_s, edges, (src, c, wk, part, d);
+            1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16; 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16)
+    }
+}
+
+/// With `CO = 16 V`: `out[j * plane + i] = from[i * CO + j] + sum_ci sum_(ky, kx) wk[t *
+/// CO + j] * x[ci * plane + ky * w + S i + kx]`, with `t = ci * 9 + ky * 3 + kx`, for the
+/// `rows` valid
 /// kernel rows, pixels `i < P` and channels `j < CO` (then finished, see [`Dst`]), or the
 /// same sums into `to[i * CO + j]` ([`Part`]: the sums over one part of the input
 /// channels). With `LEFT` the tile starts a row: its first pixel's column-0 taps read the
@@ -56,7 +77,13 @@ impl Kernel for Avx512 {
 /// null) for `P * CO` floats; without `part.to`, `out` writable (and `residual` readable)
 /// at `j * plane + i`, and `scale` and `bias` readable for `CO` floats where not null.
 #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
-unsafe fn tile<const P: usize, const S: usize, const LEFT: bool, const RIGHT: bool>(
+unsafe fn tile<
+    const V: usize,
+    const P: usize,
+    const S: usize,
+    const LEFT: bool,
+    const RIGHT: bool,
+>(
     s: Src,
     c: usize,
     wk: *const f32,
@@ -68,30 +95,64 @@ unsafe fn tile<const P: usize, const S: usize, const LEFT: bool, const RIGHT: bo
     unsafe {
         // Built and handed on by value: with the sums read or written in place through
         // references, LLVM kept them in memory as well and stored every one after each FMA.
-        let mut acc: [[__m512; 2]; P] = if part.from.is_null() {
-            [[_mm512_setzero_ps(); 2]; P]
+        let co = V * LANES;
+        let mut acc: [[__m512; V]; P] = if part.from.is_null() {
+            [[_mm512_setzero_ps(); V]; P]
         } else {
             std::array::from_fn(|i| {
-                std::array::from_fn(|v| _mm512_loadu_ps(part.from.add(i * CO + v * LANES)))
+                std::array::from_fn(|v| _mm512_loadu_ps(part.from.add(i * co + v * LANES)))
             })
         };
         for ci in 0..c {
             let xc = s.x.wrapping_add(ci * s.plane);
-            let wc = wk.add(ci * 9 * CO);
+            let wc = wk.add(ci * 9 * co);
             for r in 0..s.rows {
                 let xr = xc.wrapping_add(r * s.w);
-                let wr = wc.add(r * 3 * CO);
+                let wr = wc.add(r * 3 * co);
+                if V == 1 {
+                    // One vector of channels: the three taps' weights stay in registers
+                    // and each input column of the row is broadcast once, carried to the
+                    // next pixel that reads it (pixel `i` reads columns `S i + kx`):
+                    // `S` broadcasts per 3 FMAs instead of 3, where the broadcasts bound
+                    // the tile. Each pixel's sums still take the taps in the order of
+                    // `kx`, as below.
+                    let w3: [__m512; 3] =
+                        std::array::from_fn(|kx| _mm512_loadu_ps(wr.add(kx * co)));
+                    let col = |j: usize| _mm512_set1_ps(*xr.wrapping_add(j));
+                    let mut c0 = if LEFT { _mm512_setzero_ps() } else { col(0) };
+                    let mut c1 = if S == 1 { col(1) } else { _mm512_setzero_ps() };
+                    for (i, a) in acc.iter_mut().enumerate() {
+                        let a = &mut a[0];
+                        let mid = if S == 1 { c1 } else { col(S * i + 1) };
+                        let last = RIGHT && i + 1 == P;
+                        let c2 = if last {
+                            _mm512_setzero_ps()
+                        } else {
+                            col(S * i + 2)
+                        };
+                        if !(LEFT && i == 0) {
+                            *a = _mm512_fmadd_ps(c0, w3[0], *a);
+                        }
+                        *a = _mm512_fmadd_ps(mid, w3[1], *a);
+                        if !last {
+                            *a = _mm512_fmadd_ps(c2, w3[2], *a);
+                        }
+                        (c0, c1) = if S == 1 { (mid, c2) } else { (c2, c1) };
+                    }
+                    continue;
+                }
                 for kx in 0..3 {
-                    let w0 = _mm512_loadu_ps(wr.add(kx * CO));
-                    let w1 = _mm512_loadu_ps(wr.add(kx * CO + LANES));
+                    let wv: [__m512; V] =
+                        std::array::from_fn(|v| _mm512_loadu_ps(wr.add(kx * co + v * LANES)));
                     let xk = xr.wrapping_add(opaque(kx));
                     for (i, a) in acc.iter_mut().enumerate() {
                         if (LEFT && i == 0 && kx == 0) || (RIGHT && i + 1 == P && kx == 2) {
                             continue;
                         }
                         let b = _mm512_set1_ps(*xk.wrapping_add(S * i));
-                        a[0] = _mm512_fmadd_ps(b, w0, a[0]);
-                        a[1] = _mm512_fmadd_ps(b, w1, a[1]);
+                        for (a, w) in a.iter_mut().zip(&wv) {
+                            *a = _mm512_fmadd_ps(b, *w, *a);
+                        }
                     }
                 }
             }
@@ -104,18 +165,52 @@ unsafe fn tile<const P: usize, const S: usize, const LEFT: bool, const RIGHT: bo
     }
 }
 
-/// The tile's sums (`acc[i][v]`: pixel `i`, channels `16 v..16 v + 16`) into the output
-/// rows, finished as [`Dst`] says.
+/// [`tile`] of 32 channels.
 ///
 /// # Safety
 /// As [`tile`].
 #[inline]
 #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
-unsafe fn store<const P: usize>(acc: [[__m512; 2]; P], d: Dst) {
+unsafe fn tile_of_2<const P: usize, const S: usize, const LEFT: bool, const RIGHT: bool>(
+    s: Src,
+    c: usize,
+    wk: *const f32,
+    part: Part,
+    d: Dst,
+) {
+    // SAFETY: the caller's contract.
+    unsafe { tile::<2, P, S, LEFT, RIGHT>(s, c, wk, part, d) }
+}
+
+/// [`tile`] of 16 channels.
+///
+/// # Safety
+/// As [`tile`].
+#[inline]
+#[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+unsafe fn tile_of_1<const P: usize, const S: usize, const LEFT: bool, const RIGHT: bool>(
+    s: Src,
+    c: usize,
+    wk: *const f32,
+    part: Part,
+    d: Dst,
+) {
+    // SAFETY: the caller's contract.
+    unsafe { tile::<1, P, S, LEFT, RIGHT>(s, c, wk, part, d) }
+}
+
+/// The tile's sums (`acc[i][v]`: pixel `i`, channels `16 v..16 v + 16`) into the output
+/// rows, finished as [`Dst`] says (`P <= 16`).
+///
+/// # Safety
+/// As [`tile`].
+#[inline]
+#[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+unsafe fn store<const V: usize, const P: usize>(acc: [[__m512; V]; P], d: Dst) {
     let mask = ((1u32 << P) - 1) as __mmask16;
     // SAFETY: the caller's contract.
     unsafe {
-        for v in 0..2 {
+        for v in 0..V {
             let co0 = v * LANES;
             let mut rows = [_mm512_setzero_ps(); LANES];
             for (r, a) in rows.iter_mut().zip(&acc) {
@@ -156,17 +251,17 @@ unsafe fn store<const P: usize>(acc: [[__m512; 2]; P], d: Dst) {
     }
 }
 
-/// The tile's sums into `to` as they are (`[P][CO]`).
+/// The tile's sums into `to` as they are (`[P][16 V]`).
 ///
 /// # Safety
 /// AVX-512 F must be available and `to` writable for `P * CO` floats.
 #[inline]
 #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
-unsafe fn save<const P: usize>(acc: [[__m512; 2]; P], to: *mut f32) {
+unsafe fn save<const V: usize, const P: usize>(acc: [[__m512; V]; P], to: *mut f32) {
     for (i, a) in acc.iter().enumerate() {
         for (v, a) in a.iter().enumerate() {
             // SAFETY: in bounds by the caller's contract.
-            unsafe { _mm512_storeu_ps(to.add(i * CO + v * LANES), *a) };
+            unsafe { _mm512_storeu_ps(to.add(i * V * LANES + v * LANES), *a) };
         }
     }
 }

@@ -25,9 +25,10 @@ pub(crate) struct Packed {
 
 impl Packed {
     /// `w` (`cout x c x 3 x 3`) packed as [`pack_weights`] packs it for the tile that runs
-    /// now ([`Isa::detect`]; for none, as for AVX2: never read then).
+    /// now for `cout` channels ([`super::Tile::for_layer`] on [`Isa::detect`]; for none, as
+    /// for AVX2: never read then).
     pub(crate) fn new(w: &[f32], cout: usize, c: usize) -> Packed {
-        let co = Isa::detect().map_or(16, super::block_of);
+        let co = Isa::detect().map_or(16, |isa| super::Tile::for_layer(isa, cout).co());
         Packed::packed_for(w, (cout, co), c)
     }
 

@@ -4,16 +4,25 @@ use super::work::tiles;
 use super::*;
 
 /// The tiles this CPU runs, whatever the dispatch says.
-fn isas() -> Vec<Isa> {
-    [Isa::Avx512, Isa::Avx2]
+fn isas() -> Vec<Tile> {
+    [Tile::Avx512, Tile::Avx512Half, Tile::Avx2]
         .into_iter()
-        .filter(|isa| isa.supported())
+        .filter(|tile| isa_of(*tile).supported())
         .collect()
 }
 
-/// [`forward`] on the tile of `isa`.
+/// The instruction set `tile` runs on.
+fn isa_of(tile: Tile) -> Isa {
+    match tile {
+        Tile::Avx512 => Avx512::<2>::ISA,
+        Tile::Avx512Half => Avx512::<1>::ISA,
+        Tile::Avx2 => Avx2::ISA,
+    }
+}
+
+/// [`forward`] on `tile`.
 fn forward_on(
-    isa: Isa,
+    isa: Tile,
     x: &[f32],
     w: (&[f32], Option<&Packed>),
     ep: Epilogue<'_, f32>,
@@ -23,11 +32,12 @@ fn forward_on(
     forward_on_tile(isa, (x, Layout::plain(d)), w, ep, d, stride)
 }
 
-/// The most pixels of `isa`'s tile.
-fn max_p(isa: Isa) -> usize {
-    match isa {
-        Isa::Avx512 => Avx512::MAX_P,
-        Isa::Avx2 => Avx2::MAX_P,
+/// The most pixels of `tile`.
+fn max_p(tile: Tile) -> usize {
+    match tile {
+        Tile::Avx512 => Avx512::<2>::MAX_P,
+        Tile::Avx512Half => Avx512::<1>::MAX_P,
+        Tile::Avx2 => Avx2::MAX_P,
     }
 }
 
@@ -115,7 +125,8 @@ fn transpose16_transposes() {
 #[test]
 fn tiles_cover_the_row_evenly() {
     for (max_p, max_row) in [
-        (Avx512::MAX_P, Avx512::MAX_P_ROW),
+        (Avx512::<2>::MAX_P, Avx512::<2>::MAX_P_ROW),
+        (Avx512::<1>::MAX_P, Avx512::<1>::MAX_P_ROW),
         (Avx2::MAX_P, Avx2::MAX_P_ROW),
     ] {
         for ow in 1..100 {
@@ -171,7 +182,8 @@ fn transpose8_transposes() {
     }
 }
 
-/// On every tile the CPU has: every tile width (1 to 14 pixels on AVX-512, 1 to 6 on AVX2,
+/// On every tile the CPU has: every tile width (1 to 14 pixels on AVX-512's 32-channel tile,
+/// 1 to 16 on its 16-channel one, 1 to 6 on AVX2,
 /// a row's first, last, both or neither), odd and even heights (and, at stride 1, widths),
 /// one input channel to several passes of 16 (the sums kept between passes), one block of
 /// output channels to eight, batch 1 (the channel blocks shared among the threads) and
@@ -179,7 +191,7 @@ fn transpose8_transposes() {
 /// by the work items, and beforehand ([`Packed`]).
 #[test]
 fn matches_a_plain_convolution() {
-    let cases: [(usize, usize, usize, usize, usize); 16] = [
+    let cases: [(usize, usize, usize, usize, usize); 17] = [
         (2, 3, 8, 8, 32),
         (1, 5, 7, 6, 64),
         (1, 2, 2, 2, 32),
@@ -196,6 +208,8 @@ fn matches_a_plain_convolution() {
         (2, 5, 6, 12, 16),
         (1, 18, 7, 10, 48),
         (1, 3, 3, 14, 16),
+        // Rows of three 16-pixel tiles at both strides.
+        (1, 2, 3, 96, 16),
     ];
     // At stride 1 the cases' widths give every tile width too (1 and 2 from the 2 and 4
     // wide inputs at stride 2, here their own widths), and odd widths.
@@ -219,7 +233,7 @@ fn matches_a_plain_convolution() {
             .collect::<Vec<_>>()
             .iter()
         {
-            if !cout.is_multiple_of(block_of(isa)) || (stride == 1 && w < 2) {
+            if !cout.is_multiple_of(isa.co()) || (stride == 1 && w < 2) {
                 continue;
             }
             let d = dims_at(stride, n, c, h, w, cout);
@@ -227,7 +241,7 @@ fn matches_a_plain_convolution() {
             let (x, wt) = (values(n * c * h * w, 1), values(cout * c * 9, 2));
             let want = conv_ref(&x, &wt, &d, stride);
             let scale = want.iter().fold(1f64, |m, v| m.max(v.abs()));
-            let packed = Packed::packed_for(&wt, (cout, block_of(isa)), c);
+            let packed = Packed::packed_for(&wt, (cout, isa.co()), c);
             for (threads, pre) in [(1, None), (3, None), (2, Some(&packed))] {
                 let y = pool(threads)
                     .install(|| forward_on(isa, &x, (&wt, pre), Epilogue::NONE, &d, stride));
@@ -292,9 +306,18 @@ fn applies_only_where_it_can() {
     assert!(ok(1, 3, 8, 8, 32) && ok(8, 64, 56, 56, 128) && ok(1, 2, 7, 8, 64));
     // An odd width at stride 2 (a tap right of the row).
     assert!(!ok(1, 3, 8, 7, 32));
-    // Whole blocks of the tile's output channels: 16 on AVX2, 32 on AVX-512.
-    let halves = isa == Isa::Avx2;
-    assert!(ok(1, 3, 8, 8, 48) == halves && ok(1, 3, 8, 8, 16) == halves && !ok(1, 3, 8, 8, 8));
+    // Whole blocks of the tile's output channels: 16 (AVX-512's 32-channel tile where they
+    // are whole blocks of 32, its 16-channel one else).
+    assert!(
+        ok(1, 16, 8, 8, 48) && ok(1, 16, 8, 8, 16) && !ok(1, 3, 8, 8, 8) && !ok(1, 3, 8, 8, 40)
+    );
+    // AVX-512's 16-channel tile not on a stem (AVX2's tile of 16 takes it).
+    assert_eq!(ok(1, 3, 8, 8, 16), isa == Isa::Avx2);
+    assert_eq!(
+        Tile::for_layer(isa, 64).co(),
+        if isa == Isa::Avx512 { 32 } else { 16 }
+    );
+    assert_eq!(Tile::for_layer(isa, 48).co(), 16);
     // Stride 1, any width from 2.
     let same = ConvGeom { stride: 1, ..GEOM };
     assert!(applies(&dims_at(1, 1, 3, 8, 7, 32), &same));

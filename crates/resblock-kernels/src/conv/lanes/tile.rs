@@ -1,7 +1,8 @@
 //! What every tile of [`super::forward`] takes, whichever instruction set runs it: where it
 //! reads ([`Src`]), the partial sums it starts from and ends in ([`Part`]), where it
 //! writes ([`Dst`]), and the [`Kernel`] each instruction set's tile implements
-//! (`avx512.rs`: 32 output channels by up to 14 pixels; `avx2.rs`: 16 by up to 6).
+//! (`avx512.rs`: 32 output channels by up to 14 pixels, or 16 by up to 16; `avx2.rs`: 16
+//! by up to 6).
 
 /// Where a tile reads: `x` is the input value at channel 0, the first valid kernel row's
 /// input row and the column left of the tile's first tap (`S ox0 - 1`: one before the
