@@ -4,8 +4,10 @@
 //! channels by up to 16 pixels, for layers whose channels are not whole blocks of 32:
 //! CIFAR ResNets' 16-channel stage), at stride `S` (1 or 2).
 //!
-//! Per tap and input channel it loads the `V` weight vectors once and broadcasts each
-//! pixel's input value into `V` FMAs: `P + V` loads per `V P` FMAs, all of them from the
+//! Per tap and input channel the 32-channel tile loads its two weight vectors once and
+//! broadcasts each pixel's input value into two FMAs: `P + 2` loads per `2 P` FMAs; the
+//! 16-channel tile keeps the three taps' weights in registers and broadcasts each input
+//! column once, into every FMA that reads it (`S` broadcasts per 3 FMAs). All loads are from the
 //! plain input rows (pixel `i`'s tap `kx` reads column `S i + kx` from the tile's first
 //! column), so there is no padded or phase-split copy of the input and no junk column.
 //! The sums are transposed in registers (16 x 16) to the output's rows of pixels as they
@@ -118,17 +120,28 @@ unsafe fn tile<
                     // `kx`, as below.
                     let w3: [__m512; 3] =
                         std::array::from_fn(|kx| _mm512_loadu_ps(wr.add(kx * co)));
-                    let col = |j: usize| _mm512_set1_ps(*xr.wrapping_add(j));
-                    let mut c0 = if LEFT { _mm512_setzero_ps() } else { col(0) };
-                    let mut c1 = if S == 1 { col(1) } else { _mm512_setzero_ps() };
+                    let mut c0 = if LEFT {
+                        _mm512_setzero_ps()
+                    } else {
+                        _mm512_set1_ps(*xr)
+                    };
+                    let mut c1 = if S == 1 {
+                        _mm512_set1_ps(*xr.wrapping_add(1))
+                    } else {
+                        _mm512_setzero_ps()
+                    };
                     for (i, a) in acc.iter_mut().enumerate() {
                         let a = &mut a[0];
-                        let mid = if S == 1 { c1 } else { col(S * i + 1) };
+                        let mid = if S == 1 {
+                            c1
+                        } else {
+                            _mm512_set1_ps(*xr.wrapping_add(S * i + 1))
+                        };
                         let last = RIGHT && i + 1 == P;
                         let c2 = if last {
                             _mm512_setzero_ps()
                         } else {
-                            col(S * i + 2)
+                            _mm512_set1_ps(*xr.wrapping_add(S * i + 2))
                         };
                         if !(LEFT && i == 0) {
                             *a = _mm512_fmadd_ps(c0, w3[0], *a);
