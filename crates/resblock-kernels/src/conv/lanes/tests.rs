@@ -4,7 +4,7 @@ use super::work::tiles;
 use super::*;
 
 /// The tiles this CPU runs, whatever the dispatch says.
-fn isas() -> Vec<Tile> {
+fn runnable_tiles() -> Vec<Tile> {
     [Tile::Avx512, Tile::Avx512Half, Tile::Avx2]
         .into_iter()
         .filter(|tile| isa_of(*tile).supported())
@@ -22,14 +22,14 @@ fn isa_of(tile: Tile) -> Isa {
 
 /// [`forward`] on `tile`.
 fn forward_on(
-    isa: Tile,
+    tile: Tile,
     x: &[f32],
     w: (&[f32], Option<&Packed>),
     ep: Epilogue<'_, f32>,
     d: &Dims,
     stride: usize,
 ) -> Vec<f32> {
-    forward_on_tile(isa, (x, Layout::plain(d)), w, ep, d, stride)
+    forward_on_tile(tile, (x, Layout::plain(d)), w, ep, d, stride)
 }
 
 /// The most pixels of `tile`.
@@ -214,7 +214,7 @@ fn matches_a_plain_convolution() {
     // At stride 1 the cases' widths give every tile width too (1 and 2 from the 2 and 4
     // wide inputs at stride 2, here their own widths), and odd widths.
     let strided = cases.iter().map(|&case| (2, case));
-    let max_tile = isas().into_iter().map(max_p).max().unwrap_or(0);
+    let max_tile = runnable_tiles().into_iter().map(max_p).max().unwrap_or(0);
     assert!(
         max_tile == 0 || cases.iter().any(|c| c.3 / 2 >= 2 * max_tile),
         "a row of full tiles"
@@ -224,7 +224,7 @@ fn matches_a_plain_convolution() {
         .map(|&(n, c, h, w, cout)| (1, (n, c, h, (w / 2).max(1) + w % 3, cout)))
         // Rows of one AVX2 tile (5 wide) and of two where one would fit (6 wide).
         .chain([(1, (1, 4, 5, 5, 16)), (1, (2, 3, 4, 6, 32))]);
-    for isa in isas() {
+    for tile in runnable_tiles() {
         // Weights packed whole and packed by the work items, block by block.
         let mut packings = [false, false];
         for &(stride, (n, c, h, w, cout)) in strided
@@ -233,7 +233,7 @@ fn matches_a_plain_convolution() {
             .collect::<Vec<_>>()
             .iter()
         {
-            if !cout.is_multiple_of(isa.co()) || (stride == 1 && w < 2) {
+            if !cout.is_multiple_of(tile.co()) || (stride == 1 && w < 2) {
                 continue;
             }
             let d = dims_at(stride, n, c, h, w, cout);
@@ -241,21 +241,21 @@ fn matches_a_plain_convolution() {
             let (x, wt) = (values(n * c * h * w, 1), values(cout * c * 9, 2));
             let want = conv_ref(&x, &wt, &d, stride);
             let scale = want.iter().fold(1f64, |m, v| m.max(v.abs()));
-            let packed = Packed::packed_for(&wt, (cout, isa.co()), c);
+            let packed = Packed::packed_for(&wt, (cout, tile.co()), c);
             for (threads, pre) in [(1, None), (3, None), (2, Some(&packed))] {
                 let y = pool(threads)
-                    .install(|| forward_on(isa, &x, (&wt, pre), Epilogue::NONE, &d, stride));
+                    .install(|| forward_on(tile, &x, (&wt, pre), Epilogue::NONE, &d, stride));
                 assert_eq!(y.len(), want.len());
                 for (i, (g, w)) in y.iter().zip(&want).enumerate() {
                     let e = (f64::from(*g) - w).abs() / scale;
                     assert!(
                         e < 1e-5,
-                        "{isa:?} s{stride} n{n} {c}->{cout} {h}x{w}, {threads} threads: element {i} is {g}, want {w}"
+                        "{tile:?} s{stride} n{n} {c}->{cout} {h}x{w}, {threads} threads: element {i} is {g}, want {w}"
                     );
                 }
             }
         }
-        assert_eq!(packings, [true, true], "{isa:?}: both packings covered");
+        assert_eq!(packings, [true, true], "{tile:?}: both packings covered");
     }
 }
 
@@ -270,8 +270,8 @@ fn finish_matches_the_epilogue_pass() {
     let scale = values(cout, 5);
     let bias = values(cout, 6);
     let residual = values(n * cout * d.p(), 7);
-    for isa in isas() {
-        let raw = forward_on(isa, &x, (&wt, None), Epilogue::NONE, &d, 2);
+    for tile in runnable_tiles() {
+        let raw = forward_on(tile, &x, (&wt, None), Epilogue::NONE, &d, 2);
         for parts in 0..16 {
             let ep = Epilogue {
                 scale: (parts & 1 != 0).then_some(&scale[..]),
@@ -279,7 +279,7 @@ fn finish_matches_the_epilogue_pass() {
                 residual: (parts & 4 != 0).then_some(&residual[..]),
                 relu: parts & 8 != 0,
             };
-            let got = forward_on(isa, &x, (&wt, None), ep, &d, 2);
+            let got = forward_on(tile, &x, (&wt, None), ep, &d, 2);
             let mut want = raw.clone();
             let len = cout * d.p();
             for (ni, img) in want.chunks_exact_mut(len).enumerate() {
@@ -289,7 +289,7 @@ fn finish_matches_the_epilogue_pass() {
                 assert_eq!(
                     g.to_bits(),
                     w.to_bits(),
-                    "{isa:?} parts {parts:04b}: element {i}"
+                    "{tile:?} parts {parts:04b}: element {i}"
                 );
             }
         }
